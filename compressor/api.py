@@ -1,0 +1,273 @@
+"""The one-call flow behind ``compress``: capture → passes → lower → evaluate → artifact.
+
+```python
+from compressor.api import compress
+result = compress("model.pt2", recipe="int8", target="openvino", calib="c.npz",
+                  eval_data="e.npz", outdir="out/", max_drop=0.01)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import onnx_ir as ir
+
+from compressor import __version__
+from compressor.artifact import ArtifactWriter, check_destination, file_entries
+from compressor.capture import capture
+from compressor.data import Dataset, load_npz, random_dataset
+from compressor.errors import UnsupportedByTarget
+from compressor.accuracy import ControlResult, control_accuracy
+from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
+from compressor.inputs import InputSpec, model_input_specs, parse_input_overrides
+from compressor.model_io import model_bytes
+from compressor.pass_manager import PassManager, PassReport
+from compressor.pipeline import PassContext
+from compressor.passes._quantize_wip import EXCLUDE_KEY, WIDE_KEY
+from compressor.recipe import Recipe, load_recipe
+from compressor.targets import get_target
+
+__all__ = ["compress", "CompressResult", "Progress", "package_versions"]
+
+logger = logging.getLogger(__name__)
+
+RANDOM_SAMPLES = 32
+
+
+class Progress(Protocol):
+    """What the flow reports progress to (the CLI passes tqdm bars)."""
+
+    def __call__(self, desc: str, total: int) -> Any:  # returns a context manager with update(n)
+        ...
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
+def _no_progress(desc: str, total: int) -> _NoBar:
+    return _NoBar()
+
+
+@dataclasses.dataclass
+class CompressResult:
+    """What one run produced."""
+
+    outdir: Path
+    manifest: dict[str, Any]
+    evaluation: Evaluation | None
+    reports: list[PassReport]
+    gate_passed: bool | None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the artifact."""
+    out = {"python": platform.python_version(), "compressor": __version__}
+    for name in ("onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "torch", "openvino", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _pick_eval(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None,
+               specs: list[InputSpec]) -> tuple[Dataset | None, Dataset, str]:
+    """Decide the calibration and evaluation sets (see DESIGN: Data the CLI takes)."""
+    if eval_data is not None:
+        return calib, eval_data, "eval file"
+    if calib is not None and len(calib) >= 2:
+        held = max(1, int(round(len(calib) * recipe.calibration.holdout)))
+        held = min(held, len(calib) - 1)
+        logger.warning("no --eval given: evaluating on the last %d of %d calibration samples (held out from "
+                       "calibration)", held, len(calib))
+        return calib.subset(0, len(calib) - held), calib.subset(len(calib) - held, len(calib)), "calibration holdout"
+    logger.warning("NO DATA GIVEN: calibrating and evaluating on random inputs; the accuracy figures are NOT "
+                   "verified. Pass --calib and --eval with real samples.")
+    rand = random_dataset(specs, RANDOM_SAMPLES, recipe.calibration.seed)
+    return (calib if calib is not None else rand), rand, "random (unverified)"
+
+
+def _quantized_layers(reports: list[PassReport]) -> list[str]:
+    return [name for r in reports for name in r.stats.get("layers", [])]
+
+
+RANKING_SAMPLES = 64
+
+
+def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassContext, layers: list[str],
+             score: Callable[[Any], Evaluation], first: Evaluation, budget: float, eval_set: Dataset,
+             run_baseline: Any, work_dir: Path, progress: Progress) -> tuple[Any, ControlResult]:
+    """Re-run the tail of the pipeline giving layers back until the budget holds."""
+    key = WIDE_KEY if tgt.capabilities.fallback == "int16" else EXCLUDE_KEY
+    built: dict[frozenset[str], Any] = {}
+
+    def rebuild(given: frozenset[str]) -> Any:
+        ctx.options[key] = tuple(sorted(given))
+        return PassManager(tail_passes, verify=False).run(_clone(snapshot), ctx)
+
+    def build(given: frozenset[str]) -> Any:
+        folder = work_dir / f"control-{len(built)}"
+        built[given] = rebuild(given)
+        return tgt.runner(tgt.lower(built[given].model, folder))
+
+    ranking_data = eval_set.subset(0, min(len(eval_set), RANKING_SAMPLES))
+    ranking_ref = collect_outputs(run_baseline, ranking_data)
+    logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity",
+                   first.drop, budget, len(layers))
+    outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=budget,
+                               ranking_data=ranking_data, ranking_ref=ranking_ref, progress=progress)
+    final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
+    ctx.options.pop(key, None)
+    return final, outcome
+
+
+def compress(
+    model_path: str | Path,
+    *,
+    recipe: str | Path | Recipe,
+    outdir: str | Path,
+    target: str = "onnx",
+    inputs: Sequence[str] = (),
+    calib: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    max_drop: float | None = None,
+    trust_pickle: bool = False,
+    dump_passes: str | Path | None = None,
+    latency_runs: int = 20,
+    progress: Progress | None = None,
+    on_pass: Callable[[int, Any], None] | None = None,
+) -> CompressResult:
+    """Compress one model into an artifact folder; see the module docstring.
+
+    Raises:
+        CompressorError: bad input (2), unsupported by the target (4), or a failed pass.
+            A failed accuracy gate does not raise: ``result.gate_passed`` is ``False``.
+    """
+    progress = progress or _no_progress
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    outdir = Path(outdir)
+    check_destination(outdir)
+    recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe_obj = recipe_obj.with_overrides(max_drop=max_drop)
+    passes = recipe_obj.build_passes()
+    tgt = get_target(target)
+    overrides = parse_input_overrides(inputs)
+
+    t = time.perf_counter()
+    captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides)
+    timings["capture_s"] = time.perf_counter() - t
+    model = captured.model
+    specs = model_input_specs(model)
+    calib_set = load_npz(calib, specs, what="calib") if calib else None
+    eval_set = load_npz(eval_data, specs, what="eval") if eval_data else None
+    if calib_set is not None and len(calib_set) > recipe_obj.calibration.samples:
+        calib_set = calib_set.subset(0, recipe_obj.calibration.samples)
+
+    offenders = tgt.check(model)
+    if offenders:
+        raise UnsupportedByTarget(tgt.name, offenders)
+
+    calib_set, eval_set, eval_source = _pick_eval(recipe_obj, calib_set, eval_set, specs)
+    baseline = _clone(model)
+    ctx = PassContext(target=tgt, calibration=calib_set, seed=recipe_obj.calibration.seed,
+                      properties={"captured"})
+    # Passes up to the first that needs calibration run once; that one and the rest are the
+    # "tail" that accuracy control re-runs with layers given back.
+    split = next((i for i, p in enumerate(passes) if getattr(p, "needs_calibration", False)), len(passes))
+    t = time.perf_counter()
+    head = PassManager(passes[:split], dump_dir=dump_passes, on_pass=on_pass).run(model, ctx)
+    snapshot = _clone(head.model) if split < len(passes) else None
+    tail = PassManager(passes[split:], on_pass=lambda i, p: on_pass(split + i, p) if on_pass else None)
+    result = tail.run(head.model, ctx) if split < len(passes) else head
+    reports = head.reports + (result.reports if split < len(passes) else [])
+    timings["passes_s"] = time.perf_counter() - t
+
+    with ArtifactWriter(outdir) as writer, tempfile.TemporaryDirectory(prefix="compressor-") as work:
+        work_dir = Path(work)
+        run_baseline = tgt.reference_runner(baseline, work_dir / "baseline")
+        t = time.perf_counter()
+        with progress("baseline", sum(1 for _ in eval_set.batches())) as bar:
+            ref = collect_outputs(run_baseline, eval_set, progress=bar.update)
+        metric = recipe_obj.accuracy.metric
+
+        def score(run: Any) -> Evaluation:
+            with progress("evaluate", sum(1 for _ in eval_set.batches())) as bar:
+                return compare(ref, collect_outputs(run, eval_set, progress=bar.update), eval_set, metric)
+
+        t_lower = time.perf_counter()
+        files = tgt.lower(result.model, writer.path)
+        timings["lower_s"] = time.perf_counter() - t_lower
+        run_compressed = tgt.runner(files)
+        evaluation = score(run_compressed)
+        timings["evaluate_s"] = time.perf_counter() - t
+        budget = recipe_obj.accuracy.max_drop
+        control = None
+        quantized_layers = _quantized_layers(reports)
+        if budget is not None and evaluation.drop > budget and snapshot is not None and quantized_layers:
+            t = time.perf_counter()
+            control = _control(tgt, snapshot, passes[split:], ctx, quantized_layers, score, evaluation, budget,
+                               eval_set, run_baseline, work_dir, progress)
+            result = control[0]
+            reports = head.reports + result.reports
+            evaluation = control[1].evaluation
+            timings["accuracy_control_s"] = time.perf_counter() - t
+            for old in files:
+                old.unlink()
+            files = tgt.lower(result.model, writer.path)
+            run_compressed = tgt.runner(files)
+        feed = next(eval_set.batches())
+        latency = {
+            "baseline_ms": measure_latency(run_baseline, feed, repeats=latency_runs),
+            "compressed_ms": measure_latency(run_compressed, feed, repeats=latency_runs),
+            "batch": int(next(iter(feed.values())).shape[0]) if not all(eval_set.stacked.values()) else 1,
+        }
+        gate_passed = None if budget is None else bool(evaluation.drop <= budget + 1e-12)
+        timings["total_s"] = time.perf_counter() - started
+        manifest = {
+            "compressor": __version__,
+            "model": {"source": str(model_path), "format": captured.source_format,
+                      "baseline_bytes": len(model_bytes(baseline))},
+            "recipe": recipe_obj.to_json(),
+            "target": tgt.describe(),
+            "input_spec": [s.to_json() for s in specs],
+            "files": file_entries(writer.path, files),
+            "passes": [r.to_json() for r in reports],
+            "calibration": None if calib_set is None else
+            {"source": calib_set.source, "sha256": calib_set.sha256, "samples": len(calib_set)},
+            "evaluation": {"source": eval_source, "data": eval_set.source, "sha256": eval_set.sha256,
+                           "samples": evaluation.samples, "metric": evaluation.metric,
+                           "verified": eval_source != "random (unverified)"},
+            "metrics": {"baseline": evaluation.baseline, "compressed": evaluation.compressed},
+            "accuracy_drop": evaluation.drop,
+            "accuracy_control": None if control is None else control[1].to_json(tgt.capabilities.fallback),
+            "gate": {"max_drop": budget, "passed": gate_passed},
+            "latency": latency,
+            "timings": timings,
+            "versions": package_versions(),
+        }
+        manifest.update(tgt.report(run_compressed) if hasattr(tgt, "report") else {})
+        writer.commit(manifest)
+    return CompressResult(outdir, manifest, evaluation, reports, gate_passed)

@@ -1,0 +1,247 @@
+"""The ``compress`` command line.
+
+    compress MODEL --recipe NAME|PATH [--target onnx] [--input NAME=SHAPE ...]
+             [--calib X.npz] [--eval X.npz] [--max-drop D] [-o OUTDIR]
+    compress recipes
+    compress inspect MODEL [--input NAME=SHAPE ...]
+
+Exit codes: 0 success, 1 internal error, 2 bad usage or input, 3 accuracy gate failed
+(artifact still written), 4 model not supported by the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from compressor import __version__
+from compressor.errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, CompressorError, UsageError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("compressor.cli")
+
+SUBCOMMANDS = ("recipes", "inspect")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (exit 2, one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _compress_parser() -> argparse.ArgumentParser:
+    from compressor.targets import TARGETS
+
+    p = _Parser(prog="compress", description="Compress a trained model into a measured artifact for a backend.",
+                epilog="Other commands: 'compress recipes' lists built-in recipes; 'compress inspect MODEL' "
+                       "describes a model. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 accuracy gate "
+                       "failed, 4 unsupported by target.")
+    p.add_argument("model", help="model file: .onnx, .pt2 (torch.export), TorchScript .pt, or a Hugging Face model folder")
+    p.add_argument("--recipe", required=True, help="built-in recipe name (see 'compress recipes') or a .yaml path")
+    p.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="backend to lower for (default: onnx)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE",
+                   help="fix an input's shape, e.g. images=1x1x8x8 (optionally :dtype); repeatable")
+    p.add_argument("--calib", type=Path, help=".npz of calibration samples, one array per input")
+    p.add_argument("--eval", type=Path, dest="eval_data", help=".npz of evaluation samples (+ optional 'labels')")
+    p.add_argument("--max-drop", type=float, help="accuracy budget: fail (exit 3) when the metric drops more")
+    p.add_argument("-o", "--output", type=Path, default=Path("out"), help="artifact folder (default: out/)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a fully pickled torch module (it can run code: only for files you trust)")
+    p.add_argument("--dump-passes", type=Path, metavar="DIR", help="write the model after each pass into DIR")
+    p.add_argument("--junit", type=Path, metavar="PATH", help="write the accuracy gate as a JUnit XML test case")
+    p.add_argument("--latency-runs", type=int, default=20, help="timed runs for the latency figures (default 20)")
+    _add_verbosity(p)
+    return p
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("--version", action="version", version=f"compressor {__version__}")
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("compressor").setLevel(level)
+
+
+def _bar(desc: str, total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr, disable=None)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return "-" if x is None else str(x)
+
+
+def _summary(manifest: dict[str, Any]) -> str:
+    passes = _table([(r["name"], "yes" if r["modified"] else "no",
+                      ", ".join(f"{k}={_fmt(v, 3)}" for k, v in r["stats"].items() if not isinstance(v, (dict, list))),
+                      f"{r['seconds']:.2f}") for r in manifest["passes"]],
+                    ["pass", "changed", "stats", "s"])
+    metric = manifest["evaluation"]["metric"]
+    key = "top1" if metric == "top1" else "cosine_mean"
+    size_in, size_out = manifest["model"]["baseline_bytes"], sum(f["bytes"] for f in manifest["files"])
+    lat = manifest["latency"]
+    gate = manifest["gate"]
+    verdict = "n/a (no --max-drop)" if gate["passed"] is None else (
+        f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})")
+    rows = [
+        ("target", manifest["target"]["name"]),
+        ("size", f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller)"),
+        ("latency", f"{lat['baseline_ms']:.2f} ms -> {lat['compressed_ms']:.2f} ms per batch of {lat['batch']} "
+                    f"({lat['baseline_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"),
+        (f"{metric}", f"{_fmt(manifest['metrics']['baseline'][key])} -> {_fmt(manifest['metrics']['compressed'][key])} "
+                      f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
+        ("drop", _fmt(manifest["accuracy_drop"])),
+        ("gate", verdict),
+    ]
+    return passes + "\n\n" + _table(rows, ["summary", ""])
+
+
+def _write_junit(path: Path, manifest: dict[str, Any] | None, error: str | None) -> None:
+    from xml.sax.saxutils import escape, quoteattr
+
+    name = "accuracy-gate"
+    body, failures, errors = "", 0, 0
+    if error is not None:
+        errors = 1
+        body = f"<error message={quoteattr(error)}/>"
+    elif manifest is not None and manifest["gate"]["passed"] is False:
+        failures = 1
+        msg = f"accuracy drop {manifest['accuracy_drop']:.6f} > max_drop {manifest['gate']['max_drop']}"
+        body = f"<failure message={quoteattr(msg)}>{escape(json.dumps(manifest['metrics']))}</failure>"
+    classname = "compressor" if manifest is None else f"compressor.{manifest['target']['name']}.{manifest['recipe']['name']}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        f'<testsuite name="compressor" tests="1" failures="{failures}" errors="{errors}">\n'
+        f'  <testcase classname={quoteattr(classname)} name="{name}">{body}</testcase>\n'
+        "</testsuite>\n"
+    )
+
+
+def _cmd_compress(argv: Sequence[str]) -> int:
+    args = _compress_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from compressor.api import compress
+
+    def on_pass(index: int, p: Any) -> None:
+        logger.info("[%d] running %s", index + 1, p.name)
+
+    try:
+        result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target, inputs=args.input,
+                          calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
+                          trust_pickle=args.trust_pickle, dump_passes=args.dump_passes,
+                          latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass)
+    except CompressorError as err:
+        if args.junit:
+            _write_junit(args.junit, None, str(err))
+        raise
+    if args.junit:
+        _write_junit(args.junit, result.manifest, None)
+    print(_summary(result.manifest))
+    print(f"\nartifact: {result.outdir}")
+    if result.gate_passed is False:
+        logger.error("accuracy gate failed: drop %.6f > max_drop %s (artifact written, gate.passed: false)",
+                     result.manifest["accuracy_drop"], result.manifest["gate"]["max_drop"])
+        return EXIT_GATE_FAILED
+    return EXIT_OK
+
+
+def _cmd_recipes(argv: Sequence[str]) -> int:
+    p = _Parser(prog="compress recipes", description="List the built-in recipes.")
+    _add_verbosity(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from compressor.recipe import builtin_recipes
+
+    print(_table(sorted(builtin_recipes().items()), ["recipe", "description"]))
+    return EXIT_OK
+
+
+def _cmd_inspect(argv: Sequence[str]) -> int:
+    p = _Parser(prog="compress inspect", description="Describe a model: inputs, outputs, ops, parameters, "
+                                                     "and which built-in passes would change it.")
+    p.add_argument("model")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE")
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_verbosity(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from compressor.model_info import inspect_model
+    from compressor.inputs import parse_input_overrides
+
+    report = inspect_model(Path(args.model), trust_pickle=args.trust_pickle,
+                           input_overrides=parse_input_overrides(args.input))
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"model: {args.model} ({report['format']}, opset {report['opset']}, "
+          f"{report['parameters']:,} parameters, {report['nodes']} nodes)\n")
+    print(_table([("input", v["name"], v["shape"], v["dtype"]) for v in report["inputs"]]
+                 + [("output", v["name"], v["shape"], v["dtype"]) for v in report["outputs"]],
+                 ["kind", "name", "shape", "dtype"]))
+    print()
+    print(_table(sorted(report["ops"].items(), key=lambda kv: (-kv[1], kv[0])), ["op", "count"]))
+    print()
+    print(_table([(n, v["would_change"], v["detail"]) for n, v in report["passes"].items()],
+                 ["pass", "would change", "detail"]))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``compress``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        if argv and argv[0] == "recipes":
+            return _cmd_recipes(argv[1:])
+        if argv and argv[0] == "inspect":
+            return _cmd_inspect(argv[1:])
+        return _cmd_compress(argv)
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    except CompressorError as err:
+        message = str(err).replace("\n", " ")
+        print(f"error: {message}", file=sys.stderr)
+        if verbose:
+            traceback.print_exc()
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as err:  # an unexpected internal error: still one line unless -v
+        print(f"error: internal error ({type(err).__name__}: {err}); rerun with -v for the traceback and "
+              "please report it", file=sys.stderr)
+        if verbose:
+            traceback.print_exc()
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

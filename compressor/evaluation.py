@@ -1,0 +1,135 @@
+"""Measuring a compressed artifact against its baseline.
+
+Metrics:
+
+* ``top1``: accuracy of the first output's argmax against the eval file's ``labels``;
+  drop = baseline top-1 − compressed top-1.
+* ``cosine``: fidelity to the baseline (the fp32 model run in the same backend); per
+  sample, all float outputs flattened into one vector; drop = 1 − mean cosine. Reported
+  with the minimum cosine, SQNR in dB (10·log10(‖ref‖² / ‖ref − out‖²) over all samples),
+  the top-1 agreement of the first output's argmax, and the largest absolute difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from compressor.data import Dataset
+
+__all__ = ["Evaluation", "collect_outputs", "fidelity", "top1_accuracy", "compare", "evaluate", "measure_latency"]
+
+logger = logging.getLogger(__name__)
+
+RunFn = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Result of comparing the compressed model with the baseline on one dataset."""
+
+    metric: str
+    baseline: dict[str, float]
+    compressed: dict[str, float]
+    drop: float
+    samples: int
+    source: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def collect_outputs(run: RunFn, data: Dataset, *, limit: int | None = None,
+                    progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Run every batch and return, per output, one array whose first axis is the sample."""
+    per_output: list[list[np.ndarray]] = []
+    stacked = all(data.stacked.values())
+    for feed in data.batches(limit=limit):
+        outs = run(feed)
+        if not per_output:
+            per_output = [[] for _ in outs]
+        for acc, out in zip(per_output, outs):
+            out = np.asarray(out)
+            acc.append(out[None] if stacked or out.ndim == 0 else out)
+        if progress:
+            progress(1)
+    return [np.concatenate(chunks, axis=0) for chunks in per_output]
+
+
+def _rows(outputs: Iterable[np.ndarray]) -> np.ndarray:
+    """Per-sample vectors: every output flattened past its first axis, concatenated."""
+    parts = [np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in outputs]
+    return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))
+
+
+def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str, float]:
+    """Cosine mean/min, SQNR (dB), top-1 agreement and max abs difference of ``outputs``."""
+    ref, out = _rows(reference), _rows(outputs)
+    dot = (ref * out).sum(axis=1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
+    cos = np.where(both_zero, 1.0, dot / np.where(norms == 0, 1.0, norms))
+    noise = float(((ref - out) ** 2).sum())
+    signal = float((ref**2).sum())
+    sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+    first_ref, first_out = reference[0], outputs[0]
+    if first_ref.ndim >= 2 and first_ref.shape[-1] > 1:
+        agree = float((first_ref.argmax(-1) == first_out.argmax(-1)).mean())
+    else:
+        agree = float(np.isclose(first_ref, first_out).mean())
+    diff = float(np.max(np.abs(ref - out))) if ref.size else 0.0
+    return {
+        "cosine_mean": float(cos.mean()) if cos.size else 1.0,
+        "cosine_min": float(cos.min()) if cos.size else 1.0,
+        "sqnr_db": sqnr,
+        "top1_agreement": agree,
+        "max_abs_diff": diff,
+    }
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples whose argmax over the last axis equals the label."""
+    pred = logits.reshape(len(logits), -1).argmax(axis=1)
+    return float((pred == labels[: len(pred)]).mean())
+
+
+def compare(ref: list[np.ndarray], out: list[np.ndarray], data: Dataset, metric: str = "auto") -> Evaluation:
+    """Score outputs ``out`` against the baseline's ``ref`` on ``data`` (see module docstring)."""
+    if metric == "auto":
+        metric = "top1" if data.labels is not None else "cosine"
+    if metric == "top1" and data.labels is None:
+        from compressor.errors import DataError
+
+        raise DataError(f"eval {data.source}: metric 'top1' needs a 'labels' array in the eval file")
+    fid = fidelity(ref, out)
+    n = len(ref[0]) if ref else 0
+    if metric == "top1":
+        base_acc, comp_acc = top1_accuracy(ref[0], data.labels), top1_accuracy(out[0], data.labels)
+        return Evaluation("top1", {"top1": base_acc}, {"top1": comp_acc, **fid}, base_acc - comp_acc, n, data.source)
+    return Evaluation("cosine", {"cosine_mean": 1.0}, fid, 1.0 - fid["cosine_mean"], n, data.source)
+
+
+def evaluate(baseline: RunFn, compressed: RunFn, data: Dataset, metric: str = "auto",
+             progress: Callable[[int], None] | None = None) -> Evaluation:
+    """Run both models on ``data`` and :func:`compare` them."""
+    ref = collect_outputs(baseline, data, progress=progress)
+    out = collect_outputs(compressed, data, progress=progress)
+    return compare(ref, out, data, metric)
+
+
+def measure_latency(run: RunFn, feed: Mapping[str, np.ndarray], *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one call, in milliseconds."""
+    for _ in range(warmup):
+        run(feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(feed)
+        times.append((time.perf_counter() - start) * 1000)
+    return float(statistics.median(times))

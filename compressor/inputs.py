@@ -1,0 +1,129 @@
+"""Input specifications: names, shapes and dtypes of a model's inputs.
+
+``--input NAME=1x3x224x224`` (optionally ``:int64``) fixes an input's shape; a dimension
+is an integer, and ``?`` leaves it dynamic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.errors import DataError, UsageError
+
+__all__ = ["InputSpec", "parse_input_overrides", "model_input_specs", "apply_input_overrides"]
+
+Dim = int | str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One model input.
+
+    Attributes:
+        name: The graph input's name.
+        shape: One entry per axis: an int, or a str/None for a dynamic axis.
+        dtype: A numpy dtype name (``"float32"``, ``"int64"``...).
+    """
+
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def shape_text(self) -> str:
+        return "x".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape) or "scalar"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+_OVERRIDE = re.compile(r"^(?P<name>[^=]+)=(?P<shape>[0-9?]+(?:x[0-9?]+)*|scalar)(?::(?P<dtype>[a-z0-9]+))?$")
+
+
+def parse_input_overrides(texts: Sequence[str]) -> dict[str, tuple[tuple[Dim, ...], str | None]]:
+    """Parse ``NAME=1x3x224x224[:dtype]`` flags.
+
+    Raises:
+        UsageError: a flag that does not have that form.
+    """
+    out: dict[str, tuple[tuple[Dim, ...], str | None]] = {}
+    for text in texts:
+        m = _OVERRIDE.match(text.strip())
+        if not m:
+            raise UsageError(f"--input {text!r}: expected NAME=DIMxDIMx... (e.g. input=1x3x224x224, "
+                             "optionally :dtype such as :int64)")
+        shape: tuple[Dim, ...] = () if m["shape"] == "scalar" else tuple(
+            None if d == "?" else int(d) for d in m["shape"].split("x"))
+        dtype = m["dtype"]
+        if dtype is not None:
+            try:
+                dtype = np.dtype(dtype).name
+            except TypeError:
+                raise UsageError(f"--input {text!r}: unknown dtype {dtype!r}") from None
+        out[m["name"]] = (shape, dtype)
+    return out
+
+
+def _dtype_name(value: ir.Value) -> str:
+    if value.dtype is None:
+        return "float32"
+    try:
+        return value.dtype.numpy().name
+    except Exception:
+        return str(value.dtype)
+
+
+def model_input_specs(model: ir.Model) -> list[InputSpec]:
+    """The graph inputs that are real inputs (not initializers)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.const_value is not None:
+            continue
+        shape: tuple[Dim, ...] = ()
+        if value.shape is not None:
+            shape = tuple(d if isinstance(d, int) else (d.value if d.value is not None else None) for d in value.shape)
+        specs.append(InputSpec(value.name, shape, _dtype_name(value)))
+    return specs
+
+
+def apply_input_overrides(model: ir.Model, overrides: dict[str, tuple[tuple[Dim, ...], str | None]]) -> None:
+    """Fix the shapes named by ``--input`` on the model's inputs, in place.
+
+    Raises:
+        DataError: an unknown input name, or a shape that contradicts the model's
+            (other rank, or a different size on a static axis).
+    """
+    by_name = {v.name: v for v in model.graph.inputs}
+    for name, (shape, dtype) in overrides.items():
+        if name not in by_name:
+            raise DataError(f"--input {name}: the model has no input {name!r}; its inputs are "
+                            f"{', '.join(s.name for s in model_input_specs(model))}")
+        value = by_name[name]
+        if value.shape is not None:
+            if len(value.shape) != len(shape):
+                raise DataError(f"--input {name}: shape {'x'.join(map(str, shape))} has rank {len(shape)}, "
+                                f"but the model's input {name!r} has rank {len(value.shape)} "
+                                f"({InputSpec(name, tuple(_plain(d) for d in value.shape), '').shape_text()})")
+            for axis, (old, new) in enumerate(zip(value.shape, shape)):
+                if isinstance(old, int) and new is not None and old != new:
+                    raise DataError(f"--input {name}: axis {axis} is fixed to {old} in the model, not {new}")
+        if dtype is not None and _dtype_name(value) != dtype:
+            raise DataError(f"--input {name}: the model's input is {_dtype_name(value)}, not {dtype}")
+        merged = [new if new is not None else (_plain(old) if value.shape is not None else None)
+                  for new, old in zip(shape, value.shape or [None] * len(shape))]
+        value.shape = ir.Shape(merged)
+
+
+def _plain(d: Any) -> Dim:
+    if isinstance(d, int):
+        return d
+    return getattr(d, "value", None)

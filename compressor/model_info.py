@@ -1,0 +1,84 @@
+"""``compress inspect``: what a model is and what the built-in passes would do to it."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.capture import capture
+from compressor.inputs import InputSpec, model_input_specs
+from compressor.model_io import default_opset
+from compressor.pipeline import PassContext, available_passes
+
+__all__ = ["inspect_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def _value_spec(value: ir.Value) -> dict[str, str]:
+    shape = "?" if value.shape is None else InputSpec(
+        value.name, tuple(d if isinstance(d, int) else getattr(d, "value", None) for d in value.shape), "").shape_text()
+    dtype = "?" if value.dtype is None else str(value.dtype.name).lower()
+    return {"name": value.name, "shape": shape, "dtype": dtype}
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _would_change(model: ir.Model) -> dict[str, dict[str, Any]]:
+    """Run each built-in pass on a copy (after the passes it requires) and report."""
+    passes = available_passes()
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in passes.items():
+        try:
+            p = cls()
+        except Exception as err:  # a pass whose options have required keys
+            out[name] = {"would_change": "?", "detail": f"needs options ({err})"}
+            continue
+        copy = _clone(model)
+        ctx = PassContext(properties={"captured"})
+        try:
+            for prop in sorted(p.requires - ctx.properties):
+                providers = [c for c in passes.values() if prop in c.provides and not c.requires - ctx.properties]
+                if not providers:
+                    raise RuntimeError(f"no pass provides {prop!r}")
+                copy = providers[0]().run(copy, ctx).model
+                ctx.properties |= providers[0].provides
+            if getattr(p, "needs_calibration", False):
+                out[name] = {"would_change": "?", "detail": "needs calibration data"}
+                continue
+            result = p.run(copy, ctx)
+            detail = ", ".join(f"{k}={v}" for k, v in result.stats.items() if not isinstance(v, (dict, list)))
+            out[name] = {"would_change": "yes" if result.modified else "no", "detail": detail}
+        except Exception as err:
+            out[name] = {"would_change": "?", "detail": f"{type(err).__name__}: {err}"[:200]}
+    return out
+
+
+def inspect_model(path: Path, *, trust_pickle: bool = False,
+                  input_overrides: dict | None = None) -> dict[str, Any]:
+    """Inputs/outputs with shapes, op histogram, parameter count, and pass applicability."""
+    captured = capture(path, trust_pickle=trust_pickle, input_overrides=input_overrides)
+    model = captured.model
+    ops = collections.Counter(
+        (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}")
+        for n in ir.traversal.RecursiveGraphIterator(model.graph))
+    params = sum(int(np.prod(v.shape.numpy())) if v.shape is not None else 0
+                 for v in model.graph.initializers.values())
+    inputs = [_value_spec(v) for v in model.graph.inputs if v.name in {s.name for s in model_input_specs(model)}]
+    return {
+        "format": captured.source_format,
+        "opset": default_opset(model),
+        "inputs": inputs,
+        "outputs": [_value_spec(v) for v in model.graph.outputs],
+        "ops": dict(ops),
+        "nodes": sum(ops.values()),
+        "parameters": params,
+        "passes": _would_change(model),
+    }

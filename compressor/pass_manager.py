@@ -1,0 +1,150 @@
+"""Runs a pipeline of passes: checks their needs, verifies, times, dumps, reports.
+
+After every pass the model is verified (ONNX checker, then shape inference, strict when
+the input model passed strict inference), so a pass that breaks the graph is named at
+once instead of surfacing as a backend error much later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from compressor.errors import CompressorError, PipelineError, RecipeError
+from compressor.model_io import default_opset, save_model, upgrade_opset, verify_model
+from compressor.pipeline import Pass, PassContext, available_passes
+
+__all__ = ["PassReport", "PipelineResult", "PassManager", "check_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PassReport:
+    """One row of the pipeline report."""
+
+    name: str
+    options: dict[str, Any]
+    modified: bool
+    stats: dict[str, Any]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """The model after every pass, and a report per pass."""
+
+    model: ir.Model
+    reports: list[PassReport]
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for r in self.reports)
+
+
+def check_pipeline(passes: Sequence[Pass], initial: set[str], where: str = "recipe") -> None:
+    """Refuse a pipeline in which a pass needs a property no earlier pass provides.
+
+    Raises:
+        RecipeError: names the pass, the missing property and the passes providing it.
+    """
+    have = set(initial)
+    for index, p in enumerate(passes):
+        missing = sorted(p.requires - have)
+        if missing:
+            providers = {
+                prop: sorted(n for n, cls in available_passes().items() if prop in cls.provides)
+                for prop in missing
+            }
+            hint = "; ".join(
+                f"{prop!r} is provided by {', '.join(names) if names else 'no pass'}" for prop, names in providers.items()
+            )
+            raise RecipeError(f"{where}: passes[{index}] {p.name!r} requires {', '.join(map(repr, missing))}, "
+                              f"which no earlier pass provides ({hint}); add it before {p.name!r}")
+        have |= p.provides
+
+
+class PassManager:
+    """Runs passes in order on one model.
+
+    Args:
+        passes: The pipeline.
+        verify: Verify the model after each pass.
+        dump_dir: Write ``NN-<pass>.onnx`` after each pass into this folder.
+        on_pass: Called with ``(index, pass)`` before each pass (progress display).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        *,
+        verify: bool = True,
+        dump_dir: str | Path | None = None,
+        on_pass: Callable[[int, Pass], None] | None = None,
+    ):
+        self.passes = list(passes)
+        self.verify = verify
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+        self.on_pass = on_pass
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PipelineResult:
+        """Run every pass on ``model``.
+
+        Raises:
+            RecipeError: a pass's needs are unmet (before anything runs).
+            PipelineError: a pass failed or broke the model; names it and those before it.
+        """
+        check_pipeline(self.passes, ctx.properties)
+        level = self._verify_level(model) if self.verify else None
+        reports: list[PassReport] = []
+        done: list[str] = []
+        if self.dump_dir:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            save_model(model, self.dump_dir / "00-input.onnx")
+        for index, p in enumerate(self.passes):
+            if self.on_pass:
+                self.on_pass(index, p)
+            start = time.perf_counter()
+            try:
+                if p.min_opset and default_opset(model) < p.min_opset:
+                    model = upgrade_opset(model, p.min_opset)
+                result = p.run(model, ctx)
+                model = result.model
+                if level is not None and result.modified:
+                    verify_model(model, strict_shapes=level)
+            except PipelineError:
+                raise
+            except (CompressorError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError, Exception) as err:
+                logger.debug("pass %s failed", p.name, exc_info=True)
+                raise PipelineError(p.name, done, err) from err
+            seconds = time.perf_counter() - start
+            ctx.properties |= p.provides
+            reports.append(PassReport(p.name, p.options_dict(), result.modified, dict(result.stats), seconds))
+            done.append(p.name)
+            logger.info("pass %-24s %s %s (%.2fs)", p.name, "modified" if result.modified else "unchanged",
+                        result.stats, seconds)
+            if self.dump_dir:
+                save_model(model, self.dump_dir / f"{index + 1:02d}-{p.name}.onnx")
+        return PipelineResult(model, reports)
+
+    @staticmethod
+    def _verify_level(model: ir.Model) -> bool | None:
+        """Hold every pass to the bar the input meets: strict, lax, or (rarely) none."""
+        for strict in (True, False):
+            try:
+                verify_model(model, strict_shapes=strict)
+                return strict
+            except Exception as err:
+                logger.debug("input model fails %s verification: %s", "strict" if strict else "lax", err)
+        logger.warning("the input model fails ONNX shape inference; passes are not verified")
+        return None

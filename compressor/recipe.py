@@ -1,0 +1,203 @@
+"""Recipes: YAML files naming the passes to run, calibration and the accuracy budget.
+
+```yaml
+name: int8
+description: INT8 static quantization
+passes:
+  - fold-constants
+  - fold-batchnorm
+  - quantize: {weights: int8-per-channel, activations: int8, calibrator: percentile}
+calibration: {samples: 256}
+accuracy: {metric: auto, max_drop: 0.01}
+```
+
+Validated on load: an error names the file, the key and the valid choices. Pass options
+are validated by each pass's ``Options`` record. The resolved recipe (after CLI
+overrides) is written into the artifact's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from compressor.errors import RecipeError
+from compressor.options import options_to_dict, parse_options
+from compressor.pipeline import Pass, build_pass
+
+__all__ = ["Recipe", "PassStep", "CalibrationConfig", "AccuracyConfig", "load_recipe", "builtin_recipes"]
+
+RECIPE_KEYS = ("name", "description", "passes", "calibration", "accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """``calibration:`` section.
+
+    Attributes:
+        samples: At most this many calibration samples are used.
+        holdout: Fraction of calibration data held out for evaluation when no --eval is given.
+        seed: Seed for sampling and for random data.
+    """
+
+    samples: int = 256
+    holdout: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"option 'samples' must be >= 1, got {self.samples}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"option 'holdout' must be in [0, 1), got {self.holdout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyConfig:
+    """``accuracy:`` section.
+
+    Attributes:
+        metric: ``top1`` (needs labels), ``cosine`` (fidelity to fp32), or ``auto``
+            (top1 when the eval data has labels, else cosine).
+        max_drop: Largest allowed drop of the metric (absolute), or ``None`` for no gate.
+    """
+
+    metric: Literal["auto", "top1", "cosine"] = "auto"
+    max_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ValueError(f"option 'max_drop' must be >= 0, got {self.max_drop}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassStep:
+    """One entry of ``passes:``: a pass name and its raw options."""
+
+    name: str
+    options: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A validated recipe."""
+
+    name: str
+    description: str
+    passes: tuple[PassStep, ...]
+    calibration: CalibrationConfig
+    accuracy: AccuracyConfig
+    source: str
+
+    def build_passes(self) -> list[Pass]:
+        """Instantiate every pass (validating its options)."""
+        return [build_pass(s.name, s.options, where=f"{self.source}: passes[{i}]") for i, s in enumerate(self.passes)]
+
+    def with_overrides(self, *, max_drop: float | None = None, samples: int | None = None) -> Recipe:
+        """The recipe with CLI overrides applied."""
+        accuracy = dataclasses.replace(self.accuracy, max_drop=max_drop) if max_drop is not None else self.accuracy
+        calibration = dataclasses.replace(self.calibration, samples=samples) if samples is not None else self.calibration
+        return dataclasses.replace(self, accuracy=accuracy, calibration=calibration)
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved recipe: pass options with every default filled in."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "passes": [{p.name: p.options_dict()} for p in self.build_passes()],
+            "calibration": options_to_dict(self.calibration),
+            "accuracy": options_to_dict(self.accuracy),
+        }
+
+
+def _recipes_dir() -> importlib.resources.abc.Traversable:
+    return importlib.resources.files("compressor.recipes")
+
+
+def builtin_recipes() -> dict[str, str]:
+    """Built-in recipe names and their one-line descriptions."""
+    out = {}
+    for entry in sorted(_recipes_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            data = yaml.safe_load(entry.read_text()) or {}
+            out[entry.name[:-5]] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+    return out
+
+
+def _parse_steps(raw: Any, where: str) -> tuple[PassStep, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError(f"{where}: key 'passes' must be a non-empty list of pass names or {{name: {{options}}}} mappings")
+    steps = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            steps.append(PassStep(item, {}))
+        elif isinstance(item, Mapping) and len(item) == 1:
+            (name, opts), = item.items()
+            if opts is not None and not isinstance(opts, Mapping):
+                raise RecipeError(f"{where}: passes[{i}] {name!r}: options must be a mapping, got {opts!r}")
+            steps.append(PassStep(str(name), dict(opts or {})))
+        else:
+            raise RecipeError(f"{where}: passes[{i}] must be a pass name or a one-key mapping {{name: {{options}}}}, "
+                              f"got {item!r}")
+    return tuple(steps)
+
+
+def parse_recipe(data: Any, source: str) -> Recipe:
+    """Validate a recipe mapping (from YAML) into a :class:`Recipe`.
+
+    Raises:
+        RecipeError: names ``source``, the key and the valid choices.
+    """
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping with keys {', '.join(RECIPE_KEYS)}")
+    unknown = sorted(set(data) - set(RECIPE_KEYS), key=str)
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), RECIPE_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{source}: unknown key {unknown[0]!r}{hint}; valid keys: {', '.join(RECIPE_KEYS)}")
+    if "passes" not in data:
+        raise RecipeError(f"{source}: missing key 'passes'")
+    recipe = Recipe(
+        name=str(data.get("name") or Path(source).stem),
+        description=str(data.get("description") or ""),
+        passes=_parse_steps(data["passes"], source),
+        calibration=parse_options(CalibrationConfig, data.get("calibration"), f"{source}: calibration"),
+        accuracy=parse_options(AccuracyConfig, data.get("accuracy"), f"{source}: accuracy"),
+        source=source,
+    )
+    recipe.build_passes()  # validates pass names and options now, not halfway through a run
+    return recipe
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a built-in recipe by name, or a recipe file by path.
+
+    Raises:
+        RecipeError: unknown name (lists built-ins), unreadable file, invalid YAML or content.
+    """
+    text_path = str(name_or_path)
+    path = Path(text_path)
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in text_path:
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such recipe file")
+        source, text = str(path), path.read_text()
+    else:
+        entry = _recipes_dir() / f"{text_path}.yaml"
+        if not entry.is_file():
+            raise RecipeError(f"unknown recipe {text_path!r}; built-in recipes: {', '.join(builtin_recipes())} "
+                              "(or give a path to a .yaml file)")
+        source, text = f"recipes/{text_path}.yaml", entry.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{source}: invalid YAML{at}: {problem}") from None
+    return parse_recipe(data, source)

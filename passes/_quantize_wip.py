@@ -1,0 +1,236 @@
+"""``quantize``: static post-training quantization written as QuantizeLinear/DequantizeLinear.
+
+For each compute layer the target quantizes (see :mod:`._placement`):
+
+1. every activation input ``x`` gets ``DQ(Q(x, s, z), s, z)`` with ``s, z`` from the
+   calibrated range ``[lo, hi]`` of ``x`` (calibrator ``minmax``, ``percentile`` or ``mse``):
+   asymmetric ``s = (hi - lo) / (qmax - qmin)``, ``z = qmin - round(lo / s)``; symmetric
+   ``s = max(|lo|, |hi|) / qmax``, ``z = 0``;
+2. the constant weight ``W`` is stored quantized, ``Wq = clip(round(W / s_c))`` per output
+   channel ``c`` with ``s_c = max|W_c| / 127``, and read through ``DQ(Wq, s_c, 0)``, so the
+   artifact's weights are int8 (about 4x smaller than fp32);
+3. optionally (``smoothquant: {alpha}``) before 1-2: activation outliers are migrated into
+   the weights, ``X' = X / s``, ``W' = diag(s) W`` with ``s_k = max|X_k|^a / max|W_k|^(1-a)``,
+   the ``1/s`` folded exactly into the producing LayerNormalization's scale and bias.
+
+The dtype, symmetry and channel axis of each tensor come from the target's
+``Capabilities``; this pass never looks at the target's name. Tensors that must stay
+float (mask and shape paths, non-finite or sentinel-dominated ranges) are skipped and
+listed with the reason in ``stats["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.calibration import collect_statistics, quant_params, quantize_array, weight_quant_params
+from compressor.errors import CompressorError
+from compressor.model_io import model_bytes
+from compressor.passes._graph import NameAllocator, add_initializer
+from compressor.passes._placement import Layer, find_layers, integer_derived, weight_channel_axis
+from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
+from compressor.pipeline import Pass, PassContext, PassResult, register_pass
+from compressor.scope import Scope
+from compressor.targets.base import Capabilities, QuantSpec
+
+__all__ = ["Quantize", "QuantizeOptions", "activation_spec", "EXCLUDE_KEY"]
+
+logger = logging.getLogger(__name__)
+
+#: ``PassContext.options`` key: node names accuracy control keeps float (or promotes).
+EXCLUDE_KEY = "quantize.exclude"
+#: ``PassContext.options`` key: node names whose activations use 16 bits (mixed precision).
+WIDE_KEY = "quantize.wide"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    """Options of ``quantize``.
+
+    Attributes:
+        activations: Activation width; the target picks signedness and symmetry.
+        weights: Per-output-channel or per-tensor symmetric int8 weights.
+        calibrator: How a tensor's range is chosen from its statistics.
+        percentile: Kept fraction of |x| for ``percentile`` (in percent).
+        ops: Quantize only these op types (empty: every op the target quantizes).
+        scope: Which layers (names or ``re:`` patterns, on node or weight names).
+        activation_matmuls: Also quantize MatMuls whose two inputs are activations.
+        smoothquant: Migrate activation outliers into weights before quantizing.
+    """
+
+    activations: Literal["int8", "int16"] = "int8"
+    weights: Literal["int8-per-channel", "int8-per-tensor"] = "int8-per-channel"
+    calibrator: Literal["minmax", "percentile", "mse"] = "percentile"
+    percentile: float = 99.99
+    ops: tuple[str, ...] = ()
+    scope: Scope = Scope()
+    activation_matmuls: bool = True
+    smoothquant: SmoothQuantOptions | None = None
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"option 'percentile' must be in (50, 100], got {self.percentile}")
+
+
+_WIDE = {"int8": "int16", "uint8": "uint16"}
+
+
+def activation_spec(spec: QuantSpec, bits: int) -> QuantSpec:
+    """The target's 8-bit activation spec widened to ``bits``."""
+    if bits == 16:
+        return dataclasses.replace(spec, dtype=_WIDE.get(spec.dtype, spec.dtype))
+    return spec
+
+
+def _bits(spec: QuantSpec) -> int:
+    return 16 if "16" in spec.dtype else 8
+
+
+class _QdqWriter:
+    """Adds Q/DQ nodes and quantized initializers; one pair per (tensor, spec)."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.names = NameAllocator(graph)
+        self.nodes: list[ir.Node] = []
+        self._act: dict[tuple[int, QuantSpec], ir.Value] = {}
+        self._w: dict[tuple[int, QuantSpec], ir.Value] = {}
+        self.weight_bytes = [0, 0]
+
+    def _params(self, base: str, scale: np.ndarray, zp: np.ndarray) -> tuple[ir.Value, ir.Value]:
+        return (add_initializer(self.graph, self.names(f"{base}_scale"), np.asarray(scale, np.float32)),
+                add_initializer(self.graph, self.names(f"{base}_zero_point"), np.asarray(zp)))
+
+    def activation(self, value: ir.Value, spec: QuantSpec, lo: float, hi: float) -> ir.Value:
+        key = (id(value), spec)
+        if key not in self._act:
+            scale, zp = quant_params(lo, hi, spec)
+            s, z = self._params(value.name, scale, zp)
+            q = ir.node("QuantizeLinear", [value, s, z], name=self.names(f"{value.name}_QuantizeLinear"))
+            q.outputs[0].name = self.names(f"{value.name}_quantized")
+            dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=self.names(f"{value.name}_DequantizeLinear"))
+            dq.outputs[0].name = self.names(f"{value.name}_dequantized")
+            dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
+            self.nodes += [q, dq]
+            self._act[key] = dq.outputs[0]
+        return self._act[key]
+
+    def weight(self, value: ir.Value, spec: QuantSpec) -> ir.Value:
+        key = (id(value), spec)
+        if key not in self._w:
+            w = value.const_value.numpy().astype(np.float32)
+            scale, zp = weight_quant_params(w, spec)
+            wq = quantize_array(w, scale, zp, spec)
+            self.weight_bytes[0] += w.nbytes
+            self.weight_bytes[1] += wq.nbytes
+            wq_value = add_initializer(self.graph, self.names(f"{value.name}_quantized"), wq)
+            s, z = self._params(value.name, scale, zp)
+            attrs = {"axis": spec.axis} if spec.axis is not None else {}
+            dq = ir.node("DequantizeLinear", [wq_value, s, z], attributes=attrs,
+                         name=self.names(f"{value.name}_DequantizeLinear"))
+            dq.outputs[0].name = self.names(f"{value.name}_dequantized")
+            dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
+            self.nodes.append(dq)
+            self._w[key] = dq.outputs[0]
+        return self._w[key]
+
+
+def _weight_spec(layer: Layer, per_channel: bool) -> QuantSpec:
+    spec = layer.quant.weights or QuantSpec("int8", True, None)
+    axis = weight_channel_axis(layer.node, layer.weight) if per_channel and spec.axis is not None else None
+    return dataclasses.replace(spec, axis=axis)
+
+
+@register_pass
+class Quantize(Pass):
+    """Static INT8 (or W8A16) quantization as Q/DQ pairs, calibrated on real samples."""
+
+    name = "quantize"
+    description = "static post-training quantization as QuantizeLinear/DequantizeLinear pairs"
+    Options = QuantizeOptions
+    requires = frozenset({"constants-folded"})
+    provides = frozenset({"quantized"})
+    min_opset = 13
+    needs_calibration = True
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        opts: QuantizeOptions = self.options
+        if ctx.calibration is None:
+            raise CompressorError("quantize needs calibration data: pass --calib samples.npz")
+        caps: Capabilities = ctx.target.capabilities if ctx.target is not None else Capabilities()
+        if not caps.quantizable:
+            raise CompressorError(f"target {getattr(ctx.target, 'name', None)!r} declares no quantizable ops")
+        graph = model.graph
+        layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
+                                      exclude=ctx.options.get(EXCLUDE_KEY, ()),
+                                      activation_matmuls=opts.activation_matmuls)
+        wide = set(ctx.options.get(WIDE_KEY, ()))
+        bits = 16 if opts.activations == "int16" else 8
+        masks = integer_derived(graph)
+        tensor_skips: dict[str, str] = {}
+        for layer in layers:
+            for _, value in layer.activations:
+                if value.name in masks:
+                    tensor_skips[value.name] = f"derived only from integer input {masks[value.name]!r} (mask/shape path)"
+        smoothed = 0
+        if opts.smoothquant is not None:
+            smoothed = smooth_layers(model, layers, ctx.calibration, opts.smoothquant, skip=set(tensor_skips))
+        names = sorted({v.name for layer in layers for _, v in layer.activations} - set(tensor_skips))
+        key = "quantize.stats:" + hashlib.sha256(model_bytes(model)).hexdigest() + ":" + ",".join(names)
+        if key not in ctx.cache:
+            ctx.cache[key] = collect_statistics(model, names, ctx.calibration)
+        stats = ctx.cache[key]
+        ranges: dict[str, tuple[float, float]] = {}
+        for name in names:
+            problem = stats[name].problem()
+            if problem:
+                tensor_skips[name] = problem
+                continue
+            kwargs = {"percentile": opts.percentile} if opts.calibrator == "percentile" else {}
+            if opts.calibrator == "mse":
+                kwargs["num_bits"] = bits
+            ranges[name] = stats[name].range(opts.calibrator, **kwargs)
+
+        writer = _QdqWriter(graph)
+        quantized: list[str] = []
+        for layer in layers:
+            acts = [(i, v) for i, v in layer.activations if v.name in ranges]
+            if len(acts) < len(layer.activations):
+                why = "; ".join(tensor_skips[v.name] for _, v in layer.activations if v.name in tensor_skips)
+                skipped[layer.name] = f"activation kept float: {why}"
+                continue
+            layer_bits = 16 if layer.name in wide else bits
+            for index, value in acts:
+                spec = activation_spec(layer.quant.activations, layer_bits)
+                layer.node.replace_input_with(index, writer.activation(value, spec, *ranges[value.name]))
+            if layer.weight is not None:
+                index = list(layer.node.inputs).index(layer.weight)
+                spec = _weight_spec(layer, opts.weights == "int8-per-channel")
+                layer.node.replace_input_with(index, writer.weight(layer.weight, spec))
+            quantized.append(layer.name)
+        for node in writer.nodes:
+            graph.append(node)
+        if writer.nodes:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+            ir.passes.common.TopologicalSortPass()(model)
+            if bits == 16 or wide:
+                model.opset_imports[""] = max(model.opset_imports.get("", 13), 21)
+        for name, why in sorted(skipped.items()):
+            logger.info("kept float: %s: %s", name, why)
+        return PassResult(model, bool(quantized), {
+            "layers_quantized": len(quantized),
+            "layers_float": len(skipped),
+            "tensors_float": len(tensor_skips),
+            "smoothquant_groups": smoothed,
+            "weight_mb_fp32": round(writer.weight_bytes[0] / 1e6, 3),
+            "weight_mb_int8": round(writer.weight_bytes[1] / 1e6, 3),
+            "layers": quantized,
+            "skipped_layers": dict(sorted(skipped.items())),
+            "skipped_tensors": dict(sorted(tensor_skips.items())),
+        })

@@ -1,0 +1,113 @@
+"""SmoothQuant-style outlier migration for the ``quantize`` pass.
+
+For an activation ``X`` (channels ``k`` on its last axis) read by linear layers with
+constant weights ``W_j`` (rows ``k`` = input channels):
+
+    s_k = max|X_k|^a / max_j max|W_j[k, :]|^(1-a)
+    X W_j = (X / s) (diag(s) W_j)
+
+``X / s`` is folded exactly into the LayerNormalization that produces ``X``
+(``gamma' = gamma / s``, ``beta' = beta / s``), so no op is added. Only activations
+produced by such a LayerNormalization and read solely by MatMul/Gemm layers with constant
+weights are smoothed; anything else is left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.calibration import collect_statistics
+from compressor.data import Dataset
+from compressor.passes._graph import NameAllocator, add_initializer
+from compressor.passes._placement import Layer
+
+__all__ = ["SmoothQuantOptions", "smooth_layers"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuantOptions:
+    """``smoothquant:`` options.
+
+    Attributes:
+        alpha: Migration strength, 0 (all difficulty stays on activations) to 1.
+    """
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"option 'alpha' must be in [0, 1], got {self.alpha}")
+
+
+def _row_absmax(layer: Layer) -> np.ndarray:
+    """max |W[k, :]| per input channel ``k``."""
+    w = layer.weight.const_value.numpy()
+    if layer.node.op_type == "Gemm":
+        trans = layer.node.attributes.get("transB")
+        if trans is not None and trans.as_int():
+            return np.abs(w).max(axis=0)
+        return np.abs(w).max(axis=1)
+    return np.abs(w.reshape(-1, w.shape[-2], w.shape[-1])).max(axis=(0, 2))
+
+
+def _scale_rows(layer: Layer, s: np.ndarray, graph: ir.Graph, names: NameAllocator) -> None:
+    w = layer.weight.const_value.numpy()
+    trans = layer.node.op_type == "Gemm" and layer.node.attributes.get("transB") is not None and \
+        layer.node.attributes["transB"].as_int()
+    scaled = w * s[None, :] if trans else w * s.reshape((-1, 1))
+    new = add_initializer(graph, names(f"{layer.weight.name}_smoothed"), scaled.astype(w.dtype))
+    index = list(layer.node.inputs).index(layer.weight)
+    layer.node.replace_input_with(index, new)
+    layer.weight = new
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: SmoothQuantOptions,
+                  skip: set[str]) -> int:
+    """Smooth every eligible LayerNorm → linear-layers group; returns how many were smoothed."""
+    graph = model.graph
+    by_tensor: dict[str, list[Layer]] = {}
+    for layer in layers:
+        for index, value in layer.activations:
+            if index == 0 and layer.weight is not None and value.name not in skip:
+                by_tensor.setdefault(value.name, []).append(layer)
+    groups = []
+    for name, group in by_tensor.items():
+        value = group[0].activations[0][1]
+        ln = value.producer()
+        if ln is None or ln.op_type != "LayerNormalization" or _constant(ln.inputs[1]) is None:
+            continue
+        readers = {id(u.node) for u in value.uses()}
+        if readers != {id(layer.node) for layer in group} or value.is_graph_output():
+            continue
+        groups.append((name, value, ln, group))
+    if not groups:
+        return 0
+    stats = collect_statistics(model, [g[0] for g in groups], data, channel_axes={g[0]: -1 for g in groups})
+    names = NameAllocator(graph)
+    for name, value, ln, group in groups:
+        x_max = np.maximum(np.asarray(stats[name].channel_absmax, dtype=np.float64), 1e-5)
+        w_max = np.maximum(np.max([_row_absmax(layer) for layer in group], axis=0).astype(np.float64), 1e-5)
+        s = np.clip(x_max**options.alpha / w_max ** (1.0 - options.alpha), 1e-5, 1e5).astype(np.float32)
+        gamma = _constant(ln.inputs[1])
+        new_gamma = add_initializer(graph, names(f"{ln.inputs[1].name}_smoothed"), (gamma / s).astype(gamma.dtype))
+        ln.replace_input_with(1, new_gamma)
+        beta = _constant(ln.inputs[2]) if len(ln.inputs) > 2 else None
+        if beta is not None:
+            new_beta = add_initializer(graph, names(f"{ln.inputs[2].name}_smoothed"), (beta / s).astype(beta.dtype))
+            ln.replace_input_with(2, new_beta)
+        for layer in group:
+            _scale_rows(layer, s, graph, names)
+        logger.debug("smoothquant: %s (%d layers), scale range %.3g..%.3g", name, len(group), s.min(), s.max())
+    return len(groups)

@@ -1,0 +1,1 @@
+"""Built-in recipes: YAML files read by :func:`compressor.recipe.load_recipe`."""

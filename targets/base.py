@@ -1,0 +1,145 @@
+"""What every target states and does: capabilities as data, check, lower, runner.
+
+A target says what it supports as data (:class:`Capabilities`: which ops it quantizes
+and with which :class:`QuantSpec`, N:M patterns, static shapes, op set, rank limit), and
+generic code reads it: passes never branch on a target's name.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["QuantSpec", "OpQuant", "Capabilities", "Runner", "Target", "check_capabilities"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Attributes:
+        dtype: ``int8``, ``uint8``, ``int16``, ``uint16`` or ``float8e4m3fn``.
+        symmetric: Zero point fixed at 0 (int) / midpoint (uint).
+        axis: Per-channel axis of the tensor, or ``None`` for per-tensor.
+    """
+
+    dtype: str = "int8"
+    symmetric: bool = True
+    axis: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpQuant:
+    """The quantization a target runs fast for one op type.
+
+    Attributes:
+        weights: Spec of the constant weight input (``None``: the op has none).
+        activations: Spec of the activation inputs.
+        weight_input: Index of the weight input.
+    """
+
+    activations: QuantSpec
+    weights: QuantSpec | None = None
+    weight_input: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a target can run, as data.
+
+    Attributes:
+        quantizable: Op type -> its :class:`OpQuant`.
+        nm_patterns: Supported N:M sparsity patterns, e.g. ``((2, 4),)``.
+        static_shapes: Every input dimension must be fixed before lowering.
+        supported_ops: The op types it runs (``None``: whatever its runtime accepts).
+        max_rank: Largest tensor rank it handles (``None``: no limit).
+        min_opset: Lowest opset it reads.
+        fallback: What accuracy control does with a sensitive layer: ``float`` (revert
+            it) or ``int16`` (promote its activations; for targets with no float path).
+    """
+
+    quantizable: Mapping[str, OpQuant] = dataclasses.field(default_factory=dict)
+    nm_patterns: tuple[tuple[int, int], ...] = ()
+    static_shapes: bool = False
+    supported_ops: frozenset[str] | None = None
+    max_rank: int | None = None
+    min_opset: int | None = None
+    fallback: str = "float"
+
+
+class Runner(abc.ABC):
+    """Executes a lowered artifact in its real backend."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    @abc.abstractmethod
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch; outputs in ``output_names`` order."""
+
+
+def check_capabilities(model: ir.Model, caps: Capabilities) -> list[tuple[str, str]]:
+    """Generic lint of ``model`` against ``caps``: one ``(node, reason)`` per offence."""
+    offenders: list[tuple[str, str]] = []
+    if caps.static_shapes:
+        for value in model.graph.inputs:
+            if value.const_value is not None or value.shape is None:
+                continue
+            dyn = [i for i, d in enumerate(value.shape) if not isinstance(d, int)]
+            if dyn:
+                offenders.append((f"input {value.name}", f"dynamic dimension(s) at axis {', '.join(map(str, dyn))}; "
+                                  f"fix them with --input {value.name}=" + "x".join(
+                                      str(d) if isinstance(d, int) else "N" for d in value.shape)))
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        label = node.name or f"{node.op_type}#{id(node) % 10000}"
+        if caps.supported_ops is not None and node.domain in ("", "ai.onnx") and node.op_type not in caps.supported_ops:
+            offenders.append((label, f"op {node.op_type} is not supported by this target"))
+        if caps.max_rank is not None:
+            for value in node.outputs:
+                if value.shape is not None and len(value.shape) > caps.max_rank:
+                    offenders.append((label, f"output {value.name} has rank {len(value.shape)} > {caps.max_rank}"))
+                    break
+    return offenders
+
+
+class Target(abc.ABC):
+    """A backend: capabilities, constraint check, lowering and a runner."""
+
+    name: str
+    capabilities: Capabilities = Capabilities()
+
+    def check(self, model: ir.Model) -> list[tuple[str, str]]:
+        """Constraint lint before any work: ``(node, reason)`` per offending node."""
+        return check_capabilities(model, self.capabilities)
+
+    @abc.abstractmethod
+    def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
+        """Write the deployable files into ``outdir``; return their paths."""
+
+    @abc.abstractmethod
+    def runner(self, files: list[Path]) -> Runner:
+        """A callable that runs the lowered files in the real backend."""
+
+    def reference_runner(self, model: ir.Model, workdir: Path) -> Runner:
+        """Runs the uncompressed model in this backend (the baseline of evaluation)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        return self.runner(self.lower(model, workdir))
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records of the target."""
+        return {"name": self.name}
+
+
+RunnerFactory = Callable[[list[Path]], Runner]

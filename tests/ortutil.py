@@ -1,0 +1,57 @@
+"""Test helpers: build small models from ONNX text, run them through ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from compressor.model_io import to_proto
+
+__all__ = ["model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs"]
+
+
+def model_from_text(text: str, **initializers: np.ndarray) -> ir.Model:
+    """An ``ir.Model`` from ONNX text, with ``initializers`` (name -> array) attached."""
+    return ir.from_onnx_text(text, initializers=[ir.tensor(a, name=n) for n, a in initializers.items()])
+
+
+def run_ort(model: ir.Model | onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run ``model`` on CPU with ONNX Runtime; graph optimisations off, so what runs is the graph."""
+    proto = to_proto(model) if isinstance(model, ir.Model) else model
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, dict(feeds))
+
+
+def random_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal float inputs for every non-initializer graph input (static shapes only)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        dims = [int(d) for d in value.shape]
+        feeds[value.name] = rng.standard_normal(dims).astype(value.dtype.numpy())
+    return feeds
+
+
+def op_counts(model: ir.Model) -> Counter[str]:
+    """How many nodes of each op type the main graph has."""
+    return Counter(node.op_type for node in model.graph)
+
+
+def assert_same_outputs(
+    before: list[np.ndarray], after: list[np.ndarray], rtol: float = 1e-4, atol: float = 1e-5
+) -> None:
+    """Every output of ``after`` matches ``before`` within tolerance."""
+    assert len(before) == len(after)
+    for i, (want, got) in enumerate(zip(before, after)):
+        assert want.shape == got.shape, f"output {i}: shape {got.shape} != {want.shape}"
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"output {i}")

@@ -1,0 +1,87 @@
+"""Recipe loading and validation: every error names the file, the key and the choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from compressor.errors import OptionsError, RecipeError
+from compressor.recipe import builtin_recipes, load_recipe
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_builtin_fold_loads_with_defaults():
+    recipe = load_recipe("fold")
+    assert [s.name for s in recipe.passes] == ["fold-constants", "fold-batchnorm", "fold-layernorm-affine"]
+    assert recipe.accuracy.max_drop is None
+    assert "fold" in builtin_recipes()
+    resolved = recipe.to_json()
+    assert resolved["passes"][0] == {"fold-constants": resolved["passes"][0]["fold-constants"]}
+
+
+def test_unknown_builtin_lists_choices():
+    with pytest.raises(RecipeError, match=r"unknown recipe 'nope'; built-in recipes: .*fold"):
+        load_recipe("nope")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match=r"no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "passes: [fold-constants\nname: x: y\n")
+    with pytest.raises(RecipeError, match=rf"{path}: invalid YAML at line \d+"):
+        load_recipe(path)
+
+
+def test_unknown_top_level_key_suggests(tmp_path):
+    path = write(tmp_path, "passes: [fold-constants]\ncalibraton: {samples: 3}\n")
+    with pytest.raises(RecipeError, match=r"unknown key 'calibraton' \(did you mean 'calibration'\?\); valid keys: "):
+        load_recipe(path)
+
+
+def test_unknown_pass_lists_valid(tmp_path):
+    path = write(tmp_path, "passes: [fold-constants, fold-everything]\n")
+    with pytest.raises(RecipeError, match=rf"{path}: passes\[1\]: unknown pass 'fold-everything'; valid passes: .*fold-batchnorm"):
+        load_recipe(path)
+
+
+def test_unknown_pass_option_lists_valid(tmp_path):
+    path = write(tmp_path, "passes:\n  - fold-constants\n  - fold-batchnorm: {bogus: 1}\n")
+    with pytest.raises(OptionsError, match=r"passes\[1\] fold-batchnorm: unknown option 'bogus'; valid options: "):
+        load_recipe(path)
+
+
+def test_wrong_option_type(tmp_path):
+    path = write(tmp_path, "passes: [fold-constants]\naccuracy: {max_drop: lots}\n")
+    with pytest.raises(OptionsError, match=r"accuracy: option 'max_drop': 'lots' is not a float \| NoneType"):
+        load_recipe(path)
+
+
+def test_invalid_value_range(tmp_path):
+    path = write(tmp_path, "passes: [fold-constants]\naccuracy: {max_drop: -1}\n")
+    with pytest.raises(OptionsError, match=r"max_drop' must be >= 0"):
+        load_recipe(path)
+
+
+def test_metric_choices(tmp_path):
+    path = write(tmp_path, "passes: [fold-constants]\naccuracy: {metric: f1}\n")
+    with pytest.raises(OptionsError, match=r"'f1' is not one of 'auto', 'top1', 'cosine'"):
+        load_recipe(path)
+
+
+def test_empty_passes(tmp_path):
+    path = write(tmp_path, "passes: []\n")
+    with pytest.raises(RecipeError, match=r"'passes' must be a non-empty list"):
+        load_recipe(path)
+
+
+def test_overrides_apply():
+    recipe = load_recipe("fold").with_overrides(max_drop=0.02)
+    assert recipe.accuracy.max_drop == 0.02
+    assert recipe.to_json()["accuracy"]["max_drop"] == 0.02
