@@ -22,11 +22,16 @@ import numpy as np
 from compressor.data import Dataset
 from compressor.evaluation import Evaluation, collect_outputs, fidelity
 
-__all__ = ["ControlResult", "rank_layers", "control_accuracy"]
+__all__ = ["ControlResult", "rank_layers", "control_accuracy", "EXCLUDE_KEY", "WIDE_KEY"]
 
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[Any], list[np.ndarray]]
+
+#: ``PassContext.options`` key: layer names given back to float (read by ``quantize``).
+EXCLUDE_KEY = "quantize.exclude"
+#: ``PassContext.options`` key: layer names whose activations use 16 bits (mixed precision).
+WIDE_KEY = "quantize.wide"
 
 
 @dataclasses.dataclass

@@ -27,13 +27,12 @@ from compressor.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.capture import capture
 from compressor.data import Dataset, load_npz, random_dataset
 from compressor.errors import UnsupportedByTarget
-from compressor.accuracy import ControlResult, control_accuracy
+from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY, ControlResult, control_accuracy
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
 from compressor.inputs import InputSpec, model_input_specs, parse_input_overrides
 from compressor.model_io import model_bytes
 from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
-from compressor.passes._quantize_wip import EXCLUDE_KEY, WIDE_KEY
 from compressor.recipe import Recipe, load_recipe
 from compressor.targets import get_target
 
@@ -201,7 +200,7 @@ def compress(
     head = PassManager(passes[:split], dump_dir=dump_passes, on_pass=on_pass).run(model, ctx)
     snapshot = _clone(head.model) if split < len(passes) else None
     tail = PassManager(passes[split:], on_pass=lambda i, p: on_pass(split + i, p) if on_pass else None)
-    result = tail.run(head.model, ctx) if split < len(passes) else head
+    result = tail.run(head.model, ctx, already_run=[p.name for p in passes[:split]]) if split < len(passes) else head
     reports = head.reports + (result.reports if split < len(passes) else [])
     timings["passes_s"] = time.perf_counter() - t
 
@@ -268,6 +267,6 @@ def compress(
             "timings": timings,
             "versions": package_versions(),
         }
-        manifest.update(tgt.report(run_compressed) if hasattr(tgt, "report") else {})
+        manifest.update(tgt.report(run_compressed))
         writer.commit(manifest)
     return CompressResult(outdir, manifest, evaluation, reports, gate_passed)

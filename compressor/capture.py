@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import inspect
 import io
 import logging
@@ -56,6 +57,9 @@ HF_DEFAULT_SHAPE = (2, 16)  # batch x sequence of the example text inputs
 HF_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _DYNAMIC_EXAMPLE = 2  # example size of a `?` axis (torch.export specialises 0 and 1)
 _SAVE_PT2 = 'save a .pt2 with torch.export.save(torch.export.export(model, example_args), "model.pt2")'
+_WHAT_TO_SAVE = f"check the file is complete, or {_SAVE_PT2}, or a TorchScript file with torch.jit.save"
+_OPTIMIZED = ("optimised by onnxscript.optimizer.optimize_ir as torch.onnx.export does: constants folded, "
+              "BatchNormalization fused into the preceding Conv/Gemm")
 
 Overrides = dict[str, tuple[tuple[Any, ...], Any]]
 
@@ -92,6 +96,8 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
     overrides = dict(input_overrides or {})
     if not path.exists():
         raise CaptureError(f"{path}: no such file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CaptureError(f"{path}: the file is empty (0 bytes); check it was written completely")
     if path.is_dir():
         captured = _capture_hf(path, overrides)
     elif path.suffix.lower() == ".onnx":
@@ -130,28 +136,61 @@ def _archive_kind(path: Path) -> str | None:
 
 def _capture_torch_file(path: Path, overrides: Overrides, trust_pickle: bool) -> Captured:
     kind = _archive_kind(path)
-    if kind == "pt2":
-        return _capture_pt2(path)
     if kind == "torchscript":
         return _capture_torchscript(path, overrides)
-    if path.suffix.lower() == ".pt2":
+    if kind != "pt2" and path.suffix.lower() == ".pt2":
         raise CaptureError(f"{path}: not a torch.export program (the file is not a .pt2 archive; truncated, "
                            f"or not written by torch.export.save); {_SAVE_PT2}")
-    return _capture_pickle(path, overrides, trust_pickle)
+    return _capture_pt2(path) if kind == "pt2" else _capture_pickle(path, overrides, trust_pickle)
 
 
 def _capture_pt2(path: Path) -> Captured:
     import torch
 
-    with _quiet():
+    _import_output_types(path)
+    with _quiet() as torch_logs, open(path, "rb") as file:  # a buffer: .load refuses names not ending in .pt2
         try:
-            program = torch.export.load(str(path))
+            program = torch.export.load(file)
         except Exception as err:
             logger.debug("torch.export.load failed", exc_info=True)
-            raise CaptureError(f"{path}: not a readable torch.export program ({_summary(err)}); "
-                               f"check the file is complete, or {_SAVE_PT2}") from None
-    model = _export(path, program)
-    return Captured(model, "pt2", [_optimizer_note()])
+            why = f"{_summary(err)}; {torch_logs.last}" if torch_logs.last else _summary(err)
+            raise CaptureError(f"{path}: not a readable torch.export program ({why}); {_WHAT_TO_SAVE}") from None
+    return Captured(_export(path, program, output_names=_output_names(program)), "pt2", [_OPTIMIZED])
+
+
+def _output_names(program: Any) -> list[str] | None:
+    """Names from the keys of a dict/ModelOutput result; None keeps the exporter's (``linear``...)."""
+    import torch.utils._pytree as pytree
+
+    try:
+        spec = program.call_spec.out_spec
+        if spec is None or spec.is_leaf():
+            return None
+        paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))
+        names = [re.sub(r"\W+", "_", pytree.keystr(key_path)).strip("_") for key_path, _ in paths]
+    except Exception:
+        logger.debug("cannot read the program's output structure", exc_info=True)
+        return None
+    if len(set(names)) != len(names) or not any(re.search(r"[A-Za-z]", n) for n in names):
+        return None
+    return names
+
+
+def _import_output_types(path: Path) -> None:
+    """Import the transformers modules named in a .pt2 (only those, by name, from the installed package).
+
+    ``ModelOutput`` classes register with torch's pytree on import; without that
+    ``torch.export.load`` cannot rebuild a Hugging Face model's outputs.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            found = {m.decode() for name in archive.namelist() if "/models/" in name and name.endswith(".json")
+                     for m in re.findall(rb"transformers(?:\.\w+)+", archive.read(name))}
+    except (zipfile.BadZipFile, OSError):
+        return
+    for module in sorted({m.rsplit(".", 1)[0] for m in found}):
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
 
 
 def _capture_torchscript(path: Path, overrides: Overrides) -> Captured:
@@ -164,11 +203,9 @@ def _capture_torchscript(path: Path, overrides: Overrides) -> Captured:
             logger.debug("torch.jit.load failed", exc_info=True)
             raise CaptureError(f"{path}: not a readable TorchScript archive ({_summary(err)}); "
                                "check the file is complete and was written by torch.jit.save") from None
-    module.eval()
-    arguments = module.forward.schema.arguments[1:]  # [0] is self
-    names = [a.name for a in arguments]
-    required = [a.name for a in arguments if not a.has_default_value()]
-    example, dynamic = _example_inputs(path, "TorchScript module", names, required, overrides)
+    arguments = module.eval().forward.schema.arguments[1:]  # [0] is self
+    example, dynamic = _example_inputs(path, "TorchScript module", [a.name for a in arguments],
+                                       [a.name for a in arguments if not a.has_default_value()], overrides)
     buffer = io.BytesIO()
     with _quiet():
         try:
@@ -184,7 +221,7 @@ def _capture_torchscript(path: Path, overrides: Overrides) -> Captured:
     _name_outputs(model)
     return Captured(model, "torchscript", [
         "TorchScript exported with torch.onnx's TorchScript-based exporter (dynamo=False; the torch.export-based "
-        f"exporter refuses ScriptModules), opset {TORCHSCRIPT_OPSET}", _optimizer_note()])
+        f"exporter refuses ScriptModules), opset {TORCHSCRIPT_OPSET}", _OPTIMIZED])
 
 
 def _capture_pickle(path: Path, overrides: Overrides, trust_pickle: bool) -> Captured:
@@ -197,7 +234,7 @@ def _capture_pickle(path: Path, overrides: Overrides, trust_pickle: bool) -> Cap
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             if "Unsupported global" not in str(err):
-                raise CaptureError(f"{path}: not a PyTorch file ({_summary(err)}); " + _WHAT_TO_SAVE) from None
+                raise CaptureError(f"{path}: not a PyTorch file ({_summary(err)}); {_WHAT_TO_SAVE}") from None
             if not trust_pickle:
                 found = re.search(r"GLOBAL (\S+)", str(err))
                 what = f" (it refers to {found[1]})" if found else ""
@@ -206,31 +243,25 @@ def _capture_pickle(path: Path, overrides: Overrides, trust_pickle: bool) -> Cap
             obj = _load_trusted_pickle(path)
         except Exception as err:
             logger.debug("torch.load failed", exc_info=True)
-            raise CaptureError(f"{path}: not a PyTorch file ({_summary(err)}); " + _WHAT_TO_SAVE) from None
+            raise CaptureError(f"{path}: not a PyTorch file ({_summary(err)}); {_WHAT_TO_SAVE}") from None
     if isinstance(obj, dict) and _holds_tensors(obj):
         raise CaptureError(f"{path}: a state_dict (weights only, no graph) cannot be compressed on its own; "
                            f"{_SAVE_PT2}, or a TorchScript file with torch.jit.save(torch.jit.script(model), "
                            '"model.pt")')
     if not isinstance(obj, torch.nn.Module):
-        raise CaptureError(f"{path}: holds a {type(obj).__name__}, not a model; " + _WHAT_TO_SAVE)
+        raise CaptureError(f"{path}: holds a {type(obj).__name__}, not a model; {_SAVE_PT2}")
     module = obj.eval()
     params = [p for p in inspect.signature(module.forward).parameters.values()
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)]
-    names = [p.name for p in params]
-    required = [p.name for p in params if p.default is p.empty]
-    example, dynamic = _example_inputs(path, f"pickled {type(module).__name__}", names, required, overrides)
+    example, dynamic = _example_inputs(path, f"pickled {type(module).__name__}", [p.name for p in params],
+                                       [p.name for p in params if p.default is p.empty], overrides)
     dynamic_shapes = {n: ({a: torch.export.Dim.DYNAMIC for a in dynamic[n]} or None) for n in example}
-    model = _export(path, module, kwargs=example, dynamic_shapes=dynamic_shapes)
-    return Captured(model, "pickle", [
-        f"unpickled a full {type(module).__name__} with --trust-pickle (weights_only=False)", _optimizer_note()])
-
-
-_WHAT_TO_SAVE = (f"{_SAVE_PT2}, or a TorchScript file with torch.jit.save")
+    return Captured(_export(path, module, kwargs=example, dynamic_shapes=dynamic_shapes), "pickle", [
+        f"unpickled a full {type(module).__name__} with --trust-pickle (weights_only=False)", _OPTIMIZED])
 
 
 def _load_trusted_pickle(path: Path) -> Any:
     import torch
-
     logger.warning("%s: unpickling with weights_only=False (--trust-pickle): this can run code", path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
@@ -244,7 +275,6 @@ def _load_trusted_pickle(path: Path) -> Any:
 def _holds_tensors(obj: dict) -> bool:
     """A state_dict, or a checkpoint dict holding one."""
     import torch
-
     return any(isinstance(v, torch.Tensor) or (isinstance(v, dict) and _holds_tensors(v)) for v in obj.values())
 
 
@@ -268,9 +298,7 @@ def _example_inputs(path: Path, what: str, names: Sequence[str], required: Seque
     if missing or gaps:
         raise CaptureError(f"{path}: no --input for forward argument(s) {', '.join(missing or gaps)}; "
                            f"pass --input NAME=SHAPE for each of {listed}")
-    generator = torch.Generator().manual_seed(0)
-    example: dict[str, Any] = {}
-    dynamic: dict[str, list[int]] = {}
+    generator, example, dynamic = torch.Generator().manual_seed(0), {}, {}
     for name in given:
         shape, dtype_name = overrides[name]
         dtype = getattr(torch, dtype_name or "float32", None)
@@ -301,49 +329,50 @@ def _capture_hf(path: Path, overrides: Overrides) -> Captured:
     except ImportError:
         raise CaptureError(f"{path}: a Hugging Face model directory needs the transformers package: "
                            "pip install 'compressor[transformers]'") from None
-    notes = []
     model = _load_hf(path, transformers)
-    attention = getattr(model.config, "_attn_implementation", None)
+    kind = type(model).__name__
     params = inspect.signature(model.forward).parameters
     names = [n for n in HF_TEXT_INPUTS if n in params]
     if "input_ids" not in names:
-        raise CaptureError(f"{path}: {type(model).__name__} takes no input_ids; only text models are captured from a "
-                           f"directory, for others {_SAVE_PT2}")
+        raise CaptureError(f"{path}: {kind} takes no input_ids; only text models are captured from a directory, "
+                           f"for others {_SAVE_PT2}")
+    batch, seq = HF_DEFAULT_SHAPE
     for name, (shape, _dtype) in overrides.items():
         if name not in names:
-            raise CaptureError(f"{path}: --input {name}: {type(model).__name__} takes no input {name!r}; "
-                               f"its inputs are {', '.join(names)}")
+            raise CaptureError(f"{path}: --input {name}: {kind} takes no input {name!r}; its inputs are "
+                               f"{', '.join(names)}")
         if len(shape) != 2:
             raise CaptureError(f"{path}: --input {name}: text inputs are batch x sequence, not rank {len(shape)}")
-    batch, seq = HF_DEFAULT_SHAPE
-    for shape, _dtype in overrides.values():  # torch.export specialises sizes 0 and 1: keep the defaults then
+        # torch.export specialises sizes 0 and 1: the example keeps the defaults then
         batch, seq = (shape[0] if (shape[0] or 0) >= 2 else batch), (shape[1] if (shape[1] or 0) >= 2 else seq)
-    generator = torch.Generator().manual_seed(0)
     vocab = int(getattr(model.config, "vocab_size", 1000) or 1000)
-    example = {"input_ids": torch.randint(min(vocab - 1, 1000), vocab, (batch, seq), generator=generator)}
-    if "attention_mask" in names:
-        mask = torch.ones(batch, seq, dtype=torch.int64)
-        mask[-1, seq // 2:] = 0  # padding in the example: the mask path stays in the graph
-        example["attention_mask"] = mask
-    if "token_type_ids" in names:
-        example["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.int64)
-    for name, (_shape, dtype_name) in overrides.items():
-        if dtype_name and dtype_name != "int64":
-            example[name] = example[name].to(getattr(torch, dtype_name))
+    example = {"input_ids": torch.randint(min(vocab - 1, 1000), vocab, (batch, seq),
+                                          generator=torch.Generator().manual_seed(0)),
+               "attention_mask": torch.ones(batch, seq, dtype=torch.int64),
+               "token_type_ids": torch.zeros(batch, seq, dtype=torch.int64)}
+    example["attention_mask"][-1, seq // 2:] = 0  # padding in the example: the mask path stays in the graph
+    example = {n: example[n].to(getattr(torch, overrides.get(n, ((), None))[1] or "int64")) for n in names}
     wrapper = _last_hidden_state_module()(model, use_cache="use_cache" in params).eval()
     with torch.no_grad(), _quiet():
         try:
             wrapper(**example)
         except Exception as err:
-            raise CaptureError(f"{path}: {type(model).__name__} fails on example text inputs ({_summary(err)}); "
-                               f"{_SAVE_PT2}") from None
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+            raise CaptureError(f"{path}: {kind} fails on example text inputs ({_summary(err)}); {_SAVE_PT2}") from None
+    max_len = getattr(model.config, "max_position_embeddings", None)  # position embeddings bound the sequence
+    max_len = max_len if isinstance(max_len, int) and max_len >= seq else None
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=max_len)}
     onnx_model = _export(path, wrapper, kwargs=example, dynamic_shapes={n: dims for n in example},
                          output_names=["last_hidden_state"])
-    notes.append(f"Hugging Face {type(model).__name__} (attention {attention}); inputs {', '.join(example)} "
-                 "with dynamic batch and sequence axes; output last_hidden_state only (any pooler output dropped)")
-    notes.append(_optimizer_note())
-    return Captured(onnx_model, "hf", notes)
+    for value in list(onnx_model.graph.initializers.values()):  # drop the wrapper's prefix: the HF names
+        if value.name.startswith("model.") and value.name[6:] not in onnx_model.graph.initializers:
+            value.name = value.name[6:]
+    if overrides:  # text inputs share batch x sequence: one --input fixes them all
+        shape = next(iter(overrides.values()))[0]
+        overrides.update({n: (shape, None) for n in example if n not in overrides})
+    attention = getattr(model.config, "_attn_implementation", None)
+    return Captured(onnx_model, "hf", [
+        f"Hugging Face {kind} (attention {attention}); inputs {', '.join(example)} with dynamic batch and "
+        "sequence axes; output last_hidden_state only (any pooler output dropped)", _OPTIMIZED])
 
 
 def _load_hf(path: Path, transformers: Any) -> Any:
@@ -410,26 +439,18 @@ def _optimize(model: ir.Model) -> None:
     """The optimizer torch.onnx.export runs, for graphs that did not come through it."""
     try:
         import onnxscript.optimizer
-
         onnxscript.optimizer.optimize_ir(model)
     except Exception:  # optional: an unoptimised graph is still correct
         logger.debug("onnxscript optimizer failed; keeping the graph as exported", exc_info=True)
 
 
-def _optimizer_note() -> str:
-    return ("optimised by onnxscript.optimizer.optimize_ir as torch.onnx.export does: constants folded, "
-            "BatchNormalization fused into the preceding Conv/Gemm")
-
-
 def _name_outputs(model: ir.Model) -> None:
     """Give numbered outputs (``9``, ``27``: TorchScript exporter) the names ``output``/``output_<i>``."""
-    outputs = model.graph.outputs
-    taken = {v.name for v in model.graph.inputs} | {v.name for n in model.graph for v in n.outputs}
+    outputs, taken = model.graph.outputs, {v.name for n in model.graph for v in n.outputs}
     for i, value in enumerate(outputs):
-        if value.name and value.name.isdigit():
-            name = "output" if len(outputs) == 1 else f"output_{i}"
-            if name not in taken:
-                value.name = name
+        name = "output" if len(outputs) == 1 else f"output_{i}"
+        if value.name and value.name.isdigit() and name not in taken:
+            value.name = name
 
 
 def _summary(err: BaseException) -> str:
@@ -447,27 +468,42 @@ def _summary(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}"
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Keep torch's exporter chatter off stdout/stderr; it goes to this module's debug log.
+class _TorchLogs(logging.Handler):
+    """Takes the place of torch's own stderr handlers: records go to this module's debug log."""
 
-    torch logs through its own stderr handlers under the ``torch`` logger (level WARNING
-    unless TORCH_LOGS changed it); while exporting that level is raised to ERROR.
+    last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        self.last = text.strip().splitlines()[-1] if text.strip() else self.last
+        logger.debug("%s: %s", record.name, text)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[_TorchLogs]:
+    """Keep torch's exporter chatter (prints, warnings, log lines) off stdout/stderr.
+
+    All of it goes to this module's debug log; the handler yielded keeps torch's last log
+    line, which often holds the reason behind a generic error.
     """
-    torch_logger = logging.getLogger("torch")
-    old_level = torch_logger.level
-    if old_level in (logging.NOTSET, logging.WARNING):
-        torch_logger.setLevel(logging.ERROR)
+    forward = _TorchLogs()
+    swapped = [(lg, lg.handlers[:]) for name, lg in list(logging.root.manager.loggerDict.items())
+               if isinstance(lg, logging.Logger) and (name == "torch" or name.startswith("torch.")) and lg.handlers]
+    for lg, _ in swapped:
+        lg.handlers[:] = [forward]
     stdout = io.StringIO()
     try:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout):
             warnings.simplefilter("always")
             try:
-                yield
+                yield forward
             finally:
                 for warning in caught:
                     logger.debug("%s: %s", warning.category.__name__, str(warning.message).strip().split("\n", 1)[0])
     finally:
-        torch_logger.setLevel(old_level)
+        for lg, handlers in swapped:
+            lg.handlers[:] = handlers
         if stdout.getvalue().strip():
             logger.debug("exporter output:\n%s", stdout.getvalue().rstrip())

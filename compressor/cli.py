@@ -117,6 +117,11 @@ def _summary(manifest: dict[str, Any]) -> str:
         (f"{metric}", f"{_fmt(manifest['metrics']['baseline'][key])} -> {_fmt(manifest['metrics']['compressed'][key])} "
                       f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
         ("drop", _fmt(manifest["accuracy_drop"])),
+        *([("int8 layers", f"{rt['int8']} of {rt['int8'] + rt['float']} compute layers ran in int8"
+                           + (f"; float: {', '.join(rt['float_layers'][:4])}" if rt["float_layers"] else ""))]
+          if (rt := manifest.get("runtime_layers")) else []),
+        *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4])}")]
+          if (ac := manifest.get("accuracy_control")) else []),
         ("gate", verdict),
     ]
     return passes + "\n\n" + _table(rows, ["summary", ""])

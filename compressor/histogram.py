@@ -176,11 +176,18 @@ def _quantile(counts: np.ndarray, width: float, q: float) -> float:
     return float((i + frac) * width)
 
 
+def _centres(size: int, width: float) -> np.ndarray:
+    return (np.arange(size) + 0.5) * width
+
+
+def _suffix(a: np.ndarray) -> np.ndarray:
+    """``out[k] = sum(a[k:])``, with ``out[len(a)] = 0``."""
+    return np.concatenate([np.cumsum(a[::-1])[::-1], [0.0]])
+
+
 def _count_at_or_below(counts: np.ndarray, width: float, thresholds: np.ndarray) -> np.ndarray:
-    centres = (np.arange(counts.size) + 0.5) * width
-    k = np.searchsorted(centres, thresholds, side="right")  # bins i < k have c_i <= t
-    cdf = np.concatenate([[0], np.cumsum(counts)])
-    return cdf[k]
+    k = np.searchsorted(_centres(counts.size, width), thresholds, side="right")  # bins i < k: c_i <= t
+    return np.concatenate([[0], np.cumsum(counts)])[k]
 
 
 def clip_error(counts: np.ndarray, width: float, thresholds: np.ndarray, delta: np.ndarray,
@@ -199,10 +206,9 @@ def clip_error(counts: np.ndarray, width: float, thresholds: np.ndarray, delta: 
         One summed error per candidate (not divided by the count).
     """
     counts = counts.astype(np.float64)
-    centres = (np.arange(counts.size) + 0.5) * width
+    centres = _centres(counts.size, width)
     k = np.searchsorted(centres, thresholds, side="right")  # bins i >= k have c_i > t
-    suffix = lambda a: np.concatenate([np.cumsum(a[::-1])[::-1], [0.0]])  # noqa: E731
-    s0, s1, s2 = suffix(counts), suffix(counts * centres), suffix(counts * centres**2)
+    s0, s1, s2 = _suffix(counts), _suffix(counts * centres), _suffix(counts * centres**2)
     clipped = s2[k] - 2.0 * thresholds * s1[k] + thresholds**2 * s0[k]
     if not rounding:
         return np.maximum(clipped, 0.0)

@@ -97,8 +97,10 @@ class PassManager:
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.on_pass = on_pass
 
-    def run(self, model: ir.Model, ctx: PassContext) -> PipelineResult:
+    def run(self, model: ir.Model, ctx: PassContext, *, already_run: Sequence[str] = ()) -> PipelineResult:
         """Run every pass on ``model``.
+
+        ``already_run`` names passes an earlier manager ran on this model (for messages).
 
         Raises:
             RecipeError: a pass's needs are unmet (before anything runs).
@@ -107,7 +109,7 @@ class PassManager:
         check_pipeline(self.passes, ctx.properties)
         level = self._verify_level(model) if self.verify else None
         reports: list[PassReport] = []
-        done: list[str] = []
+        done: list[str] = list(already_run)
         if self.dump_dir:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             save_model(model, self.dump_dir / "00-input.onnx")

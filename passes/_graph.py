@@ -51,7 +51,8 @@ class NotFoldable(Exception):
     @property
     def key(self) -> str:
         """The reason without the names in it, e.g. ``weight is not a constant initializer``."""
-        return re.sub(r"\s*`[^`]*`", "", str(self)).strip()
+        text = re.sub(r"\s+", " ", re.sub(r"`[^`]*`", "", str(self)))
+        return text.replace("( ", "(").replace(" )", ")").replace(" :", ":").replace(" ,", ",").strip()
 
 
 def label(node: ir.Node) -> str:
@@ -156,7 +157,8 @@ class NameAllocator:
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer called ``name`` (already fresh)."""
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    array = np.asarray(array)
+    tensor = ir.tensor(np.array(array, order="C", copy=True), name=name)  # keeps 0-d arrays 0-d
     value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
     graph.register_initializer(value)
     return value

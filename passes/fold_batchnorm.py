@@ -103,8 +103,8 @@ def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         constant_array(v, what).astype(np.float64)
         for v, what in zip(bn.inputs[1:5], ("BN scale", "BN bias", "BN mean", "BN variance"))
     )
-    if not gamma.ndim == beta.ndim == mean.ndim == var.ndim == 1:
-        raise NotFoldable("BN parameters are not 1-D")
+    if gamma.ndim != 1 or not gamma.shape == beta.shape == mean.shape == var.shape:
+        raise NotFoldable("BN parameters are not four vectors of one length")
     eps = attr_float(bn, "epsilon", 1e-5)
     s = gamma / np.sqrt(var + eps)
     return s, mean, beta
@@ -135,7 +135,8 @@ class _Folder:
                 continue  # a standalone BN: nothing to fold into, not counted
             try:
                 if sole_consumer(bn.inputs[0]) is not bn:
-                    raise NotFoldable(f"producer `{label(producer)}` feeds other nodes too")
+                    raise NotFoldable(f"the output of its producer `{label(producer)}` is also read "
+                                      "by another node or is a graph output")
                 s, mean, beta = _bn_affine(bn)
                 fold = getattr(self, f"_fold_{producer.op_type.lower()}")
                 fold(producer, bn, s, mean, beta)

@@ -92,7 +92,7 @@ class _Folder:
         for ln in [n for n in self.graph if n.op_type == "LayerNormalization" and n.domain in _ONNX]:
             try:
                 gamma, beta = self._affine(ln)
-                plans = [self._plan(user, index, ln, gamma.shape[0]) for user, index in ln.outputs[0].uses()]
+                plans = [self._plan(user, index, gamma.shape[0]) for user, index in ln.outputs[0].uses()]
             except _NothingToFold as why:
                 logger.debug("`%s`: %s; nothing to fold", label(ln), why)
                 continue
@@ -128,25 +128,31 @@ class _Folder:
             raise _NothingToFold("its affine part is already the identity")
         return gamma, beta
 
-    def _plan(self, user: ir.Node, index: int, ln: ir.Node, depth: int):
+    def _plan(self, user: ir.Node, index: int, depth: int):
         """Check one reader of the LN output; return the rewrite to apply to it."""
+        try:
+            return self._plan_reader(user, index, depth)
+        except NotFoldable as why:
+            raise NotFoldable(f"reader `{label(user)}`: {why}") from None
+
+    def _plan_reader(self, user: ir.Node, index: int, depth: int):
         if user.domain in _ONNX and user.op_type == "MatMul" and index == 0:
-            w = constant_array(user.inputs[1], f"weight of `{label(user)}`")
+            w = constant_array(user.inputs[1], "its weight")
             if w.ndim != 2 or w.shape[0] != depth:
-                raise NotFoldable(f"weight of `{label(user)}` has shape {w.shape}, not ({depth}, M)")
+                raise NotFoldable(f"its weight has shape {w.shape}, not ({depth}, M)")
             return lambda gamma, beta: self._fold_matmul(user, w, gamma, beta)
         if user.domain in _ONNX and user.op_type == "Gemm" and index == 0:
             if attr_int(user, "transA", 0):
-                raise NotFoldable(f"`{label(user)}` is a Gemm with transA=1")
-            b = constant_array(user.inputs[1], f"weight of `{label(user)}`")
+                raise NotFoldable("it is a Gemm with transA=1")
+            b = constant_array(user.inputs[1], "its weight")
             trans_b = attr_int(user, "transB", 0)
             if b.ndim != 2 or b.shape[1 if trans_b else 0] != depth:
-                raise NotFoldable(f"weight of `{label(user)}` has shape {b.shape}, not matching {depth} features")
+                raise NotFoldable(f"its weight has shape {b.shape}, not matching {depth} features")
             has_c = len(user.inputs) > 2 and user.inputs[2] is not None
-            c = constant_array(user.inputs[2], f"bias of `{label(user)}`") if has_c else None
+            c = constant_array(user.inputs[2], "its bias") if has_c else None
             return lambda gamma, beta: self._fold_gemm(user, b, c, trans_b, gamma, beta)
-        raise NotFoldable(f"its output feeds `{label(user)}` ({user.op_type}, input {index}), "
-                          "which is not a MatMul/Gemm with a constant weight")
+        raise NotFoldable(f"{user.op_type} (reading the LN output as input {index}) "
+                          "is not a MatMul/Gemm with a constant weight")
 
     def _new_init(self, base: str | None, suffix: str, array: np.ndarray, like: np.ndarray) -> ir.Value:
         return add_initializer(self.graph, self.names(f"{base or 'ln'}_{suffix}"), array.astype(like.dtype))

@@ -15,6 +15,7 @@ __all__ = ["TARGETS", "get_target"]
 #: CLI name -> "module:class"
 TARGETS: dict[str, str] = {
     "onnx": "compressor.targets.onnx:OnnxTarget",
+    "openvino": "compressor.targets.openvino:OpenVinoTarget",
 }
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["QuantSpec", "OpQuant", "Capabilities", "Runner", "Target", "check_capabilities"]
+__all__ = ["QuantSpec", "OpQuant", "Capabilities", "Runner", "Target", "check_capabilities", "cpu_has_vnni",
+           "narrow_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,14 @@ class QuantSpec:
         dtype: ``int8``, ``uint8``, ``int16``, ``uint16`` or ``float8e4m3fn``.
         symmetric: Zero point fixed at 0 (int) / midpoint (uint).
         axis: Per-channel axis of the tensor, or ``None`` for per-tensor.
+        bits: Narrower symmetric range than the dtype holds (7: ``|q| <= 63``, for int8
+            kernels that would overflow with full-range weights), or ``None``.
     """
 
     dtype: str = "int8"
     symmetric: bool = True
     axis: int | None = None
+    bits: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +81,32 @@ class Capabilities:
     max_rank: int | None = None
     min_opset: int | None = None
     fallback: str = "float"
+
+
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI/AMX int8 dot products (``None``: unknown, not Linux x86).
+
+    Without them, x86 int8 kernels (ONNX Runtime's MLAS, OpenVINO's jit convolutions) sum
+    pairs of u8*s8 products in int16 with saturation (vpmaddubsw), so full-range int8
+    weights overflow; 7-bit weights (ONNX Runtime's ``reduce_range``, NNCF's
+    ``overflow_fix``) are exact.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return None if flags is None else bool(_VNNI_FLAGS.intersection(flags))
+
+
+def narrow_weights(caps: Capabilities, ops: frozenset[str] | set[str]) -> Capabilities:
+    """``caps`` with 7-bit symmetric weights for ``ops`` (see :func:`cpu_has_vnni`)."""
+    narrow = {op: dataclasses.replace(q, weights=dataclasses.replace(q.weights, bits=7))
+              for op, q in caps.quantizable.items() if op in ops and q.weights is not None}
+    return dataclasses.replace(caps, quantizable={**caps.quantizable, **narrow})
 
 
 class Runner(abc.ABC):
@@ -136,6 +166,10 @@ class Target(abc.ABC):
         """Runs the uncompressed model in this backend (the baseline of evaluation)."""
         workdir.mkdir(parents=True, exist_ok=True)
         return self.runner(self.lower(model, workdir))
+
+    def report(self, runner: Runner) -> dict[str, Any]:
+        """Extra manifest entries about how the artifact really ran (e.g. int8 layers)."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records of the target."""

@@ -17,7 +17,16 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from compressor.model_io import model_bytes, save_model
-from compressor.targets.base import Capabilities, OpQuant, QuantSpec, Runner, Target, check_capabilities
+from compressor.targets.base import (
+    Capabilities,
+    OpQuant,
+    QuantSpec,
+    Runner,
+    Target,
+    check_capabilities,
+    cpu_has_vnni,
+    narrow_weights,
+)
 
 __all__ = ["OnnxTarget", "OrtRunner", "ort_session"]
 
@@ -68,6 +77,13 @@ class OnnxTarget(Target):
 
     name = "onnx"
     capabilities = ONNX_CAPABILITIES
+
+    def __init__(self) -> None:
+        if cpu_has_vnni() is False:  # MLAS's AVX2 u8s8 kernels saturate: 7-bit weights (reduce_range)
+            self.capabilities = narrow_weights(ONNX_CAPABILITIES, set(ONNX_CAPABILITIES.quantizable))
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "onnxruntime_version": ort.__version__, "int8_vnni": cpu_has_vnni()}
 
     def check(self, model: ir.Model) -> list[tuple[str, str]]:
         offenders = check_capabilities(model, self.capabilities)

@@ -16,8 +16,14 @@ __all__ = ["model_from_text", "run_ort", "random_feeds", "op_counts", "assert_sa
 
 
 def model_from_text(text: str, **initializers: np.ndarray) -> ir.Model:
-    """An ``ir.Model`` from ONNX text, with ``initializers`` (name -> array) attached."""
-    return ir.from_onnx_text(text, initializers=[ir.tensor(a, name=n) for n, a in initializers.items()])
+    """An ``ir.Model`` from ONNX text, with ``initializers`` (name -> array) attached.
+
+    Arrays the graph does not read are attached too (``ir.from_onnx_text`` refuses them);
+    one named like a graph input makes that input an overridable default.
+    """
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(a, name) for name, a in initializers.items())
+    return ir.serde.deserialize_model(proto)
 
 
 def run_ort(model: ir.Model | onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

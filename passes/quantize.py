@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics, quant_params, quantize_array, weight_quant_params
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
@@ -39,14 +40,10 @@ from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope
 from compressor.targets.base import Capabilities, QuantSpec
 
-__all__ = ["Quantize", "QuantizeOptions", "activation_spec", "EXCLUDE_KEY"]
+__all__ = ["Quantize", "QuantizeOptions", "activation_spec"]
 
 logger = logging.getLogger(__name__)
 
-#: ``PassContext.options`` key: node names accuracy control keeps float (or promotes).
-EXCLUDE_KEY = "quantize.exclude"
-#: ``PassContext.options`` key: node names whose activations use 16 bits (mixed precision).
-WIDE_KEY = "quantize.wide"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,333 @@
+"""Target ``openvino``: QDQ ONNX converted to OpenVINO IR (``.xml``/``.bin``), run on the CPU plugin.
+
+OpenVINO's ONNX frontend turns each QuantizeLinear/DequantizeLinear pair on an activation
+into a ``FakeQuantize`` and each DequantizeLinear on a constant weight into
+``Convert -> Multiply`` (int8 constant kept in the ``.bin``); at compile time the CPU
+plugin's low-precision transformations move the scales past Convolution / MatMul and run
+those layers with int8 kernels. What actually ran is read back from the compiled model's
+runtime graph (:meth:`OpenVinoRunner.layer_precisions`).
+
+Lowering is deterministic: OpenVINO names nodes it creates ``<Type>_<n>`` with ``n`` from
+a process-wide counter, so the same model lowered twice in one process would differ in
+those names; :func:`_canonical_names` renumbers them in graph order before saving.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.errors import DataError, UsageError
+from compressor.model_io import model_bytes
+from compressor.targets.base import (
+    Capabilities,
+    OpQuant,
+    QuantSpec,
+    Runner,
+    Target,
+    check_capabilities,
+    cpu_has_vnni,
+    narrow_weights,
+)
+
+try:
+    import openvino as ov
+except ImportError:  # optional backend: the target refuses to start, the package still imports
+    ov = None
+
+__all__ = [
+    "OpenVinoTarget",
+    "OpenVinoRunner",
+    "OPENVINO_CAPABILITIES",
+    "CPU_CONFIG",
+    "WEIGHT_QMAX_WITHOUT_VNNI",
+    "int8_summary",
+    "cpu_has_vnni",
+    "saturating_weight_layers",
+]
+
+logger = logging.getLogger(__name__)
+
+# Activations: uint8, asymmetric, per-tensor. x86 int8 kernels (AVX2 vpmaddubsw, VNNI
+# vpdpbusd, AMX) multiply u8 activations by s8 weights; i8 activations cost oneDNN a +128
+# shift and a compensation term (measured: Conv 64x64x3x3 on 56x56, AVX2, u8 1.25 ms vs
+# i8-symmetric 1.42 ms vs f32 1.86 ms). Any zero point is accepted (Conv takes it as an
+# input zero point; FullyConnected folds zp=128 into i8 exactly); zp=0, which a
+# non-negative range (after ReLU) gives, is the cheapest. NNCF's CPU presets: weights
+# int8 symmetric per-channel; activations symmetric ("performance") or asymmetric ("mixed").
+_ACT = QuantSpec("uint8", symmetric=False)
+
+#: Ops OpenVINO's CPU plugin runs in int8 from QDQ, with the weight's output-channel axis.
+OPENVINO_CAPABILITIES = Capabilities(
+    quantizable={
+        "Conv": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),  # W [O, I/g, kH, kW]
+        "ConvTranspose": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),  # W [I, O/g, kH, kW]
+        # Gemm: axis 0 for transB=1 (B [N, K], what torch's Linear exports), axis 1 for
+        # transB=0; the quantize pass reads transB (passes/_placement.weight_channel_axis).
+        "Gemm": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),
+        "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),  # W [K, N]
+    },
+    nm_patterns=(),  # the CPU plugin has no structured-sparsity kernels
+    static_shapes=False,
+)
+
+#: Without VNNI (AVX2/AVX-512 before Cascade Lake / Zen 4) the CPU's int8 convolutions sum
+#: pairs of u8*s8 products into int16 with saturation (vpmaddubsw): 8-bit weights overflow
+#: (measured: Conv outputs off by up to 16 where ONNX Runtime is exact); 7-bit weights
+#: (|q| <= 63, NNCF's ``overflow_fix``) are exact. FullyConnected (jit_gemm) is not affected.
+WEIGHT_QMAX_WITHOUT_VNNI = 63
+_SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})
+
+#: Compile config: f32 stays f32 (no bf16 on AMX CPUs, no f16), latency-oriented streams.
+CPU_CONFIG: dict[str, str] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+
+#: Runtime ``layerType`` values of compute layers (the ones that can run int8).
+COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm"})
+_INT8 = frozenset({"u8", "i8"})
+
+_NO_RULE = re.compile(r"No conversion rule found for operations: (.+)")
+_FAILED_FOR = re.compile(r"Conversion is failed for: (.+)")
+_DETAIL = re.compile(r"^-- (\S+) with a message:\n(.*?)(?=^-- |^Summary:|\Z)", re.M | re.S)
+_ONNX_NODE = re.compile(r"While validating ONNX node '<Node\(([^)]*)\): ([^>]*)>'")
+_AUTO_NAME = re.compile(r"(?<![\w.])([A-Z][A-Za-z0-9]*)_(\d+)(?!\w)")
+
+
+def _require_openvino() -> None:
+    if ov is None:
+        raise UsageError("target 'openvino' needs the openvino package: pip install 'compressor[openvino]'")
+
+
+def _op_key(node: ir.Node) -> tuple[str, str]:
+    return ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
+
+
+def _nodes_for(model: ir.Model, ops_text: str) -> dict[tuple[str, str], list[str]]:
+    """OpenVINO's op list (``com.example.Foo, TfIdfVectorizer-17``) -> the ONNX nodes using each."""
+    wanted: dict[tuple[str, str], list[str]] = {}
+    for item in ops_text.split(","):
+        item = re.sub(r"-\d+$", "", item.strip())
+        domain, _, op = item.rpartition(".")
+        wanted[(domain, op)] = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        key = _op_key(node)
+        if key in wanted:
+            wanted[key].append(node.name or f"{node.op_type}->{node.outputs[0].name}")
+    return wanted
+
+
+def _conversion_offenders(model: ir.Model, text: str) -> list[tuple[str, str]]:
+    """``(node, reason)`` pairs read from an OpenVINO conversion error."""
+    offenders: list[tuple[str, str]] = []
+    for op, block in _DETAIL.findall(text):  # per-node failures of a translator
+        lines = [line.strip() for line in block.strip().splitlines() if line.strip()]
+        named = _ONNX_NODE.search(block)
+        node = (named.group(2) or named.group(1)) if named else op
+        offenders.append((node, f"OpenVINO cannot convert {op}: {lines[-1] if lines else 'conversion failed'}"))
+    match = _NO_RULE.search(text)
+    if match:
+        for (domain, op), nodes in _nodes_for(model, match.group(1)).items():
+            what = f"{domain}::{op}" if domain else op
+            for node in nodes or [what]:
+                offenders.append((node, f"OpenVINO has no conversion rule for op {what}"))
+    if not offenders and (match := _FAILED_FOR.search(text)):
+        for (domain, op), nodes in _nodes_for(model, match.group(1)).items():
+            offenders.extend((node, f"OpenVINO failed to convert op {op}") for node in nodes or [op])
+    if not offenders:
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        offenders.append(("model", f"OpenVINO cannot convert it: {(lines[-1] if lines else 'unknown error')[:300]}"))
+    return offenders
+
+
+def _onnx_names(model: ir.Model) -> set[str]:
+    names = {v.name for v in (*model.graph.inputs, *model.graph.outputs) if v.name}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        names.add(node.name or "")
+        names.update(v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name)
+    names.update(model.graph.initializers)
+    return names
+
+
+def _canonical_names(ov_model: Any, keep: Iterable[str]) -> int:
+    """Renumber OpenVINO's auto names (``Constant_7288``) in graph order; returns how many.
+
+    Tokens that also occur in the ONNX model's own names (``Conv_12`` from an old torch
+    export) are kept as they are.
+    """
+    kept = {m.group(0) for name in keep for m in _AUTO_NAME.finditer(name)}
+    mapping: dict[str, str] = {}
+
+    def renumber(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token in kept:
+            return token
+        if token not in mapping:
+            new = f"{match.group(1)}_{len(mapping)}"
+            while new in kept:
+                new += "_"
+            mapping[token] = new
+        return mapping[token]
+
+    for op in ov_model.get_ordered_ops():
+        name = op.get_friendly_name()
+        new_name = _AUTO_NAME.sub(renumber, name)
+        if new_name != name:
+            op.set_friendly_name(new_name)
+    return len(mapping)
+
+
+def _convert(model: ir.Model) -> Any:
+    """``ov.Model`` of ``model`` (raises OpenVINO's error when conversion fails)."""
+    return ov.convert_model(io.BytesIO(model_bytes(model)))
+
+
+def saturating_weight_layers(model: ir.Model) -> list[str]:
+    """Conv/ConvTranspose nodes whose int8 weights exceed :data:`WEIGHT_QMAX_WITHOUT_VNNI`."""
+    found = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type not in _SATURATING_OPS or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        dq = node.inputs[1].producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
+            continue
+        weight = dq.inputs[0].const_value
+        if weight is not None and weight.dtype == ir.DataType.INT8:
+            if np.abs(weight.numpy().astype(np.int16)).max(initial=0) > WEIGHT_QMAX_WITHOUT_VNNI:
+                found.append(node.name or f"{node.op_type}->{node.outputs[0].name}")
+    return found
+
+
+def _rt(info: Any, key: str) -> str:
+    return info[key].astype(str) if key in info else ""
+
+
+def int8_summary(precisions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts of compute layers that ran int8 vs float, from :meth:`OpenVinoRunner.layer_precisions`."""
+    floats = [p["name"] for p in precisions if not p["int8"]]
+    return {"int8": len(precisions) - len(floats), "float": len(floats), "float_layers": floats}
+
+
+class OpenVinoRunner(Runner):
+    """Runs an OpenVINO ``.xml`` on the CPU plugin (compiled once, one infer request).
+
+    Args:
+        xml: The ``.xml`` file (its ``.bin`` beside it).
+        core: An ``ov.Core`` to reuse (a new one when ``None``).
+        config: Compile properties (default :data:`CPU_CONFIG`).
+    """
+
+    def __init__(self, xml: Path, core: Any = None, config: Mapping[str, str] | None = None):
+        _require_openvino()
+        self.core = core or ov.Core()
+        self.config = dict(CPU_CONFIG if config is None else config)
+        self.compiled = self.core.compile_model(str(xml), "CPU", self.config)
+        self._request = self.compiled.create_infer_request()
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self.output_names = [port.get_any_name() for port in self.compiled.outputs]
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise DataError(f"no data for model input(s) {', '.join(missing)}; inputs: {', '.join(self.input_names)}")
+        inputs = {name: np.ascontiguousarray(feeds[name]) for name in self.input_names}
+        results = self._request.infer(inputs)
+        return [np.array(results[port], copy=True) for port in self.compiled.outputs]
+
+    def layer_precisions(self) -> list[dict[str, Any]]:
+        """Per compute layer of the compiled graph: what precision it really ran in.
+
+        Returns:
+            One dict per layer in execution order: ``name``, ``type`` (runtime
+            ``layerType``), ``precision`` (``runtimePrecision``: ``u8``/``i8`` for int8
+            kernels, ``f32`` otherwise), ``input_precisions``, ``primitive`` (kernel, e.g.
+            ``jit_avx2_I8``), ``original_layers`` (the IR layers fused into it) and ``int8``.
+        """
+        layers = []
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            kind = _rt(info, "layerType")
+            if kind not in COMPUTE_LAYERS:
+                continue
+            inputs = []
+            for port in op.inputs():
+                source = port.get_source_output()
+                outs = _rt(source.get_node().get_rt_info(), "outputPrecisions").split(",")
+                inputs.append(outs[source.get_index()] if source.get_index() < len(outs) else "")
+            precision = _rt(info, "runtimePrecision")
+            layers.append({
+                "name": op.get_friendly_name(),
+                "type": kind,
+                "precision": precision,
+                "input_precisions": inputs,
+                "primitive": _rt(info, "primitiveType"),
+                "original_layers": [n for n in _rt(info, "originalLayersNames").split(",") if n],
+                "int8": precision in _INT8,
+            })
+        return layers
+
+
+class OpenVinoTarget(Target):
+    """OpenVINO CPU: QDQ ONNX -> OpenVINO IR, int8 Convolution / FullyConnected kernels.
+
+    Raises:
+        UsageError: the ``openvino`` package is not installed.
+    """
+
+    name = "openvino"
+    capabilities = OPENVINO_CAPABILITIES
+
+    def __init__(self) -> None:
+        _require_openvino()
+        self.core = ov.Core()
+        if cpu_has_vnni() is False:
+            # 7-bit Conv weights: exact on every x86 int8 kernel (see WEIGHT_QMAX_WITHOUT_VNNI).
+            self.capabilities = narrow_weights(OPENVINO_CAPABILITIES, _SATURATING_OPS)
+
+    def check(self, model: ir.Model) -> list[tuple[str, str]]:
+        offenders = check_capabilities(model, self.capabilities)
+        if offenders:
+            return offenders
+        try:
+            _convert(model)
+        except Exception as err:  # OpConversionFailure, RuntimeError...: read the message
+            return _conversion_offenders(model, str(err))
+        return []
+
+    def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
+        outdir.mkdir(parents=True, exist_ok=True)
+        if cpu_has_vnni() is False and (saturating := saturating_weight_layers(model)):
+            logger.warning(
+                "openvino: this CPU has no VNNI, so int8 Conv sums u8*s8 pairs in int16 and saturates: %d "
+                "layer(s) have int8 weights beyond +-%d (%s); quantize their weights to 7 bits",
+                len(saturating), WEIGHT_QMAX_WITHOUT_VNNI, ", ".join(saturating[:5]))
+        ov_model = _convert(model)
+        renamed = _canonical_names(ov_model, _onnx_names(model))
+        logger.debug("openvino: renumbered %d auto-generated node names", renamed)
+        xml = outdir / "model.xml"
+        ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # fp32 stays fp32; int8 comes from QDQ
+        return [xml, xml.with_suffix(".bin")]
+
+    def runner(self, files: list[Path]) -> OpenVinoRunner:
+        xml = [f for f in files if f.suffix == ".xml"]
+        return OpenVinoRunner(xml[0], core=self.core)
+
+    def report(self, runner: OpenVinoRunner) -> dict[str, Any]:
+        """Per compute layer, whether it really ran in int8 (from the compiled model)."""
+        precisions = runner.layer_precisions()
+        return {"runtime_layers": {**int8_summary(precisions), "layers": precisions}}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "openvino_version": ov.get_version(),
+            "device": "CPU",
+            "device_name": self.core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "int8_vnni": cpu_has_vnni(),
+            "config": dict(CPU_CONFIG),
+        }

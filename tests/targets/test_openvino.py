@@ -1,0 +1,187 @@
+"""Target ``openvino``: lowering to OpenVINO IR, running on the CPU plugin, int8 read-back."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("openvino", reason="the openvino package is not installed")
+
+from compressor.model_io import model_bytes  # noqa: E402
+from compressor.targets import get_target  # noqa: E402
+from compressor.targets.onnx import ort_session  # noqa: E402
+from compressor.targets.openvino import (  # noqa: E402
+    OpenVinoTarget,
+    cpu_has_vnni,
+    int8_summary,
+    saturating_weight_layers,
+)
+
+
+
+def _model(nodes, inputs, outputs, inits, opset=17, extra_opsets=()) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+def conv_relu_matmul() -> ir.Model:
+    """fp32: x[N,3,8,8] -> Conv(4) -> Relu -> Reshape[N,256] -> MatMul[256,10]."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "w"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32) * 0.1, "b"),
+        numpy_helper.from_array(np.array([-1, 256], np.int64), "shape"),
+        numpy_helper.from_array(rng.standard_normal((256, 10)).astype(np.float32) * 0.1, "fc_w"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Reshape", ["r", "shape"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "fc_w"], ["logits"], name="fc"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+
+
+def conv(quantized: bool, qmax: int = 63) -> ir.Model:
+    """Conv 8->16 3x3 (+bias, Relu); with ``quantized``, u8 QDQ on x and int8 per-channel weight.
+
+    ``qmax=63`` (7-bit weights) keeps int8 Conv exact on CPUs without VNNI too.
+    """
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.2
+    inits = [numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "b")]
+    if quantized:
+        w_scale = (np.abs(weight).reshape(16, -1).max(axis=1) / qmax).astype(np.float32)
+        w_q = np.clip(np.round(weight / w_scale[:, None, None, None]), -qmax, qmax).astype(np.int8)
+        inits += [
+            numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(w_scale, "w_scale"),
+            numpy_helper.from_array(np.zeros(16, np.int8), "w_zp"),
+            numpy_helper.from_array(np.array(8.0 / 255, np.float32), "x_scale"),
+            numpy_helper.from_array(np.array(128, np.uint8), "x_zp"),
+        ]
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="x_quant"),
+            helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="x_dequant"),
+            helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], name="w_dequant", axis=0),
+        ]
+        conv_in = "x_dq"
+    else:
+        inits.append(numpy_helper.from_array(weight, "w"))
+        nodes, conv_in = [], "x"
+    nodes += [helper.make_node("Conv", [conv_in, "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 16, 16])], inits, opset=13)
+
+
+@pytest.fixture(scope="module")
+def target() -> OpenVinoTarget:
+    return OpenVinoTarget()
+
+
+def test_registered_and_described(target):
+    assert isinstance(get_target("openvino"), OpenVinoTarget)
+    info = target.describe()
+    assert info["name"] == "openvino" and info["openvino_version"] and info["device_name"]
+    assert target.capabilities.quantizable["Conv"].weights.axis == 0
+    assert target.capabilities.quantizable["ConvTranspose"].weights.axis == 1
+
+
+def test_fp32_matches_onnxruntime(target, tmp_path):
+    model = conv_relu_matmul()
+    files = target.lower(model, tmp_path)
+    assert [f.name for f in files] == ["model.xml", "model.bin"] and all(f.exists() for f in files)
+    run = target.runner(files)
+    assert run.input_names == ["x"] and run.output_names == ["logits"]
+    rng = np.random.default_rng(2)
+    for batch in (1, 3):  # dynamic batch
+        x = rng.standard_normal((batch, 3, 8, 8)).astype(np.float32)
+        (got,) = run({"x": x})
+        (want,) = ort_session(model).run(None, {"x": x})
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    summary = int8_summary(run.layer_precisions())
+    assert summary["int8"] == 0 and summary["float"] == 2
+
+
+def test_lowering_is_deterministic(target, tmp_path):
+    first = target.lower(conv_relu_matmul(), tmp_path / "a")
+    target.lower(conv(quantized=True), tmp_path / "other")  # advances OpenVINO's name counter
+    second = target.lower(conv_relu_matmul(), tmp_path / "b")
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two lowerings"
+    auto_ids = [int(n) for n in re.findall(rb'name="[A-Z][A-Za-z]*_(\d+)"', first[0].read_bytes())]
+    assert auto_ids and max(auto_ids) < 50, "auto-generated names were not renumbered"
+
+
+def test_qdq_conv_runs_int8(target, tmp_path):
+    model = conv(quantized=True)
+    run = target.runner(target.lower(model, tmp_path))
+    x = np.random.default_rng(3).standard_normal((2, 8, 16, 16)).astype(np.float32)
+    (got,) = run({"x": x})
+    (want,) = ort_session(model).run(None, {"x": x})
+    # Same integer maths; FakeQuantize may round an input near a .5 tie the other way,
+    # which moves the outputs it feeds by at most x_scale * max|w|.
+    close = np.isclose(got, want, rtol=1e-4, atol=1e-4)
+    assert close.mean() >= 0.995, f"{(~close).sum()} of {close.size} outputs differ"
+    assert np.abs(got - want).max() <= 2 * (8.0 / 255) * 0.2 * 5
+    layers = run.layer_precisions()
+    assert len(layers) == 1 and layers[0]["type"] == "Convolution"
+    assert layers[0]["int8"] and layers[0]["precision"] in ("u8", "i8"), layers
+    assert layers[0]["input_precisions"][:2] == ["u8", "i8"], layers
+    assert int8_summary(layers) == {"int8": 1, "float": 0, "float_layers": []}
+
+
+def test_8bit_conv_weights_flagged_without_vnni(target, tmp_path, caplog):
+    assert saturating_weight_layers(conv(quantized=True, qmax=127)) == ["conv"]
+    assert saturating_weight_layers(conv(quantized=True, qmax=63)) == []
+    assert saturating_weight_layers(conv(quantized=False)) == []
+    with caplog.at_level("WARNING", logger="compressor.targets.openvino"):
+        target.lower(conv(quantized=True, qmax=127), tmp_path)
+    warned = "saturates" in caplog.text
+    assert warned == (cpu_has_vnni() is False)
+
+
+def test_fp32_conv_runs_f32(target, tmp_path):
+    run = target.runner(target.lower(conv(quantized=False), tmp_path))
+    layers = run.layer_precisions()
+    assert [(p["type"], p["precision"], p["int8"]) for p in layers] == [("Convolution", "f32", False)]
+    summary = int8_summary(layers)
+    assert summary["int8"] == 0 and summary["float_layers"] == [layers[0]["name"]]
+
+
+def test_check_names_unconvertible_node(target):
+    nodes = [helper.make_node("Relu", ["x"], ["t"], name="relu"),
+             helper.make_node("Foo", ["t"], ["y"], name="custom_foo", domain="com.example")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [],
+                   extra_opsets=[helper.make_opsetid("com.example", 1)])
+    offenders = target.check(model)
+    assert offenders == [("custom_foo", "OpenVINO has no conversion rule for op com.example::Foo")]
+
+
+def test_check_names_node_whose_conversion_fails(target):
+    inits = [numpy_helper.from_array(np.zeros((4, 5, 3, 3), np.float32), "w")]  # 5 != 3 input channels
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="bad_conv")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    offenders = target.check(ir.serde.deserialize_model(proto))
+    assert len(offenders) == 1 and offenders[0][0] == "bad_conv"
+    assert "channel count" in offenders[0][1]
+
+
+def test_check_passes_supported_model(target):
+    model = conv_relu_matmul()
+    before = model_bytes(model)
+    assert target.check(model) == []
+    assert model_bytes(model) == before  # the check leaves the model as it was
