@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from compressor.data import Dataset
-from compressor.evaluation import Evaluation, collect_outputs, fidelity
+from compressor.evaluation import Evaluation, collect_outputs, fidelity, mask_padding
 
 __all__ = ["ControlResult", "rank_layers", "control_accuracy", "EXCLUDE_KEY", "WIDE_KEY"]
 
@@ -50,7 +50,7 @@ class ControlResult:
 
 
 def _error(ref: list[np.ndarray], run: RunFn, data: Dataset) -> float:
-    return 1.0 - fidelity(ref, collect_outputs(run, data))["cosine_mean"]
+    return 1.0 - fidelity(mask_padding(ref, data), mask_padding(collect_outputs(run, data), data))["cosine_mean"]
 
 
 def rank_layers(layers: Sequence[str], build: Callable[[frozenset[str]], RunFn], data: Dataset,

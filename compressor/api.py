@@ -112,11 +112,8 @@ def _quantized_layers(reports: list[PassReport]) -> list[str]:
     return [name for r in reports for name in r.stats.get("layers", [])]
 
 
-RANKING_SAMPLES = 64
-
-
 def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassContext, layers: list[str],
-             score: Callable[[Any], Evaluation], first: Evaluation, budget: float, eval_set: Dataset,
+             score: Callable[[Any], Evaluation], first: Evaluation, accuracy: Any, eval_set: Dataset,
              run_baseline: Any, work_dir: Path, progress: Progress) -> tuple[Any, ControlResult]:
     """Re-run the tail of the pipeline giving layers back until the budget holds."""
     key = WIDE_KEY if tgt.capabilities.fallback == "int16" else EXCLUDE_KEY
@@ -131,12 +128,14 @@ def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassCont
         built[given] = rebuild(given)
         return tgt.runner(tgt.lower(built[given].model, folder))
 
-    ranking_data = eval_set.subset(0, min(len(eval_set), RANKING_SAMPLES))
+    ranking_data = eval_set.subset(0, min(len(eval_set), accuracy.ranking_samples))
     ranking_ref = collect_outputs(run_baseline, ranking_data)
-    logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity",
-                   first.drop, budget, len(layers))
-    outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=budget,
-                               ranking_data=ranking_data, ranking_ref=ranking_ref, progress=progress)
+    max_steps = int(accuracy.max_fallback * len(layers))
+    logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity "
+                   "(at most %d may be given back)", first.drop, accuracy.max_drop, len(layers), max_steps)
+    outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=accuracy.max_drop,
+                               ranking_data=ranking_data, ranking_ref=ranking_ref, max_steps=max_steps,
+                               progress=progress)
     final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
     ctx.options.pop(key, None)
     return final, outcome
@@ -227,8 +226,8 @@ def compress(
         quantized_layers = _quantized_layers(reports)
         if budget is not None and evaluation.drop > budget and snapshot is not None and quantized_layers:
             t = time.perf_counter()
-            control = _control(tgt, snapshot, passes[split:], ctx, quantized_layers, score, evaluation, budget,
-                               eval_set, run_baseline, work_dir, progress)
+            control = _control(tgt, snapshot, passes[split:], ctx, quantized_layers, score, evaluation,
+                               recipe_obj.accuracy, eval_set, run_baseline, work_dir, progress)
             result = control[0]
             reports = head.reports + result.reports
             evaluation = control[1].evaluation

@@ -64,6 +64,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SENTINEL = 1e30
+#: Values per batch and tensor that go into the histogram (min/max use every value).
+HISTOGRAM_SAMPLE = 1 << 18
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101)
 _SENTINEL_TEXT = "1e30"
 MIN_SCALE = 1e-12
 CALIBRATORS = ("minmax", "percentile", "mse")
@@ -130,7 +133,17 @@ class TensorStats:
         self.count += x.size
         if x.size == 0:
             return
-        x = x.astype(np.float64, copy=False)
+        if x.dtype.kind != "f":
+            x = x.astype(np.float64)
+        lo, hi = x.min(), x.max()
+        if np.isfinite(lo) and np.isfinite(hi) and max(-float(lo), float(hi)) < SENTINEL:
+            # Fast path (almost every batch): nothing to mask out.
+            if self.channel_axis is not None:
+                self._update_channels(np.abs(x))
+            self.min = min(self.min, float(lo))
+            self.max = max(self.max, float(hi))
+            self.histogram.add(self._sample(x), peak=max(-float(lo), float(hi)))
+            return
         finite = np.isfinite(x)
         mags = np.abs(np.where(finite, x, 0.0))
         sentinel = mags >= SENTINEL
@@ -139,11 +152,25 @@ class TensorStats:
         self.sentinels += int(np.count_nonzero(sentinel))
         if self.channel_axis is not None:
             self._update_channels(np.where(keep, mags, 0.0))
-        good = x[keep] if not keep.all() else x.reshape(-1)
+        good = x[keep]
         if good.size:
             self.min = min(self.min, float(good.min()))
             self.max = max(self.max, float(good.max()))
             self.histogram.add(good)
+
+    def _sample(self, x: np.ndarray) -> np.ndarray:
+        """At most about :data:`HISTOGRAM_SAMPLE` values of ``x`` for the histogram.
+
+        Min/max (and so the range the histogram covers) stay exact. The stride is a prime
+        coprime with the last axis, so every channel is sampled (transformer outlier
+        channels included), and its offset moves from batch to batch.
+        """
+        flat = x.reshape(-1)
+        if flat.size <= HISTOGRAM_SAMPLE:
+            return flat
+        stride = next(p for p in _PRIMES if p * HISTOGRAM_SAMPLE >= flat.size and (x.shape[-1] % p) != 0) \
+            if flat.size <= _PRIMES[-1] * HISTOGRAM_SAMPLE else flat.size // HISTOGRAM_SAMPLE | 1
+        return flat[self.batches % stride::stride]
 
     def _update_channels(self, mags: np.ndarray) -> None:
         axis = self.channel_axis

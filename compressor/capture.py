@@ -105,7 +105,7 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
     elif path.suffix.lower() in (".pt2", ".pt", ".pth"):
         captured = _capture_torch_file(path, overrides, trust_pickle)
     else:
-        raise CaptureError(f"{path}: unknown model format {path.suffix or '(no extension)'!r}; "
+        raise CaptureError(f"{path}: unknown model format {repr(path.suffix) if path.suffix else '(no extension)'}; "
                            f"supported: {SUPPORTED_FORMATS}")
     if overrides:
         apply_input_overrides(captured.model, overrides)
@@ -120,18 +120,15 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
 # -- torch files ----------------------------------------------------------------------------------
 
 def _archive_kind(path: Path) -> str | None:
-    """``pt2``, ``torchscript``, ``torch.save`` or ``zip`` for a zip archive, else None."""
+    """``pt2`` or ``torchscript`` for those zip archives (names under one top folder), else None."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            inner = {name.partition("/")[2] for name in archive.namelist()}
     except (zipfile.BadZipFile, OSError, ValueError):
         return None
-    inner = {name.split("/", 1)[1] if "/" in name else name for name in names}
     if "archive_format" in inner or any(n.startswith("models/") for n in inner):
         return "pt2"
-    if any(n.startswith("code/") for n in inner):
-        return "torchscript"
-    return "torch.save" if "data.pkl" in inner else "zip"
+    return "torchscript" if any(n.startswith("code/") for n in inner) else None
 
 
 def _capture_torch_file(path: Path, overrides: Overrides, trust_pickle: bool) -> Captured:
@@ -345,9 +342,8 @@ def _capture_hf(path: Path, overrides: Overrides) -> Captured:
             raise CaptureError(f"{path}: --input {name}: text inputs are batch x sequence, not rank {len(shape)}")
         # torch.export specialises sizes 0 and 1: the example keeps the defaults then
         batch, seq = (shape[0] if (shape[0] or 0) >= 2 else batch), (shape[1] if (shape[1] or 0) >= 2 else seq)
-    vocab = int(getattr(model.config, "vocab_size", 1000) or 1000)
-    example = {"input_ids": torch.randint(min(vocab - 1, 1000), vocab, (batch, seq),
-                                          generator=torch.Generator().manual_seed(0)),
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    example = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)),
                "attention_mask": torch.ones(batch, seq, dtype=torch.int64),
                "token_type_ids": torch.zeros(batch, seq, dtype=torch.int64)}
     example["attention_mask"][-1, seq // 2:] = 0  # padding in the example: the mask path stays in the graph
@@ -369,10 +365,10 @@ def _capture_hf(path: Path, overrides: Overrides) -> Captured:
     if overrides:  # text inputs share batch x sequence: one --input fixes them all
         shape = next(iter(overrides.values()))[0]
         overrides.update({n: (shape, None) for n in example if n not in overrides})
-    attention = getattr(model.config, "_attn_implementation", None)
     return Captured(onnx_model, "hf", [
-        f"Hugging Face {kind} (attention {attention}); inputs {', '.join(example)} with dynamic batch and "
-        "sequence axes; output last_hidden_state only (any pooler output dropped)", _OPTIMIZED])
+        f"Hugging Face {kind} (attention {getattr(model.config, '_attn_implementation', None)}); inputs "
+        f"{', '.join(example)} with dynamic batch and sequence axes; output last_hidden_state only "
+        "(any pooler output dropped)", _OPTIMIZED])
 
 
 def _load_hf(path: Path, transformers: Any) -> Any:

@@ -5,7 +5,9 @@ Metrics:
 * ``top1``: accuracy of the first output's argmax against the eval file's ``labels``;
   drop = baseline top-1 − compressed top-1.
 * ``cosine``: fidelity to the baseline (the fp32 model run in the same backend); per
-  sample, all float outputs flattened into one vector; drop = 1 − mean cosine. Reported
+  sample, all float outputs flattened into one vector; drop = 1 − mean cosine. When the
+  data has an ``attention_mask`` input (``N x S``), token outputs (``N x S x ...``) are
+  compared on real tokens only: what a model writes at padding positions is never used. Reported
   with the minimum cosine, SQNR in dB (10·log10(‖ref‖² / ‖ref − out‖²) over all samples),
   the top-1 agreement of the first output's argmax, and the largest absolute difference.
 """
@@ -99,8 +101,26 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((pred == labels[: len(pred)]).mean())
 
 
+MASK_INPUT = "attention_mask"
+
+
+def mask_padding(outputs: list[np.ndarray], data: Dataset) -> list[np.ndarray]:
+    """Zero the padding positions of token outputs (see the module docstring)."""
+    mask = data.arrays.get(MASK_INPUT)
+    if mask is None or mask.ndim != 2 or data.stacked.get(MASK_INPUT):
+        return outputs
+    masked = []
+    for out in outputs:
+        if out.ndim >= 3 and out.shape[:2] == mask[: len(out)].shape and out.dtype.kind == "f":
+            keep = mask[: len(out)].astype(bool).reshape(out.shape[:2] + (1,) * (out.ndim - 2))
+            out = np.where(keep, out, 0)
+        masked.append(out)
+    return masked
+
+
 def compare(ref: list[np.ndarray], out: list[np.ndarray], data: Dataset, metric: str = "auto") -> Evaluation:
     """Score outputs ``out`` against the baseline's ``ref`` on ``data`` (see module docstring)."""
+    ref, out = mask_padding(ref, data), mask_padding(out, data)
     if metric == "auto":
         metric = "top1" if data.labels is not None else "cosine"
     if metric == "top1" and data.labels is None:

@@ -77,23 +77,31 @@ class GrowingHistogram:
         """Counts of ``|x|`` per bin."""
         return self.pos + self.neg
 
-    def add(self, values: np.ndarray) -> None:
-        """Count finite ``values`` (the caller has removed non-finite ones and sentinels)."""
-        values = np.asarray(values, np.float64).reshape(-1)
+    def add(self, values: np.ndarray, peak: float | None = None) -> None:
+        """Count finite ``values`` (the caller has removed non-finite ones and sentinels).
+
+        ``peak`` is ``max |values|`` when the caller already knows it.
+        """
+        values = np.asarray(values).reshape(-1)
+        if values.dtype.kind != "f":
+            values = values.astype(np.float64)
         if values.size == 0:
             return
         mags = np.abs(values)
-        peak = float(mags.max())
+        peak = float(mags.max()) if peak is None else peak
         if peak > self.range_max:
             self._grow(peak)
         self.zeros += int(np.count_nonzero(values == 0))
-        negative = values < 0
         if self.range_max == 0.0:  # everything so far is 0: it all belongs in bin 0
             self.pos[0] += values.size
             return
-        idx = np.minimum((mags * (self.bins / self.range_max)).astype(np.intp), self.bins - 1)
-        self.neg += np.bincount(idx[negative], minlength=self.bins)
-        self.pos += np.bincount(idx[~negative], minlength=self.bins)
+        # One bincount over 2*bins slots: [0, bins) for x >= 0, [bins, 2*bins) for x < 0.
+        idx = (mags * np.float64(self.bins / self.range_max)).astype(np.int32)
+        np.minimum(idx, self.bins - 1, out=idx)
+        np.add(idx, self.bins, out=idx, where=values < 0)
+        counts = np.bincount(idx, minlength=2 * self.bins)
+        self.pos += counts[: self.bins]
+        self.neg += counts[self.bins :]
 
     def _grow(self, peak: float) -> None:
         if self.range_max == 0.0:  # bin 0 already holds the zeros, nothing to merge

@@ -65,14 +65,23 @@ class AccuracyConfig:
         metric: ``top1`` (needs labels), ``cosine`` (fidelity to fp32), or ``auto``
             (top1 when the eval data has labels, else cosine).
         max_drop: Largest allowed drop of the metric (absolute), or ``None`` for no gate.
+        max_fallback: Accuracy control gives back at most this fraction of the quantized
+            layers; past it the gate fails (exit 3) instead of shipping a mostly-float model.
+        ranking_samples: Samples used to rank layers by sensitivity.
     """
 
     metric: Literal["auto", "top1", "cosine"] = "auto"
     max_drop: float | None = None
+    max_fallback: float = 0.5
+    ranking_samples: int = 64
 
     def __post_init__(self) -> None:
         if self.max_drop is not None and self.max_drop < 0:
             raise ValueError(f"option 'max_drop' must be >= 0, got {self.max_drop}")
+        if not 0.0 <= self.max_fallback <= 1.0:
+            raise ValueError(f"option 'max_fallback' must be in [0, 1], got {self.max_fallback}")
+        if self.ranking_samples < 1:
+            raise ValueError(f"option 'ranking_samples' must be >= 1, got {self.ranking_samples}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,9 @@ MatMul, Gemm...) with its activation inputs and its constant weight. Tensors tha
 stay float are never given Q/DQ:
 
 1. tensors computed only from integer graph inputs and constants: attention-mask and
-   shape/index paths (``(1 - mask) * finfo.min`` is such a tensor);
+   shape/index paths (``(1 - mask) * finfo.min`` is such a tensor). A lookup of a float
+   table by integer indices (``Gather(embeddings, input_ids)``) is data, not such a path;
+   propagation stops there;
 2. tensors whose calibrated statistics show non-finite values or sentinel values
    (``|x| >= 1e30``), reported by :meth:`TensorStats.problem`;
 3. layers outside the recipe's scope or excluded by accuracy control.
@@ -26,6 +28,7 @@ __all__ = ["Layer", "find_layers", "integer_derived", "weight_channel_axis"]
 
 logger = logging.getLogger(__name__)
 
+_LOOKUPS = frozenset({"Gather", "GatherElements", "GatherND"})
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 
@@ -73,6 +76,8 @@ def integer_derived(graph: ir.Graph) -> dict[str, str]:
             origin[id(value)] = value.name
     derived: dict[str, str] = {}
     for node in graph:  # topological order
+        if node.op_type in _LOOKUPS and node.inputs and _is_float(node.inputs[0]) and _is_constant(node.inputs[0]):
+            continue  # an embedding lookup: its output is real data (case 1)
         sources = []
         ok = True
         for value in node.inputs:

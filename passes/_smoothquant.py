@@ -6,10 +6,11 @@ constant weights ``W_j`` (rows ``k`` = input channels):
     s_k = max|X_k|^a / max_j max|W_j[k, :]|^(1-a)
     X W_j = (X / s) (diag(s) W_j)
 
-``X / s`` is folded exactly into the LayerNormalization that produces ``X``
-(``gamma' = gamma / s``, ``beta' = beta / s``), so no op is added. Only activations
-produced by such a LayerNormalization and read solely by MatMul/Gemm layers with constant
-weights are smoothed; anything else is left alone.
+Case 1: ``X / s`` is folded exactly into the LayerNormalization that produces ``X``
+(``gamma' = gamma / s``, ``beta' = beta / s``) when the quantized layers are its only
+readers; no op is added. Case 2 (otherwise: a post-LN residual also reads ``X``, or ``X``
+comes from GELU): a ``Mul(X, 1/s)`` is inserted on the quantized layers' branch only;
+backends fuse it into the following quantize step (OpenVINO folds it into FakeQuantize).
 """
 
 from __future__ import annotations
@@ -85,13 +86,13 @@ def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: 
     groups = []
     for name, group in by_tensor.items():
         value = group[0].activations[0][1]
+        if value.shape is None or len(value.shape) < 2 or not isinstance(value.shape[-1], int):
+            continue
         ln = value.producer()
-        if ln is None or ln.op_type != "LayerNormalization" or _constant(ln.inputs[1]) is None:
-            continue
         readers = {id(u.node) for u in value.uses()}
-        if readers != {id(layer.node) for layer in group} or value.is_graph_output():
-            continue
-        groups.append((name, value, ln, group))
+        foldable = (ln is not None and ln.op_type == "LayerNormalization" and _constant(ln.inputs[1]) is not None
+                    and readers == {id(layer.node) for layer in group} and not value.is_graph_output())
+        groups.append((name, value, ln if foldable else None, group))
     if not groups:
         return 0
     stats = collect_statistics(model, [g[0] for g in groups], data, channel_axes={g[0]: -1 for g in groups})
@@ -100,13 +101,29 @@ def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: 
         x_max = np.maximum(np.asarray(stats[name].channel_absmax, dtype=np.float64), 1e-5)
         w_max = np.maximum(np.max([_row_absmax(layer) for layer in group], axis=0).astype(np.float64), 1e-5)
         s = np.clip(x_max**options.alpha / w_max ** (1.0 - options.alpha), 1e-5, 1e5).astype(np.float32)
-        gamma = _constant(ln.inputs[1])
-        new_gamma = add_initializer(graph, names(f"{ln.inputs[1].name}_smoothed"), (gamma / s).astype(gamma.dtype))
-        ln.replace_input_with(1, new_gamma)
-        beta = _constant(ln.inputs[2]) if len(ln.inputs) > 2 else None
-        if beta is not None:
-            new_beta = add_initializer(graph, names(f"{ln.inputs[2].name}_smoothed"), (beta / s).astype(beta.dtype))
-            ln.replace_input_with(2, new_beta)
+        if ln is not None:  # case 1
+            gamma = _constant(ln.inputs[1])
+            new_gamma = add_initializer(graph, names(f"{ln.inputs[1].name}_smoothed"), (gamma / s).astype(gamma.dtype))
+            ln.replace_input_with(1, new_gamma)
+            beta = _constant(ln.inputs[2]) if len(ln.inputs) > 2 else None
+            if beta is not None:
+                new_beta = add_initializer(graph, names(f"{ln.inputs[2].name}_smoothed"), (beta / s).astype(beta.dtype))
+                ln.replace_input_with(2, new_beta)
+        else:  # case 2
+            inv = add_initializer(graph, names(f"{name}_smooth_scale"), (1.0 / s).astype(np.float32))
+            mul = ir.node("Mul", [value, inv], name=names(f"{name}_SmoothQuant"))
+            mul.outputs[0].name = names(f"{name}_smoothed")
+            mul.outputs[0].type, mul.outputs[0].shape = value.type, value.shape
+            producer = value.producer()
+            if producer is not None:
+                graph.insert_after(producer, mul)
+            else:
+                graph.insert_before(graph.node(0), mul)
+            for layer in group:
+                for i, (index, act) in enumerate(layer.activations):
+                    if act is value:
+                        layer.node.replace_input_with(index, mul.outputs[0])
+                        layer.activations[i] = (index, mul.outputs[0])
         for layer in group:
             _scale_rows(layer, s, graph, names)
         logger.debug("smoothquant: %s (%d layers), scale range %.3g..%.3g", name, len(group), s.min(), s.max())

@@ -179,10 +179,13 @@ class Quantize(Pass):
         if opts.smoothquant is not None:
             smoothed = smooth_layers(model, layers, ctx.calibration, opts.smoothquant, skip=set(tensor_skips))
         names = sorted({v.name for layer in layers for _, v in layer.activations} - set(tensor_skips))
-        key = "quantize.stats:" + hashlib.sha256(model_bytes(model)).hexdigest() + ":" + ",".join(names)
-        if key not in ctx.cache:
-            ctx.cache[key] = collect_statistics(model, names, ctx.calibration)
-        stats = ctx.cache[key]
+        # Statistics depend only on the model before Q/DQ and the data: cache them per tensor,
+        # so accuracy control's re-runs calibrate nothing.
+        cache = ctx.cache.setdefault("quantize.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
+        missing = [n for n in names if n not in cache]
+        if missing:
+            cache.update(collect_statistics(model, missing, ctx.calibration))
+        stats = {n: cache[n] for n in names}
         ranges: dict[str, tuple[float, float]] = {}
         for name in names:
             problem = stats[name].problem()
