@@ -26,10 +26,10 @@ from compressor import __version__
 from compressor.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.capture import capture
 from compressor.data import Dataset, load_npz, random_dataset
-from compressor.errors import UnsupportedByTarget
+from compressor.errors import CompressorError, DataError, UnsupportedByTarget
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY, ControlResult, control_accuracy
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
-from compressor.inputs import InputSpec, model_input_specs, parse_input_overrides
+from compressor.inputs import InputSpec, check_tensor_io, model_input_specs, parse_input_overrides
 from compressor.model_io import model_bytes
 from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
@@ -108,6 +108,14 @@ def _pick_eval(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None,
     return (calib if calib is not None else rand), rand, "random (unverified)"
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of a backend error, without ONNX Runtime's status prefix."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = text.split("] : ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text
+    text = text.removeprefix("1 : FAIL : ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _quantized_layers(reports: list[PassReport]) -> list[str]:
     return [name for r in reports for name in r.stats.get("layers", [])]
 
@@ -178,6 +186,7 @@ def compress(
     captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides)
     timings["capture_s"] = time.perf_counter() - t
     model = captured.model
+    check_tensor_io(model)
     specs = model_input_specs(model)
     calib_set = load_npz(calib, specs, what="calib") if calib else None
     eval_set = load_npz(eval_data, specs, what="eval") if eval_data else None
@@ -208,7 +217,15 @@ def compress(
         run_baseline = tgt.reference_runner(baseline, work_dir / "baseline")
         t = time.perf_counter()
         with progress("baseline", sum(1 for _ in eval_set.batches())) as bar:
-            ref = collect_outputs(run_baseline, eval_set, progress=bar.update)
+            try:
+                ref = collect_outputs(run_baseline, eval_set, progress=bar.update)
+            except CompressorError:
+                raise
+            except Exception as err:  # the backend's own error types; the original model, not a pass, failed
+                raise DataError(f"the original model fails in {tgt.name} on the {eval_source} data "
+                                f"({eval_set.source}): {_first_line(err)}; check that the data is valid input "
+                                "for the model (shapes, dtypes, value ranges) and that the model runs there "
+                                "as it is") from None
         metric = recipe_obj.accuracy.metric
 
         def score(run: Any) -> Evaluation:

@@ -88,6 +88,8 @@ class TensorStats:
         batches: Batches folded in.
         channel_axis: Axis of :attr:`channel_absmax`, or ``None``.
         channel_absmax: ``max |x|`` per channel along ``channel_axis`` (finite, non-sentinel).
+        channel_sum: Sum of ``x`` per channel (for the per-channel mean, bias correction).
+        channel_count: Values summed per channel.
         histogram: Counts of the finite, non-sentinel values.
     """
 
@@ -101,6 +103,8 @@ class TensorStats:
     batches: int = 0
     channel_axis: int | None = None
     channel_absmax: np.ndarray | None = None
+    channel_sum: np.ndarray | None = None
+    channel_count: int = 0
     histogram: GrowingHistogram = dataclasses.field(default_factory=GrowingHistogram)
 
     @property
@@ -139,7 +143,7 @@ class TensorStats:
         if np.isfinite(lo) and np.isfinite(hi) and max(-float(lo), float(hi)) < SENTINEL:
             # Fast path (almost every batch): nothing to mask out.
             if self.channel_axis is not None:
-                self._update_channels(np.abs(x))
+                self._update_channels(np.abs(x), x)
             self.min = min(self.min, float(lo))
             self.max = max(self.max, float(hi))
             self.histogram.add(self._sample(x), peak=max(-float(lo), float(hi)))
@@ -151,7 +155,7 @@ class TensorStats:
         self.nonfinite += int(x.size - np.count_nonzero(finite))
         self.sentinels += int(np.count_nonzero(sentinel))
         if self.channel_axis is not None:
-            self._update_channels(np.where(keep, mags, 0.0))
+            self._update_channels(np.where(keep, mags, 0.0), np.where(keep, x, 0.0))
         good = x[keep]
         if good.size:
             self.min = min(self.min, float(good.min()))
@@ -172,12 +176,24 @@ class TensorStats:
             if flat.size <= _PRIMES[-1] * HISTOGRAM_SAMPLE else flat.size // HISTOGRAM_SAMPLE | 1
         return flat[self.batches % stride::stride]
 
-    def _update_channels(self, mags: np.ndarray) -> None:
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        """Mean of ``x`` per channel along ``channel_axis`` (``None`` without channel stats)."""
+        if self.channel_sum is None or not self.channel_count:
+            return None
+        return self.channel_sum / self.channel_count
+
+    def _update_channels(self, mags: np.ndarray, values: np.ndarray) -> None:
         axis = self.channel_axis
         if not -mags.ndim <= axis < mags.ndim:
             raise CompressorError(f"tensor {self.name!r}: channel axis {axis} is out of range for rank {mags.ndim}")
         axis %= mags.ndim
-        per_channel = mags.max(axis=tuple(a for a in range(mags.ndim) if a != axis))
+        others = tuple(a for a in range(mags.ndim) if a != axis)
+        sums = values.sum(axis=others, dtype=np.float64)
+        self.channel_sum = sums if self.channel_sum is None or self.channel_sum.shape != sums.shape \
+            else self.channel_sum + sums
+        self.channel_count += values.size // max(values.shape[axis], 1)
+        per_channel = mags.max(axis=others)
         if self.channel_absmax is None:
             self.channel_absmax = per_channel
         elif self.channel_absmax.shape != per_channel.shape:

@@ -110,8 +110,11 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
     if overrides:
         apply_input_overrides(captured.model, overrides)
     graph = captured.model.graph
-    logger.info("captured %s (%s): inputs %s, outputs %s, %d nodes", path, captured.source_format,
-                ", ".join(v.name for v in graph.inputs), ", ".join(v.name for v in graph.outputs), len(graph))
+    defaults = sum(1 for v in graph.inputs if v.const_value is not None)
+    logger.info("captured %s (%s): inputs %s%s, outputs %s, %d nodes", path, captured.source_format,
+                ", ".join(v.name for v in graph.inputs if v.const_value is None) or "none",
+                f" (+{defaults} initializers listed as inputs)" if defaults else "",
+                ", ".join(v.name for v in graph.outputs), len(graph))
     for note in captured.notes:
         logger.info("capture: %s", note)
     return captured

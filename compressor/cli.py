@@ -4,6 +4,7 @@
              [--calib X.npz] [--eval X.npz] [--max-drop D] [-o OUTDIR]
     compress recipes
     compress inspect MODEL [--input NAME=SHAPE ...]
+    compress sweep MODEL --pass NAME --levels L1,L2,... --eval X.npz [--max-drop D] [-o OUTDIR]
 
 Exit codes: 0 success, 1 internal error, 2 bad usage or input, 3 accuracy gate failed
 (artifact still written), 4 model not supported by the target.
@@ -27,7 +28,7 @@ __all__ = ["main"]
 
 logger = logging.getLogger("compressor.cli")
 
-SUBCOMMANDS = ("recipes", "inspect")
+SUBCOMMANDS = ("recipes", "inspect", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -219,6 +220,66 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def _cmd_sweep(argv: Sequence[str]) -> int:
+    from compressor.sweep import SWEEPABLE
+    from compressor.targets import TARGETS
+
+    p = _Parser(prog="compress sweep",
+                description="Run one sparsity pass at several levels and measure each against the baseline: "
+                            "a table, sweep.csv/json and a plot (sweep.png), and the largest level within "
+                            "--max-drop (the essential-sparsity knee).",
+                epilog="Levels: " + "; ".join(f"{k}: {v}" for k, v in SWEEPABLE.items())
+                       + ". Exit codes: 0 ok, 2 bad input, 3 no level within --max-drop.")
+    p.add_argument("model", help="model file (as for 'compress')")
+    p.add_argument("--pass", dest="pass_name", required=True, choices=sorted(SWEEPABLE), help="the pass to sweep")
+    p.add_argument("--levels", required=True, help="comma-separated levels, e.g. 0.1,0.2,0.5 or 1:4,2:4,3:4")
+    p.add_argument("--eval", type=Path, dest="eval_data", required=True,
+                   help=".npz of evaluation samples (+ optional 'labels')")
+    p.add_argument("--calib", type=Path, help=".npz of calibration samples (Wanda masks, bias correction)")
+    p.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="backend to evaluate in (default: onnx)")
+    p.add_argument("--max-drop", type=float, help="accuracy budget: the knee is the largest level within it")
+    p.add_argument("--options", default=None, metavar="YAML",
+                   help="more options of the pass, the same at every level, e.g. '{mask: wanda}'")
+    p.add_argument("--metric", default="auto", choices=("auto", "top1", "cosine"))
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE")
+    p.add_argument("-o", "--output", type=Path, default=Path("sweep-out"),
+                   help="folder for sweep.csv, sweep.json, sweep.png (default: sweep-out/)")
+    p.add_argument("--latency-runs", type=int, default=10, help="timed runs per level (0: no latency)")
+    p.add_argument("--trust-pickle", action="store_true")
+    _add_verbosity(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    import yaml
+
+    from compressor.sweep import format_table, sweep
+
+    try:
+        options = yaml.safe_load(args.options) if args.options else {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"--options is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(options, dict):
+        raise UsageError(f"--options must be a mapping such as '{{mask: wanda}}', got {args.options!r}")
+    result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
+                   outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
+                   options=options, inputs=args.input, metric=args.metric, trust_pickle=args.trust_pickle,
+                   latency_runs=args.latency_runs,
+                   on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
+    print(format_table(result))
+    print()
+    if result.max_drop is not None:
+        if result.knee is not None:
+            print(f"knee (largest level within max drop {result.max_drop:g}): {result.knee.level} "
+                  f"(sparsity {result.knee.sparsity:.3f}, {result.metric} {result.knee.metric:.4f}, "
+                  f"drop {result.knee.drop:.4f})")
+        else:
+            print(f"knee: none; no level is within max drop {result.max_drop:g}")
+    files = ", ".join(str(path) for path in result.files.values())
+    print(f"written: {files}")
+    if "png" not in result.files:
+        print("no plot: matplotlib is not installed (pip install matplotlib); the curve is in sweep.csv")
+    return EXIT_GATE_FAILED if result.max_drop is not None and result.knee is None else EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``compress``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -228,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_recipes(argv[1:])
         if argv and argv[0] == "inspect":
             return _cmd_inspect(argv[1:])
+        if argv and argv[0] == "sweep":
+            return _cmd_sweep(argv[1:])
         return _cmd_compress(argv)
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from compressor.errors import DataError, UsageError
 
-__all__ = ["InputSpec", "parse_input_overrides", "model_input_specs", "apply_input_overrides"]
+__all__ = ["InputSpec", "parse_input_overrides", "model_input_specs", "apply_input_overrides", "check_tensor_io"]
 
 Dim = int | str | None
 
@@ -93,6 +93,46 @@ def model_input_specs(model: ir.Model) -> list[InputSpec]:
             shape = tuple(d if isinstance(d, int) else (d.value if d.value is not None else None) for d in value.shape)
         specs.append(InputSpec(value.name, shape, _dtype_name(value)))
     return specs
+
+
+def _type_text(value: ir.Value) -> str:
+    """``tensor(float)``, ``seq(tensor(float))``, ``optional(...)``: the ONNX type notation."""
+    def text(t: object) -> str:
+        if isinstance(t, ir.TensorType):
+            return f"tensor({t.dtype.name.lower()})"
+        if isinstance(t, ir.SequenceType):
+            return f"seq({text(t.elem_type)})"
+        if isinstance(t, ir.OptionalType):
+            return f"optional({text(t.elem_type)})"
+        if isinstance(t, ir.SparseTensorType):
+            return f"sparse_tensor({t.dtype.name.lower()})"
+        return str(t)
+
+    return text(value.type)
+
+
+def check_tensor_io(model: ir.Model) -> None:
+    """Refuse a model whose real inputs or outputs are not numeric tensors.
+
+    Data files (``.npz``) hold one numeric array per input, and evaluation compares
+    numeric outputs, so sequences, optionals, maps, sparse tensors and strings can be
+    neither fed nor measured.
+
+    Raises:
+        DataError: names every such input and output with its type.
+    """
+    bad = []
+    for kind, values in (("input", [v for v in model.graph.inputs if v.const_value is None]),
+                         ("output", list(model.graph.outputs))):
+        for value in values:
+            if value.type is None:
+                continue
+            if not isinstance(value.type, ir.TensorType) or value.type.dtype == ir.DataType.STRING:
+                bad.append(f"{kind} {value.name!r} is {_type_text(value)}")
+    if bad:
+        raise DataError(f"the model's {'; '.join(bad)}: compressor feeds inputs from .npz arrays and measures "
+                        "outputs as numbers, so every input and output must be a numeric tensor; keep the "
+                        "sequence/optional/string handling outside the model you compress")
 
 
 def apply_input_overrides(model: ir.Model, overrides: dict[str, tuple[tuple[Dim, ...], str | None]]) -> None:

@@ -46,6 +46,16 @@ class SmoothQuantOptions:
             raise ValueError(f"option 'alpha' must be in [0, 1], got {self.alpha}")
 
 
+def _channels_last(layer: Layer) -> bool:
+    """Whether the layer reads input channels on the activation's last axis (MatMul, Gemm)."""
+    if layer.node.op_type == "MatMul":
+        return layer.weight is not None and layer.weight.shape is not None and len(layer.weight.shape) == 2
+    if layer.node.op_type == "Gemm":
+        trans_a = layer.node.attributes.get("transA")
+        return trans_a is None or not trans_a.as_int()
+    return False
+
+
 def _row_absmax(layer: Layer) -> np.ndarray:
     """max |W[k, :]| per input channel ``k``."""
     w = layer.weight.const_value.numpy()
@@ -75,13 +85,16 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 
 
 def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: SmoothQuantOptions,
-                  skip: set[str]) -> int:
-    """Smooth every eligible LayerNorm → linear-layers group; returns how many were smoothed."""
+                  skip: set[str], cache: dict | None = None) -> int:
+    """Smooth every activation read only through weight layers; returns how many groups.
+
+    ``cache`` (tensor name -> stats of this very model) saves re-running calibration.
+    """
     graph = model.graph
     by_tensor: dict[str, list[Layer]] = {}
     for layer in layers:
         for index, value in layer.activations:
-            if index == 0 and layer.weight is not None and value.name not in skip:
+            if index == 0 and layer.weight is not None and value.name not in skip and _channels_last(layer):
                 by_tensor.setdefault(value.name, []).append(layer)
     groups = []
     for name, group in by_tensor.items():
@@ -95,7 +108,14 @@ def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: 
         groups.append((name, value, ln if foldable else None, group))
     if not groups:
         return 0
-    stats = collect_statistics(model, [g[0] for g in groups], data, channel_axes={g[0]: -1 for g in groups})
+    cache = {} if cache is None else cache
+    missing = [g[0] for g in groups if g[0] not in cache]
+    if missing:
+        cache.update(collect_statistics(model, missing, data, channel_axes={name: -1 for name in missing}))
+    stats = {g[0]: cache[g[0]] for g in groups}
+    # A tensor holding sentinels or NaN/inf stays float (and so unsmoothed): 1/s would
+    # turn -3.4e38 into -inf.
+    groups = [g for g in groups if stats[g[0]].problem() is None]
     names = NameAllocator(graph)
     for name, value, ln, group in groups:
         x_max = np.maximum(np.asarray(stats[name].channel_absmax, dtype=np.float64), 1e-5)

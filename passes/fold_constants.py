@@ -18,7 +18,9 @@ replaced by that tensor stored as an initializer. The steps, in order:
    limits are raised to ``max_folded_mb`` and ``ConstantOfShape`` -- which it keeps by
    default to keep files small -- is folded too, since exporters use it to build weights
    (``light_resnet50.onnx`` builds all 239 weights so). Quantize/DequantizeLinear stay:
-   they carry quantization information.
+   they carry quantization information. The folder's rewrites of ConcatFromSequence and
+   SplitToSequence emit opset-13 (Split ``num_outputs``: 18) nodes, so they are withheld
+   from older models.
 3. ``Constant`` nodes still left become initializers
    (``onnx_ir`` ``LiftConstantsToInitializersPass``).
 4. Dead nodes and initializers go (``RemoveUnusedNodesPass``), then the nodes are
@@ -31,9 +33,11 @@ initializers of step 1) and output names are the same after it as before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import onnx_ir as ir
@@ -43,9 +47,10 @@ from onnx_ir.passes.common import (
     RemoveUnusedNodesPass,
     TopologicalSortPass,
 )
-from onnxscript.optimizer import fold_constants
+from onnxscript.optimizer import _constant_folding, fold_constants
 
 from compressor.errors import CompressorError
+from compressor.model_io import default_opset
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["FoldConstants", "FoldConstantsOptions"]
@@ -55,6 +60,12 @@ logger = logging.getLogger(__name__)
 _MIB = 1 << 20
 # Kept as they are whatever their inputs: they carry quantization information.
 _NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+# onnxscript's partial evaluators rewrite these sequence ops into Unsqueeze/Split/Squeeze
+# nodes in their opset-13 form (axes/split as inputs; Split's num_outputs: opset 18)
+# whatever the model's opset, which makes an invalid graph of an older model (onnxscript
+# 0.7: ``ConcatFromSequence(new_axis=1)`` at opset 12 becomes ``Unsqueeze(x, axes)``).
+# Below these opsets the rewrites are not used; the sequence ops stay as they are.
+_REWRITE_MIN_OPSET = {"ConcatFromSequence": 13, "SplitToSequence": 18}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +130,22 @@ class _ShouldFold:
         return True
 
 
+@contextlib.contextmanager
+def _rewrites_valid_at(opset: int) -> Iterator[None]:
+    """Withhold the folder's rewrites that emit nodes newer than ``opset`` (see above)."""
+    table = getattr(getattr(_constant_folding, "registry", None), "op_evaluators", None)
+    withheld = {}
+    if isinstance(table, dict):
+        for op_type, min_opset in _REWRITE_MIN_OPSET.items():
+            if opset < min_opset and ("", op_type) in table:
+                withheld[("", op_type)] = table.pop(("", op_type))
+    try:
+        yield
+    finally:
+        if withheld:
+            table.update(withheld)
+
+
 def _io_names(graph: ir.Graph) -> tuple[list[str | None], list[str | None]]:
     real_inputs = [v.name for v in graph.inputs if not v.is_initializer()]
     return real_inputs, [v.name for v in graph.outputs]
@@ -161,13 +188,14 @@ class FoldConstants(Pass):
 
         # Case 2: constant folding with raised size limits.
         max_bytes = int(opts.max_folded_mb * _MIB)
-        result = fold_constants(
-            model,
-            onnx_shape_inference=opts.shape_inference,
-            input_size_limit=max_bytes,
-            output_size_limit=max_bytes // 4,
-            should_fold=_ShouldFold(max_bytes),
-        )
+        with _rewrites_valid_at(default_opset(model)):
+            result = fold_constants(
+                model,
+                onnx_shape_inference=opts.shape_inference,
+                input_size_limit=max_bytes,
+                output_size_limit=max_bytes // 4,
+                should_fold=_ShouldFold(max_bytes),
+            )
         modified |= result.modified
 
         # Cases 3 and 4: lift Constant nodes, remove dead code, sort.

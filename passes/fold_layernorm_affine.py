@@ -28,6 +28,9 @@ affine part is not already the identity.
 The result is exact up to float rounding. Only the ``LayerNormalization`` op (opset 17)
 is handled: a LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add, as older
 exporters write it, is not recognised and is left as it is (fuse it first).
+The pass never changes the model's opset: the op does not exist below opset 17, so an
+older model has nothing to fold here, and upgrading it (ONNX's version converter) would
+only risk the converter's errors on ops this pass never touches.
 """
 
 from __future__ import annotations
@@ -209,7 +212,6 @@ class FoldLayerNormAffine(Pass):
     description = "Fold LayerNormalization scale/bias into the following MatMul/Gemm weights (exact)"
     requires = frozenset({"constants-folded"})
     provides = frozenset({"layernorm-affine-folded"})
-    min_opset = 17
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Fold every foldable LayerNormalization of the main graph, in place."""

@@ -11,7 +11,11 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    artifact's weights are int8 (about 4x smaller than fp32);
 3. optionally (``smoothquant: {alpha}``) before 1-2: activation outliers are migrated into
    the weights, ``X' = X / s``, ``W' = diag(s) W`` with ``s_k = max|X_k|^a / max|W_k|^(1-a)``,
-   the ``1/s`` folded exactly into the producing LayerNormalization's scale and bias.
+   the ``1/s`` folded exactly into the producing LayerNormalization's scale and bias;
+4. bias correction (``bias_correction: true``): weight rounding shifts each output
+   channel's mean by ``E[x] · (DQ(Wq) − W)``; it is subtracted from the layer's bias,
+   ``b' = b − E[x] · (DQ(Wq) − W)`` (Conv: summed over the kernel window, padding ignored),
+   with ``E[x]`` per input channel from the calibration statistics.
 
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
@@ -30,7 +34,14 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
-from compressor.calibration import collect_statistics, quant_params, quantize_array, weight_quant_params
+from compressor.calibration import (
+    collect_statistics,
+    dequantize_array,
+    quant_params,
+    quantize_array,
+    weight_quant_params,
+)
+from compressor.passes._bias_correction import correct_bias, input_channel_axis
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
 from compressor.passes._graph import NameAllocator, add_initializer
@@ -59,6 +70,7 @@ class QuantizeOptions:
         scope: Which layers (names or ``re:`` patterns, on node or weight names).
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
         smoothquant: Migrate activation outliers into weights before quantizing.
+        bias_correction: Remove the output mean shift that weight rounding causes.
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -69,6 +81,7 @@ class QuantizeOptions:
     scope: Scope = Scope()
     activation_matmuls: bool = True
     smoothquant: SmoothQuantOptions | None = None
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -99,6 +112,7 @@ class _QdqWriter:
         self._act: dict[tuple[int, QuantSpec], ir.Value] = {}
         self._w: dict[tuple[int, QuantSpec], ir.Value] = {}
         self.weight_bytes = [0, 0]
+        self.errors: dict[int, np.ndarray] = {}  # id(weight value) -> DQ(Wq) - W
 
     def _params(self, base: str, scale: np.ndarray, zp: np.ndarray) -> tuple[ir.Value, ir.Value]:
         return (add_initializer(self.graph, self.names(f"{base}_scale"), np.asarray(scale, np.float32)),
@@ -124,6 +138,7 @@ class _QdqWriter:
             w = value.const_value.numpy().astype(np.float32)
             scale, zp = weight_quant_params(w, spec)
             wq = quantize_array(w, scale, zp, spec)
+            self.errors[id(value)] = dequantize_array(wq, scale, zp, spec).astype(np.float64) - w
             self.weight_bytes[0] += w.nbytes
             self.weight_bytes[1] += wq.nbytes
             wq_value = add_initializer(self.graph, self.names(f"{value.name}_quantized"), wq)
@@ -177,14 +192,19 @@ class Quantize(Pass):
                     tensor_skips[value.name] = f"derived only from integer input {masks[value.name]!r} (mask/shape path)"
         smoothed = 0
         if opts.smoothquant is not None:
-            smoothed = smooth_layers(model, layers, ctx.calibration, opts.smoothquant, skip=set(tensor_skips))
+            smooth_cache = ctx.cache.setdefault("smoothquant.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
+            smoothed = smooth_layers(model, layers, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
+                                     cache=smooth_cache)
         names = sorted({v.name for layer in layers for _, v in layer.activations} - set(tensor_skips))
         # Statistics depend only on the model before Q/DQ and the data: cache them per tensor,
         # so accuracy control's re-runs calibrate nothing.
         cache = ctx.cache.setdefault("quantize.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
-        missing = [n for n in names if n not in cache]
+        axes = {v.name: axis for layer in layers if layer.weight is not None and opts.bias_correction
+                for index, v in layer.activations if index == 0 and (axis := input_channel_axis(layer)) is not None}
+        missing = [n for n in names if n not in cache or (n in axes and cache[n].channel_mean is None)]
         if missing:
-            cache.update(collect_statistics(model, missing, ctx.calibration))
+            cache.update(collect_statistics(model, missing, ctx.calibration,
+                                            channel_axes={n: axes[n] for n in missing if n in axes}))
         stats = {n: cache[n] for n in names}
         ranges: dict[str, tuple[float, float]] = {}
         for name in names:
@@ -199,6 +219,7 @@ class Quantize(Pass):
 
         writer = _QdqWriter(graph)
         quantized: list[str] = []
+        corrected = 0
         for layer in layers:
             acts = [(i, v) for i, v in layer.activations if v.name in ranges]
             if len(acts) < len(layer.activations):
@@ -213,6 +234,10 @@ class Quantize(Pass):
                 index = list(layer.node.inputs).index(layer.weight)
                 spec = _weight_spec(layer, opts.weights == "int8-per-channel")
                 layer.node.replace_input_with(index, writer.weight(layer.weight, spec))
+                x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None
+                if opts.bias_correction and x in axes and stats[x].channel_mean is not None:
+                    corrected += correct_bias(graph, layer, writer.errors[id(layer.weight)], stats[x].channel_mean,
+                                              writer.names)
             quantized.append(layer.name)
         for node in writer.nodes:
             graph.append(node)
@@ -223,11 +248,12 @@ class Quantize(Pass):
                 model.opset_imports[""] = max(model.opset_imports.get("", 13), 21)
         for name, why in sorted(skipped.items()):
             logger.info("kept float: %s: %s", name, why)
-        return PassResult(model, bool(quantized), {
+        return PassResult(model, bool(quantized) or smoothed > 0, {
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
             "tensors_float": len(tensor_skips),
             "smoothquant_groups": smoothed,
+            "bias_corrected": corrected,
             "weight_mb_fp32": round(writer.weight_bytes[0] / 1e6, 3),
             "weight_mb_int8": round(writer.weight_bytes[1] / 1e6, 3),
             "layers": quantized,

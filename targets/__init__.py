@@ -16,6 +16,7 @@ __all__ = ["TARGETS", "get_target"]
 TARGETS: dict[str, str] = {
     "onnx": "compressor.targets.onnx:OnnxTarget",
     "openvino": "compressor.targets.openvino:OpenVinoTarget",
+    "qnn-htp": "compressor.targets.qnn_htp:QnnHtpTarget",
 }
 
 

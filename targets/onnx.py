@@ -2,17 +2,27 @@
 
 Lowering writes ``model.onnx`` with an IR version ONNX Runtime reads. The check asks
 ONNX Runtime itself whether it has a kernel for every node, so an op it cannot run is
-reported (exit 4) with the node's name before anything is written.
+reported (exit 4) with the node's name before anything is written. ONNX Runtime stops at
+the first such node; the check then looks up every node in ONNX Runtime's CPU kernel
+registry so that the report names all of them. A common case is an old model: ONNX
+Runtime has no kernels for some ops' oldest versions (``Add``-6, ``AveragePool``-1...), and
+the message says which opset the op's kernels start at. The model is not upgraded on the
+user's behalf: ONNX's version converter can get old semantics wrong (``PRelu``-6's
+per-channel slope), and the baseline would then be the converted model, so a wrong
+conversion could not be seen.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -48,10 +58,99 @@ ONNX_CAPABILITIES = Capabilities(
 )
 
 _NOT_IMPLEMENTED = re.compile(r"Could not find an implementation for (\S+) node with name '([^']*)'")
+_NOT_REGISTERED = re.compile(r"(?:^|\s)([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
+_ONNX_DOMAINS = ("", "ai.onnx.ml")
+_CPU = "CPUExecutionProvider"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_kernels() -> dict[tuple[str, str], list[tuple[int, int]]] | None:
+    """``(domain, op) -> [(first, last) version]`` of ONNX Runtime's CPU kernels, or None."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        defs = ort_c.get_all_opkernel_def()
+    except Exception:  # not every build exposes the registry
+        logger.debug("ONNX Runtime's kernel registry is not readable", exc_info=True)
+        return None
+    table: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    for d in defs:
+        if d.provider == _CPU:
+            table[(d.domain, d.op_name)].append(tuple(d.version_range))
+    return dict(table)
+
+
+def _label(node: ir.Node) -> str:
+    return node.name or f"{node.op_type} -> {node.outputs[0].name if node.outputs else '?'}"
+
+
+def _nodes_without_kernel(model: ir.Model, reported: str) -> list[tuple[str, str]]:
+    """One ``(nodes, reason)`` per op version of a standard domain that has no CPU kernel.
+
+    Counted: ops with CPU kernels for other versions only, and ``reported`` (the op ONNX
+    Runtime named). Ops with no kernel at all are otherwise left out (ONNX Runtime runs
+    ``Constant`` without one), and so are ops ONNX defines as a function (it expands them).
+    """
+    kernels = _cpu_kernels()
+    if kernels is None:
+        return []
+    groups: dict[tuple[str, str, int], list[str]] = defaultdict(list)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        opset = model.opset_imports.get(domain, model.opset_imports.get("ai.onnx") if domain == "" else None)
+        if domain not in _ONNX_DOMAINS or opset is None:
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, domain)
+        except Exception:  # not a standard op: the checker or ONNX Runtime says so
+            continue
+        if schema.has_function or schema.has_context_dependent_function:
+            continue
+        version = schema.since_version
+        ranges = kernels.get((domain, node.op_type), [])
+        if (ranges or node.op_type == reported) and not any(lo <= version <= hi for lo, hi in ranges):
+            groups[(domain, node.op_type, version)].append(_label(node))
+    offenders, old = [], {}
+    for (domain, op, version), labels in groups.items():
+        name = f"{domain + ':' if domain else ''}{op}"
+        ranges = sorted(kernels.get((domain, op), []))
+        reason = f"ONNX Runtime has no CPU kernel for {name}-{version}"
+        if ranges and ranges[0][0] > version:
+            reason += f" (its kernels start at {name}-{ranges[0][0]})"
+            if not domain:  # the hint below names the ai.onnx opset
+                old[name] = ranges[0][0]
+        offenders.append((", ".join(labels), reason))
+    if old:
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        offenders.insert(0, ("model", f"opset {opset} is older than ONNX Runtime's CPU kernels for "
+                                      f"{', '.join(old)}: convert the model to opset >= {max(old.values())} (e.g. "
+                                      "onnx.version_converter.convert_version(model, 17)) and check its outputs"))
+    return offenders
+
+
+def _explain_load_error(model: ir.Model, text: str) -> list[tuple[str, str]]:
+    """``(node, reason)`` pairs from an error ONNX Runtime raised while loading ``model``."""
+    match = _NOT_IMPLEMENTED.search(text)
+    if match:
+        reported = match.group(1).split("(")[0]
+        offenders = _nodes_without_kernel(model, reported)
+        if any(f" {reported}-" in why or f":{reported}-" in why for _, why in offenders):
+            return offenders
+        return [(match.group(2) or match.group(1), f"ONNX Runtime has no CPU kernel for {match.group(1)}")]
+    match = _NOT_REGISTERED.search(text)
+    if match:
+        domain, op = match.group(1), match.group(2)
+        labels = [_label(n) for n in ir.traversal.RecursiveGraphIterator(model.graph)
+                  if n.op_type == op and n.domain == domain]
+        training = " (a training-only op)" if domain.startswith("ai.onnx.preview.training") else ""
+        return [(", ".join(labels) or op, f"ONNX Runtime does not implement {domain}:{op}{training}")]
+    first = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    return [("model", f"ONNX Runtime cannot load it: {first[:300]}")]
 
 
 def ort_session(model_or_path: ir.Model | str | Path, *, threads: int | None = None) -> ort.InferenceSession:
     """An ONNX Runtime CPU session, quiet and deterministic in its graph optimizations."""
+    ort.set_default_logger_severity(3)  # model-load warnings go to the default logger, not the session's
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -92,12 +191,7 @@ class OnnxTarget(Target):
         try:
             ort_session(model)
         except Exception as err:  # ORT raises its own exception types; read the message
-            text = str(err)
-            match = _NOT_IMPLEMENTED.search(text)
-            if match:
-                return [(match.group(2) or match.group(1), f"ONNX Runtime has no CPU kernel for {match.group(1)}")]
-            first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-            return [("model", f"ONNX Runtime cannot load it: {first[:300]}")]
+            return _explain_load_error(model, str(err) or type(err).__name__)
         return []
 
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:

@@ -178,3 +178,34 @@ def test_light_resnet50_weights_become_initializers(light_resnet50_path):
         assert conv.inputs[1].is_initializer() and not conv.inputs[1].is_graph_input()
     assert result.stats["nodes_after"] == 176
     assert_same_outputs(before, run_ort(result.model, feeds), rtol=1e-5, atol=1e-6)
+
+
+SEQUENCES = """
+<ir_version: 7, opset_import: ["" : {opset}]>
+g (float[2,3] x, float[2,3] y, int64[2] splits) => (float[2,3,2] stacked, int64 count) {{
+  seq = SequenceConstruct(x, y)
+  stacked = ConcatFromSequence <axis = -1, new_axis = 1> (seq)
+  parts = SplitToSequence <axis = 0> (x, splits)
+  count = SequenceLength(parts)
+}}
+"""
+
+
+@pytest.mark.parametrize("opset", [12, 18])
+def test_sequence_rewrites_match_the_opset(opset):
+    """onnxscript rewrites ConcatFromSequence/SplitToSequence with opset-13+ Unsqueeze/Split
+    whatever the opset: withheld for older models (they made opset-12 graphs invalid)."""
+    from compressor.model_io import verify_model
+
+    model = model_from_text(SEQUENCES.format(opset=opset))
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "y": -np.ones((2, 3), np.float32),
+             "splits": np.array([1, 1], np.int64)}
+    before = run_ort(model, feeds)
+    result = _run(model)
+    verify_model(result.model, strict_shapes=True)
+    assert_same_outputs(before, run_ort(result.model, feeds))
+    ops = op_counts(result.model)
+    if opset < 13:
+        assert ops["ConcatFromSequence"] == 1 and ops["SplitToSequence"] == 1
+    else:
+        assert ops["ConcatFromSequence"] == 0, "the rewrite is withheld only while it runs on an older model"

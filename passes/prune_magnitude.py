@@ -1,0 +1,161 @@
+"""``prune-magnitude``: unstructured magnitude pruning of Conv/Gemm/MatMul weights.
+
+For a target sparsity ``s`` the ``k = floor(s * n)`` weights of smallest ``|w|`` are set
+to exactly 0 (``n`` weights considered):
+
+1. ``threshold: per-layer``: every weight tensor on its own, so each layer ends at
+   sparsity ``s`` (weights already 0 count towards it);
+2. ``threshold: global``: all in-scope weights ranked together by ``|w|``, one threshold
+   ``t`` for the whole model; layers with small weights lose more, and the overall
+   sparsity is ``s`` (``torch.nn.utils.prune.global_unstructured``).
+
+Ties at the threshold are broken by position (a stable sort), so exactly ``k`` weights
+go and runs are deterministic.
+
+Training-free recovery (``bias_correction: true``, needs calibration data): pruning moves
+each layer's output mean by ``(W_p - W) E[x]``; adding it back,
+``b' = b + (W - W_p) E[x]``, with ``E[x]`` per input channel measured on the calibration
+data on the model as the pass found it (see :mod:`._sparsity`).
+
+Stats: sparsity per layer and overall, the weights' dense and zlib-compressed size
+before and after (zeros compress: the on-disk size of a sparse model in a zip archive).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.passes._graph import NameAllocator
+from compressor.passes._sparsity import (
+    PRUNABLE_OPS,
+    WeightLayer,
+    correct_biases,
+    find_weight_layers,
+    group_by_weight,
+    input_moments,
+    require_calibration,
+    size_report,
+    sparsity,
+    write_weight,
+)
+from compressor.pipeline import Pass, PassContext, PassResult, register_pass
+from compressor.scope import Scope
+
+__all__ = ["PruneMagnitude", "PruneMagnitudeOptions", "magnitude_masks"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneMagnitudeOptions:
+    """Options of ``prune-magnitude``.
+
+    Attributes:
+        sparsity: Fraction of weights set to zero, in [0, 1).
+        threshold: ``per-layer`` (each weight at ``sparsity``) or ``global`` (one
+            magnitude threshold across all in-scope weights).
+        ops: Op types whose weights are pruned.
+        scope: Which layers (exact names or ``re:`` patterns, on node or weight names).
+        bias_correction: Restore each layer's output mean from calibration data.
+    """
+
+    sparsity: float = 0.5
+    threshold: Literal["per-layer", "global"] = "per-layer"
+    ops: tuple[str, ...] = PRUNABLE_OPS
+    scope: Scope = Scope()
+    bias_correction: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"option 'sparsity' must be in [0, 1), got {self.sparsity}")
+        bad = sorted(set(self.ops) - set(PRUNABLE_OPS))
+        if bad:
+            raise ValueError(f"option 'ops': {', '.join(bad)} cannot be pruned; choose from {', '.join(PRUNABLE_OPS)}")
+
+
+def _smallest(mags: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest of a flat array (ties by position)."""
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    return np.argsort(mags, kind="stable")[:k]
+
+
+def magnitude_masks(weights: list[np.ndarray], sparsity_level: float, threshold: str) -> list[np.ndarray]:
+    """Keep-masks (``True`` = kept) for ``weights`` (cases 1 and 2 of the module docstring)."""
+    masks = [np.ones(w.shape, bool) for w in weights]
+    if threshold == "per-layer":
+        for w, mask in zip(weights, masks):
+            mask.reshape(-1)[_smallest(np.abs(w).reshape(-1), int(np.floor(sparsity_level * w.size)))] = False
+        return masks
+    flat = np.concatenate([np.abs(w).reshape(-1).astype(np.float64) for w in weights]) if weights else np.zeros(0)
+    drop = np.zeros(flat.size, bool)
+    drop[_smallest(flat, int(np.floor(sparsity_level * flat.size)))] = True
+    start = 0
+    for w, mask in zip(weights, masks):
+        mask.reshape(-1)[drop[start:start + w.size]] = False
+        start += w.size
+    return masks
+
+
+@register_pass
+class PruneMagnitude(Pass):
+    """Set the smallest-magnitude weights of Conv/Gemm/MatMul layers to zero."""
+
+    name = "prune-magnitude"
+    description = "unstructured magnitude pruning (per-layer or global threshold)"
+    Options = PruneMagnitudeOptions
+    requires = frozenset({"constants-folded"})
+    provides = frozenset({"pruned"})
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Only bias correction reads calibration data."""
+        return self.options.bias_correction
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        opts: PruneMagnitudeOptions = self.options
+        graph = model.graph
+        layers, skipped = find_weight_layers(graph, opts.ops, opts.scope)
+        for name, why in skipped.items():
+            logger.debug("`%s`: not pruned: %s", name, why)
+        moments = {}
+        if opts.bias_correction and layers:
+            data = require_calibration(ctx.calibration, "prune-magnitude with bias_correction")
+            moments = input_moments(model, layers, data, ctx.cache)
+        groups = group_by_weight(layers)
+        dense = [group[0].array() for group in groups]
+        masks = magnitude_masks(dense, opts.sparsity, opts.threshold)
+        names = NameAllocator(graph)
+        per_layer: dict[str, float] = {}
+        changed: list[tuple[WeightLayer, np.ndarray]] = []
+        after = []
+        for group, w, mask in zip(groups, dense, masks):
+            pruned = np.where(mask, w, np.zeros((), w.dtype))
+            after.append(pruned)
+            if not np.array_equal(pruned, w):
+                write_weight(graph, group[0].weight, [layer.node for layer in group], pruned, names)
+                for layer in group:
+                    layer.weight = layer.node.inputs[1]
+                    changed.append((layer, w))
+            for layer in group:
+                per_layer[layer.name] = round(sparsity(pruned), 4)
+        corrected = correct_biases(graph, changed, moments, names) if opts.bias_correction else {}
+        total = sum(w.size for w in dense)
+        stats = {
+            "layers_pruned": len(per_layer),
+            "layers_skipped": len(skipped),
+            "sparsity": round(sum(int((w == 0).sum()) for w in after) / total, 4) if total else 0.0,
+            "sparsity_before": round(sum(int((w == 0).sum()) for w in dense) / total, 4) if total else 0.0,
+            **size_report(dense, after),
+            "bias_corrected": sum(1 for how in corrected.values() if not how.startswith("skipped")),
+            "per_layer": per_layer,
+            "skipped_layers": dict(sorted(skipped.items())),
+        }
+        if corrected:
+            stats["bias_correction"] = corrected
+        return PassResult(model, bool(changed), stats)

@@ -1,0 +1,182 @@
+"""``sparsify-nm``: N:M structured sparsity (default 2:4) along the reduction dimension.
+
+In every group of ``M`` consecutive input channels of a weight, at most ``N`` weights
+stay non-zero: the pattern sparse tensor cores (NVIDIA Ampere and later, TensorRT's
+sparse kernels) read. Groups run along the reduction-rows view ``R`` of the weight
+(:mod:`._sparsity`): for a Conv ``W: M x C x kh x kw`` a group is
+``W[o, c0:c0+M, i, j]`` (consecutive input channels at one kernel position); for Gemm
+and MatMul it is ``M`` consecutive entries of the ``K`` (reduction) axis of one output
+column. A layer whose input-channel count is not a multiple of ``M`` is skipped (sparse
+kernels do not take it), with the reason in the stats.
+
+Which ``M - N`` weights of a group go is decided by a score, the ``N`` largest kept
+(ties by position):
+
+1. ``mask: magnitude``: ``S_ij = |W_ij|``;
+2. ``mask: wanda`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for
+   LLMs"): ``S_ij = |W_ij| * ||X_j||_2``, where ``||X_j||_2`` is the L2 norm of input
+   channel ``j`` of the layer's activation over all calibration samples and positions
+   (a streaming pass keeps ``sum x_j^2`` per channel). A weight reading a loud channel
+   matters more than its magnitude alone says; for Conv the norm of channel ``j`` stands
+   for every kernel position of it. Needs calibration data.
+
+Recovery (``bias_correction: true``): ``b' = b + (W - W_p) E[x]`` (see :mod:`._sparsity`).
+
+Symmetric int8 weight quantization afterwards maps 0 to 0 (``round(0 / s) = 0``, zero
+point 0), so the pattern survives into a quantized artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.passes._graph import NameAllocator
+from compressor.passes._sparsity import (
+    PRUNABLE_OPS,
+    WeightLayer,
+    correct_biases,
+    find_weight_layers,
+    group_by_weight,
+    input_moments,
+    require_calibration,
+    size_report,
+    sparsity,
+    write_weight,
+)
+from compressor.pipeline import Pass, PassContext, PassResult, register_pass
+from compressor.scope import Scope
+
+__all__ = ["SparsifyNM", "SparsifyNMOptions", "nm_keep_mask", "nm_violations"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsifyNMOptions:
+    """Options of ``sparsify-nm``.
+
+    Attributes:
+        n: Non-zeros kept per group (``1 <= n < m``).
+        m: Group size (consecutive input channels).
+        mask: ``magnitude`` or ``wanda`` (``|W| * ||X||``, needs calibration data).
+        ops: Op types sparsified.
+        scope: Which layers (exact names or ``re:`` patterns, on node or weight names).
+        bias_correction: Restore each layer's output mean from calibration data.
+    """
+
+    n: int = 2
+    m: int = 4
+    mask: Literal["magnitude", "wanda"] = "magnitude"
+    ops: tuple[str, ...] = PRUNABLE_OPS
+    scope: Scope = Scope()
+    bias_correction: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n < self.m:
+            raise ValueError(f"options 'n' and 'm' must satisfy 1 <= n < m, got {self.n}:{self.m}")
+        bad = sorted(set(self.ops) - set(PRUNABLE_OPS))
+        if bad:
+            raise ValueError(f"option 'ops': {', '.join(bad)} cannot be sparsified; choose from "
+                             f"{', '.join(PRUNABLE_OPS)}")
+
+
+def nm_keep_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Keep-mask of a ``rows x K`` score matrix: the ``n`` largest of every ``m`` along K.
+
+    ``K`` must be a multiple of ``m``. Ties go to the earlier position.
+    """
+    rows, k = scores.shape
+    groups = scores.reshape(rows, k // m, m)
+    # stable ascending sort of -score: largest first, earlier position first among equals
+    order = np.argsort(-groups, axis=-1, kind="stable")
+    keep = np.zeros(groups.shape, bool)
+    np.put_along_axis(keep, order[..., :n], True, axis=-1)
+    return keep.reshape(rows, k)
+
+
+def nm_violations(rows: np.ndarray, n: int, m: int) -> int:
+    """Groups of ``m`` consecutive entries along the last axis with more than ``n`` non-zeros."""
+    r, k = rows.shape
+    return int(((rows.reshape(r, k // m, m) != 0).sum(-1) > n).sum())
+
+
+@register_pass
+class SparsifyNM(Pass):
+    """Keep N of every M consecutive input-channel weights (2:4 by default)."""
+
+    name = "sparsify-nm"
+    description = "N:M structured sparsity (default 2:4) along the reduction dimension, magnitude or Wanda masks"
+    Options = SparsifyNMOptions
+    requires = frozenset({"constants-folded"})
+    provides = frozenset({"pruned", "nm-sparse"})
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Wanda masks and bias correction read calibration data."""
+        return self.options.mask == "wanda" or self.options.bias_correction
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        opts: SparsifyNMOptions = self.options
+        n, m = opts.n, opts.m
+        graph = model.graph
+        found, skipped = find_weight_layers(graph, opts.ops, opts.scope)
+        layers: list[WeightLayer] = []
+        for layer in found:
+            w = layer.array()
+            channels = layer.to_rows(w).shape[1]
+            if channels % m:
+                skipped[layer.name] = f"{channels} input channels per group, not a multiple of m={m}"
+            else:
+                layers.append(layer)
+        for name, why in skipped.items():
+            logger.debug("`%s`: not sparsified: %s", name, why)
+        moments = {}
+        if self.needs_calibration and layers:
+            data = require_calibration(ctx.calibration, f"sparsify-nm (mask {opts.mask!r}"
+                                       f"{', bias_correction' if opts.bias_correction else ''})")
+            moments = input_moments(model, layers, data, ctx.cache)
+        targets = getattr(getattr(ctx.target, "capabilities", None), "nm_patterns", ())
+        names = NameAllocator(graph)
+        per_layer: dict[str, float] = {}
+        changed: list[tuple[WeightLayer, np.ndarray]] = []
+        dense_all, sparse_all = [], []
+        for group in group_by_weight(layers):
+            first = group[0]  # a weight shared by several layers gets the first one's mask
+            w = first.array()
+            rows = first.to_rows(w)
+            scores = np.abs(rows.astype(np.float64))
+            if opts.mask == "wanda":
+                scores = scores * first.row_channel_values(moments[first.activation().name].norm, w.shape)
+            keep = nm_keep_mask(scores, n, m)
+            sparse = first.from_rows(np.where(keep, rows, np.zeros((), w.dtype)), w.shape)
+            dense_all.append(w)
+            sparse_all.append(sparse)
+            if not np.array_equal(sparse, w):
+                write_weight(graph, first.weight, [layer.node for layer in group], sparse, names)
+                for layer in group:
+                    layer.weight = layer.node.inputs[1]
+                    changed.append((layer, w))
+            for layer in group:
+                per_layer[layer.name] = round(sparsity(sparse), 4)
+        corrected = correct_biases(graph, changed, moments, names) if opts.bias_correction else {}
+        total = sum(w.size for w in dense_all)
+        stats = {
+            "pattern": f"{n}:{m}",
+            "mask": opts.mask,
+            "layers_sparsified": len(per_layer),
+            "layers_skipped": len(skipped),
+            "sparsity": round(sum(int((w == 0).sum()) for w in sparse_all) / total, 4) if total else 0.0,
+            **size_report(dense_all, sparse_all),
+            "target_has_nm_kernels": (n, m) in tuple(tuple(p) for p in targets),
+            "bias_corrected": sum(1 for how in corrected.values() if not how.startswith("skipped")),
+            "per_layer": per_layer,
+            "skipped_layers": dict(sorted(skipped.items())),
+        }
+        if corrected:
+            stats["bias_correction"] = corrected
+        return PassResult(model, bool(changed), stats)

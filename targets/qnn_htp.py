@@ -1,0 +1,591 @@
+"""Target ``qnn-htp``: Qualcomm's HTP NPU through ONNX Runtime's QNN execution provider.
+
+The ``onnxruntime-qnn`` wheel (Linux x86-64, Windows ARM64) carries the QNN HTP backend
+library; on x86-64 it runs the same graph compiler and integer kernels as the device,
+emulated on the CPU (about 0.4 s per small image). Every session here is created with
+``session.disable_cpu_ep_fallback=1``: the whole graph runs on HTP or the session fails, so
+a silent CPU fallback can never inflate the accuracy figures.
+
+What HTP needs (the data below, read by ``check``, ``quantize`` and ``qnn-legalize``):
+
+1. static shapes, tensors of rank <= 5, no float64, ops the QNN EP has builders for;
+2. activations ``uint8`` (W8A8) or ``uint16`` (W8A16) asymmetric, per tensor;
+3. weights ``int8`` symmetric: per output channel for Conv (axis 0) and ConvTranspose
+   (axis 1), per tensor for MatMul and Gemm (the QNN EP rejects per-channel there);
+4. biases ``int32`` with ``scale = s_x * s_w`` (per channel where the weight is), zero point 0;
+   LayerNormalization's gamma ``uint8`` asymmetric (HTP refuses int8 or uint16 gamma with an
+   int32 beta, measured);
+5. fixed output encodings for 16-bit Sigmoid (``1/65536``, offset 0) and Tanh
+   (``1/32768``, offset 32768), which the HTP kernels assume (8-bit: ``1/256`` and ``1/128``);
+6. opset >= 21 whenever a 16-bit Q/DQ is present (``QuantizeLinear``-21 added 16-bit types);
+7. every op inside a Q/DQ node unit (``DQ -> op -> Q``): a float op left between quantized
+   ones runs as an fp16 island or is refused on the device.
+
+Lowering writes the QDQ model (``model.onnx``), compiles it into a QNN context binary
+(ONNX Runtime EPContext model: ``model_ctx.onnx`` + ``model_ctx_qnn.bin``, the deployable
+artifact, loaded without recompiling), and writes ``model.encodings``: the scale/offset of
+every quantized tensor in AIMET's JSON format (version 0.6.1), so a device flow (qnn-onnx-
+converter ``--quantization_overrides``) uses exactly the encodings that were evaluated.
+
+AIMET's encoding is ``x = (q + offset) * scale`` with ``q`` unsigned in ``[0, 2^bw - 1]``; an
+ONNX ``uint`` zero point ``z`` gives ``offset = -z`` and a signed one ``offset = -(z + 2^(bw-1))``
+(symmetric int8 weights: ``offset = -128``).
+
+The baseline (fp32 model) runs on ONNX Runtime CPU: HTP has no fp32 path (it would run fp16).
+The manifest gets the simulation-vs-device gap: the same QDQ model on ONNX Runtime CPU and
+on HTP, on the samples the HTP runner saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from compressor.errors import CompressorError, UnsupportedByTarget, UsageError
+from compressor.model_io import save_model
+from compressor.targets.base import (
+    Capabilities,
+    OpQuant,
+    QuantSpec,
+    Runner,
+    Target,
+    check_capabilities,
+    cpu_has_vnni,
+    narrow_weights,
+)
+from compressor.targets.onnx import OrtRunner
+
+try:
+    import onnxruntime_qnn
+except ImportError:  # optional backend: the target refuses to start, the package still imports
+    onnxruntime_qnn = None
+
+__all__ = [
+    "QnnHtpTarget",
+    "QnnHtpRunner",
+    "QNN_HTP_CAPABILITIES",
+    "QNN_HTP_OPS",
+    "HTP_QDQ_RULES",
+    "QdqRules",
+    "htp_available",
+    "compile_context",
+    "aimet_encodings",
+    "float_compute_nodes",
+    "lint",
+    "refused_nodes",
+]
+
+logger = logging.getLogger(__name__)
+
+EP_NAME = "QNNExecutionProvider"
+
+#: ONNX ops the QNN EP has HTP builders for (onnxruntime-qnn ``op_builder_factory.cc``),
+#: plus ``Constant`` (ONNX Runtime folds it). ``Shape``/``Range``... are absent: with static
+#: shapes, constant folding removes them before lowering (``check`` allows such nodes).
+QNN_HTP_OPS = frozenset({
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "Asin", "Atan", "AveragePool", "BatchNormalization", "Cast", "Ceil",
+    "Clip", "Concat", "Constant", "Conv", "ConvTranspose", "Cos", "CumSum", "DepthToSpace", "DequantizeLinear",
+    "Div", "Einsum", "Elu", "Equal", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND",
+    "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample",
+    "GroupNormalization", "GRU", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization", "IsNaN",
+    "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "LpNormalization", "LRN",
+    "LSTM", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "PRelu",
+    "QuantizeLinear", "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
+    "Relu", "Reshape", "Resize", "RMSNormalization", "RoiAlign", "Round", "ScatterElements", "ScatterND", "Selu",
+    "Sigmoid", "Sign", "Sin", "Slice", "Softmax", "Softplus", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub",
+    "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Unsqueeze", "Upsample", "Where", "Xor",
+})
+
+#: Contrib ops (``com.microsoft``) the QNN EP builds for HTP.
+QNN_HTP_CONTRIB_OPS = frozenset({"FusedMatMul", "QuickGelu", "SimplifiedLayerNormalization", "RotaryEmbedding",
+                                 "MatMulNBits", "EPContext"})
+
+#: Ops whose inputs the shape of a static tensor decides (folded away when shapes are static).
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+
+_ACT = QuantSpec("uint8", symmetric=False)  # widened to uint16 by quantize's ``activations: int16``
+
+#: What HTP runs quantized, and how (see the module docstring, cases 2-3).
+QNN_HTP_CAPABILITIES = Capabilities(
+    quantizable={
+        "Conv": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),
+        "ConvTranspose": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),
+        "Gemm": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=None)),
+        "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=None)),
+    },
+    nm_patterns=(),
+    static_shapes=True,
+    supported_ops=QNN_HTP_OPS,
+    max_rank=5,
+    min_opset=13,
+    fallback="int16",  # no float path on the NPU: accuracy control widens activations instead
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class QdqRules:
+    """How a QDQ graph must look for HTP beyond the compute layers (cases 4-7); read by ``qnn-legalize``.
+
+    Attributes:
+        activation: 8-bit activation spec of every other tensor (widened to 16 bits by the recipe).
+        bias: Spec of Conv/ConvTranspose/Gemm/LayerNormalization biases (``scale = s_x * s_w``).
+        norm_weight: Spec of normalization scales (LayerNormalization's gamma).
+        fixed_outputs: ``(op, dtype) -> (scale, zero point)`` of outputs HTP fixes.
+        same_encoding: Ops whose output must carry their first input's encoding (data movement).
+        wide_opset: Lowest opset whose Q/DQ take 16-bit types.
+    """
+
+    activation: QuantSpec = _ACT
+    bias: QuantSpec = QuantSpec("int32", True)
+    norm_weight: QuantSpec = QuantSpec("uint8", False)
+    fixed_outputs: Mapping[tuple[str, str], tuple[float, int]] = dataclasses.field(default_factory=dict)
+    same_encoding: frozenset[str] = frozenset()
+    wide_opset: int = 21
+
+
+HTP_QDQ_RULES = QdqRules(
+    fixed_outputs={
+        ("Sigmoid", "uint16"): (1.0 / 65536.0, 0),
+        ("Sigmoid", "uint8"): (1.0 / 256.0, 0),
+        ("Tanh", "uint16"): (1.0 / 32768.0, 32768),
+        ("Tanh", "uint8"): (1.0 / 128.0, 128),
+    },
+    same_encoding=frozenset({
+        "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "GlobalMaxPool", "Gather",
+        "GatherElements", "GatherND", "Slice", "Split", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Identity",
+        "ReduceMax", "ReduceMin", "Pad",
+    }),
+)
+
+#: Layers whose 8-bit kernels the x86 HTP emulator runs with pairwise int16 saturation on
+#: CPUs without VNNI, as MLAS does (measured, u8 activations: Conv off by up to 11 LSB with
+#: full-range int8 weights, exact to 1 LSB with 7-bit weights). The device accumulates in
+#: 32 bits; on such hosts Conv weights get 7 bits so that what is measured here is what the
+#: device computes. MatMul is off by at most 3-4 LSB and transformers need every weight
+#: bit (7-bit per-tensor weights cost all-MiniLM-L6-v2 W8A16 most of its fidelity), so it
+#: keeps 8 bits and the residue shows in the simulation-vs-device gap.
+SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})
+
+#: Samples of the simulation-vs-device comparison kept by a runner.
+GAP_SAMPLES = 64
+
+_REGISTERED = False
+
+
+def htp_available() -> tuple[bool, str]:
+    """Whether the QNN HTP backend can be used here, and why not."""
+    if onnxruntime_qnn is None:
+        return False, "the onnxruntime-qnn package is not installed (pip install onnxruntime-qnn; Linux x86-64 or Windows ARM64)"
+    if not hasattr(ort, "register_execution_provider_library"):
+        return False, f"onnxruntime {ort.__version__} cannot load plugin execution providers (needs >= 1.22)"
+    if not Path(onnxruntime_qnn.get_qnn_htp_path()).exists():
+        return False, f"onnxruntime-qnn has no HTP backend library for this platform ({onnxruntime_qnn.get_qnn_htp_path()})"
+    return True, ""
+
+
+def _require_qnn() -> None:
+    ok, why = htp_available()
+    if not ok:
+        raise UsageError(f"target 'qnn-htp' cannot start: {why}")
+
+
+def _register() -> None:
+    """Load the QNN EP plugin library into ONNX Runtime (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
+    _REGISTERED = True
+
+
+def _provider_options() -> dict[str, str]:
+    return {
+        "backend_path": onnxruntime_qnn.get_qnn_htp_path(),
+        # Q on graph inputs / DQ on graph outputs run on HTP too (by default the EP leaves
+        # them to the CPU EP, which fallback-disabled sessions refuse).
+        "offload_graph_io_quantization": "0",
+    }
+
+
+def _session_options(*, fallback: bool = False, record: bool = False, severity: int = 3) -> ort.SessionOptions:
+    _register()
+    ort.set_default_logger_severity(max(severity, 3))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = severity
+    if not fallback:
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if record:
+        opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    opts.add_provider_for_devices(devices, _provider_options())
+    return opts
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[Path]:
+    """Capture what native code writes to fd 2 (ONNX Runtime's log) into a file."""
+    with tempfile.NamedTemporaryFile(prefix="qnn-log-", suffix=".txt", delete=False) as tmp:
+        path = Path(tmp.name)
+    saved = os.dup(2)
+    try:
+        with open(path, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield path
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+_REASON = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((\w+)\) :\n(.*?)\tREASON : ([^\n]*)", re.S)
+_NODE_LINE = re.compile(r"Operator type: (\w+) Node name: (\S*) Node index")
+
+
+def refused_nodes(source: str | bytes) -> list[tuple[str, str]]:
+    """The nodes HTP refuses in a model, with the QNN EP's reason; ``[]`` when it takes all.
+
+    Builds a session with CPU fallback allowed and the graph assignment recorded, and reads
+    the EP's verbose validation log for the reasons.
+    """
+    with _native_stderr() as log:
+        session = ort.InferenceSession(source, _session_options(fallback=True, record=True, severity=0))
+    text = log.read_text(errors="replace")
+    log.unlink(missing_ok=True)
+    reasons: dict[str, str] = {}
+    for unit, block, reason in _REASON.findall(text):
+        for op, name in _NODE_LINE.findall(block):
+            reasons.setdefault(name, f"{unit} node unit: {reason.strip()}")
+    out = []
+    for sub in session.get_provider_graph_assignment_info():
+        if sub.ep_name == EP_NAME:
+            continue
+        for node in sub.get_nodes():
+            out.append((node.name or node.op_type, reasons.get(node.name, f"op {node.op_type}: refused by the QNN EP "
+                                                                         "for HTP (no reason logged)")))
+    return out
+
+
+def _fail(source: str | bytes, err: Exception) -> CompressorError:
+    """Explain a failed HTP session: the refused nodes, or the backend's own message.
+
+    A model ONNX Runtime cannot even load is a bug upstream (exit 1), not a target limit.
+    """
+    text = str(err)
+    if "INVALID_GRAPH" in text or "INVALID_ARGUMENT" in text or "Load model" in text:
+        return CompressorError(f"qnn-htp: ONNX Runtime cannot load the lowered model: {text.strip()[:400]}")
+    try:
+        offenders = refused_nodes(source)
+    except Exception as again:  # the graph cannot even be partitioned: report the first error
+        logger.debug("qnn-htp: partitioning failed too: %s", again)
+        offenders = []
+    if not offenders:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        offenders = [("model", f"QNN HTP backend failed: {first[:300]}")]
+    return UnsupportedByTarget("qnn-htp", offenders)
+
+
+def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
+    """Compile ``model_path`` into an EPContext model ``ctx_path`` and its QNN context binary.
+
+    Returns:
+        ``[ctx_path, binary]`` (the binary is written beside ``ctx_path``).
+
+    Raises:
+        UnsupportedByTarget: HTP refuses part of the graph (each node named).
+    """
+    before = set(ctx_path.parent.iterdir())
+    try:
+        compiler = ort.ModelCompiler(_session_options(), str(model_path), embed_compiled_data_into_model=False)
+        compiler.compile_to_file(str(ctx_path))
+    except Exception as err:  # ONNX Runtime's own exception types
+        raise _fail(str(model_path), err) from None
+    new = sorted(p for p in set(ctx_path.parent.iterdir()) - before if p != ctx_path)
+    return [ctx_path, *new]
+
+
+def _aimet_entry(scale: float, zero_point: int, dtype: ir.DataType) -> dict[str, Any]:
+    bits = int(dtype.bitwidth)
+    signed = dtype.is_signed()
+    offset = -(int(zero_point) + (1 << (bits - 1))) if signed else -int(zero_point)
+    return {
+        "bitwidth": bits,
+        "dtype": "int",
+        "is_symmetric": str(bool(signed and int(zero_point) == 0) or (not signed and int(zero_point) == 1 << (bits - 1))),
+        "max": float((offset + (1 << bits) - 1) * np.float64(scale)),
+        "min": float(offset * np.float64(scale)),
+        "offset": offset,
+        "scale": float(scale),
+    }
+
+
+def _param_name(value: ir.Value) -> str:
+    return value.name.removesuffix("_quantized") if value.name else "?"
+
+
+def aimet_encodings(model: ir.Model) -> dict[str, Any]:
+    """Every Q/DQ encoding of ``model`` in AIMET's JSON format (0.6.1).
+
+    Activations are keyed by the float tensor a ``QuantizeLinear`` reads (by the graph
+    output's name where its ``DequantizeLinear`` is a graph output); parameters by the
+    initializer a ``DequantizeLinear`` reads (without the ``_quantized`` suffix the
+    quantize pass adds). Per-channel parameters get one entry per channel.
+    """
+    acts: dict[str, list[dict[str, Any]]] = {}
+    params: dict[str, list[dict[str, Any]]] = {}
+    outputs = {id(v): v.name for v in model.graph.outputs}
+    bits: set[int] = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
+            continue
+        data, scale_v = node.inputs[0], node.inputs[1]
+        zp_v = node.inputs[2] if len(node.inputs) > 2 else None
+        if scale_v is None or scale_v.const_value is None:
+            continue
+        scale = np.atleast_1d(scale_v.const_value.numpy()).astype(np.float64)
+        if zp_v is not None and zp_v.const_value is not None:
+            zps, dtype = np.atleast_1d(zp_v.const_value.numpy()).astype(np.int64), zp_v.const_value.dtype
+        else:
+            zps, dtype = np.zeros(len(scale), np.int64), ir.DataType.UINT8
+        zps = np.broadcast_to(zps, scale.shape)
+        entries = [_aimet_entry(s, z, dtype) for s, z in zip(scale, zps)]
+        if node.op_type == "QuantizeLinear" and data is not None:
+            # A graph output is the DQ of this Q: the encoding belongs to the output's name.
+            readers = [u.outputs[0] for u, _ in node.outputs[0].uses() if u.op_type == "DequantizeLinear"]
+            name = next((outputs[id(v)] for v in readers if id(v) in outputs), data.name)
+            acts.setdefault(name, entries)
+            bits.add(entries[0]["bitwidth"])
+        elif node.op_type == "DequantizeLinear" and data is not None and data.const_value is not None:
+            params.setdefault(_param_name(data), entries)
+    return {
+        "version": "0.6.1",
+        "activation_encodings": dict(sorted(acts.items())),
+        "param_encodings": dict(sorted(params.items())),
+        "excluded_layers": [],
+        "quantizer_args": {
+            "activation_bitwidth": max(bits) if bits else None,
+            "param_bitwidth": 8,
+            "dtype": "int",
+            "per_channel_quantization": any(len(v) > 1 for v in params.values()),
+            "quant_scheme": "post_training_tf",
+        },
+    }
+
+
+def float_compute_nodes(model: ir.Model) -> list[str]:
+    """Nodes that would run in floating point on HTP: a float input not read through a DQ.
+
+    Q/DQ nodes themselves, and nodes whose float inputs are all DQ outputs, are quantized
+    node units; anything else becomes an fp16 island on the device.
+    """
+    out = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or node.domain not in ("", "ai.onnx"):
+            continue
+        for value in node.inputs:
+            if value is None or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                continue
+            producer = value.producer()
+            if producer is None or producer.op_type != "DequantizeLinear":
+                out.append(node.name or f"{node.op_type}->{node.outputs[0].name}")
+                break
+    return out
+
+
+class QnnHtpRunner(Runner):
+    """Runs a lowered model on the QNN HTP backend, CPU fallback disabled.
+
+    Args:
+        path: The EPContext model (``*_ctx.onnx``) or a QDQ ``.onnx`` (compiled on load).
+        qdq_path: The QDQ model the context was compiled from (for the simulation gap).
+        feeds: A shared list the runner appends the feeds it sees to (up to ``GAP_SAMPLES``).
+
+    Raises:
+        UnsupportedByTarget: HTP refuses part of the graph.
+    """
+
+    def __init__(self, path: Path, qdq_path: Path | None = None, feeds: list[dict[str, np.ndarray]] | None = None):
+        _require_qnn()
+        self.path = Path(path)
+        self.qdq_path = qdq_path
+        try:
+            self.session = ort.InferenceSession(str(self.path), _session_options())
+        except Exception as err:  # ONNX Runtime's own exception types
+            raise _fail(str(self.path), err) from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.seen: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
+        self._shared = feeds
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        feed = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self.input_names}
+        outs = self.session.run(None, feed)
+        if len(self.seen) < GAP_SAMPLES and not any(_same(feed, f) for f, _ in self.seen[-1:]):
+            self.seen.append((feed, outs))
+        if self._shared is not None and len(self._shared) < GAP_SAMPLES and not any(
+                _same(feed, f) for f in self._shared[-1:]):
+            self._shared.append(feed)
+        return outs
+
+
+def _per_output(calls: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per output, the calls' results stacked along a first (sample) axis."""
+    return [np.concatenate([np.asarray(call[i]).reshape(1, -1) if np.asarray(call[i]).ndim < 2
+                            else np.asarray(call[i]).reshape(len(call[i]), -1) for call in calls])
+            for i in range(len(calls[0]))]
+
+
+def _same(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
+
+
+class QnnHtpTarget(Target):
+    """Qualcomm HTP (NPU) through ONNX Runtime's QNN EP; the QNN context binary is the artifact.
+
+    Raises:
+        UsageError: ``onnxruntime-qnn`` is not installed or has no HTP library here.
+    """
+
+    name = "qnn-htp"
+    capabilities = QNN_HTP_CAPABILITIES
+    qdq_rules = HTP_QDQ_RULES
+
+    def __init__(self) -> None:
+        _require_qnn()
+        self._feeds: list[dict[str, np.ndarray]] = []
+        if cpu_has_vnni() is False:  # the emulator saturates like MLAS: 7-bit weights (SATURATING_OPS)
+            self.capabilities = narrow_weights(QNN_HTP_CAPABILITIES, SATURATING_OPS)
+
+    def check(self, model: ir.Model) -> list[tuple[str, str]]:
+        """Static lint before any work: see :func:`lint`."""
+        return lint(model, self.capabilities)
+
+    def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
+        """``model.onnx`` (QDQ), ``model_ctx.onnx`` + ``model_ctx_qnn.bin`` (QNN context), ``model.encodings``."""
+        outdir.mkdir(parents=True, exist_ok=True)
+        qdq = save_model(model, outdir / "model.onnx")
+        files = [qdq, *compile_context(qdq, outdir / "model_ctx.onnx")]
+        enc = outdir / "model.encodings"
+        enc.write_text(json.dumps(aimet_encodings(model), indent=1) + "\n", encoding="utf-8")
+        floats = float_compute_nodes(model)
+        if floats:
+            logger.warning("qnn-htp: %d node(s) are not in a Q/DQ node unit and run in fp16 on HTP: %s%s",
+                           len(floats), ", ".join(floats[:5]), " ..." if len(floats) > 5 else "")
+        return files + [enc]
+
+    def runner(self, files: list[Path]) -> QnnHtpRunner:
+        ctx = [f for f in files if f.name.endswith("_ctx.onnx")]
+        onnx_files = [f for f in files if f.suffix == ".onnx" and f not in ctx]
+        if not ctx and not onnx_files:
+            raise CompressorError("qnn-htp: no .onnx file among the lowered files")
+        return QnnHtpRunner((ctx or onnx_files)[0], qdq_path=onnx_files[0] if onnx_files else None,
+                            feeds=self._feeds)
+
+    def reference_runner(self, model: ir.Model, workdir: Path) -> Runner:
+        """The fp32 baseline on ONNX Runtime CPU (HTP has no fp32 path)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        return OrtRunner(save_model(model, workdir / "model.onnx"))
+
+    def report(self, runner: QnnHtpRunner) -> dict[str, Any]:
+        """How the artifact ran on HTP, and the gap to the same QDQ model on ONNX Runtime CPU."""
+        out: dict[str, Any] = {"qnn_htp": {"cpu_fallback": "disabled", "ran_wholly_on_htp": True,
+                                           "artifact": runner.path.name}}
+        if runner.qdq_path is None:
+            return out
+        from compressor.evaluation import fidelity  # evaluation imports data; keep this module light
+
+        seen = list(runner.seen)
+        if len(seen) < min(8, len(self._feeds)):  # a runner built after accuracy control saw one batch
+            seen = [(feed, runner(feed)) for feed in self._feeds]
+        if not seen:
+            return out
+        cpu = OrtRunner(runner.qdq_path)
+        htp_outs = _per_output([outs for _, outs in seen])
+        cpu_outs = _per_output([cpu(feed) for feed, _ in seen])
+        gap = fidelity(cpu_outs, htp_outs)
+        gap["mean_abs_diff"] = float(np.mean([np.abs(c.astype(np.float64) - h).mean()
+                                              for c, h in zip(cpu_outs, htp_outs)]))
+        gap["calls"] = len(seen)
+        out["qnn_htp"]["simulation_vs_device"] = {
+            "reference": "the same QDQ model (model.onnx) on ONNX Runtime CPU", **gap}
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"name": self.name, "backend": "QNN HTP (onnxruntime-qnn)",
+                                "onnxruntime_version": ort.__version__, "cpu_fallback": "disabled",
+                                "baseline": "fp32 model on ONNX Runtime CPU", "host_int8_vnni": cpu_has_vnni(),
+                                "weight_bits": {op: q.weights.bits or 8 for op, q in self.capabilities.quantizable.items()
+                                                if q.weights is not None}}
+        if onnxruntime_qnn is not None:
+            info["onnxruntime_qnn_version"] = getattr(onnxruntime_qnn, "__version__", "?")
+        return info
+
+
+def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tuple[str, str]]:
+    """``(node, reason)`` for everything HTP cannot run (module docstring, case 1).
+
+    Dynamic input dimensions (with the ``--input`` that fixes them), ops without a QNN HTP
+    builder, tensors of rank above ``caps.max_rank``, float64 tensors. Nodes that constant
+    folding removes once shapes are static (``Shape`` and what is computed only from
+    shapes and constants) are not held against the model.
+    """
+    offenders = check_capabilities(model, dataclasses.replace(caps, supported_ops=None, max_rank=None))
+    folded = _foldable(model)
+    ops = caps.supported_ops if caps.supported_ops is not None else QNN_HTP_OPS
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if id(node) in folded:
+            continue
+        label = node.name or f"{node.op_type} -> {node.outputs[0].name if node.outputs else '?'}"
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        known = ops if domain == "" else QNN_HTP_CONTRIB_OPS if domain == "com.microsoft" else frozenset()
+        if node.op_type not in known:
+            offenders.append((label, f"op {domain + '::' if domain else ''}{node.op_type} is not supported by QNN HTP"))
+        for value in (*node.inputs, *node.outputs):
+            if value is None:
+                continue
+            if value.dtype == ir.DataType.DOUBLE:
+                offenders.append((label, f"tensor {value.name} is float64; HTP has no 64-bit floats "
+                                         "(export the model in float32)"))
+                break
+            if caps.max_rank is not None and value.shape is not None and len(value.shape) > caps.max_rank:
+                offenders.append((label, f"tensor {value.name} has rank {len(value.shape)} > {caps.max_rank}, "
+                                         "the most HTP handles"))
+                break
+    return offenders
+
+
+def _foldable(model: ir.Model) -> set[int]:
+    """ids of nodes computed only from constants and the shapes of statically shaped tensors."""
+    const: set[int] = set()
+    done: set[int] = set()
+
+    def is_const(value: ir.Value | None) -> bool:
+        if value is None:
+            return True
+        if value.const_value is not None and not value.is_graph_input():
+            return True
+        return id(value) in const
+
+    for node in model.graph:  # topological order
+        if node.op_type in _SHAPE_OPS and node.inputs and node.inputs[0] is not None:
+            shape = node.inputs[0].shape
+            static = is_const(node.inputs[0]) or (shape is not None and all(isinstance(d, int) for d in shape))
+        else:
+            static = node.op_type == "Constant" or (bool(node.inputs) and all(is_const(v) for v in node.inputs))
+        if static:
+            done.add(id(node))
+            const.update(id(v) for v in node.outputs)
+    return done

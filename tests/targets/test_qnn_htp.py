@@ -1,0 +1,351 @@
+"""Target ``qnn-htp`` and pass ``qnn-legalize``: lint, legalization, the real HTP backend.
+
+The HTP backend library inside ``onnxruntime-qnn`` emulates the NPU on the CPU, so the
+tests that run it keep to small graphs and 48 digits samples. They skip only where
+``onnxruntime_qnn`` cannot be imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor.cli import main
+from compressor.data import load_npz
+from compressor.errors import UnsupportedByTarget
+from compressor.inputs import model_input_specs
+from compressor.model_io import model_bytes, save_model
+from compressor.pipeline import PassContext, build_pass
+from compressor.targets.onnx import ort_session
+from compressor.targets.qnn_htp import (
+    HTP_QDQ_RULES,
+    QNN_HTP_CAPABILITIES,
+    aimet_encodings,
+    float_compute_nodes,
+    lint,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
+needs_htp = pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
+
+
+def _model(nodes, inputs, outputs, inits, opset=20) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto, data_prop=True))
+
+
+def cnn(batch: int | str = 1) -> ir.Model:
+    """x[B,3,8,8] -> Conv(+b) -> Relu -> MaxPool -> Reshape -> Gemm(+b) -> Sigmoid, and a Tanh head."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "w"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b"),
+        numpy_helper.from_array(np.array([-1, 128], np.int64), "shape"),
+        numpy_helper.from_array(rng.standard_normal((10, 128)).astype(np.float32) * 0.1, "fc_w"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32) * 0.1, "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Reshape", ["p", "shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+        helper.make_node("Sigmoid", ["logits"], ["prob"], name="sigmoid"),
+        helper.make_node("Tanh", ["logits"], ["t"], name="tanh"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                  [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [batch, 10]),
+                   helper.make_tensor_value_info("t", TensorProto.FLOAT, [batch, 10])], inits)
+
+
+class _Data:
+    """Calibration samples for :func:`cnn` as a :class:`compressor.data.Dataset`."""
+
+    @staticmethod
+    def make(tmp_path: Path, model: ir.Model, n: int = 32):
+        rng = np.random.default_rng(1)
+        path = tmp_path / "calib.npz"
+        np.savez(path, x=rng.uniform(0, 1, (n, 3, 8, 8)).astype(np.float32))
+        return load_npz(path, model_input_specs(model), what="calib")
+
+
+class _Stub:
+    """A target carrying the HTP data without the backend (for pass tests that never run HTP)."""
+
+    name = "qnn-htp"
+    capabilities = QNN_HTP_CAPABILITIES
+    qdq_rules = HTP_QDQ_RULES
+
+
+def legalized(tmp_path: Path, activations: str = "int8", target=None) -> ir.Model:
+    model = cnn()
+    ctx = PassContext(target=target or _Stub(), calibration=_Data.make(tmp_path, model),
+                      properties={"constants-folded"})
+    model = build_pass("quantize", {"activations": activations, "calibrator": "minmax"}).run(model, ctx).model
+    result = build_pass("qnn-legalize", {"activations": activations}).run(model, ctx)
+    assert result.modified
+    return result.model
+
+
+def _dq_params(value: ir.Value) -> tuple[np.ndarray, np.ndarray]:
+    dq = value.producer()
+    assert dq is not None and dq.op_type == "DequantizeLinear", value.name
+    return dq.inputs[1].const_value.numpy(), dq.inputs[2].const_value.numpy()
+
+
+# -- capabilities and lint (no backend needed) -------------------------------------------------------------
+
+
+def test_capabilities_are_htp_data():
+    caps = QNN_HTP_CAPABILITIES
+    assert caps.static_shapes and caps.max_rank == 5 and caps.fallback == "int16"
+    assert {op: q.weights.axis for op, q in caps.quantizable.items()} == {
+        "Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": None}
+    assert all(q.activations.dtype == "uint8" and not q.activations.symmetric for q in caps.quantizable.values())
+    assert all(q.weights.dtype == "int8" and q.weights.symmetric for q in caps.quantizable.values())
+    rules = HTP_QDQ_RULES
+    assert rules.bias.dtype == "int32" and rules.wide_opset == 21
+    assert rules.fixed_outputs[("Sigmoid", "uint16")] == (1 / 65536, 0)
+    assert rules.fixed_outputs[("Tanh", "uint16")] == (1 / 32768, 32768)
+
+
+def test_lint_names_dynamic_input_unsupported_op_rank_and_float64():
+    inits = [numpy_helper.from_array(np.array([1, 1, 1, 1, 2, 2], np.int64), "six")]
+    nodes = [
+        helper.make_node("Det", ["x"], ["d"], name="the_det"),
+        helper.make_node("Reshape", ["y", "six"], ["y6"], name="to_rank6"),
+        helper.make_node("Cast", ["z"], ["z64"], name="to_double", to=TensorProto.DOUBLE),
+    ]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 3]),
+                           helper.make_tensor_value_info("y", TensorProto.FLOAT, [4]),
+                           helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
+                   [helper.make_tensor_value_info("d", TensorProto.FLOAT, ["N"]),
+                    helper.make_tensor_value_info("y6", TensorProto.FLOAT, [1, 1, 1, 1, 2, 2]),
+                    helper.make_tensor_value_info("z64", TensorProto.DOUBLE, [2])], inits)
+    offenders = dict(lint(model))
+    assert "dynamic dimension" in offenders["input x"] and "--input x=Nx3x3" in offenders["input x"]
+    assert offenders["the_det"] == "op Det is not supported by QNN HTP"
+    assert "rank 6 > 5" in offenders["to_rank6"]
+    assert "float64" in offenders["to_double"]
+
+
+def test_lint_accepts_shape_arithmetic_that_folds_away():
+    """``Shape -> Gather -> Concat -> Reshape`` on a static input folds to a constant shape."""
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "zero"], ["n"], name="batch"),
+        helper.make_node("Reshape", ["n", "minus1"], ["n1"], name="n1"),
+        helper.make_node("Concat", ["n1", "minus1"], ["target"], name="target", axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"], name="flatten"),
+    ]
+    static = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])], inits)
+    assert lint(static) == []
+    dynamic = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12])], inits)
+    names = [node for node, _ in lint(dynamic)]
+    assert names[0] == "input x" and "shape" in names  # Shape stays: HTP has no Shape op
+
+
+# -- qnn-legalize (runs on ONNX Runtime CPU only) -----------------------------------------------------------
+
+
+def test_legalize_quantizes_every_op_with_int32_bias(tmp_path):
+    model = legalized(tmp_path)
+    assert float_compute_nodes(model) == []
+    nodes = {n.name: n for n in model.graph}
+    conv, fc = nodes["conv"], nodes["fc"]
+    s_x, _ = _dq_params(conv.inputs[0])
+    s_w, _ = _dq_params(conv.inputs[1])
+    s_b, z_b = _dq_params(conv.inputs[2])
+    bias_q = conv.inputs[2].producer().inputs[0].const_value
+    assert bias_q.dtype == ir.DataType.INT32 and not z_b.any()
+    np.testing.assert_allclose(s_b, (np.float64(s_x) * s_w).astype(np.float32), rtol=1e-6)  # s_b = s_x * s_w
+    assert fc.inputs[2].producer().inputs[0].const_value.dtype == ir.DataType.INT32
+    assert fc.inputs[1].producer().inputs[1].const_value.numpy().size == 1  # Gemm weights per tensor
+    # MaxPool and Reshape carry their input's encoding; 8-bit Sigmoid/Tanh get HTP's fixed ones.
+    pool_in, pool_out = _dq_params(nodes["pool"].inputs[0]), _dq_params(nodes["flatten"].inputs[0])
+    assert pool_in == pool_out
+    prob = next(v for v in model.graph.outputs if v.name == "prob")
+    assert _dq_params(prob) == (np.float32(1 / 256), np.uint8(0))
+    tanh = next(v for v in model.graph.outputs if v.name == "t")
+    assert _dq_params(tanh) == (np.float32(1 / 128), np.uint8(128))
+    # Still the same function: outputs close to the float model's on ONNX Runtime CPU.
+    x = np.random.default_rng(2).uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    ref = ort_session(cnn()).run(None, {"x": x})
+    out = ort_session(model).run(None, {"x": x})
+    for r, o in zip(ref, out):  # W8A8: a few 8-bit steps of the outputs
+        assert np.abs(r - o).max() < 0.1
+        assert float((r * o).sum() / np.linalg.norm(r) / np.linalg.norm(o)) > 0.99
+
+
+def test_legalize_w8a16_fixed_encodings_and_opset(tmp_path):
+    model = legalized(tmp_path, "int16")
+    assert model.opset_imports[""] >= 21
+    prob = next(v for v in model.graph.outputs if v.name == "prob")
+    tanh = next(v for v in model.graph.outputs if v.name == "t")
+    assert _dq_params(prob) == (np.float32(1 / 65536), np.uint16(0))
+    assert _dq_params(tanh) == (np.float32(1 / 32768), np.uint16(32768))
+    assert float_compute_nodes(model) == []
+
+
+def test_legalize_rewrites_gathernd_and_clamps_mask_sentinels(tmp_path):
+    """A BERT-style mask path: GatherND on a bool mask, ``Where(mask, 0, finfo.min)``."""
+    idx = np.stack([np.zeros(4, np.int64), np.arange(4)], axis=-1).reshape(1, 1, 4, 2)
+    inits = [numpy_helper.from_array(idx, "idx"), numpy_helper.from_array(np.float32(0), "zero"),
+             numpy_helper.from_array(np.float32(np.finfo(np.float32).min), "fmin"),
+             numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")]
+    nodes = [
+        helper.make_node("Cast", ["mask"], ["b"], name="to_bool", to=TensorProto.BOOL),
+        helper.make_node("GatherND", ["b", "idx"], ["g"], name="gnd"),
+        helper.make_node("Where", ["g", "zero", "fmin"], ["add_mask"], name="where"),
+        helper.make_node("MatMul", ["x", "w"], ["s"], name="scores"),
+        helper.make_node("Add", ["s", "add_mask"], ["masked"], name="add"),
+        helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+    ]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4]),
+                           helper.make_tensor_value_info("mask", TensorProto.INT64, [1, 4])],
+                   [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 1, 4, 4])], inits)
+    rng = np.random.default_rng(3)
+    mask = np.ones((16, 1, 4), np.int64)
+    mask[:, 0, 3] = 0
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 1, 1, 4, 4)).astype(np.float32), mask=mask)
+    data = load_npz(tmp_path / "c.npz", model_input_specs(model), what="calib")
+    ctx = PassContext(target=_Stub(), calibration=data, properties={"constants-folded"})
+    reference = ort_session(model).run(None, {"x": data.arrays["x"][0], "mask": mask[0]})[0]
+    model = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+    result = build_pass("qnn-legalize", {"activations": "int16"}).run(model, ctx)
+    assert result.stats["gathernd_rewritten"] == 1 and result.stats["sentinels_clamped"] == 1
+    assert not [n for n in result.model.graph if n.op_type == "GatherND"]
+    assert float_compute_nodes(result.model) == []
+    out = ort_session(result.model).run(None, {"x": data.arrays["x"][0], "mask": mask[0]})[0]
+    assert np.abs(out - reference).max() < 0.01 and out[..., 3].max() < 1e-6  # the padded key stays masked
+
+
+def test_aimet_encodings_offsets(tmp_path):
+    model = legalized(tmp_path)
+    enc = aimet_encodings(model)
+    assert enc["version"] == "0.6.1"
+    x = enc["activation_encodings"]["x"][0]
+    assert x["bitwidth"] == 8 and x["is_symmetric"] == "False" and x["offset"] <= 0
+    assert x["min"] == pytest.approx(x["offset"] * x["scale"])
+    assert x["max"] == pytest.approx((x["offset"] + 255) * x["scale"])
+    w = enc["param_encodings"]["w"]
+    assert len(w) == 8 and all(e["offset"] == -128 and e["is_symmetric"] == "True" for e in w)  # per channel
+    biases = [k for k in enc["param_encodings"] if k == "b" or k.startswith("b_")]  # quantize may correct it
+    assert len(biases) == 1 and all(e["bitwidth"] == 32 for e in enc["param_encodings"][biases[0]])
+    assert enc["activation_encodings"]["prob"][0]["scale"] == pytest.approx(1 / 256)  # keyed by the output name
+
+
+# -- the real HTP backend ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def target():
+    if not HAVE_QNN:
+        pytest.skip("onnxruntime-qnn cannot be imported: no QNN HTP backend here")
+    from compressor.targets import get_target
+
+    return get_target("qnn-htp")
+
+
+@needs_htp
+def test_lower_runs_wholly_on_htp_from_the_context_binary(tmp_path, target):
+    model = legalized(tmp_path, target=target)
+    files = target.lower(model, tmp_path / "out")
+    names = sorted(f.name for f in files)
+    assert names == ["model.encodings", "model.onnx", "model_ctx.onnx", "model_ctx_qnn.bin"]
+    ctx = onnx.load(tmp_path / "out" / "model_ctx.onnx")
+    assert [n.op_type for n in ctx.graph.node] == ["EPContext"]
+    run = target.runner(files)
+    assert run.path.name == "model_ctx.onnx"
+    assert run.session.get_session_options().get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
+    x = np.random.default_rng(4).uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    htp = run({"x": x})
+    cpu = ort_session(model).run(None, {"x": x})
+    for h, c in zip(htp, cpu):
+        assert np.abs(h - c).max() <= 3 / 128 + 1e-6  # within 3 steps of the Tanh output's 1/128
+    report = target.report(run)["qnn_htp"]
+    assert report["ran_wholly_on_htp"] and report["simulation_vs_device"]["top1_agreement"] == 1.0
+    json.loads((tmp_path / "out" / "model.encodings").read_text())
+
+
+@needs_htp
+def test_htp_refusal_names_the_node(tmp_path, target):
+    """A rank-6 Relu (HTP handles rank <= 5) fails at lowering with the nodes named: never a CPU fallback."""
+    shape = [1, 1, 1, 1, 2, 2]
+    inits = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="x_q"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="x_dq"),
+        helper.make_node("Relu", ["xd"], ["r"], name="relu6d"),
+        helper.make_node("QuantizeLinear", ["r", "s", "z"], ["rq"], name="r_q"),
+        helper.make_node("DequantizeLinear", ["rq", "s", "z"], ["y"], name="r_dq"),
+    ]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits, opset=21)
+    with pytest.raises(UnsupportedByTarget) as err:
+        target.lower(model, tmp_path / "bad")
+    assert "relu6d" in dict(err.value.offenders), err.value.offenders
+    assert err.value.exit_code == 4
+
+
+def _cli(argv, capsys):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@needs_htp
+def test_cli_exit_4_for_dynamic_input_and_missing_op(tmp_path, capsys):
+    dyn = tmp_path / "dyn.onnx"
+    save_model(cnn("N"), dyn)
+    code, err = _cli([dyn, "--recipe", "w8a8-npu", "--target", "qnn-htp", "-o", tmp_path / "o1"], capsys)
+    assert code == 4 and "input x: dynamic dimension" in err and "--input x=Nx3x8x8" in err
+    assert not (tmp_path / "o1").exists()
+    model = cnn()
+    erf = ir.node("Erf", [model.graph.outputs[0]], name="the_erf")
+    model.graph.append(erf)
+    erf.outputs[0].name, erf.outputs[0].dtype, erf.outputs[0].shape = "e", ir.DataType.FLOAT, ir.Shape([1, 10])
+    model.graph.outputs.append(erf.outputs[0])
+    path = tmp_path / "erf.onnx"
+    path.write_bytes(model_bytes(model))
+    code, err = _cli([path, "--recipe", "w8a8-npu", "--target", "qnn-htp", "-o", tmp_path / "o2"], capsys)
+    assert code == 4 and "the_erf: op Erf is not supported by QNN HTP" in err
+
+
+@needs_htp
+def test_digits_w8a8_npu_on_htp(tmp_path, capsys):
+    """Acceptance: the bundled digits CNN, W8A8 on the real HTP backend, 48 eval samples."""
+    data = np.load(EXAMPLES / "digits_eval.npz")
+    eval48 = tmp_path / "eval48.npz"
+    np.savez(eval48, images=data["images"][:48], labels=data["labels"][:48])
+    out = tmp_path / "out"
+    code, err = _cli([EXAMPLES / "digits_cnn.pt2", "--recipe", "w8a8-npu", "--target", "qnn-htp",
+                      "--input", "images=1x1x8x8", "--calib", EXAMPLES / "digits_calib.npz", "--eval", eval48,
+                      "--max-drop", "0.01", "--latency-runs", "2", "-o", out], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["gate"]["passed"] and manifest["accuracy_drop"] <= 0.01
+    assert manifest["metrics"]["compressed"]["top1"] >= 0.95
+    assert {f["path"] for f in manifest["files"]} == {"model.onnx", "model_ctx.onnx", "model_ctx_qnn.bin",
+                                                      "model.encodings"}
+    gap = manifest["qnn_htp"]["simulation_vs_device"]
+    assert gap["calls"] >= 48 and gap["top1_agreement"] >= 0.97 and gap["cosine_mean"] > 0.99
+    legal = next(p for p in manifest["passes"] if p["name"] == "qnn-legalize")
+    assert legal["stats"]["biases_int32"] == 5 and not legal["stats"]["kept_float"]
+    assert float_compute_nodes(ir.serde.deserialize_model(onnx.load(out / "model.onnx"))) == []

@@ -1,0 +1,118 @@
+"""``compress sweep``: the essential-sparsity curve and its knee on the bundled digits CNN."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from compressor.cli import main
+from compressor.errors import UsageError
+from compressor.sweep import parse_levels, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+MODEL = EXAMPLES / "digits_cnn.pt2"
+CALIB = EXAMPLES / "digits_calib.npz"
+EVAL = EXAMPLES / "digits_eval.npz"
+LEVELS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(tmp_path_factory) -> Path:
+    """The digits CNN captured once to ONNX (later captures of an .onnx are fast)."""
+    from compressor.capture import capture
+    from compressor.model_io import save_model
+
+    return save_model(capture(MODEL).model, tmp_path_factory.mktemp("onnx") / "digits.onnx")
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_magnitude_sweep_on_digits_finds_the_knee(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code, stdout, _ = run(["sweep", MODEL, "--pass", "prune-magnitude", "--levels", LEVELS, "--eval", EVAL,
+                           "--max-drop", "0.01", "-o", out, "--latency-runs", "1"], capsys)
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[0].split()[:4] == ["level", "sparsity", "top1", "drop"]
+    table = {line.split()[0]: line.split() for line in lines[2:12]}
+    assert list(table) == ["dense", *LEVELS.split(",")]
+    assert table["dense"][2] == "0.9917"
+    top1 = [float(table[lv][2]) for lv in LEVELS.split(",")]
+    assert top1[0] > 0.98 and top1[-1] < 0.5  # the curve falls off: 90% of the weights is too many
+    knee_line = next(line for line in lines if line.startswith("knee"))
+    data = json.loads((out / "sweep.json").read_text())
+    knee = data["knee"]
+    assert knee in LEVELS.split(",") and f": {knee} " in knee_line
+    by_level = {lv["level"]: lv for lv in data["levels"]}
+    assert by_level[knee]["drop"] <= 0.01
+    # the knee is the largest level within the budget
+    assert all(lv["drop"] > 0.01 for lv in data["levels"] if float(lv["level"]) > float(knee)) or \
+        max(float(lv["level"]) for lv in data["levels"] if lv["within_budget"]) == float(knee)
+    for lv in data["levels"]:
+        assert lv["sparsity"] == pytest.approx(float(lv["level"]), abs=0.01)
+    with (out / "sweep.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["level"] for r in rows] == ["dense", *LEVELS.split(",")]
+    assert float(rows[-1]["weight_mb_zlib"]) < float(rows[0]["weight_mb_zlib"])
+    png = out / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nm_and_channel_sweeps(digits_onnx, tmp_path):
+    nm = sweep(digits_onnx, pass_name="sparsify-nm", levels="1:4,2:4,3:4", eval_data=EVAL, outdir=tmp_path / "nm",
+               latency_runs=0)
+    assert [lv.level for lv in nm.levels] == ["1:4", "2:4", "3:4"]
+    assert [lv.sparsity for lv in nm.levels] == [0.75, 0.5, 0.25]
+    assert nm.levels[2].metric >= nm.levels[0].metric
+    assert nm.knee is None and nm.max_drop is None
+    channels = sweep(digits_onnx, pass_name="prune-channels", levels=[0.25, 0.5], eval_data=EVAL, calib=CALIB,
+                     options={"bias_correction": True}, outdir=tmp_path / "ch", max_drop=1.0, latency_runs=1)
+    first, second = channels.levels
+    assert first.stats["mflops"] < first.stats["mflops_before"]
+    assert second.stats["mflops"] < first.stats["mflops"]
+    assert channels.knee is second  # everything is within a budget of 1.0: the largest level wins
+    assert first.options == {"bias_correction": True, "ratio": 0.25}
+
+
+def test_no_level_within_budget_exits_3(digits_onnx, tmp_path, capsys):
+    code, stdout, _ = run(["sweep", digits_onnx, "--pass", "prune-magnitude", "--levels", "0.9", "--eval", EVAL,
+                           "--max-drop", "0", "-o", tmp_path, "--latency-runs", "0"], capsys)
+    assert code == 3
+    assert "knee: none" in stdout
+
+
+def test_without_matplotlib_a_csv_is_written(digits_onnx, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, stdout, _ = run(["sweep", digits_onnx, "--pass", "sparsify-nm", "--levels", "2:4", "--eval", EVAL,
+                           "-o", tmp_path, "--latency-runs", "0"], capsys)
+    assert code == 0
+    assert "no plot: matplotlib is not installed" in stdout
+    assert (tmp_path / "sweep.csv").is_file() and not (tmp_path / "sweep.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pass", "quantize", "--levels", "0.5"], "invalid choice: 'quantize'"),
+    (["--pass", "sparsify-nm", "--levels", "2-4"], "level '2-4' of sparsify-nm is not a N:M pattern"),
+    (["--pass", "sparsify-nm", "--levels", "4:4"], "1 <= n < m"),
+    (["--pass", "prune-magnitude", "--levels", "0.5", "--options", "{sparsity: 0.2}"], "is what --levels sets"),
+    (["--pass", "prune-magnitude", "--levels", "0.5", "--options", "{bias_correction: true}"], "--calib"),
+])
+def test_bad_usage_exits_2(argv, message, digits_onnx, capsys):
+    code, _, err = run(["sweep", digits_onnx, "--eval", EVAL, *argv], capsys)
+    assert code == 2
+    assert message in err
+
+
+def test_parse_levels():
+    assert parse_levels("prune-channels", "0.25, 0.5") == [("0.25", {"ratio": 0.25}), ("0.5", {"ratio": 0.5})]
+    with pytest.raises(UsageError, match="cannot be swept"):
+        parse_levels("fold-batchnorm", "0.5")

