@@ -15,7 +15,6 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol

@@ -99,7 +99,9 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
     if path.is_file() and path.stat().st_size == 0:
         raise CaptureError(f"{path}: the file is empty (0 bytes); check it was written completely")
     if path.is_dir():
-        captured = _capture_hf(path, overrides)
+        from compressor.capture_hf import capture_hf  # needs this module's export helpers
+
+        captured = capture_hf(path, overrides)
     elif path.suffix.lower() == ".onnx":
         captured = Captured(model_io.load_onnx(path), "onnx")
     elif path.suffix.lower() in (".pt2", ".pt", ".pth"):
@@ -312,111 +314,6 @@ def _example_inputs(path: Path, what: str, names: Sequence[str], required: Seque
 
 
 # -- Hugging Face ---------------------------------------------------------------------------------
-
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def _capture_hf(path: Path, overrides: Overrides) -> Captured:
-    if not (path / "config.json").is_file():
-        raise CaptureError(f"{path}: a directory without config.json, so not a Hugging Face model directory; "
-                           f"pass {SUPPORTED_FORMATS}")
-    if not any((path / name).is_file() for name in _HF_WEIGHTS):
-        raise CaptureError(f"{path}: config.json but no weights ({' or '.join(_HF_WEIGHTS[::2])}); "
-                           "write them with model.save_pretrained(directory)")
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise CaptureError(f"{path}: a Hugging Face model directory needs the transformers package: "
-                           "pip install 'compressor[transformers]'") from None
-    model = _load_hf(path, transformers)
-    kind = type(model).__name__
-    params = inspect.signature(model.forward).parameters
-    names = [n for n in HF_TEXT_INPUTS if n in params]
-    if "input_ids" not in names:
-        raise CaptureError(f"{path}: {kind} takes no input_ids; only text models are captured from a directory, "
-                           f"for others {_SAVE_PT2}")
-    batch, seq = HF_DEFAULT_SHAPE
-    for name, (shape, _dtype) in overrides.items():
-        if name not in names:
-            raise CaptureError(f"{path}: --input {name}: {kind} takes no input {name!r}; its inputs are "
-                               f"{', '.join(names)}")
-        if len(shape) != 2:
-            raise CaptureError(f"{path}: --input {name}: text inputs are batch x sequence, not rank {len(shape)}")
-        # torch.export specialises sizes 0 and 1: the example keeps the defaults then
-        batch, seq = (shape[0] if (shape[0] or 0) >= 2 else batch), (shape[1] if (shape[1] or 0) >= 2 else seq)
-    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
-    example = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)),
-               "attention_mask": torch.ones(batch, seq, dtype=torch.int64),
-               "token_type_ids": torch.zeros(batch, seq, dtype=torch.int64)}
-    example["attention_mask"][-1, seq // 2:] = 0  # padding in the example: the mask path stays in the graph
-    example = {n: example[n].to(getattr(torch, overrides.get(n, ((), None))[1] or "int64")) for n in names}
-    wrapper = _last_hidden_state_module()(model, use_cache="use_cache" in params).eval()
-    with torch.no_grad(), _quiet():
-        try:
-            wrapper(**example)
-        except Exception as err:
-            raise CaptureError(f"{path}: {kind} fails on example text inputs ({_summary(err)}); {_SAVE_PT2}") from None
-    max_len = getattr(model.config, "max_position_embeddings", None)  # position embeddings bound the sequence
-    max_len = max_len if isinstance(max_len, int) and max_len >= seq else None
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=max_len)}
-    onnx_model = _export(path, wrapper, kwargs=example, dynamic_shapes={n: dims for n in example},
-                         output_names=["last_hidden_state"])
-    for value in list(onnx_model.graph.initializers.values()):  # drop the wrapper's prefix: the HF names
-        if value.name.startswith("model.") and value.name[6:] not in onnx_model.graph.initializers:
-            value.name = value.name[6:]
-    if overrides:  # text inputs share batch x sequence: one --input fixes them all
-        shape = next(iter(overrides.values()))[0]
-        overrides.update({n: (shape, None) for n in example if n not in overrides})
-    return Captured(onnx_model, "hf", [
-        f"Hugging Face {kind} (attention {getattr(model.config, '_attn_implementation', None)}); inputs "
-        f"{', '.join(example)} with dynamic batch and sequence axes; output last_hidden_state only "
-        "(any pooler output dropped)", _OPTIMIZED])
-
-
-def _load_hf(path: Path, transformers: Any) -> Any:
-    """``AutoModel`` in eval mode, eager attention where the model has it (plain MatMul/Softmax)."""
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        with _quiet():
-            try:
-                model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True,
-                                                               attn_implementation="eager")
-            except Exception:
-                logger.debug("eager attention refused, loading with the default", exc_info=True)
-                model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
-    except Exception as err:
-        logger.debug("from_pretrained failed", exc_info=True)
-        raise CaptureError(f"{path}: transformers cannot load this model ({_summary(err)}); check config.json and "
-                           f"the weights (remote code is never run), or {_SAVE_PT2}") from None
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
-    return model.eval()
-
-
-def _last_hidden_state_module() -> type:
-    import torch
-
-    class LastHiddenState(torch.nn.Module):
-        """Calls a transformers model and returns only ``last_hidden_state``."""
-
-        def __init__(self, model: Any, use_cache: bool):
-            super().__init__()
-            self.model = model
-            self.extra = {"use_cache": False} if use_cache else {}
-
-        def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-            kwargs = {"attention_mask": attention_mask, "token_type_ids": token_type_ids}
-            kwargs = {k: v for k, v in kwargs.items() if v is not None}
-            out = self.model(input_ids=input_ids, return_dict=True, **kwargs, **self.extra)
-            return out.last_hidden_state
-
-    return LastHiddenState
-
-
-# -- export helpers -------------------------------------------------------------------------------
 
 def _export(path: Path, program: Any, *, kwargs: dict | None = None, dynamic_shapes: Any = None,
             output_names: list[str] | None = None) -> ir.Model:

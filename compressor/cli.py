@@ -1,6 +1,6 @@
 """The ``compress`` command line.
 
-    compress MODEL --recipe NAME|PATH [--target onnx] [--input NAME=SHAPE ...]
+    compress MODEL --recipe NAME|PATH [--target onnx|openvino|qnn-htp|tensorrt] [--input NAME=SHAPE ...]
              [--calib X.npz] [--eval X.npz] [--max-drop D] [-o OUTDIR]
     compress recipes
     compress inspect MODEL [--input NAME=SHAPE ...]

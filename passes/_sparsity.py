@@ -18,7 +18,9 @@ grouped convolution), read along the activation's channel axis: 1 for Conv and G
 Activation moments (:func:`activation_moments`) run the model in ONNX Runtime and keep,
 per channel ``c`` of each wanted tensor, ``sum x_c`` and ``sum x_c^2`` over every sample
 and position, so ``E[x_c] = sum x_c / n`` and ``||x_c||_2 = sqrt(sum x_c^2)`` with memory
-independent of the number of samples.
+independent of the number of samples. When the data has an ``attention_mask`` input
+(``N x S``), token activations (``N x S x ...``) are summed over real tokens only: what a
+model computes at padding positions is never used.
 
 Bias correction (:func:`add_output_bias`): when ``W`` becomes ``W_p``, the layer's output
 mean moves by ``(W_p - W) E[x]``; adding ``delta = (W - W_p) E[x]`` to its bias restores it:
@@ -47,6 +49,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from compressor.errors import CompressorError
+from compressor.evaluation import MASK_INPUT
 from compressor.model_io import ir_version_for, model_bytes
 from compressor.passes._graph import NameAllocator, NotFoldable, add_initializer, append_add, attr_float, attr_int, label
 from compressor.scope import Scope
@@ -271,12 +274,19 @@ def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
     for feed in data.batches(limit=limit):
         results = dict(zip(fetch, session.run(fetch, feed)))
         results.update((n, feed[n]) for n in axes if n in feed)
+        mask = feed.get(MASK_INPUT)
         for name, axis in axes.items():
             x = np.asarray(results[name], np.float64)
             axis %= x.ndim
             others = tuple(a for a in range(x.ndim) if a != axis)
-            total, squares = x.sum(axis=others), np.square(x).sum(axis=others)
-            count = x.size // x.shape[axis]
+            if mask is not None and mask.ndim == 2 and x.ndim >= 3 and axis >= 2 and x.shape[:2] == mask.shape:
+                # token activations: padding positions are not data (see compressor.evaluation)
+                keep = mask.astype(np.float64).reshape(mask.shape + (1,) * (x.ndim - 2))
+                total, squares = (x * keep).sum(axis=others), (np.square(x) * keep).sum(axis=others)
+                count = int(round(keep.sum())) * (x[0, 0].size // x.shape[axis])
+            else:
+                total, squares = x.sum(axis=others), np.square(x).sum(axis=others)
+                count = x.size // x.shape[axis]
             spatial = x.sum(axis=0) if axis == 1 and x.ndim >= 3 else None
             if name not in acc:
                 acc[name] = ChannelMoments(total, squares, count, spatial, x.shape[0])

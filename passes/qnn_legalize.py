@@ -46,7 +46,6 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from compressor.accuracy import WIDE_KEY
 from compressor.calibration import SENTINEL, collect_statistics, quant_params, quantize_array
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
@@ -170,13 +169,12 @@ def _stripped(model: ir.Model) -> ir.Model:
 class _Writer:
     """Adds Q/DQ nodes and quantized constants to the graph."""
 
-    def __init__(self, graph: ir.Graph, opts: QnnLegalizeOptions):
+    def __init__(self, graph: ir.Graph):
         self.graph = graph
         self.names = NameAllocator(graph)
         taken = {n.name for n in graph if n.name}
         self.node_names = lambda base: self._fresh_node_name(base, taken)
-        self.opts = opts
-        self.nodes: list[tuple[ir.Node | None, list[ir.Node]]] = []  # (insert after, nodes)
+        self.nodes: list[ir.Node] = []  # added to the graph by flush()
         self.const_cache: dict[tuple[int, str], ir.Value] = {}
         self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
                        "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0}
@@ -192,7 +190,7 @@ class _Writer:
     def _init(self, name: str, array: np.ndarray) -> ir.Value:
         return add_initializer(self.graph, self.names(name), array)
 
-    def qdq(self, value: ir.Value, dtype: str, scale: np.ndarray, zp: np.ndarray, after: ir.Node | None) -> _Encoding:
+    def qdq(self, value: ir.Value, dtype: str, scale: np.ndarray, zp: np.ndarray) -> _Encoding:
         """``value -> Q -> DQ``; the DQ output is what readers use."""
         base = value.name or "t"
         s = self._init(f"{base}_scale", np.asarray(scale, np.float32).reshape(()))
@@ -202,7 +200,7 @@ class _Writer:
         dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=self.node_names(f"{base}_DequantizeLinear"))
         dq.outputs[0].name = self.names(f"{base}_dequantized")
         dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
-        self.nodes.append((after, [q, dq]))
+        self.nodes += [q, dq]
         self.counts["qdq_added"] += 1
         return _Encoding(dtype, s.const_value.numpy(), z.const_value.numpy(), dq.outputs[0])
 
@@ -236,14 +234,13 @@ class _Writer:
         dq = ir.node("DequantizeLinear", [q_value, s, z], attributes=attrs, name=self.node_names(f"{base}_DequantizeLinear"))
         dq.outputs[0].name = self.names(f"{base}_dequantized")
         dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
-        self.nodes.append((None, [dq]))
+        self.nodes.append(dq)
         self.const_cache[key] = dq.outputs[0]
         return dq.outputs[0]
 
     def flush(self) -> None:
         """Add the new nodes to the graph (the caller sorts it topologically)."""
-        for _, nodes in self.nodes:
-            self.graph.extend(nodes)
+        self.graph.extend(self.nodes)
         self.nodes.clear()
 
 
@@ -279,7 +276,7 @@ class QnnLegalize(Pass):
         missing = [n for n in wanted if n not in cache]
         if missing:
             cache.update(collect_statistics(float_model, missing, ctx.calibration))
-        writer = _Writer(graph, opts)
+        writer = _Writer(graph)
         enc: dict[int, _Encoding] = {}
         kept: dict[str, str] = {}
 
@@ -287,7 +284,7 @@ class QnnLegalize(Pass):
             dtype = rules.activation.dtype
             return dataclasses.replace(rules.activation, dtype=_WIDE.get(dtype, dtype) if bits == 16 else dtype)
 
-        def calibrated(value: ir.Value, bits: int, after: ir.Node | None) -> _Encoding | None:
+        def calibrated(value: ir.Value, bits: int) -> _Encoding | None:
             stats = cache.get(value.name)
             problem = stats.problem() if stats is not None else f"tensor {value.name!r} was not calibrated"
             if problem:
@@ -297,7 +294,7 @@ class QnnLegalize(Pass):
             lo, hi = stats.range(opts.calibrator, **kwargs)
             spec = spec_for(bits)
             scale, zp = quant_params(lo, hi, spec)
-            return writer.qdq(value, spec.dtype, scale, zp, after)
+            return writer.qdq(value, spec.dtype, scale, zp)
 
         def encode_output(value: ir.Value, node: ir.Node | None, bits: int, first_input: _Encoding | None) -> None:
             """Give ``value`` its encoding (case 1) and route the quantize pass's Q readers to it."""
@@ -306,11 +303,11 @@ class QnnLegalize(Pass):
             chosen: _Encoding | None = None
             fixed = rules.fixed_outputs.get((node.op_type, dtype)) if node is not None else None
             if fixed is not None:  # case 1a
-                chosen = writer.qdq(value, dtype, np.float32(fixed[0]), np.asarray(fixed[1]), node)
+                chosen = writer.qdq(value, dtype, np.float32(fixed[0]), np.asarray(fixed[1]))
                 writer.counts["fixed_encodings"] += 1
             elif node is not None and node.op_type in rules.same_encoding and first_input is not None \
                     and first_input.bits == bits:  # case 1b
-                chosen = writer.qdq(value, first_input.dtype, first_input.scale, first_input.zero_point, node)
+                chosen = writer.qdq(value, first_input.dtype, first_input.scale, first_input.zero_point)
                 writer.counts["shared_encodings"] += 1
             else:
                 for q, dq in readers:  # case 1c
@@ -320,7 +317,7 @@ class QnnLegalize(Pass):
                         writer.counts["reused_encodings"] += 1
                         break
                 if chosen is None:  # case 1d
-                    chosen = calibrated(value, bits, node)
+                    chosen = calibrated(value, bits)
             if chosen is None:
                 return
             enc[id(value)] = chosen
@@ -334,23 +331,20 @@ class QnnLegalize(Pass):
                     q.replace_input_with(0, chosen.value)  # a requantization (QNN Convert)
                     writer.counts["requantized"] += 1
 
-        def read_as(value: ir.Value, bits: int, reader: ir.Node) -> ir.Value | None:
-            """What ``reader`` should read instead of ``value`` at width ``bits`` (case 2)."""
-            have = _dq_encoding(value) or enc.get(id(value))
-            if have is None:
-                return None
-            if have.bits == bits:
-                return have.value
-            spec = spec_for(bits)
-            scale, zp = quant_params(*have.range(), spec)
-            converted = writer.qdq(have.value, spec.dtype, scale, zp, have.value.producer())
-            writer.counts["requantized"] += 1
-            enc_key = (id(have.value), bits)
-            converts[enc_key] = converted
-            return converted.value
-
         converts: dict[tuple[int, int], _Encoding] = {}
-        wide_layers = set(ctx.options.get(WIDE_KEY, ()))
+
+        def read_as(value: ir.Value, bits: int) -> _Encoding | None:
+            """The encoding a reader at width ``bits`` reads ``value`` through (case 2)."""
+            have = _dq_encoding(value) or enc.get(id(value))
+            if have is None or have.bits == bits:
+                return have
+            key = (id(have.value), bits)
+            if key not in converts:  # DQ_a -> Q_b -> DQ_b over the same real range
+                spec = spec_for(bits)
+                scale, zp = quant_params(*have.range(), spec)
+                converts[key] = writer.qdq(have.value, spec.dtype, scale, zp)
+                writer.counts["requantized"] += 1
+            return converts[key]
 
         for value in graph.inputs:
             if _is_float(value) and value.const_value is None:
@@ -369,8 +363,6 @@ class QnnLegalize(Pass):
             else:
                 out_q = [(_q_params(q) or ("",))[0] for out in node.outputs for q, _ in _activation_q_readers(out)]
                 bits = 16 if default_bits == 16 or any(d.endswith("16") for d in out_q) else 8
-                if (node.name or "") in wide_layers:
-                    bits = 16
             first_input: _Encoding | None = None
             for index, value in enumerate(node.inputs):
                 if value is None or not _is_float(value):
@@ -387,16 +379,13 @@ class QnnLegalize(Pass):
                     if index == 0:
                         first_input = _dq_encoding(value)
                     continue
-                key = _dq_encoding(value) or enc.get(id(value))
-                cached = converts.get((id(key.value), bits)) if key is not None else None
-                new = cached.value if cached is not None else read_as(value, bits, node)
-                if new is None:
+                got = read_as(value, bits)
+                if got is None:  # kept float (listed in stats["kept_float"])
                     continue
-                if new is not value:
-                    node.replace_input_with(index, new)
+                if got.value is not value:
+                    node.replace_input_with(index, got.value)
                 if index == 0:
-                    first_input = _dq_encoding(new) or enc.get(id(new)) or next(
-                        (c for c in converts.values() if c.value is new), None)
+                    first_input = got
             for out in node.outputs:
                 if _is_float(out):
                     encode_output(out, node, bits, first_input)

@@ -192,9 +192,17 @@ class Quantize(Pass):
                     tensor_skips[value.name] = f"derived only from integer input {masks[value.name]!r} (mask/shape path)"
         smoothed = 0
         if opts.smoothquant is not None:
+            # Smooth every candidate layer, given back or not (the transform is exact in float),
+            # so the smoothed model, and with it the cached statistics, is the same on every
+            # re-run of accuracy control; then find the layers to quantize again.
             smooth_cache = ctx.cache.setdefault("smoothquant.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
-            smoothed = smooth_layers(model, layers, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
+            candidates, _ = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
+                                        activation_matmuls=opts.activation_matmuls)
+            smoothed = smooth_layers(model, candidates, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
                                      cache=smooth_cache)
+            layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
+                                          exclude=ctx.options.get(EXCLUDE_KEY, ()),
+                                          activation_matmuls=opts.activation_matmuls)
         names = sorted({v.name for layer in layers for _, v in layer.activations} - set(tensor_skips))
         # Statistics depend only on the model before Q/DQ and the data: cache them per tensor,
         # so accuracy control's re-runs calibrate nothing.

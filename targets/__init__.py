@@ -17,6 +17,7 @@ TARGETS: dict[str, str] = {
     "onnx": "compressor.targets.onnx:OnnxTarget",
     "openvino": "compressor.targets.openvino:OpenVinoTarget",
     "qnn-htp": "compressor.targets.qnn_htp:QnnHtpTarget",
+    "tensorrt": "compressor.targets.tensorrt:TensorRtTarget",
 }
 
 

@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -180,6 +181,9 @@ SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})
 
 #: Samples of the simulation-vs-device comparison kept by a runner.
 GAP_SAMPLES = 64
+#: Samples run again on HTP for that comparison when the final runner saw fewer (it was
+#: rebuilt after accuracy control and ran only the latency batch).
+GAP_RERUN = 16
 
 _REGISTERED = False
 
@@ -251,6 +255,22 @@ def _native_stderr() -> Iterator[Path]:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence native writes to fd 1 (the HTP library prints a banner when it first loads)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 1)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
 _REASON = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((\w+)\) :\n(.*?)\tREASON : ([^\n]*)", re.S)
 _NODE_LINE = re.compile(r"Operator type: (\w+) Node name: (\S*) Node index")
 
@@ -261,7 +281,7 @@ def refused_nodes(source: str | bytes) -> list[tuple[str, str]]:
     Builds a session with CPU fallback allowed and the graph assignment recorded, and reads
     the EP's verbose validation log for the reasons.
     """
-    with _native_stderr() as log:
+    with _native_stderr() as log, _quiet_stdout():
         session = ort.InferenceSession(source, _session_options(fallback=True, record=True, severity=0))
     text = log.read_text(errors="replace")
     log.unlink(missing_ok=True)
@@ -309,8 +329,9 @@ def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
     """
     before = set(ctx_path.parent.iterdir())
     try:
-        compiler = ort.ModelCompiler(_session_options(), str(model_path), embed_compiled_data_into_model=False)
-        compiler.compile_to_file(str(ctx_path))
+        with _quiet_stdout():
+            compiler = ort.ModelCompiler(_session_options(), str(model_path), embed_compiled_data_into_model=False)
+            compiler.compile_to_file(str(ctx_path))
     except Exception as err:  # ONNX Runtime's own exception types
         raise _fail(str(model_path), err) from None
     new = sorted(p for p in set(ctx_path.parent.iterdir()) - before if p != ctx_path)
@@ -422,7 +443,8 @@ class QnnHtpRunner(Runner):
         self.path = Path(path)
         self.qdq_path = qdq_path
         try:
-            self.session = ort.InferenceSession(str(self.path), _session_options())
+            with _quiet_stdout():
+                self.session = ort.InferenceSession(str(self.path), _session_options())
         except Exception as err:  # ONNX Runtime's own exception types
             raise _fail(str(self.path), err) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -506,10 +528,14 @@ class QnnHtpTarget(Target):
         if runner.qdq_path is None:
             return out
         from compressor.evaluation import fidelity  # evaluation imports data; keep this module light
+        from compressor.model_io import load_onnx
+
+        # Nodes outside a Q/DQ node unit run in fp16 on HTP: the list should be empty.
+        out["qnn_htp"]["float_nodes"] = float_compute_nodes(load_onnx(runner.qdq_path))
 
         seen = list(runner.seen)
         if len(seen) < min(8, len(self._feeds)):  # a runner built after accuracy control saw one batch
-            seen = [(feed, runner(feed)) for feed in self._feeds]
+            seen = [(feed, runner(feed)) for feed in self._feeds[:GAP_RERUN]]
         if not seen:
             return out
         cpu = OrtRunner(runner.qdq_path)
@@ -568,7 +594,7 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
 
 
 def _foldable(model: ir.Model) -> set[int]:
-    """ids of nodes computed only from constants and the shapes of statically shaped tensors."""
+    """ids of nodes computed only from constants and tensor shapes (constants once shapes are static)."""
     const: set[int] = set()
     done: set[int] = set()
 
@@ -580,9 +606,10 @@ def _foldable(model: ir.Model) -> set[int]:
         return id(value) in const
 
     for node in model.graph:  # topological order
-        if node.op_type in _SHAPE_OPS and node.inputs and node.inputs[0] is not None:
-            shape = node.inputs[0].shape
-            static = is_const(node.inputs[0]) or (shape is not None and all(isinstance(d, int) for d in shape))
+        if node.op_type in _SHAPE_OPS:
+            # Static once the inputs are (a dynamic input is reported on its own, with the
+            # --input that fixes it); a data-dependent shape is refused at lowering.
+            static = True
         else:
             static = node.op_type == "Constant" or (bool(node.inputs) and all(is_const(v) for v in node.inputs))
         if static:

@@ -197,6 +197,25 @@ def test_wanda_mask_beats_magnitude_on_outlier_channels():
     assert wanda < 0.7 * magnitude, (wanda, magnitude)
 
 
+def test_activation_norms_ignore_padding_tokens():
+    from compressor.passes._sparsity import activation_moments
+
+    model = model_from_text(f"""{HEADER}
+    g (float[2,3,4] x, int64[2,3] attention_mask) => (float[2,3,4] y) {{
+      y = MatMul(x, w)
+    }}""", w=np.eye(4, dtype=np.float32))
+    x = np.ones((4, 3, 4), np.float32)
+    mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]], np.int64)
+    x[mask == 0] = 1000.0  # what the model computes at padding: never used
+    data = Dataset({"x": x, "attention_mask": mask}, model_input_specs(model), {"x": False, "attention_mask": False},
+                   None, "test", "padding")
+    moments = activation_moments(model, {"x": -1, "y": -1}, data)
+    for m in moments.values():
+        assert m.count == int(mask.sum())
+        np.testing.assert_allclose(m.mean, 1.0)
+        np.testing.assert_allclose(m.norm, np.sqrt(mask.sum()))
+
+
 def test_wanda_needs_calibration():
     with pytest.raises(CompressorError, match="--calib"):
         _run(_layer_model("MatMul", 8, 4), mask="wanda")

@@ -1,0 +1,111 @@
+"""Benchmark: INT8 CNNs on OpenVINO CPU, compressor vs NNCF, in one run.
+
+Rows:
+* digits CNN (examples/, batch 64): OpenVINO fp32 and compressor int8 -> openvino;
+  top-1 on the held-out eval set and latency.
+* ResNet-50 (the onnx wheel's light_resnet50.onnx, batch 1, 224x224; its weights are
+  constants, so speed only): OpenVINO fp32, NNCF int8, compressor int8, with quantize time.
+
+Latencies are medians of interleaved runs in one process.
+
+    python tools/bench_cnn.py [--out bench-out/cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+RESNET = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"
+
+
+def _time(runners: dict, feed: dict, rounds: int) -> dict[str, float]:
+    times = {k: [] for k in runners}
+    for run in runners.values():
+        for _ in range(3):
+            run(feed)
+    for _ in range(rounds):
+        for k, run in runners.items():
+            t = time.perf_counter()
+            run(feed)
+            times[k].append((time.perf_counter() - t) * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _top1(run, images: np.ndarray, labels: np.ndarray) -> float:
+    logits = np.concatenate([run({"images": images[i:i + 64]})[0] for i in range(0, len(images), 64)])
+    return float((logits.argmax(1) == labels).mean())
+
+
+def digits(out: Path) -> list[list[str]]:
+    import openvino as ov
+
+    from compressor.api import compress
+    from compressor.capture import capture
+    from compressor.model_io import save_model
+    from compressor.targets.openvino import OpenVinoRunner
+
+    save_model(capture(ROOT / "examples/digits_cnn.pt2").model, out / "digits.onnx")
+    ov.save_model(ov.convert_model(str(out / "digits.onnx")), str(out / "digits_fp32.xml"), compress_to_fp16=False)
+    result = compress(out / "digits.onnx", recipe="int8", outdir=out / "digits_int8", target="openvino",
+                      calib=ROOT / "examples/digits_calib.npz", eval_data=ROOT / "examples/digits_eval.npz",
+                      latency_runs=1)
+    quant_s = next(r["seconds"] for r in result.manifest["passes"] if r["name"] == "quantize")
+    ev = np.load(ROOT / "examples/digits_eval.npz")
+    runners = {"fp32": OpenVinoRunner(out / "digits_fp32.xml"), "int8": OpenVinoRunner(out / "digits_int8/model.xml")}
+    acc = {k: _top1(r, ev["images"], ev["labels"]) for k, r in runners.items()}
+    ms = _time(runners, {"images": ev["images"][:64]}, 200)
+    return [["digits CNN, OpenVINO fp32", f"{ms['fp32']:.3f}", "1.00x", f"{acc['fp32'] * 100:.2f}", "-", "-"],
+            ["digits CNN, compressor int8 -> openvino", f"{ms['int8']:.3f}", f"{ms['fp32'] / ms['int8']:.2f}x",
+             f"{acc['int8'] * 100:.2f}", f"{(acc['fp32'] - acc['int8']) * 100:+.2f}", f"{quant_s:.2f}"]]
+
+
+def resnet(out: Path) -> list[list[str]]:
+    import nncf
+    import openvino as ov
+
+    from compressor.api import compress
+    from compressor.targets.openvino import OpenVinoRunner
+
+    rng = np.random.default_rng(0)
+    calib = rng.random((64, 1, 3, 224, 224), dtype=np.float32)
+    np.savez(out / "resnet_calib.npz", **{"gpu_0/data_0": calib})
+    fp32 = ov.convert_model(str(RESNET))
+    ov.save_model(fp32, str(out / "resnet_fp32.xml"), compress_to_fp16=False)
+    start = time.perf_counter()
+    q = nncf.quantize(ov.convert_model(str(RESNET)), nncf.Dataset([{"gpu_0/data_0": c} for c in calib]),
+                      subset_size=len(calib))
+    nncf_s = time.perf_counter() - start
+    ov.save_model(q, str(out / "resnet_nncf.xml"), compress_to_fp16=False)
+    result = compress(RESNET, recipe="int8", outdir=out / "resnet_int8", target="openvino",
+                      calib=out / "resnet_calib.npz", latency_runs=1)
+    quant_s = next(r["seconds"] for r in result.manifest["passes"] if r["name"] == "quantize")
+    runners = {"fp32": OpenVinoRunner(out / "resnet_fp32.xml"), "nncf": OpenVinoRunner(out / "resnet_nncf.xml"),
+               "ours": OpenVinoRunner(out / "resnet_int8/model.xml")}
+    ms = _time(runners, {"gpu_0/data_0": calib[0]}, 30)
+    return [["ResNet-50, OpenVINO fp32", f"{ms['fp32']:.1f}", "1.00x", "-", "-", "-"],
+            ["ResNet-50, NNCF int8 -> OpenVINO", f"{ms['nncf']:.1f}", f"{ms['fp32'] / ms['nncf']:.2f}x", "-", "-",
+             f"{nncf_s:.1f}"],
+            ["ResNet-50, compressor int8 -> openvino", f"{ms['ours']:.1f}", f"{ms['fp32'] / ms['ours']:.2f}x", "-", "-",
+             f"{quant_s:.1f}"]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench-out/cnn"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = digits(args.out) + resnet(args.out)
+    header = ["system", "ms", "vs OV fp32", "top-1 %", "top-1 drop (points)", "quantize s"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
