@@ -240,7 +240,13 @@ def compress(
         budget = recipe_obj.accuracy.max_drop
         control = None
         quantized_layers = _quantized_layers(reports)
-        if budget is not None and evaluation.drop > budget and snapshot is not None and quantized_layers:
+        all_wide = tgt.capabilities.fallback == "int16" and all(
+            r.options.get("activations") == "int16" for r in reports if r.name == "quantize")
+        if all_wide and budget is not None and evaluation.drop > budget:
+            logger.warning("every quantized layer already uses 16-bit activations: accuracy control has nothing to "
+                           "promote on target %r", tgt.name)
+        if (budget is not None and evaluation.drop > budget and snapshot is not None and quantized_layers
+                and not all_wide):
             t = time.perf_counter()
             control = _control(tgt, snapshot, passes[split:], ctx, quantized_layers, score, evaluation,
                                recipe_obj.accuracy, eval_set, run_baseline, work_dir, progress)

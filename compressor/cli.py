@@ -297,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompressorError as err:
         message = str(err).replace("\n", " ")
         print(f"error: {message}", file=sys.stderr)
+        for node, why in getattr(err, "offenders", [])[5:] if len(getattr(err, "offenders", [])) > 5 else []:
+            print(f"  {node}: {why}", file=sys.stderr)  # the rest of the offending nodes, one per line
         if verbose:
             traceback.print_exc()
         return err.exit_code
