@@ -327,6 +327,9 @@ def collect_statistics(
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # keep fetched tensors unfused
         options.log_severity_level = 3
+        # Between runs this process histograms the fetched tensors; spinning ORT workers
+        # would fight numpy for the same cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     del proto, work
     samples = 0
