@@ -24,7 +24,7 @@ import onnx_ir as ir
 from compressor.scope import Scope
 from compressor.targets.base import Capabilities, OpQuant
 
-__all__ = ["Layer", "find_layers", "integer_derived", "weight_channel_axis"]
+__all__ = ["Layer", "find_layers", "integer_derived", "output_channel_axis", "weight_channel_axis"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,11 @@ def integer_derived(graph: ir.Graph) -> dict[str, str]:
 
 def weight_channel_axis(node: ir.Node, weight: ir.Value) -> int:
     """The weight axis indexing output channels (the per-channel quantization axis)."""
-    rank = len(weight.shape) if weight.shape is not None else 2
+    return output_channel_axis(node, len(weight.shape) if weight.shape is not None else 2)
+
+
+def output_channel_axis(node: ir.Node, rank: int) -> int:
+    """The output-channel axis of a rank-``rank`` weight of ``node``."""
     if node.op_type == "Conv":
         return 0
     if node.op_type == "ConvTranspose":

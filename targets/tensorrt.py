@@ -62,6 +62,7 @@ import onnx_ir as ir
 from compressor.errors import CompressorError, DataError, UnsupportedByTarget
 from compressor.inputs import InputSpec, model_input_specs
 from compressor.model_io import save_model
+from compressor.passes._placement import integer_derived, output_channel_axis
 from compressor.targets.base import Capabilities, OpQuant, QuantSpec, Runner, Target, check_capabilities
 
 __all__ = [
@@ -163,29 +164,12 @@ def _is_const(value: ir.Value | None) -> bool:
     return value is None or _const(value) is not None
 
 
-def _weight_axis(node: ir.Node, rank: int) -> int:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        trans_b = node.attributes.get("transB")
-        return 0 if trans_b is not None and trans_b.as_int() else 1
-    return rank - 1
-
-
 def _quantized_layer(node: ir.Node) -> ir.Node | None:
     """The DQ reading a constant weight of compute ``node`` (its weight is quantized), else None."""
     if node.op_type not in _COMPUTE or len(node.inputs) < 2:
         return None
     dq = _producer(node.inputs[1], "DequantizeLinear")
     return dq if dq is not None and _is_const(dq.inputs[0]) else None
-
-
-def _integer_derived(graph: ir.Graph) -> dict[str, str]:
-    from compressor.passes._placement import integer_derived
-
-    return integer_derived(graph)
 
 
 def _source_layer(value: ir.Value | None, limit: int = 8) -> ir.Node | None:
@@ -236,7 +220,7 @@ def check_qdq_placement(model: ir.Model) -> list[tuple[str, str]]:
     quantized layer with int8 kernels (whether it does is read from the engine).
     """
     graph = model.graph
-    masks = _integer_derived(graph)
+    masks = integer_derived(graph)
     out: list[tuple[str, str]] = []
     for node in graph:
         label = _label(node)
@@ -311,7 +295,7 @@ def _weight_axis_findings(node: ir.Node, dq: ir.Node) -> list[tuple[str, str]]:
     if weight is None or scale is None:
         return []
     label = _label(node)
-    want = _weight_axis(node, weight.ndim)
+    want = output_channel_axis(node, weight.ndim)
     if node.op_type == "ConvTranspose":
         group = node.attributes.get("group")
         channels = weight.shape[1] * (group.as_int() if group is not None else 1)
@@ -334,7 +318,7 @@ def _reduction_rows(node: ir.Node, w: np.ndarray) -> np.ndarray | None:
     if node.op_type == "Conv" and w.ndim >= 3:
         return np.moveaxis(w, 1, -1).reshape(-1, w.shape[1])
     if node.op_type == "Gemm" and w.ndim == 2:
-        return w if _weight_axis(node, 2) == 0 else w.T
+        return w if output_channel_axis(node, 2) == 0 else w.T
     if node.op_type == "MatMul" and w.ndim == 2:
         return w.T
     return None

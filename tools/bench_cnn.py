@@ -14,28 +14,16 @@ Latencies are medians of interleaved runs in one process.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from bench_minilm import time_runners  # tools/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"
-
-
-def _time(runners: dict, feed: dict, rounds: int) -> dict[str, float]:
-    times = {k: [] for k in runners}
-    for run in runners.values():
-        for _ in range(3):
-            run(feed)
-    for _ in range(rounds):
-        for k, run in runners.items():
-            t = time.perf_counter()
-            run(feed)
-            times[k].append((time.perf_counter() - t) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _top1(run, images: np.ndarray, labels: np.ndarray) -> float:
@@ -60,7 +48,7 @@ def digits(out: Path) -> list[list[str]]:
     ev = np.load(ROOT / "examples/digits_eval.npz")
     runners = {"fp32": OpenVinoRunner(out / "digits_fp32.xml"), "int8": OpenVinoRunner(out / "digits_int8/model.xml")}
     acc = {k: _top1(r, ev["images"], ev["labels"]) for k, r in runners.items()}
-    ms = _time(runners, {"images": ev["images"][:64]}, 200)
+    ms = time_runners(runners, {"images": ev["images"][:64]}, 200)
     return [["digits CNN, OpenVINO fp32", f"{ms['fp32']:.3f}", "1.00x", f"{acc['fp32'] * 100:.2f}", "-", "-"],
             ["digits CNN, compressor int8 -> openvino", f"{ms['int8']:.3f}", f"{ms['fp32'] / ms['int8']:.2f}x",
              f"{acc['int8'] * 100:.2f}", f"{(acc['fp32'] - acc['int8']) * 100:+.2f}", f"{quant_s:.2f}"]]
@@ -88,7 +76,7 @@ def resnet(out: Path) -> list[list[str]]:
     quant_s = next(r["seconds"] for r in result.manifest["passes"] if r["name"] == "quantize")
     runners = {"fp32": OpenVinoRunner(out / "resnet_fp32.xml"), "nncf": OpenVinoRunner(out / "resnet_nncf.xml"),
                "ours": OpenVinoRunner(out / "resnet_int8/model.xml")}
-    ms = _time(runners, {"gpu_0/data_0": calib[0]}, 30)
+    ms = time_runners(runners, {"gpu_0/data_0": calib[0]}, 30)
     return [["ResNet-50, OpenVINO fp32", f"{ms['fp32']:.1f}", "1.00x", "-", "-", "-"],
             ["ResNet-50, NNCF int8 -> OpenVINO", f"{ms['nncf']:.1f}", f"{ms['fp32'] / ms['nncf']:.2f}x", "-", "-",
              f"{nncf_s:.1f}"],

@@ -150,10 +150,8 @@ def run_row(name: str, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def time_interleaved(xmls: dict[str, str], feed: dict[str, np.ndarray], rounds: int = 30) -> dict[str, float]:
-    from compressor.targets.openvino import OpenVinoRunner
-
-    runners = {k: OpenVinoRunner(Path(v)) for k, v in xmls.items()}
+def time_runners(runners: dict, feed: dict[str, np.ndarray], rounds: int = 30) -> dict[str, float]:
+    """Median ms per call of each runner, timed round-robin in one process after a warm-up."""
     times: dict[str, list[float]] = {k: [] for k in runners}
     for run in runners.values():
         for _ in range(3):
@@ -164,6 +162,12 @@ def time_interleaved(xmls: dict[str, str], feed: dict[str, np.ndarray], rounds: 
             run(feed)
             times[k].append((time.perf_counter() - t) * 1000)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_interleaved(xmls: dict[str, str], feed: dict[str, np.ndarray], rounds: int = 30) -> dict[str, float]:
+    from compressor.targets.openvino import OpenVinoRunner
+
+    return time_runners({k: OpenVinoRunner(Path(v)) for k, v in xmls.items()}, feed, rounds)
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
