@@ -24,12 +24,16 @@ import numpy as np
 from compressor.errors import DataError
 from compressor.inputs import InputSpec
 
-__all__ = ["Dataset", "load_npz", "random_dataset", "LABELS_KEY"]
+__all__ = ["Dataset", "load_npz", "random_dataset", "LABELS_KEY", "MASK_INPUT"]
 
 logger = logging.getLogger(__name__)
 
 LABELS_KEY = "labels"
 DEFAULT_BATCH = 16
+
+#: The input whose ``[samples, positions]`` values say which positions are real tokens
+#: (padding is masked out of statistics and comparisons).
+MASK_INPUT = "attention_mask"
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor.data import Dataset
+from compressor.data import MASK_INPUT, Dataset
 
 __all__ = ["Evaluation", "collect_outputs", "fidelity", "top1_accuracy", "compare", "evaluate", "measure_latency"]
 
@@ -99,9 +99,6 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of samples whose argmax over the last axis equals the label."""
     pred = logits.reshape(len(logits), -1).argmax(axis=1)
     return float((pred == labels[: len(pred)]).mean())
-
-
-MASK_INPUT = "attention_mask"
 
 
 def mask_padding(outputs: list[np.ndarray], data: Dataset) -> list[np.ndarray]:

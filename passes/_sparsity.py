@@ -48,8 +48,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from compressor.data import MASK_INPUT
 from compressor.errors import CompressorError
-from compressor.evaluation import MASK_INPUT
 from compressor.model_io import ir_version_for, model_bytes
 from compressor.passes._graph import NameAllocator, NotFoldable, add_initializer, append_add, attr_float, attr_int, label
 from compressor.scope import Scope

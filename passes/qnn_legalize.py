@@ -46,11 +46,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from compressor.calibration import SENTINEL, collect_statistics, quant_params, quantize_array
+from compressor.calibration import SENTINEL, collect_statistics
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
 from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
+from compressor.quant_math import quant_params, quantize_array
 from compressor.targets.base import QuantSpec
 
 __all__ = ["QnnLegalize", "QnnLegalizeOptions"]

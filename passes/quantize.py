@@ -3,7 +3,8 @@
 For each compute layer the target quantizes (see :mod:`._placement`):
 
 1. every activation input ``x`` gets ``DQ(Q(x, s, z), s, z)`` with ``s, z`` from the
-   calibrated range ``[lo, hi]`` of ``x`` (calibrator ``minmax``, ``percentile`` or ``mse``):
+   calibrated range ``[lo, hi]`` of ``x`` (calibrator ``minmax``, ``mean_minmax``,
+   ``percentile`` or ``mse``):
    asymmetric ``s = (hi - lo) / (qmax - qmin)``, ``z = qmin - round(lo / s)``; symmetric
    ``s = max(|lo|, |hi|) / qmax``, ``z = 0``;
 2. the constant weight ``W`` is stored quantized, ``Wq = clip(round(W / s_c))`` per output
@@ -34,13 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
-from compressor.calibration import (
-    collect_statistics,
-    dequantize_array,
-    quant_params,
-    quantize_array,
-    weight_quant_params,
-)
+from compressor.calibration import collect_statistics
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
@@ -48,6 +43,7 @@ from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.passes._placement import Layer, find_layers, integer_derived, weight_channel_axis
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
+from compressor.quant_math import dequantize_array, quant_params, quantize_array, weight_quant_params
 from compressor.scope import Scope
 from compressor.targets.base import Capabilities, QuantSpec
 
@@ -75,7 +71,7 @@ class QuantizeOptions:
 
     activations: Literal["int8", "int16"] = "int8"
     weights: Literal["int8-per-channel", "int8-per-tensor"] = "int8-per-channel"
-    calibrator: Literal["minmax", "percentile", "mse"] = "percentile"
+    calibrator: Literal["minmax", "mean_minmax", "percentile", "mse"] = "percentile"
     percentile: float = 99.99
     ops: tuple[str, ...] = ()
     scope: Scope = Scope()

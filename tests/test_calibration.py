@@ -11,19 +11,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.calibration import (
-    SENTINEL,
-    TensorStats,
-    collect_statistics,
-    dequantize_array,
-    quant_params,
-    quantize_array,
-    weight_quant_params,
-)
+from compressor.calibration import SENTINEL, TensorStats, collect_statistics
 from compressor.data import load_npz
 from compressor.errors import CompressorError, OptionsError
 from compressor.histogram import GrowingHistogram
 from compressor.inputs import model_input_specs
+from compressor.quant_math import dequantize_array, quant_params, quantize_array, weight_quant_params
 from compressor.targets.base import QuantSpec
 
 RNG_SEED = 1234
@@ -82,6 +75,42 @@ def test_limit_and_unknown_tensor(tmp_path):
     assert stats["h"].count == 20 * 8
     with pytest.raises(CompressorError, match=r"'hh' \(did you mean 'h'"):
         collect_statistics(model, ["hh"], data)
+
+
+def test_mean_minmax_averages_each_samples_range():
+    stats = TensorStats("t")
+    # batch 1: samples with ranges [-1, 1] and [-3, 5]; batch 2: one sample [0, 2]
+    stats.update(np.array([[-1.0, 1.0], [-3.0, 5.0]]), samples=2)
+    stats.update(np.array([[0.0, 2.0]]), samples=1)
+    assert stats.range("minmax") == (-3.0, 5.0)
+    assert stats.range("mean_minmax") == pytest.approx(((-1 - 3 + 0) / 3, (1 + 5 + 2) / 3))
+    # a tensor whose leading axis is not the batch (a reshaped [B*S, C]) counts per batch
+    other = TensorStats("u")
+    other.update(np.array([[-1.0, 1.0], [-3.0, 5.0], [0.0, 0.0]]), samples=2)
+    other.update(np.array([[1.0, 3.0]]), samples=1)
+    assert other.range("mean_minmax") == pytest.approx(((-3 + 1) / 2, (5 + 3) / 2))
+
+
+def test_padding_positions_are_left_out_of_statistics(tmp_path):
+    """With an attention mask in the feed, [N, S, C] tensors count real tokens only."""
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["h"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", 4])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 4, 3])]),
+        opset_imports=[helper.make_opsetid("", 21)])
+    model = ir.serde.deserialize_model(proto)
+    rng = np.random.default_rng(RNG_SEED)
+    x = rng.uniform(-1, 1, (6, 4, 3)).astype(np.float32)
+    mask = np.ones((6, 4), np.int64)
+    mask[:, 2:] = 0
+    x[:, 2:] = 100.0  # padding holds junk: it must not set the range
+    stats = collect_statistics(model, ["h"], _dataset(model, tmp_path, {"x": x, "attention_mask": mask}))["h"]
+    real = x[:, :2]
+    assert (stats.min, stats.max) == pytest.approx((float(real.min()), float(real.max())))
+    assert stats.count == real.size
+    assert stats.range("mean_minmax") == pytest.approx((float(real.min(axis=(1, 2)).mean()),
+                                                       float(real.max(axis=(1, 2)).mean())))
 
 
 def test_histogram_rebinning_keeps_counts_and_percentile_within_one_bin():
@@ -150,7 +179,7 @@ def test_mse_threshold_beats_minmax_on_heavy_tails(dist):
 def test_range_options_are_checked():
     stats = TensorStats("t")
     stats.update(np.arange(10.0))
-    with pytest.raises(OptionsError, match="choose one of minmax, percentile, mse"):
+    with pytest.raises(OptionsError, match="choose one of minmax, mean_minmax, percentile, mse"):
         stats.range("entropy")
     with pytest.raises(OptionsError, match="num_bit"):
         stats.range("mse", num_bit=8)

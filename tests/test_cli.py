@@ -6,7 +6,6 @@ Each failure asserts the exit code, a one-line message, and that no output folde
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path

@@ -19,14 +19,16 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from compressor.calibration import collect_statistics, dequantize_array
+from compressor.calibration import collect_statistics
 from compressor.data import Dataset, load_npz
 from compressor.errors import DataError
 from compressor.inputs import model_input_specs
 from compressor.model_io import verify_model
+from compressor.passes._graph import add_initializer
 from compressor.passes._placement import find_layers
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
 from compressor.pipeline import PassContext, PassResult, build_pass
+from compressor.quant_math import dequantize_array
 from compressor.targets import get_target
 from compressor.targets.base import QuantSpec
 from compressor.targets.onnx import ort_session
@@ -529,6 +531,31 @@ def test_smooth_layers_is_exact_in_float(tmp_path):
     for old, new in ((before["h"], after["h"]), (before["h2"], after[mul.outputs[0].name])):
         spread = lambda st: st.channel_absmax.max() / np.median(st.channel_absmax)  # noqa: E731
         assert spread(new) < spread(old) / 2
+
+
+@pytest.mark.parametrize("floor_quantile", [0.0, 0.1])
+def test_smoothquant_floor_bounds_the_stretch_of_quiet_channels(tmp_path, floor_quantile):
+    """A channel with tiny activations gets s << 1 without the floor, and X/s stretches it."""
+    model = layernorm_block(np.random.default_rng(0))
+    x = _normal(1, 64, 8, 32)
+    calib = _dataset(model, tmp_path, {"x": x})
+    target = get_target("onnx")
+    ctx = PassContext(target=target, calibration=calib)
+    model = build_pass("fold-constants", None).run(model, ctx).model
+    ln1 = _node(model, "ln1")
+    gamma = ln1.inputs[1].const_value.numpy().copy()
+    gamma[5] = 1e-3  # a quiet channel of h
+    ln1.replace_input_with(1, add_initializer(model.graph, "gamma_quiet", gamma))
+    feeds = {"x": _normal(2, 32, 8, 32)}
+    ref = run_ort(model, feeds)
+    layers, _ = find_layers(model.graph, target.capabilities)
+    smooth_layers(model, layers, calib, SmoothQuantOptions(alpha=0.9, floor_quantile=floor_quantile), skip=set())
+    assert_same_outputs(ref, run_ort(model, feeds), rtol=1e-4, atol=1e-4)  # exact either way
+    stretch = gamma[5] / _node(model, "ln1").inputs[1].const_value.numpy()[5]  # = s of the quiet channel
+    if floor_quantile:
+        assert stretch > 0.1, "the floor (10% quantile of s) keeps the quiet channel near the others"
+    else:
+        assert stretch < 0.05
 
 
 def test_smoothquant_option_keeps_outputs_close(tmp_path):

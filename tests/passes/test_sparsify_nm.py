@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compressor import pipeline
-from compressor.calibration import dequantize_array
 from compressor.data import Dataset
 from compressor.errors import CompressorError, OptionsError
 from compressor.inputs import model_input_specs
 from compressor.model_io import verify_model
 from compressor.passes.sparsify_nm import SparsifyNM, nm_keep_mask
 from compressor.pipeline import PassContext
+from compressor.quant_math import dequantize_array
 from compressor.targets.base import QuantSpec
 from tests.ortutil import model_from_text, random_feeds, run_ort
 
