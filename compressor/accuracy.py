@@ -2,7 +2,8 @@
 
 1. Rank: for each quantized layer ``L``, build the model with only ``L`` given back
    (reverted to float, or promoted to 16-bit activations on targets with no float path)
-   and measure the output error on a small ranking subset against the baseline:
+   and measure the output error on a small ranking subset against the baseline (in
+   ONNX Runtime by default, else on the target; see ``AccuracyConfig.ranking_backend``):
    ``sensitivity(L) = err(all quantized) − err(all but L)``, ``err = 1 − mean cosine``.
    The ranking is computed once per run and recorded in the manifest.
 2. Greedy: give back layers in decreasing sensitivity, one at a time, re-evaluating the
@@ -43,10 +44,11 @@ class ControlResult:
     ranking: list[dict[str, Any]]
     evaluation: Evaluation
     met: bool
+    ranking_backend: str = "target"
 
     def to_json(self, action: str) -> dict[str, Any]:
         return {"action": action, "layers": self.given_back, "steps": self.steps, "ranking": self.ranking,
-                "budget_met": self.met}
+                "ranking_backend": self.ranking_backend, "budget_met": self.met}
 
 
 def _error(ref: list[np.ndarray], run: RunFn, data: Dataset) -> float:
@@ -70,7 +72,8 @@ def rank_layers(layers: Sequence[str], build: Callable[[frozenset[str]], RunFn],
 def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]], RunFn],
                      evaluate: Callable[[RunFn], Evaluation], first: Evaluation, budget: float,
                      ranking_data: Dataset, ranking_ref: list[np.ndarray], max_steps: int | None = None,
-                     progress: Callable[[str, int], Any] | None = None) -> ControlResult:
+                     progress: Callable[[str, int], Any] | None = None,
+                     rank_build: Callable[[frozenset[str]], RunFn] | None = None) -> ControlResult:
     """Give back layers until ``evaluate(...).drop <= budget`` (see the module docstring).
 
     Args:
@@ -83,14 +86,17 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
         ranking_ref: Baseline outputs on ``ranking_data``.
         max_steps: Give back at most this many layers (default: all).
         progress: Factory of progress bars ``(desc, total)``.
+        rank_build: Runner used for ranking only (default ``build``); ``ranking_ref``
+            must come from the same runtime.
     """
-    base_error = _error(ranking_ref, build(frozenset()), ranking_data)
+    rank_build = rank_build or build
+    base_error = _error(ranking_ref, rank_build(frozenset()), ranking_data)
     bar = progress("rank layers", len(layers)) if progress else None
     if bar is not None:
         with bar:
-            ranking = rank_layers(layers, build, ranking_data, ranking_ref, base_error, bar.update)
+            ranking = rank_layers(layers, rank_build, ranking_data, ranking_ref, base_error, bar.update)
     else:
-        ranking = rank_layers(layers, build, ranking_data, ranking_ref, base_error)
+        ranking = rank_layers(layers, rank_build, ranking_data, ranking_ref, base_error)
     logger.info("most sensitive layers: %s", ", ".join(f"{r['layer']} ({r['sensitivity']:.4g})" for r in ranking[:5]))
     given: list[str] = []
     steps: list[dict[str, Any]] = [{"layer": None, "drop": first.drop}]

@@ -34,6 +34,7 @@ from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
 from compressor.recipe import Recipe, load_recipe
 from compressor.targets import get_target
+from compressor.targets.onnx import OrtRunner
 
 __all__ = ["compress", "CompressResult", "Progress", "package_versions"]
 
@@ -136,13 +137,24 @@ def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassCont
         return tgt.runner(tgt.lower(built[given].model, folder))
 
     ranking_data = eval_set.subset(0, min(len(eval_set), accuracy.ranking_samples))
-    ranking_ref = collect_outputs(run_baseline, ranking_data)
+    rank_build, ranking_ref = None, None
+    if accuracy.ranking_backend == "onnxruntime":
+        try:
+            ranking_ref = collect_outputs(OrtRunner(snapshot), ranking_data)
+            rank_build = lambda given: OrtRunner(rebuild(given).model)  # noqa: E731
+        except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
+            logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
+                           _first_line(exc))
+            ranking_ref = None
+    if ranking_ref is None:
+        ranking_ref = collect_outputs(run_baseline, ranking_data)
     max_steps = int(accuracy.max_fallback * len(layers))
     logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity "
                    "(at most %d may be given back)", first.drop, accuracy.max_drop, len(layers), max_steps)
     outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=accuracy.max_drop,
                                ranking_data=ranking_data, ranking_ref=ranking_ref, max_steps=max_steps,
-                               progress=progress)
+                               progress=progress, rank_build=rank_build)
+    outcome.ranking_backend = "target" if rank_build is None else "onnxruntime"
     final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
     ctx.options.pop(key, None)
     return final, outcome

@@ -160,9 +160,9 @@ def ort_session(model_or_path: ir.Model | str | Path, *, threads: int | None = N
 
 
 class OrtRunner(Runner):
-    """Runs an ``.onnx`` file on ONNX Runtime CPU."""
+    """Runs an ``.onnx`` file (or an in-memory model) on ONNX Runtime CPU."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path | ir.Model, threads: int | None = None):
         self.session = ort_session(path, threads=threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -213,6 +213,7 @@ def test_gate_fails_with_exit_3_and_writes_the_artifact(gate_run):
 
     control = m["accuracy_control"]
     assert control["action"] == "float" and control["budget_met"] is False
+    assert control["ranking_backend"] == "onnxruntime"
     # max_fallback 0.5: at most int(0.5 * 5) = 2 layers may be given back, then it stops.
     assert len(control["layers"]) == int(0.5 * LAYERS) == 2
     ranked = [r["layer"] for r in control["ranking"]]
@@ -286,3 +287,19 @@ def test_without_any_data_the_accuracy_is_marked_unverified(tmp_path):
     warnings = [line for line in run.stderr.splitlines() if line.startswith("WARNING") and "NO DATA" in line]
     assert len(warnings) == 1 and "NOT verified" in warnings[0]
     assert quantize_report(m)["layers_quantized"] == LAYERS
+
+
+@needs_openvino
+def test_openvino_accuracy_control_ranks_in_onnxruntime_and_gates_on_openvino(cosine_eval, tmp_path):
+    """Ranking runs the Q/DQ models in ONNX Runtime (no OpenVINO compile per layer); every
+    give-back step and the gate are measured on OpenVINO."""
+    run = compress(tmp_path / "out", "--target", "openvino", "--calib", CALIB, "--eval", cosine_eval,
+                   "--max-drop", "0")
+    m = run.manifest
+    assert run.code == 3, run.stderr
+    control = m["accuracy_control"]
+    assert control["ranking_backend"] == "onnxruntime" and control["budget_met"] is False
+    assert len(control["ranking"]) == LAYERS
+    assert control["layers"] == [r["layer"] for r in control["ranking"]][:2]
+    assert control["steps"][-1]["drop"] == m["accuracy_drop"] > 0
+    assert m["target"]["name"] == "openvino" and (run.outdir / "model.xml").is_file()

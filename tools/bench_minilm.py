@@ -5,7 +5,8 @@ subprocess (so its peak RSS is its own); latencies of all artifacts are then mea
 in one process, interleaved round-robin, and reported as medians and ratios to OpenVINO
 fp32. Fidelity is measured against the fp32 PyTorch model on mean-pooled, L2-normalised
 embeddings: cosine mean/min over the eval sentences and top-1 retrieval agreement
-(200 queries against 800 documents: does the nearest document stay the same?).
+(200 queries against 800 documents: does the nearest document stay the same?; and
+each of the 1000 sentences against the other 999, which has 5x the queries).
 
     python tools/bench_minilm.py [--eval 1000] [--calib 100] [--out bench-out/]
 
@@ -78,7 +79,13 @@ def fidelity(ref: np.ndarray, emb: np.ndarray) -> dict[str, float]:
     q_ref, d_ref = ref[:200], ref[200:]
     q, d = emb[:200], emb[200:]
     agree = float(((q_ref @ d_ref.T).argmax(1) == (q @ d.T).argmax(1)).mean())
-    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "top1_agree": agree}
+    # Every sentence as a query against the other 999: 5x the queries of the 200/800
+    # split (whose standard error is about 0.025 at agreement 0.85, i.e. 5 queries).
+    sim_ref, sim = ref @ ref.T, emb @ emb.T
+    np.fill_diagonal(sim_ref, -np.inf)
+    np.fill_diagonal(sim, -np.inf)
+    loo = float((sim_ref.argmax(1) == sim.argmax(1)).mean())
+    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "top1_agree": agree, "top1_agree_loo": loo}
 
 
 def _ov_hidden(xml: Path, data: dict[str, np.ndarray]) -> np.ndarray:
@@ -110,16 +117,23 @@ def row_nncf(out: Path) -> dict:
     return {"xml": str(out / "nncf.xml"), "quantize_s": seconds}
 
 
-def row_compressor(out: Path, recipe: str = "int8-transformer", calib: str = "calib.npz", tag: str = "compressor") -> dict:
+def row_compressor(out: Path, recipe: str = "int8-transformer", calib: str = "calib.npz", tag: str = "compressor",
+                   max_drop: float | None = None) -> dict:
     from compressor.api import compress
 
     dest = out / tag
+    start = time.perf_counter()
     result = compress(out / "fp32.onnx", recipe=recipe, outdir=dest, target="openvino", calib=out / calib,
-                      eval_data=out / "calib.npz", latency_runs=1)
+                      eval_data=out / "calib.npz", latency_runs=1, max_drop=max_drop)
+    seconds = time.perf_counter() - start
     quant = next(r for r in result.manifest["passes"] if r["name"] == "quantize")
-    return {"xml": str(dest / "model.xml"), "quantize_s": quant["seconds"],
+    control = result.manifest.get("accuracy_control") or {}
+    return {"xml": str(dest / "model.xml"),
+            # with accuracy control, the whole run (ranking and give-back steps included)
+            "quantize_s": quant["seconds"] if max_drop is None else seconds,
             "int8_layers": result.manifest["runtime_layers"]["int8"],
-            "float_layers": result.manifest["runtime_layers"]["float"]}
+            "float_layers": result.manifest["runtime_layers"]["float"],
+            "given_back": len(control.get("layers", []))}
 
 
 def row_calib_memory(out: Path, calib: str) -> dict:
@@ -138,7 +152,11 @@ def row_calib_memory(out: Path, calib: str) -> dict:
     return {"samples": len(data), "seconds": time.perf_counter() - start, "rss_before_mb": before}
 
 
+#: Token-cosine budget (1 - mean cosine on the 100 calibration sentences) of the accuracy-control row.
+AC_MAX_DROP = 0.003
+
 ROWS = {"ov_fp32": row_ov_fp32, "nncf": row_nncf, "compressor": row_compressor,
+        "compressor_ac": lambda o: row_compressor(o, tag="compressor-ac", max_drop=AC_MAX_DROP),
         "calib100": lambda o: row_calib_memory(o, "calib.npz"), "calib1000": lambda o: row_calib_memory(o, "calib1000.npz")}
 
 
@@ -189,7 +207,7 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     prepare(args.out, args.calib, args.eval)
-    results = {name: run_row(name, args.out) for name in ("ov_fp32", "nncf", "compressor")}
+    results = {name: run_row(name, args.out) for name in ("ov_fp32", "nncf", "compressor", "compressor_ac")}
     evald = dict(np.load(args.out / "eval.npz"))
     ref = pooled(np.load(args.out / "ref_hidden.npy"), evald["attention_mask"])
     for r in results.values():
@@ -197,13 +215,16 @@ def main() -> None:
     feed = {k: v[:BATCH] for k, v in evald.items()}
     ms = time_interleaved({k: r["xml"] for k, r in results.items()}, feed)
     labels = {"ov_fp32": "OpenVINO fp32", "nncf": "NNCF int8 (TRANSFORMER) -> OpenVINO",
-              "compressor": "compressor int8-transformer -> openvino"}
+              "compressor": "compressor int8-transformer -> openvino",
+              "compressor_ac": f"compressor int8-transformer --max-drop {AC_MAX_DROP} -> openvino"}
     rows = [[labels[k], f"{ms[k]:.1f}", f"{ms['ov_fp32'] / ms[k]:.2f}x", f"{r['cos_mean']:.4f}", f"{r['cos_min']:.4f}",
-             f"{r['top1_agree']:.3f}", "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}",
+             f"{r['top1_agree']:.3f}", f"{r['top1_agree_loo']:.3f}",
+             "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}",
              f"{r['peak_rss_mb']:.0f}"] for k, r in results.items()]
     print(f"\nall-MiniLM-L6-v2, batch {BATCH}, seq {SEQ}; calibration {args.calib} sentences, eval {args.eval} others "
           f"(fidelity vs fp32 PyTorch)\n")
-    print(table(rows, ["system", "ms/batch", "vs OV fp32", "cos mean", "cos min", "top-1 agree", "quantize s",
+    print(table(rows, ["system", "ms/batch", "vs OV fp32", "cos mean", "cos min", "top-1 agree",
+                       "top-1 agree (1000 LOO)", "quantize s",
                        "peak RSS MB"]))
     mem = {k: run_row(k, args.out) for k in ("calib100", "calib1000")}
     print("\nCalibration memory (collect_statistics on all 48 MatMul inputs, own process):\n")
