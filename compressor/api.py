@@ -145,7 +145,6 @@ def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassCont
         except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
             logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
                            _first_line(exc))
-            ranking_ref = None
     if ranking_ref is None:
         ranking_ref = collect_outputs(run_baseline, ranking_data)
     max_steps = int(accuracy.max_fallback * len(layers))

@@ -24,8 +24,7 @@ import dataclasses
 import difflib
 import logging
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -36,7 +35,7 @@ from compressor.errors import CompressorError, OptionsError
 from compressor.histogram import GrowingHistogram
 from compressor.model_io import ir_version_for
 
-__all__ = ["SENTINEL", "stream_tensors", "token_mask", "CALIBRATORS", "TensorStats", "collect_statistics"]
+__all__ = ["SENTINEL", "CALIBRATORS", "TensorStats", "collect_statistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,23 +125,27 @@ class TensorStats:
         x = np.asarray(array)
         self.dtype = x.dtype.name
         self.batches += 1
-        per_sample = None
-        if tokens is not None and x.ndim == 3 and x.shape[:2] == tokens.shape and x.dtype.kind == "f":
-            per_sample = np.where(tokens[..., None], x, np.nan)
-            x = x[tokens]
+        counts = None  # rows of ``x`` (as 2-D) per sample, for the mean_minmax sums
+        if (tokens is not None and x.ndim == 3 and x.shape[:2] == tokens.shape and x.dtype.kind == "f"
+                and self.channel_axis in (None, -1, 2)):
+            x, counts = x[tokens], tokens.sum(axis=1)
+        elif samples is not None and samples > 1 and x.ndim >= 2 and x.shape[0] == samples:
+            counts = np.ones(samples, np.int64)
         self.count += x.size
         if x.size == 0:
             return
         if x.dtype.kind != "f":
             x = x.astype(np.float64)
-        lo, hi = x.min(), x.max()
+        rows = x.reshape(1, -1) if counts is None else x.reshape(len(x), -1)
+        row_lo, row_hi = rows.min(axis=1), rows.max(axis=1)
+        lo, hi = row_lo.min(), row_hi.max()
         if np.isfinite(lo) and np.isfinite(hi) and max(-float(lo), float(hi)) < SENTINEL:
             # Fast path (almost every batch): nothing to mask out.
             if self.channel_axis is not None:
                 self._update_channels(np.abs(x), x)
             self.min = min(self.min, float(lo))
             self.max = max(self.max, float(hi))
-            self._update_samples(x if per_sample is None else per_sample, samples, float(lo), float(hi))
+            self._update_samples(row_lo, row_hi, np.ones(1, np.int64) if counts is None else counts)
             self.histogram.add(self._sample(x), peak=max(-float(lo), float(hi)))
             return
         finite = np.isfinite(x)
@@ -157,25 +160,17 @@ class TensorStats:
         if good.size:
             self.min = min(self.min, float(good.min()))
             self.max = max(self.max, float(good.max()))
-            self._update_samples(np.where(keep, x, np.nan) if per_sample is None else per_sample, samples,
-                                 float(good.min()), float(good.max()))
+            # the batch counts as one sample: such a tensor stays float anyway (problem())
+            self._update_samples(good.min(keepdims=True), good.max(keepdims=True), np.ones(1, np.int64))
             self.histogram.add(good)
 
-    def _update_samples(self, x: np.ndarray, samples: int | None, lo: float, hi: float) -> None:
-        """Add per-sample min/max (NaN entries ignored) to the ``mean_minmax`` sums."""
-        if samples is not None and samples > 1 and x.ndim >= 2 and x.shape[0] == samples:
-            rows = x.reshape(samples, -1)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row (every value masked)
-                mins, maxs = np.nanmin(rows, axis=1), np.nanmax(rows, axis=1)
-            seen = ~np.isnan(mins)
-            self.sample_min_sum += float(mins[seen].sum(dtype=np.float64))
-            self.sample_max_sum += float(maxs[seen].sum(dtype=np.float64))
-            self.sample_count += int(np.count_nonzero(seen))
-            return
-        self.sample_min_sum += lo
-        self.sample_max_sum += hi
-        self.sample_count += 1
+    def _update_samples(self, row_lo: np.ndarray, row_hi: np.ndarray, counts: np.ndarray) -> None:
+        """Add each sample's min/max to the ``mean_minmax`` sums; sample ``i`` owns the next
+        ``counts[i]`` rows (a sample with none, all padding, is left out)."""
+        starts = (np.cumsum(counts) - counts)[counts > 0]
+        self.sample_min_sum += float(np.minimum.reduceat(row_lo, starts).sum(dtype=np.float64))
+        self.sample_max_sum += float(np.maximum.reduceat(row_hi, starts).sum(dtype=np.float64))
+        self.sample_count += len(starts)
 
     def _sample(self, x: np.ndarray) -> np.ndarray:
         """At most about :data:`HISTOGRAM_SAMPLE` values of ``x`` for the histogram.
@@ -233,7 +228,8 @@ class TensorStats:
         Raises:
             OptionsError: an unknown calibrator or keyword.
         """
-        allowed = {"minmax": set(), "mean_minmax": set(), "percentile": {"percentile", "symmetric"}, "mse": {"num_bits", "symmetric"}}
+        allowed = {"minmax": set(), "mean_minmax": set(), "percentile": {"percentile", "symmetric"},
+                   "mse": {"num_bits", "symmetric"}}
         if calibrator not in allowed:
             raise OptionsError(f"unknown calibrator {calibrator!r}; choose one of {', '.join(CALIBRATORS)}")
         unknown = sorted(set(kw) - allowed[calibrator])
@@ -313,14 +309,20 @@ def collect_statistics(
     channel_axes = dict(channel_axes or {})
     stats = {name: TensorStats(name, channel_axis=channel_axes.get(name), histogram=GrowingHistogram(bins))
              for name in dict.fromkeys(tensors)}
-    constants = _constants(model, stats)
-    for name, value in constants.items():
-        stats[name].update(value)  # once: an initializer is the same in every batch
+    values = _values(model.graph)
+    missing = [name for name in stats if name not in values]
+    if missing:
+        hints = [f"{n!r} (did you mean {', '.join(map(repr, difflib.get_close_matches(n, values, 3)))}?)"
+                 if difflib.get_close_matches(n, values, 1) else repr(n) for n in missing]
+        raise CompressorError(f"calibration: no tensor {', '.join(hints)} in the model's main graph")
+    constants = {n for n in stats if values[n].const_value is not None and values[n].producer() is None}
+    for name in constants:
+        stats[name].update(values[name].const_value.numpy())  # once: the same in every batch
     samples = 0
-    for batch, tokens, values in stream_tensors(model, [n for n in stats if n not in constants], data, limit=limit):
-        for name, array in values.items():
+    for batch, tokens, arrays in _stream(model, [n for n in stats if n not in constants], data, limit=limit):
+        for name, array in arrays.items():
             stats[name].update(array, batch, tokens)
-        del values
+        del arrays
         samples += batch
         if progress is not None:
             progress(samples)
@@ -337,23 +339,7 @@ def _values(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def _check_names(values: Mapping[str, ir.Value], names: Iterable[str]) -> None:
-    missing = [name for name in names if name not in values]
-    if missing:
-        hints = [f"{n!r} (did you mean {', '.join(map(repr, difflib.get_close_matches(n, values, 3)))}?)"
-                 if difflib.get_close_matches(n, values, 1) else repr(n) for n in missing]
-        raise CompressorError(f"calibration: no tensor {', '.join(hints)} in the model's main graph")
-
-
-def _constants(model: ir.Model, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """The values of those ``names`` that are initializers."""
-    values = _values(model.graph)
-    _check_names(values, names)
-    return {name: values[name].const_value.numpy() for name in names
-            if values[name].const_value is not None and values[name].producer() is None}
-
-
-def token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
+def _token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """The feed's ``attention_mask`` (``[samples, positions]``) as booleans, if it has one."""
     mask = feed.get(MASK_INPUT)
     if mask is None or np.ndim(mask) != 2 or not np.asarray(mask).any():
@@ -361,27 +347,22 @@ def token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return np.asarray(mask).astype(bool)
 
 
-def stream_tensors(model: ir.Model, tensors: Sequence[str], data: Dataset, *,
-                   limit: int | None = None) -> Iterator[tuple[int, np.ndarray | None, dict[str, np.ndarray]]]:
+def _stream(model: ir.Model, tensors: Sequence[str], data: Dataset, *,
+            limit: int | None = None) -> Iterator[tuple[int, np.ndarray | None, dict[str, np.ndarray]]]:
     """Yield ``(samples in the batch, token mask, {name: value})`` for each batch of ``data``.
 
-    The token mask is the feed's ``attention_mask`` as booleans (``None`` without one),
-    for :meth:`TensorStats.update`.
-
-    Node outputs become extra outputs of a copy of ``model`` run in ONNX Runtime (CPU);
-    graph inputs come from the feed. Only one batch's values are alive at a time.
-
-    Raises:
-        CompressorError: a name that is not in the main graph.
+    Node outputs (``tensors``: distinct graph inputs or node outputs of the main graph) become
+    extra outputs of a copy of ``model`` run in ONNX Runtime (CPU); graph inputs come from
+    the feed. The token mask is the feed's ``attention_mask`` as booleans (``None``
+    without one). Only one batch's values are alive at a time.
     """
     work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     graph = work.graph
     inputs = {v.name for v in graph.inputs if v.const_value is None}
     values = _values(graph)
-    _check_names(values, tensors)
     fetch = []
     outputs = {v.name for v in graph.outputs}
-    for name in dict.fromkeys(tensors):
+    for name in tensors:
         if name in inputs:
             continue
         fetch.append(name)
@@ -405,4 +386,4 @@ def stream_tensors(model: ir.Model, tensors: Sequence[str], data: Dataset, *,
         batch = 1 if all(data.stacked.values()) else next(
             feed[s.name].shape[0] for s in data.specs if not data.stacked[s.name])
         results = dict(zip(fetch, session.run(fetch, feed))) if session is not None else {}
-        yield batch, token_mask(feed), {name: feed[name] if name in inputs else results[name] for name in dict.fromkeys(tensors)}
+        yield batch, _token_mask(feed), {name: feed[name] if name in inputs else results[name] for name in tensors}

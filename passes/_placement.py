@@ -19,14 +19,12 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 
-import numpy as np
 import onnx_ir as ir
 
 from compressor.scope import Scope
 from compressor.targets.base import Capabilities, OpQuant
 
-__all__ = ["Layer", "find_layers", "integer_derived", "output_channel_axis", "weight_channel_axis",
-           "reads_channels_last", "weight_is_nk", "weight_kn"]
+__all__ = ["Layer", "find_layers", "integer_derived", "output_channel_axis", "weight_channel_axis"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,25 +163,3 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
             continue
         layers.append(layer)
     return layers, skipped
-
-
-def reads_channels_last(layer: Layer) -> bool:
-    """Whether the layer reads input channels on the activation's last axis (MatMul, Gemm)."""
-    if layer.node.op_type == "MatMul":
-        return layer.weight is not None and layer.weight.shape is not None and len(layer.weight.shape) == 2
-    if layer.node.op_type == "Gemm":
-        trans_a = layer.node.attributes.get("transA")
-        return layer.weight is not None and (trans_a is None or not trans_a.as_int())
-    return False
-
-
-def weight_is_nk(layer: Layer) -> bool:
-    """Whether the weight is stored ``[N outputs, K inputs]`` (Gemm with ``transB=1``)."""
-    trans = layer.node.attributes.get("transB") if layer.node.op_type == "Gemm" else None
-    return trans is not None and bool(trans.as_int())
-
-
-def weight_kn(layer: Layer) -> np.ndarray:
-    """The layer's weight as ``[K input channels, N outputs]`` (float32)."""
-    w = layer.weight.const_value.numpy().astype(np.float32)
-    return w.T if weight_is_nk(layer) else w

@@ -24,7 +24,8 @@ import onnx_ir as ir
 from compressor.calibration import collect_statistics
 from compressor.data import Dataset
 from compressor.passes._graph import NameAllocator, add_initializer
-from compressor.passes._placement import Layer, reads_channels_last, weight_is_nk, weight_kn
+from compressor.passes._bias_correction import input_channel_axis
+from compressor.passes._placement import Layer, weight_channel_axis
 
 __all__ = ["SmoothQuantOptions", "smooth_layers"]
 
@@ -60,13 +61,14 @@ MAX_SCALE = 100.0
 
 
 def _row_absmax(layer: Layer) -> np.ndarray:
-    """max |W[k, :]| per input channel ``k``."""
-    return np.abs(weight_kn(layer)).max(axis=1)
+    """max |W[k, :]| per input channel ``k`` (the max over the output-channel axis)."""
+    return np.abs(layer.weight.const_value.numpy()).max(axis=weight_channel_axis(layer.node, layer.weight))
 
 
 def _scale_rows(layer: Layer, s: np.ndarray, graph: ir.Graph, names: NameAllocator) -> None:
     w = layer.weight.const_value.numpy()
-    scaled = w * s[None, :] if weight_is_nk(layer) else w * s.reshape((-1, 1))
+    # input channels on the axis that is not the output-channel one ([N, K]: Gemm transB=1)
+    scaled = w * s[None, :] if weight_channel_axis(layer.node, layer.weight) == 0 else w * s.reshape((-1, 1))
     new = add_initializer(graph, names(f"{layer.weight.name}_smoothed"), scaled.astype(w.dtype))
     index = list(layer.node.inputs).index(layer.weight)
     layer.node.replace_input_with(index, new)
@@ -98,7 +100,7 @@ def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: 
     by_tensor: dict[str, list[Layer]] = {}
     for layer in layers:
         for index, value in layer.activations:
-            if index == 0 and layer.weight is not None and value.name not in skip and reads_channels_last(layer):
+            if index == 0 and layer.weight is not None and value.name not in skip and input_channel_axis(layer) == -1:
                 by_tensor.setdefault(value.name, []).append(layer)
     groups = []
     for name, group in by_tensor.items():

@@ -42,7 +42,7 @@ import hashlib
 import logging
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -73,6 +73,8 @@ __all__ = [
     "count_macs",
     "require_calibration",
     "write_weight",
+    "write_groups",
+    "pruning_stats",
     "group_by_weight",
     "correct_biases",
     "input_moments",
@@ -533,6 +535,45 @@ def write_weight(graph: ir.Graph, weight: ir.Value, nodes: Sequence[ir.Node], ar
     for node in nodes:
         node.replace_input_with(1, new)
     return new
+
+
+def write_groups(graph: ir.Graph, groups: Sequence[Sequence[WeightLayer]], dense: Sequence[np.ndarray],
+                 new: Sequence[np.ndarray], names: NameAllocator,
+                 ) -> tuple[dict[str, float], list[tuple[WeightLayer, np.ndarray]]]:
+    """Give each group of layers sharing a weight its new array (where it changed).
+
+    Returns:
+        Layer name -> sparsity of its new weight, and ``(layer, dense weight)`` of every
+        layer whose weight changed (what :func:`correct_biases` takes).
+    """
+    per_layer: dict[str, float] = {}
+    changed: list[tuple[WeightLayer, np.ndarray]] = []
+    for group, w, array in zip(groups, dense, new):
+        if not np.array_equal(array, w):
+            write_weight(graph, group[0].weight, [layer.node for layer in group], array, names)
+            for layer in group:
+                layer.weight = layer.node.inputs[1]
+                changed.append((layer, w))
+        for layer in group:
+            per_layer[layer.name] = round(sparsity(array), 4)
+    return per_layer, changed
+
+
+def pruning_stats(dense: Sequence[np.ndarray], new: Sequence[np.ndarray], per_layer: dict[str, float],
+                  skipped: Mapping[str, str], corrected: dict[str, str]) -> dict[str, Any]:
+    """The stats a weight-zeroing pass reports: overall sparsity, sizes, bias correction, layers."""
+    total = sum(w.size for w in dense)
+    stats = {
+        "layers_skipped": len(skipped),
+        "sparsity": round(sum(int((w == 0).sum()) for w in new) / total, 4) if total else 0.0,
+        **size_report(dense, new),
+        "bias_corrected": sum(1 for how in corrected.values() if not how.startswith("skipped")),
+        "per_layer": per_layer,
+        "skipped_layers": dict(sorted(skipped.items())),
+    }
+    if corrected:
+        stats["bias_correction"] = corrected
+    return stats
 
 
 def group_by_weight(layers: Sequence[WeightLayer]) -> list[list[WeightLayer]]:

@@ -33,15 +33,13 @@ import onnx_ir as ir
 from compressor.passes._graph import NameAllocator
 from compressor.passes._sparsity import (
     PRUNABLE_OPS,
-    WeightLayer,
     correct_biases,
     find_weight_layers,
     group_by_weight,
     input_moments,
+    pruning_stats,
     require_calibration,
-    size_report,
-    sparsity,
-    write_weight,
+    write_groups,
 )
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope
@@ -130,32 +128,14 @@ class PruneMagnitude(Pass):
         groups = group_by_weight(layers)
         dense = [group[0].array() for group in groups]
         masks = magnitude_masks(dense, opts.sparsity, opts.threshold)
+        after = [np.where(mask, w, np.zeros((), w.dtype)) for w, mask in zip(dense, masks)]
         names = NameAllocator(graph)
-        per_layer: dict[str, float] = {}
-        changed: list[tuple[WeightLayer, np.ndarray]] = []
-        after = []
-        for group, w, mask in zip(groups, dense, masks):
-            pruned = np.where(mask, w, np.zeros((), w.dtype))
-            after.append(pruned)
-            if not np.array_equal(pruned, w):
-                write_weight(graph, group[0].weight, [layer.node for layer in group], pruned, names)
-                for layer in group:
-                    layer.weight = layer.node.inputs[1]
-                    changed.append((layer, w))
-            for layer in group:
-                per_layer[layer.name] = round(sparsity(pruned), 4)
+        per_layer, changed = write_groups(graph, groups, dense, after, names)
         corrected = correct_biases(graph, changed, moments, names) if opts.bias_correction else {}
         total = sum(w.size for w in dense)
         stats = {
             "layers_pruned": len(per_layer),
-            "layers_skipped": len(skipped),
-            "sparsity": round(sum(int((w == 0).sum()) for w in after) / total, 4) if total else 0.0,
             "sparsity_before": round(sum(int((w == 0).sum()) for w in dense) / total, 4) if total else 0.0,
-            **size_report(dense, after),
-            "bias_corrected": sum(1 for how in corrected.values() if not how.startswith("skipped")),
-            "per_layer": per_layer,
-            "skipped_layers": dict(sorted(skipped.items())),
+            **pruning_stats(dense, after, per_layer, skipped, corrected),
         }
-        if corrected:
-            stats["bias_correction"] = corrected
         return PassResult(model, bool(changed), stats)

@@ -43,10 +43,9 @@ from compressor.passes._sparsity import (
     find_weight_layers,
     group_by_weight,
     input_moments,
+    pruning_stats,
     require_calibration,
-    size_report,
-    sparsity,
-    write_weight,
+    write_groups,
 )
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope
@@ -141,11 +140,9 @@ class SparsifyNM(Pass):
                                        f"{', bias_correction' if opts.bias_correction else ''})")
             moments = input_moments(model, layers, data, ctx.cache)
         targets = getattr(getattr(ctx.target, "capabilities", None), "nm_patterns", ())
-        names = NameAllocator(graph)
-        per_layer: dict[str, float] = {}
-        changed: list[tuple[WeightLayer, np.ndarray]] = []
+        groups = group_by_weight(layers)
         dense_all, sparse_all = [], []
-        for group in group_by_weight(layers):
+        for group in groups:
             first = group[0]  # a weight shared by several layers gets the first one's mask
             w = first.array()
             rows = first.to_rows(w)
@@ -153,30 +150,16 @@ class SparsifyNM(Pass):
             if opts.mask == "wanda":
                 scores = scores * first.row_channel_values(moments[first.activation().name].norm, w.shape)
             keep = nm_keep_mask(scores, n, m)
-            sparse = first.from_rows(np.where(keep, rows, np.zeros((), w.dtype)), w.shape)
             dense_all.append(w)
-            sparse_all.append(sparse)
-            if not np.array_equal(sparse, w):
-                write_weight(graph, first.weight, [layer.node for layer in group], sparse, names)
-                for layer in group:
-                    layer.weight = layer.node.inputs[1]
-                    changed.append((layer, w))
-            for layer in group:
-                per_layer[layer.name] = round(sparsity(sparse), 4)
+            sparse_all.append(first.from_rows(np.where(keep, rows, np.zeros((), w.dtype)), w.shape))
+        names = NameAllocator(graph)
+        per_layer, changed = write_groups(graph, groups, dense_all, sparse_all, names)
         corrected = correct_biases(graph, changed, moments, names) if opts.bias_correction else {}
-        total = sum(w.size for w in dense_all)
         stats = {
             "pattern": f"{n}:{m}",
             "mask": opts.mask,
             "layers_sparsified": len(per_layer),
-            "layers_skipped": len(skipped),
-            "sparsity": round(sum(int((w == 0).sum()) for w in sparse_all) / total, 4) if total else 0.0,
-            **size_report(dense_all, sparse_all),
             "target_has_nm_kernels": (n, m) in tuple(tuple(p) for p in targets),
-            "bias_corrected": sum(1 for how in corrected.values() if not how.startswith("skipped")),
-            "per_layer": per_layer,
-            "skipped_layers": dict(sorted(skipped.items())),
+            **pruning_stats(dense_all, sparse_all, per_layer, skipped, corrected),
         }
-        if corrected:
-            stats["bias_correction"] = corrected
         return PassResult(model, bool(changed), stats)
