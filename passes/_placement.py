@@ -24,7 +24,7 @@ import onnx_ir as ir
 from compressor.scope import Scope
 from compressor.targets.base import Capabilities, OpQuant
 
-__all__ = ["Layer", "find_layers", "integer_derived", "output_channel_axis", "weight_channel_axis"]
+__all__ = ["Layer", "find_layers", "integer_derived", "is_constant", "output_channel_axis", "weight_channel_axis"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in FLOATS
 
 
-def _is_constant(value: ir.Value) -> bool:
+def is_constant(value: ir.Value) -> bool:
     if value.const_value is not None and not value.is_graph_input():
         return True
     producer = value.producer()
@@ -76,7 +76,7 @@ def integer_derived(graph: ir.Graph) -> dict[str, str]:
             origin[id(value)] = value.name
     derived: dict[str, str] = {}
     for node in graph:  # topological order
-        if node.op_type in _LOOKUPS and node.inputs and _is_float(node.inputs[0]) and _is_constant(node.inputs[0]):
+        if node.op_type in _LOOKUPS and node.inputs and _is_float(node.inputs[0]) and is_constant(node.inputs[0]):
             continue  # an embedding lookup: its output is real data (case 1)
         sources = []
         ok = True
@@ -85,7 +85,7 @@ def integer_derived(graph: ir.Graph) -> dict[str, str]:
                 continue
             if id(value) in origin:
                 sources.append(origin[id(value)])
-            elif not _is_constant(value):
+            elif not is_constant(value):
                 ok = False
                 break
         if ok and sources:
@@ -151,7 +151,7 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
             if index >= len(node.inputs):
                 continue
             value = node.inputs[index]
-            if value is None or value is layer.weight or not _is_float(value) or _is_constant(value):
+            if value is None or value is layer.weight or not _is_float(value) or is_constant(value):
                 continue
             layer.activations.append((index, value))
         if layer.weight is None and not (activation_matmuls and len(layer.activations) == 2):

@@ -16,7 +16,15 @@ For each compute layer the target quantizes (see :mod:`._placement`):
 4. bias correction (``bias_correction: true``): weight rounding shifts each output
    channel's mean by ``E[x] · (DQ(Wq) − W)``; it is subtracted from the layer's bias,
    ``b' = b − E[x] · (DQ(Wq) − W)`` (Conv: summed over the kernel window, padding ignored),
-   with ``E[x]`` per input channel from the calibration statistics.
+   with ``E[x]`` per input channel from the calibration statistics;
+5. ``float_activations: [attention-keys, ...]`` keeps the activation inputs of the layers
+   with those structural roles (:mod:`._attention`) float; a layer with a weight still
+   gets it quantized (weight-only: int8 weights, float compute). The key projection is
+   the one that needs it (MiniLM on OpenVINO: pooled cosine
+   0.9961 -> 0.9977, 1000-query top-1 agreement 0.924 -> 0.949, see docs/design.md):
+   softmax cancels an error that is the same for every key, so a query error is damped
+   by the keys' common component, while a key error is not and the queries' common
+   component ``q̄`` amplifies it (``q̄ · δk_j`` differs per key).
 
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
@@ -36,6 +44,7 @@ import onnx_ir as ir
 
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics
+from compressor.passes._attention import ROLES, attention_projections
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
@@ -67,6 +76,8 @@ class QuantizeOptions:
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
         smoothquant: Migrate activation outliers into weights before quantizing.
         bias_correction: Remove the output mean shift that weight rounding causes.
+        float_activations: Layers with these structural roles keep float activation
+            inputs; their weights, if any, are still quantized (weight-only).
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -78,6 +89,7 @@ class QuantizeOptions:
     activation_matmuls: bool = True
     smoothquant: SmoothQuantOptions | None = None
     bias_correction: bool = False
+    float_activations: tuple[Literal[ROLES], ...] = ()
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -199,11 +211,13 @@ class Quantize(Pass):
             layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
                                           exclude=ctx.options.get(EXCLUDE_KEY, ()),
                                           activation_matmuls=opts.activation_matmuls)
-        names = sorted({v.name for layer in layers for _, v in layer.activations} - set(tensor_skips))
+        float_acts = _float_activations(graph, opts.float_activations)
+        full = [layer for layer in layers if layer.name not in float_acts]
+        names = sorted({v.name for layer in full for _, v in layer.activations} - set(tensor_skips))
         # Statistics depend only on the model before Q/DQ and the data: cache them per tensor,
         # so accuracy control's re-runs calibrate nothing.
         cache = ctx.cache.setdefault("quantize.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
-        axes = {v.name: axis for layer in layers if layer.weight is not None and opts.bias_correction
+        axes = {v.name: axis for layer in full if layer.weight is not None and opts.bias_correction
                 for index, v in layer.activations if index == 0 and (axis := input_channel_axis(layer)) is not None}
         missing = [n for n in names if n not in cache or (n in axes and cache[n].channel_mean is None)]
         if missing:
@@ -224,7 +238,19 @@ class Quantize(Pass):
         writer = _QdqWriter(graph)
         quantized: list[str] = []
         corrected = 0
+        weight_only_done: dict[str, str] = {}
         for layer in layers:
+            if layer.name in float_acts:
+                if layer.weight is not None:
+                    index = list(layer.node.inputs).index(layer.weight)
+                    # The full int8 range: with a float input the weight is dequantized, no
+                    # integer kernel can saturate (the reason for 7-bit weights without VNNI).
+                    spec = dataclasses.replace(_weight_spec(layer, opts.weights == "int8-per-channel"), bits=None)
+                    layer.node.replace_input_with(index, writer.weight(layer.weight, spec))
+                    weight_only_done[layer.name] = float_acts[layer.name]
+                else:
+                    skipped[layer.name] = float_acts[layer.name]
+                continue
             acts = [(i, v) for i, v in layer.activations if v.name in ranges]
             if len(acts) < len(layer.activations):
                 why = "; ".join(tensor_skips[v.name] for _, v in layer.activations if v.name in tensor_skips)
@@ -252,9 +278,12 @@ class Quantize(Pass):
                 model.opset_imports[""] = max(model.opset_imports.get("", 13), 21)
         for name, why in sorted(skipped.items()):
             logger.info("kept float: %s: %s", name, why)
-        return PassResult(model, bool(quantized) or smoothed > 0, {
+        for name, why in sorted(weight_only_done.items()):
+            logger.info("weight only: %s: %s", name, why)
+        return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0, {
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
+            "layers_weight_only": len(weight_only_done),
             "tensors_float": len(tensor_skips),
             "smoothquant_groups": smoothed,
             "bias_corrected": corrected,
@@ -263,4 +292,14 @@ class Quantize(Pass):
             "layers": quantized,
             "skipped_layers": dict(sorted(skipped.items())),
             "skipped_tensors": dict(sorted(tensor_skips.items())),
+            "weight_only_layers": dict(sorted(weight_only_done.items())),
         })
+
+
+def _float_activations(graph: ir.Graph, roles: tuple[str, ...]) -> dict[str, str]:
+    """Node name -> why its activations stay float, for the layers with one of ``roles``."""
+    if not roles:
+        return {}
+    found = {name: sorted(set(has) & set(roles)) for name, has in attention_projections(graph).items()}
+    return {name: f"activation kept float (float_activations: {', '.join(which)})"
+            for name, which in found.items() if which}

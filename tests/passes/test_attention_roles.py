@@ -1,0 +1,135 @@
+"""Attention layers found by structure, and ``quantize``'s ``float_activations`` option."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from compressor.options import OptionsError
+from compressor.passes._attention import attention_projections
+from compressor.pipeline import build_pass
+from tests.ortutil import model_from_text, run_ort
+from tests.passes.test_quantize import (HEADER, SQNR_FLOOR_DB, _activation_source, _attention_feeds, _clone,
+                                        _dataset, _node, _quantize, _run_target, _sqnr_db, _w, attention)
+
+H, S, D = 2, 6, 16
+
+
+def multihead(rng: np.random.Generator, *, residual_on_k: bool = False) -> ir.Model:
+    """Two heads the way exporters write them: bias Add, Reshape by a computed shape,
+    Transpose, keys pre-scaled by a constant; optionally a residual Add on the key branch."""
+    k_src = "kr = Add(kb, x)\n      kh = Reshape(kr, shp)" if residual_on_k else "kh = Reshape(kb, shp)"
+    return model_from_text(f"""{HEADER}
+    g (float[N,{S},{D}] x) => (float[N,{H},{S},8] y) {{
+      s0 = Shape(x)
+      n = Slice(s0, zero, one)
+      shp = Concat <axis = 0> (n, tail)
+      [q_proj] q0 = MatMul(x, wq)
+      qb = Add(q0, bq)
+      qh = Reshape(qb, shp)
+      qt = Transpose <perm = [0, 2, 1, 3]> (qh)
+      [k_proj] k0 = MatMul(x, wk)
+      kb = Add(k0, bk)
+      {k_src}
+      kt = Transpose <perm = [0, 2, 3, 1]> (kh)
+      ks = Mul(kt, scale)
+      [v_proj] v0 = MatMul(x, wv)
+      vh = Reshape(v0, shp)
+      vt = Transpose <perm = [0, 2, 1, 3]> (vh)
+      [scores] s = MatMul(qt, ks)
+      p = Softmax <axis = -1> (s)
+      [context] y = MatMul(p, vt)
+    }}""", wq=_w(rng, D, D), bq=_w(rng, D), wk=_w(rng, D, D), bk=_w(rng, D), wv=_w(rng, D, D),
+        zero=np.array([0], np.int64), one=np.array([1], np.int64), tail=np.array([S, H, 8], np.int64),
+        scale=np.array(1 / np.sqrt(8), np.float32))
+
+
+def fused_qkv(rng: np.random.Generator) -> ir.Model:
+    return model_from_text(f"""{HEADER}
+    g (float[N,{S},{D}] x) => (float[N,{S},{D}] y) {{
+      [qkv_proj] qkv = MatMul(x, w)
+      q, k, v = Split <axis = -1, num_outputs = 3> (qkv)
+      kt = Transpose <perm = [0, 2, 1]> (k)
+      [scores] s = MatMul(q, kt)
+      p = Softmax <axis = -1> (s)
+      [context] y = MatMul(p, v)
+    }}""", w=_w(rng, D, 3 * D))
+
+
+def test_roles_of_a_single_head_with_mask():
+    roles = attention_projections(attention(np.random.default_rng(0)).graph)
+    assert roles == {"q_proj": {"attention-queries"}, "k_proj": {"attention-keys"}, "v_proj": {"attention-values"},
+                     "scores": {"attention-scores"}, "context": {"attention-context"}}
+
+
+def test_roles_through_reshape_transpose_bias_and_scale():
+    roles = attention_projections(multihead(np.random.default_rng(0)).graph)
+    assert roles == {"q_proj": {"attention-queries"}, "k_proj": {"attention-keys"}, "v_proj": {"attention-values"},
+                     "scores": {"attention-scores"}, "context": {"attention-context"}}
+
+
+def test_a_residual_add_is_not_a_bias():
+    """``k + x`` mixes two activations: the key is not a projection of one layer any more."""
+    roles = attention_projections(multihead(np.random.default_rng(0), residual_on_k=True).graph)
+    assert roles == {"q_proj": {"attention-queries"}, "v_proj": {"attention-values"},
+                     "scores": {"attention-scores"}, "context": {"attention-context"}}
+
+
+def test_fused_qkv_projection_has_every_role():
+    roles = attention_projections(fused_qkv(np.random.default_rng(0)).graph)
+    assert roles == {"qkv_proj": {"attention-queries", "attention-keys", "attention-values"},
+                     "scores": {"attention-scores"}, "context": {"attention-context"}}
+
+
+def test_no_softmax_no_roles():
+    model = model_from_text(f"""{HEADER}
+    g (float[N,{D}] x) => (float[N,{D}] y) {{
+      h = MatMul(x, w1)
+      y = MatMul(h, w2)
+    }}""", w1=_w(np.random.default_rng(0), D, D), w2=_w(np.random.default_rng(1), D, D))
+    assert attention_projections(model.graph) == {}
+
+
+def test_float_keys_and_context_keep_their_inputs_float(tmp_path):
+    model = attention(np.random.default_rng(0))
+    calib = _dataset(model, tmp_path, _attention_feeds(1, 64))
+    feeds = _attention_feeds(2, 32)
+    ref = run_ort(model, feeds)
+    result = _quantize(_clone(model), calib, float_activations=["attention-keys", "attention-context"])
+    q, stats = result.model, result.stats
+    k_proj = _node(q, "k_proj")
+    assert k_proj.inputs[0].name == "x" and k_proj.inputs[0].producer() is None  # the graph input itself
+    # An int8 weight through DQ, on the full grid even where the target asks for 7-bit
+    # weights (no integer kernel reads this one: its input is float).
+    dq = k_proj.inputs[1].producer()
+    assert dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value.numpy().dtype == np.int8
+    assert (np.abs(dq.inputs[0].const_value.numpy().astype(np.int16)).max(axis=0) == 127).all()
+    # The query and value projections read the same x through Q/DQ.
+    for name in ("q_proj", "v_proj"):
+        assert _node(q, name).inputs[0].producer().op_type == "DequantizeLinear"
+        assert _activation_source(_node(q, name).inputs[0]).name == "x"
+    # probs · V has no weight: it stays wholly float.
+    context = _node(q, "context")
+    assert [v.name for v in context.inputs] == ["p", "v"] and all(v.producer().op_type != "DequantizeLinear"
+                                                                  for v in context.inputs)
+    assert stats["weight_only_layers"] == {"k_proj": "activation kept float (float_activations: attention-keys)"}
+    assert stats["layers_weight_only"] == 1
+    assert stats["skipped_layers"]["context"] == "activation kept float (float_activations: attention-context)"
+    assert stats["layers"] == ["q_proj", "v_proj", "scores", "o_proj"]
+    out = _run_target(q, feeds)
+    assert _sqnr_db(ref[0], out[0]) >= SQNR_FLOOR_DB - 3
+
+
+def test_float_activations_change_only_the_layers_with_those_roles(tmp_path):
+    model = multihead(np.random.default_rng(0))
+    calib = _dataset(model, tmp_path, {"x": np.random.default_rng(1).standard_normal((16, S, D)).astype(np.float32)})
+    plain = _quantize(_clone(model), calib).stats
+    keys = _quantize(_clone(model), calib, float_activations=["attention-keys", "attention-values"]).stats
+    assert set(keys["weight_only_layers"]) == {"k_proj", "v_proj"}
+    assert set(plain["layers"]) - set(keys["layers"]) == {"k_proj", "v_proj"}
+
+
+def test_unknown_role_is_refused():
+    with pytest.raises(OptionsError, match="'keys' is not one of 'attention-queries', 'attention-keys'"):
+        build_pass("quantize", {"float_activations": ["keys"]})
