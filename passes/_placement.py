@@ -114,7 +114,8 @@ def output_channel_axis(node: ir.Node, rank: int) -> int:
 
 
 def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (), scope: Scope = Scope(),
-                exclude: Iterable[str] = (), activation_matmuls: bool = True) -> tuple[list[Layer], dict[str, str]]:
+                exclude: Iterable[str] = (), activation_matmuls: bool = True,
+                eltwise: bool = True) -> tuple[list[Layer], dict[str, str]]:
     """The layers to quantize, and the skipped compute nodes with the reason (case 3).
 
     Args:
@@ -124,6 +125,9 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         scope: The recipe's scope.
         exclude: Node names excluded by accuracy control.
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
+        eltwise: Also quantize the joins the target lists without a weight (``Add``/``Sum``
+            of activations only: residual adds). An ``Add`` with a constant operand (a
+            bias, a scale) is not a join and never a layer.
     """
     wanted = set(ops) or set(caps.quantizable)
     excluded = set(exclude)
@@ -133,6 +137,13 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         quant = caps.quantizable.get(node.op_type)
         if quant is None or node.op_type not in wanted or node.domain not in ("", "ai.onnx"):
             continue
+        if quant.weights is None:
+            data = [v for v in node.inputs if v is not None]
+            if len(data) < 2 or not all(_is_float(v) and not is_constant(v) for v in data):
+                continue
+            if not eltwise:
+                skipped[node.name or f"{node.op_type}->{node.outputs[0].name}"] = "join of activations (eltwise is off)"
+                continue
         layer = Layer(node, quant, [], None)
         weight_input = quant.weight_input if quant.weights is not None else None
         w = node.inputs[weight_input] if weight_input is not None and len(node.inputs) > weight_input else None
@@ -146,7 +157,7 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         if not scope.contains(layer.name, *weight_names):
             skipped[layer.name] = "outside the recipe's scope"
             continue
-        data_inputs = [0] if node.op_type in ("Conv", "ConvTranspose", "Gemm") else [0, 1]
+        data_inputs = [0] if node.op_type in ("Conv", "ConvTranspose", "Gemm") else range(len(node.inputs))
         for index in data_inputs:
             if index >= len(node.inputs):
                 continue
@@ -154,9 +165,10 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
             if value is None or value is layer.weight or not _is_float(value) or is_constant(value):
                 continue
             layer.activations.append((index, value))
-        if layer.weight is None and not (activation_matmuls and len(layer.activations) == 2):
+        two_activations = node.op_type == "MatMul" and len(layer.activations) == 2
+        if layer.weight is None and quant.weights is not None and not (activation_matmuls and two_activations):
             skipped[layer.name] = ("both inputs are activations (activation_matmuls is off)"
-                                   if layer.activations else "weight is not a constant float initializer")
+                                   if two_activations else "weight is not a constant float initializer")
             continue
         if not layer.activations:
             skipped[layer.name] = "no float activation input"

@@ -74,6 +74,8 @@ class QuantizeOptions:
         ops: Quantize only these op types (empty: every op the target quantizes).
         scope: Which layers (names or ``re:`` patterns, on node or weight names).
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
+        eltwise: Also quantize the inputs of joins of activations the target runs in int8
+            (residual ``Add``/``Sum``: OpenVINO then keeps the residual path in uint8).
         smoothquant: Migrate activation outliers into weights before quantizing.
         bias_correction: Remove the output mean shift that weight rounding causes.
         float_activations: Layers with these structural roles keep float activation
@@ -87,6 +89,7 @@ class QuantizeOptions:
     ops: tuple[str, ...] = ()
     scope: Scope = Scope()
     activation_matmuls: bool = True
+    eltwise: bool = True
     smoothquant: SmoothQuantOptions | None = None
     bias_correction: bool = False
     float_activations: tuple[Literal[ROLES], ...] = ()
@@ -189,7 +192,7 @@ class Quantize(Pass):
         graph = model.graph
         layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
                                       exclude=ctx.options.get(EXCLUDE_KEY, ()),
-                                      activation_matmuls=opts.activation_matmuls)
+                                      activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
         wide = set(ctx.options.get(WIDE_KEY, ()))
         bits = 16 if opts.activations == "int16" else 8
         masks = integer_derived(graph)
@@ -205,12 +208,12 @@ class Quantize(Pass):
             # re-run of accuracy control; then find the layers to quantize again.
             smooth_cache = ctx.cache.setdefault("smoothquant.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
             candidates, _ = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
-                                        activation_matmuls=opts.activation_matmuls)
+                                        activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
             smoothed = smooth_layers(model, candidates, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
                                      cache=smooth_cache)
             layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
                                           exclude=ctx.options.get(EXCLUDE_KEY, ()),
-                                          activation_matmuls=opts.activation_matmuls)
+                                          activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
         float_acts = _float_activations(graph, opts.float_activations)
         full = [layer for layer in layers if layer.name not in float_acts]
         names = sorted({v.name for layer in full for _, v in layer.activations} - set(tensor_skips))

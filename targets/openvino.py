@@ -73,6 +73,12 @@ OPENVINO_CAPABILITIES = Capabilities(
         # transB=0; the quantize pass reads transB (passes/_placement.weight_channel_axis).
         "Gemm": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),
         "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),  # W [K, N]
+        # Residual joins (both inputs activations; passes/_placement): with both inputs
+        # quantized the CPU plugin fuses the Add into the producing convolution and keeps
+        # the residual path in uint8, as NNCF's CPU preset does for CNNs (ResNet-50 here:
+        # 4-6% faster than without, level with NNCF).
+        "Add": OpQuant(activations=_ACT),
+        "Sum": OpQuant(activations=_ACT),
     },
     nm_patterns=(),  # the CPU plugin has no structured-sparsity kernels
     static_shapes=False,
