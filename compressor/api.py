@@ -40,6 +40,11 @@ __all__ = ["compress", "CompressResult", "Progress", "package_versions"]
 
 logger = logging.getLogger(__name__)
 
+#: ``evaluation.source`` when no --calib/--eval data was given.
+UNVERIFIED = "random (unverified)"
+#: ``gate.reason`` then: the gate is not evaluated (recipe budget) or fails (explicit --max-drop).
+UNVERIFIED_GATE = "accuracy unverified: no --calib or --eval data (random inputs say nothing about accuracy)"
+
 RANDOM_SAMPLES = 32
 
 
@@ -105,7 +110,7 @@ def _pick_eval(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None,
     logger.warning("NO DATA GIVEN: calibrating and evaluating on random inputs; the accuracy figures are NOT "
                    "verified. Pass --calib and --eval with real samples.")
     rand = random_dataset(specs, RANDOM_SAMPLES, recipe.calibration.seed)
-    return (calib if calib is not None else rand), rand, "random (unverified)"
+    return (calib if calib is not None else rand), rand, UNVERIFIED
 
 
 def _first_line(err: BaseException) -> str:
@@ -249,6 +254,12 @@ def compress(
         evaluation = score(run_compressed)
         timings["evaluate_s"] = time.perf_counter() - t
         budget = recipe_obj.accuracy.max_drop
+        verified = eval_source != UNVERIFIED
+        if not verified and budget is not None:
+            # Random data says nothing about accuracy: no layer is given back for it, and an
+            # explicit --max-drop fails rather than passing on noise.
+            logger.warning("accuracy unverified (no --calib or --eval data): the max_drop %g gate is %s", budget,
+                           "failed" if max_drop is not None else "not evaluated")
         control = None
         quantized_layers = _quantized_layers(reports)
         all_wide = tgt.capabilities.fallback == "int16" and all(
@@ -256,8 +267,8 @@ def compress(
         if all_wide and budget is not None and evaluation.drop > budget:
             logger.warning("every quantized layer already uses 16-bit activations: accuracy control has nothing to "
                            "promote on target %r", tgt.name)
-        if (budget is not None and evaluation.drop > budget and snapshot is not None and quantized_layers
-                and not all_wide):
+        if (verified and budget is not None and evaluation.drop > budget and snapshot is not None
+                and quantized_layers and not all_wide):
             t = time.perf_counter()
             control = _control(tgt, snapshot, passes[split:], ctx, quantized_layers, score, evaluation,
                                recipe_obj.accuracy, eval_set, run_baseline, work_dir, progress)
@@ -275,7 +286,10 @@ def compress(
             "compressed_ms": measure_latency(run_compressed, feed, repeats=latency_runs),
             "batch": int(next(iter(feed.values())).shape[0]) if not all(eval_set.stacked.values()) else 1,
         }
-        gate_passed = None if budget is None else bool(evaluation.drop <= budget + 1e-12)
+        gate = {"max_drop": budget, "passed": None if budget is None else bool(evaluation.drop <= budget + 1e-12)}
+        if budget is not None and not verified:
+            gate = {"max_drop": budget, "passed": False if max_drop is not None else None, "reason": UNVERIFIED_GATE}
+        gate_passed = gate["passed"]
         timings["total_s"] = time.perf_counter() - started
         manifest = {
             "compressor": __version__,
@@ -290,11 +304,11 @@ def compress(
             {"source": calib_set.source, "sha256": calib_set.sha256, "samples": len(calib_set)},
             "evaluation": {"source": eval_source, "data": eval_set.source, "sha256": eval_set.sha256,
                            "samples": evaluation.samples, "metric": evaluation.metric,
-                           "verified": eval_source != "random (unverified)"},
+                           "verified": verified},
             "metrics": {"baseline": evaluation.baseline, "compressed": evaluation.compressed},
             "accuracy_drop": evaluation.drop,
             "accuracy_control": None if control is None else control[1].to_json(tgt.capabilities.fallback),
-            "gate": {"max_drop": budget, "passed": gate_passed},
+            "gate": gate,
             "latency": latency,
             "timings": timings,
             "versions": package_versions(),

@@ -108,8 +108,9 @@ def _summary(manifest: dict[str, Any]) -> str:
     size_in, size_out = manifest["model"]["baseline_bytes"], sum(f["bytes"] for f in manifest["files"])
     lat = manifest["latency"]
     gate = manifest["gate"]
-    verdict = "n/a (no --max-drop)" if gate["passed"] is None else (
-        f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})")
+    verdict = ("n/a (no --max-drop)" if gate["passed"] is None and "reason" not in gate else
+               f"{'n/a' if gate['passed'] is None else 'FAIL'} ({gate['reason']})" if "reason" in gate else
+               f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})")
     rows = [
         ("target", manifest["target"]["name"]),
         ("size", f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller)"),
@@ -138,7 +139,8 @@ def _write_junit(path: Path, manifest: dict[str, Any] | None, error: str | None)
         body = f"<error message={quoteattr(error)}/>"
     elif manifest is not None and manifest["gate"]["passed"] is False:
         failures = 1
-        msg = f"accuracy drop {manifest['accuracy_drop']:.6f} > max_drop {manifest['gate']['max_drop']}"
+        msg = manifest["gate"].get("reason") or (
+            f"accuracy drop {manifest['accuracy_drop']:.6f} > max_drop {manifest['gate']['max_drop']}")
         body = f"<failure message={quoteattr(msg)}>{escape(json.dumps(manifest['metrics']))}</failure>"
     classname = "compressor" if manifest is None else f"compressor.{manifest['target']['name']}.{manifest['recipe']['name']}"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,8 +174,13 @@ def _cmd_compress(argv: Sequence[str]) -> int:
     print(_summary(result.manifest))
     print(f"\nartifact: {result.outdir}")
     if result.gate_passed is False:
-        logger.error("accuracy gate failed: drop %.6f > max_drop %s (artifact written, gate.passed: false)",
-                     result.manifest["accuracy_drop"], result.manifest["gate"]["max_drop"])
+        gate = result.manifest["gate"]
+        if "reason" in gate:
+            logger.error("accuracy gate failed: %s; pass --calib or --eval with real samples "
+                         "(artifact written, gate.passed: false)", gate["reason"])
+        else:
+            logger.error("accuracy gate failed: drop %.6f > max_drop %s (artifact written, gate.passed: false)",
+                         result.manifest["accuracy_drop"], gate["max_drop"])
         return EXIT_GATE_FAILED
     return EXIT_OK
 

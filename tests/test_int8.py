@@ -287,6 +287,26 @@ def test_without_any_data_the_accuracy_is_marked_unverified(tmp_path):
     warnings = [line for line in run.stderr.splitlines() if line.startswith("WARNING") and "NO DATA" in line]
     assert len(warnings) == 1 and "NOT verified" in warnings[0]
     assert quantize_report(m)["layers_quantized"] == LAYERS
+    # The recipe's budget is not judged on random inputs: neither passed nor failed.
+    assert m["gate"]["passed"] is None and m["gate"]["reason"].startswith("accuracy unverified")
+    assert m["accuracy_control"] is None
+    assert "n/a (accuracy unverified" in run.stdout
+
+
+def test_an_explicit_gate_without_data_fails_instead_of_passing_on_noise(tmp_path):
+    run = compress(tmp_path / "out", "--max-drop", "0.5", junit=tmp_path / "gate.xml")
+    assert run.code == 3, run.stderr
+    m = run.manifest
+    assert m["gate"] == {"max_drop": 0.5, "passed": False,
+                         "reason": "accuracy unverified: no --calib or --eval data "
+                                   "(random inputs say nothing about accuracy)"}
+    assert m["accuracy_control"] is None and m["files"]  # the artifact is still written
+    errors = [line for line in run.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors == ["ERROR: accuracy gate failed: accuracy unverified: no --calib or --eval data (random inputs "
+                      "say nothing about accuracy); pass --calib or --eval with real samples (artifact written, "
+                      "gate.passed: false)"]
+    (failure,) = junit_failures(tmp_path / "gate.xml")
+    assert failure.get("message").startswith("accuracy unverified")
 
 
 @needs_openvino
