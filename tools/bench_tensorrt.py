@@ -34,7 +34,7 @@ def _fp16_engine(model_path: Path, work: Path, inputs: list[str]) -> tuple[Path,
     from compressor.capture import capture
     from compressor.inputs import parse_input_overrides
     from compressor.model_io import save_model
-    from compressor.targets.tensorrt import BuildSettings, build_engine
+    from compressor.targets.tensorrt_engine import BuildSettings, build_engine
 
     model = capture(model_path, input_overrides=parse_input_overrides(inputs)).model
     work.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def _compressed(model_path: Path, recipe: str, work: Path, calib: Path, evald: P
 
 def bench(name: str, model_path: Path, recipes: dict[str, str], calib: Path, evald: Path, feed: dict[str, np.ndarray],
           out: Path, inputs: list[str]) -> list[dict]:
-    from compressor.targets.tensorrt import TensorRtRunner
+    from compressor.targets.tensorrt_engine import TensorRtRunner
 
     engines = {"fp16": _fp16_engine(model_path, out / name / "fp16", inputs)}
     for tag, recipe in recipes.items():
@@ -98,7 +98,7 @@ def main() -> int:
     p.add_argument("--skip-minilm", action="store_true")
     args = p.parse_args()
 
-    from compressor.targets.tensorrt import tensorrt_status
+    from compressor.targets.tensorrt_engine import tensorrt_status
 
     ok, why = tensorrt_status()
     if not ok:

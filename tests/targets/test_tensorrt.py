@@ -23,21 +23,18 @@ from compressor.inputs import InputSpec, model_input_specs
 from compressor.pipeline import PassContext, build_pass
 from compressor.targets import get_target
 from compressor.targets.onnx import ort_session
-from compressor.targets.tensorrt import (
-    TENSORRT_CAPABILITIES,
-    TENSORRT_FP8_CAPABILITIES,
+from compressor.targets.tensorrt import TENSORRT_CAPABILITIES, TENSORRT_FP8_CAPABILITIES, TensorRtTarget
+from compressor.targets.tensorrt_engine import (
     BuildSettings,
     QdqReferenceRunner,
-    TensorRtTarget,
     builder_offenders,
-    check_qdq_placement,
-    nm_sparse_layers,
     parser_offenders,
     profile_shapes,
     summarize_engine_layers,
     tensorrt_status,
     timing_cache_path,
 )
+from compressor.targets.tensorrt_qdq import check_qdq_placement, nm_sparse_layers
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
