@@ -25,6 +25,7 @@ An ``--input`` axis written ``?`` stays dynamic; the example input uses size 2 t
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import importlib
@@ -328,7 +329,40 @@ def _export(path: Path, program: Any, *, kwargs: dict | None = None, dynamic_sha
             logger.debug("torch.onnx.export failed", exc_info=True)
             raise CaptureError(f"{path}: torch.onnx.export failed ({_summary(err)}); the model uses something the "
                                "torch.export-based ONNX exporter cannot translate") from None
+    name_folded_weights(onnx_program.model)
     return onnx_program.model
+
+
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+
+
+def name_folded_weights(model: ir.Model) -> int:
+    """Give folded weights the name of the parameter they were folded from.
+
+    The exporter's optimizer folds ``Transpose(linear.weight)`` (what ``nn.Linear`` becomes
+    as a MatMul) into a new initializer named ``val_<n>``; a recipe's ``scope`` matches
+    weight names, so ``re:.*classifier.*`` would find nothing. The optimizer records the
+    source in the initializer's metadata; a folded tensor with exactly one source whose
+    name is free gets that name. Returns how many were renamed.
+    """
+    graph = model.graph
+    taken = {v.name for v in graph.inputs} | set(graph.initializers) | {v.name for n in graph for v in n.outputs}
+    renamed = 0
+    for value in list(graph.initializers.values()):
+        try:
+            sources = ast.literal_eval(value.metadata_props.get(_FOLDED_FROM, ""))
+        except (ValueError, SyntaxError):
+            continue
+        if not (isinstance(sources, list) and len(sources) == 1 and isinstance(sources[0], str)):
+            continue
+        source = sources[0]
+        if source in taken or source.startswith("val_") or value.shape is None or len(value.shape) < 2:
+            continue  # a shape/index constant, or the parameter is still there under its own name
+        taken.discard(value.name)
+        value.name = source
+        taken.add(source)
+        renamed += 1
+    return renamed
 
 
 def _optimize(model: ir.Model) -> None:

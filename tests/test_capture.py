@@ -130,6 +130,28 @@ def test_pt2_with_dict_output_names_outputs_after_keys(tmp_path):
     assert [v.name for v in captured.model.graph.outputs] == ["logits", "probs"]
 
 
+def test_pt2_folded_linear_weights_keep_their_parameter_names(tmp_path):
+    """Linear on [N, S, C] exports as MatMul(x, Transpose(W)); the exporter folds the
+    transpose into ``val_<n>``. The weight gets its parameter's name back, so a recipe
+    scope on weight names (``re:.*classifier.*``) finds it."""
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = torch.nn.Linear(8, 16)
+            self.classifier = torch.nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(torch.relu(self.encoder(x)))
+
+    module = Tagger().eval()
+    torch.export.save(torch.export.export(module, (torch.randn(2, 5, 8),)), tmp_path / "tagger.pt2")
+    model = capture(tmp_path / "tagger.pt2").model
+    weights = {n.inputs[1].name for n in model.graph if n.op_type == "MatMul"}
+    assert weights == {"encoder.weight", "classifier.weight"}
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, {"x": x})[0], _reference(module, x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("how", ["script", "trace"])
 def test_torchscript_matches_torch(tmp_path, how):
     net = _net()
