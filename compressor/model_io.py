@@ -56,9 +56,10 @@ def ir_version_for(model: ir.Model) -> int:
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialise ``model`` with its IR version set for ONNX Runtime."""
-    model.ir_version = ir_version_for(model)
-    return ir.serde.serialize_model(model)
+    """Serialise ``model`` with its IR version set for ONNX Runtime (``model`` is left as is)."""
+    proto = ir.serde.serialize_model(model)
+    proto.ir_version = ir_version_for(model)
+    return proto
 
 
 def model_bytes(model: ir.Model) -> bytes:

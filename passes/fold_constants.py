@@ -8,10 +8,8 @@ replaced by that tensor stored as an initializer. The steps, in order:
    it (``keep_initializers_as_inputs``), so such inputs are weights in practice; from
    IR 4 on the spec reads them as overridable defaults. ``initializer_inputs: remove``
    (the default) treats them as the weights they are and drops them from the inputs;
-   ``keep`` leaves them overridable (and unfolded); ``auto`` removes them only when
-   ``model.ir_version < 4`` -- note that ``compressor.model_io.to_proto`` raises the IR
-   version of the model it serialises, and the pass manager serialises the input to
-   verify it, so ``auto`` only sees the original version when nothing did that first.
+   ``keep`` leaves them overridable (and unfolded); ``auto`` removes them only when the
+   file's ``ir_version < 4`` (serialising never changes the model's own version).
    Real inputs (those without an initializer) are never touched.
 2. Constant folding, by ``onnxscript.optimizer.fold_constants`` (ONNX reference
    evaluator, plus its partial evaluators for Shape, Reshape, Identity...). Its size
