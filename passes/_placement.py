@@ -126,8 +126,9 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         exclude: Node names excluded by accuracy control.
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
         eltwise: Also quantize the joins the target lists without a weight (``Add``/``Sum``
-            of activations only: residual adds). An ``Add`` with a constant operand (a
-            bias, a scale) is not a join and never a layer.
+            of activations only: residual adds; ``OpQuant.joins_after`` may require an
+            input straight from, e.g., a convolution). An ``Add`` with a constant
+            operand (a bias, a scale) is not a join and never a layer.
     """
     wanted = set(ops) or set(caps.quantizable)
     excluded = set(exclude)
@@ -140,6 +141,9 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         if quant.weights is None:
             data = [v for v in node.inputs if v is not None]
             if len(data) < 2 or not all(_is_float(v) and not is_constant(v) for v in data):
+                continue
+            if quant.joins_after and not any((p := v.producer()) is not None and p.op_type in quant.joins_after
+                                             for v in data):
                 continue
             if not eltwise:
                 skipped[node.name or f"{node.op_type}->{node.outputs[0].name}"] = "join of activations (eltwise is off)"

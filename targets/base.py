@@ -52,11 +52,14 @@ class OpQuant:
         weights: Spec of the constant weight input (``None``: the op has none).
         activations: Spec of the activation inputs.
         weight_input: Index of the weight input.
+        joins_after: For an op without weights (a residual ``Add``): quantize a node only
+            when one of its inputs comes straight from one of these ops (empty: any).
     """
 
     activations: QuantSpec
     weights: QuantSpec | None = None
     weight_input: int = 1
+    joins_after: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)

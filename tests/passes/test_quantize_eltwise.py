@@ -70,3 +70,21 @@ def test_eltwise_off_keeps_the_join_float_and_says_so(tmp_path):
     assert result.stats["skipped_layers"] == {"residual": "join of activations (eltwise is off)"}
     residual = _node(result.model, "residual")
     assert residual.inputs[0].name == "c2" and residual.inputs[1].name == "x"
+
+
+def test_a_transformer_residual_is_not_a_convolution_join(tmp_path):
+    """OpenVINO fuses a quantized Add only into the convolution producing one input; the
+    residual add after ``MatMul + bias`` (BERT's) stays float and is not reported."""
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[N,6,{C}] x) => (float[N,6,{C}] y) {{
+      [dense] h0 = MatMul(x, w)
+      h = Add(h0, b)
+      [residual] s = Add(h, x)
+      y = LayerNormalization <axis = -1> (s, gamma, beta)
+    }}""", w=_w(rng, C, C), b=_w(rng, C) * 0.1, gamma=np.ones(C, np.float32), beta=np.zeros(C, np.float32))
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, 6, C)})
+    result = _quantize_for_openvino(_clone(model), calib)
+    assert result.stats["layers"] == ["dense"]
+    assert "residual" not in result.stats["skipped_layers"]
+    assert [v.name for v in _node(result.model, "residual").inputs] == ["h", "x"]
