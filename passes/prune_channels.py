@@ -57,14 +57,16 @@ from compressor.passes._graph import NameAllocator, NotFoldable, attr_int, label
 from compressor.passes._sparsity import (
     PRUNABLE_OPS,
     WeightLayer,
+    count_macs,
+    replace_constant,
+    size_report,
+    write_weight,
+)
+from compressor.passes._sparsity_moments import (
     add_output_bias,
     bias_delta,
     cached_moments,
-    count_macs,
-    replace_constant,
     require_calibration,
-    size_report,
-    write_weight,
 )
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope

@@ -15,7 +15,7 @@ go and runs are deterministic.
 Training-free recovery (``bias_correction: true``, needs calibration data): pruning moves
 each layer's output mean by ``(W_p - W) E[x]``; adding it back,
 ``b' = b + (W - W_p) E[x]``, with ``E[x]`` per input channel measured on the calibration
-data on the model as the pass found it (see :mod:`._sparsity`).
+data on the model as the pass found it (see :mod:`._sparsity_moments`).
 
 Stats: sparsity per layer and overall, the weights' dense and zlib-compressed size
 before and after (zeros compress: the on-disk size of a sparse model in a zip archive).
@@ -33,13 +33,15 @@ import onnx_ir as ir
 from compressor.passes._graph import NameAllocator
 from compressor.passes._sparsity import (
     PRUNABLE_OPS,
-    correct_biases,
     find_weight_layers,
     group_by_weight,
-    input_moments,
     pruning_stats,
-    require_calibration,
     write_groups,
+)
+from compressor.passes._sparsity_moments import (
+    correct_biases,
+    input_moments,
+    require_calibration,
 )
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope

@@ -20,7 +20,7 @@ Which ``M - N`` weights of a group go is decided by a score, the ``N`` largest k
    matters more than its magnitude alone says; for Conv the norm of channel ``j`` stands
    for every kernel position of it. Needs calibration data.
 
-Recovery (``bias_correction: true``): ``b' = b + (W - W_p) E[x]`` (see :mod:`._sparsity`).
+Recovery (``bias_correction: true``): ``b' = b + (W - W_p) E[x]`` (see :mod:`._sparsity_moments`).
 
 Symmetric int8 weight quantization afterwards maps 0 to 0 (``round(0 / s) = 0``, zero
 point 0), so the pattern survives into a quantized artifact.
@@ -39,13 +39,15 @@ from compressor.passes._graph import NameAllocator
 from compressor.passes._sparsity import (
     PRUNABLE_OPS,
     WeightLayer,
-    correct_biases,
     find_weight_layers,
     group_by_weight,
-    input_moments,
     pruning_stats,
-    require_calibration,
     write_groups,
+)
+from compressor.passes._sparsity_moments import (
+    correct_biases,
+    input_moments,
+    require_calibration,
 )
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope
