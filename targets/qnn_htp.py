@@ -27,9 +27,8 @@ artifact, loaded without recompiling), and writes ``model.encodings``: the scale
 every quantized tensor in AIMET's JSON format (version 0.6.1), so a device flow (qnn-onnx-
 converter ``--quantization_overrides``) uses exactly the encodings that were evaluated.
 
-AIMET's encoding is ``x = (q + offset) * scale`` with ``q`` unsigned in ``[0, 2^bw - 1]``; an
-ONNX ``uint`` zero point ``z`` gives ``offset = -z`` and a signed one ``offset = -(z + 2^(bw-1))``
-(symmetric int8 weights: ``offset = -128``).
+Session plumbing, context compilation and the runner are in :mod:`.qnn_htp_runtime`; the
+AIMET encodings in :mod:`.qnn_encodings`.
 
 The baseline (fp32 model) runs on ONNX Runtime CPU: HTP has no fp32 path (it would run fp16).
 The manifest gets the simulation-vs-device gap: the same QDQ model on ONNX Runtime CPU and
@@ -38,15 +37,10 @@ on HTP, on the samples the HTP runner saw.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
-import re
-import sys
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +48,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from compressor.errors import CompressorError, UnsupportedByTarget, UsageError
+from compressor.errors import CompressorError
 from compressor.model_io import save_model
 from compressor.targets.base import (
     Capabilities,
@@ -67,30 +61,20 @@ from compressor.targets.base import (
     narrow_weights,
 )
 from compressor.targets.onnx import OrtRunner
-
-try:
-    import onnxruntime_qnn
-except ImportError:  # optional backend: the target refuses to start, the package still imports
-    onnxruntime_qnn = None
+from compressor.targets.qnn_encodings import aimet_encodings
+from compressor.targets.qnn_htp_runtime import QnnHtpRunner, compile_context, onnxruntime_qnn, per_output, require_qnn
 
 __all__ = [
     "QnnHtpTarget",
-    "QnnHtpRunner",
     "QNN_HTP_CAPABILITIES",
     "QNN_HTP_OPS",
     "HTP_QDQ_RULES",
     "QdqRules",
-    "htp_available",
-    "compile_context",
-    "aimet_encodings",
     "float_compute_nodes",
     "lint",
-    "refused_nodes",
 ]
 
 logger = logging.getLogger(__name__)
-
-EP_NAME = "QNNExecutionProvider"
 
 #: ONNX ops the QNN EP has HTP builders for (onnxruntime-qnn ``op_builder_factory.cc``),
 #: plus ``Constant`` (ONNX Runtime folds it). ``Shape``/``Range``... are absent: with static
@@ -179,231 +163,9 @@ HTP_QDQ_RULES = QdqRules(
 #: keeps 8 bits and the residue shows in the simulation-vs-device gap.
 SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})
 
-#: Samples of the simulation-vs-device comparison kept by a runner.
-GAP_SAMPLES = 64
 #: Samples run again on HTP for that comparison when the final runner saw fewer (it was
 #: rebuilt after accuracy control and ran only the latency batch).
 GAP_RERUN = 16
-
-_REGISTERED = False
-
-
-def htp_available() -> tuple[bool, str]:
-    """Whether the QNN HTP backend can be used here, and why not."""
-    if onnxruntime_qnn is None:
-        return False, "the onnxruntime-qnn package is not installed (pip install onnxruntime-qnn; Linux x86-64 or Windows ARM64)"
-    if not hasattr(ort, "register_execution_provider_library"):
-        return False, f"onnxruntime {ort.__version__} cannot load plugin execution providers (needs >= 1.22)"
-    if not Path(onnxruntime_qnn.get_qnn_htp_path()).exists():
-        return False, f"onnxruntime-qnn has no HTP backend library for this platform ({onnxruntime_qnn.get_qnn_htp_path()})"
-    return True, ""
-
-
-def _require_qnn() -> None:
-    ok, why = htp_available()
-    if not ok:
-        raise UsageError(f"target 'qnn-htp' cannot start: {why}")
-
-
-def _register() -> None:
-    """Load the QNN EP plugin library into ONNX Runtime (once per process)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
-        ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
-    _REGISTERED = True
-
-
-def _provider_options() -> dict[str, str]:
-    return {
-        "backend_path": onnxruntime_qnn.get_qnn_htp_path(),
-        # Q on graph inputs / DQ on graph outputs run on HTP too (by default the EP leaves
-        # them to the CPU EP, which fallback-disabled sessions refuse).
-        "offload_graph_io_quantization": "0",
-    }
-
-
-def _session_options(*, fallback: bool = False, record: bool = False, severity: int = 3) -> ort.SessionOptions:
-    _register()
-    ort.set_default_logger_severity(max(severity, 3))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = severity
-    if not fallback:
-        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    if record:
-        opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
-    opts.add_provider_for_devices(devices, _provider_options())
-    return opts
-
-
-@contextlib.contextmanager
-def _native_stderr() -> Iterator[Path]:
-    """Capture what native code writes to fd 2 (ONNX Runtime's log) into a file."""
-    with tempfile.NamedTemporaryFile(prefix="qnn-log-", suffix=".txt", delete=False) as tmp:
-        path = Path(tmp.name)
-    saved = os.dup(2)
-    try:
-        with open(path, "wb") as sink:
-            os.dup2(sink.fileno(), 2)
-            try:
-                yield path
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
-
-
-@contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """Silence native writes to fd 1 (the HTP library prints a banner when it first loads)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as sink:
-            os.dup2(sink.fileno(), 1)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 1)
-    finally:
-        os.close(saved)
-
-
-_REASON = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((\w+)\) :\n(.*?)\tREASON : ([^\n]*)", re.S)
-_NODE_LINE = re.compile(r"Operator type: (\w+) Node name: (\S*) Node index")
-
-
-def refused_nodes(source: str | bytes) -> list[tuple[str, str]]:
-    """The nodes HTP refuses in a model, with the QNN EP's reason; ``[]`` when it takes all.
-
-    Builds a session with CPU fallback allowed and the graph assignment recorded, and reads
-    the EP's verbose validation log for the reasons.
-    """
-    with _native_stderr() as log, _quiet_stdout():
-        session = ort.InferenceSession(source, _session_options(fallback=True, record=True, severity=0))
-    text = log.read_text(errors="replace")
-    log.unlink(missing_ok=True)
-    reasons: dict[str, str] = {}
-    for unit, block, reason in _REASON.findall(text):
-        for op, name in _NODE_LINE.findall(block):
-            reasons.setdefault(name, f"{unit} node unit: {reason.strip()}")
-    out = []
-    for sub in session.get_provider_graph_assignment_info():
-        if sub.ep_name == EP_NAME:
-            continue
-        for node in sub.get_nodes():
-            out.append((node.name or node.op_type, reasons.get(node.name, f"op {node.op_type}: refused by the QNN EP "
-                                                                         "for HTP (no reason logged)")))
-    return out
-
-
-def _fail(source: str | bytes, err: Exception) -> CompressorError:
-    """Explain a failed HTP session: the refused nodes, or the backend's own message.
-
-    A model ONNX Runtime cannot even load is a bug upstream (exit 1), not a target limit.
-    """
-    text = str(err)
-    if "INVALID_GRAPH" in text or "INVALID_ARGUMENT" in text or "Load model" in text:
-        return CompressorError(f"qnn-htp: ONNX Runtime cannot load the lowered model: {text.strip()[:400]}")
-    try:
-        offenders = refused_nodes(source)
-    except Exception as again:  # the graph cannot even be partitioned: report the first error
-        logger.debug("qnn-htp: partitioning failed too: %s", again)
-        offenders = []
-    if not offenders:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        offenders = [("model", f"QNN HTP backend failed: {first[:300]}")]
-    return UnsupportedByTarget("qnn-htp", offenders)
-
-
-def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
-    """Compile ``model_path`` into an EPContext model ``ctx_path`` and its QNN context binary.
-
-    Returns:
-        ``[ctx_path, binary]`` (the binary is written beside ``ctx_path``).
-
-    Raises:
-        UnsupportedByTarget: HTP refuses part of the graph (each node named).
-    """
-    before = set(ctx_path.parent.iterdir())
-    try:
-        with _quiet_stdout():
-            compiler = ort.ModelCompiler(_session_options(), str(model_path), embed_compiled_data_into_model=False)
-            compiler.compile_to_file(str(ctx_path))
-    except Exception as err:  # ONNX Runtime's own exception types
-        raise _fail(str(model_path), err) from None
-    new = sorted(p for p in set(ctx_path.parent.iterdir()) - before if p != ctx_path)
-    return [ctx_path, *new]
-
-
-def _aimet_entry(scale: float, zero_point: int, dtype: ir.DataType) -> dict[str, Any]:
-    bits = int(dtype.bitwidth)
-    signed = dtype.is_signed()
-    offset = -(int(zero_point) + (1 << (bits - 1))) if signed else -int(zero_point)
-    return {
-        "bitwidth": bits,
-        "dtype": "int",
-        "is_symmetric": str(bool(signed and int(zero_point) == 0) or (not signed and int(zero_point) == 1 << (bits - 1))),
-        "max": float((offset + (1 << bits) - 1) * np.float64(scale)),
-        "min": float(offset * np.float64(scale)),
-        "offset": offset,
-        "scale": float(scale),
-    }
-
-
-def _param_name(value: ir.Value) -> str:
-    return value.name.removesuffix("_quantized") if value.name else "?"
-
-
-def aimet_encodings(model: ir.Model) -> dict[str, Any]:
-    """Every Q/DQ encoding of ``model`` in AIMET's JSON format (0.6.1).
-
-    Activations are keyed by the float tensor a ``QuantizeLinear`` reads (by the graph
-    output's name where its ``DequantizeLinear`` is a graph output); parameters by the
-    initializer a ``DequantizeLinear`` reads (without the ``_quantized`` suffix the
-    quantize pass adds). Per-channel parameters get one entry per channel.
-    """
-    acts: dict[str, list[dict[str, Any]]] = {}
-    params: dict[str, list[dict[str, Any]]] = {}
-    outputs = {id(v): v.name for v in model.graph.outputs}
-    bits: set[int] = set()
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
-            continue
-        data, scale_v = node.inputs[0], node.inputs[1]
-        zp_v = node.inputs[2] if len(node.inputs) > 2 else None
-        if scale_v is None or scale_v.const_value is None:
-            continue
-        scale = np.atleast_1d(scale_v.const_value.numpy()).astype(np.float64)
-        if zp_v is not None and zp_v.const_value is not None:
-            zps, dtype = np.atleast_1d(zp_v.const_value.numpy()).astype(np.int64), zp_v.const_value.dtype
-        else:
-            zps, dtype = np.zeros(len(scale), np.int64), ir.DataType.UINT8
-        zps = np.broadcast_to(zps, scale.shape)
-        entries = [_aimet_entry(s, z, dtype) for s, z in zip(scale, zps)]
-        if node.op_type == "QuantizeLinear" and data is not None:
-            # A graph output is the DQ of this Q: the encoding belongs to the output's name.
-            readers = [u.outputs[0] for u, _ in node.outputs[0].uses() if u.op_type == "DequantizeLinear"]
-            name = next((outputs[id(v)] for v in readers if id(v) in outputs), data.name)
-            acts.setdefault(name, entries)
-            bits.add(entries[0]["bitwidth"])
-        elif node.op_type == "DequantizeLinear" and data is not None and data.const_value is not None:
-            params.setdefault(_param_name(data), entries)
-    return {
-        "version": "0.6.1",
-        "activation_encodings": dict(sorted(acts.items())),
-        "param_encodings": dict(sorted(params.items())),
-        "excluded_layers": [],
-        "quantizer_args": {
-            "activation_bitwidth": max(bits) if bits else None,
-            "param_bitwidth": 8,
-            "dtype": "int",
-            "per_channel_quantization": any(len(v) > 1 for v in params.values()),
-            "quant_scheme": "post_training_tf",
-        },
-    }
 
 
 def float_compute_nodes(model: ir.Model) -> list[str]:
@@ -426,54 +188,6 @@ def float_compute_nodes(model: ir.Model) -> list[str]:
     return out
 
 
-class QnnHtpRunner(Runner):
-    """Runs a lowered model on the QNN HTP backend, CPU fallback disabled.
-
-    Args:
-        path: The EPContext model (``*_ctx.onnx``) or a QDQ ``.onnx`` (compiled on load).
-        qdq_path: The QDQ model the context was compiled from (for the simulation gap).
-        feeds: A shared list the runner appends the feeds it sees to (up to ``GAP_SAMPLES``).
-
-    Raises:
-        UnsupportedByTarget: HTP refuses part of the graph.
-    """
-
-    def __init__(self, path: Path, qdq_path: Path | None = None, feeds: list[dict[str, np.ndarray]] | None = None):
-        _require_qnn()
-        self.path = Path(path)
-        self.qdq_path = qdq_path
-        try:
-            with _quiet_stdout():
-                self.session = ort.InferenceSession(str(self.path), _session_options())
-        except Exception as err:  # ONNX Runtime's own exception types
-            raise _fail(str(self.path), err) from None
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.seen: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
-        self._shared = feeds
-
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        feed = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self.input_names}
-        outs = self.session.run(None, feed)
-        if len(self.seen) < GAP_SAMPLES and not any(_same(feed, f) for f, _ in self.seen[-1:]):
-            self.seen.append((feed, outs))
-        if self._shared is not None and len(self._shared) < GAP_SAMPLES and not any(
-                _same(feed, f) for f in self._shared[-1:]):
-            self._shared.append(feed)
-        return outs
-
-
-def _per_output(calls: list[list[np.ndarray]]) -> list[np.ndarray]:
-    """Per output, the calls' results stacked along a first (sample) axis."""
-    return [np.concatenate([np.asarray(call[i]).reshape(1, -1) if np.asarray(call[i]).ndim < 2
-                            else np.asarray(call[i]).reshape(len(call[i]), -1) for call in calls])
-            for i in range(len(calls[0]))]
-
-
-def _same(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
-
-
 class QnnHtpTarget(Target):
     """Qualcomm HTP (NPU) through ONNX Runtime's QNN EP; the QNN context binary is the artifact.
 
@@ -486,7 +200,7 @@ class QnnHtpTarget(Target):
     qdq_rules = HTP_QDQ_RULES
 
     def __init__(self) -> None:
-        _require_qnn()
+        require_qnn()
         self._feeds: list[dict[str, np.ndarray]] = []
         if cpu_has_vnni() is False:  # the emulator saturates like MLAS: 7-bit weights (SATURATING_OPS)
             self.capabilities = narrow_weights(QNN_HTP_CAPABILITIES, SATURATING_OPS)
@@ -539,8 +253,8 @@ class QnnHtpTarget(Target):
         if not seen:
             return out
         cpu = OrtRunner(runner.qdq_path)
-        htp_outs = _per_output([outs for _, outs in seen])
-        cpu_outs = _per_output([cpu(feed) for feed, _ in seen])
+        htp_outs = per_output([outs for _, outs in seen])
+        cpu_outs = per_output([cpu(feed) for feed, _ in seen])
         gap = fidelity(cpu_outs, htp_outs)
         gap["mean_abs_diff"] = float(np.mean([np.abs(c.astype(np.float64) - h).mean()
                                               for c, h in zip(cpu_outs, htp_outs)]))

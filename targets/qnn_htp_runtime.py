@@ -1,0 +1,240 @@
+"""Running on Qualcomm's HTP through ONNX Runtime's QNN execution provider (``qnn-htp``'s runtime half).
+
+The provider library is registered once per process; every session is created with
+``session.disable_cpu_ep_fallback=1`` so the whole graph runs on HTP or the session
+fails (:func:`refused_nodes` says which nodes HTP refused). :func:`compile_context`
+writes the EPContext model (``*_ctx.onnx`` + ``*_ctx_qnn.bin``); :class:`QnnHtpRunner`
+runs it and keeps the samples it saw for the simulation-vs-device comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from compressor.errors import CompressorError, UnsupportedByTarget, UsageError
+from compressor.targets.base import Runner
+
+try:
+    import onnxruntime_qnn
+except ImportError:  # optional backend: the target refuses to start, the package still imports
+    onnxruntime_qnn = None
+
+__all__ = ["QnnHtpRunner", "compile_context", "htp_available", "per_output", "refused_nodes", "require_qnn",
+           "EP_NAME", "GAP_SAMPLES"]
+
+logger = logging.getLogger(__name__)
+
+EP_NAME = "QNNExecutionProvider"
+
+#: Samples of the simulation-vs-device comparison kept by a runner.
+GAP_SAMPLES = 64
+
+_REGISTERED = False
+
+
+def htp_available() -> tuple[bool, str]:
+    """Whether the QNN HTP backend can be used here, and why not."""
+    if onnxruntime_qnn is None:
+        return False, "the onnxruntime-qnn package is not installed (pip install onnxruntime-qnn; Linux x86-64 or Windows ARM64)"
+    if not hasattr(ort, "register_execution_provider_library"):
+        return False, f"onnxruntime {ort.__version__} cannot load plugin execution providers (needs >= 1.22)"
+    if not Path(onnxruntime_qnn.get_qnn_htp_path()).exists():
+        return False, f"onnxruntime-qnn has no HTP backend library for this platform ({onnxruntime_qnn.get_qnn_htp_path()})"
+    return True, ""
+
+
+def require_qnn() -> None:
+    ok, why = htp_available()
+    if not ok:
+        raise UsageError(f"target 'qnn-htp' cannot start: {why}")
+
+
+def _register() -> None:
+    """Load the QNN EP plugin library into ONNX Runtime (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
+    _REGISTERED = True
+
+
+def _provider_options() -> dict[str, str]:
+    return {
+        "backend_path": onnxruntime_qnn.get_qnn_htp_path(),
+        # Q on graph inputs / DQ on graph outputs run on HTP too (by default the EP leaves
+        # them to the CPU EP, which fallback-disabled sessions refuse).
+        "offload_graph_io_quantization": "0",
+    }
+
+
+def _session_options(*, fallback: bool = False, record: bool = False, severity: int = 3) -> ort.SessionOptions:
+    _register()
+    ort.set_default_logger_severity(max(severity, 3))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = severity
+    if not fallback:
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if record:
+        opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    opts.add_provider_for_devices(devices, _provider_options())
+    return opts
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[Path]:
+    """Capture what native code writes to fd 2 (ONNX Runtime's log) into a file."""
+    with tempfile.NamedTemporaryFile(prefix="qnn-log-", suffix=".txt", delete=False) as tmp:
+        path = Path(tmp.name)
+    saved = os.dup(2)
+    try:
+        with open(path, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield path
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence native writes to fd 1 (the HTP library prints a banner when it first loads)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 1)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
+_REASON = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((\w+)\) :\n(.*?)\tREASON : ([^\n]*)", re.S)
+_NODE_LINE = re.compile(r"Operator type: (\w+) Node name: (\S*) Node index")
+
+
+def refused_nodes(source: str | bytes) -> list[tuple[str, str]]:
+    """The nodes HTP refuses in a model, with the QNN EP's reason; ``[]`` when it takes all.
+
+    Builds a session with CPU fallback allowed and the graph assignment recorded, and reads
+    the EP's verbose validation log for the reasons.
+    """
+    with _native_stderr() as log, _quiet_stdout():
+        session = ort.InferenceSession(source, _session_options(fallback=True, record=True, severity=0))
+    text = log.read_text(errors="replace")
+    log.unlink(missing_ok=True)
+    reasons: dict[str, str] = {}
+    for unit, block, reason in _REASON.findall(text):
+        for op, name in _NODE_LINE.findall(block):
+            reasons.setdefault(name, f"{unit} node unit: {reason.strip()}")
+    out = []
+    for sub in session.get_provider_graph_assignment_info():
+        if sub.ep_name == EP_NAME:
+            continue
+        for node in sub.get_nodes():
+            out.append((node.name or node.op_type, reasons.get(node.name, f"op {node.op_type}: refused by the QNN EP "
+                                                                         "for HTP (no reason logged)")))
+    return out
+
+
+def _fail(source: str | bytes, err: Exception) -> CompressorError:
+    """Explain a failed HTP session: the refused nodes, or the backend's own message.
+
+    A model ONNX Runtime cannot even load is a bug upstream (exit 1), not a target limit.
+    """
+    text = str(err)
+    if "INVALID_GRAPH" in text or "INVALID_ARGUMENT" in text or "Load model" in text:
+        return CompressorError(f"qnn-htp: ONNX Runtime cannot load the lowered model: {text.strip()[:400]}")
+    try:
+        offenders = refused_nodes(source)
+    except Exception as again:  # the graph cannot even be partitioned: report the first error
+        logger.debug("qnn-htp: partitioning failed too: %s", again)
+        offenders = []
+    if not offenders:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        offenders = [("model", f"QNN HTP backend failed: {first[:300]}")]
+    return UnsupportedByTarget("qnn-htp", offenders)
+
+
+def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
+    """Compile ``model_path`` into an EPContext model ``ctx_path`` and its QNN context binary.
+
+    Returns:
+        ``[ctx_path, binary]`` (the binary is written beside ``ctx_path``).
+
+    Raises:
+        UnsupportedByTarget: HTP refuses part of the graph (each node named).
+    """
+    before = set(ctx_path.parent.iterdir())
+    try:
+        with _quiet_stdout():
+            compiler = ort.ModelCompiler(_session_options(), str(model_path), embed_compiled_data_into_model=False)
+            compiler.compile_to_file(str(ctx_path))
+    except Exception as err:  # ONNX Runtime's own exception types
+        raise _fail(str(model_path), err) from None
+    new = sorted(p for p in set(ctx_path.parent.iterdir()) - before if p != ctx_path)
+    return [ctx_path, *new]
+
+
+class QnnHtpRunner(Runner):
+    """Runs a lowered model on the QNN HTP backend, CPU fallback disabled.
+
+    Args:
+        path: The EPContext model (``*_ctx.onnx``) or a QDQ ``.onnx`` (compiled on load).
+        qdq_path: The QDQ model the context was compiled from (for the simulation gap).
+        feeds: A shared list the runner appends the feeds it sees to (up to ``GAP_SAMPLES``).
+
+    Raises:
+        UnsupportedByTarget: HTP refuses part of the graph.
+    """
+
+    def __init__(self, path: Path, qdq_path: Path | None = None, feeds: list[dict[str, np.ndarray]] | None = None):
+        require_qnn()
+        self.path = Path(path)
+        self.qdq_path = qdq_path
+        try:
+            with _quiet_stdout():
+                self.session = ort.InferenceSession(str(self.path), _session_options())
+        except Exception as err:  # ONNX Runtime's own exception types
+            raise _fail(str(self.path), err) from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.seen: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
+        self._shared = feeds
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        feed = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self.input_names}
+        outs = self.session.run(None, feed)
+        if len(self.seen) < GAP_SAMPLES and not any(_same(feed, f) for f, _ in self.seen[-1:]):
+            self.seen.append((feed, outs))
+        if self._shared is not None and len(self._shared) < GAP_SAMPLES and not any(
+                _same(feed, f) for f in self._shared[-1:]):
+            self._shared.append(feed)
+        return outs
+
+
+def per_output(calls: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per output, the calls' results stacked along a first (sample) axis."""
+    return [np.concatenate([np.asarray(call[i]).reshape(1, -1) if np.asarray(call[i]).ndim < 2
+                            else np.asarray(call[i]).reshape(len(call[i]), -1) for call in calls])
+            for i in range(len(calls[0]))]
+
+
+def _same(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
