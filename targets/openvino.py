@@ -235,6 +235,7 @@ class OpenVinoRunner(Runner):
         _require_openvino()
         self.core = core or ov.Core()
         self.config = dict(CPU_CONFIG if config is None else config)
+        self.xml = Path(xml)
         self.compiled = self.core.compile_model(str(xml), "CPU", self.config)
         self._request = self.compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
@@ -256,12 +257,20 @@ class OpenVinoRunner(Runner):
             ``layerType``), ``precision`` (``runtimePrecision``: ``u8``/``i8`` for int8
             kernels, ``f32`` otherwise), ``input_precisions``, ``primitive`` (kernel, e.g.
             ``jit_avx2_I8``), ``original_layers`` (the IR layers fused into it) and ``int8``.
+
+            ``int8`` needs an int8 kernel *and* an int8 activation: a FullyConnected with
+            int8 (compressed) weights but an f32 input reports ``runtimePrecision`` i8 yet
+            computes in f32 (weight-only). A fused ``Subgraph`` (the CPU plugin's snippets,
+            e.g. attention) counts as a compute layer when it holds an IR MatMul.
         """
+        matmuls = {op.get_friendly_name() for op in self.core.read_model(str(self.xml)).get_ops()
+                   if op.get_type_name() == "MatMul"}
         layers = []
         for op in self.compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
             kind = _rt(info, "layerType")
-            if kind not in COMPUTE_LAYERS:
+            original = [n for n in _rt(info, "originalLayersNames").split(",") if n]
+            if kind not in COMPUTE_LAYERS and not (kind == "Subgraph" and matmuls.intersection(original)):
                 continue
             inputs = []
             for port in op.inputs():
@@ -275,8 +284,8 @@ class OpenVinoRunner(Runner):
                 "precision": precision,
                 "input_precisions": inputs,
                 "primitive": _rt(info, "primitiveType"),
-                "original_layers": [n for n in _rt(info, "originalLayersNames").split(",") if n],
-                "int8": precision in _INT8,
+                "original_layers": original,
+                "int8": precision in _INT8 and (not inputs or inputs[0] in _INT8),
             })
         return layers
 

@@ -38,7 +38,9 @@ def test_minilm_int8_openvino(tmp_path, capsys):
     # six Q·Kᵀ MatMuls (probs·V stays float).
     assert quant["stats"]["layers_weight_only"] == 6
     assert quant["stats"]["layers_quantized"] == 36
-    # The quantized layers really ran in int8 (OpenVINO may fuse or keep one small MatMul in f32).
+    # The quantized linear layers really ran in int8; the 12 float ones are the six
+    # weight-only key projections and the six fused attention Subgraphs (f32 on the CPU).
     layers = manifest["runtime_layers"]
     assert layers["int8"] >= 0.9 * (layers["int8"] + layers["float"] - 12)
+    assert layers["int8"] >= 27
     assert sum(f["bytes"] for f in manifest["files"]) < 0.7 * manifest["model"]["baseline_bytes"]

@@ -158,6 +158,26 @@ def test_fp32_conv_runs_f32(target, tmp_path):
     assert summary["int8"] == 0 and summary["float_layers"] == [layers[0]["name"]]
 
 
+def test_weight_only_matmul_is_reported_float(target, tmp_path):
+    """int8 weights read by a float activation: OpenVINO says ``runtimePrecision`` i8 for
+    the FullyConnected, but it computes in f32 (weight decompression), so not int8."""
+    rng = np.random.default_rng(4)
+    wq = rng.integers(-127, 128, (64, 32)).astype(np.int8)
+    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.full(32, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(32, np.int8), "wz")]
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], name="w_dq", axis=1),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], inits)
+    run = target.runner(target.lower(model, tmp_path))
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    np.testing.assert_allclose(run({"x": x})[0], x @ (wq.astype(np.float32) * 0.01), rtol=1e-4, atol=1e-4)
+    (layer,) = run.layer_precisions()
+    assert layer["type"] == "FullyConnected" and layer["input_precisions"][0] == "f32"
+    assert layer["int8"] is False
+    assert int8_summary([layer])["float"] == 1
+
+
 def test_check_names_unconvertible_node(target):
     nodes = [helper.make_node("Relu", ["x"], ["t"], name="relu"),
              helper.make_node("Foo", ["t"], ["y"], name="custom_foo", domain="com.example")]
