@@ -286,8 +286,11 @@ def compress(
             "compressed_ms": measure_latency(run_compressed, feed, repeats=latency_runs),
             "batch": int(next(iter(feed.values())).shape[0]) if not all(eval_set.stacked.values()) else 1,
         }
-        gate = {"max_drop": budget, "passed": None if budget is None else bool(evaluation.drop <= budget + 1e-12)}
-        if budget is not None and not verified:
+        if budget is None:
+            gate = {"max_drop": None, "passed": None}
+        elif verified:
+            gate = {"max_drop": budget, "passed": bool(evaluation.drop <= budget + 1e-12)}
+        else:
             gate = {"max_drop": budget, "passed": False if max_drop is not None else None, "reason": UNVERIFIED_GATE}
         gate_passed = gate["passed"]
         timings["total_s"] = time.perf_counter() - started

@@ -108,9 +108,12 @@ def _summary(manifest: dict[str, Any]) -> str:
     size_in, size_out = manifest["model"]["baseline_bytes"], sum(f["bytes"] for f in manifest["files"])
     lat = manifest["latency"]
     gate = manifest["gate"]
-    verdict = ("n/a (no --max-drop)" if gate["passed"] is None and "reason" not in gate else
-               f"{'n/a' if gate['passed'] is None else 'FAIL'} ({gate['reason']})" if "reason" in gate else
-               f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})")
+    if "reason" in gate:
+        verdict = f"{'n/a' if gate['passed'] is None else 'FAIL'} ({gate['reason']})"
+    elif gate["passed"] is None:
+        verdict = "n/a (no --max-drop)"
+    else:
+        verdict = f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})"
     rows = [
         ("target", manifest["target"]["name"]),
         ("size", f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller)"),

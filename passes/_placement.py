@@ -138,6 +138,7 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         quant = caps.quantizable.get(node.op_type)
         if quant is None or node.op_type not in wanted or node.domain not in ("", "ai.onnx"):
             continue
+        layer = Layer(node, quant, [], None)
         if quant.weights is None:
             data = [v for v in node.inputs if v is not None]
             if len(data) < 2 or not all(_is_float(v) and not is_constant(v) for v in data):
@@ -146,9 +147,8 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
                                              for v in data):
                 continue
             if not eltwise:
-                skipped[node.name or f"{node.op_type}->{node.outputs[0].name}"] = "join of activations (eltwise is off)"
+                skipped[layer.name] = "join of activations (eltwise is off)"
                 continue
-        layer = Layer(node, quant, [], None)
         weight_input = quant.weight_input if quant.weights is not None else None
         w = node.inputs[weight_input] if weight_input is not None and len(node.inputs) > weight_input else None
         weight_names = []

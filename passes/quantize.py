@@ -163,6 +163,11 @@ class _QdqWriter:
             self._w[key] = dq.outputs[0]
         return self._w[key]
 
+    def replace_weight(self, layer: Layer, spec: QuantSpec) -> None:
+        """Make ``layer`` read its weight through :meth:`weight`."""
+        index = list(layer.node.inputs).index(layer.weight)
+        layer.node.replace_input_with(index, self.weight(layer.weight, spec))
+
 
 def _weight_spec(layer: Layer, per_channel: bool) -> QuantSpec:
     spec = layer.quant.weights or QuantSpec("int8", True, None)
@@ -242,14 +247,13 @@ class Quantize(Pass):
         quantized: list[str] = []
         corrected = 0
         weight_only_done: dict[str, str] = {}
+        per_channel = opts.weights == "int8-per-channel"
         for layer in layers:
             if layer.name in float_acts:
                 if layer.weight is not None:
-                    index = list(layer.node.inputs).index(layer.weight)
                     # The full int8 range: with a float input the weight is dequantized, no
                     # integer kernel can saturate (the reason for 7-bit weights without VNNI).
-                    spec = dataclasses.replace(_weight_spec(layer, opts.weights == "int8-per-channel"), bits=None)
-                    layer.node.replace_input_with(index, writer.weight(layer.weight, spec))
+                    writer.replace_weight(layer, dataclasses.replace(_weight_spec(layer, per_channel), bits=None))
                     weight_only_done[layer.name] = float_acts[layer.name]
                 else:
                     skipped[layer.name] = float_acts[layer.name]
@@ -264,9 +268,7 @@ class Quantize(Pass):
                 spec = activation_spec(layer.quant.activations, layer_bits)
                 layer.node.replace_input_with(index, writer.activation(value, spec, *ranges[value.name]))
             if layer.weight is not None:
-                index = list(layer.node.inputs).index(layer.weight)
-                spec = _weight_spec(layer, opts.weights == "int8-per-channel")
-                layer.node.replace_input_with(index, writer.weight(layer.weight, spec))
+                writer.replace_weight(layer, _weight_spec(layer, per_channel))
                 x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None
                 if opts.bias_correction and x in axes and stats[x].channel_mean is not None:
                     corrected += correct_bias(graph, layer, writer.errors[id(layer.weight)], stats[x].channel_mean,

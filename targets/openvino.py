@@ -235,8 +235,11 @@ class OpenVinoRunner(Runner):
         _require_openvino()
         self.core = core or ov.Core()
         self.config = dict(CPU_CONFIG if config is None else config)
-        self.xml = Path(xml)
-        self.compiled = self.core.compile_model(str(xml), "CPU", self.config)
+        model = self.core.read_model(str(xml))
+        # IR MatMuls, to tell a fused Subgraph holding one (layer_precisions) from others
+        self._matmuls = frozenset(op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul")
+        self.compiled = self.core.compile_model(model, "CPU", self.config)
+        del model
         self._request = self.compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]
@@ -263,14 +266,12 @@ class OpenVinoRunner(Runner):
             computes in f32 (weight-only). A fused ``Subgraph`` (the CPU plugin's snippets,
             e.g. attention) counts as a compute layer when it holds an IR MatMul.
         """
-        matmuls = {op.get_friendly_name() for op in self.core.read_model(str(self.xml)).get_ops()
-                   if op.get_type_name() == "MatMul"}
         layers = []
         for op in self.compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
             kind = _rt(info, "layerType")
             original = [n for n in _rt(info, "originalLayersNames").split(",") if n]
-            if kind not in COMPUTE_LAYERS and not (kind == "Subgraph" and matmuls.intersection(original)):
+            if kind not in COMPUTE_LAYERS and not (kind == "Subgraph" and self._matmuls.intersection(original)):
                 continue
             inputs = []
             for port in op.inputs():
