@@ -6,9 +6,10 @@
    ONNX Runtime by default, else on the target; see ``AccuracyConfig.ranking_backend``):
    ``sensitivity(L) = err(all quantized) − err(all but L)``, ``err = 1 − mean cosine``.
    The ranking is computed once per run and recorded in the manifest.
-2. Greedy: give back layers in decreasing sensitivity, one at a time, re-evaluating the
-   metric on the whole eval set after each step, until ``drop <= max_drop`` or the step
-   limit is reached. Every step (layer, drop) is recorded.
+2. Greedy: try giving back layers in decreasing sensitivity, one at a time, re-evaluating
+   the metric on the whole eval set after each try, until ``drop <= max_drop`` or the step
+   limit is reached. A try that does not lower the drop is undone (the layer stays
+   quantized: giving it back bought nothing). Every try (layer, drop, kept) is recorded.
 """
 
 from __future__ import annotations
@@ -99,14 +100,18 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
         ranking = rank_layers(layers, rank_build, ranking_data, ranking_ref, base_error)
     logger.info("most sensitive layers: %s", ", ".join(f"{r['layer']} ({r['sensitivity']:.4g})" for r in ranking[:5]))
     given: list[str] = []
-    steps: list[dict[str, Any]] = [{"layer": None, "drop": first.drop}]
+    steps: list[dict[str, Any]] = [{"layer": None, "drop": first.drop, "kept": True}]
     evaluation = first
     limit = len(ranking) if max_steps is None else min(max_steps, len(ranking))
     for entry in ranking[:limit]:
-        given.append(entry["layer"])
-        evaluation = evaluate(build(frozenset(given)))
-        steps.append({"layer": entry["layer"], "drop": evaluation.drop})
-        logger.info("accuracy control: gave back %s -> drop %.6f (budget %.6f)", entry["layer"], evaluation.drop, budget)
+        trial = evaluate(build(frozenset([*given, entry["layer"]])))
+        kept = trial.drop < evaluation.drop
+        steps.append({"layer": entry["layer"], "drop": trial.drop, "kept": kept})
+        logger.info("accuracy control: giving back %s -> drop %.6f (budget %.6f)%s", entry["layer"], trial.drop,
+                    budget, "" if kept else f": no better than {evaluation.drop:.6f}, undone")
+        if kept:
+            given.append(entry["layer"])
+            evaluation = trial
         if evaluation.drop <= budget:
             break
     return ControlResult(given, steps, ranking, evaluation, evaluation.drop <= budget)

@@ -17,21 +17,22 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import onnx_ir as ir
 
 from compressor import __version__
 from compressor.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.capture import capture
-from compressor.data import Dataset, load_npz, random_dataset
-from compressor.errors import CompressorError, DataError, UnsupportedByTarget
+from compressor.data import Dataset, RawData, random_dataset, read_npz
+from compressor.errors import CompressorError, DataError, UnsupportedByTarget, UsageError
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY, ControlResult, control_accuracy
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
 from compressor.inputs import InputSpec, check_tensor_io, model_input_specs, parse_input_overrides
 from compressor.model_io import model_bytes
 from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
+from compressor.progress import Progress, no_progress
 from compressor.recipe import Recipe, load_recipe
 from compressor.targets import get_target
 from compressor.targets.onnx import OrtRunner
@@ -46,28 +47,6 @@ UNVERIFIED = "random (unverified)"
 UNVERIFIED_GATE = "accuracy unverified: no --calib or --eval data (random inputs say nothing about accuracy)"
 
 RANDOM_SAMPLES = 32
-
-
-class Progress(Protocol):
-    """What the flow reports progress to (the CLI passes tqdm bars)."""
-
-    def __call__(self, desc: str, total: int) -> Any:  # returns a context manager with update(n)
-        ...
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, n: int = 1) -> None:
-        return None
-
-
-def _no_progress(desc: str, total: int) -> _NoBar:
-    return _NoBar()
 
 
 @dataclasses.dataclass
@@ -164,6 +143,33 @@ def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassCont
     return final, outcome
 
 
+def _check_data_needs(recipe: Recipe, passes: list[Any], calib: RawData | None, eval_data: RawData | None) -> None:
+    """Refuse, before any long work, a recipe that calibrates when only --eval data is given.
+
+    With no data at all the flow calibrates on random inputs (loudly, accuracy unverified);
+    with evaluation data but no calibration data that would quietly calibrate on noise.
+
+    Raises:
+        UsageError: names the pass that needs calibration data.
+    """
+    if calib is not None or eval_data is None:
+        return
+    needing = [p.name for p in passes if getattr(p, "needs_calibration", False)]
+    if needing:
+        raise UsageError(f"pass {needing[0]!r} of recipe {recipe.name!r} needs calibration data, and only --eval "
+                         "was given: pass --calib X.npz with samples like those the model sees in use (other "
+                         "than the --eval samples, or the accuracy figures are optimistic)")
+
+
+def _drop_source(reports: list[PassReport], budget: float, last: PassReport | None) -> PassReport | None:
+    """The first lossy pass before the ``last`` whose own measured drop already exceeds ``budget``.
+
+    Giving the last pass's (quantization's) layers back cannot undo what an earlier pass lost.
+    """
+    return next((r for r in reports if r is not last and r.accuracy_drop is not None
+                 and r.accuracy_drop > budget + 1e-12), None)
+
+
 def compress(
     model_path: str | Path,
     *,
@@ -182,11 +188,14 @@ def compress(
 ) -> CompressResult:
     """Compress one model into an artifact folder; see the module docstring.
 
+    Everything that can be checked without the model (the output folder, the recipe, the
+    budget, the data files) is checked before the model is captured.
+
     Raises:
         CompressorError: bad input (2), unsupported by the target (4), or a failed pass.
             A failed accuracy gate does not raise: ``result.gate_passed`` is ``False``.
     """
-    progress = progress or _no_progress
+    progress = progress or no_progress
     started = time.perf_counter()
     timings: dict[str, float] = {}
     outdir = Path(outdir)
@@ -196,15 +205,20 @@ def compress(
     passes = recipe_obj.build_passes()
     tgt = get_target(target)
     overrides = parse_input_overrides(inputs)
+    raw_calib = read_npz(calib, what="calib") if calib else None
+    raw_eval = read_npz(eval_data, what="eval") if eval_data else None
+    _check_data_needs(recipe_obj, passes, raw_calib, raw_eval)
 
     t = time.perf_counter()
-    captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides)
+    with progress("capture", 1) as bar:
+        captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides)
+        bar.update(1)
     timings["capture_s"] = time.perf_counter() - t
     model = captured.model
     check_tensor_io(model)
     specs = model_input_specs(model)
-    calib_set = load_npz(calib, specs, what="calib") if calib else None
-    eval_set = load_npz(eval_data, specs, what="eval") if eval_data else None
+    calib_set = raw_calib.validate(specs) if raw_calib is not None else None
+    eval_set = raw_eval.validate(specs) if raw_eval is not None else None
     if calib_set is not None and len(calib_set) > recipe_obj.calibration.samples:
         calib_set = calib_set.subset(0, recipe_obj.calibration.samples)
 
@@ -213,25 +227,16 @@ def compress(
         raise UnsupportedByTarget(tgt.name, offenders)
 
     calib_set, eval_set, eval_source = _pick_eval(recipe_obj, calib_set, eval_set, specs)
+    verified = eval_source != UNVERIFIED
     baseline = _clone(model)
-    ctx = PassContext(target=tgt, calibration=calib_set, seed=recipe_obj.calibration.seed,
-                      properties={"captured"})
-    # Passes up to the first that needs calibration run once; that one and the rest are the
-    # "tail" that accuracy control re-runs with layers given back.
-    split = next((i for i, p in enumerate(passes) if getattr(p, "needs_calibration", False)), len(passes))
-    t = time.perf_counter()
-    head = PassManager(passes[:split], dump_dir=dump_passes, on_pass=on_pass).run(model, ctx)
-    snapshot = _clone(head.model) if split < len(passes) else None
-    tail = PassManager(passes[split:], on_pass=lambda i, p: on_pass(split + i, p) if on_pass else None)
-    result = tail.run(head.model, ctx, already_run=[p.name for p in passes[:split]]) if split < len(passes) else head
-    reports = head.reports + (result.reports if split < len(passes) else [])
-    timings["passes_s"] = time.perf_counter() - t
+    metric = recipe_obj.accuracy.metric
+    batches = sum(1 for _ in eval_set.batches())
 
     with ArtifactWriter(outdir) as writer, tempfile.TemporaryDirectory(prefix="compressor-") as work:
         work_dir = Path(work)
         run_baseline = tgt.reference_runner(baseline, work_dir / "baseline")
         t = time.perf_counter()
-        with progress("baseline", sum(1 for _ in eval_set.batches())) as bar:
+        with progress("baseline", batches) as bar:
             try:
                 ref = collect_outputs(run_baseline, eval_set, progress=bar.update)
             except CompressorError:
@@ -241,34 +246,71 @@ def compress(
                                 f"({eval_set.source}): {_first_line(err)}; check that the data is valid input "
                                 "for the model (shapes, dtypes, value ranges) and that the model runs there "
                                 "as it is") from None
-        metric = recipe_obj.accuracy.metric
+        timings["baseline_s"] = time.perf_counter() - t
 
-        def score(run: Any) -> Evaluation:
-            with progress("evaluate", sum(1 for _ in eval_set.batches())) as bar:
+        def score(run: Any, desc: str = "evaluate") -> Evaluation:
+            with progress(desc, batches) as bar:
                 return compare(ref, collect_outputs(run, eval_set, progress=bar.update), eval_set, metric)
 
-        t_lower = time.perf_counter()
+        # The drop after each lossy pass but the last (whose drop is the artifact's), so the
+        # report names the pass that lost accuracy (pruning before quantization, say).
+        lossy = [i for i, p in enumerate(passes) if p.lossy]
+        probe = set(lossy[:-1]) if verified else set()
+
+        def measure(offset: int) -> Callable[[int, Any, ir.Model, PassReport], None]:
+            def after(index: int, p: Any, current: ir.Model, report: PassReport) -> None:
+                if offset + index in probe and report.modified:
+                    runner = tgt.reference_runner(current, work_dir / f"after-{offset + index:02d}-{p.name}")
+                    report.accuracy_drop = score(runner, f"after {p.name}").drop
+                    logger.info("accuracy drop after %s: %.6f", p.name, report.accuracy_drop)
+            return after
+
+        ctx = PassContext(target=tgt, calibration=calib_set, seed=recipe_obj.calibration.seed,
+                          properties={"captured"}, progress=progress)
+        # Passes up to the first that needs calibration run once; that one and the rest are the
+        # "tail" that accuracy control re-runs with layers given back.
+        split = next((i for i, p in enumerate(passes) if getattr(p, "needs_calibration", False)), len(passes))
+        t = time.perf_counter()
+        head = PassManager(passes[:split], dump_dir=dump_passes, on_pass=on_pass, after_pass=measure(0)).run(model, ctx)
+        snapshot = _clone(head.model) if split < len(passes) else None
+        tail = PassManager(passes[split:], on_pass=lambda i, p: on_pass(split + i, p) if on_pass else None,
+                           after_pass=measure(split))
+        result = tail.run(head.model, ctx, already_run=[p.name for p in passes[:split]]) if split < len(passes) else head
+        reports = head.reports + (result.reports if split < len(passes) else [])
+        timings["passes_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         files = tgt.lower(result.model, writer.path)
-        timings["lower_s"] = time.perf_counter() - t_lower
+        timings["lower_s"] = time.perf_counter() - t
         run_compressed = tgt.runner(files)
+        t = time.perf_counter()
         evaluation = score(run_compressed)
         timings["evaluate_s"] = time.perf_counter() - t
+        last_lossy = reports[lossy[-1]] if lossy else None
+        if last_lossy is not None and verified and last_lossy.modified:
+            last_lossy.accuracy_drop = evaluation.drop
         budget = recipe_obj.accuracy.max_drop
-        verified = eval_source != UNVERIFIED
         if not verified and budget is not None:
             # Random data says nothing about accuracy: no layer is given back for it, and an
             # explicit --max-drop fails rather than passing on noise.
             logger.warning("accuracy unverified (no --calib or --eval data): the max_drop %g gate is %s", budget,
                            "failed" if max_drop is not None else "not evaluated")
-        control = None
+        control: tuple[Any, ControlResult] | None = None
+        cause: PassReport | None = None
         quantized_layers = _quantized_layers(reports)
         all_wide = tgt.capabilities.fallback == "int16" and all(
             r.options.get("activations") == "int16" for r in reports if r.name == "quantize")
-        if all_wide and budget is not None and evaluation.drop > budget:
+        over = verified and budget is not None and evaluation.drop > budget
+        if over:
+            cause = _drop_source(reports, budget, last_lossy)
+        if over and cause is not None:
+            logger.warning("the drop comes from %s (drop %.6f right after it, budget %g), not quantization: giving "
+                           "quantized layers back cannot meet the budget; lower %s's level or recover its loss",
+                           cause.name, cause.accuracy_drop, budget, cause.name)
+        elif over and all_wide:
             logger.warning("every quantized layer already uses 16-bit activations: accuracy control has nothing to "
                            "promote on target %r", tgt.name)
-        if (verified and budget is not None and evaluation.drop > budget and snapshot is not None
-                and quantized_layers and not all_wide):
+        elif over and snapshot is not None and quantized_layers:
             t = time.perf_counter()
             control = _control(tgt, snapshot, passes[split:], ctx, quantized_layers, score, evaluation,
                                recipe_obj.accuracy, eval_set, run_baseline, work_dir, progress)
@@ -290,6 +332,9 @@ def compress(
             gate = {"max_drop": None, "passed": None}
         elif verified:
             gate = {"max_drop": budget, "passed": bool(evaluation.drop <= budget + 1e-12)}
+            if cause is not None:
+                gate["reason"] = (f"the drop comes from {cause.name} (drop {cause.accuracy_drop:.6f} right after it), "
+                                  "not quantization")
         else:
             gate = {"max_drop": budget, "passed": False if max_drop is not None else None, "reason": UNVERIFIED_GATE}
         gate_passed = gate["passed"]
@@ -297,7 +342,7 @@ def compress(
         manifest = {
             "compressor": __version__,
             "model": {"source": str(model_path), "format": captured.source_format,
-                      "baseline_bytes": len(model_bytes(baseline))},
+                      "baseline_bytes": len(model_bytes(baseline)), "notes": captured.notes},
             "recipe": recipe_obj.to_json(),
             "target": tgt.describe(),
             "input_spec": [s.to_json() for s in specs],

@@ -34,6 +34,7 @@ from compressor.data import MASK_INPUT, Dataset
 from compressor.errors import CompressorError, OptionsError
 from compressor.histogram import GrowingHistogram
 from compressor.model_io import ir_version_for
+from compressor.progress import Progress, no_progress
 
 __all__ = ["SENTINEL", "CALIBRATORS", "TensorStats", "collect_statistics"]
 
@@ -286,6 +287,7 @@ def collect_statistics(
     bins: int = 2048,
     limit: int | None = None,
     progress: Callable[[int], None] | None = None,
+    bar: Progress | None = None,
 ) -> dict[str, TensorStats]:
     """Run ``model`` on ``data`` in ONNX Runtime (CPU) and gather statistics of ``tensors``.
 
@@ -297,6 +299,7 @@ def collect_statistics(
         bins: Histogram bins per sign.
         limit: Use at most this many samples.
         progress: Called after each batch with the number of samples done so far.
+        bar: Factory of a progress bar counting the samples (the CLI's, on a terminal).
 
     Returns:
         One :class:`TensorStats` per requested name, in the order given.
@@ -319,13 +322,16 @@ def collect_statistics(
     for name in constants:
         stats[name].update(values[name].const_value.numpy())  # once: the same in every batch
     samples = 0
-    for batch, tokens, arrays in _stream(model, [n for n in stats if n not in constants], data, limit=limit):
-        for name, array in arrays.items():
-            stats[name].update(array, batch, tokens)
-        del arrays
-        samples += batch
-        if progress is not None:
-            progress(samples)
+    total = len(data) if limit is None else min(limit, len(data))
+    with (bar or no_progress)("calibrate", total) as shown:
+        for batch, tokens, arrays in _stream(model, [n for n in stats if n not in constants], data, limit=limit):
+            for name, array in arrays.items():
+                stats[name].update(array, batch, tokens)
+            del arrays
+            samples += batch
+            shown.update(batch)
+            if progress is not None:
+                progress(samples)
     flagged = sum(s.problem() is not None for s in stats.values())
     logger.info("calibration: %d tensors on %d samples in %.2fs (%d must stay float)",
                 len(stats), samples, time.perf_counter() - start, flagged)

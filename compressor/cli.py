@@ -122,6 +122,8 @@ def _summary(manifest: dict[str, Any]) -> str:
         (f"{metric}", f"{_fmt(manifest['metrics']['baseline'][key])} -> {_fmt(manifest['metrics']['compressed'][key])} "
                       f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
         ("drop", _fmt(manifest["accuracy_drop"])),
+        *([("drop by pass", ", ".join(f"{r['name']} {r['accuracy_drop']:.4f}" for r in measured))]
+          if len(measured := [r for r in manifest["passes"] if r.get("accuracy_drop") is not None]) > 1 else []),
         *([("int8 layers", f"{rt['int8']} of {rt['int8'] + rt['float']} compute layers ran in int8"
                            + (f"; float: {', '.join(rt['float_layers'][:4])}" if rt["float_layers"] else ""))]
           if (rt := manifest.get("runtime_layers")) else []),
@@ -178,9 +180,12 @@ def _cmd_compress(argv: Sequence[str]) -> int:
     print(f"\nartifact: {result.outdir}")
     if result.gate_passed is False:
         gate = result.manifest["gate"]
-        if "reason" in gate:
+        if not result.manifest["evaluation"]["verified"]:
             logger.error("accuracy gate failed: %s; pass --calib or --eval with real samples "
                          "(artifact written, gate.passed: false)", gate["reason"])
+        elif "reason" in gate:
+            logger.error("accuracy gate failed: drop %.6f > max_drop %s: %s (artifact written, gate.passed: false)",
+                         result.manifest["accuracy_drop"], gate["max_drop"], gate["reason"])
         else:
             logger.error("accuracy gate failed: drop %.6f > max_drop %s (artifact written, gate.passed: false)",
                          result.manifest["accuracy_drop"], gate["max_drop"])

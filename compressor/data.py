@@ -7,7 +7,13 @@ Each array's first axis counts samples. Two layouts are accepted per input:
 2. the array has one axis more than the input: each sample is one whole input tensor
    (``x: (5, 3, 4)`` for an input ``3 x 4``), fed one at a time.
 
-An eval file may add ``labels`` (one integer class per sample); then the metric is top-1.
+An eval file may add ``labels``: one integer class per sample, or one one-hot row per sample
+(``[N, classes]``, reduced by argmax); then the metric is top-1. Integer arrays given for a
+float input are cast (with a warning naming the input).
+
+Files are read in two steps: :func:`read_npz` checks what needs no model (an ``.npz`` at all,
+sample counts, finite values, labels) before the model is captured, and
+:meth:`RawData.validate` checks the arrays against the captured model's inputs.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 from compressor.errors import DataError
 from compressor.inputs import InputSpec
 
-__all__ = ["Dataset", "load_npz", "random_dataset", "LABELS_KEY", "MASK_INPUT"]
+__all__ = ["Dataset", "RawData", "read_npz", "load_npz", "random_dataset", "LABELS_KEY", "MASK_INPUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,54 +127,151 @@ def _check_array(spec: InputSpec, arr: np.ndarray, where: str) -> bool:
     return stacked
 
 
-def load_npz(path: str | Path, specs: Sequence[InputSpec], *, what: str = "data") -> Dataset:
-    """Load and validate an ``.npz`` against the model's inputs.
+_NPZ_MAGIC = b"PK"  # an .npz is a zip archive
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _not_npz(where: str, head: bytes) -> DataError:
+    """The error for a file that is not an .npz, saying what it looks like instead."""
+    if head.startswith(_NPY_MAGIC):
+        what = "a single .npy array"
+    elif head.startswith(b"\x80"):
+        what = "a Python pickle"
+    elif head.strip()[:1] in (b"{", b"["):
+        what = "JSON or text"
+    else:
+        what = "not a NumPy archive"
+    return DataError(f"{where}: not an .npz file ({what}); save one array per model input with "
+                     "numpy.savez(path, input_name=array, ...)")
+
+
+@dataclasses.dataclass
+class RawData:
+    """An ``.npz`` read and checked on its own, before the model is known.
+
+    Attributes:
+        arrays: One array per key (``labels`` excluded), as stored.
+        labels: One class per sample (one-hot rows already reduced by argmax), or ``None``.
+        source: The file's path.
+        sha256: Digest of the file.
+        what: ``calib`` or ``eval`` (for messages).
+    """
+
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str
+    sha256: str
+    what: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.what} {self.source}"
+
+    def __len__(self) -> int:
+        return next((a.shape[0] for a in self.arrays.values() if a.ndim > 0), 0)
+
+    def validate(self, specs: Sequence[InputSpec]) -> Dataset:
+        """Check the arrays against the model's inputs and cast them to the inputs' dtypes.
+
+        Raises:
+            DataError: keys that do not match the inputs, wrong shapes or dtypes.
+        """
+        names = [s.name for s in specs]
+        keys = set(self.arrays)
+        missing, extra = [n for n in names if n not in keys], sorted(keys - set(names))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(map(repr, missing))}")
+            if extra:
+                parts.append(f"unexpected {', '.join(map(repr, extra))}")
+            raise DataError(f"{self.where}: keys do not match the model's inputs ({'; '.join(parts)}); "
+                            f"the model's inputs are {', '.join(map(repr, names))}"
+                            f"{' (plus optional ' + repr(LABELS_KEY) + ')' if self.what == 'eval' else ''}")
+        arrays, stacked = {}, {}
+        for spec in specs:
+            arr = self.arrays[spec.name]
+            stacked[spec.name] = _check_array(spec, arr, self.where)
+            want = np.dtype(spec.dtype) if spec.dtype != "bool" else np.dtype(bool)
+            if arr.dtype != want and arr.dtype.kind in "iub" and want.kind == "f":
+                logger.warning("%s: %r is %s, the model's input is %s: cast to %s", self.where, spec.name,
+                               arr.dtype, spec.dtype, spec.dtype)
+            arrays[spec.name] = arr.astype(want, copy=False)
+        return Dataset(arrays, list(specs), stacked, self.labels, self.source, self.sha256)
+
+
+def read_npz(path: str | Path, *, what: str = "data") -> RawData:
+    """Read an ``.npz`` and check what can be checked without the model.
+
+    Called before the model is captured, so a bad data file fails in a second, not after
+    a long export.
 
     Raises:
-        DataError: unreadable file, keys that do not match the inputs, wrong shapes or
-            dtypes, differing sample counts, or non-finite floats.
+        DataError: no such file, not an ``.npz``, unreadable, no arrays, 0 samples,
+            differing sample counts, non-finite floats, labels that do not fit.
     """
     path = Path(path)
     where = f"{what} {path}"
     if not path.is_file():
-        raise DataError(f"{where}: no such file")
+        raise DataError(f"{where}: no such file" if not path.exists() else f"{where}: is a folder, not an .npz file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith(_NPZ_MAGIC):
+        raise _not_npz(where, head)
     try:
         with np.load(path, allow_pickle=False) as npz:
             raw = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+    except ValueError as err:
+        if "pickle" in str(err):
+            raise DataError(f"{where}: holds object arrays (Python pickles), which are not loaded; save plain "
+                            "numeric arrays with numpy.savez") from None
         raise DataError(f"{where}: not a readable .npz file ({err})") from None
-    names = [s.name for s in specs]
-    keys = set(raw) - {LABELS_KEY}
-    missing, extra = [n for n in names if n not in keys], sorted(keys - set(names))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(map(repr, missing))}")
-        if extra:
-            parts.append(f"unexpected {', '.join(map(repr, extra))}")
-        raise DataError(f"{where}: keys do not match the model's inputs ({'; '.join(parts)}); "
-                        f"the model's inputs are {', '.join(map(repr, names))}"
-                        f"{' (plus optional ' + repr(LABELS_KEY) + ')' if what == 'eval' else ''}")
-    arrays, stacked = {}, {}
-    for spec in specs:
-        arr = raw[spec.name]
-        stacked[spec.name] = _check_array(spec, arr, where)
-        arrays[spec.name] = arr.astype(np.dtype(spec.dtype), copy=False) if spec.dtype != "bool" else arr.astype(bool)
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{where}: not a readable .npz file ({err})") from None
+    labels = raw.pop(LABELS_KEY, None)
+    if not raw:
+        raise DataError(f"{where}: holds no input arrays; save one array per model input, keyed by input name")
+    counts = {k: v.shape[0] for k, v in raw.items() if v.ndim > 0}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{where}: inputs hold different sample counts {counts}; every array's first axis "
+                        "counts samples")
+    n = next(iter(counts.values()), None)
+    if n == 0:
+        raise DataError(f"{where}: holds 0 samples; give at least one sample per input (the first axis counts "
+                        "samples)")
+    for name, arr in raw.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int((~np.isfinite(arr)).sum())
-            raise DataError(f"{where}: {spec.name!r} holds {bad} non-finite values (NaN or inf); clean the data")
-    counts = {k: v.shape[0] for k, v in arrays.items()}
-    if len(set(counts.values())) > 1:
-        raise DataError(f"{where}: inputs hold different sample counts {counts}; every array's first axis counts samples")
-    labels = raw.get(LABELS_KEY)
+            raise DataError(f"{where}: {name!r} holds {bad} non-finite values (NaN or inf); clean the data")
     if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        n = next(iter(counts.values()))
-        if labels.shape[0] != n:
-            raise DataError(f"{where}: {LABELS_KEY!r} has {labels.shape[0]} entries for {n} samples")
+        labels = _labels(np.asarray(labels), n, where)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    logger.info("%s: %d samples from %s", what, next(iter(counts.values()), 0), path)
-    return Dataset(arrays, list(specs), stacked, labels, str(path), digest)
+    logger.info("%s: %s samples from %s", what, n if n is not None else "?", path)
+    return RawData(raw, labels, str(path), digest, what)
+
+
+def _labels(labels: np.ndarray, n: int | None, where: str) -> np.ndarray:
+    """One integer class per sample; one-hot (or probability) rows ``[N, classes]`` give their argmax."""
+    if labels.ndim == 2 and labels.shape[0] == n and labels.shape[1] > 1:
+        logger.info("%s: %r is %s one row per sample: taking the argmax of each row as its class", where,
+                    LABELS_KEY, "x".join(map(str, labels.shape)))
+        labels = labels.argmax(axis=1)
+    labels = labels.reshape(-1)
+    if n is not None and labels.shape[0] != n:
+        raise DataError(f"{where}: {LABELS_KEY!r} has {labels.shape[0]} entries for {n} samples; give one class "
+                        f"index per sample (shape [{n}]) or one one-hot row per sample (shape [{n}, classes])")
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        raise DataError(f"{where}: {LABELS_KEY!r} holds non-integer values; give class indices")
+    return labels.astype(np.int64)
+
+
+def load_npz(path: str | Path, specs: Sequence[InputSpec], *, what: str = "data") -> Dataset:
+    """Load and validate an ``.npz`` against the model's inputs (:func:`read_npz`, then validate).
+
+    Raises:
+        DataError: see :func:`read_npz` and :meth:`RawData.validate`.
+    """
+    return read_npz(path, what=what).validate(specs)
 
 
 def random_dataset(specs: Sequence[InputSpec], samples: int, seed: int) -> Dataset:

@@ -35,6 +35,9 @@ class PassReport:
     modified: bool
     stats: dict[str, Any]
     seconds: float
+    #: Drop of the accuracy metric measured right after this pass (lossy passes only;
+    #: ``None`` when not measured).
+    accuracy_drop: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,6 +85,8 @@ class PassManager:
         verify: Verify the model after each pass.
         dump_dir: Write ``NN-<pass>.onnx`` after each pass into this folder.
         on_pass: Called with ``(index, pass)`` before each pass (progress display).
+        after_pass: Called with ``(index, pass, model, report)`` after each pass (e.g. to
+            measure the accuracy after a lossy pass into ``report.accuracy_drop``).
     """
 
     def __init__(
@@ -91,11 +96,13 @@ class PassManager:
         verify: bool = True,
         dump_dir: str | Path | None = None,
         on_pass: Callable[[int, Pass], None] | None = None,
+        after_pass: Callable[[int, Pass, ir.Model, PassReport], None] | None = None,
     ):
         self.passes = list(passes)
         self.verify = verify
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.on_pass = on_pass
+        self.after_pass = after_pass
 
     def run(self, model: ir.Model, ctx: PassContext, *, already_run: Sequence[str] = ()) -> PipelineResult:
         """Run every pass on ``model``.
@@ -137,6 +144,8 @@ class PassManager:
                         result.stats, seconds)
             if self.dump_dir:
                 save_model(model, self.dump_dir / f"{index + 1:02d}-{p.name}.onnx")
+            if self.after_pass:
+                self.after_pass(index, p, model, reports[-1])
         return PipelineResult(model, reports)
 
     @staticmethod

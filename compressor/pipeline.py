@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import difflib
 import importlib
 import logging
 import pkgutil
@@ -24,6 +25,7 @@ import onnx_ir as ir
 
 from compressor.errors import RecipeError
 from compressor.options import NoOptions, options_to_dict, parse_options
+from compressor.progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from compressor.calibration import CalibrationData
@@ -70,6 +72,7 @@ class PassContext:
         properties: What the passes run so far have established (``provides``).
         cache: Expensive results a pass may reuse when it is run again on the same
             input (calibration statistics during accuracy control).
+        progress: Factory of progress bars for long work inside a pass (calibration).
     """
 
     target: Target | None = None
@@ -78,6 +81,7 @@ class PassContext:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     properties: set[str] = dataclasses.field(default_factory=set)
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    progress: Progress = no_progress
 
 
 class Pass(abc.ABC):
@@ -85,7 +89,8 @@ class Pass(abc.ABC):
 
     Subclasses set ``name``, ``Options`` (a dataclass; :class:`NoOptions` when the pass
     takes none), ``requires``/``provides`` and implement :meth:`run`. A pass that needs a
-    newer opset than the model has sets ``min_opset``; the manager upgrades the model first.
+    newer opset than the model has sets ``min_opset``; the manager upgrades the model first. A pass
+    that changes what the model computes sets ``lossy``.
     """
 
     name: ClassVar[str]
@@ -94,6 +99,9 @@ class Pass(abc.ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     min_opset: ClassVar[int | None] = None
+    #: Whether the pass changes what the model computes (pruning, quantization); the flow
+    #: measures the accuracy drop after each lossy pass so a report names the one that lost it.
+    lossy: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, *, where: str | None = None):
         where = where or f"pass {self.name!r}"
@@ -152,7 +160,9 @@ def get_pass(name: str, where: str = "recipe") -> type[Pass]:
     """
     passes = available_passes()
     if name not in passes:
-        raise RecipeError(f"{where}: unknown pass {name!r}; valid passes: {', '.join(passes)}")
+        close = difflib.get_close_matches(name, passes, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{where}: unknown pass {name!r}{hint}; valid passes: {', '.join(passes)}")
     return passes[name]
 
 

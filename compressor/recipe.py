@@ -21,19 +21,33 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from compressor.errors import RecipeError
+from compressor.errors import RecipeError, UsageError
 from compressor.options import options_to_dict, parse_options
 from compressor.pipeline import Pass, build_pass
 
-__all__ = ["Recipe", "PassStep", "CalibrationConfig", "AccuracyConfig", "load_recipe", "builtin_recipes"]
+__all__ = ["check_budget", "Recipe", "PassStep", "CalibrationConfig", "AccuracyConfig", "load_recipe", "builtin_recipes"]
 
 RECIPE_KEYS = ("name", "description", "passes", "calibration", "accuracy")
+
+
+def check_budget(value: float, what: str = "--max-drop", error: type[Exception] = UsageError) -> float:
+    """Return ``value`` if it is a usable accuracy budget: a finite number >= 0.
+
+    Raises:
+        error: (``UsageError`` by default, exit 2) for a negative, NaN or infinite budget;
+            NaN would make every comparison false and the gate meaningless.
+    """
+    if not math.isfinite(value) or value < 0:
+        raise error(f"{what} must be a finite number >= 0 (an absolute drop of the metric, e.g. 0.01 for one "
+                    f"point of top-1), got {value:g}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +95,8 @@ class AccuracyConfig:
     ranking_backend: Literal["onnxruntime", "target"] = "onnxruntime"
 
     def __post_init__(self) -> None:
-        if self.max_drop is not None and self.max_drop < 0:
-            raise ValueError(f"option 'max_drop' must be >= 0, got {self.max_drop}")
+        if self.max_drop is not None:
+            check_budget(self.max_drop, "option 'max_drop'", ValueError)
         if not 0.0 <= self.max_fallback <= 1.0:
             raise ValueError(f"option 'max_fallback' must be in [0, 1], got {self.max_fallback}")
         if self.ranking_samples < 1:
@@ -114,6 +128,8 @@ class Recipe:
 
     def with_overrides(self, *, max_drop: float | None = None, samples: int | None = None) -> Recipe:
         """The recipe with CLI overrides applied."""
+        if max_drop is not None:
+            check_budget(max_drop)
         accuracy = dataclasses.replace(self.accuracy, max_drop=max_drop) if max_drop is not None else self.accuracy
         calibration = dataclasses.replace(self.calibration, samples=samples) if samples is not None else self.calibration
         return dataclasses.replace(self, accuracy=accuracy, calibration=calibration)

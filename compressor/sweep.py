@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from compressor.errors import UsageError
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
+from compressor.progress import Progress, no_progress
 
 __all__ = ["SWEEPABLE", "SweepLevel", "SweepResult", "parse_levels", "sweep", "format_table"]
 
@@ -162,6 +163,7 @@ def sweep(
     trust_pickle: bool = False,
     latency_runs: int = 10,
     on_level: Callable[[int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> SweepResult:
     """Run ``pass_name`` at each of ``levels`` and measure each (see the module docstring).
 
@@ -169,35 +171,41 @@ def sweep(
         options: Further options of the pass, the same at every level (``{mask: wanda}``).
         latency_runs: Timed runs per level in the target (0: no latency).
         on_level: Called with ``(index, level)`` before each level (progress display).
+        progress: Factory of progress bars ``(desc, total)``; one bar counts the levels.
 
     Raises:
         UsageError: bad levels or options; CompressorError: as :func:`compressor.api.compress`.
     """
     from compressor.capture import capture
-    from compressor.data import load_npz
+    from compressor.data import read_npz
+    from compressor.recipe import check_budget
     from compressor.inputs import check_tensor_io, model_input_specs, parse_input_overrides
     from compressor.pass_manager import PassManager
     from compressor.pipeline import PassContext, build_pass
     from compressor.targets import get_target
 
+    progress = progress or no_progress
     parsed = parse_levels(pass_name, levels)
     extra = dict(options or {})
     clash = sorted(set(extra) & {k for _, o in parsed for k in o})
     if clash:
         raise UsageError(f"sweep: option {clash[0]!r} is what --levels sets; leave it out of --options")
     steps = [build_pass(pass_name, {**extra, **opts}, where=f"sweep level {text!r}") for text, opts in parsed]
-    if max_drop is not None and max_drop < 0:
-        raise UsageError(f"sweep: --max-drop must be >= 0, got {max_drop}")
+    if max_drop is not None:
+        check_budget(max_drop)
     tgt = get_target(target)
     outdir = Path(outdir)
+    overrides = parse_input_overrides(inputs)
+    raw_eval = read_npz(eval_data, what="eval")  # data errors before the (slow) capture
+    raw_calib = read_npz(calib, what="calib") if calib else None
+    if raw_calib is None and any(getattr(p, "needs_calibration", False) for p in steps):
+        raise UsageError(f"sweep: {pass_name} with options {extra} needs calibration data: pass --calib samples.npz")
 
-    model = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=parse_input_overrides(inputs)).model
+    model = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides).model
     check_tensor_io(model)
     specs = model_input_specs(model)
-    eval_set = load_npz(eval_data, specs, what="eval")
-    calib_set = load_npz(calib, specs, what="calib") if calib else None
-    if calib_set is None and any(getattr(p, "needs_calibration", False) for p in steps):
-        raise UsageError(f"sweep: {pass_name} with options {extra} needs calibration data: pass --calib samples.npz")
+    eval_set = raw_eval.validate(specs)
+    calib_set = raw_calib.validate(specs) if raw_calib is not None else None
     baseline = _clone(model)
     ctx = PassContext(target=tgt, calibration=calib_set, properties={"captured"})
     head = [build_pass(name, {}) for name in HEAD]
@@ -209,10 +217,12 @@ def sweep(
     with tempfile.TemporaryDirectory(prefix="compressor-sweep-") as work:
         work_dir = Path(work)
         run_baseline = tgt.reference_runner(baseline, work_dir / "baseline")
-        ref = collect_outputs(run_baseline, eval_set)
+        with progress("baseline", sum(1 for _ in eval_set.batches())) as bar:
+            ref = collect_outputs(run_baseline, eval_set, progress=bar.update)
         base_ev = compare(ref, ref, eval_set, metric)
         base_value = base_ev.baseline["top1"] if base_ev.metric == "top1" else 1.0
         base_latency = measure_latency(run_baseline, feed, repeats=latency_runs) if latency_runs > 0 else None
+        levels_bar = progress(f"sweep {pass_name}", len(parsed))
         for index, ((text, opts), step) in enumerate(zip(parsed, steps)):
             if on_level:
                 on_level(index, text)
@@ -227,7 +237,9 @@ def sweep(
             results.append(SweepLevel(text, {**extra, **opts}, _sparsity_of(pass_name, opts, stats), _value(ev),
                                       ev.drop, within, stats, latency, ev))
             logger.info("level %s: %s %.4f (drop %.4f)", text, ev.metric, _value(ev), ev.drop)
+            levels_bar.update(1)
             del run
+        levels_bar.close()
     passing = [lv for lv in results if lv.within_budget]
     knee = max(passing, key=lambda lv: (lv.sparsity, -lv.drop)) if passing else None
     outcome = SweepResult(str(model_path), pass_name, tgt.name, base_ev.metric, base_value, base_latency, max_drop,

@@ -460,6 +460,7 @@ class PruneChannels(Pass):
     """Remove the least important output channels of Conv/Gemm/MatMul layers, rewriting their readers."""
 
     name = "prune-channels"
+    lossy = True
     description = "structured pruning: remove whole output channels (the graph gets smaller and faster)"
     Options = PruneChannelsOptions
     requires = frozenset({"constants-folded"})

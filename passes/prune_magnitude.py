@@ -107,6 +107,7 @@ class PruneMagnitude(Pass):
     """Set the smallest-magnitude weights of Conv/Gemm/MatMul layers to zero."""
 
     name = "prune-magnitude"
+    lossy = True
     description = "unstructured magnitude pruning (per-layer or global threshold)"
     Options = PruneMagnitudeOptions
     requires = frozenset({"constants-folded"})

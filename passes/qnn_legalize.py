@@ -250,6 +250,7 @@ class QnnLegalize(Pass):
     """Quantize every tensor, bias and constant the way QNN HTP needs (module docstring)."""
 
     name = "qnn-legalize"
+    lossy = True
     description = "complete a QDQ model for QNN HTP: Q/DQ on every op, int32 biases, fixed encodings"
     Options = QnnLegalizeOptions
     requires = frozenset({"quantized"})
@@ -276,7 +277,7 @@ class QnnLegalize(Pass):
         cache = ctx.cache.setdefault("qnn-legalize.stats:" + hashlib.sha256(model_bytes(float_model)).hexdigest(), {})
         missing = [n for n in wanted if n not in cache]
         if missing:
-            cache.update(collect_statistics(float_model, missing, ctx.calibration))
+            cache.update(collect_statistics(float_model, missing, ctx.calibration, bar=ctx.progress))
         writer = _Writer(graph)
         enc: dict[int, _Encoding] = {}
         kept: dict[str, str] = {}

@@ -180,6 +180,7 @@ class Quantize(Pass):
     """Static INT8 (or W8A16) quantization as Q/DQ pairs, calibrated on real samples."""
 
     name = "quantize"
+    lossy = True
     description = "static post-training quantization as QuantizeLinear/DequantizeLinear pairs"
     Options = QuantizeOptions
     requires = frozenset({"constants-folded"})
@@ -229,7 +230,7 @@ class Quantize(Pass):
                 for index, v in layer.activations if index == 0 and (axis := input_channel_axis(layer)) is not None}
         missing = [n for n in names if n not in cache or (n in axes and cache[n].channel_mean is None)]
         if missing:
-            cache.update(collect_statistics(model, missing, ctx.calibration,
+            cache.update(collect_statistics(model, missing, ctx.calibration, bar=ctx.progress,
                                             channel_axes={n: axes[n] for n in missing if n in axes}))
         stats = {n: cache[n] for n in names}
         ranges: dict[str, tuple[float, float]] = {}

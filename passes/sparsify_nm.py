@@ -111,6 +111,7 @@ class SparsifyNM(Pass):
     """Keep N of every M consecutive input-channel weights (2:4 by default)."""
 
     name = "sparsify-nm"
+    lossy = True
     description = "N:M structured sparsity (default 2:4) along the reduction dimension, magnitude or Wanda masks"
     Options = SparsifyNMOptions
     requires = frozenset({"constants-folded"})

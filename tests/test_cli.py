@@ -149,6 +149,12 @@ def test_recipe_unknown_pass(tmp_path, capsys):
     fail([MODEL, "--recipe", r, "-o", tmp_path / "out"], capsys, 2, r"r\.yaml: passes\[1\]: unknown pass 'squash'; valid passes: ", tmp_path / "out")
 
 
+def test_recipe_misspelt_pass_gets_a_suggestion(tmp_path, capsys):
+    r = recipe_file(tmp_path, "passes: [fold-constant]\n")
+    fail([MODEL, "--recipe", r, "-o", tmp_path / "out"], capsys, 2,
+         r"unknown pass 'fold-constant' \(did you mean 'fold-constants'\?\); valid passes: ", tmp_path / "out")
+
+
 def test_recipe_unknown_option(tmp_path, capsys):
     r = recipe_file(tmp_path, "passes:\n  - fold-batchnorm: {epsilon: 1}\n")
     fail([MODEL, "--recipe", r, "-o", tmp_path / "out"], capsys, 2, r"r\.yaml: passes\[0\] fold-batchnorm: unknown option 'epsilon'; valid options: ", tmp_path / "out")
@@ -199,3 +205,90 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+# ------------------------------------------------------------- bad budgets and data: exit 2 before capture
+
+
+@pytest.fixture
+def no_capture(monkeypatch):
+    """Fail the test if the model is captured: these errors must come before any long work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was captured before the bad input was reported")
+
+    monkeypatch.setattr("compressor.api.capture", refuse)
+    monkeypatch.setattr("compressor.capture.capture", refuse)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf"])
+def test_max_drop_must_be_finite_and_non_negative(value, tmp_path, capsys, no_capture):
+    fail([MODEL, "--recipe", "int8", "--calib", CALIB, f"--max-drop={value}", "-o", tmp_path / "out"], capsys, 2,
+         rf"^error: --max-drop must be a finite number >= 0 .*got {value}$", tmp_path / "out")
+
+
+def test_recipe_max_drop_nan_is_refused(tmp_path, capsys, no_capture):
+    r = recipe_file(tmp_path, "passes: [fold-constants]\naccuracy: {max_drop: .nan}\n")
+    fail([MODEL, "--recipe", r, "-o", tmp_path / "out"], capsys, 2,
+         r"r\.yaml: accuracy: option 'max_drop' must be a finite number >= 0", tmp_path / "out")
+
+
+def test_sweep_max_drop_nan_is_refused(tmp_path, capsys, no_capture):
+    code, _, err = run(["sweep", MODEL, "--pass", "prune-magnitude", "--levels", "0.5", "--eval", EVAL,
+                        "--max-drop", "nan", "-o", tmp_path / "sw"], capsys)
+    assert code == 2 and "--max-drop must be a finite number >= 0" in error_line(err)
+    assert not (tmp_path / "sw").exists()
+
+
+def test_eval_without_calib_names_the_pass_that_needs_it(tmp_path, capsys, no_capture):
+    fail([MODEL, "--recipe", "int8", "--eval", EVAL, "-o", tmp_path / "out"], capsys, 2,
+         r"^error: pass 'quantize' of recipe 'int8' needs calibration data, and only --eval was given: "
+         r"pass --calib X\.npz", tmp_path / "out")
+
+
+@pytest.mark.parametrize("flag", ["--calib", "--eval"])
+def test_data_file_with_zero_samples(flag, tmp_path, capsys, no_capture):
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, images=np.zeros((0, 1, 8, 8), np.float32))
+    what = flag.lstrip("-")
+    fail([MODEL, "--recipe", "int8", "--calib", CALIB, flag, empty, "-o", tmp_path / "out"], capsys, 2,
+         rf"^error: {what} .*empty\.npz: holds 0 samples", tmp_path / "out")
+
+
+def test_data_file_that_is_not_an_npz(tmp_path, capsys, no_capture):
+    npy = tmp_path / "calib.npz"
+    with open(npy, "wb") as f:
+        np.save(f, np.zeros((4, 1, 8, 8), np.float32))
+    fail([MODEL, "--recipe", "int8", "--calib", npy, "-o", tmp_path / "out"], capsys, 2,
+         r"calib\.npz: not an \.npz file \(a single \.npy array\); save one array per model input with "
+         r"numpy\.savez", tmp_path / "out")
+    text = tmp_path / "calib.txt"
+    text.write_text("1 2 3\n")
+    line = fail([MODEL, "--recipe", "int8", "--calib", text, "-o", tmp_path / "out"], capsys, 2,
+                r"calib\.txt: not an \.npz file", tmp_path / "out")
+    assert "allow_pickle" not in line
+
+
+def test_integer_data_for_a_float_input_is_cast_with_one_warning(tmp_path, capsys):
+    ints = tmp_path / "ints.npz"
+    with np.load(CALIB) as data:
+        np.savez(ints, images=np.round(data["images"] * 16).astype(np.int64)[:64])
+    code, _, err = run([MODEL, "--recipe", "fold", "--calib", ints, "-o", tmp_path / "out", "--latency-runs", "1"],
+                       capsys)
+    assert code == 0, err
+    casts = [line for line in err.splitlines() if "int64, the model's input is float32: cast" in line]
+    assert len(casts) == 1 and "'images'" in casts[0], err
+
+
+def test_one_hot_labels_are_accepted(tmp_path, capsys):
+    with np.load(EVAL) as data:
+        images, labels = data["images"], data["labels"]
+    onehot = tmp_path / "onehot.npz"
+    np.savez(onehot, images=images, labels=np.eye(10, dtype=np.float32)[labels])
+    runs = {}
+    for name, path in (("plain", EVAL), ("onehot", onehot)):
+        code, _, err = run([MODEL, "--recipe", "fold", "--eval", path, "-o", tmp_path / name, "--latency-runs", "1"],
+                           capsys)
+        assert code == 0, err
+        runs[name] = json.loads((tmp_path / name / "manifest.json").read_text())
+    assert runs["onehot"]["evaluation"]["metric"] == "top1"
+    assert runs["onehot"]["metrics"] == runs["plain"]["metrics"]

@@ -214,20 +214,23 @@ def test_gate_fails_with_exit_3_and_writes_the_artifact(gate_run):
     control = m["accuracy_control"]
     assert control["action"] == "float" and control["budget_met"] is False
     assert control["ranking_backend"] == "onnxruntime"
-    # max_fallback 0.5: at most int(0.5 * 5) = 2 layers may be given back, then it stops.
-    assert len(control["layers"]) == int(0.5 * LAYERS) == 2
+    # max_fallback 0.5: at most int(0.5 * 5) = 2 layers may be tried, then it stops.
+    steps = control["steps"]
+    assert len(steps) - 1 == int(0.5 * LAYERS) == 2
     ranked = [r["layer"] for r in control["ranking"]]
     stats = quantize_report(m)
     assert sorted(ranked) == sorted([*stats["skipped_layers"], *stats["layers"]]), "every quantized layer is ranked"
-    assert control["layers"] == ranked[:2], "the most sensitive layers go first"
+    assert [s["layer"] for s in steps[1:]] == ranked[:2], "the most sensitive layers are tried first"
     sensitivities = [r["sensitivity"] for r in control["ranking"]]
     assert sensitivities == sorted(sensitivities, reverse=True)
-    steps = control["steps"]
-    assert [s["layer"] for s in steps] == [None, *control["layers"]]
+    kept = [s for s in steps if s["kept"]]
+    assert [s["layer"] for s in kept] == [None, *control["layers"]]
+    assert [s["drop"] for s in kept] == sorted((s["drop"] for s in kept), reverse=True), "a kept step lowers the drop"
+    assert all(s["drop"] >= kept[-1]["drop"] for s in steps), "a step that made it worse was undone"
     assert all(s["drop"] > 0 for s in steps)
-    assert steps[-1]["drop"] == m["accuracy_drop"]
-    # The artifact is the last step's model: the given-back layers are float in it.
-    assert stats["layers_quantized"] == LAYERS - 2
+    assert kept[-1]["drop"] == m["accuracy_drop"]
+    # The artifact is the last kept step's model: the given-back layers are float in it.
+    assert stats["layers_quantized"] == LAYERS - len(control["layers"])
     assert stats["skipped_layers"] == {name: "reverted by accuracy control" for name in control["layers"]}
 
 
@@ -253,11 +256,13 @@ def test_accuracy_control_meets_a_reachable_budget(gate_run, cosine_eval, tmp_pa
     control = m["accuracy_control"]
     assert control["budget_met"] is True and m["gate"] == {"max_drop": budget, "passed": True}
     assert len(control["layers"]) >= 1
-    assert [s["layer"] for s in control["steps"]] == [None, *control["layers"]]  # one more layer per step
+    kept = [s for s in control["steps"] if s["kept"]]
+    assert [s["layer"] for s in kept] == [None, *control["layers"]]  # one more layer per kept step
     assert control["steps"][0]["drop"] == pytest.approx(first) and first > budget
     assert m["accuracy_drop"] == control["steps"][-1]["drop"] <= budget
     assert all(s["drop"] > budget for s in control["steps"][:-1]), "it stops as soon as the budget holds"
-    assert control["layers"] == [r["layer"] for r in control["ranking"]][: len(control["layers"])]
+    tried = [s["layer"] for s in control["steps"][1:]]
+    assert tried == [r["layer"] for r in control["ranking"]][: len(tried)]
     assert quantize_report(m)["layers_quantized"] == LAYERS - len(control["layers"])
     assert junit_failures(run.junit) == []
 
@@ -320,6 +325,27 @@ def test_openvino_accuracy_control_ranks_in_onnxruntime_and_gates_on_openvino(co
     control = m["accuracy_control"]
     assert control["ranking_backend"] == "onnxruntime" and control["budget_met"] is False
     assert len(control["ranking"]) == LAYERS
-    assert control["layers"] == [r["layer"] for r in control["ranking"]][:2]
-    assert control["steps"][-1]["drop"] == m["accuracy_drop"] > 0
+    assert [s["layer"] for s in control["steps"][1:]] == [r["layer"] for r in control["ranking"]][:2]
+    assert [s for s in control["steps"] if s["kept"]][-1]["drop"] == m["accuracy_drop"] > 0
     assert m["target"]["name"] == "openvino" and (run.outdir / "model.xml").is_file()
+
+
+def test_a_drop_caused_by_pruning_is_named_and_not_blamed_on_quantization(tmp_path):
+    """Pruning 90% then quantizing: the drop measured right after pruning already breaks the
+    budget, so no quantized layer is given back and the report names the pruning pass."""
+    recipe = tmp_path / "prune-then-int8.yaml"
+    recipe.write_text("name: prune-then-int8\npasses:\n  - fold-constants\n  - fold-batchnorm\n"
+                      "  - prune-magnitude: {sparsity: 0.9}\n  - quantize\n")
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in [MODEL, "--recipe", recipe, "--calib", CALIB, "--eval", EVAL, "--max-drop",
+                                      "0.01", "-o", tmp_path / "out", "--latency-runs", "1"]])
+    assert code == 3, err.getvalue()
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    drops = {p["name"]: p["accuracy_drop"] for p in m["passes"]}
+    assert drops["fold-constants"] is None and drops["fold-batchnorm"] is None, "exact passes are not measured"
+    assert drops["prune-magnitude"] > 0.01 and drops["quantize"] == m["accuracy_drop"]
+    assert m["accuracy_control"] is None, "giving quantized layers back cannot undo pruning"
+    assert m["gate"]["passed"] is False and m["gate"]["reason"].startswith("the drop comes from prune-magnitude")
+    assert "drop by pass" in out.getvalue() and "prune-magnitude" in out.getvalue()
+    assert "the drop comes from prune-magnitude" in err.getvalue()

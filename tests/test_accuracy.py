@@ -1,0 +1,66 @@
+"""Accuracy control's greedy give-back, on stand-in models whose drops are known exactly.
+
+The builds and evaluations here are plain functions of the set of layers given back, so
+the tests state the contract of :func:`compressor.accuracy.control_accuracy` without a
+backend: most sensitive first, a try that does not lower the drop is undone, it stops as
+soon as the budget holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compressor.accuracy import control_accuracy
+from compressor.data import Dataset
+from compressor.evaluation import Evaluation
+from compressor.inputs import InputSpec
+
+
+def _evaluation(drop: float) -> Evaluation:
+    return Evaluation("cosine", {"cosine_mean": 1.0}, {"cosine_mean": 1.0 - drop}, drop, 4, "test")
+
+
+def _data() -> Dataset:
+    spec = InputSpec("x", ("N", 2), "float32")
+    return Dataset({"x": np.ones((4, 2), np.float32)}, [spec], {"x": False}, None, "test", "0")
+
+
+def _control(drops: dict[frozenset[str], float], sensitivity: dict[str, float], budget: float, max_steps=None):
+    """``drops``: the drop with exactly that set given back; ranking errors from ``sensitivity``."""
+    def rank_build(given: frozenset[str]):  # ranking: the output error falls by the layer's sensitivity
+        err = 0.5 - sum(sensitivity[name] for name in given)
+        return lambda feed: [np.array([[1.0, err]], np.float32).repeat(len(feed["x"]), 0)]
+
+    def build(given: frozenset[str]):  # a "runner" standing for the model with ``given`` given back
+        return given
+
+    ref = [np.array([[1.0, 0.0]], np.float32).repeat(4, 0)]
+    return control_accuracy(layers=sorted(sensitivity), build=build, evaluate=lambda given: _evaluation(drops[given]),
+                            first=_evaluation(drops[frozenset()]), budget=budget, ranking_data=_data(),
+                            ranking_ref=ref, max_steps=max_steps, rank_build=rank_build)
+
+
+def test_a_give_back_that_makes_the_drop_worse_is_undone():
+    # "a" ranks first but giving it back makes the drop worse (0.30 -> 0.32); "b" helps.
+    drops = {frozenset(): 0.30, frozenset({"a"}): 0.32, frozenset({"b"}): 0.05, frozenset({"a", "b"}): 0.07}
+    result = _control(drops, {"a": 0.3, "b": 0.2}, budget=0.1)
+    assert [r["layer"] for r in result.ranking] == ["a", "b"]
+    assert result.steps == [{"layer": None, "drop": 0.30, "kept": True}, {"layer": "a", "drop": 0.32, "kept": False},
+                            {"layer": "b", "drop": 0.05, "kept": True}]
+    assert result.given_back == ["b"] and result.met and result.evaluation.drop == 0.05
+
+
+def test_an_unmet_budget_keeps_the_best_state_not_the_last_try():
+    drops = {frozenset(): 0.30, frozenset({"a"}): 0.20, frozenset({"a", "b"}): 0.25}
+    result = _control(drops, {"a": 0.3, "b": 0.2}, budget=0.1)
+    assert result.given_back == ["a"] and not result.met
+    assert result.evaluation.drop == 0.20, "the artifact is the best kept state"
+    assert [s["kept"] for s in result.steps] == [True, True, False]
+
+
+def test_it_stops_as_soon_as_the_budget_holds_and_respects_max_steps():
+    drops = {frozenset(): 0.30, frozenset({"a"}): 0.05, frozenset({"a", "b"}): 0.01}
+    assert _control(drops, {"a": 0.3, "b": 0.2}, budget=0.1).given_back == ["a"]
+    drops = {frozenset(): 0.30, frozenset({"a"}): 0.25, frozenset({"a", "b"}): 0.01}
+    capped = _control(drops, {"a": 0.3, "b": 0.2}, budget=0.1, max_steps=1)
+    assert capped.given_back == ["a"] and not capped.met and len(capped.steps) == 2
