@@ -92,7 +92,7 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
     """
     rank_build = rank_build or build
     base_error = _error(ranking_ref, rank_build(frozenset()), ranking_data)
-    bar = progress("rank layers", len(layers)) if progress else None
+    bar = progress("rank layers", len(layers), "layer") if progress else None
     if bar is not None:
         with bar:
             ranking = rank_layers(layers, rank_build, ranking_data, ranking_ref, base_error, bar.update)

@@ -210,7 +210,7 @@ def compress(
     _check_data_needs(recipe_obj, passes, raw_calib, raw_eval)
 
     t = time.perf_counter()
-    with progress("capture", 1) as bar:
+    with progress("capture", 1, "model") as bar:
         captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides)
         bar.update(1)
     timings["capture_s"] = time.perf_counter() - t

@@ -323,7 +323,7 @@ def collect_statistics(
         stats[name].update(values[name].const_value.numpy())  # once: the same in every batch
     samples = 0
     total = len(data) if limit is None else min(limit, len(data))
-    with (bar or no_progress)("calibrate", total) as shown:
+    with (bar or no_progress)("calibrate", total, "sample") as shown:
         for batch, tokens, arrays in _stream(model, [n for n in stats if n not in constants], data, limit=limit):
             for name, array in arrays.items():
                 stats[name].update(array, batch, tokens)

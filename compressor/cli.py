@@ -79,10 +79,20 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("compressor").setLevel(level)
 
 
-def _bar(desc: str, total: int) -> Any:
+def _bar(desc: str, total: int | None, unit: str = "batch") -> Any:
+    """A tqdm bar on stderr that draws only on a terminal (CI logs get no bar noise).
+
+    The size comes from ``shutil.get_terminal_size`` (which falls back to 80x24): tqdm's
+    own probe reads 0x0 on a terminal that reports no size (``script``, a fresh pty) and
+    then draws nothing at all.
+    """
+    import shutil
+
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr, disable=None)
+    size = shutil.get_terminal_size()
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, disable=None,
+                ncols=size.columns, nrows=size.lines)
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -277,7 +287,7 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
                    outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
                    options=options, inputs=args.input, metric=args.metric, trust_pickle=args.trust_pickle,
-                   latency_runs=args.latency_runs,
+                   latency_runs=args.latency_runs, progress=_bar,
                    on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
     print(format_table(result))
     print()

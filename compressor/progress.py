@@ -1,6 +1,6 @@
 """Progress reporting: the library asks for bars through a factory; the CLI supplies tqdm's.
 
-A factory is called as ``progress(desc, total)`` and returns a bar: a context manager with
+A factory is called as ``progress(desc, total, unit)`` and returns a bar: a context manager with
 ``update(n)`` and ``close()``. The library never draws anything itself; without a factory
 (:func:`no_progress`) nothing is shown. The CLI's bars draw only on a terminal, so CI logs
 get no bar noise.
@@ -28,7 +28,7 @@ class Bar(Protocol):
 class Progress(Protocol):
     """A factory of progress bars."""
 
-    def __call__(self, desc: str, total: int | None) -> Bar: ...
+    def __call__(self, desc: str, total: int | None, unit: str = "batch") -> Bar: ...
 
 
 class _NoBar:
@@ -45,6 +45,6 @@ class _NoBar:
         return None
 
 
-def no_progress(desc: str, total: int | None) -> Bar:
+def no_progress(desc: str, total: int | None, unit: str = "batch") -> Bar:
     """The factory that shows nothing."""
     return _NoBar()

@@ -222,7 +222,7 @@ def sweep(
         base_ev = compare(ref, ref, eval_set, metric)
         base_value = base_ev.baseline["top1"] if base_ev.metric == "top1" else 1.0
         base_latency = measure_latency(run_baseline, feed, repeats=latency_runs) if latency_runs > 0 else None
-        levels_bar = progress(f"sweep {pass_name}", len(parsed))
+        levels_bar = progress(f"sweep {pass_name}", len(parsed), "level")
         for index, ((text, opts), step) in enumerate(zip(parsed, steps)):
             if on_level:
                 on_level(index, text)

@@ -6,6 +6,7 @@ Each failure asserts the exit code, a one-line message, and that no output folde
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -292,3 +293,39 @@ def test_one_hot_labels_are_accepted(tmp_path, capsys):
         runs[name] = json.loads((tmp_path / name / "manifest.json").read_text())
     assert runs["onehot"]["evaluation"]["metric"] == "top1"
     assert runs["onehot"]["metrics"] == runs["plain"]["metrics"]
+
+
+# ------------------------------------------------------------------------------------ progress bars
+
+
+def _run_on_terminal(argv: list[str]) -> tuple[int, str]:
+    """Run ``compress`` with stdout/stderr on a pseudo-terminal, as a person at a terminal would."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "compressor.cli", *argv], stdout=slave, stderr=slave,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "120"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return proc.wait(timeout=600), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_bars_on_a_terminal_and_none_in_logs(digits_onnx, tmp_path, capsys):
+    argv = [str(digits_onnx), "--recipe", "int8", "--calib", str(CALIB), "--eval", str(EVAL), "--latency-runs", "1"]
+    code, screen = _run_on_terminal([*argv, "-o", str(tmp_path / "tty")])
+    assert code == 0, screen
+    for bar in ("capture:", "baseline:", "calibrate:", "evaluate:"):
+        assert re.search(rf"{bar} +\d+%\|", screen), f"no {bar} bar on the terminal:\n{screen}"
+    code, out, err = run([*argv, "-o", tmp_path / "log"], capsys)  # stderr is not a terminal: a CI log
+    assert code == 0, err
+    assert "\r" not in err and not re.search(r"\d+%\|", err), err
