@@ -291,3 +291,18 @@ def test_manifest_is_strict_json_on_the_readme_command(tmp_path, capsys):
     compressed = manifest["metrics"]["compressed"]
     assert compressed["max_abs_diff"] == 0.0 and compressed["sqnr_db"] is None
     assert manifest["tool"] == "compressor"
+
+
+def test_identical_outputs_have_infinite_sqnr_written_as_null():
+    from compressor.data import Dataset
+    from compressor.evaluation import compare, fidelity
+
+    ref = [np.arange(12, dtype=np.float32).reshape(4, 3)]
+    assert fidelity(ref, ref)["sqnr_db"] == math.inf
+    assert fidelity([np.zeros((4, 3), np.float32)], ref)["sqnr_db"] == -math.inf
+    data = Dataset({"x": np.zeros((4, 3), np.float32)}, [], {"x": False}, None, "x.npz", "0" * 64)
+    ev = compare(ref, ref, data, "cosine")
+    assert ev.compressed["sqnr_db"] == math.inf  # in memory: the honest float
+    as_json = ev.to_json()
+    assert as_json["compressed"]["sqnr_db"] is None and as_json["compressed"]["max_abs_diff"] == 0.0
+    strict_loads(dumps(as_json))
