@@ -39,6 +39,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from compressor.artifact import TOOL
 from compressor.errors import UsageError
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
 from compressor.strict_json import write_json
@@ -110,7 +111,7 @@ class SweepResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "tool": "compressor", "model": self.model, "pass": self.pass_name, "target": self.target, "metric": self.metric,
+            "tool": TOOL, "model": self.model, "pass": self.pass_name, "target": self.target, "metric": self.metric,
             "baseline": self.baseline, "baseline_latency_ms": self.baseline_latency_ms, "max_drop": self.max_drop,
             "knee": None if self.knee is None else self.knee.level,
             "levels": [lv.to_json() for lv in self.levels],
@@ -259,7 +260,7 @@ def _earlier_sweep(path: Path) -> str | None:
         data = json.loads(path.read_text(encoding="utf-8"))  # lenient: earlier versions wrote NaN/Infinity
     except (OSError, UnicodeDecodeError, ValueError):
         return "sweep.json is not valid JSON"
-    if not isinstance(data, dict) or not (data.get("tool") == "compressor"
+    if not isinstance(data, dict) or not (data.get("tool") == TOOL
                                           or ("tool" not in data and _EARLIER_KEYS <= set(data))):
         return "sweep.json was not written by compressor"
     return None
