@@ -250,6 +250,30 @@ def test_commit_checks_again_and_keeps_a_file_added_during_the_run(tmp_path):
     no_leftovers(tmp_path)
 
 
+def test_a_failure_while_swapping_puts_the_old_artifact_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    write_artifact(out, names=("a.onnx", "sub/b.bin"))
+    before = snapshot(out)
+    real_replace = os.replace
+    calls = []
+
+    def flaky_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 5:  # 3 old files out, the first new file in, then the disk "fails"
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    with pytest.raises(OSError, match="No space left"):
+        with ArtifactWriter(out) as writer:
+            for name in ("x.onnx", "y.onnx"):
+                (writer.path / name).write_bytes(b"new")
+            monkeypatch.setattr("compressor.artifact.os.replace", flaky_replace)
+            writer.commit({"compressor": "0.1.0",
+                           "files": file_entries(writer.path, [writer.path / "x.onnx", writer.path / "y.onnx"])})
+    assert snapshot(out) == before
+    no_leftovers(tmp_path)
+
+
 def test_empty_folder_and_new_folder_are_fine(tmp_path):
     for out in (tmp_path / "empty", tmp_path / "new" / "deeper"):
         if out.name == "empty":
