@@ -226,11 +226,12 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
     _setup_logging(args.verbose, args.quiet)
     from compressor.model_info import inspect_model
     from compressor.inputs import parse_input_overrides
+    from compressor.strict_json import dumps
 
     report = inspect_model(Path(args.model), trust_pickle=args.trust_pickle,
                            input_overrides=parse_input_overrides(args.input))
     if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
+        print(dumps(report))
         return EXIT_OK
     print(f"model: {args.model} ({report['format']}, opset {report['opset']}, "
           f"{report['parameters']:,} parameters, {report['nodes']} nodes)\n")

@@ -10,6 +10,11 @@ Metrics:
   compared on real tokens only: what a model writes at padding positions is never used. Reported
   with the minimum cosine, SQNR in dB (10·log10(‖ref‖² / ‖ref − out‖²) over all samples),
   the top-1 agreement of the first output's argmax, and the largest absolute difference.
+
+SQNR is infinite when the outputs are identical to the baseline (no noise: exact rewrites
+such as folding) and ``-inf`` when the baseline's outputs are all zero; in memory it is
+that float, in every JSON file the tool writes (:mod:`compressor.strict_json`) it is
+``null``. ``sqnr_db: null`` with ``max_abs_diff: 0`` means identical outputs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from compressor.data import MASK_INPUT, Dataset
+from compressor.strict_json import jsonable
 
 __all__ = ["Evaluation", "collect_outputs", "fidelity", "top1_accuracy", "compare", "evaluate", "measure_latency"]
 
@@ -34,7 +40,18 @@ RunFn = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
 
 @dataclasses.dataclass
 class Evaluation:
-    """Result of comparing the compressed model with the baseline on one dataset."""
+    """Result of comparing the compressed model with the baseline on one dataset.
+
+    Attributes:
+        metric: ``top1`` or ``cosine`` (see the module docstring).
+        baseline: The baseline's metric (``{"top1": ...}`` or ``{"cosine_mean": 1.0}``).
+        compressed: The compressed model's metric plus the fidelity figures of
+            :func:`fidelity`. ``sqnr_db`` is ``inf`` for outputs identical to the baseline;
+            :meth:`to_json` (and the manifest) write it as ``null``, as any non-finite value.
+        drop: Baseline metric minus compressed metric.
+        samples: Samples compared.
+        source: Where the data came from.
+    """
 
     metric: str
     baseline: dict[str, float]
@@ -44,7 +61,8 @@ class Evaluation:
     source: str
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Strict-JSON-ready fields: non-finite floats (``sqnr_db`` of identical outputs) become ``None``."""
+        return jsonable(dataclasses.asdict(self))
 
 
 def collect_outputs(run: RunFn, data: Dataset, *, limit: int | None = None,
@@ -71,7 +89,11 @@ def _rows(outputs: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str, float]:
-    """Cosine mean/min, SQNR (dB), top-1 agreement and max abs difference of ``outputs``."""
+    """Cosine mean/min, SQNR (dB), top-1 agreement and max abs difference of ``outputs``.
+
+    ``sqnr_db`` is ``inf`` when ``outputs`` equal ``reference`` exactly and ``-inf`` when the
+    reference is all zeros (written as ``null`` in JSON; see the module docstring).
+    """
     ref, out = _rows(reference), _rows(outputs)
     dot = (ref * out).sum(axis=1)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)

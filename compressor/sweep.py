@@ -16,6 +16,12 @@ top-1 with labels, else cosine fidelity). Levels per pass:
 The *knee* (essential sparsity, Chen et al. 2023) is the largest sparsity whose drop
 stays within ``max_drop``. Written to the output folder: ``sweep.csv`` and ``sweep.json``
 always, and ``sweep.png`` (metric vs sparsity) when matplotlib is installed.
+
+The output folder may hold other files; they are never touched. The three files replace
+only those of an earlier sweep (its ``sweep.json`` says ``"tool": "compressor"``, or has a
+sweep's keys as versions before that marker wrote it); a ``sweep.*`` of anyone else is
+refused with exit 2, checked before the work and again before writing. Each file is
+written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -24,18 +30,23 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import tempfile
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
+from compressor.artifact import TOOL
 from compressor.errors import UsageError
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
 from compressor.progress import Progress, no_progress
+from compressor.strict_json import write_json
 
-__all__ = ["SWEEPABLE", "SweepLevel", "SweepResult", "parse_levels", "sweep", "format_table"]
+__all__ = ["SWEEPABLE", "SWEEP_FILES", "SweepLevel", "SweepResult", "parse_levels", "sweep", "format_table",
+           "check_sweep_destination"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +57,10 @@ SWEEPABLE = {
     "prune-channels": "ratio of channels removed (0..1)",
 }
 HEAD = ("fold-constants", "fold-batchnorm")
+#: What a sweep writes into its output folder; nothing else there is touched.
+SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png")
+#: The keys of a ``sweep.json`` written before the ``tool`` marker.
+_EARLIER_KEYS = {"model", "pass", "target", "metric", "baseline", "knee", "levels"}
 
 
 @dataclasses.dataclass
@@ -97,7 +112,7 @@ class SweepResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "model": self.model, "pass": self.pass_name, "target": self.target, "metric": self.metric,
+            "tool": TOOL, "model": self.model, "pass": self.pass_name, "target": self.target, "metric": self.metric,
             "baseline": self.baseline, "baseline_latency_ms": self.baseline_latency_ms, "max_drop": self.max_drop,
             "knee": None if self.knee is None else self.knee.level,
             "levels": [lv.to_json() for lv in self.levels],
@@ -195,6 +210,7 @@ def sweep(
         check_budget(max_drop)
     tgt = get_target(target)
     outdir = Path(outdir)
+    check_sweep_destination(outdir)
     overrides = parse_input_overrides(inputs)
     raw_eval = read_npz(eval_data, what="eval")  # data errors before the (slow) capture
     raw_calib = read_npz(calib, what="calib") if calib else None
@@ -248,25 +264,76 @@ def sweep(
     return outcome
 
 
+def _earlier_sweep(path: Path) -> str | None:
+    """``None`` when ``path`` is a ``sweep.json`` this tool wrote, else why it is not."""
+    if path.is_symlink() or not path.is_file():
+        return "no sweep.json of this tool beside them"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))  # lenient: earlier versions wrote NaN/Infinity
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "sweep.json is not valid JSON"
+    if not isinstance(data, dict) or not (data.get("tool") == TOOL
+                                          or ("tool" not in data and _EARLIER_KEYS <= set(data))):
+        return "sweep.json was not written by compressor"
+    return None
+
+
+def check_sweep_destination(outdir: Path) -> list[str]:
+    """The files of an earlier sweep in ``outdir`` that a new one replaces (``[]``: none).
+
+    Raises:
+        UsageError: ``outdir`` is not a folder, or holds a ``sweep.csv``/``.json``/``.png``
+            this tool did not write.
+    """
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"-o {outdir}: exists and is not a folder; choose another output folder")
+    present = [name for name in SWEEP_FILES if (outdir / name).exists() or (outdir / name).is_symlink()]
+    if not present:
+        return []
+    why = _earlier_sweep(outdir / "sweep.json")
+    odd = [name for name in present if (outdir / name).is_symlink() or not (outdir / name).is_file()]
+    if why is None and odd:
+        why = f"{', '.join(odd)} not a regular file"
+    if why is not None:
+        raise UsageError(f"-o {outdir}: holds {', '.join(present)} and {why}; refusing to overwrite them: move "
+                         "them elsewhere or choose another output folder (other files there are never touched)")
+    return present
+
+
 def _write(result: SweepResult, outdir: Path) -> dict[str, Path]:
-    """``sweep.csv``, ``sweep.json`` and (with matplotlib) ``sweep.png`` in ``outdir``."""
+    """``sweep.csv``, ``sweep.json`` and (with matplotlib) ``sweep.png`` in ``outdir`` (module docstring)."""
+    check_sweep_destination(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    files = {"csv": outdir / "sweep.csv", "json": outdir / "sweep.json"}
-    with files["csv"].open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["level", "sparsity", result.metric, "drop", "within_budget", "latency_ms", "mflops",
-                         "weight_mb_zlib"])
-        writer.writerow(["dense", 0.0, result.baseline, 0.0, True if result.max_drop is not None else "",
-                         result.baseline_latency_ms if result.baseline_latency_ms is not None else "",
-                         _first_stat(result, "mflops_before"), _first_stat(result, "weight_mb_zlib_before")])
-        for lv in result.levels:
-            writer.writerow([lv.level, lv.sparsity, lv.metric, lv.drop, "" if lv.within_budget is None else lv.within_budget,
-                             "" if lv.latency_ms is None else lv.latency_ms, lv.stats.get("mflops", ""),
-                             lv.stats.get("weight_mb_zlib", "")])
-    files["json"].write_text(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
-    plot = _plot(result, outdir / "sweep.png")
-    if plot is not None:
-        files["png"] = plot
+    tag = uuid.uuid4().hex[:8]
+    staged = {"csv": outdir / f".sweep-{tag}.partial.csv", "json": outdir / f".sweep-{tag}.partial.json",
+              "png": outdir / f".sweep-{tag}.partial.png"}
+    try:
+        with staged["csv"].open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["level", "sparsity", result.metric, "drop", "within_budget", "latency_ms", "mflops",
+                             "weight_mb_zlib"])
+            writer.writerow(["dense", 0.0, result.baseline, 0.0, True if result.max_drop is not None else "",
+                             result.baseline_latency_ms if result.baseline_latency_ms is not None else "",
+                             _first_stat(result, "mflops_before"), _first_stat(result, "weight_mb_zlib_before")])
+            for lv in result.levels:
+                writer.writerow([lv.level, lv.sparsity, lv.metric, lv.drop,
+                                 "" if lv.within_budget is None else lv.within_budget,
+                                 "" if lv.latency_ms is None else lv.latency_ms, lv.stats.get("mflops", ""),
+                                 lv.stats.get("weight_mb_zlib", "")])
+        write_json(staged["json"], result.to_json())
+        if _plot(result, staged["png"]) is None:
+            del staged["png"]
+        earlier = check_sweep_destination(outdir)  # again: the folder may have changed during the sweep
+        files = {}
+        for key, path in staged.items():
+            files[key] = outdir / f"sweep.{key}"
+            os.replace(path, files[key])
+        if "png" not in files and "sweep.png" in earlier:
+            (outdir / "sweep.png").unlink()
+            logger.info("removed the earlier sweep's sweep.png: it does not show this sweep")
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
     return files
 
 
@@ -282,7 +349,7 @@ def _plot(result: SweepResult, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed: no plot, the curve is in %s (pip install matplotlib for "
-                       "sweep.png)", path.with_suffix(".csv"))
+                       "sweep.png)", path.parent / "sweep.csv")
         return None
     xs = [0.0] + [lv.sparsity for lv in result.levels]
     ys = [result.baseline] + [lv.metric for lv in result.levels]

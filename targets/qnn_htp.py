@@ -38,7 +38,6 @@ on HTP, on the samples the HTP runner saw.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +49,7 @@ import onnxruntime as ort
 
 from compressor.errors import CompressorError
 from compressor.model_io import save_model
+from compressor.strict_json import write_json
 from compressor.targets.base import (
     Capabilities,
     OpQuant,
@@ -215,7 +215,7 @@ class QnnHtpTarget(Target):
         qdq = save_model(model, outdir / "model.onnx")
         files = [qdq, *compile_context(qdq, outdir / "model_ctx.onnx")]
         enc = outdir / "model.encodings"
-        enc.write_text(json.dumps(aimet_encodings(model), indent=1) + "\n", encoding="utf-8")
+        write_json(enc, aimet_encodings(model), indent=1, sort_keys=False)
         floats = float_compute_nodes(model)
         if floats:
             logger.warning("qnn-htp: %d node(s) are not in a Q/DQ node unit and run in fp16 on HTP: %s%s",

@@ -19,7 +19,6 @@ int8 kernel of the host CPU stands in for TensorRT's), warns, and the manifest s
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import onnx_ir as ir
 
 from compressor.errors import CompressorError
 from compressor.model_io import save_model
+from compressor.strict_json import write_json
 from compressor.targets.base import Capabilities, OpQuant, QuantSpec, Runner, Target, check_capabilities
 from compressor.targets.tensorrt_engine import (
     BuildSettings,
@@ -140,7 +140,7 @@ class TensorRtTarget(Target):
                                "accuracy is measured on that model with ONNX Runtime CPU", reason)
                 self._warned = True
         build_log = outdir / "build_log.json"
-        build_log.write_text(json.dumps(log, indent=1, default=str) + "\n", encoding="utf-8")
+        write_json(build_log, log, indent=1, sort_keys=False)
         self._last = log
         return files + [build_log]
 

@@ -31,6 +31,10 @@ def run(argv, capsys):
     return code, captured.out, captured.err
 
 
+def raise_on_constant(name: str) -> None:
+    raise ValueError(f"not strict JSON: {name}")
+
+
 def error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, err
@@ -50,7 +54,7 @@ def test_fold_on_bundled_model(tmp_path, capsys):
     code, stdout, _ = run([MODEL, "--recipe", "fold", "--calib", CALIB, "--eval", EVAL, "--max-drop", "0",
                            "-o", out, "--latency-runs", "2"], capsys)
     assert code == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text(), parse_constant=raise_on_constant)  # strict JSON
     model = onnx.load(out / "model.onnx")
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert manifest["evaluation"]["metric"] == "top1"
@@ -80,7 +84,7 @@ def test_recipes_lists_builtins(capsys):
 def test_inspect(digits_onnx, capsys):
     code, out, _ = run(["inspect", digits_onnx, "--json"], capsys)
     assert code == 0
-    report = json.loads(out)
+    report = json.loads(out, parse_constant=raise_on_constant)  # strict JSON
     assert report["inputs"][0]["name"] == "images"
     assert report["parameters"] > 40_000
     assert set(report["passes"]) >= {"fold-constants", "fold-batchnorm"}

@@ -7,11 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compressor.cli import main
 from compressor.errors import UsageError
-from compressor.sweep import parse_levels, sweep
+from compressor.evaluation import Evaluation
+from compressor.sweep import SweepLevel, SweepResult, _write, parse_levels, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -116,3 +118,60 @@ def test_parse_levels():
     assert parse_levels("prune-channels", "0.25, 0.5") == [("0.25", {"ratio": 0.25}), ("0.5", {"ratio": 0.5})]
     with pytest.raises(UsageError, match="cannot be swept"):
         parse_levels("fold-batchnorm", "0.5")
+
+
+def _raise_on_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def _result(tmp_path) -> SweepResult:
+    """A sweep result holding what real ones hold: numpy scalars, an infinite SQNR, a NaN stat."""
+    ev = Evaluation("cosine", {"cosine_mean": 1.0}, {"cosine_mean": np.float32(0.99), "sqnr_db": float("inf"),
+                                                     "max_abs_diff": np.float64(0.0)}, 0.01, 4, "e.npz")
+    level = SweepLevel("0.5", {"sparsity": 0.5}, np.float64(0.5), np.float32(0.99), 0.01, np.bool_(True),
+                       {"sparsity": np.float32(0.5), "odd": float("nan"), "count": np.int64(3)}, None, ev)
+    return SweepResult("m.onnx", "prune-magnitude", "onnx", "cosine", 1.0, None, 0.05, [level], level, {})
+
+
+def test_sweep_json_is_strict_and_other_files_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    (tmp_path / "notes.txt").write_text("mine")
+    files = _write(_result(tmp_path), tmp_path)
+    data = json.loads((tmp_path / "sweep.json").read_text(), parse_constant=_raise_on_constant)
+    level = data["levels"][0]
+    assert data["tool"] == "compressor" and data["knee"] == "0.5"
+    assert level["evaluation"]["compressed"]["sqnr_db"] is None and level["stats"]["odd"] is None
+    assert level["sparsity"] == 0.5 and level["stats"]["count"] == 3 and level["within_budget"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "sweep.csv", "sweep.json"]
+    assert set(files) == {"csv", "json"}
+
+
+def test_an_earlier_sweep_is_replaced_and_its_stale_plot_removed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    earlier = {"model": "m.onnx", "pass": "prune-magnitude", "target": "onnx", "metric": "cosine", "baseline": 1.0,
+               "knee": None, "levels": [], "sqnr": float("inf")}  # as written before the "tool" key
+    (tmp_path / "sweep.json").write_text(json.dumps(earlier))
+    (tmp_path / "sweep.csv").write_text("old")
+    (tmp_path / "sweep.png").write_bytes(b"old plot")
+    _write(_result(tmp_path), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv", "sweep.json"]
+    assert (tmp_path / "sweep.csv").read_text().startswith("level,")
+
+
+@pytest.mark.parametrize("files", [
+    {"sweep.csv": "my own spreadsheet"},
+    {"sweep.json": '{"my": "data"}', "sweep.png": "my plot"},
+    {"sweep.json": "not json", "sweep.csv": "x"},
+], ids=["csv-alone", "foreign-json", "invalid-json"])
+def test_sweep_refuses_sweep_files_it_did_not_write(tmp_path, capsys, files):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for name, text in files.items():
+        (out / name).write_text(text)
+    code, _, err = run(["sweep", MODEL, "--pass", "prune-magnitude", "--levels", "0.5", "--eval", EVAL, "-o", out,
+                        "--latency-runs", "0"], capsys)
+    assert code == 2, err
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert "refusing to overwrite" in line and all(name in line for name in files)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"notes.txt": "mine", **files}

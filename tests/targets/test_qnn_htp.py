@@ -259,6 +259,10 @@ def target():
     return get_target("qnn-htp")
 
 
+def _raise_on_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
 @needs_htp
 def test_lower_runs_wholly_on_htp_from_the_context_binary(tmp_path, target):
     model = legalized(tmp_path, target=target)
@@ -277,7 +281,7 @@ def test_lower_runs_wholly_on_htp_from_the_context_binary(tmp_path, target):
         assert np.abs(h - c).max() <= 3 / 128 + 1e-6  # within 3 steps of the Tanh output's 1/128
     report = target.report(run)["qnn_htp"]
     assert report["ran_wholly_on_htp"] and report["simulation_vs_device"]["top1_agreement"] == 1.0
-    json.loads((tmp_path / "out" / "model.encodings").read_text())
+    json.loads((tmp_path / "out" / "model.encodings").read_text(), parse_constant=_raise_on_constant)  # strict
 
 
 @needs_htp

@@ -160,6 +160,10 @@ def _residual_fp32() -> ir.Model:
     return _model(nodes, [_f("x", ["N", 8, 8, 8])], [_f("y", ["N", 10])], inits)
 
 
+def _raise_on_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
 def test_quantize_pass_writes_what_the_checker_accepts(tmp_path):
     model = _residual_fp32()
     target = TensorRtTarget()
@@ -187,7 +191,7 @@ def test_quantize_pass_writes_what_the_checker_accepts(tmp_path):
         (got,) = run({"x": x})
         (fp32,) = ort_session(model).run(None, {"x": x})
         assert np.corrcoef(got.ravel(), fp32.ravel())[0, 1] > 0.99
-        log = json.loads((tmp_path / "build_log.json").read_text())
+        log = json.loads((tmp_path / "build_log.json").read_text(), parse_constant=_raise_on_constant)  # strict
         assert log["engine"]["status"] == "not built" and log["sparse_2_4_layers"] == ["conv1"]
 
 
