@@ -13,7 +13,6 @@ Exit codes: 0 success, 1 internal error, 2 bad usage or input, 3 accuracy gate f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import traceback
@@ -21,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from compressor import __version__
+from compressor import __version__, strict_json
 from compressor.errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, CompressorError, UsageError
 
 __all__ = ["main"]
@@ -156,7 +155,7 @@ def _write_junit(path: Path, manifest: dict[str, Any] | None, error: str | None)
         failures = 1
         msg = manifest["gate"].get("reason") or (
             f"accuracy drop {manifest['accuracy_drop']:.6f} > max_drop {manifest['gate']['max_drop']}")
-        body = f"<failure message={quoteattr(msg)}>{escape(json.dumps(manifest['metrics']))}</failure>"
+        body = f"<failure message={quoteattr(msg)}>{escape(strict_json.dumps(manifest['metrics']))}</failure>"
     classname = "compressor" if manifest is None else f"compressor.{manifest['target']['name']}.{manifest['recipe']['name']}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
@@ -226,12 +225,11 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
     _setup_logging(args.verbose, args.quiet)
     from compressor.model_info import inspect_model
     from compressor.inputs import parse_input_overrides
-    from compressor.strict_json import dumps
 
     report = inspect_model(Path(args.model), trust_pickle=args.trust_pickle,
                            input_overrides=parse_input_overrides(args.input))
     if args.json:
-        print(dumps(report))
+        print(strict_json.dumps(report))
         return EXIT_OK
     print(f"model: {args.model} ({report['format']}, opset {report['opset']}, "
           f"{report['parameters']:,} parameters, {report['nodes']} nodes)\n")
