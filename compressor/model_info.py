@@ -31,6 +31,17 @@ def _clone(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
+def _runs_after(p: Any, passes: dict[str, type]) -> str | None:
+    """Why ``p`` cannot be tried on its own here: the passes it runs after need calibration data."""
+    for prop in sorted(p.requires - {"captured"}):
+        providers = [c for c in passes.values() if prop in c.provides]
+        if not providers:
+            return f"needs {prop!r}, which no pass provides"
+        if any(getattr(c(), "needs_calibration", False) for c in providers):
+            return f"runs after {' or '.join(c.name for c in providers)} (which needs calibration data)"
+    return None
+
+
 def _would_change(model: ir.Model) -> dict[str, dict[str, Any]]:
     """Run each built-in pass on a copy (after the passes it requires) and report."""
     passes = available_passes()
@@ -44,12 +55,14 @@ def _would_change(model: ir.Model) -> dict[str, dict[str, Any]]:
         copy = _clone(model)
         ctx = PassContext(properties={"captured"})
         try:
+            after = _runs_after(p, passes)
+            if after:
+                out[name] = {"would_change": "?", "detail": after}
+                continue
             for prop in sorted(p.requires - ctx.properties):
-                providers = [c for c in passes.values() if prop in c.provides and not c.requires - ctx.properties]
-                if not providers:
-                    raise RuntimeError(f"no pass provides {prop!r}")
-                copy = providers[0]().run(copy, ctx).model
-                ctx.properties |= providers[0].provides
+                provider = next(c for c in passes.values() if prop in c.provides)
+                copy = provider().run(copy, ctx).model
+                ctx.properties |= provider.provides
             if getattr(p, "needs_calibration", False):
                 out[name] = {"would_change": "?", "detail": "needs calibration data"}
                 continue

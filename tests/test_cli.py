@@ -88,6 +88,9 @@ def test_inspect(digits_onnx, capsys):
     assert report["inputs"][0]["name"] == "images"
     assert report["parameters"] > 40_000
     assert set(report["passes"]) >= {"fold-constants", "fold-batchnorm"}
+    assert report["passes"]["qnn-legalize"] == {
+        "would_change": "?", "detail": "runs after quantize (which needs calibration data)"}
+    assert not [p for p, v in report["passes"].items() if "Error" in v["detail"]], report["passes"]
 
 
 FAILURES = [
