@@ -46,8 +46,10 @@ def force_vnni(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool | None], None]
     """``force_vnni(True)``: targets built afterwards in the test behave as on a VNNI CPU
     (``False``: as on AVX2 without VNNI; ``None``: as on a CPU they cannot identify)."""
 
+    users = vnni_users()  # before any patch: found by the name being base's function
+
     def force(value: bool | None) -> None:
-        for module in vnni_users():
+        for module in users:
             monkeypatch.setattr(module, "cpu_has_vnni", lambda: value)
 
     return force
