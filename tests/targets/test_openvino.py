@@ -284,9 +284,9 @@ def test_weight_only_matmul_is_reported_float(target, tmp_path):
     assert exact.dynamic_quantization_group_size == 0 and exact.inference_precision == "f32"
     np.testing.assert_allclose(exact({"x": x})[0], want, rtol=1e-4, atol=1e-4)
     # By default, on CPUs with VNNI, the plugin quantizes x to int8 per group of
-    # `group` values (symmetric, scale max|x_group| / 127) and runs int8 kernels: each
-    # x is off by at most half a step, and no group's step exceeds its row's
-    # max|x| / 127 (an asymmetric u8 grid's step, (max - min) / 255, neither).
+    # DYNAMIC_QUANTIZATION_GROUP_SIZE values (symmetric, step max|x_group| / 127) and runs
+    # int8 kernels: each x is off by at most half a step, and no group's step exceeds its
+    # row's max|x| / 127 (an asymmetric u8 grid's step, (max - min) / 255, neither).
     got = run({"x": x})[0]
     if target_base.cpu_has_vnni() is False or run.dynamic_quantization_group_size == 0:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
