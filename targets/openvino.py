@@ -7,6 +7,18 @@ plugin's low-precision transformations move the scales past Convolution / MatMul
 those layers with int8 kernels. What actually ran is read back from the compiled model's
 runtime graph (:meth:`OpenVinoRunner.layer_precisions`).
 
+Float precision is explicit. The CPU plugin's default is not f32 everywhere: on CPUs with
+AVX512-BF16 (and AMX) it runs an f32 model in bf16 unless ``INFERENCE_PRECISION_HINT``
+says otherwise, so the runner takes a ``precision`` (``f32``, the default, pins it;
+``bf16``/``f16`` ask for it; ``None`` leaves the device's choice) and reports what the
+compiled model uses (:attr:`OpenVinoRunner.inference_precision`). A request the CPU
+cannot honour falls back to f32 (the plugin accepts bf16 on any AVX-512 CPU, f16 only
+with AVX512-FP16 or AVX2-VNNI-2). Independently of the precision, on CPUs with VNNI the
+plugin quantizes the f32 input of a FullyConnected with int8 weights (a weight-only
+layer) to int8 per group of ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` values (default 32; 0
+turns it off) and runs it on int8 kernels; :meth:`OpenVinoTarget.report` records the
+group size next to the precision.
+
 Lowering is deterministic: OpenVINO names nodes it creates ``<Type>_<n>`` with ``n`` from
 a process-wide counter, so the same model lowered twice in one process would differ in
 those names; :func:`_canonical_names` renumbers them in graph order before saving.
@@ -47,6 +59,9 @@ __all__ = [
     "OpenVinoRunner",
     "OPENVINO_CAPABILITIES",
     "CPU_CONFIG",
+    "PRECISIONS",
+    "cpu_config",
+    "cpu_supports_bf16",
     "WEIGHT_QMAX_WITHOUT_VNNI",
     "int8_summary",
     "cpu_has_vnni",
@@ -94,8 +109,32 @@ OPENVINO_CAPABILITIES = Capabilities(
 WEIGHT_QMAX_WITHOUT_VNNI = 63
 _SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})
 
-#: Compile config: f32 stays f32 (no bf16 on AMX CPUs, no f16), latency-oriented streams.
-CPU_CONFIG: dict[str, str] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+#: Float precisions a runner can ask the CPU plugin for (``None``: the device's default).
+PRECISIONS = ("f32", "bf16", "f16")
+
+
+def cpu_config(precision: str | None = "f32") -> dict[str, str]:
+    """Compile properties: latency-oriented streams, and ``precision`` as the inference precision hint.
+
+    Args:
+        precision: ``f32`` (f32 stays f32: no bf16 on AVX-512/AMX CPUs, no f16), ``bf16``
+            or ``f16`` (used where the CPU supports it, f32 otherwise), or ``None`` (no
+            hint: the device's default, bf16 on CPUs with AVX512-BF16).
+
+    Raises:
+        UsageError: ``precision`` is none of :data:`PRECISIONS` nor ``None``.
+    """
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"openvino: unknown precision {precision!r}; valid: {', '.join(PRECISIONS)} "
+                         "or None (the device's default)")
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    return config
+
+
+#: Compile config of the default runner (f32 pinned).
+CPU_CONFIG: dict[str, str] = cpu_config("f32")
 
 #: Runtime ``layerType`` values of compute layers (the ones that can run int8).
 COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm"})
@@ -212,6 +251,16 @@ def saturating_weight_layers(model: ir.Model) -> list[str]:
     return found
 
 
+def cpu_supports_bf16(core: Any = None) -> bool:
+    """Whether OpenVINO's CPU plugin has native bf16 here (AVX512-BF16, as on AMX CPUs, or AVX2-VNNI-2).
+
+    Read from the device's ``OPTIMIZATION_CAPABILITIES``. The plugin also accepts a bf16
+    request on plain AVX-512 CPUs (emulated), so ``False`` does not mean bf16 is refused.
+    """
+    _require_openvino()
+    return "BF16" in (core or ov.Core()).get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def _rt(info: Any, key: str) -> str:
     return info[key].astype(str) if key in info else ""
 
@@ -228,13 +277,20 @@ class OpenVinoRunner(Runner):
     Args:
         xml: The ``.xml`` file (its ``.bin`` beside it).
         core: An ``ov.Core`` to reuse (a new one when ``None``).
-        config: Compile properties (default :data:`CPU_CONFIG`).
+        config: Extra compile properties, over those of :func:`cpu_config`.
+        precision: The inference precision to ask for (see :func:`cpu_config`); ``f32``
+            by default.
+
+    Raises:
+        UsageError: unknown ``precision``.
     """
 
-    def __init__(self, xml: Path, core: Any = None, config: Mapping[str, str] | None = None):
+    def __init__(self, xml: Path, core: Any = None, config: Mapping[str, str] | None = None,
+                 precision: str | None = "f32"):
         _require_openvino()
         self.core = core or ov.Core()
-        self.config = dict(CPU_CONFIG if config is None else config)
+        self.precision = precision
+        self.config = {**cpu_config(precision), **(config or {})}
         model = self.core.read_model(str(xml))
         # IR MatMuls, to tell a fused Subgraph holding one (layer_precisions) from others
         self._matmuls = frozenset(op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul")
@@ -243,6 +299,16 @@ class OpenVinoRunner(Runner):
         self._request = self.compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]
+
+    @property
+    def inference_precision(self) -> str:
+        """The float precision the compiled model runs in (``f32``, ``bf16``, ``f16``), as the device reports it."""
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+    @property
+    def dynamic_quantization_group_size(self) -> int:
+        """Group size of the int8 quantization of weight-only FullyConnected inputs (0: off; VNNI CPUs only)."""
+        return int(self.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         missing = [name for name in self.input_names if name not in feeds]
@@ -294,15 +360,22 @@ class OpenVinoRunner(Runner):
 class OpenVinoTarget(Target):
     """OpenVINO CPU: QDQ ONNX -> OpenVINO IR, int8 Convolution / FullyConnected kernels.
 
+    Args:
+        precision: Float precision the artifact runs in (see :func:`cpu_config`): ``f32``
+            (the default), ``bf16``, ``f16``, or ``None`` for the device's default. The
+            baseline (:meth:`reference_runner`) always runs in f32.
+
     Raises:
-        UsageError: the ``openvino`` package is not installed.
+        UsageError: the ``openvino`` package is not installed, or an unknown ``precision``.
     """
 
     name = "openvino"
     capabilities = OPENVINO_CAPABILITIES
 
-    def __init__(self) -> None:
+    def __init__(self, precision: str | None = "f32") -> None:
         _require_openvino()
+        cpu_config(precision)  # refuse an unknown precision now, not at the first compile
+        self.precision = precision
         self.core = ov.Core()
         if cpu_has_vnni() is False:
             # 7-bit Conv weights: exact on every x86 int8 kernel (see WEIGHT_QMAX_WITHOUT_VNNI).
@@ -334,12 +407,31 @@ class OpenVinoTarget(Target):
 
     def runner(self, files: list[Path]) -> OpenVinoRunner:
         xml = [f for f in files if f.suffix == ".xml"]
-        return OpenVinoRunner(xml[0], core=self.core)
+        return OpenVinoRunner(xml[0], core=self.core, precision=self.precision)
+
+    def reference_runner(self, model: ir.Model, workdir: Path) -> OpenVinoRunner:
+        """The fp32 baseline, in f32 whatever precision the artifact runs in.
+
+        The accuracy drop is measured against the fp32 model, so whatever a lower
+        precision costs is part of the drop the gate judges.
+        """
+        workdir.mkdir(parents=True, exist_ok=True)
+        xml = [f for f in self.lower(model, workdir) if f.suffix == ".xml"]
+        return OpenVinoRunner(xml[0], core=self.core, precision="f32")
 
     def report(self, runner: OpenVinoRunner) -> dict[str, Any]:
-        """Per compute layer, whether it really ran in int8 (from the compiled model)."""
+        """How the artifact really ran: per compute layer whether in int8, and the float precision."""
         precisions = runner.layer_precisions()
-        return {"runtime_layers": {**int8_summary(precisions), "layers": precisions}}
+        return {
+            "runtime_layers": {**int8_summary(precisions), "layers": precisions},
+            "inference_precision": {
+                "requested": runner.precision,  # None: the device's default
+                "used": runner.inference_precision,
+                "cpu_bf16": cpu_supports_bf16(self.core),
+                "dynamic_quantization_group_size": runner.dynamic_quantization_group_size,
+                "int8_vnni": cpu_has_vnni(),
+            },
+        }
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -348,5 +440,7 @@ class OpenVinoTarget(Target):
             "device": "CPU",
             "device_name": self.core.get_property("CPU", "FULL_DEVICE_NAME"),
             "int8_vnni": cpu_has_vnni(),
-            "config": dict(CPU_CONFIG),
+            "cpu_bf16": cpu_supports_bf16(self.core),
+            "precision": self.precision,
+            "config": cpu_config(self.precision),
         }

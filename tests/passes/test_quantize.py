@@ -30,6 +30,7 @@ from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
 from compressor.pipeline import PassContext, PassResult, build_pass
 from compressor.quant_math import dequantize_array
 from compressor.targets import get_target
+from compressor.targets import base as target_base
 from compressor.targets.base import QuantSpec
 from compressor.targets.onnx import ort_session
 from tests.ortutil import assert_same_outputs, model_from_text, op_counts, run_ort
@@ -336,6 +337,55 @@ def test_sqnr_floor_per_layer(tmp_path, net, calibrator):
     for outputs in (_run_target(result.model, feeds), run_ort(result.model, feeds)):
         for name, want, got in zip(names, ref, outputs):
             assert _sqnr_db(want, got) >= SQNR_FLOOR_DB, f"{net}/{calibrator}: {name}"
+
+
+@pytest.mark.parametrize("net", ["conv", "mlp"])
+def test_weight_grid_and_int8_kernels_on_either_cpu_branch(tmp_path, net, vnni):
+    """The ``onnx`` target's weight grid, forced to each CPU branch (``vnni`` fixture) on any CPU.
+
+    Without VNNI the target asks for 7-bit weights (``|q| <= 63``), with VNNI for the full
+    int8 grid (``|q| <= 127``); either way every channel's largest weight lands on the
+    grid's end and every weight is within half a step of the float one. Numerics:
+
+    * as written (Q/DQ run as float ops): the SQNR floor of the module docstring;
+    * on ONNX Runtime's int8 kernels (the first layer's output has one reader, so ONNX
+      Runtime fuses DQ -> Conv/Gemm -> Relu -> Q into QLinearConv/QGemm): the same integer
+      maths, so the kernels may differ from the float emulation only where they round the
+      requantized ``r`` the other way, one step ``s_r`` per input of the second layer:
+      ``|y_kernel - y_written| <= s_r * sum|W2| (+ float summation)``. That holds where the
+      grid fits the CPU's kernels: 7-bit weights everywhere, 8-bit only with VNNI (with
+      8-bit weights the AVX2 kernels saturate: measured 28 dB and errors of ``20 s_r``).
+    """
+    model, weights = (conv_relu_conv if net == "conv" else mlp)(np.random.default_rng(0))
+    model.graph.outputs.pop()  # only y: the first layer's output is read by its Relu alone
+    shape = (3, 16, 16) if net == "conv" else (64,)
+    feeds = {"x": _normal(2, 64, *shape)}
+    ref = run_ort(model, feeds)[0]
+    q = _quantize(_clone(model), _dataset(model, tmp_path, {"x": _normal(1, 128, *shape)})).model
+
+    qmax = 127 if vnni else 63
+    second = {"conv": ("conv2", 0, "Conv", "w2"), "mlp": ("fc2", 0, "Gemm", "w2")}[net]
+    first = {"conv": ("conv1", 0, "Conv", "w1"), "mlp": ("fc1", 1, "MatMul", "w1")}[net]
+    assert _weight_qmax(first[2]) == _weight_qmax(second[2]) == qmax
+    for name, axis, op_type, wname in (first, second):
+        wq, scale, w = _weight(_node(q, name).inputs[1], axis=axis, op_type=op_type)  # max |q| per channel == qmax
+        _assert_weight_matches(weights[wname], w, scale, axis=axis)
+    w2 = w  # the second layer's dequantized weight, output channels on axis 0
+
+    written = run_ort(q, feeds)[0]
+    assert _sqnr_db(ref, written) >= SQNR_FLOOR_DB
+
+    if vnni and target_base.cpu_has_vnni() is not True:
+        return  # 8-bit weights on this CPU's int8 kernels saturate: nothing exact to compare
+    kernels = _run_target(q, feeds)[0]
+    assert _sqnr_db(ref, kernels) >= SQNR_FLOOR_DB
+    s_r = float(q.graph.initializers["r_scale"].const_value.numpy())
+    r_max = (255 - int(q.graph.initializers["r_zero_point"].const_value.numpy())) * s_r
+    fan_in = w2[0].size
+    per_channel = np.abs(w2).reshape(len(w2), -1).sum(axis=1) * (s_r + 2 * fan_in * 2.0**-24 * r_max)
+    bound = per_channel.reshape((1, -1) + (1,) * (ref.ndim - 2))
+    excess = np.abs(kernels - written) - bound
+    assert (excess <= 0).all(), f"{(excess > 0).sum()} outputs beyond one step of r, worst by {excess.max():.3g}"
 
 
 def test_calibrators_clip_outliers_differently(tmp_path):

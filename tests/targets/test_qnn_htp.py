@@ -264,6 +264,19 @@ def _raise_on_constant(name):
 
 
 @needs_htp
+def test_host_weight_grid_follows_the_cpu_branch(vnni):
+    """Forced to each branch (``tests/conftest.py``): without VNNI the HTP emulator's
+    convolutions saturate like MLAS, so Conv/ConvTranspose get 7-bit weights; Gemm and
+    MatMul keep 8 bits either way; ``describe`` says which ran."""
+    from compressor.targets.qnn_htp import SATURATING_OPS, QnnHtpTarget
+
+    info = QnnHtpTarget().describe()
+    assert info["host_int8_vnni"] is vnni
+    assert info["weight_bits"] == {op: 7 if op in SATURATING_OPS and not vnni else 8
+                                   for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+
+
+@needs_htp
 def test_lower_runs_wholly_on_htp_from_the_context_binary(tmp_path, target):
     model = legalized(tmp_path, target=target)
     files = target.lower(model, tmp_path / "out")

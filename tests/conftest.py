@@ -1,0 +1,62 @@
+"""Fixtures for every test: take either branch of the targets' CPU-dependent choices on any CPU.
+
+The targets pick their int8 weight grid by the CPU they run on
+(:func:`compressor.targets.base.cpu_has_vnni`): 7-bit weights without VNNI, where x86
+int8 kernels sum u8*s8 pairs in int16 with saturation, and the full 8-bit grid with
+VNNI. A CI machine takes only one of those branches; :func:`force_vnni` makes a test
+take the one it names, whatever the CPU. It patches the name in every module of
+``compressor.targets`` that imported it (not in ``targets.base``, so
+``compressor.targets.base.cpu_has_vnni()`` still says what the hardware has).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+
+def vnni_users() -> list[ModuleType]:
+    """The importable modules of ``compressor.targets`` that call ``cpu_has_vnni`` by their own name."""
+    import compressor.targets
+    from compressor.targets import base
+
+    modules = []
+    for info in pkgutil.iter_modules(compressor.targets.__path__):
+        try:
+            module = importlib.import_module(f"compressor.targets.{info.name}")
+        except ImportError:  # an optional backend's module that needs its package
+            continue
+        if module is not base and getattr(module, "cpu_has_vnni", None) is base.cpu_has_vnni:
+            modules.append(module)
+    return modules
+
+
+@pytest.fixture
+def force_vnni(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool | None], None]:
+    """``force_vnni(True)``: targets built afterwards in the test behave as on a VNNI CPU
+    (``False``: as on AVX2 without VNNI; ``None``: as on a CPU they cannot identify)."""
+
+    users = vnni_users()  # before any patch: found by the name being base's function
+
+    def force(value: bool | None) -> None:
+        for module in users:
+            monkeypatch.setattr(module, "cpu_has_vnni", lambda: value)
+
+    return force
+
+
+@pytest.fixture(params=[False, True], ids=["no-vnni", "vnni"])
+def vnni(request: pytest.FixtureRequest, force_vnni: Callable[[bool | None], None]) -> bool:
+    """Runs the test twice, the targets forced to each branch; the value is the branch."""
+    force_vnni(request.param)
+    return request.param

@@ -1,0 +1,62 @@
+"""The targets' CPU-dependent weight grid, each branch forced (``tests/conftest.py``) on any CPU.
+
+Without VNNI, x86 int8 kernels sum pairs of u8*s8 products in int16 with saturation, so
+a target asks for 7-bit symmetric weights (``QuantSpec.bits = 7``, ``|q| <= 63``) on the
+ops whose kernels do that; with VNNI (or on a CPU it cannot identify, where the x86
+saturation does not apply) it keeps the full int8 grid. The numerics of each branch are
+tested with the targets: ``tests/passes/test_quantize.py`` (ONNX Runtime) and
+``tests/targets/test_openvino.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+
+import compressor.targets
+from compressor.targets import base
+from compressor.targets.onnx import OnnxTarget
+
+
+def _weight_bits(target) -> dict[str, int | None]:
+    return {op: q.weights.bits for op, q in target.capabilities.quantizable.items() if q.weights is not None}
+
+
+def test_force_vnni_reaches_every_target_that_reads_the_cpu(force_vnni):
+    """Every module of ``compressor.targets`` that calls ``cpu_has_vnni()`` sees the forced
+    value; a module calling it some other way (``base.cpu_has_vnni()``) would escape the
+    fixture, and fails here."""
+    callers = []
+    for info in pkgutil.iter_modules(compressor.targets.__path__):
+        path = Path(compressor.targets.__path__[0]) / f"{info.name}.py"
+        if info.name != "base" and re.search(r"cpu_has_vnni\(\)", path.read_text(encoding="utf-8")):
+            callers.append(info.name)
+    assert {"onnx", "openvino", "qnn_htp"} <= set(callers)
+    for forced in (True, False, None):
+        force_vnni(forced)
+        for name in callers:
+            try:
+                module = importlib.import_module(f"compressor.targets.{name}")
+            except ImportError:
+                continue
+            assert module.cpu_has_vnni() is forced, f"compressor.targets.{name} escapes force_vnni"
+    assert base.cpu_has_vnni() in (True, False, None)  # the hardware's answer is left alone
+
+
+def test_onnx_target_narrows_every_weight_without_vnni(vnni):
+    """MLAS's u8s8 kernels (QLinearConv, QGemm, MatMulInteger) all saturate on AVX2."""
+    target = OnnxTarget()
+    assert _weight_bits(target) == dict.fromkeys(("Conv", "ConvTranspose", "Gemm", "MatMul"), None if vnni else 7)
+    assert target.describe()["int8_vnni"] is vnni
+
+
+def test_an_unidentified_cpu_keeps_the_full_grid(force_vnni):
+    force_vnni(None)
+    assert set(_weight_bits(OnnxTarget()).values()) == {None}
+    openvino = pytest.importorskip("compressor.targets.openvino")
+    if openvino.ov is not None:
+        assert set(_weight_bits(openvino.OpenVinoTarget()).values()) == {None}
