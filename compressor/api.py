@@ -227,6 +227,11 @@ def compress(
         raise UnsupportedByTarget(tgt.name, offenders)
 
     calib_set, eval_set, eval_source = _pick_eval(recipe_obj, calib_set, eval_set, specs)
+    held = " (split from --calib for evaluation; pass --eval with its own samples)" \
+        if eval_source == "calibration holdout" else ""
+    if calib_set is not None:
+        calib_set.check_batches(f"calibration data{held}")
+    eval_set.check_batches(f"evaluation data{held}")
     verified = eval_source != UNVERIFIED
     baseline = _clone(model)
     metric = recipe_obj.accuracy.metric

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -57,9 +58,47 @@ def _compress_parser() -> argparse.ArgumentParser:
                    help="allow loading a fully pickled torch module (it can run code: only for files you trust)")
     p.add_argument("--dump-passes", type=Path, metavar="DIR", help="write the model after each pass into DIR")
     p.add_argument("--junit", type=Path, metavar="PATH", help="write the accuracy gate as a JUnit XML test case")
-    p.add_argument("--latency-runs", type=int, default=20, help="timed runs for the latency figures (default 20)")
+    p.add_argument("--latency-runs", type=_at_least(1), default=20, help="timed runs for the latency figures (default 20)")
     _add_verbosity(p)
     return p
+
+
+def _at_least(minimum: int) -> Any:
+    """argparse type: an integer >= ``minimum`` (a bad value is exit 2 through ``_Parser.error``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _writable(path: Path | None, flag: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output path the tool could not write at the end.
+
+    Raises:
+        UsageError: names the flag, the path and the OS's reason.
+    """
+    if path is None:
+        return
+    target = path if folder else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot create {target} ({err.strerror or err}); choose a writable "
+                         "location") from None
+    if not os.access(target, os.W_OK):
+        raise UsageError(f"{flag} {path}: {target} is not writable; choose a writable location")
+    if not folder:
+        try:  # the file is written at the end (with the error, if the run fails): it must open now
+            with open(path, "a"):
+                pass
+        except OSError as err:
+            raise UsageError(f"{flag} {path}: cannot write it ({err.strerror or err}); choose a writable "
+                             "location") from None
 
 
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
@@ -169,6 +208,8 @@ def _write_junit(path: Path, manifest: dict[str, Any] | None, error: str | None)
 def _cmd_compress(argv: Sequence[str]) -> int:
     args = _compress_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    _writable(args.junit, "--junit")
+    _writable(args.dump_passes, "--dump-passes", folder=True)
     from compressor.api import compress
 
     def on_pass(index: int, p: Any) -> None:
@@ -268,7 +309,7 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE")
     p.add_argument("-o", "--output", type=Path, default=Path("sweep-out"),
                    help="folder for sweep.csv, sweep.json, sweep.png (default: sweep-out/)")
-    p.add_argument("--latency-runs", type=int, default=10, help="timed runs per level (0: no latency)")
+    p.add_argument("--latency-runs", type=_at_least(0), default=10, help="timed runs per level (0: no latency)")
     p.add_argument("--trust-pickle", action="store_true")
     _add_verbosity(p)
     args = p.parse_args(argv)

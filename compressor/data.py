@@ -91,6 +91,20 @@ class Dataset:
                 feed[spec.name] = arr[start] if self.stacked[spec.name] else arr[start:stop]
             yield feed
 
+    def check_batches(self, what: str) -> None:
+        """Refuse data too small for the model's static batch axis (it would feed nothing).
+
+        Raises:
+            DataError: names the sample count and the batch size.
+        """
+        if self.usable() == 0:
+            raise DataError(f"{what} ({self.source}): {len(self)} samples, but the model's batch axis is fixed to "
+                            f"{self.batch_size()}: give at least {self.batch_size()} samples (a multiple of "
+                            f"{self.batch_size()} uses them all)")
+        if self.usable() < len(self):
+            logger.warning("%s (%s): the model's batch axis is fixed to %d, so %d of %d samples are used",
+                           what, self.source, self.batch_size(), self.usable(), len(self))
+
     def usable(self, batch_size: int | None = None) -> int:
         """How many samples :meth:`batches` feeds (a static batch axis drops the remainder)."""
         return sum(next(iter(f.values())).shape[0] if not all(self.stacked.values()) else 1 for f in self.batches(batch_size))
@@ -252,6 +266,9 @@ def read_npz(path: str | Path, *, what: str = "data") -> RawData:
 
 def _labels(labels: np.ndarray, n: int | None, where: str) -> np.ndarray:
     """One integer class per sample; one-hot (or probability) rows ``[N, classes]`` give their argmax."""
+    if labels.dtype.kind not in "iubf":
+        raise DataError(f"{where}: {LABELS_KEY!r} holds {labels.dtype} values; give integer class indices "
+                        "(map class names to 0..K-1 first)")
     if labels.ndim == 2 and labels.shape[0] == n and labels.shape[1] > 1:
         logger.info("%s: %r is %s one row per sample: taking the argmax of each row as its class", where,
                     LABELS_KEY, "x".join(map(str, labels.shape)))

@@ -336,3 +336,46 @@ def test_progress_bars_on_a_terminal_and_none_in_logs(digits_onnx, tmp_path, cap
     code, out, err = run([*argv, "-o", tmp_path / "log"], capsys)  # stderr is not a terminal: a CI log
     assert code == 0, err
     assert "\r" not in err and not re.search(r"\d+%\|", err), err
+
+
+def _static_batch_model(path: Path) -> Path:
+    """y = x @ W with the batch axis fixed to 8, as exporters write for a fixed batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 3])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_too_few_samples_for_a_static_batch(tmp_path, capsys):
+    model = _static_batch_model(tmp_path / "static8.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).random((16, 4), np.float32))
+    np.savez(tmp_path / "e.npz", x=np.random.default_rng(2).random((5, 4), np.float32))
+    fail([model, "--recipe", "int8", "--calib", tmp_path / "c.npz", "--eval", tmp_path / "e.npz",
+          "-o", tmp_path / "out"], capsys, 2,
+         r"^error: evaluation data \(.*e\.npz\): 5 samples, but the model's batch axis is fixed to 8: give at least "
+         r"8 samples", tmp_path / "out")
+    fail([model, "--recipe", "int8", "--calib", tmp_path / "c.npz", "-o", tmp_path / "out"], capsys, 2,
+         r"^error: calibration data \(split from --calib for evaluation; pass --eval with its own samples\) .*"
+         r"13 samples|^error: evaluation data \(split from --calib", tmp_path / "out")
+
+
+def test_string_labels_are_refused(tmp_path, capsys):
+    with np.load(EVAL) as data:
+        np.savez(tmp_path / "e.npz", images=data["images"], labels=np.array(["seven"] * len(data["images"])))
+    fail([MODEL, "--recipe", "fold", "--eval", tmp_path / "e.npz", "-o", tmp_path / "out"], capsys, 2,
+         r"'labels' holds <U5 values; give integer class indices", tmp_path / "out")
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--latency-runs", "0", r"argument --latency-runs: must be >= 1, got 0"),
+    ("--junit", "/proc/no/gate.xml", r"--junit /proc/no/gate\.xml: cannot create /proc/no"),
+    ("--dump-passes", "/proc/no/dump", r"--dump-passes /proc/no/dump: cannot create /proc/no/dump"),
+])
+def test_bad_output_flags_are_exit_2_before_any_work(flag, value, message, tmp_path, capsys, no_capture):
+    fail([MODEL, "--recipe", "fold", flag, value, "-o", tmp_path / "out"], capsys, 2, message, tmp_path / "out")
