@@ -55,6 +55,19 @@ class PipelineResult:
         return any(r.modified for r in self.reports)
 
 
+def subgraph_bodies(graph: ir.Graph) -> dict[str, int]:
+    """Every ``If``/``Loop``/``Scan`` body, as ``"<op> '<node>'.<attribute>"``, with its node count."""
+    bodies: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+            for body in graphs:
+                nodes = sum(1 for _ in ir.traversal.RecursiveGraphIterator(body))
+                bodies[f"{node.op_type} {node.name or '?'!r}.{attr.name}"] = nodes
+    return bodies
+
+
 def check_pipeline(passes: Sequence[Pass], initial: set[str], where: str = "recipe") -> None:
     """Refuse a pipeline in which a pass needs a property no earlier pass provides.
 
@@ -138,7 +151,18 @@ class PassManager:
                 raise PipelineError(p.name, done, err) from err
             seconds = time.perf_counter() - start
             ctx.properties |= p.provides
-            reports.append(PassReport(p.name, p.options_dict(), result.modified, dict(result.stats), seconds))
+            stats = dict(result.stats)
+            bodies = {} if p.walks_subgraphs else subgraph_bodies(model.graph)
+            if bodies:
+                # Never a half-rewritten body: a pass that works on the main graph says which
+                # bodies it left as they were (they stay float for a quantizing pass).
+                stats["subgraphs_left_as_is"] = {name: f"{count} nodes; {p.name} works on the main graph only"
+                                                 for name, count in bodies.items()}
+                logger.warning("%s left %d control-flow bod%s as %s (%s): it works on the main graph only",
+                               p.name, len(bodies), "y" if len(bodies) == 1 else "ies",
+                               "float" if p.lossy else "they were", ", ".join(list(bodies)[:3])
+                               + (f" +{len(bodies) - 3} more" if len(bodies) > 3 else ""))
+            reports.append(PassReport(p.name, p.options_dict(), result.modified, stats, seconds))
             done.append(p.name)
             logger.info("pass %-24s %s %s (%.2fs)", p.name, "modified" if result.modified else "unchanged",
                         result.stats, seconds)

@@ -102,6 +102,9 @@ class Pass(abc.ABC):
     #: Whether the pass changes what the model computes (pruning, quantization); the flow
     #: measures the accuracy drop after each lossy pass so a report names the one that lost it.
     lossy: ClassVar[bool] = False
+    #: Whether the pass also rewrites ``If``/``Loop``/``Scan`` bodies. The manager names,
+    #: in the report of every pass that does not, each body the pass left as it was.
+    walks_subgraphs: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, *, where: str | None = None):
         where = where or f"pass {self.name!r}"

@@ -157,6 +157,7 @@ class FoldConstants(Pass):
     description = "Fold constant subgraphs (ConstantOfShape included) into initializers and remove dead nodes"
     Options = FoldConstantsOptions
     provides = frozenset({"constants-folded"})
+    walks_subgraphs = True  # onnx_ir's constant folder and dead-code removal recurse into bodies
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Fold ``model`` in place.

@@ -103,3 +103,41 @@ def test_min_opset_upgrades_first():
 
     result = PassManager([NeedsOpset18()]).run(tiny_model(), PassContext())
     assert result.reports[0].stats == {"opset": 18}
+
+
+def test_passes_name_the_control_flow_bodies_they_leave_alone():
+    """An ``If`` whose branches hold a Conv: quantize works on the main graph only, so its
+    report names both bodies (left float); fold-constants walks into them and says nothing."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compressor.data import Dataset
+    from compressor.inputs import model_input_specs
+    from compressor.pipeline import build_pass
+    from compressor.targets import get_target
+
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        w = numpy_helper.from_array(np.full((2, 1, 1, 1), scale, np.float32), f"{name}_w")
+        return helper.make_graph([helper.make_node("Conv", ["x", f"{name}_w"], [f"{name}_y"], name=f"{name}_conv")],
+                                 name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)], [w])
+
+    nodes = [helper.make_node("If", ["flag"], ["y"], name="choose", then_branch=branch("then", 2.0),
+                              else_branch=branch("else", 3.0))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = ir.serde.deserialize_model(proto)
+    specs = model_input_specs(model)
+    data = Dataset({"x": np.random.default_rng(0).random((4, 1, 1, 4, 4), np.float32),
+                    "flag": np.ones((4,), bool)}, specs, {"x": True, "flag": True}, None, "test", "0")
+    ctx = PassContext(target=get_target("onnx"), calibration=data, properties={"captured"})
+    result = PassManager([build_pass("fold-constants", {}), build_pass("quantize", {})]).run(model, ctx)
+    fold, quantize = result.reports
+    assert "subgraphs_left_as_is" not in fold.stats
+    assert quantize.stats["subgraphs_left_as_is"] == {
+        "If 'choose'.then_branch": "1 nodes; quantize works on the main graph only",
+        "If 'choose'.else_branch": "1 nodes; quantize works on the main graph only"}
+    inner = [n for n in ir.traversal.RecursiveGraphIterator(result.model.graph) if n.op_type == "QuantizeLinear"]
+    assert inner == [], "never a half-rewritten body"
