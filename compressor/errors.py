@@ -25,6 +25,8 @@ __all__ = [
     "DataError",
     "OptionsError",
     "UnsupportedByTarget",
+    "UnsupportedModel",
+    "AlreadyQuantized",
     "AccuracyGateFailed",
     "PipelineError",
 ]
@@ -87,6 +89,29 @@ class UnsupportedByTarget(CompressorError):
         super().__init__(
             f"target {target!r} cannot run this model: {shown}{more}"
         )
+
+
+class UnsupportedModel(CompressorError):
+    """The model uses something compressor cannot bring to any target (e.g. an op ONNX's
+    version converter cannot upgrade).
+
+    Attributes:
+        offenders: ``(node name, reason)`` pairs, one per offending node.
+    """
+
+    exit_code = EXIT_UNSUPPORTED
+
+    def __init__(self, what: str, offenders: list[tuple[str, str]]):
+        self.offenders = list(offenders)
+        shown = "; ".join(f"{node}: {why}" for node, why in self.offenders[:5])
+        more = f" (+{len(self.offenders) - 5} more)" if len(self.offenders) > 5 else ""
+        super().__init__(f"{what}: {shown}{more}")
+
+
+class AlreadyQuantized(CompressorError):
+    """A recipe that quantizes was given a model that is quantized already (bad input)."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class AccuracyGateFailed(CompressorError):
