@@ -29,7 +29,11 @@ For each compute layer the target quantizes (see :mod:`._placement`):
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
 float (mask and shape paths, non-finite or sentinel-dominated ranges) are skipped and
-listed with the reason in ``stats["skipped"]``.
+listed with the reason in ``stats["skipped"]``. A model that is quantized already (Q/DQ,
+``ConvInteger``, ``QLinearConv``...: :func:`compressor.onnx_import.quantized_nodes`) is
+refused (exit 2): it is never quantized twice. Layers computing in float16/bfloat16 are
+refused (exit 4, each named): Q/DQ at the opsets used here are float32, and an fp16 model
+is quantized from its float32 export.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics
 from compressor.passes._attention import ROLES, attention_projections
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
-from compressor.errors import CompressorError
+from compressor.errors import AlreadyQuantized, CompressorError, UnsupportedModel
+from compressor.onnx_import import describe_quantized, quantized_nodes
 from compressor.model_io import model_bytes
 from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.passes._placement import Layer, find_layers, integer_derived, weight_channel_axis
@@ -189,6 +194,10 @@ class Quantize(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts: QuantizeOptions = self.options
+        found = quantized_nodes(model)
+        if found:  # a second rounding on top of the first, and Q/DQ around integer ops: never
+            raise AlreadyQuantized(f"the model is already quantized ({describe_quantized(found)}); compress the "
+                                   "float model it was made from, or use a recipe without 'quantize' (e.g. fold)")
         if ctx.calibration is None:
             raise CompressorError("quantize needs calibration data: pass --calib samples.npz")
         caps: Capabilities = ctx.target.capabilities if ctx.target is not None else Capabilities()
@@ -198,6 +207,11 @@ class Quantize(Pass):
         layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
                                       exclude=ctx.options.get(EXCLUDE_KEY, ()),
                                       activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+        half = _half_precision(layers)
+        if half:
+            raise UnsupportedModel("quantize cannot quantize float16/bfloat16 layers (its Q/DQ and calibration are "
+                                   "float32); export the model in float32 (e.g. model.float() before export) and "
+                                   "quantize that, or use a recipe without 'quantize'", half)
         wide = set(ctx.options.get(WIDE_KEY, ()))
         bits = 16 if opts.activations == "int16" else 8
         masks = integer_derived(graph)
@@ -283,6 +297,8 @@ class Quantize(Pass):
                 model.opset_imports[""] = max(model.opset_imports.get("", 13), 21)
         for name, why in sorted(skipped.items()):
             logger.info("kept float: %s: %s", name, why)
+        if not quantized and not weight_only_done:
+            logger.warning("quantize: nothing to quantize: %s; the model stays float", _why_nothing(model, caps, skipped))
         for name, why in sorted(weight_only_done.items()):
             logger.info("weight only: %s: %s", name, why)
         return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0, {
@@ -299,6 +315,33 @@ class Quantize(Pass):
             "skipped_tensors": dict(sorted(tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only_done.items())),
         })
+
+
+_HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+def _half_precision(layers: list[Layer]) -> list[tuple[str, str]]:
+    """``(layer, why)`` for the layers whose activations or weight are float16/bfloat16."""
+    out = []
+    for layer in layers:
+        values = [v for _, v in layer.activations] + ([layer.weight] if layer.weight is not None else [])
+        half = next((v for v in values if v.dtype in _HALF), None)
+        if half is not None:
+            out.append((layer.name, f"input {half.name!r} is {half.dtype.name.lower()}"))
+    return out
+
+
+def _why_nothing(model: ir.Model, caps: Capabilities, skipped: dict[str, str]) -> str:
+    """Why no layer was quantized, for the warning: ops absent, in subgraphs, or all skipped."""
+    if skipped:
+        return f"all {len(skipped)} candidate layer(s) were kept float (e.g. {next(iter(sorted(skipped.items())))})"
+    inner = [n.name or n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
+             if n.graph is not model.graph and n.op_type in caps.quantizable]
+    ops = "/".join(sorted(caps.quantizable))
+    if inner:
+        return (f"the main graph has no {ops} the target quantizes; {len(inner)} such node(s) inside If/Loop/Scan "
+                f"bodies (e.g. {inner[0]!r}) are left alone")
+    return f"the model has no {ops} the target quantizes"
 
 
 def _float_activations(graph: ir.Graph, roles: tuple[str, ...]) -> dict[str, str]:
