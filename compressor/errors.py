@@ -26,7 +26,7 @@ __all__ = [
     "OptionsError",
     "UnsupportedByTarget",
     "UnsupportedModel",
-    "AlreadyQuantized",
+    "InvalidModel",
     "AccuracyGateFailed",
     "PipelineError",
 ]
@@ -108,8 +108,9 @@ class UnsupportedModel(CompressorError):
         super().__init__(f"{what}: {shown}{more}")
 
 
-class AlreadyQuantized(CompressorError):
-    """A recipe that quantizes was given a model that is quantized already (bad input)."""
+class InvalidModel(CompressorError):
+    """The model cannot be compressed as the recipe asks (bad input): it is quantized
+    already, or a weight to quantize holds NaN/inf."""
 
     exit_code = EXIT_BAD_INPUT
 

@@ -96,7 +96,11 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0]
         raise CaptureError(f"{path}: the ONNX model is invalid: {first}") from None
-    return ir.serde.deserialize_model(proto)
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as err:  # a proto the checker accepts but onnx_ir cannot represent
+        raise CaptureError(f"{path}: the ONNX model cannot be read into onnx_ir ({type(err).__name__}: "
+                           f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'})") from None
 
 
 def _has_external(proto: onnx.ModelProto) -> bool:
@@ -126,8 +130,11 @@ def upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
     except Exception as err:  # RuntimeError, onnx's ConvertError: read the message
         raise UnsupportedModel(f"cannot upgrade the model from opset {before} to {opset} with ONNX's version "
                                "converter", _converter_offenders(model, str(err), opset)) from None
-    if before < 7:
-        converted = onnx.shape_inference.infer_shapes(converted)
+    if before < 7:  # PRelu's fix needs the input's rank
+        try:
+            converted = onnx.shape_inference.infer_shapes(converted)
+        except Exception:
+            logger.debug("shape inference failed on the converted model", exc_info=True)
     result = ir.serde.deserialize_model(converted)
     fixed = _per_channel_prelu_slopes(result) if before < 7 else 0
     _check_conversion(proto, result, before, opset)

@@ -19,6 +19,10 @@ What :func:`normalize_import` does to a freshly read ``.onnx`` model, in order:
    check decides; where an upgrade is required (a pass's ``min_opset``) the same failure
    is exit 4 naming the op.
 
+3. **Declared shapes that contradict inference** (a ``value_info`` entry with a wrong
+   shape) are dropped and inferred again (noted): passes copy declared shapes onto the
+   nodes they insert, and ONNX Runtime would refuse the artifact.
+
 Custom domains (``ai.onnx.ml``, ``com.microsoft``) pass through untouched; the target's
 check runs them in its backend or names the node it cannot run.
 
@@ -33,10 +37,11 @@ import collections
 import dataclasses
 import logging
 
+import onnx
 import onnx_ir as ir
 
 from compressor.errors import UnsupportedModel
-from compressor.model_io import default_opset, upgrade_opset
+from compressor.model_io import default_opset, to_proto, upgrade_opset
 
 __all__ = ["IMPORT_MIN_OPSET", "IMPORT_OPSET", "ImportReport", "normalize_import", "normalize_dims",
            "quantized_nodes", "describe_quantized"]
@@ -131,6 +136,9 @@ def normalize_import(model: ir.Model) -> tuple[ir.Model, ImportReport]:
     report.dims_normalized = normalize_dims(model)
     if report.dims_normalized:
         report.notes.append(f"{report.dims_normalized} dimension(s) written as -1, empty or '?' read as dynamic")
+    model, dropped = _drop_contradicted_value_info(model)
+    if dropped:
+        report.notes.append(dropped)
     before = default_opset(model)
     if before < IMPORT_MIN_OPSET:
         try:
@@ -147,6 +155,33 @@ def normalize_import(model: ir.Model) -> tuple[ir.Model, ImportReport]:
                             f"(backends have no kernels for some ops before opset {IMPORT_MIN_OPSET}); the baseline "
                             "is the upgraded model")
     return model, report
+
+
+def _drop_contradicted_value_info(model: ir.Model) -> tuple[ir.Model, str | None]:
+    """Re-infer intermediate shapes when the file's ``value_info`` contradicts shape inference.
+
+    Passes copy an input's declared shape onto what they insert (a Q/DQ output), so a wrong
+    declaration would end up in the artifact, which ONNX Runtime then refuses to load.
+    """
+    proto = to_proto(model)
+    if not proto.graph.value_info:
+        return model, None
+    try:
+        onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=False)
+        return model, None
+    except Exception as err:  # InferenceError, ValidationError...
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    bare = onnx.ModelProto()
+    bare.CopyFrom(proto)
+    del bare.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bare, strict_mode=True, data_prop=False)
+    except Exception:
+        return model, None  # inconsistent without the declarations too: the pass manager verifies laxly
+    note = (f"the file's intermediate shapes (value_info) contradict shape inference ({why[:200]}); "
+            "they were dropped and inferred again")
+    logger.warning("%s", note)
+    return ir.serde.deserialize_model(inferred), note
 
 
 def _label(node: ir.Node) -> str:

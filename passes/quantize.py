@@ -31,7 +31,8 @@ The dtype, symmetry and channel axis of each tensor come from the target's
 float (mask and shape paths, non-finite or sentinel-dominated ranges) are skipped and
 listed with the reason in ``stats["skipped"]``. A model that is quantized already (Q/DQ,
 ``ConvInteger``, ``QLinearConv``...: :func:`compressor.onnx_import.quantized_nodes`) is
-refused (exit 2): it is never quantized twice. Layers computing in float16/bfloat16 are
+refused (exit 2): it is never quantized twice; so is a weight holding NaN/inf (exit 2,
+naming the layer and the weight). Layers computing in float16/bfloat16 are
 refused (exit 4, each named): Q/DQ at the opsets used here are float32, and an fp16 model
 is quantized from its float32 export.
 """
@@ -50,7 +51,7 @@ from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics
 from compressor.passes._attention import ROLES, attention_projections
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
-from compressor.errors import AlreadyQuantized, CompressorError, UnsupportedModel
+from compressor.errors import InvalidModel, CompressorError, UnsupportedModel
 from compressor.onnx_import import describe_quantized, quantized_nodes
 from compressor.model_io import model_bytes
 from compressor.passes._graph import NameAllocator, add_initializer
@@ -196,7 +197,7 @@ class Quantize(Pass):
         opts: QuantizeOptions = self.options
         found = quantized_nodes(model)
         if found:  # a second rounding on top of the first, and Q/DQ around integer ops: never
-            raise AlreadyQuantized(f"the model is already quantized ({describe_quantized(found)}); compress the "
+            raise InvalidModel(f"the model is already quantized ({describe_quantized(found)}); compress the "
                                    "float model it was made from, or use a recipe without 'quantize' (e.g. fold)")
         if ctx.calibration is None:
             raise CompressorError("quantize needs calibration data: pass --calib samples.npz")
@@ -212,6 +213,11 @@ class Quantize(Pass):
             raise UnsupportedModel("quantize cannot quantize float16/bfloat16 layers (its Q/DQ and calibration are "
                                    "float32); export the model in float32 (e.g. model.float() before export) and "
                                    "quantize that, or use a recipe without 'quantize'", half)
+        nonfinite = _nonfinite_weights(layers)
+        if nonfinite:
+            raise InvalidModel(f"weights hold NaN/inf and cannot be quantized: {'; '.join(nonfinite[:5])}"
+                               f"{f' (+{len(nonfinite) - 5} more)' if len(nonfinite) > 5 else ''}; fix the model's "
+                               "weights, or keep those layers float with quantize: {scope: {exclude: [NAME]}}")
         wide = set(ctx.options.get(WIDE_KEY, ()))
         bits = 16 if opts.activations == "int16" else 8
         masks = integer_derived(graph)
@@ -328,6 +334,19 @@ def _half_precision(layers: list[Layer]) -> list[tuple[str, str]]:
         half = next((v for v in values if v.dtype in _HALF), None)
         if half is not None:
             out.append((layer.name, f"input {half.name!r} is {half.dtype.name.lower()}"))
+    return out
+
+
+def _nonfinite_weights(layers: list[Layer]) -> list[str]:
+    """``layer: weight 'w' holds 3 NaN/inf value(s)`` for each layer whose constant weight is not finite."""
+    out = []
+    for layer in layers:
+        if layer.weight is None or layer.weight.const_value is None:
+            continue
+        w = layer.weight.const_value.numpy()
+        if w.dtype.kind == "f" and not np.isfinite(w).all():
+            out.append(f"{layer.name}: weight {layer.weight.name!r} holds {int((~np.isfinite(w)).sum())} NaN/inf "
+                       "value(s)")
     return out
 
 

@@ -255,3 +255,85 @@ def test_scalar_input_is_fed_as_a_0d_array(tmp_path, capsys):
     code, err, _ = _run([path, "--recipe", "int8", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "out",
                          "--latency-runs", "1", "-q"], capsys)
     assert code == 0, err
+
+
+# -- 8. models that used to reach an uncaught exception ------------------------------------------------
+
+def _fc(tmp_path: Path, w: np.ndarray, value_info=()) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("MatMul", ["r", "w"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(w, "w")], value_info=list(value_info))
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 2, 4)).astype(np.float32))
+    return path
+
+
+def test_nonfinite_weight_is_exit_2_naming_layer_and_weight(tmp_path, capsys):
+    w = RNG.standard_normal((4, 3)).astype(np.float32)
+    w[0, 0], w[1, 2] = np.nan, np.inf
+    code, err, errors = _run([_fc(tmp_path, w), "--recipe", "int8", "--calib", tmp_path / "calib.npz",
+                              "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 2, err
+    assert len(errors) == 1, err
+    assert "fc: weight 'w' holds 2 NaN/inf value(s)" in errors[0] and "exclude" in errors[0], errors[0]
+
+
+def test_calibration_run_failing_is_exit_2(tmp_path, capsys):
+    """The float model fails in ONNX Runtime on the calibration data: bad input, not a crash."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="fc")]
+    inits = [numpy_helper.from_array(np.array([3, 4], np.int64), "shape"),
+             numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w")]
+    path = _save(tmp_path, nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 2, 4)).astype(np.float32))
+    code, err, errors = _run([path, "--recipe", "int8", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "out",
+                              "-q"], capsys)
+    assert code == 2, err
+    assert len(errors) == 1, err
+    assert "calibration: the model fails in ONNX Runtime on the calibration data" in errors[0], errors[0]
+    assert "reshape" in errors[0]
+
+
+def test_contradicting_value_info_is_inferred_again(tmp_path, capsys):
+    """A wrong declared intermediate shape used to be copied onto Q/DQ outputs: ORT refused the artifact."""
+    wrong = helper.make_tensor_value_info("r", TensorProto.FLOAT, [7, 5, 2])
+    path = _fc(tmp_path, RNG.standard_normal((4, 3)).astype(np.float32), [wrong])
+    code, err, _ = _run([path, "--recipe", "int8", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "out",
+                         "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    assert "contradict shape inference" in err
+    notes = json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]["notes"]
+    assert any("value_info" in n for n in notes)
+
+
+def test_nothing_to_quantize_is_exit_0_with_a_warning(tmp_path, capsys):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    path = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"], name="relu")], [x],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 2, 4)).astype(np.float32))
+    code, err, _ = _run([path, "--recipe", "int8", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "out",
+                         "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    assert "quantize: nothing to quantize: the model has no Conv/ConvTranspose/Gemm/MatMul" in err
+
+
+def test_nothing_to_quantize_names_layers_inside_if_bodies(tmp_path, capsys):
+    """silero-vad: every Conv sits in an If branch; the warning says they were left alone."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    w = numpy_helper.from_array(RNG.standard_normal((4, 4)).astype(np.float32), "w")
+    body_out = helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 4])
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["b"], name="inner_fc")], "then", [], [body_out])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["b"], name="pass")], "else", [], [body_out])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+             helper.make_node("Greater", ["s", "zero"], ["c"], name="cond"),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="branch")]
+    path = _save(tmp_path, nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                 [w, numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 2, 4)).astype(np.float32))
+    code, err, _ = _run([path, "--recipe", "int8", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "out",
+                         "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    assert "1 such node(s) inside If/Loop/Scan bodies (e.g. 'inner_fc') are left alone" in err
