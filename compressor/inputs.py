@@ -21,7 +21,8 @@ import onnx_ir as ir
 
 from compressor.errors import DataError, UsageError
 
-__all__ = ["InputSpec", "dim_text", "shape_text", "parse_input_overrides", "model_input_specs", "apply_input_overrides", "check_tensor_io"]
+__all__ = ["InputSpec", "dim_text", "shape_text", "parse_input_overrides", "model_input_specs", "apply_input_overrides",
+           "check_tensor_io"]
 
 Dim = int | str | None
 

@@ -209,8 +209,9 @@ def _check_conversion(original: onnx.ModelProto, converted: ir.Model, before: in
     except Exception as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         named = _NODE_NAME.search(text)
+        node = named.group(1) if named else "model"
         raise UnsupportedModel(f"upgrading the model from opset {before} to {opset} with ONNX's version converter "
-                               "gives an inconsistent graph", [(named.group(1) if named else "model", text[:300])]) from None
+                               "gives an inconsistent graph", [(node, text[:300])]) from None
 
 
 def verify_model(model: ir.Model, *, strict_shapes: bool) -> None:

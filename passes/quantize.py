@@ -51,7 +51,7 @@ from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics
 from compressor.passes._attention import ROLES, attention_projections
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
-from compressor.errors import InvalidModel, CompressorError, UnsupportedModel
+from compressor.errors import CompressorError, InvalidModel, UnsupportedModel
 from compressor.onnx_import import describe_quantized, quantized_nodes
 from compressor.model_io import model_bytes
 from compressor.passes._graph import NameAllocator, add_initializer
@@ -198,7 +198,7 @@ class Quantize(Pass):
         found = quantized_nodes(model)
         if found:  # a second rounding on top of the first, and Q/DQ around integer ops: never
             raise InvalidModel(f"the model is already quantized ({describe_quantized(found)}); compress the "
-                                   "float model it was made from, or use a recipe without 'quantize' (e.g. fold)")
+                               "float model it was made from, or use a recipe without 'quantize' (e.g. fold)")
         if ctx.calibration is None:
             raise CompressorError("quantize needs calibration data: pass --calib samples.npz")
         caps: Capabilities = ctx.target.capabilities if ctx.target is not None else Capabilities()
@@ -304,7 +304,8 @@ class Quantize(Pass):
         for name, why in sorted(skipped.items()):
             logger.info("kept float: %s: %s", name, why)
         if not quantized and not weight_only_done:
-            logger.warning("quantize: nothing to quantize: %s; the model stays float", _why_nothing(model, caps, skipped))
+            logger.warning("quantize: nothing to quantize: %s; the model stays float",
+                           _why_nothing(model, caps, skipped))
         for name, why in sorted(weight_only_done.items()):
             logger.info("weight only: %s: %s", name, why)
         return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0, {
@@ -353,7 +354,8 @@ def _nonfinite_weights(layers: list[Layer]) -> list[str]:
 def _why_nothing(model: ir.Model, caps: Capabilities, skipped: dict[str, str]) -> str:
     """Why no layer was quantized, for the warning: ops absent, in subgraphs, or all skipped."""
     if skipped:
-        return f"all {len(skipped)} candidate layer(s) were kept float (e.g. {next(iter(sorted(skipped.items())))})"
+        name, why = min(skipped.items())
+        return f"all {len(skipped)} candidate layer(s) were kept float (e.g. {name}: {why})"
     inner = [n.name or n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
              if n.graph is not model.graph and n.op_type in caps.quantizable]
     ops = "/".join(sorted(caps.quantizable))

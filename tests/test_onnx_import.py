@@ -261,7 +261,8 @@ def test_scalar_input_is_fed_as_a_0d_array(tmp_path, capsys):
 
 def _fc(tmp_path: Path, w: np.ndarray, value_info=()) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("MatMul", ["r", "w"], ["y"], name="fc")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="fc")]
     graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
                               [numpy_helper.from_array(w, "w")], value_info=list(value_info))
     path = tmp_path / "model.onnx"
