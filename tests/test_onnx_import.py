@@ -132,6 +132,15 @@ def test_old_opset_is_upgraded_and_recorded(tmp_path, capsys):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_inspect_reports_the_upgrade(tmp_path, capsys):
+    path, _ = _prelu6(tmp_path)
+    code = main(["inspect", str(path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["opset"] == IMPORT_OPSET
+    assert report["opset_upgraded"] == {"from": 6, "to": IMPORT_OPSET}
+
+
 def _image_scaler6(tmp_path: Path, with_conv: bool = False) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
     nodes = [helper.make_node("ImageScaler", ["x"], ["s"], name="scaler", scale=2.0, bias=[0.0, 1.0, 2.0])]
@@ -338,3 +347,34 @@ def test_nothing_to_quantize_names_layers_inside_if_bodies(tmp_path, capsys):
                          "--latency-runs", "1", "-q"], capsys)
     assert code == 0, err
     assert "1 such node(s) inside If/Loop/Scan bodies (e.g. 'inner_fc') are left alone" in err
+
+
+# -- 3. custom domains -------------------------------------------------------------------------------
+
+def _custom_domains(tmp_path: Path) -> Path:
+    """tf2onnx's ai.onnx.ml and ONNX Runtime's com.microsoft ops around a quantizable MatMul."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    w = numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Normalizer", ["x"], ["n"], domain="ai.onnx.ml", norm="L2", name="norm"),
+             helper.make_node("MatMul", ["n", "w"], ["m"], name="fc"),
+             helper.make_node("Gelu", ["m"], ["y"], domain="com.microsoft", name="gelu")]
+    path = _save(tmp_path, nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [w],
+                 extra_opsets=[helper.make_opsetid("ai.onnx.ml", 2), helper.make_opsetid("com.microsoft", 1)])
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 2, 4)).astype(np.float32))
+    return path
+
+
+def test_custom_domains_pass_through_where_the_target_runs_them(tmp_path, capsys):
+    code, err, _ = _run([_custom_domains(tmp_path), "--recipe", "int8", "--calib", tmp_path / "calib.npz",
+                         "-o", tmp_path / "out", "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    ops = {(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    assert {("ai.onnx.ml", "Normalizer"), ("com.microsoft", "Gelu"), ("", "QuantizeLinear")} <= ops
+
+
+def test_custom_domains_are_named_by_a_target_that_cannot_run_them(tmp_path):
+    from compressor.targets.qnn_htp import lint
+
+    offenders = dict(lint(load_onnx(_custom_domains(tmp_path))))
+    assert offenders["norm"] == "op ai.onnx.ml::Normalizer is not supported by QNN HTP"
+    assert offenders["gelu"] == "op com.microsoft::Gelu is not supported by QNN HTP"
