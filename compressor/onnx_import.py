@@ -140,7 +140,8 @@ def normalize_import(model: ir.Model) -> tuple[ir.Model, ImportReport]:
     if dropped:
         report.notes.append(dropped)
     before = default_opset(model)
-    if before < IMPORT_MIN_OPSET:
+    uses_onnx_ops = "" in model.opset_imports or "ai.onnx" in model.opset_imports  # not an ai.onnx.ml-only model
+    if uses_onnx_ops and before < IMPORT_MIN_OPSET:
         try:
             model = upgrade_opset(model, IMPORT_OPSET)
         except UnsupportedModel as err:

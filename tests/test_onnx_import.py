@@ -378,3 +378,16 @@ def test_custom_domains_are_named_by_a_target_that_cannot_run_them(tmp_path):
     offenders = dict(lint(load_onnx(_custom_domains(tmp_path))))
     assert offenders["norm"] == "op ai.onnx.ml::Normalizer is not supported by QNN HTP"
     assert offenders["gelu"] == "op com.microsoft::Gelu is not supported by QNN HTP"
+
+
+def test_model_without_an_onnx_opset_is_not_upgraded(tmp_path, capsys):
+    """An ai.onnx.ml-only graph (sklearn-onnx can write one) has no ai.onnx opset to upgrade."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    node = helper.make_node("Normalizer", ["x"], ["y"], domain="ai.onnx.ml", norm="L2", name="norm")
+    graph = helper.make_graph([node], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 2)], ir_version=8), str(path))
+    code, err, _ = _run([path, "--recipe", "fold", "-o", tmp_path / "out", "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    model = json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]
+    assert "opset_upgraded" not in model and not any("opset" in n for n in model["notes"])
