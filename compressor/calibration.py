@@ -304,6 +304,8 @@ def collect_statistics(
     Raises:
         CompressorError: a name that is not in the main graph, or a per-channel axis whose
             size changes between batches.
+        DataError: the model fails in ONNX Runtime on the data (exit 2, as the baseline's
+            failure on evaluation data is).
     """
     start = time.perf_counter()
     channel_axes = dict(channel_axes or {})
