@@ -193,12 +193,16 @@ class Quantize(Pass):
     min_opset = 13
     needs_calibration = True
 
-    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        opts: QuantizeOptions = self.options
+    def check_input(self, model: ir.Model) -> None:
+        """Refuse an already-quantized model: a second rounding on the first, Q/DQ around integer ops."""
         found = quantized_nodes(model)
-        if found:  # a second rounding on top of the first, and Q/DQ around integer ops: never
+        if found:
             raise InvalidModel(f"the model is already quantized ({describe_quantized(found)}); compress the "
                                "float model it was made from, or use a recipe without 'quantize' (e.g. fold)")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        opts: QuantizeOptions = self.options
+        self.check_input(model)  # also when run without a manager
         if ctx.calibration is None:
             raise CompressorError("quantize needs calibration data: pass --calib samples.npz")
         caps: Capabilities = ctx.target.capabilities if ctx.target is not None else Capabilities()

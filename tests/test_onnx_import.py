@@ -202,7 +202,8 @@ def test_already_quantized_model_is_refused_by_quantize(tmp_path, capsys):
     code, err, errors = _run([_conv_integer(tmp_path), "--recipe", "int8", "-o", tmp_path / "out", "-q"], capsys)
     assert code == 2, err
     assert len(errors) == 1, err
-    assert "already quantized (1 DynamicQuantizeLinear, 1 ConvInteger" in errors[0], errors[0]
+    want = "error: the model is already quantized (1 DynamicQuantizeLinear, 1 ConvInteger"
+    assert errors[0].startswith(want), errors[0]  # said about the model, not as a failed pass
     assert "recipe without 'quantize'" in errors[0]
     assert not (tmp_path / "out").exists()
 
