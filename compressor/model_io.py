@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 from onnx import version_converter
 
 from compressor.errors import CaptureError, UnsupportedModel
@@ -94,13 +95,32 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CaptureError(f"{path}: the ONNX model is invalid: {first}") from None
+        proto = _sorted_if_only_unsorted(proto, err)
+        if proto is None:
+            first = str(err).strip().splitlines()[0]
+            raise CaptureError(f"{path}: the ONNX model is invalid: {first}") from None
+        logger.warning("%s: the nodes were not in topological order (ONNX requires it; ONNX Runtime's float16 "
+                       "converter writes such files); sorted them", path)
     try:
         return ir.serde.deserialize_model(proto)
     except Exception as err:  # a proto the checker accepts but onnx_ir cannot represent
         raise CaptureError(f"{path}: the ONNX model cannot be read into onnx_ir ({type(err).__name__}: "
                            f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'})") from None
+
+
+def _sorted_if_only_unsorted(proto: onnx.ModelProto, err: Exception) -> onnx.ModelProto | None:
+    """``proto`` with its nodes sorted, when the checker's only complaint was their order; else None."""
+    if "topologically sorted" not in str(err):
+        return None
+    try:
+        model = ir.serde.deserialize_model(proto)
+        ir.passes.common.TopologicalSortPass()(model)
+        ordered = ir.serde.serialize_model(model)
+        onnx.checker.check_model(ordered)
+    except Exception:  # a cycle, or another problem behind the order: report the original error
+        logger.debug("sorting the nodes did not make the model valid", exc_info=True)
+        return None
+    return ordered
 
 
 def _has_external(proto: onnx.ModelProto) -> bool:

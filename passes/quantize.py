@@ -32,9 +32,12 @@ float (mask and shape paths, non-finite or sentinel-dominated ranges) are skippe
 listed with the reason in ``stats["skipped"]``. A model that is quantized already (Q/DQ,
 ``ConvInteger``, ``QLinearConv``...: :func:`compressor.onnx_import.quantized_nodes`) is
 refused (exit 2): it is never quantized twice; so is a weight holding NaN/inf (exit 2,
-naming the layer and the weight). Layers computing in float16/bfloat16 are
-refused (exit 4, each named): Q/DQ at the opsets used here are float32, and an fp16 model
-is quantized from its float32 export.
+naming the layer and the weight).
+
+6. A model computing in float16/bfloat16 is widened to float32 first (:mod:`._float32`:
+   exact; its inputs and outputs keep their dtype through boundary casts): QuantizeLinear
+   at opset 13 takes float32, calibration ranges are float32, and the CPU targets run the
+   float layers between int8 ones in float32.
 """
 
 from __future__ import annotations
@@ -51,9 +54,10 @@ from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics
 from compressor.passes._attention import ROLES, attention_projections
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
-from compressor.errors import CompressorError, InvalidModel, UnsupportedModel
+from compressor.errors import CompressorError, InvalidModel
 from compressor.onnx_import import describe_quantized, quantized_nodes
 from compressor.model_io import model_bytes
+from compressor.passes._float32 import HALF, widen_to_float32
 from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.passes._placement import Layer, find_layers, integer_derived, weight_channel_axis
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
@@ -213,10 +217,18 @@ class Quantize(Pass):
                                       exclude=ctx.options.get(EXCLUDE_KEY, ()),
                                       activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
         half = _half_precision(layers)
-        if half:
-            raise UnsupportedModel("quantize cannot quantize float16/bfloat16 layers (its Q/DQ and calibration are "
-                                   "float32); export the model in float32 (e.g. model.float() before export) and "
-                                   "quantize that, or use a recipe without 'quantize'", half)
+        widened = 0
+        if half:  # case 6: Q/DQ and ranges are float32; the model's inputs and outputs keep their dtype
+            widened = widen_to_float32(model)
+            said = ctx.cache.setdefault("quantize.widened_said", [])  # once, not on each accuracy-control re-run
+            log = logger.debug if said else logger.warning
+            log("quantize: %d layer(s) compute in float16/bfloat16 (e.g. %s: %s); the model is quantized in float32 "
+                "(%d values widened; its inputs and outputs keep their dtype)", len(half), half[0][0], half[0][1],
+                widened)
+            said.append(True)
+            layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
+                                          exclude=ctx.options.get(EXCLUDE_KEY, ()),
+                                          activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
         nonfinite = _nonfinite_weights(layers)
         if nonfinite:
             raise InvalidModel(f"weights hold NaN/inf and cannot be quantized: {'; '.join(nonfinite[:5])}"
@@ -312,7 +324,7 @@ class Quantize(Pass):
                            _why_nothing(model, caps, skipped))
         for name, why in sorted(weight_only_done.items()):
             logger.info("weight only: %s: %s", name, why)
-        return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0, {
+        return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0 or widened > 0, {
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
             "layers_weight_only": len(weight_only_done),
@@ -325,10 +337,8 @@ class Quantize(Pass):
             "skipped_layers": dict(sorted(skipped.items())),
             "skipped_tensors": dict(sorted(tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only_done.items())),
+            **({"float16_widened_to_float32": widened} if widened else {}),
         })
-
-
-_HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
 def _half_precision(layers: list[Layer]) -> list[tuple[str, str]]:
@@ -336,7 +346,7 @@ def _half_precision(layers: list[Layer]) -> list[tuple[str, str]]:
     out = []
     for layer in layers:
         values = [v for _, v in layer.activations] + ([layer.weight] if layer.weight is not None else [])
-        half = next((v for v in values if v.dtype in _HALF), None)
+        half = next((v for v in values if v.dtype in HALF), None)
         if half is not None:
             out.append((layer.name, f"input {half.name!r} is {half.dtype.name.lower()}"))
     return out

@@ -232,14 +232,79 @@ def _fp16_conv(tmp_path: Path) -> Path:
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 2, 4, 4])], [w])
 
 
-def test_float16_model_is_refused_by_quantize(tmp_path, capsys):
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((4, 1, 3, 4, 4)).astype(np.float16))
-    code, err, errors = _run([_fp16_conv(tmp_path), "--recipe", "int8", "--calib", tmp_path / "calib.npz",
-                              "-o", tmp_path / "out", "-q"], capsys)
-    assert code == 4, err
-    assert len(errors) == 1, err
-    assert "cannot quantize float16/bfloat16 layers" in errors[0] and "conv: input 'x' is float16" in errors[0]
-    assert not (tmp_path / "out").exists()
+def test_float16_model_is_quantized_in_float32_keeping_its_interface(tmp_path, capsys):
+    """Used to crash (exit 1: QuantizeLinear-13 takes no float16)."""
+    xs = RNG.standard_normal((4, 1, 3, 4, 4)).astype(np.float16)
+    np.savez(tmp_path / "calib.npz", x=xs)
+    path = _fp16_conv(tmp_path)
+    code, err, _ = _run([path, "--recipe", "int8", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "out",
+                         "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    assert "compute in float16/bfloat16 (e.g. conv: input 'x' is float16); the model is quantized in float32" in err
+    art = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [i.type.tensor_type.elem_type for i in art.graph.input] == [TensorProto.FLOAT16]
+    assert [o.type.tensor_type.elem_type for o in art.graph.output] == [TensorProto.FLOAT16]
+    assert {t.name: t.data_type for t in art.graph.initializer}["w_quantized"] == TensorProto.INT8
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": xs[0]})[0]
+    got = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": xs[0]})[0]
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_widening_is_exact_with_constants_casts_and_subgraphs(tmp_path):
+    """Constant/ConstantOfShape values, Cast(to=float16) and an If body: float16 in, float16 out, same numbers."""
+    from compressor.model_io import to_proto
+    from compressor.passes._float32 import widen_to_float32
+
+    h = TensorProto.FLOAT16
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    half_one = numpy_helper.from_array(np.array([1.5], np.float16))
+    then_out = helper.make_tensor_value_info("b", h, [2, 3])
+    then = helper.make_graph([helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(
+        np.array(0.25, np.float16)), name="k"), helper.make_node("Mul", ["xh", "k"], ["b"], name="scale")],
+        "then", [], [then_out])
+    other = helper.make_graph([helper.make_node("Neg", ["xh"], ["b"], name="neg")], "else", [], [then_out])
+    nodes = [helper.make_node("Cast", ["x"], ["xh"], to=h, name="to_half"),
+             helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("ConstantOfShape", ["shape"], ["ones"], value=half_one, name="ones"),
+             helper.make_node("Add", ["xh", "ones"], ["a"], name="add"),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+             helper.make_node("Greater", ["s", "zero"], ["c"], name="cond"),
+             helper.make_node("If", ["c"], ["i"], then_branch=then, else_branch=other, name="branch"),
+             helper.make_node("Sub", ["a", "i"], ["y"], name="sub")]
+    path = _save(tmp_path, nodes, [x], [helper.make_tensor_value_info("y", h, [2, 3])],
+                 [numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    model = load_onnx(path)
+    assert widen_to_float32(model) > 0
+    wide = to_proto(model)
+    onnx.checker.check_model(wide, full_check=True)
+    assert not [t for t in wide.graph.initializer if t.data_type == h]
+    for xv in (np.array([[1, 2, 3], [4, 5, 6]], np.float32), -np.array([[1, 2, 3], [4, 5, 6]], np.float32)):
+        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": xv})[0]
+        got = ort.InferenceSession(wide.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": xv})[0]
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, want)
+
+
+def test_unsorted_nodes_are_sorted_on_import(tmp_path, capsys):
+    """onnxruntime.transformers.float16 (keep_io_types) appends its input casts after their readers."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    nodes = [helper.make_node("Relu", ["c"], ["y"], name="relu"), helper.make_node("Neg", ["x"], ["c"], name="neg")]
+    path = _save(tmp_path, nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    code, err, _ = _run([path, "--recipe", "fold", "-o", tmp_path / "out", "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    assert "not in topological order" in err
+
+
+def test_cyclic_graph_is_still_refused(tmp_path, capsys):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="add"), helper.make_node("Neg", ["a"], ["b"], name="neg"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    path = _save(tmp_path, nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    code, err, errors = _run([path, "--recipe", "fold", "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 2, err
+    assert "the ONNX model is invalid: Nodes in a graph must be topologically sorted" in errors[0], errors[0]
 
 
 def test_float16_model_folds(tmp_path, capsys):
