@@ -32,12 +32,10 @@ float (mask and shape paths, non-finite or sentinel-dominated ranges) are skippe
 listed with the reason in ``stats["skipped"]``. A model that is quantized already (Q/DQ,
 ``ConvInteger``, ``QLinearConv``...: :func:`compressor.onnx_import.quantized_nodes`) is
 refused (exit 2): it is never quantized twice; so is a weight holding NaN/inf (exit 2,
-naming the layer and the weight).
-
-6. A model computing in float16/bfloat16 is widened to float32 first (:mod:`._float32`:
-   exact; its inputs and outputs keep their dtype through boundary casts): QuantizeLinear
-   at opset 13 takes float32, calibration ranges are float32, and the CPU targets run the
-   float layers between int8 ones in float32.
+naming the layer and the weight). A model computing in float16/bfloat16 is widened to
+float32 first (:mod:`._float32`: exact; its inputs and outputs keep their dtype through
+boundary casts): QuantizeLinear at opset 13 takes float32, calibration ranges are
+float32, and the CPU targets run the float layers between int8 ones in float32.
 """
 
 from __future__ import annotations
@@ -218,7 +216,7 @@ class Quantize(Pass):
                                       activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
         half = _half_precision(layers)
         widened = 0
-        if half:  # case 6: Q/DQ and ranges are float32; the model's inputs and outputs keep their dtype
+        if half:  # Q/DQ and ranges are float32; the model's inputs and outputs keep their dtype
             widened = widen_to_float32(model)
             said = ctx.cache.setdefault("quantize.widened_said", [])  # once, not on each accuracy-control re-run
             log = logger.debug if said else logger.warning
