@@ -347,7 +347,7 @@ def compress(
         manifest = {
             "compressor": __version__,
             "model": {"source": str(model_path), "format": captured.source_format,
-                      "baseline_bytes": len(model_bytes(baseline)), "notes": captured.notes},
+                      "baseline_bytes": len(model_bytes(baseline)), **captured.describe()},
             "recipe": recipe_obj.to_json(),
             "target": tgt.describe(),
             "input_spec": [s.to_json() for s in specs],

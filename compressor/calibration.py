@@ -31,7 +31,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from compressor.data import MASK_INPUT, Dataset
-from compressor.errors import CompressorError, OptionsError
+from compressor.errors import CompressorError, DataError, OptionsError
 from compressor.histogram import GrowingHistogram
 from compressor.model_io import ir_version_for
 from compressor.progress import Progress, no_progress
@@ -307,6 +307,8 @@ def collect_statistics(
     Raises:
         CompressorError: a name that is not in the main graph, or a per-channel axis whose
             size changes between batches.
+        DataError: the model fails in ONNX Runtime on the data (exit 2, as the baseline's
+            failure on evaluation data is).
     """
     start = time.perf_counter()
     channel_axes = dict(channel_axes or {})
@@ -391,5 +393,12 @@ def _stream(model: ir.Model, tensors: Sequence[str], data: Dataset, *,
     for feed in data.batches(limit=limit):
         batch = 1 if all(data.stacked.values()) else next(
             feed[s.name].shape[0] for s in data.specs if not data.stacked[s.name])
-        results = dict(zip(fetch, session.run(fetch, feed))) if session is not None else {}
+        try:
+            results = dict(zip(fetch, session.run(fetch, feed))) if session is not None else {}
+        except Exception as err:  # ONNX Runtime's own error types: the float model fails on this data
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = text.split("] : ", 1)[-1].removeprefix("1 : FAIL : ")
+            raise DataError(f"calibration: the model fails in ONNX Runtime on the calibration data ({data.source}): "
+                            f"{text[:300]}; check that the data is valid input for the model (shapes, dtypes, value "
+                            "ranges) and that the model runs in ONNX Runtime as it is") from None
         yield batch, _token_mask(feed), {name: feed[name] if name in inputs else results[name] for name in tensors}

@@ -2,7 +2,9 @@
 
 Formats, recognised by what the file holds (the suffix only picks ONNX or torch):
 
-* ``.onnx``: read as is (:func:`compressor.model_io.load_onnx`).
+* ``.onnx``: read (:func:`compressor.model_io.load_onnx`), then normalised as
+  :mod:`compressor.onnx_import` describes: ``-1``/empty/``?`` dims become dynamic, an opset
+  older than the backends' kernels is upgraded (and noted).
 * ``.pt2`` (``torch.export.save``): ``torch.export.load``, then the torch.export-based
   ONNX exporter. Dynamic shapes stay as exported (axes are named ``s0``, ``s34``...).
 * TorchScript ``.pt`` (a zip with ``code/``): ``torch.jit.load``, then the TorchScript-based
@@ -45,6 +47,7 @@ import onnx_ir as ir
 from compressor import model_io
 from compressor.errors import CaptureError
 from compressor.inputs import apply_input_overrides
+from compressor.onnx_import import normalize_import
 
 __all__ = ["Captured", "capture", "SOURCE_FORMATS", "SUPPORTED_FORMATS"]
 
@@ -78,6 +81,14 @@ class Captured:
     model: ir.Model
     source_format: str
     notes: list[str] = dataclasses.field(default_factory=list)
+    opset_upgrade: tuple[int, int] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest's ``model`` section records of the capture: notes, opset upgrade."""
+        out: dict[str, Any] = {"notes": list(self.notes)}
+        if self.opset_upgrade is not None:
+            out["opset_upgraded"] = {"from": self.opset_upgrade[0], "to": self.opset_upgrade[1]}
+        return out
 
 
 def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Overrides | None = None) -> Captured:
@@ -104,7 +115,9 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
 
         captured = capture_hf(path, overrides)
     elif path.suffix.lower() == ".onnx":
-        captured = Captured(model_io.load_onnx(path), "onnx")
+        model, report = normalize_import(model_io.load_onnx(path))
+        upgrade = (report.opset_from, report.opset_to) if report.opset_from is not None else None
+        captured = Captured(model, "onnx", report.notes, upgrade)
     elif path.suffix.lower() in (".pt2", ".pt", ".pth"):
         captured = _capture_torch_file(path, overrides, trust_pickle)
     else:

@@ -88,7 +88,7 @@ class Dataset:
             feed = {}
             for spec in self.specs:
                 arr = self.arrays[spec.name]
-                feed[spec.name] = arr[start] if self.stacked[spec.name] else arr[start:stop]
+                feed[spec.name] = np.asarray(arr[start]) if self.stacked[spec.name] else arr[start:stop]
             yield feed
 
     def check_batches(self, what: str) -> None:

@@ -25,6 +25,8 @@ __all__ = [
     "DataError",
     "OptionsError",
     "UnsupportedByTarget",
+    "UnsupportedModel",
+    "InvalidModel",
     "AccuracyGateFailed",
     "PipelineError",
 ]
@@ -87,6 +89,30 @@ class UnsupportedByTarget(CompressorError):
         super().__init__(
             f"target {target!r} cannot run this model: {shown}{more}"
         )
+
+
+class UnsupportedModel(CompressorError):
+    """The model uses something compressor cannot bring to any target (e.g. an op ONNX's
+    version converter cannot upgrade).
+
+    Attributes:
+        offenders: ``(node name, reason)`` pairs, one per offending node.
+    """
+
+    exit_code = EXIT_UNSUPPORTED
+
+    def __init__(self, what: str, offenders: list[tuple[str, str]]):
+        self.offenders = list(offenders)
+        shown = "; ".join(f"{node}: {why}" for node, why in self.offenders[:5])
+        more = f" (+{len(self.offenders) - 5} more)" if len(self.offenders) > 5 else ""
+        super().__init__(f"{what}: {shown}{more}")
+
+
+class InvalidModel(CompressorError):
+    """The model cannot be compressed as the recipe asks (bad input): it is quantized
+    already, or a weight to quantize holds NaN/inf."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class AccuracyGateFailed(CompressorError):

@@ -2,6 +2,11 @@
 
 ``--input NAME=1x3x224x224`` (optionally ``:int64``) fixes an input's shape; a dimension
 is an integer, and ``?`` leaves it dynamic.
+
+Messages show a dynamic axis one readable way (:func:`dim_text`): the name its exporter
+or author gave it (``batch``, ``sequence``), or ``N`` on axis 0 and ``?`` elsewhere when the
+name is machine-made (tf2onnx's ``unk__12``, torch.export's ``s34``, the TorchScript
+exporter's ``AddstateN_dim_0``) or missing.
 """
 
 from __future__ import annotations
@@ -16,9 +21,28 @@ import onnx_ir as ir
 
 from compressor.errors import DataError, UsageError
 
-__all__ = ["InputSpec", "parse_input_overrides", "model_input_specs", "apply_input_overrides", "check_tensor_io"]
+__all__ = ["InputSpec", "dim_text", "shape_text", "parse_input_overrides", "model_input_specs", "apply_input_overrides",
+           "check_tensor_io"]
 
 Dim = int | str | None
+
+#: Dim names exporters make up: tf2onnx/onnx shape inference ``unk__12``, torch.export
+#: ``s34``/``u0``, torch.onnx (TorchScript) ``Add_dim_0``/``x_dim0``, ``DynamicDimension.0``.
+_MACHINE_DIM = re.compile(r"^(?:unk__\d+|[su]\d+|\w+_dim_?\d+|DynamicDimension\.\d+|\?|-?\d+)?$")
+
+
+def dim_text(dim: Dim, axis: int) -> str:
+    """One dimension as messages show it: ``3``, ``batch``, or ``N`` (axis 0) / ``?`` (other axes)."""
+    if isinstance(dim, int) and dim >= 0:
+        return str(dim)
+    if isinstance(dim, str) and not _MACHINE_DIM.match(dim):
+        return dim
+    return "N" if axis == 0 else "?"
+
+
+def shape_text(shape: Sequence[Dim]) -> str:
+    """``Nx3x224x224``, ``batchxsequence``, ``scalar`` (see :func:`dim_text`)."""
+    return "x".join(dim_text(d, axis) for axis, d in enumerate(shape)) or "scalar"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +64,7 @@ class InputSpec:
         return all(isinstance(d, int) for d in self.shape)
 
     def shape_text(self) -> str:
-        return "x".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape) or "scalar"
+        return shape_text(self.shape)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}

@@ -94,4 +94,5 @@ def inspect_model(path: Path, *, trust_pickle: bool = False,
         "nodes": sum(ops.values()),
         "parameters": params,
         "passes": _would_change(model),
+        **captured.describe(),  # import notes (dims read as dynamic, an opset upgrade)
     }

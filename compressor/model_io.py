@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 from onnx import version_converter
 
-from compressor.errors import CaptureError, CompressorError
+from compressor.errors import CaptureError, UnsupportedModel
 
 __all__ = [
     "MIN_IR_VERSION",
@@ -93,9 +95,32 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CaptureError(f"{path}: the ONNX model is invalid: {first}") from None
-    return ir.serde.deserialize_model(proto)
+        proto = _sorted_if_only_unsorted(proto, err)
+        if proto is None:
+            first = str(err).strip().splitlines()[0]
+            raise CaptureError(f"{path}: the ONNX model is invalid: {first}") from None
+        logger.warning("%s: the nodes were not in topological order (ONNX requires it; ONNX Runtime's float16 "
+                       "converter writes such files); sorted them", path)
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as err:  # a proto the checker accepts but onnx_ir cannot represent
+        raise CaptureError(f"{path}: the ONNX model cannot be read into onnx_ir ({type(err).__name__}: "
+                           f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'})") from None
+
+
+def _sorted_if_only_unsorted(proto: onnx.ModelProto, err: Exception) -> onnx.ModelProto | None:
+    """``proto`` with its nodes sorted, when the checker's only complaint was their order; else None."""
+    if "topologically sorted" not in str(err):
+        return None
+    try:
+        model = ir.serde.deserialize_model(proto)
+        ir.passes.common.TopologicalSortPass()(model)
+        ordered = ir.serde.serialize_model(model)
+        onnx.checker.check_model(ordered)
+    except Exception:  # a cycle, or another problem behind the order: report the original error
+        logger.debug("sorting the nodes did not make the model valid", exc_info=True)
+        return None
+    return ordered
 
 
 def _has_external(proto: onnx.ModelProto) -> bool:
@@ -105,16 +130,108 @@ def _has_external(proto: onnx.ModelProto) -> bool:
 def upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
     """Convert ``model`` to ``opset`` with ONNX's version converter.
 
+    Two things the converter gets wrong are checked for:
+
+    1. ``PRelu`` before opset 7 applies a 1-D slope of size ``C`` per channel (axis 1, as
+       Caffe2 and the PyTorch exporters of that time meant it); from opset 7 the slope
+       broadcasts numpy-style against the *last* axis. The converter copies the slope as
+       is, so a per-channel slope is reshaped to ``[C, 1, ..., 1]`` here.
+    2. A converted graph that fails strict shape inference where the original passed it
+       (an old semantic the converter did not carry over) is refused, naming the node.
+
     Raises:
-        CompressorError: the converter cannot upgrade one of the model's ops.
+        UnsupportedModel: the converter cannot upgrade one of the model's ops, or the
+            converted graph is inconsistent; names the nodes and why (exit 4).
     """
     before = default_opset(model)
+    proto = to_proto(model)
     try:
-        converted = version_converter.convert_version(to_proto(model), opset)
+        converted = version_converter.convert_version(proto, opset)
+    except Exception as err:  # RuntimeError, onnx's ConvertError: read the message
+        raise UnsupportedModel(f"cannot upgrade the model from opset {before} to {opset} with ONNX's version "
+                               "converter", _converter_offenders(model, str(err), opset)) from None
+    if before < 7:  # PRelu's fix needs the input's rank
+        try:
+            converted = onnx.shape_inference.infer_shapes(converted)
+        except Exception:
+            logger.debug("shape inference failed on the converted model", exc_info=True)
+    result = ir.serde.deserialize_model(converted)
+    fixed = _per_channel_prelu_slopes(result) if before < 7 else 0
+    _check_conversion(proto, result, before, opset)
+    logger.info("upgraded the model from opset %d to %d%s", before, opset,
+                f" ({fixed} PRelu slope(s) reshaped to per-channel)" if fixed else "")
+    return result
+
+
+_ASSERTION = re.compile(r"^.*?(?:Assertion `[^`]*` failed: |\.h:\d+: |\.cc:\d+: )")
+_NO_ADAPTER = re.compile(r"No Adapter (?:From|To) Version \$?(\d+) for (\w+)")
+
+
+def _converter_offenders(model: ir.Model, text: str, opset: int) -> list[tuple[str, str]]:
+    """``(nodes, reason)`` from a version converter error: the op it names, else the model."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    reason = _ASSERTION.sub("", lines[0]) if lines else "the converter failed"
+    by_op: dict[str, list[str]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        by_op.setdefault(node.op_type, []).append(node.name or f"{node.op_type} -> {node.outputs[0].name}")
+    lowered = text.lower()
+    named = [op for op in by_op if re.search(rf"(?<![a-z]){re.escape(op.lower())}(?![a-z])", lowered)
+             or f"adapt_{op.lower()}_" in lowered]
+    if not named:
+        return [("model", f"ONNX's version converter failed: {reason[:300]}")]
+    out = []
+    for op in named:
+        if "has no registered schema" in text:
+            why = f"op {op} does not exist in opset {opset} (an experimental op ONNX removed), so it cannot be upgraded"
+        elif match := _NO_ADAPTER.search(text):
+            why = f"ONNX's version converter has no adapter for {match.group(2)} from/to version {match.group(1)}"
+        else:
+            why = f"{op}: {reason[:300]}"
+        out.append((", ".join(by_op[op]), why))
+    return out
+
+
+def _per_channel_prelu_slopes(model: ir.Model) -> int:
+    """Reshape per-channel ``[C]`` PRelu slopes of a converted pre-7 model to ``[C, 1, ...]``."""
+    fixed = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "PRelu" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        x, slope = node.inputs[0], node.inputs[1]
+        if slope.const_value is None or x is None or x.shape is None or len(x.shape) < 3:
+            continue
+        array = slope.const_value.numpy()
+        channels = x.shape[1]
+        if array.ndim != 1 or array.size == 1 or (isinstance(channels, int) and channels != array.size):
+            continue
+        graph = node.graph or model.graph
+        name = f"{slope.name}_per_channel"
+        while name in graph.initializers:
+            name += "_"
+        value = ir.Value(name=name, const_value=ir.tensor(array.reshape(array.size, *[1] * (len(x.shape) - 2))))
+        graph.register_initializer(value)
+        node.replace_input_with(1, value)
+        fixed += 1
+    return fixed
+
+
+_NODE_NAME = re.compile(r"node name: ([^)]*)\)")
+
+
+def _check_conversion(original: onnx.ModelProto, converted: ir.Model, before: int, opset: int) -> None:
+    """Refuse a converted graph that fails strict shape inference where the original passed."""
+    try:
+        onnx.shape_inference.infer_shapes(original, strict_mode=True)
+    except Exception:
+        return  # nothing to hold the conversion to
+    try:
+        onnx.shape_inference.infer_shapes(to_proto(converted), strict_mode=True)
     except Exception as err:
-        raise CompressorError(f"cannot upgrade the model from opset {before} to {opset}: {err}") from None
-    logger.info("upgraded the model from opset %d to %d", before, opset)
-    return ir.serde.deserialize_model(converted)
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        named = _NODE_NAME.search(text)
+        node = named.group(1) if named else "model"
+        raise UnsupportedModel(f"upgrading the model from opset {before} to {opset} with ONNX's version converter "
+                               "gives an inconsistent graph", [(node, text[:300])]) from None
 
 
 def verify_model(model: ir.Model, *, strict_shapes: bool) -> None:

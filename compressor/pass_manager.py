@@ -124,9 +124,12 @@ class PassManager:
 
         Raises:
             RecipeError: a pass's needs are unmet (before anything runs).
+            CompressorError: a pass refuses the model (:meth:`Pass.check_input`, before anything runs).
             PipelineError: a pass failed or broke the model; names it and those before it.
         """
         check_pipeline(self.passes, ctx.properties)
+        for p in self.passes:
+            p.check_input(model)
         level = self._verify_level(model) if self.verify else None
         reports: list[PassReport] = []
         done: list[str] = list(already_run)

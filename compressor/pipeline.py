@@ -117,6 +117,14 @@ class Pass(abc.ABC):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Transform ``model`` (in place is allowed) and say what changed."""
 
+    def check_input(self, model: ir.Model) -> None:
+        """Refuse a model this pass must never run on; called before any pass of the pipeline runs.
+
+        Raises:
+            CompressorError: what is wrong with the model and what to do (the manager
+                lets it through unwrapped: it is about the model, not a failed pass).
+        """
+
     def options_dict(self) -> dict[str, Any]:
         """The resolved options, as plain data for the manifest."""
         return options_to_dict(self.options)

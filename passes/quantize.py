@@ -29,7 +29,13 @@ For each compute layer the target quantizes (see :mod:`._placement`):
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
 float (mask and shape paths, non-finite or sentinel-dominated ranges) are skipped and
-listed with the reason in ``stats["skipped"]``.
+listed with the reason in ``stats["skipped"]``. A model that is quantized already (Q/DQ,
+``ConvInteger``, ``QLinearConv``...: :func:`compressor.onnx_import.quantized_nodes`) is
+refused (exit 2): it is never quantized twice; so is a weight holding NaN/inf (exit 2,
+naming the layer and the weight). A model computing in float16/bfloat16 is widened to
+float32 first (:mod:`._float32`: exact; its inputs and outputs keep their dtype through
+boundary casts): QuantizeLinear at opset 13 takes float32, calibration ranges are
+float32, and the CPU targets run the float layers between int8 ones in float32.
 """
 
 from __future__ import annotations
@@ -46,8 +52,10 @@ from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics
 from compressor.passes._attention import ROLES, attention_projections
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, InvalidModel
+from compressor.onnx_import import describe_quantized, quantized_nodes
 from compressor.model_io import model_bytes
+from compressor.passes._float32 import HALF, widen_to_float32
 from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.passes._placement import Layer, find_layers, integer_derived, weight_channel_axis
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
@@ -188,8 +196,16 @@ class Quantize(Pass):
     min_opset = 13
     needs_calibration = True
 
+    def check_input(self, model: ir.Model) -> None:
+        """Refuse an already-quantized model: a second rounding on the first, Q/DQ around integer ops."""
+        found = quantized_nodes(model)
+        if found:
+            raise InvalidModel(f"the model is already quantized ({describe_quantized(found)}); compress the "
+                               "float model it was made from, or use a recipe without 'quantize' (e.g. fold)")
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts: QuantizeOptions = self.options
+        self.check_input(model)  # also when run without a manager
         if ctx.calibration is None:
             raise CompressorError("quantize needs calibration data: pass --calib samples.npz")
         caps: Capabilities = ctx.target.capabilities if ctx.target is not None else Capabilities()
@@ -199,6 +215,24 @@ class Quantize(Pass):
         layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
                                       exclude=ctx.options.get(EXCLUDE_KEY, ()),
                                       activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+        half = _half_precision(layers)
+        widened = 0
+        if half:  # Q/DQ and ranges are float32; the model's inputs and outputs keep their dtype
+            widened = widen_to_float32(model)
+            said = ctx.cache.setdefault("quantize.widened_said", [])  # once, not on each accuracy-control re-run
+            log = logger.debug if said else logger.warning
+            log("quantize: %d layer(s) compute in float16/bfloat16 (e.g. %s: %s); the model is quantized in float32 "
+                "(%d values widened; its inputs and outputs keep their dtype)", len(half), half[0][0], half[0][1],
+                widened)
+            said.append(True)
+            layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
+                                          exclude=ctx.options.get(EXCLUDE_KEY, ()),
+                                          activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+        nonfinite = _nonfinite_weights(layers)
+        if nonfinite:
+            raise InvalidModel(f"weights hold NaN/inf and cannot be quantized: {'; '.join(nonfinite[:5])}"
+                               f"{f' (+{len(nonfinite) - 5} more)' if len(nonfinite) > 5 else ''}; fix the model's "
+                               "weights, or keep those layers float with quantize: {scope: {exclude: [NAME]}}")
         wide = set(ctx.options.get(WIDE_KEY, ()))
         bits = 16 if opts.activations == "int16" else 8
         masks = integer_derived(graph)
@@ -284,9 +318,12 @@ class Quantize(Pass):
                 model.opset_imports[""] = max(model.opset_imports.get("", 13), 21)
         for name, why in sorted(skipped.items()):
             logger.info("kept float: %s: %s", name, why)
+        if not quantized and not weight_only_done:
+            logger.warning("quantize: nothing to quantize: %s; the model stays float",
+                           _why_nothing(model, caps, skipped))
         for name, why in sorted(weight_only_done.items()):
             logger.info("weight only: %s: %s", name, why)
-        return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0, {
+        return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0 or widened > 0, {
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
             "layers_weight_only": len(weight_only_done),
@@ -299,7 +336,46 @@ class Quantize(Pass):
             "skipped_layers": dict(sorted(skipped.items())),
             "skipped_tensors": dict(sorted(tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only_done.items())),
+            **({"float16_widened_to_float32": widened} if widened else {}),
         })
+
+
+def _half_precision(layers: list[Layer]) -> list[tuple[str, str]]:
+    """``(layer, why)`` for the layers whose activations or weight are float16/bfloat16."""
+    out = []
+    for layer in layers:
+        values = [v for _, v in layer.activations] + ([layer.weight] if layer.weight is not None else [])
+        half = next((v for v in values if v.dtype in HALF), None)
+        if half is not None:
+            out.append((layer.name, f"input {half.name!r} is {half.dtype.name.lower()}"))
+    return out
+
+
+def _nonfinite_weights(layers: list[Layer]) -> list[str]:
+    """``layer: weight 'w' holds 3 NaN/inf value(s)`` for each layer whose constant weight is not finite."""
+    out = []
+    for layer in layers:
+        if layer.weight is None or layer.weight.const_value is None:
+            continue
+        w = layer.weight.const_value.numpy()
+        if w.dtype.kind == "f" and not np.isfinite(w).all():
+            out.append(f"{layer.name}: weight {layer.weight.name!r} holds {int((~np.isfinite(w)).sum())} NaN/inf "
+                       "value(s)")
+    return out
+
+
+def _why_nothing(model: ir.Model, caps: Capabilities, skipped: dict[str, str]) -> str:
+    """Why no layer was quantized, for the warning: ops absent, in subgraphs, or all skipped."""
+    if skipped:
+        name, why = min(skipped.items())
+        return f"all {len(skipped)} candidate layer(s) were kept float (e.g. {name}: {why})"
+    inner = [n.name or n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
+             if n.graph is not model.graph and n.op_type in caps.quantizable]
+    ops = "/".join(sorted(caps.quantizable))
+    if inner:
+        return (f"the main graph has no {ops} the target quantizes; {len(inner)} such node(s) inside If/Loop/Scan "
+                f"bodies (e.g. {inner[0]!r}) are left alone")
+    return f"the model has no {ops} the target quantizes"
 
 
 def _float_activations(graph: ir.Graph, roles: tuple[str, ...]) -> dict[str, str]:

@@ -4,12 +4,10 @@ Lowering writes ``model.onnx`` with an IR version ONNX Runtime reads. The check 
 ONNX Runtime itself whether it has a kernel for every node, so an op it cannot run is
 reported (exit 4) with the node's name before anything is written. ONNX Runtime stops at
 the first such node; the check then looks up every node in ONNX Runtime's CPU kernel
-registry so that the report names all of them. A common case is an old model: ONNX
-Runtime has no kernels for some ops' oldest versions (``Add``-6, ``AveragePool``-1...), and
-the message says which opset the op's kernels start at. The model is not upgraded on the
-user's behalf: ONNX's version converter can get old semantics wrong (``PRelu``-6's
-per-channel slope), and the baseline would then be the converted model, so a wrong
-conversion could not be seen.
+registry so that the report names all of them. Old models (ONNX Runtime has no kernels
+for some ops' oldest versions: ``Add``-6, ``AveragePool``-1...) are upgraded on import
+(:mod:`compressor.onnx_import`); one the version converter could not upgrade reaches this
+check at its own opset, and the message says which opset the op's kernels start at.
 """
 
 from __future__ import annotations
