@@ -14,17 +14,19 @@ import logging
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import onnx_ir as ir
 
 from compressor import __version__
 from compressor.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.capture import capture
-from compressor.data import Dataset, load_npz, random_dataset
+from compressor.data import LABELS_KEY, Dataset, load_npz, random_dataset
 from compressor.errors import CompressorError, DataError, UnsupportedByTarget
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY, ControlResult, control_accuracy
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
@@ -36,7 +38,7 @@ from compressor.recipe import Recipe, load_recipe
 from compressor.targets import get_target
 from compressor.targets.onnx import OrtRunner
 
-__all__ = ["compress", "CompressResult", "Progress", "package_versions"]
+__all__ = ["compress", "CompressResult", "Progress", "example_inputs", "package_versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,31 @@ def package_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    return out
+
+
+def example_inputs(calib: str | Path | None, eval_data: str | Path | None,
+                   rows: int = 2) -> dict[str, np.ndarray] | None:
+    """The first ``rows`` samples of the calibration data (else the eval data), keyed by input name.
+
+    Capture takes the input shapes and dtypes a model file does not record from them. A
+    stopgap until data files are read before capture: ``load_npz`` reads and checks the file again.
+
+    Raises:
+        DataError: the file cannot be read as an ``.npz``.
+    """
+    what, path = ("calib", calib) if calib is not None else ("eval", eval_data)
+    if path is None or not Path(path).is_file():
+        return None  # load_npz says so
+    out = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                if key != LABELS_KEY:
+                    array = npz[key]
+                    out[key] = array[:rows] if array.ndim else array
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{what} {path}: not a readable .npz file ({err})") from None
     return out
 
 
@@ -175,12 +202,18 @@ def compress(
     eval_data: str | Path | None = None,
     max_drop: float | None = None,
     trust_pickle: bool = False,
+    imports: Sequence[str] = (),
+    model_class: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     dump_passes: str | Path | None = None,
     latency_runs: int = 20,
     progress: Progress | None = None,
     on_pass: Callable[[int, Any], None] | None = None,
 ) -> CompressResult:
     """Compress one model into an artifact folder; see the module docstring.
+
+    ``trust_pickle``, ``imports``, ``model_class`` and ``model_kwargs`` say how a torch file is
+    loaded (:func:`compressor.capture.capture`).
 
     Raises:
         CompressorError: bad input (2), unsupported by the target (4), or a failed pass.
@@ -198,7 +231,9 @@ def compress(
     overrides = parse_input_overrides(inputs)
 
     t = time.perf_counter()
-    captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides)
+    captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides,
+                       example_inputs=example_inputs(calib, eval_data), imports=imports, model_class=model_class,
+                       model_kwargs=model_kwargs)
     timings["capture_s"] = time.perf_counter() - t
     model = captured.model
     check_tensor_io(model)

@@ -160,6 +160,9 @@ def sweep(
     inputs: Sequence[str] = (),
     metric: str = "auto",
     trust_pickle: bool = False,
+    imports: Sequence[str] = (),
+    model_class: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     latency_runs: int = 10,
     on_level: Callable[[int, str], None] | None = None,
 ) -> SweepResult:
@@ -167,12 +170,15 @@ def sweep(
 
     Args:
         options: Further options of the pass, the same at every level (``{mask: wanda}``).
+        trust_pickle, imports, model_class, model_kwargs: How a torch file is loaded
+            (:func:`compressor.capture.capture`).
         latency_runs: Timed runs per level in the target (0: no latency).
         on_level: Called with ``(index, level)`` before each level (progress display).
 
     Raises:
         UsageError: bad levels or options; CompressorError: as :func:`compressor.api.compress`.
     """
+    from compressor.api import example_inputs
     from compressor.capture import capture
     from compressor.data import load_npz
     from compressor.inputs import check_tensor_io, model_input_specs, parse_input_overrides
@@ -191,7 +197,9 @@ def sweep(
     tgt = get_target(target)
     outdir = Path(outdir)
 
-    model = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=parse_input_overrides(inputs)).model
+    model = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=parse_input_overrides(inputs),
+                    example_inputs=example_inputs(calib, eval_data), imports=imports, model_class=model_class,
+                    model_kwargs=model_kwargs).model
     check_tensor_io(model)
     specs = model_input_specs(model)
     eval_set = load_npz(eval_data, specs, what="eval")
