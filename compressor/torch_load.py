@@ -172,9 +172,16 @@ def _import(name: str, what: str) -> types.ModuleType:
         return importlib.import_module(name)
     except (Exception, SystemExit) as err:  # a script without a __main__ guard may sys.exit
         logger.debug("importing %s failed", name, exc_info=True)
-        raise CaptureError(f"{what} ({_summary(err)}); it must be a module in the working directory "
-                           f"({Path.cwd()}), in the model's folder, or installed, and import without "
-                           "errors") from None
+        missing = err.name if isinstance(err, ModuleNotFoundError) else None
+        if missing and (name + ".").startswith(missing + "."):
+            hint = (f"it must be a module in the working directory ({Path.cwd()}), in the model's folder, or "
+                    "installed")
+        elif missing:
+            hint = f"{name} imports {missing}, which is not installed: install the package that provides it"
+        else:
+            hint = ('it fails when imported: fix it, and keep code that should not run on import under '
+                    '`if __name__ == "__main__":`')
+        raise CaptureError(f"{what} ({_summary(err)}); {hint}") from None
 
 
 def _pickle_module(imported: Sequence[types.ModuleType], missing: list[tuple[str, str]]) -> types.ModuleType:

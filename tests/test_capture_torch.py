@@ -193,10 +193,16 @@ def test_import_of_a_module_without_the_class(main_pickle, monkeypatch, capsys):
 def test_import_that_fails_names_the_module_and_the_error(user_dir, capsys):
     torch.save(torch.nn.Linear(4, 3), user_dir / "model.pt")
     fail(["model.pt", "--import", "nosuch", "--recipe", "fold", "--calib", "c.npz", "-o", "out"], capsys, 2,
-         r"^error: --import nosuch: cannot import it \(ModuleNotFoundError: No module named 'nosuch'\); ")
+         r"^error: --import nosuch: cannot import it \(ModuleNotFoundError: No module named 'nosuch'\); it must be a "
+         r"module in the working directory \(.*\), in the model's folder, or installed$")
+    (user_dir / "needs.py").write_text("import librosa_not_here\n")
+    fail(["model.pt", "--import", "needs", "--recipe", "fold", "--calib", "c.npz", "-o", "out"], capsys, 2,
+         r"^error: --import needs: cannot import it \(ModuleNotFoundError: No module named 'librosa_not_here'\); "
+         r"needs imports librosa_not_here, which is not installed: install the package that provides it$")
     (user_dir / "broken.py").write_text("import sys\nraise RuntimeError('needs a GPU')\n")
     fail(["model.pt", "--import", "broken", "--recipe", "fold", "--calib", "c.npz", "-o", "out"], capsys, 2,
-         r"^error: --import broken: cannot import it \(RuntimeError: needs a GPU\)")
+         r"^error: --import broken: cannot import it \(RuntimeError: needs a GPU\); it fails when imported: fix it, "
+         r"and keep code that should not run on import under `if __name__ == \"__main__\":`$")
     (user_dir / "script.py").write_text("import sys\nsys.exit('usage: script.py DATA')\n")
     fail(["model.pt", "--import", "script", "--recipe", "fold", "--calib", "c.npz", "-o", "out"], capsys, 2,
          r"^error: --import script: cannot import it \(SystemExit: usage: script\.py DATA\)")
