@@ -142,7 +142,10 @@ def user_code(path: Path, imports: Sequence[str] = ()) -> Iterator[list[types.Mo
     """The working directory and ``path``'s folder first on ``sys.path``, ``imports`` imported.
 
     Yields the imported modules. On exit ``sys.path`` and ``sys.dont_write_bytecode`` are
-    restored, and modules imported from the added folders are dropped from ``sys.modules``.
+    restored, and the modules found in the added folders (those whose top-level module was
+    first imported from there, with their submodules) are dropped from ``sys.modules``;
+    packages found through other path entries stay, even where those lie inside the folders
+    (a ``.venv`` in the working directory).
 
     Raises:
         CaptureError: a module of ``imports`` fails to import (named, with its error).
@@ -161,10 +164,20 @@ def user_code(path: Path, imports: Sequence[str] = ()) -> Iterator[list[types.Mo
             with contextlib.suppress(ValueError):
                 sys.path.remove(folder)
         sys.dont_write_bytecode = bytecode
-        for name in set(sys.modules) - before:
-            file = getattr(sys.modules.get(name), "__file__", None)
-            if file and any(Path(file).resolve().is_relative_to(folder) for folder in added):
+        new = set(sys.modules) - before
+        found_here = {name for name in new if "." not in name and _found_in(sys.modules[name]) & set(added)}
+        for name in new:
+            if name.partition(".")[0] in found_here:
                 del sys.modules[name]
+
+
+def _found_in(module: types.ModuleType) -> set[str]:
+    """The folders a top-level module was found in: the ``sys.path`` entries it came from."""
+    package_dirs = list(getattr(module, "__path__", None) or [])
+    if package_dirs:
+        return {str(Path(d).resolve().parent) for d in package_dirs}
+    file = getattr(module, "__file__", None)
+    return {str(Path(file).resolve().parent)} if file else set()
 
 
 def _import(name: str, what: str) -> types.ModuleType:

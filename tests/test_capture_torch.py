@@ -157,6 +157,22 @@ def test_pickle_of_a_module_class_compresses_from_its_folder_without_input(user_
     assert not (user_dir / "__pycache__").exists()  # nothing written into the user's folder
 
 
+def test_packages_found_elsewhere_stay_imported(user_dir, monkeypatch):
+    """Only what was found in the added folders is forgotten: a package from a path entry inside them
+    (a .venv's site-packages in the working directory) stays."""
+    lib = user_dir / "venv-site-packages"
+    (lib / "helperpkg").mkdir(parents=True)
+    (lib / "helperpkg" / "__init__.py").write_text("SCALE = 2.0\n")
+    (user_dir / "scaled.py").write_text("import helperpkg\n" + MYNET)
+    monkeypatch.syspath_prepend(str(lib))
+    with user_module(user_dir, "scaled") as scaled:
+        torch.save(scaled.Net().state_dict(), user_dir / "model.pt")
+    sys.modules.pop("helperpkg")
+    capture(user_dir / "model.pt", model_class="scaled:Net", example_inputs={"x": samples()})
+    assert "scaled" not in sys.modules and "helperpkg" in sys.modules
+    del sys.modules["helperpkg"]
+
+
 def test_pickle_from_another_folder_finds_the_class_next_to_the_model(user_dir, tmp_path_factory, monkeypatch, capsys):
     with user_module(user_dir, "mynet") as mynet:
         torch.save(mynet.Net(), user_dir / "model.pt")
