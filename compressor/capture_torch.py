@@ -180,7 +180,8 @@ def _capture_torchscript(path: Path, overrides: Overrides, data: Mapping[str, np
         except Exception as err:
             logger.debug("TorchScript export failed", exc_info=True)
             raise CaptureError(f"{path}: the TorchScript exporter failed ({_summary(err)}); "
-                               f"check the input shapes match the module, or {_SAVE_PT2}") from None
+                               f"check the input shapes match the module, or {_SAVE_PT2}"
+                               f"{_data_hint(example, from_data)}") from None
         _optimize(model)
     _name_outputs(model)
     return Captured(model, "torchscript", [
@@ -218,7 +219,10 @@ def _export_module(path: Path, module: Any, what: str, source_format: str, overr
                                                   _float_dtype(module))
     hint = {n: torch.export.Dim.AUTO if n in from_data else torch.export.Dim.DYNAMIC for n in example}
     dynamic_shapes = {n: ({a: hint[n] for a in dynamic[n]} or None) for n in example}
-    model = _export(path, module, kwargs=example, dynamic_shapes=dynamic_shapes)
+    try:
+        model = _export(path, module, kwargs=example, dynamic_shapes=dynamic_shapes)
+    except CaptureError as err:
+        raise CaptureError(f"{err}{_data_hint(example, from_data)}") from None
     for value in model.graph.inputs:
         if value.name in from_data and value.shape is not None and isinstance(value.shape[0], int):
             logger.warning("%s: the model fixes the first axis of %r to %d (torch.export specialised it); pass "
@@ -226,12 +230,24 @@ def _export_module(path: Path, module: Any, what: str, source_format: str, overr
     return Captured(model, source_format, [*notes, _OPTIMIZED, *_data_notes(example, from_data)])
 
 
+def _data_shapes(example: Mapping[str, Any], from_data: set[str]) -> str:
+    return ", ".join(f"{n} {'x'.join(map(str, example[n].shape))} {str(example[n].dtype).removeprefix('torch.')}"
+                     for n in example if n in from_data)
+
+
 def _data_notes(example: Mapping[str, Any], from_data: set[str]) -> list[str]:
     if not from_data:
         return []
-    shapes = ", ".join(f"{n} {'x'.join(map(str, example[n].shape))} {str(example[n].dtype).removeprefix('torch.')}"
-                       for n in example if n in from_data)
-    return [f"input shapes from the first samples of the data ({shapes}), the first axis dynamic"]
+    return [f"input shapes from the first samples of the data ({_data_shapes(example, from_data)}), "
+            "the first axis dynamic"]
+
+
+def _data_hint(example: Mapping[str, Any], from_data: set[str]) -> str:
+    """What to add to an export error when the data gave the example inputs."""
+    if not from_data:
+        return ""
+    return (f"; the example inputs were the data's first samples ({_data_shapes(example, from_data)}), their first "
+            "axis taken as the batch axis: if the model takes them otherwise, pass --input NAME=SHAPE")
 
 
 def _example_inputs(path: Path, what: str, names: Sequence[str], required: Sequence[str], overrides: Overrides,

@@ -260,6 +260,19 @@ def test_torchscript_and_float64_data_give_the_shapes(user_dir):
         np.testing.assert_allclose(outputs(path, samples(5, 4)), reference(net, samples(5, 4)), rtol=1e-5, atol=1e-5)
 
 
+def test_export_failure_on_data_shapes_says_pass_input(user_dir, capsys):
+    (user_dir / "single.py").write_text(MYNET.replace("self.fc1(x)", "self.fc1(x.reshape(1, 4))"))
+    with user_module(user_dir, "single") as single:
+        torch.save(single.Net(), user_dir / "model.pt")
+    fail(["model.pt", "--trust-pickle", "--recipe", "fold", "--calib", "c.npz", "-o", "out"], capsys, 2,
+         r"model\.pt: torch\.onnx\.export failed \(.*\); .*; the example inputs were the data's first samples "
+         r"\(x 2x4 float32\), their first axis taken as the batch axis: if the model takes them otherwise, pass "
+         r"--input NAME=SHAPE$")
+    code, _, err = run(["model.pt", "--trust-pickle", "--recipe", "fold", "--input", "x=4", "--calib", "c.npz",
+                        "-o", "out", "--latency-runs", "1"], capsys)
+    assert code == 0, err  # then each row of the data is one whole input (data.py's second layout)
+
+
 # -- state_dicts ----------------------------------------------------------------------------------
 
 def test_state_dict_with_model_class_matches_torch(user_dir, state_dict_of, capsys):
