@@ -271,9 +271,10 @@ def _example_inputs(path: Path, what: str, names: Sequence[str], required: Seque
         raise CaptureError(f"{path}: the data holds {unknown[0]!r}, but the {what} takes no argument {unknown[0]!r}; "
                            f"its forward arguments are {listed}: key the .npz arrays by argument name")
     if not given:
-        raise CaptureError(f"{path}: a {what} records no input shapes; pass --calib or --eval data keyed by forward "
-                           f"argument ({listed}), or --input NAME=SHAPE for each, e.g. --input "
-                           f"{names[0] if names else 'x'}=1x3x224x224 (append :int64 for integer inputs)")
+        raise CaptureError(f"{path}: a {what} records no input shapes; pass --input NAME=SHAPE for each forward "
+                           f"argument ({listed}), e.g. --input {names[0] if names else 'x'}=1x3x224x224 (append "
+                           ":int64 for integer inputs), or (compress, sweep) --calib or --eval data keyed by argument "
+                           "name")
     missing = [n for n in required if n not in given]
     gaps = [n for n in names[: names.index(given[-1])] if n not in given]
     if missing or gaps:

@@ -182,8 +182,8 @@ def test_torchscript_control_flow_keeps_both_branches(tmp_path):
 
 def test_torchscript_without_input_says_which_arguments(tmp_path):
     torch.jit.script(_net()).save(str(tmp_path / "net.pt"))
-    with pytest.raises(CaptureError, match=r"records no input shapes; pass --calib or --eval data keyed by forward "
-                                           r"argument \(images\), or --input NAME=SHAPE for each"):
+    with pytest.raises(CaptureError, match=r"records no input shapes; pass --input NAME=SHAPE for each forward "
+                                           r"argument \(images\)"):
         capture(tmp_path / "net.pt")
     with pytest.raises(CaptureError, match=r"--input pixels: the TorchScript module takes no argument 'pixels'; "
                                            r"its forward arguments are images"):
@@ -196,7 +196,7 @@ def test_full_pickle_needs_trust_then_matches_torch(tmp_path):
     with pytest.raises(CaptureError, match=r"a full pickle \(it refers to [\w.]*TinyConvNet\), which can run "
                                            r"arbitrary code when loaded; pass --trust-pickle only if you trust"):
         capture(tmp_path / "net.pt", input_overrides=parse_input_overrides(["images=?x3x16x16"]))
-    with pytest.raises(CaptureError, match=r"records no input shapes; pass --calib or --eval data"):
+    with pytest.raises(CaptureError, match=r"records no input shapes; pass --input NAME=SHAPE"):
         capture(tmp_path / "net.pt", trust_pickle=True)
     captured = capture(tmp_path / "net.pt", trust_pickle=True,
                        input_overrides=parse_input_overrides(["images=?x3x16x16"]))

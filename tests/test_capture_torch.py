@@ -237,8 +237,9 @@ def test_shapes_need_input_or_data(user_dir, capsys):
     with user_module(user_dir, "mynet") as mynet:
         torch.save(mynet.Net(), user_dir / "model.pt")
     fail(["model.pt", "--trust-pickle", "--recipe", "fold", "-o", "out"], capsys, 2,
-         r"records no input shapes; pass --calib or --eval data keyed by forward argument \(x\), "
-         r"or --input NAME=SHAPE for each")
+         r"a pickled Net records no input shapes; pass --input NAME=SHAPE for each forward argument \(x\), e\.g\. "
+         r"--input x=1x3x224x224 \(append :int64 for integer inputs\), or \(compress, sweep\) --calib or --eval "
+         r"data keyed by argument name$")
     np.savez(user_dir / "wrong.npz", images=samples())
     fail(["model.pt", "--trust-pickle", "--recipe", "fold", "--calib", "wrong.npz", "-o", "out"], capsys, 2,
          r"the data holds 'images', but the pickled Net takes no argument 'images'; its forward arguments are x")
