@@ -105,8 +105,10 @@ def example_inputs(calib: str | Path | None, eval_data: str | Path | None,
         DataError: the file cannot be read as an ``.npz``.
     """
     what, path = ("calib", calib) if calib is not None else ("eval", eval_data)
-    if path is None or not Path(path).is_file():
-        return None  # load_npz says so
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise DataError(f"{what} {path}: no such file")
     out = {}
     try:
         with np.load(path, allow_pickle=False) as npz:

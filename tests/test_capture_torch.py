@@ -240,6 +240,11 @@ def test_shapes_need_input_or_data(user_dir, capsys):
          r"a pickled Net records no input shapes; pass --input NAME=SHAPE for each forward argument \(x\), e\.g\. "
          r"--input x=1x3x224x224 \(append :int64 for integer inputs\), or \(compress, sweep\) --calib or --eval "
          r"data keyed by argument name$")
+    fail(["model.pt", "--trust-pickle", "--recipe", "fold", "--calib", "nope.npz", "-o", "out"], capsys, 2,
+         r"^error: calib nope\.npz: no such file$")
+    (user_dir / "bad.npz").write_bytes(b"not a zip")
+    fail(["model.pt", "--trust-pickle", "--recipe", "fold", "--eval", "bad.npz", "-o", "out"], capsys, 2,
+         r"^error: eval bad\.npz: not a readable \.npz file")
     np.savez(user_dir / "wrong.npz", images=samples())
     fail(["model.pt", "--trust-pickle", "--recipe", "fold", "--calib", "wrong.npz", "-o", "out"], capsys, 2,
          r"the data holds 'images', but the pickled Net takes no argument 'images'; its forward arguments are x")
