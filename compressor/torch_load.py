@@ -81,10 +81,12 @@ def load_module(path: Path, *, trust_pickle: bool, imported: Sequence[types.Modu
             f"unpickled a full {type(inner).__name__}{within} with --trust-pickle (weights_only=False)"]
     if _is_state_dict(inner):
         if not model_class:
+            here = ", ".join(f"{stem}:{cls}" for stem, cls in _module_classes(_here(path))[:_FEW])
             raise CaptureError(f"{path}: a state_dict (weights only, no graph); pass --model-class MODULE:CLASS naming "
-                               "the nn.Module class (or a function returning one) these weights belong to, e.g. "
-                               "--model-class mynet:Net for class Net in mynet.py in the working directory, and "
-                               "--model-kwargs '{hidden: 8}' for its constructor arguments; or " + _SAVE_PT2)
+                               "the nn.Module class (or a function returning one) these weights belong to"
+                               + (f" (defined here: {here})" if here else "") + ", e.g. --model-class mynet:Net for "
+                               "class Net in mynet.py in the working directory, and --model-kwargs '{hidden: 8}' for "
+                               "its constructor arguments; or " + _SAVE_PT2)
         kwargs = dict(model_kwargs or {})
         module = _build(model_class, kwargs)
         stripped = _load_weights(path, module, inner, model_class)
@@ -151,7 +153,7 @@ def user_code(path: Path, imports: Sequence[str] = ()) -> Iterator[list[types.Mo
         CaptureError: a module of ``imports`` fails to import (named, with its error).
     """
     on_path = {str(Path(p or ".").resolve()) for p in sys.path}
-    folders = dict.fromkeys(str(p) for p in (Path.cwd().resolve(), path.resolve().parent))
+    folders = dict.fromkeys(str(p.resolve()) for p in _here(path))
     added = [f for f in folders if f not in on_path]
     before = set(sys.modules)
     sys.path[:0] = added
@@ -219,22 +221,29 @@ def _pickle_module(imported: Sequence[types.ModuleType], missing: list[tuple[str
     return module
 
 
-def _defining_script(name: str, folders: Sequence[Path]) -> str | None:
-    """The stem of a ``.py`` file in ``folders`` that defines ``class name``, if one does."""
-    pattern = re.compile(rf"^class\s+{re.escape(name)}\b", re.MULTILINE)
+def _module_classes(folders: Sequence[Path]) -> list[tuple[str, str]]:
+    """``(file stem, class name)`` of the top-level ``class X(...Module...)`` in the ``.py`` files of ``folders``."""
+    pattern = re.compile(r"^class\s+(\w+)\s*\(([^)]*)\)", re.MULTILINE)
+    found = []
     for folder in dict.fromkeys(folders):
         for file in sorted(folder.glob("*.py")):
             with contextlib.suppress(OSError):
-                if file.stat().st_size < 2**20 and pattern.search(file.read_text(errors="replace")):
-                    return file.stem
-    return None
+                if file.stat().st_size < 2**20:
+                    found += [(file.stem, m[1]) for m in pattern.finditer(file.read_text(errors="replace"))
+                              if "Module" in m[2]]
+    return found
+
+
+def _here(path: Path) -> list[Path]:
+    """The folders the user's modules are imported from: the working directory and the model's."""
+    return [Path.cwd(), path.resolve().parent]
 
 
 def _unfound_class(path: Path, module: str, name: str, imported: Sequence[types.ModuleType],
                    err: BaseException) -> str:
     """What to do about a class the pickle names but this process cannot find."""
     if module == "__main__":
-        script = _defining_script(name, [Path.cwd(), path.resolve().parent])
+        script = next((stem for stem, cls in _module_classes(_here(path)) if cls == name), None)
         which = (f"{script}.py here defines class {name}" if script
                  else f"SCRIPT.py being the script that defines class {name}")
         names = ", ".join(m.__name__ for m in imported)

@@ -309,7 +309,8 @@ def test_state_dict_without_model_class_says_what_to_pass(user_dir, state_dict_o
     torch.save(state_dict_of.state_dict(), user_dir / "model.pt")
     fail(["model.pt", "--recipe", "fold", "--calib", "c.npz", "-o", "out"], capsys, 2,
          r"model\.pt: a state_dict \(weights only, no graph\); pass --model-class MODULE:CLASS naming the "
-         r"nn\.Module class \(or a function returning one\) these weights belong to, e\.g\. --model-class mynet:Net "
+         r"nn\.Module class \(or a function returning one\) these weights belong to \(defined here: mynet:Net\), "
+         r"e\.g\. --model-class mynet:Net "
          r"for class Net in mynet\.py in the working directory, and --model-kwargs '\{hidden: 8\}' for its "
          r"constructor arguments")
 
