@@ -283,8 +283,8 @@ def _example_inputs(path: Path, what: str, names: Sequence[str], required: Seque
     generator, example, dynamic, from_data = torch.Generator().manual_seed(0), {}, {}, set()
     for name in given:
         if name not in overrides:
-            example[name] = _rows(path, name, data[name], float_dtype)
-            dynamic[name], _ = [0], from_data.add(name)
+            example[name], dynamic[name] = _rows(path, name, data[name], float_dtype), [0]
+            from_data.add(name)
             continue
         shape, dtype_name = overrides[name]
         dtype = getattr(torch, dtype_name or "float32", None)
