@@ -14,7 +14,7 @@ import logging
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import onnx_ir as ir
 from compressor import __version__
 from compressor.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.capture import capture
-from compressor.data import Dataset, RawData, random_dataset, read_npz
+from compressor.data import Dataset, RawData, example_inputs, random_dataset, read_npz
 from compressor.errors import CompressorError, DataError, UnsupportedByTarget, UsageError
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY, ControlResult, control_accuracy
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
@@ -181,6 +181,9 @@ def compress(
     eval_data: str | Path | None = None,
     max_drop: float | None = None,
     trust_pickle: bool = False,
+    imports: Sequence[str] = (),
+    model_class: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     dump_passes: str | Path | None = None,
     latency_runs: int = 20,
     progress: Progress | None = None,
@@ -189,7 +192,10 @@ def compress(
     """Compress one model into an artifact folder; see the module docstring.
 
     Everything that can be checked without the model (the output folder, the recipe, the
-    budget, the data files) is checked before the model is captured.
+    budget, the data files) is checked before the model is captured. ``trust_pickle``,
+    ``imports``, ``model_class`` and ``model_kwargs`` say how a torch file is loaded
+    (:func:`compressor.capture.capture`); the data's first samples give the input shapes a
+    torch file does not record.
 
     Raises:
         CompressorError: bad input (2), unsupported by the target (4), or a failed pass.
@@ -211,7 +217,9 @@ def compress(
 
     t = time.perf_counter()
     with progress("capture", 1, "model") as bar:
-        captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides)
+        captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides,
+                           example_inputs=example_inputs(raw_calib, raw_eval), imports=imports,
+                           model_class=model_class, model_kwargs=model_kwargs)
         bar.update(1)
     timings["capture_s"] = time.perf_counter() - t
     model = captured.model

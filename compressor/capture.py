@@ -5,13 +5,11 @@ Formats, recognised by what the file holds (the suffix only picks ONNX or torch)
 * ``.onnx``: read (:func:`compressor.model_io.load_onnx`), then normalised as
   :mod:`compressor.onnx_import` describes: ``-1``/empty/``?`` dims become dynamic, an opset
   older than the backends' kernels is upgraded (and noted).
-* ``.pt2`` (``torch.export.save``): ``torch.export.load``, then the torch.export-based
-  ONNX exporter. Dynamic shapes stay as exported (axes are named ``s0``, ``s34``...).
-* TorchScript ``.pt`` (a zip with ``code/``): ``torch.jit.load``, then the TorchScript-based
-  exporter (``dynamo=False``): the torch.export-based one refuses ScriptModules.
-  TorchScript records no input shapes, so ``--input NAME=SHAPE`` is required.
-* A pickled ``nn.Module`` ``.pt``: refused unless ``trust_pickle`` (unpickling can run
-  code); then exported like a ``.pt2`` with example inputs from ``--input``.
+* ``.pt2``/``.pt``/``.pth``: :mod:`compressor.capture_torch` (torch.export programs,
+  TorchScript, pickled modules with ``trust_pickle``, state_dicts with ``model_class``), with
+  the working directory and the model's folder on the import path and ``imports`` imported
+  (:func:`compressor.torch_load.user_code`). Input shapes the file does not record come
+  from ``--input``, else from the data (``example_inputs``).
 * A Hugging Face model directory (``config.json`` + weights): ``AutoModel`` with eager
   attention, inputs ``input_ids``/``attention_mask``(/``token_type_ids``) int64 with
   dynamic ``batch`` and ``sequence`` axes, one output ``last_hidden_state`` (the pooler
@@ -30,22 +28,19 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
-import importlib
-import inspect
 import io
 import logging
 import re
 import warnings
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
+import numpy as np
 import onnx_ir as ir
 
 from compressor import model_io
-from compressor.errors import CaptureError
+from compressor.errors import CaptureError, UsageError
 from compressor.inputs import apply_input_overrides
 from compressor.onnx_import import normalize_import
 
@@ -53,8 +48,9 @@ __all__ = ["Captured", "capture", "SOURCE_FORMATS", "SUPPORTED_FORMATS"]
 
 logger = logging.getLogger(__name__)
 
-SOURCE_FORMATS = ("onnx", "pt2", "torchscript", "pickle", "hf")
+SOURCE_FORMATS = ("onnx", "pt2", "torchscript", "pickle", "state_dict", "hf")
 SUPPORTED_FORMATS = ("an .onnx file, a .pt2 file (torch.export.save), a TorchScript .pt/.pth (torch.jit.save), "
+                     "a torch.save .pt/.pth (a module, or a state_dict with --model-class), "
                      "or a Hugging Face model directory (config.json + weights)")
 TORCHSCRIPT_OPSET = 20  # the highest opset the TorchScript-based exporter writes; also the dynamo default
 HF_DEFAULT_SHAPE = (2, 16)  # batch x sequence of the example text inputs
@@ -91,7 +87,9 @@ class Captured:
         return out
 
 
-def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Overrides | None = None) -> Captured:
+def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Overrides | None = None,
+            example_inputs: Mapping[str, np.ndarray] | None = None, imports: Sequence[str] = (),
+            model_class: str | None = None, model_kwargs: Mapping[str, Any] | None = None) -> Captured:
     """Read the model at ``path`` into ONNX.
 
     Args:
@@ -99,30 +97,52 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
         trust_pickle: Allow unpickling a full ``nn.Module`` (can run arbitrary code).
         input_overrides: From :func:`compressor.inputs.parse_input_overrides`: fixes input
             shapes, and gives the example inputs TorchScript and pickles need.
+        example_inputs: Sample arrays keyed by input name, first axis = samples (the first
+            rows of the calibration or eval data): the shapes and dtypes of the inputs a
+            TorchScript file or a torch module records none for and ``--input`` does not name.
+        imports: Modules to import first (``--import``): they define or register the
+            classes a pickle names.
+        model_class: ``MODULE:NAME``, the class (or a function returning the module) a
+            state_dict file is loaded into.
+        model_kwargs: Keyword arguments of ``model_class``.
 
     Raises:
         CaptureError: the file cannot be read or exported.
+        UsageError: ``model_kwargs`` without ``model_class``, or ``model_class`` for a
+            file that holds its own graph.
         DataError: an ``--input`` contradicts the captured model's inputs.
     """
+    from compressor.torch_load import user_code  # needs this module's helpers
+
     path = Path(path)
     overrides = dict(input_overrides or {})
+    if model_kwargs is not None and not model_class:
+        raise UsageError("--model-kwargs needs --model-class (the class or function they are passed to)")
     if not path.exists():
         raise CaptureError(f"{path}: no such file")
+    if model_class and (path.is_dir() or path.suffix.lower() == ".onnx"):
+        what = "a Hugging Face model directory" if path.is_dir() else "an ONNX model"
+        raise UsageError(f"--model-class applies to a state_dict file; {path.name} is {what}, which holds its own "
+                         "graph: leave --model-class out")
     if path.is_file() and path.stat().st_size == 0:
         raise CaptureError(f"{path}: the file is empty (0 bytes); check it was written completely")
-    if path.is_dir():
-        from compressor.capture_hf import capture_hf  # needs this module's export helpers
+    with user_code(path, imports) as imported:
+        if path.is_dir():
+            from compressor.capture_hf import capture_hf  # needs this module's export helpers
 
-        captured = capture_hf(path, overrides)
-    elif path.suffix.lower() == ".onnx":
-        model, report = normalize_import(model_io.load_onnx(path))
-        upgrade = (report.opset_from, report.opset_to) if report.opset_from is not None else None
-        captured = Captured(model, "onnx", report.notes, upgrade)
-    elif path.suffix.lower() in (".pt2", ".pt", ".pth"):
-        captured = _capture_torch_file(path, overrides, trust_pickle)
-    else:
-        raise CaptureError(f"{path}: unknown model format {repr(path.suffix) if path.suffix else '(no extension)'}; "
-                           f"supported: {SUPPORTED_FORMATS}")
+            captured = capture_hf(path, overrides)
+        elif path.suffix.lower() == ".onnx":
+            model, report = normalize_import(model_io.load_onnx(path))
+            upgrade = (report.opset_from, report.opset_to) if report.opset_from is not None else None
+            captured = Captured(model, "onnx", report.notes, upgrade)
+        elif path.suffix.lower() in (".pt2", ".pt", ".pth"):
+            from compressor.capture_torch import capture_torch_file  # needs this module's export helpers
+
+            captured = capture_torch_file(path, overrides, trust_pickle=trust_pickle, example_inputs=example_inputs,
+                                          imported=imported, model_class=model_class, model_kwargs=model_kwargs)
+        else:
+            raise CaptureError(f"{path}: unknown model format "
+                               f"{repr(path.suffix) if path.suffix else '(no extension)'}; supported: {SUPPORTED_FORMATS}")
     if overrides:
         apply_input_overrides(captured.model, overrides)
     graph = captured.model.graph
@@ -136,198 +156,7 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
     return captured
 
 
-# -- torch files ----------------------------------------------------------------------------------
-
-def _archive_kind(path: Path) -> str | None:
-    """``pt2`` or ``torchscript`` for those zip archives (names under one top folder), else None."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            inner = {name.partition("/")[2] for name in archive.namelist()}
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return None
-    if "archive_format" in inner or any(n.startswith("models/") for n in inner):
-        return "pt2"
-    return "torchscript" if any(n.startswith("code/") for n in inner) else None
-
-
-def _capture_torch_file(path: Path, overrides: Overrides, trust_pickle: bool) -> Captured:
-    kind = _archive_kind(path)
-    if kind == "torchscript":
-        return _capture_torchscript(path, overrides)
-    if kind != "pt2" and path.suffix.lower() == ".pt2":
-        raise CaptureError(f"{path}: not a torch.export program (the file is not a .pt2 archive; truncated, "
-                           f"or not written by torch.export.save); {_SAVE_PT2}")
-    return _capture_pt2(path) if kind == "pt2" else _capture_pickle(path, overrides, trust_pickle)
-
-
-def _capture_pt2(path: Path) -> Captured:
-    import torch
-
-    _import_output_types(path)
-    with _quiet() as torch_logs, open(path, "rb") as file:  # a buffer: .load refuses names not ending in .pt2
-        try:
-            program = torch.export.load(file)
-        except Exception as err:
-            logger.debug("torch.export.load failed", exc_info=True)
-            why = f"{_summary(err)}; {torch_logs.last}" if torch_logs.last else _summary(err)
-            raise CaptureError(f"{path}: not a readable torch.export program ({why}); {_WHAT_TO_SAVE}") from None
-    return Captured(_export(path, program, output_names=_output_names(program)), "pt2", [_OPTIMIZED])
-
-
-def _output_names(program: Any) -> list[str] | None:
-    """Names from the keys of a dict/ModelOutput result; None keeps the exporter's (``linear``...)."""
-    import torch.utils._pytree as pytree
-
-    try:
-        spec = program.call_spec.out_spec
-        if spec is None or spec.is_leaf():
-            return None
-        paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))
-        names = [re.sub(r"\W+", "_", pytree.keystr(key_path)).strip("_") for key_path, _ in paths]
-    except Exception:
-        logger.debug("cannot read the program's output structure", exc_info=True)
-        return None
-    if len(set(names)) != len(names) or not any(re.search(r"[A-Za-z]", n) for n in names):
-        return None
-    return names
-
-
-def _import_output_types(path: Path) -> None:
-    """Import the transformers modules named in a .pt2 (only those, by name, from the installed package).
-
-    ``ModelOutput`` classes register with torch's pytree on import; without that
-    ``torch.export.load`` cannot rebuild a Hugging Face model's outputs.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            found = {m.decode() for name in archive.namelist() if "/models/" in name and name.endswith(".json")
-                     for m in re.findall(rb"transformers(?:\.\w+)+", archive.read(name))}
-    except (zipfile.BadZipFile, OSError):
-        return
-    for module in sorted({m.rsplit(".", 1)[0] for m in found}):
-        with contextlib.suppress(Exception):
-            importlib.import_module(module)
-
-
-def _capture_torchscript(path: Path, overrides: Overrides) -> Captured:
-    import torch
-
-    with _quiet():
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as err:
-            logger.debug("torch.jit.load failed", exc_info=True)
-            raise CaptureError(f"{path}: not a readable TorchScript archive ({_summary(err)}); "
-                               "check the file is complete and was written by torch.jit.save") from None
-    arguments = module.eval().forward.schema.arguments[1:]  # [0] is self
-    example, dynamic = _example_inputs(path, "TorchScript module", [a.name for a in arguments],
-                                       [a.name for a in arguments if not a.has_default_value()], overrides)
-    buffer = io.BytesIO()
-    with _quiet():
-        try:
-            torch.onnx.export(module, tuple(example.values()), buffer, dynamo=False, verbose=False,
-                              input_names=list(example), opset_version=TORCHSCRIPT_OPSET, do_constant_folding=True,
-                              dynamic_axes={n: {a: f"{n}_dim{a}" for a in axes} for n, axes in dynamic.items() if axes})
-            model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
-        except Exception as err:
-            logger.debug("TorchScript export failed", exc_info=True)
-            raise CaptureError(f"{path}: the TorchScript exporter failed ({_summary(err)}); "
-                               f"check the --input shapes match the module, or {_SAVE_PT2}") from None
-        _optimize(model)
-    _name_outputs(model)
-    return Captured(model, "torchscript", [
-        "TorchScript exported with torch.onnx's TorchScript-based exporter (dynamo=False; the torch.export-based "
-        f"exporter refuses ScriptModules), opset {TORCHSCRIPT_OPSET}", _OPTIMIZED])
-
-
-def _capture_pickle(path: Path, overrides: Overrides, trust_pickle: bool) -> Captured:
-    import pickle
-
-    import torch
-
-    with _quiet():
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "Unsupported global" not in str(err):
-                raise CaptureError(f"{path}: not a PyTorch file ({_summary(err)}); {_WHAT_TO_SAVE}") from None
-            if not trust_pickle:
-                found = re.search(r"GLOBAL (\S+)", str(err))
-                what = f" (it refers to {found[1]})" if found else ""
-                raise CaptureError(f"{path}: a full pickle{what}, which can run arbitrary code when loaded; pass "
-                                   f"--trust-pickle only if you trust its source, or better {_SAVE_PT2}") from None
-            obj = _load_trusted_pickle(path)
-        except Exception as err:
-            logger.debug("torch.load failed", exc_info=True)
-            raise CaptureError(f"{path}: not a PyTorch file ({_summary(err)}); {_WHAT_TO_SAVE}") from None
-    if isinstance(obj, dict) and _holds_tensors(obj):
-        raise CaptureError(f"{path}: a state_dict (weights only, no graph) cannot be compressed on its own; "
-                           f"{_SAVE_PT2}, or a TorchScript file with torch.jit.save(torch.jit.script(model), "
-                           '"model.pt")')
-    if not isinstance(obj, torch.nn.Module):
-        raise CaptureError(f"{path}: holds a {type(obj).__name__}, not a model; {_SAVE_PT2}")
-    module = obj.eval()
-    params = [p for p in inspect.signature(module.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)]
-    example, dynamic = _example_inputs(path, f"pickled {type(module).__name__}", [p.name for p in params],
-                                       [p.name for p in params if p.default is p.empty], overrides)
-    dynamic_shapes = {n: ({a: torch.export.Dim.DYNAMIC for a in dynamic[n]} or None) for n in example}
-    return Captured(_export(path, module, kwargs=example, dynamic_shapes=dynamic_shapes), "pickle", [
-        f"unpickled a full {type(module).__name__} with --trust-pickle (weights_only=False)", _OPTIMIZED])
-
-
-def _load_trusted_pickle(path: Path) -> Any:
-    import torch
-    logger.warning("%s: unpickling with weights_only=False (--trust-pickle): this can run code", path)
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
-    except (AttributeError, ModuleNotFoundError, ImportError) as err:
-        raise CaptureError(f"{path}: the pickle needs a class that cannot be imported here ({_summary(err)}); "
-                           f"import the module that defines it first, or {_SAVE_PT2}") from None
-    except Exception as err:
-        raise CaptureError(f"{path}: not a PyTorch file ({_summary(err)}); {_WHAT_TO_SAVE}") from None
-
-
-def _holds_tensors(obj: dict) -> bool:
-    """A state_dict, or a checkpoint dict holding one."""
-    import torch
-    return any(isinstance(v, torch.Tensor) or (isinstance(v, dict) and _holds_tensors(v)) for v in obj.values())
-
-
-def _example_inputs(path: Path, what: str, names: Sequence[str], required: Sequence[str],
-                    overrides: Overrides) -> tuple[dict[str, Any], dict[str, list[int]]]:
-    """Example tensors (forward order) and the dynamic (``?``) axes of each, from ``--input``."""
-    import torch
-
-    listed = ", ".join(names) or "(none)"
-    if not overrides:
-        raise CaptureError(f"{path}: a {what} records no input shapes; pass --input NAME=SHAPE for each forward "
-                           f"argument ({listed}), e.g. --input {names[0] if names else 'x'}=1x3x224x224 "
-                           "(append :int64 for integer inputs)")
-    for name in overrides:
-        if name not in names:
-            raise CaptureError(f"{path}: --input {name}: the {what} takes no argument {name!r}; "
-                               f"its forward arguments are {listed}")
-    given = [n for n in names if n in overrides]
-    missing = [n for n in required if n not in overrides]
-    gaps = [n for n in names[: names.index(given[-1])] if n not in overrides]
-    if missing or gaps:
-        raise CaptureError(f"{path}: no --input for forward argument(s) {', '.join(missing or gaps)}; "
-                           f"pass --input NAME=SHAPE for each of {listed}")
-    generator, example, dynamic = torch.Generator().manual_seed(0), {}, {}
-    for name in given:
-        shape, dtype_name = overrides[name]
-        dtype = getattr(torch, dtype_name or "float32", None)
-        if not isinstance(dtype, torch.dtype):
-            raise CaptureError(f"{path}: --input {name}: dtype {dtype_name!r} has no torch equivalent")
-        size = [_DYNAMIC_EXAMPLE if d is None else d for d in shape]
-        example[name] = (torch.randn(size, generator=generator, dtype=dtype) if dtype.is_floating_point
-                         else torch.zeros(size, dtype=dtype))
-        dynamic[name] = [axis for axis, d in enumerate(shape) if d is None]
-    return example, dynamic
-
-
-# -- Hugging Face ---------------------------------------------------------------------------------
+# -- export helpers (the torch and Hugging Face routes) --------------------------------------------
 
 def _export(path: Path, program: Any, *, kwargs: dict | None = None, dynamic_shapes: Any = None,
             output_names: list[str] | None = None) -> ir.Model:

@@ -6,6 +6,9 @@
     compress inspect MODEL [--input NAME=SHAPE ...]
     compress sweep MODEL --pass NAME --levels L1,L2,... --eval X.npz [--max-drop D] [-o OUTDIR]
 
+Each command that reads a model takes the model-source flags: --trust-pickle,
+--import MODULE, --model-class MODULE:NAME, --model-kwargs YAML.
+
 Exit codes: 0 success, 1 internal error, 2 bad usage or input, 3 accuracy gate failed
 (artifact still written), 4 model not supported by the target.
 """
@@ -45,7 +48,8 @@ def _compress_parser() -> argparse.ArgumentParser:
                 epilog="Other commands: 'compress recipes' lists built-in recipes; 'compress inspect MODEL' "
                        "describes a model. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 accuracy gate "
                        "failed, 4 unsupported by target.")
-    p.add_argument("model", help="model file: .onnx, .pt2 (torch.export), TorchScript .pt, or a Hugging Face model folder")
+    p.add_argument("model", help="model file: .onnx, .pt2 (torch.export), TorchScript .pt, torch.save .pt/.pth, "
+                                 "or a Hugging Face model folder")
     p.add_argument("--recipe", required=True, help="built-in recipe name (see 'compress recipes') or a .yaml path")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="backend to lower for (default: onnx)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE",
@@ -54,8 +58,7 @@ def _compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=Path, dest="eval_data", help=".npz of evaluation samples (+ optional 'labels')")
     p.add_argument("--max-drop", type=float, help="accuracy budget: fail (exit 3) when the metric drops more")
     p.add_argument("-o", "--output", type=Path, default=Path("out"), help="artifact folder (default: out/)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading a fully pickled torch module (it can run code: only for files you trust)")
+    _add_model_source(p)
     p.add_argument("--dump-passes", type=Path, metavar="DIR", help="write the model after each pass into DIR")
     p.add_argument("--junit", type=Path, metavar="PATH", help="write the accuracy gate as a JUnit XML test case")
     p.add_argument("--latency-runs", type=_at_least(1), default=20, help="timed runs for the latency figures (default 20)")
@@ -99,6 +102,39 @@ def _writable(path: Path | None, flag: str, folder: bool = False) -> None:
         except OSError as err:
             raise UsageError(f"{flag} {path}: cannot write it ({err.strerror or err}); choose a writable "
                              "location") from None
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    """The flags that say how a torch file is loaded (every command that reads a model)."""
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a fully pickled torch module (it can run code: only for files you trust)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: it defines the classes the pickle names (a script's own classes: "
+                        "--import train); repeatable")
+    p.add_argument("--model-class", metavar="MODULE:NAME",
+                   help="for a state_dict file: the nn.Module class, or a function returning the model, "
+                        "e.g. mynet:Net (the working directory and the model's folder are on the import path)")
+    p.add_argument("--model-kwargs", metavar="YAML", help="keyword arguments of --model-class, e.g. '{hidden: 8}'")
+
+
+def _model_source(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of capture that :func:`_add_model_source`'s flags set."""
+    kwargs = None if args.model_kwargs is None else _yaml_mapping("--model-kwargs", args.model_kwargs, "{hidden: 8}")
+    return {"trust_pickle": args.trust_pickle, "imports": args.imports, "model_class": args.model_class,
+            "model_kwargs": kwargs}
+
+
+def _yaml_mapping(flag: str, text: str, example: str) -> dict[str, Any]:
+    """A flag's YAML (or JSON) mapping."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UsageError(f"{flag} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a mapping such as '{example}', got {text!r}")
+    return value
 
 
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
@@ -218,7 +254,7 @@ def _cmd_compress(argv: Sequence[str]) -> int:
     try:
         result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target, inputs=args.input,
                           calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
-                          trust_pickle=args.trust_pickle, dump_passes=args.dump_passes,
+                          **_model_source(args), dump_passes=args.dump_passes,
                           latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass)
     except CompressorError as err:
         if args.junit:
@@ -259,7 +295,7 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
                                                      "and which built-in passes would change it.")
     p.add_argument("model")
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE")
-    p.add_argument("--trust-pickle", action="store_true")
+    _add_model_source(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _add_verbosity(p)
     args = p.parse_args(argv)
@@ -267,8 +303,7 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
     from compressor.model_info import inspect_model
     from compressor.inputs import parse_input_overrides
 
-    report = inspect_model(Path(args.model), trust_pickle=args.trust_pickle,
-                           input_overrides=parse_input_overrides(args.input))
+    report = inspect_model(Path(args.model), input_overrides=parse_input_overrides(args.input), **_model_source(args))
     if args.json:
         print(strict_json.dumps(report))
         return EXIT_OK
@@ -310,23 +345,16 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", type=Path, default=Path("sweep-out"),
                    help="folder for sweep.csv, sweep.json, sweep.png (default: sweep-out/)")
     p.add_argument("--latency-runs", type=_at_least(0), default=10, help="timed runs per level (0: no latency)")
-    p.add_argument("--trust-pickle", action="store_true")
+    _add_model_source(p)
     _add_verbosity(p)
     args = p.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    import yaml
-
     from compressor.sweep import format_table, sweep
 
-    try:
-        options = yaml.safe_load(args.options) if args.options else {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"--options is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(options, dict):
-        raise UsageError(f"--options must be a mapping such as '{{mask: wanda}}', got {args.options!r}")
+    options = _yaml_mapping("--options", args.options, "{mask: wanda}") if args.options else {}
     result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
                    outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
-                   options=options, inputs=args.input, metric=args.metric, trust_pickle=args.trust_pickle,
+                   options=options, inputs=args.input, metric=args.metric, **_model_source(args),
                    latency_runs=args.latency_runs, progress=_bar,
                    on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
     print(format_table(result))

@@ -30,7 +30,7 @@ import numpy as np
 from compressor.errors import DataError
 from compressor.inputs import InputSpec
 
-__all__ = ["Dataset", "RawData", "read_npz", "load_npz", "random_dataset", "LABELS_KEY", "MASK_INPUT"]
+__all__ = ["Dataset", "RawData", "example_inputs", "read_npz", "load_npz", "random_dataset", "LABELS_KEY", "MASK_INPUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +262,17 @@ def read_npz(path: str | Path, *, what: str = "data") -> RawData:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     logger.info("%s: %s samples from %s", what, n if n is not None else "?", path)
     return RawData(raw, labels, str(path), digest, what)
+
+
+def example_inputs(*sources: RawData | None, rows: int = 2) -> dict[str, np.ndarray] | None:
+    """The first ``rows`` samples of the first data given (calibration, else evaluation).
+
+    Capture takes from them the input shapes and dtypes a torch file does not record.
+    """
+    raw = next((r for r in sources if r is not None), None)
+    if raw is None:
+        return None
+    return {name: arr[:rows] if arr.ndim else arr for name, arr in raw.arrays.items()}
 
 
 def _labels(labels: np.ndarray, n: int | None, where: str) -> np.ndarray:

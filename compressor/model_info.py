@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,16 @@ def _would_change(model: ir.Model) -> dict[str, dict[str, Any]]:
     return out
 
 
-def inspect_model(path: Path, *, trust_pickle: bool = False,
-                  input_overrides: dict | None = None) -> dict[str, Any]:
-    """Inputs/outputs with shapes, op histogram, parameter count, and pass applicability."""
-    captured = capture(path, trust_pickle=trust_pickle, input_overrides=input_overrides)
+def inspect_model(path: Path, *, trust_pickle: bool = False, input_overrides: dict | None = None,
+                  imports: Sequence[str] = (), model_class: str | None = None,
+                  model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Inputs/outputs with shapes, op histogram, parameter count, and pass applicability.
+
+    ``trust_pickle``, ``imports``, ``model_class`` and ``model_kwargs`` say how a torch file
+    is loaded (:func:`compressor.capture.capture`).
+    """
+    captured = capture(path, trust_pickle=trust_pickle, input_overrides=input_overrides, imports=imports,
+                       model_class=model_class, model_kwargs=model_kwargs)
     model = captured.model
     ops = collections.Counter(
         (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}")

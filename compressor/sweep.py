@@ -176,6 +176,9 @@ def sweep(
     inputs: Sequence[str] = (),
     metric: str = "auto",
     trust_pickle: bool = False,
+    imports: Sequence[str] = (),
+    model_class: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     latency_runs: int = 10,
     on_level: Callable[[int, str], None] | None = None,
     progress: Progress | None = None,
@@ -184,6 +187,8 @@ def sweep(
 
     Args:
         options: Further options of the pass, the same at every level (``{mask: wanda}``).
+        trust_pickle, imports, model_class, model_kwargs: How a torch file is loaded
+            (:func:`compressor.capture.capture`).
         latency_runs: Timed runs per level in the target (0: no latency).
         on_level: Called with ``(index, level)`` before each level (progress display).
         progress: Factory of progress bars ``(desc, total)``; one bar counts the levels.
@@ -192,7 +197,7 @@ def sweep(
         UsageError: bad levels or options; CompressorError: as :func:`compressor.api.compress`.
     """
     from compressor.capture import capture
-    from compressor.data import read_npz
+    from compressor.data import example_inputs, read_npz
     from compressor.recipe import check_budget
     from compressor.inputs import check_tensor_io, model_input_specs, parse_input_overrides
     from compressor.pass_manager import PassManager
@@ -217,7 +222,9 @@ def sweep(
     if raw_calib is None and any(getattr(p, "needs_calibration", False) for p in steps):
         raise UsageError(f"sweep: {pass_name} with options {extra} needs calibration data: pass --calib samples.npz")
 
-    model = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides).model
+    model = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides,
+                    example_inputs=example_inputs(raw_calib, raw_eval), imports=imports, model_class=model_class,
+                    model_kwargs=model_kwargs).model
     check_tensor_io(model)
     specs = model_input_specs(model)
     eval_set = raw_eval.validate(specs)

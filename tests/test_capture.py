@@ -289,8 +289,8 @@ def test_truncated_torch_archives(tmp_path, name):
 
 def test_state_dict(tmp_path):
     torch.save(_net().state_dict(), tmp_path / "weights.pt")
-    with pytest.raises(CaptureError, match=r"weights\.pt: a state_dict \(weights only, no graph\) cannot be compressed "
-                                           r"on its own; save a \.pt2 with torch\.export\.save\(torch\.export\.export"):
+    with pytest.raises(CaptureError, match=r"weights\.pt: a state_dict \(weights only, no graph\); pass --model-class "
+                                           r"MODULE:CLASS .*; or save a \.pt2 with torch\.export\.save"):
         capture(tmp_path / "weights.pt")
 
 
