@@ -244,7 +244,7 @@ def test_shapes_need_input_or_data(user_dir, capsys):
          r"^error: calib nope\.npz: no such file$")
     (user_dir / "bad.npz").write_bytes(b"not a zip")
     fail(["model.pt", "--trust-pickle", "--recipe", "fold", "--eval", "bad.npz", "-o", "out"], capsys, 2,
-         r"^error: eval bad\.npz: not a readable \.npz file")
+         r"^error: eval bad\.npz: not an \.npz file")
     np.savez(user_dir / "wrong.npz", images=samples())
     fail(["model.pt", "--trust-pickle", "--recipe", "fold", "--calib", "wrong.npz", "-o", "out"], capsys, 2,
          r"the data holds 'images', but the pickled Net takes no argument 'images'; its forward arguments are x")
