@@ -357,16 +357,18 @@ def test_nonfinite_weight_is_exit_2_naming_layer_and_weight(tmp_path, capsys):
 
 
 def test_calibration_run_failing_is_exit_2(tmp_path, capsys):
-    """The float model fails in ONNX Runtime on the calibration data: bad input, not a crash."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    """The float model fails in ONNX Runtime on the calibration data (it runs on the eval
+    data, so the baseline passes): bad input, not a crash."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"),
              helper.make_node("MatMul", ["r", "w"], ["y"], name="fc")]
     inits = [numpy_helper.from_array(np.array([3, 4], np.int64), "shape"),
              numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w")]
-    path = _save(tmp_path, nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
-    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 2, 4)).astype(np.float32))
-    code, err, errors = _run([path, "--recipe", "int8", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "out",
-                              "-q"], capsys)
+    path = _save(tmp_path, nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])], inits)
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 2, 4)).astype(np.float32))  # 2 rows: no reshape to 3x4
+    np.savez(tmp_path / "eval.npz", x=RNG.standard_normal((4, 3, 4)).astype(np.float32))
+    code, err, errors = _run([path, "--recipe", "int8", "--calib", tmp_path / "calib.npz", "--eval",
+                              tmp_path / "eval.npz", "-o", tmp_path / "out", "-q"], capsys)
     assert code == 2, err
     assert len(errors) == 1, err
     assert "calibration: the model fails in ONNX Runtime on the calibration data" in errors[0], errors[0]

@@ -65,7 +65,7 @@ def test_wrong_option_type(tmp_path):
 
 def test_invalid_value_range(tmp_path):
     path = write(tmp_path, "passes: [fold-constants]\naccuracy: {max_drop: -1}\n")
-    with pytest.raises(OptionsError, match=r"max_drop' must be >= 0"):
+    with pytest.raises(OptionsError, match=r"max_drop' must be a finite number >= 0"):
         load_recipe(path)
 
 
