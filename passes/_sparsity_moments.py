@@ -135,22 +135,20 @@ def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
         results.update((n, feed[n]) for n in axes if n in feed)
         mask = feed.get(MASK_INPUT)
         for name, axis in axes.items():
-            x = np.asarray(results[name], np.float64)
-            axis %= x.ndim
-            others = tuple(a for a in range(x.ndim) if a != axis)
-            tokens = mask is not None and mask.ndim == 2 and x.ndim >= 3 and axis >= 2 and x.shape[:2] == mask.shape
-            g = _gram(np.asarray(results[name]), axis, mask if tokens else None) if name in gram else None
-            if tokens:
-                # token activations: padding positions are not data (see compressor.evaluation)
-                keep = mask.astype(np.float64).reshape(mask.shape + (1,) * (x.ndim - 2))
-                total, squares = (x * keep).sum(axis=others), (np.square(x) * keep).sum(axis=others)
-                count = int(round(keep.sum())) * (x[0, 0].size // x.shape[axis])
-            else:
-                total, squares = x.sum(axis=others), np.square(x).sum(axis=others)
-                count = x.size // x.shape[axis]
-            spatial = x.sum(axis=0) if axis == 1 and x.ndim >= 3 else None
+            raw = np.asarray(results[name])
+            axis %= raw.ndim
+            tokens = (mask is not None and mask.ndim == 2 and raw.ndim >= 3 and axis >= 2
+                      and raw.shape[:2] == mask.shape)
+            # token activations: padding positions are not data (see compressor.evaluation), so
+            # only real tokens are kept, before any arithmetic
+            real = raw[mask.astype(bool)] if tokens else raw
+            flat = np.moveaxis(real, axis - 1 if tokens else axis, -1).reshape(-1, raw.shape[axis])
+            x = flat.astype(np.float64)
+            total, squares, count = x.sum(axis=0), np.einsum("ij,ij->j", x, x), x.shape[0]
+            g = _gram(flat) if name in gram else None
+            spatial = raw.astype(np.float64).sum(axis=0) if axis == 1 and raw.ndim >= 3 else None
             if name not in acc:
-                acc[name] = ChannelMoments(total, squares, count, spatial, x.shape[0], g)
+                acc[name] = ChannelMoments(total, squares, count, spatial, raw.shape[0], g)
             else:
                 m = acc[name]
                 m.total = m.total + total
@@ -160,7 +158,7 @@ def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
                 m.count += count
                 if m.spatial is not None and spatial is not None and m.spatial.shape == spatial.shape:
                     m.spatial = m.spatial + spatial
-                    m.samples += x.shape[0]
+                    m.samples += raw.shape[0]
                 else:
                     m.spatial = None
     missing = [n for n in axes if n not in acc]
@@ -170,18 +168,15 @@ def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
     return acc
 
 
-def _gram(x: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray:
-    """``sum x x^T`` over the channels on ``axis`` of one batch (real tokens only when ``mask``).
+def _gram(flat: np.ndarray) -> np.ndarray:
+    """``sum x x^T`` of one batch's ``positions x channels`` matrix.
 
-    The product runs in ``x``'s float precision (float32: one batch's sum), the result is
-    float64 so that batches accumulate without loss.
+    The product runs in the activation's float precision (float32: one batch's sum), the
+    result is float64 so that batches accumulate without loss.
     """
-    x = np.moveaxis(x, axis, -1)
-    if mask is not None:
-        x = x[mask.astype(bool)]
-    flat = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     if flat.dtype not in (np.float32, np.float64):
         flat = flat.astype(np.float32)
+    flat = np.ascontiguousarray(flat)
     return (flat.T @ flat).astype(np.float64)
 
 
