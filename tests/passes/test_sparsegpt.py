@@ -204,3 +204,16 @@ def test_gram_skips_padding_and_accumulates_over_batches():
     real = x[mask == 1].astype(np.float64)
     np.testing.assert_allclose(moments["x"].gram, real.T @ real, rtol=1e-5)
     assert moments["y"].gram is None
+
+
+def test_inverse_hessian_factor():
+    """Case 2: ``U`` is upper triangular with ``U^T U = (2 G + lambda I)^-1``."""
+    from compressor.passes._sparsegpt import _inverse_cholesky
+
+    x = np.random.default_rng(10).standard_normal((50, 12))
+    gram = x.T @ x
+    u = _inverse_cholesky(gram, 0.01)
+    h = 2 * gram + 0.01 * np.mean(np.diag(2 * gram)) * np.eye(12)
+    np.testing.assert_allclose(u, np.triu(u))
+    assert (np.diag(u) > 0).all()
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-9, atol=1e-12)
