@@ -9,7 +9,10 @@ the inputs, and share one Hessian:
 1. ``H = 2 X X^T + lambda I`` over the layer's input channels, ``X X^T`` the channel Gram
    matrix gathered by the activation-moments engine (:mod:`._sparsity_moments`, padding
    tokens excluded, accumulated batch by batch), ``lambda = damp * mean(diag(2 X X^T))``
-   (``damp = 0.01``; a channel never active in the data has ``H_jj = lambda``). When the
+   (``damp = 0.03`` by default, the paper's 0.01 fits MiniLM's 100 short calibration
+   sentences (2.3k tokens for up to 1536 channels) less well: on 152 held-out sentences,
+   2:4, mean cosine 0.826 / 0.847 / 0.854 / 0.852 / 0.847 at damp 0.001 / 0.01 / 0.03 /
+   0.1 / 0.3; a channel never active in the data has ``H_jj = lambda``). When the
    Cholesky factorisation fails the damping grows tenfold (up to three times).
 2. ``U`` is the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``). Row ``j`` of ``U``,
    from column ``j`` on, divided by ``U_jj``, is the row of the inverse Hessian of the
@@ -61,7 +64,7 @@ __all__ = ["BLOCK", "DAMP", "sparsegpt_rows", "sparsegpt_weight"]
 logger = logging.getLogger(__name__)
 
 BLOCK = 128
-DAMP = 0.01
+DAMP = 0.03
 
 
 def _inverse_cholesky(gram: np.ndarray, damp: float) -> np.ndarray:

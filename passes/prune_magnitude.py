@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.passes._graph import NameAllocator
-from compressor.passes._sparsegpt import sparsegpt_weight
+from compressor.passes._sparsegpt import DAMP, sparsegpt_weight
 from compressor.passes._sparsity import (
     PRUNABLE_OPS,
     find_weight_layers,
@@ -73,6 +73,7 @@ class PruneMagnitudeOptions:
         ops: Op types whose weights are pruned.
         scope: Which layers (exact names or ``re:`` patterns, on node or weight names).
         bias_correction: Restore each layer's output mean from calibration data.
+        damp: SparseGPT's Hessian damping, relative to its mean diagonal (``> 0``).
     """
 
     sparsity: float = 0.5
@@ -81,8 +82,11 @@ class PruneMagnitudeOptions:
     ops: tuple[str, ...] = PRUNABLE_OPS
     scope: Scope = Scope()
     bias_correction: bool = False
+    damp: float = DAMP
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.damp < float("inf"):
+            raise ValueError(f"option 'damp' must be a positive number, got {self.damp}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"option 'sparsity' must be in [0, 1), got {self.sparsity}")
         if self.method == "sparsegpt" and self.threshold != "per-layer":
@@ -149,7 +153,7 @@ class PruneMagnitude(Pass):
         dense = [group[0].array() for group in groups]
         if opts.method == "sparsegpt":  # case 3
             after = [sparsegpt_weight(group[0], w, [moments[layer.activation().name].gram for layer in group],
-                                      sparsity=opts.sparsity) for group, w in zip(groups, dense)]
+                                      sparsity=opts.sparsity, damp=opts.damp) for group, w in zip(groups, dense)]
         else:
             masks = magnitude_masks(dense, opts.sparsity, opts.threshold)
             after = [np.where(mask, w, np.zeros((), w.dtype)) for w, mask in zip(dense, masks)]

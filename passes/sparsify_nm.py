@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.passes._graph import NameAllocator
-from compressor.passes._sparsegpt import sparsegpt_weight
+from compressor.passes._sparsegpt import DAMP, sparsegpt_weight
 from compressor.passes._sparsity import (
     PRUNABLE_OPS,
     WeightLayer,
@@ -78,6 +78,7 @@ class SparsifyNMOptions:
         ops: Op types sparsified.
         scope: Which layers (exact names or ``re:`` patterns, on node or weight names).
         bias_correction: Restore each layer's output mean from calibration data.
+        damp: SparseGPT's Hessian damping, relative to its mean diagonal (``> 0``).
     """
 
     n: int = 2
@@ -86,8 +87,11 @@ class SparsifyNMOptions:
     ops: tuple[str, ...] = PRUNABLE_OPS
     scope: Scope = Scope()
     bias_correction: bool = False
+    damp: float = DAMP
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.damp < float("inf"):
+            raise ValueError(f"option 'damp' must be a positive number, got {self.damp}")
         if not 1 <= self.n < self.m:
             raise ValueError(f"options 'n' and 'm' must satisfy 1 <= n < m, got {self.n}:{self.m}")
         bad = sorted(set(self.ops) - set(PRUNABLE_OPS))
@@ -148,7 +152,7 @@ class SparsifyNM(Pass):
             dense_all.append(w)
             if opts.mask == "sparsegpt":  # case 3
                 grams = [moments[layer.activation().name].gram for layer in group]
-                sparse_all.append(sparsegpt_weight(first, w, grams, n=n, m=m))
+                sparse_all.append(sparsegpt_weight(first, w, grams, n=n, m=m, damp=opts.damp))
                 continue
             rows = first.to_rows(w)
             scores = np.abs(rows.astype(np.float64))
@@ -162,6 +166,7 @@ class SparsifyNM(Pass):
         stats = {
             "pattern": f"{n}:{m}",
             "mask": opts.mask,
+            **({"damp": opts.damp} if opts.mask == "sparsegpt" else {}),
             "layers_sparsified": len(per_layer),
             "target_has_nm_kernels": (n, m) in tuple(tuple(p) for p in targets),
             **pruning_stats(dense_all, sparse_all, per_layer, skipped, corrected),

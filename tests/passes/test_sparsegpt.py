@@ -217,3 +217,26 @@ def test_inverse_hessian_factor():
     np.testing.assert_allclose(u, np.triu(u))
     assert (np.diag(u) > 0).all()
     np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("damp", [0.0, -0.1, float("inf")])
+def test_damping_must_be_positive(damp):
+    with pytest.raises(OptionsError, match="'damp' must be a positive number"):
+        SparsifyNM({"mask": "sparsegpt", "damp": damp})
+    with pytest.raises(OptionsError, match="'damp' must be a positive number"):
+        PruneMagnitude({"method": "sparsegpt", "damp": damp})
+
+
+def test_damping_reaches_the_algorithm():
+    """Heavy damping pushes ``H`` towards ``lambda I``: the mask tends to magnitude's and the weights move less."""
+    model = _matmul_model(32, 8)
+    dense = _weights(model)[0]
+    data = _dataset(model, {"x": _correlated(64, 3, 32, seed=3)})
+    moved = {}
+    for damp in (0.01, 1e4):
+        result = SparsifyNM({"mask": "sparsegpt", "damp": damp}).run(_clone(model), _ctx(data))
+        assert result.stats["damp"] == damp
+        (w,) = _weights(result.model)
+        kept = w != 0
+        moved[damp] = float(np.abs(w[kept] - dense[kept]).max())
+    assert moved[1e4] < 0.01 * moved[0.01], moved
