@@ -57,6 +57,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from compressor.errors import DataError
 from compressor.passes._sparsity import WeightLayer, nm_keep_mask
 
 __all__ = ["BLOCK", "DAMP", "sparsegpt_rows", "sparsegpt_weight"]
@@ -154,8 +155,14 @@ def sparsegpt_weight(layer: WeightLayer, weight: np.ndarray, grams: Sequence[np.
         weight: Its dense weight.
         grams: ``X X^T`` of the activation channels of each layer reading the weight (summed).
         **how: ``n`` and ``m``, or ``sparsity``; optionally ``block`` and ``damp``.
+
+    Raises:
+        DataError: The calibration data made the layer's ``X X^T`` non-finite.
     """
     gram = np.sum([np.asarray(g, np.float64) for g in grams], axis=0)
+    if not np.isfinite(gram).all():
+        raise DataError(f"`{layer.name}`: SparseGPT: the calibration data gives this layer non-finite or "
+                        "overflowing inputs (X X^T is not finite); check the calibration samples")
     rows = layer.to_rows(weight).astype(np.float64)
     g = layer.group
     if g == 1:

@@ -177,7 +177,8 @@ def _gram(flat: np.ndarray) -> np.ndarray:
     if flat.dtype not in (np.float32, np.float64):
         flat = flat.astype(np.float32)
     flat = np.ascontiguousarray(flat)
-    return (flat.T @ flat).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow stays inf: the caller names the layer
+        return (flat.T @ flat).astype(np.float64)
 
 
 def cached_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset, cache: dict,

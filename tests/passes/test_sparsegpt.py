@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from compressor.data import Dataset
-from compressor.errors import CompressorError, OptionsError
+from compressor.errors import CompressorError, DataError, OptionsError
 from compressor.inputs import model_input_specs
 from compressor.model_io import verify_model
 from compressor.passes._sparsegpt import sparsegpt_rows
@@ -240,3 +240,10 @@ def test_damping_reaches_the_algorithm():
         kept = w != 0
         moved[damp] = float(np.abs(w[kept] - dense[kept]).max())
     assert moved[1e4] < 0.01 * moved[0.01], moved
+
+
+def test_overflowing_calibration_inputs_are_named():
+    model = _matmul_model(8, 4)
+    x = np.full((4, 3, 8), 1e30, np.float32)  # x x^T overflows float32
+    with pytest.raises(DataError, match="`MatMul -> y`: SparseGPT: .*non-finite"):
+        SparsifyNM({"mask": "sparsegpt"}).run(model, _ctx(_dataset(model, {"x": x})))
