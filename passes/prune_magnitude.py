@@ -1,7 +1,8 @@
 """``prune-magnitude``: unstructured pruning of Conv/Gemm/MatMul weights (magnitude or SparseGPT).
 
-With ``method: magnitude`` (the default), for a target sparsity ``s`` the ``k = floor(s * n)`` weights of smallest ``|w|`` are set
-to exactly 0 (``n`` weights considered):
+With ``method: magnitude`` (the default), for a target sparsity ``s`` the
+``k = floor(s * n)`` weights of smallest ``|w|`` are set to exactly 0 (``n`` weights
+considered):
 
 1. ``threshold: per-layer``: every weight tensor on its own, so each layer ends at
    sparsity ``s`` (weights already 0 count towards it);
@@ -163,6 +164,7 @@ class PruneMagnitude(Pass):
         total = sum(w.size for w in dense)
         stats = {
             "method": opts.method,
+            **({"damp": opts.damp} if opts.method == "sparsegpt" else {}),
             "layers_pruned": len(per_layer),
             "sparsity_before": round(sum(int((w == 0).sum()) for w in dense) / total, 4) if total else 0.0,
             **pruning_stats(dense, after, per_layer, skipped, corrected),

@@ -179,6 +179,7 @@ def test_unstructured_sparsegpt_beats_magnitude_on_correlated_inputs():
     for method in ("magnitude", "sparsegpt"):
         result = PruneMagnitude({"sparsity": 0.6, "method": method}).run(_clone(model), _ctx(data))
         assert result.stats["method"] == method
+        assert result.stats.get("damp") == (0.03 if method == "sparsegpt" else None)
         (w,) = _weights(result.model)
         assert (w == 0).mean() == pytest.approx(0.6, abs=1 / w.size)
         errors[method] = _layer_error(model, result.model, data)
