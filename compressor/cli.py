@@ -335,7 +335,7 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     p.add_argument("--levels", required=True, help="comma-separated levels, e.g. 0.1,0.2,0.5 or 1:4,2:4,3:4")
     p.add_argument("--eval", type=Path, dest="eval_data", required=True,
                    help=".npz of evaluation samples (+ optional 'labels')")
-    p.add_argument("--calib", type=Path, help=".npz of calibration samples (Wanda masks, bias correction)")
+    p.add_argument("--calib", type=Path, help=".npz of calibration samples (Wanda/SparseGPT masks, bias correction)")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="backend to evaluate in (default: onnx)")
     p.add_argument("--max-drop", type=float, help="accuracy budget: the knee is the largest level within it")
     p.add_argument("--options", default=None, metavar="YAML",

