@@ -29,7 +29,9 @@ For each compute layer the target quantizes (see :mod:`._placement`):
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
 float (mask and shape paths, non-finite or sentinel-dominated ranges) are skipped and
-listed with the reason in ``stats["skipped"]``.
+listed with the reason in ``stats["skipped_layers"]``/``stats["skipped_tensors"]``. A run
+that quantizes nothing says so: a warning and ``stats["nothing_quantized"]`` with every
+reason, summarised.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from compressor.passes._bias_correction import correct_bias, input_channel_axis
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
 from compressor.passes._graph import NameAllocator, add_initializer
-from compressor.passes._placement import Layer, find_layers, integer_derived, weight_channel_axis
+from compressor.passes._placement import Layer, find_layers, integer_derived, mask_uses, weight_channel_axis
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant_math import dequantize_array, quant_params, quantize_array, weight_quant_params
@@ -201,12 +203,13 @@ class Quantize(Pass):
                                       activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
         wide = set(ctx.options.get(WIDE_KEY, ()))
         bits = 16 if opts.activations == "int16" else 8
-        masks = integer_derived(graph)
+        derived, used_as_mask = integer_derived(graph), mask_uses(graph)
         tensor_skips: dict[str, str] = {}
         for layer in layers:
             for _, value in layer.activations:
-                if value.name in masks:
-                    tensor_skips[value.name] = f"derived only from integer input {masks[value.name]!r} (mask/shape path)"
+                if value.name in derived and value.name in used_as_mask:
+                    tensor_skips[value.name] = (f"derived only from integer input {derived[value.name]!r} and used as "
+                                                f"a mask/shape path ({used_as_mask[value.name]})")
         smoothed = 0
         if opts.smoothquant is not None:
             # Smooth every candidate layer, given back or not (the transform is exact in float),
@@ -286,7 +289,11 @@ class Quantize(Pass):
             logger.info("kept float: %s: %s", name, why)
         for name, why in sorted(weight_only_done.items()):
             logger.info("weight only: %s: %s", name, why)
+        nothing = None if quantized or weight_only_done else _nothing_quantized(skipped, caps)
+        if nothing:
+            logger.warning("quantize: nothing was quantized: %s", nothing)
         return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0, {
+            **({"nothing_quantized": nothing} if nothing else {}),
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
             "layers_weight_only": len(weight_only_done),
@@ -300,6 +307,19 @@ class Quantize(Pass):
             "skipped_tensors": dict(sorted(tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only_done.items())),
         })
+
+
+def _nothing_quantized(skipped: dict[str, str], caps: Capabilities, shown: int = 3) -> str:
+    """Why no layer was quantized: each distinct reason with how many layers it kept float."""
+    if not skipped:
+        return f"the model has no layer the target quantizes ({', '.join(sorted(caps.quantizable))})"
+    by_reason: dict[str, list[str]] = {}
+    for name, why in sorted(skipped.items()):
+        by_reason.setdefault(why, []).append(name)
+    parts = [f"{len(names)} layer(s) {why} ({', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
+             for why, names in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))]
+    more = f"; {len(parts) - 2 * shown} more reason(s) in stats['skipped_layers']" if len(parts) > 2 * shown else ""
+    return f"all {len(skipped)} candidate layer(s) kept float: " + "; ".join(parts[:2 * shown]) + more
 
 
 def _float_activations(graph: ir.Graph, roles: tuple[str, ...]) -> dict[str, str]:

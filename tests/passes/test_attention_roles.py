@@ -116,7 +116,7 @@ def test_float_keys_and_context_keep_their_inputs_float(tmp_path):
     assert stats["weight_only_layers"] == {"k_proj": "activation kept float (float_activations: attention-keys)"}
     assert stats["layers_weight_only"] == 1
     assert stats["skipped_layers"]["context"] == "activation kept float (float_activations: attention-context)"
-    assert stats["layers"] == ["q_proj", "v_proj", "scores", "o_proj"]
+    assert stats["layers"] == ["q_proj", "v_proj", "scores", "o_proj", "pool"]  # pool: mask as data (0/1)
     out = _run_target(q, feeds)
     assert _sqnr_db(ref[0], out[0]) >= SQNR_FLOOR_DB - 3
 
