@@ -26,6 +26,15 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    by the keys' common component, while a key error is not and the queries' common
    component ``q̄`` amplifies it (``q̄ · δk_j`` differs per key).
 
+6. ``attention: auto`` (the default): where :mod:`._attention` finds attention blocks
+   (``Softmax(f(Q Kᵀ)) V`` by structure, never by name), the options a recipe leaves
+   unset take the transformer preset (:data:`TRANSFORMER_PRESET`, what NNCF's
+   ``model_type=TRANSFORMER`` asks for by hand): ``float_activations: [attention-keys,
+   attention-context]``, ``smoothquant: {alpha: 0.9}``, and residual joins float unless
+   they are a convolution's (``eltwise``). On a target with no float path
+   (``Capabilities.fallback == "int16"``) those roles get 16-bit activations instead.
+   A model without attention (a CNN) is quantized exactly as with ``attention: off``.
+
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
 float (mask and shape paths, non-finite or sentinel-dominated ranges) are skipped and
@@ -78,10 +87,16 @@ class QuantizeOptions:
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
         eltwise: Also quantize the inputs of joins of activations the target runs in int8
             (residual ``Add``/``Sum``: OpenVINO then keeps the residual path in uint8).
-        smoothquant: Migrate activation outliers into weights before quantizing.
+            Unset: yes, except, in a model with attention, joins with no input straight
+            from a convolution (a transformer's residual adds).
+        smoothquant: Migrate activation outliers into weights before quantizing. Unset:
+            none, or the preset's in a model with attention.
         bias_correction: Remove the output mean shift that weight rounding causes.
         float_activations: Layers with these structural roles keep float activation
-            inputs; their weights, if any, are still quantized (weight-only).
+            inputs; their weights, if any, are still quantized (weight-only). Unset: none,
+            or the preset's in a model with attention.
+        attention: ``auto``: attention blocks found by structure give the unset options
+            the transformer preset; ``off``: every model is treated alike.
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -91,15 +106,24 @@ class QuantizeOptions:
     ops: tuple[str, ...] = ()
     scope: Scope = Scope()
     activation_matmuls: bool = True
-    eltwise: bool = True
+    eltwise: bool | None = None
     smoothquant: SmoothQuantOptions | None = None
     bias_correction: bool = False
-    float_activations: tuple[Literal[ROLES], ...] = ()
+    float_activations: tuple[Literal[ROLES], ...] | None = None
+    attention: Literal["auto", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"option 'percentile' must be in (50, 100], got {self.percentile}")
 
+
+#: What ``attention: auto`` gives the unset options of a model with attention blocks
+#: (measured on all-MiniLM-L6-v2, docs/design.md "One int8").
+TRANSFORMER_PRESET = {
+    "float_activations": ("attention-keys", "attention-context"),
+    "smoothquant": SmoothQuantOptions(alpha=0.9),
+}
+_CONVS = frozenset({"Conv", "ConvTranspose"})
 
 _WIDE = {"int8": "int16", "uint8": "uint16"}
 
@@ -198,9 +222,23 @@ class Quantize(Pass):
         if not caps.quantizable:
             raise CompressorError(f"target {getattr(ctx.target, 'name', None)!r} declares no quantizable ops")
         graph = model.graph
-        layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
-                                      exclude=ctx.options.get(EXCLUDE_KEY, ()),
-                                      activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+        blocks = _attention_blocks(graph) if opts.attention == "auto" else 0
+        opts, preset = _with_preset(opts, blocks)
+        if preset:
+            logger.info("quantize: %d attention block(s) found by structure: transformer preset for %s",
+                        blocks, ", ".join(preset))
+
+        def layers_to_quantize(exclude: tuple[str, ...] = ()) -> tuple[list[Layer], dict[str, str]]:
+            found, why = find_layers(graph, caps, ops=opts.ops, scope=opts.scope, exclude=exclude,
+                                     activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+            if "eltwise" in preset:  # case 6: a transformer's residual adds stay float, a convolution's join not
+                for layer in [la for la in found if la.weight is None and la.quant.weights is None]:
+                    if not any((p := v.producer()) is not None and p.op_type in _CONVS for _, v in layer.activations):
+                        found.remove(layer)
+                        why[layer.name] = "residual join in a model with attention (attention: auto)"
+            return found, why
+
+        layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
         wide = set(ctx.options.get(WIDE_KEY, ()))
         bits = 16 if opts.activations == "int16" else 8
         derived, used_as_mask = integer_derived(graph), mask_uses(graph)
@@ -216,14 +254,17 @@ class Quantize(Pass):
             # so the smoothed model, and with it the cached statistics, is the same on every
             # re-run of accuracy control; then find the layers to quantize again.
             smooth_cache = ctx.cache.setdefault("smoothquant.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
-            candidates, _ = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
-                                        activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+            candidates, _ = layers_to_quantize()
             smoothed = smooth_layers(model, candidates, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
                                      cache=smooth_cache)
-            layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
-                                          exclude=ctx.options.get(EXCLUDE_KEY, ()),
-                                          activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+            layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
         float_acts = _float_activations(graph, opts.float_activations)
+        widened: list[str] = []
+        if "float_activations" in preset and caps.fallback == "int16":
+            # No float path on the target: the preset's roles get 16-bit activations instead.
+            widened = sorted(name for name in float_acts if name not in wide)
+            wide |= set(float_acts)
+            float_acts = {}
         full = [layer for layer in layers if layer.name not in float_acts]
         names = sorted({v.name for layer in full for _, v in layer.activations} - set(tensor_skips))
         # Statistics depend only on the model before Q/DQ and the data: cache them per tensor,
@@ -297,6 +338,9 @@ class Quantize(Pass):
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
             "layers_weight_only": len(weight_only_done),
+            "attention_blocks": blocks,
+            "attention_preset": list(preset),
+            "layers_widened_by_preset": widened,
             "tensors_float": len(tensor_skips),
             "smoothquant_groups": smoothed,
             "bias_corrected": corrected,
@@ -307,6 +351,23 @@ class Quantize(Pass):
             "skipped_tensors": dict(sorted(tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only_done.items())),
         })
+
+
+def _attention_blocks(graph: ir.Graph) -> int:
+    """How many attention blocks (scores MatMuls feeding a Softmax) :mod:`._attention` finds."""
+    return sum("attention-scores" in roles for roles in attention_projections(graph).values())
+
+
+def _with_preset(opts: QuantizeOptions, blocks: int) -> tuple[QuantizeOptions, tuple[str, ...]]:
+    """``opts`` with its unset options filled (case 6), and the names of those the preset set."""
+    preset: dict[str, object] = {}
+    if blocks:
+        preset = {k: v for k, v in TRANSFORMER_PRESET.items() if getattr(opts, k) is None}
+        if opts.eltwise is None:
+            preset["eltwise"] = True  # joins after a convolution only (filtered in run)
+    resolved = dataclasses.replace(opts, **preset)
+    return dataclasses.replace(resolved, eltwise=resolved.eltwise is not False,
+                               float_activations=resolved.float_activations or ()), tuple(preset)
 
 
 def _nothing_quantized(skipped: dict[str, str], caps: Capabilities, shown: int = 3) -> str:

@@ -283,7 +283,7 @@ def test_attention_structure_and_mask_path_stays_float(tmp_path):
     calib = _dataset(model, tmp_path, _attention_feeds(1, 64))
     feeds = _attention_feeds(2, 32)
     ref = run_ort(model, feeds)
-    result = _quantize(_clone(model), calib)
+    result = _quantize(_clone(model), calib, attention="off")  # every layer int8: no transformer preset
     q = result.model
     stats = result.stats
     assert stats["layers"] == ["q_proj", "k_proj", "v_proj", "scores", "context", "o_proj", "pool"]
@@ -413,7 +413,7 @@ def test_mask_add_stays_float_where_adds_are_quantized(tmp_path, target):
     ctx = PassContext(target=get_target(target), calibration=calib)
     folded = build_pass("fold-constants", None).run(model, ctx)
     ctx.properties.add("constants-folded")
-    result = build_pass("quantize", None).run(folded.model, ctx)
+    result = build_pass("quantize", {"attention": "off"}).run(folded.model, ctx)  # the mask rule alone
     add = _node(result.model, "add_mask")
     assert add.inputs[1].name == "sel3" and add.inputs[1].producer().op_type == "Unsqueeze"
     if target == "tensorrt":
@@ -542,7 +542,8 @@ def test_options_per_tensor_weights_int16_activations_and_ops(tmp_path):
 
 def test_activation_matmuls_off_keeps_them_float(tmp_path):
     model = attention(np.random.default_rng(0))
-    result = _quantize(model, _dataset(model, tmp_path, _attention_feeds(1, 16)), activation_matmuls=False)
+    result = _quantize(model, _dataset(model, tmp_path, _attention_feeds(1, 16)), activation_matmuls=False,
+                       attention="off")
     assert result.stats["layers"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     for name in ("scores", "context"):
         assert result.stats["skipped_layers"][name] == "both inputs are activations (activation_matmuls is off)"
