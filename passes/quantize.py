@@ -28,12 +28,19 @@ For each compute layer the target quantizes (see :mod:`._placement`):
 
 6. ``attention: auto`` (the default): where :mod:`._attention` finds attention blocks
    (``Softmax(f(Q Kᵀ)) V`` by structure, never by name), the options a recipe leaves
-   unset take the transformer preset (:data:`TRANSFORMER_PRESET`, what NNCF's
+   unset take the transformer preset (:mod:`._transformer_preset`, what NNCF's
    ``model_type=TRANSFORMER`` asks for by hand): ``float_activations: [attention-keys,
    attention-context]``, ``smoothquant: {alpha: 0.9}``, and residual joins float unless
    they are a convolution's (``eltwise``). On a target with no float path
    (``Capabilities.fallback == "int16"``) those roles get 16-bit activations instead.
    A model without attention (a CNN) is quantized exactly as with ``attention: off``.
+
+7. a layer whose inputs are all activations (``Q·Kᵀ``) on a target that lists
+   data-movement ops in ``OpQuant.qdq_through`` gets its input Q/DQ before the chain of
+   those ops that produces the input (``linear -> Q/DQ -> Reshape -> Transpose ->
+   MatMul``), with the range calibrated at the MatMul input: per-tensor Q/DQ commutes with
+   a reshape or transpose, so the model computes the same, and OpenVINO then runs the
+   MatMul in int8 instead of dequantizing in front of it.
 
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
@@ -55,13 +62,16 @@ import onnx_ir as ir
 
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics
-from compressor.passes._attention import ROLES, attention_projections
+from compressor.passes._attention import ROLES
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
 from compressor.passes._graph import NameAllocator, add_initializer
-from compressor.passes._placement import Layer, find_layers, integer_derived, mask_uses, weight_channel_axis
+from compressor.passes._placement import (Layer, before_data_movement, find_layers, integer_derived, mask_uses,
+                                          weight_channel_axis)
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
+from compressor.passes._transformer_preset import (attention_blocks, float_activation_layers, is_transformer_residual,
+                                                   with_preset)
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant_math import dequantize_array, quant_params, quantize_array, weight_quant_params
 from compressor.scope import Scope
@@ -116,14 +126,6 @@ class QuantizeOptions:
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"option 'percentile' must be in (50, 100], got {self.percentile}")
 
-
-#: What ``attention: auto`` gives the unset options of a model with attention blocks
-#: (measured on all-MiniLM-L6-v2, docs/design.md "One int8").
-TRANSFORMER_PRESET = {
-    "float_activations": ("attention-keys", "attention-context"),
-    "smoothquant": SmoothQuantOptions(alpha=0.9),
-}
-_CONVS = frozenset({"Conv", "ConvTranspose"})
 
 _WIDE = {"int8": "int16", "uint8": "uint16"}
 
@@ -222,8 +224,8 @@ class Quantize(Pass):
         if not caps.quantizable:
             raise CompressorError(f"target {getattr(ctx.target, 'name', None)!r} declares no quantizable ops")
         graph = model.graph
-        blocks = _attention_blocks(graph) if opts.attention == "auto" else 0
-        opts, preset = _with_preset(opts, blocks)
+        blocks = attention_blocks(graph) if opts.attention == "auto" else 0
+        opts, preset = with_preset(opts, blocks)
         if preset:
             logger.info("quantize: %d attention block(s) found by structure: transformer preset for %s",
                         blocks, ", ".join(preset))
@@ -232,10 +234,9 @@ class Quantize(Pass):
             found, why = find_layers(graph, caps, ops=opts.ops, scope=opts.scope, exclude=exclude,
                                      activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
             if "eltwise" in preset:  # case 6: a transformer's residual adds stay float, a convolution's join not
-                for layer in [la for la in found if la.weight is None and la.quant.weights is None]:
-                    if not any((p := v.producer()) is not None and p.op_type in _CONVS for _, v in layer.activations):
-                        found.remove(layer)
-                        why[layer.name] = "residual join in a model with attention (attention: auto)"
+                for layer in [la for la in found if is_transformer_residual(la)]:
+                    found.remove(layer)
+                    why[layer.name] = "residual join in a model with attention (attention: auto)"
             return found, why
 
         layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
@@ -258,7 +259,7 @@ class Quantize(Pass):
             smoothed = smooth_layers(model, candidates, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
                                      cache=smooth_cache)
             layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
-        float_acts = _float_activations(graph, opts.float_activations)
+        float_acts = float_activation_layers(graph, opts.float_activations)
         widened: list[str] = []
         if "float_activations" in preset and caps.fallback == "int16":
             # No float path on the target: the preset's roles get 16-bit activations instead.
@@ -290,7 +291,7 @@ class Quantize(Pass):
 
         writer = _QdqWriter(graph)
         quantized: list[str] = []
-        corrected = 0
+        corrected = moved = 0
         weight_only_done: dict[str, str] = {}
         per_channel = opts.weights == "int8-per-channel"
         for layer in layers:
@@ -311,7 +312,12 @@ class Quantize(Pass):
             layer_bits = 16 if layer.name in wide else bits
             for index, value in acts:
                 spec = activation_spec(layer.quant.activations, layer_bits)
-                layer.node.replace_input_with(index, writer.activation(value, spec, *ranges[value.name]))
+                source, reader = before_data_movement(value, layer.quant.qdq_through if layer.weight is None else ())
+                if reader is not None:  # case 7: the same range, the quantize step before the reshapes
+                    reader.replace_input_with(0, writer.activation(source, spec, *ranges[value.name]))
+                    moved += 1
+                else:
+                    layer.node.replace_input_with(index, writer.activation(value, spec, *ranges[value.name]))
             if layer.weight is not None:
                 writer.replace_weight(layer, _weight_spec(layer, per_channel))
                 x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None
@@ -338,6 +344,7 @@ class Quantize(Pass):
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
             "layers_weight_only": len(weight_only_done),
+            "qdq_moved_before_data_movement": moved,
             "attention_blocks": blocks,
             "attention_preset": list(preset),
             "layers_widened_by_preset": widened,
@@ -353,23 +360,6 @@ class Quantize(Pass):
         })
 
 
-def _attention_blocks(graph: ir.Graph) -> int:
-    """How many attention blocks (scores MatMuls feeding a Softmax) :mod:`._attention` finds."""
-    return sum("attention-scores" in roles for roles in attention_projections(graph).values())
-
-
-def _with_preset(opts: QuantizeOptions, blocks: int) -> tuple[QuantizeOptions, tuple[str, ...]]:
-    """``opts`` with its unset options filled (case 6), and the names of those the preset set."""
-    preset: dict[str, object] = {}
-    if blocks:
-        preset = {k: v for k, v in TRANSFORMER_PRESET.items() if getattr(opts, k) is None}
-        if opts.eltwise is None:
-            preset["eltwise"] = True  # joins after a convolution only (filtered in run)
-    resolved = dataclasses.replace(opts, **preset)
-    return dataclasses.replace(resolved, eltwise=resolved.eltwise is not False,
-                               float_activations=resolved.float_activations or ()), tuple(preset)
-
-
 def _nothing_quantized(skipped: dict[str, str], caps: Capabilities, shown: int = 3) -> str:
     """Why no layer was quantized: each distinct reason with how many layers it kept float."""
     if not skipped:
@@ -381,12 +371,3 @@ def _nothing_quantized(skipped: dict[str, str], caps: Capabilities, shown: int =
              for why, names in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))]
     more = f"; {len(parts) - 2 * shown} more reason(s) in stats['skipped_layers']" if len(parts) > 2 * shown else ""
     return f"all {len(skipped)} candidate layer(s) kept float: " + "; ".join(parts[:2 * shown]) + more
-
-
-def _float_activations(graph: ir.Graph, roles: tuple[str, ...]) -> dict[str, str]:
-    """Node name -> why its activations stay float, for the layers with one of ``roles``."""
-    if not roles:
-        return {}
-    found = {name: sorted(set(has) & set(roles)) for name, has in attention_projections(graph).items()}
-    return {name: f"activation kept float (float_activations: {', '.join(which)})"
-            for name, which in found.items() if which}

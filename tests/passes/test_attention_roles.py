@@ -139,12 +139,12 @@ def test_unknown_role_is_refused():
 # ------------------------------------------------------------------ attention: auto (one int8 recipe)
 
 
-def _quantize_for(target: str, model: ir.Model, calib, **options):
-    """``fold-constants`` then ``quantize`` for ``target``."""
+def _quantize_for(target, model: ir.Model, calib, **options):
+    """``fold-constants`` then ``quantize`` for ``target`` (a name or a target object)."""
     from compressor.pipeline import PassContext
     from compressor.targets import get_target
 
-    ctx = PassContext(target=get_target(target), calibration=calib)
+    ctx = PassContext(target=get_target(target) if isinstance(target, str) else target, calibration=calib)
     folded = build_pass("fold-constants", None).run(model, ctx)
     ctx.properties.add("constants-folded")
     return build_pass("quantize", options or None).run(folded.model, ctx)
@@ -232,3 +232,41 @@ def test_preset_widens_the_roles_on_a_target_without_a_float_path(tmp_path):
         dq = _node(result.model, name).inputs[0].producer()
         assert dq.op_type == "DequantizeLinear"
         assert (dq.inputs[2].const_value.numpy().dtype.itemsize == 2) == bits16, name
+
+
+# ------------------------------------------------------------------ Q·Kᵀ: Q/DQ before the head reshapes
+
+
+def test_scores_qdq_goes_before_the_head_reshape_where_the_target_fuses_it(tmp_path):
+    """OpenVINO: ``qb -> Q/DQ -> Reshape -> Transpose -> scores``; the same numbers as Q/DQ at the MatMul."""
+    import dataclasses
+    import types
+
+    from compressor.targets import get_target
+
+    model = multihead(np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((32, S, D)).astype(np.float32)
+    calib = _dataset(model, tmp_path, {"x": x})
+    ov = get_target("openvino")
+    at_matmul = types.SimpleNamespace(name="openvino-qdq-at-matmul", capabilities=dataclasses.replace(
+        ov.capabilities, quantizable={**ov.capabilities.quantizable, "MatMul": dataclasses.replace(
+            ov.capabilities.quantizable["MatMul"], qdq_through=frozenset())}))
+    moved = _quantize_for(ov, _clone(model), calib, attention="off")
+    plain = _quantize_for(at_matmul, _clone(model), calib, attention="off")
+    assert moved.stats["layers"] == plain.stats["layers"]
+    # The query and value branches are (Add ->) Reshape -> Transpose: their Q/DQ moves before
+    # the Reshape. The key branch ends in a Mul by the scale (not data movement): its Q/DQ
+    # stays at the MatMul. Probs (Softmax output) is read straight.
+    assert moved.stats["qdq_moved_before_data_movement"] == 2 and plain.stats["qdq_moved_before_data_movement"] == 0
+    context = _node(moved.model, "context")
+    assert _activation_source(context.inputs[1].producer().inputs[0].producer().inputs[0]).name == "v0"
+    assert _activation_source(context.inputs[0]).name == "p"
+    scores = _node(moved.model, "scores")
+    transpose = scores.inputs[0].producer()
+    reshape = transpose.inputs[0].producer()
+    assert (transpose.op_type, reshape.op_type) == ("Transpose", "Reshape")
+    assert _activation_source(reshape.inputs[0]).name == "qb"
+    assert _activation_source(scores.inputs[1]).name == "ks"
+    assert _activation_source(_node(plain.model, "scores").inputs[0]).name == "qt"
+    feeds = {"x": np.random.default_rng(2).standard_normal((8, S, D)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(moved.model, feeds)[0], run_ort(plain.model, feeds)[0], rtol=1e-5, atol=1e-6)
