@@ -15,11 +15,6 @@ stay float are never given Q/DQ:
 2. tensors whose calibrated statistics show non-finite values or sentinel values
    (``|x| >= 1e30``), reported by :meth:`TensorStats.problem`;
 3. layers outside the recipe's scope or excluded by accuracy control.
-
-4. Where: at the layer's input, except for layers whose inputs are all activations on a
-   target that lists data-movement ops in ``OpQuant.qdq_through`` (OpenVINO's ``Q·Kᵀ``):
-   their Q/DQ goes before the ``Reshape``/``Transpose`` chain that feeds them
-   (:func:`before_data_movement`), which per-tensor Q/DQ commutes with.
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ import onnx_ir as ir
 from compressor.scope import Scope
 from compressor.targets.base import Capabilities, OpQuant
 
-__all__ = ["Layer", "before_data_movement", "find_layers", "integer_derived", "is_constant", "mask_uses", "output_channel_axis",
+__all__ = ["Layer", "find_layers", "integer_derived", "is_constant", "mask_uses", "output_channel_axis",
            "weight_channel_axis"]
 
 logger = logging.getLogger(__name__)
@@ -208,24 +203,6 @@ def output_channel_axis(node: ir.Node, rank: int) -> int:
         trans_b = node.attributes.get("transB")
         return 0 if trans_b is not None and trans_b.as_int() else 1
     return rank - 1  # MatMul: [.., K, N], output channels on the last axis
-
-
-def before_data_movement(value: ir.Value, through: frozenset[str] | tuple = ()) -> tuple[ir.Value, ir.Node | None]:
-    """The tensor ``value`` is only reshaped/transposed from, and the first op of that chain.
-
-    Where a target lists ``OpQuant.qdq_through`` (case 4), the Q/DQ of an activation-only
-    layer goes on that tensor, read by that first op.
-
-    Each step needs its output read by that chain alone, so moving the Q/DQ up changes no
-    other reader; ``(value, None)`` when there is nothing to move through.
-    """
-    source, reader = value, None
-    while (node := source.producer()) is not None and node.op_type in through and len(source.uses()) == 1:
-        data = node.inputs[0] if node.inputs else None
-        if data is None or data.dtype != value.dtype or data.const_value is not None:
-            break
-        source, reader = data, node
-    return source, reader
 
 
 def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (), scope: Scope = Scope(),

@@ -35,12 +35,9 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    (``Capabilities.fallback == "int16"``) those roles get 16-bit activations instead.
    A model without attention (a CNN) is quantized exactly as with ``attention: off``.
 
-7. a layer whose inputs are all activations (``Q·Kᵀ``) on a target that lists
-   data-movement ops in ``OpQuant.qdq_through`` gets its input Q/DQ before the chain of
-   those ops that produces the input (``linear -> Q/DQ -> Reshape -> Transpose ->
-   MatMul``), with the range calibrated at the MatMul input: per-tensor Q/DQ commutes with
-   a reshape or transpose, so the model computes the same, and OpenVINO then runs the
-   MatMul in int8 instead of dequantizing in front of it.
+7. a layer whose inputs are all activations (``Q·Kᵀ``) uses the target's
+   ``OpQuant.activation_only`` spec when it has one (OpenVINO: signed symmetric, the only
+   form its CPU plugin runs as an int8 MatMul).
 
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
@@ -67,8 +64,7 @@ from compressor.passes._bias_correction import correct_bias, input_channel_axis
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
 from compressor.passes._graph import NameAllocator, add_initializer
-from compressor.passes._placement import (Layer, before_data_movement, find_layers, integer_derived, mask_uses,
-                                          weight_channel_axis)
+from compressor.passes._placement import Layer, find_layers, integer_derived, mask_uses, weight_channel_axis
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
 from compressor.passes._transformer_preset import (attention_blocks, float_activation_layers, is_transformer_residual,
                                                    with_preset)
@@ -291,7 +287,7 @@ class Quantize(Pass):
 
         writer = _QdqWriter(graph)
         quantized: list[str] = []
-        corrected = moved = 0
+        corrected = 0
         weight_only_done: dict[str, str] = {}
         per_channel = opts.weights == "int8-per-channel"
         for layer in layers:
@@ -311,13 +307,9 @@ class Quantize(Pass):
                 continue
             layer_bits = 16 if layer.name in wide else bits
             for index, value in acts:
-                spec = activation_spec(layer.quant.activations, layer_bits)
-                source, reader = before_data_movement(value, layer.quant.qdq_through if layer.weight is None else ())
-                if reader is not None:  # case 7: the same range, the quantize step before the reshapes
-                    reader.replace_input_with(0, writer.activation(source, spec, *ranges[value.name]))
-                    moved += 1
-                else:
-                    layer.node.replace_input_with(index, writer.activation(value, spec, *ranges[value.name]))
+                pair = layer.quant.activation_only if layer.weight is None and layer.quant.weights is not None else None
+                spec = activation_spec(pair or layer.quant.activations, layer_bits)
+                layer.node.replace_input_with(index, writer.activation(value, spec, *ranges[value.name]))
             if layer.weight is not None:
                 writer.replace_weight(layer, _weight_spec(layer, per_channel))
                 x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None
@@ -344,7 +336,6 @@ class Quantize(Pass):
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
             "layers_weight_only": len(weight_only_done),
-            "qdq_moved_before_data_movement": moved,
             "attention_blocks": blocks,
             "attention_preset": list(preset),
             "layers_widened_by_preset": widened,

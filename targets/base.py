@@ -54,19 +54,17 @@ class OpQuant:
         weight_input: Index of the weight input.
         joins_after: For an op without weights (a residual ``Add``): quantize a node only
             when one of its inputs comes straight from one of these ops (empty: any).
-        qdq_through: For a node whose inputs are all activations (attention's ``Q·Kᵀ``):
-            data-movement ops its input Q/DQ is placed before, when the backend runs the
-            node in int8 only if it finds the quantize step there (OpenVINO fuses
-            ``FakeQuantize -> Reshape -> Transpose -> MatMul``, where NNCF puts it, and
-            dequantizes a Q/DQ that sits right at the MatMul). Per-tensor Q/DQ commutes
-            with these ops, so the numbers are the same.
+        activation_only: The spec of the inputs of a node whose inputs are all
+            activations (``Q·Kᵀ``) when it differs from ``activations`` (``None``: the
+            same). OpenVINO runs such a MatMul in int8 only with symmetric operands; a zero
+            point on either makes its CPU plugin dequantize both and compute in f32.
     """
 
     activations: QuantSpec
     weights: QuantSpec | None = None
     weight_input: int = 1
     joins_after: frozenset[str] = frozenset()
-    qdq_through: frozenset[str] = frozenset()
+    activation_only: QuantSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
