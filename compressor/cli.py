@@ -184,7 +184,8 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 def _summary(manifest: dict[str, Any]) -> str:
     passes = _table([(r["name"], "yes" if r["modified"] else "no",
-                      ", ".join(f"{k}={_fmt(v, 3)}" for k, v in r["stats"].items() if not isinstance(v, (dict, list))),
+                      ", ".join(f"{k}={_fmt(v, 3)}" for k, v in r["stats"].items()
+                                if not isinstance(v, (dict, list)) and k != "nothing_quantized"),
                       f"{r['seconds']:.2f}") for r in manifest["passes"]],
                     ["pass", "changed", "stats", "s"])
     metric = manifest["evaluation"]["metric"]
@@ -213,6 +214,8 @@ def _summary(manifest: dict[str, Any]) -> str:
           if (rt := manifest.get("runtime_layers")) else []),
         *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4])}")]
           if (ac := manifest.get("accuracy_control")) else []),
+        *[("quantized", f"nothing was quantized: {r['stats']['nothing_quantized']}")
+          for r in manifest["passes"] if r["stats"].get("nothing_quantized")],
         ("gate", verdict),
     ]
     return passes + "\n\n" + _table(rows, ["summary", ""])

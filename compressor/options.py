@@ -52,7 +52,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, alt, where)
             except OptionsError as err:
-                errors.append(str(err))
+                errors.append(err)
+        given = [alt for alt in get_args(tp) if alt is not type(None)]
+        if value is not None and len(given) == 1:  # ``X | None``: X's own, more precise, error
+            raise errors[list(get_args(tp)).index(given[0])]
         raise OptionsError(f"{where}: {value!r} is not a {_type_name(tp)}")
     if tp is type(None):
         if value is None:

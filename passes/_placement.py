@@ -4,10 +4,14 @@ A *layer* is a compute node the target quantizes (``Capabilities.quantizable``: 
 MatMul, Gemm...) with its activation inputs and its constant weight. Tensors that must
 stay float are never given Q/DQ:
 
-1. tensors computed only from integer graph inputs and constants: attention-mask and
-   shape/index paths (``(1 - mask) * finfo.min`` is such a tensor). A lookup of a float
-   table by integer indices (``Gather(embeddings, input_ids)``) is data, not such a path;
-   propagation stops there;
+1. tensors computed only from integer graph inputs and constants *that are used as* an
+   attention-mask or shape/index path (:func:`mask_uses`): added to attention scores on
+   the way to a Softmax (``(1 - mask) * finfo.min`` is such a tensor), selected by or
+   selecting in a ``Where``, or turned into a shape, index or axes operand (``Reshape``,
+   ``Expand``, ``Slice``, ``Range``, ``ConstantOfShape``, ``Tile``...). Integer data that
+   becomes a compute op's activation (a byte image ``Cast -> Div(255) -> Conv``, token
+   counts, categorical features) is data and is quantized. A lookup of a float table by
+   integer indices (``Gather(embeddings, input_ids)``) is data too; propagation stops there;
 2. tensors whose calibrated statistics show non-finite values or sentinel values
    (``|x| >= 1e30``), reported by :meth:`TensorStats.problem`;
 3. layers outside the recipe's scope or excluded by accuracy control.
@@ -24,7 +28,8 @@ import onnx_ir as ir
 from compressor.scope import Scope
 from compressor.targets.base import Capabilities, OpQuant
 
-__all__ = ["Layer", "find_layers", "integer_derived", "is_constant", "output_channel_axis", "weight_channel_axis"]
+__all__ = ["Layer", "find_layers", "integer_derived", "is_constant", "mask_uses", "output_channel_axis",
+           "weight_channel_axis"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +69,13 @@ def is_constant(value: ir.Value) -> bool:
     return producer is not None and producer.op_type == "Constant"
 
 
-def integer_derived(graph: ir.Graph) -> dict[str, str]:
-    """Float tensors computed only from non-float graph inputs and constants (case 1).
-
-    Returns:
-        Tensor name -> the integer input it derives from (for the report).
-    """
+def _derived_origin(graph: ir.Graph) -> dict[int, str]:
+    """``id(value)`` -> the integer input it derives from, for every value (any dtype)
+    computed only from non-float graph inputs and constants."""
     origin: dict[int, str] = {}
     for value in graph.inputs:
         if value.const_value is None and not _is_float(value):
             origin[id(value)] = value.name
-    derived: dict[str, str] = {}
     for node in graph:  # topological order
         if node.op_type in _LOOKUPS and node.inputs and _is_float(node.inputs[0]) and is_constant(node.inputs[0]):
             continue  # an embedding lookup: its output is real data (case 1)
@@ -91,9 +92,100 @@ def integer_derived(graph: ir.Graph) -> dict[str, str]:
         if ok and sources:
             for out in node.outputs:
                 origin[id(out)] = sources[0]
-                if _is_float(out):
-                    derived[out.name] = sources[0]
-    return derived
+    return origin
+
+
+def integer_derived(graph: ir.Graph) -> dict[str, str]:
+    """Float tensors computed only from non-float graph inputs and constants.
+
+    Whether such a tensor must stay float depends on its use (:func:`mask_uses`).
+
+    Returns:
+        Tensor name -> the integer input it derives from (for the report).
+    """
+    origin = _derived_origin(graph)
+    return {out.name: origin[id(out)] for node in graph for out in node.outputs
+            if id(out) in origin and _is_float(out)}
+
+
+# Inputs of these ops that are shapes, indices, axes, counts or sizes (never data).
+_SHAPE_OPERANDS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Range": (0, 1, 2),
+    "ConstantOfShape": (0,), "Pad": (1, 2, 3), "Resize": (1, 2, 3), "Upsample": (1,), "TopK": (1,),
+    "OneHot": (0, 1), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "CumSum": (1,),
+    "Gather": (1,), "GatherElements": (1,), "GatherND": (1,), "ScatterND": (1,), "ScatterElements": (1,),
+    "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "Trilu": (1,),
+}
+# Ops whose outputs depend on an input's shape only, never on its values.
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
+# Ops by which a mask joins the attention scores, and those between the join and the Softmax.
+_MASK_JOINS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum"})
+_TO_SOFTMAX = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Reshape", "Identity", "Transpose",
+                         "Squeeze", "Unsqueeze"})
+
+
+def _softmax_after(value: ir.Value, depth: int = 4) -> ir.Node | None:
+    """The Softmax ``value`` reaches through scaling and masking ops, if any."""
+    for node, _ in value.uses():
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            return node
+        if node.op_type in _TO_SOFTMAX and depth > 0 and node.outputs:
+            found = _softmax_after(node.outputs[0], depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
+def mask_uses(graph: ir.Graph) -> dict[str, str]:
+    """Integer-derived tensors used as a mask or shape path, and how (case 1).
+
+    A tensor computed only from integer inputs is such a path when it, or a tensor
+    computed from it and other integer-derived tensors, is
+
+    - joined with data (``Add``/``Mul``...) on the way to a ``Softmax`` (an additive
+      attention mask), or is a ``Softmax`` input itself,
+    - an input of a ``Where`` (its condition or a selected branch),
+    - a shape, index or axes operand (``Reshape``'s shape, ``Slice``'s starts...).
+
+    ``Shape``/``Size`` read only the shape, so they are no use of the values. Any other
+    use (a compute op's activation, a pooling ``Mul``) is a use as data.
+
+    Returns:
+        Tensor name -> how it is used (for the report), for integer-derived tensors
+        (any dtype) with such a use.
+    """
+    origin = _derived_origin(graph)
+    found: dict[int, str] = {}
+    for node in reversed(list(graph)):  # readers before producers
+        for out in node.outputs:
+            if id(out) not in origin:
+                continue
+            for reader, index in out.uses():
+                why = _use_as_mask(reader, index, origin, found)
+                if why:
+                    found[id(out)] = why
+                    break
+    return {out.name: found[id(out)] for node in graph for out in node.outputs if id(out) in found}
+
+
+def _use_as_mask(reader: ir.Node, index: int, origin: dict[int, str], found: dict[int, str]) -> str | None:
+    label = reader.name or reader.op_type
+    if reader.op_type in _SHAPE_ONLY:
+        return None
+    if index in _SHAPE_OPERANDS.get(reader.op_type, ()):
+        return f"shape/index operand of {reader.op_type} {label!r}"
+    if reader.op_type in ("Softmax", "LogSoftmax"):
+        return f"input of {reader.op_type} {label!r}"
+    if reader.op_type == "Where":
+        return f"input of Where {label!r}"
+    for out in reader.outputs:  # still on the integer-derived path: how is the result used?
+        if id(out) in found:
+            return found[id(out)]
+    if reader.op_type in _MASK_JOINS and reader.outputs and not any(id(o) in origin for o in reader.outputs):
+        softmax = _softmax_after(reader.outputs[0])
+        if softmax is not None:
+            return f"joined with the scores by {reader.op_type} {label!r} before Softmax {softmax.name or 'Softmax'!r}"
+    return None
 
 
 def weight_channel_axis(node: ir.Node, weight: ir.Value) -> int:

@@ -26,10 +26,25 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    by the keys' common component, while a key error is not and the queries' common
    component ``q̄`` amplifies it (``q̄ · δk_j`` differs per key).
 
+6. ``attention: auto`` (the default): where :mod:`._attention` finds attention blocks
+   (``Softmax(f(Q Kᵀ)) V`` by structure, never by name), the options a recipe leaves
+   unset take the transformer preset (:mod:`._transformer_preset`, what NNCF's
+   ``model_type=TRANSFORMER`` asks for by hand): ``float_activations: [attention-keys,
+   attention-context]``, ``smoothquant: {alpha: 0.9}``, and residual joins float unless
+   they are a convolution's (``eltwise``). On a target with no float path
+   (``Capabilities.fallback == "int16"``) those roles get 16-bit activations instead.
+   A model without attention (a CNN) is quantized exactly as with ``attention: off``.
+
+7. a layer whose inputs are all activations (``Q·Kᵀ``) uses the target's
+   ``OpQuant.activation_only`` spec when it has one (OpenVINO: signed symmetric, the only
+   form its CPU plugin runs as an int8 MatMul).
+
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
 float (mask and shape paths, non-finite or sentinel-dominated ranges) are skipped and
-listed with the reason in ``stats["skipped"]``. A model that is quantized already (Q/DQ,
+listed with the reason in ``stats["skipped_layers"]``/``stats["skipped_tensors"]``. A run
+that quantizes nothing says so: a warning and ``stats["nothing_quantized"]`` with every
+reason, summarised (nodes left inside ``If``/``Loop`` bodies included). A model that is quantized already (Q/DQ,
 ``ConvInteger``, ``QLinearConv``...: :func:`compressor.onnx_import.quantized_nodes`) is
 refused (exit 2): it is never quantized twice; so is a weight holding NaN/inf (exit 2,
 naming the layer and the weight). A model computing in float16/bfloat16 is widened to
@@ -50,15 +65,17 @@ import onnx_ir as ir
 
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics
-from compressor.passes._attention import ROLES, attention_projections
+from compressor.passes._attention import ROLES
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
 from compressor.errors import CompressorError, InvalidModel
 from compressor.onnx_import import describe_quantized, quantized_nodes
 from compressor.model_io import model_bytes
 from compressor.passes._float32 import HALF, widen_to_float32
 from compressor.passes._graph import NameAllocator, add_initializer
-from compressor.passes._placement import Layer, find_layers, integer_derived, weight_channel_axis
+from compressor.passes._placement import Layer, find_layers, integer_derived, mask_uses, weight_channel_axis
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
+from compressor.passes._transformer_preset import (attention_blocks, float_activation_layers, is_transformer_residual,
+                                                   with_preset)
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant_math import dequantize_array, quant_params, quantize_array, weight_quant_params
 from compressor.scope import Scope
@@ -84,10 +101,16 @@ class QuantizeOptions:
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
         eltwise: Also quantize the inputs of joins of activations the target runs in int8
             (residual ``Add``/``Sum``: OpenVINO then keeps the residual path in uint8).
-        smoothquant: Migrate activation outliers into weights before quantizing.
+            Unset: yes, except, in a model with attention, joins with no input straight
+            from a convolution (a transformer's residual adds).
+        smoothquant: Migrate activation outliers into weights before quantizing. Unset:
+            none, or the preset's in a model with attention.
         bias_correction: Remove the output mean shift that weight rounding causes.
         float_activations: Layers with these structural roles keep float activation
-            inputs; their weights, if any, are still quantized (weight-only).
+            inputs; their weights, if any, are still quantized (weight-only). Unset: none,
+            or the preset's in a model with attention.
+        attention: ``auto``: attention blocks found by structure give the unset options
+            the transformer preset; ``off``: every model is treated alike.
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -97,10 +120,11 @@ class QuantizeOptions:
     ops: tuple[str, ...] = ()
     scope: Scope = Scope()
     activation_matmuls: bool = True
-    eltwise: bool = True
+    eltwise: bool | None = None
     smoothquant: SmoothQuantOptions | None = None
     bias_correction: bool = False
-    float_activations: tuple[Literal[ROLES], ...] = ()
+    float_activations: tuple[Literal[ROLES], ...] | None = None
+    attention: Literal["auto", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -212,22 +236,33 @@ class Quantize(Pass):
         if not caps.quantizable:
             raise CompressorError(f"target {getattr(ctx.target, 'name', None)!r} declares no quantizable ops")
         graph = model.graph
-        layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
-                                      exclude=ctx.options.get(EXCLUDE_KEY, ()),
-                                      activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+        blocks = attention_blocks(graph) if opts.attention == "auto" else 0
+        opts, preset = with_preset(opts, blocks)
+        if preset:
+            logger.info("quantize: %d attention block(s) found by structure: transformer preset for %s",
+                        blocks, ", ".join(preset))
+
+        def layers_to_quantize(exclude: tuple[str, ...] = ()) -> tuple[list[Layer], dict[str, str]]:
+            found, why = find_layers(graph, caps, ops=opts.ops, scope=opts.scope, exclude=exclude,
+                                     activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+            if "eltwise" in preset:  # case 6: a transformer's residual adds stay float, a convolution's join not
+                for layer in [la for la in found if is_transformer_residual(la)]:
+                    found.remove(layer)
+                    why[layer.name] = "residual join in a model with attention (attention: auto)"
+            return found, why
+
+        layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
         half = _half_precision(layers)
-        widened = 0
+        to_fp32 = 0
         if half:  # Q/DQ and ranges are float32; the model's inputs and outputs keep their dtype
-            widened = widen_to_float32(model)
+            to_fp32 = widen_to_float32(model)
             said = ctx.cache.setdefault("quantize.widened_said", [])  # once, not on each accuracy-control re-run
             log = logger.debug if said else logger.warning
             log("quantize: %d layer(s) compute in float16/bfloat16 (e.g. %s: %s); the model is quantized in float32 "
                 "(%d values widened; its inputs and outputs keep their dtype)", len(half), half[0][0], half[0][1],
-                widened)
+                to_fp32)
             said.append(True)
-            layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
-                                          exclude=ctx.options.get(EXCLUDE_KEY, ()),
-                                          activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+            layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
         nonfinite = _nonfinite_weights(layers)
         if nonfinite:
             raise InvalidModel(f"weights hold NaN/inf and cannot be quantized: {'; '.join(nonfinite[:5])}"
@@ -235,26 +270,30 @@ class Quantize(Pass):
                                "weights, or keep those layers float with quantize: {scope: {exclude: [NAME]}}")
         wide = set(ctx.options.get(WIDE_KEY, ()))
         bits = 16 if opts.activations == "int16" else 8
-        masks = integer_derived(graph)
+        derived, used_as_mask = integer_derived(graph), mask_uses(graph)
         tensor_skips: dict[str, str] = {}
         for layer in layers:
             for _, value in layer.activations:
-                if value.name in masks:
-                    tensor_skips[value.name] = f"derived only from integer input {masks[value.name]!r} (mask/shape path)"
+                if value.name in derived and value.name in used_as_mask:
+                    tensor_skips[value.name] = (f"derived only from integer input {derived[value.name]!r} and used as "
+                                                f"a mask/shape path ({used_as_mask[value.name]})")
         smoothed = 0
         if opts.smoothquant is not None:
             # Smooth every candidate layer, given back or not (the transform is exact in float),
             # so the smoothed model, and with it the cached statistics, is the same on every
             # re-run of accuracy control; then find the layers to quantize again.
             smooth_cache = ctx.cache.setdefault("smoothquant.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
-            candidates, _ = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
-                                        activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
+            candidates, _ = layers_to_quantize()
             smoothed = smooth_layers(model, candidates, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
                                      cache=smooth_cache)
-            layers, skipped = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
-                                          exclude=ctx.options.get(EXCLUDE_KEY, ()),
-                                          activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
-        float_acts = _float_activations(graph, opts.float_activations)
+            layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
+        float_acts = float_activation_layers(graph, opts.float_activations)
+        widened: list[str] = []
+        if "float_activations" in preset and caps.fallback == "int16":
+            # No float path on the target: the preset's roles get 16-bit activations instead.
+            widened = sorted(name for name in float_acts if name not in wide)
+            wide |= set(float_acts)
+            float_acts = {}
         full = [layer for layer in layers if layer.name not in float_acts]
         names = sorted({v.name for layer in full for _, v in layer.activations} - set(tensor_skips))
         # Statistics depend only on the model before Q/DQ and the data: cache them per tensor,
@@ -300,7 +339,8 @@ class Quantize(Pass):
                 continue
             layer_bits = 16 if layer.name in wide else bits
             for index, value in acts:
-                spec = activation_spec(layer.quant.activations, layer_bits)
+                pair = layer.quant.activation_only if layer.weight is None and layer.quant.weights is not None else None
+                spec = activation_spec(pair or layer.quant.activations, layer_bits)
                 layer.node.replace_input_with(index, writer.activation(value, spec, *ranges[value.name]))
             if layer.weight is not None:
                 writer.replace_weight(layer, _weight_spec(layer, per_channel))
@@ -318,15 +358,19 @@ class Quantize(Pass):
                 model.opset_imports[""] = max(model.opset_imports.get("", 13), 21)
         for name, why in sorted(skipped.items()):
             logger.info("kept float: %s: %s", name, why)
-        if not quantized and not weight_only_done:
-            logger.warning("quantize: nothing to quantize: %s; the model stays float",
-                           _why_nothing(model, caps, skipped))
         for name, why in sorted(weight_only_done.items()):
             logger.info("weight only: %s: %s", name, why)
-        return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0 or widened > 0, {
+        nothing = None if quantized or weight_only_done else _nothing_quantized(model, skipped, caps)
+        if nothing:
+            logger.warning("quantize: nothing was quantized: %s", nothing)
+        return PassResult(model, bool(quantized or weight_only_done) or smoothed > 0 or to_fp32 > 0, {
+            **({"nothing_quantized": nothing} if nothing else {}),
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
             "layers_weight_only": len(weight_only_done),
+            "attention_blocks": blocks,
+            "attention_preset": list(preset),
+            "layers_widened_by_preset": widened,
             "tensors_float": len(tensor_skips),
             "smoothquant_groups": smoothed,
             "bias_corrected": corrected,
@@ -336,7 +380,7 @@ class Quantize(Pass):
             "skipped_layers": dict(sorted(skipped.items())),
             "skipped_tensors": dict(sorted(tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only_done.items())),
-            **({"float16_widened_to_float32": widened} if widened else {}),
+            **({"float16_widened_to_float32": to_fp32} if to_fp32 else {}),
         })
 
 
@@ -364,24 +408,21 @@ def _nonfinite_weights(layers: list[Layer]) -> list[str]:
     return out
 
 
-def _why_nothing(model: ir.Model, caps: Capabilities, skipped: dict[str, str]) -> str:
-    """Why no layer was quantized, for the warning: ops absent, in subgraphs, or all skipped."""
-    if skipped:
-        name, why = min(skipped.items())
-        return f"all {len(skipped)} candidate layer(s) were kept float (e.g. {name}: {why})"
-    inner = [n.name or n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
-             if n.graph is not model.graph and n.op_type in caps.quantizable]
-    ops = "/".join(sorted(caps.quantizable))
-    if inner:
-        return (f"the main graph has no {ops} the target quantizes; {len(inner)} such node(s) inside If/Loop/Scan "
-                f"bodies (e.g. {inner[0]!r}) are left alone")
-    return f"the model has no {ops} the target quantizes"
-
-
-def _float_activations(graph: ir.Graph, roles: tuple[str, ...]) -> dict[str, str]:
-    """Node name -> why its activations stay float, for the layers with one of ``roles``."""
-    if not roles:
-        return {}
-    found = {name: sorted(set(has) & set(roles)) for name, has in attention_projections(graph).items()}
-    return {name: f"activation kept float (float_activations: {', '.join(which)})"
-            for name, which in found.items() if which}
+def _nothing_quantized(model: ir.Model, skipped: dict[str, str], caps: Capabilities, shown: int = 3) -> str:
+    """Why no layer was quantized: each distinct reason with how many layers it kept float,
+    or that the quantizable ops are absent, or only inside ``If``/``Loop``/``Scan`` bodies."""
+    if not skipped:
+        ops = "/".join(sorted(caps.quantizable))
+        inner = [n.name or n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
+                 if n.graph is not model.graph and n.op_type in caps.quantizable]
+        if inner:
+            return (f"the main graph has no {ops} the target quantizes; {len(inner)} such node(s) inside "
+                    f"If/Loop/Scan bodies (e.g. {inner[0]!r}) are left alone")
+        return f"the model has no layer the target quantizes ({ops})"
+    by_reason: dict[str, list[str]] = {}
+    for name, why in sorted(skipped.items()):
+        by_reason.setdefault(why, []).append(name)
+    parts = [f"{len(names)} layer(s) {why} ({', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
+             for why, names in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))]
+    more = f"; {len(parts) - 2 * shown} more reason(s) in stats['skipped_layers']" if len(parts) > 2 * shown else ""
+    return f"all {len(skipped)} candidate layer(s) kept float: " + "; ".join(parts[:2 * shown]) + more

@@ -54,12 +54,17 @@ class OpQuant:
         weight_input: Index of the weight input.
         joins_after: For an op without weights (a residual ``Add``): quantize a node only
             when one of its inputs comes straight from one of these ops (empty: any).
+        activation_only: The spec of the inputs of a node whose inputs are all
+            activations (``Q·Kᵀ``) when it differs from ``activations`` (``None``: the
+            same). OpenVINO runs such a MatMul in int8 only with symmetric operands; a zero
+            point on either makes its CPU plugin dequantize both and compute in f32.
     """
 
     activations: QuantSpec
     weights: QuantSpec | None = None
     weight_input: int = 1
     joins_after: frozenset[str] = frozenset()
+    activation_only: QuantSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)

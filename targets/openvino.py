@@ -88,7 +88,12 @@ OPENVINO_CAPABILITIES = Capabilities(
         # Gemm: axis 0 for transB=1 (B [N, K], what torch's Linear exports), axis 1 for
         # transB=0; the quantize pass reads transB (passes/_placement.weight_channel_axis).
         "Gemm": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),
-        "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),  # W [K, N]
+        # W [K, N]. Q·Kᵀ (two activations): both operands signed symmetric, or the CPU
+        # plugin folds the MatMul into its f32 attention Subgraph (a zero point on either
+        # operand is enough; where the Q/DQ sits, before or after the head
+        # Reshape/Transpose, made no difference: docs/design.md).
+        "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1),
+                          activation_only=QuantSpec("int8", symmetric=True)),
         # Residual joins of convolutions (both inputs activations, one straight from a
         # Conv; passes/_placement): with both inputs quantized the CPU plugin fuses the
         # Add into that convolution and keeps the residual path in uint8, as NNCF's CPU

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from compressor.passes._placement import integer_derived, output_channel_axis
+from compressor.passes._placement import integer_derived, mask_uses, output_channel_axis
 
 __all__ = ["check_qdq_placement", "nm_sparse_layers"]
 
@@ -128,7 +128,8 @@ def check_qdq_placement(model: ir.Model) -> list[tuple[str, str]]:
     quantized layer with int8 kernels (whether it does is read from the engine).
     """
     graph = model.graph
-    masks = integer_derived(graph)
+    used_as_mask = mask_uses(graph)  # integer data that feeds compute ops is quantized like any data
+    masks = {name: src for name, src in integer_derived(graph).items() if name in used_as_mask}
     out: list[tuple[str, str]] = []
     for node in graph:
         label = _label(node)

@@ -287,6 +287,29 @@ def test_integer_data_for_a_float_input_is_cast_with_one_warning(tmp_path, capsy
     assert len(casts) == 1 and "'images'" in casts[0], err
 
 
+def test_a_run_that_quantizes_nothing_says_so(tmp_path, capsys):
+    """Exit 0 and a passing gate are not enough: the summary says the run was a no-op, and why."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "x"], ["y"])],
+                              "g", [x], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "relu.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    code, out, err = run([tmp_path / "relu.onnx", "--recipe", "int8", "--calib", tmp_path / "calib.npz",
+                          "-o", tmp_path / "out", "--latency-runs", "1"], capsys)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if "nothing was quantized" in line)
+    assert "no layer the target quantizes" in line
+    assert "quantize: nothing was quantized" in err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    quant = next(p for p in manifest["passes"] if p["name"] == "quantize")
+    assert quant["stats"]["nothing_quantized"].startswith("the model has no layer the target quantizes")
+
+
 def test_one_hot_labels_are_accepted(tmp_path, capsys):
     with np.load(EVAL) as data:
         images, labels = data["images"], data["labels"]

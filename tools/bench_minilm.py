@@ -117,7 +117,7 @@ def row_nncf(out: Path) -> dict:
     return {"xml": str(out / "nncf.xml"), "quantize_s": seconds}
 
 
-def row_compressor(out: Path, recipe: str = "int8-transformer", calib: str = "calib.npz", tag: str = "compressor",
+def row_compressor(out: Path, recipe: str = "int8", calib: str = "calib.npz", tag: str = "compressor",
                    max_drop: float | None = None) -> dict:
     from compressor.api import compress
 
@@ -215,8 +215,8 @@ def main() -> None:
     feed = {k: v[:BATCH] for k, v in evald.items()}
     ms = time_interleaved({k: r["xml"] for k, r in results.items()}, feed)
     labels = {"ov_fp32": "OpenVINO fp32", "nncf": "NNCF int8 (TRANSFORMER) -> OpenVINO",
-              "compressor": "compressor int8-transformer -> openvino",
-              "compressor_ac": f"compressor int8-transformer --max-drop {AC_MAX_DROP} -> openvino"}
+              "compressor": "compressor int8 -> openvino",
+              "compressor_ac": f"compressor int8 --max-drop {AC_MAX_DROP} -> openvino"}
     rows = [[labels[k], f"{ms[k]:.1f}", f"{ms['ov_fp32'] / ms[k]:.2f}x", f"{r['cos_mean']:.4f}", f"{r['cos_min']:.4f}",
              f"{r['top1_agree']:.3f}", f"{r['top1_agree_loo']:.3f}",
              "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}",

@@ -283,10 +283,10 @@ def test_attention_structure_and_mask_path_stays_float(tmp_path):
     calib = _dataset(model, tmp_path, _attention_feeds(1, 64))
     feeds = _attention_feeds(2, 32)
     ref = run_ort(model, feeds)
-    result = _quantize(_clone(model), calib)
+    result = _quantize(_clone(model), calib, attention="off")  # every layer int8: no transformer preset
     q = result.model
     stats = result.stats
-    assert stats["layers"] == ["q_proj", "k_proj", "v_proj", "scores", "context", "o_proj"]
+    assert stats["layers"] == ["q_proj", "k_proj", "v_proj", "scores", "context", "o_proj", "pool"]
     # The activation x activation MatMuls: both inputs through Q/DQ, no weight.
     scores, context = _node(q, "scores"), _node(q, "context")
     assert [_activation_source(v).name for v in scores.inputs] == ["q", "kt"]
@@ -294,29 +294,142 @@ def test_attention_structure_and_mask_path_stays_float(tmp_path):
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         _weight(_node(q, name).inputs[1], axis=1, op_type="MatMul")
     quantized = {n.inputs[0].name for n in q.graph if n.op_type == "QuantizeLinear"}
-    assert quantized == {"x", "q", "kt", "p", "v", "c"}
+    assert quantized == {"x", "q", "kt", "p", "v", "c", "mf3", "y"}
 
-    # No Q/DQ anywhere on the mask path: every tensor computed from attention_mask alone
-    # is read by float ops only, and the mask Add reads the mask bias itself.
-    mask_path = {"mf", "inv", "bias", "bias3", "mf3"}
+    # No Q/DQ anywhere on the additive mask path: every tensor computed from
+    # attention_mask that ends up added to the scores is read by float ops only, and the
+    # mask Add reads the mask bias itself.
+    mask_path = {"mf", "inv", "bias", "bias3"}
     for node in q.graph:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             assert not {v.name for v in node.inputs if v is not None} & mask_path, node.name
     add = _node(q, "add_mask")
     assert add.inputs[1].name == "bias3" and add.inputs[1].producer().op_type == "Unsqueeze"
-    assert _node(q, "pool").inputs[0].name == "mf3"
-    # The one quantizable layer reading a mask tensor stays float, and the report says why.
-    assert set(stats["skipped_tensors"]) == {"mf3"}
-    assert "attention_mask" in stats["skipped_tensors"]["mf3"] and "mask" in stats["skipped_tensors"]["mf3"]
-    assert set(stats["skipped_layers"]) == {"pool"}
-    assert stats["skipped_layers"]["pool"].startswith("activation kept float")
-    assert "attention_mask" in stats["skipped_layers"]["pool"]
-    assert stats["tensors_float"] == 1 and stats["layers_float"] == 1
+    # mf3 also derives from attention_mask alone, but it is a MatMul's activation (the
+    # pooling numerator), not a mask or shape operand: data, quantized. Its values are 0
+    # and 1, which the uint8 grid over [0, 1] holds exactly.
+    assert _activation_source(_node(q, "pool").inputs[0]).name == "mf3"
+    assert stats["skipped_tensors"] == {} and stats["skipped_layers"] == {}
+    assert stats["tensors_float"] == 0 and stats["layers_float"] == 0
 
     out = _run_target(q, feeds)
     assert np.isfinite(out[0]).all() and np.isfinite(out[1]).all()
     assert _sqnr_db(ref[0], out[0]) >= SQNR_FLOOR_DB - 3  # six stacked quantized layers
     assert _cosine(ref[1], out[1]) >= 0.999
+
+
+def byte_image_cnn(rng: np.random.Generator) -> ir.Model:
+    """A classifier whose input is a uint8 image turned into float features in the graph."""
+    return model_from_text(f"""{HEADER}
+    g (uint8[N,3,16,16] pixels) => (float[N,8,12,12] y) {{
+      pf = Cast <to = 1> (pixels)
+      x = Div(pf, k255)
+      [conv1] c1 = Conv <kernel_shape = [3, 3]> (x, w1, b1)
+      r = Relu(c1)
+      [conv2] y = Conv <kernel_shape = [3, 3]> (r, w2, b2)
+    }}""", k255=np.array(255.0, np.float32), w1=_w(rng, 16, 3, 3, 3, fan_in=27), b1=_w(rng, 16) * 0.1,
+        w2=_w(rng, 8, 16, 3, 3, fan_in=144), b2=_w(rng, 8) * 0.1)
+
+
+def _pixels(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, 16, 16)).astype(np.uint8)
+
+
+def test_integer_input_turned_into_conv_features_is_quantized(tmp_path):
+    """uint8 -> Cast -> Div(255) -> Conv: computed from an integer input only, but a compute
+    op's activation, not a mask or shape operand, so it is data and gets Q/DQ."""
+    model = byte_image_cnn(np.random.default_rng(0))
+    feeds = {"pixels": _pixels(2, 32)}
+    ref = run_ort(model, feeds)
+    result = _quantize(_clone(model), _dataset(model, tmp_path, {"pixels": _pixels(1, 64)}))
+    assert result.stats["layers"] == ["conv1", "conv2"] and result.stats["skipped_tensors"] == {}
+    assert "nothing_quantized" not in result.stats
+    assert _activation_source(_node(result.model, "conv1").inputs[0]).name == "x"
+    # Same budget as the float-input conv net: two stacked layers, 8-bit activations.
+    assert _sqnr_db(ref[0], _run_target(result.model, feeds)[0]) >= SQNR_FLOOR_DB
+
+
+def masks_by_use(rng: np.random.Generator) -> ir.Model:
+    """Tensors computed from ``attention_mask`` alone, used as a mask, a shape, or data.
+
+    ``sel`` is the mask chosen by a ``Where`` and added to the scores before the Softmax;
+    ``total`` becomes a Range's limit (a shape path); ``mf3`` is the pooling numerator's
+    activation (data), and ``Shape(mf3)`` reads only its shape.
+    """
+    return model_from_text(f"""{HEADER}
+    g (float[N,{S},{D}] x, int64[N,{S}] attention_mask) => (float[N,{S},{D}] y, float[N,1,{D}] pooled,
+                                                             float[N,1,{S}] ones, int64[M] pos) {{
+      [q_proj] q = MatMul(x, wq)
+      [k_proj] k = MatMul(x, wk)
+      kt = Transpose <perm = [0, 2, 1]> (k)
+      [scores] s = MatMul(q, kt)
+      mf = Cast <to = 1> (attention_mask)
+      keep = Greater(mf, half)
+      sel = Where(keep, zero, fmin)
+      sel3 = Unsqueeze(sel, axes1)
+      [add_mask] masked = Add(s, sel3)
+      p = Softmax <axis = -1> (masked)
+      [context] y = MatMul(p, x)
+      mf3 = Unsqueeze(mf, axes1)
+      [pool] pooled = MatMul(mf3, y)
+      m3shape = Shape(mf3)
+      ones = ConstantOfShape(m3shape)
+      total = ReduceSum <keepdims = 0> (mf)
+      lens = Cast <to = 7> (total)
+      pos = Range(zero_i, lens, one_i)
+    }}""", wq=_w(rng, D, D), wk=_w(rng, D, D), half=np.array(0.5, np.float32), zero=np.array(0.0, np.float32),
+        fmin=np.array(F32_MIN, np.float32), axes1=np.array([1], np.int64), zero_i=np.array(0, np.int64),
+        one_i=np.array(1, np.int64))
+
+
+def test_mask_uses_names_how_each_integer_derived_tensor_is_used():
+    from compressor.passes._placement import mask_uses
+
+    uses = mask_uses(masks_by_use(np.random.default_rng(0)).graph)
+    assert "add_mask" in uses["sel3"] and "Softmax" in uses["sel3"]  # joined with the scores
+    assert "Where" in uses["mf"]  # through Greater -> Where: the mask's own source
+    assert "Range" in uses["total"]  # through Cast to int64: a shape operand
+    assert "ConstantOfShape" in uses["m3shape"]
+    assert "mf3" not in uses  # a MatMul's activation (data); Shape() reads no values
+
+
+def test_where_mask_stays_float_and_integer_data_is_quantized(tmp_path):
+    model = masks_by_use(np.random.default_rng(0))
+    calib = _dataset(model, tmp_path, _attention_feeds(1, 64))
+    result = _quantize(_clone(model), calib)
+    q, stats = result.model, result.stats
+    assert "add_mask" not in stats["layers"]  # onnx target: Add is no layer; the mask is never quantized
+    for node in q.graph:
+        if node.op_type == "QuantizeLinear":
+            assert node.inputs[0].name not in {"mf", "sel", "sel3"}, node.name
+    assert _activation_source(_node(q, "pool").inputs[0]).name == "mf3"
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnx"])
+def test_mask_add_stays_float_where_adds_are_quantized(tmp_path, target):
+    """TensorRT quantizes residual Adds: the Add of the scores and a Where-selected mask stays float."""
+    model = masks_by_use(np.random.default_rng(0))
+    calib = _dataset(model, tmp_path, _attention_feeds(1, 64))
+    ctx = PassContext(target=get_target(target), calibration=calib)
+    folded = build_pass("fold-constants", None).run(model, ctx)
+    ctx.properties.add("constants-folded")
+    result = build_pass("quantize", {"attention": "off"}).run(folded.model, ctx)  # the mask rule alone
+    add = _node(result.model, "add_mask")
+    assert add.inputs[1].name == "sel3" and add.inputs[1].producer().op_type == "Unsqueeze"
+    if target == "tensorrt":
+        assert "used as a mask/shape path" in result.stats["skipped_tensors"]["sel3"]
+        assert "add_mask" in result.stats["skipped_tensors"]["sel3"]
+
+
+def test_nothing_quantized_is_said_with_every_reason(tmp_path, caplog):
+    model, _ = mlp(np.random.default_rng(0))
+    with caplog.at_level("WARNING", logger="compressor.passes.quantize"):
+        result = _quantize(model, _dataset(model, tmp_path, {"x": _normal(1, 32, 64)}), scope={"exclude": ["re:fc2"]},
+                           ops=["Gemm"])
+    why = result.stats["nothing_quantized"]
+    assert why.startswith("all 1 candidate layer(s) kept float") and "outside the recipe's scope (fc2)" in why
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"quantize: nothing was quantized: {why}"]
 
 
 # ---------------------------------------------------------------------------- numerics
@@ -429,7 +542,8 @@ def test_options_per_tensor_weights_int16_activations_and_ops(tmp_path):
 
 def test_activation_matmuls_off_keeps_them_float(tmp_path):
     model = attention(np.random.default_rng(0))
-    result = _quantize(model, _dataset(model, tmp_path, _attention_feeds(1, 16)), activation_matmuls=False)
+    result = _quantize(model, _dataset(model, tmp_path, _attention_feeds(1, 16)), activation_matmuls=False,
+                       attention="off")
     assert result.stats["layers"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     for name in ("scores", "context"):
         assert result.stats["skipped_layers"][name] == "both inputs are activations (activation_matmuls is off)"
@@ -449,6 +563,7 @@ def test_nothing_to_quantize_is_unmodified(tmp_path):
     result = _quantize(model, calib)
     assert not result.modified
     assert result.stats["layers_quantized"] == 0 and result.stats["layers"] == []
+    assert result.stats["nothing_quantized"].startswith("the model has no layer the target quantizes (")
     assert op_counts(result.model) == {"Relu": 1, "Add": 1}
 
 

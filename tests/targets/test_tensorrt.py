@@ -121,7 +121,10 @@ def test_checker_names_what_blocks_fusion(kwargs, words):
 
 
 def test_checker_flags_qdq_on_a_mask_path_but_not_the_mask_add():
-    """scores + (1 - mask) * -1e4: Q/DQ on the mask is flagged; the float mask Add itself is no residual."""
+    """Softmax(scores + mask * -1e4): Q/DQ on the mask is flagged; the float mask Add itself is no residual.
+
+    The Softmax is what makes the integer-derived tensor a mask: integer data that feeds a
+    compute op is data (``test_checker_accepts_qdq_on_integer_data``)."""
     inits = [numpy_helper.from_array(np.array(0.01, np.float32), "s"),
              numpy_helper.from_array(np.array(0, np.int8), "z"),
              numpy_helper.from_array(np.array(-1e4, np.float32), "big")]
@@ -130,12 +133,34 @@ def test_checker_flags_qdq_on_a_mask_path_but_not_the_mask_add():
         helper.make_node("Mul", ["mask_f", "big"], ["bias"], name="scale_mask"),
         helper.make_node("QuantizeLinear", ["bias", "s", "z"], ["bias_q"], name="mask_quant"),
         helper.make_node("DequantizeLinear", ["bias_q", "s", "z"], ["bias_dq"], name="mask_dequant"),
-        helper.make_node("Add", ["scores", "bias_dq"], ["y"], name="mask_add"),
+        helper.make_node("Add", ["scores", "bias_dq"], ["masked"], name="mask_add"),
+        helper.make_node("Softmax", ["masked"], ["y"], name="softmax"),
     ]
     model = _model(nodes, [_f("scores", ["N", 8]), helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 8])],
                    [_f("y", ["N", 8])], inits)
     findings = check_qdq_placement(model)
     assert [n for n, _ in findings] == ["mask_quant"] and "mask/shape path" in findings[0][1]
+
+
+def test_checker_accepts_qdq_on_integer_data():
+    """uint8 pixels -> Cast -> Mul(1/255) -> Q/DQ -> Conv: integer data, not a mask path."""
+    inits = [numpy_helper.from_array(np.array(1 / 255, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(np.array(1 / 255, np.float32), "inv255"),
+             numpy_helper.from_array(np.full(4, 0.01, np.float32), "ws")]
+    wq = numpy_helper.from_array(np.full((4, 3, 3, 3), 10, np.int8), "wq")
+    zw = numpy_helper.from_array(np.zeros(4, np.int8), "zw")
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["pf"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Mul", ["pf", "inv255"], ["x"], name="scale"),
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="x_quant"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xdq"], name="x_dequant"),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "zw"], ["wdq"], name="w_dequant", axis=0),
+        helper.make_node("Conv", ["xdq", "wdq"], ["y"], name="conv"),
+    ]
+    model = _model(nodes, [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, 8, 8])],
+                   [_f("y", ["N", 4, 6, 6])], inits + [wq, zw])
+    assert check_qdq_placement(model) == []
 
 
 def _residual_fp32() -> ir.Model:

@@ -1,0 +1,79 @@
+"""The transformer preset of ``quantize`` (``attention: auto``, the default).
+
+NNCF's user must ask for ``model_type=TRANSFORMER``; here a model gets the preset when
+:mod:`._attention` finds attention blocks in it by structure (a MatMul of two activations
+feeding a Softmax whose output is the left operand of a second one), and only the
+options the recipe leaves unset take it. Each setting was measured on all-MiniLM-L6-v2
+(docs/design.md, "One int8 recipe"):
+
+1. ``float_activations: [attention-keys, attention-context]``: the key projections keep
+   a float input (int8 weights) and ``probs · V`` stays float: softmax cancels an error
+   common to every key, so query errors are damped and key errors are not;
+2. ``smoothquant: {alpha: 0.9}`` on the linear layers (outlier channels of LayerNorm
+   outputs moved into the weights);
+3. residual joins stay float unless one input comes straight from a convolution (a
+   convolution's join keeps the residual path in int8; a transformer's residual add
+   carries the outliers): :func:`is_transformer_residual`.
+
+A model without attention blocks is quantized exactly as with ``attention: off``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+import onnx_ir as ir
+
+from compressor.passes._attention import attention_projections
+from compressor.passes._placement import Layer
+from compressor.passes._smoothquant import SmoothQuantOptions
+
+__all__ = ["TRANSFORMER_PRESET", "attention_blocks", "float_activation_layers", "is_transformer_residual",
+           "with_preset"]
+
+OptionsT = TypeVar("OptionsT")
+
+#: What ``attention: auto`` gives the unset options of a model with attention blocks (1, 2).
+TRANSFORMER_PRESET: dict[str, Any] = {
+    "float_activations": ("attention-keys", "attention-context"),
+    "smoothquant": SmoothQuantOptions(alpha=0.9),
+}
+_CONVS = frozenset({"Conv", "ConvTranspose"})
+
+
+def attention_blocks(graph: ir.Graph) -> int:
+    """How many attention blocks (scores MatMuls feeding a Softmax) :mod:`._attention` finds."""
+    return sum("attention-scores" in roles for roles in attention_projections(graph).values())
+
+
+def with_preset(opts: OptionsT, blocks: int) -> tuple[OptionsT, tuple[str, ...]]:
+    """``opts`` (``quantize``'s options) with the unset ones filled, and the names the preset set.
+
+    Without attention blocks the unset options take their plain defaults: no float
+    roles, no SmoothQuant, every join the target lists.
+    """
+    preset: dict[str, object] = {}
+    if blocks:
+        preset = {k: v for k, v in TRANSFORMER_PRESET.items() if getattr(opts, k) is None}
+        if opts.eltwise is None:
+            preset["eltwise"] = True  # a convolution's joins only: the caller drops is_transformer_residual ones (3)
+    resolved = dataclasses.replace(opts, **preset)
+    return dataclasses.replace(resolved, eltwise=resolved.eltwise is not False,
+                               float_activations=resolved.float_activations or ()), tuple(preset)
+
+
+def is_transformer_residual(layer: Layer) -> bool:
+    """A join of activations (no weight) with no input straight from a convolution (3)."""
+    if layer.weight is not None or layer.quant.weights is not None:
+        return False
+    return not any((p := v.producer()) is not None and p.op_type in _CONVS for _, v in layer.activations)
+
+
+def float_activation_layers(graph: ir.Graph, roles: tuple[str, ...]) -> dict[str, str]:
+    """Node name -> why its activations stay float, for the layers with one of ``roles``."""
+    if not roles:
+        return {}
+    found = {name: sorted(set(has) & set(roles)) for name, has in attention_projections(graph).items()}
+    return {name: f"activation kept float (float_activations: {', '.join(which)})"
+            for name, which in found.items() if which}
