@@ -59,6 +59,7 @@ def _compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-passes", type=Path, metavar="DIR", help="write the model after each pass into DIR")
     p.add_argument("--junit", type=Path, metavar="PATH", help="write the accuracy gate as a JUnit XML test case")
     p.add_argument("--latency-runs", type=_at_least(1), default=20, help="timed runs for the latency figures (default 20)")
+    _add_ray(p, "accuracy control ranks each layer in a Ray task")
     _add_verbosity(p)
     return p
 
@@ -99,6 +100,12 @@ def _writable(path: Path | None, flag: str, folder: bool = False) -> None:
         except OSError as err:
             raise UsageError(f"{flag} {path}: cannot write it ({err.strerror or err}); choose a writable "
                              "location") from None
+
+
+def _add_ray(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help=f"run on Ray ({what}): 'local' starts one here, HOST:PORT or 'auto' joins a cluster; "
+                        "without a value, $RAY_ADDRESS or local (needs: pip install 'compressor[ray]')")
 
 
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
@@ -211,15 +218,17 @@ def _cmd_compress(argv: Sequence[str]) -> int:
     _writable(args.junit, "--junit")
     _writable(args.dump_passes, "--dump-passes", folder=True)
     from compressor.api import compress
+    from compressor.executor import make_executor
 
     def on_pass(index: int, p: Any) -> None:
         logger.info("[%d] running %s", index + 1, p.name)
 
     try:
-        result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target, inputs=args.input,
-                          calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
-                          trust_pickle=args.trust_pickle, dump_passes=args.dump_passes,
-                          latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass)
+        with make_executor(args.ray) as executor:
+            result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target,
+                              inputs=args.input, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
+                              trust_pickle=args.trust_pickle, dump_passes=args.dump_passes,
+                              latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass, executor=executor)
     except CompressorError as err:
         if args.junit:
             _write_junit(args.junit, None, str(err))
@@ -311,10 +320,13 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
                    help="folder for sweep.csv, sweep.json, sweep.png (default: sweep-out/)")
     p.add_argument("--latency-runs", type=_at_least(0), default=10, help="timed runs per level (0: no latency)")
     p.add_argument("--trust-pickle", action="store_true")
+    _add_ray(p, "each level is a Ray task")
     _add_verbosity(p)
     args = p.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     import yaml
+
+    from compressor.executor import make_executor
 
     from compressor.sweep import format_table, sweep
 
@@ -324,11 +336,12 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
         raise UsageError(f"--options is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(options, dict):
         raise UsageError(f"--options must be a mapping such as '{{mask: wanda}}', got {args.options!r}")
-    result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
-                   outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
-                   options=options, inputs=args.input, metric=args.metric, trust_pickle=args.trust_pickle,
-                   latency_runs=args.latency_runs, progress=_bar,
-                   on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
+    with make_executor(args.ray) as executor:
+        result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
+                       outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
+                       options=options, inputs=args.input, metric=args.metric, trust_pickle=args.trust_pickle,
+                       latency_runs=args.latency_runs, progress=_bar, executor=executor,
+                       on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
     print(format_table(result))
     print()
     if result.max_drop is not None:

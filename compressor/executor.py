@@ -146,7 +146,8 @@ class RayExecutor(Executor):
         task_cpus: CPUs each task reserves (bounds how many run at once on a node).
 
     Raises:
-        UsageError: Ray is not installed, or the cluster cannot be reached.
+        UsageError: Ray is not installed (here), or the cluster cannot be reached (at the
+            first :meth:`map`).
     """
 
     name = "ray"
@@ -158,31 +159,40 @@ class RayExecutor(Executor):
         self.address = address
         self.max_retries = max_retries
         self.task_cpus = task_cpus
+        self.num_cpus = num_cpus
         self._owned = False
+        self._connected = False
+
+    def _connect(self) -> None:
+        """Initialize Ray at the first :meth:`map` (bad input fails first, without waiting for it)."""
+        if self._connected:
+            return
+        self._connected = True
         if self.ray.is_initialized():
             logger.info("ray: using the Ray session already initialized in this process")
             return
         try:
-            if address == "local":
-                cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                    else os.cpu_count() or 1)
+            if self.address == "local":
+                cpus = self.num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                         else os.cpu_count() or 1)
                 self.ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
                               log_to_driver=False)
             else:
-                self.ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+                self.ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as err:
-            raise UsageError(f"--ray {address}: cannot connect to a Ray cluster there ({str(err).splitlines()[0]}); "
-                             "give the head's HOST:PORT, 'auto' on a cluster node, or 'local'") from None
+            raise UsageError(f"--ray {self.address}: cannot connect to a Ray cluster there "
+                             f"({str(err).splitlines()[0]}); give the head's HOST:PORT, 'auto' on a cluster node, "
+                             "or 'local'") from None
         self._owned = True
-        resources = self.ray.cluster_resources()
-        logger.info("ray: %s, %g CPUs in the cluster", "local instance" if address == "local" else address,
-                    resources.get("CPU", 0))
+        logger.info("ray: %s, %g CPUs in the cluster", "local instance" if self.address == "local" else self.address,
+                    self.ray.cluster_resources().get("CPU", 0))
 
     def map(self, fn: TaskFn, items: Sequence[Any], *, shared: Mapping[str, Any] | None = None,
             labels: Sequence[str] | None = None, progress: Callable[[int], Any] | None = None) -> list[Any]:
         ray = self.ray
         if not items:
             return []
+        self._connect()
         labels = list(labels) if labels is not None else [str(i) for i in range(len(items))]
         keys = list(shared or {})
         refs = [ray.put(shared[k]) for k in keys]  # once, whatever the number of tasks
