@@ -155,3 +155,17 @@ def test_a_pass_imports_what_it_uses_in_a_fresh_worker(module):
     """A task runs a pass in a fresh process: ``ir.passes.common`` must not rely on another pass importing it."""
     code = f"import onnx_ir as ir, {module}; ir.passes.common.RemoveUnusedNodesPass"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_ranking_on_the_target_runs_each_candidate_lowered(data, tmp_path):
+    """``ranking_backend: target``: each candidate task lowers its model and runs it in the target."""
+    recipe = tmp_path / "int8-target-ranking.yaml"
+    recipe.write_text((ROOT / "recipes" / "int8.yaml").read_text().replace(
+        "accuracy: {metric: auto, max_drop: 0.01}", "accuracy: {metric: auto, max_drop: 0.01, ranking_backend: target}"))
+    result = compress(data["model"], recipe=recipe, outdir=tmp_path / "out", calib=CALIB,
+                      eval_data=data["cosine_eval"], max_drop=0.0, latency_runs=1)
+    control = result.manifest["accuracy_control"]
+    assert control["ranking_backend"] == "target"
+    layers = [r["layer"] for r in control["ranking"]]
+    assert len(set(layers)) == len(layers) >= 2 and set(control["layers"]) <= set(layers)
+    assert all(r["error_without"] >= 0 for r in control["ranking"])
