@@ -5,6 +5,7 @@
     compress recipes
     compress inspect MODEL [--input NAME=SHAPE ...]
     compress sweep MODEL --pass NAME --levels L1,L2,... --eval X.npz [--max-drop D] [-o OUTDIR]
+    compress search MODEL --calib X.npz --eval X.npz --max-drop D [--grid YAML] [-o OUTDIR]
 
 Exit codes: 0 success, 1 internal error, 2 bad usage or input, 3 accuracy gate failed
 (artifact still written), 4 model not supported by the target.
@@ -28,7 +29,7 @@ __all__ = ["main"]
 
 logger = logging.getLogger("compressor.cli")
 
-SUBCOMMANDS = ("recipes", "inspect", "sweep")
+SUBCOMMANDS = ("recipes", "inspect", "sweep", "search")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -358,6 +359,52 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     return EXIT_GATE_FAILED if result.max_drop is not None and result.knee is None else EXIT_OK
 
 
+def _cmd_search(argv: Sequence[str]) -> int:
+    from compressor.targets import TARGETS
+
+    p = _Parser(prog="compress search",
+                description="Try a grid of recipe options (calibrator, SmoothQuant alpha, pruning sparsity before "
+                            "int8): the Pareto front of latency vs metric, search.csv/json, and the best candidate "
+                            "within --max-drop written to OUTDIR/best.",
+                epilog="Exit codes: 0 ok, 2 bad input, 3 no candidate within --max-drop.")
+    p.add_argument("model", help="model file (as for 'compress')")
+    p.add_argument("--calib", type=Path, required=True, help=".npz of calibration samples")
+    p.add_argument("--eval", type=Path, dest="eval_data", required=True, help=".npz of evaluation samples")
+    p.add_argument("--max-drop", type=float, required=True, help="accuracy budget")
+    p.add_argument("--target", default="onnx", choices=sorted(TARGETS))
+    p.add_argument("--grid", default=None, metavar="YAML",
+                   help="grid values, e.g. '{calibrator: [minmax, mse], alpha: [null], sparsity: [0, 0.2]}'")
+    p.add_argument("-o", "--output", type=Path, default=Path("search-out"))
+    p.add_argument("--latency-runs", type=_at_least(1), default=10)
+    _add_ray(p, "each candidate is a Ray task")
+    _add_verbosity(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    import yaml
+
+    from compressor.executor import make_executor
+    from compressor.search import format_search_table, search
+
+    try:
+        grid = yaml.safe_load(args.grid) if args.grid else None
+    except yaml.YAMLError as err:
+        raise UsageError(f"--grid is not valid YAML: {str(err).splitlines()[0]}") from None
+    if grid is not None and not isinstance(grid, dict):
+        raise UsageError(f"--grid must be a mapping such as '{{sparsity: [0, 0.5]}}', got {args.grid!r}")
+    with make_executor(args.ray) as executor:
+        result = search(args.model, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
+                        outdir=args.output, target=args.target, grid=grid, latency_runs=args.latency_runs,
+                        executor=executor)
+    print(format_search_table(result))
+    print()
+    print(f"written: {', '.join(str(path) for path in result.files.values())}")
+    if result.best is None:
+        print(f"best: none; no candidate is within max drop {args.max_drop:g}")
+        return EXIT_GATE_FAILED
+    print(f"best: candidate {result.best.index} {result.best.options} -> {result.files['best']}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``compress``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -369,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_inspect(argv[1:])
         if argv and argv[0] == "sweep":
             return _cmd_sweep(argv[1:])
+        if argv and argv[0] == "search":
+            return _cmd_search(argv[1:])
         return _cmd_compress(argv)
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
