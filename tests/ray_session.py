@@ -10,7 +10,8 @@ seconds; the results go to ``OUTDIR/result.json`` for the tests to judge:
 * the same sweep with the task of level index 1 killing its own worker (SIGKILL) on the
   first attempt (``OUTDIR/crash/sweep.csv``, the retries the executor reported);
 * an error a task raises (``UsageError``) coming back as that error;
-* ``int8`` with ``--max-drop 0`` on cosine fidelity: accuracy control's ranking on Ray.
+* ``int8`` with ``--max-drop 0`` on cosine fidelity: accuracy control's ranking on Ray;
+* ``compress search`` on a small grid (``OUTDIR/search/search.json``).
 
 Never run it outside a network namespace of its own: Ray listens on every interface.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 LEVELS = "0.2,0.5,0.8"
+GRID = {"calibrator": ["minmax", "percentile"], "sparsity": [0, 0.5]}
 CRASH_INDEX = 1
 
 
@@ -54,6 +56,7 @@ def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) ->
     from compressor.api import compress
     from compressor.errors import UsageError
     from compressor.executor import RayExecutor
+    from compressor.search import search
     from compressor.sweep import sweep
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -91,6 +94,9 @@ def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) ->
                            max_drop=0.0, latency_runs=1, executor=executor)
         result["ranking"] = control.manifest["accuracy_control"]["ranking"]
         result["given_back"] = control.manifest["accuracy_control"]["layers"]
+
+        search(model, calib=calib, eval_data=eval_data, max_drop=0.01, outdir=out / "search", grid=GRID,
+               latency_runs=1, executor=executor)
     finally:
         (out / "result.json").write_text(json.dumps(result))
         ray.shutdown()

@@ -23,6 +23,7 @@ import pytest
 from compressor.api import compress
 from compressor.cli import main
 from compressor.executor import InProcessExecutor, make_executor
+from compressor.search import search
 from compressor.sweep import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +149,20 @@ def test_accuracy_control_ranks_the_same_on_ray(ray_session, data, tmp_path):
     assert len(control["ranking"]) >= 2
     assert result["ranking"] == control["ranking"]
     assert result["given_back"] == control["layers"]
+
+
+@pytest.mark.slow
+def test_search_measures_the_same_on_ray(ray_session, data, tmp_path):
+    out, _ = ray_session
+    search(data["model"], calib=CALIB, eval_data=EVAL, max_drop=0.01, outdir=tmp_path,
+           grid={"calibrator": ["minmax", "percentile"], "sparsity": [0, 0.5]}, latency_runs=1)
+    fields = ("index", "options", "metric", "drop", "weight_bytes", "rejected")
+    measured = [[c[k] for k in fields] for c in json.loads((tmp_path / "search.json").read_text())["candidates"]]
+    on_ray = json.loads((out / "search" / "search.json").read_text())["candidates"]
+    assert [[c[k] for k in fields] for c in on_ray] == measured
+    assert sum(c["rejected"] is not None for c in on_ray) == 2
+    # on Ray each task starts from the empty pass cache it was sent: no reuse across candidates
+    assert [c["cache_hits"] for c in on_ray] == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("module", ["compressor.passes.quantize", "compressor.passes.qnn_legalize"])
