@@ -49,14 +49,31 @@ def test_in_process_maps_in_order_with_the_shared_inputs(monkeypatch):
     assert isinstance(make_executor(None), InProcessExecutor)  # no --ray: in process, even with RAY_ADDRESS
 
 
-@pytest.mark.parametrize("command", ["sweep", "compress"])
+@pytest.mark.parametrize("command", ["sweep", "compress", "search"])
 def test_ray_without_the_extra_exits_2(command, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    argv = (["sweep", str(MODEL), "--pass", "prune-magnitude", "--levels", "0.5", "--eval", str(EVAL), "--ray"]
-            if command == "sweep" else [str(MODEL), "--recipe", "fold", "--ray", "local"])
+    argv = {"sweep": ["sweep", str(MODEL), "--pass", "prune-magnitude", "--levels", "0.5", "--eval", str(EVAL),
+                      "--ray"],
+            "compress": [str(MODEL), "--recipe", "fold", "--ray", "local"],
+            "search": ["search", str(MODEL), "--calib", str(CALIB), "--eval", str(EVAL), "--max-drop", "0.01",
+                       "--ray", "auto"]}[command]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == \
         "error: --ray needs Ray, which is not installed: pip install 'compressor[ray]'"
+
+
+def test_which_address_ray_gets(monkeypatch):
+    """``--ray`` alone: $RAY_ADDRESS, else a local instance; an address given wins. Ray starts only at a map."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'compressor[ray]')")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert make_executor("").address == "local"
+    assert make_executor("10.1.2.3:6379").address == "10.1.2.3:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    assert make_executor("").address == "10.1.2.3:6379"
+    assert make_executor("local").address == "local"
+    executor = make_executor("")
+    executor.close()  # nothing was started: nothing to end
+    assert executor.map(_square, []) == [] and not executor.ray.is_initialized()
 
 
 # ------------------------------------------------------------------ a real Ray instance
