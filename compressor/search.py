@@ -18,7 +18,9 @@ candidate and one task of the executor (:mod:`compressor.executor`).
   another calibrator) reuse it. In process the cache is one dict for the whole search; on
   Ray each task starts from the (empty) cache it was sent, so only in-process runs reuse.
 * **Output**: the Pareto front of latency vs metric (no other candidate is both faster and
-  better), ``search.csv`` and ``search.json`` in ``-o``, and the best candidate within the
+  better), ``search.csv`` and ``search.json`` in ``-o`` (staged, then renamed into place;
+  they replace only an earlier search's, whose ``search.json`` says ``"tool":
+  "compressor"``; other files there are left alone), and the best candidate within the
   budget (the fastest on the front, ties to the better metric) written to ``-o/best`` by
   :func:`compressor.api.compress`, its artifact and manifest those of a plain run.
   Latency is timed in the driver, one candidate after the other, as in the sweep.
@@ -32,7 +34,9 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -253,7 +257,25 @@ def _check_destination(outdir: Path) -> None:
 def _write(result: SearchResult, outdir: Path) -> dict[str, Path]:
     _check_destination(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    with (outdir / "search.csv").open("w", newline="") as fh:
+    tag = uuid.uuid4().hex[:8]
+    staged = {name: outdir / f".{name}.{tag}.partial" for name in SEARCH_FILES}  # renamed into place at the end
+    try:
+        _write_csv(result, staged["search.csv"])
+        write_json(staged["search.json"], {"tool": TOOL, "metric": result.metric, "baseline": result.baseline,
+                                           "max_drop": result.max_drop,
+                                           "best": None if result.best is None else result.best.index,
+                                           "candidates": [c.to_json() for c in result.candidates]})
+        _check_destination(outdir)  # again: the folder may have changed during the search
+        for name, path in staged.items():
+            os.replace(path, outdir / name)
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+    return {"csv": outdir / "search.csv", "json": outdir / "search.json"}
+
+
+def _write_csv(result: SearchResult, path: Path) -> None:
+    with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["candidate", "calibrator", "alpha", "sparsity", result.metric, "drop", "latency_ms",
                          "weight_bytes", "on_front", "rejected", "cache_hits"])
@@ -263,10 +285,6 @@ def _write(result: SearchResult, outdir: Path) -> dict[str, Path]:
                              "" if c.drop is None else c.drop, "" if c.latency_ms is None else c.latency_ms,
                              "" if c.weight_bytes is None else c.weight_bytes, c.on_front, c.rejected or "",
                              c.cache_hits])
-    write_json(outdir / "search.json", {"tool": TOOL, "metric": result.metric, "baseline": result.baseline,
-                                         "max_drop": result.max_drop, "best": None if result.best is None
-                                         else result.best.index, "candidates": [c.to_json() for c in result.candidates]})
-    return {"csv": outdir / "search.csv", "json": outdir / "search.json"}
 
 
 def format_search_table(result: SearchResult) -> str:
