@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from compressor.cli import main
-from compressor.search import Candidate, pareto_front
+from compressor.search import Candidate, _check_destination, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -45,6 +45,8 @@ def test_search_rejects_early_reuses_passes_and_writes_the_best(searched, capsys
     assert manifest["gate"]["passed"] is True
     assert manifest["accuracy_drop"] == pytest.approx(best["drop"])
     assert manifest["recipe"]["passes"][-1]["quantize"]["calibrator"] == best["options"]["calibrator"]
+    _check_destination(out)  # a later search may replace these files: they are ours
+    assert sorted(p.name for p in out.iterdir()) == ["best", "search.csv", "search.json"]  # nothing staged left
 
 
 def test_no_candidate_within_budget_exits_3(tmp_path, capsys):
