@@ -14,9 +14,12 @@ candidate and one task of the executor (:mod:`compressor.executor`).
   already over the budget stops there (quantization only adds error) and costs no
   calibration.
 * **Pass-result cache**: ``(sha256 of the input model, pass, options, calibration sha256)``
-  -> the output model and the pass's stats. Candidates that share a prefix (same sparsity,
-  another calibrator) reuse it. In process the cache is one dict for the whole search; on
-  Ray each task starts from the (empty) cache it was sent, so only in-process runs reuse.
+  -> the output model and what the pass provides. The search runs in two maps: first each
+  distinct prefix (the passes before ``quantize``) once, with early rejection, filling the
+  cache; then each candidate whose prefix is within budget, sent the filled cache, so it
+  takes its prefix from there (in process and on Ray alike) and runs only ``quantize``.
+  Calibration statistics are shared in process (one ``PassContext.cache``); on Ray each
+  candidate task collects its own.
 * **Output**: the Pareto front of latency vs metric (no other candidate is both faster and
   better), ``search.csv`` and ``search.json`` in ``-o`` (staged, then renamed into place;
   they replace only an earlier search's, whose ``search.json`` says ``"tool":
@@ -108,17 +111,29 @@ def candidate_recipe(options: Mapping[str, Any], samples: int = 256) -> Any:
                         f"search candidate {dict(options)}")
 
 
-def _run_candidate(item: tuple[int, dict[str, Any]], shared: Mapping[str, Any]) -> dict[str, Any]:
-    """One candidate, as an executor task: its passes (cached), early rejection, lowered, evaluated."""
+def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool],
+                   shared: Mapping[str, Any]) -> dict[str, Any]:
+    """One executor task: ``steps`` from the captured model, through the pass-result cache.
+
+    Args:
+        item: ``(index, steps, evaluate)``. A prefix task (``evaluate`` false) runs the steps
+            a group of candidates shares and checks the drop after each lossy one (early
+            rejection); a candidate task runs all its steps (the prefix from the cache) and
+            is lowered and evaluated.
+        shared: ``model`` (bytes), ``target``, ``calib``, ``eval``, ``ref``, ``metric``,
+            ``max_drop``, ``pass_cache`` and ``stats_cache``.
+
+    Returns:
+        ``cache`` (the pass results this task computed), ``cache_hits``, and ``rejected``
+        or the candidate's ``metric``, ``drop``, ``weight_bytes`` and lowered ``files``.
+    """
     from compressor.pass_manager import PassManager
     from compressor.pipeline import PassContext, build_pass
 
-    index, options = item
+    index, steps, evaluate = item
     tgt, data, budget = shared["target"], shared["eval"], shared["max_drop"]
     ctx = PassContext(target=tgt, calibration=shared["calib"], properties={"captured"}, cache=shared["stats_cache"])
-    model_data, done, hits = shared["model"], [], 0
-    steps = _steps(options)
-    lossy = [i for i, (name, opts) in enumerate(steps) if build_pass(name, opts).lossy]
+    model_data, done, hits, computed = shared["model"], [], 0, {}
     with tempfile.TemporaryDirectory(prefix=f"compressor-candidate-{index}-") as work:
         for i, (name, opts) in enumerate(steps):
             step = build_pass(name, opts)
@@ -131,13 +146,15 @@ def _run_candidate(item: tuple[int, dict[str, Any]], shared: Mapping[str, Any]) 
             else:
                 out = PassManager([step], verify=False).run(ir_from_bytes(model_data), ctx, already_run=done)
                 model_data = ir_bytes(out.model)
-                shared["pass_cache"][key] = (model_data, sorted(step.provides))
+                computed[key] = shared["pass_cache"][key] = (model_data, sorted(step.provides))
             done.append(name)
-            if i in lossy[:-1]:  # early rejection: the drop so far, on the target's float path
+            if not evaluate and step.lossy:  # early rejection: the drop so far, on the target's float path
                 run = tgt.reference_runner(ir_from_bytes(model_data), Path(work) / f"after-{i}")
                 drop = compare(shared["ref"], collect_outputs(run, data), data, shared["metric"]).drop
                 if drop > budget + 1e-12:
-                    return {"rejected": f"drop {drop:.4f} after {name}", "cache_hits": hits}
+                    return {"rejected": f"drop {drop:.4f} after {name}", "cache": computed, "cache_hits": hits}
+        if not evaluate:
+            return {"rejected": None, "cache": computed, "cache_hits": hits}
         files = tgt.lower(ir_from_bytes(model_data), Path(work) / "lowered")
         run = tgt.runner(files)
         ev = compare(shared["ref"], collect_outputs(run, data), data, shared["metric"])
@@ -145,7 +162,7 @@ def _run_candidate(item: tuple[int, dict[str, Any]], shared: Mapping[str, Any]) 
         lowered = {str(f.relative_to(Path(work) / "lowered")): f.read_bytes() for f in files}
     metric = ev.compressed["top1"] if ev.metric == "top1" else ev.compressed["cosine_mean"]
     return {"metric": metric, "drop": ev.drop, "weight_bytes": sum(len(b) for b in lowered.values()),
-            "files": lowered, "cache_hits": hits}
+            "files": lowered, "cache": computed, "cache_hits": hits}
 
 
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -204,8 +221,21 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
         base = compare(ref, ref, eval_set, "auto")
         shared = {"model": ir_bytes(model), "target": tgt, "calib": calib_set, "eval": eval_set, "ref": ref,
                   "metric": base.metric, "max_drop": max_drop, "pass_cache": {}, "stats_cache": {}}
-        outs = executor.map(_run_candidate, list(enumerate(points)), shared=shared,
-                            labels=[f"candidate {p}" for p in points])
+        # 1. Each prefix (the passes before quantize) once, with early rejection; its results
+        #    fill the pass cache the candidates are sent, so on Ray too no candidate redoes one.
+        prefixes = list(dict.fromkeys(json.dumps(_steps(p)[:-1]) for p in points))
+        firsts = executor.map(_run_candidate, [(i, json.loads(k), False) for i, k in enumerate(prefixes)],
+                              shared=shared, labels=[f"prefix {k}" for k in prefixes])
+        for first in firsts:
+            shared["pass_cache"].update(first["cache"])
+        rejected = {k: first["rejected"] for k, first in zip(prefixes, firsts)}
+        # 2. The candidates whose prefix is within budget.
+        todo = [i for i, p in enumerate(points) if rejected[json.dumps(_steps(p)[:-1])] is None]
+        done = executor.map(_run_candidate, [(i, _steps(points[i]), True) for i in todo], shared=shared,
+                            labels=[f"candidate {points[i]}" for i in todo])
+        outs = [{"rejected": rejected[json.dumps(_steps(p)[:-1])], "cache_hits": 0} for p in points]
+        for i, out in zip(todo, done):
+            outs[i] = out
         candidates = []
         for index, (point, out) in enumerate(zip(points, outs)):
             cand = Candidate(index, point, out.get("metric"), out.get("drop"), None, out.get("weight_bytes"),
