@@ -11,8 +11,9 @@ item needs and what is large (model bytes, datasets, baseline outputs); ``item``
   results in the order of the items (``ray.get``). A task whose worker process dies
   (killed, out of memory, its node lost) is run again by Ray itself (``max_retries``);
   every retried task is logged and listed in :attr:`Executor.retried`. An exception the
-  task raises is not retried: it is re-raised here as the task raised it, so an error a
-  user can act on keeps its exit code.
+  task raises is not retried: it is re-raised here as the task raised it, as soon as it
+  happens (the tasks still pending are cancelled), so an error a user can act on keeps its
+  exit code.
 
 ``fn`` must be a module-level function (Ray pickles it by reference: every worker needs the
 ``compressor`` package installed) and deterministic given its inputs: seeds travel in
@@ -200,14 +201,19 @@ class RayExecutor(Executor):
         task = ray.remote(_run_task).options(num_cpus=self.task_cpus, max_retries=self.max_retries,
                                              retry_exceptions=False)
         futures = [task.remote(fn, index, item, keys, attempts, *refs) for index, item in enumerate(items)]
+        finished: dict[Any, Any] = {}
+        pending = list(futures)
         try:
-            pending = list(futures)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:  # a task's error surfaces as soon as it happens, not after the rest
+                    finished[ref] = ray.get(ref)
                 if progress:
                     progress(len(done))
-            results = ray.get(futures)
+            results = [finished[ref] for ref in futures]
         except ray.exceptions.RayTaskError as err:
+            for ref in pending:  # the run fails: the other tasks' work is wasted
+                ray.cancel(ref)
             cause = getattr(err, "cause", None)
             if isinstance(cause, BaseException):
                 raise cause from None  # the task's own error, with its exit code

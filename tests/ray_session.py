@@ -9,7 +9,8 @@ seconds; the results go to ``OUTDIR/result.json`` for the tests to judge:
   calls counted;
 * the same sweep with the task of level index 1 killing its own worker (SIGKILL) on the
   first attempt (``OUTDIR/crash/sweep.csv``, the retries the executor reported);
-* an error a task raises (``UsageError``) coming back as that error;
+* an error a task raises (``UsageError``) coming back as that error, at once (the other
+  task, which would sleep two minutes, is cancelled);
 * ``int8`` with ``--max-drop 0`` on cosine fidelity: accuracy control's ranking on Ray;
 * ``compress search`` on a small grid (``OUTDIR/search/search.json``).
 
@@ -22,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,13 @@ class CrashOnce:
 
 
 def raise_usage(item: Any, shared: Mapping[str, Any]) -> None:
+    """Item 7 fails at once; any other sleeps long (it is cancelled when 7 fails)."""
+    import time
+
     from compressor.errors import UsageError
 
+    if item != 7:
+        time.sleep(120)
     raise UsageError(f"bad item {item}")
 
 
@@ -85,10 +92,12 @@ def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) ->
         result["killed_pid"] = int((out / "crashed").read_text())
         result["retried"] = crashing.retried
 
+        started = time.perf_counter()
         try:
-            executor.map(raise_usage, [7])
+            executor.map(raise_usage, [7, 8])
         except UsageError as err:
             result["task_error"] = [type(err).__name__, str(err)]
+        result["task_error_seconds"] = time.perf_counter() - started
 
         control = compress(model, recipe="int8", outdir=out / "int8", calib=calib, eval_data=cosine_eval,
                            max_drop=0.0, latency_runs=1, executor=executor)

@@ -155,6 +155,7 @@ def test_a_killed_worker_is_retried_and_its_row_is_there(ray_session):
 @pytest.mark.slow
 def test_a_task_error_comes_back_as_itself(ray_session):
     assert ray_session[1]["task_error"] == ["UsageError", "bad item 7"]
+    assert ray_session[1]["task_error_seconds"] < 60, "not after the other task's two minutes"
 
 
 @pytest.mark.slow
