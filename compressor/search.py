@@ -165,12 +165,16 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool],
             "files": lowered, "cache": computed, "cache_hits": hits}
 
 
+def _latency(c: Candidate) -> float:
+    return 0.0 if c.latency_ms is None else c.latency_ms  # not timed (latency_runs=0): the metric decides
+
+
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
     """Measured candidates no other one beats on both latency (lower) and metric (higher)."""
-    measured = [c for c in candidates if c.rejected is None and c.latency_ms is not None]
+    measured = [c for c in candidates if c.rejected is None and c.metric is not None]
     return [c for c in measured
-            if not any(o.latency_ms <= c.latency_ms and o.metric >= c.metric
-                       and (o.latency_ms < c.latency_ms or o.metric > c.metric) for o in measured)]
+            if not any(_latency(o) <= _latency(c) and o.metric >= c.metric
+                       and (_latency(o) < _latency(c) or o.metric > c.metric) for o in measured)]
 
 
 def _grid(grid: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
@@ -253,7 +257,7 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     for cand in pareto_front(candidates):
         cand.on_front = True
     within = [c for c in candidates if c.on_front and c.drop is not None and c.drop <= max_drop + 1e-12]
-    best = min(within, key=lambda c: (c.latency_ms, -c.metric)) if within else None
+    best = min(within, key=lambda c: (_latency(c), -c.metric, c.index)) if within else None
     base_value = base.baseline["top1"] if base.metric == "top1" else 1.0
     result = SearchResult(base.metric, base_value, max_drop, candidates, best, {})
     result.files = _write(result, outdir)

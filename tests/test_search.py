@@ -86,3 +86,5 @@ def test_pareto_front():
     points = [cand(0, 1.0, 0.90), cand(1, 2.0, 0.95), cand(2, 2.5, 0.94), cand(3, 0.5, 0.80),
               Candidate(4, {}, rejected="drop 0.2 after prune-magnitude")]
     assert [c.index for c in pareto_front(points)] == [0, 1, 3]
+    untimed = [Candidate(0, {}, metric=0.90, drop=0.0), Candidate(1, {}, metric=0.95, drop=0.0)]
+    assert [c.index for c in pareto_front(untimed)] == [1]  # latency_runs=0: the metric decides
