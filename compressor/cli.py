@@ -394,7 +394,7 @@ def _cmd_search(argv: Sequence[str]) -> int:
     with make_executor(args.ray) as executor:
         result = search(args.model, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
                         outdir=args.output, target=args.target, grid=grid, latency_runs=args.latency_runs,
-                        executor=executor)
+                        executor=executor, progress=_bar)
     print(format_search_table(result))
     print()
     print(f"written: {', '.join(str(path) for path in result.files.values())}")

@@ -49,6 +49,7 @@ from compressor.errors import UsageError
 from compressor.evaluation import collect_outputs, compare, measure_latency
 from compressor.executor import Executor, InProcessExecutor
 from compressor.model_io import ir_bytes, ir_from_bytes
+from compressor.progress import Progress, no_progress
 from compressor.strict_json import write_json
 
 __all__ = ["DEFAULT_GRID", "Candidate", "SearchResult", "search", "format_search_table", "pareto_front"]
@@ -190,8 +191,14 @@ def _grid(grid: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
 
 def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, max_drop: float,
            outdir: str | Path, target: str = "onnx", grid: Mapping[str, Sequence[Any]] | None = None,
-           latency_runs: int = 10, executor: Executor | None = None) -> SearchResult:
+           latency_runs: int = 10, executor: Executor | None = None,
+           progress: Progress | None = None) -> SearchResult:
     """Run every candidate of ``grid`` and keep the best within ``max_drop`` (module docstring).
+
+    Args:
+        executor: Where the prefixes and candidates run (default: in this process).
+        progress: Factory of progress bars ``(desc, total, unit)``: one for the prefixes, one
+            for the candidates.
 
     Raises:
         UsageError: a bad grid, budget, data or output folder (before any work).
@@ -218,6 +225,7 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     calib_set, eval_set = raw_calib.validate(specs), raw_eval.validate(specs)
     calib_set = calib_set.subset(0, min(len(calib_set), recipes[0].calibration.samples))
     executor = executor or InProcessExecutor()
+    progress = progress or no_progress
     feed = next(eval_set.batches())
     with tempfile.TemporaryDirectory(prefix="compressor-search-") as work:
         run_baseline = tgt.reference_runner(model, Path(work) / "baseline")
@@ -228,15 +236,17 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
         # 1. Each prefix (the passes before quantize) once, with early rejection; its results
         #    fill the pass cache the candidates are sent, so on Ray too no candidate redoes one.
         prefixes = list(dict.fromkeys(json.dumps(_steps(p)[:-1]) for p in points))
-        firsts = executor.map(_run_candidate, [(i, json.loads(k), False) for i, k in enumerate(prefixes)],
-                              shared=shared, labels=[f"prefix {k}" for k in prefixes])
+        with progress("search prefixes", len(prefixes), "prefix") as bar:
+            firsts = executor.map(_run_candidate, [(i, json.loads(k), False) for i, k in enumerate(prefixes)],
+                                  shared=shared, labels=[f"prefix {k}" for k in prefixes], progress=bar.update)
         for first in firsts:
             shared["pass_cache"].update(first["cache"])
         rejected = {k: first["rejected"] for k, first in zip(prefixes, firsts)}
         # 2. The candidates whose prefix is within budget.
         todo = [i for i, p in enumerate(points) if rejected[json.dumps(_steps(p)[:-1])] is None]
-        done = executor.map(_run_candidate, [(i, _steps(points[i]), True) for i in todo], shared=shared,
-                            labels=[f"candidate {points[i]}" for i in todo])
+        with progress("search candidates", len(todo), "candidate") as bar:
+            done = executor.map(_run_candidate, [(i, _steps(points[i]), True) for i in todo], shared=shared,
+                                labels=[f"candidate {points[i]}" for i in todo], progress=bar.update)
         outs = [{"rejected": rejected[json.dumps(_steps(p)[:-1])], "cache_hits": 0} for p in points]
         for i, out in zip(todo, done):
             outs[i] = out

@@ -88,3 +88,19 @@ def test_pareto_front():
     assert [c.index for c in pareto_front(points)] == [0, 1, 3]
     untimed = [Candidate(0, {}, metric=0.90, drop=0.0), Candidate(1, {}, metric=0.95, drop=0.0)]
     assert [c.index for c in pareto_front(untimed)] == [1]  # latency_runs=0: the metric decides
+
+
+def test_search_asks_for_a_bar_per_phase(tmp_path):
+    from compressor.progress import no_progress
+    from compressor.search import search
+
+    bars = []
+
+    def progress(desc, total, unit="batch"):
+        bars.append((desc, total, unit))
+        return no_progress(desc, total, unit)
+
+    result = search(MODEL, calib=CALIB, eval_data=EVAL, max_drop=0.01, outdir=tmp_path, latency_runs=1,
+                    grid={"sparsity": [0.5], "calibrator": ["minmax"]}, progress=progress)
+    assert bars == [("search prefixes", 1, "prefix"), ("search candidates", 0, "candidate")]
+    assert result.best is None and result.candidates[0].rejected.endswith("after prune-magnitude")
