@@ -5,7 +5,11 @@
    and measure the output error on a small ranking subset against the baseline (in
    ONNX Runtime by default, else on the target; see ``AccuracyConfig.ranking_backend``):
    ``sensitivity(L) = err(all quantized) − err(all but L)``, ``err = 1 − mean cosine``.
-   The ranking is computed once per run and recorded in the manifest.
+   The ranking is computed once per run and recorded in the manifest. Each candidate is
+   one task of an executor (:mod:`compressor.executor`: in this process, or on Ray):
+   :func:`candidate_error` rebuilds the candidate from what every task shares (the model
+   before quantization, the passes, the context holding the calibration statistics, the
+   ranking data and the baseline's outputs), sent once.
 2. Greedy: try giving back layers in decreasing sensitivity, one at a time, re-evaluating
    the metric on the whole eval set after each try, until ``drop <= max_drop`` or the step
    limit is reached. A try that does not lower the drop is undone (the layer stays
@@ -16,15 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from compressor.data import Dataset
 from compressor.evaluation import Evaluation, collect_outputs, fidelity, mask_padding
+from compressor.executor import Executor, InProcessExecutor
 
-__all__ = ["ControlResult", "rank_layers", "control_accuracy", "EXCLUDE_KEY", "WIDE_KEY"]
+__all__ = ["ControlResult", "rank_layers", "candidate_error", "control_accuracy", "EXCLUDE_KEY", "WIDE_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,29 +59,75 @@ class ControlResult:
                 "ranking_backend": self.ranking_backend, "budget_met": self.met}
 
 
+def _no_bar() -> Any:
+    from compressor.progress import no_progress
+
+    return no_progress("", None)
+
+
 def _error(ref: list[np.ndarray], run: RunFn, data: Dataset) -> float:
     return 1.0 - fidelity(mask_padding(ref, data), mask_padding(collect_outputs(run, data), data))["cosine_mean"]
 
 
-def rank_layers(layers: Sequence[str], build: Callable[[frozenset[str]], RunFn], data: Dataset,
-                ref: list[np.ndarray], base_error: float,
-                progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """Sensitivity of each layer (see the module docstring), most sensitive first."""
-    ranking = []
-    for name in layers:
-        err = _error(ref, build(frozenset({name})), data)
-        ranking.append({"layer": name, "sensitivity": base_error - err, "error_without": err})
-        if progress:
-            progress(1)
+def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
+    """Executor task: the output error of the model with the ``given`` layers given back.
+
+    Args:
+        given: Layer names given back (empty: the fully quantized model).
+        shared: ``snapshot`` (the model the quantizing passes start from,
+            :func:`~compressor.model_io.ir_bytes`), ``passes`` (those passes), ``context``
+            (the ``PassContext`` they ran with; its cache holds the calibration statistics,
+            so no task calibrates again), ``key`` (:data:`EXCLUDE_KEY` or :data:`WIDE_KEY`),
+            ``runtime`` (``onnxruntime``: ONNX Runtime CPU; ``target``: lowered and run on
+            the context's target), ``data`` (the ranking subset) and ``ref`` (the
+            baseline's outputs on it, from the same runtime).
+    """
+    from compressor.model_io import ir_from_bytes
+    from compressor.pass_manager import PassManager
+    from compressor.targets.onnx import OrtRunner
+
+    base = shared["context"]
+    ctx = dataclasses.replace(base, options={**base.options, shared["key"]: tuple(sorted(given))},
+                              properties=set(base.properties))
+    model = PassManager(shared["passes"], verify=False).run(ir_from_bytes(shared["snapshot"]), ctx).model
+    if shared["runtime"] == "onnxruntime":
+        return _error(shared["ref"], OrtRunner(model), shared["data"])
+    with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
+        run = ctx.target.runner(ctx.target.lower(model, Path(work)))
+        err = _error(shared["ref"], run, shared["data"])
+        del run
+    return err
+
+
+def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mapping[str, Any]], float],
+                shared: Mapping[str, Any], *, executor: Executor | None = None,
+                progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+    """Sensitivity of each layer (see the module docstring), most sensitive first.
+
+    Args:
+        layers: Names of the quantized layers.
+        error_of: The error of a candidate, ``(given, shared) -> float`` (a task of
+            ``executor``: module-level, such as :func:`candidate_error`, to run on Ray).
+        shared: What every candidate reads.
+        executor: Where the candidates run (default: in this process).
+        progress: Called with ``1`` per candidate done (the fully quantized model first).
+    """
+    executor = executor or InProcessExecutor()
+    candidates = [frozenset(), *(frozenset({name}) for name in layers)]
+    errors = executor.map(error_of, candidates, shared=shared, labels=["all quantized", *layers], progress=progress)
+    base_error = errors[0]
+    ranking = [{"layer": name, "sensitivity": base_error - err, "error_without": err}
+               for name, err in zip(layers, errors[1:])]
     ranking.sort(key=lambda r: (-r["sensitivity"], r["layer"]))
     return ranking
 
 
 def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]], RunFn],
                      evaluate: Callable[[RunFn], Evaluation], first: Evaluation, budget: float,
-                     ranking_data: Dataset, ranking_ref: list[np.ndarray], max_steps: int | None = None,
-                     progress: Callable[[str, int], Any] | None = None,
-                     rank_build: Callable[[frozenset[str]], RunFn] | None = None) -> ControlResult:
+                     ranking_data: Dataset | None = None, ranking_ref: list[np.ndarray] | None = None,
+                     max_steps: int | None = None, progress: Callable[[str, int], Any] | None = None,
+                     rank_build: Callable[[frozenset[str]], RunFn] | None = None,
+                     ranking: list[dict[str, Any]] | None = None) -> ControlResult:
     """Give back layers until ``evaluate(...).drop <= budget`` (see the module docstring).
 
     Args:
@@ -89,15 +142,17 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
         progress: Factory of progress bars ``(desc, total)``.
         rank_build: Runner used for ranking only (default ``build``); ``ranking_ref``
             must come from the same runtime.
+        ranking: The ranking, already computed by :func:`rank_layers` (then
+            ``ranking_data``, ``ranking_ref`` and ``rank_build`` are not used).
     """
-    rank_build = rank_build or build
-    base_error = _error(ranking_ref, rank_build(frozenset()), ranking_data)
-    bar = progress("rank layers", len(layers), "layer") if progress else None
-    if bar is not None:
-        with bar:
-            ranking = rank_layers(layers, rank_build, ranking_data, ranking_ref, base_error, bar.update)
-    else:
-        ranking = rank_layers(layers, rank_build, ranking_data, ranking_ref, base_error)
+    if ranking is None:  # ranked here, in this process, with runners built by closures
+        rank_build = rank_build or build
+        data, ref = ranking_data, ranking_ref
+        if data is None or ref is None:
+            raise ValueError("control_accuracy: give ranking_data and ranking_ref, or a ranking")
+        error_of = lambda given, _: _error(ref, rank_build(given), data)  # noqa: E731
+        with (progress("rank layers", len(layers) + 1, "layer") if progress else _no_bar()) as bar:
+            ranking = rank_layers(layers, error_of, {}, progress=bar.update)
     logger.info("most sensitive layers: %s", ", ".join(f"{r['layer']} ({r['sensitivity']:.4g})" for r in ranking[:5]))
     given: list[str] = []
     steps: list[dict[str, Any]] = [{"layer": None, "drop": first.drop, "kept": True}]

@@ -26,10 +26,11 @@ from compressor.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.capture import capture
 from compressor.data import Dataset, RawData, example_inputs, random_dataset, read_npz
 from compressor.errors import CompressorError, DataError, UnsupportedByTarget, UsageError
-from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY, ControlResult, control_accuracy
+from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY, ControlResult, candidate_error, control_accuracy, rank_layers
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
 from compressor.inputs import InputSpec, check_tensor_io, model_input_specs, parse_input_overrides
-from compressor.model_io import model_bytes
+from compressor.executor import Executor
+from compressor.model_io import ir_bytes, model_bytes
 from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
@@ -106,8 +107,9 @@ def _quantized_layers(reports: list[PassReport]) -> list[str]:
 
 def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassContext, layers: list[str],
              score: Callable[[Any], Evaluation], first: Evaluation, accuracy: Any, eval_set: Dataset,
-             run_baseline: Any, work_dir: Path, progress: Progress) -> tuple[Any, ControlResult]:
-    """Re-run the tail of the pipeline giving layers back until the budget holds."""
+             run_baseline: Any, work_dir: Path, progress: Progress,
+             executor: Executor | None = None) -> tuple[Any, ControlResult]:
+    """Re-run the tail of the pipeline giving layers back until the budget holds (ranking on ``executor``)."""
     key = WIDE_KEY if tgt.capabilities.fallback == "int16" else EXCLUDE_KEY
     built: dict[frozenset[str], Any] = {}
 
@@ -121,11 +123,11 @@ def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassCont
         return tgt.runner(tgt.lower(built[given].model, folder))
 
     ranking_data = eval_set.subset(0, min(len(eval_set), accuracy.ranking_samples))
-    rank_build, ranking_ref = None, None
+    runtime, ranking_ref = "target", None
     if accuracy.ranking_backend == "onnxruntime":
         try:
             ranking_ref = collect_outputs(OrtRunner(snapshot), ranking_data)
-            rank_build = lambda given: OrtRunner(rebuild(given).model)  # noqa: E731
+            runtime = "onnxruntime"
         except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
             logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
                            _first_line(exc))
@@ -134,10 +136,13 @@ def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassCont
     max_steps = int(accuracy.max_fallback * len(layers))
     logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity "
                    "(at most %d may be given back)", first.drop, accuracy.max_drop, len(layers), max_steps)
+    shared = {"snapshot": ir_bytes(snapshot), "passes": tail_passes, "key": key, "runtime": runtime,
+              "context": dataclasses.replace(ctx, progress=no_progress), "data": ranking_data, "ref": ranking_ref}
+    with progress("rank layers", len(layers) + 1, "layer") as bar:
+        ranking = rank_layers(layers, candidate_error, shared, executor=executor, progress=bar.update)
     outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=accuracy.max_drop,
-                               ranking_data=ranking_data, ranking_ref=ranking_ref, max_steps=max_steps,
-                               progress=progress, rank_build=rank_build)
-    outcome.ranking_backend = "target" if rank_build is None else "onnxruntime"
+                               max_steps=max_steps, ranking=ranking)
+    outcome.ranking_backend = runtime
     final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
     ctx.options.pop(key, None)
     return final, outcome
@@ -188,9 +193,11 @@ def compress(
     latency_runs: int = 20,
     progress: Progress | None = None,
     on_pass: Callable[[int, Any], None] | None = None,
+    executor: Executor | None = None,
 ) -> CompressResult:
     """Compress one model into an artifact folder; see the module docstring.
 
+    ``executor`` runs accuracy control's ranking candidates (default: in this process).
     Everything that can be checked without the model (the output folder, the recipe, the
     budget, the data files) is checked before the model is captured. ``trust_pickle``,
     ``imports``, ``model_class`` and ``model_kwargs`` say how a torch file is loaded
@@ -326,7 +333,7 @@ def compress(
         elif over and snapshot is not None and quantized_layers:
             t = time.perf_counter()
             control = _control(tgt, snapshot, passes[split:], ctx, quantized_layers, score, evaluation,
-                               recipe_obj.accuracy, eval_set, run_baseline, work_dir, progress)
+                               recipe_obj.accuracy, eval_set, run_baseline, work_dir, progress, executor)
             result = control[0]
             reports = head.reports + result.reports
             evaluation = control[1].evaluation

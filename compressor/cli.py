@@ -5,6 +5,7 @@
     compress recipes
     compress inspect MODEL [--input NAME=SHAPE ...]
     compress sweep MODEL --pass NAME --levels L1,L2,... --eval X.npz [--max-drop D] [-o OUTDIR]
+    compress search MODEL --calib X.npz --eval X.npz --max-drop D [--grid YAML] [-o OUTDIR]
 
 Each command that reads a model takes the model-source flags: --trust-pickle,
 --import MODULE, --model-class MODULE:NAME, --model-kwargs YAML.
@@ -31,7 +32,7 @@ __all__ = ["main"]
 
 logger = logging.getLogger("compressor.cli")
 
-SUBCOMMANDS = ("recipes", "inspect", "sweep")
+SUBCOMMANDS = ("recipes", "inspect", "sweep", "search")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +63,7 @@ def _compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-passes", type=Path, metavar="DIR", help="write the model after each pass into DIR")
     p.add_argument("--junit", type=Path, metavar="PATH", help="write the accuracy gate as a JUnit XML test case")
     p.add_argument("--latency-runs", type=_at_least(1), default=20, help="timed runs for the latency figures (default 20)")
+    _add_ray(p, "accuracy control ranks each layer in a Ray task")
     _add_verbosity(p)
     return p
 
@@ -135,6 +137,12 @@ def _yaml_mapping(flag: str, text: str, example: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UsageError(f"{flag} must be a mapping such as '{example}', got {text!r}")
     return value
+
+
+def _add_ray(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help=f"run on Ray ({what}): 'local' starts one here, HOST:PORT or 'auto' joins a cluster; "
+                        "without a value, $RAY_ADDRESS or local (needs: pip install 'compressor[ray]')")
 
 
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
@@ -250,15 +258,17 @@ def _cmd_compress(argv: Sequence[str]) -> int:
     _writable(args.junit, "--junit")
     _writable(args.dump_passes, "--dump-passes", folder=True)
     from compressor.api import compress
+    from compressor.executor import make_executor
 
     def on_pass(index: int, p: Any) -> None:
         logger.info("[%d] running %s", index + 1, p.name)
 
     try:
-        result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target, inputs=args.input,
-                          calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
-                          **_model_source(args), dump_passes=args.dump_passes,
-                          latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass)
+        with make_executor(args.ray) as executor:
+            result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target,
+                              inputs=args.input, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
+                              **_model_source(args), dump_passes=args.dump_passes,
+                              latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass, executor=executor)
     except CompressorError as err:
         if args.junit:
             _write_junit(args.junit, None, str(err))
@@ -349,17 +359,20 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
                    help="folder for sweep.csv, sweep.json, sweep.png (default: sweep-out/)")
     p.add_argument("--latency-runs", type=_at_least(0), default=10, help="timed runs per level (0: no latency)")
     _add_model_source(p)
+    _add_ray(p, "each level is a Ray task")
     _add_verbosity(p)
     args = p.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    from compressor.executor import make_executor
     from compressor.sweep import format_table, sweep
 
     options = _yaml_mapping("--options", args.options, "{mask: wanda}") if args.options else {}
-    result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
-                   outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
-                   options=options, inputs=args.input, metric=args.metric, **_model_source(args),
-                   latency_runs=args.latency_runs, progress=_bar,
-                   on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
+    with make_executor(args.ray) as executor:
+        result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
+                       outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
+                       options=options, inputs=args.input, metric=args.metric, **_model_source(args),
+                       latency_runs=args.latency_runs, progress=_bar, executor=executor,
+                       on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
     print(format_table(result))
     print()
     if result.max_drop is not None:
@@ -376,6 +389,45 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     return EXIT_GATE_FAILED if result.max_drop is not None and result.knee is None else EXIT_OK
 
 
+def _cmd_search(argv: Sequence[str]) -> int:
+    from compressor.targets import TARGETS
+
+    p = _Parser(prog="compress search",
+                description="Try a grid of recipe options (calibrator, SmoothQuant alpha, pruning sparsity before "
+                            "int8): the Pareto front of latency vs metric, search.csv/json, and the best candidate "
+                            "within --max-drop written to OUTDIR/best.",
+                epilog="Exit codes: 0 ok, 2 bad input, 3 no candidate within --max-drop.")
+    p.add_argument("model", help="model file (as for 'compress')")
+    p.add_argument("--calib", type=Path, required=True, help=".npz of calibration samples")
+    p.add_argument("--eval", type=Path, dest="eval_data", required=True, help=".npz of evaluation samples")
+    p.add_argument("--max-drop", type=float, required=True, help="accuracy budget")
+    p.add_argument("--target", default="onnx", choices=sorted(TARGETS))
+    p.add_argument("--grid", default=None, metavar="YAML",
+                   help="grid values, e.g. '{calibrator: [minmax, mse], alpha: [null], sparsity: [0, 0.2]}'")
+    p.add_argument("-o", "--output", type=Path, default=Path("search-out"))
+    p.add_argument("--latency-runs", type=_at_least(1), default=10)
+    _add_ray(p, "each candidate is a Ray task")
+    _add_verbosity(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from compressor.executor import make_executor
+    from compressor.search import format_search_table, search
+
+    grid = _yaml_mapping("--grid", args.grid, "{sparsity: [0, 0.5]}") if args.grid else None
+    with make_executor(args.ray) as executor:
+        result = search(args.model, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
+                        outdir=args.output, target=args.target, grid=grid, latency_runs=args.latency_runs,
+                        executor=executor, progress=_bar)
+    print(format_search_table(result))
+    print()
+    print(f"written: {', '.join(str(path) for path in result.files.values())}")
+    if result.best is None:
+        print(f"best: none; no candidate is within max drop {args.max_drop:g}")
+        return EXIT_GATE_FAILED
+    print(f"best: candidate {result.best.index} {result.best.options} -> {result.files['best']}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``compress``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -387,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_inspect(argv[1:])
         if argv and argv[0] == "sweep":
             return _cmd_sweep(argv[1:])
+        if argv and argv[0] == "search":
+            return _cmd_search(argv[1:])
         return _cmd_compress(argv)
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)

@@ -24,6 +24,8 @@ __all__ = [
     "MIN_IR_VERSION",
     "MAX_IR_VERSION",
     "ir_version_for",
+    "ir_bytes",
+    "ir_from_bytes",
     "to_proto",
     "model_bytes",
     "save_model",
@@ -67,6 +69,16 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
 def model_bytes(model: ir.Model) -> bytes:
     """Deterministic bytes of ``model`` (all weights inline)."""
     return to_proto(model).SerializeToString(deterministic=True)
+
+
+def ir_bytes(model: ir.Model) -> bytes:
+    """``model`` as it is in memory (IR version untouched), for shipping to another process."""
+    return ir.serde.serialize_model(model).SerializeToString(deterministic=True)
+
+
+def ir_from_bytes(data: bytes) -> ir.Model:
+    """The model :func:`ir_bytes` wrote: a copy equal to ``ir.serde`` round-tripping it."""
+    return ir.serde.deserialize_model(onnx.ModelProto.FromString(data))
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> Path:

@@ -17,22 +17,22 @@ The *knee* (essential sparsity, Chen et al. 2023) is the largest sparsity whose 
 stays within ``max_drop``. Written to the output folder: ``sweep.csv`` and ``sweep.json``
 always, and ``sweep.png`` (metric vs sparsity) when matplotlib is installed.
 
-The output folder may hold other files; they are never touched. The three files replace
-only those of an earlier sweep (its ``sweep.json`` says ``"tool": "compressor"``, or has a
-sweep's keys as versions before that marker wrote it); a ``sweep.*`` of anyone else is
-refused with exit 2, checked before the work and again before writing. Each file is
-written under a temporary name and renamed into place.
+Each level is one task of an executor (:mod:`compressor.executor`): in this process by
+default, or on Ray with ``--ray``. A task gets the folded model (as bytes), the target, the
+data and the baseline's outputs through ``shared`` (on Ray: put in the object store once)
+and returns the level's stats and evaluation, and the lowered files when latency is
+measured: latency is timed here, in the driver, one level after the other, so tasks running
+side by side do not time each other and the rows are the same wherever the levels ran
+(only the ``latency_ms`` column is a timing).
+
+The files are written by :mod:`compressor.sweep_output`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
-import os
 import tempfile
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,11 @@ import onnx_ir as ir
 from compressor.artifact import TOOL
 from compressor.errors import UsageError
 from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
+from compressor.executor import Executor, InProcessExecutor
+from compressor.model_io import ir_bytes, ir_from_bytes
 from compressor.progress import Progress, no_progress
-from compressor.strict_json import write_json
+from compressor.sweep_output import SWEEP_FILES, check_sweep_destination, format_table
+from compressor.sweep_output import write_sweep_files as _write
 
 __all__ = ["SWEEPABLE", "SWEEP_FILES", "SweepLevel", "SweepResult", "parse_levels", "sweep", "format_table",
            "check_sweep_destination"]
@@ -57,10 +60,6 @@ SWEEPABLE = {
     "prune-channels": "ratio of channels removed (0..1)",
 }
 HEAD = ("fold-constants", "fold-batchnorm")
-#: What a sweep writes into its output folder; nothing else there is touched.
-SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png")
-#: The keys of a ``sweep.json`` written before the ``tool`` marker.
-_EARLIER_KEYS = {"model", "pass", "target", "metric", "baseline", "knee", "levels"}
 
 
 @dataclasses.dataclass
@@ -162,6 +161,39 @@ def _clone(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
+def _run_level(item: tuple[int, str, dict[str, Any]], shared: Mapping[str, Any]) -> dict[str, Any]:
+    """One level, as an executor task: the pass on the folded model, lowered, evaluated.
+
+    Args:
+        item: ``(index, level text, pass options)``.
+        shared: ``model`` (the folded model, :func:`~compressor.model_io.ir_bytes`),
+            ``target``, ``pass``, ``properties``, ``cache`` (a ``PassContext.cache``),
+            ``calib``, ``eval``, ``ref`` (the baseline's outputs on ``eval``), ``metric``
+            and ``keep_files`` (return the lowered files' bytes, for latency).
+
+    Returns:
+        ``stats`` (the pass's numeric stats), ``evaluation`` and ``files``
+        (``{name: bytes}``, empty unless ``keep_files``).
+    """
+    from compressor.pass_manager import PassManager
+    from compressor.pipeline import PassContext, build_pass
+
+    index, text, options = item
+    tgt = shared["target"]
+    step = build_pass(shared["pass"], options, where=f"sweep level {text!r}")
+    ctx = PassContext(target=tgt, calibration=shared["calib"], properties=set(shared["properties"]),
+                      cache=shared["cache"])
+    result = PassManager([step]).run(ir_from_bytes(shared["model"]), ctx, already_run=list(HEAD))
+    stats = {k: v for k, v in result.reports[0].stats.items() if not isinstance(v, (dict, list))}
+    with tempfile.TemporaryDirectory(prefix=f"compressor-level-{index}-") as work:
+        files = tgt.lower(result.model, Path(work))
+        run = tgt.runner(files)
+        ev = compare(shared["ref"], collect_outputs(run, shared["eval"]), shared["eval"], shared["metric"])
+        del run
+        lowered = {str(f.relative_to(work)): f.read_bytes() for f in files} if shared["keep_files"] else {}
+    return {"stats": stats, "evaluation": ev, "files": lowered}
+
+
 def sweep(
     model_path: str | Path,
     *,
@@ -182,6 +214,7 @@ def sweep(
     latency_runs: int = 10,
     on_level: Callable[[int, str], None] | None = None,
     progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> SweepResult:
     """Run ``pass_name`` at each of ``levels`` and measure each (see the module docstring).
 
@@ -190,8 +223,9 @@ def sweep(
         trust_pickle, imports, model_class, model_kwargs: How a torch file is loaded
             (:func:`compressor.capture.capture`).
         latency_runs: Timed runs per level in the target (0: no latency).
-        on_level: Called with ``(index, level)`` before each level (progress display).
+        on_level: Called with ``(index, level)`` as each level is handed to the executor.
         progress: Factory of progress bars ``(desc, total)``; one bar counts the levels.
+        executor: Where the levels run (default: in this process, one after the other).
 
     Raises:
         UsageError: bad levels or options; CompressorError: as :func:`compressor.api.compress`.
@@ -236,6 +270,8 @@ def sweep(
     properties = set(ctx.properties)
 
     feed = next(eval_set.batches())
+    executor = executor or InProcessExecutor()
+    items = [(index, text, {**extra, **opts}) for index, (text, opts) in enumerate(parsed)]
     results: list[SweepLevel] = []
     with tempfile.TemporaryDirectory(prefix="compressor-sweep-") as work:
         work_dir = Path(work)
@@ -245,176 +281,35 @@ def sweep(
         base_ev = compare(ref, ref, eval_set, metric)
         base_value = base_ev.baseline["top1"] if base_ev.metric == "top1" else 1.0
         base_latency = measure_latency(run_baseline, feed, repeats=latency_runs) if latency_runs > 0 else None
-        levels_bar = progress(f"sweep {pass_name}", len(parsed), "level")
-        for index, ((text, opts), step) in enumerate(zip(parsed, steps)):
+        shared = {"model": ir_bytes(snapshot), "target": tgt, "pass": pass_name, "properties": sorted(properties),
+                  "cache": ctx.cache, "calib": calib_set, "eval": eval_set, "ref": ref, "metric": metric,
+                  "keep_files": latency_runs > 0}
+        for index, text, _ in items:
             if on_level:
                 on_level(index, text)
-            ctx.properties = set(properties)
-            result = PassManager([step]).run(_clone(snapshot), ctx, already_run=list(HEAD))
-            stats = {k: v for k, v in result.reports[0].stats.items() if not isinstance(v, (dict, list))}
-            files = tgt.lower(result.model, work_dir / f"level-{index}")
-            run = tgt.runner(files)
-            ev = compare(ref, collect_outputs(run, eval_set), eval_set, metric)
-            latency = measure_latency(run, feed, repeats=latency_runs) if latency_runs > 0 else None
+        with progress(f"sweep {pass_name}", len(items), "level") as bar:
+            outs = executor.map(_run_level, items, shared=shared, labels=[f"level {t}" for _, t, _ in items],
+                                progress=bar.update)
+        for (index, text, opts), out in zip(items, outs):
+            ev, stats = out["evaluation"], out["stats"]
+            latency = None
+            if latency_runs > 0:  # here, level after level: see the module docstring
+                folder = work_dir / f"level-{index}"
+                files = []
+                for name, data in out["files"].items():
+                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                    (folder / name).write_bytes(data)
+                    files.append(folder / name)
+                run = tgt.runner(files)
+                latency = measure_latency(run, feed, repeats=latency_runs)
+                del run
             within = None if max_drop is None else bool(ev.drop <= max_drop + 1e-12)
-            results.append(SweepLevel(text, {**extra, **opts}, _sparsity_of(pass_name, opts, stats), _value(ev),
-                                      ev.drop, within, stats, latency, ev))
+            results.append(SweepLevel(text, opts, _sparsity_of(pass_name, opts, stats), _value(ev), ev.drop, within,
+                                      stats, latency, ev))
             logger.info("level %s: %s %.4f (drop %.4f)", text, ev.metric, _value(ev), ev.drop)
-            levels_bar.update(1)
-            del run
-        levels_bar.close()
     passing = [lv for lv in results if lv.within_budget]
     knee = max(passing, key=lambda lv: (lv.sparsity, -lv.drop)) if passing else None
     outcome = SweepResult(str(model_path), pass_name, tgt.name, base_ev.metric, base_value, base_latency, max_drop,
                           results, knee, {})
     outcome.files = _write(outcome, outdir)
     return outcome
-
-
-def _earlier_sweep(path: Path) -> str | None:
-    """``None`` when ``path`` is a ``sweep.json`` this tool wrote, else why it is not."""
-    if path.is_symlink() or not path.is_file():
-        return "no sweep.json of this tool beside them"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))  # lenient: earlier versions wrote NaN/Infinity
-    except (OSError, UnicodeDecodeError, ValueError):
-        return "sweep.json is not valid JSON"
-    if not isinstance(data, dict) or not (data.get("tool") == TOOL
-                                          or ("tool" not in data and _EARLIER_KEYS <= set(data))):
-        return "sweep.json was not written by compressor"
-    return None
-
-
-def check_sweep_destination(outdir: Path) -> list[str]:
-    """The files of an earlier sweep in ``outdir`` that a new one replaces (``[]``: none).
-
-    Raises:
-        UsageError: ``outdir`` is not a folder, or holds a ``sweep.csv``/``.json``/``.png``
-            this tool did not write.
-    """
-    if outdir.exists() and not outdir.is_dir():
-        raise UsageError(f"-o {outdir}: exists and is not a folder; choose another output folder")
-    present = [name for name in SWEEP_FILES if (outdir / name).exists() or (outdir / name).is_symlink()]
-    if not present:
-        return []
-    why = _earlier_sweep(outdir / "sweep.json")
-    odd = [name for name in present if (outdir / name).is_symlink() or not (outdir / name).is_file()]
-    if why is None and odd:
-        why = f"{', '.join(odd)} not a regular file"
-    if why is not None:
-        raise UsageError(f"-o {outdir}: holds {', '.join(present)} and {why}; refusing to overwrite them: move "
-                         "them elsewhere or choose another output folder (other files there are never touched)")
-    return present
-
-
-def _write(result: SweepResult, outdir: Path) -> dict[str, Path]:
-    """``sweep.csv``, ``sweep.json`` and (with matplotlib) ``sweep.png`` in ``outdir`` (module docstring)."""
-    check_sweep_destination(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    staged = {"csv": outdir / f".sweep-{tag}.partial.csv", "json": outdir / f".sweep-{tag}.partial.json",
-              "png": outdir / f".sweep-{tag}.partial.png"}
-    try:
-        with staged["csv"].open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["level", "sparsity", result.metric, "drop", "within_budget", "latency_ms", "mflops",
-                             "weight_mb_zlib"])
-            writer.writerow(["dense", 0.0, result.baseline, 0.0, True if result.max_drop is not None else "",
-                             result.baseline_latency_ms if result.baseline_latency_ms is not None else "",
-                             _first_stat(result, "mflops_before"), _first_stat(result, "weight_mb_zlib_before")])
-            for lv in result.levels:
-                writer.writerow([lv.level, lv.sparsity, lv.metric, lv.drop,
-                                 "" if lv.within_budget is None else lv.within_budget,
-                                 "" if lv.latency_ms is None else lv.latency_ms, lv.stats.get("mflops", ""),
-                                 lv.stats.get("weight_mb_zlib", "")])
-        write_json(staged["json"], result.to_json())
-        if _plot(result, staged["png"]) is None:
-            del staged["png"]
-        earlier = check_sweep_destination(outdir)  # again: the folder may have changed during the sweep
-        files = {}
-        for key, path in staged.items():
-            files[key] = outdir / f"sweep.{key}"
-            os.replace(path, files[key])
-        if "png" not in files and "sweep.png" in earlier:
-            (outdir / "sweep.png").unlink()
-            logger.info("removed the earlier sweep's sweep.png: it does not show this sweep")
-    finally:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
-    return files
-
-
-def _first_stat(result: SweepResult, key: str) -> Any:
-    return next((lv.stats[key] for lv in result.levels if key in lv.stats), "")
-
-
-def _plot(result: SweepResult, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot, the curve is in %s (pip install matplotlib for "
-                       "sweep.png)", path.parent / "sweep.csv")
-        return None
-    xs = [0.0] + [lv.sparsity for lv in result.levels]
-    ys = [result.baseline] + [lv.metric for lv in result.levels]
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", label=result.pass_name)
-    for x, y, text in zip(xs[1:], ys[1:], (lv.level for lv in result.levels)):
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if result.max_drop is not None:
-        ax.axhline(result.baseline - result.max_drop, color="grey", linestyle="--", linewidth=1,
-                   label=f"baseline - max_drop ({result.max_drop:g})")
-    if result.knee is not None:
-        ax.axvline(result.knee.sparsity, color="tab:green", linestyle=":", linewidth=1.5,
-                   label=f"knee: {result.knee.level}")
-    what = "channels removed" if result.pass_name == "prune-channels" else "weight sparsity"
-    ax.set_xlabel(f"{what} (fraction)")
-    ax.set_ylabel("top-1 accuracy" if result.metric == "top1" else "mean cosine to fp32")
-    ax.set_title(f"{Path(result.model).name}: {result.pass_name} on {result.target}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def format_table(result: SweepResult) -> str:
-    """The sweep as a text table, dense baseline first."""
-    channels = result.pass_name == "prune-channels"
-    header = ["level", "sparsity", result.metric, "drop", "MB zlib"]
-    if channels:
-        header.insert(4, "MFLOPs")
-    if result.baseline_latency_ms is not None:
-        header.append("latency ms")
-    if result.max_drop is not None:
-        header.append("within budget")
-    rows = [["dense", "0.000", f"{result.baseline:.4f}", "0.0000", _fmt(_first_stat(result, "weight_mb_zlib_before"))]]
-    if channels:
-        rows[0].insert(4, _fmt(_first_stat(result, "mflops_before")))
-    if result.baseline_latency_ms is not None:
-        rows[0].append(f"{result.baseline_latency_ms:.3f}")
-    if result.max_drop is not None:
-        rows[0].append("")
-    for lv in result.levels:
-        row = [lv.level, f"{lv.sparsity:.3f}", f"{lv.metric:.4f}", f"{lv.drop:.4f}", _fmt(lv.stats.get("weight_mb_zlib"))]
-        if channels:
-            row.insert(4, _fmt(lv.stats.get("mflops")))
-        if result.baseline_latency_ms is not None:
-            row.append("-" if lv.latency_ms is None else f"{lv.latency_ms:.3f}")
-        if result.max_drop is not None:
-            row.append("yes" if lv.within_budget else "no")
-        rows.append(row)
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
-def _fmt(value: Any) -> str:
-    if value in (None, ""):
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -45,6 +45,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 
 from compressor.calibration import SENTINEL, collect_statistics
 from compressor.errors import CompressorError

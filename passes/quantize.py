@@ -62,6 +62,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 
 from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.calibration import collect_statistics
