@@ -105,7 +105,11 @@ def speech_mask(speech: np.ndarray, rel: float = 0.02, hold: int = 1600) -> np.n
 
 
 def vad_clip(rng: np.random.Generator, utterances: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """One clip: silence/noise gaps and espeak utterances; returns (audio, speech mask)."""
+    """One clip: silence/noise gaps and espeak utterances; returns (audio, speech mask).
+
+    Short runs use one utterance per clip (about 80 frames), so that even a small eval
+    set holds whole clips with speech and silence in them.
+    """
     parts, masks = [], []
     for _ in range(utterances):
         gap = np.zeros(int(rng.uniform(0.3, 1.2) * VAD_RATE), dtype=np.float32)
@@ -195,13 +199,14 @@ def build_vad(model: Path, out: Path, n_calib: int, n_eval: int, seed: int) -> N
         # eval: whole clips from their start (scored sequentially); calib: frames spread
         # evenly over at least three clips (each state is still the one its clip produced)
         while sum(len(f) for f in frames) < count or (split == "calib" and len(frames) < 3):
-            f, lab = vad_frames(*vad_clip(rng))
+            f, lab = vad_frames(*vad_clip(rng, utterances=1 if count < 150 else 3))
             frames.append(f)
             labels.append(lab)
             clips.append(np.full(len(f), len(clips)))
         frames_a, labels_a, clip_a = np.concatenate(frames), np.concatenate(labels), np.concatenate(clips)
         probs, states = run_vad(run, names, frames_a, clip_a)
-        pick = np.arange(count) if split == "eval" else np.linspace(0, len(frames_a) - 1, count).astype(int)
+        # eval keeps its clips whole (at least ``count`` frames): a cut clip has no speech in it
+        pick = np.arange(len(frames_a)) if split == "eval" else np.linspace(0, len(frames_a) - 1, count).astype(int)
         frames_a, labels_a, clip_a, probs, states = (a[pick] for a in (frames_a, labels_a, clip_a, probs, states))
         arrays = {"input": frames_a[:, None, :], "state": states}
         if "sr" in names:
