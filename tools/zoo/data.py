@@ -101,6 +101,9 @@ def _score_boxes(run, inputs, outputs, folder, reference):
     return ocr.score_boxes(run, inputs, _load(folder, "truth"), reference, images=_load(folder, "eval")[ocr.DET_INPUT])
 
 
+#: Bumped when a builder changes what it writes (the cache is then rebuilt).
+DATA_VERSION = 2
+
 _VAD_STATIC = ("input=1x576", "state=2x1x128")
 
 MODELS: dict[str, ZooModel] = {m.key: m for m in [
@@ -130,7 +133,7 @@ MODELS: dict[str, ZooModel] = {m.key: m for m in [
 def build(model: ZooModel, n_calib: int, n_eval: int, seed: int = 0, force: bool = False) -> Path:
     """Build (or reuse) the model's calib/eval/truth files; return their folder."""
     folder = data_dir(model.key)
-    meta = {"calib": n_calib, "eval": n_eval, "seed": seed, "model": model.file}
+    meta = {"calib": n_calib, "eval": n_eval, "seed": seed, "model": model.file, "version": DATA_VERSION}
     meta_file = folder / "meta.json"
     have = all((folder / f"{n}.npz").exists() for n in ("calib", "eval", "truth"))
     if have and not force and meta_file.exists() and json.loads(meta_file.read_text()) == meta:
