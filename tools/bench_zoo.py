@@ -250,12 +250,13 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) 
     work = out / zm.key / target
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    systems = [("compressor", lambda: run_compressor(zm, target, folder, work / "compressor"))]
+    tag = " on bench-exported ONNX (fallback)" if zm.exported else ""
+    systems = [("compressor" + tag, lambda: run_compressor(zm, target, folder, work / "compressor"))]
     if zm.state_dict:
-        systems.append(("compressor (state_dict, --model-class)",
+        systems.append(("compressor, state_dict (--model-class)",
                         lambda: run_compressor(zm, target, folder, work / "compressor-sd", state_dict=True)))
     if rival and not zm.expect_refusal:
-        systems.append((RIVALS[target], lambda: run_rival(zm, target, folder, work / "rival")))
+        systems.append((RIVALS[target] + tag, lambda: run_rival(zm, target, folder, work / "rival")))
     try:
         ref_run = fp32_runner(zm, target, work)
         ref = _score(zm, ref_run, folder, None)

