@@ -292,7 +292,12 @@ def render(rows: list[dict[str, Any]]) -> str:
         if r.get("run_error"):
             status += f"; artifact does not run: {r['run_error']}"
         ms = r.get("ms")
-        lat = "-" if not ms else f"{ms['fp32']:.2f} → {ms['int8']:.2f} ({ms['fp32'] / ms['int8']:.2f}x)"
+        if not ms:
+            lat = "-"
+        elif r["target"] == "qnn-htp":  # no fp32 on HTP, and the HTP library is an emulator here
+            lat = f"{ms['fp32']:.2f} (ORT CPU) / {ms['int8']:.0f} (HTP emulated)"
+        else:
+            lat = f"{ms['fp32']:.2f} → {ms['int8']:.2f} ({ms['fp32'] / ms['int8']:.2f}x)"
         m = r.get("metrics")
         metric = "-" if not m else "; ".join(f"{k} {m['fp32'][k]:.3f} → {m['int8'][k]:.3f}" for k in m["int8"])
         label = r["model"] + (f" ({MODELS[r['model']].note})" if MODELS.get(r["model"]) and MODELS[r["model"]].note else "")

@@ -364,8 +364,8 @@ def crepe_decode(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def score_pitch(run: Run, input_names: Sequence[str], truth: Mapping[str, np.ndarray],
                 reference: Mapping[str, np.ndarray] | None = None, *, frames: np.ndarray) -> dict[str, float]:
     """Pitch error (cents) on voiced frames, RPA50, voicing agreement with fp32."""
-    probs = np.concatenate([np.asarray(run({CREPE_INPUT: frames[i:i + 16]})[0]).reshape(-1, CREPE_BINS)
-                            for i in range(0, len(frames), 16)])
+    probs = np.concatenate([np.asarray(run({CREPE_INPUT: frames[i:i + 1]})[0]).reshape(-1, CREPE_BINS)
+                            for i in range(len(frames))])  # batch 1: static-shape targets take no other
     cents, periodicity = crepe_decode(probs)
     voiced_truth = truth["f0"] > 0
     err = np.abs(cents[voiced_truth] - hz_to_cents(truth["f0"][voiced_truth]))
