@@ -27,7 +27,9 @@ the CPU, so its "speed-up" compares an emulator with ORT CPU and only says it ra
     python tools/bench_zoo.py [--models silero_vad,ddddocr_common] [--targets onnx,openvino]
                               [--samples 32] [--out bench-out/zoo]
 
-Writes ``results.json`` and ``results.md`` (the table) into ``--out``.
+Writes ``results.json`` and ``results.md`` (the table) into ``--out``. The table's
+"quantizers" column counts QuantizeLinear nodes (ONNX) or FakeQuantize layers (OpenVINO
+IR) in each artifact: how much of the model really went int8.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def _first_line(text: str) -> str:
             return line[len("error:"):].strip()[:240]
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return (lines[-1] if lines else "").strip()[:240]
+
+
+def _err_text(err: BaseException) -> str:
+    """An exception in one line: its type and first informative lines (OpenVINO's come after a 'Check' line)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.strip().startswith("Check '")]
+    return f"{type(err).__name__}: {' / '.join(lines[:3])}"[:240]
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -195,7 +203,7 @@ def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, 
             raise ValueError(f"no rival for target {target!r}")
     except Exception as err:  # noqa: BLE001  (any crash of a rival is a result)
         logger.debug("rival on %s failed", target, exc_info=True)
-        return {"rc": 1, "reason": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:240],
+        return {"rc": 1, "reason": _err_text(err),
                 "seconds": time.perf_counter() - start, "artifact": None}
     return {"rc": 0, "reason": "", "seconds": time.perf_counter() - start, "artifact": str(out)}
 
@@ -240,6 +248,20 @@ def artifact_runner(system: str, target: str, artifact: str):
     return OrtRunner(Path(artifact))
 
 
+def quantizers(system: str, artifact: str) -> int | None:
+    """Quantizers in an artifact: QuantizeLinear nodes (ONNX) or FakeQuantize layers (OpenVINO IR)."""
+    import onnx
+
+    path = Path(artifact)
+    if path.is_dir():  # compressor's artifact folder
+        path = next((path / n for n in ("model.xml", "model.onnx") if (path / n).exists()), path)
+    if path.suffix == ".xml":
+        return path.read_text(encoding="utf-8", errors="replace").count('type="FakeQuantize"')
+    if path.suffix == ".onnx":
+        return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return None
+
+
 def _score(zm: ZooModel, runner, folder: Path, reference: dict | None) -> dict[str, Any]:
     names = list(getattr(runner, "input_names", []))
     outputs = list(getattr(runner, "output_names", []))
@@ -271,6 +293,8 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) 
     for system, make in systems:
         logger.info("%s / %s / %s ...", zm.key, target, system)
         row = {"model": zm.key, "target": target, "system": system, **make()}
+        if row["artifact"]:
+            row["quantizers"] = quantizers(system, row["artifact"])
         if row["artifact"] and ref is not None:
             try:
                 run = artifact_runner(system, target, row["artifact"])
@@ -280,7 +304,7 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) 
                 ms = time_runners({"fp32": ref_run, "int8": run}, feed, ROUNDS[target])
                 row["ms"] = ms
             except Exception as err:  # noqa: BLE001  (an artifact that does not run is a result)
-                row["run_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:240]
+                row["run_error"] = _err_text(err)
                 logger.debug("running %s failed", system, exc_info=True)
         logger.info("  rc %s %s", row["rc"], row.get("reason") or row.get("run_error") or row.get("metrics"))
         rows.append(row)
@@ -306,8 +330,10 @@ def render(rows: list[dict[str, Any]]) -> str:
         m = r.get("metrics")
         metric = "-" if not m else "; ".join(f"{k} {m['fp32'][k]:.3f} → {m['int8'][k]:.3f}" for k in m["int8"])
         label = r["model"] + (f" ({MODELS[r['model']].note})" if MODELS.get(r["model"]) and MODELS[r["model"]].note else "")
-        out.append([label, r["target"], r["system"], status.replace("|", "\\|"), lat, metric])
-    return table(out, ["model", "target", "system", "exit", "ms fp32 → int8 (speed-up)", "task metric fp32 → int8"])
+        quant = "-" if r.get("quantizers") is None else str(r["quantizers"])
+        out.append([label, r["target"], r["system"], status.replace("|", "\\|"), quant, lat, metric])
+    return table(out, ["model", "target", "system", "exit", "quantizers", "ms fp32 → int8 (speed-up)",
+                       "task metric fp32 → int8"])
 
 
 def main() -> None:
