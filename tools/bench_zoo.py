@@ -329,7 +329,8 @@ def render(rows: list[dict[str, Any]]) -> str:
             lat = f"{ms['fp32']:.2f} → {ms['int8']:.2f} ({ms['fp32'] / ms['int8']:.2f}x)"
         m = r.get("metrics")
         metric = "-" if not m else "; ".join(f"{k} {m['fp32'][k]:.3f} → {m['int8'][k]:.3f}" for k in m["int8"])
-        label = r["model"] + (f" ({MODELS[r['model']].note})" if MODELS.get(r["model"]) and MODELS[r["model"]].note else "")
+        note = MODELS[r["model"]].note if r["model"] in MODELS else ""
+        label = r["model"] + (f" ({note})" if note else "")
         quant = "-" if r.get("quantizers") is None else str(r["quantizers"])
         out.append([label, r["target"], r["system"], status.replace("|", "\\|"), quant, lat, metric])
     return table(out, ["model", "target", "system", "exit", "quantizers", "ms fp32 → int8 (speed-up)",
