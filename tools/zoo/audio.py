@@ -180,19 +180,12 @@ def f1(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2 * tp / denom
 
 
-def _ort(model: Path) -> tuple[Run, list[str]]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-    return (lambda feed: sess.run(None, dict(feed))), [i.name for i in sess.get_inputs()]
-
-
 def build_vad(model: Path, out: Path, n_calib: int, n_eval: int, seed: int) -> None:
     """silero-vad data: frames of espeak clips with the fp32 model's own states."""
-    run, names = _ort(model)
+    from compressor.targets.onnx import OrtRunner
+
+    run = OrtRunner(model, threads=1)  # the fp32 reference, as compress runs it on the onnx target
+    names = run.input_names
     for split, count, offset in (("calib", n_calib, 0), ("eval", n_eval, 1000)):
         rng = np.random.default_rng(seed + offset)
         frames, labels, clips = [], [], []
