@@ -64,6 +64,7 @@ ROUNDS = {"onnx": 30, "openvino": 30, "qnn-htp": 3}
 
 
 def _first_line(text: str) -> str:
+    """The CLI's one-line error (``error: ...`` on stderr), else the last line it wrote."""
     for line in text.splitlines():
         if line.startswith("error:"):
             return line[len("error:"):].strip()[:240]
@@ -83,7 +84,11 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _feeds(model_file: Path, folder: Path, split: str) -> list[dict[str, np.ndarray]]:
-    """Per-sample feeds of a data file, one model call each (batch 1)."""
+    """Per-sample feeds of a data file, one model call each (batch 1).
+
+    Read from the ONNX file itself, not through compressor's loader: the rivals and the
+    fp32 reference must run even where compressor cannot import the model.
+    """
     import onnx
 
     proto = onnx.load(str(model_file), load_external_data=False)
