@@ -289,17 +289,20 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) 
                         lambda: run_compressor(zm, target, folder, work / "compressor-sd", state_dict=True)))
     if rival and not zm.expect_refusal:
         systems.append((RIVALS[target] + tag, lambda: run_rival(zm, target, folder, work / "rival")))
+    fp32_error = None
     try:
         ref_run = fp32_runner(zm, target, work)
         ref = _score(zm, ref_run, folder, None)
     except Exception as err:  # noqa: BLE001
-        ref_run, ref = None, None
-        logger.warning("%s: fp32 model does not run on %s: %s", zm.key, target, err)
+        ref_run, ref, fp32_error = None, None, _err_text(err)
+        logger.warning("%s: the fp32 model does not run on %s: %s", zm.key, target, fp32_error)
     for system, make in systems:
         logger.info("%s / %s / %s ...", zm.key, target, system)
         row = {"model": zm.key, "target": target, "system": system, **make()}
         if row["artifact"]:
             row["quantizers"] = quantizers(system, row["artifact"])
+            if fp32_error:
+                row["run_error"] = f"(fp32 reference) {fp32_error}"
         if row["artifact"] and ref is not None:
             try:
                 run = artifact_runner(system, target, row["artifact"])
