@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from compressor.artifact import MANIFEST, ArtifactWriter, check_destination, file_entries
-from compressor.cli import main
 from compressor.errors import UsageError
 from compressor.strict_json import dumps, jsonable
+from tests.cliutil import error_line, run, strict_loads
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -29,24 +29,8 @@ CALIB = EXAMPLES / "digits_calib.npz"
 EVAL = EXAMPLES / "digits_eval.npz"
 
 
-def raise_on_constant(name: str) -> None:
-    raise ValueError(f"not strict JSON: {name}")
 
 
-def strict_loads(text: str):
-    return json.loads(text, parse_constant=raise_on_constant)
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -26,7 +26,7 @@ import torch
 
 from compressor import model_io
 from compressor.capture import capture
-from compressor.cli import main
+from tests.cliutil import error_line, run
 
 MYNET = textwrap.dedent('''
     import torch
@@ -54,16 +54,6 @@ TRAIN = MYNET + textwrap.dedent('''
 ''')
 
 
-def run(argv, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def fail(argv, capsys, code: int, pattern: str) -> str:

@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from compressor.cli import main
+from tests.cliutil import error_line, raise_on_constant, run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -25,20 +25,7 @@ CALIB = EXAMPLES / "digits_calib.npz"
 EVAL = EXAMPLES / "digits_eval.npz"
 
 
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def raise_on_constant(name: str) -> None:
-    raise ValueError(f"not strict JSON: {name}")
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compressor.cli import main
 from compressor.errors import UsageError
 from compressor.evaluation import Evaluation
 from compressor.sweep import SweepLevel, SweepResult, _write, parse_levels, sweep
+from tests.cliutil import run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -31,11 +31,6 @@ def digits_onnx(tmp_path_factory) -> Path:
 
     return save_model(capture(MODEL).model, tmp_path_factory.mktemp("onnx") / "digits.onnx")
 
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_magnitude_sweep_on_digits_finds_the_knee(tmp_path, capsys):
