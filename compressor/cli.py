@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from compressor import __version__, strict_json
-from compressor.errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, CompressorError, UsageError
+from compressor.errors import (
+    EXIT_GATE_FAILED,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    CompressorError,
+    UsageError,
+)
 
 __all__ = ["main"]
 
@@ -257,8 +263,8 @@ def _cmd_compress(argv: Sequence[str]) -> int:
     _setup_logging(args.verbose, args.quiet)
     _writable(args.junit, "--junit")
     _writable(args.dump_passes, "--dump-passes", folder=True)
-    from compressor.api import compress
     from compressor.executor import make_executor
+    from compressor.flow.compress import compress
 
     def on_pass(index: int, p: Any) -> None:
         logger.info("[%d] running %s", index + 1, p.name)
@@ -313,7 +319,7 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
     _add_verbosity(p)
     args = p.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    from compressor.model_info import inspect_model
+    from compressor.flow.inspect import inspect_model
     from compressor.inputs import parse_input_overrides
 
     report = inspect_model(Path(args.model), input_overrides=parse_input_overrides(args.input), **_model_source(args))
@@ -334,7 +340,7 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
 
 
 def _cmd_sweep(argv: Sequence[str]) -> int:
-    from compressor.sweep import SWEEPABLE
+    from compressor.flow.sweep import SWEEPABLE
     from compressor.targets import TARGETS
 
     p = _Parser(prog="compress sweep",
@@ -364,7 +370,7 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     from compressor.executor import make_executor
-    from compressor.sweep import format_table, sweep
+    from compressor.flow.sweep import format_table, sweep
 
     options = _yaml_mapping("--options", args.options, "{mask: wanda}") if args.options else {}
     with make_executor(args.ray) as executor:
@@ -411,7 +417,7 @@ def _cmd_search(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     from compressor.executor import make_executor
-    from compressor.search import format_search_table, search
+    from compressor.flow.search import format_search_table, search
 
     grid = _yaml_mapping("--grid", args.grid, "{sparsity: [0, 0.5]}") if args.grid else None
     with make_executor(args.ray) as executor:

@@ -28,7 +28,7 @@ from compressor.options import NoOptions, options_to_dict, parse_options
 from compressor.progress import Progress, no_progress
 
 if TYPE_CHECKING:
-    from compressor.calibration import CalibrationData
+    from compressor.quant.statistics import CalibrationData
     from compressor.targets.base import Target
 
 __all__ = [

@@ -5,7 +5,7 @@ Python's ``json`` writes ``Infinity`` and ``NaN`` by default, which strict parse
 
 * a float that is not finite (``inf``, ``-inf``, ``nan``) is written as ``null``; the
   field's documentation says what ``null`` means there (``sqnr_db: null``: the outputs
-  were identical, see :mod:`compressor.evaluation`);
+  were identical, see :mod:`compressor.flow.evaluation`);
 * numpy scalars are written as numbers (or booleans), numpy arrays as lists;
 * paths and other objects ``json`` does not know are written as their ``str``;
 * tuples and sets become lists, non-string keys become strings;

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import onnx_ir as ir
-
 from compressor.passes._placement import is_constant
 
 __all__ = ["ROLES", "attention_projections"]

@@ -18,7 +18,6 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
 from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.passes._placement import Layer
 

@@ -23,7 +23,6 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
 from compressor.passes._graph import NameAllocator
 
 __all__ = ["HALF", "widen_to_float32"]

@@ -24,9 +24,10 @@ import logging
 from collections.abc import Iterable
 
 import onnx_ir as ir
+from compressor.targets.base import Capabilities
 
+from compressor.quant.spec import OpQuant
 from compressor.scope import Scope
-from compressor.targets.base import Capabilities, OpQuant
 
 __all__ = ["Layer", "find_layers", "integer_derived", "is_constant", "mask_uses", "output_channel_axis",
            "weight_channel_axis"]

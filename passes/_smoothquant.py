@@ -20,12 +20,12 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
-from compressor.calibration import collect_statistics
-from compressor.data import Dataset
-from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.passes._bias_correction import input_channel_axis
+from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.passes._placement import Layer, weight_channel_axis
+
+from compressor.data import Dataset
+from compressor.quant.statistics import collect_statistics
 
 __all__ = ["SmoothQuantOptions", "smooth_layers"]
 

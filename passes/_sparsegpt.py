@@ -56,9 +56,9 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+from compressor.passes._sparsity import WeightLayer, nm_keep_mask
 
 from compressor.errors import DataError
-from compressor.passes._sparsity import WeightLayer, nm_keep_mask
 
 __all__ = ["BLOCK", "DAMP", "sparsegpt_rows", "sparsegpt_weight"]
 

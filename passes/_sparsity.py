@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
 from compressor.passes._graph import NameAllocator, add_initializer, attr_int, label
+
 from compressor.scope import Scope
 
 __all__ = [

@@ -29,12 +29,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from compressor.passes._graph import (
+    NameAllocator,
+    NotFoldable,
+    add_initializer,
+    append_add,
+    attr_float,
+)
+from compressor.passes._sparsity import WeightLayer, is_constant_float, replace_constant
 
 from compressor.data import MASK_INPUT
 from compressor.errors import CompressorError
 from compressor.model_io import ir_version_for, model_bytes
-from compressor.passes._graph import NameAllocator, NotFoldable, add_initializer, append_add, attr_float
-from compressor.passes._sparsity import WeightLayer, is_constant_float, replace_constant
 
 if TYPE_CHECKING:
     from compressor.data import Dataset
@@ -139,7 +145,7 @@ def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
             axis %= raw.ndim
             tokens = (mask is not None and mask.ndim == 2 and raw.ndim >= 3 and axis >= 2
                       and raw.shape[:2] == mask.shape)
-            # token activations: padding positions are not data (see compressor.evaluation), so
+            # token activations: padding positions are not data (see compressor.flow.evaluation), so
             # only real tokens are kept, before any arithmetic
             real = raw[mask.astype(bool)] if tokens else raw
             flat = np.moveaxis(real, axis - 1 if tokens else axis, -1).reshape(-1, raw.shape[axis])

@@ -24,7 +24,6 @@ import dataclasses
 from typing import Any, TypeVar
 
 import onnx_ir as ir
-
 from compressor.passes._attention import attention_projections
 from compressor.passes._placement import Layer
 from compressor.passes._smoothquant import SmoothQuantOptions

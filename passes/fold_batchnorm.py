@@ -44,8 +44,6 @@ from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
-
-from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.passes._graph import (
     NameAllocator,
     NotFoldable,
@@ -60,6 +58,8 @@ from compressor.passes._graph import (
     sole_consumer,
     take_over,
 )
+
+from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["FoldBatchNorm"]
 

@@ -40,8 +40,6 @@ from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
-
-from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.passes._graph import (
     NameAllocator,
     NotFoldable,
@@ -56,6 +54,8 @@ from compressor.passes._graph import (
     only_first_output_used,
     sole_consumer,
 )
+
+from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["FoldLayerNormAffine"]
 

@@ -52,8 +52,13 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-
-from compressor.passes._graph import NameAllocator, NotFoldable, attr_int, label, only_first_output_used
+from compressor.passes._graph import (
+    NameAllocator,
+    NotFoldable,
+    attr_int,
+    label,
+    only_first_output_used,
+)
 from compressor.passes._sparsity import (
     PRUNABLE_OPS,
     WeightLayer,
@@ -68,6 +73,7 @@ from compressor.passes._sparsity_moments import (
     cached_moments,
     require_calibration,
 )
+
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope
 

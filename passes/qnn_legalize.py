@@ -46,14 +46,14 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
+from compressor.passes._graph import NameAllocator, add_initializer
 
-from compressor.calibration import SENTINEL, collect_statistics
 from compressor.errors import CompressorError
 from compressor.model_io import model_bytes
-from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
-from compressor.quant_math import quant_params, quantize_array
-from compressor.targets.base import QuantSpec
+from compressor.quant.math import quant_params, quantize_array
+from compressor.quant.spec import QuantSpec
+from compressor.quant.statistics import SENTINEL, collect_statistics
 
 __all__ = ["QnnLegalize", "QnnLegalizeOptions"]
 
@@ -262,7 +262,9 @@ class QnnLegalize(Pass):
         opts: QnnLegalizeOptions = self.options
         if ctx.calibration is None:
             raise CompressorError("qnn-legalize needs calibration data: pass --calib samples.npz")
-        from compressor.targets.qnn_htp import HTP_QDQ_RULES  # the pass serves QNN; rules may come from the target
+        from compressor.targets.qnn_htp import (
+            HTP_QDQ_RULES,  # the pass serves QNN; rules may come from the target
+        )
 
         rules = getattr(ctx.target, "qdq_rules", None) or HTP_QDQ_RULES
         quantizable = set(ctx.target.capabilities.quantizable) if ctx.target is not None else {"Conv", "MatMul"}

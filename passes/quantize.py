@@ -45,7 +45,7 @@ float (mask and shape paths, non-finite or sentinel-dominated ranges) are skippe
 listed with the reason in ``stats["skipped_layers"]``/``stats["skipped_tensors"]``. A run
 that quantizes nothing says so: a warning and ``stats["nothing_quantized"]`` with every
 reason, summarised (nodes left inside ``If``/``Loop`` bodies included). A model that is quantized already (Q/DQ,
-``ConvInteger``, ``QLinearConv``...: :func:`compressor.onnx_import.quantized_nodes`) is
+``ConvInteger``, ``QLinearConv``...: :func:`compressor.capture.onnx_import.quantized_nodes`) is
 refused (exit 2): it is never quantized twice; so is a weight holding NaN/inf (exit 2,
 naming the layer and the weight). A model computing in float16/bfloat16 is widened to
 float32 first (:mod:`._float32`: exact; its inputs and outputs keep their dtype through
@@ -63,24 +63,40 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
-
-from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY
-from compressor.calibration import collect_statistics
 from compressor.passes._attention import ROLES
 from compressor.passes._bias_correction import correct_bias, input_channel_axis
-from compressor.errors import CompressorError, InvalidModel
-from compressor.onnx_import import describe_quantized, quantized_nodes
-from compressor.model_io import model_bytes
 from compressor.passes._float32 import HALF, widen_to_float32
 from compressor.passes._graph import NameAllocator, add_initializer
-from compressor.passes._placement import Layer, find_layers, integer_derived, mask_uses, weight_channel_axis
+from compressor.passes._placement import (
+    Layer,
+    find_layers,
+    integer_derived,
+    mask_uses,
+    weight_channel_axis,
+)
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
-from compressor.passes._transformer_preset import (attention_blocks, float_activation_layers, is_transformer_residual,
-                                                   with_preset)
+from compressor.passes._transformer_preset import (
+    attention_blocks,
+    float_activation_layers,
+    is_transformer_residual,
+    with_preset,
+)
+from compressor.targets.base import Capabilities
+
+from compressor.capture.onnx_import import describe_quantized, quantized_nodes
+from compressor.errors import CompressorError, InvalidModel
+from compressor.flow.accuracy import EXCLUDE_KEY, WIDE_KEY
+from compressor.model_io import model_bytes
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
-from compressor.quant_math import dequantize_array, quant_params, quantize_array, weight_quant_params
+from compressor.quant.math import (
+    dequantize_array,
+    quant_params,
+    quantize_array,
+    weight_quant_params,
+)
+from compressor.quant.spec import QuantSpec
+from compressor.quant.statistics import collect_statistics
 from compressor.scope import Scope
-from compressor.targets.base import Capabilities, QuantSpec
 
 __all__ = ["Quantize", "QuantizeOptions", "activation_spec"]
 

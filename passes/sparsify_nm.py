@@ -41,7 +41,6 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-
 from compressor.passes._graph import NameAllocator
 from compressor.passes._sparsegpt import DAMP, sparsegpt_weight
 from compressor.passes._sparsity import (
@@ -58,6 +57,7 @@ from compressor.passes._sparsity_moments import (
     input_moments,
     require_calibration,
 )
+
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope
 

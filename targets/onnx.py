@@ -6,7 +6,7 @@ reported (exit 4) with the node's name before anything is written. ONNX Runtime 
 the first such node; the check then looks up every node in ONNX Runtime's CPU kernel
 registry so that the report names all of them. Old models (ONNX Runtime has no kernels
 for some ops' oldest versions: ``Add``-6, ``AveragePool``-1...) are upgraded on import
-(:mod:`compressor.onnx_import`); one the version converter could not upgrade reaches this
+(:mod:`compressor.capture.onnx_import`); one the version converter could not upgrade reaches this
 check at its own opset, and the message says which opset the op's kernels start at.
 """
 
@@ -23,18 +23,17 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-
-from compressor.model_io import model_bytes, save_model
 from compressor.targets.base import (
     Capabilities,
-    OpQuant,
-    QuantSpec,
     Runner,
     Target,
     check_capabilities,
     cpu_has_vnni,
     narrow_weights,
 )
+
+from compressor.model_io import model_bytes, save_model
+from compressor.quant.spec import OpQuant, QuantSpec
 
 __all__ = ["OnnxTarget", "OrtRunner", "ort_session"]
 

@@ -35,19 +35,18 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
-from compressor.errors import DataError, UsageError
-from compressor.model_io import model_bytes
 from compressor.targets.base import (
     Capabilities,
-    OpQuant,
-    QuantSpec,
     Runner,
     Target,
     check_capabilities,
     cpu_has_vnni,
     narrow_weights,
 )
+
+from compressor.errors import DataError, UsageError
+from compressor.model_io import model_bytes
+from compressor.quant.spec import OpQuant, QuantSpec
 
 try:
     import openvino as ov

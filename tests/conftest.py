@@ -31,9 +31,9 @@ def vnni_users() -> list[ModuleType]:
     from compressor.targets import base
 
     modules = []
-    for info in pkgutil.iter_modules(compressor.targets.__path__):
+    for info in pkgutil.walk_packages(compressor.targets.__path__, "compressor.targets."):
         try:
-            module = importlib.import_module(f"compressor.targets.{info.name}")
+            module = importlib.import_module(info.name)
         except ImportError:  # an optional backend's module that needs its package
             continue
         if module is not base and getattr(module, "cpu_has_vnni", None) is base.cpu_has_vnni:

@@ -60,11 +60,11 @@ def raise_usage(item: Any, shared: Mapping[str, Any]) -> None:
 def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) -> None:
     import ray
 
-    from compressor.api import compress
     from compressor.errors import UsageError
     from compressor.executor import RayExecutor
-    from compressor.search import search
-    from compressor.sweep import sweep
+    from compressor.flow.compress import compress
+    from compressor.flow.search import search
+    from compressor.flow.sweep import sweep
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     result: dict[str, Any] = {"node_ip": ray.util.get_node_ip_address()}

@@ -1,7 +1,7 @@
 """Accuracy control's greedy give-back, on stand-in models whose drops are known exactly.
 
 The builds and evaluations here are plain functions of the set of layers given back, so
-the tests state the contract of :func:`compressor.accuracy.control_accuracy` without a
+the tests state the contract of :func:`compressor.flow.accuracy.control_accuracy` without a
 backend: most sensitive first, a try that does not lower the drop is undone, it stops as
 soon as the budget holds.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor.accuracy import control_accuracy
 from compressor.data import Dataset
-from compressor.evaluation import Evaluation
+from compressor.flow.accuracy import control_accuracy
+from compressor.flow.evaluation import Evaluation
 from compressor.inputs import InputSpec
 
 

@@ -17,8 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compressor.artifact import MANIFEST, ArtifactWriter, check_destination, file_entries
 from compressor.errors import UsageError
+from compressor.flow.artifact import (
+    MANIFEST,
+    ArtifactWriter,
+    check_destination,
+    file_entries,
+)
 from compressor.strict_json import dumps, jsonable
 from tests.cliutil import error_line, run, strict_loads
 
@@ -251,7 +256,7 @@ def test_a_failure_while_swapping_puts_the_old_artifact_back(tmp_path, monkeypat
         with ArtifactWriter(out) as writer:
             for name in ("x.onnx", "y.onnx"):
                 (writer.path / name).write_bytes(b"new")
-            monkeypatch.setattr("compressor.artifact.os.replace", flaky_replace)
+            monkeypatch.setattr("compressor.flow.artifact.os.replace", flaky_replace)
             writer.commit({"compressor": "0.1.0",
                            "files": file_entries(writer.path, [writer.path / "x.onnx", writer.path / "y.onnx"])})
     assert snapshot(out) == before
@@ -303,7 +308,7 @@ def test_manifest_is_strict_json_on_the_readme_command(tmp_path, capsys):
 
 def test_identical_outputs_have_infinite_sqnr_written_as_null():
     from compressor.data import Dataset
-    from compressor.evaluation import compare, fidelity
+    from compressor.flow.evaluation import compare, fidelity
 
     ref = [np.arange(12, dtype=np.float32).reshape(4, 3)]
     assert fidelity(ref, ref)["sqnr_db"] == math.inf

@@ -11,13 +11,18 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.calibration import SENTINEL, TensorStats, collect_statistics
 from compressor.data import load_npz
 from compressor.errors import CompressorError, OptionsError
-from compressor.histogram import GrowingHistogram
 from compressor.inputs import model_input_specs
-from compressor.quant_math import dequantize_array, quant_params, quantize_array, weight_quant_params
-from compressor.targets.base import QuantSpec
+from compressor.quant.histogram import GrowingHistogram
+from compressor.quant.math import (
+    dequantize_array,
+    quant_params,
+    quantize_array,
+    weight_quant_params,
+)
+from compressor.quant.spec import QuantSpec
+from compressor.quant.statistics import SENTINEL, TensorStats, collect_statistics
 
 RNG_SEED = 1234
 INT_DTYPES = ["int8", "uint8", "int16", "uint16"]

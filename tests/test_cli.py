@@ -211,7 +211,7 @@ def no_capture(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was captured before the bad input was reported")
 
-    monkeypatch.setattr("compressor.api.capture", refuse)
+    monkeypatch.setattr("compressor.flow.compress.capture", refuse)
     monkeypatch.setattr("compressor.capture.capture", refuse)
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compressor.api import compress
 from compressor.cli import main
 from compressor.executor import InProcessExecutor, make_executor
-from compressor.search import search
-from compressor.sweep import sweep
+from compressor.flow.compress import compress
+from compressor.flow.search import search
+from compressor.flow.sweep import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -37,8 +37,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from compressor.capture.onnx_import import IMPORT_MIN_OPSET, IMPORT_OPSET
 from compressor.cli import main
-from compressor.onnx_import import IMPORT_MIN_OPSET, IMPORT_OPSET
 
 DATA = Path(onnx.__file__).parent / "backend/test/data"
 FAMILIES = ("pytorch-converted", "pytorch-operator", "simple")

@@ -1,4 +1,4 @@
-"""Import of ONNX files as other exporters write them (``compressor/onnx_import.py``).
+"""Import of ONNX files as other exporters write them (``compressor/capture/onnx_import.py``).
 
 Dynamic axes written as ``-1``/empty/``?``/``unk__N``, opsets older than the backends'
 kernels, already-quantized and float16 models, scalar inputs. Each failure path asserts
@@ -16,11 +16,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from compressor.capture.onnx_import import IMPORT_OPSET, normalize_dims, quantized_nodes
 from compressor.cli import main
 from compressor.errors import UnsupportedModel
 from compressor.inputs import shape_text
 from compressor.model_io import load_onnx, upgrade_opset
-from compressor.onnx_import import IMPORT_OPSET, normalize_dims, quantized_nodes
 
 RNG = np.random.default_rng(0)
 
@@ -254,8 +254,9 @@ def test_float16_model_is_quantized_in_float32_keeping_its_interface(tmp_path, c
 
 def test_widening_is_exact_with_constants_casts_and_subgraphs(tmp_path):
     """Constant/ConstantOfShape values, Cast(to=float16) and an If body: float16 in, float16 out, same numbers."""
-    from compressor.model_io import to_proto
     from compressor.passes._float32 import widen_to_float32
+
+    from compressor.model_io import to_proto
 
     h = TensorProto.FLOAT16
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])

@@ -109,12 +109,12 @@ def test_passes_name_the_control_flow_bodies_they_leave_alone():
     """An ``If`` whose branches hold a Conv: quantize works on the main graph only, so its
     report names both bodies (left float); fold-constants walks into them and says nothing."""
     import numpy as np
+    from compressor.targets import get_target
     from onnx import TensorProto, helper, numpy_helper
 
     from compressor.data import Dataset
     from compressor.inputs import model_input_specs
     from compressor.pipeline import build_pass
-    from compressor.targets import get_target
 
     def branch(name: str, scale: float) -> onnx.GraphProto:
         w = numpy_helper.from_array(np.full((2, 1, 1, 1), scale, np.float32), f"{name}_w")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from compressor.cli import main
-from compressor.search import Candidate, _check_destination, pareto_front
+from compressor.flow.search import Candidate, _check_destination, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -91,8 +91,8 @@ def test_pareto_front():
 
 
 def test_search_asks_for_a_bar_per_phase(tmp_path):
+    from compressor.flow.search import search
     from compressor.progress import no_progress
-    from compressor.search import search
 
     bars = []
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from compressor.errors import UsageError
-from compressor.evaluation import Evaluation
-from compressor.sweep import SweepLevel, SweepResult, _write, parse_levels, sweep
+from compressor.flow.evaluation import Evaluation
+from compressor.flow.sweep import SweepLevel, SweepResult, _write, parse_levels, sweep
 from tests.cliutil import run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from bench_minilm import time_runners  # tools/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +32,11 @@ def _top1(run, images: np.ndarray, labels: np.ndarray) -> float:
 
 def digits(out: Path) -> list[list[str]]:
     import openvino as ov
-
-    from compressor.api import compress
-    from compressor.capture import capture
-    from compressor.model_io import save_model
     from compressor.targets.openvino import OpenVinoRunner
+
+    from compressor.capture import capture
+    from compressor.flow.compress import compress
+    from compressor.model_io import save_model
 
     save_model(capture(ROOT / "examples/digits_cnn.pt2").model, out / "digits.onnx")
     ov.save_model(ov.convert_model(str(out / "digits.onnx")), str(out / "digits_fp32.xml"), compress_to_fp16=False)
@@ -57,9 +56,9 @@ def digits(out: Path) -> list[list[str]]:
 def resnet(out: Path) -> list[list[str]]:
     import nncf
     import openvino as ov
-
-    from compressor.api import compress
     from compressor.targets.openvino import OpenVinoRunner
+
+    from compressor.flow.compress import compress
 
     rng = np.random.default_rng(0)
     calib = rng.random((64, 1, 3, 224, 224), dtype=np.float32)

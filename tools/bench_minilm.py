@@ -119,7 +119,7 @@ def row_nncf(out: Path) -> dict:
 
 def row_compressor(out: Path, recipe: str = "int8", calib: str = "calib.npz", tag: str = "compressor",
                    max_drop: float | None = None) -> dict:
-    from compressor.api import compress
+    from compressor.flow.compress import compress
 
     dest = out / tag
     start = time.perf_counter()
@@ -138,10 +138,10 @@ def row_compressor(out: Path, recipe: str = "int8", calib: str = "calib.npz", ta
 
 def row_calib_memory(out: Path, calib: str) -> dict:
     """Peak RSS of calibration alone (the model and ORT session included)."""
-    from compressor.calibration import collect_statistics
     from compressor.data import load_npz
     from compressor.inputs import model_input_specs
     from compressor.model_io import load_onnx
+    from compressor.quant.statistics import collect_statistics
 
     model = load_onnx(out / "fp32.onnx")
     names = sorted({n.inputs[0].name for n in model.graph if n.op_type == "MatMul"})

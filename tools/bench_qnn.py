@@ -81,8 +81,9 @@ def run_row(name: str, out: Path) -> dict:
     """One configuration through ``compress`` (in this process; called in a subprocess)."""
     import dataclasses
 
-    from compressor.api import compress
     from compressor.targets import qnn_htp
+
+    from compressor.flow.compress import compress
 
     recipe, per_channel, _ = ROWS[name]
     if per_channel:  # the experiment row: per-channel MatMul/Gemm weights (last / output axis)

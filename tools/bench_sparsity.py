@@ -124,10 +124,11 @@ def _lower_ov(model, folder: Path) -> str:
 
 
 def bench_cnn(out: Path) -> dict:
+    from compressor.targets.openvino import OpenVinoRunner
+
     from compressor.capture import capture
     from compressor.data import load_npz
     from compressor.inputs import model_input_specs
-    from compressor.targets.openvino import OpenVinoRunner
 
     examples = ROOT / "examples"
     model = capture(examples / "digits_cnn.pt2").model
@@ -161,7 +162,6 @@ def bench_cnn(out: Path) -> dict:
 
 def bench_resnet(out: Path) -> dict | None:
     import onnx
-
     import onnx_ir as ir
 
     path = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"

@@ -31,10 +31,11 @@ BATCH, SEQ = 8, 128
 
 
 def _fp16_engine(model_path: Path, work: Path, inputs: list[str]) -> tuple[Path, dict]:
+    from compressor.targets.tensorrt.engine import BuildSettings, build_engine
+
     from compressor.capture import capture
     from compressor.inputs import parse_input_overrides
     from compressor.model_io import save_model
-    from compressor.targets.tensorrt_engine import BuildSettings, build_engine
 
     model = capture(model_path, input_overrides=parse_input_overrides(inputs)).model
     work.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def _fp16_engine(model_path: Path, work: Path, inputs: list[str]) -> tuple[Path,
 
 
 def _compressed(model_path: Path, recipe: str, work: Path, calib: Path, evald: Path, inputs: list[str]) -> tuple[Path, dict]:
-    from compressor.api import compress
+    from compressor.flow.compress import compress
 
     result = compress(model_path, recipe=recipe, target="tensorrt", inputs=inputs, calib=calib, eval_data=evald,
                       outdir=work, max_drop=1.0)  # measure, do not give layers back
@@ -58,7 +59,7 @@ def _compressed(model_path: Path, recipe: str, work: Path, calib: Path, evald: P
 
 def bench(name: str, model_path: Path, recipes: dict[str, str], calib: Path, evald: Path, feed: dict[str, np.ndarray],
           out: Path, inputs: list[str]) -> list[dict]:
-    from compressor.targets.tensorrt_engine import TensorRtRunner
+    from compressor.targets.tensorrt.engine import TensorRtRunner
 
     engines = {"fp16": _fp16_engine(model_path, out / name / "fp16", inputs)}
     for tag, recipe in recipes.items():
@@ -98,7 +99,7 @@ def main() -> int:
     p.add_argument("--skip-minilm", action="store_true")
     args = p.parse_args()
 
-    from compressor.targets.tensorrt_engine import tensorrt_status
+    from compressor.targets.tensorrt.engine import tensorrt_status
 
     ok, why = tensorrt_status()
     if not ok:

@@ -174,7 +174,10 @@ def _ov_model(zm: ZooModel):
 def _fix_shapes(src: Path, dest: Path, static: dict[str, list[int]]) -> Path:
     """A copy of the model with the given inputs' shapes fixed (ONNX Runtime's own tool)."""
     import onnx
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+    from onnxruntime.tools.onnx_model_utils import (
+        fix_output_shapes,
+        make_input_shape_fixed,
+    )
 
     proto = onnx.load(str(src))
     for name, shape in static.items():
@@ -210,7 +213,10 @@ def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, 
             ov.save_model(q, str(out), compress_to_fp16=False)
         elif target == "qnn-htp":
             from onnxruntime.quantization import QuantType, quantize
-            from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+            from onnxruntime.quantization.execution_providers.qnn import (
+                get_qnn_qdq_config,
+                qnn_preprocess_model,
+            )
 
             fixed = _fix_shapes(zm.path(), dest / "fixed.onnx", _static_shapes(zm))
             pre = dest / "pre.onnx"
@@ -238,7 +244,6 @@ def fp32_runner(zm: ZooModel, target: str, work: Path):
 
     if target == "openvino":
         import openvino as ov
-
         from compressor.targets.openvino import OpenVinoRunner
 
         xml = work / "fp32.xml"
@@ -260,7 +265,7 @@ def artifact_runner(system: str, target: str, artifact: str):
 
         return OpenVinoRunner(Path(artifact))
     if target == "qnn-htp":
-        from compressor.targets.qnn_htp_runtime import QnnHtpRunner
+        from compressor.targets.qnn_htp.runtime import QnnHtpRunner
 
         return QnnHtpRunner(Path(artifact))
     from compressor.targets.onnx import OrtRunner

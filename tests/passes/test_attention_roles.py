@@ -5,13 +5,25 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from compressor.passes._attention import attention_projections
 
 from compressor.options import OptionsError
-from compressor.passes._attention import attention_projections
 from compressor.pipeline import build_pass
 from tests.ortutil import model_from_text, run_ort
-from tests.passes.test_quantize import (HEADER, SQNR_FLOOR_DB, _activation_source, _attention_feeds, _clone,
-                                        _dataset, _node, _quantize, _run_target, _sqnr_db, _w, attention)
+from tests.passes.test_quantize import (
+    HEADER,
+    SQNR_FLOOR_DB,
+    _activation_source,
+    _attention_feeds,
+    _clone,
+    _dataset,
+    _node,
+    _quantize,
+    _run_target,
+    _sqnr_db,
+    _w,
+    attention,
+)
 
 H, S, D = 2, 6, 16
 
@@ -141,8 +153,9 @@ def test_unknown_role_is_refused():
 
 def _quantize_for(target, model: ir.Model, calib, **options):
     """``fold-constants`` then ``quantize`` for ``target`` (a name or a target object)."""
-    from compressor.pipeline import PassContext
     from compressor.targets import get_target
+
+    from compressor.pipeline import PassContext
 
     ctx = PassContext(target=get_target(target) if isinstance(target, str) else target, calibration=calib)
     folded = build_pass("fold-constants", None).run(model, ctx)
@@ -269,9 +282,10 @@ def test_openvino_runs_the_scores_matmul_in_int8(tmp_path):
     import types
 
     ov = pytest.importorskip("openvino")
-    from compressor.model_io import save_model
     from compressor.targets import get_target
     from compressor.targets.openvino import OpenVinoRunner
+
+    from compressor.model_io import save_model
 
     model = bert_head(np.random.default_rng(0))
     rng = np.random.default_rng(1)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from compressor.passes.fold_batchnorm import FoldBatchNorm
+from compressor.passes.fold_constants import FoldConstants
 
 from compressor import pipeline
 from compressor.model_io import verify_model
-from compressor.passes.fold_batchnorm import FoldBatchNorm
-from compressor.passes.fold_constants import FoldConstants
 from compressor.pipeline import PassContext
-from tests.ortutil import assert_same_outputs, model_from_text, op_counts, random_feeds, run_ort
+from tests.ortutil import (
+    assert_same_outputs,
+    model_from_text,
+    op_counts,
+    random_feeds,
+    run_ort,
+)
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 RNG = np.random.default_rng(0)

@@ -8,15 +8,21 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
+from compressor.passes.prune_channels import PruneChannels
 
 from compressor import pipeline
 from compressor.data import Dataset, load_npz
 from compressor.errors import OptionsError
 from compressor.inputs import model_input_specs
 from compressor.model_io import verify_model
-from compressor.passes.prune_channels import PruneChannels
 from compressor.pipeline import PassContext
-from tests.ortutil import assert_same_outputs, model_from_text, op_counts, random_feeds, run_ort
+from tests.ortutil import (
+    assert_same_outputs,
+    model_from_text,
+    op_counts,
+    random_feeds,
+    run_ort,
+)
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 ROOT = Path(__file__).resolve().parents[2]

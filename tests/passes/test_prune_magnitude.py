@@ -7,13 +7,13 @@ import hashlib
 import numpy as np
 import onnx_ir as ir
 import pytest
+from compressor.passes.prune_magnitude import PruneMagnitude
 
 from compressor import pipeline
 from compressor.data import Dataset
 from compressor.errors import CompressorError, OptionsError
 from compressor.inputs import model_input_specs
 from compressor.model_io import verify_model
-from compressor.passes.prune_magnitude import PruneMagnitude
 from compressor.pipeline import PassContext
 from tests.ortutil import model_from_text, op_counts, random_feeds, run_ort
 

@@ -18,21 +18,21 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from compressor.passes._graph import add_initializer
+from compressor.passes._placement import find_layers
+from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
+from compressor.targets import base as target_base
+from compressor.targets import get_target
+from compressor.targets.onnx import ort_session
 
-from compressor.calibration import collect_statistics
 from compressor.data import Dataset, load_npz
 from compressor.errors import DataError
 from compressor.inputs import model_input_specs
 from compressor.model_io import verify_model
-from compressor.passes._graph import add_initializer
-from compressor.passes._placement import find_layers
-from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
 from compressor.pipeline import PassContext, PassResult, build_pass
-from compressor.quant_math import dequantize_array
-from compressor.targets import get_target
-from compressor.targets import base as target_base
-from compressor.targets.base import QuantSpec
-from compressor.targets.onnx import ort_session
+from compressor.quant.math import dequantize_array
+from compressor.quant.spec import QuantSpec
+from compressor.quant.statistics import collect_statistics
 from tests.ortutil import assert_same_outputs, model_from_text, op_counts, run_ort
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'

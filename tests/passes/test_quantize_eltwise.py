@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from compressor.targets import get_target
 
 from compressor.pipeline import PassContext, build_pass
-from compressor.targets import get_target
 from tests.ortutil import model_from_text, run_ort
-from tests.passes.test_quantize import HEADER, _activation_source, _clone, _cosine, _dataset, _node, _normal, _w
+from tests.passes.test_quantize import (
+    HEADER,
+    _activation_source,
+    _clone,
+    _cosine,
+    _dataset,
+    _node,
+    _normal,
+    _w,
+)
 
 pytest.importorskip("openvino", reason="the openvino package is not installed")
 

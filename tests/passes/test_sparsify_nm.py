@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from compressor.passes.sparsify_nm import SparsifyNM, nm_keep_mask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,10 +18,9 @@ from compressor.data import Dataset
 from compressor.errors import CompressorError, OptionsError
 from compressor.inputs import model_input_specs
 from compressor.model_io import verify_model
-from compressor.passes.sparsify_nm import SparsifyNM, nm_keep_mask
 from compressor.pipeline import PassContext
-from compressor.quant_math import dequantize_array
-from compressor.targets.base import QuantSpec
+from compressor.quant.math import dequantize_array
+from compressor.quant.spec import QuantSpec
 from tests.ortutil import model_from_text, random_feeds, run_ort
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -224,7 +224,7 @@ def test_wanda_needs_calibration():
 @pytest.fixture(scope="module")
 def int8_nm_artifact(tmp_path_factory) -> Path:
     """The digits CNN through the built-in ``int8-nm`` recipe on the onnx target."""
-    from compressor.api import compress
+    from compressor.flow.compress import compress
 
     out = tmp_path_factory.mktemp("int8nm") / "out"
     result = compress(EXAMPLES / "digits_cnn.pt2", recipe="int8-nm", outdir=out, target="onnx",

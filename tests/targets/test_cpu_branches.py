@@ -11,13 +11,13 @@ tested with the targets: ``tests/passes/test_quantize.py`` (ONNX Runtime) and
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 import re
 from pathlib import Path
 
-import pytest
-
 import compressor.targets
+import pytest
 from compressor.targets import base
 from compressor.targets.onnx import OnnxTarget
 
@@ -31,10 +31,11 @@ def test_force_vnni_reaches_every_target_that_reads_the_cpu(force_vnni):
     value; a module calling it some other way (``base.cpu_has_vnni()``) would escape the
     fixture, and fails here."""
     callers = []
-    for info in pkgutil.iter_modules(compressor.targets.__path__):
-        path = Path(compressor.targets.__path__[0]) / f"{info.name}.py"
-        if info.name != "base" and re.search(r"cpu_has_vnni\(\)", path.read_text(encoding="utf-8")):
-            callers.append(info.name)
+    for info in pkgutil.walk_packages(compressor.targets.__path__, "compressor.targets."):
+        path = Path(importlib.util.find_spec(info.name).origin)
+        name = info.name.removeprefix("compressor.targets.")
+        if name != "base" and re.search(r"cpu_has_vnni\(\)", path.read_text(encoding="utf-8")):
+            callers.append(name)
     assert {"onnx", "openvino", "qnn_htp"} <= set(callers)
     for forced in (True, False, None):
         force_vnni(forced)

@@ -12,8 +12,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("openvino", reason="the openvino package is not installed")
 
-from compressor.errors import UsageError  # noqa: E402
-from compressor.model_io import model_bytes  # noqa: E402
 from compressor.targets import base as target_base  # noqa: E402
 from compressor.targets import get_target  # noqa: E402
 from compressor.targets.onnx import ort_session  # noqa: E402
@@ -25,6 +23,9 @@ from compressor.targets.openvino import (  # noqa: E402
     int8_summary,
     saturating_weight_layers,
 )
+
+from compressor.errors import UsageError  # noqa: E402
+from compressor.model_io import model_bytes  # noqa: E402
 
 #: Unit roundoff of each float precision (round to nearest: half an ulp of 1).
 UNIT_ROUNDOFF = {"f32": 2.0**-24, "bf16": 2.0**-8, "f16": 2.0**-11}

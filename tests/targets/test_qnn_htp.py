@@ -15,6 +15,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from compressor.targets.onnx import ort_session
+from compressor.targets.qnn_htp import (
+    HTP_QDQ_RULES,
+    QNN_HTP_CAPABILITIES,
+    float_compute_nodes,
+    lint,
+)
+from compressor.targets.qnn_htp.encodings import aimet_encodings
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.cli import main
@@ -23,9 +31,6 @@ from compressor.errors import UnsupportedByTarget
 from compressor.inputs import model_input_specs
 from compressor.model_io import model_bytes, save_model
 from compressor.pipeline import PassContext, build_pass
-from compressor.targets.onnx import ort_session
-from compressor.targets.qnn_encodings import aimet_encodings
-from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES, float_compute_nodes, lint
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

@@ -15,16 +15,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
-from compressor.cli import main
-from compressor.data import random_dataset
-from compressor.inputs import InputSpec, model_input_specs
-from compressor.pipeline import PassContext, build_pass
 from compressor.targets import get_target
 from compressor.targets.onnx import ort_session
-from compressor.targets.tensorrt import TENSORRT_CAPABILITIES, TENSORRT_FP8_CAPABILITIES, TensorRtTarget
-from compressor.targets.tensorrt_engine import (
+from compressor.targets.tensorrt import (
+    TENSORRT_CAPABILITIES,
+    TENSORRT_FP8_CAPABILITIES,
+    TensorRtTarget,
+)
+from compressor.targets.tensorrt.engine import (
     BuildSettings,
     QdqReferenceRunner,
     builder_offenders,
@@ -34,7 +32,13 @@ from compressor.targets.tensorrt_engine import (
     tensorrt_status,
     timing_cache_path,
 )
-from compressor.targets.tensorrt_qdq import check_qdq_placement, nm_sparse_layers
+from compressor.targets.tensorrt.qdq import check_qdq_placement, nm_sparse_layers
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor.cli import main
+from compressor.data import random_dataset
+from compressor.inputs import InputSpec, model_input_specs
+from compressor.pipeline import PassContext, build_pass
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

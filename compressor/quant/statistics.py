@@ -3,7 +3,7 @@
 Statistics (:func:`collect_statistics`) run the model in ONNX Runtime with the wanted
 intermediate tensors as extra outputs and fold each batch into a :class:`TensorStats` of
 fixed size: running min/max, counts, non-finite and sentinel counts, optional
-per-channel ``max |x|``, and a :class:`~compressor.histogram.GrowingHistogram`. No sample
+per-channel ``max |x|``, and a :class:`~compressor.quant.histogram.GrowingHistogram`. No sample
 is kept, so memory does not grow with the number of samples.
 
 Sentinels are finite values with ``|x| >= 1e30`` (attention masks filled with
@@ -13,9 +13,9 @@ float (quantizing a mask either loses the mask or every other value's resolution
 
 Ranges (:meth:`TensorStats.range`): ``minmax`` (observed), ``percentile`` (clip at a
 quantile of ``|x|``, or of each tail), ``mse`` (the clip minimising the expected
-rounding + clipping error of the histogram, see :mod:`compressor.histogram`, case 2).
+rounding + clipping error of the histogram, see :mod:`compressor.quant.histogram`, case 2).
 
-Scales and zero points from a range: :mod:`compressor.quant_math`.
+Scales and zero points from a range: :mod:`compressor.quant.math`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import onnxruntime as ort
 
 from compressor.data import MASK_INPUT, Dataset
 from compressor.errors import CompressorError, DataError, OptionsError
-from compressor.histogram import GrowingHistogram
 from compressor.model_io import ir_version_for
 from compressor.progress import Progress, no_progress
+from compressor.quant.histogram import GrowingHistogram
 
 __all__ = ["SENTINEL", "CALIBRATORS", "TensorStats", "collect_statistics"]
 

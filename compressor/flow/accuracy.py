@@ -28,8 +28,13 @@ from typing import Any
 import numpy as np
 
 from compressor.data import Dataset
-from compressor.evaluation import Evaluation, collect_outputs, fidelity, mask_padding
 from compressor.executor import Executor, InProcessExecutor
+from compressor.flow.evaluation import (
+    Evaluation,
+    collect_outputs,
+    fidelity,
+    mask_padding,
+)
 
 __all__ = ["ControlResult", "rank_layers", "candidate_error", "control_accuracy", "EXCLUDE_KEY", "WIDE_KEY"]
 

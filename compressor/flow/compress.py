@@ -1,7 +1,7 @@
 """The one-call flow behind ``compress``: capture → passes → lower → evaluate → artifact.
 
 ```python
-from compressor.api import compress
+from compressor.flow.compress import compress
 result = compress("model.pt2", recipe="int8", target="openvino", calib="c.npz",
                   eval_data="e.npz", outdir="out/", max_drop=0.01)
 ```
@@ -22,14 +22,36 @@ from typing import Any
 import onnx_ir as ir
 
 from compressor import __version__
-from compressor.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.capture import capture
 from compressor.data import Dataset, RawData, example_inputs, random_dataset, read_npz
-from compressor.errors import CompressorError, DataError, UnsupportedByTarget, UsageError
-from compressor.accuracy import EXCLUDE_KEY, WIDE_KEY, ControlResult, candidate_error, control_accuracy, rank_layers
-from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
-from compressor.inputs import InputSpec, check_tensor_io, model_input_specs, parse_input_overrides
+from compressor.errors import (
+    CompressorError,
+    DataError,
+    UnsupportedByTarget,
+    UsageError,
+)
 from compressor.executor import Executor
+from compressor.flow.accuracy import (
+    EXCLUDE_KEY,
+    WIDE_KEY,
+    ControlResult,
+    candidate_error,
+    control_accuracy,
+    rank_layers,
+)
+from compressor.flow.artifact import ArtifactWriter, check_destination, file_entries
+from compressor.flow.evaluation import (
+    Evaluation,
+    collect_outputs,
+    compare,
+    measure_latency,
+)
+from compressor.inputs import (
+    InputSpec,
+    check_tensor_io,
+    model_input_specs,
+    parse_input_overrides,
+)
 from compressor.model_io import ir_bytes, model_bytes
 from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext

@@ -27,8 +27,8 @@ artifact, loaded without recompiling), and writes ``model.encodings``: the scale
 every quantized tensor in AIMET's JSON format (version 0.6.1), so a device flow (qnn-onnx-
 converter ``--quantization_overrides``) uses exactly the encodings that were evaluated.
 
-Session plumbing, context compilation and the runner are in :mod:`.qnn_htp_runtime`; the
-AIMET encodings in :mod:`.qnn_encodings`.
+Session plumbing, context compilation and the runner are in :mod:`.runtime`; the
+AIMET encodings in :mod:`.encodings`.
 
 The baseline (fp32 model) runs on ONNX Runtime CPU: HTP has no fp32 path (it would run fp16).
 The manifest gets the simulation-vs-device gap: the same QDQ model on ONNX Runtime CPU and
@@ -46,14 +46,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-
-from compressor.errors import CompressorError
-from compressor.model_io import save_model
-from compressor.strict_json import write_json
 from compressor.targets.base import (
     Capabilities,
-    OpQuant,
-    QuantSpec,
     Runner,
     Target,
     check_capabilities,
@@ -61,8 +55,19 @@ from compressor.targets.base import (
     narrow_weights,
 )
 from compressor.targets.onnx import OrtRunner
-from compressor.targets.qnn_encodings import aimet_encodings
-from compressor.targets.qnn_htp_runtime import QnnHtpRunner, compile_context, onnxruntime_qnn, per_output, require_qnn
+from compressor.targets.qnn_htp.encodings import aimet_encodings
+from compressor.targets.qnn_htp.runtime import (
+    QnnHtpRunner,
+    compile_context,
+    onnxruntime_qnn,
+    per_output,
+    require_qnn,
+)
+
+from compressor.errors import CompressorError
+from compressor.model_io import save_model
+from compressor.quant.spec import OpQuant, QuantSpec
+from compressor.strict_json import write_json
 
 __all__ = [
     "QnnHtpTarget",
@@ -241,7 +246,9 @@ class QnnHtpTarget(Target):
                                            "artifact": runner.path.name}}
         if runner.qdq_path is None:
             return out
-        from compressor.evaluation import fidelity  # evaluation imports data; keep this module light
+        from compressor.flow.evaluation import (
+            fidelity,  # evaluation imports data; keep this module light
+        )
         from compressor.model_io import load_onnx
 
         # Nodes outside a Q/DQ node unit run in fp16 on HTP: the list should be empty.

@@ -25,7 +25,7 @@ candidate and one task of the executor (:mod:`compressor.executor`).
   they replace only an earlier search's, whose ``search.json`` says ``"tool":
   "compressor"``; other files there are left alone), and the best candidate within the
   budget (the fastest on the front, ties to the better metric) written to ``-o/best`` by
-  :func:`compressor.api.compress`, its artifact and manifest those of a plain run.
+  :func:`compressor.flow.compress.compress`, its artifact and manifest those of a plain run.
   Latency is timed in the driver, one candidate after the other, as in the sweep.
 """
 
@@ -44,10 +44,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from compressor.artifact import TOOL
 from compressor.errors import UsageError
-from compressor.evaluation import collect_outputs, compare, measure_latency
 from compressor.executor import Executor, InProcessExecutor
+from compressor.flow.artifact import TOOL
+from compressor.flow.evaluation import collect_outputs, compare, measure_latency
 from compressor.model_io import ir_bytes, ir_from_bytes
 from compressor.progress import Progress, no_progress
 from compressor.strict_json import write_json
@@ -203,10 +203,10 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     Raises:
         UsageError: a bad grid, budget, data or output folder (before any work).
     """
-    from compressor.api import compress
-    from compressor.artifact import check_destination
     from compressor.capture import capture
     from compressor.data import read_npz
+    from compressor.flow.artifact import check_destination
+    from compressor.flow.compress import compress
     from compressor.inputs import check_tensor_io, model_input_specs
     from compressor.recipe import check_budget
     from compressor.targets import get_target

@@ -7,7 +7,7 @@ What the file holds decides the route (the suffix only says "torch"):
 * a TorchScript archive (``torch.jit.save``): ``torch.jit.load``, then the TorchScript-based
   exporter (``dynamo=False``: the torch.export-based one refuses ScriptModules).
 * anything else ``torch.save`` wrote: a pickled module or a state_dict, loaded by
-  :func:`compressor.torch_load.load_module` (the user's classes, checkpoints, ``--model-class``),
+  :func:`compressor.capture.torch_load.load_module` (the user's classes, checkpoints, ``--model-class``),
   then exported like a ``.pt2``.
 
 Input shapes. TorchScript and modules record none: each forward argument's example is the
@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from compressor.capture import (
+from compressor.capture.common import (
     _DYNAMIC_EXAMPLE,
     _OPTIMIZED,
     _SAVE_PT2,
@@ -50,8 +50,8 @@ from compressor.capture import (
     _quiet,
     _summary,
 )
+from compressor.capture.torch_load import load_module
 from compressor.errors import CaptureError, UsageError
-from compressor.torch_load import load_module
 
 __all__ = ["capture_torch_file"]
 
@@ -76,7 +76,7 @@ def capture_torch_file(path: Path, overrides: Overrides, *, trust_pickle: bool =
                        example_inputs: Mapping[str, np.ndarray] | None = None,
                        imported: Sequence[types.ModuleType] = (), model_class: str | None = None,
                        model_kwargs: Mapping[str, Any] | None = None) -> Captured:
-    """Export the torch file at ``path`` to ONNX; call inside :func:`compressor.torch_load.user_code`.
+    """Export the torch file at ``path`` to ONNX; call inside :func:`compressor.capture.torch_load.user_code`.
 
     Args:
         path: A ``.pt2``/``.pt``/``.pth`` file.

@@ -17,12 +17,12 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compressor.artifact import TOOL
 from compressor.errors import UsageError
+from compressor.flow.artifact import TOOL
 from compressor.strict_json import write_json
 
 if TYPE_CHECKING:
-    from compressor.sweep import SweepResult
+    from compressor.flow.sweep import SweepResult
 
 __all__ = ["SWEEP_FILES", "check_sweep_destination", "write_sweep_files", "format_table"]
 

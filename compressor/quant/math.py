@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from compressor.errors import CompressorError, OptionsError
-from compressor.targets.base import QuantSpec
+from compressor.quant.spec import QuantSpec
 
 __all__ = ["MIN_SCALE", "dtype_bounds", "quant_params", "weight_quant_params", "quantize_array", "dequantize_array"]
 

@@ -14,12 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from compressor.capture import (
+from compressor.capture.common import (
+    _OPTIMIZED,
+    _SAVE_PT2,
     HF_DEFAULT_SHAPE,
     HF_TEXT_INPUTS,
     SUPPORTED_FORMATS,
-    _OPTIMIZED,
-    _SAVE_PT2,
     Captured,
     Overrides,
     _export,

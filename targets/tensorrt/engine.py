@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from compressor.targets.base import Runner
+from compressor.targets.tensorrt.qdq import _QDQ, nm_sparse_layers
 
 from compressor.errors import CompressorError, DataError, UnsupportedByTarget
 from compressor.inputs import InputSpec, model_input_specs
-from compressor.targets.tensorrt_qdq import _QDQ, nm_sparse_layers
-from compressor.targets.base import Runner
 
 __all__ = [
     "TensorRtRunner",

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from compressor.capture import _SAVE_PT2, _WHAT_TO_SAVE, _quiet, _summary
+from compressor.capture.common import _SAVE_PT2, _WHAT_TO_SAVE, _quiet, _summary
 from compressor.errors import CaptureError, UsageError
 
 __all__ = ["CHECKPOINT_KEYS", "load_module", "user_code"]

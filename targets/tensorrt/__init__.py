@@ -1,8 +1,8 @@
 """Target ``tensorrt``: explicit-quantization (QDQ) ONNX built into a TensorRT engine on the GPU.
 
 Three parts: the capabilities here (signed symmetric Q/DQ, per-channel weights, residual
-Adds; :mod:`.tensorrt_qdq` states the six placement rules TensorRT's int8 fusions need
-and checks them on the CPU), the engine build and runners (:mod:`.tensorrt_engine`), and
+Adds; :mod:`.qdq` states the six placement rules TensorRT's int8 fusions need
+and checks them on the CPU), the engine build and runners (:mod:`.engine`), and
 :class:`TensorRtTarget`, which ties them together.
 
 2:4 sparse weights (``sparsify-nm``) stay in place through quantization (zeros quantize to
@@ -24,22 +24,28 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-
-from compressor.errors import CompressorError
-from compressor.model_io import save_model
-from compressor.strict_json import write_json
-from compressor.targets.base import Capabilities, OpQuant, QuantSpec, Runner, Target, check_capabilities
-from compressor.targets.tensorrt_engine import (
+from compressor.targets.base import (
+    Capabilities,
+    Runner,
+    Target,
+    check_capabilities,
+)
+from compressor.targets.tensorrt.engine import (
     BuildSettings,
     QdqReferenceRunner,
     TensorRtRunner,
-    qdq_precision,
-    capturing_logger,
     build_engine,
+    capturing_logger,
     parser_offenders,
+    qdq_precision,
     tensorrt_status,
 )
-from compressor.targets.tensorrt_qdq import check_qdq_placement, nm_sparse_layers
+from compressor.targets.tensorrt.qdq import check_qdq_placement, nm_sparse_layers
+
+from compressor.errors import CompressorError
+from compressor.model_io import save_model
+from compressor.quant.spec import OpQuant, QuantSpec
+from compressor.strict_json import write_json
 
 __all__ = ["TensorRtTarget", "TENSORRT_CAPABILITIES", "TENSORRT_FP8_CAPABILITIES"]
 
@@ -61,7 +67,7 @@ def _caps(act: QuantSpec) -> Capabilities:
 #: INT8 explicit quantization as TensorRT fuses it (module docstring, rules 1-5).
 TENSORRT_CAPABILITIES = _caps(_INT8)
 
-#: FP8 (E4M3) Q/DQ (Hopper/Ada). Needs ``compressor.calibration.quant_params`` to accept
+#: FP8 (E4M3) Q/DQ (Hopper/Ada). Needs ``compressor.quant.statistics.quant_params`` to accept
 #: ``float8e4m3fn`` (scale ``amax / 448``, zero point 0 as float8); not selectable from the CLI yet.
 TENSORRT_FP8_CAPABILITIES = _caps(_FP8)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from compressor.targets.base import Runner
 
 from compressor.errors import CompressorError, UnsupportedByTarget, UsageError
-from compressor.targets.base import Runner
 
 try:
     import onnxruntime_qnn

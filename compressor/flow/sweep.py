@@ -6,7 +6,7 @@ compress sweep MODEL --pass prune-magnitude --levels 0.1,0.2,...,0.9 --eval e.np
 
 The model is captured once and run through ``fold-constants`` and ``fold-batchnorm`` once;
 then for each level the pass runs on a copy of that model, the target lowers it, and it
-is evaluated against the fp32 baseline in the same backend (:mod:`compressor.evaluation`:
+is evaluated against the fp32 baseline in the same backend (:mod:`compressor.flow.evaluation`:
 top-1 with labels, else cosine fidelity). Levels per pass:
 
 * ``prune-magnitude``: target sparsity, ``0.5`` -> ``{sparsity: 0.5}``;
@@ -25,7 +25,7 @@ measured: latency is timed here, in the driver, one level after the other, so ta
 side by side do not time each other and the rows are the same wherever the levels ran
 (only the ``latency_ms`` column is a timing).
 
-The files are written by :mod:`compressor.sweep_output`.
+The files are written by :mod:`compressor.flow.sweep_output`.
 """
 
 from __future__ import annotations
@@ -39,14 +39,23 @@ from typing import Any
 
 import onnx_ir as ir
 
-from compressor.artifact import TOOL
 from compressor.errors import UsageError
-from compressor.evaluation import Evaluation, collect_outputs, compare, measure_latency
 from compressor.executor import Executor, InProcessExecutor
+from compressor.flow.artifact import TOOL
+from compressor.flow.evaluation import (
+    Evaluation,
+    collect_outputs,
+    compare,
+    measure_latency,
+)
+from compressor.flow.sweep_output import (
+    SWEEP_FILES,
+    check_sweep_destination,
+    format_table,
+)
+from compressor.flow.sweep_output import write_sweep_files as _write
 from compressor.model_io import ir_bytes, ir_from_bytes
 from compressor.progress import Progress, no_progress
-from compressor.sweep_output import SWEEP_FILES, check_sweep_destination, format_table
-from compressor.sweep_output import write_sweep_files as _write
 
 __all__ = ["SWEEPABLE", "SWEEP_FILES", "SweepLevel", "SweepResult", "parse_levels", "sweep", "format_table",
            "check_sweep_destination"]
@@ -228,14 +237,18 @@ def sweep(
         executor: Where the levels run (default: in this process, one after the other).
 
     Raises:
-        UsageError: bad levels or options; CompressorError: as :func:`compressor.api.compress`.
+        UsageError: bad levels or options; CompressorError: as :func:`compressor.flow.compress.compress`.
     """
     from compressor.capture import capture
     from compressor.data import example_inputs, read_npz
-    from compressor.recipe import check_budget
-    from compressor.inputs import check_tensor_io, model_input_specs, parse_input_overrides
+    from compressor.inputs import (
+        check_tensor_io,
+        model_input_specs,
+        parse_input_overrides,
+    )
     from compressor.pass_manager import PassManager
     from compressor.pipeline import PassContext, build_pass
+    from compressor.recipe import check_budget
     from compressor.targets import get_target
 
     progress = progress or no_progress

@@ -1,0 +1,1 @@
+"""Quantization core: specs, arithmetic, activation statistics and histograms."""
