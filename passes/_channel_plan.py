@@ -34,7 +34,6 @@ _BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
-
 @dataclasses.dataclass
 class Reader:
     """A node that reduces over the pruned channels (case 3)."""
