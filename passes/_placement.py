@@ -1,7 +1,8 @@
 """Where Q/DQ goes: the compute layers to quantize and the tensors that must stay float.
 
-A *layer* is a compute node the target quantizes (``Capabilities.quantizable``: Conv,
-MatMul, Gemm...) with its activation inputs and its constant weight. Tensors that must
+A *layer* (:class:`~._layers.Layer`, the one layer model) is a compute node the target
+quantizes (``Capabilities.quantizable``: Conv, MatMul, Gemm...) with its activation inputs
+and its constant weight. Tensors that must
 stay float are never given Q/DQ:
 
 1. tensors computed only from integer graph inputs and constants *that are used as* an
@@ -19,44 +20,21 @@ stay float are never given Q/DQ:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable
 
 import onnx_ir as ir
+from compressor.passes._layers import Layer
 from compressor.targets.base import Capabilities
 
-from compressor.quant.spec import OpQuant
 from compressor.scope import Scope
 
-__all__ = ["Layer", "find_layers", "integer_derived", "is_constant", "mask_uses", "output_channel_axis",
-           "weight_channel_axis"]
+__all__ = ["find_layers", "integer_derived", "is_constant", "mask_uses"]
 
 logger = logging.getLogger(__name__)
 
 _LOOKUPS = frozenset({"Gather", "GatherElements", "GatherND"})
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
-
-
-@dataclasses.dataclass
-class Layer:
-    """One compute node to quantize.
-
-    Attributes:
-        node: The compute node.
-        quant: The target's scheme for its op type.
-        activations: ``(input index, value)`` of the activation inputs to quantize.
-        weight: The constant weight input (``None`` when both inputs are activations).
-    """
-
-    node: ir.Node
-    quant: OpQuant
-    activations: list[tuple[int, ir.Value]]
-    weight: ir.Value | None
-
-    @property
-    def name(self) -> str:
-        return self.node.name or f"{self.node.op_type}->{self.node.outputs[0].name}"
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -189,23 +167,6 @@ def _use_as_mask(reader: ir.Node, index: int, origin: dict[int, str], found: dic
     return None
 
 
-def weight_channel_axis(node: ir.Node, weight: ir.Value) -> int:
-    """The weight axis indexing output channels (the per-channel quantization axis)."""
-    return output_channel_axis(node, len(weight.shape) if weight.shape is not None else 2)
-
-
-def output_channel_axis(node: ir.Node, rank: int) -> int:
-    """The output-channel axis of a rank-``rank`` weight of ``node``."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        trans_b = node.attributes.get("transB")
-        return 0 if trans_b is not None and trans_b.as_int() else 1
-    return rank - 1  # MatMul: [.., K, N], output channels on the last axis
-
-
 def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (), scope: Scope = Scope(),
                 exclude: Iterable[str] = (), activation_matmuls: bool = True,
                 eltwise: bool = True) -> tuple[list[Layer], dict[str, str]]:
@@ -231,7 +192,7 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         quant = caps.quantizable.get(node.op_type)
         if quant is None or node.op_type not in wanted or node.domain not in ("", "ai.onnx"):
             continue
-        layer = Layer(node, quant, [], None)
+        layer = Layer(node, quant=quant, title=node.name or f"{node.op_type}->{node.outputs[0].name}")
         if quant.weights is None:
             data = [v for v in node.inputs if v is not None]
             if len(data) < 2 or not all(_is_float(v) and not is_constant(v) for v in data):

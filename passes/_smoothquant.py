@@ -20,12 +20,11 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from compressor.passes._bias_correction import input_channel_axis
 from compressor.passes._graph import NameAllocator, add_initializer
-from compressor.passes._placement import Layer, weight_channel_axis
+from compressor.passes._layers import Layer
 
 from compressor.data import Dataset
-from compressor.quant.statistics import collect_statistics
+from compressor.quant.taps import StatPoint, gather
 
 __all__ = ["SmoothQuantOptions", "smooth_layers"]
 
@@ -62,13 +61,13 @@ MAX_SCALE = 100.0
 
 def _row_absmax(layer: Layer) -> np.ndarray:
     """max |W[k, :]| per input channel ``k`` (the max over the output-channel axis)."""
-    return np.abs(layer.weight.const_value.numpy()).max(axis=weight_channel_axis(layer.node, layer.weight))
+    return np.abs(layer.weight.const_value.numpy()).max(axis=layer.output_axis())
 
 
 def _scale_rows(layer: Layer, s: np.ndarray, graph: ir.Graph, names: NameAllocator) -> None:
     w = layer.weight.const_value.numpy()
     # input channels on the axis that is not the output-channel one ([N, K]: Gemm transB=1)
-    scaled = w * s[None, :] if weight_channel_axis(layer.node, layer.weight) == 0 else w * s.reshape((-1, 1))
+    scaled = w * s[None, :] if layer.output_axis() == 0 else w * s.reshape((-1, 1))
     new = add_initializer(graph, names(f"{layer.weight.name}_smoothed"), scaled.astype(w.dtype))
     index = list(layer.node.inputs).index(layer.weight)
     layer.node.replace_input_with(index, new)
@@ -90,17 +89,22 @@ def _smoothing(x_absmax: np.ndarray, group: list[Layer], alpha: float, floor_qua
     return np.clip(s, min(floor, MAX_SCALE), MAX_SCALE).astype(np.float32)
 
 
+def _reduces_last_axis(layer: Layer) -> bool:
+    """A MatMul (2-D weight) or Gemm (``transA=0``): input channels on the activation's last axis."""
+    return layer.op in ("MatMul", "Gemm") and layer.activation_axis() in (-1, 1)
+
+
 def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: SmoothQuantOptions,
                   skip: set[str], cache: dict | None = None) -> int:
     """Smooth every activation read only through weight layers; returns how many groups.
 
-    ``cache`` (tensor name -> stats of this very model) saves re-running calibration.
+    ``cache`` (a ``PassContext.cache``) keeps the statistics of this very model for re-runs.
     """
     graph = model.graph
     by_tensor: dict[str, list[Layer]] = {}
     for layer in layers:
         for index, value in layer.activations:
-            if index == 0 and layer.weight is not None and value.name not in skip and input_channel_axis(layer) == -1:
+            if index == 0 and layer.weight is not None and value.name not in skip and _reduces_last_axis(layer):
                 by_tensor.setdefault(value.name, []).append(layer)
     groups = []
     for name, group in by_tensor.items():
@@ -114,11 +118,9 @@ def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: 
         groups.append((name, value, ln if foldable else None, group))
     if not groups:
         return 0
-    cache = {} if cache is None else cache
-    missing = [g[0] for g in groups if g[0] not in cache]
-    if missing:
-        cache.update(collect_statistics(model, missing, data, channel_axes={name: -1 for name in missing}))
-    stats = {g[0]: cache[g[0]] for g in groups}
+    points = {g[0]: StatPoint(g[0], "range", -1) for g in groups}
+    found = gather(model, data, points.values(), {} if cache is None else cache)
+    stats = {name: found[p] for name, p in points.items()}
     # A tensor holding sentinels or NaN/inf stays float (and so unsmoothed): 1/s would
     # turn -3.4e38 into -inf.
     groups = [g for g in groups if stats[g[0]].problem() is None]

@@ -3,11 +3,11 @@
 Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
 One-Shot". Each layer ``y = W x`` is pruned on its own so that its output on the
 calibration data moves as little as possible, ``min ||W X - W_p X||^2`` with ``W_p``
-sparse. Rows ``R`` of the reduction-rows view (:mod:`._sparsity`) are independent given
+sparse. Rows ``R`` of the reduction-rows view (:mod:`._layers`) are independent given
 the inputs, and share one Hessian:
 
 1. ``H = 2 X X^T + lambda I`` over the layer's input channels, ``X X^T`` the channel Gram
-   matrix gathered by the activation-moments engine (:mod:`._sparsity_moments`, padding
+   matrix gathered by the statistics runner (:mod:`compressor.quant.taps`, padding
    tokens excluded, accumulated batch by batch), ``lambda = damp * mean(diag(2 X X^T))``
    (``damp = 0.03`` by default, the paper's 0.01 fits MiniLM's 100 short calibration
    sentences (2.3k tokens for up to 1536 channels) less well: on 152 held-out sentences,
@@ -56,7 +56,8 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from compressor.passes._sparsity import WeightLayer, nm_keep_mask
+from compressor.passes._layers import Layer
+from compressor.passes._sparsity import nm_keep_mask
 
 from compressor.errors import DataError
 
@@ -147,7 +148,7 @@ def sparsegpt_rows(rows: np.ndarray, gram: np.ndarray, *, n: int | None = None, 
     return w
 
 
-def sparsegpt_weight(layer: WeightLayer, weight: np.ndarray, grams: Sequence[np.ndarray], **how) -> np.ndarray:
+def sparsegpt_weight(layer: Layer, weight: np.ndarray, grams: Sequence[np.ndarray], **how) -> np.ndarray:
     """``weight`` of ``layer`` pruned by :func:`sparsegpt_rows` (cases 6 and 7), in its own layout and dtype.
 
     Args:

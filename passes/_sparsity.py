@@ -1,21 +1,8 @@
 """Helpers shared by the sparsity passes (``prune-magnitude``, ``sparsify-nm``, ``prune-channels``).
 
-Activation statistics and bias correction live in :mod:`._sparsity_moments`.
-
-Layout of a weight (:class:`WeightLayer`). Every prunable layer computes
-``y[o] = sum_i W[o, i] x[i]`` for an output channel ``o`` and a *reduction* index ``i``.
-The *reduction-rows view* of its weight is a 2-D matrix ``R`` with one row per
-(output channel, kernel position) and one column per input channel, so that a row holds
-consecutive input channels, the order TensorRT's sparse kernels read N:M groups in:
-
-1. ``Conv``, ``W: M x C/g x k1 x ... x kd``: ``R = W.transpose(0, 2, ..., d+1, 1)``
-   reshaped to ``(M * k1 ... kd) x C/g``;
-2. ``Gemm``, ``B: N x K`` (``transB=1``): ``R = B``; ``B: K x N`` (``transB=0``): ``R = B^T``;
-3. ``MatMul``, ``W: K x N``: ``R = W^T``.
-
-Input channel ``j`` of row ``r`` is activation channel ``j`` (plus ``g(r) * C/g`` in a
-grouped convolution), read along the activation's channel axis: 1 for Conv and Gemm
-(0 with ``transA=1``), the last axis for MatMul.
+The layer model (:class:`~._layers.Layer`, its reduction-rows view and axis rules) is
+:mod:`._layers`; bias correction is :mod:`._bias_correction`; activation statistics come
+from the one tapped-model runner, :mod:`compressor.quant.taps` (:func:`input_moments`).
 
 Size figures (:func:`size_report`): dense bytes, and the zlib-compressed bytes of the
 same weights, the on-disk size a sparse (zero-rich) weight reaches in a zip/gzip archive.
@@ -25,149 +12,63 @@ sample, from the value shapes (symbolic dimensions count as 1).
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
-from compressor.passes._graph import NameAllocator, add_initializer, attr_int, label
+from compressor.passes._graph import NameAllocator, add_initializer, attr_int
+from compressor.passes._layers import Layer
 
-from compressor.scope import Scope
+from compressor.errors import CompressorError
+from compressor.quant.taps import ChannelMoments, StatPoint, gather
+
+if TYPE_CHECKING:
+    from compressor.data import Dataset
 
 __all__ = [
-    "PRUNABLE_OPS",
-    "WeightLayer",
-    "find_weight_layers",
-    "is_constant_float",
-    "replace_constant",
-    "sparsity",
-    "size_report",
     "count_macs",
-    "write_weight",
-    "write_groups",
-    "pruning_stats",
     "group_by_weight",
+    "input_moments",
     "nm_keep_mask",
+    "pruning_stats",
+    "replace_constant",
+    "require_calibration",
+    "size_report",
+    "sparsity",
+    "write_groups",
+    "write_weight",
 ]
 
-PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
 _ONNX = ("", "ai.onnx")
-_FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
-@dataclasses.dataclass
-class WeightLayer:
-    """A compute node with a constant weight; see the module docstring for the layouts.
+def require_calibration(ctx_calibration: Dataset | None, what: str) -> Dataset:
+    """The calibration data, or an error that says how to give it."""
+    if ctx_calibration is None:
+        raise CompressorError(f"{what} needs calibration data: pass --calib samples.npz")
+    return ctx_calibration
 
-    Attributes:
-        node: The Conv, Gemm or MatMul node.
-        weight: Its constant weight value (input 1).
+
+def input_moments(model: ir.Model, layers: Sequence[Layer], data: Dataset, cache: dict,
+                  gram: bool = False) -> dict[str, ChannelMoments]:
+    """:class:`ChannelMoments` of each layer's activation input along its reduction axis.
+
+    Call it before changing any weight: bias correction wants ``E[x]`` of the model as
+    the pass found it. Gathered through the one runner and its cache (one run per model
+    and data).
+
+    Args:
+        gram: Also keep each input's channel Gram matrix ``sum x x^T`` (SparseGPT).
     """
-
-    node: ir.Node
-    weight: ir.Value
-
-    @property
-    def name(self) -> str:
-        return label(self.node)
-
-    @property
-    def op(self) -> str:
-        return self.node.op_type
-
-    def array(self) -> np.ndarray:
-        """The weight's current value."""
-        return self.weight.const_value.numpy()
-
-    @property
-    def group(self) -> int:
-        return attr_int(self.node, "group", 1) if self.op == "Conv" else 1
-
-    def to_rows(self, w: np.ndarray) -> np.ndarray:
-        """The reduction-rows view ``R`` of ``w`` (cases 1-3): rows x input channels."""
-        if self.op == "Conv":
-            return np.moveaxis(w, 1, -1).reshape(-1, w.shape[1])
-        if self.op == "Gemm" and attr_int(self.node, "transB", 0):
-            return w
-        return w.T
-
-    def from_rows(self, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """Inverse of :meth:`to_rows` for a weight of ``shape``."""
-        if self.op == "Conv":
-            moved = (shape[0], *shape[2:], shape[1])
-            return np.moveaxis(rows.reshape(moved), -1, 1)
-        if self.op == "Gemm" and attr_int(self.node, "transB", 0):
-            return rows.reshape(shape)
-        return rows.T.reshape(shape)
-
-    def activation(self) -> ir.Value | None:
-        """The activation input the weight multiplies."""
-        return self.node.inputs[0]
-
-    def activation_axis(self) -> int:
-        """The channel axis of :meth:`activation` that the reduction runs over."""
-        if self.op == "Conv":
-            return 1
-        if self.op == "Gemm":
-            return 0 if attr_int(self.node, "transA", 0) else 1
-        return -1
-
-    def row_channel_values(self, per_channel: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
-        """``per_channel`` (one value per activation channel) laid out like ``to_rows(W)``.
-
-        Broadcastable to the rows view: a grouped Conv's row reads only its group's channels.
-        """
-        per_channel = np.asarray(per_channel, np.float64)
-        if self.op != "Conv":
-            return per_channel[None, :]
-        g, m, cg = self.group, w_shape[0], w_shape[1]
-        by_out = per_channel.reshape(g, cg)[np.arange(m) // (m // g)]  # M x C/g
-        return np.repeat(by_out, int(np.prod(w_shape[2:], dtype=np.int64)), axis=0)
-
-    def output_axis(self) -> int:
-        """The weight axis indexing output channels."""
-        if self.op == "Conv":
-            return 0
-        if self.op == "Gemm":
-            return 0 if attr_int(self.node, "transB", 0) else 1
-        return 1
-
-
-def is_constant_float(value: ir.Value | None) -> bool:
-    return (value is not None and value.is_initializer() and value.const_value is not None
-            and not value.is_graph_input() and value.const_value.dtype in _FLOATS)
-
-
-def find_weight_layers(graph: ir.Graph, ops: Iterable[str] = PRUNABLE_OPS,
-                       scope: Scope = Scope()) -> tuple[list[WeightLayer], dict[str, str]]:
-    """The layers of ``ops`` with a constant float weight in ``scope``; and skipped ones with why.
-
-    A Conv's weight needs rank >= 3, a Gemm's or MatMul's rank 2 (batched MatMul weights
-    are skipped).
-    """
-    wanted = set(ops)
-    layers: list[WeightLayer] = []
-    skipped: dict[str, str] = {}
-    for node in graph:
-        if node.op_type not in wanted or node.domain not in _ONNX or len(node.inputs) < 2:
-            continue
-        w = node.inputs[1]
-        weight_names = [w.name] if w is not None and w.name else []
-        if not scope.contains(node.name, *weight_names):
-            skipped[label(node)] = "outside the recipe's scope"
-            continue
-        if not is_constant_float(w):
-            what = "" if w is None else f"`{w.name}` "
-            skipped[label(node)] = f"weight {what}is not a constant float initializer".replace("  ", " ")
-            continue
-        rank = len(w.const_value.shape)
-        if node.op_type == "Conv" and rank < 3 or node.op_type != "Conv" and rank != 2:
-            skipped[label(node)] = f"{node.op_type} weight has rank {rank}"
-            continue
-        layers.append(WeightLayer(node, w))
-    return layers, skipped
+    points = {}
+    for layer in layers:
+        act, axis = layer.activation(), layer.activation_axis()
+        if act is not None and act.name and axis is not None:
+            points[act.name] = StatPoint(act.name, "moments", axis, gram)
+    found = gather(model, data, points.values(), cache)
+    return {name: found[p] for name, p in points.items()}
 
 
 def replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, names: NameAllocator, *,
@@ -263,9 +164,9 @@ def write_weight(graph: ir.Graph, weight: ir.Value, nodes: Sequence[ir.Node], ar
     return new
 
 
-def write_groups(graph: ir.Graph, groups: Sequence[Sequence[WeightLayer]], dense: Sequence[np.ndarray],
+def write_groups(graph: ir.Graph, groups: Sequence[Sequence[Layer]], dense: Sequence[np.ndarray],
                  new: Sequence[np.ndarray], names: NameAllocator,
-                 ) -> tuple[dict[str, float], list[tuple[WeightLayer, np.ndarray]]]:
+                 ) -> tuple[dict[str, float], list[tuple[Layer, np.ndarray]]]:
     """Give each group of layers sharing a weight its new array (where it changed).
 
     Returns:
@@ -273,7 +174,7 @@ def write_groups(graph: ir.Graph, groups: Sequence[Sequence[WeightLayer]], dense
         layer whose weight changed (what :func:`correct_biases` takes).
     """
     per_layer: dict[str, float] = {}
-    changed: list[tuple[WeightLayer, np.ndarray]] = []
+    changed: list[tuple[Layer, np.ndarray]] = []
     for group, w, array in zip(groups, dense, new):
         if not np.array_equal(array, w):
             write_weight(graph, group[0].weight, [layer.node for layer in group], array, names)
@@ -302,9 +203,9 @@ def pruning_stats(dense: Sequence[np.ndarray], new: Sequence[np.ndarray], per_la
     return stats
 
 
-def group_by_weight(layers: Sequence[WeightLayer]) -> list[list[WeightLayer]]:
+def group_by_weight(layers: Sequence[Layer]) -> list[list[Layer]]:
     """``layers`` grouped by the weight value they read, in graph order."""
-    groups: dict[int, list[WeightLayer]] = {}
+    groups: dict[int, list[Layer]] = {}
     for layer in layers:
         groups.setdefault(id(layer.weight), []).append(layer)
     return list(groups.values())

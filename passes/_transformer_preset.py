@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import onnx_ir as ir
 from compressor.passes._attention import attention_projections
-from compressor.passes._placement import Layer
+from compressor.passes._layers import Layer
 from compressor.passes._smoothquant import SmoothQuantOptions
 
 __all__ = ["TRANSFORMER_PRESET", "attention_blocks", "float_activation_layers", "is_transformer_residual",

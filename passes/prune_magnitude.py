@@ -24,7 +24,7 @@ go and runs are deterministic.
 Training-free recovery (``bias_correction: true``, needs calibration data): pruning moves
 each layer's output mean by ``(W_p - W) E[x]``; adding it back,
 ``b' = b + (W - W_p) E[x]``, with ``E[x]`` per input channel measured on the calibration
-data on the model as the pass found it (see :mod:`._sparsity_moments`).
+data on the model as the pass found it (see :mod:`._bias_correction`).
 
 Stats: sparsity per layer and overall, the weights' dense and zlib-compressed size
 before and after (zeros compress: the on-disk size of a sparse model in a zip archive).
@@ -40,17 +40,14 @@ import numpy as np
 import onnx_ir as ir
 from compressor.passes._graph import NameAllocator
 from compressor.passes._sparsegpt import DAMP, sparsegpt_weight
+from compressor.passes._bias_correction import correct_biases
+from compressor.passes._layers import PRUNABLE_OPS, find_weight_layers
 from compressor.passes._sparsity import (
-    PRUNABLE_OPS,
-    find_weight_layers,
     group_by_weight,
-    pruning_stats,
-    write_groups,
-)
-from compressor.passes._sparsity_moments import (
-    correct_biases,
     input_moments,
+    pruning_stats,
     require_calibration,
+    write_groups,
 )
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass

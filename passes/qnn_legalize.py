@@ -53,7 +53,8 @@ from compressor.model_io import model_bytes
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant.math import quant_params, quantize_array
 from compressor.quant.spec import QuantSpec
-from compressor.quant.statistics import SENTINEL, collect_statistics
+from compressor.quant.statistics import SENTINEL
+from compressor.quant.taps import collect_statistics
 
 __all__ = ["QnnLegalize", "QnnLegalizeOptions"]
 

@@ -15,8 +15,9 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    the ``1/s`` folded exactly into the producing LayerNormalization's scale and bias;
 4. bias correction (``bias_correction: true``): weight rounding shifts each output
    channel's mean by ``E[x] · (DQ(Wq) − W)``; it is subtracted from the layer's bias,
-   ``b' = b − E[x] · (DQ(Wq) − W)`` (Conv: summed over the kernel window, padding ignored),
-   with ``E[x]`` per input channel from the calibration statistics;
+   ``b' = b − E[x] · (DQ(Wq) − W)``, by the one bias correction of :mod:`._bias_correction`
+   (a Conv's input mean per position, so zero padding is exact; a MatMul without a
+   following bias ``Add`` gets one), with ``E[x]`` from the calibration statistics;
 5. ``float_activations: [attention-keys, ...]`` keeps the activation inputs of the layers
    with those structural roles (:mod:`._attention`) float; a layer with a weight still
    gets it quantized (weight-only: int8 weights, float compute). The key projection is
@@ -56,7 +57,6 @@ float32, and the CPU targets run the float layers between int8 ones in float32.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from typing import Literal
 
@@ -64,16 +64,11 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._attention import ROLES
-from compressor.passes._bias_correction import correct_bias, input_channel_axis
+from compressor.passes._bias_correction import correct_bias
 from compressor.passes._float32 import HALF, widen_to_float32
 from compressor.passes._graph import NameAllocator, add_initializer
-from compressor.passes._placement import (
-    Layer,
-    find_layers,
-    integer_derived,
-    mask_uses,
-    weight_channel_axis,
-)
+from compressor.passes._layers import Layer
+from compressor.passes._placement import find_layers, integer_derived, mask_uses
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
 from compressor.passes._transformer_preset import (
     attention_blocks,
@@ -86,7 +81,6 @@ from compressor.targets.base import Capabilities
 from compressor.capture.onnx_import import describe_quantized, quantized_nodes
 from compressor.errors import CompressorError, InvalidModel
 from compressor.flow.accuracy import EXCLUDE_KEY, WIDE_KEY
-from compressor.model_io import model_bytes
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant.math import (
     dequantize_array,
@@ -95,7 +89,7 @@ from compressor.quant.math import (
     weight_quant_params,
 )
 from compressor.quant.spec import QuantSpec
-from compressor.quant.statistics import collect_statistics
+from compressor.quant.taps import StatPoint, gather
 from compressor.scope import Scope
 
 __all__ = ["Quantize", "QuantizeOptions", "activation_spec"]
@@ -220,7 +214,7 @@ class _QdqWriter:
 
 def _weight_spec(layer: Layer, per_channel: bool) -> QuantSpec:
     spec = layer.quant.weights or QuantSpec("int8", True, None)
-    axis = weight_channel_axis(layer.node, layer.weight) if per_channel and spec.axis is not None else None
+    axis = layer.output_axis() if per_channel and spec.axis is not None else None
     return dataclasses.replace(spec, axis=axis)
 
 
@@ -299,10 +293,9 @@ class Quantize(Pass):
             # Smooth every candidate layer, given back or not (the transform is exact in float),
             # so the smoothed model, and with it the cached statistics, is the same on every
             # re-run of accuracy control; then find the layers to quantize again.
-            smooth_cache = ctx.cache.setdefault("smoothquant.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
             candidates, _ = layers_to_quantize()
             smoothed = smooth_layers(model, candidates, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
-                                     cache=smooth_cache)
+                                     cache=ctx.cache)
             layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
         float_acts = float_activation_layers(graph, opts.float_activations)
         widened: list[str] = []
@@ -313,16 +306,17 @@ class Quantize(Pass):
             float_acts = {}
         full = [layer for layer in layers if layer.name not in float_acts]
         names = sorted({v.name for layer in full for _, v in layer.activations} - set(tensor_skips))
-        # Statistics depend only on the model before Q/DQ and the data: cache them per tensor,
-        # so accuracy control's re-runs calibrate nothing.
-        cache = ctx.cache.setdefault("quantize.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
-        axes = {v.name: axis for layer in full if layer.weight is not None and opts.bias_correction
-                for index, v in layer.activations if index == 0 and (axis := input_channel_axis(layer)) is not None}
-        missing = [n for n in names if n not in cache or (n in axes and cache[n].channel_mean is None)]
-        if missing:
-            cache.update(collect_statistics(model, missing, ctx.calibration, bar=ctx.progress,
-                                            channel_axes={n: axes[n] for n in missing if n in axes}))
-        stats = {n: cache[n] for n in names}
+        # Statistics depend only on the model before Q/DQ and the data: the runner caches
+        # them per (model, data), so accuracy control's re-runs calibrate nothing. Ranges and
+        # bias correction's input means (per position for a Conv: padding-exact) come in one run.
+        points = {n: StatPoint(n) for n in names}
+        mean_points = {v.name: StatPoint(v.name, "moments", axis) for layer in full
+                       if layer.weight is not None and opts.bias_correction
+                       for index, v in layer.activations[:1]
+                       if index == 0 and v.name in points and (axis := layer.activation_axis()) is not None}
+        found = gather(model, ctx.calibration, [*points.values(), *mean_points.values()], ctx.cache, bar=ctx.progress)
+        stats = {n: found[p] for n, p in points.items()}
+        means = {n: found[p] for n, p in mean_points.items()}
         ranges: dict[str, tuple[float, float]] = {}
         for name in names:
             problem = stats[name].problem()
@@ -362,9 +356,9 @@ class Quantize(Pass):
             if layer.weight is not None:
                 writer.replace_weight(layer, _weight_spec(layer, per_channel))
                 x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None
-                if opts.bias_correction and x in axes and stats[x].channel_mean is not None:
-                    corrected += correct_bias(graph, layer, writer.errors[id(layer.weight)], stats[x].channel_mean,
-                                              writer.names)
+                if x in means:  # case 4: W - DQ(Wq) = -error
+                    how = correct_bias(graph, layer, -writer.errors[id(layer.weight)], means[x], writer.names)
+                    corrected += not how.startswith("skipped")
             quantized.append(layer.name)
         for node in writer.nodes:
             graph.append(node)

@@ -27,7 +27,7 @@ updates them:
    change so that each layer's output on the calibration data moves as little as
    possible. Needs calibration data.
 
-Recovery (``bias_correction: true``): ``b' = b + (W - W_p) E[x]`` (see :mod:`._sparsity_moments`).
+Recovery (``bias_correction: true``): ``b' = b + (W - W_p) E[x]`` (see :mod:`._bias_correction`).
 
 Symmetric int8 weight quantization afterwards maps 0 to 0 (``round(0 / s) = 0``, zero
 point 0), so the pattern survives into a quantized artifact.
@@ -43,19 +43,15 @@ import numpy as np
 import onnx_ir as ir
 from compressor.passes._graph import NameAllocator
 from compressor.passes._sparsegpt import DAMP, sparsegpt_weight
+from compressor.passes._bias_correction import correct_biases
+from compressor.passes._layers import PRUNABLE_OPS, Layer, find_weight_layers
 from compressor.passes._sparsity import (
-    PRUNABLE_OPS,
-    WeightLayer,
-    find_weight_layers,
     group_by_weight,
+    input_moments,
     nm_keep_mask,
     pruning_stats,
-    write_groups,
-)
-from compressor.passes._sparsity_moments import (
-    correct_biases,
-    input_moments,
     require_calibration,
+    write_groups,
 )
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
@@ -128,7 +124,7 @@ class SparsifyNM(Pass):
         n, m = opts.n, opts.m
         graph = model.graph
         found, skipped = find_weight_layers(graph, opts.ops, opts.scope)
-        layers: list[WeightLayer] = []
+        layers: list[Layer] = []
         for layer in found:
             w = layer.array()
             channels = layer.to_rows(w).shape[1]

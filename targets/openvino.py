@@ -85,7 +85,7 @@ OPENVINO_CAPABILITIES = Capabilities(
         "Conv": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),  # W [O, I/g, kH, kW]
         "ConvTranspose": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),  # W [I, O/g, kH, kW]
         # Gemm: axis 0 for transB=1 (B [N, K], what torch's Linear exports), axis 1 for
-        # transB=0; the quantize pass reads transB (passes/_placement.weight_channel_axis).
+        # transB=0; the quantize pass reads transB (passes/_layers.output_channel_axis).
         "Gemm": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),
         # W [K, N]. Q·Kᵀ (two activations): both operands signed symmetric, or the CPU
         # plugin folds the MatMul into its f32 attention Subgraph (a zero point on either

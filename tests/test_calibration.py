@@ -22,7 +22,8 @@ from compressor.quant.math import (
     weight_quant_params,
 )
 from compressor.quant.spec import QuantSpec
-from compressor.quant.statistics import SENTINEL, TensorStats, collect_statistics
+from compressor.quant.statistics import SENTINEL, TensorStats
+from compressor.quant.taps import collect_statistics
 
 RNG_SEED = 1234
 INT_DTYPES = ["int8", "uint8", "int16", "uint16"]

@@ -141,7 +141,7 @@ def row_calib_memory(out: Path, calib: str) -> dict:
     from compressor.data import load_npz
     from compressor.inputs import model_input_specs
     from compressor.model_io import load_onnx
-    from compressor.quant.statistics import collect_statistics
+    from compressor.quant.taps import collect_statistics
 
     model = load_onnx(out / "fp32.onnx")
     names = sorted({n.inputs[0].name for n in model.graph if n.op_type == "MatMul"})

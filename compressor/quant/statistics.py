@@ -1,8 +1,9 @@
 """Activation calibration: streaming statistics, clip ranges, scales and zero points.
 
-Statistics (:func:`collect_statistics`) run the model in ONNX Runtime with the wanted
-intermediate tensors as extra outputs and fold each batch into a :class:`TensorStats` of
-fixed size: running min/max, counts, non-finite and sentinel counts, optional
+The one tapped-model runner (:mod:`compressor.quant.taps`, ``range`` points;
+:func:`~compressor.quant.taps.collect_statistics`) runs the model in ONNX Runtime with the
+wanted intermediate tensors as extra outputs and folds each batch into a
+:class:`TensorStats` of fixed size: running min/max, counts, non-finite and sentinel counts, optional
 per-channel ``max |x|``, and a :class:`~compressor.quant.histogram.GrowingHistogram`. No sample
 is kept, so memory does not grow with the number of samples.
 
@@ -21,22 +22,14 @@ Scales and zero points from a range: :mod:`compressor.quant.math`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-import onnx_ir as ir
-import onnxruntime as ort
 
-from compressor.data import MASK_INPUT, Dataset
-from compressor.errors import CompressorError, DataError, OptionsError
-from compressor.model_io import ir_version_for
-from compressor.progress import Progress, no_progress
+from compressor.errors import CompressorError, OptionsError
 from compressor.quant.histogram import GrowingHistogram
 
-__all__ = ["SENTINEL", "CALIBRATORS", "TensorStats", "collect_statistics"]
+__all__ = ["CALIBRATORS", "SENTINEL", "TensorStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -276,129 +269,3 @@ class TensorStats:
         if self.count == 0:
             reasons.append("no values seen during calibration")
         return f"tensor {self.name!r}: {'; '.join(reasons)}" if reasons else None
-
-
-def collect_statistics(
-    model: ir.Model,
-    tensors: Sequence[str],
-    data: Dataset,
-    *,
-    channel_axes: Mapping[str, int] | None = None,
-    bins: int = 2048,
-    limit: int | None = None,
-    progress: Callable[[int], None] | None = None,
-    bar: Progress | None = None,
-) -> dict[str, TensorStats]:
-    """Run ``model`` on ``data`` in ONNX Runtime (CPU) and gather statistics of ``tensors``.
-
-    Args:
-        model: The float model (not changed).
-        tensors: Names of graph inputs, initializers or node outputs of the main graph.
-        data: Calibration data; batches as :meth:`Dataset.batches` yields them.
-        channel_axes: Tensor name -> axis along which to keep ``max |x|`` per channel.
-        bins: Histogram bins per sign.
-        limit: Use at most this many samples.
-        progress: Called after each batch with the number of samples done so far.
-        bar: Factory of a progress bar counting the samples (the CLI's, on a terminal).
-
-    Returns:
-        One :class:`TensorStats` per requested name, in the order given.
-
-    Raises:
-        CompressorError: a name that is not in the main graph, or a per-channel axis whose
-            size changes between batches.
-        DataError: the model fails in ONNX Runtime on the data (exit 2, as the baseline's
-            failure on evaluation data is).
-    """
-    start = time.perf_counter()
-    channel_axes = dict(channel_axes or {})
-    stats = {name: TensorStats(name, channel_axis=channel_axes.get(name), histogram=GrowingHistogram(bins))
-             for name in dict.fromkeys(tensors)}
-    values = _values(model.graph)
-    missing = [name for name in stats if name not in values]
-    if missing:
-        hints = [f"{n!r} (did you mean {', '.join(map(repr, difflib.get_close_matches(n, values, 3)))}?)"
-                 if difflib.get_close_matches(n, values, 1) else repr(n) for n in missing]
-        raise CompressorError(f"calibration: no tensor {', '.join(hints)} in the model's main graph")
-    constants = {n for n in stats if values[n].const_value is not None and values[n].producer() is None}
-    for name in constants:
-        stats[name].update(values[name].const_value.numpy())  # once: the same in every batch
-    samples = 0
-    total = len(data) if limit is None else min(limit, len(data))
-    with (bar or no_progress)("calibrate", total, "sample") as shown:
-        for batch, tokens, arrays in _stream(model, [n for n in stats if n not in constants], data, limit=limit):
-            for name, array in arrays.items():
-                stats[name].update(array, batch, tokens)
-            del arrays
-            samples += batch
-            shown.update(batch)
-            if progress is not None:
-                progress(samples)
-    flagged = sum(s.problem() is not None for s in stats.values())
-    logger.info("calibration: %d tensors on %d samples in %.2fs (%d must stay float)",
-                len(stats), samples, time.perf_counter() - start, flagged)
-    return stats
-
-
-def _values(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {v.name: v for v in graph.inputs}
-    values.update((v.name, v) for node in graph for v in node.outputs)
-    values.update(graph.initializers)
-    return values
-
-
-def _token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """The feed's ``attention_mask`` (``[samples, positions]``) as booleans, if it has one."""
-    mask = feed.get(MASK_INPUT)
-    if mask is None or np.ndim(mask) != 2 or not np.asarray(mask).any():
-        return None
-    return np.asarray(mask).astype(bool)
-
-
-def _stream(model: ir.Model, tensors: Sequence[str], data: Dataset, *,
-            limit: int | None = None) -> Iterator[tuple[int, np.ndarray | None, dict[str, np.ndarray]]]:
-    """Yield ``(samples in the batch, token mask, {name: value})`` for each batch of ``data``.
-
-    Node outputs (``tensors``: distinct graph inputs or node outputs of the main graph) become
-    extra outputs of a copy of ``model`` run in ONNX Runtime (CPU); graph inputs come from
-    the feed. The token mask is the feed's ``attention_mask`` as booleans (``None``
-    without one). Only one batch's values are alive at a time.
-    """
-    work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    graph = work.graph
-    inputs = {v.name for v in graph.inputs if v.const_value is None}
-    values = _values(graph)
-    fetch = []
-    outputs = {v.name for v in graph.outputs}
-    for name in tensors:
-        if name in inputs:
-            continue
-        fetch.append(name)
-        if name not in outputs:
-            graph.outputs.append(values[name])
-            outputs.add(name)
-    session = None
-    if fetch:
-        proto = ir.serde.serialize_model(work)
-        proto.ir_version = ir_version_for(work)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # keep fetched tensors unfused
-        options.log_severity_level = 3
-        # Between runs this process reduces the fetched tensors; spinning ORT workers
-        # would fight numpy for the same cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        del proto
-    del work
-    for feed in data.batches(limit=limit):
-        batch = 1 if all(data.stacked.values()) else next(
-            feed[s.name].shape[0] for s in data.specs if not data.stacked[s.name])
-        try:
-            results = dict(zip(fetch, session.run(fetch, feed))) if session is not None else {}
-        except Exception as err:  # ONNX Runtime's own error types: the float model fails on this data
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            text = text.split("] : ", 1)[-1].removeprefix("1 : FAIL : ")
-            raise DataError(f"calibration: the model fails in ONNX Runtime on the calibration data ({data.source}): "
-                            f"{text[:300]}; check that the data is valid input for the model (shapes, dtypes, value "
-                            "ranges) and that the model runs in ONNX Runtime as it is") from None
-        yield batch, _token_mask(feed), {name: feed[name] if name in inputs else results[name] for name in tensors}

@@ -35,7 +35,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from compressor.passes._placement import integer_derived, mask_uses, output_channel_axis
+from compressor.passes._layers import output_channel_axis
+from compressor.passes._placement import integer_derived, mask_uses
 
 __all__ = ["check_qdq_placement", "nm_sparse_layers"]
 

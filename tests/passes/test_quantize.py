@@ -32,7 +32,7 @@ from compressor.model_io import verify_model
 from compressor.pipeline import PassContext, PassResult, build_pass
 from compressor.quant.math import dequantize_array
 from compressor.quant.spec import QuantSpec
-from compressor.quant.statistics import collect_statistics
+from compressor.quant.taps import collect_statistics
 from tests.ortutil import assert_same_outputs, model_from_text, op_counts, run_ort
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'

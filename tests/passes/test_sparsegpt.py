@@ -10,7 +10,6 @@ import onnx_ir as ir
 import pytest
 from compressor.passes._sparsegpt import sparsegpt_rows
 from compressor.passes._sparsity import nm_keep_mask
-from compressor.passes._sparsity_moments import activation_moments
 from compressor.passes.prune_magnitude import PruneMagnitude
 from compressor.passes.sparsify_nm import SparsifyNM
 
@@ -19,6 +18,7 @@ from compressor.errors import CompressorError, DataError, OptionsError
 from compressor.inputs import model_input_specs
 from compressor.model_io import verify_model
 from compressor.pipeline import PassContext
+from compressor.quant.taps import activation_moments
 from tests.ortutil import model_from_text, run_ort
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'

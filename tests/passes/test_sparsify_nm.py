@@ -198,7 +198,7 @@ def test_wanda_mask_beats_magnitude_on_outlier_channels():
 
 
 def test_activation_norms_ignore_padding_tokens():
-    from compressor.passes._sparsity_moments import activation_moments
+    from compressor.quant.taps import activation_moments
 
     model = model_from_text(f"""{HEADER}
     g (float[2,3,4] x, int64[2,3] attention_mask) => (float[2,3,4] y) {{
