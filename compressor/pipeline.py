@@ -28,7 +28,7 @@ from compressor.options import NoOptions, options_to_dict, parse_options
 from compressor.progress import Progress, no_progress
 
 if TYPE_CHECKING:
-    from compressor.quant.statistics import CalibrationData
+    from compressor.data import Dataset
     from compressor.targets.base import Target
 
 __all__ = [
@@ -76,7 +76,7 @@ class PassContext:
     """
 
     target: Target | None = None
-    calibration: CalibrationData | None = None
+    calibration: Dataset | None = None
     seed: int = 0
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     properties: set[str] = dataclasses.field(default_factory=set)
