@@ -40,7 +40,7 @@ from compressor.passes._sparsity import WeightLayer, is_constant_float, replace_
 
 from compressor.data import MASK_INPUT
 from compressor.errors import CompressorError
-from compressor.model_io import ir_version_for, model_bytes
+from compressor.model_io import clone_model, ir_version_for, model_bytes
 
 if TYPE_CHECKING:
     from compressor.data import Dataset
@@ -115,7 +115,7 @@ def activation_moments(model: ir.Model, axes: Mapping[str, int], data: Dataset,
         limit: Use at most this many samples.
         gram: Names (of ``axes``) whose channel Gram matrix ``sum x x^T`` is kept too.
     """
-    work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    work = clone_model(model)
     graph = work.graph
     values = {v.name: v for v in graph.inputs}
     values.update((v.name, v) for node in graph for v in node.outputs)

@@ -19,6 +19,10 @@ layer) to int8 per group of ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` values (default 
 turns it off) and runs it on int8 kernels; :meth:`OpenVinoTarget.report` records the
 group size next to the precision.
 
+The model :meth:`OpenVinoTarget.check` converted is kept for the next lowering of that
+same object (the flow lowers the checked, never-changed model as its fp32 baseline), so
+the fp32 model is converted once per run.
+
 Lowering is deterministic: OpenVINO names nodes it creates ``<Type>_<n>`` with ``n`` from
 a process-wide counter, so the same model lowered twice in one process would differ in
 those names; :func:`_canonical_names` renumbers them in graph order before saving.
@@ -381,6 +385,9 @@ class OpenVinoTarget(Target):
         cpu_config(precision)  # refuse an unknown precision now, not at the first compile
         self.precision = precision
         self.core = ov.Core()
+        #: ``(model, ov.Model)`` of the last :meth:`check`, used once by the next lowering of
+        #: that same (unchanged) model: the fp32 model is converted once per run.
+        self._checked: tuple[ir.Model, Any] | None = None
         if cpu_has_vnni() is False:
             # 7-bit Conv weights: exact on every x86 int8 kernel (see WEIGHT_QMAX_WITHOUT_VNNI).
             self.capabilities = narrow_weights(OPENVINO_CAPABILITIES, _SATURATING_OPS)
@@ -389,8 +396,9 @@ class OpenVinoTarget(Target):
         offenders = check_capabilities(model, self.capabilities)
         if offenders:
             return offenders
+        self._checked = None
         try:
-            _convert(model)
+            self._checked = (model, _convert(model))
         except Exception as err:  # OpConversionFailure, RuntimeError...: read the message
             return _conversion_offenders(model, str(err))
         return []
@@ -402,7 +410,8 @@ class OpenVinoTarget(Target):
                 "openvino: this CPU has no VNNI, so int8 Conv sums u8*s8 pairs in int16 and saturates: %d "
                 "layer(s) have int8 weights beyond +-%d (%s); quantize their weights to 7 bits",
                 len(saturating), WEIGHT_QMAX_WITHOUT_VNNI, ", ".join(saturating[:5]))
-        ov_model = _convert(model)
+        checked, self._checked = self._checked, None
+        ov_model = checked[1] if checked is not None and checked[0] is model else _convert(model)
         renamed = _canonical_names(ov_model, _onnx_names(model))
         logger.debug("openvino: renumbered %d auto-generated node names", renamed)
         xml = outdir / "model.xml"

@@ -32,7 +32,7 @@ import onnxruntime as ort
 
 from compressor.data import MASK_INPUT, Dataset
 from compressor.errors import CompressorError, DataError, OptionsError
-from compressor.model_io import ir_version_for
+from compressor.model_io import clone_model, ir_version_for
 from compressor.progress import Progress, no_progress
 from compressor.quant.histogram import GrowingHistogram
 
@@ -364,7 +364,7 @@ def _stream(model: ir.Model, tensors: Sequence[str], data: Dataset, *,
     the feed. The token mask is the feed's ``attention_mask`` as booleans (``None``
     without one). Only one batch's values are alive at a time.
     """
-    work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    work = clone_model(model)
     graph = work.graph
     inputs = {v.name for v in graph.inputs if v.const_value is None}
     values = _values(graph)
