@@ -23,12 +23,12 @@ from typing import Any
 
 import onnx_ir as ir
 import pytest
+from compressor.targets import get_target
 
 import compressor.flow.compress
 from compressor.errors import UnsupportedByTarget
 from compressor.flow.compress import compress
 from compressor.model_io import clone_model
-from compressor.targets import get_target
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

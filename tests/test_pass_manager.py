@@ -167,8 +167,8 @@ def _wrongly_declared_output() -> ir.Model:
 
 def test_wrongly_declared_output_shape_is_replaced_by_the_inferred_one():
     import numpy as np
-
     from compressor.passes.fold_constants import FoldConstants
+
     from tests.ortutil import run_ort
 
     model = _wrongly_declared_output()

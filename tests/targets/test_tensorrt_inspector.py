@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import compressor.targets.tensorrt.engine as engine_module
 import onnx_ir as ir
 import pytest
-
-import compressor.targets.tensorrt.engine as engine_module
-from compressor.cli import main
 from compressor.targets.tensorrt.engine import summarize_engine_layers, tensorrt_status
+
+from compressor.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 HAVE_TRT, WHY = tensorrt_status()
