@@ -179,8 +179,9 @@ class OnnxTarget(Target):
     capabilities = ONNX_CAPABILITIES
 
     def __init__(self) -> None:
-        #: ``(model, bytes)`` of the last :meth:`check`, written as is by the next lowering
-        #: of that same (unchanged) model: the baseline is serialised once per run.
+        #: ``(model, bytes)`` of the last :meth:`check`, written as is when the next
+        #: :meth:`reference_runner` gets that same (unchanged) model: the baseline is
+        #: serialised once per run.
         self._checked: tuple[ir.Model, bytes] | None = None
         if cpu_has_vnni() is False:  # MLAS's AVX2 u8s8 kernels saturate: 7-bit weights (reduce_range)
             self.capabilities = narrow_weights(ONNX_CAPABILITIES, set(ONNX_CAPABILITIES.quantizable))
@@ -203,12 +204,17 @@ class OnnxTarget(Target):
 
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
         outdir.mkdir(parents=True, exist_ok=True)
-        checked, self._checked = self._checked, None
-        if checked is not None and checked[0] is model:
-            path = outdir / "model.onnx"
-            path.write_bytes(checked[1])
-            return [path]
         return [save_model(model, outdir / "model.onnx")]
+
+    def reference_runner(self, model: ir.Model, workdir: Path) -> OrtRunner:
+        """The fp32 baseline; the bytes :meth:`check` serialised when ``model`` is the model it checked."""
+        checked, self._checked = self._checked, None
+        if checked is None or checked[0] is not model:
+            return super().reference_runner(model, workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / "model.onnx"
+        path.write_bytes(checked[1])
+        return OrtRunner(path)
 
     def runner(self, files: list[Path]) -> Runner:
         onnx_files = [f for f in files if f.suffix == ".onnx"]

@@ -19,9 +19,9 @@ layer) to int8 per group of ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` values (default 
 turns it off) and runs it on int8 kernels; :meth:`OpenVinoTarget.report` records the
 group size next to the precision.
 
-The model :meth:`OpenVinoTarget.check` converted is kept for the next lowering of that
-same object (the flow lowers the checked, never-changed model as its fp32 baseline), so
-the fp32 model is converted once per run.
+The model :meth:`OpenVinoTarget.check` converted is kept for the next
+:meth:`~OpenVinoTarget.reference_runner` of that same object (the flow's baseline is the
+checked, never-changed model), so the fp32 model is converted once per run.
 
 Lowering is deterministic: OpenVINO's auto-numbered node names are renumbered in graph
 order before saving (:mod:`compressor.targets.openvino_convert`, which also converts and
@@ -293,8 +293,9 @@ class OpenVinoTarget(Target):
         cpu_config(precision)  # refuse an unknown precision now, not at the first compile
         self.precision = precision
         self.core = ov.Core()
-        #: ``(model, ov.Model)`` of the last :meth:`check`, used once by the next lowering of
-        #: that same (unchanged) model: the fp32 model is converted once per run.
+        #: ``(model, ov.Model)`` of the last :meth:`check`, saved as is when the next
+        #: :meth:`reference_runner` gets that same (unchanged) model: the fp32 model is
+        #: converted once per run.
         self._checked: tuple[ir.Model, Any] | None = None
         if cpu_has_vnni() is False:
             # 7-bit Conv weights: exact on every x86 int8 kernel (see WEIGHT_QMAX_WITHOUT_VNNI).
@@ -312,14 +313,16 @@ class OpenVinoTarget(Target):
         return []
 
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
+        return self._save(model, convert(model), outdir)
+
+    def _save(self, model: ir.Model, ov_model: Any, outdir: Path) -> list[Path]:
+        """Write ``ov_model`` (converted from ``model``) as ``model.xml``/``.bin`` with canonical names."""
         outdir.mkdir(parents=True, exist_ok=True)
         if cpu_has_vnni() is False and (saturating := saturating_weight_layers(model)):
             logger.warning(
                 "openvino: this CPU has no VNNI, so int8 Conv sums u8*s8 pairs in int16 and saturates: %d "
                 "layer(s) have int8 weights beyond +-%d (%s); quantize their weights to 7 bits",
                 len(saturating), WEIGHT_QMAX_WITHOUT_VNNI, ", ".join(saturating[:5]))
-        checked, self._checked = self._checked, None
-        ov_model = checked[1] if checked is not None and checked[0] is model else convert(model)
         renamed = canonical_names(ov_model, onnx_names(model))
         logger.debug("openvino: renumbered %d auto-generated node names", renamed)
         xml = outdir / "model.xml"
@@ -336,8 +339,9 @@ class OpenVinoTarget(Target):
         The accuracy drop is measured against the fp32 model, so whatever a lower
         precision costs is part of the drop the gate judges.
         """
-        workdir.mkdir(parents=True, exist_ok=True)
-        xml = [f for f in self.lower(model, workdir) if f.suffix == ".xml"]
+        checked, self._checked = self._checked, None
+        ov_model = checked[1] if checked is not None and checked[0] is model else convert(model)
+        xml = [f for f in self._save(model, ov_model, workdir) if f.suffix == ".xml"]
         return OpenVinoRunner(xml[0], core=self.core, precision="f32")
 
     def report(self, runner: OpenVinoRunner) -> dict[str, Any]:

@@ -145,3 +145,28 @@ def test_int8_artifacts_are_byte_identical_across_runs(twice, target):
     assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file() and p.name != "manifest.json")
     different = [str(f) for f in files if (first / f).read_bytes() != (second / f).read_bytes()]
     assert not different, f"{target}: these files differ between two identical runs: {different}"
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_the_baseline_reuses_the_check_only_for_the_model_it_checked(target, tmp_path):
+    """``check`` prepares the model for the baseline; any other model is lowered afresh."""
+    import numpy as np
+    import onnx
+
+    why = _unavailable(target)
+    if why:
+        pytest.skip(why)
+
+    def model(op: str) -> ir.Model:
+        return ir.serde.deserialize_model(onnx.parser.parse_model(
+            f"""<ir_version: 8, opset_import: ["" : 17]>
+            g (float[1, 4] x) => (float[1, 4] y) {{ y = {op}(x) }}"""))
+
+    x = np.array([[-2.0, -1.0, 1.0, 2.0]], np.float32)
+    tgt = get_target(target)
+    checked, other = model("Relu"), model("Neg")
+    assert tgt.check(checked) == []
+    np.testing.assert_array_equal(tgt.reference_runner(other, tmp_path / "other")({"x": x})[0], -x)
+    assert tgt.check(checked) == []
+    np.testing.assert_array_equal(tgt.reference_runner(checked, tmp_path / "checked")({"x": x})[0], np.maximum(x, 0))
+    np.testing.assert_array_equal(tgt.reference_runner(other, tmp_path / "again")({"x": x})[0], -x)
