@@ -26,6 +26,7 @@ __all__ = [
     "ir_version_for",
     "ir_bytes",
     "ir_from_bytes",
+    "clone_model",
     "to_proto",
     "model_bytes",
     "save_model",
@@ -33,6 +34,7 @@ __all__ = [
     "default_opset",
     "upgrade_opset",
     "verify_model",
+    "correct_output_shapes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,16 @@ def ir_bytes(model: ir.Model) -> bytes:
 def ir_from_bytes(data: bytes) -> ir.Model:
     """The model :func:`ir_bytes` wrote: a copy equal to ``ir.serde`` round-tripping it."""
     return ir.serde.deserialize_model(onnx.ModelProto.FromString(data))
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """An independent copy of ``model``'s graph, without serialising it (``ir.Model.clone``).
+
+    Graphs, nodes and values are new objects; tensors (initializers, constant attributes)
+    are shared, which is safe because passes replace a tensor (``value.const_value = ...``)
+    and never write into one's array. The copy serialises to the same bytes as ``model``.
+    """
+    return model.clone()
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> Path:
@@ -256,3 +268,51 @@ def verify_model(model: ir.Model, *, strict_shapes: bool) -> None:
     proto = to_proto(model)
     onnx.checker.check_model(proto)
     onnx.shape_inference.infer_shapes(proto, check_type=strict_shapes, strict_mode=strict_shapes, data_prop=False)
+
+
+def _dims(shape: onnx.TensorShapeProto) -> list[int | str | None]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+
+
+def _contradicts(declared: ir.Shape, inferred: list[int | str | None]) -> bool:
+    """A different rank, or a fixed size where the other has another fixed size."""
+    if len(declared) != len(inferred):
+        return True
+    return any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(declared, inferred))
+
+
+def correct_output_shapes(model: ir.Model) -> dict[str, str]:
+    """Replace graph-output shapes that contradict shape inference by the inferred ones.
+
+    A declared output shape is only a claim of the exporter that wrote the file; the
+    graph's computation is what the backends run. The model is inferred again without the
+    declared output shapes; each output whose declaration contradicts the result (another
+    rank, another fixed size) gets the inferred shape (none where inference finds none).
+
+    Returns:
+        Output name -> ``"declared [..], inferred [..]"``, for each output changed (empty
+        when inference fails without the declarations too: the fault is elsewhere).
+    """
+    proto = to_proto(model)
+    for output in proto.graph.output:
+        if output.type.HasField("tensor_type"):
+            output.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=False)
+    except Exception:  # inconsistent without the declarations too
+        logger.debug("shape inference fails without the declared output shapes", exc_info=True)
+        return {}
+    found = {o.name: o.type.tensor_type for o in inferred.graph.output if o.type.HasField("tensor_type")}
+    changed: dict[str, str] = {}
+    for value in model.graph.outputs:
+        if value.shape is None or value.name not in found:
+            continue
+        tensor_type = found[value.name]
+        dims = _dims(tensor_type.shape) if tensor_type.HasField("shape") else None
+        if dims is not None and not _contradicts(value.shape, dims):
+            continue
+        shown = "unknown" if dims is None else "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+        declared = "[" + ", ".join(str(d) for d in value.shape) + "]"
+        changed[value.name] = f"declared {declared}, inferred {shown}"
+        value.shape = None if dims is None else ir.Shape(dims)
+    return changed

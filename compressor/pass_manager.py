@@ -18,12 +18,15 @@ import onnx
 import onnx_ir as ir
 
 from compressor.errors import CompressorError, PipelineError, RecipeError
-from compressor.model_io import default_opset, save_model, upgrade_opset, verify_model
+from compressor.model_io import correct_output_shapes, default_opset, save_model, upgrade_opset, verify_model
 from compressor.pipeline import Pass, PassContext, available_passes
 
 __all__ = ["PassReport", "PipelineResult", "PassManager", "check_pipeline"]
 
 logger = logging.getLogger(__name__)
+
+#: ``PassManager.run``'s default ``verify_level``: measure the input model's bar.
+_MEASURE = object()
 
 
 @dataclasses.dataclass
@@ -49,6 +52,9 @@ class PipelineResult:
 
     model: ir.Model
     reports: list[PassReport]
+    #: The verification bar the run held the passes to (strict ``True``, lax ``False``,
+    #: ``None``: not verified); a manager continuing on :attr:`model` takes it over.
+    verify_level: bool | None = None
 
     @property
     def modified(self) -> bool:
@@ -117,10 +123,13 @@ class PassManager:
         self.on_pass = on_pass
         self.after_pass = after_pass
 
-    def run(self, model: ir.Model, ctx: PassContext, *, already_run: Sequence[str] = ()) -> PipelineResult:
+    def run(self, model: ir.Model, ctx: PassContext, *, already_run: Sequence[str] = (),
+            verify_level: bool | None | object = _MEASURE) -> PipelineResult:
         """Run every pass on ``model``.
 
-        ``already_run`` names passes an earlier manager ran on this model (for messages).
+        ``already_run`` names passes an earlier manager ran on this model (for messages);
+        ``verify_level`` is that manager's :attr:`PipelineResult.verify_level` (the model
+        is then not verified again before the first pass: it met that bar already).
 
         Raises:
             RecipeError: a pass's needs are unmet (before anything runs).
@@ -130,7 +139,12 @@ class PassManager:
         check_pipeline(self.passes, ctx.properties)
         for p in self.passes:
             p.check_input(model)
-        level = self._verify_level(model) if self.verify else None
+        if not self.verify:
+            level = None
+        elif verify_level is _MEASURE:
+            level = self._verify_level(model)
+        else:
+            level = verify_level
         reports: list[PassReport] = []
         done: list[str] = list(already_run)
         if self.dump_dir:
@@ -145,8 +159,7 @@ class PassManager:
                     model = upgrade_opset(model, p.min_opset)
                 result = p.run(model, ctx)
                 model = result.model
-                if level is not None and result.modified:
-                    verify_model(model, strict_shapes=level)
+                corrected = self._verify(model, level) if level is not None and result.modified else {}
             except PipelineError:
                 raise
             except (CompressorError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError, Exception) as err:
@@ -155,6 +168,8 @@ class PassManager:
             seconds = time.perf_counter() - start
             ctx.properties |= p.provides
             stats = dict(result.stats)
+            if corrected:
+                stats["output_shapes_corrected"] = corrected
             bodies = {} if p.walks_subgraphs else subgraph_bodies(model.graph)
             if bodies:
                 # Never a half-rewritten body: a pass that works on the main graph says which
@@ -173,7 +188,38 @@ class PassManager:
                 save_model(model, self.dump_dir / f"{index + 1:02d}-{p.name}.onnx")
             if self.after_pass:
                 self.after_pass(index, p, model, reports[-1])
-        return PipelineResult(model, reports)
+        return PipelineResult(model, reports, level)
+
+    @staticmethod
+    def _verify(model: ir.Model, strict: bool) -> dict[str, str]:
+        """Verify ``model`` after a pass that changed it; correct wrongly declared output shapes.
+
+        Another exporter may declare an output shape the graph does not compute (ddddocr's
+        ``common.onnx`` declares ``[1, seqlen]`` and returns ``[T, 1, 8210]``); inference
+        cannot see it until a pass makes the shape computation constant, and then strict
+        inference refuses the declaration. Such declarations are replaced by the inferred
+        shapes (:func:`~compressor.model_io.correct_output_shapes`) and the model verified
+        again.
+
+        Returns:
+            Output name -> ``"declared [..], inferred [..]"`` for each corrected output.
+
+        Raises:
+            onnx.checker.ValidationError, onnx.shape_inference.InferenceError: the model
+                is broken in another way.
+        """
+        try:
+            verify_model(model, strict_shapes=strict)
+            return {}
+        except onnx.shape_inference.InferenceError:
+            corrected = correct_output_shapes(model)
+            if not corrected:
+                raise
+        verify_model(model, strict_shapes=strict)
+        for name, change in corrected.items():
+            logger.warning("output %r: the model declared a shape the graph does not compute (%s); the inferred "
+                           "shape replaces it", name, change)
+        return corrected
 
     @staticmethod
     def _verify_level(model: ir.Model) -> bool | None:

@@ -145,14 +145,18 @@ def _explain_load_error(model: ir.Model, text: str) -> list[tuple[str, str]]:
     return [("model", f"ONNX Runtime cannot load it: {first[:300]}")]
 
 
-def ort_session(model_or_path: ir.Model | str | Path, *, threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session, quiet and deterministic in its graph optimizations."""
+def ort_session(model_or_path: ir.Model | bytes | str | Path, *, threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session, quiet and deterministic in its graph optimizations.
+
+    ``model_or_path``: an in-memory model, its :func:`~compressor.model_io.model_bytes`, or a file.
+    """
     ort.set_default_logger_severity(3)  # model-load warnings go to the default logger, not the session's
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    source = model_bytes(model_or_path) if isinstance(model_or_path, ir.Model) else str(model_or_path)
+    source = model_bytes(model_or_path) if isinstance(model_or_path, ir.Model) else (
+        model_or_path if isinstance(model_or_path, bytes) else str(model_or_path))
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
@@ -175,6 +179,10 @@ class OnnxTarget(Target):
     capabilities = ONNX_CAPABILITIES
 
     def __init__(self) -> None:
+        #: ``(model, bytes)`` of the last :meth:`check`, written as is when the next
+        #: :meth:`reference_runner` gets that same (unchanged) model: the baseline is
+        #: serialised once per run.
+        self._checked: tuple[ir.Model, bytes] | None = None
         if cpu_has_vnni() is False:  # MLAS's AVX2 u8s8 kernels saturate: 7-bit weights (reduce_range)
             self.capabilities = narrow_weights(ONNX_CAPABILITIES, set(ONNX_CAPABILITIES.quantizable))
 
@@ -185,15 +193,28 @@ class OnnxTarget(Target):
         offenders = check_capabilities(model, self.capabilities)
         if offenders:
             return offenders
+        self._checked = None
+        data = model_bytes(model)
         try:
-            ort_session(model)
+            ort_session(data)
         except Exception as err:  # ORT raises its own exception types; read the message
             return _explain_load_error(model, str(err) or type(err).__name__)
+        self._checked = (model, data)
         return []
 
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
         outdir.mkdir(parents=True, exist_ok=True)
         return [save_model(model, outdir / "model.onnx")]
+
+    def reference_runner(self, model: ir.Model, workdir: Path) -> OrtRunner:
+        """The fp32 baseline; the bytes :meth:`check` serialised when ``model`` is the model it checked."""
+        checked, self._checked = self._checked, None
+        if checked is None or checked[0] is not model:
+            return super().reference_runner(model, workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / "model.onnx"
+        path.write_bytes(checked[1])
+        return OrtRunner(path)
 
     def runner(self, files: list[Path]) -> Runner:
         onnx_files = [f for f in files if f.suffix == ".onnx"]

@@ -19,17 +19,19 @@ layer) to int8 per group of ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` values (default 
 turns it off) and runs it on int8 kernels; :meth:`OpenVinoTarget.report` records the
 group size next to the precision.
 
-Lowering is deterministic: OpenVINO names nodes it creates ``<Type>_<n>`` with ``n`` from
-a process-wide counter, so the same model lowered twice in one process would differ in
-those names; :func:`_canonical_names` renumbers them in graph order before saving.
+The model :meth:`OpenVinoTarget.check` converted is kept for the next
+:meth:`~OpenVinoTarget.reference_runner` of that same object (the flow's baseline is the
+checked, never-changed model), so the fp32 model is converted once per run.
+
+Lowering is deterministic: OpenVINO's auto-numbered node names are renumbered in graph
+order before saving (:mod:`compressor.targets.openvino_convert`, which also converts and
+reads conversion errors back to the ONNX nodes).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,8 @@ from compressor.targets.base import (
 )
 
 from compressor.errors import DataError, UsageError
-from compressor.model_io import model_bytes
 from compressor.quant.spec import OpQuant, QuantSpec
+from compressor.targets.openvino_convert import canonical_names, conversion_offenders, convert, onnx_names
 
 try:
     import openvino as ov
@@ -144,99 +146,9 @@ CPU_CONFIG: dict[str, str] = cpu_config("f32")
 COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm"})
 _INT8 = frozenset({"u8", "i8"})
 
-_NO_RULE = re.compile(r"No conversion rule found for operations: (.+)")
-_FAILED_FOR = re.compile(r"Conversion is failed for: (.+)")
-_DETAIL = re.compile(r"^-- (\S+) with a message:\n(.*?)(?=^-- |^Summary:|\Z)", re.M | re.S)
-_ONNX_NODE = re.compile(r"While validating ONNX node '<Node\(([^)]*)\): ([^>]*)>'")
-_AUTO_NAME = re.compile(r"(?<![\w.])([A-Z][A-Za-z0-9]*)_(\d+)(?!\w)")
-
-
 def _require_openvino() -> None:
     if ov is None:
         raise UsageError("target 'openvino' needs the openvino package: pip install 'compressor[openvino]'")
-
-
-def _op_key(node: ir.Node) -> tuple[str, str]:
-    return ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
-
-
-def _nodes_for(model: ir.Model, ops_text: str) -> dict[tuple[str, str], list[str]]:
-    """OpenVINO's op list (``com.example.Foo, TfIdfVectorizer-17``) -> the ONNX nodes using each."""
-    wanted: dict[tuple[str, str], list[str]] = {}
-    for item in ops_text.split(","):
-        item = re.sub(r"-\d+$", "", item.strip())
-        domain, _, op = item.rpartition(".")
-        wanted[(domain, op)] = []
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        key = _op_key(node)
-        if key in wanted:
-            wanted[key].append(node.name or f"{node.op_type}->{node.outputs[0].name}")
-    return wanted
-
-
-def _conversion_offenders(model: ir.Model, text: str) -> list[tuple[str, str]]:
-    """``(node, reason)`` pairs read from an OpenVINO conversion error."""
-    offenders: list[tuple[str, str]] = []
-    for op, block in _DETAIL.findall(text):  # per-node failures of a translator
-        lines = [line.strip() for line in block.strip().splitlines() if line.strip()]
-        named = _ONNX_NODE.search(block)
-        node = (named.group(2) or named.group(1)) if named else op
-        offenders.append((node, f"OpenVINO cannot convert {op}: {lines[-1] if lines else 'conversion failed'}"))
-    match = _NO_RULE.search(text)
-    if match:
-        for (domain, op), nodes in _nodes_for(model, match.group(1)).items():
-            what = f"{domain}::{op}" if domain else op
-            for node in nodes or [what]:
-                offenders.append((node, f"OpenVINO has no conversion rule for op {what}"))
-    if not offenders and (match := _FAILED_FOR.search(text)):
-        for (domain, op), nodes in _nodes_for(model, match.group(1)).items():
-            offenders.extend((node, f"OpenVINO failed to convert op {op}") for node in nodes or [op])
-    if not offenders:
-        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-        offenders.append(("model", f"OpenVINO cannot convert it: {(lines[-1] if lines else 'unknown error')[:300]}"))
-    return offenders
-
-
-def _onnx_names(model: ir.Model) -> set[str]:
-    names = {v.name for v in (*model.graph.inputs, *model.graph.outputs) if v.name}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        names.add(node.name or "")
-        names.update(v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name)
-    names.update(model.graph.initializers)
-    return names
-
-
-def _canonical_names(ov_model: Any, keep: Iterable[str]) -> int:
-    """Renumber OpenVINO's auto names (``Constant_7288``) in graph order; returns how many.
-
-    Tokens that also occur in the ONNX model's own names (``Conv_12`` from an old torch
-    export) are kept as they are.
-    """
-    kept = {m.group(0) for name in keep for m in _AUTO_NAME.finditer(name)}
-    mapping: dict[str, str] = {}
-
-    def renumber(match: re.Match[str]) -> str:
-        token = match.group(0)
-        if token in kept:
-            return token
-        if token not in mapping:
-            new = f"{match.group(1)}_{len(mapping)}"
-            while new in kept:
-                new += "_"
-            mapping[token] = new
-        return mapping[token]
-
-    for op in ov_model.get_ordered_ops():
-        name = op.get_friendly_name()
-        new_name = _AUTO_NAME.sub(renumber, name)
-        if new_name != name:
-            op.set_friendly_name(new_name)
-    return len(mapping)
-
-
-def _convert(model: ir.Model) -> Any:
-    """``ov.Model`` of ``model`` (raises OpenVINO's error when conversion fails)."""
-    return ov.convert_model(io.BytesIO(model_bytes(model)))
 
 
 def saturating_weight_layers(model: ir.Model) -> list[str]:
@@ -381,6 +293,10 @@ class OpenVinoTarget(Target):
         cpu_config(precision)  # refuse an unknown precision now, not at the first compile
         self.precision = precision
         self.core = ov.Core()
+        #: ``(model, ov.Model)`` of the last :meth:`check`, saved as is when the next
+        #: :meth:`reference_runner` gets that same (unchanged) model: the fp32 model is
+        #: converted once per run.
+        self._checked: tuple[ir.Model, Any] | None = None
         if cpu_has_vnni() is False:
             # 7-bit Conv weights: exact on every x86 int8 kernel (see WEIGHT_QMAX_WITHOUT_VNNI).
             self.capabilities = narrow_weights(OPENVINO_CAPABILITIES, _SATURATING_OPS)
@@ -389,21 +305,25 @@ class OpenVinoTarget(Target):
         offenders = check_capabilities(model, self.capabilities)
         if offenders:
             return offenders
+        self._checked = None
         try:
-            _convert(model)
+            self._checked = (model, convert(model))
         except Exception as err:  # OpConversionFailure, RuntimeError...: read the message
-            return _conversion_offenders(model, str(err))
+            return conversion_offenders(model, str(err))
         return []
 
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
+        return self._save(model, convert(model), outdir)
+
+    def _save(self, model: ir.Model, ov_model: Any, outdir: Path) -> list[Path]:
+        """Write ``ov_model`` (converted from ``model``) as ``model.xml``/``.bin`` with canonical names."""
         outdir.mkdir(parents=True, exist_ok=True)
         if cpu_has_vnni() is False and (saturating := saturating_weight_layers(model)):
             logger.warning(
                 "openvino: this CPU has no VNNI, so int8 Conv sums u8*s8 pairs in int16 and saturates: %d "
                 "layer(s) have int8 weights beyond +-%d (%s); quantize their weights to 7 bits",
                 len(saturating), WEIGHT_QMAX_WITHOUT_VNNI, ", ".join(saturating[:5]))
-        ov_model = _convert(model)
-        renamed = _canonical_names(ov_model, _onnx_names(model))
+        renamed = canonical_names(ov_model, onnx_names(model))
         logger.debug("openvino: renumbered %d auto-generated node names", renamed)
         xml = outdir / "model.xml"
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # fp32 stays fp32; int8 comes from QDQ
@@ -419,8 +339,9 @@ class OpenVinoTarget(Target):
         The accuracy drop is measured against the fp32 model, so whatever a lower
         precision costs is part of the drop the gate judges.
         """
-        workdir.mkdir(parents=True, exist_ok=True)
-        xml = [f for f in self.lower(model, workdir) if f.suffix == ".xml"]
+        checked, self._checked = self._checked, None
+        ov_model = checked[1] if checked is not None and checked[0] is model else convert(model)
+        xml = [f for f in self._save(model, ov_model, workdir) if f.suffix == ".xml"]
         return OpenVinoRunner(xml[0], core=self.core, precision="f32")
 
     def report(self, runner: OpenVinoRunner) -> dict[str, Any]:

@@ -36,12 +36,27 @@ def digits_onnx(tmp_path_factory) -> Path:
     return path
 
 
-def test_fold_on_bundled_model(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def digits_bn_onnx(tmp_path_factory) -> Path:
+    """The bundled CNN exported without the exporter's optimizer: its BatchNorms stay BatchNormalization."""
+    path = tmp_path_factory.mktemp("onnx") / "digits_bn.onnx"
+    program = torch.onnx.export(torch.export.load(str(MODEL)), dynamo=True, verbose=False, optimize=False)
+    program.save(str(path))
+    return path
+
+
+def test_fold_on_bundled_model(digits_bn_onnx, tmp_path, capsys):
+    # The .pt2 capture has no BatchNorm left (the exporter fuses it into the Conv), so the
+    # fold is tested on an export that keeps them.
+    bns = sum(1 for n in onnx.load(digits_bn_onnx).graph.node if n.op_type == "BatchNormalization")
+    assert bns > 0
     out = tmp_path / "out"
-    code, stdout, _ = run([MODEL, "--recipe", "fold", "--calib", CALIB, "--eval", EVAL, "--max-drop", "0",
+    code, stdout, _ = run([digits_bn_onnx, "--recipe", "fold", "--calib", CALIB, "--eval", EVAL, "--max-drop", "0",
                            "-o", out, "--latency-runs", "2"], capsys)
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text(), parse_constant=raise_on_constant)  # strict JSON
+    fold = next(p for p in manifest["passes"] if p["name"] == "fold-batchnorm")
+    assert fold["modified"] and fold["stats"]["bn_folded"] == bns, fold
     model = onnx.load(out / "model.onnx")
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert manifest["evaluation"]["metric"] == "top1"

@@ -18,32 +18,45 @@ pytestmark = pytest.mark.slow
 
 
 def test_minilm_int8_openvino(tmp_path, capsys):
+    from compressor.passes._attention import _is_linear, attention_projections
+
     from compressor.corpus import stdlib_sentences, tokenize_for
+    from compressor.model_io import load_onnx
 
     model_dir = minilm.get_model_path()
     sentences = stdlib_sentences(40)
     np.savez(tmp_path / "calib.npz", **tokenize_for(model_dir, sentences[:32], 48))
     np.savez(tmp_path / "eval.npz", **tokenize_for(model_dir, sentences[32:], 48))
-    out = tmp_path / "out"
+    out, dump = tmp_path / "out", tmp_path / "dump"
     code = main([str(model_dir), "--recipe", "int8", "--target", "openvino",
                  "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
-                 "--latency-runs", "1", "-o", str(out)])
+                 "--latency-runs", "1", "--dump-passes", str(dump), "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["evaluation"]["metric"] == "cosine" and manifest["evaluation"]["samples"] == 8
     assert manifest["metrics"]["compressed"]["cosine_mean"] >= 0.99
     assert manifest["gate"]["passed"] is True
+
+    # What the preset must do, derived from the graph quantize saw (the last dump before it):
+    # every linear layer int8 but the key projections (int8 weights, float input), plus each
+    # block's Q·Kᵀ; probs·V stays float.
+    graph = load_onnx(max(dump.glob("*.onnx"))).graph
+    roles = attention_projections(graph)
+    scores = {name for name, r in roles.items() if "attention-scores" in r}
+    keys = {name for name, r in roles.items() if "attention-keys" in r}
+    context = {name for name, r in roles.items() if "attention-context" in r}
+    linears = {node.name for node in graph if _is_linear(node)}
+    assert scores and len(keys) == len(scores) == len(context), roles  # one Q, K, V, QKᵀ, PV per block
     quant = next(p for p in manifest["passes"] if p["name"] == "quantize")
-    # int8 found the six attention blocks by structure and gave them the transformer preset:
-    # every linear layer but the six key projections (int8 weights, float input), plus the
-    # six Q·Kᵀ MatMuls (probs·V stays float).
-    assert quant["stats"]["attention_blocks"] == 6
-    assert quant["stats"]["layers_weight_only"] == 6
-    assert quant["stats"]["layers_quantized"] == 36
-    # The quantized layers really ran in int8, Q·Kᵀ included (signed symmetric operands);
-    # the 12 float ones are the six weight-only key projections and the six probs·V.
+    assert quant["stats"]["attention_blocks"] == len(scores)
+    assert set(quant["stats"]["weight_only_layers"]) == keys
+    assert set(quant["stats"]["layers"]) == (linears - keys) | scores
+
+    # What really ran in int8 on the CPU plugin: each quantized Q·Kᵀ as an int8 MatMul (signed
+    # symmetric operands), and as many int8 compute layers as quantized layers; the float ones
+    # are the weight-only key projections and probs·V.
     layers = manifest["runtime_layers"]
-    assert layers["int8"] >= 0.9 * (layers["int8"] + layers["float"] - 12)
-    assert layers["int8"] >= 33
-    assert sum(1 for layer in layers["layers"] if layer["type"] == "MatMul" and layer["int8"]) == 6
+    assert sum(1 for layer in layers["layers"] if layer["type"] == "MatMul" and layer["int8"]) == len(scores)
+    assert layers["int8"] == len(quant["stats"]["layers"]), layers["float_layers"]
+    assert layers["float"] == len(keys) + len(context), layers["float_layers"]
     assert sum(f["bytes"] for f in manifest["files"]) < 0.7 * manifest["model"]["baseline_bytes"]

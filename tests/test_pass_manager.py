@@ -141,3 +141,46 @@ def test_passes_name_the_control_flow_bodies_they_leave_alone():
         "If 'choose'.else_branch": "1 nodes; quantize works on the main graph only"}
     inner = [n for n in ir.traversal.RecursiveGraphIterator(result.model.graph) if n.op_type == "QuantizeLinear"]
     assert inner == [], "never a half-rewritten body"
+
+
+def _wrongly_declared_output() -> ir.Model:
+    """``y = Reshape(x, [6, 1, 4])`` declared ``[1, seqlen]`` (ddddocr's ``common.onnx`` in small).
+
+    The target shape is gathered with a ``Range`` whose length depends on ``Size(x)``, so
+    inference cannot see the reshape's rank until ``fold-constants`` makes it a constant.
+    """
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 1, 4, 6] x) => (float[1, seqlen] y) {
+            dims = Constant<value = int64[4] {6, 1, 4, 99}>()
+            eight = Constant<value = int64 {8}>()
+            zero = Constant<value = int64 {0}>()
+            one = Constant<value = int64 {1}>()
+            size = Size(x)
+            count = Div(size, eight)
+            idx = Range(zero, count, one)
+            shape = Gather(dims, idx)
+            y = Reshape(x, shape)
+        }""")
+    return ir.serde.deserialize_model(proto)
+
+
+def test_wrongly_declared_output_shape_is_replaced_by_the_inferred_one():
+    import numpy as np
+    from compressor.passes.fold_constants import FoldConstants
+
+    from tests.ortutil import run_ort
+
+    model = _wrongly_declared_output()
+    x = np.arange(24, dtype=np.float32).reshape(1, 1, 4, 6)
+    result = PassManager([FoldConstants()]).run(model, PassContext())
+    assert result.verify_level is True  # the input passed strict inference: the bar stays strict
+    assert result.reports[0].stats["output_shapes_corrected"] == {"y": "declared [1, seqlen], inferred [6, 1, 4]"}
+    assert list(result.model.graph.outputs[0].shape) == [6, 1, 4]
+    np.testing.assert_array_equal(run_ort(result.model, {"x": x})[0], x.reshape(6, 1, 4))
+
+
+def test_output_shapes_are_left_alone_when_they_agree():
+    from compressor.model_io import correct_output_shapes
+
+    assert correct_output_shapes(tiny_model()) == {}

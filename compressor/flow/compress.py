@@ -52,7 +52,7 @@ from compressor.inputs import (
     model_input_specs,
     parse_input_overrides,
 )
-from compressor.model_io import ir_bytes, model_bytes
+from compressor.model_io import clone_model, ir_bytes
 from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
@@ -94,10 +94,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _clone(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
-
 def _pick_eval(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None,
                specs: list[InputSpec]) -> tuple[Dataset | None, Dataset, str]:
     """Decide the calibration and evaluation sets (see DESIGN: Data the CLI takes)."""
@@ -123,6 +119,11 @@ def _first_line(err: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _bytes_under(folder: Path) -> int:
+    """Total size of the files the target wrote for the baseline (what the artifact's files compare to)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def _quantized_layers(reports: list[PassReport]) -> list[str]:
     return [name for r in reports for name in r.stats.get("layers", [])]
 
@@ -137,7 +138,7 @@ def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassCont
 
     def rebuild(given: frozenset[str]) -> Any:
         ctx.options[key] = tuple(sorted(given))
-        return PassManager(tail_passes, verify=False).run(_clone(snapshot), ctx)
+        return PassManager(tail_passes, verify=False).run(clone_model(snapshot), ctx)
 
     def build(given: frozenset[str]) -> Any:
         folder = work_dir / f"control-{len(built)}"
@@ -270,7 +271,9 @@ def compress(
         calib_set.check_batches(f"calibration data{held}")
     eval_set.check_batches(f"evaluation data{held}")
     verified = eval_source != UNVERIFIED
-    baseline = _clone(model)
+    # The checked model is the baseline (never changed: a target may reuse what its check
+    # prepared to lower it); the passes work on a copy.
+    baseline, model = model, clone_model(model)
     metric = recipe_obj.accuracy.metric
     batches = sum(1 for _ in eval_set.batches())
 
@@ -314,10 +317,11 @@ def compress(
         split = next((i for i, p in enumerate(passes) if getattr(p, "needs_calibration", False)), len(passes))
         t = time.perf_counter()
         head = PassManager(passes[:split], dump_dir=dump_passes, on_pass=on_pass, after_pass=measure(0)).run(model, ctx)
-        snapshot = _clone(head.model) if split < len(passes) else None
+        snapshot = clone_model(head.model) if split < len(passes) else None
         tail = PassManager(passes[split:], on_pass=lambda i, p: on_pass(split + i, p) if on_pass else None,
                            after_pass=measure(split))
-        result = tail.run(head.model, ctx, already_run=[p.name for p in passes[:split]]) if split < len(passes) else head
+        result = tail.run(head.model, ctx, already_run=[p.name for p in passes[:split]],
+                          verify_level=head.verify_level) if split < len(passes) else head
         reports = head.reports + (result.reports if split < len(passes) else [])
         timings["passes_s"] = time.perf_counter() - t
 
@@ -384,7 +388,7 @@ def compress(
         manifest = {
             "compressor": __version__,
             "model": {"source": str(model_path), "format": captured.source_format,
-                      "baseline_bytes": len(model_bytes(baseline)), **captured.describe()},
+                      "baseline_bytes": _bytes_under(work_dir / "baseline"), **captured.describe()},
             "recipe": recipe_obj.to_json(),
             "target": tgt.describe(),
             "input_spec": [s.to_json() for s in specs],

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from compressor.capture import capture
 from compressor.inputs import InputSpec, model_input_specs
-from compressor.model_io import default_opset
+from compressor.model_io import clone_model, default_opset
 from compressor.pipeline import PassContext, available_passes
 
 __all__ = ["inspect_model"]
@@ -26,10 +26,6 @@ def _value_spec(value: ir.Value) -> dict[str, str]:
         value.name, tuple(d if isinstance(d, int) else getattr(d, "value", None) for d in value.shape), "").shape_text()
     dtype = "?" if value.dtype is None else str(value.dtype.name).lower()
     return {"name": value.name, "shape": shape, "dtype": dtype}
-
-
-def _clone(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def _runs_after(p: Any, passes: dict[str, type]) -> str | None:
@@ -53,7 +49,7 @@ def _would_change(model: ir.Model) -> dict[str, dict[str, Any]]:
         except Exception as err:  # a pass whose options have required keys
             out[name] = {"would_change": "?", "detail": f"needs options ({err})"}
             continue
-        copy = _clone(model)
+        copy = clone_model(model)
         ctx = PassContext(properties={"captured"})
         try:
             after = _runs_after(p, passes)

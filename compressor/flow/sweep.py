@@ -37,8 +37,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx_ir as ir
-
 from compressor.errors import UsageError
 from compressor.executor import Executor, InProcessExecutor
 from compressor.flow.artifact import TOOL
@@ -54,7 +52,7 @@ from compressor.flow.sweep_output import (
     format_table,
 )
 from compressor.flow.sweep_output import write_sweep_files as _write
-from compressor.model_io import ir_bytes, ir_from_bytes
+from compressor.model_io import clone_model, ir_bytes, ir_from_bytes
 from compressor.progress import Progress, no_progress
 
 __all__ = ["SWEEPABLE", "SWEEP_FILES", "SweepLevel", "SweepResult", "parse_levels", "sweep", "format_table",
@@ -166,10 +164,6 @@ def _value(ev: Evaluation) -> float:
     return ev.compressed["top1"] if ev.metric == "top1" else ev.compressed["cosine_mean"]
 
 
-def _clone(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
-
 def _run_level(item: tuple[int, str, dict[str, Any]], shared: Mapping[str, Any]) -> dict[str, Any]:
     """One level, as an executor task: the pass on the folded model, lowered, evaluated.
 
@@ -276,7 +270,7 @@ def sweep(
     specs = model_input_specs(model)
     eval_set = raw_eval.validate(specs)
     calib_set = raw_calib.validate(specs) if raw_calib is not None else None
-    baseline = _clone(model)
+    baseline = clone_model(model)
     ctx = PassContext(target=tgt, calibration=calib_set, properties={"captured"})
     head = [build_pass(name, {}) for name in HEAD]
     snapshot = PassManager(head).run(model, ctx).model

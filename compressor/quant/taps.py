@@ -41,7 +41,7 @@ import onnxruntime as ort
 
 from compressor.data import MASK_INPUT
 from compressor.errors import CompressorError, DataError
-from compressor.model_io import ir_version_for, model_bytes
+from compressor.model_io import clone_model, ir_version_for, model_bytes
 from compressor.progress import Progress, no_progress
 from compressor.quant.histogram import GrowingHistogram
 from compressor.quant.statistics import TensorStats
@@ -259,7 +259,7 @@ def run_points(
     """
     start = time.perf_counter()
     points = list(dict.fromkeys(points))
-    work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    work = clone_model(model)
     graph = work.graph
     values = _values(graph)
     missing = list(dict.fromkeys(p.tensor for p in points if p.tensor not in values))
