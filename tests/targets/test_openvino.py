@@ -92,11 +92,15 @@ def conv(quantized: bool, qmax: int = 63) -> ir.Model:
 
 @pytest.fixture(scope="module")
 def target() -> OpenVinoTarget:
-    return OpenVinoTarget()
+    return OpenVinoTarget(precision="f32")
 
 
 def test_registered_and_described(target):
-    assert isinstance(get_target("openvino"), OpenVinoTarget)
+    default = get_target("openvino")
+    assert isinstance(default, OpenVinoTarget)
+    # the artifact is judged as it will run: in the device's default float precision
+    assert default.precision is None and "INFERENCE_PRECISION_HINT" not in default.describe()["config"]
+    assert default.describe()["device_precision"] in PRECISIONS
     info = target.describe()
     assert info["name"] == "openvino" and info["openvino_version"] and info["device_name"]
     assert info["precision"] == "f32" and info["config"]["INFERENCE_PRECISION_HINT"] == "f32"
