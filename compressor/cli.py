@@ -229,11 +229,11 @@ def _summary(manifest: dict[str, Any]) -> str:
         *([("int8 layers", f"{rt['int8']} of {rt['int8'] + rt['float']} compute layers ran in int8"
                            + (f"; float: {', '.join(rt['float_layers'][:4])}" if rt["float_layers"] else ""))]
           if (rt := manifest.get("runtime_layers")) else []),
-        *([("precision", f"drop {pf['drop']:.6f} in the device's default {pf['evaluated_in']}, "
-                         f"{pf['fallback_drop']:.6f} in {pf['fallback']}: "
-                         + (f"{pf['fallback']} pinned in the artifact" if pf["pinned"] else "not pinned")
-                         + (f"; {pin['note']}" if pf["pinned"] and (pin := (
-                             manifest.get("inference_precision") or {}).get("pinned") or {}).get("note") else ""))]
+        *([("precision", (f"drop {pf['drop']:.6f} in the device's default {pf['evaluated_in']}, "
+                          f"{pf['fallback_drop']:.6f} in {pf['fallback']}: "
+                          + (f"{pf['fallback']} pinned in the artifact" if pf["pinned"] else "not pinned")
+                          + (f"; {pin['note']}" if pf["pinned"] and (pin := (
+                              manifest.get("inference_precision") or {}).get("pinned") or {}).get("note") else "")))]
           if (pf := manifest.get("precision_fallback")) else []),
         *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4])}")]
           if (ac := manifest.get("accuracy_control")) else []),

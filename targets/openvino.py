@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from compressor.targets.openvino_precision import device_precision, pin_in_rt_info, pin_report
 from compressor.targets.base import (
     Capabilities,
     Runner,
@@ -43,6 +42,11 @@ from compressor.targets.base import (
     check_capabilities,
     cpu_has_vnni,
     narrow_weights,
+)
+from compressor.targets.openvino_precision import (
+    device_precision,
+    pin_in_rt_info,
+    pin_report,
 )
 
 from compressor.errors import DataError, UsageError

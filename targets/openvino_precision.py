@@ -32,7 +32,7 @@ try:
 except ImportError:  # the target refuses to start without it
     ov = None
 
-__all__ = ["RT_PRECISION", "device_precision", "pin_in_rt_info", "plugin_reads_rt_option", "pin_report"]
+__all__ = ["RT_PRECISION", "device_precision", "pin_in_rt_info", "pin_report", "plugin_reads_rt_option"]
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("openvino", reason="the openvino package is not installed")
 
-import onnx  # noqa: E402
-import openvino as ov  # noqa: E402
-from compressor.flow.compress import compress  # noqa: E402
-from compressor.targets.openvino import OpenVinoTarget, cpu_supports_bf16  # noqa: E402
-from compressor.targets.openvino_precision import RT_PRECISION, plugin_reads_rt_option  # noqa: E402
+import onnx
+import openvino as ov
+from compressor.targets.openvino import OpenVinoTarget, cpu_supports_bf16
+from compressor.targets.openvino_precision import RT_PRECISION, plugin_reads_rt_option
+
+from compressor.cli import _summary
+from compressor.flow.compress import compress
 
 #: f32's unit roundoff: an artifact that runs the fp32 model's own f32 graph has drop 0,
 #: while bf16's rounding of the outputs (unit roundoff 2**-8, relative error ~2**-9 per
@@ -77,6 +79,8 @@ def test_a_bf16_device_that_breaks_the_budget_gets_f32_pinned(tmp_path, force_pr
     assert (latency["baseline_precision"], latency["device_precision"], latency["compressed_precision"]) == \
         ("f32", "bf16", "f32")
     assert latency["baseline_device_ms"] > 0 and latency["compressed_ms"] > 0
+    summary = _summary(m)
+    assert "f32 pinned in the artifact" in summary and "fp32 in the device's default bf16" in summary
 
 
 def test_a_bf16_device_within_budget_and_an_f32_device_change_nothing(tmp_path, force_precision):
