@@ -217,7 +217,10 @@ def _summary(manifest: dict[str, Any]) -> str:
         ("target", manifest["target"]["name"]),
         ("size", f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller)"),
         ("latency", f"{lat['baseline_ms']:.2f} ms -> {lat['compressed_ms']:.2f} ms per batch of {lat['batch']} "
-                    f"({lat['baseline_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"),
+                    f"({lat['baseline_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
+                    + (f"; fp32 in the device's default {lat['device_precision']}: {lat['baseline_device_ms']:.2f} ms "
+                       f"({lat['baseline_device_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
+                       if lat.get("device_precision") not in (None, lat.get("baseline_precision")) else "")),
         (f"{metric}", f"{_fmt(manifest['metrics']['baseline'][key])} -> {_fmt(manifest['metrics']['compressed'][key])} "
                       f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
         ("drop", _fmt(manifest["accuracy_drop"])),
@@ -226,6 +229,12 @@ def _summary(manifest: dict[str, Any]) -> str:
         *([("int8 layers", f"{rt['int8']} of {rt['int8'] + rt['float']} compute layers ran in int8"
                            + (f"; float: {', '.join(rt['float_layers'][:4])}" if rt["float_layers"] else ""))]
           if (rt := manifest.get("runtime_layers")) else []),
+        *([("precision", (f"drop {pf['drop']:.6f} in the device's default {pf['evaluated_in']}, "
+                          f"{pf['fallback_drop']:.6f} in {pf['fallback']}: "
+                          + (f"{pf['fallback']} pinned in the artifact" if pf["pinned"] else "not pinned")
+                          + (f"; {pin['note']}" if pf["pinned"] and (pin := (
+                              manifest.get("inference_precision") or {}).get("pinned") or {}).get("note") else "")))]
+          if (pf := manifest.get("precision_fallback")) else []),
         *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4])}")]
           if (ac := manifest.get("accuracy_control")) else []),
         *[("quantized", f"nothing was quantized: {r['stats']['nothing_quantized']}")

@@ -133,6 +133,20 @@ class Target(abc.ABC):
         workdir.mkdir(parents=True, exist_ok=True)
         return self.runner(self.lower(model, workdir))
 
+    def device_reference_runner(self, model: ir.Model, workdir: Path) -> Runner | None:
+        """The uncompressed model in the device's default float precision where that differs
+        from the baseline's (bf16 on some CPUs); ``None`` where it is the same."""
+        return None
+
+    def precision_fallback(self) -> str | None:
+        """A float precision to pin in the artifact when the one it is evaluated in breaks the
+        accuracy budget (``None``: nothing to try)."""
+        return None
+
+    def pin_precision(self, precision: str | None) -> None:
+        """Pin ``precision`` (from :meth:`precision_fallback`) in artifacts lowered from now on; ``None`` unpins."""
+        raise NotImplementedError(f"target {self.name!r} has no float precision to pin")
+
     def report(self, runner: Runner) -> dict[str, Any]:
         """Extra manifest entries about how the artifact really ran (e.g. int8 layers)."""
         return {}

@@ -45,6 +45,11 @@ from compressor.targets.base import (
     cpu_has_vnni,
     narrow_weights,
 )
+from compressor.targets.openvino_precision import (
+    device_precision,
+    pin_in_rt_info,
+    pin_report,
+)
 
 from compressor.errors import DataError, UsageError
 from compressor.quant.spec import OpQuant, QuantSpec
@@ -277,9 +282,12 @@ class OpenVinoTarget(Target):
     """OpenVINO CPU: QDQ ONNX -> OpenVINO IR, int8 Convolution / FullyConnected kernels.
 
     Args:
-        precision: Float precision the artifact runs in (see :func:`cpu_config`): ``f32``
-            (the default), ``bf16``, ``f16``, or ``None`` for the device's default. The
-            baseline (:meth:`reference_runner`) always runs in f32.
+        precision: Float precision the artifact is evaluated in (see :func:`cpu_config`):
+            ``None`` (the default) for the device's default, which is what a model compiled
+            with no config gets, or ``f32``, ``bf16``, ``f16``. The baseline
+            (:meth:`reference_runner`) always runs in f32. Where the device's default
+            breaks the accuracy budget the flow pins f32 (:meth:`pin_precision`,
+            :mod:`compressor.targets.openvino_precision`).
 
     Raises:
         UsageError: the ``openvino`` package is not installed, or an unknown ``precision``.
@@ -288,10 +296,11 @@ class OpenVinoTarget(Target):
     name = "openvino"
     capabilities = OPENVINO_CAPABILITIES
 
-    def __init__(self, precision: str | None = "f32") -> None:
+    def __init__(self, precision: str | None = None) -> None:
         _require_openvino()
         cpu_config(precision)  # refuse an unknown precision now, not at the first compile
         self.precision = precision
+        self.pinned: str | None = None  # f32 written into the artifact (pin_precision)
         self.core = ov.Core()
         #: ``(model, ov.Model)`` of the last :meth:`check`, saved as is when the next
         #: :meth:`reference_runner` gets that same (unchanged) model: the fp32 model is
@@ -325,13 +334,45 @@ class OpenVinoTarget(Target):
                 len(saturating), WEIGHT_QMAX_WITHOUT_VNNI, ", ".join(saturating[:5]))
         renamed = canonical_names(ov_model, onnx_names(model))
         logger.debug("openvino: renumbered %d auto-generated node names", renamed)
+        if self.pinned is not None:
+            pin_in_rt_info(ov_model, self.pinned)
         xml = outdir / "model.xml"
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # fp32 stays fp32; int8 comes from QDQ
         return [xml, xml.with_suffix(".bin")]
 
     def runner(self, files: list[Path]) -> OpenVinoRunner:
         xml = [f for f in files if f.suffix == ".xml"]
-        return OpenVinoRunner(xml[0], core=self.core, precision=self.precision)
+        return OpenVinoRunner(xml[0], core=self.core, precision=self.pinned or self.precision)
+
+    def device_precision(self) -> str:
+        """The float precision the CPU plugin runs a model compiled with no config in, here."""
+        return device_precision(self.core)
+
+    def precision_fallback(self) -> str | None:
+        """``f32`` where the artifact is evaluated in a lower float precision (the device's bf16, say)."""
+        used = self.pinned or self.precision or self.device_precision()
+        return None if used == "f32" else "f32"
+
+    def pin_precision(self, precision: str | None) -> None:
+        """Lower (and run) later artifacts with ``precision`` pinned in them; ``None`` unpins."""
+        cpu_config(precision)
+        self.pinned = precision
+
+    def device_reference_runner(self, model: ir.Model, workdir: Path) -> OpenVinoRunner | None:
+        """The fp32 model in the device's default precision, where that is not f32 (else ``None``)."""
+        if self.device_precision() == "f32":
+            return None
+        workdir.mkdir(parents=True, exist_ok=True)
+        xml = [f for f in self.lower_unpinned(model, workdir) if f.suffix == ".xml"]
+        return OpenVinoRunner(xml[0], core=self.core, precision=None)
+
+    def lower_unpinned(self, model: ir.Model, outdir: Path) -> list[Path]:
+        """:meth:`lower` without the pin (a baseline is the user's model as it is)."""
+        pinned, self.pinned = self.pinned, None
+        try:
+            return self.lower(model, outdir)
+        finally:
+            self.pinned = pinned
 
     def reference_runner(self, model: ir.Model, workdir: Path) -> OpenVinoRunner:
         """The fp32 baseline, in f32 whatever precision the artifact runs in.
@@ -341,7 +382,11 @@ class OpenVinoTarget(Target):
         """
         checked, self._checked = self._checked, None
         ov_model = checked[1] if checked is not None and checked[0] is model else convert(model)
-        xml = [f for f in self._save(model, ov_model, workdir) if f.suffix == ".xml"]
+        pinned, self.pinned = self.pinned, None  # a baseline is the user's model as it is
+        try:
+            xml = [f for f in self._save(model, ov_model, workdir) if f.suffix == ".xml"]
+        finally:
+            self.pinned = pinned
         return OpenVinoRunner(xml[0], core=self.core, precision="f32")
 
     def report(self, runner: OpenVinoRunner) -> dict[str, Any]:
@@ -352,6 +397,8 @@ class OpenVinoTarget(Target):
             "inference_precision": {
                 "requested": runner.precision,  # None: the device's default
                 "used": runner.inference_precision,
+                "device_default": self.device_precision(),
+                "pinned": pin_report(self.pinned),
                 "cpu_bf16": cpu_supports_bf16(self.core),
                 "dynamic_quantization_group_size": runner.dynamic_quantization_group_size,
                 "int8_vnni": cpu_has_vnni(),
@@ -367,5 +414,6 @@ class OpenVinoTarget(Target):
             "int8_vnni": cpu_has_vnni(),
             "cpu_bf16": cpu_supports_bf16(self.core),
             "precision": self.precision,
+            "device_precision": self.device_precision(),
             "config": cpu_config(self.precision),
         }

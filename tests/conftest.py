@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +61,48 @@ def vnni(request: pytest.FixtureRequest, force_vnni: Callable[[bool | None], Non
     """Runs the test twice, the targets forced to each branch; the value is the branch."""
     force_vnni(request.param)
     return request.param
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """``x`` (float32) rounded to the nearest bfloat16 (ties to even), kept as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+@pytest.fixture
+def force_precision(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``force_precision("bf16")``: the openvino target behaves as on a CPU whose default float
+    precision is bf16 (AVX512-BF16, AMX), whatever the CPU; ``"f32"``: as on one whose default is f32.
+
+    The device's default is what :func:`compressor.targets.openvino.device_precision` says. A
+    runner left to the device's default (``precision=None``) runs in f32 and, on the bf16
+    branch, rounds each float output to bf16: bf16's rounding where an AVX2 CPU has no bf16
+    to run. A runner given a precision runs as it asks.
+    """
+    openvino = pytest.importorskip("compressor.targets.openvino")
+    if openvino.ov is None:
+        pytest.skip("the openvino package is not installed")
+    runner = openvino.OpenVinoRunner
+    init, call, used = runner.__init__, runner.__call__, runner.inference_precision
+
+    def force(value: str) -> None:
+        monkeypatch.setattr(openvino, "device_precision", lambda core=None: value)
+
+        def forced_init(self, xml, core=None, config=None, precision="f32"):
+            init(self, xml, core=core, config=config, precision="f32" if precision is None else precision)
+            self.precision = precision
+            self._forced = value if precision is None else None
+
+        def forced_call(self, feeds):
+            outputs = call(self, feeds)
+            if self._forced != "bf16":
+                return outputs
+            return [to_bf16(o) if o.dtype == np.float32 else o for o in outputs]
+
+        monkeypatch.setattr(runner, "__init__", forced_init)
+        monkeypatch.setattr(runner, "__call__", forced_call)
+        monkeypatch.setattr(runner, "inference_precision",
+                            property(lambda self: self._forced or used.fget(self)))
+
+    return force

@@ -6,7 +6,9 @@ Rows:
 * ResNet-50 (the onnx wheel's light_resnet50.onnx, batch 1, 224x224; its weights are
   constants, so speed only): OpenVINO fp32, NNCF int8, compressor int8, with quantize time.
 
-Latencies are medians of interleaved runs in one process.
+Latencies are medians of interleaved runs in one process, in f32 and, where the CPU
+plugin's default float precision is not f32 (bf16 on AVX512-BF16/AMX CPUs), also in that
+default (what a model compiled with no config gets); the header says which the device uses.
 
     python tools/bench_cnn.py [--out bench-out/cnn]
 """
@@ -19,7 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from bench_minilm import time_runners  # tools/ is on sys.path when run as a script
+from bench_minilm import (  # tools/ is on sys.path as a script
+    device_columns,
+    device_header,
+    time_interleaved,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"
@@ -45,18 +51,19 @@ def digits(out: Path) -> list[list[str]]:
                       latency_runs=1)
     quant_s = next(r["seconds"] for r in result.manifest["passes"] if r["name"] == "quantize")
     ev = np.load(ROOT / "examples/digits_eval.npz")
-    runners = {"fp32": OpenVinoRunner(out / "digits_fp32.xml"), "int8": OpenVinoRunner(out / "digits_int8/model.xml")}
-    acc = {k: _top1(r, ev["images"], ev["labels"]) for k, r in runners.items()}
-    ms = time_runners(runners, {"images": ev["images"][:64]}, 200)
-    return [["digits CNN, OpenVINO fp32", f"{ms['fp32']:.3f}", "1.00x", f"{acc['fp32'] * 100:.2f}", "-", "-"],
+    xmls = {"fp32": out / "digits_fp32.xml", "int8": out / "digits_int8/model.xml"}
+    acc = {k: _top1(OpenVinoRunner(x), ev["images"], ev["labels"]) for k, x in xmls.items()}
+    ms = time_interleaved(xmls, {"images": ev["images"][:64]}, 200)
+    return [["digits CNN, OpenVINO fp32", f"{ms['fp32']:.3f}", "1.00x", *device_columns(ms, "fp32", "fp32"),
+             f"{acc['fp32'] * 100:.2f}", "-", "-"],
             ["digits CNN, compressor int8 -> openvino", f"{ms['int8']:.3f}", f"{ms['fp32'] / ms['int8']:.2f}x",
-             f"{acc['int8'] * 100:.2f}", f"{(acc['fp32'] - acc['int8']) * 100:+.2f}", f"{quant_s:.2f}"]]
+             *device_columns(ms, "int8", "fp32"), f"{acc['int8'] * 100:.2f}",
+             f"{(acc['fp32'] - acc['int8']) * 100:+.2f}", f"{quant_s:.2f}"]]
 
 
 def resnet(out: Path) -> list[list[str]]:
     import nncf
     import openvino as ov
-    from compressor.targets.openvino import OpenVinoRunner
 
     from compressor.flow.compress import compress
 
@@ -73,14 +80,14 @@ def resnet(out: Path) -> list[list[str]]:
     result = compress(RESNET, recipe="int8", outdir=out / "resnet_int8", target="openvino",
                       calib=out / "resnet_calib.npz", latency_runs=1)
     quant_s = next(r["seconds"] for r in result.manifest["passes"] if r["name"] == "quantize")
-    runners = {"fp32": OpenVinoRunner(out / "resnet_fp32.xml"), "nncf": OpenVinoRunner(out / "resnet_nncf.xml"),
-               "ours": OpenVinoRunner(out / "resnet_int8/model.xml")}
-    ms = time_runners(runners, {"gpu_0/data_0": calib[0]}, 30)
-    return [["ResNet-50, OpenVINO fp32", f"{ms['fp32']:.1f}", "1.00x", "-", "-", "-"],
-            ["ResNet-50, NNCF int8 -> OpenVINO", f"{ms['nncf']:.1f}", f"{ms['fp32'] / ms['nncf']:.2f}x", "-", "-",
-             f"{nncf_s:.1f}"],
-            ["ResNet-50, compressor int8 -> openvino", f"{ms['ours']:.1f}", f"{ms['fp32'] / ms['ours']:.2f}x", "-", "-",
-             f"{quant_s:.1f}"]]
+    xmls = {"fp32": out / "resnet_fp32.xml", "nncf": out / "resnet_nncf.xml", "ours": out / "resnet_int8/model.xml"}
+    ms = time_interleaved(xmls, {"gpu_0/data_0": calib[0]}, 30)
+    return [["ResNet-50, OpenVINO fp32", f"{ms['fp32']:.1f}", "1.00x", *device_columns(ms, "fp32", "fp32"),
+             "-", "-", "-"],
+            ["ResNet-50, NNCF int8 -> OpenVINO", f"{ms['nncf']:.1f}", f"{ms['fp32'] / ms['nncf']:.2f}x",
+             *device_columns(ms, "nncf", "fp32"), "-", "-", f"{nncf_s:.1f}"],
+            ["ResNet-50, compressor int8 -> openvino", f"{ms['ours']:.1f}", f"{ms['fp32'] / ms['ours']:.2f}x",
+             *device_columns(ms, "ours", "fp32"), "-", "-", f"{quant_s:.1f}"]]
 
 
 def main() -> None:
@@ -89,7 +96,9 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = digits(args.out) + resnet(args.out)
-    header = ["system", "ms", "vs OV fp32", "top-1 %", "top-1 drop (points)", "quantize s"]
+    device_line, device_cols = device_header("ms")
+    header = ["system", "ms", "vs OV fp32", *device_cols, "top-1 %", "top-1 drop (points)", "quantize s"]
+    print(device_line + "\n")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     print("\n".join("| " + " | ".join(r) + " |" for r in rows))
 

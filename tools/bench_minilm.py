@@ -3,7 +3,9 @@
 Everything is measured in one run on this machine. Each system quantizes in its own
 subprocess (so its peak RSS is its own); latencies of all artifacts are then measured
 in one process, interleaved round-robin, and reported as medians and ratios to OpenVINO
-fp32. Fidelity is measured against the fp32 PyTorch model on mean-pooled, L2-normalised
+fp32: in f32 (the float layers pinned to f32) and, where the CPU plugin's default float
+precision is not f32 (bf16 on AVX512-BF16/AMX CPUs), also in that default, which is what a
+model compiled with no config gets; the header says which the device uses. Fidelity is measured against the fp32 PyTorch model on mean-pooled, L2-normalised
 embeddings: cosine mean/min over the eval sentences and top-1 retrieval agreement
 (200 queries against 800 documents: does the nearest document stay the same?; and
 each of the 1000 sentences against the other 999, which has 5x the queries).
@@ -182,10 +184,40 @@ def time_runners(runners: dict, feed: dict[str, np.ndarray], rounds: int = 30) -
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def device_precision() -> str:
+    """The CPU plugin's default float precision here (``f32``, ``bf16``, ``f16``)."""
+    from compressor.targets.openvino_precision import device_precision as query
+
+    return query()
+
+
 def time_interleaved(xmls: dict[str, str], feed: dict[str, np.ndarray], rounds: int = 30) -> dict[str, float]:
+    """Median ms of each ``.xml`` in f32 (its key) and, where the device's default float
+    precision is not f32, compiled with no precision hint too (key ``<key>@<precision>``)."""
     from compressor.targets.openvino import OpenVinoRunner
 
-    return time_runners({k: OpenVinoRunner(Path(v)) for k, v in xmls.items()}, feed, rounds)
+    runners = {k: OpenVinoRunner(Path(v)) for k, v in xmls.items()}
+    if (device := device_precision()) != "f32":
+        runners.update({f"{k}@{device}": OpenVinoRunner(Path(v), precision=None) for k, v in xmls.items()})
+    return time_runners(runners, feed, rounds)
+
+
+def device_columns(ms: dict[str, float], key: str, fp32: str) -> list[str]:
+    """The ms and the ratio to OpenVINO fp32 of ``key`` in the device's default precision, where it is not f32."""
+    device = device_precision()
+    if device == "f32":
+        return []
+    return [f"{ms[f'{key}@{device}']:.1f}", f"{ms[f'{fp32}@{device}'] / ms[f'{key}@{device}']:.2f}x"]
+
+
+def device_header(what: str = "ms/batch") -> tuple[str, list[str]]:
+    """The benchmark's line on the device's default float precision, and the extra column names."""
+    device = device_precision()
+    if device == "f32":
+        return "device default float precision: f32 (the f32 columns are what a plain compile gets)", []
+    line = (f"device default float precision: {device} (a plain compile runs float layers in {device}; the f32 "
+            "columns pin f32)")
+    return line, [f"{what} ({device})", f"vs OV fp32 ({device})"]
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -217,13 +249,15 @@ def main() -> None:
     labels = {"ov_fp32": "OpenVINO fp32", "nncf": "NNCF int8 (TRANSFORMER) -> OpenVINO",
               "compressor": "compressor int8 -> openvino",
               "compressor_ac": f"compressor int8 --max-drop {AC_MAX_DROP} -> openvino"}
-    rows = [[labels[k], f"{ms[k]:.1f}", f"{ms['ov_fp32'] / ms[k]:.2f}x", f"{r['cos_mean']:.4f}", f"{r['cos_min']:.4f}",
+    device_line, device_cols = device_header()
+    rows = [[labels[k], f"{ms[k]:.1f}", f"{ms['ov_fp32'] / ms[k]:.2f}x", *device_columns(ms, k, "ov_fp32"),
+             f"{r['cos_mean']:.4f}", f"{r['cos_min']:.4f}",
              f"{r['top1_agree']:.3f}", f"{r['top1_agree_loo']:.3f}",
              "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}",
              f"{r['peak_rss_mb']:.0f}"] for k, r in results.items()]
     print(f"\nall-MiniLM-L6-v2, batch {BATCH}, seq {SEQ}; calibration {args.calib} sentences, eval {args.eval} others "
-          f"(fidelity vs fp32 PyTorch)\n")
-    print(table(rows, ["system", "ms/batch", "vs OV fp32", "cos mean", "cos min", "top-1 agree",
+          f"(fidelity vs fp32 PyTorch); {device_line}\n")
+    print(table(rows, ["system", "ms/batch", "vs OV fp32", *device_cols, "cos mean", "cos min", "top-1 agree",
                        "top-1 agree (1000 LOO)", "quantize s",
                        "peak RSS MB"]))
     mem = {k: run_row(k, args.out) for k in ("calib100", "calib1000")}

@@ -92,11 +92,15 @@ def conv(quantized: bool, qmax: int = 63) -> ir.Model:
 
 @pytest.fixture(scope="module")
 def target() -> OpenVinoTarget:
-    return OpenVinoTarget()
+    return OpenVinoTarget(precision="f32")
 
 
 def test_registered_and_described(target):
-    assert isinstance(get_target("openvino"), OpenVinoTarget)
+    default = get_target("openvino")
+    assert isinstance(default, OpenVinoTarget)
+    # the artifact is judged as it will run: in the device's default float precision
+    assert default.precision is None and "INFERENCE_PRECISION_HINT" not in default.describe()["config"]
+    assert default.describe()["device_precision"] in PRECISIONS
     info = target.describe()
     assert info["name"] == "openvino" and info["openvino_version"] and info["device_name"]
     assert info["precision"] == "f32" and info["config"]["INFERENCE_PRECISION_HINT"] == "f32"
@@ -256,6 +260,38 @@ def test_device_default_precision_and_an_f32_baseline(tmp_path):
 def test_unknown_precision_is_refused():
     with pytest.raises(UsageError, match=r"unknown precision 'fp8'; valid: f32, bf16, f16"):
         OpenVinoTarget(precision="fp8")
+
+
+@pytest.mark.parametrize(("grid", "int8"), [("u8-per-tensor", True), ("u8-per-channel", False),
+                                            ("u8-per-head", False), ("i16-per-tensor", False)])
+def test_a_finer_activation_grid_runs_the_layer_in_f32(target, tmp_path, grid, int8):
+    """Issue 13 item 3 (docs/design.md): OpenVINO's int8 FullyConnected takes one scale for
+    its input. Per-channel or per-head (groups of channels) input scales, or a 16-bit
+    input grid, leave a fake-quantize in front of an f32 layer (weight-only compute), so a
+    finer grid cannot give the key projections an int8 input."""
+    rng = np.random.default_rng(5)
+    k, n = 64, 32
+    per_channel = {"u8-per-channel": np.linspace(0.01, 0.05, k),
+                   "u8-per-head": np.repeat([0.01, 0.02, 0.03, 0.04], k // 4)}.get(grid)
+    if grid == "i16-per-tensor":
+        scale, zero = np.array(1e-4, np.float32), np.array(0, np.int16)
+    elif per_channel is None:
+        scale, zero = np.array(0.02, np.float32), np.array(128, np.uint8)
+    else:
+        scale, zero = per_channel.astype(np.float32), np.full(k, 128, np.uint8)
+    axis = {} if per_channel is None else {"axis": 1}
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "wq"),
+             numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(scale, "xs"), numpy_helper.from_array(zero, "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], **axis),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], **axis),
+             helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=1),
+             helper.make_node("MatMul", ["xd", "w"], ["y"], name="fc")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])], inits, opset=21)
+    (layer,) = target.runner(target.lower(model, tmp_path)).layer_precisions()
+    assert layer["type"] == "FullyConnected" and layer["int8"] is int8, layer
+    assert (layer["input_precisions"][0] in ("u8", "i8")) is int8, layer
 
 
 def test_weight_only_matmul_is_reported_float(target, tmp_path):
