@@ -1,7 +1,7 @@
 """The ``compress`` command line.
 
     compress MODEL --recipe NAME|PATH [--target onnx|openvino|qnn-htp|tensorrt] [--input NAME=SHAPE ...]
-             [--calib X.npz] [--eval X.npz] [--max-drop D] [-o OUTDIR]
+             [--calib X.npz] [--eval X.npz] [--train X.npz] [--max-drop D] [-o OUTDIR]
     compress recipes
     compress inspect MODEL [--input NAME=SHAPE ...]
     compress sweep MODEL --pass NAME --levels L1,L2,... --eval X.npz [--max-drop D] [-o OUTDIR]
@@ -57,6 +57,8 @@ def _compress_parser() -> argparse.ArgumentParser:
                    help="fix an input's shape, e.g. images=1x1x8x8 (optionally :dtype); repeatable")
     p.add_argument("--calib", type=Path, help=".npz of calibration samples, one array per input")
     p.add_argument("--eval", type=Path, dest="eval_data", help=".npz of evaluation samples (+ optional 'labels')")
+    p.add_argument("--train", type=Path, help=".npz of training samples for a recipe's recover: stage (as --calib; "
+                   "optional 'labels'); without it the stage trains on --calib")
     p.add_argument("--max-drop", type=float, help="accuracy budget: fail (exit 3) when the metric drops more")
     p.add_argument("-o", "--output", type=Path, default=Path("out"), help="artifact folder (default: out/)")
     _add_model_source(p)
@@ -267,6 +269,7 @@ def _cmd_compress(argv: Sequence[str]) -> int:
         with make_executor(args.ray) as executor:
             result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target,
                               inputs=args.input, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
+                              train=args.train,
                               **_model_source(args), dump_passes=args.dump_passes,
                               latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass, executor=executor)
     except CompressorError as err:
