@@ -152,6 +152,8 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
 
     # one-shot: the recipe's passes up to its last sparsity pass, on the dense graph
     passes = recipe.build_passes()
+    if calib is None:  # SparseGPT/Wanda statistics then come from the training samples
+        calib = train.subset(0, min(len(train), recipe.calibration.samples))
     first = next(i for i, p in enumerate(passes) if p.name in PRUNING_PASSES)
     last = max(i for i, p in enumerate(passes) if p.name in PRUNING_PASSES)
     ctx = PassContext(target=target, calibration=calib, seed=recipe.calibration.seed, properties={"captured"},
