@@ -218,8 +218,6 @@ def _bar(desc: str, total: int | None, unit: str = "batch"):
 
 def _nm_check(model) -> dict:
     """Linear weights (float, or int8 behind a DequantizeLinear) that are 2:4 along the reduction axis."""
-    import onnx_ir as ir
-
     from compressor.passes.sparsify_nm import nm_violations
 
     total = ok = 0

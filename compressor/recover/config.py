@@ -32,8 +32,8 @@ class RecoverConfig:
             re-selected by magnitude after every step while the scale is above 0.
         pgf_decay: Fraction of ``steps`` over which the PGF scale decays to 0.
         loss: Output loss against the teacher (the dense original): ``kl`` (logits, with
-            ``temperature``), ``mse``, ``cosine``; ``auto``: ``kl`` for a 2-D output, else
-            ``cosine`` per position (padding excluded).
+            ``temperature``), ``mse``, ``cosine``; ``auto``: ``kl`` plus ``mse`` for a 2-D
+            output (logits), else ``cosine`` per position (padding excluded).
         temperature: KL temperature.
         hidden_weight: Weight of the hidden-state MSE where the module exposes hidden states
             (Hugging Face ``output_hidden_states``); 0 turns it off.

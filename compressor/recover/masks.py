@@ -25,7 +25,6 @@ import ast
 import dataclasses
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -110,7 +109,8 @@ def map_pruned_weights(before: ir.Model, after: ir.Model, params: Mapping[str, n
         g_rows, g_new = old[name].to_rows(w_before), layer.to_rows(w_after)
         hints = _source_names(old[name].weight)
         named = [p for p in params if any(h == p or h.endswith("." + p) or p.endswith("." + h) for h in hints)]
-        others = [p for p in params if p not in named and params[p].ndim >= 2 and _rows(params[p]).shape == g_rows.shape]
+        others = [p for p in params
+                  if p not in named and params[p].ndim >= 2 and _rows(params[p]).shape == g_rows.shape]
         hit = None
         for pname in named + others:
             p = params[pname]

@@ -14,9 +14,8 @@ Both student and teacher are loaded from the file (two independent copies) and r
 eval mode: dropout off, BatchNorm on its running statistics (the statistics the deployed
 model uses); gradients flow all the same.
 
-An ``.onnx`` file is not trainable here: with ``onnx2torch`` installed the graph is
-converted and the conversion is used only when it reproduces ONNX Runtime's outputs
-within float tolerance; otherwise (or without ``onnx2torch``) exit 2 names what to pass.
+An ``.onnx`` file is not trainable here (exit 2 naming what to pass instead; why not
+``onnx2torch``: ``docs/design.md``, "Recovery stage").
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ class Trainable:
 
     Attributes:
         module: The ``torch.nn.Module`` (eval mode).
-        kind: ``hf``, ``pt2``, ``torchscript``, ``pickle``, ``state_dict`` or ``onnx2torch``.
+        kind: ``hf``, ``pt2``, ``torchscript``, ``pickle`` or ``state_dict``.
         program: The ``ExportedProgram`` of a ``.pt2`` (its state_dict takes the recovered weights).
         keyword: Call with keyword arguments (else positionally, in the graph's input order).
     """
@@ -78,16 +77,12 @@ def _kind(path: Path) -> str:
 
 
 def load_trainable(path: Path, *, trust_pickle: bool = False, imports: tuple[str, ...] = (),
-                   model_class: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
-                   check_feed: Mapping[str, np.ndarray] | None = None) -> Trainable:
+                   model_class: str | None = None, model_kwargs: Mapping[str, Any] | None = None) -> Trainable:
     """Load the module of ``path`` for training (see the module docstring).
 
-    Args:
-        check_feed: For an ``.onnx`` input, samples to verify an ``onnx2torch`` conversion on.
-
     Raises:
-        UsageError: an ONNX file that cannot be made trainable exactly, or a module without
-            trainable parameters (exit 2, naming what to pass instead).
+        UsageError: an ONNX file, or a module without trainable parameters (exit 2, naming
+            what to pass instead).
         CaptureError: the file cannot be loaded.
     """
     import torch
@@ -96,7 +91,7 @@ def load_trainable(path: Path, *, trust_pickle: bool = False, imports: tuple[str
 
     kind = _kind(path)
     if kind == "onnx":
-        return _from_onnx(path, check_feed)
+        raise UsageError(f"recover: {path.name} is an ONNX graph, which cannot be fine-tuned here; {PASS_INSTEAD}")
     if kind == "hf":
         import transformers
 
@@ -124,37 +119,6 @@ def load_trainable(path: Path, *, trust_pickle: bool = False, imports: tuple[str
     for p in params:
         p.requires_grad_(True)
     return trainable
-
-
-def _from_onnx(path: Path, check_feed: Mapping[str, np.ndarray] | None) -> Trainable:
-    """An ONNX graph as a torch module through ``onnx2torch``, only where the conversion is exact."""
-    try:
-        import onnx2torch  # optional, never a dependency
-    except ImportError:
-        raise UsageError(f"recover: {path.name} is an ONNX graph, which cannot be fine-tuned here (converting it needs "
-                         f"the optional package onnx2torch: pip install onnx2torch); {PASS_INSTEAD}") from None
-    import onnx
-    import onnxruntime as ort
-    import torch
-
-    try:
-        module = onnx2torch.convert(onnx.load(str(path))).eval()
-    except Exception as err:
-        raise UsageError(f"recover: onnx2torch cannot convert {path.name} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); {PASS_INSTEAD}") from None
-    if check_feed:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-        feed = {n: np.asarray(check_feed[n]) for n in names if n in check_feed}
-        want = session.run(None, feed)[0]
-        with torch.no_grad():
-            got = module(*(torch.from_numpy(feed[n]) for n in names)).numpy()
-        tol = 1e-4 * max(1.0, float(np.abs(want).max()))
-        if got.shape != want.shape or float(np.abs(got - want).max()) > tol:
-            raise UsageError(f"recover: the onnx2torch conversion of {path.name} does not reproduce ONNX Runtime's "
-                             f"outputs (max difference {float(np.abs(got - want).max()):.3g} > {tol:.3g}); "
-                             f"{PASS_INSTEAD}")
-    return Trainable(module, "onnx2torch")
 
 
 def recapture(trainable: Trainable, path: Path, work: Path, capture: Callable[[Path], Captured],

@@ -10,7 +10,7 @@ student ◄─ one-shot weights and masks ─► fine-tune (train.py: distill.py
 ```
 
 :func:`check_recover_inputs` refuses, before any capture, what cannot work (a recipe
-without a sparsity pass, an ONNX input without a converter, no data); :func:`recover_stage`
+without a sparsity pass, an ONNX input, no data); :func:`recover_stage`
 is what the compress flow calls; :func:`recover` is the stage itself. Design notes:
 ``docs/design.md``, "Recovery stage".
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import logging
 import tempfile
 import time
@@ -69,21 +68,21 @@ def check_recover_inputs(recipe: Any, model_path: Path, train: RawData | None, c
     steps = [s.name for s in recipe.passes]
     bad = [s for s in steps if s in _SHAPE_CHANGING]
     if bad:
-        raise RecipeError(f"{recipe.source}: recover: {bad[0]} removes channels (shapes change), so its masks cannot be "
-                          f"held on the module; use {' or '.join(PRUNING_PASSES)} with recover, or drop 'recover:'")
+        raise RecipeError(f"{recipe.source}: recover: {bad[0]} removes channels (shapes change), so its masks "
+                          f"cannot be held on the module; use {' or '.join(PRUNING_PASSES)} with recover, or drop 'recover:'")
     if not any(s in PRUNING_PASSES for s in steps):
         raise RecipeError(f"{recipe.source}: recover: the recipe has no sparsity pass ({', '.join(PRUNING_PASSES)}) "
                           "whose masks the fine-tuning holds; add one, or drop 'recover:'")
-    if model_path.suffix.lower() == ".onnx" and importlib.util.find_spec("onnx2torch") is None:
+    if model_path.suffix.lower() == ".onnx":
         from compressor.recover.module import PASS_INSTEAD
 
-        raise UsageError(f"recover: {model_path.name} is an ONNX graph, which cannot be fine-tuned here (converting it "
-                         f"needs the optional package onnx2torch: pip install onnx2torch); {PASS_INSTEAD}")
+        raise UsageError(f"recover: {model_path.name} is an ONNX graph, which cannot be fine-tuned here; "
+                         f"{PASS_INSTEAD}")
     if train is not None:
         return train
     if calib is None:
-        raise UsageError(f"recipe {recipe.name!r} fine-tunes the model (recover:) and needs samples: pass --train X.npz "
-                         "(unlabeled samples like the model sees in use, keyed by input name, as for --calib), or at "
+        raise UsageError(f"recipe {recipe.name!r} fine-tunes the model (recover:) and needs samples: pass "
+                         "--train X.npz (unlabeled samples like the model sees in use, keyed by input name, as for --calib), or at "
                          "least --calib X.npz")
     logger.warning("recover: no --train data: fine-tuning on the --calib samples (%s); pass --train with other, and "
                    "more, samples for a better recovery", calib.source)
@@ -144,9 +143,8 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
     specs = model_input_specs(dense.model)
     train = train_raw.validate(specs)
     load = dict(load or {})
-    check = {k: v[:2] for k, v in train.arrays.items()}
-    student = load_trainable(model_path, check_feed=check, **load)
-    teacher = load_trainable(model_path, check_feed=check, **load)
+    student = load_trainable(model_path, **load)
+    teacher = load_trainable(model_path, **load)
     for p in teacher.module.parameters():
         p.requires_grad_(False)
 
