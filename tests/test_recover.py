@@ -125,6 +125,52 @@ def test_distill_loss_is_zero_for_identical_outputs_and_ignores_padding():
                               label_weight=0.0)) == pytest.approx(0.0, abs=1e-6)
 
 
+def _loop(schedule: str, patience: int = 0, steps: int = 30, seed: int = 0):
+    """``fine_tune`` on an in-memory 16-8-4 MLP whose first layer is 2:4 masked (no capture: fast)."""
+    from compressor.data import Dataset
+    from compressor.inputs import InputSpec
+    from compressor.recover.config import RecoverConfig
+    from compressor.recover.train import fine_tune
+
+    torch.manual_seed(1)
+    teacher = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).eval()
+    student = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).eval()
+    student.load_state_dict(teacher.state_dict())
+    weight = student[0].weight
+    mask = nm_mask(weight, N, M)
+    masks = MaskedParams([MaskedParam("0.weight", weight, mask, weight.detach().clone(), ("nm", N, M))], steps,
+                         schedule, 0.5)
+    x = np.random.default_rng(2).standard_normal((96, 16)).astype(np.float32)
+    data = Dataset({"x": x}, [InputSpec("x", ("N", 16), "float32")], {"x": False}, None, "mem", "")
+    cfg = RecoverConfig(steps=steps, lr=1e-2, batch=16, seed=seed, schedule=schedule, eval_every=5,
+                        patience=patience)
+    holes = []
+    result = fine_tune(lambda f: student(f["x"]), lambda f: teacher(f["x"]), list(student.parameters()), masks,
+                       data.subset(0, 80), data.subset(80, 96), cfg, "cosine",
+                       on_step=lambda step, ms: holes.append(ms.check()))
+    return result, student, holes
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "pgf"])
+def test_loop_holds_nm_after_every_step_and_is_deterministic(schedule):
+    first, student, holes = _loop(schedule)
+    assert len(holes) == first.steps == 30 and all(h == [] for h in holes)
+    assert first.evaluations[-1][1] < first.evaluations[0][1]  # the held-out drop falls
+    again, student_again, _ = _loop(schedule)
+    assert first.losses == again.losses
+    for a, b in zip(student.parameters(), student_again.parameters()):
+        assert torch.equal(a, b)
+    other, _, _ = _loop(schedule, seed=1)
+    assert other.losses != first.losses
+
+
+def test_early_stop_keeps_the_best_weights():
+    result, _, _ = _loop("fixed", patience=1, steps=400)
+    assert result.stopped_early and result.steps < 400
+    best = min(result.evaluations, key=lambda e: e[1])
+    assert result.best_step == best[0]
+
+
 # -- end to end on a small real model --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
