@@ -196,6 +196,9 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         raise RecipeError(f"{source}: unknown key {unknown[0]!r}{hint}; valid keys: {', '.join(RECIPE_KEYS)}")
     if "passes" not in data:
         raise RecipeError(f"{source}: missing key 'passes'")
+    if not isinstance(data.get("recover", {}), (Mapping, bool, type(None))):
+        raise RecipeError(f"{source}: key 'recover' must be a mapping of options (e.g. {{steps: 200}}) or true, "
+                          f"got {data['recover']!r}")
     recipe = Recipe(
         name=str(data.get("name") or Path(source).stem),
         description=str(data.get("description") or ""),

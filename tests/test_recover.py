@@ -295,6 +295,18 @@ def test_recipe_without_sparsity_pass_and_unknown_key(tmp_path, digits, capsys):
         in error_line(err)
 
 
+def test_recover_section_that_is_not_a_mapping_is_a_recipe_error(tmp_path):
+    from compressor.errors import RecipeError
+    from compressor.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("passes: [sparsify-nm]\nrecover: 200\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert err.value.exit_code == 2
+    assert str(err.value) == f"{path}: key 'recover' must be a mapping of options (e.g. {{steps: 200}}) or true, got 200"
+
+
 def test_builtin_recipe_loads():
     from compressor.recipe import load_recipe
 
