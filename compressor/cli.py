@@ -1,7 +1,7 @@
 """The ``compress`` command line.
 
     compress MODEL --recipe NAME|PATH [--target onnx|openvino|qnn-htp|tensorrt] [--input NAME=SHAPE ...]
-             [--calib X.npz] [--eval X.npz] [--max-drop D] [-o OUTDIR]
+             [--calib X.npz] [--eval X.npz] [--train X.npz] [--max-drop D] [-o OUTDIR]
     compress recipes
     compress inspect MODEL [--input NAME=SHAPE ...]
     compress sweep MODEL --pass NAME --levels L1,L2,... --eval X.npz [--max-drop D] [-o OUTDIR]
@@ -63,6 +63,8 @@ def _compress_parser() -> argparse.ArgumentParser:
                    help="fix an input's shape, e.g. images=1x1x8x8 (optionally :dtype); repeatable")
     p.add_argument("--calib", type=Path, help=".npz of calibration samples, one array per input")
     p.add_argument("--eval", type=Path, dest="eval_data", help=".npz of evaluation samples (+ optional 'labels')")
+    p.add_argument("--train", type=Path, help=".npz of training samples for a recipe's recover: stage (as --calib; "
+                   "optional 'labels'); without it the stage trains on --calib")
     p.add_argument("--max-drop", type=float, help="accuracy budget: fail (exit 3) when the metric drops more")
     p.add_argument("-o", "--output", type=Path, default=Path("out"), help="artifact folder (default: out/)")
     _add_model_source(p)
@@ -282,6 +284,7 @@ def _cmd_compress(argv: Sequence[str]) -> int:
         with make_executor(args.ray) as executor:
             result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target,
                               inputs=args.input, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
+                              train=args.train,
                               **_model_source(args), dump_passes=args.dump_passes,
                               latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass, executor=executor)
     except CompressorError as err:
@@ -373,6 +376,10 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", type=Path, default=Path("sweep-out"),
                    help="folder for sweep.csv, sweep.json, sweep.png (default: sweep-out/)")
     p.add_argument("--latency-runs", type=_at_least(0), default=10, help="timed runs per level (0: no latency)")
+    p.add_argument("--recover", nargs="?", const="{}", default=None, metavar="YAML",
+                   help="each level again, fine-tuned by the recovery stage (options as a recipe's recover:, e.g. "
+                        "'{steps: 100}'); both curves on the plot")
+    p.add_argument("--train", type=Path, help=".npz of training samples for --recover (default: --calib)")
     _add_model_source(p)
     _add_ray(p, "each level is a Ray task")
     _add_verbosity(p)
@@ -382,12 +389,17 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     from compressor.flow.sweep import format_table, sweep
 
     options = _yaml_mapping("--options", args.options, "{mask: wanda}") if args.options else {}
+    recover = None
+    if args.recover is not None:
+        from compressor.recover.sweep_levels import recover_config
+
+        recover = recover_config(_yaml_mapping("--recover", args.recover, "{steps: 100}"))
     with make_executor(args.ray) as executor:
         result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
                        outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
                        options=options, inputs=args.input, metric=args.metric, **_model_source(args),
-                       latency_runs=args.latency_runs, progress=_bar, executor=executor,
-                       on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
+                       latency_runs=args.latency_runs, progress=_bar, executor=executor, recover=recover,
+                       train=args.train, on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
     print(format_table(result))
     print()
     if result.max_drop is not None:
@@ -397,11 +409,16 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
                   f"drop {result.knee.drop:.4f})")
         else:
             print(f"knee: none; no level is within max drop {result.max_drop:g}")
+        if result.recovered:
+            knee = result.recovered_knee
+            print(f"knee recovered: {knee.level} (sparsity {knee.sparsity:.3f}, {result.metric} {knee.metric:.4f}, "
+                  f"drop {knee.drop:.4f})" if knee is not None else "knee recovered: none within max drop")
     files = ", ".join(str(path) for path in result.files.values())
     print(f"written: {files}")
     if "png" not in result.files:
         print("no plot: matplotlib is not installed (pip install matplotlib); the curve is in sweep.csv")
-    return EXIT_GATE_FAILED if result.max_drop is not None and result.knee is None else EXIT_OK
+    gate_failed = result.knee is None and (not result.recovered or result.recovered_knee is None)
+    return EXIT_GATE_FAILED if result.max_drop is not None and gate_failed else EXIT_OK
 
 
 def _cmd_search(argv: Sequence[str]) -> int:

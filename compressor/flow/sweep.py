@@ -115,9 +115,13 @@ class SweepResult:
     levels: list[SweepLevel]
     knee: SweepLevel | None
     files: dict[str, Path]
+    recovered: list[SweepLevel] = dataclasses.field(default_factory=list)  # --recover: the same levels, recovered
+    recovered_knee: SweepLevel | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        extra = {"recovered_knee": None if self.recovered_knee is None else self.recovered_knee.level,
+                 "recovered": [lv.to_json() for lv in self.recovered]} if self.recovered else {}
+        return {**extra,
             "tool": TOOL, "model": self.model, "pass": self.pass_name, "target": self.target, "metric": self.metric,
             "baseline": self.baseline, "baseline_latency_ms": self.baseline_latency_ms, "max_drop": self.max_drop,
             "knee": None if self.knee is None else self.knee.level,
@@ -162,6 +166,11 @@ def _sparsity_of(pass_name: str, options: Mapping[str, Any], stats: Mapping[str,
 
 def _value(ev: Evaluation) -> float:
     return ev.compressed["top1"] if ev.metric == "top1" else ev.compressed["cosine_mean"]
+
+
+def _knee(levels: Sequence[SweepLevel]) -> SweepLevel | None:
+    passing = [lv for lv in levels if lv.within_budget]
+    return max(passing, key=lambda lv: (lv.sparsity, -lv.drop)) if passing else None
 
 
 def _run_level(item: tuple[int, str, dict[str, Any]], shared: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,6 +227,8 @@ def sweep(
     on_level: Callable[[int, str], None] | None = None,
     progress: Progress | None = None,
     executor: Executor | None = None,
+    recover: Any = None,
+    train: str | Path | None = None,
 ) -> SweepResult:
     """Run ``pass_name`` at each of ``levels`` and measure each (see the module docstring).
 
@@ -229,6 +240,8 @@ def sweep(
         on_level: Called with ``(index, level)`` as each level is handed to the executor.
         progress: Factory of progress bars ``(desc, total)``; one bar counts the levels.
         executor: Where the levels run (default: in this process, one after the other).
+        recover: A :class:`~compressor.recover.config.RecoverConfig`: each level again, recovered
+            (:mod:`compressor.recover.sweep_levels`), trained on ``train`` (else ``calib``).
 
     Raises:
         UsageError: bad levels or options; CompressorError: as :func:`compressor.flow.compress.compress`.
@@ -263,9 +276,14 @@ def sweep(
     if raw_calib is None and any(getattr(p, "needs_calibration", False) for p in steps):
         raise UsageError(f"sweep: {pass_name} with options {extra} needs calibration data: pass --calib samples.npz")
 
-    model = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides,
-                    example_inputs=example_inputs(raw_calib, raw_eval), imports=imports, model_class=model_class,
-                    model_kwargs=model_kwargs).model
+    raw_train = read_npz(train, what="train") if train else None
+    if recover is not None and raw_train is None and raw_calib is None:
+        raise UsageError("sweep --recover fine-tunes each level and needs samples: pass --train X.npz (or at least "
+                         "--calib X.npz)")
+    captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides,
+                       example_inputs=example_inputs(raw_calib, raw_eval), imports=imports, model_class=model_class,
+                       model_kwargs=model_kwargs)
+    model = captured.model
     check_tensor_io(model)
     specs = model_input_specs(model)
     eval_set = raw_eval.validate(specs)
@@ -314,9 +332,16 @@ def sweep(
             results.append(SweepLevel(text, opts, _sparsity_of(pass_name, opts, stats), _value(ev), ev.drop, within,
                                       stats, latency, ev))
             logger.info("level %s: %s %.4f (drop %.4f)", text, ev.metric, _value(ev), ev.drop)
-    passing = [lv for lv in results if lv.within_budget]
-    knee = max(passing, key=lambda lv: (lv.sparsity, -lv.drop)) if passing else None
+        recovered = []
+        if recover is not None:
+            from compressor.recover.sweep_levels import recovered_levels
+
+            recovered = recovered_levels(Path(model_path), captured, pass_name, items, recover, raw_train or raw_calib,
+                                         calib_set, eval_set, ref, metric, tgt, max_drop, progress=progress,
+                                         load={"trust_pickle": trust_pickle, "imports": tuple(imports),
+                                               "model_class": model_class, "model_kwargs": model_kwargs},
+                                         overrides=overrides, example_inputs=example_inputs(raw_calib, raw_eval))
     outcome = SweepResult(str(model_path), pass_name, tgt.name, base_ev.metric, base_value, base_latency, max_drop,
-                          results, knee, {})
+                          results, _knee(results), {}, recovered, _knee(recovered))
     outcome.files = _write(outcome, outdir)
     return outcome

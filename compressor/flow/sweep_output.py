@@ -10,6 +10,7 @@ written under a temporary name and renamed into place.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -85,7 +86,7 @@ def write_sweep_files(result: SweepResult, outdir: Path) -> dict[str, Path]:
             writer.writerow(["dense", 0.0, result.baseline, 0.0, True if result.max_drop is not None else "",
                              result.baseline_latency_ms if result.baseline_latency_ms is not None else "",
                              _first_stat(result, "mflops_before"), _first_stat(result, "weight_mb_zlib_before")])
-            for lv in result.levels:
+            for lv in [*result.levels, *_renamed(result.recovered)]:
                 writer.writerow([lv.level, lv.sparsity, lv.metric, lv.drop,
                                  "" if lv.within_budget is None else lv.within_budget,
                                  "" if lv.latency_ms is None else lv.latency_ms, lv.stats.get("mflops", ""),
@@ -107,6 +108,11 @@ def write_sweep_files(result: SweepResult, outdir: Path) -> dict[str, Path]:
     return files
 
 
+def _renamed(levels: list) -> list:
+    """Recovered levels as rows: ``2:4 recovered``."""
+    return [dataclasses.replace(lv, level=f"{lv.level} recovered") for lv in levels]
+
+
 def _first_stat(result: SweepResult, key: str) -> Any:
     return next((lv.stats[key] for lv in result.levels if key in lv.stats), "")
 
@@ -125,9 +131,18 @@ def _plot(result: SweepResult, path: Path) -> Path | None:
     ys = [result.baseline] + [lv.metric for lv in result.levels]
     order = sorted(range(len(xs)), key=lambda i: xs[i])
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", label=result.pass_name)
+    ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o",
+            label=f"{result.pass_name}, one-shot" if result.recovered else result.pass_name)
     for x, y, text in zip(xs[1:], ys[1:], (lv.level for lv in result.levels)):
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if result.recovered:
+        rx = [0.0] + [lv.sparsity for lv in result.recovered]
+        ry = [result.baseline] + [lv.metric for lv in result.recovered]
+        order = sorted(range(len(rx)), key=lambda i: rx[i])
+        ax.plot([rx[i] for i in order], [ry[i] for i in order], marker="s", label=f"{result.pass_name}, recovered")
+        if result.recovered_knee is not None:
+            ax.axvline(result.recovered_knee.sparsity, color="tab:orange", linestyle=":", linewidth=1.5,
+                       label=f"knee recovered: {result.recovered_knee.level}")
     if result.max_drop is not None:
         ax.axhline(result.baseline - result.max_drop, color="grey", linestyle="--", linewidth=1,
                    label=f"baseline - max_drop ({result.max_drop:g})")
@@ -163,7 +178,7 @@ def format_table(result: SweepResult) -> str:
         rows[0].append(f"{result.baseline_latency_ms:.3f}")
     if result.max_drop is not None:
         rows[0].append("")
-    for lv in result.levels:
+    for lv in [*result.levels, *_renamed(result.recovered)]:
         row = [lv.level, f"{lv.sparsity:.3f}", f"{lv.metric:.4f}", f"{lv.drop:.4f}", _fmt(lv.stats.get("weight_mb_zlib"))]
         if channels:
             row.insert(4, _fmt(lv.stats.get("mflops")))

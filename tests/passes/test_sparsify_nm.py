@@ -264,3 +264,27 @@ def test_int8_nm_artifact_keeps_the_pattern(int8_nm_artifact):
     assert quantized >= 3
     assert checked == sparse["layers_sparsified"]
     assert manifest["metrics"]["compressed"]["top1"] > 0.8
+
+
+@pytest.mark.parametrize("mask", ["sparsegpt", "wanda", "magnitude", "keep"])
+def test_already_nm_weight_is_left_exactly_as_it_is(mask):
+    """A recovered (fine-tuned, already 2:4) weight must not be re-pruned or OBS-updated."""
+    cin, cout = 16, 8
+    model = _layer_model("MatMul", cin, cout, seed=5)
+    data = _outlier_data(model, cin)
+    first = _run(model, calibration=data, mask="sparsegpt", bias_correction=True).model
+    sparse = _weight(first).copy()
+    again = _run(first, calibration=data, mask=mask, bias_correction=True)
+    assert not again.modified
+    assert again.stats["already_sparse"] == 1
+    np.testing.assert_array_equal(_weight(again.model), sparse)
+
+
+def test_keep_prunes_a_dense_weight_by_magnitude():
+    model = _layer_model("MatMul", 16, 8, seed=6)
+    dense = _weight(model).copy()
+    result = _run(model, mask="keep")
+    assert result.modified
+    assert _group_nonzeros("MatMul", _weight(result.model), 4).max() <= 2
+    keep = _weight(result.model) != 0
+    assert np.abs(dense[keep]).sum() >= np.abs(dense[~keep]).sum()

@@ -1,0 +1,78 @@
+"""The ``recover:`` section of a recipe: sparse fine-tuning with distillation.
+
+```yaml
+recover: {steps: 300, lr: 1.0e-4, batch: 16, seed: 0, schedule: pgf, pgf_decay: 0.25,
+          loss: auto, hidden_weight: 1.0, patience: 3}
+```
+
+Plain, frozen data validated by :func:`compressor.options.parse_options` (an unknown key
+lists the valid ones). Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+__all__ = ["RecoverConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverConfig:
+    """``recover:`` section.
+
+    Attributes:
+        steps: Optimizer steps at most (early stopping may end sooner).
+        lr: AdamW learning rate.
+        batch: Samples per step.
+        seed: Seed of the data order and of torch; same seed, same artifact.
+        schedule: ``fixed``: the masks from the one-shot passes are held, pruned weights get
+            no gradient. ``pgf`` (progressive gradient flow): pruned weights get the gradient
+            scaled by ``1 - t / (pgf_decay * steps)`` (0 after that), and the N:M mask is
+            re-selected by magnitude after every step while the scale is above 0.
+        pgf_decay: Fraction of ``steps`` over which the PGF scale decays to 0.
+        loss: Output loss against the teacher (the dense original): ``kl`` (logits, with
+            ``temperature``), ``mse``, ``cosine``; ``auto``: ``kl`` plus ``mse`` for a 2-D
+            output (logits), else ``cosine`` per position (padding excluded).
+        temperature: KL temperature.
+        hidden_weight: Weight of the hidden-state MSE where the module exposes hidden states
+            (Hugging Face ``output_hidden_states``); 0 turns it off.
+        label_weight: Weight of the cross-entropy on ``labels`` when the training data has them.
+        eval_every: Steps between evaluations on the held-out part of the training data.
+        holdout: Fraction of the training samples held out for early stopping.
+        patience: Evaluations without improvement of the metric before stopping (0: never stop
+            early); the best weights seen are kept.
+    """
+
+    steps: int = 200
+    lr: float = 1e-4
+    batch: int = 16
+    seed: int = 0
+    schedule: Literal["fixed", "pgf"] = "fixed"
+    pgf_decay: float = 0.25
+    loss: Literal["auto", "kl", "mse", "cosine"] = "auto"
+    temperature: float = 2.0
+    hidden_weight: float = 1.0
+    label_weight: float = 0.5
+    eval_every: int = 25
+    holdout: float = 0.1
+    patience: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"option {key!r} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.lr < 1.0:
+            raise ValueError(f"option 'lr' must be in (0, 1), got {self.lr}")
+        if not 0.0 < self.pgf_decay <= 1.0:
+            raise ValueError(f"option 'pgf_decay' must be in (0, 1], got {self.pgf_decay}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"option 'holdout' must be in [0, 1), got {self.holdout}")
+        for key in ("temperature",):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"option {key!r} must be > 0, got {getattr(self, key)}")
+        for key in ("hidden_weight", "label_weight"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"option {key!r} must be >= 0, got {getattr(self, key)}")
+        if self.patience < 0:
+            raise ValueError(f"option 'patience' must be >= 0, got {self.patience}")

@@ -1,0 +1,239 @@
+"""The recovery stage's entry points: :func:`check_recover_inputs`, :func:`recover_stage`, :func:`recover`.
+
+```
+model file ─► trainable module (student) + the same, frozen (teacher)
+          └─► capture ─► recipe passes up to the last sparsity pass (one-shot: SparseGPT...)
+                              └─► pruned weights mapped back to parameters (masks.py)
+student ◄─ one-shot weights and masks ─► fine-tune (train.py: distill.py loss, schedule.py masks)
+        ─► capture of the recovered module ─► the recipe's passes, the sparsity pass keeping
+           the zeros (sparsify-nm {mask: keep}; prune-magnitude by magnitude finds the zeros)
+```
+
+:func:`check_recover_inputs` refuses, before any capture, what cannot work (a recipe
+without a sparsity pass, an ONNX input, no data); :func:`recover_stage`
+is what the compress flow calls; :func:`recover` is the stage itself. Design notes:
+``docs/design.md``, "Recovery stage".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressor.capture import Captured
+from compressor.data import Dataset, RawData
+from compressor.errors import RecipeError, UsageError
+from compressor.progress import Progress, no_progress
+from compressor.recover.config import RecoverConfig
+
+__all__ = ["Recovery", "recover", "recover_stage", "check_recover_inputs", "PRUNING_PASSES"]
+
+logger = logging.getLogger(__name__)
+
+#: Passes whose masks the stage holds during training.
+PRUNING_PASSES = ("sparsify-nm", "prune-magnitude")
+_SHAPE_CHANGING = ("prune-channels",)
+
+
+@dataclasses.dataclass
+class Recovery:
+    """What the stage hands to the rest of the flow.
+
+    Attributes:
+        captured: The recovered module, captured.
+        recipe: The recipe to run on it: its sparsity passes keep the recovered zeros.
+        record: The manifest's ``recovery`` record.
+    """
+
+    captured: Captured
+    recipe: Any
+    record: dict[str, Any]
+
+
+def check_recover_inputs(recipe: Any, model_path: Path, train: RawData | None, calib: RawData | None) -> RawData:
+    """Refuse, before capture, a recovery that cannot run; return the training data.
+
+    Raises:
+        RecipeError: no sparsity pass to hold, or one that changes shapes.
+        UsageError: no training or calibration data.
+    """
+    steps = [s.name for s in recipe.passes]
+    bad = [s for s in steps if s in _SHAPE_CHANGING]
+    if bad:
+        raise RecipeError(f"{recipe.source}: recover: {bad[0]} removes channels (shapes change), so its masks "
+                          f"cannot be held on the module; use {' or '.join(PRUNING_PASSES)} with recover, or drop 'recover:'")
+    if not any(s in PRUNING_PASSES for s in steps):
+        raise RecipeError(f"{recipe.source}: recover: the recipe has no sparsity pass ({', '.join(PRUNING_PASSES)}) "
+                          "whose masks the fine-tuning holds; add one, or drop 'recover:'")
+    if model_path.suffix.lower() == ".onnx":
+        from compressor.recover.module import PASS_INSTEAD
+
+        raise UsageError(f"recover: {model_path.name} is an ONNX graph, which cannot be fine-tuned here; "
+                         f"{PASS_INSTEAD}")
+    if train is not None:
+        return train
+    if calib is None:
+        raise UsageError(f"recipe {recipe.name!r} fine-tunes the model (recover:) and needs samples: pass "
+                         "--train X.npz (unlabeled samples like the model sees in use, keyed by input name, as for --calib), or at "
+                         "least --calib X.npz")
+    logger.warning("recover: no --train data: fine-tuning on the --calib samples (%s); pass --train with other, and "
+                   "more, samples for a better recovery", calib.source)
+    return calib
+
+
+def _sha256(raw: RawData) -> str:
+    return raw.sha256 or hashlib.sha256(b"".join(a.tobytes() for a in raw.arrays.values())).hexdigest()
+
+
+def _post_recipe(recipe: Any) -> Any:
+    """The recipe run on the recovered module: sparsity passes keep the zeros training left."""
+    steps = []
+    for step in recipe.passes:
+        options = dict(step.options)
+        if step.name == "sparsify-nm":
+            options["mask"] = "keep"
+        elif step.name == "prune-magnitude":
+            options["method"] = "magnitude"  # the zeros are the smallest |w|: the same mask
+        steps.append(dataclasses.replace(step, options=options))
+    return dataclasses.replace(recipe, passes=tuple(steps))
+
+
+def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, calib: Dataset | None,
+            capture: Callable[[Path], Captured], *, target: Any = None, overrides: Any = None,
+            example_inputs: Mapping[str, np.ndarray] | None = None, load: Mapping[str, Any] | None = None,
+            work: Path, progress: Progress = no_progress,
+            on_step: Callable[[int, Any], None] | None = None) -> Recovery:
+    """Run the recovery stage; see the module docstring.
+
+    Args:
+        model_path: The model file (or Hugging Face folder).
+        recipe: The recipe (with a ``recover:`` section).
+        dense: The dense original, captured (its graph gives the one-shot masks).
+        train_raw: Training samples (see :func:`check_recover_inputs`).
+        calib: Calibration samples for the one-shot passes (SparseGPT, Wanda).
+        capture: Captures a file with the run's options (used for the recovered module).
+        target: The target (its capabilities for the passes).
+        overrides: Parsed ``--input`` flags.
+        example_inputs: The data's first samples (input shapes for modules).
+        load: ``trust_pickle``, ``imports``, ``model_class``, ``model_kwargs``.
+        work: A scratch folder.
+        progress: Progress-bar factory.
+        on_step: Called after every optimizer step with ``(step, masks)``.
+    """
+    import torch
+
+    from compressor.inputs import model_input_specs
+    from compressor.pass_manager import PassManager
+    from compressor.pipeline import PassContext
+    from compressor.recover.masks import map_pruned_weights
+    from compressor.recover.module import load_trainable, recapture
+    from compressor.recover.schedule import MaskedParam, MaskedParams
+    from compressor.recover.train import fine_tune
+
+    cfg: RecoverConfig = recipe.recover
+    started = time.perf_counter()
+    specs = model_input_specs(dense.model)
+    train = train_raw.validate(specs)
+    load = dict(load or {})
+    student = load_trainable(model_path, **load)
+    teacher = load_trainable(model_path, **load)
+    for p in teacher.module.parameters():
+        p.requires_grad_(False)
+
+    # one-shot: the recipe's passes up to its last sparsity pass, on the dense graph
+    passes = recipe.build_passes()
+    if calib is None:  # SparseGPT/Wanda statistics then come from the training samples
+        calib = train.subset(0, min(len(train), recipe.calibration.samples))
+    first = next(i for i, p in enumerate(passes) if p.name in PRUNING_PASSES)
+    last = max(i for i, p in enumerate(passes) if p.name in PRUNING_PASSES)
+    ctx = PassContext(target=target, calibration=calib, seed=recipe.calibration.seed, properties={"captured"},
+                      progress=progress)
+    import onnx_ir as ir
+
+    clone = ir.serde.deserialize_model(ir.serde.serialize_model(dense.model))
+    before = PassManager(passes[:first], verify=False).run(clone, ctx).model
+    before_copy = ir.serde.deserialize_model(ir.serde.serialize_model(before))
+    after = PassManager(passes[first:last + 1], verify=False).run(
+        before, ctx, already_run=[p.name for p in passes[:first]]).model
+
+    named = dict(student.module.named_parameters())
+    arrays = {n: p.detach().float().numpy() for n, p in named.items() if p.dim() >= 2 and p.is_floating_point()}
+    mapped, unmapped = map_pruned_weights(before_copy, after, arrays)
+    for name in unmapped:
+        logger.warning("recover: pruned weight %r matches no parameter of the module; it trains dense and is pruned "
+                       "one-shot after recovery", name)
+    if not mapped:
+        raise UsageError(f"recover: none of the {len(unmapped)} weights the recipe prunes could be traced to a "
+                         f"parameter of {model_path.name}; drop 'recover:' from the recipe")
+    nm = next(((p.options.n, p.options.m) for p in passes[first:last + 1] if p.name == "sparsify-nm"), None)
+    dense_values = {n: p.detach().clone() for n, p in named.items()}
+    held = []
+    for mw in mapped:
+        param = named[mw.param]
+        weight = torch.from_numpy(mw.weight).to(param.dtype)
+        mask = torch.from_numpy(mw.mask).to(param.dtype)
+        # the shadow starts at the one-shot weights where kept, the dense originals where pruned (PGF regrows them)
+        shadow = torch.where(mask.bool(), weight, dense_values[mw.param])
+        pattern = ("nm", *nm) if nm is not None else ("count", int(mask.sum()))
+        held.append(MaskedParam(mw.param, param, mask, shadow, pattern))
+    masks = MaskedParams(held, cfg.steps, cfg.schedule, cfg.pgf_decay)
+    trainable = [p for p in student.module.parameters() if p.requires_grad]
+
+    n_hold = int(round(len(train) * cfg.holdout))
+    holdout = train.subset(len(train) - n_hold, len(train)) if n_hold >= 1 and len(train) - n_hold >= 1 else None
+    fit = train.subset(0, len(train) - n_hold) if holdout is not None else train
+    logger.info("recover: %d masked weights, %d trainable tensors, %d training samples, %d held out; %d steps of %d",
+                len(held), len(trainable), len(fit), 0 if holdout is None else len(holdout), cfg.steps, cfg.batch)
+    result = fine_tune(student, teacher, trainable, masks, fit, holdout, cfg, recipe.accuracy.metric, progress, on_step)
+    broken = masks.check()
+    if broken:  # the schedule guarantees it; a failure here is a bug in this package
+        raise RuntimeError(f"recover: N:M pattern broken after training in {', '.join(broken[:3])}")
+
+    t = time.perf_counter()
+    captured = recapture(student, model_path, work, capture, overrides, example_inputs)
+    captured.notes.append(f"recovered: {len(held)} masked weights fine-tuned for {result.steps} steps "
+                          f"({cfg.schedule} schedule) by distillation from the dense model")
+    record = {
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "schedule": cfg.schedule,
+        "seed": cfg.seed,
+        "loss_curve": result.curve(),
+        "holdout_drop": [[s, round(d, 6)] for s, d in result.evaluations],
+        "masked_weights": len(held),
+        "unmapped_weights": unmapped,
+        "data": {"source": train.source, "sha256": _sha256(train_raw), "samples": len(fit),
+                 "holdout": 0 if holdout is None else len(holdout)},
+        "train_s": round(result.seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+        "recapture_s": round(time.perf_counter() - t, 3),
+    }
+    return Recovery(captured, _post_recipe(recipe), record)
+
+
+def recover_stage(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, calib: Dataset | None, *,
+                  target: Any, overrides: Any, example_inputs: Mapping[str, np.ndarray] | None,
+                  load: Mapping[str, Any], progress: Progress = no_progress) -> Recovery:
+    """:func:`recover` with the recovered module captured as :func:`compressor.capture.capture` would the file.
+
+    ``load`` holds ``trust_pickle``, ``imports``, ``model_class``, ``model_kwargs`` (how the
+    file is loaded); the recovered copy is written to a scratch folder removed afterwards.
+    """
+    from compressor.capture import capture
+
+    def capture_file(path: Path) -> Captured:
+        return capture(path, trust_pickle=bool(load.get("trust_pickle")), input_overrides=overrides,
+                       example_inputs=example_inputs, imports=tuple(load.get("imports", ())))
+
+    with tempfile.TemporaryDirectory(prefix="compressor-recover-") as work:
+        return recover(model_path, recipe, dense, train_raw, calib, capture_file, target=target, overrides=overrides,
+                       example_inputs=example_inputs, load=load, work=Path(work), progress=progress)
