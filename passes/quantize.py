@@ -85,7 +85,6 @@ from compressor.targets.base import Capabilities
 
 from compressor.capture.onnx_import import describe_quantized, quantized_nodes
 from compressor.errors import CompressorError, InvalidModel
-from compressor.flow.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.model_io import model_bytes
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant.math import (
@@ -93,6 +92,13 @@ from compressor.quant.math import (
     quant_params,
     quantize_array,
     weight_quant_params,
+)
+from compressor.quant.revert import (
+    ActivationInput,
+    ConstantInput,
+    QuantizationRecord,
+    QuantizedLayer,
+    widened,
 )
 from compressor.quant.spec import QuantSpec
 from compressor.quant.statistics import collect_statistics
@@ -148,14 +154,9 @@ class QuantizeOptions:
             raise ValueError(f"option 'percentile' must be in (50, 100], got {self.percentile}")
 
 
-_WIDE = {"int8": "int16", "uint8": "uint16"}
-
-
 def activation_spec(spec: QuantSpec, bits: int) -> QuantSpec:
     """The target's 8-bit activation spec widened to ``bits``."""
-    if bits == 16:
-        return dataclasses.replace(spec, dtype=_WIDE.get(spec.dtype, spec.dtype))
-    return spec
+    return widened(spec) if bits == 16 else spec
 
 
 def _bits(spec: QuantSpec) -> int:
@@ -259,8 +260,8 @@ class Quantize(Pass):
             logger.info("quantize: %d attention block(s) found by structure: transformer preset for %s",
                         blocks, ", ".join(preset))
 
-        def layers_to_quantize(exclude: tuple[str, ...] = ()) -> tuple[list[Layer], dict[str, str]]:
-            found, why = find_layers(graph, caps, ops=opts.ops, scope=opts.scope, exclude=exclude,
+        def layers_to_quantize() -> tuple[list[Layer], dict[str, str]]:
+            found, why = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
                                      activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
             if "eltwise" in preset:  # case 6: a transformer's residual adds stay float, a convolution's join not
                 for layer in [la for la in found if is_transformer_residual(la)]:
@@ -268,24 +269,24 @@ class Quantize(Pass):
                     why[layer.name] = "residual join in a model with attention (attention: auto)"
             return found, why
 
-        layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
+        layers, skipped = layers_to_quantize()
         half = _half_precision(layers)
         to_fp32 = 0
         if half:  # Q/DQ and ranges are float32; the model's inputs and outputs keep their dtype
             to_fp32 = widen_to_float32(model)
-            said = ctx.cache.setdefault("quantize.widened_said", [])  # once, not on each accuracy-control re-run
+            said = ctx.cache.setdefault("quantize.widened_said", [])  # once, not on each re-run of the pass
             log = logger.debug if said else logger.warning
             log("quantize: %d layer(s) compute in float16/bfloat16 (e.g. %s: %s); the model is quantized in float32 "
                 "(%d values widened; its inputs and outputs keep their dtype)", len(half), half[0][0], half[0][1],
                 to_fp32)
             said.append(True)
-            layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
+            layers, skipped = layers_to_quantize()
         nonfinite = _nonfinite_weights(layers)
         if nonfinite:
             raise InvalidModel(f"weights hold NaN/inf and cannot be quantized: {'; '.join(nonfinite[:5])}"
                                f"{f' (+{len(nonfinite) - 5} more)' if len(nonfinite) > 5 else ''}; fix the model's "
                                "weights, or keep those layers float with quantize: {scope: {exclude: [NAME]}}")
-        wide = set(ctx.options.get(WIDE_KEY, ()))
+        wide: set[str] = set()
         bits = 16 if opts.activations == "int16" else 8
         derived, used_as_mask = integer_derived(graph), mask_uses(graph)
         tensor_skips: dict[str, str] = {}
@@ -303,7 +304,7 @@ class Quantize(Pass):
             candidates, _ = layers_to_quantize()
             smoothed = smooth_layers(model, candidates, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
                                      cache=smooth_cache)
-            layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
+            layers, skipped = layers_to_quantize()
         float_acts = float_activation_layers(graph, opts.float_activations)
         widened: list[str] = []
         if "float_activations" in preset and caps.fallback == "int16":
@@ -314,7 +315,7 @@ class Quantize(Pass):
         full = [layer for layer in layers if layer.name not in float_acts]
         names = sorted({v.name for layer in full for _, v in layer.activations} - set(tensor_skips))
         # Statistics depend only on the model before Q/DQ and the data: cache them per tensor,
-        # so accuracy control's re-runs calibrate nothing.
+        # so a re-run of the pass on the same model (a search candidate) calibrates nothing.
         cache = ctx.cache.setdefault("quantize.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
         axes = {v.name: axis for layer in full if layer.weight is not None and opts.bias_correction
                 for index, v in layer.activations if index == 0 and (axis := input_channel_axis(layer)) is not None}
@@ -336,6 +337,7 @@ class Quantize(Pass):
 
         writer = _QdqWriter(graph)
         quantized: list[str] = []
+        record: list[QuantizedLayer] = []
         corrected = 0
         weight_only_done: dict[str, str] = {}
         per_channel = opts.weights == "int8-per-channel"
@@ -355,17 +357,26 @@ class Quantize(Pass):
                 skipped[layer.name] = f"activation kept float: {why}"
                 continue
             layer_bits = 16 if layer.name in wide else bits
+            key = layer.node.outputs[0].name
+            edits: list[ActivationInput] = []
+            constants: list[ConstantInput] = []
             for index, value in acts:
                 pair = layer.quant.activation_only if layer.weight is None and layer.quant.weights is not None else None
                 spec = activation_spec(pair or layer.quant.activations, layer_bits)
                 layer.node.replace_input_with(index, writer.activation(value, spec, *ranges[value.name]))
+                edits.append(ActivationInput(key, index, value.name, *map(float, ranges[value.name]), spec))
             if layer.weight is not None:
+                constants.append(ConstantInput(key, list(layer.node.inputs).index(layer.weight), layer.weight.name,
+                                               layer.weight.const_value.numpy().copy()))
                 writer.replace_weight(layer, _weight_spec(layer, per_channel))
                 x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None
                 if opts.bias_correction and x in axes and stats[x].channel_mean is not None:
+                    before = _bias_inputs(layer.node)
                     corrected += correct_bias(graph, layer, writer.errors[id(layer.weight)], stats[x].channel_mean,
                                               writer.names)
+                    constants += _changed_bias(before, _bias_inputs(layer.node))
             quantized.append(layer.name)
+            record.append(QuantizedLayer(layer.name, tuple(edits), tuple(constants)))
         for node in writer.nodes:
             graph.append(node)
         if writer.nodes:
@@ -398,7 +409,28 @@ class Quantize(Pass):
             "skipped_tensors": dict(sorted(tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only_done.items())),
             **({"float16_widened_to_float32": to_fp32} if to_fp32 else {}),
-        })
+        }, quantization=QuantizationRecord(tuple(record)))
+
+
+def _bias_inputs(node: ir.Node) -> dict[tuple[str, int], ir.Value | None]:
+    """The inputs bias correction may replace: the layer's own, and those of the nodes reading its output."""
+    readers = [node, *(use.node for use in node.outputs[0].uses())]
+    return {(n.outputs[0].name, i): v for n in readers for i, v in enumerate(n.inputs)} | \
+        {(n.outputs[0].name, len(n.inputs)): None for n in readers}
+
+
+def _changed_bias(before: dict[tuple[str, int], ir.Value | None],
+                  after: dict[tuple[str, int], ir.Value | None]) -> list[ConstantInput]:
+    """The biases bias correction replaced, as they were (to give the layer back exactly)."""
+    out = []
+    for (node, index), old in before.items():
+        if after.get((node, index)) is old:
+            continue
+        if old is None:  # no bias before: giving back drops the added input
+            out.append(ConstantInput(node, index, "", None))
+        elif old.const_value is not None:
+            out.append(ConstantInput(node, index, old.name, old.const_value.numpy().copy()))
+    return out
 
 
 def _half_precision(layers: list[Layer]) -> list[tuple[str, str]]:

@@ -1,15 +1,22 @@
 """Accuracy control: give back the most sensitive quantized layers until the budget holds.
 
-1. Rank: for each quantized layer ``L``, build the model with only ``L`` given back
-   (reverted to float, or promoted to 16-bit activations on targets with no float path)
-   and measure the output error on a small ranking subset against the baseline (in
-   ONNX Runtime by default, else on the target; see ``AccuracyConfig.ranking_backend``):
+A layer is given back by editing the quantized model (:func:`compressor.quant.revert.give_back`:
+its Q/DQ pairs dropped and its float weight restored, or its activations widened to 16 bits
+on targets with no float path), never by running the passes again.
+
+1. Rank: for each quantized layer ``L``, build the model with only ``L`` given back and
+   measure the output error on the ranking subset against the baseline (in ONNX Runtime by
+   default, else on the target; see ``AccuracyConfig.ranking_backend``):
    ``sensitivity(L) = err(all quantized) − err(all but L)``, ``err = 1 − mean cosine``.
-   The ranking is computed once per run and recorded in the manifest. Each candidate is
-   one task of an executor (:mod:`compressor.executor`: in this process, or on Ray):
-   :func:`candidate_error` rebuilds the candidate from what every task shares (the model
-   before quantization, the passes, the context holding the calibration statistics, the
-   ranking data and the baseline's outputs), sent once.
+   The subset is the ``ranking_samples`` evaluation samples on which the fully quantized
+   model errs most (:func:`worst_samples`; NNCF's ``_select_subset`` picks its ranking
+   subset the same way): where quantization hurts is where giving a layer back shows.
+   The ranking is recorded in the manifest and cached on disk
+   (:mod:`compressor.flow.ranking_cache`). Each candidate is one task of an executor
+   (:mod:`compressor.executor`: in this process, or on Ray): :func:`candidate_error` edits
+   its copy of the quantized model from what every task shares (that model, the record of
+   what ``quantize`` changed, the passes after it, the ranking data and the baseline's
+   outputs), sent once.
 2. Greedy: try giving back layers in decreasing sensitivity, one at a time, re-evaluating
    the metric on the whole eval set after each try, until ``drop <= max_drop`` or the step
    limit is reached. A try that does not lower the drop is undone (the layer stays
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from compressor.data import Dataset
 from compressor.executor import Executor, InProcessExecutor
@@ -35,17 +43,13 @@ from compressor.flow.evaluation import (
     fidelity,
     mask_padding,
 )
+from compressor.quant.revert import give_back
 
-__all__ = ["ControlResult", "rank_layers", "candidate_error", "control_accuracy", "EXCLUDE_KEY", "WIDE_KEY"]
+__all__ = ["ControlResult", "rank_layers", "candidate_error", "control_accuracy", "worst_samples", "build_candidate"]
 
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[Any], list[np.ndarray]]
-
-#: ``PassContext.options`` key: layer names given back to float (read by ``quantize``).
-EXCLUDE_KEY = "quantize.exclude"
-#: ``PassContext.options`` key: layer names whose activations use 16 bits (mixed precision).
-WIDE_KEY = "quantize.wide"
 
 
 @dataclasses.dataclass
@@ -58,10 +62,12 @@ class ControlResult:
     evaluation: Evaluation
     met: bool
     ranking_backend: str = "target"
+    ranking_cached: bool = False
 
     def to_json(self, action: str) -> dict[str, Any]:
         return {"action": action, "layers": self.given_back, "steps": self.steps, "ranking": self.ranking,
-                "ranking_backend": self.ranking_backend, "budget_met": self.met}
+                "ranking_backend": self.ranking_backend, "ranking_cached": self.ranking_cached,
+                "budget_met": self.met}
 
 
 def _no_bar() -> Any:
@@ -74,31 +80,52 @@ def _error(ref: list[np.ndarray], run: RunFn, data: Dataset) -> float:
     return 1.0 - fidelity(mask_padding(ref, data), mask_padding(collect_outputs(run, data), data))["cosine_mean"]
 
 
+def worst_samples(errors: np.ndarray, count: int) -> list[int]:
+    """Indices of the ``count`` largest ``errors`` (ties: the earlier sample), in sample order."""
+    order = sorted(range(len(errors)), key=lambda i: (-float(errors[i]), i))
+    return sorted(order[:count])
+
+
+def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Model:
+    """The quantized model with the ``given`` layers given back, then the passes after ``quantize``.
+
+    Args:
+        given: Layer names given back (empty: the fully quantized model).
+        shared: ``quantized`` (the model ``quantize`` returned, :func:`~compressor.model_io.ir_bytes`),
+            ``record`` (its :class:`~compressor.quant.revert.QuantizationRecord`), ``mode``
+            (``float`` or ``int16``: the target's ``Capabilities.fallback``), ``post`` (the
+            passes after ``quantize``, e.g. ``qnn-legalize``; their statistics are in the
+            cache of ``context``) and ``context`` (the ``PassContext`` they run with).
+    """
+    from compressor.model_io import ir_from_bytes
+    from compressor.pass_manager import PassManager
+
+    model = give_back(ir_from_bytes(shared["quantized"]), shared["record"], sorted(given), shared["mode"])
+    if shared["post"]:
+        base = shared["context"]
+        ctx = dataclasses.replace(base, properties=set(base.properties))
+        model = PassManager(shared["post"], verify=False).run(model, ctx).model
+    return model
+
+
 def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
     """Executor task: the output error of the model with the ``given`` layers given back.
 
     Args:
         given: Layer names given back (empty: the fully quantized model).
-        shared: ``snapshot`` (the model the quantizing passes start from,
-            :func:`~compressor.model_io.ir_bytes`), ``passes`` (those passes), ``context``
-            (the ``PassContext`` they ran with; its cache holds the calibration statistics,
-            so no task calibrates again), ``key`` (:data:`EXCLUDE_KEY` or :data:`WIDE_KEY`),
-            ``runtime`` (``onnxruntime``: ONNX Runtime CPU; ``target``: lowered and run on
-            the context's target), ``data`` (the ranking subset) and ``ref`` (the
-            baseline's outputs on it, from the same runtime).
+        shared: What :func:`build_candidate` reads, and ``runtime`` (``onnxruntime``: ONNX
+            Runtime CPU; ``target``: lowered and run on the context's target), ``data``
+            (the ranking subset) and ``ref`` (the baseline's outputs on it, from the same
+            runtime).
     """
-    from compressor.model_io import ir_from_bytes
-    from compressor.pass_manager import PassManager
     from compressor.targets.onnx import OrtRunner
 
-    base = shared["context"]
-    ctx = dataclasses.replace(base, options={**base.options, shared["key"]: tuple(sorted(given))},
-                              properties=set(base.properties))
-    model = PassManager(shared["passes"], verify=False).run(ir_from_bytes(shared["snapshot"]), ctx).model
+    model = build_candidate(given, shared)
     if shared["runtime"] == "onnxruntime":
         return _error(shared["ref"], OrtRunner(model), shared["data"])
+    target = shared["context"].target
     with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
-        run = ctx.target.runner(ctx.target.lower(model, Path(work)))
+        run = target.runner(target.lower(model, Path(work)))
         err = _error(shared["ref"], run, shared["data"])
         del run
     return err

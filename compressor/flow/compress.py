@@ -10,6 +10,7 @@ result = compress("model.pt2", recipe="int8", target="openvino", calib="c.npz",
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import platform
 import tempfile
@@ -32,12 +33,12 @@ from compressor.errors import (
 )
 from compressor.executor import Executor
 from compressor.flow.accuracy import (
-    EXCLUDE_KEY,
-    WIDE_KEY,
     ControlResult,
+    build_candidate,
     candidate_error,
     control_accuracy,
     rank_layers,
+    worst_samples,
 )
 from compressor.flow.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.flow.evaluation import (
@@ -45,6 +46,7 @@ from compressor.flow.evaluation import (
     collect_outputs,
     compare,
     measure_latency,
+    sample_errors,
 )
 from compressor.inputs import (
     InputSpec,
@@ -52,8 +54,9 @@ from compressor.inputs import (
     model_input_specs,
     parse_input_overrides,
 )
+from compressor.flow.ranking_cache import load_ranking, ranking_key, store_ranking
 from compressor.model_io import ir_bytes, model_bytes
-from compressor.pass_manager import PassManager, PassReport
+from compressor.pass_manager import PassManager, PassReport, PipelineResult
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
 from compressor.recipe import Recipe, load_recipe
@@ -123,51 +126,102 @@ def _first_line(err: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _quantized_layers(reports: list[PassReport]) -> list[str]:
-    return [name for r in reports for name in r.stats.get("layers", [])]
+@dataclasses.dataclass
+class _Quantized:
+    """The model ``quantize`` returned (serialized), its record, and where it sits in the pipeline."""
+
+    index: int
+    model: bytes
+    record: Any
 
 
-def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassContext, layers: list[str],
-             score: Callable[[Any], Evaluation], first: Evaluation, accuracy: Any, eval_set: Dataset,
-             run_baseline: Any, work_dir: Path, progress: Progress,
-             executor: Executor | None = None) -> tuple[Any, ControlResult]:
-    """Re-run the tail of the pipeline giving layers back until the budget holds (ranking on ``executor``)."""
-    key = WIDE_KEY if tgt.capabilities.fallback == "int16" else EXCLUDE_KEY
+def _ranking_fields(recipe: Recipe, tgt: Any, baseline: ir.Model, calib: Dataset | None,
+                    eval_set: Dataset) -> dict[str, Any]:
+    """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget."""
+    resolved = recipe.to_json()
+    resolved["accuracy"] = {k: v for k, v in resolved.get("accuracy", {}).items()
+                            if k not in ("max_drop", "max_fallback")}
+    return {"model": hashlib.sha256(model_bytes(baseline)).hexdigest(), "recipe": resolved,
+            "calibration": None if calib is None else calib.sha256, "eval": eval_set.sha256,
+            "target": tgt.describe(), "compressor": __version__}
+
+
+def _control(tgt: Any, quantized: _Quantized, post_passes: list[Any], ctx: PassContext,
+             score: Callable[[Any], Evaluation], first: Evaluation, first_outputs: list[Any], ref: list[Any],
+             accuracy: Any, eval_set: Dataset, run_baseline: Any, baseline: ir.Model, work_dir: Path,
+             progress: Progress, executor: Executor | None, cache_fields: dict[str, Any],
+             ) -> tuple[PipelineResult, ControlResult]:
+    """Give layers back, by editing the quantized model, until the budget holds (ranking on ``executor``).
+
+    Returns:
+        The final model with the reports of the passes after ``quantize`` run on it, and
+        what accuracy control did.
+    """
+    layers = quantized.record.names
+    shared: dict[str, Any] = {"quantized": quantized.model, "record": quantized.record,
+                              "mode": "int16" if tgt.capabilities.fallback == "int16" else "float",
+                              "post": post_passes, "context": dataclasses.replace(ctx, progress=no_progress)}
     built: dict[frozenset[str], Any] = {}
 
-    def rebuild(given: frozenset[str]) -> Any:
-        ctx.options[key] = tuple(sorted(given))
-        return PassManager(tail_passes, verify=False).run(_clone(snapshot), ctx)
+    def rebuild(given: frozenset[str]) -> PipelineResult:
+        edited = build_candidate(given, {**shared, "post": []})
+        return PassManager(post_passes, verify=False).run(edited, ctx) if post_passes else PipelineResult(edited, [])
 
     def build(given: frozenset[str]) -> Any:
         folder = work_dir / f"control-{len(built)}"
         built[given] = rebuild(given)
         return tgt.runner(tgt.lower(built[given].model, folder))
 
-    ranking_data = eval_set.subset(0, min(len(eval_set), accuracy.ranking_samples))
-    runtime, ranking_ref = "target", None
-    if accuracy.ranking_backend == "onnxruntime":
-        try:
-            ranking_ref = collect_outputs(OrtRunner(snapshot), ranking_data)
-            runtime = "onnxruntime"
-        except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
-            logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
-                           _first_line(exc))
-    if ranking_ref is None:
-        ranking_ref = collect_outputs(run_baseline, ranking_data)
     max_steps = int(accuracy.max_fallback * len(layers))
-    logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity "
-                   "(at most %d may be given back)", first.drop, accuracy.max_drop, len(layers), max_steps)
-    shared = {"snapshot": ir_bytes(snapshot), "passes": tail_passes, "key": key, "runtime": runtime,
-              "context": dataclasses.replace(ctx, progress=no_progress), "data": ranking_data, "ref": ranking_ref}
-    with progress("rank layers", len(layers) + 1, "layer") as bar:
-        ranking = rank_layers(layers, candidate_error, shared, executor=executor, progress=bar.update)
+    key = ranking_key({**cache_fields, "layers": layers})
+    cached = load_ranking(key, layers)
+    if cached is not None:
+        ranking, runtime = cached["ranking"], cached["ranking_backend"]
+        logger.warning("accuracy drop %.6f > max_drop %.6f: ranking reused from cache (%s; %d layers, at most %d "
+                       "may be given back)", first.drop, accuracy.max_drop, key[:12], len(layers), max_steps)
+    else:
+        # The samples the fully quantized model gets most wrong (module docstring of accuracy).
+        chosen = worst_samples(sample_errors(ref, first_outputs, eval_set), accuracy.ranking_samples)
+        ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
+        runtime, ranking_ref = "target", None
+        if accuracy.ranking_backend == "onnxruntime":
+            try:
+                ranking_ref = collect_outputs(OrtRunner(baseline), ranking_data)
+                runtime = "onnxruntime"
+            except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
+                logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
+                               _first_line(exc))
+        if ranking_ref is None:
+            ranking_ref = collect_outputs(run_baseline, ranking_data)
+        logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity on the %d "
+                       "samples with the largest error (at most %d may be given back)", first.drop,
+                       accuracy.max_drop, len(layers), len(chosen), max_steps)
+        with progress("rank layers", len(layers) + 1, "layer") as bar:
+            ranking = rank_layers(layers, candidate_error, {**shared, "runtime": runtime, "data": ranking_data,
+                                                            "ref": ranking_ref},
+                                  executor=executor, progress=bar.update)
+        store_ranking(key, {"fields": cache_fields, "ranking": ranking, "ranking_backend": runtime,
+                            "ranking_samples": chosen})
     outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=accuracy.max_drop,
                                max_steps=max_steps, ranking=ranking)
-    outcome.ranking_backend = runtime
+    outcome.ranking_backend, outcome.ranking_cached = runtime, cached is not None
     final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
-    ctx.options.pop(key, None)
     return final, outcome
+
+
+def _given_back_stats(report: PassReport, given: list[str], mode: str) -> None:
+    """Make the quantize report say what the artifact holds after accuracy control."""
+    stats = report.stats
+    if not given:
+        return
+    if mode == "int16":
+        stats["layers_promoted_to_int16"] = sorted(given)
+        return
+    stats["layers"] = [name for name in stats.get("layers", []) if name not in given]
+    stats["layers_quantized"] = len(stats["layers"])
+    stats["skipped_layers"] = dict(sorted({**stats.get("skipped_layers", {}),
+                                           **{name: "reverted by accuracy control" for name in given}}.items()))
+    stats["layers_float"] = len(stats["skipped_layers"])
 
 
 def _check_data_needs(recipe: Recipe, passes: list[Any], calib: RawData | None, eval_data: RawData | None) -> None:
@@ -290,9 +344,12 @@ def compress(
                                 "as it is") from None
         timings["baseline_s"] = time.perf_counter() - t
 
+        seen: dict[str, list[Any]] = {}  # the outputs last scored (accuracy control picks its ranking samples)
+
         def score(run: Any, desc: str = "evaluate") -> Evaluation:
             with progress(desc, batches) as bar:
-                return compare(ref, collect_outputs(run, eval_set, progress=bar.update), eval_set, metric)
+                seen["outputs"] = collect_outputs(run, eval_set, progress=bar.update)
+                return compare(ref, seen["outputs"], eval_set, metric)
 
         # The drop after each lossy pass but the last (whose drop is the artifact's), so the
         # report names the pass that lost accuracy (pruning before quantization, say).
@@ -309,16 +366,22 @@ def compress(
 
         ctx = PassContext(target=tgt, calibration=calib_set, seed=recipe_obj.calibration.seed,
                           properties={"captured"}, progress=progress)
-        # Passes up to the first that needs calibration run once; that one and the rest are the
-        # "tail" that accuracy control re-runs with layers given back.
-        split = next((i for i, p in enumerate(passes) if getattr(p, "needs_calibration", False)), len(passes))
+        # The pipeline runs once. Accuracy control edits the model the (last) quantizing pass
+        # returned, with the record of what it changed per layer, and re-runs only the passes
+        # after it (qnn-legalize, on cached statistics).
+        budget = recipe_obj.accuracy.max_drop
+        quantized: _Quantized | None = None
+        measure_pass = measure(0)
+
+        def after_pass(index: int, p: Any, current: ir.Model, report: PassReport) -> None:
+            nonlocal quantized
+            measure_pass(index, p, current, report)
+            if report.quantization is not None and report.quantization.layers and verified and budget is not None:
+                quantized = _Quantized(index, ir_bytes(current), report.quantization)
+
         t = time.perf_counter()
-        head = PassManager(passes[:split], dump_dir=dump_passes, on_pass=on_pass, after_pass=measure(0)).run(model, ctx)
-        snapshot = _clone(head.model) if split < len(passes) else None
-        tail = PassManager(passes[split:], on_pass=lambda i, p: on_pass(split + i, p) if on_pass else None,
-                           after_pass=measure(split))
-        result = tail.run(head.model, ctx, already_run=[p.name for p in passes[:split]]) if split < len(passes) else head
-        reports = head.reports + (result.reports if split < len(passes) else [])
+        result = PassManager(passes, dump_dir=dump_passes, on_pass=on_pass, after_pass=after_pass).run(model, ctx)
+        reports = result.reports
         timings["passes_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -327,11 +390,11 @@ def compress(
         run_compressed = tgt.runner(files)
         t = time.perf_counter()
         evaluation = score(run_compressed)
+        first_outputs = seen["outputs"]
         timings["evaluate_s"] = time.perf_counter() - t
         last_lossy = reports[lossy[-1]] if lossy else None
         if last_lossy is not None and verified and last_lossy.modified:
             last_lossy.accuracy_drop = evaluation.drop
-        budget = recipe_obj.accuracy.max_drop
         if not verified and budget is not None:
             # Random data says nothing about accuracy: no layer is given back for it, and an
             # explicit --max-drop fails rather than passing on noise.
@@ -339,7 +402,6 @@ def compress(
                            "failed" if max_drop is not None else "not evaluated")
         control: tuple[Any, ControlResult] | None = None
         cause: PassReport | None = None
-        quantized_layers = _quantized_layers(reports)
         all_wide = tgt.capabilities.fallback == "int16" and all(
             r.options.get("activations") == "int16" for r in reports if r.name == "quantize")
         over = verified and budget is not None and evaluation.drop > budget
@@ -352,12 +414,15 @@ def compress(
         elif over and all_wide:
             logger.warning("every quantized layer already uses 16-bit activations: accuracy control has nothing to "
                            "promote on target %r", tgt.name)
-        elif over and snapshot is not None and quantized_layers:
+        elif over and quantized is not None:
             t = time.perf_counter()
-            control = _control(tgt, snapshot, passes[split:], ctx, quantized_layers, score, evaluation,
-                               recipe_obj.accuracy, eval_set, run_baseline, work_dir, progress, executor)
+            control = _control(tgt, quantized, passes[quantized.index + 1:], ctx, score, evaluation, first_outputs,
+                               ref, recipe_obj.accuracy, eval_set, run_baseline, baseline, work_dir, progress,
+                               executor, _ranking_fields(recipe_obj, tgt, baseline, calib_set, eval_set))
             result = control[0]
-            reports = head.reports + result.reports
+            _given_back_stats(reports[quantized.index], control[1].given_back,
+                              "int16" if tgt.capabilities.fallback == "int16" else "float")
+            reports = reports[:quantized.index + 1] + result.reports
             evaluation = control[1].evaluation
             timings["accuracy_control_s"] = time.perf_counter() - t
             for old in files:
