@@ -405,8 +405,8 @@ def compress(
         all_wide = tgt.capabilities.fallback == "int16" and all(
             r.options.get("activations") == "int16" for r in reports if r.name == "quantize")
         over = verified and budget is not None and evaluation.drop > budget
-        if over:
-            cause = _drop_source(reports, budget, last_lossy)
+        if over:  # only a pass before the quantizing one can be the cause (qnn-legalize completes quantize)
+            cause = _drop_source(reports[:quantized.index] if quantized is not None else reports, budget, last_lossy)
         if over and cause is not None:
             logger.warning("the drop comes from %s (drop %.6f right after it, budget %g), not quantization: giving "
                            "quantized layers back cannot meet the budget; lower %s's level or recover its loss",
