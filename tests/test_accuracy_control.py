@@ -22,6 +22,7 @@ from compressor.targets.onnx import OnnxTarget, ort_session
 from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
 from onnx import TensorProto, helper, numpy_helper
 
+import compressor.flow.accuracy as accuracy_module
 import compressor.flow.compress as compress_module
 from compressor.data import load_npz
 from compressor.executor import InProcessExecutor
@@ -242,7 +243,7 @@ def test_ranking_on_the_target_and_its_fallback(files, tmp_path, monkeypatch, ca
     def no_kernel(*_args, **_kwargs):
         raise RuntimeError("Could not find an implementation for Foo(1) node with name 'foo'")
 
-    monkeypatch.setattr(compress_module, "OrtRunner", no_kernel)
+    monkeypatch.setattr(accuracy_module, "OrtRunner", no_kernel)
     with caplog.at_level(logging.WARNING, logger="compressor"):
         fallback = compress(files["model"], recipe="int8", outdir=tmp_path / "fallback", calib=files["calib"],
                             eval_data=files["eval"], max_drop=0.0, latency_runs=1).manifest["accuracy_control"]

@@ -26,6 +26,7 @@ on targets with no float path), never by running the passes again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -36,16 +37,25 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.data import Dataset
+from compressor.errors import first_line
 from compressor.executor import Executor, InProcessExecutor
 from compressor.flow.evaluation import (
     Evaluation,
     collect_outputs,
     fidelity,
     mask_padding,
+    sample_errors,
 )
-from compressor.quant.revert import give_back
+from compressor.flow.ranking_cache import load_ranking, ranking_key, store_ranking
+from compressor.model_io import ir_from_bytes, model_bytes
+from compressor.pass_manager import PassManager, PassReport, PipelineResult
+from compressor.pipeline import PassContext
+from compressor.progress import Progress, no_progress
+from compressor.quant.revert import QuantizationRecord, give_back
+from compressor.targets.onnx import OrtRunner
 
-__all__ = ["ControlResult", "rank_layers", "candidate_error", "control_accuracy", "worst_samples", "build_candidate"]
+__all__ = ["ControlResult", "QuantizedSnapshot", "rank_layers", "candidate_error", "control_accuracy", "worst_samples",
+           "build_candidate", "control_on_target", "given_back_stats", "ranking_fields"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +81,6 @@ class ControlResult:
 
 
 def _no_bar() -> Any:
-    from compressor.progress import no_progress
-
     return no_progress("", None)
 
 
@@ -97,9 +105,6 @@ def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Mode
             passes after ``quantize``, e.g. ``qnn-legalize``; their statistics are in the
             cache of ``context``) and ``context`` (the ``PassContext`` they run with).
     """
-    from compressor.model_io import ir_from_bytes
-    from compressor.pass_manager import PassManager
-
     model = give_back(ir_from_bytes(shared["quantized"]), shared["record"], sorted(given), shared["mode"])
     if shared["post"]:
         base = shared["context"]
@@ -118,8 +123,6 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
             (the ranking subset) and ``ref`` (the baseline's outputs on it, from the same
             runtime).
     """
-    from compressor.targets.onnx import OrtRunner
-
     model = build_candidate(given, shared)
     if shared["runtime"] == "onnxruntime":
         return _error(shared["ref"], OrtRunner(model), shared["data"])
@@ -202,3 +205,113 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
         if evaluation.drop <= budget:
             break
     return ControlResult(given, steps, ranking, evaluation, evaluation.drop <= budget)
+
+
+@dataclasses.dataclass
+class QuantizedSnapshot:
+    """The model ``quantize`` returned (serialized), its record, and where it sits in the pipeline."""
+
+    index: int
+    model: bytes
+    record: QuantizationRecord
+
+
+def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, calib: Dataset | None,
+                   eval_set: Dataset, version: str) -> dict[str, Any]:
+    """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget.
+
+    Args:
+        recipe: The resolved recipe, as JSON data.
+        tgt: The target.
+        baseline: The captured model.
+        calib: The calibration data.
+        eval_set: The evaluation data.
+        version: The compressor's version.
+    """
+    resolved = dict(recipe)
+    resolved["accuracy"] = {k: v for k, v in resolved.get("accuracy", {}).items()
+                            if k not in ("max_drop", "max_fallback")}
+    return {"model": hashlib.sha256(model_bytes(baseline)).hexdigest(), "recipe": resolved,
+            "calibration": None if calib is None else calib.sha256, "eval": eval_set.sha256,
+            "target": tgt.describe(), "compressor": version}
+
+
+def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[Any], ctx: PassContext,
+             score: Callable[[Any], Evaluation], first: Evaluation, first_outputs: list[Any], ref: list[Any],
+             accuracy: Any, eval_set: Dataset, run_baseline: Any, baseline: ir.Model, work_dir: Path,
+             progress: Progress, executor: Executor | None, cache_fields: dict[str, Any],
+             ) -> tuple[PipelineResult, ControlResult]:
+    """Give layers back, by editing the quantized model, until the budget holds (ranking on ``executor``).
+
+    Returns:
+        The final model with the reports of the passes after ``quantize`` run on it, and
+        what accuracy control did.
+    """
+    layers = quantized.record.names
+    shared: dict[str, Any] = {"quantized": quantized.model, "record": quantized.record,
+                              "mode": "int16" if tgt.capabilities.fallback == "int16" else "float",
+                              "post": post_passes, "context": dataclasses.replace(ctx, progress=no_progress)}
+    built: dict[frozenset[str], Any] = {}
+
+    def rebuild(given: frozenset[str]) -> PipelineResult:
+        edited = build_candidate(given, {**shared, "post": []})
+        return PassManager(post_passes, verify=False).run(edited, ctx) if post_passes else PipelineResult(edited, [])
+
+    def build(given: frozenset[str]) -> Any:
+        folder = work_dir / f"control-{len(built)}"
+        built[given] = rebuild(given)
+        return tgt.runner(tgt.lower(built[given].model, folder))
+
+    max_steps = int(accuracy.max_fallback * len(layers))
+    key = ranking_key({**cache_fields, "layers": layers})
+    cached = load_ranking(key, layers)
+    if cached is not None:
+        ranking, runtime = cached["ranking"], cached["ranking_backend"]
+        logger.warning("accuracy drop %.6f > max_drop %.6f: ranking reused from cache (%s; %d layers, at most %d "
+                       "may be given back)", first.drop, accuracy.max_drop, key[:12], len(layers), max_steps)
+    else:
+        # The samples the fully quantized model gets most wrong (module docstring of accuracy).
+        count = min(accuracy.ranking_samples, len(eval_set))
+        if eval_set.subset(0, count).usable() < count:  # a static batch axis: whole batches only
+            count = min(-(-count // eval_set.batch_size()) * eval_set.batch_size(), len(eval_set))
+        chosen = worst_samples(sample_errors(ref, first_outputs, eval_set), count)
+        ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
+        runtime, ranking_ref = "target", None
+        if accuracy.ranking_backend == "onnxruntime":
+            try:
+                ranking_ref = collect_outputs(OrtRunner(baseline), ranking_data)
+                runtime = "onnxruntime"
+            except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
+                logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
+                               first_line(exc))
+        if ranking_ref is None:
+            ranking_ref = collect_outputs(run_baseline, ranking_data)
+        logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity on the %d "
+                       "samples with the largest error (at most %d may be given back)", first.drop,
+                       accuracy.max_drop, len(layers), len(chosen), max_steps)
+        with progress("rank layers", len(layers) + 1, "layer") as bar:
+            ranking = rank_layers(layers, candidate_error, {**shared, "runtime": runtime, "data": ranking_data,
+                                                            "ref": ranking_ref},
+                                  executor=executor, progress=bar.update)
+        store_ranking(key, {"fields": cache_fields, "ranking": ranking, "ranking_backend": runtime,
+                            "ranking_samples": chosen})
+    outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=accuracy.max_drop,
+                               max_steps=max_steps, ranking=ranking)
+    outcome.ranking_backend, outcome.ranking_cached = runtime, cached is not None
+    final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
+    return final, outcome
+
+
+def given_back_stats(report: PassReport, given: list[str], mode: str) -> None:
+    """Make the quantize report say what the artifact holds after accuracy control."""
+    stats = report.stats
+    if not given:
+        return
+    if mode == "int16":
+        stats["layers_promoted_to_int16"] = sorted(given)
+        return
+    stats["layers"] = [name for name in stats.get("layers", []) if name not in given]
+    stats["layers_quantized"] = len(stats["layers"])
+    stats["skipped_layers"] = dict(sorted({**stats.get("skipped_layers", {}),
+                                           **{name: "reverted by accuracy control" for name in given}}.items()))
+    stats["layers_float"] = len(stats["skipped_layers"])

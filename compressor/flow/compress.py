@@ -10,7 +10,6 @@ result = compress("model.pt2", recipe="int8", target="openvino", calib="c.npz",
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import platform
 import tempfile
@@ -30,15 +29,15 @@ from compressor.errors import (
     DataError,
     UnsupportedByTarget,
     UsageError,
+    first_line,
 )
 from compressor.executor import Executor
 from compressor.flow.accuracy import (
     ControlResult,
-    build_candidate,
-    candidate_error,
-    control_accuracy,
-    rank_layers,
-    worst_samples,
+    QuantizedSnapshot,
+    control_on_target,
+    given_back_stats,
+    ranking_fields,
 )
 from compressor.flow.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.flow.evaluation import (
@@ -46,7 +45,6 @@ from compressor.flow.evaluation import (
     collect_outputs,
     compare,
     measure_latency,
-    sample_errors,
 )
 from compressor.inputs import (
     InputSpec,
@@ -54,14 +52,12 @@ from compressor.inputs import (
     model_input_specs,
     parse_input_overrides,
 )
-from compressor.flow.ranking_cache import load_ranking, ranking_key, store_ranking
 from compressor.model_io import ir_bytes, model_bytes
-from compressor.pass_manager import PassManager, PassReport, PipelineResult
+from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
 from compressor.recipe import Recipe, load_recipe
 from compressor.targets import get_target
-from compressor.targets.onnx import OrtRunner
 
 __all__ = ["compress", "CompressResult", "Progress", "package_versions"]
 
@@ -116,112 +112,6 @@ def _pick_eval(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None,
                    "verified. Pass --calib and --eval with real samples.")
     rand = random_dataset(specs, RANDOM_SAMPLES, recipe.calibration.seed)
     return (calib if calib is not None else rand), rand, UNVERIFIED
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of a backend error, without ONNX Runtime's status prefix."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    text = text.split("] : ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text
-    text = text.removeprefix("1 : FAIL : ")
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-@dataclasses.dataclass
-class _Quantized:
-    """The model ``quantize`` returned (serialized), its record, and where it sits in the pipeline."""
-
-    index: int
-    model: bytes
-    record: Any
-
-
-def _ranking_fields(recipe: Recipe, tgt: Any, baseline: ir.Model, calib: Dataset | None,
-                    eval_set: Dataset) -> dict[str, Any]:
-    """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget."""
-    resolved = recipe.to_json()
-    resolved["accuracy"] = {k: v for k, v in resolved.get("accuracy", {}).items()
-                            if k not in ("max_drop", "max_fallback")}
-    return {"model": hashlib.sha256(model_bytes(baseline)).hexdigest(), "recipe": resolved,
-            "calibration": None if calib is None else calib.sha256, "eval": eval_set.sha256,
-            "target": tgt.describe(), "compressor": __version__}
-
-
-def _control(tgt: Any, quantized: _Quantized, post_passes: list[Any], ctx: PassContext,
-             score: Callable[[Any], Evaluation], first: Evaluation, first_outputs: list[Any], ref: list[Any],
-             accuracy: Any, eval_set: Dataset, run_baseline: Any, baseline: ir.Model, work_dir: Path,
-             progress: Progress, executor: Executor | None, cache_fields: dict[str, Any],
-             ) -> tuple[PipelineResult, ControlResult]:
-    """Give layers back, by editing the quantized model, until the budget holds (ranking on ``executor``).
-
-    Returns:
-        The final model with the reports of the passes after ``quantize`` run on it, and
-        what accuracy control did.
-    """
-    layers = quantized.record.names
-    shared: dict[str, Any] = {"quantized": quantized.model, "record": quantized.record,
-                              "mode": "int16" if tgt.capabilities.fallback == "int16" else "float",
-                              "post": post_passes, "context": dataclasses.replace(ctx, progress=no_progress)}
-    built: dict[frozenset[str], Any] = {}
-
-    def rebuild(given: frozenset[str]) -> PipelineResult:
-        edited = build_candidate(given, {**shared, "post": []})
-        return PassManager(post_passes, verify=False).run(edited, ctx) if post_passes else PipelineResult(edited, [])
-
-    def build(given: frozenset[str]) -> Any:
-        folder = work_dir / f"control-{len(built)}"
-        built[given] = rebuild(given)
-        return tgt.runner(tgt.lower(built[given].model, folder))
-
-    max_steps = int(accuracy.max_fallback * len(layers))
-    key = ranking_key({**cache_fields, "layers": layers})
-    cached = load_ranking(key, layers)
-    if cached is not None:
-        ranking, runtime = cached["ranking"], cached["ranking_backend"]
-        logger.warning("accuracy drop %.6f > max_drop %.6f: ranking reused from cache (%s; %d layers, at most %d "
-                       "may be given back)", first.drop, accuracy.max_drop, key[:12], len(layers), max_steps)
-    else:
-        # The samples the fully quantized model gets most wrong (module docstring of accuracy).
-        chosen = worst_samples(sample_errors(ref, first_outputs, eval_set), accuracy.ranking_samples)
-        ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
-        runtime, ranking_ref = "target", None
-        if accuracy.ranking_backend == "onnxruntime":
-            try:
-                ranking_ref = collect_outputs(OrtRunner(baseline), ranking_data)
-                runtime = "onnxruntime"
-            except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
-                logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
-                               _first_line(exc))
-        if ranking_ref is None:
-            ranking_ref = collect_outputs(run_baseline, ranking_data)
-        logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity on the %d "
-                       "samples with the largest error (at most %d may be given back)", first.drop,
-                       accuracy.max_drop, len(layers), len(chosen), max_steps)
-        with progress("rank layers", len(layers) + 1, "layer") as bar:
-            ranking = rank_layers(layers, candidate_error, {**shared, "runtime": runtime, "data": ranking_data,
-                                                            "ref": ranking_ref},
-                                  executor=executor, progress=bar.update)
-        store_ranking(key, {"fields": cache_fields, "ranking": ranking, "ranking_backend": runtime,
-                            "ranking_samples": chosen})
-    outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=accuracy.max_drop,
-                               max_steps=max_steps, ranking=ranking)
-    outcome.ranking_backend, outcome.ranking_cached = runtime, cached is not None
-    final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
-    return final, outcome
-
-
-def _given_back_stats(report: PassReport, given: list[str], mode: str) -> None:
-    """Make the quantize report say what the artifact holds after accuracy control."""
-    stats = report.stats
-    if not given:
-        return
-    if mode == "int16":
-        stats["layers_promoted_to_int16"] = sorted(given)
-        return
-    stats["layers"] = [name for name in stats.get("layers", []) if name not in given]
-    stats["layers_quantized"] = len(stats["layers"])
-    stats["skipped_layers"] = dict(sorted({**stats.get("skipped_layers", {}),
-                                           **{name: "reverted by accuracy control" for name in given}}.items()))
-    stats["layers_float"] = len(stats["skipped_layers"])
 
 
 def _check_data_needs(recipe: Recipe, passes: list[Any], calib: RawData | None, eval_data: RawData | None) -> None:
@@ -339,7 +229,7 @@ def compress(
                 raise
             except Exception as err:  # the backend's own error types; the original model, not a pass, failed
                 raise DataError(f"the original model fails in {tgt.name} on the {eval_source} data "
-                                f"({eval_set.source}): {_first_line(err)}; check that the data is valid input "
+                                f"({eval_set.source}): {first_line(err)}; check that the data is valid input "
                                 "for the model (shapes, dtypes, value ranges) and that the model runs there "
                                 "as it is") from None
         timings["baseline_s"] = time.perf_counter() - t
@@ -370,14 +260,14 @@ def compress(
         # returned, with the record of what it changed per layer, and re-runs only the passes
         # after it (qnn-legalize, on cached statistics).
         budget = recipe_obj.accuracy.max_drop
-        quantized: _Quantized | None = None
+        quantized: QuantizedSnapshot | None = None
         measure_pass = measure(0)
 
         def after_pass(index: int, p: Any, current: ir.Model, report: PassReport) -> None:
             nonlocal quantized
             measure_pass(index, p, current, report)
             if report.quantization is not None and report.quantization.layers and verified and budget is not None:
-                quantized = _Quantized(index, ir_bytes(current), report.quantization)
+                quantized = QuantizedSnapshot(index, ir_bytes(current), report.quantization)
 
         t = time.perf_counter()
         result = PassManager(passes, dump_dir=dump_passes, on_pass=on_pass, after_pass=after_pass).run(model, ctx)
@@ -416,11 +306,12 @@ def compress(
                            "promote on target %r", tgt.name)
         elif over and quantized is not None:
             t = time.perf_counter()
-            control = _control(tgt, quantized, passes[quantized.index + 1:], ctx, score, evaluation, first_outputs,
-                               ref, recipe_obj.accuracy, eval_set, run_baseline, baseline, work_dir, progress,
-                               executor, _ranking_fields(recipe_obj, tgt, baseline, calib_set, eval_set))
+            control = control_on_target(
+                tgt, quantized, passes[quantized.index + 1:], ctx, score, evaluation, first_outputs, ref,
+                recipe_obj.accuracy, eval_set, run_baseline, baseline, work_dir, progress, executor,
+                ranking_fields(recipe_obj.to_json(), tgt, baseline, calib_set, eval_set, __version__))
             result = control[0]
-            _given_back_stats(reports[quantized.index], control[1].given_back,
+            given_back_stats(reports[quantized.index], control[1].given_back,
                               "int16" if tgt.capabilities.fallback == "int16" else "float")
             reports = reports[:quantized.index + 1] + result.reports
             evaluation = control[1].evaluation
