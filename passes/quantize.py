@@ -297,9 +297,9 @@ class Quantize(Pass):
                                                 f"a mask/shape path ({used_as_mask[value.name]})")
         smoothed = 0
         if opts.smoothquant is not None:
-            # Smooth every candidate layer, given back or not (the transform is exact in float),
-            # so the smoothed model, and with it the cached statistics, is the same on every
-            # re-run of accuracy control; then find the layers to quantize again.
+            # Smooth every candidate layer (the transform is exact in float): a layer accuracy
+            # control gives back reads its smoothed float weight and input, which compute what
+            # the unsmoothed layer did; then find the layers to quantize again.
             smooth_cache = ctx.cache.setdefault("smoothquant.stats:" + hashlib.sha256(model_bytes(model)).hexdigest(), {})
             candidates, _ = layers_to_quantize()
             smoothed = smooth_layers(model, candidates, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
