@@ -39,6 +39,11 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    ``OpQuant.activation_only`` spec when it has one (OpenVINO: signed symmetric, the only
    form its CPU plugin runs as an int8 MatMul).
 
+The result's ``quantization`` (:class:`~compressor.quant.revert.QuantizationRecord`) says,
+per quantized layer, which input now reads which Q/DQ pair, the float tensor, range and
+spec behind it, the float weight and the bias before correction: accuracy control gives a
+layer back by editing the quantized graph with it, never by running this pass again.
+
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
 float (mask and shape paths, non-finite or sentinel-dominated ranges) are skipped and
