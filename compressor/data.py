@@ -109,6 +109,16 @@ class Dataset:
         """How many samples :meth:`batches` feeds (a static batch axis drops the remainder)."""
         return sum(next(iter(f.values())).shape[0] if not all(self.stacked.values()) else 1 for f in self.batches(batch_size))
 
+    def take(self, indices: Sequence[int], what: str) -> Dataset:
+        """The samples at ``indices`` (in that order), e.g. those with the largest error; ``what`` names them."""
+        index = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(
+            self,
+            arrays={k: v[index] for k, v in self.arrays.items()},
+            labels=None if self.labels is None else self.labels[index],
+            source=f"{self.source}[{what}]",
+        )
+
     def subset(self, start: int, stop: int) -> Dataset:
         """Samples ``start:stop`` (e.g. a held-out part of the calibration data)."""
         return dataclasses.replace(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = [
     "EXIT_OK",
+    "first_line",
     "EXIT_INTERNAL",
     "EXIT_BAD_INPUT",
     "EXIT_GATE_FAILED",
@@ -136,3 +137,11 @@ class PipelineError(CompressorError):
             self.exit_code = cause.exit_code
         before = ", ".join(done) if done else "none"
         super().__init__(f"pass {pass_name!r} failed ({type(cause).__name__}: {cause}); passes already run: {before}")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a backend error, without ONNX Runtime's status prefix."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = text.split("] : ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text
+    text = text.removeprefix("1 : FAIL : ")
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -41,9 +41,13 @@ class PassReport:
     #: Drop of the accuracy metric measured right after this pass (lossy passes only;
     #: ``None`` when not measured).
     accuracy_drop: float | None = None
+    #: The pass's :attr:`~compressor.pipeline.PassResult.quantization` (not in the JSON).
+    quantization: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, quantization=None))
+        del out["quantization"]
+        return out
 
 
 @dataclasses.dataclass
@@ -180,7 +184,8 @@ class PassManager:
                                p.name, len(bodies), "y" if len(bodies) == 1 else "ies",
                                "float" if p.lossy else "they were", ", ".join(list(bodies)[:3])
                                + (f" +{len(bodies) - 3} more" if len(bodies) > 3 else ""))
-            reports.append(PassReport(p.name, p.options_dict(), result.modified, stats, seconds))
+            reports.append(PassReport(p.name, p.options_dict(), result.modified, stats, seconds,
+                                       quantization=result.quantization))
             done.append(p.name)
             logger.info("pass %-24s %s %s (%.2fs)", p.name, "modified" if result.modified else "unchanged",
                         result.stats, seconds)

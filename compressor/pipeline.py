@@ -29,6 +29,7 @@ from compressor.progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from compressor.data import Dataset
+    from compressor.quant.revert import QuantizationRecord
     from compressor.targets.base import Target
 
 __all__ = [
@@ -52,11 +53,15 @@ class PassResult:
         model: The model after the pass (the same object when the pass works in place).
         modified: Whether the pass changed the model.
         stats: Counts a person reads in the report, e.g. ``{"bn_folded": 12}``.
+        quantization: What a quantizing pass changed per layer, as typed data (accuracy
+            control gives layers back by editing the graph with it:
+            :mod:`compressor.quant.revert`); ``None`` for other passes.
     """
 
     model: ir.Model
     modified: bool
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantization: QuantizationRecord | None = None
 
 
 @dataclasses.dataclass

@@ -82,7 +82,8 @@ class AccuracyConfig:
         max_drop: Largest allowed drop of the metric (absolute), or ``None`` for no gate.
         max_fallback: Accuracy control gives back at most this fraction of the quantized
             layers; past it the gate fails (exit 3) instead of shipping a mostly-float model.
-        ranking_samples: Samples used to rank layers by sensitivity.
+        ranking_samples: Samples used to rank layers by sensitivity: the eval samples on
+            which the fully quantized model errs most (NNCF's subset selection).
         ranking_backend: ``onnxruntime``: rank on the Q/DQ model in ONNX Runtime's CPU
             int8 kernels, against the float model there (no backend compile per layer:
             about 2x faster on MiniLM); ``target``: rank on the target's own runtime.

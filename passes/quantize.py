@@ -40,6 +40,11 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    ``OpQuant.activation_only`` spec when it has one (OpenVINO: signed symmetric, the only
    form its CPU plugin runs as an int8 MatMul).
 
+The result's ``quantization`` (:class:`~compressor.quant.revert.QuantizationRecord`) says,
+per quantized layer, which input now reads which Q/DQ pair, the float tensor, range and
+spec behind it, the float weight and the bias before correction: accuracy control gives a
+layer back by editing the quantized graph with it, never by running this pass again.
+
 The dtype, symmetry and channel axis of each tensor come from the target's
 ``Capabilities``; this pass never looks at the target's name. Tensors that must stay
 float (mask and shape paths, non-finite or sentinel-dominated ranges) are skipped and
@@ -58,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -80,13 +85,19 @@ from compressor.targets.base import Capabilities
 
 from compressor.capture.onnx_import import describe_quantized, quantized_nodes
 from compressor.errors import CompressorError, InvalidModel
-from compressor.flow.accuracy import EXCLUDE_KEY, WIDE_KEY
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant.math import (
     dequantize_array,
     quant_params,
     quantize_array,
     weight_quant_params,
+)
+from compressor.quant.revert import (
+    ActivationInput,
+    ConstantInput,
+    QuantizationRecord,
+    QuantizedLayer,
+    widened,
 )
 from compressor.quant.spec import QuantSpec
 from compressor.quant.taps import StatPoint, gather
@@ -142,14 +153,9 @@ class QuantizeOptions:
             raise ValueError(f"option 'percentile' must be in (50, 100], got {self.percentile}")
 
 
-_WIDE = {"int8": "int16", "uint8": "uint16"}
-
-
 def activation_spec(spec: QuantSpec, bits: int) -> QuantSpec:
     """The target's 8-bit activation spec widened to ``bits``."""
-    if bits == 16:
-        return dataclasses.replace(spec, dtype=_WIDE.get(spec.dtype, spec.dtype))
-    return spec
+    return widened(spec) if bits == 16 else spec
 
 
 def _bits(spec: QuantSpec) -> int:
@@ -253,8 +259,8 @@ class Quantize(Pass):
             logger.info("quantize: %d attention block(s) found by structure: transformer preset for %s",
                         blocks, ", ".join(preset))
 
-        def layers_to_quantize(exclude: tuple[str, ...] = ()) -> tuple[list[Layer], dict[str, str]]:
-            found, why = find_layers(graph, caps, ops=opts.ops, scope=opts.scope, exclude=exclude,
+        def layers_to_quantize() -> tuple[list[Layer], dict[str, str]]:
+            found, why = find_layers(graph, caps, ops=opts.ops, scope=opts.scope,
                                      activation_matmuls=opts.activation_matmuls, eltwise=opts.eltwise)
             if "eltwise" in preset:  # case 6: a transformer's residual adds stay float, a convolution's join not
                 for layer in [la for la in found if is_transformer_residual(la)]:
@@ -262,24 +268,24 @@ class Quantize(Pass):
                     why[layer.name] = "residual join in a model with attention (attention: auto)"
             return found, why
 
-        layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
+        layers, skipped = layers_to_quantize()
         half = _half_precision(layers)
         to_fp32 = 0
         if half:  # Q/DQ and ranges are float32; the model's inputs and outputs keep their dtype
             to_fp32 = widen_to_float32(model)
-            said = ctx.cache.setdefault("quantize.widened_said", [])  # once, not on each accuracy-control re-run
+            said = ctx.cache.setdefault("quantize.widened_said", [])  # once, not on each re-run of the pass
             log = logger.debug if said else logger.warning
             log("quantize: %d layer(s) compute in float16/bfloat16 (e.g. %s: %s); the model is quantized in float32 "
                 "(%d values widened; its inputs and outputs keep their dtype)", len(half), half[0][0], half[0][1],
                 to_fp32)
             said.append(True)
-            layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
+            layers, skipped = layers_to_quantize()
         nonfinite = _nonfinite_weights(layers)
         if nonfinite:
             raise InvalidModel(f"weights hold NaN/inf and cannot be quantized: {'; '.join(nonfinite[:5])}"
                                f"{f' (+{len(nonfinite) - 5} more)' if len(nonfinite) > 5 else ''}; fix the model's "
                                "weights, or keep those layers float with quantize: {scope: {exclude: [NAME]}}")
-        wide = set(ctx.options.get(WIDE_KEY, ()))
+        wide: set[str] = set()
         bits = 16 if opts.activations == "int16" else 8
         derived, used_as_mask = integer_derived(graph), mask_uses(graph)
         tensor_skips: dict[str, str] = {}
@@ -290,13 +296,13 @@ class Quantize(Pass):
                                                 f"a mask/shape path ({used_as_mask[value.name]})")
         smoothed = 0
         if opts.smoothquant is not None:
-            # Smooth every candidate layer, given back or not (the transform is exact in float),
-            # so the smoothed model, and with it the cached statistics, is the same on every
-            # re-run of accuracy control; then find the layers to quantize again.
+            # Smooth every candidate layer (the transform is exact in float): a layer accuracy
+            # control gives back reads its smoothed float weight and input, which compute what
+            # the unsmoothed layer did; then find the layers to quantize again.
             candidates, _ = layers_to_quantize()
             smoothed = smooth_layers(model, candidates, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
                                      cache=ctx.cache)
-            layers, skipped = layers_to_quantize(ctx.options.get(EXCLUDE_KEY, ()))
+            layers, skipped = layers_to_quantize()
         float_acts = float_activation_layers(graph, opts.float_activations)
         widened: list[str] = []
         if "float_activations" in preset and caps.fallback == "int16":
@@ -330,6 +336,7 @@ class Quantize(Pass):
 
         writer = _QdqWriter(graph)
         quantized: list[str] = []
+        record: list[QuantizedLayer] = []
         corrected = 0
         weight_only_done: dict[str, str] = {}
         per_channel = opts.weights == "int8-per-channel"
@@ -349,17 +356,28 @@ class Quantize(Pass):
                 skipped[layer.name] = f"activation kept float: {why}"
                 continue
             layer_bits = 16 if layer.name in wide else bits
+            key = layer.node.outputs[0].name
+            edits: list[ActivationInput] = []
+            constants: list[ConstantInput] = []
             for index, value in acts:
                 pair = layer.quant.activation_only if layer.weight is None and layer.quant.weights is not None else None
                 spec = activation_spec(pair or layer.quant.activations, layer_bits)
                 layer.node.replace_input_with(index, writer.activation(value, spec, *ranges[value.name]))
+                edits.append(ActivationInput(key, index, value.name, *map(float, ranges[value.name]), spec))
             if layer.weight is not None:
+                constants.append(ConstantInput(key, list(layer.node.inputs).index(layer.weight), layer.weight.name,
+                                               layer.weight.const_value.numpy().copy()))
                 writer.replace_weight(layer, _weight_spec(layer, per_channel))
                 x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None
                 if x in means:  # case 4: W - DQ(Wq) = -error
+                    before = _bias_inputs(layer.node)
                     how = correct_bias(graph, layer, -writer.errors[id(layer.weight)], means[x], writer.names)
                     corrected += not how.startswith("skipped")
+                    constants += _changed_bias(before, _bias_inputs(layer.node))
+                    if how == "new add":  # the Add took over the output's name: re-key, zero its bias on give-back
+                        edits, constants = _rekey_new_add(layer.node, key, edits, constants)
             quantized.append(layer.name)
+            record.append(QuantizedLayer(layer.name, tuple(edits), tuple(constants)))
         for node in writer.nodes:
             graph.append(node)
         if writer.nodes:
@@ -392,7 +410,49 @@ class Quantize(Pass):
             "skipped_tensors": dict(sorted(tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only_done.items())),
             **({"float16_widened_to_float32": to_fp32} if to_fp32 else {}),
-        })
+        }, quantization=QuantizationRecord(tuple(record)))
+
+
+def _bias_inputs(node: ir.Node) -> dict[tuple[str, int], tuple[ir.Value | None, Any]]:
+    """The inputs bias correction may replace, with their tensors: the layer's own, and those
+    of the nodes reading its output (a bias is corrected by a new value, or in place by a
+    new tensor on the same value)."""
+    readers = [node, *(use.node for use in node.outputs[0].uses())]
+    return {(n.outputs[0].name, i): (v, None if v is None else v.const_value) for n in readers
+            for i, v in enumerate(n.inputs)} | {(n.outputs[0].name, len(n.inputs)): (None, None) for n in readers}
+
+
+def _changed_bias(before: dict[tuple[str, int], tuple[ir.Value | None, Any]],
+                  after: dict[tuple[str, int], tuple[ir.Value | None, Any]]) -> list[ConstantInput]:
+    """The biases bias correction replaced, as they were (to give the layer back exactly)."""
+    out = []
+    for (node, index), (old, tensor) in before.items():
+        now = after.get((node, index), (None, None))
+        if now[0] is old and now[1] is tensor:
+            continue
+        if old is None:  # no bias before: giving back drops the added input
+            out.append(ConstantInput(node, index, "", None))
+        elif tensor is not None:
+            out.append(ConstantInput(node, index, old.name, tensor.numpy().copy()))
+    return out
+
+
+def _rekey_new_add(node: ir.Node, key: str, edits: list[ActivationInput],
+                   constants: list[ConstantInput]) -> tuple[list[ActivationInput], list[ConstantInput]]:
+    """Edits keyed by the layer's new output name, plus the added bias's zeroing.
+
+    Bias correction of a layer without a bias appends ``Add(y, b)`` that takes over ``y``'s
+    name (:func:`~compressor.passes._graph.append_add`); the layer's records name its node by
+    its output, so they follow the rename, and giving the layer back sets ``b`` to 0
+    (``y + 0 = y`` exactly).
+    """
+    out = node.outputs[0]
+    add = next(use.node for use in out.uses() if use.node.op_type == "Add" and use.node.outputs[0].name == key)
+    bias = add.inputs[1]
+    edits = [dataclasses.replace(e, node=out.name) if e.node == key else e for e in edits]
+    constants = [dataclasses.replace(c, node=out.name) if c.node == key else c for c in constants]
+    constants.append(ConstantInput(key, 1, bias.name, np.zeros_like(bias.const_value.numpy())))
+    return edits, constants
 
 
 def _half_precision(layers: list[Layer]) -> list[tuple[str, str]]:

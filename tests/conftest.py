@@ -12,6 +12,7 @@ take the one it names, whatever the CPU. It patches the name in every module of
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Callable
@@ -24,6 +25,18 @@ import pytest
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ranking_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Accuracy control caches its rankings in a folder of this test session, never in ``~/.cache``."""
+    old = os.environ.get("COMPRESSOR_CACHE")
+    os.environ["COMPRESSOR_CACHE"] = str(tmp_path_factory.mktemp("compressor-cache"))
+    yield Path(os.environ["COMPRESSOR_CACHE"])
+    if old is None:
+        os.environ.pop("COMPRESSOR_CACHE", None)
+    else:
+        os.environ["COMPRESSOR_CACHE"] = old
 
 
 def vnni_users() -> list[ModuleType]:

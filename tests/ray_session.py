@@ -99,9 +99,11 @@ def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) ->
             result["task_error"] = [type(err).__name__, str(err)]
         result["task_error_seconds"] = time.perf_counter() - started
 
+        os.environ["COMPRESSOR_CACHE"] = str(out / "cache")  # ranked here, on Ray, not read from a cache
         control = compress(model, recipe="int8", outdir=out / "int8", calib=calib, eval_data=cosine_eval,
                            max_drop=0.0, latency_runs=1, executor=executor)
         result["ranking"] = control.manifest["accuracy_control"]["ranking"]
+        result["ranking_cached"] = control.manifest["accuracy_control"]["ranking_cached"]
         result["given_back"] = control.manifest["accuracy_control"]["layers"]
 
         search(model, calib=calib, eval_data=eval_data, max_drop=0.01, outdir=out / "search", grid=GRID,

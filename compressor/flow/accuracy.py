@@ -1,15 +1,22 @@
 """Accuracy control: give back the most sensitive quantized layers until the budget holds.
 
-1. Rank: for each quantized layer ``L``, build the model with only ``L`` given back
-   (reverted to float, or promoted to 16-bit activations on targets with no float path)
-   and measure the output error on a small ranking subset against the baseline (in
-   ONNX Runtime by default, else on the target; see ``AccuracyConfig.ranking_backend``):
+A layer is given back by editing the quantized model (:func:`compressor.quant.revert.give_back`:
+its Q/DQ pairs dropped and its float weight restored, or its activations widened to 16 bits
+on targets with no float path), never by running the passes again.
+
+1. Rank: for each quantized layer ``L``, build the model with only ``L`` given back and
+   measure the output error on the ranking subset against the baseline (in ONNX Runtime by
+   default, else on the target; see ``AccuracyConfig.ranking_backend``):
    ``sensitivity(L) = err(all quantized) − err(all but L)``, ``err = 1 − mean cosine``.
-   The ranking is computed once per run and recorded in the manifest. Each candidate is
-   one task of an executor (:mod:`compressor.executor`: in this process, or on Ray):
-   :func:`candidate_error` rebuilds the candidate from what every task shares (the model
-   before quantization, the passes, the context holding the calibration statistics, the
-   ranking data and the baseline's outputs), sent once.
+   The subset is the ``ranking_samples`` evaluation samples on which the fully quantized
+   model errs most (:func:`worst_samples`; NNCF's ``_select_subset`` picks its ranking
+   subset the same way): where quantization hurts is where giving a layer back shows.
+   The ranking is recorded in the manifest and cached on disk
+   (:mod:`compressor.flow.ranking_cache`). Each candidate is one task of an executor
+   (:mod:`compressor.executor`: in this process, or on Ray): :func:`candidate_error` edits
+   its copy of the quantized model from what every task shares (that model, the record of
+   what ``quantize`` changed, the passes after it, the ranking data and the baseline's
+   outputs), sent once.
 2. Greedy: try giving back layers in decreasing sensitivity, one at a time, re-evaluating
    the metric on the whole eval set after each try, until ``drop <= max_drop`` or the step
    limit is reached. A try that does not lower the drop is undone (the layer stays
@@ -19,6 +26,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -26,26 +34,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from compressor.data import Dataset
+from compressor.errors import first_line
 from compressor.executor import Executor, InProcessExecutor
 from compressor.flow.evaluation import (
     Evaluation,
     collect_outputs,
     fidelity,
     mask_padding,
+    sample_errors,
 )
+from compressor.flow.ranking_cache import load_ranking, ranking_key, store_ranking
+from compressor.model_io import ir_bytes, ir_from_bytes, model_bytes
+from compressor.pass_manager import PassManager, PassReport, PipelineResult
+from compressor.pipeline import PassContext
+from compressor.progress import Progress, no_progress
+from compressor.quant.revert import QuantizationRecord, give_back
+from compressor.targets.onnx import OrtRunner
 
-__all__ = ["ControlResult", "rank_layers", "candidate_error", "control_accuracy", "EXCLUDE_KEY", "WIDE_KEY"]
+__all__ = ["ControlResult", "QuantizedSnapshot", "rank_layers", "candidate_error", "control_accuracy", "worst_samples",
+           "build_candidate", "control_on_target", "given_back_stats", "ranking_fields"]
 
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[Any], list[np.ndarray]]
-
-#: ``PassContext.options`` key: layer names given back to float (read by ``quantize``).
-EXCLUDE_KEY = "quantize.exclude"
-#: ``PassContext.options`` key: layer names whose activations use 16 bits (mixed precision).
-WIDE_KEY = "quantize.wide"
 
 
 @dataclasses.dataclass
@@ -58,15 +72,15 @@ class ControlResult:
     evaluation: Evaluation
     met: bool
     ranking_backend: str = "target"
+    ranking_cached: bool = False
 
     def to_json(self, action: str) -> dict[str, Any]:
         return {"action": action, "layers": self.given_back, "steps": self.steps, "ranking": self.ranking,
-                "ranking_backend": self.ranking_backend, "budget_met": self.met}
+                "ranking_backend": self.ranking_backend, "ranking_cached": self.ranking_cached,
+                "budget_met": self.met}
 
 
 def _no_bar() -> Any:
-    from compressor.progress import no_progress
-
     return no_progress("", None)
 
 
@@ -74,31 +88,47 @@ def _error(ref: list[np.ndarray], run: RunFn, data: Dataset) -> float:
     return 1.0 - fidelity(mask_padding(ref, data), mask_padding(collect_outputs(run, data), data))["cosine_mean"]
 
 
+def worst_samples(errors: np.ndarray, count: int) -> list[int]:
+    """Indices of the ``count`` largest ``errors`` (ties: the earlier sample), in sample order."""
+    order = sorted(range(len(errors)), key=lambda i: (-float(errors[i]), i))
+    return sorted(order[:count])
+
+
+def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Model:
+    """The quantized model with the ``given`` layers given back, then the passes after ``quantize``.
+
+    Args:
+        given: Layer names given back (empty: the fully quantized model).
+        shared: ``quantized`` (the model ``quantize`` returned, :func:`~compressor.model_io.ir_bytes`),
+            ``record`` (its :class:`~compressor.quant.revert.QuantizationRecord`), ``mode``
+            (``float`` or ``int16``: the target's ``Capabilities.fallback``), ``post`` (the
+            passes after ``quantize``, e.g. ``qnn-legalize``; their statistics are in the
+            cache of ``context``) and ``context`` (the ``PassContext`` they run with).
+    """
+    model = give_back(ir_from_bytes(shared["quantized"]), shared["record"], sorted(given), shared["mode"])
+    if shared["post"]:
+        base = shared["context"]
+        ctx = dataclasses.replace(base, properties=set(base.properties))
+        model = PassManager(shared["post"], verify=False).run(model, ctx).model
+    return model
+
+
 def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
     """Executor task: the output error of the model with the ``given`` layers given back.
 
     Args:
         given: Layer names given back (empty: the fully quantized model).
-        shared: ``snapshot`` (the model the quantizing passes start from,
-            :func:`~compressor.model_io.ir_bytes`), ``passes`` (those passes), ``context``
-            (the ``PassContext`` they ran with; its cache holds the calibration statistics,
-            so no task calibrates again), ``key`` (:data:`EXCLUDE_KEY` or :data:`WIDE_KEY`),
-            ``runtime`` (``onnxruntime``: ONNX Runtime CPU; ``target``: lowered and run on
-            the context's target), ``data`` (the ranking subset) and ``ref`` (the
-            baseline's outputs on it, from the same runtime).
+        shared: What :func:`build_candidate` reads, and ``runtime`` (``onnxruntime``: ONNX
+            Runtime CPU; ``target``: lowered and run on the context's target), ``data``
+            (the ranking subset) and ``ref`` (the baseline's outputs on it, from the same
+            runtime).
     """
-    from compressor.model_io import ir_from_bytes
-    from compressor.pass_manager import PassManager
-    from compressor.targets.onnx import OrtRunner
-
-    base = shared["context"]
-    ctx = dataclasses.replace(base, options={**base.options, shared["key"]: tuple(sorted(given))},
-                              properties=set(base.properties))
-    model = PassManager(shared["passes"], verify=False).run(ir_from_bytes(shared["snapshot"]), ctx).model
+    model = build_candidate(given, shared)
     if shared["runtime"] == "onnxruntime":
         return _error(shared["ref"], OrtRunner(model), shared["data"])
+    target = shared["context"].target
     with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
-        run = ctx.target.runner(ctx.target.lower(model, Path(work)))
+        run = target.runner(target.lower(model, Path(work)))
         err = _error(shared["ref"], run, shared["data"])
         del run
     return err
@@ -175,3 +205,117 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
         if evaluation.drop <= budget:
             break
     return ControlResult(given, steps, ranking, evaluation, evaluation.drop <= budget)
+
+
+@dataclasses.dataclass
+class QuantizedSnapshot:
+    """A copy of the model ``quantize`` returned, its record, and where it sits in the pipeline.
+
+    The copy is serialized only when accuracy control runs (its candidates are rebuilt from
+    the bytes, in this process or on Ray): a run within budget pays nothing for it.
+    """
+
+    index: int
+    model: ir.Model
+    record: QuantizationRecord
+
+
+def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, calib: Dataset | None,
+                   eval_set: Dataset, version: str) -> dict[str, Any]:
+    """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget.
+
+    Args:
+        recipe: The resolved recipe, as JSON data.
+        tgt: The target.
+        baseline: The captured model.
+        calib: The calibration data.
+        eval_set: The evaluation data.
+        version: The compressor's version.
+    """
+    resolved = dict(recipe)
+    resolved["accuracy"] = {k: v for k, v in resolved.get("accuracy", {}).items()
+                            if k not in ("max_drop", "max_fallback")}
+    return {"model": hashlib.sha256(model_bytes(baseline)).hexdigest(), "recipe": resolved,
+            "calibration": None if calib is None else calib.sha256, "eval": eval_set.sha256,
+            "target": tgt.describe(), "compressor": version}
+
+
+def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[Any], ctx: PassContext,
+             score: Callable[[Any], Evaluation], first: Evaluation, first_outputs: list[Any], ref: list[Any],
+             accuracy: Any, eval_set: Dataset, run_baseline: Any, baseline: ir.Model, work_dir: Path,
+             progress: Progress, executor: Executor | None, cache_fields: dict[str, Any],
+             ) -> tuple[PipelineResult, ControlResult]:
+    """Give layers back, by editing the quantized model, until the budget holds (ranking on ``executor``).
+
+    Returns:
+        The final model with the reports of the passes after ``quantize`` run on it, and
+        what accuracy control did.
+    """
+    layers = quantized.record.names
+    shared: dict[str, Any] = {"quantized": ir_bytes(quantized.model), "record": quantized.record,
+                              "mode": "int16" if tgt.capabilities.fallback == "int16" else "float",
+                              "post": post_passes, "context": dataclasses.replace(ctx, progress=no_progress)}
+    built: dict[frozenset[str], Any] = {}
+
+    def rebuild(given: frozenset[str]) -> PipelineResult:
+        edited = build_candidate(given, {**shared, "post": []})
+        return PassManager(post_passes, verify=False).run(edited, ctx) if post_passes else PipelineResult(edited, [])
+
+    def build(given: frozenset[str]) -> Any:
+        folder = work_dir / f"control-{len(built)}"
+        built[given] = rebuild(given)
+        return tgt.runner(tgt.lower(built[given].model, folder))
+
+    max_steps = int(accuracy.max_fallback * len(layers))
+    key = ranking_key({**cache_fields, "layers": layers})
+    cached = load_ranking(key, layers)
+    if cached is not None:
+        ranking, runtime = cached["ranking"], cached["ranking_backend"]
+        logger.warning("accuracy drop %.6f > max_drop %.6f: ranking reused from cache (%s; %d layers, at most %d "
+                       "may be given back)", first.drop, accuracy.max_drop, key[:12], len(layers), max_steps)
+    else:
+        # The samples the fully quantized model gets most wrong (module docstring of accuracy).
+        count = min(accuracy.ranking_samples, len(eval_set))
+        if eval_set.subset(0, count).usable() < count:  # a static batch axis: whole batches only
+            count = min(-(-count // eval_set.batch_size()) * eval_set.batch_size(), len(eval_set))
+        chosen = worst_samples(sample_errors(ref, first_outputs, eval_set), count)
+        ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
+        runtime, ranking_ref = "target", None
+        if accuracy.ranking_backend == "onnxruntime":
+            try:
+                ranking_ref = collect_outputs(OrtRunner(baseline), ranking_data)
+                runtime = "onnxruntime"
+            except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
+                logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
+                               first_line(exc))
+        if ranking_ref is None:
+            ranking_ref = collect_outputs(run_baseline, ranking_data)
+        logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity on the %d "
+                       "samples with the largest error (at most %d may be given back)", first.drop,
+                       accuracy.max_drop, len(layers), len(chosen), max_steps)
+        with progress("rank layers", len(layers) + 1, "layer") as bar:
+            ranking = rank_layers(layers, candidate_error, {**shared, "runtime": runtime, "data": ranking_data,
+                                                            "ref": ranking_ref},
+                                  executor=executor, progress=bar.update)
+        store_ranking(key, {"fields": cache_fields, "ranking": ranking, "ranking_backend": runtime,
+                            "ranking_samples": chosen})
+    outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=accuracy.max_drop,
+                               max_steps=max_steps, ranking=ranking)
+    outcome.ranking_backend, outcome.ranking_cached = runtime, cached is not None
+    final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
+    return final, outcome
+
+
+def given_back_stats(report: PassReport, given: list[str], mode: str) -> None:
+    """Make the quantize report say what the artifact holds after accuracy control."""
+    stats = report.stats
+    if not given:
+        return
+    if mode == "int16":
+        stats["layers_promoted_to_int16"] = sorted(given)
+        return
+    stats["layers"] = [name for name in stats.get("layers", []) if name not in given]
+    stats["layers_quantized"] = len(stats["layers"])
+    stats["skipped_layers"] = dict(sorted({**stats.get("skipped_layers", {}),
+                                           **{name: "reverted by accuracy control" for name in given}}.items()))
+    stats["layers_float"] = len(stats["skipped_layers"])

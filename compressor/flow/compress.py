@@ -29,15 +29,15 @@ from compressor.errors import (
     DataError,
     UnsupportedByTarget,
     UsageError,
+    first_line,
 )
 from compressor.executor import Executor
 from compressor.flow.accuracy import (
-    EXCLUDE_KEY,
-    WIDE_KEY,
     ControlResult,
-    candidate_error,
-    control_accuracy,
-    rank_layers,
+    QuantizedSnapshot,
+    control_on_target,
+    given_back_stats,
+    ranking_fields,
 )
 from compressor.flow.artifact import ArtifactWriter, check_destination, file_entries
 from compressor.flow.evaluation import (
@@ -52,14 +52,13 @@ from compressor.inputs import (
     model_input_specs,
     parse_input_overrides,
 )
-from compressor.model_io import clone_model, ir_bytes
+from compressor.model_io import clone_model
 from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
 from compressor.recipe import Recipe, load_recipe
 from compressor.recover.stage import check_recover_inputs, recover_stage
 from compressor.targets import get_target
-from compressor.targets.onnx import OrtRunner
 
 __all__ = ["compress", "CompressResult", "Progress", "package_versions"]
 
@@ -112,64 +111,9 @@ def _pick_eval(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None,
     return (calib if calib is not None else rand), rand, UNVERIFIED
 
 
-def _first_line(err: BaseException) -> str:
-    """The first line of a backend error, without ONNX Runtime's status prefix."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    text = text.split("] : ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text
-    text = text.removeprefix("1 : FAIL : ")
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _bytes_under(folder: Path) -> int:
     """Total size of the files the target wrote for the baseline (what the artifact's files compare to)."""
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def _quantized_layers(reports: list[PassReport]) -> list[str]:
-    return [name for r in reports for name in r.stats.get("layers", [])]
-
-
-def _control(tgt: Any, snapshot: ir.Model, tail_passes: list[Any], ctx: PassContext, layers: list[str],
-             score: Callable[[Any], Evaluation], first: Evaluation, accuracy: Any, eval_set: Dataset,
-             run_baseline: Any, work_dir: Path, progress: Progress,
-             executor: Executor | None = None) -> tuple[Any, ControlResult]:
-    """Re-run the tail of the pipeline giving layers back until the budget holds (ranking on ``executor``)."""
-    key = WIDE_KEY if tgt.capabilities.fallback == "int16" else EXCLUDE_KEY
-    built: dict[frozenset[str], Any] = {}
-
-    def rebuild(given: frozenset[str]) -> Any:
-        ctx.options[key] = tuple(sorted(given))
-        return PassManager(tail_passes, verify=False).run(clone_model(snapshot), ctx)
-
-    def build(given: frozenset[str]) -> Any:
-        folder = work_dir / f"control-{len(built)}"
-        built[given] = rebuild(given)
-        return tgt.runner(tgt.lower(built[given].model, folder))
-
-    ranking_data = eval_set.subset(0, min(len(eval_set), accuracy.ranking_samples))
-    runtime, ranking_ref = "target", None
-    if accuracy.ranking_backend == "onnxruntime":
-        try:
-            ranking_ref = collect_outputs(OrtRunner(snapshot), ranking_data)
-            runtime = "onnxruntime"
-        except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
-            logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
-                           _first_line(exc))
-    if ranking_ref is None:
-        ranking_ref = collect_outputs(run_baseline, ranking_data)
-    max_steps = int(accuracy.max_fallback * len(layers))
-    logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity "
-                   "(at most %d may be given back)", first.drop, accuracy.max_drop, len(layers), max_steps)
-    shared = {"snapshot": ir_bytes(snapshot), "passes": tail_passes, "key": key, "runtime": runtime,
-              "context": dataclasses.replace(ctx, progress=no_progress), "data": ranking_data, "ref": ranking_ref}
-    with progress("rank layers", len(layers) + 1, "layer") as bar:
-        ranking = rank_layers(layers, candidate_error, shared, executor=executor, progress=bar.update)
-    outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=accuracy.max_drop,
-                               max_steps=max_steps, ranking=ranking)
-    outcome.ranking_backend = runtime
-    final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
-    ctx.options.pop(key, None)
-    return final, outcome
 
 
 def _check_data_needs(recipe: Recipe, passes: list[Any], calib: RawData | None, eval_data: RawData | None) -> None:
@@ -349,14 +293,17 @@ def compress(
                 raise
             except Exception as err:  # the backend's own error types; the original model, not a pass, failed
                 raise DataError(f"the original model fails in {tgt.name} on the {eval_source} data "
-                                f"({eval_set.source}): {_first_line(err)}; check that the data is valid input "
+                                f"({eval_set.source}): {first_line(err)}; check that the data is valid input "
                                 "for the model (shapes, dtypes, value ranges) and that the model runs there "
                                 "as it is") from None
         timings["baseline_s"] = time.perf_counter() - t
 
+        seen: dict[str, list[Any]] = {}  # the outputs last scored (accuracy control picks its ranking samples)
+
         def score(run: Any, desc: str = "evaluate") -> Evaluation:
             with progress(desc, batches) as bar:
-                return compare(ref, collect_outputs(run, eval_set, progress=bar.update), eval_set, metric)
+                seen["outputs"] = collect_outputs(run, eval_set, progress=bar.update)
+                return compare(ref, seen["outputs"], eval_set, metric)
 
         # The drop after each lossy pass but the last (whose drop is the artifact's), so the
         # report names the pass that lost accuracy (pruning before quantization, say).
@@ -373,17 +320,22 @@ def compress(
 
         ctx = PassContext(target=tgt, calibration=calib_set, seed=recipe_obj.calibration.seed,
                           properties={"captured"}, progress=progress)
-        # Passes up to the first that needs calibration run once; that one and the rest are the
-        # "tail" that accuracy control re-runs with layers given back.
-        split = next((i for i, p in enumerate(passes) if getattr(p, "needs_calibration", False)), len(passes))
+        # The pipeline runs once. Accuracy control edits the model the (last) quantizing pass
+        # returned, with the record of what it changed per layer, and re-runs only the passes
+        # after it (qnn-legalize, on cached statistics).
+        budget = recipe_obj.accuracy.max_drop
+        quantized: QuantizedSnapshot | None = None
+        measure_pass = measure(0)
+
+        def after_pass(index: int, p: Any, current: ir.Model, report: PassReport) -> None:
+            nonlocal quantized
+            measure_pass(index, p, current, report)
+            if report.quantization is not None and report.quantization.layers and verified and budget is not None:
+                quantized = QuantizedSnapshot(index, clone_model(current), report.quantization)
+
         t = time.perf_counter()
-        head = PassManager(passes[:split], dump_dir=dump_passes, on_pass=on_pass, after_pass=measure(0)).run(model, ctx)
-        snapshot = clone_model(head.model) if split < len(passes) else None
-        tail = PassManager(passes[split:], on_pass=lambda i, p: on_pass(split + i, p) if on_pass else None,
-                           after_pass=measure(split))
-        result = tail.run(head.model, ctx, already_run=[p.name for p in passes[:split]],
-                          verify_level=head.verify_level) if split < len(passes) else head
-        reports = head.reports + (result.reports if split < len(passes) else [])
+        result = PassManager(passes, dump_dir=dump_passes, on_pass=on_pass, after_pass=after_pass).run(model, ctx)
+        reports = result.reports
         timings["passes_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -392,11 +344,11 @@ def compress(
         run_compressed = tgt.runner(files)
         t = time.perf_counter()
         evaluation = score(run_compressed)
+        first_outputs = seen["outputs"]
         timings["evaluate_s"] = time.perf_counter() - t
         last_lossy = reports[lossy[-1]] if lossy else None
         if last_lossy is not None and verified and last_lossy.modified:
             last_lossy.accuracy_drop = evaluation.drop
-        budget = recipe_obj.accuracy.max_drop
         precision_fallback = None
         if verified and budget is not None:
             files, run_compressed, evaluation, precision_fallback = _precision_fallback(
@@ -410,12 +362,11 @@ def compress(
                            "failed" if max_drop is not None else "not evaluated")
         control: tuple[Any, ControlResult] | None = None
         cause: PassReport | None = None
-        quantized_layers = _quantized_layers(reports)
         all_wide = tgt.capabilities.fallback == "int16" and all(
             r.options.get("activations") == "int16" for r in reports if r.name == "quantize")
         over = verified and budget is not None and evaluation.drop > budget
-        if over:
-            cause = _drop_source(reports, budget, last_lossy)
+        if over:  # only a pass before the quantizing one can be the cause (qnn-legalize completes quantize)
+            cause = _drop_source(reports[:quantized.index] if quantized is not None else reports, budget, last_lossy)
         if over and cause is not None:
             logger.warning("the drop comes from %s (drop %.6f right after it, budget %g), not quantization: giving "
                            "quantized layers back cannot meet the budget; lower %s's level or recover its loss",
@@ -423,12 +374,16 @@ def compress(
         elif over and all_wide:
             logger.warning("every quantized layer already uses 16-bit activations: accuracy control has nothing to "
                            "promote on target %r", tgt.name)
-        elif over and snapshot is not None and quantized_layers:
+        elif over and quantized is not None:
             t = time.perf_counter()
-            control = _control(tgt, snapshot, passes[split:], ctx, quantized_layers, score, evaluation,
-                               recipe_obj.accuracy, eval_set, run_baseline, work_dir, progress, executor)
+            control = control_on_target(
+                tgt, quantized, passes[quantized.index + 1:], ctx, score, evaluation, first_outputs, ref,
+                recipe_obj.accuracy, eval_set, run_baseline, baseline, work_dir, progress, executor,
+                ranking_fields(recipe_obj.to_json(), tgt, baseline, calib_set, eval_set, __version__))
             result = control[0]
-            reports = head.reports + result.reports
+            given_back_stats(reports[quantized.index], control[1].given_back,
+                              "int16" if tgt.capabilities.fallback == "int16" else "float")
+            reports = reports[:quantized.index + 1] + result.reports
             evaluation = control[1].evaluation
             timings["accuracy_control_s"] = time.perf_counter() - t
             for old in files:

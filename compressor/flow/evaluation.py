@@ -31,7 +31,8 @@ import numpy as np
 from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
-__all__ = ["Evaluation", "collect_outputs", "fidelity", "top1_accuracy", "compare", "evaluate", "measure_latency"]
+__all__ = ["Evaluation", "collect_outputs", "fidelity", "sample_errors", "top1_accuracy", "compare", "evaluate",
+           "measure_latency"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,19 @@ def _rows(outputs: Iterable[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))
 
 
+def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Per-sample cosine of two ``_rows`` matrices (1 where both rows are zero)."""
+    dot = (ref * out).sum(axis=1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
+    return np.where(both_zero, 1.0, dot / np.where(norms == 0, 1.0, norms))
+
+
+def sample_errors(reference: list[np.ndarray], outputs: list[np.ndarray], data: Dataset) -> np.ndarray:
+    """``1 − cosine`` per sample of ``outputs`` against ``reference`` (padding masked as in :func:`compare`)."""
+    return 1.0 - _cosines(_rows(mask_padding(reference, data)), _rows(mask_padding(outputs, data)))
+
+
 def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str, float]:
     """Cosine mean/min, SQNR (dB), top-1 agreement and max abs difference of ``outputs``.
 
@@ -95,10 +109,7 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str
     reference is all zeros (written as ``null`` in JSON; see the module docstring).
     """
     ref, out = _rows(reference), _rows(outputs)
-    dot = (ref * out).sum(axis=1)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
-    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
-    cos = np.where(both_zero, 1.0, dot / np.where(norms == 0, 1.0, norms))
+    cos = _cosines(ref, out)
     noise = float(((ref - out) ** 2).sum())
     signal = float((ref**2).sum())
     sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))

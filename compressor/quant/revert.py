@@ -1,0 +1,197 @@
+"""Giving quantized layers back by editing the quantized graph, not by quantizing again.
+
+``quantize`` records, per layer, every input it rewired (:class:`QuantizedLayer`):
+
+* an activation input ``i`` of node ``n`` that now reads ``DQ(Q(x, s, z))``: the float
+  tensor ``x``, its calibrated range ``[lo, hi]`` and the spec of the pair;
+* the weight input, now ``DQ(Wq, s_c, 0)``: the float weight ``W`` itself (a copy, so the
+  revert is exact: ``DQ(Wq)`` is not ``W``);
+* a bias that bias correction replaced (``b' = b − E[x]·(DQ(Wq) − W)``): the original ``b``,
+  or that the node had no bias input.
+
+Two edits use that record (:func:`give_back`), chosen by ``Capabilities.fallback``:
+
+1. ``float``: node ``n`` reads ``x``, ``W`` and ``b`` again. The layer computes exactly what
+   it computes when it was never quantized (the tensors other layers read, and the Q/DQ
+   pairs they share, are untouched); Q/DQ nodes and quantized initializers nothing reads
+   any more are removed.
+2. ``int16``: on a target with no float path the activation inputs read a 16-bit pair
+   over the same range instead, ``s16 = (hi − lo) / (2^16 − 1)`` (what ``quantize`` writes
+   for a layer whose activations are 16-bit); the weights stay int8. The model's opset
+   is raised to 21 (16-bit Q/DQ).
+
+Nodes are found by the name of their first output (unique in SSA form, and kept through
+serialization), so the record applies to any copy of the quantized model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
+
+from compressor.quant.math import quant_params
+from compressor.quant.spec import QuantSpec
+
+__all__ = ["ActivationInput", "ConstantInput", "QuantizedLayer", "QuantizationRecord", "give_back", "widened"]
+
+logger = logging.getLogger(__name__)
+
+_WIDE = {"int8": "int16", "uint8": "uint16"}
+
+
+def widened(spec: QuantSpec) -> QuantSpec:
+    """An 8-bit activation spec at 16 bits (same signedness and symmetry)."""
+    return dataclasses.replace(spec, dtype=_WIDE.get(spec.dtype, spec.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationInput:
+    """Input ``index`` of node ``node`` read float tensor ``value`` through a Q/DQ pair (case 1, 2)."""
+
+    node: str
+    index: int
+    value: str
+    lo: float
+    hi: float
+    spec: QuantSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantInput:
+    """Input ``index`` of node ``node`` was the constant ``name`` holding ``array``.
+
+    ``array`` is ``None`` when the node had no such input (bias correction added a bias).
+    """
+
+    node: str
+    index: int
+    name: str
+    array: np.ndarray | None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedLayer:
+    """What ``quantize`` changed for one layer (module docstring)."""
+
+    name: str
+    activations: tuple[ActivationInput, ...] = ()
+    constants: tuple[ConstantInput, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationRecord:
+    """Every layer ``quantize`` quantized, in the order it quantized them."""
+
+    layers: tuple[QuantizedLayer, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def __getitem__(self, name: str) -> QuantizedLayer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"layer {name!r} was not quantized; quantized layers: {', '.join(self.names)}")
+
+
+def _values(graph: ir.Graph) -> dict[str, ir.Value]:
+    out: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    out.update(graph.initializers)
+    for node in graph:
+        out.update((v.name, v) for v in node.outputs if v.name)
+    return out
+
+
+def _fresh(names: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name
+
+
+def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str],
+              mode: Literal["float", "int16"] = "float") -> ir.Model:
+    """Edit ``model`` (in place) so the ``layers`` of ``record`` are float, or 16-bit (module docstring).
+
+    Args:
+        model: A copy of the model ``quantize`` returned with ``record``.
+        record: What ``quantize`` recorded.
+        layers: Names of the layers to give back.
+        mode: ``float`` (case 1) or ``int16`` (case 2).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        KeyError: a layer that ``record`` does not hold, or a node or tensor the record
+            names that the model does not have (another model than the one recorded).
+    """
+    chosen = [record[name] for name in layers]
+    if not chosen:
+        return model
+    graph = model.graph
+    values = _values(graph)
+    nodes = {node.outputs[0].name: node for node in graph if node.outputs}
+    names = set(values)
+    restored: dict[str, ir.Value] = {}
+    wide: dict[tuple[str, QuantSpec], ir.Value] = {}
+    for layer in chosen:
+        for act in layer.activations:
+            node, source = nodes[act.node], values[act.value]
+            if mode == "float":  # case 1
+                node.replace_input_with(act.index, source)
+                continue
+            spec = widened(act.spec)  # case 2
+            key = (act.value, spec)
+            if key not in wide:
+                scale, zp = quant_params(act.lo, act.hi, spec)
+                inits = []
+                for suffix, array in (("scale", np.asarray(scale, np.float32)), ("zero_point", np.asarray(zp))):
+                    tensor = ir.tensor(np.array(array, copy=True), name=_fresh(names, f"{act.value}_{suffix}16"))
+                    inits.append(ir.Value(name=tensor.name, type=ir.TensorType(tensor.dtype),
+                                          shape=ir.Shape(array.shape), const_value=tensor))
+                    graph.register_initializer(inits[-1])
+                q = ir.node("QuantizeLinear", [source, *inits], name=_fresh(names, f"{act.value}_QuantizeLinear16"))
+                q.outputs[0].name = _fresh(names, f"{act.value}_quantized16")
+                dq = ir.node("DequantizeLinear", [q.outputs[0], *inits],
+                             name=_fresh(names, f"{act.value}_DequantizeLinear16"))
+                dq.outputs[0].name = _fresh(names, f"{act.value}_dequantized16")
+                dq.outputs[0].type, dq.outputs[0].shape = source.type, source.shape
+                graph.insert_before(node, [q, dq])
+                wide[key] = dq.outputs[0]
+            node.replace_input_with(act.index, wide[key])
+        if mode != "float":
+            continue
+        for const in layer.constants:  # case 1: the float weight and the bias before correction
+            node = nodes[const.node]
+            if const.array is None:
+                node.resize_inputs(const.index)
+                continue
+            value = restored.get(const.name)
+            if value is None:
+                current = graph.initializers.get(const.name)
+                if current is not None and current.const_value is not None and \
+                        np.array_equal(current.const_value.numpy(), const.array):
+                    value = current  # still there (another reader kept it)
+                else:
+                    name = const.name if const.name not in names else _fresh(names, f"{const.name}_float")
+                    names.add(name)
+                    tensor = ir.tensor(np.array(const.array, order="C", copy=True), name=name)
+                    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(const.array.shape),
+                                     const_value=tensor)
+                    graph.register_initializer(value)
+                restored[const.name] = value
+            node.replace_input_with(const.index, value)
+    if mode == "int16" and wide:
+        model.opset_imports[""] = max(model.opset_imports.get("", 13), 21)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    logger.debug("gave back %d layer(s) as %s: %s", len(chosen), mode, ", ".join(layer.name for layer in chosen))
+    return model

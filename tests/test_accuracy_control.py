@@ -1,0 +1,322 @@
+"""Accuracy control end to end on tiny graphs: giving back by graph edit, 16-bit promotion,
+where the ranking runs, and the ranking cache.
+
+The model is a small CNN built here (Conv -> Relu -> Conv -> Relu -> Flatten -> Gemm ->
+Relu -> Gemm) with random weights; fidelity to the fp32 model (cosine) is the metric and a
+zero budget is never met, so every run ranks and tries layers. Exactness is asserted
+bit for bit through ONNX Runtime: a layer given back by the edit computes exactly what it
+computes when it is never quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from compressor.targets.onnx import OnnxTarget, ort_session
+from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
+from onnx import TensorProto, helper, numpy_helper
+
+import compressor.flow.accuracy as accuracy_module
+import compressor.flow.compress as compress_module
+from compressor.data import load_npz
+from compressor.executor import InProcessExecutor
+from compressor.flow.compress import compress
+from compressor.inputs import model_input_specs
+from compressor.model_io import save_model
+from compressor.pipeline import PassContext, build_pass
+from compressor.quant.revert import give_back
+from compressor.targets import get_target
+
+LAYERS = ["conv1", "conv2", "fc1", "fc2"]
+
+
+def cnn() -> ir.Model:
+    """x[N,4,6,6] -> conv1(+b) -> Relu -> conv2 (no bias) -> Relu -> Flatten -> fc1(+b) -> Relu -> fc2(+b)."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w1", w(8, 4, 3, 3)), ("b1", (rng.standard_normal(8) * 0.1).astype(np.float32)), ("w2", w(8, 8, 3, 3)),
+        ("fw1", w(16, 8 * 6 * 6)), ("fb1", (rng.standard_normal(16) * 0.1).astype(np.float32)),
+        ("fw2", w(5, 16)), ("fb2", (rng.standard_normal(5) * 0.1).astype(np.float32))]]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Flatten", ["r2"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fw1", "fb1"], ["g1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["g1"], ["r3"], name="relu3"),
+        helper.make_node("Gemm", ["r3", "fw2", "fb2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("acctl")
+    rng = np.random.default_rng(1)
+    out = {"model": tmp / "cnn.onnx", "calib": tmp / "calib.npz", "eval": tmp / "eval.npz"}
+    save_model(cnn(), out["model"])
+    np.savez(out["calib"], x=rng.standard_normal((32, 4, 6, 6)).astype(np.float32))
+    np.savez(out["eval"], x=rng.standard_normal((24, 4, 6, 6)).astype(np.float32))
+    return out
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _quantize(files: dict[str, Path], **options):
+    model = cnn()
+    ctx = PassContext(target=get_target("onnx"), calibration=load_npz(files["calib"], model_input_specs(model)),
+                      properties={"constants-folded"})
+    return build_pass("quantize", {"calibrator": "minmax", "bias_correction": True, **options}).run(model, ctx)
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    return ort_session(model).run(None, {"x": x})[0]
+
+
+class CountingExecutor(InProcessExecutor):
+    """Counts the tasks it runs (one per ranking candidate)."""
+
+    def __init__(self) -> None:
+        self.tasks = 0
+
+    def map(self, fn, items, **kwargs):
+        self.tasks += len(items)
+        return super().map(fn, items, **kwargs)
+
+
+def _recipe(tmp_path: Path, accuracy: str = "", recipe: str = "int8", **extra: str) -> Path:
+    path = tmp_path / f"{recipe}-{abs(hash(accuracy)) % 10**6}.yaml"
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    text = (root / f"{recipe}.yaml").read_text()
+    if accuracy:
+        text = text.replace("accuracy: {metric: auto, max_drop: 0.01}", f"accuracy: {{metric: auto, {accuracy}}}")
+        assert accuracy in text
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------- the edit
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_giving_a_layer_back_by_graph_edit_equals_never_quantizing_it(files, layer):
+    """The edit restores the float weight (a saved copy, not DQ(Wq)), the bias before bias
+    correction and the float activations: bit for bit the model quantized without that layer."""
+    quantized = _quantize(files)
+    assert quantized.quantization.names == LAYERS
+    edited = give_back(_clone(quantized.model), quantized.quantization, [layer])
+    never = _quantize(files, scope={"exclude": [layer]}).model
+    x = np.random.default_rng(2).standard_normal((8, 4, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(_run(edited, x), _run(never, x))
+    reads = {n.name: [v.name if v is not None else None for v in n.inputs] for n in edited.graph}
+    assert reads[layer][1] in {"w1", "w2", "fw1", "fw2"}, "the layer reads its float weight again"
+    assert len(reads[layer]) == (2 if layer == "conv2" else 3), "conv2 had no bias: the corrected one is dropped"
+
+
+def test_giving_every_layer_back_gives_the_float_model_without_any_q_dq(files):
+    quantized = _quantize(files)
+    edited = give_back(_clone(quantized.model), quantized.quantization, LAYERS)
+    assert not [n for n in edited.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert not [v for v in edited.graph.initializers.values() if v.dtype == ir.DataType.INT8]
+    x = np.random.default_rng(3).standard_normal((8, 4, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(_run(edited, x), _run(cnn(), x))
+
+
+def test_widening_to_16_bits_reads_the_same_range_on_a_finer_grid(files):
+    """Case 2: the layer's activations go through a 16-bit pair over the calibrated range; its weight stays int8."""
+    quantized = _quantize(files)
+    entry = quantized.quantization["fc1"].activations[0]
+    edited = give_back(_clone(quantized.model), quantized.quantization, ["fc1"], mode="int16")
+    fc1 = next(n for n in edited.graph if n.name == "fc1")
+    dq = fc1.inputs[0].producer()
+    assert dq.op_type == "DequantizeLinear" and dq.inputs[2].const_value.numpy().dtype == np.uint16
+    assert fc1.inputs[1].producer().inputs[0].const_value.numpy().dtype == np.int8, "the weight stays int8"
+    step16 = (entry.hi - entry.lo) / 65535
+    assert float(dq.inputs[1].const_value.numpy()) == pytest.approx(step16, rel=1e-6)
+    assert edited.opset_imports[""] >= 21
+    # fc1 reads its input within one 16-bit step where it is in range (half a step, plus up to half a step where
+    # the zero point's rounding shifts the grid's ends): 128 times finer than the 8-bit pair's half step.
+    edited.graph.outputs.extend([dq.inputs[0].producer().inputs[0], dq.outputs[0]])
+    x = np.load(files["calib"])["x"]
+    _, f, f16 = ort_session(edited).run(None, {"x": x})
+    inside = (f >= entry.lo) & (f <= entry.hi)
+    assert inside.mean() > 0.99
+    assert np.abs(f16 - f)[inside].max() <= step16 * (1 + 1e-3)
+
+
+# ---------------------------------------------------------------------------- the flow
+
+
+def test_int8_nm_runs_each_pass_once_with_accuracy_control(files, tmp_path, monkeypatch):
+    """Giving back is an edit: no candidate re-runs sparsify-nm or quantize."""
+    # 2:4 on this random net loses more than int8 does: let accuracy control run anyway (its layers are int8's).
+    monkeypatch.setattr(compress_module, "_drop_source", lambda *_: None)
+    calls: dict[str, int] = {}
+    for name in ("sparsify-nm", "quantize"):
+        cls = type(build_pass(name, None))
+        original = cls.run
+
+        def counted(self, model, ctx, _original=original, _name=name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(self, model, ctx)
+
+        monkeypatch.setattr(cls, "run", counted)
+    executor = CountingExecutor()
+    result = compress(files["model"], recipe="int8-nm", outdir=tmp_path / "out", calib=files["calib"],
+                      eval_data=files["eval"], max_drop=0.0, latency_runs=1, executor=executor)
+    control = result.manifest["accuracy_control"]
+    assert control is not None and len(control["ranking"]) >= 2
+    assert executor.tasks == len(control["ranking"]) + 1
+    assert calls == {"sparsify-nm": 1, "quantize": 1}
+
+
+def test_the_ranking_is_cached_and_a_new_budget_only_evaluates(files, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    first_exec = CountingExecutor()
+    first = compress(files["model"], recipe="int8", outdir=tmp_path / "a", calib=files["calib"],
+                     eval_data=files["eval"], max_drop=0.0, latency_runs=1, executor=first_exec).manifest
+    control = first["accuracy_control"]
+    assert first_exec.tasks == len(LAYERS) + 1 and control["ranking_cached"] is False
+    assert sorted(r["layer"] for r in control["ranking"]) == LAYERS
+    budget = (control["steps"][0]["drop"] + control["steps"][1]["drop"]) / 2  # met after the first give-back
+
+    again = CountingExecutor()
+    with caplog.at_level(logging.INFO, logger="compressor"):
+        second = compress(files["model"], recipe="int8", outdir=tmp_path / "b", calib=files["calib"],
+                          eval_data=files["eval"], max_drop=budget, latency_runs=1, executor=again).manifest
+    assert again.tasks == 0, "the ranking is not recomputed"
+    assert any("ranking reused from cache" in r.getMessage() for r in caplog.records)
+    assert second["accuracy_control"]["ranking"] == control["ranking"]
+    assert second["accuracy_control"]["ranking_cached"] is True
+    assert second["gate"]["passed"] is True
+
+    (path,) = (tmp_path / "cache" / "ranking").glob("*.json")
+    path.write_text("{not json")
+    caplog.clear()
+    third_exec = CountingExecutor()
+    with caplog.at_level(logging.WARNING, logger="compressor"):
+        third = compress(files["model"], recipe="int8", outdir=tmp_path / "c", calib=files["calib"],
+                         eval_data=files["eval"], max_drop=budget, latency_runs=1, executor=third_exec).manifest
+    assert third_exec.tasks == len(LAYERS) + 1, "a corrupt cache file is ranked again"
+    assert any("ignoring the cached ranking" in r.getMessage() for r in caplog.records)
+    assert third["accuracy_control"]["ranking"] == control["ranking"] and third["gate"]["passed"] is True
+
+
+def test_ranking_uses_the_samples_with_the_largest_error(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    recipe = _recipe(tmp_path, "max_drop: 0.01, ranking_samples: 5")
+    compress(files["model"], recipe=recipe, outdir=tmp_path / "out", calib=files["calib"], eval_data=files["eval"],
+             max_drop=0.0, latency_runs=1)
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "ranking").glob("*.json")]
+    chosen = entry["ranking_samples"]
+    quantized = _quantize(files).model
+    x = np.load(files["eval"])["x"]
+    ref, out = _run(cnn(), x), _run(quantized, x)
+    cos = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
+    assert len(chosen) == 5 and set(chosen) == set(np.argsort(cos)[:5].tolist())
+
+
+def test_ranking_on_the_target_and_its_fallback(files, tmp_path, monkeypatch, caplog):
+    recipe = _recipe(tmp_path, "max_drop: 0.01, ranking_backend: target")
+    on_target = compress(files["model"], recipe=recipe, outdir=tmp_path / "target", calib=files["calib"],
+                         eval_data=files["eval"], max_drop=0.0, latency_runs=1).manifest["accuracy_control"]
+    assert on_target["ranking_backend"] == "target" and len(on_target["ranking"]) == len(LAYERS)
+
+    def no_kernel(*_args, **_kwargs):
+        raise RuntimeError("Could not find an implementation for Foo(1) node with name 'foo'")
+
+    monkeypatch.setattr(accuracy_module, "OrtRunner", no_kernel)
+    with caplog.at_level(logging.WARNING, logger="compressor"):
+        fallback = compress(files["model"], recipe="int8", outdir=tmp_path / "fallback", calib=files["calib"],
+                            eval_data=files["eval"], max_drop=0.0, latency_runs=1).manifest["accuracy_control"]
+    assert fallback["ranking_backend"] == "target"
+    assert [r["layer"] for r in fallback["ranking"]] == [r["layer"] for r in on_target["ranking"]]
+    (warning,) = [r.getMessage() for r in caplog.records if "ONNX Runtime cannot run" in r.getMessage()]
+    assert warning == ("accuracy control: ONNX Runtime cannot run this model (Could not find an implementation "
+                       "for Foo(1) node with name 'foo'); ranking on the target")
+
+
+class SimulatedHtp(OnnxTarget):
+    """qnn-htp's capabilities and Q/DQ rules (no float path: fallback int16), run by ONNX Runtime CPU."""
+
+    name = "qnn-htp-simulated"
+    qdq_rules = HTP_QDQ_RULES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capabilities = QNN_HTP_CAPABILITIES
+
+
+def test_accuracy_control_promotes_to_16_bits_on_a_target_without_a_float_path(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(compress_module, "get_target", lambda name: SimulatedHtp())
+    executor = CountingExecutor()
+    result = compress(files["model"], recipe="w8a8-npu", target="qnn-htp", outdir=tmp_path / "out",
+                      inputs=["x=4x4x6x6"], calib=files["calib"], eval_data=files["eval"], max_drop=0.0,
+                      latency_runs=1, executor=executor)
+    m = result.manifest
+    control = m["accuracy_control"]
+    assert control["action"] == "int16" and control["layers"], control
+    assert executor.tasks == len(control["ranking"]) + 1 == len(LAYERS) + 1
+    kept = [s for s in control["steps"] if s["kept"]]
+    assert kept[-1]["drop"] == m["accuracy_drop"] < control["steps"][0]["drop"]
+    quant = next(p for p in m["passes"] if p["name"] == "quantize")["stats"]
+    assert quant["layers_promoted_to_int16"] == sorted(control["layers"])
+    assert quant["layers_quantized"] == len(LAYERS), "promoted layers stay quantized"
+    assert [p["name"] for p in m["passes"]][-1] == "qnn-legalize"
+    model = onnx.load(tmp_path / "out" / "model.onnx")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name in LAYERS:
+            dq = producers[node.input[0]]
+            zero_point = inits[dq.input[2]]
+            wide = node.name in control["layers"]
+            assert zero_point.dtype == (np.uint16 if wide else np.uint8), node.name
+
+
+def test_giving_back_a_matmul_whose_bias_correction_added_an_add(tmp_path):
+    """A MatMul with no bias gets ``Add(y, b)`` from bias correction, and the Add takes over
+    ``y``'s name; giving the MatMul back still edits the MatMul (not the Add) and zeroes the
+    added bias, so the layer computes exactly its float product again."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 6)) / 3).astype(np.float32), "wa"),
+             numpy_helper.from_array((rng.standard_normal((6, 4)) / 3).astype(np.float32), "wb")]
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "wb"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+
+    def fresh() -> ir.Model:
+        return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+    np.savez(tmp_path / "calib.npz", x=(rng.standard_normal((32, 8)) + 0.5).astype(np.float32))
+    model = fresh()
+    ctx = PassContext(target=get_target("onnx"), calibration=load_npz(tmp_path / "calib.npz", model_input_specs(model)),
+                      properties={"constants-folded"})
+    quantized = build_pass("quantize", {"calibrator": "minmax", "bias_correction": True}).run(model, ctx)
+    assert quantized.stats["bias_corrected"] >= 1
+    assert [n for n in quantized.model.graph if n.op_type == "Add"], "bias correction added an Add"
+    x = (rng.standard_normal((6, 8)) + 0.5).astype(np.float32)
+    edited = give_back(_clone(quantized.model), quantized.quantization, quantized.quantization.names)
+    assert not [n for n in edited.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    np.testing.assert_array_equal(_run(edited, x), _run(fresh(), x))
