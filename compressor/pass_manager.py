@@ -188,7 +188,8 @@ class PassManager:
                                        quantization=result.quantization))
             done.append(p.name)
             logger.info("pass %-24s %s %s (%.2fs)", p.name, "modified" if result.modified else "unchanged",
-                        result.stats, seconds)
+                        _brief(result.stats), seconds)
+            logger.debug("pass %s stats: %s", p.name, result.stats)
             if self.dump_dir:
                 save_model(model, self.dump_dir / f"{index + 1:02d}-{p.name}.onnx")
             if self.after_pass:
@@ -237,3 +238,20 @@ class PassManager:
                 logger.debug("input model fails %s verification: %s", "strict" if strict else "lax", err)
         logger.warning("the input model fails ONNX shape inference; passes are not verified")
         return None
+
+
+def _brief(stats: dict[str, Any]) -> str:
+    """The stats as one short line: scalars as they are, a per-layer mapping or list as its size.
+
+    The full stats go to the debug log and the manifest; on MiniLM the per-layer entries
+    alone run to several thousand characters per pass.
+    """
+    parts = []
+    for key, value in stats.items():
+        if isinstance(value, (dict, list, tuple, set)):
+            parts.append(f"{key}: [{len(value)}]")
+        elif isinstance(value, float):
+            parts.append(f"{key}: {value:.4g}")
+        else:
+            parts.append(f"{key}: {value}")
+    return "{" + ", ".join(parts) + "}"

@@ -184,3 +184,23 @@ def test_output_shapes_are_left_alone_when_they_agree():
     from compressor.model_io import correct_output_shapes
 
     assert correct_output_shapes(tiny_model()) == {}
+
+
+class PerLayer(Pass):
+    name = "test-per-layer"
+
+    def run(self, model, ctx):
+        return PassResult(model, False, {"layers": [f"layer_{i}" for i in range(40)], "sparsity": 0.123456,
+                                         "per_layer": {f"layer_{i}": 0.5 for i in range(40)}})
+
+
+def test_the_info_line_summarises_per_layer_stats_and_debug_has_them_all(caplog):
+    """A pass's info line stays one short line (MiniLM's per-layer stats ran to thousands of
+    characters per pass); the whole stats are in the debug log and the report."""
+    with caplog.at_level("DEBUG", logger="compressor.pass_manager"):
+        result = PassManager([PerLayer()]).run(tiny_model(), PassContext())
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(info) == 1 and "layers: [40]" in info[0] and "per_layer: [40]" in info[0]
+    assert "sparsity: 0.1235" in info[0] and "layer_7" not in info[0]
+    assert any("layer_39" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
+    assert len(result.reports[0].stats["per_layer"]) == 40
