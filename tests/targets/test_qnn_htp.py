@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.cli import main
 from compressor.data import load_npz
 from compressor.errors import UnsupportedByTarget
+from compressor.flow.accuracy import WIDE_KEY
 from compressor.inputs import model_input_specs
 from compressor.model_io import model_bytes, save_model
 from compressor.pipeline import PassContext, build_pass
@@ -235,6 +236,55 @@ def test_legalize_rewrites_gathernd_and_clamps_mask_sentinels(tmp_path):
     assert float_compute_nodes(result.model) == []
     out = ort_session(result.model).run(None, {"x": data.arrays["x"][0], "mask": mask[0]})[0]
     assert np.abs(out - reference).max() < 0.01 and out[..., 3].max() < 1e-6  # the padded key stays masked
+
+
+def _normalized_log() -> ir.Model:
+    """basic-pitch's ``normalized_log`` at opset 13: ``ReduceMin`` with an ``axes`` attribute, then a MatMul.
+
+    From opset 18 on ``axes`` is an input of ``ReduceMin``: a model whose opset number is
+    raised to 21 for 16-bit Q/DQ without converting its ops is invalid there.
+    """
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(np.float32(10.0), "ten"),
+             numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32) * 0.3, "w")]
+    nodes = [
+        helper.make_node("Mul", ["x", "ten"], ["scaled"], name="mul"),
+        helper.make_node("ReduceMin", ["scaled"], ["low"], name="min", axes=[1], keepdims=1),
+        helper.make_node("Sub", ["scaled", "low"], ["shifted"], name="sub"),
+        helper.make_node("MatMul", ["shifted", "w"], ["y"], name="proj"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 6])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])], inits, opset=13)
+
+
+@pytest.mark.parametrize("widened", [("proj",), ()], ids=["accuracy-control-widens-a-layer", "w8a16"])
+def test_16_bit_qdq_converts_the_opset_not_just_its_number(tmp_path, widened):
+    """Issue 12 (basic-pitch exits 1 in qnn-legalize): 16-bit Q/DQ need opset 21, and the ops
+    must be converted there too (``ReduceMin``'s ``axes`` becomes an input), not only the number."""
+    model = _normalized_log()
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "c.npz", x=rng.uniform(0, 1, (16, 1, 5, 6)).astype(np.float32))
+    data = load_npz(tmp_path / "c.npz", model_input_specs(model), what="calib")
+    ctx = PassContext(target=_Stub(), calibration=data, properties={"constants-folded"},
+                      options={WIDE_KEY: widened})
+    x = data.arrays["x"][0]
+    reference = ort_session(model).run(None, {"x": x})[0]
+    acts = "int8" if widened else "int16"
+    quantized = build_pass("quantize", {"activations": acts, "calibrator": "minmax"}).run(model, ctx).model
+    result = build_pass("qnn-legalize", {"activations": acts}).run(quantized, ctx)
+    model = result.model
+    assert model.opset_imports[""] == 21
+    reduce_min = next(n for n in model.graph if n.op_type == "ReduceMin")
+    assert "axes" not in reduce_min.attributes and len(reduce_min.inputs) == 2
+    assert float_compute_nodes(model) == []
+    out = ort_session(model).run(None, {"x": x})[0]
+    # y = shifted @ w over 6 terms, shifted in [0, 10]. At the coarser 8-bit step s_a = 10/255
+    # shifted is off by at most 1.5 s_a (two roundings upstream and its own half step), each
+    # int8 weight by s_w / 2 (s_w = max|w| / 127), and y by half its own 8-bit step.
+    w = np.random.default_rng(5).standard_normal((6, 4)).astype(np.float32) * 0.3
+    s_a, s_w, s_y = 10 / 255, np.abs(w).max() / 127, float(np.ptp(reference)) / 255
+    bound = np.abs(w).sum(axis=0).max() * 1.5 * s_a + 6 * 10 * s_w / 2 + s_y / 2
+    assert np.abs(out - reference).max() <= bound
 
 
 def test_aimet_encodings_offsets(tmp_path):
