@@ -15,8 +15,8 @@ graph form, the names and the opset rule are the same wherever a Q/DQ comes from
    so the other ops follow (``ReduceMin``'s ``axes`` becomes an input at 18, for one);
    raising the opset number alone would leave them in a form the new opset refuses.
 
-New nodes are collected and added by :meth:`QdqWriter.finish`, which also removes what
-became unused and sorts the graph topologically.
+New nodes are collected and added by :meth:`QdqWriter.flush` or :meth:`QdqWriter.finish`,
+which also removes what became unused and sorts the graph topologically.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class QdqWriter:
         self.names = NameAllocator(graph)
         self.node_names = node_names or self.names
         self.nodes: list[ir.Node] = []
+        self.written = 0
         self.wide = False
 
     def params(self, base: str, scale: np.ndarray, zero_point: np.ndarray) -> tuple[ir.Value, ir.Value]:
@@ -103,6 +104,12 @@ class QdqWriter:
         self.nodes.append(dq)
         return dq.outputs[0]
 
+    def flush(self) -> None:
+        """Add the nodes written so far to the graph (unsorted; :meth:`finish` sorts)."""
+        self.graph.extend(self.nodes)
+        self.written += len(self.nodes)
+        self.nodes = []
+
     def finish(self, model: ir.Model) -> ir.Model:
         """Add the new nodes, drop what became unused, sort; case 3 when a 16-bit Q/DQ was written.
 
@@ -112,10 +119,9 @@ class QdqWriter:
         Raises:
             UnsupportedModel: the version converter cannot upgrade one of the model's ops (exit 4).
         """
-        if not self.nodes:
+        self.flush()
+        if not self.written:
             return model
-        self.graph.extend(self.nodes)
-        self.nodes = []
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ir.passes.common.TopologicalSortPass()(model)
         if self.wide and default_opset(model) < WIDE_OPSET:
