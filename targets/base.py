@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +133,14 @@ class Target(abc.ABC):
         workdir.mkdir(parents=True, exist_ok=True)
         return self.runner(self.lower(model, workdir))
 
-    def report(self, runner: Runner) -> dict[str, Any]:
-        """Extra manifest entries about how the artifact really ran (e.g. int8 layers)."""
+    def report(self, runner: Runner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
+        """Extra manifest entries about how the artifact really ran (e.g. int8 layers).
+
+        Args:
+            runner: The artifact's runner (:meth:`runner` of the lowered files).
+            samples: Feeds the report may run ``runner`` on (the evaluation batches), for
+                measurements the runner's own calls do not cover; read lazily, as far as needed.
+        """
         return {}
 
     def describe(self) -> dict[str, Any]:

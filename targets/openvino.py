@@ -423,7 +423,7 @@ class OpenVinoTarget(Target):
         xml = [f for f in self.lower(model, workdir) if f.suffix == ".xml"]
         return OpenVinoRunner(xml[0], core=self.core, precision="f32")
 
-    def report(self, runner: OpenVinoRunner) -> dict[str, Any]:
+    def report(self, runner: OpenVinoRunner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
         """How the artifact really ran: per compute layer whether in int8, and the float precision."""
         precisions = runner.layer_precisions()
         return {

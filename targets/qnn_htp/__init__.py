@@ -43,7 +43,9 @@ on HTP, on the samples the HTP runner saw.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +98,10 @@ logger = logging.getLogger(__name__)
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 
 
-#: Samples run again on HTP for that comparison when the final runner saw fewer (it was
-#: rebuilt after accuracy control and ran only the latency batch).
+#: Calls of the final runner below which the simulation-vs-device gap is measured on
+#: samples run again (a runner rebuilt after accuracy control ran only the latency batch)...
+GAP_MIN_CALLS = 8
+#: ...and how many.
 GAP_RERUN = 16
 
 
@@ -134,7 +138,6 @@ class QnnHtpTarget(Target):
 
     def __init__(self) -> None:
         require_qnn()
-        self._feeds: list[dict[str, np.ndarray]] = []
         if cpu_has_vnni() is False:  # the emulator saturates like MLAS: 7-bit weights (SATURATING_OPS)
             self.capabilities = narrow_weights(QNN_HTP_CAPABILITIES, SATURATING_OPS)
 
@@ -160,16 +163,20 @@ class QnnHtpTarget(Target):
         onnx_files = [f for f in files if f.suffix == ".onnx" and f not in ctx]
         if not ctx and not onnx_files:
             raise CompressorError("qnn-htp: no .onnx file among the lowered files")
-        return QnnHtpRunner((ctx or onnx_files)[0], qdq_path=onnx_files[0] if onnx_files else None,
-                            feeds=self._feeds)
+        return QnnHtpRunner((ctx or onnx_files)[0], qdq_path=onnx_files[0] if onnx_files else None)
 
     def reference_runner(self, model: ir.Model, workdir: Path) -> Runner:
         """The fp32 baseline on ONNX Runtime CPU (HTP has no fp32 path)."""
         workdir.mkdir(parents=True, exist_ok=True)
         return OrtRunner(save_model(model, workdir / "model.onnx"))
 
-    def report(self, runner: QnnHtpRunner) -> dict[str, Any]:
-        """How the artifact ran on HTP, and the gap to the same QDQ model on ONNX Runtime CPU."""
+    def report(self, runner: QnnHtpRunner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
+        """How the artifact ran on HTP, and the gap to the same QDQ model on ONNX Runtime CPU.
+
+        The gap is measured on the calls ``runner`` made; a runner that made fewer than
+        :data:`GAP_MIN_CALLS` (built after accuracy control, it ran only the latency batch)
+        is run on the first :data:`GAP_RERUN` of ``samples`` instead.
+        """
         out: dict[str, Any] = {"qnn_htp": {"cpu_fallback": "disabled", "ran_wholly_on_htp": True,
                                            "artifact": runner.path.name}}
         if runner.qdq_path is None:
@@ -183,8 +190,10 @@ class QnnHtpTarget(Target):
         out["qnn_htp"]["float_nodes"] = float_compute_nodes(load_onnx(runner.qdq_path))
 
         seen = list(runner.seen)
-        if len(seen) < min(8, len(self._feeds)):  # a runner built after accuracy control saw one batch
-            seen = [(feed, runner(feed)) for feed in self._feeds[:GAP_RERUN]]
+        if len(seen) < GAP_MIN_CALLS:
+            feeds = [{k: v for k, v in feed.items() if k in runner.input_names}
+                     for feed in itertools.islice(samples, GAP_RERUN)]
+            seen = [(feed, runner(feed)) for feed in feeds] or seen
         if not seen:
             return out
         cpu = OrtRunner(runner.qdq_path)

@@ -354,6 +354,21 @@ def test_lower_runs_wholly_on_htp_from_the_context_binary(tmp_path, target):
 
 
 @needs_htp
+def test_report_measures_the_gap_on_the_samples_it_is_given(tmp_path, target):
+    """The target keeps no state between calls: a runner that made no call (built after
+    accuracy control) is run on the ``samples`` the report gets, not on feeds another
+    runner of the same target saw."""
+    files = target.lower(legalized(tmp_path, target=target), tmp_path / "out")
+    x = np.random.default_rng(7).uniform(0, 1, (3, 1, 3, 8, 8)).astype(np.float32)
+    target.runner(files)({"x": x[0]})  # an earlier runner's call
+    fresh = target.runner(files)
+    assert target.report(fresh)["qnn_htp"].get("simulation_vs_device") is None
+    gap = target.report(fresh, samples=({"x": s} for s in x))["qnn_htp"]["simulation_vs_device"]
+    assert gap["calls"] == 3 and gap["top1_agreement"] == 1.0
+    assert not [k for k in vars(target) if k != "capabilities"]
+
+
+@needs_htp
 def test_htp_refusal_names_the_node(tmp_path, target):
     """A rank-6 Relu (HTP handles rank <= 5) fails at lowering with the nodes named: never a CPU fallback."""
     shape = [1, 1, 1, 1, 2, 2]
