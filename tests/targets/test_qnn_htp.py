@@ -288,6 +288,26 @@ def test_16_bit_qdq_converts_the_opset_not_just_its_number(tmp_path, widened):
     assert np.abs(out - reference).max() <= bound
 
 
+def test_legalize_is_three_registered_passes_with_its_stats(tmp_path):
+    """``qnn-legalize`` runs ``qnn-clamp-sentinels``, ``qnn-gathernd-to-gather`` and
+    ``qnn-quantize-tensors``; each is a pass of its own, and the three in a row give the same model."""
+    from compressor.pipeline import available_passes
+
+    steps = ["qnn-clamp-sentinels", "qnn-gathernd-to-gather", "qnn-quantize-tensors"]
+    assert set(steps) <= set(available_passes())
+    model = cnn()
+    ctx = PassContext(target=_Stub(), calibration=_Data.make(tmp_path, model), properties={"constants-folded"})
+    quantized = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+    one = build_pass("qnn-legalize", None).run(ir.serde.deserialize_model(ir.serde.serialize_model(quantized)), ctx)
+    stepwise, stats = quantized, {}
+    for name in steps:
+        result = build_pass(name, None).run(stepwise, ctx)
+        stepwise = result.model
+        stats.update(result.stats)
+    assert model_bytes(one.model) == model_bytes(stepwise)
+    assert one.stats == stats and stats["biases_int32"] == 2 and stats["sentinels_clamped"] == 0
+
+
 def test_aimet_encodings_offsets(tmp_path):
     model = legalized(tmp_path)
     enc = aimet_encodings(model)
