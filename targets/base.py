@@ -35,7 +35,6 @@ class Capabilities:
         static_shapes: Every input dimension must be fixed before lowering.
         supported_ops: The op types it runs (``None``: whatever its runtime accepts).
         max_rank: Largest tensor rank it handles (``None``: no limit).
-        min_opset: Lowest opset it reads.
         fallback: What accuracy control does with a sensitive layer: ``float`` (revert
             it) or ``int16`` (promote its activations; for targets with no float path).
     """
@@ -45,7 +44,6 @@ class Capabilities:
     static_shapes: bool = False
     supported_ops: frozenset[str] | None = None
     max_rank: int | None = None
-    min_opset: int | None = None
     fallback: str = "float"
 
 

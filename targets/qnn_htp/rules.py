@@ -51,7 +51,6 @@ QNN_HTP_CAPABILITIES = Capabilities(
     static_shapes=True,
     supported_ops=QNN_HTP_OPS,
     max_rank=5,
-    min_opset=13,
     fallback="int16",  # no float path on the NPU: accuracy control widens activations instead
 )
 

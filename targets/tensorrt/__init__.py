@@ -64,7 +64,7 @@ def _caps(act: QuantSpec) -> Capabilities:
                    for op, axis in weights.items()}
     # Rule 5: residual Adds, both float inputs, no weight (passes/_placement: weights=None).
     quantizable["Add"] = OpQuant(activations=act, weights=None)
-    return Capabilities(quantizable=quantizable, nm_patterns=((2, 4),), static_shapes=False, min_opset=13)
+    return Capabilities(quantizable=quantizable, nm_patterns=((2, 4),), static_shapes=False)
 
 
 #: INT8 explicit quantization as TensorRT fuses it (module docstring, rules 1-5).
