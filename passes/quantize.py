@@ -67,11 +67,9 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._attention import ROLES
 from compressor.passes._bias_correction import correct_bias
 from compressor.passes._float32 import HALF, widen_to_float32
-from compressor.passes._graph import NameAllocator, add_initializer
 from compressor.passes._layers import Layer
 from compressor.passes._placement import find_layers, integer_derived, mask_uses
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
@@ -99,6 +97,7 @@ from compressor.quant.revert import (
     QuantizedLayer,
     widened,
 )
+from compressor.quant.qdq import QdqWriter
 from compressor.quant.spec import QuantSpec
 from compressor.quant.taps import StatPoint, gather
 from compressor.scope import Scope
@@ -163,33 +162,20 @@ def _bits(spec: QuantSpec) -> int:
 
 
 class _QdqWriter:
-    """Adds Q/DQ nodes and quantized initializers; one pair per (tensor, spec)."""
+    """Quantize's use of the Q/DQ writer: one pair per (tensor, spec), weight errors and sizes."""
 
     def __init__(self, graph: ir.Graph):
-        self.graph = graph
-        self.names = NameAllocator(graph)
-        self.nodes: list[ir.Node] = []
+        self.qdq = QdqWriter(graph)
+        self.names = self.qdq.names
         self._act: dict[tuple[int, QuantSpec], ir.Value] = {}
         self._w: dict[tuple[int, QuantSpec], ir.Value] = {}
         self.weight_bytes = [0, 0]
         self.errors: dict[int, np.ndarray] = {}  # id(weight value) -> DQ(Wq) - W
 
-    def _params(self, base: str, scale: np.ndarray, zp: np.ndarray) -> tuple[ir.Value, ir.Value]:
-        return (add_initializer(self.graph, self.names(f"{base}_scale"), np.asarray(scale, np.float32)),
-                add_initializer(self.graph, self.names(f"{base}_zero_point"), np.asarray(zp)))
-
     def activation(self, value: ir.Value, spec: QuantSpec, lo: float, hi: float) -> ir.Value:
         key = (id(value), spec)
         if key not in self._act:
-            scale, zp = quant_params(lo, hi, spec)
-            s, z = self._params(value.name, scale, zp)
-            q = ir.node("QuantizeLinear", [value, s, z], name=self.names(f"{value.name}_QuantizeLinear"))
-            q.outputs[0].name = self.names(f"{value.name}_quantized")
-            dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=self.names(f"{value.name}_DequantizeLinear"))
-            dq.outputs[0].name = self.names(f"{value.name}_dequantized")
-            dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
-            self.nodes += [q, dq]
-            self._act[key] = dq.outputs[0]
+            self._act[key] = self.qdq.pair(value, *quant_params(lo, hi, spec))
         return self._act[key]
 
     def weight(self, value: ir.Value, spec: QuantSpec) -> ir.Value:
@@ -201,15 +187,7 @@ class _QdqWriter:
             self.errors[id(value)] = dequantize_array(wq, scale, zp, spec).astype(np.float64) - w
             self.weight_bytes[0] += w.nbytes
             self.weight_bytes[1] += wq.nbytes
-            wq_value = add_initializer(self.graph, self.names(f"{value.name}_quantized"), wq)
-            s, z = self._params(value.name, scale, zp)
-            attrs = {"axis": spec.axis} if spec.axis is not None else {}
-            dq = ir.node("DequantizeLinear", [wq_value, s, z], attributes=attrs,
-                         name=self.names(f"{value.name}_DequantizeLinear"))
-            dq.outputs[0].name = self.names(f"{value.name}_dequantized")
-            dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
-            self.nodes.append(dq)
-            self._w[key] = dq.outputs[0]
+            self._w[key] = self.qdq.constant(value.name, wq, scale, zp, spec.axis, value.type, value.shape)
         return self._w[key]
 
     def replace_weight(self, layer: Layer, spec: QuantSpec) -> None:
@@ -378,13 +356,7 @@ class Quantize(Pass):
                         edits, constants = _rekey_new_add(layer.node, key, edits, constants)
             quantized.append(layer.name)
             record.append(QuantizedLayer(layer.name, tuple(edits), tuple(constants)))
-        for node in writer.nodes:
-            graph.append(node)
-        if writer.nodes:
-            ir.passes.common.RemoveUnusedNodesPass()(model)
-            ir.passes.common.TopologicalSortPass()(model)
-            if bits == 16 or wide:
-                model.opset_imports[""] = max(model.opset_imports.get("", 13), 21)
+        model = writer.qdq.finish(model)  # 16-bit Q/DQ: the model is converted to opset 21
         for name, why in sorted(skipped.items()):
             logger.info("kept float: %s: %s", name, why)
         for name, why in sorted(weight_only_done.items()):

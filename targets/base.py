@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ class Capabilities:
         static_shapes: Every input dimension must be fixed before lowering.
         supported_ops: The op types it runs (``None``: whatever its runtime accepts).
         max_rank: Largest tensor rank it handles (``None``: no limit).
-        min_opset: Lowest opset it reads.
         fallback: What accuracy control does with a sensitive layer: ``float`` (revert
             it) or ``int16`` (promote its activations; for targets with no float path).
     """
@@ -45,7 +44,6 @@ class Capabilities:
     static_shapes: bool = False
     supported_ops: frozenset[str] | None = None
     max_rank: int | None = None
-    min_opset: int | None = None
     fallback: str = "float"
 
 
@@ -147,8 +145,14 @@ class Target(abc.ABC):
         """Pin ``precision`` (from :meth:`precision_fallback`) in artifacts lowered from now on; ``None`` unpins."""
         raise NotImplementedError(f"target {self.name!r} has no float precision to pin")
 
-    def report(self, runner: Runner) -> dict[str, Any]:
-        """Extra manifest entries about how the artifact really ran (e.g. int8 layers)."""
+    def report(self, runner: Runner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
+        """Extra manifest entries about how the artifact really ran (e.g. int8 layers).
+
+        Args:
+            runner: The artifact's runner (:meth:`runner` of the lowered files).
+            samples: Feeds the report may run ``runner`` on (the evaluation batches), for
+                measurements the runner's own calls do not cover; read lazily, as far as needed.
+        """
         return {}
 
     def describe(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ reads conversion errors back to the ONNX nodes).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -389,7 +389,7 @@ class OpenVinoTarget(Target):
             self.pinned = pinned
         return OpenVinoRunner(xml[0], core=self.core, precision="f32")
 
-    def report(self, runner: OpenVinoRunner) -> dict[str, Any]:
+    def report(self, runner: OpenVinoRunner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
         """How the artifact really ran: per compute layer whether in int8, and the float precision."""
         precisions = runner.layer_precisions()
         return {

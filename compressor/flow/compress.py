@@ -440,6 +440,6 @@ def compress(
             "timings": timings,
             "versions": package_versions(),
         }
-        manifest.update(tgt.report(run_compressed))
+        manifest.update(tgt.report(run_compressed, samples=eval_set.batches()))
         writer.commit(manifest)
     return CompressResult(outdir, manifest, evaluation, reports, gate_passed)

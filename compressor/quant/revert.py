@@ -17,8 +17,8 @@ Two edits use that record (:func:`give_back`), chosen by ``Capabilities.fallback
    any more are removed.
 2. ``int16``: on a target with no float path the activation inputs read a 16-bit pair
    over the same range instead, ``s16 = (hi − lo) / (2^16 − 1)`` (what ``quantize`` writes
-   for a layer whose activations are 16-bit); the weights stay int8. The model's opset
-   is raised to 21 (16-bit Q/DQ).
+   for a layer whose activations are 16-bit); the weights stay int8. The model is converted
+   to opset 21 (16-bit Q/DQ) as :mod:`compressor.quant.qdq` converts it.
 
 Nodes are found by the name of their first output (unique in SSA form, and kept through
 serialization), so the record applies to any copy of the quantized model.
@@ -35,7 +35,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 
+from compressor.model_io import default_opset
 from compressor.quant.math import quant_params
+from compressor.quant.qdq import WIDE_OPSET, raise_opset
 from compressor.quant.spec import QuantSpec
 
 __all__ = ["ActivationInput", "ConstantInput", "QuantizedLayer", "QuantizationRecord", "give_back", "widened"]
@@ -190,8 +192,8 @@ def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str]
                     graph.register_initializer(value)
                 restored[const.name] = value
             node.replace_input_with(const.index, value)
-    if mode == "int16" and wide:
-        model.opset_imports[""] = max(model.opset_imports.get("", 13), 21)
     ir.passes.common.RemoveUnusedNodesPass()(model)
+    if mode == "int16" and wide and default_opset(model) < WIDE_OPSET:
+        model = raise_opset(model, WIDE_OPSET)  # converted, not renumbered: ReduceMin's axes, say
     logger.debug("gave back %d layer(s) as %s: %s", len(chosen), mode, ", ".join(layer.name for layer in chosen))
     return model

@@ -6,7 +6,7 @@ emulated on the CPU (about 0.4 s per small image). Every session here is created
 ``session.disable_cpu_ep_fallback=1``: the whole graph runs on HTP or the session fails, so
 a silent CPU fallback can never inflate the accuracy figures.
 
-What HTP needs (the data below, read by ``check``, ``quantize`` and ``qnn-legalize``):
+What HTP needs (the data in :mod:`.rules`, read by ``check``, ``quantize`` and ``qnn-legalize``):
 
 1. static shapes, tensors of rank <= 5, no float64, ops the QNN EP has builders for;
 2. activations ``uint8`` (W8A8) or ``uint16`` (W8A16) asymmetric, per tensor;
@@ -17,7 +17,8 @@ What HTP needs (the data below, read by ``check``, ``quantize`` and ``qnn-legali
    int32 beta, measured);
 5. fixed output encodings for 16-bit Sigmoid (``1/65536``, offset 0) and Tanh
    (``1/32768``, offset 32768), which the HTP kernels assume (8-bit: ``1/256`` and ``1/128``);
-6. opset >= 21 whenever a 16-bit Q/DQ is present (``QuantizeLinear``-21 added 16-bit types);
+6. opset >= 21 whenever a 16-bit Q/DQ is present (``QuantizeLinear``-21 added 16-bit types;
+   :mod:`compressor.quant.qdq` converts the model there when it writes one);
 7. every op inside a Q/DQ node unit (``DQ -> op -> Q``): a float op left between quantized
    ones runs as an fp16 island or is refused on the device.
 
@@ -27,8 +28,12 @@ artifact, loaded without recompiling), and writes ``model.encodings``: the scale
 every quantized tensor in AIMET's JSON format (version 0.6.1), so a device flow (qnn-onnx-
 converter ``--quantization_overrides``) uses exactly the encodings that were evaluated.
 
-Session plumbing, context compilation and the runner are in :mod:`.runtime`; the
-AIMET encodings in :mod:`.encodings`.
+The package: the rules as data (:mod:`.rules`), the legalization passes that make a
+``quantize`` output wholly quantized (:mod:`.sentinels` ``qnn-clamp-sentinels``,
+:mod:`.gathernd` ``qnn-gathernd-to-gather``, :mod:`.quantize_tensors`
+``qnn-quantize-tensors``; recipes name them together as ``qnn-legalize``,
+``passes/qnn_legalize.py``), session plumbing, context compilation and the runner
+(:mod:`.runtime`), and the AIMET encodings (:mod:`.encodings`).
 
 The baseline (fp32 model) runs on ONNX Runtime CPU: HTP has no fp32 path (it would run fp16).
 The manifest gets the simulation-vs-device gap: the same QDQ model on ONNX Runtime CPU and
@@ -38,8 +43,9 @@ on HTP, on the samples the HTP runner saw.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,14 @@ from compressor.targets.base import (
 )
 from compressor.targets.onnx import OrtRunner
 from compressor.targets.qnn_htp.encodings import aimet_encodings
+from compressor.targets.qnn_htp.rules import (
+    HTP_QDQ_RULES,
+    QNN_HTP_CAPABILITIES,
+    QNN_HTP_CONTRIB_OPS,
+    QNN_HTP_OPS,
+    SATURATING_OPS,
+    QdqRules,
+)
 from compressor.targets.qnn_htp.runtime import (
     QnnHtpRunner,
     compile_context,
@@ -66,7 +80,6 @@ from compressor.targets.qnn_htp.runtime import (
 
 from compressor.errors import CompressorError
 from compressor.model_io import save_model
-from compressor.quant.spec import OpQuant, QuantSpec
 from compressor.strict_json import write_json
 
 __all__ = [
@@ -81,95 +94,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ONNX ops the QNN EP has HTP builders for (onnxruntime-qnn ``op_builder_factory.cc``),
-#: plus ``Constant`` (ONNX Runtime folds it). ``Shape``/``Range``... are absent: with static
-#: shapes, constant folding removes them before lowering (``check`` allows such nodes).
-QNN_HTP_OPS = frozenset({
-    "Abs", "Add", "And", "ArgMax", "ArgMin", "Asin", "Atan", "AveragePool", "BatchNormalization", "Cast", "Ceil",
-    "Clip", "Concat", "Constant", "Conv", "ConvTranspose", "Cos", "CumSum", "DepthToSpace", "DequantizeLinear",
-    "Div", "Einsum", "Elu", "Equal", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND",
-    "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample",
-    "GroupNormalization", "GRU", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization", "IsNaN",
-    "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "LpNormalization", "LRN",
-    "LSTM", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "PRelu",
-    "QuantizeLinear", "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
-    "Relu", "Reshape", "Resize", "RMSNormalization", "RoiAlign", "Round", "ScatterElements", "ScatterND", "Selu",
-    "Sigmoid", "Sign", "Sin", "Slice", "Softmax", "Softplus", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub",
-    "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Unsqueeze", "Upsample", "Where", "Xor",
-})
-
-#: Contrib ops (``com.microsoft``) the QNN EP builds for HTP.
-QNN_HTP_CONTRIB_OPS = frozenset({"FusedMatMul", "QuickGelu", "SimplifiedLayerNormalization", "RotaryEmbedding",
-                                 "MatMulNBits", "EPContext"})
-
 #: Ops whose inputs the shape of a static tensor decides (folded away when shapes are static).
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 
-_ACT = QuantSpec("uint8", symmetric=False)  # widened to uint16 by quantize's ``activations: int16``
 
-#: What HTP runs quantized, and how (see the module docstring, cases 2-3).
-QNN_HTP_CAPABILITIES = Capabilities(
-    quantizable={
-        "Conv": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),
-        "ConvTranspose": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),
-        "Gemm": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=None)),
-        "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=None)),
-    },
-    nm_patterns=(),
-    static_shapes=True,
-    supported_ops=QNN_HTP_OPS,
-    max_rank=5,
-    min_opset=13,
-    fallback="int16",  # no float path on the NPU: accuracy control widens activations instead
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class QdqRules:
-    """How a QDQ graph must look for HTP beyond the compute layers (cases 4-7); read by ``qnn-legalize``.
-
-    Attributes:
-        activation: 8-bit activation spec of every other tensor (widened to 16 bits by the recipe).
-        bias: Spec of Conv/ConvTranspose/Gemm/LayerNormalization biases (``scale = s_x * s_w``).
-        norm_weight: Spec of normalization scales (LayerNormalization's gamma).
-        fixed_outputs: ``(op, dtype) -> (scale, zero point)`` of outputs HTP fixes.
-        same_encoding: Ops whose output must carry their first input's encoding (data movement).
-        wide_opset: Lowest opset whose Q/DQ take 16-bit types.
-    """
-
-    activation: QuantSpec = _ACT
-    bias: QuantSpec = QuantSpec("int32", True)
-    norm_weight: QuantSpec = QuantSpec("uint8", False)
-    fixed_outputs: Mapping[tuple[str, str], tuple[float, int]] = dataclasses.field(default_factory=dict)
-    same_encoding: frozenset[str] = frozenset()
-    wide_opset: int = 21
-
-
-HTP_QDQ_RULES = QdqRules(
-    fixed_outputs={
-        ("Sigmoid", "uint16"): (1.0 / 65536.0, 0),
-        ("Sigmoid", "uint8"): (1.0 / 256.0, 0),
-        ("Tanh", "uint16"): (1.0 / 32768.0, 32768),
-        ("Tanh", "uint8"): (1.0 / 128.0, 128),
-    },
-    same_encoding=frozenset({
-        "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "GlobalMaxPool", "Gather",
-        "GatherElements", "GatherND", "Slice", "Split", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Identity",
-        "ReduceMax", "ReduceMin", "Pad",
-    }),
-)
-
-#: Layers whose 8-bit kernels the x86 HTP emulator runs with pairwise int16 saturation on
-#: CPUs without VNNI, as MLAS does (measured, u8 activations: Conv off by up to 11 LSB with
-#: full-range int8 weights, exact to 1 LSB with 7-bit weights). The device accumulates in
-#: 32 bits; on such hosts Conv weights get 7 bits so that what is measured here is what the
-#: device computes. MatMul is off by at most 3-4 LSB and transformers need every weight
-#: bit (7-bit per-tensor weights cost all-MiniLM-L6-v2 W8A16 most of its fidelity), so it
-#: keeps 8 bits and the residue shows in the simulation-vs-device gap.
-SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})
-
-#: Samples run again on HTP for that comparison when the final runner saw fewer (it was
-#: rebuilt after accuracy control and ran only the latency batch).
+#: Calls of the final runner below which the simulation-vs-device gap is measured on
+#: samples run again (a runner rebuilt after accuracy control ran only the latency batch)...
+GAP_MIN_CALLS = 8
+#: ...and how many.
 GAP_RERUN = 16
 
 
@@ -206,7 +138,6 @@ class QnnHtpTarget(Target):
 
     def __init__(self) -> None:
         require_qnn()
-        self._feeds: list[dict[str, np.ndarray]] = []
         if cpu_has_vnni() is False:  # the emulator saturates like MLAS: 7-bit weights (SATURATING_OPS)
             self.capabilities = narrow_weights(QNN_HTP_CAPABILITIES, SATURATING_OPS)
 
@@ -232,16 +163,20 @@ class QnnHtpTarget(Target):
         onnx_files = [f for f in files if f.suffix == ".onnx" and f not in ctx]
         if not ctx and not onnx_files:
             raise CompressorError("qnn-htp: no .onnx file among the lowered files")
-        return QnnHtpRunner((ctx or onnx_files)[0], qdq_path=onnx_files[0] if onnx_files else None,
-                            feeds=self._feeds)
+        return QnnHtpRunner((ctx or onnx_files)[0], qdq_path=onnx_files[0] if onnx_files else None)
 
     def reference_runner(self, model: ir.Model, workdir: Path) -> Runner:
         """The fp32 baseline on ONNX Runtime CPU (HTP has no fp32 path)."""
         workdir.mkdir(parents=True, exist_ok=True)
         return OrtRunner(save_model(model, workdir / "model.onnx"))
 
-    def report(self, runner: QnnHtpRunner) -> dict[str, Any]:
-        """How the artifact ran on HTP, and the gap to the same QDQ model on ONNX Runtime CPU."""
+    def report(self, runner: QnnHtpRunner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
+        """How the artifact ran on HTP, and the gap to the same QDQ model on ONNX Runtime CPU.
+
+        The gap is measured on the calls ``runner`` made; a runner that made fewer than
+        :data:`GAP_MIN_CALLS` (built after accuracy control, it ran only the latency batch)
+        is run on the first :data:`GAP_RERUN` of ``samples`` instead.
+        """
         out: dict[str, Any] = {"qnn_htp": {"cpu_fallback": "disabled", "ran_wholly_on_htp": True,
                                            "artifact": runner.path.name}}
         if runner.qdq_path is None:
@@ -255,8 +190,10 @@ class QnnHtpTarget(Target):
         out["qnn_htp"]["float_nodes"] = float_compute_nodes(load_onnx(runner.qdq_path))
 
         seen = list(runner.seen)
-        if len(seen) < min(8, len(self._feeds)):  # a runner built after accuracy control saw one batch
-            seen = [(feed, runner(feed)) for feed in self._feeds[:GAP_RERUN]]
+        if len(seen) < GAP_MIN_CALLS:
+            feeds = [{k: v for k, v in feed.items() if k in runner.input_names}
+                     for feed in itertools.islice(samples, GAP_RERUN)]
+            seen = [(feed, runner(feed)) for feed in feeds] or seen
         if not seen:
             return out
         cpu = OrtRunner(runner.qdq_path)

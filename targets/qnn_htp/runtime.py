@@ -4,7 +4,7 @@ The provider library is registered once per process; every session is created wi
 ``session.disable_cpu_ep_fallback=1`` so the whole graph runs on HTP or the session
 fails (:func:`refused_nodes` says which nodes HTP refused). :func:`compile_context`
 writes the EPContext model (``*_ctx.onnx`` + ``*_ctx_qnn.bin``); :class:`QnnHtpRunner`
-runs it and keeps the samples it saw for the simulation-vs-device comparison.
+runs it and keeps the samples it saw (and its outputs) for the simulation-vs-device comparison.
 """
 
 from __future__ import annotations
@@ -198,13 +198,12 @@ class QnnHtpRunner(Runner):
     Args:
         path: The EPContext model (``*_ctx.onnx``) or a QDQ ``.onnx`` (compiled on load).
         qdq_path: The QDQ model the context was compiled from (for the simulation gap).
-        feeds: A shared list the runner appends the feeds it sees to (up to ``GAP_SAMPLES``).
 
     Raises:
         UnsupportedByTarget: HTP refuses part of the graph.
     """
 
-    def __init__(self, path: Path, qdq_path: Path | None = None, feeds: list[dict[str, np.ndarray]] | None = None):
+    def __init__(self, path: Path, qdq_path: Path | None = None):
         require_qnn()
         self.path = Path(path)
         self.qdq_path = qdq_path
@@ -216,16 +215,12 @@ class QnnHtpRunner(Runner):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.seen: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
-        self._shared = feeds
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         feed = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self.input_names}
         outs = self.session.run(None, feed)
         if len(self.seen) < GAP_SAMPLES and not any(_same(feed, f) for f, _ in self.seen[-1:]):
             self.seen.append((feed, outs))
-        if self._shared is not None and len(self._shared) < GAP_SAMPLES and not any(
-                _same(feed, f) for f in self._shared[-1:]):
-            self._shared.append(feed)
         return outs
 
 

@@ -19,10 +19,13 @@ int8 kernel of the host CPU stands in for TensorRT's), warns, and the manifest s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from compressor.targets.base import (
     Capabilities,
@@ -61,7 +64,7 @@ def _caps(act: QuantSpec) -> Capabilities:
                    for op, axis in weights.items()}
     # Rule 5: residual Adds, both float inputs, no weight (passes/_placement: weights=None).
     quantizable["Add"] = OpQuant(activations=act, weights=None)
-    return Capabilities(quantizable=quantizable, nm_patterns=((2, 4),), static_shapes=False, min_opset=13)
+    return Capabilities(quantizable=quantizable, nm_patterns=((2, 4),), static_shapes=False)
 
 
 #: INT8 explicit quantization as TensorRT fuses it (module docstring, rules 1-5).
@@ -89,8 +92,9 @@ class TensorRtTarget(Target):
     def __init__(self, settings: BuildSettings = BuildSettings()) -> None:
         self.settings = settings
         self.available, self.status = tensorrt_status()
-        self._warned = False
-        self._last: dict[str, Any] = {}
+        if not self.available:  # said once per target, before any work
+            logger.warning("tensorrt: engine not built: %s. The TensorRT-ready QDQ ONNX (model.onnx) is written and "
+                           "accuracy is measured on that model with ONNX Runtime CPU", self.status)
 
     def check(self, model: ir.Model) -> list[tuple[str, str]]:
         """The generic lint; with TensorRT present, also what its ONNX parser refuses (by node)."""
@@ -139,25 +143,22 @@ class TensorRtTarget(Target):
                         "+".join(build.flags) or "fp32", build.layers["int8"], build.layers["compute_layers"],
                         build.layers["sparse"])
         else:
-            reason = self.status
-            log["engine"] = {"built": False, "status": "not built", "reason": reason}
-            if not self._warned:
-                logger.warning("tensorrt: engine not built: %s. Wrote the TensorRT-ready QDQ ONNX (model.onnx); "
-                               "accuracy is measured on that model with ONNX Runtime CPU", reason)
-                self._warned = True
+            log["engine"] = {"built": False, "status": "not built", "reason": self.status}
         build_log = outdir / "build_log.json"
         write_json(build_log, log, indent=1, sort_keys=False)
-        self._last = log
         return files + [build_log]
 
     def runner(self, files: list[Path]) -> Runner:
+        """The engine's runner, else the QDQ ONNX's; either carries the lowering's ``build_log.json``."""
+        logs = [f for f in files if f.name == "build_log.json"]
+        build_log = json.loads(logs[0].read_text(encoding="utf-8")) if logs else {}
         engines = [f for f in files if f.suffix == ".engine"]
         if engines:
-            return TensorRtRunner(engines[0])
+            return TensorRtRunner(engines[0], build_log=build_log)
         onnx_files = [f for f in files if f.suffix == ".onnx"]
         if not onnx_files:
             raise CompressorError("tensorrt: no .engine or .onnx among the lowered files")
-        return QdqReferenceRunner(onnx_files[0])
+        return QdqReferenceRunner(onnx_files[0], build_log=build_log)
 
     def reference_runner(self, model: ir.Model, workdir: Path) -> Runner:
         """The fp32 baseline: an fp32 engine on the GPU, else ONNX Runtime CPU."""
@@ -169,9 +170,12 @@ class TensorRtTarget(Target):
             return TensorRtRunner(build.engine)
         return QdqReferenceRunner(path)
 
-    def report(self, runner: Runner) -> dict[str, Any]:
-        """``engine``: built or not (and why); ``tensorrt``: placement findings, per-layer kernels, GPU latency."""
-        log = self._last
+    def report(self, runner: Runner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
+        """``engine``: built or not (and why); ``tensorrt``: placement findings, per-layer kernels.
+
+        Read from the ``build_log.json`` the runner was built with (``samples`` are not needed).
+        """
+        log = getattr(runner, "build_log", None) or {}
         out: dict[str, Any] = {"engine": log.get("engine", {"built": False, "status": "not built",
                                                              "reason": "nothing was lowered"})}
         info: dict[str, Any] = {

@@ -336,14 +336,20 @@ def build_engine(model: ir.Model, onnx_path: Path, engine_path: Path, *, setting
 
 
 class TensorRtRunner(Runner):
-    """Runs a serialized engine with torch CUDA tensors as buffers (one execution context)."""
+    """Runs a serialized engine with torch CUDA tensors as buffers (one execution context).
 
-    def __init__(self, engine_path: Path):
+    Args:
+        engine_path: The serialized engine.
+        build_log: What the lowering recorded of the build (``build_log.json``), for the report.
+    """
+
+    def __init__(self, engine_path: Path, build_log: Mapping[str, Any] | None = None):
         import tensorrt as trt
         import torch
 
         self._trt, self._torch = trt, torch
         self.path = engine_path
+        self.build_log = dict(build_log or {})
         lines: list[str] = []
         self._logger = capturing_logger(trt, lines, [])
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(engine_path.read_bytes())
@@ -414,11 +420,16 @@ class QdqReferenceRunner(Runner):
     level) would swap in the host CPU's int8 kernels, whose arithmetic is not TensorRT's
     (and saturates on x86 without VNNI); executed as written, ``DQ(Q(x))`` then float
     Conv/MatMul is what TensorRT's int8 kernels compute, up to float rounding.
+
+    Args:
+        path: The QDQ ONNX model.
+        build_log: What the lowering recorded (``build_log.json``), for the report.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, build_log: Mapping[str, Any] | None = None):
         import onnxruntime as ort
 
+        self.build_log = dict(build_log or {})
         ort.set_default_logger_severity(3)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3

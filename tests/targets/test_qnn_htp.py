@@ -28,9 +28,11 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.cli import main
 from compressor.data import load_npz
 from compressor.errors import UnsupportedByTarget
+from compressor.flow.accuracy import WIDE_KEY
 from compressor.inputs import model_input_specs
 from compressor.model_io import model_bytes, save_model
 from compressor.pipeline import PassContext, build_pass
+from compressor.quant.qdq import WIDE_OPSET
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -117,7 +119,7 @@ def test_capabilities_are_htp_data():
     assert all(q.activations.dtype == "uint8" and not q.activations.symmetric for q in caps.quantizable.values())
     assert all(q.weights.dtype == "int8" and q.weights.symmetric for q in caps.quantizable.values())
     rules = HTP_QDQ_RULES
-    assert rules.bias.dtype == "int32" and rules.wide_opset == 21
+    assert rules.bias.dtype == "int32" and WIDE_OPSET == 21  # 16-bit Q/DQ: the writer converts to 21
     assert rules.fixed_outputs[("Sigmoid", "uint16")] == (1 / 65536, 0)
     assert rules.fixed_outputs[("Tanh", "uint16")] == (1 / 32768, 32768)
 
@@ -237,6 +239,75 @@ def test_legalize_rewrites_gathernd_and_clamps_mask_sentinels(tmp_path):
     assert np.abs(out - reference).max() < 0.01 and out[..., 3].max() < 1e-6  # the padded key stays masked
 
 
+def _normalized_log() -> ir.Model:
+    """basic-pitch's ``normalized_log`` at opset 13: ``ReduceMin`` with an ``axes`` attribute, then a MatMul.
+
+    From opset 18 on ``axes`` is an input of ``ReduceMin``: a model whose opset number is
+    raised to 21 for 16-bit Q/DQ without converting its ops is invalid there.
+    """
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(np.float32(10.0), "ten"),
+             numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32) * 0.3, "w")]
+    nodes = [
+        helper.make_node("Mul", ["x", "ten"], ["scaled"], name="mul"),
+        helper.make_node("ReduceMin", ["scaled"], ["low"], name="min", axes=[1], keepdims=1),
+        helper.make_node("Sub", ["scaled", "low"], ["shifted"], name="sub"),
+        helper.make_node("MatMul", ["shifted", "w"], ["y"], name="proj"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 6])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])], inits, opset=13)
+
+
+@pytest.mark.parametrize("widened", [("proj",), ()], ids=["accuracy-control-widens-a-layer", "w8a16"])
+def test_16_bit_qdq_converts_the_opset_not_just_its_number(tmp_path, widened):
+    """Issue 12 (basic-pitch exits 1 in qnn-legalize): 16-bit Q/DQ need opset 21, and the ops
+    must be converted there too (``ReduceMin``'s ``axes`` becomes an input), not only the number."""
+    model = _normalized_log()
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "c.npz", x=rng.uniform(0, 1, (16, 1, 5, 6)).astype(np.float32))
+    data = load_npz(tmp_path / "c.npz", model_input_specs(model), what="calib")
+    ctx = PassContext(target=_Stub(), calibration=data, properties={"constants-folded"},
+                      options={WIDE_KEY: widened})
+    x = data.arrays["x"][0]
+    reference = ort_session(model).run(None, {"x": x})[0]
+    acts = "int8" if widened else "int16"
+    quantized = build_pass("quantize", {"activations": acts, "calibrator": "minmax"}).run(model, ctx).model
+    result = build_pass("qnn-legalize", {"activations": acts}).run(quantized, ctx)
+    model = result.model
+    assert model.opset_imports[""] == 21
+    reduce_min = next(n for n in model.graph if n.op_type == "ReduceMin")
+    assert "axes" not in reduce_min.attributes and len(reduce_min.inputs) == 2
+    assert float_compute_nodes(model) == []
+    out = ort_session(model).run(None, {"x": x})[0]
+    # y = shifted @ w over 6 terms, shifted in [0, 10]. At the coarser 8-bit step s_a = 10/255
+    # shifted is off by at most 1.5 s_a (two roundings upstream and its own half step), each
+    # int8 weight by s_w / 2 (s_w = max|w| / 127), and y by half its own 8-bit step.
+    w = np.random.default_rng(5).standard_normal((6, 4)).astype(np.float32) * 0.3
+    s_a, s_w, s_y = 10 / 255, np.abs(w).max() / 127, float(np.ptp(reference)) / 255
+    bound = np.abs(w).sum(axis=0).max() * 1.5 * s_a + 6 * 10 * s_w / 2 + s_y / 2
+    assert np.abs(out - reference).max() <= bound
+
+
+def test_legalize_is_three_registered_passes_with_its_stats(tmp_path):
+    """``qnn-legalize`` runs ``qnn-clamp-sentinels``, ``qnn-gathernd-to-gather`` and
+    ``qnn-quantize-tensors``; each is a pass of its own, and the three in a row give the same model."""
+    from compressor.pipeline import available_passes
+
+    steps = ["qnn-clamp-sentinels", "qnn-gathernd-to-gather", "qnn-quantize-tensors"]
+    assert set(steps) <= set(available_passes())
+    model = cnn()
+    ctx = PassContext(target=_Stub(), calibration=_Data.make(tmp_path, model), properties={"constants-folded"})
+    quantized = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+    one = build_pass("qnn-legalize", None).run(ir.serde.deserialize_model(ir.serde.serialize_model(quantized)), ctx)
+    stepwise, stats = quantized, {}
+    for name in steps:
+        result = build_pass(name, None).run(stepwise, ctx)
+        stepwise = result.model
+        stats.update(result.stats)
+    assert model_bytes(one.model) == model_bytes(stepwise)
+    assert one.stats == stats and stats["biases_int32"] == 2 and stats["sentinels_clamped"] == 0
+
+
 def test_aimet_encodings_offsets(tmp_path):
     model = legalized(tmp_path)
     enc = aimet_encodings(model)
@@ -300,6 +371,21 @@ def test_lower_runs_wholly_on_htp_from_the_context_binary(tmp_path, target):
     report = target.report(run)["qnn_htp"]
     assert report["ran_wholly_on_htp"] and report["simulation_vs_device"]["top1_agreement"] == 1.0
     json.loads((tmp_path / "out" / "model.encodings").read_text(), parse_constant=_raise_on_constant)  # strict
+
+
+@needs_htp
+def test_report_measures_the_gap_on_the_samples_it_is_given(tmp_path, target):
+    """The target keeps no state between calls: a runner that made no call (built after
+    accuracy control) is run on the ``samples`` the report gets, not on feeds another
+    runner of the same target saw."""
+    files = target.lower(legalized(tmp_path, target=target), tmp_path / "out")
+    x = np.random.default_rng(7).uniform(0, 1, (3, 1, 3, 8, 8)).astype(np.float32)
+    target.runner(files)({"x": x[0]})  # an earlier runner's call
+    fresh = target.runner(files)
+    assert target.report(fresh)["qnn_htp"].get("simulation_vs_device") is None
+    gap = target.report(fresh, samples=({"x": s} for s in x))["qnn_htp"]["simulation_vs_device"]
+    assert gap["calls"] == 3 and gap["top1_agreement"] == 1.0
+    assert not [k for k in vars(target) if k != "capabilities"]
 
 
 @needs_htp

@@ -224,6 +224,20 @@ def test_quantize_pass_writes_what_the_checker_accepts(tmp_path):
         assert log["engine"]["status"] == "not built" and log["sparse_2_4_layers"] == ["conv1"]
 
 
+def test_report_comes_from_the_runners_own_lowering(tmp_path):
+    """The target keeps no state between calls: a report is about the files its runner ran,
+    even after another model was lowered with the same target (accuracy control does that)."""
+    target = TensorRtTarget()
+    sparse = _residual_fp32()
+    dense = _residual_fp32()
+    w1 = dense.graph.initializers["w1"]
+    w1.const_value = ir.tensor(np.random.default_rng(3).standard_normal((8, 8, 3, 3)).astype(np.float32), name="w1")
+    first = target.runner(target.lower(sparse, tmp_path / "sparse"))
+    target.lower(dense, tmp_path / "dense")
+    assert target.report(first)["tensorrt"]["sparse_2_4_layers"] == ["conv1"]
+    assert not [k for k in vars(target) if k not in ("settings", "available", "status")]
+
+
 def test_profile_shapes_from_input_specs():
     specs = [InputSpec("input_ids", ("batch", "seq"), "int64"), InputSpec("images", (1, 3, 224, 224), "float32"),
              InputSpec("lengths", (None,), "int64")]

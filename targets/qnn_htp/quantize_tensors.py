@@ -1,0 +1,401 @@
+"""``qnn-quantize-tensors``: every tensor, bias and constant quantized, as QNN HTP runs them.
+
+``quantize`` puts Q/DQ on the inputs of the compute layers only; HTP has no float path
+(float ops become fp16 islands, or are refused on the device), so every tensor between
+them must be quantized too. Run after ``quantize``; the target's :class:`QdqRules`
+(``qnn-htp``: ``HTP_QDQ_RULES``) say what HTP expects. Node by node, in topological order:
+
+1. every float activation tensor ``t`` (graph inputs and node outputs) gets one encoding,
+   ``t -> Q -> DQ -> readers`` (graph outputs keep their name on the DQ), chosen as
+   a. the fixed encoding HTP assumes for the op's output (Sigmoid ``1/65536``, Tanh
+      ``1/32768`` offset 32768 at 16 bits; ``1/256``, ``1/128`` offset 128 at 8 bits);
+   b. the encoding of the first input for data-movement ops (Reshape, Transpose,
+      MaxPool, Gather...), which HTP requires to be the same on input and output;
+   c. the encoding ``quantize`` already gave ``t`` for a compute layer, when of the same width;
+   d. else the calibrated range ``[lo, hi]`` of ``t`` (on the model without activation
+      Q/DQ): ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)`` (unsigned, asymmetric);
+2. each node runs at one width ``b`` (16 when the recipe asks for 16-bit activations or a
+   reader of its output is a 16-bit layer; a compute layer keeps the width ``quantize``
+   gave it); an input of another width is requantized (``DQ_a -> Q_b -> DQ_b`` over the
+   same real range, which QNN runs as a Convert);
+3. biases of Conv/ConvTranspose/Gemm (and LayerNormalization's beta) become int32:
+   ``b_q = round(b / (s_x * s_w))`` with scale ``s_x * s_w`` (per channel where ``s_w``
+   is), zero point 0; LayerNormalization's gamma gets ``QdqRules.norm_weight``;
+4. every other float constant a node reads (an Add's bias, a Mul's scale, an embedding
+   table...) is quantized per tensor at the node's width over ``[min(c, 0), max(c, 0)]``,
+   so scalars are exact;
+5. 16-bit Q/DQ need opset 21: the Q/DQ writer (:mod:`compressor.quant.qdq`) converts the
+   model when it writes one.
+
+Constants and activations are handled in one walk because they depend on each other: a
+bias's scale needs its layer input's encoding (assigned earlier in the same walk when
+``quantize`` left that input float, LayerNormalization's), and a Gather from a constant
+table gives its output the table's encoding (case 1b). Tensors that cannot be quantized
+(calibration saw NaN/inf) are listed in ``stats["kept_float"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
+from compressor.targets.qnn_htp.rules import HTP_QDQ_RULES, QdqRules
+
+from compressor.errors import CompressorError
+from compressor.pipeline import Pass, PassContext, PassResult, register_pass
+from compressor.quant.math import quant_params, quantize_array
+from compressor.quant.qdq import QdqWriter
+from compressor.quant.spec import QuantSpec
+from compressor.quant.statistics import TensorStats
+from compressor.quant.taps import StatPoint, gather
+
+__all__ = ["QuantizeTensors", "QuantizeTensorsOptions"]
+
+logger = logging.getLogger(__name__)
+
+_FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+_NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "BatchNormalization", "GroupNormalization"})
+_WIDE = {"uint8": "uint16", "int8": "int16"}
+_INT_DTYPES = {ir.DataType.UINT8: "uint8", ir.DataType.INT8: "int8", ir.DataType.UINT16: "uint16",
+               ir.DataType.INT16: "int16", ir.DataType.INT32: "int32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeTensorsOptions:
+    """Options of ``qnn-quantize-tensors``.
+
+    Attributes:
+        activations: Width of the tensors ``quantize`` left float (``int16``: W8A16).
+        calibrator: How their ranges are chosen (min/max keeps outliers, see docs/design.md).
+    """
+
+    activations: Literal["int8", "int16"] = "int8"
+    calibrator: Literal["minmax", "percentile", "mse"] = "minmax"
+
+
+@dataclasses.dataclass
+class _Encoding:
+    """One quantized view of a tensor: its parameters and the DQ output readers use."""
+
+    dtype: str
+    scale: np.ndarray
+    zero_point: np.ndarray
+    value: ir.Value
+
+    @property
+    def bits(self) -> int:
+        return 16 if "16" in self.dtype else 8
+
+    def range(self) -> tuple[float, float]:
+        info = np.iinfo(np.dtype(self.dtype))
+        s, z = float(self.scale), float(self.zero_point)
+        return (info.min - z) * s, (info.max - z) * s
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in _FLOATS
+
+
+def _const_array(value: ir.Value) -> np.ndarray | None:
+    """The value of a constant (a non-input initializer), else ``None``."""
+    if value.const_value is not None and not value.is_graph_input():
+        return value.const_value.numpy()
+    return None
+
+
+def _params(node: ir.Node) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """``(dtype, scale, zero point)`` of a per-tensor Q or DQ node with constant parameters."""
+    scale, zp = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    if scale is None or zp is None or scale.const_value is None or zp.const_value is None:
+        return None
+    if zp.const_value.dtype not in _INT_DTYPES or scale.const_value.numpy().size != 1:
+        return None
+    return _INT_DTYPES[zp.const_value.dtype], scale.const_value.numpy(), zp.const_value.numpy()
+
+
+def _dq_encoding(value: ir.Value) -> _Encoding | None:
+    """The encoding of ``value`` when it is the output of a per-tensor DequantizeLinear."""
+    dq = value.producer()
+    params = _params(dq) if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.inputs) >= 3 else None
+    return None if params is None else _Encoding(*params, value)
+
+
+def _dtype_of(q: ir.Node) -> str:
+    return (_params(q) or ("",))[0]
+
+
+def _activation_q_readers(value: ir.Value) -> list[tuple[ir.Node, ir.Node]]:
+    """``(Q, DQ)`` pairs reading ``value`` (what ``quantize`` inserted)."""
+    pairs = []
+    for user, _ in value.uses():
+        if user.op_type != "QuantizeLinear" or user.inputs[0] is not value:
+            continue
+        dqs = [u for u, _ in user.outputs[0].uses() if u.op_type == "DequantizeLinear"]
+        if len(dqs) == 1 and len(user.outputs[0].uses()) == 1:
+            pairs.append((user, dqs[0]))
+    return pairs
+
+
+def _stripped(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` with every activation Q -> DQ pair bypassed (weights stay dequantized)."""
+    clone = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    for node in list(clone.graph):
+        if node.op_type != "QuantizeLinear":
+            continue
+        for dq, _ in list(node.outputs[0].uses()):
+            if dq.op_type == "DequantizeLinear":
+                dq.outputs[0].replace_all_uses_with(node.inputs[0], replace_graph_outputs=False)
+    ir.passes.common.RemoveUnusedNodesPass()(clone)
+    return clone
+
+
+def _activations(graph: ir.Graph) -> list[ir.Value]:
+    """Float tensors computed at run time: float graph inputs and outputs of non-Q/DQ nodes."""
+    out = [v for v in graph.inputs if _is_float(v) and v.const_value is None]
+    for node in graph:
+        if node.op_type not in _QDQ:
+            out.extend(v for v in node.outputs if _is_float(v))
+    return out
+
+
+class _NodeNames:
+    """Node names unique among the graph's nodes (the value names are the writer's own)."""
+
+    def __init__(self, graph: ir.Graph):
+        self.taken = {n.name for n in graph if n.name}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+class _Legalizer:
+    """One run of the pass over a graph: the writer, the encodings given so far, the counts."""
+
+    def __init__(self, graph: ir.Graph, rules: QdqRules, stats: dict[str, TensorStats],
+                 opts: QuantizeTensorsOptions, quantizable: set[str]):
+        self.graph, self.rules, self.stats, self.opts, self.quantizable = graph, rules, stats, opts, quantizable
+        self.writer = QdqWriter(graph, node_names=_NodeNames(graph))
+        self.default_bits = 16 if opts.activations == "int16" else 8
+        self.enc: dict[int, _Encoding] = {}
+        self.converts: dict[tuple[int, int], _Encoding] = {}
+        self.const_cache: dict[tuple[int, str], ir.Value] = {}
+        self.kept: dict[str, str] = {}
+        self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
+                       "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0}
+
+    def spec(self, bits: int) -> QuantSpec:
+        dtype = self.rules.activation.dtype
+        return dataclasses.replace(self.rules.activation, dtype=_WIDE.get(dtype, dtype) if bits == 16 else dtype)
+
+    def pair(self, value: ir.Value, dtype: str, scale: np.ndarray, zp: np.ndarray) -> _Encoding:
+        """``value -> Q -> DQ`` with per-tensor parameters."""
+        scale = np.asarray(scale, np.float32).reshape(())
+        zp = np.asarray(zp).astype(np.dtype(dtype)).reshape(())
+        self.counts["qdq_added"] += 1
+        return _Encoding(dtype, scale, zp, self.writer.pair(value, scale, zp))
+
+    def calibrated(self, value: ir.Value, bits: int) -> _Encoding | None:
+        """Case 1d; ``None`` (the tensor kept float, with the reason) when its range is unusable."""
+        stats = self.stats.get(value.name)
+        problem = stats.problem() if stats is not None else f"tensor {value.name!r} was not calibrated"
+        if problem:
+            self.kept[value.name] = problem
+            return None
+        kwargs = {"num_bits": bits} if self.opts.calibrator == "mse" else {}
+        spec = self.spec(bits)
+        return self.pair(value, spec.dtype, *quant_params(*stats.range(self.opts.calibrator, **kwargs), spec))
+
+    def encode_output(self, value: ir.Value, node: ir.Node | None, bits: int, first_input: _Encoding | None) -> None:
+        """Give ``value`` its encoding (case 1) and route ``quantize``'s Q readers to it."""
+        readers = _activation_q_readers(value)
+        dtype = self.spec(bits).dtype
+        chosen: _Encoding | None = None
+        fixed = self.rules.fixed_outputs.get((node.op_type, dtype)) if node is not None else None
+        if fixed is not None:  # case 1a
+            chosen = self.pair(value, dtype, np.float32(fixed[0]), np.asarray(fixed[1]))
+            self.counts["fixed_encodings"] += 1
+        elif node is not None and node.op_type in self.rules.same_encoding and first_input is not None \
+                and first_input.bits == bits:  # case 1b
+            chosen = self.pair(value, first_input.dtype, first_input.scale, first_input.zero_point)
+            self.counts["shared_encodings"] += 1
+        else:
+            for q, dq in readers:  # case 1c
+                params = _params(q)
+                if params is not None and params[0] == dtype:
+                    chosen = _Encoding(*params, dq.outputs[0])
+                    self.counts["reused_encodings"] += 1
+                    break
+            if chosen is None:  # case 1d
+                chosen = self.calibrated(value, bits)
+        if chosen is None:
+            return
+        self.enc[id(value)] = chosen
+        for q, dq in readers:
+            if dq.outputs[0] is chosen.value:
+                continue
+            if _dtype_of(q) == chosen.dtype:  # one encoding per tensor and width
+                dq.outputs[0].replace_all_uses_with(chosen.value, replace_graph_outputs=True)
+            else:
+                q.replace_input_with(0, chosen.value)  # a requantization (QNN Convert)
+                self.counts["requantized"] += 1
+
+    def read_as(self, value: ir.Value, bits: int) -> _Encoding | None:
+        """The encoding a reader at width ``bits`` reads ``value`` through (case 2)."""
+        have = _dq_encoding(value) or self.enc.get(id(value))
+        if have is None or have.bits == bits:
+            return have
+        key = (id(have.value), bits)
+        if key not in self.converts:  # DQ_a -> Q_b -> DQ_b over the same real range
+            spec = self.spec(bits)
+            self.converts[key] = self.pair(have.value, spec.dtype, *quant_params(*have.range(), spec))
+            self.counts["requantized"] += 1
+        return self.converts[key]
+
+    def constant(self, value: ir.Value, array: np.ndarray, spec: QuantSpec, axis: int | None = None,
+                 scale: np.ndarray | None = None) -> ir.Value:
+        """``DQ(quantized constant)``; ``scale`` given: int32 with that scale and zero point 0 (case 3)."""
+        key = (id(value), f"{spec.dtype}:{axis}:{None if scale is None else scale.tobytes().hex()}")
+        if key in self.const_cache:
+            return self.const_cache[key]
+        array = np.asarray(array, np.float32)
+        if scale is not None:
+            scale = np.asarray(scale, np.float32)
+            limit = np.iinfo(np.int32).max
+            per = scale if axis is None else scale.reshape([-1] + [1] * (array.ndim - 1))
+            q = np.clip(np.rint(array.astype(np.float64) / per), -limit, limit).astype(np.int32)
+            zp = np.zeros(scale.shape, np.int32)
+            self.counts["biases_int32"] += 1
+        else:  # case 4
+            flat = array.reshape(-1)
+            lo, hi = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
+            if lo == hi == 0.0:  # an all-zero constant: any scale is exact; keep it a sane one
+                hi = 1.0
+            scale, zp = quant_params(lo, hi, spec)
+            q = quantize_array(array, scale, zp, spec)
+            self.counts["constants_quantized"] += 1
+        channel_axis = axis if axis is not None and np.asarray(scale).ndim == 1 else None
+        out = self.writer.constant(value.name or "const", q, scale, zp, channel_axis,
+                                   ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape))
+        self.const_cache[key] = out
+        return out
+
+    def constant_input(self, node: ir.Node, index: int, value: ir.Value, array: np.ndarray,
+                       act: QuantSpec) -> ir.Value:
+        """The DQ a node reads instead of float constant input ``index`` (cases 3 and 4)."""
+        if node.op_type in _BIAS_OPS and index == 2 or node.op_type in _NORMS and index == 2:
+            x = _dq_encoding(node.inputs[0]) if node.inputs[0] is not None else None
+            w = node.inputs[1]
+            w_dq = w.producer() if w is not None else None
+            if x is None or w_dq is None or w_dq.op_type != "DequantizeLinear":
+                return self.constant(value, array, act)
+            s_w = w_dq.inputs[1].const_value.numpy().astype(np.float64)
+            scale = (float(x.scale) * s_w).astype(np.float32)
+            axis = 0 if scale.ndim == 1 and scale.size > 1 else None
+            return self.constant(value, array, self.rules.bias, axis=axis,
+                                 scale=scale.reshape(-1) if axis == 0 else scale.reshape(()))
+        if node.op_type in _NORMS and index == 1:
+            return self.constant(value, array, self.rules.norm_weight)
+        return self.constant(value, array, act)
+
+    def graph_input(self, value: ir.Value) -> None:
+        """Case 1 for a float graph input, at 16 bits when a 16-bit layer reads it."""
+        wide = any(_dtype_of(q).endswith("16") for q, _ in _activation_q_readers(value))
+        self.encode_output(value, None, 16 if wide else self.default_bits, None)
+
+    def node(self, node: ir.Node) -> None:
+        """Cases 1-4 for one node: its width, its inputs read at that width, its outputs encoded."""
+        layer_input = node.inputs[0] if node.inputs else None
+        layer_enc = _dq_encoding(layer_input) if layer_input is not None else None
+        is_layer = node.op_type in self.quantizable and layer_enc is not None
+        if is_layer:  # case 2: a compute layer keeps quantize's width
+            bits = layer_enc.bits
+        else:
+            wide = any(_dtype_of(q).endswith("16") for out in node.outputs for q, _ in _activation_q_readers(out))
+            bits = 16 if self.default_bits == 16 or wide else 8
+        first_input: _Encoding | None = None
+        for index, value in enumerate(node.inputs):
+            if value is None or not _is_float(value):
+                continue
+            const = _const_array(value)
+            if const is not None:  # cases 3-4
+                new = self.constant_input(node, index, value, const, self.spec(bits))
+                node.replace_input_with(index, new)
+                if index == 0:
+                    first_input = _dq_encoding(new)
+                continue
+            if is_layer and _dq_encoding(value) is not None:  # quantize's own
+                if index == 0:
+                    first_input = _dq_encoding(value)
+                continue
+            got = self.read_as(value, bits)
+            if got is None:  # kept float (listed in stats["kept_float"])
+                continue
+            if got.value is not value:
+                node.replace_input_with(index, got.value)
+            if index == 0:
+                first_input = got
+        for out in node.outputs:
+            if _is_float(out):
+                self.encode_output(out, node, bits, first_input)
+
+    def name_outputs(self) -> None:
+        """Graph outputs: the DQ output takes the output's name (case 1)."""
+        for i, out in enumerate(list(self.graph.outputs)):
+            e = self.enc.get(id(out))
+            if e is None or e.value is out:
+                continue
+            name = out.name
+            out.name = self.writer.names(f"{name}_float")
+            e.value.name = name
+            self.graph.outputs[i] = e.value
+
+
+@register_pass
+class QuantizeTensors(Pass):
+    """Quantize every tensor, bias and constant the way QNN HTP needs (module docstring)."""
+
+    name = "qnn-quantize-tensors"
+    lossy = True
+    description = "Q/DQ on every tensor quantize left float, int32 biases, HTP's fixed encodings (QNN HTP)"
+    Options = QuantizeTensorsOptions
+    requires = frozenset({"quantized"})
+    provides = frozenset({"qnn-legalized"})
+    needs_calibration = True
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        opts: QuantizeTensorsOptions = self.options
+        if ctx.calibration is None:
+            raise CompressorError(f"{self.name} needs calibration data: pass --calib samples.npz")
+        rules: QdqRules = getattr(ctx.target, "qdq_rules", None) or HTP_QDQ_RULES
+        quantizable = set(ctx.target.capabilities.quantizable) if ctx.target is not None else {"Conv", "MatMul"}
+        ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        # The ranges of the float model (activation Q/DQ bypassed): stable across accuracy
+        # control's rebuilds, so they are calibrated once.
+        float_model = _stripped(model)
+        wanted = sorted({v.name for v in _activations(float_model.graph)})
+        found = gather(float_model, ctx.calibration, [StatPoint(n) for n in wanted], ctx.cache, bar=ctx.progress)
+        cache = {point.tensor: stats for point, stats in found.items()}
+        run = _Legalizer(model.graph, rules, cache, opts, quantizable)
+        for value in list(model.graph.inputs):
+            if _is_float(value) and value.const_value is None:
+                run.graph_input(value)
+        for node in list(model.graph):
+            if node.op_type not in _QDQ and node.domain in ("", "ai.onnx"):
+                run.node(node)
+        run.writer.flush()
+        run.name_outputs()
+        model = run.writer.finish(model)  # case 5: 16-bit Q/DQ convert the model to opset 21
+        for why in run.kept.values():
+            logger.info("%s: kept float: %s", self.name, why)
+        return PassResult(model, any(run.counts.values()),
+                          {**run.counts, "kept_float": dict(sorted(run.kept.items()))})

@@ -1,0 +1,98 @@
+"""What QNN HTP runs, as data: its ops, how it quantizes compute layers, and the Q/DQ rules
+of the rest of the graph (read by ``check``, ``quantize`` and the legalization passes).
+
+The numbered cases are those of :mod:`compressor.targets.qnn_htp`'s docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from compressor.targets.base import Capabilities
+
+from compressor.quant.spec import OpQuant, QuantSpec
+
+__all__ = ["QNN_HTP_OPS", "QNN_HTP_CONTRIB_OPS", "QNN_HTP_CAPABILITIES", "QdqRules", "HTP_QDQ_RULES",
+           "SATURATING_OPS"]
+
+#: ONNX ops the QNN EP has HTP builders for (onnxruntime-qnn ``op_builder_factory.cc``),
+#: plus ``Constant`` (ONNX Runtime folds it). ``Shape``/``Range``... are absent: with static
+#: shapes, constant folding removes them before lowering (``check`` allows such nodes).
+QNN_HTP_OPS = frozenset({
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "Asin", "Atan", "AveragePool", "BatchNormalization", "Cast", "Ceil",
+    "Clip", "Concat", "Constant", "Conv", "ConvTranspose", "Cos", "CumSum", "DepthToSpace", "DequantizeLinear",
+    "Div", "Einsum", "Elu", "Equal", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND",
+    "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample",
+    "GroupNormalization", "GRU", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization", "IsNaN",
+    "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "LpNormalization", "LRN",
+    "LSTM", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "PRelu",
+    "QuantizeLinear", "Reciprocal", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
+    "Relu", "Reshape", "Resize", "RMSNormalization", "RoiAlign", "Round", "ScatterElements", "ScatterND", "Selu",
+    "Sigmoid", "Sign", "Sin", "Slice", "Softmax", "Softplus", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub",
+    "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Unsqueeze", "Upsample", "Where", "Xor",
+})
+
+#: Contrib ops (``com.microsoft``) the QNN EP builds for HTP.
+QNN_HTP_CONTRIB_OPS = frozenset({"FusedMatMul", "QuickGelu", "SimplifiedLayerNormalization", "RotaryEmbedding",
+                                 "MatMulNBits", "EPContext"})
+
+_ACT = QuantSpec("uint8", symmetric=False)  # widened to uint16 by quantize's ``activations: int16``
+
+#: What HTP runs quantized, and how (see the module docstring, cases 2-3).
+QNN_HTP_CAPABILITIES = Capabilities(
+    quantizable={
+        "Conv": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),
+        "ConvTranspose": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),
+        "Gemm": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=None)),
+        "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=None)),
+    },
+    nm_patterns=(),
+    static_shapes=True,
+    supported_ops=QNN_HTP_OPS,
+    max_rank=5,
+    fallback="int16",  # no float path on the NPU: accuracy control widens activations instead
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class QdqRules:
+    """How a QDQ graph must look for HTP beyond the compute layers (cases 4, 5 and 7); read by ``qnn-quantize-tensors``.
+
+    Attributes:
+        activation: 8-bit activation spec of every other tensor (widened to 16 bits by the recipe).
+        bias: Spec of Conv/ConvTranspose/Gemm/LayerNormalization biases (``scale = s_x * s_w``).
+        norm_weight: Spec of normalization scales (LayerNormalization's gamma).
+        fixed_outputs: ``(op, dtype) -> (scale, zero point)`` of outputs HTP fixes.
+        same_encoding: Ops whose output must carry their first input's encoding (data movement).
+    """
+
+    activation: QuantSpec = _ACT
+    bias: QuantSpec = QuantSpec("int32", True)
+    norm_weight: QuantSpec = QuantSpec("uint8", False)
+    fixed_outputs: Mapping[tuple[str, str], tuple[float, int]] = dataclasses.field(default_factory=dict)
+    same_encoding: frozenset[str] = frozenset()
+
+
+HTP_QDQ_RULES = QdqRules(
+    fixed_outputs={
+        ("Sigmoid", "uint16"): (1.0 / 65536.0, 0),
+        ("Sigmoid", "uint8"): (1.0 / 256.0, 0),
+        ("Tanh", "uint16"): (1.0 / 32768.0, 32768),
+        ("Tanh", "uint8"): (1.0 / 128.0, 128),
+    },
+    same_encoding=frozenset({
+        "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "GlobalMaxPool", "Gather",
+        "GatherElements", "GatherND", "Slice", "Split", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Identity",
+        "ReduceMax", "ReduceMin", "Pad",
+    }),
+)
+
+#: Layers whose 8-bit kernels the x86 HTP emulator runs with pairwise int16 saturation on
+#: CPUs without VNNI, as MLAS does (measured, u8 activations: Conv off by up to 11 LSB with
+#: full-range int8 weights, exact to 1 LSB with 7-bit weights). The device accumulates in
+#: 32 bits; on such hosts Conv weights get 7 bits so that what is measured here is what the
+#: device computes. MatMul is off by at most 3-4 LSB and transformers need every weight
+#: bit (7-bit per-tensor weights cost all-MiniLM-L6-v2 W8A16 most of its fidelity), so it
+#: keeps 8 bits and the residue shows in the simulation-vs-device gap.
+SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})

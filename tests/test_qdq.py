@@ -1,0 +1,61 @@
+"""The one Q/DQ writer (``compressor/quant/qdq.py``): graph form, names, and the opset rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from compressor.targets.onnx import ort_session
+
+from compressor.model_io import to_proto
+from compressor.quant.qdq import WIDE_OPSET, QdqWriter
+from tests.ortutil import model_from_text
+
+REDUCE = '''<ir_version: 8, opset_import: ["" : 13]>
+g (float[2,6] x) => (float[2,1] y) {
+  r = Relu(x)
+  y = ReduceMin <axes = [1], keepdims = 1> (r)
+}'''
+
+
+def _quantize_relu_input(dtype: type, text: str = REDUCE) -> ir.Model:
+    model = model_from_text(text)
+    writer = QdqWriter(model.graph)
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.replace_input_with(0, writer.pair(relu.inputs[0], np.float32(1 / 64), np.asarray(0, dtype)))
+    return writer.finish(model)
+
+
+def test_pair_form_and_names():
+    model = _quantize_relu_input(np.uint8)
+    q, dq = [n for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert (q.name, dq.name, dq.outputs[0].name) == ("x_QuantizeLinear", "x_DequantizeLinear", "x_dequantized")
+    assert q.inputs[1] is dq.inputs[1] and q.inputs[2] is dq.inputs[2]  # one scale, one zero point
+    assert dq.outputs[0].shape == model.graph.inputs[0].shape
+    assert model.opset_imports[""] == 13  # 8-bit Q/DQ: no upgrade
+
+
+def test_16_bit_pair_converts_the_model_to_opset_21():
+    """``ReduceMin``'s ``axes`` is an input from opset 18: the writer converts the op, not only the number."""
+    model = _quantize_relu_input(np.uint16)
+    assert model.opset_imports[""] == WIDE_OPSET
+    reduce_min = next(n for n in model.graph if n.op_type == "ReduceMin")
+    assert "axes" not in reduce_min.attributes and len(reduce_min.inputs) == 2
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 6)).astype(np.float32)
+    (y,) = ort_session(model).run(None, {"x": x})
+    expected = np.maximum(np.clip(np.rint(x * 64), 0, 65535) / 64, 0).min(axis=1, keepdims=True)
+    np.testing.assert_allclose(y, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_16_bit_pair_keeps_a_graph_the_converter_would_not_change(opset):
+    """Where no op changes form up to opset 21, only the number changes: the nodes are the writer's own."""
+    text = f'''<ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[2,6] x) => (float[2,6] y) {{
+      y = Relu(x)
+    }}'''
+    wide = _quantize_relu_input(np.uint16, text)
+    assert wide.opset_imports[""] == WIDE_OPSET
+    narrow = _quantize_relu_input(np.uint8, text)
+    assert [n.op_type for n in wide.graph] == [n.op_type for n in narrow.graph]
+    assert len(to_proto(wide).graph.value_info) == len(to_proto(narrow).graph.value_info)
