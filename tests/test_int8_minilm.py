@@ -40,7 +40,9 @@ def test_minilm_int8_openvino(tmp_path, capsys):
     # What the preset must do, derived from the graph quantize saw (the last dump before it):
     # every linear layer int8 but the key projections (int8 weights, float input), plus each
     # block's Q·Kᵀ; probs·V stays float.
-    graph = load_onnx(max(dump.glob("*.onnx"))).graph
+    dumps = sorted(dump.glob("*.onnx"))
+    before = dumps[[f.stem.split("-", 1)[1] for f in dumps].index("quantize") - 1]
+    graph = load_onnx(before).graph
     roles = attention_projections(graph)
     scores = {name for name, r in roles.items() if "attention-scores" in r}
     keys = {name for name, r in roles.items() if "attention-keys" in r}
