@@ -91,8 +91,6 @@ HTP_QDQ_RULES = QdqRules(
 #: Layers whose 8-bit kernels the x86 HTP emulator runs with pairwise int16 saturation on
 #: CPUs without VNNI, as MLAS does (measured, u8 activations: Conv off by up to 11 LSB with
 #: full-range int8 weights, exact to 1 LSB with 7-bit weights). The device accumulates in
-#: 32 bits; on such hosts Conv weights get 7 bits so that what is measured here is what the
-#: device computes. MatMul is off by at most 3-4 LSB and transformers need every weight
-#: bit (7-bit per-tensor weights cost all-MiniLM-L6-v2 W8A16 most of its fidelity), so it
-#: keeps 8 bits and the residue shows in the simulation-vs-device gap.
+#: 32 bits, so the artifact keeps the device's 8-bit weights on every host; on such a host
+#: what the emulator adds is part of the simulation-vs-device gap, and ``describe`` says so.
 SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})

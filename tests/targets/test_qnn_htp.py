@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from compressor.targets.base import cpu_has_vnni
 from compressor.targets.onnx import ort_session
 from compressor.targets.qnn_htp import (
     HTP_QDQ_RULES,
@@ -28,11 +29,11 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.cli import main
 from compressor.data import load_npz
 from compressor.errors import UnsupportedByTarget
-from compressor.quant.revert import give_back
 from compressor.inputs import model_input_specs
 from compressor.model_io import model_bytes, save_model
 from compressor.pipeline import PassContext, build_pass
 from compressor.quant.qdq import WIDE_OPSET
+from compressor.quant.revert import give_back
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -342,15 +343,17 @@ def _raise_on_constant(name):
 
 @needs_htp
 def test_host_weight_grid_follows_the_cpu_branch(vnni):
-    """Forced to each branch (``tests/conftest.py``): without VNNI the HTP emulator's
-    convolutions saturate like MLAS, so Conv/ConvTranspose get 7-bit weights; Gemm and
-    MatMul keep 8 bits either way; ``describe`` says which ran."""
+    """Forced to each branch (``tests/conftest.py``): the shipped model is the device's 8-bit
+    scheme on every host (issue 13: the artifact must not depend on the build host); without
+    VNNI ``describe`` says the emulator's saturating convolutions widen the measured gap."""
     from compressor.targets.qnn_htp import SATURATING_OPS, QnnHtpTarget
 
     info = QnnHtpTarget().describe()
     assert info["host_int8_vnni"] is vnni
-    assert info["weight_bits"] == {op: 7 if op in SATURATING_OPS and not vnni else 8
-                                   for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    assert info["weight_bits"] == dict.fromkeys(("Conv", "ConvTranspose", "Gemm", "MatMul"), 8)
+    assert ("host_emulator" in info) is (not vnni)
+    if not vnni:
+        assert all(op in info["host_emulator"] for op in SATURATING_OPS)
 
 
 @needs_htp
@@ -367,10 +370,16 @@ def test_lower_runs_wholly_on_htp_from_the_context_binary(tmp_path, target):
     x = np.random.default_rng(4).uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)
     htp = run({"x": x})
     cpu = ort_session(model).run(None, {"x": x})
+    # Within 3 steps of the Tanh output's 1/128. A host without VNNI runs the emulator's 8-bit
+    # Conv with int16-saturating sums (off by up to 11 LSB, rules.SATURATING_OPS): the artifact
+    # keeps the device's 8-bit weights, so the emulator's error adds to the bound there.
+    steps = 3 if cpu_has_vnni() is not False else 3 + 11
     for h, c in zip(htp, cpu):
-        assert np.abs(h - c).max() <= 3 / 128 + 1e-6  # within 3 steps of the Tanh output's 1/128
+        assert np.abs(h - c).max() <= steps / 128 + 1e-6
     report = target.report(run)["qnn_htp"]
-    assert report["ran_wholly_on_htp"] and report["simulation_vs_device"]["top1_agreement"] == 1.0
+    assert report["ran_wholly_on_htp"] and report["simulation_vs_device"]["calls"] >= 1
+    if cpu_has_vnni() is not False:
+        assert report["simulation_vs_device"]["top1_agreement"] == 1.0
     json.loads((tmp_path / "out" / "model.encodings").read_text(), parse_constant=_raise_on_constant)  # strict
 
 
