@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor import __version__, strict_json
+from compressor.cli_report import summary, table, write_junit
 from compressor.errors import (
     EXIT_GATE_FAILED,
     EXIT_INTERNAL,
@@ -185,90 +186,6 @@ def _bar(desc: str, total: int | None, unit: str = "batch") -> Any:
                 ncols=size.columns, nrows=size.lines)
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return "-" if x is None else str(x)
-
-
-def _summary(manifest: dict[str, Any]) -> str:
-    passes = _table([(r["name"], "yes" if r["modified"] else "no",
-                      ", ".join(f"{k}={_fmt(v, 3)}" for k, v in r["stats"].items()
-                                if not isinstance(v, (dict, list)) and k != "nothing_quantized"),
-                      f"{r['seconds']:.2f}") for r in manifest["passes"]],
-                    ["pass", "changed", "stats", "s"])
-    metric = manifest["evaluation"]["metric"]
-    key = "top1" if metric == "top1" else "cosine_mean"
-    size_in, size_out = manifest["model"]["baseline_bytes"], sum(f["bytes"] for f in manifest["files"])
-    lat = manifest["latency"]
-    gate = manifest["gate"]
-    if "reason" in gate:
-        verdict = f"{'n/a' if gate['passed'] is None else 'FAIL'} ({gate['reason']})"
-    elif gate["passed"] is None:
-        verdict = "n/a (no --max-drop)"
-    else:
-        verdict = f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})"
-    rows = [
-        ("target", manifest["target"]["name"]),
-        ("size", f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller)"),
-        ("latency", f"{lat['baseline_ms']:.2f} ms -> {lat['compressed_ms']:.2f} ms per batch of {lat['batch']} "
-                    f"({lat['baseline_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
-                    + (f"; fp32 in the device's default {lat['device_precision']}: {lat['baseline_device_ms']:.2f} ms "
-                       f"({lat['baseline_device_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
-                       if lat.get("device_precision") not in (None, lat.get("baseline_precision")) else "")),
-        (f"{metric}", f"{_fmt(manifest['metrics']['baseline'][key])} -> {_fmt(manifest['metrics']['compressed'][key])} "
-                      f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
-        ("drop", _fmt(manifest["accuracy_drop"])),
-        *([("drop by pass", ", ".join(f"{r['name']} {r['accuracy_drop']:.4f}" for r in measured))]
-          if len(measured := [r for r in manifest["passes"] if r.get("accuracy_drop") is not None]) > 1 else []),
-        *([("int8 layers", f"{rt['int8']} of {rt['int8'] + rt['float']} compute layers ran in int8"
-                           + (f"; float: {', '.join(rt['float_layers'][:4])}" if rt["float_layers"] else ""))]
-          if (rt := manifest.get("runtime_layers")) else []),
-        *([("precision", (f"drop {pf['drop']:.6f} in the device's default {pf['evaluated_in']}, "
-                          f"{pf['fallback_drop']:.6f} in {pf['fallback']}: "
-                          + (f"{pf['fallback']} pinned in the artifact" if pf["pinned"] else "not pinned")
-                          + (f"; {pin['note']}" if pf["pinned"] and (pin := (
-                              manifest.get("inference_precision") or {}).get("pinned") or {}).get("note") else "")))]
-          if (pf := manifest.get("precision_fallback")) else []),
-        *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4])}")]
-          if (ac := manifest.get("accuracy_control")) else []),
-        *[("quantized", f"nothing was quantized: {r['stats']['nothing_quantized']}")
-          for r in manifest["passes"] if r["stats"].get("nothing_quantized")],
-        ("gate", verdict),
-    ]
-    return passes + "\n\n" + _table(rows, ["summary", ""])
-
-
-def _write_junit(path: Path, manifest: dict[str, Any] | None, error: str | None) -> None:
-    from xml.sax.saxutils import escape, quoteattr
-
-    name = "accuracy-gate"
-    body, failures, errors = "", 0, 0
-    if error is not None:
-        errors = 1
-        body = f"<error message={quoteattr(error)}/>"
-    elif manifest is not None and manifest["gate"]["passed"] is False:
-        failures = 1
-        msg = manifest["gate"].get("reason") or (
-            f"accuracy drop {manifest['accuracy_drop']:.6f} > max_drop {manifest['gate']['max_drop']}")
-        body = f"<failure message={quoteattr(msg)}>{escape(strict_json.dumps(manifest['metrics']))}</failure>"
-    classname = "compressor" if manifest is None else f"compressor.{manifest['target']['name']}.{manifest['recipe']['name']}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        '<?xml version="1.0" encoding="utf-8"?>\n'
-        f'<testsuite name="compressor" tests="1" failures="{failures}" errors="{errors}">\n'
-        f'  <testcase classname={quoteattr(classname)} name="{name}">{body}</testcase>\n'
-        "</testsuite>\n"
-    )
-
-
 def _cmd_compress(argv: Sequence[str]) -> int:
     args = _compress_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
@@ -289,11 +206,11 @@ def _cmd_compress(argv: Sequence[str]) -> int:
                               latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass, executor=executor)
     except CompressorError as err:
         if args.junit:
-            _write_junit(args.junit, None, str(err))
+            write_junit(args.junit, None, str(err))
         raise
     if args.junit:
-        _write_junit(args.junit, result.manifest, None)
-    print(_summary(result.manifest))
+        write_junit(args.junit, result.manifest, None)
+    print(summary(result.manifest))
     print(f"\nartifact: {result.outdir}")
     if result.gate_passed is False:
         gate = result.manifest["gate"]
@@ -317,7 +234,7 @@ def _cmd_recipes(argv: Sequence[str]) -> int:
     _setup_logging(args.verbose, args.quiet)
     from compressor.recipe import builtin_recipes
 
-    print(_table(sorted(builtin_recipes().items()), ["recipe", "description"]))
+    print(table(sorted(builtin_recipes().items()), ["recipe", "description"]))
     return EXIT_OK
 
 
@@ -340,13 +257,13 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
         return EXIT_OK
     print(f"model: {args.model} ({report['format']}, opset {report['opset']}, "
           f"{report['parameters']:,} parameters, {report['nodes']} nodes)\n")
-    print(_table([("input", v["name"], v["shape"], v["dtype"]) for v in report["inputs"]]
+    print(table([("input", v["name"], v["shape"], v["dtype"]) for v in report["inputs"]]
                  + [("output", v["name"], v["shape"], v["dtype"]) for v in report["outputs"]],
                  ["kind", "name", "shape", "dtype"]))
     print()
-    print(_table(sorted(report["ops"].items(), key=lambda kv: (-kv[1], kv[0])), ["op", "count"]))
+    print(table(sorted(report["ops"].items(), key=lambda kv: (-kv[1], kv[0])), ["op", "count"]))
     print()
-    print(_table([(n, v["would_change"], v["detail"]) for n, v in report["passes"].items()],
+    print(table([(n, v["would_change"], v["detail"]) for n, v in report["passes"].items()],
                  ["pass", "would change", "detail"]))
     return EXIT_OK
 

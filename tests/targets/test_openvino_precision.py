@@ -20,7 +20,7 @@ import openvino as ov
 from compressor.targets.openvino import OpenVinoTarget, cpu_supports_bf16
 from compressor.targets.openvino_precision import RT_PRECISION, plugin_reads_rt_option
 
-from compressor.cli import _summary
+from compressor.cli_report import summary as _summary
 from compressor.flow.compress import compress
 
 #: f32's unit roundoff: an artifact that runs the fp32 model's own f32 graph has drop 0,

@@ -1,0 +1,100 @@
+"""What the ``compress`` command prints and writes besides the artifact: the summary table
+and the JUnit test case of the accuracy gate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from compressor import strict_json
+
+__all__ = ["fmt", "summary", "table", "write_junit"]
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """Rows under a header, columns padded to their widest cell, a dashed rule between."""
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A float to ``digits`` places, ``None`` as ``-``, anything else as text."""
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return "-" if x is None else str(x)
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """The per-pass table and the summary table printed after a run, from its manifest."""
+    passes = table([(r["name"], "yes" if r["modified"] else "no",
+                      ", ".join(f"{k}={fmt(v, 3)}" for k, v in r["stats"].items()
+                                if not isinstance(v, (dict, list)) and k != "nothing_quantized"),
+                      f"{r['seconds']:.2f}") for r in manifest["passes"]],
+                    ["pass", "changed", "stats", "s"])
+    metric = manifest["evaluation"]["metric"]
+    key = "top1" if metric == "top1" else "cosine_mean"
+    size_in, size_out = manifest["model"]["baseline_bytes"], sum(f["bytes"] for f in manifest["files"])
+    lat = manifest["latency"]
+    gate = manifest["gate"]
+    if "reason" in gate:
+        verdict = f"{'n/a' if gate['passed'] is None else 'FAIL'} ({gate['reason']})"
+    elif gate["passed"] is None:
+        verdict = "n/a (no --max-drop)"
+    else:
+        verdict = f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})"
+    rows = [
+        ("target", manifest["target"]["name"]),
+        ("size", f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller)"),
+        ("latency", f"{lat['baseline_ms']:.2f} ms -> {lat['compressed_ms']:.2f} ms per batch of {lat['batch']} "
+                    f"({lat['baseline_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
+                    + (f"; fp32 in the device's default {lat['device_precision']}: {lat['baseline_device_ms']:.2f} ms "
+                       f"({lat['baseline_device_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
+                       if lat.get("device_precision") not in (None, lat.get("baseline_precision")) else "")),
+        (f"{metric}", f"{fmt(manifest['metrics']['baseline'][key])} -> {fmt(manifest['metrics']['compressed'][key])} "
+                      f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
+        ("drop", fmt(manifest["accuracy_drop"])),
+        *([("drop by pass", ", ".join(f"{r['name']} {r['accuracy_drop']:.4f}" for r in measured))]
+          if len(measured := [r for r in manifest["passes"] if r.get("accuracy_drop") is not None]) > 1 else []),
+        *([("int8 layers", f"{rt['int8']} of {rt['int8'] + rt['float']} compute layers ran in int8"
+                           + (f"; float: {', '.join(rt['float_layers'][:4])}" if rt["float_layers"] else ""))]
+          if (rt := manifest.get("runtime_layers")) else []),
+        *([("precision", (f"drop {pf['drop']:.6f} in the device's default {pf['evaluated_in']}, "
+                          f"{pf['fallback_drop']:.6f} in {pf['fallback']}: "
+                          + (f"{pf['fallback']} pinned in the artifact" if pf["pinned"] else "not pinned")
+                          + (f"; {pin['note']}" if pf["pinned"] and (pin := (
+                              manifest.get("inference_precision") or {}).get("pinned") or {}).get("note") else "")))]
+          if (pf := manifest.get("precision_fallback")) else []),
+        *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4])}")]
+          if (ac := manifest.get("accuracy_control")) else []),
+        *[("quantized", f"nothing was quantized: {r['stats']['nothing_quantized']}")
+          for r in manifest["passes"] if r["stats"].get("nothing_quantized")],
+        ("gate", verdict),
+    ]
+    return passes + "\n\n" + table(rows, ["summary", ""])
+
+
+def write_junit(path: Path, manifest: dict[str, Any] | None, error: str | None) -> None:
+    """One JUnit test case, ``accuracy-gate``: a failure when the gate failed, an error when the run did."""
+    from xml.sax.saxutils import escape, quoteattr
+
+    name = "accuracy-gate"
+    body, failures, errors = "", 0, 0
+    if error is not None:
+        errors = 1
+        body = f"<error message={quoteattr(error)}/>"
+    elif manifest is not None and manifest["gate"]["passed"] is False:
+        failures = 1
+        msg = manifest["gate"].get("reason") or (
+            f"accuracy drop {manifest['accuracy_drop']:.6f} > max_drop {manifest['gate']['max_drop']}")
+        body = f"<failure message={quoteattr(msg)}>{escape(strict_json.dumps(manifest['metrics']))}</failure>"
+    classname = "compressor" if manifest is None else f"compressor.{manifest['target']['name']}.{manifest['recipe']['name']}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        f'<testsuite name="compressor" tests="1" failures="{failures}" errors="{errors}">\n'
+        f'  <testcase classname={quoteattr(classname)} name="{name}">{body}</testcase>\n'
+        "</testsuite>\n"
+    )
