@@ -160,7 +160,8 @@ def train_sentences(count: int, exclude: set[str]) -> list[str]:
     return out[:count]
 
 
-def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int, batch: int, train_seq: int) -> dict:
+def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int, batch: int, train_seq: int,
+                  lr: float | None = None) -> dict:
     """MiniLM with ``int8-nm-recover`` on the ``onnx`` target: recovered fp32 and int8 rows (one training run)."""
     import dataclasses
 
@@ -189,7 +190,8 @@ def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int
     calib = Dataset(calib_arrays, specs, {k: False for k in calib_arrays}, None, "calib", "minilm-calib")
     train_raw = RawData(train_arrays, None, "third-party docstrings", "", "train")
     recipe = load_recipe("int8-nm-recover")
-    recipe = dataclasses.replace(recipe, recover=dataclasses.replace(recipe.recover, steps=steps, batch=batch))
+    recipe = dataclasses.replace(recipe, recover=dataclasses.replace(recipe.recover, steps=steps, batch=batch,
+                                                                      lr=lr or recipe.recover.lr))
     target = get_target("onnx")
     mask = evald["attention_mask"]
     ref = pooled(_ort_hidden(dense.model, evald), mask)
@@ -207,7 +209,7 @@ def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int
     record = {k: v for k, v in recovery.record.items() if k != "loss_curve"}
     return {"rows": rows, "recover_s": recover_s, "total_s": time.perf_counter() - started, "loadavg_start": load,
             "loadavg_end": os.getloadavg(), "record": record, "train_passages": len(train), "steps": steps,
-            "batch": batch, "train_seq": train_seq}
+            "batch": batch, "train_seq": train_seq, "lr": recipe.recover.lr}
 
 
 def _bar(desc: str, total: int | None, unit: str = "batch"):
@@ -317,6 +319,7 @@ def main() -> None:
     p.add_argument("--recover", action="store_true", help="only the int8-nm-recover rows (recovery stage)")
     p.add_argument("--train", type=int, default=2000, help="training passages for --recover")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None, help="--recover learning rate (default: the recipe's)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--train-seq", type=int, default=64, help="training sequence length (eval stays at 128)")
     args = p.parse_args()
@@ -324,9 +327,9 @@ def main() -> None:
     results: dict = {}
     if args.recover:
         r = results["recover"] = bench_recover(args.out, args.calib, args.eval, args.train, args.steps, args.batch,
-                                               args.train_seq)
+                                               args.train_seq, args.lr)
         print(f"\nall-MiniLM-L6-v2, int8-nm-recover (onnx target): {r['steps']} steps of {r['batch']}, "
-              f"{r['train_passages']} training passages (seq {r['train_seq']}), {args.eval} eval sentences; "
+              f"{r['train_passages']} training passages (seq {r['train_seq']}), lr {r['lr']:g}, {args.eval} eval sentences; "
               f"recovery {r['recover_s']:.0f} s, total {r['total_s']:.0f} s, load {r['loadavg_start'][0]:.1f} -> "
               f"{r['loadavg_end'][0]:.1f}\n")
         print(table([[k, f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}", f"{v['top1_agree']:.3f}",
