@@ -310,6 +310,19 @@ class OpenVinoTarget(Target):
             # 7-bit Conv weights: exact on every x86 int8 kernel (see WEIGHT_QMAX_WITHOUT_VNNI).
             self.capabilities = narrow_weights(OPENVINO_CAPABILITIES, _SATURATING_OPS)
 
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy in another process (a Ray task) needs: not the ``ov.Core`` nor the
+        converted model of the last check, which cannot be pickled; the copy opens its own core."""
+        state = dict(self.__dict__)
+        state.pop("core", None)
+        state["_checked"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.core = ov.Core()
+
     def check(self, model: ir.Model) -> list[tuple[str, str]]:
         offenders = check_capabilities(model, self.capabilities)
         if offenders:

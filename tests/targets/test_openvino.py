@@ -126,6 +126,20 @@ def test_fp32_matches_onnxruntime(target, tmp_path):
     assert summary["int8"] == 0 and summary["float"] == 2
 
 
+def test_the_target_pickles_for_ray_tasks(target, tmp_path):
+    """Accuracy control ships the target to Ray workers inside the pass context: ``ov.Core``
+    cannot be pickled (MiniLM's ranking on Ray failed with exit 1), so a copy opens its own."""
+    import pickle
+
+    target.check(conv_relu_matmul())  # leaves a converted model behind, which must not travel
+    copy = pickle.loads(pickle.dumps(target))
+    assert copy.precision == target.precision and copy.core is not target.core and copy._checked is None
+    model = conv_relu_matmul()
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    (got,) = copy.runner(copy.lower(model, tmp_path))({"x": x})
+    np.testing.assert_allclose(got, ort_session(model).run(None, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
 def test_lowering_is_deterministic(target, tmp_path):
     first = target.lower(conv_relu_matmul(), tmp_path / "a")
     target.lower(conv(quantized=True), tmp_path / "other")  # advances OpenVINO's name counter
