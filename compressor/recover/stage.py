@@ -31,6 +31,7 @@ import numpy as np
 from compressor.capture import Captured
 from compressor.data import Dataset, RawData
 from compressor.errors import RecipeError, UsageError
+from compressor.model_io import clone_model
 from compressor.progress import Progress, no_progress
 from compressor.recover.config import RecoverConfig
 
@@ -156,11 +157,9 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
     last = max(i for i, p in enumerate(passes) if p.name in PRUNING_PASSES)
     ctx = PassContext(target=target, calibration=calib, seed=recipe.calibration.seed, properties={"captured"},
                       progress=progress)
-    import onnx_ir as ir
-
-    clone = ir.serde.deserialize_model(ir.serde.serialize_model(dense.model))
+    clone = clone_model(dense.model)
     before = PassManager(passes[:first], verify=False).run(clone, ctx).model
-    before_copy = ir.serde.deserialize_model(ir.serde.serialize_model(before))
+    before_copy = clone_model(before)
     after = PassManager(passes[first:last + 1], verify=False).run(
         before, ctx, already_run=[p.name for p in passes[:first]]).model
 

@@ -46,6 +46,7 @@ import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by
 from compressor.targets.qnn_htp.rules import HTP_QDQ_RULES, QdqRules
 
 from compressor.errors import CompressorError
+from compressor.model_io import clone_model
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant.math import quant_params, quantize_array
 from compressor.quant.qdq import QdqWriter
@@ -144,7 +145,7 @@ def _activation_q_readers(value: ir.Value) -> list[tuple[ir.Node, ir.Node]]:
 
 def _stripped(model: ir.Model) -> ir.Model:
     """A copy of ``model`` with every activation Q -> DQ pair bypassed (weights stay dequantized)."""
-    clone = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    clone = clone_model(model)
     for node in list(clone.graph):
         if node.op_type != "QuantizeLinear":
             continue
