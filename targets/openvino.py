@@ -235,7 +235,7 @@ class OpenVinoRunner(Runner):
         missing = [name for name in self.input_names if name not in feeds]
         if missing:
             raise DataError(f"no data for model input(s) {', '.join(missing)}; inputs: {', '.join(self.input_names)}")
-        inputs = {name: np.ascontiguousarray(feeds[name]) for name in self.input_names}
+        inputs = {name: np.asarray(feeds[name], order="C") for name in self.input_names}
         results = self._request.infer(inputs)
         return [np.array(results[port], copy=True) for port in self.compiled.outputs]
 

@@ -217,7 +217,7 @@ class QnnHtpRunner(Runner):
         self.seen: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        feed = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in self.input_names}
+        feed = {k: np.asarray(v, order="C") for k, v in feeds.items() if k in self.input_names}
         outs = self.session.run(None, feed)
         if len(self.seen) < GAP_SAMPLES and not any(_same(feed, f) for f, _ in self.seen[-1:]):
             self.seen.append((feed, outs))

@@ -372,7 +372,7 @@ class TensorRtRunner(Runner):
             raise DataError(f"no data for engine input(s) {', '.join(missing)}; inputs: {', '.join(self.input_names)}")
         keep = []
         for name in self.input_names:
-            array = np.ascontiguousarray(feeds[name])
+            array = np.asarray(feeds[name], order="C")
             tensor = torch.from_numpy(array).to("cuda", dtype=self._torch_dtype(name), non_blocking=False)
             if not self.context.set_input_shape(name, tuple(array.shape)):
                 lo, opt, hi = self.engine.get_tensor_profile_shape(name, 0)

@@ -378,3 +378,17 @@ def test_check_passes_supported_model(target):
     before = model_bytes(model)
     assert target.check(model) == []
     assert model_bytes(model) == before  # the check leaves the model as it was
+
+
+def test_a_scalar_input_reaches_openvino_as_a_0d_array(target, tmp_path):
+    """silero-vad's ``sr`` is a rank-0 int64 input: ``np.ascontiguousarray`` made it ``[1]``,
+    which the CPU plugin refuses ("got [1] expecting []")."""
+    nodes = [helper.make_node("Cast", ["s"], ["sf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "sf"], ["y"], name="mul")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                           helper.make_tensor_value_info("s", TensorProto.INT64, [])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [])
+    run = target.runner(target.lower(model, tmp_path))
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (got,) = run({"x": x, "s": np.array(3, np.int64)})
+    np.testing.assert_array_equal(got, 3 * x)
