@@ -175,6 +175,11 @@ def _fail(source: str | bytes, err: Exception) -> CompressorError:
 def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
     """Compile ``model_path`` into an EPContext model ``ctx_path`` and its QNN context binary.
 
+    The model is handed over as bytes (it is self-contained, :func:`~compressor.model_io.save_model`):
+    from a path, ONNX Runtime names the EPContext partition after a hash of that path, and the
+    artifact is built in a temporary folder of random name, so two identical runs gave
+    different ``*_ctx.onnx`` and binaries. From bytes the name hashes the graph's own names.
+
     Returns:
         ``[ctx_path, binary]`` (the binary is written beside ``ctx_path``).
 
@@ -184,7 +189,8 @@ def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
     before = set(ctx_path.parent.iterdir())
     try:
         with _quiet_stdout():
-            compiler = ort.ModelCompiler(_session_options(), str(model_path), embed_compiled_data_into_model=False)
+            compiler = ort.ModelCompiler(_session_options(), Path(model_path).read_bytes(),
+                                         embed_compiled_data_into_model=False)
             compiler.compile_to_file(str(ctx_path))
     except Exception as err:  # ONNX Runtime's own exception types
         raise _fail(str(model_path), err) from None

@@ -543,3 +543,18 @@ def test_recipes_lists_the_passes_a_target_adds(capsys):
     assert "quantize, +qnn-legalize" in rows["int8"]
     assert "+" not in rows["w8a8-npu"].split("NPU")[0] and "qnn-legalize" in rows["w8a8-npu"]
     assert "qnn-legalize" not in rows["fold"]
+
+
+@needs_htp
+def test_the_context_model_does_not_depend_on_the_folder_it_is_built_in(tmp_path):
+    """ONNX Runtime names the EPContext partition after the model's path when compiled from a
+    file; the artifact is built in a temporary folder of random name, so identical runs differed."""
+    from compressor.targets.qnn_htp.runtime import compile_context
+
+    model = legalized(tmp_path)
+    ctx = []
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        compile_context(save_model(model, tmp_path / folder / "model.onnx"), tmp_path / folder / "model_ctx.onnx")
+        ctx.append((tmp_path / folder / "model_ctx.onnx").read_bytes())
+    assert ctx[0] == ctx[1]
