@@ -30,8 +30,8 @@ try:
 except ImportError:  # optional backend: the target refuses to start, the package still imports
     onnxruntime_qnn = None
 
-__all__ = ["QnnHtpRunner", "compile_context", "compile_here", "htp_available", "per_output", "refused_nodes", "require_qnn",
-           "EP_NAME", "GAP_SAMPLES"]
+__all__ = ["QnnHtpRunner", "compile_context", "compile_here", "htp_available", "per_output", "refused_nodes",
+           "require_qnn", "EP_NAME", "GAP_SAMPLES"]
 
 logger = logging.getLogger(__name__)
 
