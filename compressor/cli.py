@@ -228,13 +228,17 @@ def _cmd_compress(argv: Sequence[str]) -> int:
 
 
 def _cmd_recipes(argv: Sequence[str]) -> int:
+    from compressor.targets import TARGETS, get_target
+
     p = _Parser(prog="compress recipes", description="List the built-in recipes.")
+    p.add_argument("--target", choices=sorted(TARGETS),
+                   help="also list each recipe's passes on this target, with those the target adds marked '+'")
     _add_verbosity(p)
     args = p.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    from compressor.recipe import builtin_recipes
+    from compressor.cli_report import recipes_table
 
-    print(table(sorted(builtin_recipes().items()), ["recipe", "description"]))
+    print(recipes_table(None if args.target is None else get_target(args.target)))
     return EXIT_OK
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from compressor import strict_json
 
-__all__ = ["fmt", "summary", "table", "write_junit"]
+__all__ = ["fmt", "recipes_table", "summary", "table", "write_junit"]
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -27,9 +27,30 @@ def fmt(x: Any, digits: int = 4) -> str:
     return "-" if x is None else str(x)
 
 
+def recipes_table(target: Any = None) -> str:
+    """The built-in recipes, one row each; with a target, also the passes each runs there,
+    those the target appends (``Capabilities.after_quantize``) marked ``+``."""
+    from compressor.recipe import builtin_recipes, load_recipe
+
+    recipes = sorted(builtin_recipes().items())
+    if target is None:
+        return table(recipes, ["recipe", "description"])
+    rows = []
+    for name, description in recipes:
+        recipe = load_recipe(name).for_target(target)
+        added = recipe.target_steps
+        rows.append((name, ", ".join(s.name if s not in added else f"+{s.name}" for s in recipe.passes), description))
+    return table(rows, ["recipe", f"passes on {target.name}", "description"])
+
+
 def summary(manifest: dict[str, Any]) -> str:
-    """The per-pass table and the summary table printed after a run, from its manifest."""
-    passes = table([(r["name"], "yes" if r["modified"] else "no",
+    """The per-pass table and the summary table printed after a run, from its manifest.
+
+    A pass the target appended to the recipe (``recipe.target_passes``) is marked with the target's name.
+    """
+    added = set(manifest["recipe"].get("target_passes", ()))
+    mark = f" (target {manifest['target']['name']})"
+    passes = table([(r["name"] + (mark if r["name"] in added else ""), "yes" if r["modified"] else "no",
                       ", ".join(f"{k}={fmt(v, 3)}" for k, v in r["stats"].items()
                                 if not isinstance(v, (dict, list)) and k != "nothing_quantized"),
                       f"{r['seconds']:.2f}") for r in manifest["passes"]],

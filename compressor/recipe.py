@@ -14,6 +14,11 @@ accuracy: {metric: auto, max_drop: 0.01}
 Validated on load: an error names the file, the key and the valid choices. Pass options
 are validated by each pass's ``Options`` record. The resolved recipe (after CLI
 overrides) is written into the artifact's manifest.
+
+One recipe serves every target: a target that needs passes after quantization declares
+them in its ``Capabilities.after_quantize`` (``qnn-htp``: ``qnn-legalize``), and
+:meth:`Recipe.for_target` appends them to a recipe that quantizes and does not run them
+already; the resolved recipe names them in ``target_passes``.
 """
 
 from __future__ import annotations
@@ -21,19 +26,28 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from compressor.errors import RecipeError, UsageError
 from compressor.options import options_to_dict, parse_options
-from compressor.pipeline import Pass, build_pass
+from compressor.pipeline import Pass, build_pass, get_pass
 from compressor.recover.config import RecoverConfig
 
+if TYPE_CHECKING:
+    from compressor.targets.base import Target, TargetPass
+
 __all__ = ["check_budget", "Recipe", "PassStep", "CalibrationConfig", "AccuracyConfig", "load_recipe", "builtin_recipes"]
+
+logger = logging.getLogger(__name__)
+
+#: What a quantizing pass provides (``quantize``); a target's ``after_quantize`` passes follow it.
+QUANTIZED = "quantized"
 
 RECIPE_KEYS = ("name", "description", "passes", "calibration", "accuracy", "recover")
 
@@ -124,6 +138,8 @@ class Recipe:
     accuracy: AccuracyConfig
     source: str
     recover: RecoverConfig | None = None  # sparse fine-tuning before capture (compressor.recover)
+    #: Names of the passes :meth:`for_target` appended (the target's, not the recipe's own).
+    target_passes: tuple[str, ...] = ()
 
     def build_passes(self) -> list[Pass]:
         """Instantiate every pass (validating its options)."""
@@ -137,6 +153,33 @@ class Recipe:
         calibration = dataclasses.replace(self.calibration, samples=samples) if samples is not None else self.calibration
         return dataclasses.replace(self, accuracy=accuracy, calibration=calibration)
 
+    @property
+    def target_steps(self) -> tuple[PassStep, ...]:
+        """The steps :meth:`for_target` appended (the last ``len(target_passes)`` of ``passes``)."""
+        return self.passes[len(self.passes) - len(self.target_passes):]
+
+    def for_target(self, target: Target) -> Recipe:
+        """The recipe completed with the passes ``target`` needs after quantization.
+
+        For each of ``target.capabilities.after_quantize``: appended at the end when a step
+        of the recipe provides ``quantized`` and no step runs that pass or provides all it
+        provides (``w8a8-npu`` lists ``qnn-legalize`` itself); its ``from_quantize`` options
+        are the last quantizing step's, defaults filled in. A recipe that does not quantize
+        (``fold``) is returned as it is.
+        """
+        wanted = target.capabilities.after_quantize
+        quantizing = [s for s in self.passes if QUANTIZED in get_pass(s.name).provides]
+        if not wanted or not quantizing:
+            return self
+        quantize = build_pass(quantizing[-1].name, quantizing[-1].options).options_dict()
+        added = [_target_step(t, quantize, self.source) for t in wanted if not _runs(self.passes, t)]
+        if not added:
+            return self
+        logger.debug("target %s completes recipe %r after %s: %s", target.name, self.name, quantizing[-1].name,
+                     ", ".join(f"{s.name} {dict(s.options)}" for s in added))
+        return dataclasses.replace(self, passes=self.passes + tuple(added),
+                                   target_passes=self.target_passes + tuple(s.name for s in added))
+
     def to_json(self) -> dict[str, Any]:
         """The resolved recipe: pass options with every default filled in."""
         return {
@@ -144,10 +187,24 @@ class Recipe:
             "description": self.description,
             "source": self.source,
             "passes": [{p.name: p.options_dict()} for p in self.build_passes()],
+            **({"target_passes": list(self.target_passes)} if self.target_passes else {}),
             "calibration": options_to_dict(self.calibration),
             "accuracy": options_to_dict(self.accuracy),
             **({"recover": options_to_dict(self.recover)} if self.recover is not None else {}),
         }
+
+
+def _runs(steps: tuple[PassStep, ...], wanted: TargetPass) -> bool:
+    """Whether ``steps`` already run ``wanted``: by name, or a step providing all it provides."""
+    provides = get_pass(wanted.name).provides
+    return any(s.name == wanted.name or (provides and provides <= get_pass(s.name).provides) for s in steps)
+
+
+def _target_step(wanted: TargetPass, quantize: Mapping[str, Any], source: str) -> PassStep:
+    """``wanted`` as a recipe step, its ``from_quantize`` options from the quantizing step's."""
+    options = {**wanted.options, **{key: quantize[key] for key in wanted.from_quantize if key in quantize}}
+    build_pass(wanted.name, options, where=f"{source}: target pass")  # validated now, not halfway through a run
+    return PassStep(wanted.name, options)
 
 
 def _recipes_dir() -> importlib.resources.abc.Traversable:

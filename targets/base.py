@@ -19,10 +19,30 @@ import onnx_ir as ir
 
 from compressor.quant.spec import OpQuant
 
-__all__ = ["Capabilities", "Runner", "Target", "check_capabilities", "cpu_has_vnni",
+__all__ = ["Capabilities", "Runner", "Target", "TargetPass", "check_capabilities", "cpu_has_vnni",
            "narrow_weights"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetPass:
+    """A pass a target needs after a recipe's quantizing pass (its legalization), as data.
+
+    The recipe resolution (:meth:`compressor.recipe.Recipe.for_target`) appends it to a
+    recipe that quantizes and does not run it (or a pass providing what it provides) already.
+
+    Attributes:
+        name: The pass's recipe name (e.g. ``qnn-legalize``).
+        options: Options it always gets.
+        from_quantize: Options it takes from the recipe's (last) quantizing step, same key
+            on both, with that step's defaults filled in (``activations``: ``int8`` there
+            gives ``{activations: int8}`` here).
+    """
+
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    from_quantize: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +57,8 @@ class Capabilities:
         max_rank: Largest tensor rank it handles (``None``: no limit).
         fallback: What accuracy control does with a sensitive layer: ``float`` (revert
             it) or ``int16`` (promote its activations; for targets with no float path).
+        after_quantize: Passes the target needs after a quantizing pass (:class:`TargetPass`),
+            so that any recipe that quantizes gives a model it runs (``qnn-htp``: ``qnn-legalize``).
     """
 
     quantizable: Mapping[str, OpQuant] = dataclasses.field(default_factory=dict)
@@ -45,6 +67,7 @@ class Capabilities:
     supported_ops: frozenset[str] | None = None
     max_rank: int | None = None
     fallback: str = "float"
+    after_quantize: tuple[TargetPass, ...] = ()
 
 
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})

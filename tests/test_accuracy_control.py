@@ -265,10 +265,12 @@ class SimulatedHtp(OnnxTarget):
         self.capabilities = QNN_HTP_CAPABILITIES
 
 
-def test_accuracy_control_promotes_to_16_bits_on_a_target_without_a_float_path(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["w8a8-npu", "int8"])
+def test_accuracy_control_promotes_to_16_bits_on_a_target_without_a_float_path(files, tmp_path, monkeypatch, recipe):
+    """Also with plain ``int8``, which the target completes with ``qnn-legalize`` (re-run after each promotion)."""
     monkeypatch.setattr(compress_module, "get_target", lambda name: SimulatedHtp())
     executor = CountingExecutor()
-    result = compress(files["model"], recipe="w8a8-npu", target="qnn-htp", outdir=tmp_path / "out",
+    result = compress(files["model"], recipe=recipe, target="qnn-htp", outdir=tmp_path / "out",
                       inputs=["x=4x4x6x6"], calib=files["calib"], eval_data=files["eval"], max_drop=0.0,
                       latency_runs=1, executor=executor)
     m = result.manifest

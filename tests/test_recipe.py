@@ -86,3 +86,70 @@ def test_overrides_apply():
     recipe = load_recipe("fold").with_overrides(max_drop=0.02)
     assert recipe.accuracy.max_drop == 0.02
     assert recipe.to_json()["accuracy"]["max_drop"] == 0.02
+
+
+# -- a target completes a recipe (Capabilities.after_quantize) -----------------------------------------------
+
+
+class _HtpData:
+    """A target with qnn-htp's capabilities and no backend (recipe resolution reads only data)."""
+
+    name = "qnn-htp"
+
+    def __init__(self) -> None:
+        from compressor.targets.qnn_htp.rules import QNN_HTP_CAPABILITIES
+
+        self.capabilities = QNN_HTP_CAPABILITIES
+
+
+def _names(recipe):
+    return [s.name for s in recipe.passes]
+
+
+@pytest.mark.parametrize("activations", ["int8", "int16"])
+def test_a_quantizing_recipe_gets_the_targets_pass_with_the_quantize_width(tmp_path, activations):
+    path = write(tmp_path, f"name: mine\npasses:\n  - fold-constants\n  - quantize: {{activations: {activations}}}\n")
+    recipe = load_recipe(path).for_target(_HtpData())
+    assert _names(recipe) == ["fold-constants", "quantize", "qnn-legalize"]
+    assert recipe.passes[-1].options == {"activations": activations}
+    assert recipe.target_passes == ("qnn-legalize",) and recipe.target_steps == recipe.passes[-1:]
+    resolved = recipe.to_json()
+    assert resolved["target_passes"] == ["qnn-legalize"]
+    assert resolved["passes"][-1]["qnn-legalize"]["activations"] == activations
+
+
+def test_builtin_int8_on_qnn_htp_takes_the_default_width():
+    recipe = load_recipe("int8").for_target(_HtpData())
+    assert _names(recipe)[-2:] == ["quantize", "qnn-legalize"]
+    assert recipe.passes[-1].options == {"activations": "int8"}  # quantize's default, filled in
+
+
+@pytest.mark.parametrize("name", ["w8a8-npu", "w8a16-npu"])
+def test_a_recipe_that_runs_the_pass_already_is_not_completed_twice(name):
+    recipe = load_recipe(name)
+    completed = recipe.for_target(_HtpData())
+    assert completed == recipe and _names(completed).count("qnn-legalize") == 1
+    assert "target_passes" not in completed.to_json()
+    again = load_recipe("int8").for_target(_HtpData())
+    assert again.for_target(_HtpData()) == again  # idempotent
+
+
+def test_a_pass_providing_what_the_target_pass_provides_counts_as_present(tmp_path):
+    # qnn-quantize-tensors alone provides 'qnn-legalized' (a recipe that wants only some steps)
+    path = write(tmp_path, "passes:\n  - quantize\n  - qnn-quantize-tensors: {activations: int8}\n")
+    recipe = load_recipe(path)
+    assert recipe.for_target(_HtpData()) == recipe
+
+
+@pytest.mark.parametrize("name", ["fold", "prune-50"])
+def test_a_recipe_that_does_not_quantize_is_left_as_it_is(name):
+    recipe = load_recipe(name)
+    completed = recipe.for_target(_HtpData())
+    assert completed == recipe and "qnn-legalize" not in _names(completed) and completed.target_passes == ()
+
+
+def test_a_target_without_after_quantize_passes_leaves_int8_as_it_is():
+    from compressor.targets.onnx import OnnxTarget
+
+    recipe = load_recipe("int8")
+    assert recipe.for_target(OnnxTarget()) == recipe

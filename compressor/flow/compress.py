@@ -226,8 +226,14 @@ def compress(
     check_destination(outdir)
     recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     recipe_obj = recipe_obj.with_overrides(max_drop=max_drop)
-    passes = recipe_obj.build_passes()
     tgt = get_target(target)
+    # One recipe on every target: the target's own passes after quantization (qnn-htp's
+    # legalization) are appended here, and the manifest's recipe names them.
+    recipe_obj = recipe_obj.for_target(tgt)
+    for step in recipe_obj.target_steps:
+        logger.info("target %s completes recipe %r: %s %s appended after quantization (recipe.target_passes in "
+                    "the manifest)", tgt.name, recipe_obj.name, step.name, dict(step.options))
+    passes = recipe_obj.build_passes()
     overrides = parse_input_overrides(inputs)
     raw_calib = read_npz(calib, what="calib") if calib else None
     raw_eval = read_npz(eval_data, what="eval") if eval_data else None

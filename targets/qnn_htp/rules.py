@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from compressor.targets.base import Capabilities
+from compressor.targets.base import Capabilities, TargetPass
 
 from compressor.quant.spec import OpQuant, QuantSpec
 
@@ -52,6 +52,9 @@ QNN_HTP_CAPABILITIES = Capabilities(
     supported_ops=QNN_HTP_OPS,
     max_rank=5,
     fallback="int16",  # no float path on the NPU: accuracy control widens activations instead
+    # Any recipe that quantizes (plain ``int8`` too) is completed with HTP's legalization
+    # (case 7), at the quantize step's activation width: int8 -> W8A8, int16 -> W8A16.
+    after_quantize=(TargetPass("qnn-legalize", from_quantize=("activations",)),),
 )
 
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -29,8 +30,8 @@ try:
 except ImportError:  # optional backend: the target refuses to start, the package still imports
     onnxruntime_qnn = None
 
-__all__ = ["QnnHtpRunner", "compile_context", "htp_available", "per_output", "refused_nodes", "require_qnn",
-           "EP_NAME", "GAP_SAMPLES"]
+__all__ = ["QnnHtpRunner", "compile_context", "compile_here", "htp_available", "per_output", "refused_nodes",
+           "require_qnn", "EP_NAME", "GAP_SAMPLES"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +173,21 @@ def _fail(source: str | bytes, err: Exception) -> CompressorError:
     return UnsupportedByTarget("qnn-htp", offenders)
 
 
+#: What a fresh interpreter runs to compile one context (``compile_context``).
+_COMPILE_CHILD = ("import sys; from pathlib import Path; "
+                  "from compressor.targets.qnn_htp.runtime import compile_here; "
+                  "compile_here(Path(sys.argv[1]), Path(sys.argv[2]))")
+
+
 def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
     """Compile ``model_path`` into an EPContext model ``ctx_path`` and its QNN context binary.
+
+    The compilation runs in a fresh Python process: the QNN HTP library numbers what it
+    serialises (``PICKLE/<n>``, tensor ids) with counters global to the process, so a binary
+    compiled after others in the same process (a second run, accuracy control's candidates,
+    ``compress search``) differed from the same model's compiled first. A fresh process
+    gives every artifact the binary a plain ``compress`` run writes. Where the child fails,
+    the compilation is repeated here for the error (each refused node named).
 
     Returns:
         ``[ctx_path, binary]`` (the binary is written beside ``ctx_path``).
@@ -182,14 +196,39 @@ def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
         UnsupportedByTarget: HTP refuses part of the graph (each node named).
     """
     before = set(ctx_path.parent.iterdir())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    child = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, str(model_path), str(ctx_path)],
+                           capture_output=True, text=True, env=env, check=False)
+    if child.returncode != 0:
+        logger.debug("qnn-htp: compiling in a fresh process failed (%d): %s", child.returncode, child.stderr[-2000:])
+        for made in set(ctx_path.parent.iterdir()) - before:
+            made.unlink()
+        compile_here(model_path, ctx_path)  # raises the error, naming the refused nodes
+        logger.warning("qnn-htp: compiling the QNN context in a fresh process failed (%s); compiled in this "
+                       "process instead, so the binary's internal ids depend on what this process compiled "
+                       "before", (child.stderr.strip().splitlines() or ["no message"])[-1][:200])
+    new = sorted(p for p in set(ctx_path.parent.iterdir()) - before if p != ctx_path)
+    return [ctx_path, *new]
+
+
+def compile_here(model_path: Path, ctx_path: Path) -> None:
+    """Compile ``model_path`` into ``ctx_path`` (+ its binary) in this process.
+
+    The model is handed over as bytes (it is self-contained, :func:`~compressor.model_io.save_model`):
+    from a path, ONNX Runtime names the EPContext partition after a hash of that path, and the
+    artifact is built in a temporary folder of random name, so two identical runs gave
+    different ``*_ctx.onnx`` and binaries. From bytes the name hashes the graph's own names.
+
+    Raises:
+        UnsupportedByTarget: HTP refuses part of the graph (each node named).
+    """
     try:
         with _quiet_stdout():
-            compiler = ort.ModelCompiler(_session_options(), str(model_path), embed_compiled_data_into_model=False)
+            compiler = ort.ModelCompiler(_session_options(), Path(model_path).read_bytes(),
+                                         embed_compiled_data_into_model=False)
             compiler.compile_to_file(str(ctx_path))
     except Exception as err:  # ONNX Runtime's own exception types
         raise _fail(str(model_path), err) from None
-    new = sorted(p for p in set(ctx_path.parent.iterdir()) - before if p != ctx_path)
-    return [ctx_path, *new]
 
 
 class QnnHtpRunner(Runner):

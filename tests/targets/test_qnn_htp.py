@@ -463,3 +463,102 @@ def test_digits_w8a8_npu_on_htp(tmp_path, capsys):
     legal = next(p for p in manifest["passes"] if p["name"] == "qnn-legalize")
     assert legal["stats"]["biases_int32"] == 5 and not legal["stats"]["kept_float"]
     assert float_compute_nodes(ir.serde.deserialize_model(onnx.load(out / "model.onnx"))) == []
+
+
+# -- one int8 on every target: qnn-htp completes any quantizing recipe (Capabilities.after_quantize) --------
+
+
+def _pipeline(recipe, tmp_path: Path) -> ir.Model:
+    """``recipe`` completed for qnn-htp, run on :func:`cnn` with the HTP data (no backend)."""
+    from compressor.pass_manager import PassManager
+
+    model = cnn()
+    completed = recipe.for_target(_Stub())
+    ctx = PassContext(target=_Stub(), calibration=_Data.make(tmp_path, model), properties={"captured"})
+    return PassManager(completed.build_passes()).run(model, ctx).model
+
+
+def test_int8_completed_for_htp_is_w8a8_npu_where_they_mean_the_same(tmp_path):
+    """``quantize {calibrator: minmax}`` + qnn-htp's pass is ``w8a8-npu``, byte for byte; the
+    built-in ``int8`` differs from ``w8a8-npu`` on HTP by its bias correction alone."""
+    from compressor.recipe import load_recipe, parse_recipe
+
+    plain = parse_recipe({"name": "int8-plain", "passes": ["fold-constants", "fold-batchnorm",
+                                                           {"quantize": {"calibrator": "minmax"}}]}, "test")
+    npu = load_recipe("w8a8-npu")
+    assert model_bytes(_pipeline(plain, tmp_path)) == model_bytes(_pipeline(npu, tmp_path))
+    int8 = load_recipe("int8").for_target(_Stub()).to_json()["passes"]
+    w8a8 = npu.to_json()["passes"]
+    assert int8[-1] == w8a8[-1] and int8[:2] == w8a8[:2]
+    assert {k: v for k, v in int8[2]["quantize"].items() if int8[2]["quantize"][k] != w8a8[2]["quantize"][k]} == {
+        "bias_correction": True}
+
+
+def _tiny_data(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.uniform(0, 1, (32, 3, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.uniform(0, 1, (8, 3, 8, 8)).astype(np.float32))
+    return tmp_path / "calib.npz", tmp_path / "eval.npz"
+
+
+@needs_htp
+def test_plain_int8_on_htp_is_completed_with_qnn_legalize(tmp_path, capsys):
+    path = tmp_path / "cnn.onnx"
+    save_model(cnn(), path)
+    calib, eval_ = _tiny_data(tmp_path)
+    out = tmp_path / "out"
+    code = main([str(a) for a in [path, "--recipe", "int8", "--target", "qnn-htp", "--calib", calib, "--eval",
+                                  eval_, "--latency-runs", "1", "-o", out]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["target_passes"] == ["qnn-legalize"]
+    assert [p["name"] for p in manifest["passes"]][-2:] == ["quantize", "qnn-legalize"]
+    assert manifest["recipe"]["passes"][-1]["qnn-legalize"]["activations"] == "int8"
+    assert manifest["qnn_htp"]["ran_wholly_on_htp"] and manifest["qnn_htp"]["float_nodes"] == []
+    assert ("target qnn-htp completes recipe 'int8': qnn-legalize {'activations': 'int8'} appended after "
+            "quantization") in captured.err
+    assert "qnn-legalize (target qnn-htp)" in captured.out  # the summary's pass table
+
+
+@needs_htp
+def test_fold_on_htp_gets_no_target_pass(tmp_path, capsys):
+    path = tmp_path / "cnn.onnx"
+    save_model(cnn(), path)
+    calib, eval_ = _tiny_data(tmp_path)
+    code = main([str(a) for a in [path, "--recipe", "fold", "--target", "qnn-htp", "--calib", calib, "--eval",
+                                  eval_, "--latency-runs", "1", "-o", tmp_path / "out"]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "target_passes" not in manifest["recipe"]
+    assert "qnn-legalize" not in [p["name"] for p in manifest["passes"]]
+    assert "completes recipe" not in captured.err
+
+
+@needs_htp
+def test_recipes_lists_the_passes_a_target_adds(capsys):
+    assert main(["recipes", "--target", "qnn-htp"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "quantize, +qnn-legalize" in rows["int8"]
+    assert "+" not in rows["w8a8-npu"].split("NPU")[0] and "qnn-legalize" in rows["w8a8-npu"]
+    assert "qnn-legalize" not in rows["fold"]
+
+
+@needs_htp
+def test_the_context_does_not_depend_on_the_folder_or_on_what_the_process_compiled_before(tmp_path):
+    """Two compilations of one model, in two folders, one after the other in this process,
+    give the same files. ONNX Runtime names the EPContext partition after the model's path
+    when compiled from a file (the artifact is built in a temporary folder of random name),
+    and the QNN library numbers what it serialises with counters global to the process."""
+    from compressor.targets.qnn_htp.runtime import compile_context
+
+    model = legalized(tmp_path)
+    built = []
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        files = compile_context(save_model(model, tmp_path / folder / "model.onnx"),
+                                tmp_path / folder / "model_ctx.onnx")
+        built.append({f.name: f.read_bytes() for f in files})
+    assert sorted(built[0]) == ["model_ctx.onnx", "model_ctx_qnn.bin"]
+    assert built[0] == built[1]
