@@ -293,6 +293,18 @@ def _score(zm: ZooModel, runner, folder: Path, reference: dict | None) -> dict[s
     return zm.score(runner, names, outputs, folder, reference)
 
 
+class _Renamed:
+    """A runner whose inputs the zoo's data names differently (the state_dict route's ``x``)."""
+
+    def __init__(self, runner, names: dict[str, str]):
+        self.runner, self.names = runner, names
+        self.input_names = [next((k for k, v in names.items() if v == n), n) for n in runner.input_names]
+        self.output_names = list(getattr(runner, "output_names", []))
+
+    def __call__(self, feeds):
+        return self.runner({self.names.get(k, k): v for k, v in feeds.items()})
+
+
 def _metrics(scores: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
     return {k: float(scores[k]) for k in keys if k in scores}
 
@@ -326,6 +338,8 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) 
         if row["artifact"] and ref is not None:
             try:
                 run = artifact_runner(system, target, row["artifact"])
+                if "state_dict" in system:  # forward(x): the data's input name maps to x
+                    run = _Renamed(run, {next(iter(_feeds(zm.path(), folder, "eval")[0])): "x"})
                 scores = _score(zm, run, folder, ref)
                 row["metrics"] = {"fp32": _metrics(ref, zm.headline), "int8": _metrics(scores, zm.headline)}
                 feed = _feeds(zm.path(), folder, "eval")[0]
