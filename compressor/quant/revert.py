@@ -17,8 +17,9 @@ Two edits use that record (:func:`give_back`), chosen by ``Capabilities.fallback
    any more are removed.
 2. ``int16``: on a target with no float path the activation inputs read a 16-bit pair
    over the same range instead, ``s16 = (hi − lo) / (2^16 − 1)`` (what ``quantize`` writes
-   for a layer whose activations are 16-bit); the weights stay int8. The model is converted
-   to opset 21 (16-bit Q/DQ) as :mod:`compressor.quant.qdq` converts it.
+   for a layer whose activations are 16-bit), written by the one Q/DQ writer
+   (:class:`~compressor.quant.qdq.QdqWriter`, one pair per tensor however many layers read
+   it); the weights stay int8. The writer converts the model to opset 21 (16-bit Q/DQ).
 
 Nodes are found by the name of their first output (unique in SSA form, and kept through
 serialization), so the record applies to any copy of the quantized model.
@@ -35,9 +36,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 
-from compressor.model_io import default_opset
-from compressor.quant.math import quant_params
-from compressor.quant.qdq import WIDE_OPSET, raise_opset
+from compressor.passes._graph import add_initializer
+
+from compressor.quant.qdq import QdqWriter
 from compressor.quant.spec import QuantSpec
 
 __all__ = ["ActivationInput", "ConstantInput", "QuantizedLayer", "QuantizationRecord", "give_back", "widened"]
@@ -111,14 +112,6 @@ def _values(graph: ir.Graph) -> dict[str, ir.Value]:
     return out
 
 
-def _fresh(names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    names.add(name)
-    return name
-
-
 def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str],
               mode: Literal["float", "int16"] = "float") -> ir.Model:
     """Edit ``model`` (in place) so the ``layers`` of ``record`` are float, or 16-bit (module docstring).
@@ -142,34 +135,15 @@ def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str]
     graph = model.graph
     values = _values(graph)
     nodes = {node.outputs[0].name: node for node in graph if node.outputs}
-    names = set(values)
+    writer = QdqWriter(graph)  # case 2: the one Q/DQ writer, which converts to opset 21 in finish
     restored: dict[str, ir.Value] = {}
-    wide: dict[tuple[str, QuantSpec], ir.Value] = {}
     for layer in chosen:
         for act in layer.activations:
             node, source = nodes[act.node], values[act.value]
             if mode == "float":  # case 1
                 node.replace_input_with(act.index, source)
-                continue
-            spec = widened(act.spec)  # case 2
-            key = (act.value, spec)
-            if key not in wide:
-                scale, zp = quant_params(act.lo, act.hi, spec)
-                inits = []
-                for suffix, array in (("scale", np.asarray(scale, np.float32)), ("zero_point", np.asarray(zp))):
-                    tensor = ir.tensor(np.array(array, copy=True), name=_fresh(names, f"{act.value}_{suffix}16"))
-                    inits.append(ir.Value(name=tensor.name, type=ir.TensorType(tensor.dtype),
-                                          shape=ir.Shape(array.shape), const_value=tensor))
-                    graph.register_initializer(inits[-1])
-                q = ir.node("QuantizeLinear", [source, *inits], name=_fresh(names, f"{act.value}_QuantizeLinear16"))
-                q.outputs[0].name = _fresh(names, f"{act.value}_quantized16")
-                dq = ir.node("DequantizeLinear", [q.outputs[0], *inits],
-                             name=_fresh(names, f"{act.value}_DequantizeLinear16"))
-                dq.outputs[0].name = _fresh(names, f"{act.value}_dequantized16")
-                dq.outputs[0].type, dq.outputs[0].shape = source.type, source.shape
-                graph.insert_before(node, [q, dq])
-                wide[key] = dq.outputs[0]
-            node.replace_input_with(act.index, wide[key])
+            else:  # case 2
+                node.replace_input_with(act.index, writer.activation(source, widened(act.spec), act.lo, act.hi))
         if mode != "float":
             continue
         for const in layer.constants:  # case 1: the float weight and the bias before correction
@@ -177,23 +151,16 @@ def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str]
             if const.array is None:
                 node.resize_inputs(const.index)
                 continue
-            value = restored.get(const.name)
-            if value is None:
+            if const.name not in restored:
                 current = graph.initializers.get(const.name)
                 if current is not None and current.const_value is not None and \
                         np.array_equal(current.const_value.numpy(), const.array):
-                    value = current  # still there (another reader kept it)
+                    restored[const.name] = current  # still there (another reader kept it)
                 else:
-                    name = const.name if const.name not in names else _fresh(names, f"{const.name}_float")
-                    names.add(name)
-                    tensor = ir.tensor(np.array(const.array, order="C", copy=True), name=name)
-                    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(const.array.shape),
-                                     const_value=tensor)
-                    graph.register_initializer(value)
-                restored[const.name] = value
-            node.replace_input_with(const.index, value)
+                    name = writer.names(const.name if const.name not in values else f"{const.name}_float")
+                    restored[const.name] = add_initializer(graph, name, const.array)
+            node.replace_input_with(const.index, restored[const.name])
     ir.passes.common.RemoveUnusedNodesPass()(model)
-    if mode == "int16" and wide and default_opset(model) < WIDE_OPSET:
-        model = raise_opset(model, WIDE_OPSET)  # converted, not renumbered: ReduceMin's axes, say
+    model = writer.finish(model)
     logger.debug("gave back %d layer(s) as %s: %s", len(chosen), mode, ", ".join(layer.name for layer in chosen))
     return model
