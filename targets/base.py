@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from compressor.passes._graph import label
 
 from compressor.quant.spec import OpQuant
 
@@ -97,13 +98,13 @@ def check_capabilities(model: ir.Model, caps: Capabilities) -> list[tuple[str, s
                                   f"fix them with --input {value.name}=" + "x".join(
                                       str(d) if isinstance(d, int) else "N" for d in value.shape)))
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        label = node.name or f"{node.op_type}#{id(node) % 10000}"
+        where = label(node)
         if caps.supported_ops is not None and node.domain in ("", "ai.onnx") and node.op_type not in caps.supported_ops:
-            offenders.append((label, f"op {node.op_type} is not supported by this target"))
+            offenders.append((where, f"op {node.op_type} is not supported by this target"))
         if caps.max_rank is not None:
             for value in node.outputs:
                 if value.shape is not None and len(value.shape) > caps.max_rank:
-                    offenders.append((label, f"output {value.name} has rank {len(value.shape)} > {caps.max_rank}"))
+                    offenders.append((where, f"output {value.name} has rank {len(value.shape)} > {caps.max_rank}"))
                     break
     return offenders
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from compressor.passes._graph import label
 from compressor.targets.base import (
     Capabilities,
     Runner,
@@ -168,7 +169,7 @@ def saturating_weight_layers(model: ir.Model) -> list[str]:
         weight = dq.inputs[0].const_value
         if weight is not None and weight.dtype == ir.DataType.INT8:
             if np.abs(weight.numpy().astype(np.int16)).max(initial=0) > WEIGHT_QMAX_WITHOUT_VNNI:
-                found.append(node.name or f"{node.op_type}->{node.outputs[0].name}")
+                found.append(label(node))
     return found
 
 
