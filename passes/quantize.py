@@ -251,6 +251,7 @@ class Quantize(Pass):
             corrected += fixed
         model = writer.finish(model)  # 16-bit Q/DQ: the model is converted to opset 21
         quantized = [layer.name for layer in record]
+        weight_bytes = (sum(w.float_bytes for w in writer.weights), sum(w.quantized_bytes for w in writer.weights))
         for name, why in sorted(skipped.items()):
             logger.info("kept float: %s: %s", name, why)
         for name, why in sorted(weight_only.items()):
@@ -269,14 +270,14 @@ class Quantize(Pass):
             "tensors_float": len(calibration.tensor_skips),
             "smoothquant_groups": smoothed,
             "bias_corrected": corrected,
-            "weight_mb_fp32": round(sum(w.float_bytes for w in writer.weights) / 1e6, 3),
-            "weight_mb_int8": round(sum(w.quantized_bytes for w in writer.weights) / 1e6, 3),
+            "weight_mb_fp32": round(weight_bytes[0] / 1e6, 3),
+            "weight_mb_int8": round(weight_bytes[1] / 1e6, 3),
             "layers": quantized,
             "skipped_layers": dict(sorted(skipped.items())),
             "skipped_tensors": dict(sorted(calibration.tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only.items())),
             **({"float16_widened_to_float32": to_fp32} if to_fp32 else {}),
-        }, quantization=QuantizationRecord(tuple(record)))
+        }, quantization=QuantizationRecord(tuple(record), weight_bytes))
 
     @staticmethod
     def _widen_half_precision(model: ir.Model, layers: list[Layer], ctx: PassContext) -> int:
@@ -337,13 +338,15 @@ def _quantize_layer(graph: ir.Graph, writer: QdqWriter, layer: Layer, bits: int,
         layer.node.replace_input_with(index, writer.activation(value, spec, lo, hi))
         edits.append(ActivationInput(key, index, value.name, float(lo), float(hi), spec))
     corrected = False
+    weight: tuple[str, tuple[int, int]] = ("", (0, 0))
     if layer.weight is not None:
         constants.append(ConstantInput(key, list(layer.node.inputs).index(layer.weight), layer.weight.name,
                                        layer.weight.const_value.numpy().copy()))
         stored = writer.weight(layer.weight, _weight_spec(layer, per_channel))
         layer.node.replace_input_with(constants[0].index, stored.value)
+        weight = (layer.weight.name, (stored.float_bytes, stored.quantized_bytes))
         x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None
         if x in calibration.means:  # case 4: W - DQ(Wq) = -error
             corrected, edits, constants = correct_bias_recorded(
                 graph, layer, -stored.error, calibration.means[x], writer.names, key, edits, constants)
-    return QuantizedLayer(layer.name, tuple(edits), tuple(constants)), corrected
+    return QuantizedLayer(layer.name, tuple(edits), tuple(constants), *weight), corrected

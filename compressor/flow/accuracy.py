@@ -307,7 +307,8 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
 
 
 def given_back_stats(report: PassReport, given: list[str], mode: str) -> None:
-    """Make the quantize report say what the artifact holds after accuracy control."""
+    """Make the quantize report say what the artifact holds after accuracy control: the layers
+    given back float (or promoted to 16 bits), and the size of the weights still stored int8."""
     stats = report.stats
     if not given:
         return
@@ -319,3 +320,6 @@ def given_back_stats(report: PassReport, given: list[str], mode: str) -> None:
     stats["skipped_layers"] = dict(sorted({**stats.get("skipped_layers", {}),
                                            **{name: "reverted by accuracy control" for name in given}}.items()))
     stats["layers_float"] = len(stats["skipped_layers"])
+    if report.quantization is not None and "weight_mb_int8" in stats:  # a weight given back is float again
+        fp32, int8 = report.quantization.weight_sizes(given)
+        stats["weight_mb_fp32"], stats["weight_mb_int8"] = round(fp32 / 1e6, 3), round(int8 / 1e6, 3)

@@ -80,22 +80,51 @@ class ConstantInput:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedLayer:
-    """What ``quantize`` changed for one layer (module docstring)."""
+    """What ``quantize`` changed for one layer (module docstring).
+
+    Attributes:
+        name: The layer's name in reports.
+        activations: The activation inputs it rewired.
+        constants: The constants it replaced (the float weight, biases before correction).
+        weight: Name of the float weight now stored quantized (``""``: none).
+        weight_bytes: Size of that weight as float and as stored integers.
+    """
 
     name: str
     activations: tuple[ActivationInput, ...] = ()
     constants: tuple[ConstantInput, ...] = ()
+    weight: str = ""
+    weight_bytes: tuple[int, int] = (0, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationRecord:
-    """Every layer ``quantize`` quantized, in the order it quantized them."""
+    """Every layer ``quantize`` quantized, in the order it quantized them.
+
+    Attributes:
+        layers: The layers.
+        weight_bytes: Size, as float and as stored integers, of every weight ``quantize``
+            stored quantized (those of weight-only layers, which are not in ``layers``, too).
+    """
 
     layers: tuple[QuantizedLayer, ...] = ()
+    weight_bytes: tuple[int, int] = (0, 0)
 
     @property
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    def weight_sizes(self, given: Iterable[str] = ()) -> tuple[int, int]:
+        """``weight_bytes`` after the ``given`` layers are given back as float (case 1).
+
+        A weight is float again when every layer that read it quantized was given back; a
+        weight another (quantized) layer still reads stays stored quantized.
+        """
+        given = set(given)
+        back = {layer.weight: layer.weight_bytes for layer in self.layers if layer.weight and layer.name in given}
+        kept = {layer.weight for layer in self.layers if layer.weight and layer.name not in given}
+        freed = [size for name, size in back.items() if name not in kept]
+        return (self.weight_bytes[0] - sum(f for f, _ in freed), self.weight_bytes[1] - sum(q for _, q in freed))
 
     def __getitem__(self, name: str) -> QuantizedLayer:
         for layer in self.layers:
