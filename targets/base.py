@@ -142,8 +142,15 @@ class Target(abc.ABC):
         accuracy budget (``None``: nothing to try)."""
         return None
 
-    def pin_precision(self, precision: str | None) -> None:
-        """Pin ``precision`` (from :meth:`precision_fallback`) in artifacts lowered from now on; ``None`` unpins."""
+    def lower_pinned(self, model: ir.Model, outdir: Path, precision: str | None) -> list[Path]:
+        """:meth:`lower` with ``precision`` (from :meth:`precision_fallback`) pinned in the artifact.
+
+        The pin is data on the artifact, never state on the target: :meth:`runner` reads it
+        from the files, so any copy of the target runs a pinned artifact alike. ``None``:
+        :meth:`lower`.
+        """
+        if precision is None:
+            return self.lower(model, outdir)
         raise NotImplementedError(f"target {self.name!r} has no float precision to pin")
 
     def report(self, runner: Runner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
