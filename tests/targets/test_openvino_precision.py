@@ -145,3 +145,27 @@ def test_the_pin_is_the_artifacts_not_the_targets(tmp_path, force_precision):
         assert unpinned.pinned is None and unpinned.precision is None
         assert runner_of.report(unpinned)["inference_precision"]["pinned"] is None
     assert runner_of.precision_fallback() == "f32", "the device's bf16 still asks for the fallback"
+
+
+def test_accuracy_control_lowers_its_candidates_with_the_pin(tmp_path, force_precision, monkeypatch):
+    """Pinned and still over budget (int8 costs more than f32 wins back): accuracy control goes
+    on from the pinned artifact, so each candidate and the final artifact are lowered with
+    the pin the flow passed on, not one left on the target."""
+    force_precision("bf16")
+    pins = []
+    lower_pinned = OpenVinoTarget.lower_pinned
+
+    def spy(self, model, outdir, precision):
+        pins.append(precision)
+        return lower_pinned(self, model, outdir, precision)
+
+    monkeypatch.setattr(OpenVinoTarget, "lower_pinned", spy)
+    model = _linear(tmp_path)
+    result = compress(model, recipe="int8", target="openvino", calib=tmp_path / "calib.npz",
+                      eval_data=tmp_path / "eval.npz", outdir=tmp_path / "out", max_drop=F32_BUDGET, latency_runs=1)
+    m = result.manifest
+    assert m["precision_fallback"]["pinned"] and not m["precision_fallback"]["budget_holds"]
+    assert m["accuracy_control"] is not None and m["accuracy_control"]["steps"]
+    assert len(pins) >= 3 and set(pins) == {"f32"}, "the fallback, each candidate and the final artifact"
+    assert _rt_precision(tmp_path / "out" / "model.xml") == "f32"
+    assert m["inference_precision"]["pinned"]["precision"] == "f32" and m["latency"]["compressed_precision"] == "f32"
