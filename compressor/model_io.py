@@ -19,6 +19,7 @@ import onnx_ir.passes.common
 from onnx import version_converter
 
 from compressor.errors import CaptureError, UnsupportedModel
+from compressor.passes._graph import label
 
 __all__ = [
     "MIN_IR_VERSION",
@@ -197,7 +198,7 @@ def _converter_offenders(model: ir.Model, text: str, opset: int) -> list[tuple[s
     reason = _ASSERTION.sub("", lines[0]) if lines else "the converter failed"
     by_op: dict[str, list[str]] = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        by_op.setdefault(node.op_type, []).append(node.name or f"{node.op_type} -> {node.outputs[0].name}")
+        by_op.setdefault(node.op_type, []).append(label(node))
     lowered = text.lower()
     named = [op for op in by_op if re.search(rf"(?<![a-z]){re.escape(op.lower())}(?![a-z])", lowered)
              or f"adapt_{op.lower()}_" in lowered]

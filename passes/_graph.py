@@ -56,7 +56,11 @@ class NotFoldable(Exception):
 
 
 def label(node: ir.Node) -> str:
-    """A name for ``node`` in messages: its name, else its op type and first output."""
+    """A name for ``node`` in messages, stats and manifests: its name, else ``Op -> output``.
+
+    The one spelling of a node everywhere (passes' stats, accuracy control's layer names,
+    targets' offender lists), so a name a report gives can be looked up in another.
+    """
     if node.name:
         return node.name
     out = node.outputs[0].name if node.outputs else "?"

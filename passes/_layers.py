@@ -98,18 +98,17 @@ class Layer:
         weight: Its constant weight (input 1), or ``None`` (both inputs are activations).
         quant: For ``quantize``: the target's scheme for its op type.
         activations: For ``quantize``: ``(input index, value)`` of the activation inputs to quantize.
-        title: The name the pass reports it by (default: :func:`label` of the node).
     """
 
     node: ir.Node
     weight: ir.Value | None = None
     quant: OpQuant | None = None
     activations: list[tuple[int, ir.Value]] = dataclasses.field(default_factory=list)
-    title: str = ""
 
     @property
     def name(self) -> str:
-        return self.title or label(self.node)
+        """The name every pass reports the layer by (:func:`label`: one spelling for unnamed nodes)."""
+        return label(self.node)
 
     @property
     def op(self) -> str:

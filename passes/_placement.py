@@ -15,7 +15,8 @@ stay float are never given Q/DQ:
    integer indices (``Gather(embeddings, input_ids)``) is data too; propagation stops there;
 2. tensors whose calibrated statistics show non-finite values or sentinel values
    (``|x| >= 1e30``), reported by :meth:`TensorStats.problem`;
-3. layers outside the recipe's scope or excluded by accuracy control.
+3. layers outside the recipe's scope (accuracy control gives layers back by editing the
+   quantized graph, :mod:`compressor.quant.revert`, not by selecting them out here).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def _use_as_mask(reader: ir.Node, index: int, origin: dict[int, str], found: dic
 
 
 def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (), scope: Scope = Scope(),
-                exclude: Iterable[str] = (), activation_matmuls: bool = True,
+                activation_matmuls: bool = True,
                 eltwise: bool = True) -> tuple[list[Layer], dict[str, str]]:
     """The layers to quantize, and the skipped compute nodes with the reason (case 3).
 
@@ -177,7 +178,6 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         caps: The target's capabilities.
         ops: Restrict to these op types (empty: all the target quantizes).
         scope: The recipe's scope.
-        exclude: Node names excluded by accuracy control.
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
         eltwise: Also quantize the joins the target lists without a weight (``Add``/``Sum``
             of activations only: residual adds; ``OpQuant.joins_after`` may require an
@@ -185,14 +185,13 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
             operand (a bias, a scale) is not a join and never a layer.
     """
     wanted = set(ops) or set(caps.quantizable)
-    excluded = set(exclude)
     layers: list[Layer] = []
     skipped: dict[str, str] = {}
     for node in graph:
         quant = caps.quantizable.get(node.op_type)
         if quant is None or node.op_type not in wanted or node.domain not in ("", "ai.onnx"):
             continue
-        layer = Layer(node, quant=quant, title=node.name or f"{node.op_type}->{node.outputs[0].name}")
+        layer = Layer(node, quant=quant)
         if quant.weights is None:
             data = [v for v in node.inputs if v is not None]
             if len(data) < 2 or not all(_is_float(v) and not is_constant(v) for v in data):
@@ -209,9 +208,6 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         if w is not None and w.const_value is not None and not w.is_graph_input() and _is_float(w):
             layer.weight = w
             weight_names.append(w.name)
-        if layer.name in excluded:
-            skipped[layer.name] = "reverted by accuracy control"
-            continue
         if not scope.contains(layer.name, *weight_names):
             skipped[layer.name] = "outside the recipe's scope"
             continue

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from compressor.passes._graph import label
 
 from compressor.quant.spec import OpQuant
 
@@ -120,13 +121,13 @@ def check_capabilities(model: ir.Model, caps: Capabilities) -> list[tuple[str, s
                                   f"fix them with --input {value.name}=" + "x".join(
                                       str(d) if isinstance(d, int) else "N" for d in value.shape)))
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        label = node.name or f"{node.op_type}#{id(node) % 10000}"
+        where = label(node)
         if caps.supported_ops is not None and node.domain in ("", "ai.onnx") and node.op_type not in caps.supported_ops:
-            offenders.append((label, f"op {node.op_type} is not supported by this target"))
+            offenders.append((where, f"op {node.op_type} is not supported by this target"))
         if caps.max_rank is not None:
             for value in node.outputs:
                 if value.shape is not None and len(value.shape) > caps.max_rank:
-                    offenders.append((label, f"output {value.name} has rank {len(value.shape)} > {caps.max_rank}"))
+                    offenders.append((where, f"output {value.name} has rank {len(value.shape)} > {caps.max_rank}"))
                     break
     return offenders
 
@@ -164,8 +165,15 @@ class Target(abc.ABC):
         accuracy budget (``None``: nothing to try)."""
         return None
 
-    def pin_precision(self, precision: str | None) -> None:
-        """Pin ``precision`` (from :meth:`precision_fallback`) in artifacts lowered from now on; ``None`` unpins."""
+    def lower_pinned(self, model: ir.Model, outdir: Path, precision: str | None) -> list[Path]:
+        """:meth:`lower` with ``precision`` (from :meth:`precision_fallback`) pinned in the artifact.
+
+        The pin is data on the artifact, never state on the target: :meth:`runner` reads it
+        from the files, so any copy of the target runs a pinned artifact alike. ``None``:
+        :meth:`lower`.
+        """
+        if precision is None:
+            return self.lower(model, outdir)
         raise NotImplementedError(f"target {self.name!r} has no float precision to pin")
 
     def report(self, runner: Runner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from compressor.passes._graph import label
 from compressor.targets.base import (
     Capabilities,
     Runner,
@@ -77,10 +78,6 @@ def _cpu_kernels() -> dict[tuple[str, str], list[tuple[int, int]]] | None:
     return dict(table)
 
 
-def _label(node: ir.Node) -> str:
-    return node.name or f"{node.op_type} -> {node.outputs[0].name if node.outputs else '?'}"
-
-
 def _nodes_without_kernel(model: ir.Model, reported: str) -> list[tuple[str, str]]:
     """One ``(nodes, reason)`` per op version of a standard domain that has no CPU kernel.
 
@@ -106,7 +103,7 @@ def _nodes_without_kernel(model: ir.Model, reported: str) -> list[tuple[str, str
         version = schema.since_version
         ranges = kernels.get((domain, node.op_type), [])
         if (ranges or node.op_type == reported) and not any(lo <= version <= hi for lo, hi in ranges):
-            groups[(domain, node.op_type, version)].append(_label(node))
+            groups[(domain, node.op_type, version)].append(label(node))
     offenders, old = [], {}
     for (domain, op, version), labels in groups.items():
         name = f"{domain + ':' if domain else ''}{op}"
@@ -137,7 +134,7 @@ def _explain_load_error(model: ir.Model, text: str) -> list[tuple[str, str]]:
     match = _NOT_REGISTERED.search(text)
     if match:
         domain, op = match.group(1), match.group(2)
-        labels = [_label(n) for n in ir.traversal.RecursiveGraphIterator(model.graph)
+        labels = [label(n) for n in ir.traversal.RecursiveGraphIterator(model.graph)
                   if n.op_type == op and n.domain == domain]
         training = " (a training-only op)" if domain.startswith("ai.onnx.preview.training") else ""
         return [(", ".join(labels) or op, f"ONNX Runtime does not implement {domain}:{op}{training}")]

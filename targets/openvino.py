@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from compressor.passes._graph import label
 from compressor.targets.base import (
     Capabilities,
     Runner,
@@ -49,6 +50,7 @@ from compressor.targets.openvino_precision import (
     device_precision,
     pin_in_rt_info,
     pin_report,
+    pinned_precision,
 )
 
 from compressor.errors import DataError, UsageError
@@ -168,7 +170,7 @@ def saturating_weight_layers(model: ir.Model) -> list[str]:
         weight = dq.inputs[0].const_value
         if weight is not None and weight.dtype == ir.DataType.INT8:
             if np.abs(weight.numpy().astype(np.int16)).max(initial=0) > WEIGHT_QMAX_WITHOUT_VNNI:
-                found.append(node.name or f"{node.op_type}->{node.outputs[0].name}")
+                found.append(label(node))
     return found
 
 
@@ -200,7 +202,9 @@ class OpenVinoRunner(Runner):
         core: An ``ov.Core`` to reuse (a new one when ``None``).
         config: Extra compile properties, over those of :func:`cpu_config`.
         precision: The inference precision to ask for (see :func:`cpu_config`); ``f32``
-            by default.
+            by default. An artifact with a precision pinned in its ``rt_info``
+            (:func:`~compressor.targets.openvino_precision.pinned_precision`) runs in that
+            one, as it was evaluated, whatever is asked: the pin is the artifact's own.
 
     Raises:
         UsageError: unknown ``precision``.
@@ -210,9 +214,12 @@ class OpenVinoRunner(Runner):
                  precision: str | None = "f32"):
         _require_openvino()
         self.core = core or ov.Core()
-        self.precision = precision
-        self.config = {**cpu_config(precision), **(config or {})}
+        cpu_config(precision)  # an unknown precision is refused whatever the artifact pins
         model = self.core.read_model(str(xml))
+        #: The precision pinned in the artifact (``None``: none).
+        self.pinned: str | None = pinned_precision(model)
+        self.precision = self.pinned or precision
+        self.config = {**cpu_config(self.precision), **(config or {})}
         # IR MatMuls, to tell a fused Subgraph holding one (layer_precisions) from others
         self._matmuls = frozenset(op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul")
         self.compiled = self.core.compile_model(model, "CPU", self.config)
@@ -286,8 +293,9 @@ class OpenVinoTarget(Target):
             ``None`` (the default) for the device's default, which is what a model compiled
             with no config gets, or ``f32``, ``bf16``, ``f16``. The baseline
             (:meth:`reference_runner`) always runs in f32. Where the device's default
-            breaks the accuracy budget the flow pins f32 (:meth:`pin_precision`,
-            :mod:`compressor.targets.openvino_precision`).
+            breaks the accuracy budget the flow lowers the artifact with f32 pinned in it
+            (:meth:`lower_pinned`, :mod:`compressor.targets.openvino_precision`); the pin
+            is on the artifact, and :meth:`runner` reads it from there.
 
     Raises:
         UsageError: the ``openvino`` package is not installed, or an unknown ``precision``.
@@ -300,7 +308,6 @@ class OpenVinoTarget(Target):
         _require_openvino()
         cpu_config(precision)  # refuse an unknown precision now, not at the first compile
         self.precision = precision
-        self.pinned: str | None = None  # f32 written into the artifact (pin_precision)
         self.core = ov.Core()
         #: ``(model, ov.Model)`` of the last :meth:`check`, saved as is when the next
         #: :meth:`reference_runner` gets that same (unchanged) model: the fp32 model is
@@ -337,8 +344,18 @@ class OpenVinoTarget(Target):
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
         return self._save(model, convert(model), outdir)
 
-    def _save(self, model: ir.Model, ov_model: Any, outdir: Path) -> list[Path]:
-        """Write ``ov_model`` (converted from ``model``) as ``model.xml``/``.bin`` with canonical names."""
+    def lower_pinned(self, model: ir.Model, outdir: Path, precision: str | None) -> list[Path]:
+        """:meth:`lower` with ``precision`` pinned in the artifact's ``rt_info`` (``None``: unpinned).
+
+        Raises:
+            UsageError: an unknown ``precision``.
+        """
+        cpu_config(precision)
+        return self._save(model, convert(model), outdir, pin=precision)
+
+    def _save(self, model: ir.Model, ov_model: Any, outdir: Path, pin: str | None = None) -> list[Path]:
+        """Write ``ov_model`` (converted from ``model``) as ``model.xml``/``.bin`` with canonical names,
+        ``pin`` (a float precision) in its ``rt_info`` when given."""
         outdir.mkdir(parents=True, exist_ok=True)
         if cpu_has_vnni() is False and (saturating := saturating_weight_layers(model)):
             logger.warning(
@@ -347,15 +364,16 @@ class OpenVinoTarget(Target):
                 len(saturating), WEIGHT_QMAX_WITHOUT_VNNI, ", ".join(saturating[:5]))
         renamed = canonical_names(ov_model, onnx_names(model))
         logger.debug("openvino: renumbered %d auto-generated node names", renamed)
-        if self.pinned is not None:
-            pin_in_rt_info(ov_model, self.pinned)
+        if pin is not None:
+            pin_in_rt_info(ov_model, pin)
         xml = outdir / "model.xml"
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # fp32 stays fp32; int8 comes from QDQ
         return [xml, xml.with_suffix(".bin")]
 
     def runner(self, files: list[Path]) -> OpenVinoRunner:
+        """Runs the artifact in its pinned precision if it has one, else in :attr:`precision`."""
         xml = [f for f in files if f.suffix == ".xml"]
-        return OpenVinoRunner(xml[0], core=self.core, precision=self.pinned or self.precision)
+        return OpenVinoRunner(xml[0], core=self.core, precision=self.precision)
 
     def device_precision(self) -> str:
         """The float precision the CPU plugin runs a model compiled with no config in, here."""
@@ -363,29 +381,16 @@ class OpenVinoTarget(Target):
 
     def precision_fallback(self) -> str | None:
         """``f32`` where the artifact is evaluated in a lower float precision (the device's bf16, say)."""
-        used = self.pinned or self.precision or self.device_precision()
+        used = self.precision or self.device_precision()
         return None if used == "f32" else "f32"
-
-    def pin_precision(self, precision: str | None) -> None:
-        """Lower (and run) later artifacts with ``precision`` pinned in them; ``None`` unpins."""
-        cpu_config(precision)
-        self.pinned = precision
 
     def device_reference_runner(self, model: ir.Model, workdir: Path) -> OpenVinoRunner | None:
         """The fp32 model in the device's default precision, where that is not f32 (else ``None``)."""
         if self.device_precision() == "f32":
             return None
         workdir.mkdir(parents=True, exist_ok=True)
-        xml = [f for f in self.lower_unpinned(model, workdir) if f.suffix == ".xml"]
+        xml = [f for f in self.lower(model, workdir) if f.suffix == ".xml"]
         return OpenVinoRunner(xml[0], core=self.core, precision=None)
-
-    def lower_unpinned(self, model: ir.Model, outdir: Path) -> list[Path]:
-        """:meth:`lower` without the pin (a baseline is the user's model as it is)."""
-        pinned, self.pinned = self.pinned, None
-        try:
-            return self.lower(model, outdir)
-        finally:
-            self.pinned = pinned
 
     def reference_runner(self, model: ir.Model, workdir: Path) -> OpenVinoRunner:
         """The fp32 baseline, in f32 whatever precision the artifact runs in.
@@ -395,11 +400,7 @@ class OpenVinoTarget(Target):
         """
         checked, self._checked = self._checked, None
         ov_model = checked[1] if checked is not None and checked[0] is model else convert(model)
-        pinned, self.pinned = self.pinned, None  # a baseline is the user's model as it is
-        try:
-            xml = [f for f in self._save(model, ov_model, workdir) if f.suffix == ".xml"]
-        finally:
-            self.pinned = pinned
+        xml = [f for f in self._save(model, ov_model, workdir) if f.suffix == ".xml"]  # never pinned
         return OpenVinoRunner(xml[0], core=self.core, precision="f32")
 
     def report(self, runner: OpenVinoRunner, samples: Iterable[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
@@ -411,7 +412,7 @@ class OpenVinoTarget(Target):
                 "requested": runner.precision,  # None: the device's default
                 "used": runner.inference_precision,
                 "device_default": self.device_precision(),
-                "pinned": pin_report(self.pinned),
+                "pinned": pin_report(runner.pinned),
                 "cpu_bf16": cpu_supports_bf16(self.core),
                 "dynamic_quantization_group_size": runner.dynamic_quantization_group_size,
                 "int8_vnni": cpu_has_vnni(),

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import onnx_ir as ir
+from compressor.passes._graph import label
 
 from compressor.model_io import model_bytes
 
@@ -49,7 +50,7 @@ def _nodes_for(model: ir.Model, ops_text: str) -> dict[tuple[str, str], list[str
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         key = _op_key(node)
         if key in wanted:
-            wanted[key].append(node.name or f"{node.op_type}->{node.outputs[0].name}")
+            wanted[key].append(label(node))
     return wanted
 
 

@@ -7,7 +7,10 @@ AMX), read here as the plugin's default ``INFERENCE_PRECISION_HINT``
 it breaks the budget and f32 holds it, the target pins f32 in the artifact:
 
 1. the pin is written where OpenVINO keeps a model's runtime options, the ``.xml``'s
-   ``rt_info/runtime_options/INFERENCE_PRECISION_HINT`` (:data:`RT_PRECISION`);
+   ``rt_info/runtime_options/INFERENCE_PRECISION_HINT`` (:data:`RT_PRECISION`). It is data
+   on the artifact, not state on the target: the target's runner reads it back
+   (:func:`pinned_precision`) and compiles the artifact in that precision, whichever
+   target object (a fresh one, a copy in a Ray task) runs it;
 2. whether the CPU plugin applies that key when the saved model is compiled with no
    config is probed, not assumed (:func:`plugin_reads_rt_option`): an invalid value fails
    the compile of a key the plugin reads and is ignored for one it does not. OpenVINO
@@ -32,7 +35,8 @@ try:
 except ImportError:  # the target refuses to start without it
     ov = None
 
-__all__ = ["RT_PRECISION", "device_precision", "pin_in_rt_info", "pin_report", "plugin_reads_rt_option"]
+__all__ = ["RT_PRECISION", "device_precision", "pin_in_rt_info", "pin_report", "pinned_precision",
+           "plugin_reads_rt_option"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,12 @@ def device_precision(core: Any = None) -> str:
 def pin_in_rt_info(ov_model: Any, precision: str) -> None:
     """Write ``precision`` as the model's runtime inference precision (1), before it is saved."""
     ov_model.set_rt_info(precision, list(RT_PRECISION))
+
+
+def pinned_precision(ov_model: Any) -> str | None:
+    """The precision pinned in a (read or converted) model's ``rt_info`` (1), ``None`` when none is."""
+    path = list(RT_PRECISION)
+    return ov_model.get_rt_info(path).astype(str) if ov_model.has_rt_info(path) else None
 
 
 @functools.cache

@@ -91,7 +91,7 @@ def force_precision(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
     The device's default is what :func:`compressor.targets.openvino.device_precision` says. A
     runner left to the device's default (``precision=None``) runs in f32 and, on the bf16
     branch, rounds each float output to bf16: bf16's rounding where an AVX2 CPU has no bf16
-    to run. A runner given a precision runs as it asks.
+    to run. A runner given a precision, or of an artifact with a pinned one, runs in that one.
     """
     openvino = pytest.importorskip("compressor.targets.openvino")
     if openvino.ov is None:
@@ -104,8 +104,8 @@ def force_precision(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
 
         def forced_init(self, xml, core=None, config=None, precision="f32"):
             init(self, xml, core=core, config=config, precision="f32" if precision is None else precision)
-            self.precision = precision
-            self._forced = value if precision is None else None
+            self.precision = self.pinned or precision  # an artifact's pin wins, as in the runner itself
+            self._forced = value if self.precision is None else None
 
         def forced_call(self, feeds):
             outputs = call(self, feeds)

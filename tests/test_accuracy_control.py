@@ -26,9 +26,11 @@ import compressor.flow.accuracy as accuracy_module
 import compressor.flow.compress as compress_module
 from compressor.data import load_npz
 from compressor.executor import InProcessExecutor
+from compressor.flow.accuracy import given_back_stats
 from compressor.flow.compress import compress
 from compressor.inputs import model_input_specs
 from compressor.model_io import save_model
+from compressor.pass_manager import PassReport
 from compressor.pipeline import PassContext, build_pass
 from compressor.quant.revert import give_back
 from compressor.targets import get_target
@@ -160,6 +162,33 @@ def test_widening_to_16_bits_reads_the_same_range_on_a_finer_grid(files):
     inside = (f >= entry.lo) & (f <= entry.hi)
     assert inside.mean() > 0.99
     assert np.abs(f16 - f)[inside].max() <= step16 * (1 + 1e-3)
+
+
+def _int8_weight_bytes(model: ir.Model) -> int:
+    """Bytes of the int8 weights ``model`` holds: initializers a DequantizeLinear reads as its data."""
+    return sum(n.inputs[0].const_value.numpy().nbytes for n in model.graph if n.op_type == "DequantizeLinear"
+               and n.inputs[0].is_initializer() and n.inputs[0].const_value.dtype == ir.DataType.INT8)
+
+
+def test_a_give_back_changes_the_reported_int8_weight_size(files):
+    """After accuracy control the report's ``weight_mb_*`` say what the artifact holds: a layer
+    given back float no longer counts as int8; promoted to 16 bits, its weight stays int8."""
+    quantized = _quantize(files)
+    assert quantized.stats["weight_mb_int8"] == round(_int8_weight_bytes(quantized.model) / 1e6, 3)
+    fc1_bytes = quantized.quantization["fc1"].weight_bytes
+    assert fc1_bytes == (16 * 288 * 4, 16 * 288)
+
+    report = PassReport("quantize", {}, True, dict(quantized.stats), 0.0, quantization=quantized.quantization)
+    given_back_stats(report, ["fc1"], "float")
+    edited = give_back(_clone(quantized.model), quantized.quantization, ["fc1"])
+    assert report.stats["weight_mb_int8"] == round(_int8_weight_bytes(edited) / 1e6, 3)
+    assert report.stats["weight_mb_int8"] < quantized.stats["weight_mb_int8"]
+    assert quantized.quantization.weight_sizes(["fc1"]) == tuple(
+        whole - part for whole, part in zip(quantized.quantization.weight_bytes, fc1_bytes))
+
+    promoted = PassReport("quantize", {}, True, dict(quantized.stats), 0.0, quantization=quantized.quantization)
+    given_back_stats(promoted, ["fc1"], "int16")
+    assert promoted.stats["weight_mb_int8"] == quantized.stats["weight_mb_int8"]
 
 
 # ---------------------------------------------------------------------------- the flow

@@ -9,6 +9,7 @@ from compressor.targets.onnx import ort_session
 
 from compressor.model_io import to_proto
 from compressor.quant.qdq import WIDE_OPSET, QdqWriter
+from compressor.quant.spec import QuantSpec
 from tests.ortutil import model_from_text
 
 REDUCE = '''<ir_version: 8, opset_import: ["" : 13]>
@@ -59,3 +60,45 @@ def test_16_bit_pair_keeps_a_graph_the_converter_would_not_change(opset):
     narrow = _quantize_relu_input(np.uint8, text)
     assert [n.op_type for n in wide.graph] == [n.op_type for n in narrow.graph]
     assert len(to_proto(wide).graph.value_info) == len(to_proto(narrow).graph.value_info)
+
+
+def test_activation_pair_is_written_once_per_tensor_and_spec():
+    """Every reader of a tensor shares its pair for one spec (quantize and give_back both rely
+    on it); another spec is another pair."""
+    model = model_from_text('''<ir_version: 8, opset_import: ["" : 13]>
+    g (float[2,6] x) => (float[2,6] y) {
+      a = Relu(x)
+      b = Sigmoid(x)
+      y = Add(a, b)
+    }''')
+    writer = QdqWriter(model.graph)
+    x = model.graph.inputs[0]
+    u8, u16 = QuantSpec("uint8", False, None), QuantSpec("uint16", False, None)
+    first, again = writer.activation(x, u8, -1.0, 1.0), writer.activation(x, u8, -1.0, 1.0)
+    wide = writer.activation(x, u16, -1.0, 1.0)
+    assert first is again and wide is not first
+    relu, sigmoid, _ = model.graph
+    relu.replace_input_with(0, first)
+    sigmoid.replace_input_with(0, wide)
+    model = writer.finish(model)
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph) == 2
+    assert model.opset_imports[""] == WIDE_OPSET
+
+
+def test_weight_is_stored_quantized_with_its_error_and_sizes():
+    """``DQ(Wq) − W`` is within half a quantization step of each output channel; the sizes are
+    the float and the int8 arrays'."""
+    model = model_from_text('''<ir_version: 8, opset_import: ["" : 13]>
+    g (float[2,6] x) => (float[2,4] y) {
+      y = MatMul(x, w)
+    }''', w=np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32))
+    writer = QdqWriter(model.graph)
+    w = model.graph.initializers["w"]
+    spec = QuantSpec("int8", True, 1)
+    stored = writer.weight(w, spec)
+    assert writer.weight(w, spec) is stored and writer.weights == [stored]
+    array = w.const_value.numpy()
+    step = np.abs(array).max(axis=0) / 127
+    assert np.all(np.abs(stored.error) <= step / 2 * (1 + 1e-6))
+    assert (stored.float_bytes, stored.quantized_bytes) == (6 * 4 * 4, 6 * 4)
+    assert stored.value.producer().op_type == "DequantizeLinear"

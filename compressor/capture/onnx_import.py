@@ -42,6 +42,7 @@ import onnx_ir as ir
 
 from compressor.errors import UnsupportedModel
 from compressor.model_io import default_opset, to_proto, upgrade_opset
+from compressor.passes._graph import label
 
 __all__ = ["IMPORT_MIN_OPSET", "IMPORT_OPSET", "ImportReport", "normalize_import", "normalize_dims",
            "quantized_nodes", "describe_quantized"]
@@ -185,10 +186,6 @@ def _drop_contradicted_value_info(model: ir.Model) -> tuple[ir.Model, str | None
     return ir.serde.deserialize_model(inferred), note
 
 
-def _label(node: ir.Node) -> str:
-    return node.name or f"{node.op_type} -> {node.outputs[0].name if node.outputs else '?'}"
-
-
 def quantized_nodes(model: ir.Model) -> list[tuple[str, str]]:
     """``(node, op)`` for every node that only a quantized model has (subgraphs included)."""
     found = []
@@ -196,7 +193,7 @@ def quantized_nodes(model: ir.Model) -> list[tuple[str, str]]:
         domain = "" if node.domain == "ai.onnx" else node.domain
         ops = _QUANTIZED_OPS.get(domain, frozenset())
         if node.op_type in ops or (domain in _QUANTIZED_OPS and node.op_type.startswith("QLinear")):
-            found.append((_label(node), node.op_type if not domain else f"{domain}:{node.op_type}"))
+            found.append((label(node), node.op_type if not domain else f"{domain}:{node.op_type}"))
     return found
 
 

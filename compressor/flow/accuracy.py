@@ -120,15 +120,15 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
         given: Layer names given back (empty: the fully quantized model).
         shared: What :func:`build_candidate` reads, and ``runtime`` (``onnxruntime``: ONNX
             Runtime CPU; ``target``: lowered and run on the context's target), ``data``
-            (the ranking subset) and ``ref`` (the baseline's outputs on it, from the same
-            runtime).
+            (the ranking subset), ``ref`` (the baseline's outputs on it, from the same
+            runtime) and ``pin`` (the float precision pinned in the artifact, or ``None``).
     """
     model = build_candidate(given, shared)
     if shared["runtime"] == "onnxruntime":
         return _error(shared["ref"], OrtRunner(model), shared["data"])
     target = shared["context"].target
     with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
-        run = target.runner(target.lower(model, Path(work)))
+        run = target.runner(target.lower_pinned(model, Path(work), shared.get("pin")))
         err = _error(shared["ref"], run, shared["data"])
         del run
     return err
@@ -243,9 +243,12 @@ def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, cali
 def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[Any], ctx: PassContext,
              score: Callable[[Any], Evaluation], first: Evaluation, first_outputs: list[Any], ref: list[Any],
              accuracy: Any, eval_set: Dataset, run_baseline: Any, baseline: ir.Model, work_dir: Path,
-             progress: Progress, executor: Executor | None, cache_fields: dict[str, Any],
+             progress: Progress, executor: Executor | None, cache_fields: dict[str, Any], pin: str | None = None,
              ) -> tuple[PipelineResult, ControlResult]:
     """Give layers back, by editing the quantized model, until the budget holds (ranking on ``executor``).
+
+    ``pin`` is the float precision pinned in the artifact (:meth:`Target.lower_pinned`), so
+    every candidate is lowered as the artifact is, on this process's target or a Ray task's copy.
 
     Returns:
         The final model with the reports of the passes after ``quantize`` run on it, and
@@ -254,7 +257,8 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
     layers = quantized.record.names
     shared: dict[str, Any] = {"quantized": ir_bytes(quantized.model), "record": quantized.record,
                               "mode": "int16" if tgt.capabilities.fallback == "int16" else "float",
-                              "post": post_passes, "context": dataclasses.replace(ctx, progress=no_progress)}
+                              "post": post_passes, "context": dataclasses.replace(ctx, progress=no_progress),
+                              "pin": pin}
     built: dict[frozenset[str], Any] = {}
 
     def rebuild(given: frozenset[str]) -> PipelineResult:
@@ -264,7 +268,7 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
     def build(given: frozenset[str]) -> Any:
         folder = work_dir / f"control-{len(built)}"
         built[given] = rebuild(given)
-        return tgt.runner(tgt.lower(built[given].model, folder))
+        return tgt.runner(tgt.lower_pinned(built[given].model, folder, pin))
 
     max_steps = int(accuracy.max_fallback * len(layers))
     key = ranking_key({**cache_fields, "layers": layers})
@@ -307,7 +311,8 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
 
 
 def given_back_stats(report: PassReport, given: list[str], mode: str) -> None:
-    """Make the quantize report say what the artifact holds after accuracy control."""
+    """Make the quantize report say what the artifact holds after accuracy control: the layers
+    given back float (or promoted to 16 bits), and the size of the weights still stored int8."""
     stats = report.stats
     if not given:
         return
@@ -319,3 +324,6 @@ def given_back_stats(report: PassReport, given: list[str], mode: str) -> None:
     stats["skipped_layers"] = dict(sorted({**stats.get("skipped_layers", {}),
                                            **{name: "reverted by accuracy control" for name in given}}.items()))
     stats["layers_float"] = len(stats["skipped_layers"])
+    if report.quantization is not None and "weight_mb_int8" in stats:  # a weight given back is float again
+        fp32, int8 = report.quantization.weight_sizes(given)
+        stats["weight_mb_fp32"], stats["weight_mb_int8"] = round(fp32 / 1e6, 3), round(int8 / 1e6, 3)

@@ -145,7 +145,7 @@ def _drop_source(reports: list[PassReport], budget: float, last: PassReport | No
 
 def _precision_fallback(tgt: Any, model: ir.Model, outdir: Path, files: list[Path], run: Any,
                         score: Callable[..., Evaluation], first: Evaluation,
-                        budget: float) -> tuple[list[Path], Any, Evaluation, dict[str, Any] | None]:
+                        budget: float) -> tuple[list[Path], Any, Evaluation, dict[str, Any] | None, str | None]:
     """Pin the target's fallback float precision in the artifact when the one it was evaluated in breaks the budget.
 
     The artifact is evaluated as it will run: in the device's default float precision (bf16
@@ -153,18 +153,20 @@ def _precision_fallback(tgt: Any, model: ir.Model, outdir: Path, files: list[Pat
     :meth:`precision_fallback` (f32) pinned and evaluated; the pin is kept when it lowers
     the drop (then either the budget holds, or accuracy control goes on from the pinned
     artifact, whose float layers no longer add their rounding to the drop), else undone.
+    The pin is data the caller passes on (:meth:`Target.lower_pinned` for every later
+    lowering, accuracy control's candidates included), never state left on the target.
 
     Returns:
-        The artifact's files, its runner, its evaluation, and what was tried (``None``: nothing).
+        The artifact's files, its runner, its evaluation, what was tried (``None``: nothing)
+        and the precision pinned in the artifact (``None``: none).
     """
     fallback = tgt.precision_fallback()
     if fallback is None or first.drop <= budget + 1e-12:
-        return files, run, first, None
+        return files, run, first, None, None
     evaluated_in = getattr(run, "inference_precision", None)
     for old in files:
         old.unlink()
-    tgt.pin_precision(fallback)
-    files = tgt.lower(model, outdir)
+    files = tgt.lower_pinned(model, outdir, fallback)
     pinned_run = tgt.runner(files)
     pinned = score(pinned_run, f"evaluate ({fallback})")
     kept = pinned.drop < first.drop
@@ -174,14 +176,13 @@ def _precision_fallback(tgt: Any, model: ir.Model, outdir: Path, files: list[Pat
         logger.warning("accuracy drop %.6f in the device's default float precision (%s) > max_drop %g; %s holds "
                        "%.6f%s: pinned %s in the artifact", first.drop, evaluated_in, budget, fallback, pinned.drop,
                        "" if record["budget_holds"] else " (still over: accuracy control goes on from it)", fallback)
-        return files, pinned_run, pinned, record
+        return files, pinned_run, pinned, record, fallback
     logger.warning("accuracy drop %.6f in %s, %.6f with %s pinned: not pinned", first.drop, evaluated_in,
                    pinned.drop, fallback)
     for old in files:
         old.unlink()
-    tgt.pin_precision(None)
     files = tgt.lower(model, outdir)
-    return files, tgt.runner(files), first, record
+    return files, tgt.runner(files), first, record, None
 
 
 def compress(
@@ -355,9 +356,9 @@ def compress(
         last_lossy = reports[lossy[-1]] if lossy else None
         if last_lossy is not None and verified and last_lossy.modified:
             last_lossy.accuracy_drop = evaluation.drop
-        precision_fallback = None
+        precision_fallback, pin = None, None
         if verified and budget is not None:
-            files, run_compressed, evaluation, precision_fallback = _precision_fallback(
+            files, run_compressed, evaluation, precision_fallback, pin = _precision_fallback(
                 tgt, result.model, writer.path, files, run_compressed, score, evaluation, budget)
             if last_lossy is not None and last_lossy.modified:
                 last_lossy.accuracy_drop = evaluation.drop
@@ -385,7 +386,7 @@ def compress(
             control = control_on_target(
                 tgt, quantized, passes[quantized.index + 1:], ctx, score, evaluation, first_outputs, ref,
                 recipe_obj.accuracy, eval_set, run_baseline, baseline, work_dir, progress, executor,
-                ranking_fields(recipe_obj.to_json(), tgt, baseline, calib_set, eval_set, __version__))
+                ranking_fields(recipe_obj.to_json(), tgt, baseline, calib_set, eval_set, __version__), pin)
             result = control[0]
             given_back_stats(reports[quantized.index], control[1].given_back,
                               "int16" if tgt.capabilities.fallback == "int16" else "float")
@@ -394,7 +395,7 @@ def compress(
             timings["accuracy_control_s"] = time.perf_counter() - t
             for old in files:
                 old.unlink()
-            files = tgt.lower(result.model, writer.path)
+            files = tgt.lower_pinned(result.model, writer.path, pin)
             run_compressed = tgt.runner(files)
         feed = next(eval_set.batches())
         # Against the fp32 baseline in f32 and in the device's default precision (the gain

@@ -15,12 +15,21 @@ graph form, the names and the opset rule are the same wherever a Q/DQ comes from
    so the other ops follow (``ReduceMin``'s ``axes`` becomes an input at 18, for one);
    raising the opset number alone would leave them in a form the new opset refuses.
 
+The writer works at two levels: :meth:`QdqWriter.pair` and :meth:`QdqWriter.constant`
+take a scale and a zero point (the QNN HTP legalization's own encodings);
+:meth:`QdqWriter.activation` and :meth:`QdqWriter.weight` take a :class:`QuantSpec` and a
+range (or the weight itself), compute the parameters with :mod:`compressor.quant.math`,
+and write each (tensor, spec) once, so every reader of a tensor shares one pair.
+:meth:`QdqWriter.weight` also returns what the rounding changed (``DQ(Wq) − W``, which
+bias correction removes) and the sizes before and after.
+
 New nodes are collected and added by :meth:`QdqWriter.flush` or :meth:`QdqWriter.finish`,
 which also removes what became unused and sorts the graph topologically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -30,8 +39,10 @@ import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by
 from compressor.passes._graph import NameAllocator, add_initializer
 
 from compressor.model_io import default_opset, to_proto, upgrade_opset
+from compressor.quant.math import dequantize_array, quant_params, quantize_array, weight_quant_params
+from compressor.quant.spec import QuantSpec
 
-__all__ = ["QdqWriter", "WIDE_OPSET", "is_wide", "raise_opset"]
+__all__ = ["QdqWriter", "QuantizedWeight", "WIDE_OPSET", "is_wide", "raise_opset"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +55,23 @@ _WIDE_DTYPES = frozenset({np.dtype(np.uint16), np.dtype(np.int16)})
 def is_wide(zero_point: np.ndarray) -> bool:
     """Whether a zero point (its dtype is the quantized type) is 16-bit."""
     return np.asarray(zero_point).dtype in _WIDE_DTYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight :meth:`QdqWriter.weight` stored quantized.
+
+    Attributes:
+        value: The DQ output its readers use instead of the float weight.
+        error: ``DQ(Wq) − W`` in float64 (what the rounding changed).
+        float_bytes: Size of the float weight.
+        quantized_bytes: Size of the stored integers.
+    """
+
+    value: ir.Value
+    error: np.ndarray
+    float_bytes: int
+    quantized_bytes: int
 
 
 class QdqWriter:
@@ -62,6 +90,8 @@ class QdqWriter:
         self.nodes: list[ir.Node] = []
         self.written = 0
         self.wide = False
+        self._activations: dict[tuple[int, QuantSpec], ir.Value] = {}
+        self._weights: dict[tuple[int, QuantSpec], QuantizedWeight] = {}
 
     def params(self, base: str, scale: np.ndarray, zero_point: np.ndarray) -> tuple[ir.Value, ir.Value]:
         """Initializers ``<base>_scale`` (float32) and ``<base>_zero_point`` (its own dtype)."""
@@ -103,6 +133,30 @@ class QdqWriter:
         dq.outputs[0].type, dq.outputs[0].shape = type_, shape
         self.nodes.append(dq)
         return dq.outputs[0]
+
+    def activation(self, value: ir.Value, spec: QuantSpec, lo: float, hi: float) -> ir.Value:
+        """The pair (case 1) reading ``value`` on the ``spec`` grid over ``[lo, hi]``, written once per (value, spec)."""
+        key = (id(value), spec)
+        if key not in self._activations:
+            self._activations[key] = self.pair(value, *quant_params(lo, hi, spec))
+        return self._activations[key]
+
+    def weight(self, value: ir.Value, spec: QuantSpec) -> QuantizedWeight:
+        """The constant ``value`` stored quantized with ``spec`` (case 2), written once per (value, spec)."""
+        key = (id(value), spec)
+        if key not in self._weights:
+            w = value.const_value.numpy().astype(np.float32)
+            scale, zp = weight_quant_params(w, spec)
+            wq = quantize_array(w, scale, zp, spec)
+            error = dequantize_array(wq, scale, zp, spec).astype(np.float64) - w
+            dq = self.constant(value.name, wq, scale, zp, spec.axis, value.type, value.shape)
+            self._weights[key] = QuantizedWeight(dq, error, w.nbytes, wq.nbytes)
+        return self._weights[key]
+
+    @property
+    def weights(self) -> list[QuantizedWeight]:
+        """Every weight :meth:`weight` stored, in the order it stored them."""
+        return list(self._weights.values())
 
     def flush(self) -> None:
         """Add the nodes written so far to the graph (unsorted; :meth:`finish` sorts)."""

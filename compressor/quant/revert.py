@@ -17,8 +17,9 @@ Two edits use that record (:func:`give_back`), chosen by ``Capabilities.fallback
    any more are removed.
 2. ``int16``: on a target with no float path the activation inputs read a 16-bit pair
    over the same range instead, ``s16 = (hi − lo) / (2^16 − 1)`` (what ``quantize`` writes
-   for a layer whose activations are 16-bit); the weights stay int8. The model is converted
-   to opset 21 (16-bit Q/DQ) as :mod:`compressor.quant.qdq` converts it.
+   for a layer whose activations are 16-bit), written by the one Q/DQ writer
+   (:class:`~compressor.quant.qdq.QdqWriter`, one pair per tensor however many layers read
+   it); the weights stay int8. The writer converts the model to opset 21 (16-bit Q/DQ).
 
 Nodes are found by the name of their first output (unique in SSA form, and kept through
 serialization), so the record applies to any copy of the quantized model.
@@ -35,9 +36,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 
-from compressor.model_io import default_opset
-from compressor.quant.math import quant_params
-from compressor.quant.qdq import WIDE_OPSET, raise_opset
+from compressor.passes._graph import add_initializer
+
+from compressor.quant.qdq import QdqWriter
 from compressor.quant.spec import QuantSpec
 
 __all__ = ["ActivationInput", "ConstantInput", "QuantizedLayer", "QuantizationRecord", "give_back", "widened"]
@@ -79,22 +80,51 @@ class ConstantInput:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedLayer:
-    """What ``quantize`` changed for one layer (module docstring)."""
+    """What ``quantize`` changed for one layer (module docstring).
+
+    Attributes:
+        name: The layer's name in reports.
+        activations: The activation inputs it rewired.
+        constants: The constants it replaced (the float weight, biases before correction).
+        weight: Name of the float weight now stored quantized (``""``: none).
+        weight_bytes: Size of that weight as float and as stored integers.
+    """
 
     name: str
     activations: tuple[ActivationInput, ...] = ()
     constants: tuple[ConstantInput, ...] = ()
+    weight: str = ""
+    weight_bytes: tuple[int, int] = (0, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationRecord:
-    """Every layer ``quantize`` quantized, in the order it quantized them."""
+    """Every layer ``quantize`` quantized, in the order it quantized them.
+
+    Attributes:
+        layers: The layers.
+        weight_bytes: Size, as float and as stored integers, of every weight ``quantize``
+            stored quantized (those of weight-only layers, which are not in ``layers``, too).
+    """
 
     layers: tuple[QuantizedLayer, ...] = ()
+    weight_bytes: tuple[int, int] = (0, 0)
 
     @property
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    def weight_sizes(self, given: Iterable[str] = ()) -> tuple[int, int]:
+        """``weight_bytes`` after the ``given`` layers are given back as float (case 1).
+
+        A weight is float again when every layer that read it quantized was given back; a
+        weight another (quantized) layer still reads stays stored quantized.
+        """
+        given = set(given)
+        back = {layer.weight: layer.weight_bytes for layer in self.layers if layer.weight and layer.name in given}
+        kept = {layer.weight for layer in self.layers if layer.weight and layer.name not in given}
+        freed = [size for name, size in back.items() if name not in kept]
+        return (self.weight_bytes[0] - sum(f for f, _ in freed), self.weight_bytes[1] - sum(q for _, q in freed))
 
     def __getitem__(self, name: str) -> QuantizedLayer:
         for layer in self.layers:
@@ -109,14 +139,6 @@ def _values(graph: ir.Graph) -> dict[str, ir.Value]:
     for node in graph:
         out.update((v.name, v) for v in node.outputs if v.name)
     return out
-
-
-def _fresh(names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    names.add(name)
-    return name
 
 
 def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str],
@@ -142,34 +164,15 @@ def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str]
     graph = model.graph
     values = _values(graph)
     nodes = {node.outputs[0].name: node for node in graph if node.outputs}
-    names = set(values)
+    writer = QdqWriter(graph)  # case 2: the one Q/DQ writer, which converts to opset 21 in finish
     restored: dict[str, ir.Value] = {}
-    wide: dict[tuple[str, QuantSpec], ir.Value] = {}
     for layer in chosen:
         for act in layer.activations:
             node, source = nodes[act.node], values[act.value]
             if mode == "float":  # case 1
                 node.replace_input_with(act.index, source)
-                continue
-            spec = widened(act.spec)  # case 2
-            key = (act.value, spec)
-            if key not in wide:
-                scale, zp = quant_params(act.lo, act.hi, spec)
-                inits = []
-                for suffix, array in (("scale", np.asarray(scale, np.float32)), ("zero_point", np.asarray(zp))):
-                    tensor = ir.tensor(np.array(array, copy=True), name=_fresh(names, f"{act.value}_{suffix}16"))
-                    inits.append(ir.Value(name=tensor.name, type=ir.TensorType(tensor.dtype),
-                                          shape=ir.Shape(array.shape), const_value=tensor))
-                    graph.register_initializer(inits[-1])
-                q = ir.node("QuantizeLinear", [source, *inits], name=_fresh(names, f"{act.value}_QuantizeLinear16"))
-                q.outputs[0].name = _fresh(names, f"{act.value}_quantized16")
-                dq = ir.node("DequantizeLinear", [q.outputs[0], *inits],
-                             name=_fresh(names, f"{act.value}_DequantizeLinear16"))
-                dq.outputs[0].name = _fresh(names, f"{act.value}_dequantized16")
-                dq.outputs[0].type, dq.outputs[0].shape = source.type, source.shape
-                graph.insert_before(node, [q, dq])
-                wide[key] = dq.outputs[0]
-            node.replace_input_with(act.index, wide[key])
+            else:  # case 2
+                node.replace_input_with(act.index, writer.activation(source, widened(act.spec), act.lo, act.hi))
         if mode != "float":
             continue
         for const in layer.constants:  # case 1: the float weight and the bias before correction
@@ -177,23 +180,16 @@ def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str]
             if const.array is None:
                 node.resize_inputs(const.index)
                 continue
-            value = restored.get(const.name)
-            if value is None:
+            if const.name not in restored:
                 current = graph.initializers.get(const.name)
                 if current is not None and current.const_value is not None and \
                         np.array_equal(current.const_value.numpy(), const.array):
-                    value = current  # still there (another reader kept it)
+                    restored[const.name] = current  # still there (another reader kept it)
                 else:
-                    name = const.name if const.name not in names else _fresh(names, f"{const.name}_float")
-                    names.add(name)
-                    tensor = ir.tensor(np.array(const.array, order="C", copy=True), name=name)
-                    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(const.array.shape),
-                                     const_value=tensor)
-                    graph.register_initializer(value)
-                restored[const.name] = value
-            node.replace_input_with(const.index, value)
+                    name = writer.names(const.name if const.name not in values else f"{const.name}_float")
+                    restored[const.name] = add_initializer(graph, name, const.array)
+            node.replace_input_with(const.index, restored[const.name])
     ir.passes.common.RemoveUnusedNodesPass()(model)
-    if mode == "int16" and wide and default_opset(model) < WIDE_OPSET:
-        model = raise_opset(model, WIDE_OPSET)  # converted, not renumbered: ReduceMin's axes, say
+    model = writer.finish(model)
     logger.debug("gave back %d layer(s) as %s: %s", len(chosen), mode, ", ".join(layer.name for layer in chosen))
     return model

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from compressor.passes._graph import label
 from compressor.targets.base import (
     Capabilities,
     Runner,
@@ -119,7 +120,7 @@ def float_compute_nodes(model: ir.Model) -> list[str]:
                 continue
             producer = value.producer()
             if producer is None or producer.op_type != "DequantizeLinear":
-                out.append(node.name or f"{node.op_type}->{node.outputs[0].name}")
+                out.append(label(node))
                 break
     return out
 
@@ -236,20 +237,20 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if id(node) in folded:
             continue
-        label = node.name or f"{node.op_type} -> {node.outputs[0].name if node.outputs else '?'}"
+        where = label(node)
         domain = "" if node.domain == "ai.onnx" else node.domain
         known = ops if domain == "" else QNN_HTP_CONTRIB_OPS if domain == "com.microsoft" else frozenset()
         if node.op_type not in known:
-            offenders.append((label, f"op {domain + '::' if domain else ''}{node.op_type} is not supported by QNN HTP"))
+            offenders.append((where, f"op {domain + '::' if domain else ''}{node.op_type} is not supported by QNN HTP"))
         for value in (*node.inputs, *node.outputs):
             if value is None:
                 continue
             if value.dtype == ir.DataType.DOUBLE:
-                offenders.append((label, f"tensor {value.name} is float64; HTP has no 64-bit floats "
+                offenders.append((where, f"tensor {value.name} is float64; HTP has no 64-bit floats "
                                          "(export the model in float32)"))
                 break
             if caps.max_rank is not None and value.shape is not None and len(value.shape) > caps.max_rank:
-                offenders.append((label, f"tensor {value.name} has rank {len(value.shape)} > {caps.max_rank}, "
+                offenders.append((where, f"tensor {value.name} has rank {len(value.shape)} > {caps.max_rank}, "
                                          "the most HTP handles"))
                 break
     return offenders

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
+from compressor.passes._graph import label
 from compressor.passes._layers import output_channel_axis
 from compressor.passes._placement import integer_derived, mask_uses
 
@@ -46,10 +47,6 @@ _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT1
 _SIGNED_QDQ = frozenset({ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN})
 _BIAS_LIKE = frozenset({"Add", "Sub", "Mul", "Div"})
 _PASS_THROUGH = frozenset({"Relu", "Identity"})
-
-
-def _label(node: ir.Node) -> str:
-    return node.name or f"{node.op_type}->{node.outputs[0].name if node.outputs else '?'}"
 
 
 def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
@@ -132,31 +129,31 @@ def check_qdq_placement(model: ir.Model) -> list[tuple[str, str]]:
     masks = {name: src for name, src in integer_derived(graph).items() if name in used_as_mask}
     out: list[tuple[str, str]] = []
     for node in graph:
-        label = _label(node)
+        where = label(node)
         if node.op_type in _QDQ:  # rule 1: signed, symmetric
             zp = node.inputs[2] if len(node.inputs) > 2 else None
             if zp is None:
-                out.append((label, f"{node.op_type} has no zero point, so ONNX makes it uint8; TensorRT takes "
+                out.append((where, f"{node.op_type} has no zero point, so ONNX makes it uint8; TensorRT takes "
                                    "only signed int8 (or FP8) Q/DQ with zero point 0"))
             else:
                 zp_value = _const(zp)
                 if zp.dtype not in _SIGNED_QDQ:
                     kind = str(getattr(zp.dtype, "name", zp.dtype)).lower()
-                    out.append((label, f"{node.op_type} is {kind}; TensorRT takes only int8 or FP8 E4M3 "
+                    out.append((where, f"{node.op_type} is {kind}; TensorRT takes only int8 or FP8 E4M3 "
                                        "Q/DQ (symmetric, zero point 0)"))
                 elif zp_value is not None and np.any(zp_value.astype(np.float32) != 0):
-                    out.append((label, f"{node.op_type} has a non-zero zero point "
+                    out.append((where, f"{node.op_type} has a non-zero zero point "
                                        f"({np.unique(zp_value.astype(np.float32))[:4].tolist()}); TensorRT needs "
                                        "symmetric quantization (zero point 0)"))
             if node.op_type == "QuantizeLinear" and node.inputs[0] is not None and node.inputs[0].name in masks:
-                out.append((label, f"Q/DQ on {node.inputs[0].name!r}, which derives only from integer input "
+                out.append((where, f"Q/DQ on {node.inputs[0].name!r}, which derives only from integer input "
                                    f"{masks[node.inputs[0].name]!r} (mask/shape path): keep it float"))
             if node.op_type == "DequantizeLinear" and not _is_const(node.inputs[0]):  # rule 6
                 q = _producer(node.inputs[0], "QuantizeLinear")
                 if q is None:
-                    out.append((label, "DequantizeLinear of an activation that no QuantizeLinear produced"))
+                    out.append((where, "DequantizeLinear of an activation that no QuantizeLinear produced"))
                 elif not _same_params(q, node):
-                    out.append((label, f"scale/zero point differ from its QuantizeLinear {_label(q)!r}: "
+                    out.append((where, f"scale/zero point differ from its QuantizeLinear {label(q)!r}: "
                                        "TensorRT cannot fold the pair"))
             continue
         w_dq = _quantized_layer(node)
@@ -165,11 +162,11 @@ def check_qdq_placement(model: ir.Model) -> list[tuple[str, str]]:
                     and (i == 0 or node.op_type == "MatMul") and _producer(v, "DequantizeLinear") is not w_dq]
             float_acts = [v for _, v in acts if _producer(v, "DequantizeLinear") is None]
             if w_dq is not None and float_acts:  # rule 2
-                out.append((label, f"weight is quantized but activation {float_acts[0].name!r} is not "
+                out.append((where, f"weight is quantized but activation {float_acts[0].name!r} is not "
                                    f"(no DequantizeLinear before {node.op_type}): TensorRT runs it in float"))
             weight = node.inputs[1] if len(node.inputs) > 1 else None
             if w_dq is None and acts and not float_acts and weight is not None and _is_const(weight):
-                out.append((label, f"activation is quantized but the weight {node.inputs[1].name!r} is float: "
+                out.append((where, f"activation is quantized but the weight {node.inputs[1].name!r} is float: "
                                    "TensorRT cannot run an int8 kernel with a float weight"))
             if w_dq is not None:  # rule 3
                 out.extend(_weight_axis_findings(node, w_dq))
@@ -180,7 +177,7 @@ def check_qdq_placement(model: ir.Model) -> list[tuple[str, str]]:
             if any(sources) and not all(quantized):  # rule 5
                 layer = next(s for s in sources if s is not None)
                 missing = next(v for v, q in zip(node.inputs, quantized) if not q)
-                out.append((label, f"residual Add after quantized layer {_label(layer)!r}: input {missing.name!r} "
+                out.append((where, f"residual Add after quantized layer {label(layer)!r}: input {missing.name!r} "
                                    f"is not quantized ({_why_float(missing, masks)}); TensorRT cannot fuse the "
                                    "Add into the layer's int8 kernel"))
     return out
@@ -203,7 +200,7 @@ def _weight_axis_findings(node: ir.Node, dq: ir.Node) -> list[tuple[str, str]]:
     scale = _const(dq.inputs[1]) if len(dq.inputs) > 1 else None
     if weight is None or scale is None:
         return []
-    label = _label(node)
+    where = label(node)
     want = output_channel_axis(node, weight.ndim)
     if node.op_type == "ConvTranspose":
         group = node.attributes.get("group")
@@ -211,12 +208,12 @@ def _weight_axis_findings(node: ir.Node, dq: ir.Node) -> list[tuple[str, str]]:
     else:
         channels = weight.shape[want]
     if scale.size == 1:
-        return [(label, f"weight {dq.inputs[0].name!r} has one scale (per tensor); TensorRT keeps more accuracy "
+        return [(where, f"weight {dq.inputs[0].name!r} has one scale (per tensor); TensorRT keeps more accuracy "
                         f"per output channel (axis {want}, {channels} scales)")]
     axis_attr = dq.attributes.get("axis")
     axis = (axis_attr.as_int() if axis_attr is not None else 1) % max(weight.ndim, 1)
     if axis != want or scale.size != weight.shape[want]:
-        return [(label, f"weight {dq.inputs[0].name!r} is quantized per channel along axis {axis} "
+        return [(where, f"weight {dq.inputs[0].name!r} is quantized per channel along axis {axis} "
                         f"({scale.size} scales); TensorRT needs the output-channel axis {want} "
                         f"({weight.shape[want]} scales)")]
     return []
@@ -247,5 +244,5 @@ def nm_sparse_layers(model: ir.Model, n: int = 2, m: int = 4) -> list[str]:
             continue
         groups = (rows.reshape(rows.shape[0], -1, m) != 0).sum(axis=-1)
         if groups.max(initial=0) <= n:
-            found.append(_label(node))
+            found.append(label(node))
     return found

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from compressor.passes._graph import add_initializer
+from compressor.passes._graph import add_initializer, label
 from compressor.passes._placement import find_layers
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
 from compressor.targets import base as target_base
@@ -88,14 +88,10 @@ def _cosine(ref: np.ndarray, out: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
 
 
-def _layer_name(node: ir.Node) -> str:
-    return node.name or f"{node.op_type}->{node.outputs[0].name}"
-
-
 def _node(model: ir.Model, name: str) -> ir.Node:
-    """The node named ``name`` (or ``Op->output`` for unnamed nodes, as the pass reports them)."""
+    """The node named ``name`` (or ``Op -> output`` for unnamed nodes, as the pass reports them)."""
     for node in model.graph:
-        if _layer_name(node) == name:
+        if label(node) == name:
             return node
     raise AssertionError(f"no node {name!r} in the graph")
 
@@ -565,6 +561,25 @@ def test_nothing_to_quantize_is_unmodified(tmp_path):
     assert result.stats["layers_quantized"] == 0 and result.stats["layers"] == []
     assert result.stats["nothing_quantized"].startswith("the model has no layer the target quantizes (")
     assert op_counts(result.model) == {"Relu": 1, "Add": 1}
+
+
+def test_an_unnamed_node_is_spelled_as_every_pass_and_target_spells_it(tmp_path):
+    """``Op -> output``, the one spelling (``label``): quantize's stats, the sparsity passes'
+    stats and a target's offender list name an unnamed node alike, so a name from one
+    report (accuracy control's layers, a scope) finds the node in another."""
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[N,16] x) => (float[N,8] y) {{
+      y = MatMul(x, w)
+    }}""", w=_w(rng, 16, 8))
+    node = next(iter(model.graph))
+    assert label(node) == "MatMul -> y"
+    pruned = build_pass("prune-magnitude", {"sparsity": 0.5}).run(_clone(model), PassContext())
+    assert list(pruned.stats["per_layer"]) == ["MatMul -> y"]
+    refused = target_base.check_capabilities(_clone(model), target_base.Capabilities(supported_ops=frozenset()))
+    assert [where for where, _ in refused] == ["MatMul -> y"]
+    result = _quantize(model, _dataset(model, tmp_path, {"x": _normal(1, 32, 16)}))
+    assert result.stats["layers"] == ["MatMul -> y"] and result.quantization.names == ["MatMul -> y"]
 
 
 def test_everything_out_of_scope_is_unmodified(tmp_path):

@@ -109,9 +109,8 @@ def test_the_pin_in_the_saved_xml_and_what_the_plugin_makes_of_it(tmp_path):
     import onnx_ir as ir
 
     target = OpenVinoTarget()
-    target.pin_precision("f32")
     model = ir.serde.deserialize_model(onnx.load(_linear(tmp_path)))
-    (xml, _) = target.lower(model, tmp_path / "pinned")
+    (xml, _) = target.lower_pinned(model, tmp_path / "pinned", "f32")
     assert _rt_precision(xml) == "f32"
     compiled = ov.Core().compile_model(str(xml), "CPU").get_property("INFERENCE_PRECISION_HINT").get_type_name()
     if plugin_reads_rt_option() or not cpu_supports_bf16():
@@ -119,6 +118,54 @@ def test_the_pin_in_the_saved_xml_and_what_the_plugin_makes_of_it(tmp_path):
     else:  # a bf16 CPU whose plugin ignores the pin: the manifest's compile_config is what holds it
         assert compiled == "bf16"
     assert plugin_reads_rt_option("DYNAMIC_QUANTIZATION_GROUP_SIZE") is True
-    target.pin_precision(None)
     (again, _) = target.lower(model, tmp_path / "unpinned")
     assert _rt_precision(again) is None
+
+
+def test_the_pin_is_the_artifacts_not_the_targets(tmp_path, force_precision):
+    """Issue 14: a target carries no state between calls. The pin is read back from the
+    artifact, so a fresh target (the one a benchmark re-runs the artifact with) and a
+    pickled copy (a Ray task's) run a pinned artifact in f32, and an artifact lowered after
+    a pinned one is not pinned."""
+    import pickle
+
+    import onnx_ir as ir
+
+    force_precision("bf16")
+    model = ir.serde.deserialize_model(onnx.load(_linear(tmp_path)))
+    target = OpenVinoTarget()
+    pinned = target.lower_pinned(model, tmp_path / "pinned", "f32")
+    plain = target.lower(model, tmp_path / "plain")
+    assert _rt_precision(plain[0]) is None
+    for runner_of in (OpenVinoTarget(), pickle.loads(pickle.dumps(target)), target):
+        run = runner_of.runner(pinned)
+        assert run.pinned == "f32" and run.precision == "f32" and run.inference_precision == "f32"
+        assert runner_of.report(run)["inference_precision"]["pinned"]["precision"] == "f32"
+        unpinned = runner_of.runner(plain)
+        assert unpinned.pinned is None and unpinned.precision is None
+        assert runner_of.report(unpinned)["inference_precision"]["pinned"] is None
+    assert runner_of.precision_fallback() == "f32", "the device's bf16 still asks for the fallback"
+
+
+def test_accuracy_control_lowers_its_candidates_with_the_pin(tmp_path, force_precision, monkeypatch):
+    """Pinned and still over budget (int8 costs more than f32 wins back): accuracy control goes
+    on from the pinned artifact, so each candidate and the final artifact are lowered with
+    the pin the flow passed on, not one left on the target."""
+    force_precision("bf16")
+    pins = []
+    lower_pinned = OpenVinoTarget.lower_pinned
+
+    def spy(self, model, outdir, precision):
+        pins.append(precision)
+        return lower_pinned(self, model, outdir, precision)
+
+    monkeypatch.setattr(OpenVinoTarget, "lower_pinned", spy)
+    model = _linear(tmp_path)
+    result = compress(model, recipe="int8", target="openvino", calib=tmp_path / "calib.npz",
+                      eval_data=tmp_path / "eval.npz", outdir=tmp_path / "out", max_drop=F32_BUDGET, latency_runs=1)
+    m = result.manifest
+    assert m["precision_fallback"]["pinned"] and not m["precision_fallback"]["budget_holds"]
+    assert m["accuracy_control"] is not None and m["accuracy_control"]["steps"]
+    assert len(pins) >= 3 and set(pins) == {"f32"}, "the fallback, each candidate and the final artifact"
+    assert _rt_precision(tmp_path / "out" / "model.xml") == "f32"
+    assert m["inference_precision"]["pinned"]["precision"] == "f32" and m["latency"]["compressed_precision"] == "f32"
