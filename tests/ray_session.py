@@ -12,7 +12,9 @@ seconds; the results go to ``OUTDIR/result.json`` for the tests to judge:
 * an error a task raises (``UsageError``) coming back as that error, at once (the other
   task, which would sleep two minutes, is cancelled);
 * ``int8`` with ``--max-drop 0`` on cosine fidelity: accuracy control's ranking on Ray;
-* ``compress search`` on a small grid (``OUTDIR/search/search.json``).
+* ``compress search`` on a small grid (``OUTDIR/search/search.json``), and again with a
+  wall-clock budget read from a clock that ticks a minute per read
+  (``OUTDIR/search-budget/search.json``: which candidates ran, as in process).
 
 Never run it outside a network namespace of its own: Ray listens on every interface.
 """
@@ -30,6 +32,17 @@ from typing import Any
 
 LEVELS = "0.2,0.5,0.8"
 GRID = {"calibrator": ["minmax", "percentile"], "sparsity": [0, 0.5]}
+BUDGET_MINUTES = 3.5  # read at 0, 60 and 120 s (two prefixes), 180 s (candidate 0 starts), 240 s (spent)
+
+
+def ticking_clock(seconds: float = 60.0) -> Any:
+    """A clock that advances ``seconds`` each time it is read (the search reads it before each task)."""
+    now = [-seconds]
+
+    def clock() -> float:
+        now[0] += seconds
+        return now[0]
+    return clock
 CRASH_INDEX = 1
 
 
@@ -108,6 +121,8 @@ def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) ->
 
         search(model, calib=calib, eval_data=eval_data, max_drop=0.01, outdir=out / "search", grid=GRID,
                latency_runs=1, executor=executor)
+        search(model, calib=calib, eval_data=eval_data, max_drop=0.01, outdir=out / "search-budget", grid=GRID,
+               latency_runs=1, executor=executor, budget_minutes=BUDGET_MINUTES, clock=ticking_clock())
     finally:
         (out / "result.json").write_text(json.dumps(result))
         ray.shutdown()

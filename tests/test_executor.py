@@ -183,6 +183,24 @@ def test_search_measures_the_same_on_ray(ray_session, data, tmp_path):
     assert [c["cache_hits"] for c in on_ray] == [2, 0, 2, 0]
 
 
+@pytest.mark.slow
+def test_a_search_budget_stops_the_same_candidates_on_ray(ray_session, data, tmp_path):
+    """With the budget spent, no more tasks are submitted: the same candidates ran on Ray as in process."""
+    from ray_session import BUDGET_MINUTES, GRID, ticking_clock
+
+    out, _ = ray_session
+    search(data["model"], calib=CALIB, eval_data=EVAL, max_drop=0.01, outdir=tmp_path, grid=GRID, latency_runs=1,
+           budget_minutes=BUDGET_MINUTES, clock=ticking_clock())
+    fields = ("index", "options", "metric", "drop", "weight_bytes", "rejected", "cache_hits", "given_back")
+    serial = json.loads((tmp_path / "search.json").read_text())
+    on_ray = json.loads((out / "search-budget" / "search.json").read_text())
+    assert [[c[k] for k in fields] for c in on_ray["candidates"]] == [[c[k] for k in fields]
+                                                                      for c in serial["candidates"]]
+    not_run = f"not run: budget of {BUDGET_MINUTES:g} min spent"
+    assert [c["rejected"] == not_run for c in on_ray["candidates"]] == [False, False, True, False]
+    assert (on_ray["ran"], on_ray["not_run"]) == (3, 1)
+
+
 @pytest.mark.parametrize("module", ["compressor.passes.quantize", "compressor.passes.qnn_legalize"])
 def test_a_pass_imports_what_it_uses_in_a_fresh_worker(module):
     """A task runs a pass in a fresh process: ``ir.passes.common`` must not rely on another pass importing it."""
