@@ -49,6 +49,17 @@ def test_in_process_maps_in_order_with_the_shared_inputs(monkeypatch):
     assert isinstance(make_executor(None), InProcessExecutor)  # no --ray: in process, even with RAY_ADDRESS
 
 
+def test_in_process_asks_stop_before_each_item_and_returns_those_started():
+    asked = []
+
+    def stop() -> bool:  # a budget spent after two items
+        asked.append(1)
+        return len(asked) > 2
+
+    assert InProcessExecutor().map(_square, [1, 2, 3, 4], shared={"offset": 0}, stop=stop) == [1, 4]
+    assert len(asked) == 3, "asked once per item started, and once more to stop"
+
+
 @pytest.mark.parametrize("command", ["sweep", "compress", "search"])
 def test_ray_without_the_extra_exits_2(command, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
