@@ -212,6 +212,22 @@ def test_a_search_budget_stops_the_same_candidates_on_ray(ray_session, data, tmp
     assert (on_ray["ran"], on_ray["not_run"]) == (3, 1)
 
 
+@pytest.mark.slow
+def test_a_search_candidate_gives_layers_back_the_same_on_ray(ray_session, data, tmp_path, monkeypatch):
+    """Accuracy control inside a candidate's Ray task: the same layers, steps and drop as in process."""
+    from ray_session import CONTROL_GRID
+
+    out, _ = ray_session
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))  # ranked here too, not read from a cache
+    search(data["model"], calib=CALIB, eval_data=data["cosine_eval"], max_drop=0.0, outdir=tmp_path,
+           grid=CONTROL_GRID, latency_runs=1)
+    fields = ("index", "options", "metric", "drop", "weight_bytes", "rejected", "given_back", "control")
+    serial = json.loads((tmp_path / "search.json").read_text())["candidates"]
+    on_ray = json.loads((out / "search-control" / "search.json").read_text())["candidates"]
+    assert [[c[k] for k in fields] for c in on_ray] == [[c[k] for k in fields] for c in serial]
+    assert on_ray[0]["given_back"] and on_ray[0]["control"]["ranking_cached"] is False
+
+
 @pytest.mark.parametrize("module", ["compressor.passes.quantize", "compressor.passes.qnn_legalize"])
 def test_a_pass_imports_what_it_uses_in_a_fresh_worker(module):
     """A task runs a pass in a fresh process: ``ir.passes.common`` must not rely on another pass importing it."""
