@@ -189,6 +189,7 @@ def test_accuracy_control_brings_a_candidate_within_budget(cosine_eval, tmp_path
                     latency_runs=1, grid={**one, "accuracy_control": [False, True]})
     off, on = result.candidates
     assert off.given_back is None and off.control is None and off.drop == pytest.approx(first["drop"], abs=0)
+    assert [off.cache_hits, on.cache_hits] == [2, 2], "each runs its own quantize, as on Ray"
     assert off.drop > kept["drop"]
     assert on.given_back == [kept["layer"]] and on.drop == kept["drop"] and on.control["budget_met"] is True
     assert on.control["ranking_cached"] is True, "ranked once, by the probe: the ranking cache holds it"
@@ -214,3 +215,24 @@ def test_without_matplotlib_there_is_no_plot_and_an_earlier_one_goes(tmp_path, m
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert set(write_search_files(result, tmp_path)) == {"csv", "json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "search.csv", "search.json"]
+
+
+def test_the_table_says_what_was_given_back_and_why_a_row_is_not_the_best():
+    from compressor.flow.search import SearchResult
+    from compressor.flow.search_output import format_search_table
+
+    def opts(sparsity: float, control: bool) -> dict:
+        return {"calibrator": "minmax", "alpha": None, "sparsity": sparsity, "accuracy_control": control}
+
+    cands = [Candidate(0, opts(0, True), metric=0.99, drop=0.00004, latency_ms=0.2, given_back=["conv_1", "fc"]),
+             Candidate(1, opts(0, False), metric=0.995, drop=0.00001, latency_ms=0.3),
+             Candidate(2, opts(0.5, True), rejected="drop 0.1944 after prune-magnitude"),
+             Candidate(3, opts(0.2, True), rejected="not run: budget of 1 min spent")]
+    table = format_search_table(SearchResult("cosine", 1.0, 0.00003, cands, cands[1], {})).splitlines()
+    assert table[0].split() == ["#", "calibrator", "alpha", "sparsity", "control", "cosine", "drop", "latency", "ms",
+                                "KB", "front", "given", "back", "note"]
+    assert table[2].split()[5:7] == ["0.9900", "4e-05"], "a drop below 0.0001 is not shown as 0"
+    assert table[2].endswith("conv_1, fc  over max drop")
+    assert table[3].endswith("best") and " off " in table[3]
+    assert table[4].endswith("drop 0.1944 after prune-magnitude")
+    assert table[5].endswith("not run: budget of 1 min spent")

@@ -117,17 +117,28 @@ def _plot(result: SearchResult, path: Path) -> Path | None:
     return path
 
 
+def _note(c: Candidate, result: SearchResult) -> str:
+    if c is result.best:
+        return "best"
+    if c.rejected is not None:
+        return c.rejected
+    return "over max drop" if c.drop is not None and c.drop > result.max_drop + 1e-12 else ""
+
+
 def format_search_table(result: SearchResult) -> str:
-    """The candidates as a text table; ``*`` marks the front, ``best`` the artifact written."""
-    header = ["#", "calibrator", "alpha", "sparsity", "ac", result.metric, "drop", "latency ms", "KB", "front",
+    """The candidates as a text table; ``*`` marks the front, ``best`` the artifact written.
+
+    The note says why a candidate is not the best when it is not obvious: rejected early, not
+    run (budget), or measured over the max drop (after giving layers back, when it did).
+    """
+    header = ["#", "calibrator", "alpha", "sparsity", "control", result.metric, "drop", "latency ms", "KB", "front",
               "given back", "note"]
     rows = [[str(c.index), c.options["calibrator"], "-" if c.options["alpha"] is None else str(c.options["alpha"]),
              f"{c.options['sparsity']:g}", "on" if c.options["accuracy_control"] else "off",
-             "-" if c.metric is None else f"{c.metric:.4f}", "-" if c.drop is None else f"{c.drop:.4f}",
+             "-" if c.metric is None else f"{c.metric:.4f}", "-" if c.drop is None else f"{c.drop:.4g}",
              "-" if c.latency_ms is None else f"{c.latency_ms:.3f}",
              "-" if c.weight_bytes is None else f"{c.weight_bytes / 1e3:.1f}", "*" if c.on_front else "",
-             _given_back(c, ", ") or "-", "best" if c is result.best else (c.rejected or "")]
-            for c in result.candidates]
+             _given_back(c, ", ") or "-", _note(c, result)] for c in result.candidates]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
