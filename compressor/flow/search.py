@@ -180,7 +180,9 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool, Any]
             else:
                 out = PassManager([step], verify=False).run(ir_from_bytes(model_data), ctx, already_run=done)
                 model_data, record = ir_bytes(out.model), out.reports[-1].quantization
-                computed[key] = shared["pass_cache"][key] = (model_data, sorted(step.provides), record)
+                computed[key] = (model_data, sorted(step.provides), record)
+                if not evaluate:  # only prefixes fill the cache: a candidate task sees what it was sent,
+                    shared["pass_cache"][key] = computed[key]  # in process as on Ray (same cache_hits)
             done.append(name)
             if not evaluate and step.lossy:  # early rejection: the drop so far, on the target's float path
                 run = tgt.reference_runner(ir_from_bytes(model_data), Path(work) / f"after-{i}")
