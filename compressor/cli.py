@@ -5,7 +5,7 @@
     compress recipes
     compress inspect MODEL [--input NAME=SHAPE ...]
     compress sweep MODEL --pass NAME --levels L1,L2,... --eval X.npz [--max-drop D] [-o OUTDIR]
-    compress search MODEL --calib X.npz --eval X.npz --max-drop D [--grid YAML] [-o OUTDIR]
+    compress search MODEL --calib X.npz --eval X.npz --max-drop D [--grid YAML] [--budget-minutes M] [-o OUTDIR]
 
 Each command that reads a model takes the model-source flags: --trust-pickle,
 --import MODULE, --model-class MODULE:NAME, --model-kwargs YAML.
@@ -347,8 +347,8 @@ def _cmd_search(argv: Sequence[str]) -> int:
 
     p = _Parser(prog="compress search",
                 description="Try a grid of recipe options (calibrator, SmoothQuant alpha, pruning sparsity before "
-                            "int8): the Pareto front of latency vs metric, search.csv/json, and the best candidate "
-                            "within --max-drop written to OUTDIR/best.",
+                            "int8, accuracy control): the Pareto front of latency vs metric, search.csv/json/png, "
+                            "and the best candidate within --max-drop written to OUTDIR/best.",
                 epilog="Exit codes: 0 ok, 2 bad input, 3 no candidate within --max-drop.")
     p.add_argument("model", help="model file (as for 'compress')")
     p.add_argument("--calib", type=Path, required=True, help=".npz of calibration samples")
@@ -356,7 +356,12 @@ def _cmd_search(argv: Sequence[str]) -> int:
     p.add_argument("--max-drop", type=float, required=True, help="accuracy budget")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS))
     p.add_argument("--grid", default=None, metavar="YAML",
-                   help="grid values, e.g. '{calibrator: [minmax, mse], alpha: [null], sparsity: [0, 0.2]}'")
+                   help="grid values, e.g. '{calibrator: [minmax, mse], alpha: [null], sparsity: [0, 0.2], "
+                        "accuracy_control: [true]}' (accuracy_control: a candidate over --max-drop gives back its "
+                        "most sensitive layers; default true)")
+    p.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="wall-clock budget: candidates not started after M minutes are not run (grid order); the "
+                        "best of those that ran is still written")
     p.add_argument("-o", "--output", type=Path, default=Path("search-out"))
     p.add_argument("--latency-runs", type=_at_least(1), default=10)
     _add_ray(p, "each candidate is a Ray task")
@@ -370,10 +375,15 @@ def _cmd_search(argv: Sequence[str]) -> int:
     with make_executor(args.ray) as executor:
         result = search(args.model, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
                         outdir=args.output, target=args.target, grid=grid, latency_runs=args.latency_runs,
-                        executor=executor, progress=_bar)
+                        executor=executor, progress=_bar, budget_minutes=args.budget_minutes)
     print(format_search_table(result))
     print()
+    if result.budget_minutes is not None:
+        print(f"budget: {result.budget_minutes:g} min; {result.ran} of {len(result.candidates)} candidates ran, "
+              f"{result.not_run} not run")
     print(f"written: {', '.join(str(path) for path in result.files.values())}")
+    if "png" not in result.files:
+        print("no plot: matplotlib is not installed (pip install matplotlib); the candidates are in search.csv")
     if result.best is None:
         print(f"best: none; no candidate is within max drop {args.max_drop:g}")
         return EXIT_GATE_FAILED

@@ -15,6 +15,13 @@ item needs and what is large (model bytes, datasets, baseline outputs); ``item``
   happens (the tasks still pending are cancelled), so an error a user can act on keeps its
   exit code.
 
+A map may be given ``stop``, asked before each item starts (a wall-clock budget, say):
+once it answers true no further item starts and the results of the items started so far,
+a prefix of the items in their order, are returned. In process it is asked before each
+call; on Ray it is asked before each submission, and tasks are then submitted a cluster's
+worth of CPUs at a time so that there is something left not to submit (a task already
+running finishes).
+
 ``fn`` must be a module-level function (Ray pickles it by reference: every worker needs the
 ``compressor`` package installed) and deterministic given its inputs: seeds travel in
 ``shared`` or ``item``, so both executors give the same results.
@@ -64,7 +71,8 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def map(self, fn: TaskFn, items: Sequence[Any], *, shared: Mapping[str, Any] | None = None,
-            labels: Sequence[str] | None = None, progress: Callable[[int], Any] | None = None) -> list[Any]:
+            labels: Sequence[str] | None = None, progress: Callable[[int], Any] | None = None,
+            stop: Callable[[], bool] | None = None) -> list[Any]:
         """``[fn(item, shared) for item in items]``, wherever the executor runs them.
 
         Args:
@@ -73,6 +81,8 @@ class Executor(abc.ABC):
             shared: Inputs every task reads (large ones: sent once).
             labels: A name per item for messages (default: its index).
             progress: Called with ``1`` as each task completes.
+            stop: Asked before each item starts; once it answers true no more start, and
+                only the results of the items started (a prefix of ``items``) are returned.
         """
 
     def close(self) -> None:
@@ -91,10 +101,13 @@ class InProcessExecutor(Executor):
     name = "in-process"
 
     def map(self, fn: TaskFn, items: Sequence[Any], *, shared: Mapping[str, Any] | None = None,
-            labels: Sequence[str] | None = None, progress: Callable[[int], Any] | None = None) -> list[Any]:
+            labels: Sequence[str] | None = None, progress: Callable[[int], Any] | None = None,
+            stop: Callable[[], bool] | None = None) -> list[Any]:
         shared = dict(shared or {})
         results = []
         for item in items:
+            if stop is not None and stop():
+                break
             results.append(fn(item, shared))
             if progress:
                 progress(1)
@@ -189,7 +202,8 @@ class RayExecutor(Executor):
                     self.ray.cluster_resources().get("CPU", 0))
 
     def map(self, fn: TaskFn, items: Sequence[Any], *, shared: Mapping[str, Any] | None = None,
-            labels: Sequence[str] | None = None, progress: Callable[[int], Any] | None = None) -> list[Any]:
+            labels: Sequence[str] | None = None, progress: Callable[[int], Any] | None = None,
+            stop: Callable[[], bool] | None = None) -> list[Any]:
         ray = self.ray
         if not items:
             return []
@@ -200,16 +214,34 @@ class RayExecutor(Executor):
         attempts = ray.remote(num_cpus=0)(_Attempts).remote()
         task = ray.remote(_run_task).options(num_cpus=self.task_cpus, max_retries=self.max_retries,
                                              retry_exceptions=False)
-        futures = [task.remote(fn, index, item, keys, attempts, *refs) for index, item in enumerate(items)]
+        # Without ``stop`` every task is submitted at once; with it, a cluster's worth at a time,
+        # each submission asked first (module docstring).
+        window = len(items) if stop is None else max(1, int(ray.cluster_resources().get("CPU", 1) // self.task_cpus))
+        futures: list[Any] = []
+        pending: list[Any] = []
+        stopped = False
+
+        def submit() -> None:
+            nonlocal stopped
+            while not stopped and len(futures) < len(items) and len(pending) < window:
+                if stop is not None and stop():
+                    stopped = True
+                    logger.info("ray: stopped submitting after %d of %d tasks", len(futures), len(items))
+                    return
+                index = len(futures)
+                futures.append(task.remote(fn, index, items[index], keys, attempts, *refs))
+                pending.append(futures[-1])
+
         finished: dict[Any, Any] = {}
-        pending = list(futures)
         try:
+            submit()
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 for ref in done:  # a task's error surfaces as soon as it happens, not after the rest
                     finished[ref] = ray.get(ref)
                 if progress:
                     progress(len(done))
+                submit()
             results = [finished[ref] for ref in futures]
         except ray.exceptions.RayTaskError as err:
             for ref in pending:  # the run fails: the other tasks' work is wasted

@@ -12,7 +12,14 @@ seconds; the results go to ``OUTDIR/result.json`` for the tests to judge:
 * an error a task raises (``UsageError``) coming back as that error, at once (the other
   task, which would sleep two minutes, is cancelled);
 * ``int8`` with ``--max-drop 0`` on cosine fidelity: accuracy control's ranking on Ray;
-* ``compress search`` on a small grid (``OUTDIR/search/search.json``).
+* ``compress search`` on a small grid (``OUTDIR/search/search.json``), and again with a
+  wall-clock budget read from a clock that ticks a minute per read
+  (``OUTDIR/search-budget/search.json``: which candidates ran, as in process), and once
+  more on cosine fidelity at ``max_drop`` 0, where the candidate task gives layers back
+  (``OUTDIR/search-control/search.json``).
+
+``COMPRESSOR_CACHE`` is set to ``OUTDIR/cache`` before Ray starts, so its workers, which
+inherit the driver's environment then, rank into a fresh cache too.
 
 Never run it outside a network namespace of its own: Ray listens on every interface.
 """
@@ -30,6 +37,18 @@ from typing import Any
 
 LEVELS = "0.2,0.5,0.8"
 GRID = {"calibrator": ["minmax", "percentile"], "sparsity": [0, 0.5]}
+CONTROL_GRID = {"calibrator": ["minmax"], "sparsity": [0]}
+BUDGET_MINUTES = 3.5  # read at 0, 60 and 120 s (two prefixes), 180 s (candidate 0 starts), 240 s (spent)
+
+
+def ticking_clock(seconds: float = 60.0) -> Any:
+    """A clock that advances ``seconds`` each time it is read (the search reads it before each task)."""
+    now = [-seconds]
+
+    def clock() -> float:
+        now[0] += seconds
+        return now[0]
+    return clock
 CRASH_INDEX = 1
 
 
@@ -66,6 +85,7 @@ def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) ->
     from compressor.flow.search import search
     from compressor.flow.sweep import sweep
 
+    os.environ["COMPRESSOR_CACHE"] = str(out / "cache")  # ranked here, on Ray, not read from a cache
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     result: dict[str, Any] = {"node_ip": ray.util.get_node_ip_address()}
     try:
@@ -99,7 +119,6 @@ def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) ->
             result["task_error"] = [type(err).__name__, str(err)]
         result["task_error_seconds"] = time.perf_counter() - started
 
-        os.environ["COMPRESSOR_CACHE"] = str(out / "cache")  # ranked here, on Ray, not read from a cache
         control = compress(model, recipe="int8", outdir=out / "int8", calib=calib, eval_data=cosine_eval,
                            max_drop=0.0, latency_runs=1, executor=executor)
         result["ranking"] = control.manifest["accuracy_control"]["ranking"]
@@ -108,6 +127,10 @@ def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) ->
 
         search(model, calib=calib, eval_data=eval_data, max_drop=0.01, outdir=out / "search", grid=GRID,
                latency_runs=1, executor=executor)
+        search(model, calib=calib, eval_data=eval_data, max_drop=0.01, outdir=out / "search-budget", grid=GRID,
+               latency_runs=1, executor=executor, budget_minutes=BUDGET_MINUTES, clock=ticking_clock())
+        search(model, calib=calib, eval_data=cosine_eval, max_drop=0.0, outdir=out / "search-control",
+               grid=CONTROL_GRID, latency_runs=1, executor=executor)
     finally:
         (out / "result.json").write_text(json.dumps(result))
         ray.shutdown()

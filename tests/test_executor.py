@@ -49,6 +49,17 @@ def test_in_process_maps_in_order_with_the_shared_inputs(monkeypatch):
     assert isinstance(make_executor(None), InProcessExecutor)  # no --ray: in process, even with RAY_ADDRESS
 
 
+def test_in_process_asks_stop_before_each_item_and_returns_those_started():
+    asked = []
+
+    def stop() -> bool:  # a budget spent after two items
+        asked.append(1)
+        return len(asked) > 2
+
+    assert InProcessExecutor().map(_square, [1, 2, 3, 4], shared={"offset": 0}, stop=stop) == [1, 4]
+    assert len(asked) == 3, "asked once per item started, and once more to stop"
+
+
 @pytest.mark.parametrize("command", ["sweep", "compress", "search"])
 def test_ray_without_the_extra_exits_2(command, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
@@ -181,6 +192,40 @@ def test_search_measures_the_same_on_ray(ray_session, data, tmp_path):
     assert sum(c["rejected"] is not None for c in on_ray) == 2
     # the prefixes ran as tasks first; the candidate tasks took them from the cache they were sent
     assert [c["cache_hits"] for c in on_ray] == [2, 0, 2, 0]
+
+
+@pytest.mark.slow
+def test_a_search_budget_stops_the_same_candidates_on_ray(ray_session, data, tmp_path):
+    """With the budget spent, no more tasks are submitted: the same candidates ran on Ray as in process."""
+    from ray_session import BUDGET_MINUTES, GRID, ticking_clock
+
+    out, _ = ray_session
+    search(data["model"], calib=CALIB, eval_data=EVAL, max_drop=0.01, outdir=tmp_path, grid=GRID, latency_runs=1,
+           budget_minutes=BUDGET_MINUTES, clock=ticking_clock())
+    fields = ("index", "options", "metric", "drop", "weight_bytes", "rejected", "cache_hits", "given_back")
+    serial = json.loads((tmp_path / "search.json").read_text())
+    on_ray = json.loads((out / "search-budget" / "search.json").read_text())
+    assert [[c[k] for k in fields] for c in on_ray["candidates"]] == [[c[k] for k in fields]
+                                                                      for c in serial["candidates"]]
+    not_run = f"not run: budget of {BUDGET_MINUTES:g} min spent"
+    assert [c["rejected"] == not_run for c in on_ray["candidates"]] == [False, False, True, False]
+    assert (on_ray["ran"], on_ray["not_run"]) == (3, 1)
+
+
+@pytest.mark.slow
+def test_a_search_candidate_gives_layers_back_the_same_on_ray(ray_session, data, tmp_path, monkeypatch):
+    """Accuracy control inside a candidate's Ray task: the same layers, steps and drop as in process."""
+    from ray_session import CONTROL_GRID
+
+    out, _ = ray_session
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))  # ranked here too, not read from a cache
+    search(data["model"], calib=CALIB, eval_data=data["cosine_eval"], max_drop=0.0, outdir=tmp_path,
+           grid=CONTROL_GRID, latency_runs=1)
+    fields = ("index", "options", "metric", "drop", "weight_bytes", "rejected", "given_back", "control")
+    serial = json.loads((tmp_path / "search.json").read_text())["candidates"]
+    on_ray = json.loads((out / "search-control" / "search.json").read_text())["candidates"]
+    assert [[c[k] for k in fields] for c in on_ray] == [[c[k] for k in fields] for c in serial]
+    assert on_ray[0]["given_back"] and on_ray[0]["control"]["ranking_cached"] is False
 
 
 @pytest.mark.parametrize("module", ["compressor.passes.quantize", "compressor.passes.qnn_legalize"])

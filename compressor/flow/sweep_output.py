@@ -4,7 +4,8 @@ The output folder may hold other files; they are never touched. The three files 
 only those of an earlier sweep (its ``sweep.json`` says ``"tool": "compressor"``, or has a
 sweep's keys as versions before that marker wrote it); a ``sweep.*`` of anyone else is
 refused with exit 2, checked before the work and again before writing. Each file is
-written under a temporary name and renamed into place.
+written under a temporary name and renamed into place
+(:func:`compressor.flow.output_files.write_staged`, shared with the search).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import csv
 import dataclasses
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compressor.errors import UsageError
 from compressor.flow.artifact import TOOL
+from compressor.flow.output_files import load_pyplot, write_staged
 from compressor.strict_json import write_json
 
 if TYPE_CHECKING:
@@ -74,38 +74,25 @@ def check_sweep_destination(outdir: Path) -> list[str]:
 def write_sweep_files(result: SweepResult, outdir: Path) -> dict[str, Path]:
     """``sweep.csv``, ``sweep.json`` and (with matplotlib) ``sweep.png`` in ``outdir`` (module docstring)."""
     check_sweep_destination(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    staged = {"csv": outdir / f".sweep-{tag}.partial.csv", "json": outdir / f".sweep-{tag}.partial.json",
-              "png": outdir / f".sweep-{tag}.partial.png"}
-    try:
-        with staged["csv"].open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["level", "sparsity", result.metric, "drop", "within_budget", "latency_ms", "mflops",
-                             "weight_mb_zlib"])
-            writer.writerow(["dense", 0.0, result.baseline, 0.0, True if result.max_drop is not None else "",
-                             result.baseline_latency_ms if result.baseline_latency_ms is not None else "",
-                             _first_stat(result, "mflops_before"), _first_stat(result, "weight_mb_zlib_before")])
-            for lv in [*result.levels, *_renamed(result.recovered)]:
-                writer.writerow([lv.level, lv.sparsity, lv.metric, lv.drop,
-                                 "" if lv.within_budget is None else lv.within_budget,
-                                 "" if lv.latency_ms is None else lv.latency_ms, lv.stats.get("mflops", ""),
-                                 lv.stats.get("weight_mb_zlib", "")])
-        write_json(staged["json"], result.to_json())
-        if _plot(result, staged["png"]) is None:
-            del staged["png"]
-        earlier = check_sweep_destination(outdir)  # again: the folder may have changed during the sweep
-        files = {}
-        for key, path in staged.items():
-            files[key] = outdir / f"sweep.{key}"
-            os.replace(path, files[key])
-        if "png" not in files and "sweep.png" in earlier:
-            (outdir / "sweep.png").unlink()
-            logger.info("removed the earlier sweep's sweep.png: it does not show this sweep")
-    finally:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
-    return files
+    return write_staged(outdir, {"sweep.csv": lambda path: _write_csv(result, path),
+                                 "sweep.json": lambda path: write_json(path, result.to_json()),
+                                 "sweep.png": lambda path: _plot(result, path)}, check_sweep_destination)
+
+
+def _write_csv(result: SweepResult, path: Path) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["level", "sparsity", result.metric, "drop", "within_budget", "latency_ms", "mflops",
+                         "weight_mb_zlib"])
+        writer.writerow(["dense", 0.0, result.baseline, 0.0, True if result.max_drop is not None else "",
+                         result.baseline_latency_ms if result.baseline_latency_ms is not None else "",
+                         _first_stat(result, "mflops_before"), _first_stat(result, "weight_mb_zlib_before")])
+        for lv in [*result.levels, *_renamed(result.recovered)]:
+            writer.writerow([lv.level, lv.sparsity, lv.metric, lv.drop,
+                             "" if lv.within_budget is None else lv.within_budget,
+                             "" if lv.latency_ms is None else lv.latency_ms, lv.stats.get("mflops", ""),
+                             lv.stats.get("weight_mb_zlib", "")])
+    return path
 
 
 def _renamed(levels: list) -> list:
@@ -118,14 +105,8 @@ def _first_stat(result: SweepResult, key: str) -> Any:
 
 
 def _plot(result: SweepResult, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot, the curve is in %s (pip install matplotlib for "
-                       "sweep.png)", path.parent / "sweep.csv")
+    plt = load_pyplot(path.parent / "sweep.csv")
+    if plt is None:
         return None
     xs = [0.0] + [lv.sparsity for lv in result.levels]
     ys = [result.baseline] + [lv.metric for lv in result.levels]
