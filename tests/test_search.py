@@ -236,3 +236,25 @@ def test_the_table_says_what_was_given_back_and_why_a_row_is_not_the_best():
     assert table[3].endswith("best") and " off " in table[3]
     assert table[4].endswith("drop 0.1944 after prune-magnitude")
     assert table[5].endswith("not run: budget of 1 min spent")
+
+
+@pytest.mark.slow
+def test_candidates_on_qnn_htp_are_completed_by_the_target(tmp_path):
+    """A candidate is the recipe the target completes (qnn-legalize after quantize), as
+    ``compress`` writes the best: without it a plain int8 candidate falls off HTP (exit 4)."""
+    pytest.importorskip("onnxruntime_qnn", reason="the QNN HTP execution provider is not installed")
+    from compressor.capture import capture
+    from compressor.inputs import apply_input_overrides, parse_input_overrides
+    from compressor.model_io import save_model
+
+    model = capture(MODEL).model  # HTP needs static shapes: the digits CNN at batch 1 (--input)
+    apply_input_overrides(model, parse_input_overrides([f"{model.graph.inputs[0].name}=1x1x8x8"]))
+    save_model(model, tmp_path / "digits_b1.onnx")
+    result = search(tmp_path / "digits_b1.onnx", calib=CALIB, eval_data=EVAL, max_drop=0.01, outdir=tmp_path / "out",
+                    target="qnn-htp",
+                    grid={"calibrator": ["minmax"], "sparsity": [0], "accuracy_control": [False]}, latency_runs=1)
+    (cand,) = result.candidates
+    assert cand.rejected is None and cand.drop <= 0.01, cand
+    assert result.best is cand
+    manifest = json.loads((tmp_path / "out" / "best" / "manifest.json").read_text())
+    assert manifest["recipe"]["target_passes"] == ["qnn-legalize"]

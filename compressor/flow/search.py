@@ -168,6 +168,7 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool, Any]
     tgt, data, budget = shared["target"], shared["eval"], shared["max_drop"]
     ctx = PassContext(target=tgt, calibration=shared["calib"], properties={"captured"}, cache=shared["stats_cache"])
     model_data, done, hits, computed, record = shared["model"], [], 0, {}, None
+    quantized: tuple[int, bytes, Any] | None = None  # (step, model, record) right after the quantizing step
     with tempfile.TemporaryDirectory(prefix=f"compressor-candidate-{index}-") as work:
         for i, (name, opts) in enumerate(steps):
             step = build_pass(name, opts)
@@ -181,6 +182,8 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool, Any]
                 out = PassManager([step], verify=False).run(ir_from_bytes(model_data), ctx, already_run=done)
                 model_data, record = ir_bytes(out.model), out.reports[-1].quantization
                 computed[key] = (model_data, sorted(step.provides), record)
+            if record is not None and quantized is None:
+                quantized = (i, model_data, record)
                 if not evaluate:  # only prefixes fill the cache: a candidate task sees what it was sent,
                     shared["pass_cache"][key] = computed[key]  # in process as on Ray (same cache_hits)
             done.append(name)
@@ -198,9 +201,10 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool, Any]
         ev = compare(shared["ref"], outputs, data, shared["metric"])
         del run
         given_back = done_control = None
-        if control is not None and ev.drop > budget + 1e-12 and record is not None and record.layers:
-            final, outcome = _control(control, len(steps) - 1, model_data, record, ctx, ev, outputs, shared,
-                                      Path(work))
+        if control is not None and ev.drop > budget + 1e-12 and quantized is not None and quantized[2].layers:
+            q, q_data, q_record = quantized  # the passes after it (a target's, e.g. qnn-legalize) re-run
+            post = [build_pass(n, o) for n, o in steps[q + 1:]]
+            final, outcome = _control(control, q, q_data, q_record, post, ctx, ev, outputs, shared, Path(work))
             ev, given_back = outcome.evaluation, outcome.given_back
             done_control = {"steps": outcome.steps, "budget_met": outcome.met, "ranking_cached": outcome.ranking_cached}
             for old in files:
@@ -213,8 +217,8 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool, Any]
             "control": done_control}
 
 
-def _control(recipe: Any, index: int, quantized: bytes, record: Any, ctx: Any, first: Any, first_outputs: list[Any],
-             shared: Mapping[str, Any], work: Path) -> tuple[Any, Any]:
+def _control(recipe: Any, index: int, quantized: bytes, record: Any, post: list[Any], ctx: Any, first: Any,
+             first_outputs: list[Any], shared: Mapping[str, Any], work: Path) -> tuple[Any, Any]:
     """Accuracy control of one candidate over budget, as ``compress --max-drop`` runs it (in this task).
 
     The ranking is cached under the key :func:`compressor.flow.compress.compress` computes for
@@ -231,7 +235,7 @@ def _control(recipe: Any, index: int, quantized: bytes, record: Any, ctx: Any, f
     score = lambda run, desc="evaluate": compare(ref, collect_outputs(run, data), data, shared["metric"])  # noqa: E731
     fields = ranking_fields(recipe.to_json(), tgt, baseline, shared["calib"], data, __version__)
     final, outcome = control_on_target(
-        tgt, QuantizedSnapshot(index, ir_from_bytes(quantized), record), [], ctx, score, first, first_outputs, ref,
+        tgt, QuantizedSnapshot(index, ir_from_bytes(quantized), record), post, ctx, score, first, first_outputs, ref,
         recipe.accuracy, data, tgt.reference_runner(baseline, work / "baseline"), baseline, work, no_progress, None,
         fields)
     logger.info("%s: gave back %s -> drop %.6f", recipe.name, ", ".join(outcome.given_back) or "nothing",
@@ -297,7 +301,7 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
         UsageError: a bad grid, budget, data or output folder (before any work).
     """
     from compressor.capture import capture
-    from compressor.data import read_npz
+    from compressor.data import example_inputs, read_npz
     from compressor.flow.artifact import check_destination
     from compressor.flow.compress import compress
     from compressor.inputs import check_tensor_io, model_input_specs
@@ -313,8 +317,10 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     check_search_destination(outdir)
     check_destination(outdir / "best")
     tgt = get_target(target)
+    recipes = [r.for_target(tgt) for r in recipes]  # the target's own passes after quantize (qnn-legalize)
+    steps = [[(s.name, dict(s.options)) for s in r.passes] for r in recipes]
     raw_calib, raw_eval = read_npz(calib, what="calib"), read_npz(eval_data, what="eval")
-    model = capture(Path(model_path)).model
+    model = capture(Path(model_path), example_inputs=example_inputs(raw_calib, raw_eval)).model  # as compress
     check_tensor_io(model)
     specs = model_input_specs(model)
     calib_set, eval_set = raw_calib.validate(specs), raw_eval.validate(specs)
@@ -346,7 +352,7 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
         control = [recipes[i].with_overrides(max_drop=max_drop) if points[i]["accuracy_control"] else None
                    for i in range(len(points))]
         with progress("search candidates", len(todo), "candidate") as bar:
-            done = executor.map(_run_candidate, [(i, _steps(points[i]), True, control[i]) for i in todo],
+            done = executor.map(_run_candidate, [(i, steps[i], True, control[i]) for i in todo],
                                 shared=shared, labels=[f"candidate {points[i]}" for i in todo], progress=bar.update,
                                 stop=spent)
         outs = [{"rejected": rejected[json.dumps(_steps(p)[:-1])], "cache_hits": 0} for p in points]
