@@ -311,6 +311,14 @@ class Quantize(Pass):
             if opts.calibrator == "mse":
                 kwargs["num_bits"] = bits
             ranges[name] = stats[name].range(opts.calibrator, **kwargs)
+        # recover: {qat: true}: the ranges learned in training replace the calibrated ones (compressor.quant.learned)
+        learned, unlearned = ({}, {}) if ctx.learned_ranges is None else ctx.learned_ranges.match(
+            full, lambda la: activation_spec(la.quant.activations, 16 if la.name in wide else bits))
+        learned = {name: rng for name, rng in learned.items() if name in ranges}
+        ranges.update(learned)
+        for weight, why in sorted(unlearned.items()):
+            logger.warning("quantize: the range learned for the input of %r is not used (calibrated instead): %s",
+                           weight, why)
 
         writer = _QdqWriter(graph)
         quantized: list[str] = []
@@ -382,6 +390,8 @@ class Quantize(Pass):
             "skipped_tensors": dict(sorted(tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only_done.items())),
             **({"float16_widened_to_float32": to_fp32} if to_fp32 else {}),
+            **({"ranges_from_training": len(learned), "ranges_not_from_training": dict(sorted(unlearned.items()))}
+               if ctx.learned_ranges is not None else {}),
         }, quantization=QuantizationRecord(tuple(record)))
 
 
