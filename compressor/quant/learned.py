@@ -4,12 +4,14 @@ The recovery stage fake-quantizes each layer's input with a learned scale ``s`` 
 point ``z`` (:mod:`compressor.recover.qat`); the int8 step must write exactly that
 quantizer. It is handed over as the range
 
-    ``lo = s · (qmin − z)``, ``hi = s · (qmax − z)``  (symmetric: ``z`` is the spec's own)
+    ``lo = s · (qmin − z)``, ``hi = s · (qmax − z)``  (symmetric: ``hi = s · (qmax − z)``, ``lo = −hi``)
 
 which :func:`compressor.quant.math.quant_params` turns back into ``(s, z)`` exactly:
 ``(hi − lo) / (qmax − qmin) = s`` (``s`` is float32 and ``qmax − z`` a small integer, so
 the products are exact in float64) and ``qmin − lo / s = z``; ``lo <= 0 <= hi`` since
 ``qmin <= z <= qmax``, so the asymmetric case's widening to include 0 changes nothing.
+Symmetric: ``max(|lo|, |hi|) / (qmax − z) = s`` with the spec's own ``z`` (0, or the
+midpoint of an unsigned type).
 
 An entry is keyed by what survives capture and the graph passes: the name of the
 layer's weight initializer and of its activation input in the captured graph. ``quantize``

@@ -218,6 +218,8 @@ class ActivationFakeQuant(torch.nn.Module):
     def learned(self) -> tuple[float, float]:
         """``(lo, hi)`` that ``quant_params`` turns back into this ``s, z`` (``compressor.quant.learned``)."""
         s, z = float(self.step().detach()), float(self.zero_point)
+        if self.spec.symmetric:  # quant_params takes max(|lo|, |hi|) / (qmax - z)
+            return -s * (self.qmax - z), s * (self.qmax - z)
         return s * (self.qmin - z), s * (self.qmax - z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
