@@ -316,9 +316,9 @@ class Quantize(Pass):
             full, lambda la: activation_spec(la.quant.activations, 16 if la.name in wide else bits))
         learned = {name: rng for name, rng in learned.items() if name in ranges}
         ranges.update(learned)
-        for weight, why in sorted(unlearned.items()):
-            logger.warning("quantize: the range learned for the input of %r is not used (calibrated instead): %s",
-                           weight, why)
+        if unlearned:
+            logger.warning("quantize: %d range(s) learned in training not used, calibrated instead (e.g. the input "
+                           "of %r: %s; all in stats['ranges_not_from_training'])", len(unlearned), *min(unlearned.items()))
 
         writer = _QdqWriter(graph)
         quantized: list[str] = []
