@@ -275,7 +275,8 @@ def test_sweep_recover_refuses_qat(tiny, capsys):
 @pytest.mark.slow
 def test_digits_cnn_int8_nm_recover_with_qat_passes_its_gate(tmp_path):
     """The bundled CNN, ``int8-nm-recover`` with ``qat: true``: the 0.01 top-1 gate holds (minutes under load)."""
-    text = (ROOT / "recipes" / "int8-nm-recover.yaml").read_text().replace("schedule: fixed,", "schedule: fixed, qat: true,")
+    text = (ROOT / "recipes" / "int8-nm-recover.yaml").read_text()
+    text = text.replace("schedule: fixed,", "schedule: fixed, qat: true,")
     assert "qat: true" in text
     recipe = tmp_path / "int8-nm-recover-qat.yaml"
     recipe.write_text(text)

@@ -258,8 +258,10 @@ class QatModule:
             self.weights[layer.param] = WeightFakeQuant(layer.qmax, layer.per_channel)
             parametrize.register_parametrization(module, attr, self.weights[layer.param])
             if layer.activation is not None:
-                quantizer = self.quantizers.setdefault(layer.tensor, ActivationFakeQuant(layer.activation, layer.tensor))
-                if not self._attach_input(owner, module, layer.param, quantizer):
+                if layer.tensor not in self.quantizers:
+                    self.quantizers[layer.tensor] = ActivationFakeQuant(layer.activation, layer.tensor)
+                quantizer = self.quantizers[layer.tensor]
+                if not self._attach_input(module, layer.param, quantizer):
                     logger.warning("recover: qat: cannot reach the input of %s (%s) to fake-quantize it; its range is "
                                    "calibrated after training", owner, type(module).__name__)
                     layer = dataclasses.replace(layer, activation=None)
@@ -267,7 +269,7 @@ class QatModule:
         for tensor in [t for t in self.quantizers if not any(la.tensor == t and la.activation for la in self.layers)]:
             del self.quantizers[tensor]
 
-    def _attach_input(self, owner: str, module: Any, param: str, quantizer: ActivationFakeQuant) -> bool:
+    def _attach_input(self, module: Any, param: str, quantizer: ActivationFakeQuant) -> bool:
         if isinstance(self.module, torch.fx.GraphModule):
             return self._insert_fx(param, quantizer)
         if not isinstance(module, _HOOKED):
