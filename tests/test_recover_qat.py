@@ -256,6 +256,20 @@ def test_qat_without_a_quantize_step_is_refused(tiny, capsys):
     assert not (tiny["dir"] / "o").exists()
 
 
+def test_qat_with_smoothquant_is_refused_before_training(tiny, capsys):
+    recipe = _recipe(tiny["dir"], "smooth", QAT).read_text().replace("quantize: {calibrator: minmax}",
+                                                                     "quantize: {smoothquant: {alpha: 0.5}}")
+    path = tiny["dir"] / "smooth.yaml"
+    path.write_text(recipe)
+    code, _, err = run([tiny["model"], "--recipe", path, "--train", tiny["train"], "-o", tiny["dir"] / "o"], capsys)
+    assert code == 2
+    assert error_line(err) == ("error: recover: qat: the quantize step applies SmoothQuant (the recipe sets it), which "
+                               "rescales the layers' inputs and weights after training, so the fake quantizers trained "
+                               "would not be the ones written; drop 'qat', or give quantize 'attention: \"off\"' (and "
+                               "no smoothquant)")
+    assert not (tiny["dir"] / "o").exists()
+
+
 def test_qat_must_be_a_boolean(tiny, capsys):
     recipe = _recipe(tiny["dir"], "badqat", "{qat: 3}")
     code, _, err = run([tiny["model"], "--recipe", recipe, "--train", tiny["train"], "-o", tiny["dir"] / "o"], capsys)

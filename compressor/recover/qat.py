@@ -107,12 +107,25 @@ def plan_layers(graph: ir.Graph, opts: Any, caps: Any, shapes: Mapping[str, tupl
 
     Returns:
         The layers, and the graph layers left out with why.
+
+    Raises:
+        UsageError: the step smooths its layers (SmoothQuant): ``X W = (X / s)(diag(s) W)``
+            after training changes both the inputs and the weights' per-channel grid, so
+            the quantizers trained would not be the ones written.
     """
+    from compressor.errors import UsageError
     from compressor.passes._placement import find_layers
     from compressor.passes._transformer_preset import attention_blocks, float_activation_layers, with_preset
     from compressor.quant.revert import widened
 
-    opts, preset = with_preset(opts, attention_blocks(graph) if opts.attention == "auto" else 0)
+    blocks = attention_blocks(graph) if opts.attention == "auto" else 0
+    opts, preset = with_preset(opts, blocks)
+    if opts.smoothquant is not None:
+        why = (f"the attention preset sets it, the model having {blocks} attention block(s)" if "smoothquant" in preset
+               else "the recipe sets it")
+        raise UsageError(f"recover: qat: the quantize step applies SmoothQuant ({why}), which rescales the layers' "
+                         "inputs and weights after training, so the fake quantizers trained would not be the ones "
+                         "written; drop 'qat', or give quantize 'attention: \"off\"' (and no smoothquant)")
     found, _ = find_layers(graph, caps, ops=opts.ops, scope=opts.scope, activation_matmuls=False, eltwise=False)
     float_acts = float_activation_layers(graph, opts.float_activations)
     wide = set(float_acts) if "float_activations" in preset and caps.fallback == "int16" else set()
