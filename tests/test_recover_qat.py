@@ -270,6 +270,19 @@ def test_qat_with_smoothquant_is_refused_before_training(tiny, capsys):
     assert not (tiny["dir"] / "o").exists()
 
 
+def test_qat_on_torchscript_is_refused(tiny, capsys):
+    torch.jit.save(torch.jit.script(_Net().eval()), str(tiny["dir"] / "net.pt"))
+    recipe = _recipe(tiny["dir"], "ts", QAT)
+    code, _, err = run([tiny["dir"] / "net.pt", "--recipe", recipe, "--train", tiny["train"], "--calib", tiny["train"],
+                        "-o", tiny["dir"] / "o"], capsys)
+    assert code == 2
+    assert error_line(err) == ("error: recover: qat: net.pt is TorchScript, whose compiled code cannot be "
+                               "fake-quantized; pass the trainable model instead: the .pt2 (torch.export.save), the "
+                               "Hugging Face folder, or the torch.save file (with --trust-pickle, or a state_dict with "
+                               "--model-class) it was exported from, or drop 'qat'")
+    assert not (tiny["dir"] / "o").exists()
+
+
 def test_qat_must_be_a_boolean(tiny, capsys):
     recipe = _recipe(tiny["dir"], "badqat", "{qat: 3}")
     code, _, err = run([tiny["model"], "--recipe", recipe, "--train", tiny["train"], "-o", tiny["dir"] / "o"], capsys)
