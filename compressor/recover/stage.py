@@ -9,6 +9,10 @@ student ◄─ one-shot weights and masks ─► fine-tune (train.py: distill.py
            the zeros (sparsify-nm {mask: keep}; prune-magnitude by magnitude finds the zeros)
 ```
 
+With ``qat: true`` the student also trains fake-quantized for the recipe's ``quantize``
+step (:mod:`.qat`), and :attr:`Recovery.learned_ranges` carries the learned input ranges
+to that step (through ``PassContext.learned_ranges``).
+
 :func:`check_recover_inputs` refuses, before any capture, what cannot work (a recipe
 without a sparsity pass, an ONNX input, no data); :func:`recover_stage`
 is what the compress flow calls; :func:`recover` is the stage itself. Design notes:
@@ -24,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +38,9 @@ from compressor.errors import RecipeError, UsageError
 from compressor.model_io import clone_model
 from compressor.progress import Progress, no_progress
 from compressor.recover.config import RecoverConfig
+
+if TYPE_CHECKING:
+    from compressor.quant.learned import LearnedRanges
 
 __all__ = ["Recovery", "recover", "recover_stage", "check_recover_inputs", "PRUNING_PASSES"]
 
@@ -59,7 +66,7 @@ class Recovery:
     captured: Captured
     recipe: Any
     record: dict[str, Any]
-    learned_ranges: Any = None
+    learned_ranges: LearnedRanges | None = None
 
 
 def check_recover_inputs(recipe: Any, model_path: Path, train: RawData | None, calib: RawData | None) -> RawData:
@@ -240,8 +247,10 @@ def _attach_qat(student: Any, model_path: Path, dense: Captured, after: list[Any
     """Fake quantization for the ``quantize`` step in ``after`` (:mod:`compressor.recover.qat`), initialised.
 
     Raises:
-        UsageError: a TorchScript module (its compiled code cannot be fake-quantized), or no
-            layer the step quantizes matches a parameter of the module.
+        RecipeError: no ``quantize`` step in ``after``.
+        UsageError: a TorchScript module (its compiled code cannot be fake-quantized), a
+            step that applies SmoothQuant, or no layer the step quantizes matches a
+            parameter of the module.
     """
     from compressor.recover.module import PASS_INSTEAD
     from compressor.recover.qat import QatModule, plan_layers
@@ -250,7 +259,10 @@ def _attach_qat(student: Any, model_path: Path, dense: Captured, after: list[Any
     if student.kind == "torchscript":
         raise UsageError(f"recover: qat: {model_path.name} is TorchScript, whose compiled code cannot be "
                          f"fake-quantized; {PASS_INSTEAD}, or drop 'qat'")
-    step = next(p for p in after if p.name == "quantize")
+    step = next((p for p in after if p.name == "quantize"), None)
+    if step is None:  # check_recover_inputs refuses it before capture; a direct call gets the same reason
+        raise RecipeError("recover: qat: true fake-quantizes the module for the int8 step that follows it, and the "
+                          "recipe has no 'quantize' pass after its sparsity pass; add one, or drop 'qat'")
     caps = (target if target is not None else get_target("onnx")).capabilities
     shapes = {n: tuple(p.shape) for n, p in student.module.named_parameters()}
     layers, left = plan_layers(dense.model.graph, step.options, caps, shapes)
