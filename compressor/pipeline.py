@@ -29,6 +29,7 @@ from compressor.progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from compressor.data import Dataset
+    from compressor.quant.learned import LearnedRanges
     from compressor.quant.revert import QuantizationRecord
     from compressor.targets.base import Target
 
@@ -78,6 +79,8 @@ class PassContext:
         cache: Expensive results a pass may reuse when it is run again on the same
             input (calibration statistics during accuracy control).
         progress: Factory of progress bars for long work inside a pass (calibration).
+        learned_ranges: Activation ranges the recovery stage learned (``recover: {qat:
+            true}``); ``quantize`` uses them instead of calibrated ones where they apply.
     """
 
     target: Target | None = None
@@ -87,6 +90,7 @@ class PassContext:
     properties: set[str] = dataclasses.field(default_factory=set)
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: Progress = no_progress
+    learned_ranges: LearnedRanges | None = None
 
 
 class Pass(abc.ABC):

@@ -222,8 +222,17 @@ class Quantize(Pass):
         if "float_activations" in preset and caps.fallback == "int16":
             # No float path on the target: the preset's roles get 16-bit activations instead.
             wide, float_acts = set(float_acts), {}
-        calibration = self._calibrate(model, ctx, opts, [la for la in layers if la.name not in float_acts],
-                                      tensor_skips)
+        full = [la for la in layers if la.name not in float_acts]
+        calibration = self._calibrate(model, ctx, opts, full, tensor_skips)
+        # recover: {qat: true}: the ranges learned in training replace the calibrated ones (compressor.quant.learned)
+        bits = 16 if opts.activations == "int16" else 8
+        learned, unlearned = ({}, {}) if ctx.learned_ranges is None else ctx.learned_ranges.match(
+            full, lambda la: activation_spec(la.quant.activations, 16 if la.name in wide else bits))
+        learned = {name: rng for name, rng in learned.items() if name in calibration.ranges}
+        calibration.ranges.update(learned)
+        if unlearned:
+            logger.warning("quantize: %d range(s) learned in training not used, calibrated instead (e.g. the input "
+                           "of %r: %s; all in stats['ranges_not_from_training'])", len(unlearned), *min(unlearned.items()))
 
         writer = QdqWriter(graph)
         record: list[QuantizedLayer] = []
@@ -277,6 +286,8 @@ class Quantize(Pass):
             "skipped_tensors": dict(sorted(calibration.tensor_skips.items())),
             "weight_only_layers": dict(sorted(weight_only.items())),
             **({"float16_widened_to_float32": to_fp32} if to_fp32 else {}),
+            **({"ranges_from_training": len(learned), "ranges_not_from_training": dict(sorted(unlearned.items()))}
+               if ctx.learned_ranges is not None else {}),
         }, quantization=QuantizationRecord(tuple(record), weight_bytes))
 
     @staticmethod

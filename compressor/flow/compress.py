@@ -326,7 +326,8 @@ def compress(
             return after
 
         ctx = PassContext(target=tgt, calibration=calib_set, seed=recipe_obj.calibration.seed,
-                          properties={"captured"}, progress=progress)
+                          properties={"captured"}, progress=progress,
+                          learned_ranges=None if recovery is None else recovery.learned_ranges)
         # The pipeline runs once. Accuracy control edits the model the (last) quantizing pass
         # returned, with the record of what it changed per layer, and re-runs only the passes
         # after it (qnn-legalize, on cached statistics).

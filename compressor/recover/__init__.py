@@ -6,5 +6,6 @@
 * :mod:`.masks`: the one-shot graph masks mapped back to parameters;
 * :mod:`.schedule`: masks held during training, the PGF gradient schedule;
 * :mod:`.distill`: the losses against the dense teacher;
-* :mod:`.train`: the loop.
+* :mod:`.train`: the loop;
+* :mod:`.qat`: ``qat: true``, fake quantization in training for the int8 step after it.
 """

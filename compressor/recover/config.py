@@ -2,7 +2,7 @@
 
 ```yaml
 recover: {steps: 300, lr: 1.0e-4, batch: 16, seed: 0, schedule: pgf, pgf_decay: 0.25,
-          loss: auto, hidden_weight: 1.0, patience: 3}
+          loss: auto, hidden_weight: 1.0, patience: 3, qat: false}
 ```
 
 Plain, frozen data validated by :func:`compressor.options.parse_options` (an unknown key
@@ -42,6 +42,10 @@ class RecoverConfig:
         holdout: Fraction of the training samples held out for early stopping.
         patience: Evaluations without improvement of the metric before stopping (0: never stop
             early); the best weights seen are kept.
+        qat: Fake-quantize during fine-tuning for the recipe's ``quantize`` step that follows
+            (:mod:`compressor.recover.qat`): weights per output channel, symmetric, as that step
+            quantizes them; layer inputs per tensor with learned (LSQ) scales, which that step
+            then uses instead of calibrating. Needs a ``quantize`` step after the sparsity pass.
     """
 
     steps: int = 200
@@ -57,6 +61,7 @@ class RecoverConfig:
     eval_every: int = 25
     holdout: float = 0.1
     patience: int = 0
+    qat: bool = False
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch", "eval_every"):

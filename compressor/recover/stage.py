@@ -9,6 +9,10 @@ student ◄─ one-shot weights and masks ─► fine-tune (train.py: distill.py
            the zeros (sparsify-nm {mask: keep}; prune-magnitude by magnitude finds the zeros)
 ```
 
+With ``qat: true`` the student also trains fake-quantized for the recipe's ``quantize``
+step (:mod:`.qat`), and :attr:`Recovery.learned_ranges` carries the learned input ranges
+to that step (through ``PassContext.learned_ranges``).
+
 :func:`check_recover_inputs` refuses, before any capture, what cannot work (a recipe
 without a sparsity pass, an ONNX input, no data); :func:`recover_stage`
 is what the compress flow calls; :func:`recover` is the stage itself. Design notes:
@@ -24,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +38,9 @@ from compressor.errors import RecipeError, UsageError
 from compressor.model_io import clone_model
 from compressor.progress import Progress, no_progress
 from compressor.recover.config import RecoverConfig
+
+if TYPE_CHECKING:
+    from compressor.quant.learned import LearnedRanges
 
 __all__ = ["Recovery", "recover", "recover_stage", "check_recover_inputs", "PRUNING_PASSES"]
 
@@ -52,18 +59,22 @@ class Recovery:
         captured: The recovered module, captured.
         recipe: The recipe to run on it: its sparsity passes keep the recovered zeros.
         record: The manifest's ``recovery`` record.
+        learned_ranges: With ``qat: true``, the activation ranges learned for ``quantize``
+            (:class:`~compressor.quant.learned.LearnedRanges`, for the pipeline's ``PassContext``).
     """
 
     captured: Captured
     recipe: Any
     record: dict[str, Any]
+    learned_ranges: LearnedRanges | None = None
 
 
 def check_recover_inputs(recipe: Any, model_path: Path, train: RawData | None, calib: RawData | None) -> RawData:
     """Refuse, before capture, a recovery that cannot run; return the training data.
 
     Raises:
-        RecipeError: no sparsity pass to hold, or one that changes shapes.
+        RecipeError: no sparsity pass to hold, or one that changes shapes; ``qat: true``
+            without a ``quantize`` step after the sparsity pass.
         UsageError: no training or calibration data.
     """
     steps = [s.name for s in recipe.passes]
@@ -74,6 +85,11 @@ def check_recover_inputs(recipe: Any, model_path: Path, train: RawData | None, c
     if not any(s in PRUNING_PASSES for s in steps):
         raise RecipeError(f"{recipe.source}: recover: the recipe has no sparsity pass ({', '.join(PRUNING_PASSES)}) "
                           "whose masks the fine-tuning holds; add one, or drop 'recover:'")
+    last = max(i for i, s in enumerate(steps) if s in PRUNING_PASSES)
+    if recipe.recover.qat and "quantize" not in steps[last + 1:]:
+        raise RecipeError(f"{recipe.source}: recover: qat: true fake-quantizes the module for the int8 step that "
+                          "follows it, and the recipe has no 'quantize' pass after its sparsity pass; add one, or "
+                          "drop 'qat'")
     if model_path.suffix.lower() == ".onnx":
         from compressor.recover.module import PASS_INSTEAD
 
@@ -184,7 +200,9 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
         pattern = ("nm", *nm) if nm is not None else ("count", int(mask.sum()))
         held.append(MaskedParam(mw.param, param, mask, shadow, pattern))
     masks = MaskedParams(held, cfg.steps, cfg.schedule, cfg.pgf_decay)
+    qat = _attach_qat(student, model_path, dense, passes[last + 1:], target, calib, cfg) if cfg.qat else None
     trainable = [p for p in student.module.parameters() if p.requires_grad]
+    trainable += [p for p in (qat.parameters() if qat else []) if all(p is not q for q in trainable)]
 
     n_hold = int(round(len(train) * cfg.holdout))
     holdout = train.subset(len(train) - n_hold, len(train)) if n_hold >= 1 and len(train) - n_hold >= 1 else None
@@ -192,6 +210,10 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
     logger.info("recover: %d masked weights, %d trainable tensors, %d training samples, %d held out; %d steps of %d",
                 len(held), len(trainable), len(fit), 0 if holdout is None else len(holdout), cfg.steps, cfg.batch)
     result = fine_tune(student, teacher, trainable, masks, fit, holdout, cfg, recipe.accuracy.metric, progress, on_step)
+    learned = None
+    if qat is not None:
+        learned, qat_record = qat.learned_ranges(), qat.record()
+        qat.remove()  # the float trained weights are captured; quantize writes the learned quantizers
     broken = masks.check()
     if broken:  # the schedule guarantees it; a failure here is a bug in this package
         raise RuntimeError(f"recover: N:M pattern broken after training in {', '.join(broken[:3])}")
@@ -215,8 +237,45 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
         "train_s": round(result.seconds, 3),
         "seconds": round(time.perf_counter() - started, 3),
         "recapture_s": round(time.perf_counter() - t, 3),
+        **({"qat": qat_record} if qat is not None else {}),
     }
-    return Recovery(captured, _post_recipe(recipe), record)
+    return Recovery(captured, _post_recipe(recipe), record, learned)
+
+
+def _attach_qat(student: Any, model_path: Path, dense: Captured, after: list[Any], target: Any, calib: Dataset,
+                cfg: RecoverConfig) -> Any:
+    """Fake quantization for the ``quantize`` step in ``after`` (:mod:`compressor.recover.qat`), initialised.
+
+    Raises:
+        RecipeError: no ``quantize`` step in ``after``.
+        UsageError: a TorchScript module (its compiled code cannot be fake-quantized), a
+            step that applies SmoothQuant, or no layer the step quantizes matches a
+            parameter of the module.
+    """
+    from compressor.recover.module import PASS_INSTEAD
+    from compressor.recover.qat import QatModule, plan_layers
+    from compressor.targets import get_target
+
+    if student.kind == "torchscript":
+        raise UsageError(f"recover: qat: {model_path.name} is TorchScript, whose compiled code cannot be "
+                         f"fake-quantized; {PASS_INSTEAD}, or drop 'qat'")
+    step = next((p for p in after if p.name == "quantize"), None)
+    if step is None:  # check_recover_inputs refuses it before capture; a direct call gets the same reason
+        raise RecipeError("recover: qat: true fake-quantizes the module for the int8 step that follows it, and the "
+                          "recipe has no 'quantize' pass after its sparsity pass; add one, or drop 'qat'")
+    caps = (target if target is not None else get_target("onnx")).capabilities
+    shapes = {n: tuple(p.shape) for n, p in student.module.named_parameters()}
+    layers, left = plan_layers(dense.model.graph, step.options, caps, shapes)
+    for name, why in sorted(left.items()):
+        logger.warning("recover: qat: layer %s is not fake-quantized: %s", name, why)
+    if not layers:
+        raise UsageError(f"recover: qat: none of the layers 'quantize' quantizes in {model_path.name} matches a "
+                         "weight parameter of the module; drop 'qat'")
+    qat = QatModule(student, layers)
+    qat.initialise(student, calib, cfg.batch, step.options)
+    logger.info("recover: qat: %d layers fake-quantized (%d activation quantizers, initialised by the %s calibrator)",
+                len(qat.layers), len(qat.parameters()), step.options.calibrator)
+    return qat
 
 
 def recover_stage(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, calib: Dataset | None, *,

@@ -68,6 +68,11 @@ def recovered_levels(model_path: Path, dense: Captured, pass_name: str, items: S
 
 def recover_config(values: Mapping[str, Any] | None) -> RecoverConfig:
     """The ``--recover`` options (a YAML mapping, as a recipe's ``recover:``)."""
+    from compressor.errors import UsageError
     from compressor.options import parse_options
 
-    return parse_options(RecoverConfig, dict(values or {}), "sweep --recover")
+    config = parse_options(RecoverConfig, dict(values or {}), "sweep --recover")
+    if config.qat:
+        raise UsageError("sweep --recover: qat: true fake-quantizes for an int8 step, and sweep levels are not "
+                         "quantized; drop 'qat', or compress with a recipe that has 'quantize' after its sparsity pass")
+    return config
