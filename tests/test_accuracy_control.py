@@ -254,6 +254,47 @@ def test_ranking_on_the_target_and_its_fallback(files, tmp_path, monkeypatch, ca
                        "for Foo(1) node with name 'foo'); ranking on the target")
 
 
+def test_two_stage_ranking_reaches_the_budget_with_the_full_rankings_layer(files, tmp_path, monkeypatch):
+    # Screened on the 8 worst samples, the 2 most sensitive confirmed on all 24: the budget
+    # that one give-back meets in a full ranking is met by the same layer.
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    full_exec, staged_exec = CountingExecutor(), CountingExecutor()
+    full = compress(files["model"], recipe=_recipe(tmp_path, "max_drop: 0.01, screen_samples: 0"),
+                    outdir=tmp_path / "full", calib=files["calib"], eval_data=files["eval"], max_drop=0.0,
+                    latency_runs=1, executor=full_exec).manifest["accuracy_control"]
+    assert full_exec.tasks == len(LAYERS) + 1 and not any(r.get("screened") for r in full["ranking"])
+    budget = (full["steps"][0]["drop"] + full["steps"][1]["drop"]) / 2  # met after the first give-back
+    staged = compress(files["model"], recipe=_recipe(tmp_path, "max_drop: 0.01, screen_samples: 8, confirm_layers: 2"),
+                      outdir=tmp_path / "staged", calib=files["calib"], eval_data=files["eval"], max_drop=budget,
+                      latency_runs=1, executor=staged_exec).manifest
+    control = staged["accuracy_control"]
+    assert staged_exec.tasks == (len(LAYERS) + 1) + (2 + 1)
+    assert [r.get("screened", False) for r in control["ranking"]] == [False, False, True, True]
+    assert control["ranking"][:1] == full["ranking"][:1], "the full ranking's top layer, measured on every sample"
+    assert control["layers"] == [full["ranking"][0]["layer"]] == [full["steps"][1]["layer"]]
+    assert staged["gate"]["passed"] is True
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "ranking").glob("*.json")
+                if json.loads(p.read_text())["screen_samples"] is not None]
+    assert len(entry["screen_samples"]) == 8 and set(entry["screen_samples"]) <= set(entry["ranking_samples"])
+
+
+def test_candidates_of_one_ranking_decode_the_quantized_model_once(files, monkeypatch):
+    quantized = _quantize(files)
+    data = load_npz(files["eval"], model_input_specs(cnn()))
+    shared = {"quantized": accuracy_module.ir_bytes(quantized.model), "record": quantized.quantization,
+              "mode": "float", "post": [], "runtime": "onnxruntime", "data": data,
+              "ref": [_run(cnn(), np.load(files["eval"])["x"])]}
+    decoded = []
+    real = accuracy_module.ir_from_bytes
+    monkeypatch.setattr(accuracy_module, "ir_from_bytes", lambda b: decoded.append(1) or real(b))
+    errors = [accuracy_module.candidate_error(frozenset(given), shared) for given in ([], ["fc1"], [], ["conv1"])]
+    assert len(decoded) == 1 and errors[0] == errors[2] and errors[1] != errors[0]
+    accuracy_module.release_decoded()
+    fresh = {**shared, "quantized": bytes(bytearray(shared["quantized"]))}  # equal bytes from elsewhere (a Ray task's copy)
+    assert accuracy_module.candidate_error(frozenset(["fc1"]), fresh) == errors[1] and len(decoded) == 2
+    accuracy_module.release_decoded()
+
+
 class SimulatedHtp(OnnxTarget):
     """qnn-htp's capabilities and Q/DQ rules (no float path: fallback int16), run by ONNX Runtime CPU."""
 
