@@ -18,17 +18,18 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compressor.targets.onnx import OnnxTarget, ort_session
+from compressor.targets.onnx import OnnxTarget, SharedInitializers, ort_session
 from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
 from onnx import TensorProto, helper, numpy_helper
 
 import compressor.flow.accuracy as accuracy_module
 import compressor.flow.compress as compress_module
+import compressor.targets.onnx as onnx_target
 from compressor.data import load_npz
 from compressor.executor import InProcessExecutor
 from compressor.flow.compress import compress
 from compressor.inputs import model_input_specs
-from compressor.model_io import save_model
+from compressor.model_io import clone_model, model_bytes, save_model
 from compressor.pipeline import PassContext, build_pass
 from compressor.quant.revert import give_back
 from compressor.targets import get_target
@@ -293,6 +294,26 @@ def test_candidates_of_one_ranking_decode_the_quantized_model_once(files, monkey
     fresh = {**shared, "quantized": bytes(bytearray(shared["quantized"]))}  # equal bytes from elsewhere (a Ray task's copy)
     assert accuracy_module.candidate_error(frozenset(["fc1"]), fresh) == errors[1] and len(decoded) == 2
     accuracy_module.release_decoded()
+
+
+def test_a_session_sharing_the_quantized_initializers_computes_what_the_full_bytes_do(files, monkeypatch):
+    quantized = _quantize(files)
+    base = quantized.model
+    shared = SharedInitializers(base, min_elements=16)
+    x = np.load(files["eval"])["x"]
+    for given in ([], ["conv1"], ["fc1", "conv2"]):
+        candidate = give_back(clone_model(base), quantized.quantization, given)
+        assert np.array_equal(shared.session(candidate).run(None, {"x": x})[0], _run(candidate, x)), given
+    # The int8 weights the edit left alone (conv1, conv2, fc2) travel as references, not
+    # bytes (a reference costs tens of bytes); fc1's restored float weight is serialized.
+    sizes = []
+    real = onnx_target.ort.InferenceSession
+    monkeypatch.setattr(onnx_target.ort, "InferenceSession",
+                        lambda data, *a, **k: sizes.append(len(data)) or real(data, *a, **k))
+    candidate = give_back(clone_model(base), quantized.quantization, ["fc1"])
+    shared.session(candidate)
+    left_alone = 8 * 4 * 3 * 3 + 8 * 8 * 3 * 3 + 5 * 16  # int8: one byte each
+    assert 16 * 8 * 6 * 6 * 4 < sizes[0] < len(model_bytes(candidate)) - left_alone // 2
 
 
 class SimulatedHtp(OnnxTarget):

@@ -62,7 +62,7 @@ from compressor.pass_manager import PassManager, PassReport, PipelineResult
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
 from compressor.quant.revert import QuantizationRecord, give_back
-from compressor.targets.onnx import OrtRunner
+from compressor.targets.onnx import OrtRunner, SharedInitializers
 
 __all__ = ["ControlResult", "QuantizedSnapshot", "rank_layers", "candidate_error", "control_accuracy", "worst_samples",
            "build_candidate", "control_on_target", "given_back_stats", "ranking_fields", "ranking_tasks",
@@ -106,23 +106,33 @@ def worst_samples(errors: np.ndarray, count: int) -> list[int]:
 
 
 #: The model :func:`build_candidate` last decoded from ``shared["quantized"]``, with those
-#: bytes: the next candidate of the same ranking clones it (tensors shared, never written
-#: by :func:`~compressor.quant.revert.give_back`) instead of parsing the bytes again.
-_decoded: tuple[bytes, ir.Model] | None = None
+#: bytes and, once an ONNX Runtime candidate asked for them, its initializers held for
+#: ONNX Runtime (:class:`~compressor.targets.onnx.SharedInitializers`): the next candidate
+#: of the same ranking clones it (tensors shared, never written by
+#: :func:`~compressor.quant.revert.give_back`) instead of parsing the bytes again, and its
+#: session reads the unchanged initializers from there instead of from serialized bytes.
+_decoded: dict[str, Any] = {}
 
 
 def _quantized_copy(data: bytes) -> ir.Model:
     """A fresh copy of the model serialized as ``data`` (see ``_decoded``)."""
-    global _decoded
-    if _decoded is None or not (_decoded[0] is data or _decoded[0] == data):  # Ray hands each task its own bytes
-        _decoded = (data, ir_from_bytes(data))
-    return clone_model(_decoded[1])
+    held = _decoded.get("bytes")
+    if held is None or not (held is data or held == data):  # Ray hands each task its own bytes
+        _decoded.clear()
+        _decoded.update(bytes=data, model=ir_from_bytes(data))
+    return clone_model(_decoded["model"])
+
+
+def _shared_initializers() -> SharedInitializers:
+    """The initializers of the model :func:`_quantized_copy` last decoded, for ONNX Runtime."""
+    if "initializers" not in _decoded:
+        _decoded["initializers"] = SharedInitializers(_decoded["model"])
+    return _decoded["initializers"]
 
 
 def release_decoded() -> None:
-    """Drop the model :func:`build_candidate` keeps between candidates (the ranking is done)."""
-    global _decoded
-    _decoded = None
+    """Drop what :func:`build_candidate` keeps between candidates (the ranking is done)."""
+    _decoded.clear()
 
 
 def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Model:
@@ -156,7 +166,7 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
     """
     model = build_candidate(given, shared)
     if shared["runtime"] == "onnxruntime":
-        return _error(shared["ref"], OrtRunner(model), shared["data"])
+        return _error(shared["ref"], OrtRunner(model, shared=_shared_initializers()), shared["data"])
     target = shared["context"].target
     with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
         run = target.runner(target.lower(model, Path(work)))
