@@ -316,6 +316,33 @@ def test_a_session_sharing_the_quantized_initializers_computes_what_the_full_byt
     assert 16 * 8 * 6 * 6 * 4 < sizes[0] < len(model_bytes(candidate)) - left_alone // 2
 
 
+def test_ranking_a_time_major_model_whose_calls_return_several_rows_per_sample(tmp_path, monkeypatch):
+    # ddddocr's recogniser: a static batch of 1 and a [T, 1, C] output (time first), so the
+    # outputs have T rows per sample; the worst samples are picked per sample, not per row.
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 12)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((12, 12)).astype(np.float32) / 3, "w2"),
+             numpy_helper.from_array(np.array([3, 1, 4], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["m"], name="mm2"),
+             helper.make_node("Reshape", ["m", "shape"], ["y"], name="time_major")]
+    graph = helper.make_graph(nodes, "tm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 1, 4])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "tm.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 8)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((20, 8)).astype(np.float32))
+    recipe = _recipe(tmp_path, "max_drop: 0.01, ranking_samples: 8, screen_samples: 4, confirm_layers: 1")
+    control = compress(tmp_path / "tm.onnx", recipe=recipe, outdir=tmp_path / "out", calib=tmp_path / "calib.npz",
+                       eval_data=tmp_path / "eval.npz", max_drop=0.0, latency_runs=1).manifest["accuracy_control"]
+    assert sorted(r["layer"] for r in control["ranking"]) == ["mm1", "mm2"]
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "ranking").glob("*.json")]
+    assert len(entry["ranking_samples"]) == 8 and max(entry["ranking_samples"]) < 20
+    assert len(entry["screen_samples"]) == 4 and set(entry["screen_samples"]) <= set(entry["ranking_samples"])
+
+
 class SimulatedHtp(OnnxTarget):
     """qnn-htp's capabilities and Q/DQ rules (no float path: fallback int16), run by ONNX Runtime CPU."""
 

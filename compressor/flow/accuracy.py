@@ -292,6 +292,25 @@ def _whole_batches(eval_set: Dataset, count: int) -> int:
     return count
 
 
+def _per_sample_errors(ref: list[np.ndarray], outputs: list[np.ndarray], eval_set: Dataset) -> np.ndarray:
+    """``1 − cosine`` per eval sample, also for outputs whose first axis is not the sample's.
+
+    A model with a static batch of 1 may return more rows per call than samples (ddddocr's
+    recogniser returns ``[T, 1, C]``, time first): the rows of one call are then one sample's.
+    Otherwise, when the rows cannot be told apart by sample, every sample gets the same
+    error (the ranking subset is then the first samples), with a warning.
+    """
+    samples = eval_set.usable()
+    if all(len(o) == samples for o in outputs):
+        return sample_errors(ref, outputs, eval_set)
+    if eval_set.batch_size() == 1 and all(len(o) % samples == 0 for o in outputs):
+        return sample_errors([np.asarray(r).reshape(samples, -1) for r in ref],
+                             [np.asarray(o).reshape(samples, -1) for o in outputs], eval_set)
+    logger.warning("accuracy control: the outputs' first axes (%s) are not one row per sample (%d samples): "
+                   "ranking on the first samples, not the worst", ", ".join(str(len(o)) for o in outputs), samples)
+    return np.zeros(samples)
+
+
 def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, calib: Dataset | None,
                    eval_set: Dataset, version: str) -> dict[str, Any]:
     """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget.
@@ -347,30 +366,30 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
                        "may be given back)", first.drop, accuracy.max_drop, key[:12], len(layers), max_steps)
     else:
         # The samples the fully quantized model gets most wrong (module docstring of accuracy).
-        errors = sample_errors(ref, first_outputs, eval_set)
+        errors = _per_sample_errors(ref, first_outputs, eval_set)
         chosen = worst_samples(errors, _whole_batches(eval_set, accuracy.ranking_samples))
         ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
-        runtime, ranking_ref = "target", None
+        runtime, ranking_run = "target", run_baseline
         if accuracy.ranking_backend == "onnxruntime":
             try:
-                ranking_ref = collect_outputs(OrtRunner(baseline), ranking_data)
+                ranking_run = OrtRunner(baseline)
+                ranking_ref = collect_outputs(ranking_run, ranking_data)
                 runtime = "onnxruntime"
             except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
                 logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
                                first_line(exc))
-        if ranking_ref is None:
+                ranking_run = run_baseline
+        if runtime == "target":
             ranking_ref = collect_outputs(run_baseline, ranking_data)
         on_all = {**shared, "runtime": runtime, "data": ranking_data, "ref": ranking_ref}
-        # Two-stage ranking (module docstring): the screen is the worst of the worst, its
-        # reference outputs the baseline's on those samples, already computed.
+        # Two-stage ranking (module docstring): the screen is the worst of the worst.
         screened = worst_samples(errors, _whole_batches(eval_set, accuracy.screen_samples))
         confirm = accuracy.confirm_layers if 0 < len(screened) < len(chosen) and \
             accuracy.confirm_layers < len(layers) else None
         screen = None
         if confirm is not None:
-            rows = [chosen.index(i) for i in screened]
-            screen = {**on_all, "data": eval_set.take(screened, f"{len(screened)} largest errors"),
-                      "ref": [np.asarray(out)[rows] for out in ranking_ref]}
+            screen_data = eval_set.take(screened, f"{len(screened)} largest errors")
+            screen = {**on_all, "data": screen_data, "ref": collect_outputs(ranking_run, screen_data)}
         logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity on the %d "
                        "samples with the largest error%s (at most %d may be given back)", first.drop,
                        accuracy.max_drop, len(layers), len(chosen),
