@@ -101,8 +101,8 @@ class AccuracyConfig:
     max_fallback: float = 0.5
     ranking_samples: int = 64
     ranking_backend: Literal["onnxruntime", "target"] = "onnxruntime"
-    screen_samples: int = 16
-    confirm_layers: int = 8
+    screen_samples: int = 8
+    confirm_layers: int = 4
 
     def __post_init__(self) -> None:
         if self.max_drop is not None:

@@ -19,8 +19,8 @@ on targets with no float path), never by running the passes again.
    screened order (marked ``"screened": true``). An approximation, stated: a layer the
    screen puts below the first ``confirm_layers`` is never measured on every ranking
    sample; where the true most sensitive layers are among the confirmed ones, the greedy
-   loop below tries the same layers in the same order as a full ranking would (most
-   candidates cost their fixed part plus a quarter of the samples, see docs/design.md).
+   loop below tries the same layers in the same order as a full ranking would. By default
+   most candidates cost their fixed part plus an eighth of the samples (docs/design.md).
    The ranking is recorded in the manifest and cached on disk
    (:mod:`compressor.flow.ranking_cache`). Each candidate is one task of an executor
    (:mod:`compressor.executor`: in this process, or on Ray): :func:`candidate_error` edits
