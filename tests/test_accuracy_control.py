@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import compressor.targets.onnx as onnx_target
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -24,7 +25,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 import compressor.flow.accuracy as accuracy_module
 import compressor.flow.compress as compress_module
-import compressor.targets.onnx as onnx_target
 from compressor.data import load_npz
 from compressor.executor import InProcessExecutor
 from compressor.flow.compress import compress
