@@ -102,6 +102,12 @@ class AccuracyConfig:
             int8 kernels, against the float model there (no backend compile per layer:
             about 2x faster on MiniLM); ``target``: rank on the target's own runtime.
             The greedy give-back and the gate always measure on the target.
+        screen_samples: Two-stage ranking (:mod:`compressor.flow.accuracy`): every layer is
+            first ranked on this many of the samples with the largest error; 0 ranks every
+            layer on all ``ranking_samples``.
+        confirm_layers: After the screen, this many of the most sensitive layers are ranked
+            again on all ``ranking_samples`` and tried first; the others follow in the
+            screen's order. With no more layers than this, there is no screen.
     """
 
     metric: Literal["auto", "top1", "cosine"] = "auto"
@@ -109,6 +115,8 @@ class AccuracyConfig:
     max_fallback: float = 0.5
     ranking_samples: int = 64
     ranking_backend: Literal["onnxruntime", "target"] = "onnxruntime"
+    screen_samples: int = 8
+    confirm_layers: int = 4
 
     def __post_init__(self) -> None:
         if self.max_drop is not None:
@@ -117,6 +125,10 @@ class AccuracyConfig:
             raise ValueError(f"option 'max_fallback' must be in [0, 1], got {self.max_fallback}")
         if self.ranking_samples < 1:
             raise ValueError(f"option 'ranking_samples' must be >= 1, got {self.ranking_samples}")
+        if self.screen_samples < 0:
+            raise ValueError(f"option 'screen_samples' must be >= 0 (0: no screen), got {self.screen_samples}")
+        if self.confirm_layers < 1:
+            raise ValueError(f"option 'confirm_layers' must be >= 1, got {self.confirm_layers}")
 
 
 @dataclasses.dataclass(frozen=True)

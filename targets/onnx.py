@@ -33,10 +33,10 @@ from compressor.targets.base import (
     narrow_weights,
 )
 
-from compressor.model_io import model_bytes, save_model
+from compressor.model_io import clone_model, model_bytes, save_model
 from compressor.quant.spec import OpQuant, QuantSpec
 
-__all__ = ["OnnxTarget", "OrtRunner", "ort_session"]
+__all__ = ["OnnxTarget", "OrtRunner", "SharedInitializers", "ort_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,26 +142,72 @@ def _explain_load_error(model: ir.Model, text: str) -> list[tuple[str, str]]:
     return [("model", f"ONNX Runtime cannot load it: {first[:300]}")]
 
 
-def ort_session(model_or_path: ir.Model | bytes | str | Path, *, threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session, quiet and deterministic in its graph optimizations.
-
-    ``model_or_path``: an in-memory model, its :func:`~compressor.model_io.model_bytes`, or a file.
-    """
+def _session_options(threads: int | None) -> ort.SessionOptions:
     ort.set_default_logger_severity(3)  # model-load warnings go to the default logger, not the session's
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    return opts
+
+
+def ort_session(model_or_path: ir.Model | bytes | str | Path, *, threads: int | None = None,
+                shared: SharedInitializers | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session, quiet and deterministic in its graph optimizations.
+
+    ``model_or_path``: an in-memory model, its :func:`~compressor.model_io.model_bytes`, or a file.
+    ``shared``: initializers an in-memory model shares with the model they were taken from
+    (:class:`SharedInitializers`), handed to the session instead of serialized.
+    """
+    if shared is not None and isinstance(model_or_path, ir.Model):
+        return shared.session(model_or_path, threads=threads)
     source = model_bytes(model_or_path) if isinstance(model_or_path, ir.Model) else (
         model_or_path if isinstance(model_or_path, bytes) else str(model_or_path))
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, _session_options(threads), providers=[_CPU])
+
+
+class SharedInitializers:
+    """The large initializers of a model, held once as ONNX Runtime values for sessions of its edited copies.
+
+    Accuracy control builds one session per ranking candidate, each a copy of the same
+    quantized model with one layer given back (:func:`compressor.model_io.clone_model`
+    shares the tensors; the edit replaces inputs, never a tensor's data). :meth:`session`
+    serializes a copy without the initializers that are still this model's tensor objects
+    (each written as an external-data reference, a few MB instead of the whole model) and
+    passes them to ONNX Runtime from here (``SessionOptions.add_external_initializers``).
+    Same graph, same values: the session computes what one built from the full bytes does.
+    """
+
+    def __init__(self, model: ir.Model, min_elements: int = 1024) -> None:
+        self._held: dict[str, tuple[ir.TensorProtocol, np.ndarray, ort.OrtValue]] = {}
+        for name, value in model.graph.initializers.items():
+            tensor = value.const_value
+            if tensor is not None and tensor.size >= min_elements:
+                array = np.ascontiguousarray(tensor.numpy())
+                self._held[name] = (tensor, array, ort.OrtValue.ortvalue_from_numpy(array))
+
+    def session(self, model: ir.Model, *, threads: int | None = None) -> ort.InferenceSession:
+        """A session of ``model``, a copy of the model given to the constructor (edited or not)."""
+        copy = clone_model(model)
+        names = []
+        for name, value in copy.graph.initializers.items():
+            held = self._held.get(name)
+            if held is not None and value.const_value is held[0]:
+                value.const_value = ir.ExternalTensor("shared-initializer", 0, held[1].nbytes, held[0].dtype,
+                                                      shape=held[0].shape, name=name)
+                names.append(name)
+        opts = _session_options(threads)
+        if names:
+            opts.add_external_initializers(names, [self._held[name][2] for name in names])
+        return ort.InferenceSession(model_bytes(copy), opts, providers=[_CPU])
 
 
 class OrtRunner(Runner):
     """Runs an ``.onnx`` file (or an in-memory model) on ONNX Runtime CPU."""
 
-    def __init__(self, path: Path | ir.Model, threads: int | None = None):
-        self.session = ort_session(path, threads=threads)
+    def __init__(self, path: Path | ir.Model, threads: int | None = None, *,
+                 shared: SharedInitializers | None = None):
+        self.session = ort_session(path, threads=threads, shared=shared)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from compressor.data import Dataset
-from compressor.flow.accuracy import control_accuracy
+from compressor.flow.accuracy import control_accuracy, rank_layers, ranking_tasks
 from compressor.flow.evaluation import Evaluation
 from compressor.inputs import InputSpec
 
@@ -64,3 +64,55 @@ def test_it_stops_as_soon_as_the_budget_holds_and_respects_max_steps():
     drops = {frozenset(): 0.30, frozenset({"a"}): 0.25, frozenset({"a", "b"}): 0.01}
     capped = _control(drops, {"a": 0.3, "b": 0.2}, budget=0.1, max_steps=1)
     assert capped.given_back == ["a"] and not capped.met and len(capped.steps) == 2
+
+
+# ------------------------------------------------------------------ two-stage ranking
+
+
+def _staged(full: dict[str, float], screen: dict[str, float], confirm: int):
+    """Rank with errors ``full`` on the ranking subset and ``screen`` on the screen (``""``: all quantized)."""
+    calls: list[tuple[str, frozenset[str]]] = []
+
+    def error_of(given: frozenset[str], shared) -> float:
+        calls.append((shared["stage"], given))
+        (name,) = given or {""}
+        return shared["errors"][name]
+
+    ranking = rank_layers(sorted(n for n in full if n), error_of, {"stage": "all", "errors": full},
+                          screen={"stage": "screen", "errors": screen}, confirm=confirm)
+    return ranking, calls
+
+
+def test_two_stage_ranking_confirms_the_screens_top_layers_on_every_sample():
+    # The screen orders c > a > b > d; on every sample a is the most sensitive: the confirmed
+    # two (c, a) come back in their measured order, the others in the screen's order after them.
+    full = {"": 0.5, "a": 0.1, "b": 0.2, "c": 0.3, "d": 0.45}
+    screen = {"": 0.6, "a": 0.3, "b": 0.4, "c": 0.2, "d": 0.5}
+    ranking, calls = _staged(full, screen, confirm=2)
+    assert [r["layer"] for r in ranking] == ["a", "c", "b", "d"]
+    assert [r.get("screened", False) for r in ranking] == [False, False, True, True]
+    assert ranking[0]["sensitivity"] == 0.5 - 0.1 and ranking[2]["sensitivity"] == 0.6 - 0.4
+    assert len(calls) == ranking_tasks(4, 2) == 5 + 3
+    assert [given for stage, given in calls if stage == "all"] == [frozenset(), frozenset({"c"}), frozenset({"a"})]
+
+
+def test_two_stage_ranking_gives_the_full_rankings_top_where_the_screen_keeps_it():
+    # Where the true top layers are among the confirmed ones, the head of the ranking is the
+    # full ranking's (the greedy loop tries the same layers in the same order).
+    rng = np.random.default_rng(0)
+    names = [f"l{i}" for i in range(12)]
+    full = {"": 1.0, **{n: float(e) for n, e in zip(names, rng.uniform(0.2, 0.9, len(names)))}}
+    screen = {"": 1.0, **{n: min(0.99, e + float(rng.normal(0, 0.02))) for n, e in full.items() if n}}
+    whole = rank_layers(names, lambda given, shared: full[next(iter(given), "")], {})
+    staged, _ = _staged(full, screen, confirm=6)
+    top = [r["layer"] for r in whole[:3]]
+    assert set(top) <= {r["layer"] for r in staged[:6]}, "the screen keeps the true top three (noise << spread)"
+    assert [r["layer"] for r in staged[:3]] == top
+    assert [r["sensitivity"] for r in staged[:3]] == [r["sensitivity"] for r in whole[:3]]
+
+
+def test_no_screen_when_there_are_no_more_layers_than_confirmed():
+    full = {"": 0.5, "a": 0.1, "b": 0.2}
+    ranking, calls = _staged(full, {"": 0.0, "a": 0.0, "b": 0.0}, confirm=2)
+    assert [r["layer"] for r in ranking] == ["a", "b"] and {stage for stage, _ in calls} == {"all"}
+    assert ranking_tasks(2, 2) == 3

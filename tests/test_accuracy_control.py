@@ -14,11 +14,12 @@ import json
 import logging
 from pathlib import Path
 
+import compressor.targets.onnx as onnx_target
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compressor.targets.onnx import OnnxTarget, ort_session
+from compressor.targets.onnx import OnnxTarget, SharedInitializers, ort_session
 from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
 from onnx import TensorProto, helper, numpy_helper
 
@@ -29,7 +30,7 @@ from compressor.executor import InProcessExecutor
 from compressor.flow.accuracy import given_back_stats
 from compressor.flow.compress import compress
 from compressor.inputs import model_input_specs
-from compressor.model_io import save_model
+from compressor.model_io import clone_model, model_bytes, save_model
 from compressor.pass_manager import PassReport
 from compressor.pipeline import PassContext, build_pass
 from compressor.quant.revert import give_back
@@ -281,6 +282,94 @@ def test_ranking_on_the_target_and_its_fallback(files, tmp_path, monkeypatch, ca
     (warning,) = [r.getMessage() for r in caplog.records if "ONNX Runtime cannot run" in r.getMessage()]
     assert warning == ("accuracy control: ONNX Runtime cannot run this model (Could not find an implementation "
                        "for Foo(1) node with name 'foo'); ranking on the target")
+
+
+def test_two_stage_ranking_reaches_the_budget_with_the_full_rankings_layer(files, tmp_path, monkeypatch):
+    # Screened on the 8 worst samples, the 2 most sensitive confirmed on all 24: the budget
+    # that one give-back meets in a full ranking is met by the same layer.
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    full_exec, staged_exec = CountingExecutor(), CountingExecutor()
+    full = compress(files["model"], recipe=_recipe(tmp_path, "max_drop: 0.01, screen_samples: 0"),
+                    outdir=tmp_path / "full", calib=files["calib"], eval_data=files["eval"], max_drop=0.0,
+                    latency_runs=1, executor=full_exec).manifest["accuracy_control"]
+    assert full_exec.tasks == len(LAYERS) + 1 and not any(r.get("screened") for r in full["ranking"])
+    budget = (full["steps"][0]["drop"] + full["steps"][1]["drop"]) / 2  # met after the first give-back
+    staged = compress(files["model"], recipe=_recipe(tmp_path, "max_drop: 0.01, screen_samples: 8, confirm_layers: 2"),
+                      outdir=tmp_path / "staged", calib=files["calib"], eval_data=files["eval"], max_drop=budget,
+                      latency_runs=1, executor=staged_exec).manifest
+    control = staged["accuracy_control"]
+    assert staged_exec.tasks == (len(LAYERS) + 1) + (2 + 1)
+    assert [r.get("screened", False) for r in control["ranking"]] == [False, False, True, True]
+    assert control["ranking"][:1] == full["ranking"][:1], "the full ranking's top layer, measured on every sample"
+    assert control["layers"] == [full["ranking"][0]["layer"]] == [full["steps"][1]["layer"]]
+    assert staged["gate"]["passed"] is True
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "ranking").glob("*.json")
+                if json.loads(p.read_text())["screen_samples"] is not None]
+    assert len(entry["screen_samples"]) == 8 and set(entry["screen_samples"]) <= set(entry["ranking_samples"])
+
+
+def test_candidates_of_one_ranking_decode_the_quantized_model_once(files, monkeypatch):
+    quantized = _quantize(files)
+    data = load_npz(files["eval"], model_input_specs(cnn()))
+    shared = {"quantized": accuracy_module.ir_bytes(quantized.model), "record": quantized.quantization,
+              "mode": "float", "post": [], "runtime": "onnxruntime", "data": data,
+              "ref": [_run(cnn(), np.load(files["eval"])["x"])]}
+    decoded = []
+    real = accuracy_module.ir_from_bytes
+    monkeypatch.setattr(accuracy_module, "ir_from_bytes", lambda b: decoded.append(1) or real(b))
+    errors = [accuracy_module.candidate_error(frozenset(given), shared) for given in ([], ["fc1"], [], ["conv1"])]
+    assert len(decoded) == 1 and errors[0] == errors[2] and errors[1] != errors[0]
+    accuracy_module.release_decoded()
+    fresh = {**shared, "quantized": bytes(bytearray(shared["quantized"]))}  # equal bytes from elsewhere (a Ray task's copy)
+    assert accuracy_module.candidate_error(frozenset(["fc1"]), fresh) == errors[1] and len(decoded) == 2
+    accuracy_module.release_decoded()
+
+
+def test_a_session_sharing_the_quantized_initializers_computes_what_the_full_bytes_do(files, monkeypatch):
+    quantized = _quantize(files)
+    base = quantized.model
+    shared = SharedInitializers(base, min_elements=16)
+    x = np.load(files["eval"])["x"]
+    for given in ([], ["conv1"], ["fc1", "conv2"]):
+        candidate = give_back(clone_model(base), quantized.quantization, given)
+        assert np.array_equal(shared.session(candidate).run(None, {"x": x})[0], _run(candidate, x)), given
+    # The int8 weights the edit left alone (conv1, conv2, fc2) travel as references, not
+    # bytes (a reference costs tens of bytes); fc1's restored float weight is serialized.
+    sizes = []
+    real = onnx_target.ort.InferenceSession
+    monkeypatch.setattr(onnx_target.ort, "InferenceSession",
+                        lambda data, *a, **k: sizes.append(len(data)) or real(data, *a, **k))
+    candidate = give_back(clone_model(base), quantized.quantization, ["fc1"])
+    shared.session(candidate)
+    left_alone = 8 * 4 * 3 * 3 + 8 * 8 * 3 * 3 + 5 * 16  # int8: one byte each
+    assert 16 * 8 * 6 * 6 * 4 < sizes[0] < len(model_bytes(candidate)) - left_alone // 2
+
+
+def test_ranking_a_time_major_model_whose_calls_return_several_rows_per_sample(tmp_path, monkeypatch):
+    # ddddocr's recogniser: a static batch of 1 and a [T, 1, C] output (time first), so the
+    # outputs have T rows per sample; the worst samples are picked per sample, not per row.
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 12)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((12, 12)).astype(np.float32) / 3, "w2"),
+             numpy_helper.from_array(np.array([3, 1, 4], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["m"], name="mm2"),
+             helper.make_node("Reshape", ["m", "shape"], ["y"], name="time_major")]
+    graph = helper.make_graph(nodes, "tm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 1, 4])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "tm.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 8)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((20, 8)).astype(np.float32))
+    recipe = _recipe(tmp_path, "max_drop: 0.01, ranking_samples: 8, screen_samples: 4, confirm_layers: 1")
+    control = compress(tmp_path / "tm.onnx", recipe=recipe, outdir=tmp_path / "out", calib=tmp_path / "calib.npz",
+                       eval_data=tmp_path / "eval.npz", max_drop=0.0, latency_runs=1).manifest["accuracy_control"]
+    assert sorted(r["layer"] for r in control["ranking"]) == ["mm1", "mm2"]
+    (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "ranking").glob("*.json")]
+    assert len(entry["ranking_samples"]) == 8 and max(entry["ranking_samples"]) < 20
+    assert len(entry["screen_samples"]) == 4 and set(entry["screen_samples"]) <= set(entry["ranking_samples"])
 
 
 class SimulatedHtp(OnnxTarget):

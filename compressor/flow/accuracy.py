@@ -11,6 +11,16 @@ on targets with no float path), never by running the passes again.
    The subset is the ``ranking_samples`` evaluation samples on which the fully quantized
    model errs most (:func:`worst_samples`; NNCF's ``_select_subset`` picks its ranking
    subset the same way): where quantization hurts is where giving a layer back shows.
+   Ranking runs in two stages when there are more layers than ``confirm_layers``
+   (``AccuracyConfig``): every layer is *screened* on the ``screen_samples`` samples with
+   the largest error (a subset of the ranking subset), then the ``confirm_layers`` most
+   sensitive by that screen are ranked again on the whole ranking subset. The ranking is
+   those confirmed layers in their measured order, followed by the other layers in their
+   screened order (marked ``"screened": true``). An approximation, stated: a layer the
+   screen puts below the first ``confirm_layers`` is never measured on every ranking
+   sample; where the true most sensitive layers are among the confirmed ones, the greedy
+   loop below tries the same layers in the same order as a full ranking would. By default
+   most candidates cost their fixed part plus an eighth of the samples (docs/design.md).
    The ranking is recorded in the manifest and cached on disk
    (:mod:`compressor.flow.ranking_cache`). Each candidate is one task of an executor
    (:mod:`compressor.executor`: in this process, or on Ray): :func:`candidate_error` edits
@@ -47,15 +57,16 @@ from compressor.flow.evaluation import (
     sample_errors,
 )
 from compressor.flow.ranking_cache import load_ranking, ranking_key, store_ranking
-from compressor.model_io import ir_bytes, ir_from_bytes, model_bytes
+from compressor.model_io import clone_model, ir_bytes, ir_from_bytes, model_bytes
 from compressor.pass_manager import PassManager, PassReport, PipelineResult
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
 from compressor.quant.revert import QuantizationRecord, give_back
-from compressor.targets.onnx import OrtRunner
+from compressor.targets.onnx import OrtRunner, SharedInitializers
 
 __all__ = ["ControlResult", "QuantizedSnapshot", "rank_layers", "candidate_error", "control_accuracy", "worst_samples",
-           "build_candidate", "control_on_target", "given_back_stats", "ranking_fields"]
+           "build_candidate", "control_on_target", "given_back_stats", "ranking_fields", "ranking_tasks",
+           "release_decoded"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +105,36 @@ def worst_samples(errors: np.ndarray, count: int) -> list[int]:
     return sorted(order[:count])
 
 
+#: The model :func:`build_candidate` last decoded from ``shared["quantized"]``, with those
+#: bytes and, once an ONNX Runtime candidate asked for them, its initializers held for
+#: ONNX Runtime (:class:`~compressor.targets.onnx.SharedInitializers`): the next candidate
+#: of the same ranking clones it (tensors shared, never written by
+#: :func:`~compressor.quant.revert.give_back`) instead of parsing the bytes again, and its
+#: session reads the unchanged initializers from there instead of from serialized bytes.
+_decoded: dict[str, Any] = {}
+
+
+def _quantized_copy(data: bytes) -> ir.Model:
+    """A fresh copy of the model serialized as ``data`` (see ``_decoded``)."""
+    held = _decoded.get("bytes")
+    if held is None or not (held is data or held == data):  # Ray hands each task its own bytes
+        _decoded.clear()
+        _decoded.update(bytes=data, model=ir_from_bytes(data))
+    return clone_model(_decoded["model"])
+
+
+def _shared_initializers() -> SharedInitializers:
+    """The initializers of the model :func:`_quantized_copy` last decoded, for ONNX Runtime."""
+    if "initializers" not in _decoded:
+        _decoded["initializers"] = SharedInitializers(_decoded["model"])
+    return _decoded["initializers"]
+
+
+def release_decoded() -> None:
+    """Drop what :func:`build_candidate` keeps between candidates (the ranking is done)."""
+    _decoded.clear()
+
+
 def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Model:
     """The quantized model with the ``given`` layers given back, then the passes after ``quantize``.
 
@@ -105,7 +146,7 @@ def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Mode
             passes after ``quantize``, e.g. ``qnn-legalize``; their statistics are in the
             cache of ``context``) and ``context`` (the ``PassContext`` they run with).
     """
-    model = give_back(ir_from_bytes(shared["quantized"]), shared["record"], sorted(given), shared["mode"])
+    model = give_back(_quantized_copy(shared["quantized"]), shared["record"], sorted(given), shared["mode"])
     if shared["post"]:
         base = shared["context"]
         ctx = dataclasses.replace(base, properties=set(base.properties))
@@ -125,7 +166,7 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
     """
     model = build_candidate(given, shared)
     if shared["runtime"] == "onnxruntime":
-        return _error(shared["ref"], OrtRunner(model), shared["data"])
+        return _error(shared["ref"], OrtRunner(model, shared=_shared_initializers()), shared["data"])
     target = shared["context"].target
     with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
         run = target.runner(target.lower_pinned(model, Path(work), shared.get("pin")))
@@ -134,9 +175,23 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
     return err
 
 
+def _measured(layers: Sequence[str], errors: Sequence[float]) -> list[dict[str, Any]]:
+    """Ranking entries, most sensitive first, from the errors of ``[all quantized, *layers given back]``."""
+    ranking = [{"layer": name, "sensitivity": errors[0] - err, "error_without": err}
+               for name, err in zip(layers, errors[1:])]
+    ranking.sort(key=lambda r: (-r["sensitivity"], r["layer"]))
+    return ranking
+
+
+def ranking_tasks(layers: int, confirm: int | None) -> int:
+    """How many candidates :func:`rank_layers` evaluates (for a progress bar's total)."""
+    return layers + 1 + (confirm + 1 if confirm is not None and confirm < layers else 0)
+
+
 def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mapping[str, Any]], float],
                 shared: Mapping[str, Any], *, executor: Executor | None = None,
-                progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+                progress: Callable[[int], Any] | None = None, screen: Mapping[str, Any] | None = None,
+                confirm: int | None = None) -> list[dict[str, Any]]:
     """Sensitivity of each layer (see the module docstring), most sensitive first.
 
     Args:
@@ -146,15 +201,24 @@ def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mappi
         shared: What every candidate reads.
         executor: Where the candidates run (default: in this process).
         progress: Called with ``1`` per candidate done (the fully quantized model first).
+        screen: What the candidates read in the screening stage (``shared`` with a smaller
+            ``data`` and its ``ref``); with ``confirm``, ranking is two-stage (module docstring).
+        confirm: How many of the layers the screen ranks first are ranked again on ``shared``.
     """
     executor = executor or InProcessExecutor()
-    candidates = [frozenset(), *(frozenset({name}) for name in layers)]
-    errors = executor.map(error_of, candidates, shared=shared, labels=["all quantized", *layers], progress=progress)
-    base_error = errors[0]
-    ranking = [{"layer": name, "sensitivity": base_error - err, "error_without": err}
-               for name, err in zip(layers, errors[1:])]
-    ranking.sort(key=lambda r: (-r["sensitivity"], r["layer"]))
-    return ranking
+
+    def measure(names: Sequence[str], on: Mapping[str, Any]) -> list[dict[str, Any]]:
+        candidates = [frozenset(), *(frozenset({name}) for name in names)]
+        return _measured(names, executor.map(error_of, candidates, shared=on, labels=["all quantized", *names],
+                                             progress=progress))
+
+    if screen is None or confirm is None or confirm >= len(layers):
+        return measure(layers, shared)
+    screened = measure(layers, screen)
+    confirmed = measure([r["layer"] for r in screened[:confirm]], shared)
+    logger.info("accuracy control: %d layers screened, the %d most sensitive ranked on every ranking sample",
+                len(layers), len(confirmed))
+    return confirmed + [{**r, "screened": True} for r in screened[confirm:]]
 
 
 def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]], RunFn],
@@ -220,6 +284,33 @@ class QuantizedSnapshot:
     record: QuantizationRecord
 
 
+def _whole_batches(eval_set: Dataset, count: int) -> int:
+    """``count`` samples of ``eval_set`` (at most all), rounded up to whole batches on a static batch axis."""
+    count = min(count, len(eval_set))
+    if count and eval_set.subset(0, count).usable() < count:
+        count = min(-(-count // eval_set.batch_size()) * eval_set.batch_size(), len(eval_set))
+    return count
+
+
+def _per_sample_errors(ref: list[np.ndarray], outputs: list[np.ndarray], eval_set: Dataset) -> np.ndarray:
+    """``1 − cosine`` per eval sample, also for outputs whose first axis is not the sample's.
+
+    A model with a static batch of 1 may return more rows per call than samples (ddddocr's
+    recogniser returns ``[T, 1, C]``, time first): the rows of one call are then one sample's.
+    Otherwise, when the rows cannot be told apart by sample, every sample gets the same
+    error (the ranking subset is then the first samples), with a warning.
+    """
+    samples = eval_set.usable()
+    if all(len(o) == samples for o in outputs):
+        return sample_errors(ref, outputs, eval_set)
+    if eval_set.batch_size() == 1 and all(len(o) % samples == 0 for o in outputs):
+        return sample_errors([np.asarray(r).reshape(samples, -1) for r in ref],
+                             [np.asarray(o).reshape(samples, -1) for o in outputs], eval_set)
+    logger.warning("accuracy control: the outputs' first axes (%s) are not one row per sample (%d samples): "
+                   "ranking on the first samples, not the worst", ", ".join(str(len(o)) for o in outputs), samples)
+    return np.zeros(samples)
+
+
 def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, calib: Dataset | None,
                    eval_set: Dataset, version: str) -> dict[str, Any]:
     """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget.
@@ -279,34 +370,49 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
                        "may be given back)", first.drop, accuracy.max_drop, key[:12], len(layers), max_steps)
     else:
         # The samples the fully quantized model gets most wrong (module docstring of accuracy).
-        count = min(accuracy.ranking_samples, len(eval_set))
-        if eval_set.subset(0, count).usable() < count:  # a static batch axis: whole batches only
-            count = min(-(-count // eval_set.batch_size()) * eval_set.batch_size(), len(eval_set))
-        chosen = worst_samples(sample_errors(ref, first_outputs, eval_set), count)
+        errors = _per_sample_errors(ref, first_outputs, eval_set)
+        chosen = worst_samples(errors, _whole_batches(eval_set, accuracy.ranking_samples))
         ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
-        runtime, ranking_ref = "target", None
+        runtime, ranking_run = "target", run_baseline
         if accuracy.ranking_backend == "onnxruntime":
             try:
-                ranking_ref = collect_outputs(OrtRunner(baseline), ranking_data)
+                ranking_run = OrtRunner(baseline)
+                ranking_ref = collect_outputs(ranking_run, ranking_data)
                 runtime = "onnxruntime"
             except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
                 logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
                                first_line(exc))
-        if ranking_ref is None:
+                ranking_run = run_baseline
+        if runtime == "target":
             ranking_ref = collect_outputs(run_baseline, ranking_data)
+        on_all = {**shared, "runtime": runtime, "data": ranking_data, "ref": ranking_ref}
+        # Two-stage ranking (module docstring): the screen is the worst of the worst.
+        screened = worst_samples(errors, _whole_batches(eval_set, accuracy.screen_samples))
+        confirm = accuracy.confirm_layers if 0 < len(screened) < len(chosen) and \
+            accuracy.confirm_layers < len(layers) else None
+        screen = None
+        if confirm is not None:
+            screen_data = eval_set.take(screened, f"{len(screened)} largest errors")
+            screen = {**on_all, "data": screen_data, "ref": collect_outputs(ranking_run, screen_data)}
         logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity on the %d "
-                       "samples with the largest error (at most %d may be given back)", first.drop,
-                       accuracy.max_drop, len(layers), len(chosen), max_steps)
-        with progress("rank layers", len(layers) + 1, "layer") as bar:
-            ranking = rank_layers(layers, candidate_error, {**shared, "runtime": runtime, "data": ranking_data,
-                                                            "ref": ranking_ref},
-                                  executor=executor, progress=bar.update)
+                       "samples with the largest error%s (at most %d may be given back)", first.drop,
+                       accuracy.max_drop, len(layers), len(chosen),
+                       "" if confirm is None else f", screened on the {len(screened)} largest", max_steps)
+        with progress("rank layers", ranking_tasks(len(layers), confirm), "layer") as bar:
+            try:
+                ranking = rank_layers(layers, candidate_error, on_all, executor=executor, progress=bar.update,
+                                      screen=screen, confirm=confirm)
+            finally:
+                release_decoded()
         store_ranking(key, {"fields": cache_fields, "ranking": ranking, "ranking_backend": runtime,
-                            "ranking_samples": chosen})
-    outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first, budget=accuracy.max_drop,
-                               max_steps=max_steps, ranking=ranking)
+                            "ranking_samples": chosen, "screen_samples": screened if confirm is not None else None})
+    try:
+        outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first,
+                                   budget=accuracy.max_drop, max_steps=max_steps, ranking=ranking)
+        final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
+    finally:
+        release_decoded()
     outcome.ranking_backend, outcome.ranking_cached = runtime, cached is not None
-    final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
     return final, outcome
 
 
