@@ -14,7 +14,9 @@ writes, ``SessionOptions.optimized_model_filepath``):
    becomes MatMulIntegerToFloat, and a 2-D one with a bias ``Add`` a float Gemm;
 4. a ``Relu`` (or ``Clip``) between the op and ``Q`` is removed when the ``Q``'s zero point
    is its lowest value (``ReluQuantFusion``; an asymmetric uint8 range from 0), so the
-   pair goes after it.
+   pair goes after it;
+5. ``DQ -> MaxPool -> Q`` (and ``Transpose``, ``Reshape``...) with the same scale and zero
+   point on both sides is dropped, and the op runs on uint8 (:func:`carry_ranges`).
 
 The placement is data of the target (``OpQuant.output``, ``OpQuant.output_after``): the
 pair reads the layer's output, moved past single-reader ``output_after`` ops (an ``Add``
@@ -26,9 +28,6 @@ and spec) and the output pair costs nothing. A tensor that is a graph output kee
 its float value (the node unit is then not fused; the last layer stays exact).
 A tensor that only selects values of an output tensor (a max-pooled one) is quantized
 over the output's range, not its own (case 5).
-
-5. ``DQ -> MaxPool -> Q`` (and ``Transpose``, ``Reshape``...) with the same scale and zero
-   point on both sides is dropped, and the op runs on uint8 (:func:`carry_ranges`).
 
 Accuracy control gives the output back with the layer: the readers rewired here are
 recorded (``QuantizedLayer.outputs``) and read the float tensor again.
