@@ -24,8 +24,14 @@ only with a constant operand: a bias), and every reader of that tensor reads the
 instead. Its range comes from the same statistics run as the inputs' (the tensor is one
 more :class:`~compressor.quant.taps.StatPoint`), so where the next layer quantizes the same
 tensor with the same spec, the two share one pair (the Q/DQ writer writes one per tensor
-and spec) and the output pair costs nothing. A tensor that is a graph output keeps
-its float value (the node unit is then not fused; the last layer stays exact).
+and spec) and the output pair costs nothing.
+
+6. A tensor that flows into a graph output without passing another quantized layer (the
+   logits, a detection head's boxes and scores, through Reshape/Concat/Sigmoid) keeps its
+   float value: its node unit runs as ``DQ`` + float, and the model's outputs carry no
+   8-bit rounding of their own. Measured on ddddocr's detector (YOLO-like, SiLU): with
+   the head quantized too, cosine to fp32 0.994 -> 0.974 (accuracy control then had to
+   give layers back); without, see docs/design.md.
 A tensor that only selects values of an output tensor (a max-pooled one) is quantized
 over the output's range, not its own (case 5).
 
@@ -71,12 +77,30 @@ def _moves_past(node: ir.Node, value: ir.Value, allowed: frozenset[str]) -> bool
     return True
 
 
-def output_tensor(layer: Layer) -> ir.Value | None:
+def _reaches_graph_output(value: ir.Value, layer_nodes: Collection[int]) -> bool:
+    """Whether ``value`` flows into a graph output through ops that are not quantized layers (case 6)."""
+    seen: set[int] = set()
+    todo = [value]
+    while todo:
+        current = todo.pop()
+        if current.is_graph_output():
+            return True
+        for reader, _ in current.uses():
+            if id(reader) in layer_nodes or id(reader) in seen:
+                continue
+            seen.add(id(reader))
+            todo.extend(reader.outputs)
+    return False
+
+
+def output_tensor(layer: Layer, layer_nodes: Collection[int]) -> ir.Value | None:
     """The tensor whose pair closes ``layer``'s node unit, or ``None`` (module docstring).
 
     ``None`` when the target gives the layer's op no output spec, the layer has no constant
-    weight, the tensor is a graph output or not float32, or the walk did not pass one of
-    the ops ``OpQuant.output_only_after`` asks for.
+    weight, the tensor is not float32, the walk did not pass one of the ops
+    ``OpQuant.output_only_after`` asks for, or the tensor reaches a graph output without
+    passing another quantized layer (``layer_nodes``: ``id`` of every quantized layer's
+    node; case 6).
     """
     quant = layer.quant
     if quant.output is None or layer.weight is None or not layer.node.outputs:
@@ -86,7 +110,7 @@ def output_tensor(layer: Layer) -> ir.Value | None:
     while (reader := sole_consumer(value)) is not None and _moves_past(reader, value, quant.output_after):
         value = reader.outputs[0]
         passed.add(reader.op_type)
-    if value.is_graph_output() or value.dtype != _FLOAT:
+    if value.dtype != _FLOAT or _reaches_graph_output(value, layer_nodes):
         return None
     if quant.output_only_after and not passed & quant.output_only_after:
         return None  # case 3: a MatMul without a bias Add is an integer kernel without the pair
@@ -134,11 +158,12 @@ def close_node_units(graph: ir.Graph, writer: QdqWriter, layers: list[Layer], re
         layers got an output pair.
     """
     by_name = {layer.name: layer for layer in layers}
+    layer_nodes = {id(by_name[done.name].node) for done in record if done.name in by_name}
     closed = 0
     out = []
     for done in record:
         layer = by_name.get(done.name)
-        value = output_tensor(layer) if layer is not None else None
+        value = output_tensor(layer, layer_nodes) if layer is not None else None
         if value is None or value.name not in ranges or any(a.spec != layer.quant.activations
                                                                 for a in done.activations):
             out.append(done)

@@ -232,7 +232,8 @@ class Quantize(Pass):
             # No float path on the target: the preset's roles get 16-bit activations instead.
             wide, float_acts = set(float_acts), {}
         quantized_layers = [la for la in layers if la.name not in float_acts]
-        outputs = [v.name for la in quantized_layers if (v := output_tensor(la)) is not None]  # case 8
+        layer_nodes = {id(la.node) for la in quantized_layers}
+        outputs = [v.name for la in quantized_layers if (v := output_tensor(la, layer_nodes)) is not None]  # case 8
         calibration = self._calibrate(model, ctx, opts, quantized_layers, tensor_skips, outputs)
         carry_ranges(graph, calibration.ranges, outputs)
 
