@@ -178,3 +178,21 @@ def test_other_targets_quantize_inputs_only(tmp_path, target):
     assert result.stats["layer_outputs_quantized"] == 0
     quantized = {n.inputs[0].name for n in result.model.graph if n.op_type == "QuantizeLinear"}
     assert "c" not in quantized  # conv2's output, read by the MaxPool only
+
+
+def test_no_output_pair_on_the_way_to_a_graph_output(tmp_path):
+    """A head (conv -> Reshape -> Sigmoid -> output) keeps float outputs: no rounding of the model's own outputs."""
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[N,4,8,8] x) => (float[N,512] y) {{
+      [conv1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+      r = Relu (a)
+      [head] c = Conv <pads=[1,1,1,1]> (r, w2, b2)
+      f = Flatten (c)
+      y = Sigmoid (f)
+    }}""", w1=_w(rng, 8, 4, 3, 3), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 8, 3, 3), b2=_w(rng, 8) * 0.1)
+    result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 16, 4, 8, 8)))
+    assert result.stats["layers"] == ["conv1", "head"]
+    assert result.stats["layer_outputs_quantized"] == 1  # conv1's (after its Relu: head's input pair)
+    quantized = {n.inputs[0].name for n in result.model.graph if n.op_type == "QuantizeLinear"}
+    assert quantized == {"x", "r"}
