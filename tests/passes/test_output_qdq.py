@@ -42,8 +42,8 @@ def _floor_db(weights: int, activations: int, weight_db: float = 34.0, act_db: f
     return -10 * np.log10(noise) - 1.0
 
 
-#: conv_relu_conv: 5 weights; x, r, c (= p), d, f, h quantized: 6 activation tensors.
-SQNR_FLOOR_DB = _floor_db(5, 6)
+#: conv_relu_conv: 6 weights; x, r, c (= p), d, f, h quantized: 6 activation tensors.
+SQNR_FLOOR_DB = _floor_db(6, 6)
 _FLOAT_COMPUTE = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"})
 
 
@@ -53,15 +53,19 @@ def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
 
 
 def conv_relu_conv(rng: np.random.Generator) -> ir.Model:
-    """Conv-Relu-Conv-MaxPool-Conv, then a 2-D MatMul with a bias Add and a Relu (a dense head)."""
+    """Conv-Relu-Conv-Relu-MaxPool-Conv-Relu-Conv, then a 2-D MatMul with a bias Add and a
+    Relu (a dense head). conv4 has no Relu: no output pair (it would only add a rounding)."""
     return model_from_text(f"""{HEADER}
     g (float[N,4,8,8] x) => (float[N,10] y) {{
       [conv1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
       r = Relu (a)
-      [conv2] c = Conv <pads=[1,1,1,1]> (r, w2, b2)
+      [conv2] c2 = Conv <pads=[1,1,1,1]> (r, w2, b2)
+      c = Relu (c2)
       p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (c)
-      [conv3] d = Conv <pads=[1,1,1,1]> (p, w3, b3)
-      gp = GlobalAveragePool (d)
+      [conv3] d3 = Conv <pads=[1,1,1,1]> (p, w3, b3)
+      d = Relu (d3)
+      [conv4] e = Conv (d, w6, b6)
+      gp = GlobalAveragePool (e)
       f = Flatten (gp)
       [fc1] m = MatMul (f, w4)
       mb = Add (m, b4)
@@ -69,7 +73,7 @@ def conv_relu_conv(rng: np.random.Generator) -> ir.Model:
       [fc2] y = Gemm <transB=1> (h, w5, b5)
     }}""", w1=_w(rng, 8, 4, 3, 3), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 8, 3, 3), b2=_w(rng, 8) * 0.1,
         w3=_w(rng, 16, 8, 3, 3), b3=_w(rng, 16) * 0.1, w4=_w(rng, 16, 32), b4=_w(rng, 32) * 0.1,
-        w5=_w(rng, 10, 32), b5=_w(rng, 10) * 0.1)
+        w5=_w(rng, 10, 32), b5=_w(rng, 10) * 0.1, w6=_w(rng, 16, 16, 1, 1), b6=_w(rng, 16) * 0.1)
 
 
 def _dataset(model: ir.Model, tmp_path, x: np.ndarray) -> Dataset:
@@ -120,12 +124,12 @@ def test_onnx_runtime_runs_integer_kernels(tmp_path):
     feeds = {"x": _normal(2, 16, 4, 8, 8)}
     ref = run_ort(model, feeds)[0]
     result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 64, 4, 8, 8)))
-    assert result.stats["layers"] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert result.stats["layers"] == ["conv1", "conv2", "conv3", "conv4", "fc1", "fc2"]
     optimized = _ort_optimized(result.model, tmp_path)
     ops = Counter(n.op_type for n in optimized.graph.node)
     assert ops["QLinearConv"] == 3, ops
-    # conv1 (after its Relu), conv2, conv3 and fc1 (after its bias Add and Relu); fc2's
-    # output is the graph output and stays float.
+    # conv1, conv2, conv3 (after their Relu) and fc1 (after its bias Add and Relu); conv4
+    # (no Relu after it) and fc2 (its output is the graph output) stay float.
     assert result.stats["layer_outputs_quantized"] == 4
     assert ops["QGemm"] + ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] >= 1, ops
     # The MaxPool runs on conv2's uint8 output: the DQ -> MaxPool -> Q around it is dropped
@@ -133,8 +137,8 @@ def test_onnx_runtime_runs_integer_kernels(tmp_path):
     producers = {o: n.op_type for n in optimized.graph.node for o in n.output}
     pool = next(n for n in optimized.graph.node if n.op_type == "MaxPool")
     assert producers[pool.input[0]] == "QLinearConv"
-    # Only fc2, whose output is the graph output (kept float: no output pair), computes in float.
-    assert _float_compute_on_dq(optimized) == ["fc2"]
+    # Only conv4 (no Relu) and fc2 (its output is the graph output) compute in float.
+    assert sorted(_float_compute_on_dq(optimized)) == ["conv4", "fc2"]
     # Relu is folded into conv1's QLinearConv (its output pair's zero point is 0).
     assert ops["Relu"] == 0, ops
     out = ort.InferenceSession(to_proto(result.model).SerializeToString(),
@@ -157,7 +161,8 @@ def test_give_back_removes_the_output_pairs(tmp_path):
     feeds = {"x": _normal(2, 8, 4, 8, 8)}
     result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 32, 4, 8, 8)))
     record = result.quantization
-    assert [a.value for a in record["conv2"].outputs] == ["c"]  # the MaxPool reads c's pair
+    assert [a.value for a in record["conv2"].outputs] == ["c"]  # the MaxPool reads c's pair (after the Relu)
+    assert record["conv4"].outputs == ()
     assert record["fc1"].outputs == ()  # its output pair (after the bias Add and Relu) is fc2's input pair
     # Every layer back: no Q/DQ left, exactly the float model's outputs.
     back = give_back(_clone(result.model), record, record.names)
@@ -187,7 +192,8 @@ def test_no_output_pair_on_the_way_to_a_graph_output(tmp_path):
     g (float[N,4,8,8] x) => (float[N,512] y) {{
       [conv1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
       r = Relu (a)
-      [head] c = Conv <pads=[1,1,1,1]> (r, w2, b2)
+      [head] c2 = Conv <pads=[1,1,1,1]> (r, w2, b2)
+      c = Relu (c2)
       f = Flatten (c)
       y = Sigmoid (f)
     }}""", w1=_w(rng, 8, 4, 3, 3), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 8, 3, 3), b2=_w(rng, 8) * 0.1)
