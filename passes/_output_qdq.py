@@ -29,9 +29,11 @@ and spec) and the output pair costs nothing.
 6. A tensor that flows into a graph output without passing another quantized layer (the
    logits, a detection head's boxes and scores, through Reshape/Concat/Sigmoid) keeps its
    float value: its node unit runs as ``DQ`` + float, and the model's outputs carry no
-   8-bit rounding of their own. Measured on ddddocr's detector (YOLO-like, SiLU): with
-   the head quantized too, cosine to fp32 0.994 -> 0.974 (accuracy control then had to
-   give layers back); without, see docs/design.md.
+   8-bit rounding of their own.
+
+On ``onnx`` the Conv/Gemm pair is written only after a Relu/Clip (``OpQuant.output_only_after``):
+before a float activation (SiLU) it only adds a rounding, which cost ddddocr's detector and
+basic-pitch their accuracy budget (figures in docs/design.md, "Where Q/DQ goes, per target").
 A tensor that only selects values of an output tensor (a max-pooled one) is quantized
 over the output's range, not its own (case 5).
 
