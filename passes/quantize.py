@@ -40,6 +40,14 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    ``OpQuant.activation_only`` spec when it has one (OpenVINO: signed symmetric, the only
    form its CPU plugin runs as an int8 MatMul).
 
+8. where the target gives the op an output spec (``OpQuant.output``: ONNX Runtime, whose
+   integer kernels need the node unit closed by a ``Q``), the layer's output, moved past
+   the ops the backend folds in (``OpQuant.output_after``: Relu, Clip, a bias Add), is
+   read through a pair of its own, calibrated in the same statistics run and shared with
+   the next layer's input pair (:mod:`._output_qdq`); a tensor that only selects its
+   values (``MaxPool``, ``Transpose``...) is quantized over its range. Other targets
+   quantize inputs only.
+
 The result's ``quantization`` (:class:`~compressor.quant.revert.QuantizationRecord`) says,
 per quantized layer, which input now reads which Q/DQ pair, the float tensor, range and
 spec behind it, the float weight and the bias before correction: accuracy control gives a
@@ -69,6 +77,7 @@ import onnx_ir as ir
 from compressor.passes._attention import ROLES
 from compressor.passes._float32 import widen_to_float32
 from compressor.passes._layers import Layer
+from compressor.passes._output_qdq import carry_ranges, close_node_units, output_tensor
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
     half_precision,
@@ -223,7 +232,10 @@ class Quantize(Pass):
             # No float path on the target: the preset's roles get 16-bit activations instead.
             wide, float_acts = set(float_acts), {}
         full = [la for la in layers if la.name not in float_acts]
-        calibration = self._calibrate(model, ctx, opts, full, tensor_skips)
+        layer_nodes = {id(la.node) for la in full}
+        outputs = [v.name for la in full if (v := output_tensor(la, layer_nodes)) is not None]  # case 8
+        calibration = self._calibrate(model, ctx, opts, full, tensor_skips, outputs)
+        carry_ranges(graph, calibration.ranges, outputs)
         # recover: {qat: true}: the ranges learned in training replace the calibrated ones (compressor.quant.learned)
         bits = 16 if opts.activations == "int16" else 8
         learned, unlearned = ({}, {}) if ctx.learned_ranges is None else ctx.learned_ranges.match(
@@ -258,6 +270,8 @@ class Quantize(Pass):
             done, fixed = _quantize_layer(graph, writer, layer, bits, opts.weights == "int8-per-channel", calibration)
             record.append(done)
             corrected += fixed
+        record, closed = close_node_units(graph, writer, layers, record, calibration.ranges,  # case 8
+                                          set(skipped) | set(weight_only))
         model = writer.finish(model)  # 16-bit Q/DQ: the model is converted to opset 21
         quantized = [layer.name for layer in record]
         weight_bytes = (sum(w.float_bytes for w in writer.weights), sum(w.quantized_bytes for w in writer.weights))
@@ -273,6 +287,7 @@ class Quantize(Pass):
             "layers_quantized": len(quantized),
             "layers_float": len(skipped),
             "layers_weight_only": len(weight_only),
+            "layer_outputs_quantized": closed,
             "attention_blocks": blocks,
             "attention_preset": list(preset),
             "layers_widened_by_preset": sorted(wide),
@@ -306,15 +321,16 @@ class Quantize(Pass):
 
     @staticmethod
     def _calibrate(model: ir.Model, ctx: PassContext, opts: QuantizeOptions, layers: list[Layer],
-                   tensor_skips: dict[str, str]) -> _Calibration:
-        """Ranges of the activation inputs of ``layers`` and, for bias correction, their input means.
+                   tensor_skips: dict[str, str], outputs: tuple[str, ...] | list[str] = ()) -> _Calibration:
+        """Ranges of the activation inputs of ``layers`` and of the ``outputs`` (case 8) and,
+        for bias correction, their input means.
 
         Statistics depend only on the model before Q/DQ and the data: the runner caches them
         per (model, data), so accuracy control's re-runs calibrate nothing. Ranges and bias
         correction's input means (per position for a Conv: padding-exact) come in one run.
         """
         tensor_skips = dict(tensor_skips)
-        names = sorted({v.name for layer in layers for _, v in layer.activations} - set(tensor_skips))
+        names = sorted({v.name for layer in layers for _, v in layer.activations}.union(outputs) - set(tensor_skips))
         points = {n: StatPoint(n) for n in names}
         mean_points = {v.name: StatPoint(v.name, "moments", axis) for layer in layers
                        if layer.weight is not None and opts.bias_correction

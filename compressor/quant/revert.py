@@ -7,11 +7,15 @@
 * the weight input, now ``DQ(Wq, s_c, 0)``: the float weight ``W`` itself (a copy, so the
   revert is exact: ``DQ(Wq)`` is not ``W``);
 * a bias that bias correction replaced (``b' = b − E[x]·(DQ(Wq) − W)``): the original ``b``,
-  or that the node had no bias input.
+  or that the node had no bias input;
+* the readers of the layer's output that now read its output pair (targets whose kernels
+  need the output quantized, :mod:`compressor.passes._output_qdq`): each reader's input,
+  the float tensor and its range, like an activation input.
 
 Two edits use that record (:func:`give_back`), chosen by ``Capabilities.fallback``:
 
-1. ``float``: node ``n`` reads ``x``, ``W`` and ``b`` again. The layer computes exactly what
+1. ``float``: node ``n`` reads ``x``, ``W`` and ``b`` again, and the readers of its output
+   read the float output again. The layer computes exactly what
    it computes when it was never quantized (the tensors other layers read, and the Q/DQ
    pairs they share, are untouched); Q/DQ nodes and quantized initializers nothing reads
    any more are removed.
@@ -88,6 +92,7 @@ class QuantizedLayer:
         constants: The constants it replaced (the float weight, biases before correction).
         weight: Name of the float weight now stored quantized (``""``: none).
         weight_bytes: Size of that weight as float and as stored integers.
+        outputs: The readers of its output it rewired to the output's pair.
     """
 
     name: str
@@ -95,6 +100,7 @@ class QuantizedLayer:
     constants: tuple[ConstantInput, ...] = ()
     weight: str = ""
     weight_bytes: tuple[int, int] = (0, 0)
+    outputs: tuple[ActivationInput, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +173,7 @@ def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str]
     writer = QdqWriter(graph)  # case 2: the one Q/DQ writer, which converts to opset 21 in finish
     restored: dict[str, ir.Value] = {}
     for layer in chosen:
-        for act in layer.activations:
+        for act in (*layer.activations, *layer.outputs):
             node, source = nodes[act.node], values[act.value]
             if mode == "float":  # case 1
                 node.replace_input_with(act.index, source)

@@ -47,6 +47,18 @@ class OpQuant:
             activations (``Q·Kᵀ``) when it differs from ``activations`` (``None``: the
             same). OpenVINO runs such a MatMul in int8 only with symmetric operands; a zero
             point on either makes its CPU plugin dequantize both and compute in f32.
+        output: The spec of the layer's output read through a Q/DQ pair of its own
+            (``None``: only the inputs are quantized). A backend that fuses a node unit
+            ``DQ(x), DQ(w) -> op -> Q`` into one integer kernel needs it (ONNX Runtime's
+            QLinearConv/QGemm/QLinearMatMul); one that fuses FakeQuantize on inputs
+            (OpenVINO) does not. Given only to layers with a constant weight.
+        output_after: Single-reader ops the output pair moves past, because the backend
+            folds them into the kernel (``Relu``, ``Clip``; ``Add`` only with a constant
+            operand, a bias). See :mod:`compressor.passes._output_qdq`.
+        output_only_after: When not empty, the output pair is written only where the
+            output moved past one of these ops (ONNX Runtime runs a MatMul without an
+            output Q as MatMulIntegerToFloat, in int8, except a 2-D one with a bias Add,
+            which it turns into a float Gemm first).
     """
 
     activations: QuantSpec
@@ -54,3 +66,6 @@ class OpQuant:
     weight_input: int = 1
     joins_after: frozenset[str] = frozenset()
     activation_only: QuantSpec | None = None
+    output: QuantSpec | None = None
+    output_after: frozenset[str] = frozenset()
+    output_only_after: frozenset[str] = frozenset()
