@@ -208,6 +208,15 @@ def test_already_quantized_model_is_refused_by_quantize(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_already_quantized_is_said_before_what_a_target_lacks(tmp_path, capsys):
+    """On qnn-htp (no ConvInteger) the model's real problem comes first: exit 2, not exit 4."""
+    code, err, errors = _run([_conv_integer(tmp_path), "--recipe", "int8", "--target", "qnn-htp",
+                              "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 2, err
+    assert errors[0].startswith("error: the model is already quantized (1 DynamicQuantizeLinear"), errors[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_already_quantized_model_may_still_be_folded(tmp_path, capsys):
     code, err, _ = _run([_conv_integer(tmp_path), "--recipe", "fold", "-o", tmp_path / "out", "--latency-runs", "1",
                          "-q"], capsys)

@@ -261,6 +261,8 @@ def compress(
     if calib_set is not None and len(calib_set) > recipe_obj.calibration.samples:
         calib_set = calib_set.subset(0, recipe_obj.calibration.samples)
 
+    for p in passes:  # a model the recipe must not touch (already quantized: exit 2) before what the target lacks
+        p.check_input(model)
     offenders = tgt.check(model)
     if offenders:
         raise UnsupportedByTarget(tgt.name, offenders)
