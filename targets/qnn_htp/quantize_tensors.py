@@ -166,27 +166,13 @@ def _activations(graph: ir.Graph) -> list[ir.Value]:
     return out
 
 
-class _NodeNames:
-    """Node names unique among the graph's nodes (the value names are the writer's own)."""
-
-    def __init__(self, graph: ir.Graph):
-        self.taken = {n.name for n in graph if n.name}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
-
-
 class _Legalizer:
     """One run of the pass over a graph: the writer, the encodings given so far, the counts."""
 
     def __init__(self, graph: ir.Graph, rules: QdqRules, stats: dict[str, TensorStats],
                  opts: QuantizeTensorsOptions, quantizable: set[str]):
         self.graph, self.rules, self.stats, self.opts, self.quantizable = graph, rules, stats, opts, quantizable
-        self.writer = QdqWriter(graph, node_names=_NodeNames(graph))
+        self.writer = QdqWriter(graph)
         self.default_bits = 16 if opts.activations == "int16" else 8
         self.enc: dict[int, _Encoding] = {}
         self.converts: dict[tuple[int, int], _Encoding] = {}
