@@ -474,6 +474,27 @@ def test_resize_lowers_and_runs_wholly_on_htp(tmp_path, target):
 
 
 @needs_htp
+def test_a_graph_htp_cannot_compose_names_the_node(tmp_path, target):
+    """The pattern qnn-legalize wrote before (a DQ on Resize's empty roi) fails to compose:
+    exit 4 naming that DQ and its tensor, not a bare "Failed to compose Qnn graph"."""
+    model, _ = _legalized_upsampling(tmp_path, target=target)
+    resize = next(n for n in model.graph if n.op_type == "Resize")
+    roi_q = ir.Value(name="roi_quantized", const_value=ir.tensor(np.zeros(0, np.uint8), name="roi_quantized"))
+    s = ir.Value(name="roi_scale", const_value=ir.tensor(np.float32(1 / 255), name="roi_scale"))
+    z = ir.Value(name="roi_zero_point", const_value=ir.tensor(np.uint8(0), name="roi_zero_point"))
+    for v in (roi_q, s, z):
+        model.graph.register_initializer(v)
+    dq = ir.node("DequantizeLinear", [roi_q, s, z], name="roi_DequantizeLinear")
+    model.graph.insert_before(resize, dq)
+    resize.replace_input_with(1, dq.outputs[0])
+    with pytest.raises(UnsupportedByTarget) as err:
+        target.lower(model, tmp_path / "bad")
+    assert err.value.exit_code == 4
+    assert err.value.offenders == [("roi_DequantizeLinear", "QNN HTP cannot build its tensor roi_quantized "
+                                                            "(QNN error 7004) while composing the graph")]
+
+
+@needs_htp
 def test_htp_refusal_names_the_node(tmp_path, target):
     """A rank-6 Relu (HTP handles rank <= 5) fails at lowering with the nodes named: never a CPU fallback."""
     shape = [1, 1, 1, 1, 2, 2]
