@@ -139,7 +139,7 @@ def known_rank(*values: ir.Value | None) -> int | None:
 
 
 class NameAllocator:
-    """Hands out value names that no value in the model uses yet."""
+    """Hands out value names that no value in the model uses yet (:meth:`for_nodes`: node names)."""
 
     def __init__(self, graph: ir.Graph):
         self._used: set[str] = set()
@@ -148,6 +148,13 @@ class NameAllocator:
             self._used.update(g.initializers)
             for node in g:
                 self._used.update(v.name for v in node.outputs if v.name)
+
+    @classmethod
+    def for_nodes(cls, graph: ir.Graph) -> NameAllocator:
+        """An allocator of node names that no node in the model has yet."""
+        names = cls.__new__(cls)
+        names._used = {node.name for g in (graph, *graph.subgraphs()) for node in g if node.name}
+        return names
 
     def __call__(self, base: str) -> str:
         """A fresh name starting with ``base``."""

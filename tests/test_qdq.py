@@ -85,6 +85,34 @@ def test_activation_pair_is_written_once_per_tensor_and_spec():
     assert model.opset_imports[""] == WIDE_OPSET
 
 
+def test_a_second_writer_names_its_nodes_apart_from_the_first_writers():
+    """give_back widens one reader of a tensor whose 8-bit pair another reader keeps: its
+    writer is a second one on the graph, and its ``x_QuantizeLinear`` duplicated the node
+    name quantize's writer gave (ONNX Runtime: "two nodes with same node name"; ddddocr's
+    detector on qnn-htp under accuracy control)."""
+    model = model_from_text('''<ir_version: 8, opset_import: ["" : 13]>
+    g (float[2,6] x) => (float[2,6] y) {
+      a = Relu(x)
+      b = Sigmoid(x)
+      y = Add(a, b)
+    }''')
+    u8, u16 = QuantSpec("uint8", False, None), QuantSpec("uint16", False, None)
+    relu, sigmoid, _ = model.graph
+    first = QdqWriter(model.graph)
+    narrow = first.activation(model.graph.inputs[0], u8, -1.0, 1.0)
+    relu.replace_input_with(0, narrow)
+    sigmoid.replace_input_with(0, narrow)
+    model = first.finish(model)
+    second = QdqWriter(model.graph)
+    sigmoid.replace_input_with(0, second.activation(model.graph.inputs[0], u16, -1.0, 1.0))
+    model = second.finish(model)
+    names = [n.name for n in model.graph if n.name]
+    assert len(names) == len(set(names)) and "x_QuantizeLinear" in names, names
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 6)).astype(np.float32)
+    (y,) = ort_session(model).run(None, {"x": x})
+    np.testing.assert_allclose(y, np.maximum(x, 0) + 1 / (1 + np.exp(-x)), atol=2 / 255)  # an 8-bit step of [-1, 1]
+
+
 def test_weight_is_stored_quantized_with_its_error_and_sizes():
     """``DQ(Wq) − W`` is within half a quantization step of each output channel; the sizes are
     the float and the int8 arrays'."""

@@ -79,14 +79,14 @@ class QdqWriter:
 
     Args:
         graph: The graph written into.
-        node_names: Allocates node names; default: the value-name allocator (names unique
-            among values; pass one seeded with the node names for names unique among nodes).
+        node_names: Allocates node names; default: names no node of ``graph`` has (a second
+            writer on a graph, give_back's after quantize's, must not reuse the first's).
     """
 
     def __init__(self, graph: ir.Graph, node_names: Callable[[str], str] | None = None):
         self.graph = graph
         self.names = NameAllocator(graph)
-        self.node_names = node_names or self.names
+        self.node_names = node_names or NameAllocator.for_nodes(graph)
         self.nodes: list[ir.Node] = []
         self.written = 0
         self.wide = False

@@ -20,7 +20,9 @@ What HTP needs (the data in :mod:`.rules`, read by ``check``, ``quantize`` and `
 6. opset >= 21 whenever a 16-bit Q/DQ is present (``QuantizeLinear``-21 added 16-bit types;
    :mod:`compressor.quant.qdq` converts the model there when it writes one);
 7. every op inside a Q/DQ node unit (``DQ -> op -> Q``): a float op left between quantized
-   ones runs as an fp16 island or is refused on the device.
+   ones runs as an fp16 island or is refused on the device. The float constants the QNN EP
+   reads as op parameters (Resize's roi and scales, ``QdqRules.float_params``) stay float:
+   a DQ there fails to compose the QNN graph.
 
 Lowering writes the QDQ model (``model.onnx``), compiles it into a QNN context binary
 (ONNX Runtime EPContext model: ``model_ctx.onnx`` + ``model_ctx_qnn.bin``, the deployable
@@ -105,18 +107,22 @@ GAP_MIN_CALLS = 8
 GAP_RERUN = 16
 
 
-def float_compute_nodes(model: ir.Model) -> list[str]:
+def float_compute_nodes(model: ir.Model, rules: QdqRules = HTP_QDQ_RULES) -> list[str]:
     """Nodes that would run in floating point on HTP: a float input not read through a DQ.
 
     Q/DQ nodes themselves, and nodes whose float inputs are all DQ outputs, are quantized
-    node units; anything else becomes an fp16 island on the device.
+    node units; anything else becomes an fp16 island on the device. A float constant in
+    an input ``rules.float_params`` names (Resize's scales) is an op parameter, not data.
     """
     out = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or node.domain not in ("", "ai.onnx"):
             continue
-        for value in node.inputs:
+        params = rules.float_params.get(node.op_type, frozenset())
+        for index, value in enumerate(node.inputs):
             if value is None or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                continue
+            if index in params and value.const_value is not None and not value.is_graph_input():
                 continue
             producer = value.producer()
             if producer is None or producer.op_type != "DequantizeLinear":

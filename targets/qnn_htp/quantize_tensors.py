@@ -23,7 +23,8 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
    is), zero point 0; LayerNormalization's gamma gets ``QdqRules.norm_weight``;
 4. every other float constant a node reads (an Add's bias, a Mul's scale, an embedding
    table...) is quantized per tensor at the node's width over ``[min(c, 0), max(c, 0)]``,
-   so scalars are exact;
+   so scalars are exact; except the inputs ``QdqRules.float_params`` names (Resize's roi
+   and scales), which the QNN EP reads as op parameters and which stay float;
 5. 16-bit Q/DQ need opset 21: the Q/DQ writer (:mod:`compressor.quant.qdq`) converts the
    model when it writes one.
 
@@ -165,34 +166,20 @@ def _activations(graph: ir.Graph) -> list[ir.Value]:
     return out
 
 
-class _NodeNames:
-    """Node names unique among the graph's nodes (the value names are the writer's own)."""
-
-    def __init__(self, graph: ir.Graph):
-        self.taken = {n.name for n in graph if n.name}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
-
-
 class _Legalizer:
     """One run of the pass over a graph: the writer, the encodings given so far, the counts."""
 
     def __init__(self, graph: ir.Graph, rules: QdqRules, stats: dict[str, TensorStats],
                  opts: QuantizeTensorsOptions, quantizable: set[str]):
         self.graph, self.rules, self.stats, self.opts, self.quantizable = graph, rules, stats, opts, quantizable
-        self.writer = QdqWriter(graph, node_names=_NodeNames(graph))
+        self.writer = QdqWriter(graph)
         self.default_bits = 16 if opts.activations == "int16" else 8
         self.enc: dict[int, _Encoding] = {}
         self.converts: dict[tuple[int, int], _Encoding] = {}
         self.const_cache: dict[tuple[int, str], ir.Value] = {}
         self.kept: dict[str, str] = {}
         self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
-                       "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0}
+                       "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0}
 
     def spec(self, bits: int) -> QuantSpec:
         dtype = self.rules.activation.dtype
@@ -324,10 +311,14 @@ class _Legalizer:
             wide = any(_dtype_of(q).endswith("16") for out in node.outputs for q, _ in _activation_q_readers(out))
             bits = 16 if self.default_bits == 16 or wide else 8
         first_input: _Encoding | None = None
+        params = self.rules.float_params.get(node.op_type, frozenset())
         for index, value in enumerate(node.inputs):
             if value is None or not _is_float(value):
                 continue
             const = _const_array(value)
+            if const is not None and index in params:  # case 4: an op parameter, kept float
+                self.counts["params_kept_float"] += 1
+                continue
             if const is not None:  # cases 3-4
                 new = self.constant_input(node, index, value, const, self.spec(bits))
                 node.replace_input_with(index, new)
@@ -398,5 +389,6 @@ class QuantizeTensors(Pass):
         model = run.writer.finish(model)  # case 5: 16-bit Q/DQ convert the model to opset 21
         for why in run.kept.values():
             logger.info("%s: kept float: %s", self.name, why)
-        return PassResult(model, any(run.counts.values()),
+        changed = any(n for key, n in run.counts.items() if key != "params_kept_float")
+        return PassResult(model, changed,
                           {**run.counts, "kept_float": dict(sorted(run.kept.items()))})

@@ -68,6 +68,8 @@ class QdqRules:
         norm_weight: Spec of normalization scales (LayerNormalization's gamma).
         fixed_outputs: ``(op, dtype) -> (scale, zero point)`` of outputs HTP fixes.
         same_encoding: Ops whose output must carry their first input's encoding (data movement).
+        float_params: ``op -> input indices`` the QNN EP reads as op parameters, not tensors:
+            float constants that stay float (no Q/DQ) and make no fp16 island.
     """
 
     activation: QuantSpec = _ACT
@@ -75,6 +77,7 @@ class QdqRules:
     norm_weight: QuantSpec = QuantSpec("uint8", False)
     fixed_outputs: Mapping[tuple[str, str], tuple[float, int]] = dataclasses.field(default_factory=dict)
     same_encoding: frozenset[str] = frozenset()
+    float_params: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
 
 
 HTP_QDQ_RULES = QdqRules(
@@ -88,7 +91,15 @@ HTP_QDQ_RULES = QdqRules(
         "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "GlobalMaxPool", "Gather",
         "GatherElements", "GatherND", "Slice", "Split", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Identity",
         "ReduceMax", "ReduceMin", "Pad",
+        # Resize (nearest moves values, linear interpolates within the input's range): with
+        # another output encoding HTP fails to finalize a Resize read by a Conv
+        # (QNN_COMMON_ERROR_MEM_ALLOC, measured); ONNX Runtime's QNN quantizer shares it too.
+        "Resize",
     }),
+    # Resize's roi and scales become the QNN op's attributes (ONNX Runtime's QNN quantizer
+    # leaves them float too); a DequantizeLinear there, above all of an empty roi, fails
+    # to compose the QNN graph ("Failed to create tensor for node: roi_DequantizeLinear").
+    float_params={"Resize": frozenset({1, 2})},
 )
 
 #: Layers whose 8-bit kernels the x86 HTP emulator runs with pairwise int16 saturation on

@@ -126,6 +126,8 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
+#: What the QNN EP logs when it cannot build one node's tensor while composing the graph.
+_COMPOSE = re.compile(r"Failed to create tensor for node: (\S+) tensor_name: (\S+) error code: (\d+)")
 _REASON = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((\w+)\) :\n(.*?)\tREASON : ([^\n]*)", re.S)
 _NODE_LINE = re.compile(r"Operator type: (\w+) Node name: (\S*) Node index")
 
@@ -203,12 +205,29 @@ def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
         logger.debug("qnn-htp: compiling in a fresh process failed (%d): %s", child.returncode, child.stderr[-2000:])
         for made in set(ctx_path.parent.iterdir()) - before:
             made.unlink()
-        compile_here(model_path, ctx_path)  # raises the error, naming the refused nodes
+        try:
+            compile_here(model_path, ctx_path)  # raises the error, naming the refused nodes
+        except UnsupportedByTarget as err:
+            raise _named_from_log(err, child.stderr) from None
         logger.warning("qnn-htp: compiling the QNN context in a fresh process failed (%s); compiled in this "
                        "process instead, so the binary's internal ids depend on what this process compiled "
                        "before", (child.stderr.strip().splitlines() or ["no message"])[-1][:200])
     new = sorted(p for p in set(ctx_path.parent.iterdir()) - before if p != ctx_path)
     return [ctx_path, *new]
+
+
+def _named_from_log(err: UnsupportedByTarget, log: str) -> UnsupportedByTarget:
+    """``err`` with the nodes the QNN EP's log names where ``err`` names only the model.
+
+    A graph HTP cannot compose ("Failed to compose Qnn graph") is no partitioning refusal,
+    so :func:`refused_nodes` finds none; the EP logs the node whose tensor it could not build.
+    """
+    found = _COMPOSE.findall(log)
+    if not found or any(where != "model" for where, _ in err.offenders):
+        return err
+    offenders = [(node, f"QNN HTP cannot build its tensor {tensor} (QNN error {code}) while composing the "
+                        "graph") for node, tensor, code in dict.fromkeys(found)]
+    return UnsupportedByTarget("qnn-htp", offenders)
 
 
 def compile_here(model_path: Path, ctx_path: Path) -> None:

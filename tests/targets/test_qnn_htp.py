@@ -240,6 +240,58 @@ def test_legalize_rewrites_gathernd_and_clamps_mask_sentinels(tmp_path):
     assert np.abs(out - reference).max() < 0.01 and out[..., 3].max() < 1e-6  # the padded key stays masked
 
 
+def _upsampling_net() -> ir.Model:
+    """x[1,3,8,8] -> Conv -> Resize(nearest, x2; roi empty, scales constant) -> Conv: a YOLO-style FPN upsample."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "w1"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32) * 0.1, "b1"),
+        numpy_helper.from_array(np.zeros(0, np.float32), "roi"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32) * 0.3, "w2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c", "roi", "scales"], ["up"], name="upsample", mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Conv", ["up", "w2"], ["y"], name="conv2"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 16, 16])], inits, opset=13)
+
+
+def _legalized_upsampling(tmp_path: Path, target=None) -> ir.Model:
+    model = _upsampling_net()
+    ctx = PassContext(target=target or _Stub(), calibration=_Data.make(tmp_path, model),
+                      properties={"constants-folded"})
+    model = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+    result = build_pass("qnn-legalize", {"activations": "int8"}).run(model, ctx)
+    return result.model, result.stats
+
+
+def test_legalize_leaves_resize_roi_and_scales_float(tmp_path):
+    """Resize's roi and scales are op parameters the QNN EP reads as float constants: a DQ
+    there (an empty uint8 roi) made HTP fail to compose the graph (ddddocr's detector).
+    Resize shares its input's encoding, as HTP needs."""
+    model, stats = _legalized_upsampling(tmp_path)
+    assert stats["params_kept_float"] == 2
+    resize = next(n for n in model.graph if n.op_type == "Resize")
+    assert resize.inputs[0].producer().op_type == "DequantizeLinear"
+    for index, name in ((1, "roi"), (2, "scales")):
+        value = resize.inputs[index]
+        assert value.producer() is None and value.name == name and value.dtype == ir.DataType.FLOAT
+    np.testing.assert_array_equal(resize.inputs[2].const_value.numpy(), [1, 1, 2, 2])
+    # Its output carries its input's encoding: with another one HTP failed to finalize the
+    # Resize -> Conv (QNN_COMMON_ERROR_MEM_ALLOC).
+    conv2 = next(n for n in model.graph if n.name == "conv2")
+    assert _dq_params(conv2.inputs[0]) == _dq_params(resize.inputs[0])
+    assert float_compute_nodes(model) == []
+    x = np.random.default_rng(6).uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    ref = ort_session(_upsampling_net()).run(None, {"x": x})[0]
+    out = ort_session(model).run(None, {"x": x})[0]
+    assert float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.99
+
+
 def _normalized_log() -> ir.Model:
     """basic-pitch's ``normalized_log`` at opset 13: ``ReduceMin`` with an ``axes`` attribute, then a MatMul.
 
@@ -396,6 +448,50 @@ def test_report_measures_the_gap_on_the_samples_it_is_given(tmp_path, target):
     gap = target.report(fresh, samples=({"x": s} for s in x))["qnn_htp"]["simulation_vs_device"]
     assert gap["calls"] == 3 and gap["top1_agreement"] == 1.0
     assert not [k for k in vars(target) if k != "capabilities"]
+
+
+@needs_htp
+def test_resize_lowers_and_runs_wholly_on_htp(tmp_path, target):
+    """The upsampling net compiles for HTP (it failed with "Failed to compose Qnn graph", exit 4)
+    and runs there within a few output steps of the same QDQ model on ONNX Runtime CPU."""
+    model, _ = _legalized_upsampling(tmp_path, target=target)
+    files = target.lower(model, tmp_path / "out")
+    run = target.runner(files)
+    x = np.random.default_rng(8).uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    htp, cpu = run({"x": x})[0], ort_session(model).run(None, {"x": x})[0]
+    s_y = float(_dq_params(next(v for v in model.graph.outputs if v.name == "y"))[0])
+    conv2 = next(n for n in model.graph if n.name == "conv2")
+    s_up = float(_dq_params(conv2.inputs[0])[0])
+    w2 = conv2.inputs[1].producer()
+    l1 = float(np.abs(w2.inputs[0].const_value.numpy().reshape(2, -1) * w2.inputs[1].const_value.numpy()[:, None])
+               .sum(axis=1).max())
+    # Nearest resize moves quantized values exactly. conv1's output may be off by 1 LSB (plus
+    # the int16-saturating emulator's 11 LSB on a host without VNNI, rules.SATURATING_OPS),
+    # which conv2 carries at most its weights' L1 norm times; conv2 rounds to 1 LSB itself.
+    lsb = 1 if cpu_has_vnni() is not False else 1 + 11
+    assert np.abs(htp - cpu).max() <= l1 * lsb * s_up + (lsb + 1) * s_y + 1e-6
+    assert target.report(run)["qnn_htp"]["float_nodes"] == []
+
+
+@needs_htp
+def test_a_graph_htp_cannot_compose_names_the_node(tmp_path, target):
+    """The pattern qnn-legalize wrote before (a DQ on Resize's empty roi) fails to compose:
+    exit 4 naming that DQ and its tensor, not a bare "Failed to compose Qnn graph"."""
+    model, _ = _legalized_upsampling(tmp_path, target=target)
+    resize = next(n for n in model.graph if n.op_type == "Resize")
+    roi_q = ir.Value(name="roi_quantized", const_value=ir.tensor(np.zeros(0, np.uint8), name="roi_quantized"))
+    s = ir.Value(name="roi_scale", const_value=ir.tensor(np.float32(1 / 255), name="roi_scale"))
+    z = ir.Value(name="roi_zero_point", const_value=ir.tensor(np.uint8(0), name="roi_zero_point"))
+    for v in (roi_q, s, z):
+        model.graph.register_initializer(v)
+    dq = ir.node("DequantizeLinear", [roi_q, s, z], name="roi_DequantizeLinear")
+    model.graph.insert_before(resize, dq)
+    resize.replace_input_with(1, dq.outputs[0])
+    with pytest.raises(UnsupportedByTarget) as err:
+        target.lower(model, tmp_path / "bad")
+    assert err.value.exit_code == 4
+    assert err.value.offenders == [("roi_DequantizeLinear", "QNN HTP cannot build its tensor roi_quantized "
+                                                            "(QNN error 7004) while composing the graph")]
 
 
 @needs_htp
