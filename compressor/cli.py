@@ -391,6 +391,19 @@ def _cmd_search(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+#: What a shell reports for a writer killed by SIGPIPE (128 + 13); Python raises instead.
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # stdout without a file descriptor (tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``compress``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -418,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `compress recipes | head`: the reader left; not an error of ours
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as err:  # an unexpected internal error: still one line unless -v
         print(f"error: internal error ({type(err).__name__}: {err}); rerun with -v for the traceback and "
               "please report it", file=sys.stderr)

@@ -5,6 +5,7 @@ Each failure asserts the exit code, a one-line message, and that no output folde
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -16,6 +17,7 @@ import onnx
 import pytest
 import torch
 
+from compressor.cli import main
 from tests.cliutil import error_line, raise_on_constant, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,3 +406,15 @@ def test_string_labels_are_refused(tmp_path, capsys):
 ])
 def test_bad_output_flags_are_exit_2_before_any_work(flag, value, message, tmp_path, capsys, no_capture):
     fail([MODEL, "--recipe", "fold", flag, value, "-o", tmp_path / "out"], capsys, 2, message, tmp_path / "out")
+
+
+def test_a_reader_that_leaves_is_not_an_internal_error(monkeypatch, capsys):
+    """``compress recipes | head -1``: the pipe closes under us; exit 141 as a shell's SIGPIPE, no 'internal error'."""
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["recipes"]) == 141
+    assert "internal error" not in capsys.readouterr().err
