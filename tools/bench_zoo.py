@@ -338,11 +338,11 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) 
         if row["artifact"] and ref is not None:
             try:
                 run = artifact_runner(system, target, row["artifact"])
+                feed = _feeds(zm.path(), folder, "eval")[0]
                 if "state_dict" in system:  # forward(x): the data's input name maps to x
-                    run = _Renamed(run, {next(iter(_feeds(zm.path(), folder, "eval")[0])): "x"})
+                    run = _Renamed(run, {next(iter(feed)): "x"})
                 scores = _score(zm, run, folder, ref)
                 row["metrics"] = {"fp32": _metrics(ref, zm.headline), "int8": _metrics(scores, zm.headline)}
-                feed = _feeds(zm.path(), folder, "eval")[0]
                 ms = time_runners({"fp32": ref_run, "int8": run}, feed, ROUNDS[target])
                 row["ms"] = ms
             except Exception as err:  # noqa: BLE001  (an artifact that does not run is a result)
