@@ -59,7 +59,7 @@ def _compressed(model_path: Path, recipe: str, work: Path, calib: Path, evald: P
 
 def bench(name: str, model_path: Path, recipes: dict[str, str], calib: Path, evald: Path, feed: dict[str, np.ndarray],
           out: Path, inputs: list[str]) -> list[dict]:
-    from compressor.targets.tensorrt.engine import TensorRtRunner
+    from compressor.targets.tensorrt.runtime import TensorRtRunner
 
     engines = {"fp16": _fp16_engine(model_path, out / name / "fp16", inputs)}
     for tag, recipe in recipes.items():

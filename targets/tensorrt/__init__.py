@@ -2,8 +2,9 @@
 
 Three parts: the capabilities here (signed symmetric Q/DQ, per-channel weights, residual
 Adds; :mod:`.qdq` states the six placement rules TensorRT's int8 fusions need
-and checks them on the CPU), the engine build and runners (:mod:`.engine`), and
-:class:`TensorRtTarget`, which ties them together.
+and checks them on the CPU), the engine build (:mod:`.engine`, reading what TensorRT says with
+:mod:`.engine_log`), the runners (:mod:`.runtime`), and :class:`TensorRtTarget`, which ties
+them together.
 
 2:4 sparse weights (``sparsify-nm``) stay in place through quantization (zeros quantize to
 0); when the lowered model's weights follow the 2:4 pattern along the input channels the
@@ -33,17 +34,10 @@ from compressor.targets.base import (
     Target,
     check_capabilities,
 )
-from compressor.targets.tensorrt.engine import (
-    BuildSettings,
-    QdqReferenceRunner,
-    TensorRtRunner,
-    build_engine,
-    capturing_logger,
-    parser_offenders,
-    qdq_precision,
-    tensorrt_status,
-)
+from compressor.targets.tensorrt.engine import BuildSettings, build_engine, qdq_precision, tensorrt_status
+from compressor.targets.tensorrt.engine_log import capturing_logger, parser_offenders
 from compressor.targets.tensorrt.qdq import check_qdq_placement, nm_sparse_layers
+from compressor.targets.tensorrt.runtime import QdqReferenceRunner, TensorRtRunner
 
 from compressor.errors import CompressorError
 from compressor.model_io import save_model

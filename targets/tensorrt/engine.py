@@ -1,4 +1,4 @@
-"""TensorRT engine build and runners (the ``tensorrt`` target's GPU half).
+"""TensorRT engine build (the ``tensorrt`` target's GPU half).
 
 Engine build (:func:`build_engine`, GPU and the ``tensorrt`` package only): ONNX parser
 (its errors name the ONNX node), builder config with INT8 (+FP16 for the layers left
@@ -9,30 +9,34 @@ verbosity so the engine inspector reports per layer whether it picked an int8 an
 sparse kernel (``build_log.json``). The artifact holds ``model.engine``, the QDQ
 ``model.onnx`` and ``build_log.json``.
 
-The helpers (settings, profiles, parser/builder message mapping, inspector summaries) are
-pure Python and unit-tested without TensorRT; :func:`build_engine` and
-:class:`TensorRtRunner` need a CUDA device and the ``tensorrt`` package.
+The helpers (settings, profiles, the timing cache's place) are pure Python and unit-tested
+without TensorRT; :func:`build_engine` needs a CUDA device and the ``tensorrt`` package.
+What TensorRT's logger, parser, builder and inspector say is read in :mod:`.engine_log`;
+the runners are in :mod:`.runtime` (both re-exported here, where older code imports them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
-import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
-from compressor.targets.base import Runner
+from compressor.targets.tensorrt.engine_log import (
+    builder_offenders,
+    capturing_logger,
+    parser_offenders,
+    summarize_engine_layers,
+)
 from compressor.targets.tensorrt.qdq import _QDQ, nm_sparse_layers
+from compressor.targets.tensorrt.runtime import QdqReferenceRunner, TensorRtRunner
 
-from compressor.errors import CompressorError, DataError, UnsupportedByTarget
+from compressor.errors import CompressorError, UnsupportedByTarget
 from compressor.inputs import InputSpec, model_input_specs
 
 __all__ = [
@@ -122,97 +126,6 @@ def profile_shapes(specs: Sequence[InputSpec], settings: BuildSettings = BuildSe
     return shapes
 
 
-def parser_offenders(errors: Sequence[Any], node_names: Sequence[str], node_ops: Sequence[str] = ()
-                     ) -> list[tuple[str, str]]:
-    """``(ONNX node, reason)`` from TensorRT ONNX parser errors (``parser.get_error(i)``).
-
-    Uses the error's ``node_name()``/``node_operator()`` where the TensorRT version has them,
-    else its ``node()`` index into the graph's node list.
-    """
-    out = []
-    for err in errors:
-        name = _call(err, "node_name") or ""
-        op = _call(err, "node_operator") or ""
-        index = _call(err, "node")
-        if not name and isinstance(index, int) and 0 <= index < len(node_names):
-            name = node_names[index]
-            op = op or (node_ops[index] if index < len(node_ops) else "")
-        desc = str(_call(err, "desc") or err).strip()
-        label = name or (f"node #{index}" if isinstance(index, int) and index >= 0 else "model")
-        out.append((label, f"TensorRT's ONNX parser: {op + ': ' if op else ''}{desc}"))
-    return out
-
-
-def _call(obj: Any, attr: str) -> Any:
-    fn = getattr(obj, attr, None)
-    try:
-        return fn() if callable(fn) else fn
-    except Exception:  # an accessor this TensorRT version does not implement
-        return None
-
-
-def builder_offenders(messages: Sequence[str], node_names: Sequence[str]) -> list[tuple[str, str]]:
-    """``(ONNX node, reason)`` from the builder's error log: each message naming a node is given to it.
-
-    TensorRT names layers after the ONNX nodes they come from (``/layer1/conv/Conv``,
-    often with a suffix); the longest node name found in a message wins.
-    """
-    names = sorted((n for n in node_names if n), key=len, reverse=True)
-    out = []
-    for message in messages:
-        text = message.strip()
-        hit = next((n for n in names if n in text), None)
-        out.append((hit or "model", f"TensorRT builder: {text[:400]}"))
-    return out or [("model", "TensorRT builder returned no engine and logged no error")]
-
-
-_SPARSE_PICKED = re.compile(r"picks sparse implementation for layers?:?\s*(.*)", re.I)
-_COMPUTE_LAYER = re.compile(r"conv|gemm|matmul|matrixmultiply|fullyconnected|deconv", re.I)
-
-
-def summarize_engine_layers(info: str | Mapping[str, Any], log: Sequence[str] = ()) -> dict[str, Any]:
-    """Per engine layer: type, tactic, whether it picked an int8 and a sparse kernel.
-
-    Args:
-        info: ``inspector.get_engine_information(LayerInformationFormat.JSON)`` (built
-            with ``ProfilingVerbosity.DETAILED``).
-        log: The builder's log lines; ``(Sparsity) TRT inference plan picks sparse
-            implementation for layers: a, b`` names the layers given sparse kernels.
-    """
-    data = json.loads(info) if isinstance(info, str) else dict(info)
-    sparse_named: set[str] = set()
-    for line in log:
-        match = _SPARSE_PICKED.search(line)
-        if match:
-            sparse_named.update(n.strip() for n in match.group(1).split(",") if n.strip())
-    layers = []
-    for layer in data.get("Layers", []):
-        if isinstance(layer, str):  # LAYER_NAMES_ONLY verbosity
-            layer = {"Name": layer}
-        name = str(layer.get("Name", ""))
-        kind = str(layer.get("LayerType", layer.get("ParameterType", "")))
-        tactic = str(layer.get("TacticName", layer.get("Tactic", "")))
-        formats = " ".join(str(t.get("Format/Datatype", "")) for t in (*layer.get("Inputs", []),
-                                                                        *layer.get("Outputs", []))
-                           if isinstance(t, Mapping))
-        int8 = "int8" in formats.lower() or bool(re.search(r"i8i8|int8", tactic, re.I))
-        fp8 = "fp8" in formats.lower() or "e4m3" in tactic.lower()
-        sparse = "sparse" in tactic.lower() or name in sparse_named
-        layers.append({"name": name, "type": kind, "tactic": tactic, "int8": int8, "fp8": fp8, "sparse": sparse,
-                       "compute": bool(_COMPUTE_LAYER.search(kind + " " + str(layer.get("ParameterType", ""))))})
-    compute = [layer for layer in layers if layer["compute"]]
-    return {
-        "layers": len(layers),
-        "compute_layers": len(compute),
-        "int8": sum(layer["int8"] for layer in compute),
-        "fp8": sum(layer["fp8"] for layer in compute),
-        "sparse": sum(layer["sparse"] for layer in layers),
-        "float_compute_layers": [layer["name"] for layer in compute if not (layer["int8"] or layer["fp8"])],
-        "sparse_layers": sorted({layer["name"] for layer in layers if layer["sparse"]} | sparse_named),
-        "per_layer": layers,
-    }
-
-
 def timing_cache_path(settings: BuildSettings = BuildSettings()) -> Path:
     """Where the timing cache persists: ``settings.timing_cache``, ``$COMPRESSOR_TRT_TIMING_CACHE``,
     else ``~/.cache/compressor/tensorrt.timing-cache``."""
@@ -236,7 +149,7 @@ def qdq_precision(model: ir.Model) -> str | None:
 
 
 # --------------------------------------------------------------------------------------
-# Engine build and runner (GPU + tensorrt only)
+# Engine build (GPU + tensorrt only)
 
 
 @dataclasses.dataclass
@@ -250,23 +163,6 @@ class EngineBuild:
     log: list[str]
     build_s: float
     timing_cache: str
-
-
-def capturing_logger(trt: Any, lines: list[str], errors: list[str]) -> Any:
-    """A ``trt.ILogger`` keeping INFO-and-worse messages in ``lines``, errors also in ``errors``."""
-    class _Recorder(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)  # INTERNAL_ERROR=0 < ERROR < WARNING < INFO < VERBOSE
-            if level <= int(trt.ILogger.Severity.INFO):
-                lines.append(f"[{getattr(severity, 'name', level)}] {msg}")
-            if level <= int(trt.ILogger.Severity.ERROR):
-                errors.append(msg)
-                logger.debug("tensorrt: %s", msg)
-
-    return _Recorder()
 
 
 def build_engine(model: ir.Model, onnx_path: Path, engine_path: Path, *, settings: BuildSettings = BuildSettings(),
@@ -333,111 +229,3 @@ def build_engine(model: ir.Model, onnx_path: Path, engine_path: Path, *, setting
     layers["eligible_sparse_onnx_layers"] = sparse_layers
     return EngineBuild(engine_path, flags, {k: [list(s) for s in v] for k, v in shapes.items()}, layers, lines,
                        round(build_s, 3), str(cache_path))
-
-
-class TensorRtRunner(Runner):
-    """Runs a serialized engine with torch CUDA tensors as buffers (one execution context).
-
-    Args:
-        engine_path: The serialized engine.
-        build_log: What the lowering recorded of the build (``build_log.json``), for the report.
-    """
-
-    def __init__(self, engine_path: Path, build_log: Mapping[str, Any] | None = None):
-        import tensorrt as trt
-        import torch
-
-        self._trt, self._torch = trt, torch
-        self.path = engine_path
-        self.build_log = dict(build_log or {})
-        lines: list[str] = []
-        self._logger = capturing_logger(trt, lines, [])
-        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise CompressorError(f"tensorrt: cannot deserialize {engine_path} ({'; '.join(lines[-3:])})")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if n not in self.input_names]
-        self.stream = torch.cuda.Stream()
-
-    def _torch_dtype(self, name: str) -> Any:
-        np_dtype = np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
-        return self._torch.from_numpy(np.zeros(0, np_dtype)).dtype
-
-    def _bind(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
-        torch = self._torch
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise DataError(f"no data for engine input(s) {', '.join(missing)}; inputs: {', '.join(self.input_names)}")
-        keep = []
-        for name in self.input_names:
-            array = np.asarray(feeds[name], order="C")
-            tensor = torch.from_numpy(array).to("cuda", dtype=self._torch_dtype(name), non_blocking=False)
-            if not self.context.set_input_shape(name, tuple(array.shape)):
-                lo, opt, hi = self.engine.get_tensor_profile_shape(name, 0)
-                raise DataError(f"tensorrt: input {name} of shape {array.shape} is outside the engine's profile "
-                                f"(min {tuple(lo)}, max {tuple(hi)}); rebuild with other BuildSettings")
-            self.context.set_tensor_address(name, tensor.data_ptr())
-            keep.append(tensor)
-        outs = []
-        for name in self.output_names:
-            tensor = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._torch_dtype(name),
-                                 device="cuda")
-            self.context.set_tensor_address(name, tensor.data_ptr())
-            outs.append(tensor)
-        return keep + outs
-
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        buffers = self._bind(feeds)
-        with self._torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise CompressorError(f"tensorrt: execution of {self.path.name} failed")
-        self.stream.synchronize()
-        return [t.cpu().numpy() for t in buffers[len(self.input_names):]]
-
-    def device_latency_ms(self, feeds: Mapping[str, np.ndarray], repeats: int = 50, warmup: int = 10) -> float:
-        """Median GPU time of one execution (CUDA events; inputs already on the device)."""
-        torch = self._torch
-        buffers = self._bind(feeds)  # kept alive: the context holds their addresses during the loop
-        times = []
-        for i in range(warmup + repeats):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(self.stream)
-            self.context.execute_async_v3(self.stream.cuda_stream)
-            stop.record(self.stream)
-            stop.synchronize()
-            if i >= warmup:
-                times.append(start.elapsed_time(stop))
-        del buffers
-        return float(np.median(times))
-
-
-class QdqReferenceRunner(Runner):
-    """The QDQ ONNX on ONNX Runtime CPU with Q/DQ executed as written (no host int8 kernels).
-
-    Graph optimizations stop at the basic level: ONNX Runtime's QDQ fusions (extended
-    level) would swap in the host CPU's int8 kernels, whose arithmetic is not TensorRT's
-    (and saturates on x86 without VNNI); executed as written, ``DQ(Q(x))`` then float
-    Conv/MatMul is what TensorRT's int8 kernels compute, up to float rounding.
-
-    Args:
-        path: The QDQ ONNX model.
-        build_log: What the lowering recorded (``build_log.json``), for the report.
-    """
-
-    def __init__(self, path: Path, build_log: Mapping[str, Any] | None = None):
-        import onnxruntime as ort
-
-        self.build_log = dict(build_log or {})
-        ort.set_default_logger_severity(3)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        self.path = path
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
