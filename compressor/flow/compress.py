@@ -5,17 +5,21 @@ from compressor.flow.compress import compress
 result = compress("model.pt2", recipe="int8", target="openvino", calib="c.npz",
                   eval_data="e.npz", outdir="out/", max_drop=0.01)
 ```
+
+This module runs the stages in order; the pieces it calls own their concern:
+:mod:`compressor.flow.calib_eval` (which samples calibrate and which evaluate),
+:mod:`compressor.flow.precision_fallback` (the float precision pinned when the device's
+default breaks the budget), :mod:`compressor.flow.accuracy` (giving layers back) and
+:mod:`compressor.flow.manifest` (latency, the gate and the record ``manifest.json`` holds).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +27,11 @@ import onnx_ir as ir
 
 from compressor import __version__
 from compressor.capture import capture
-from compressor.data import Dataset, RawData, example_inputs, random_dataset, read_npz
+from compressor.data import RawData, example_inputs, read_npz
 from compressor.errors import (
     CompressorError,
     DataError,
     UnsupportedByTarget,
-    UsageError,
     first_line,
 )
 from compressor.executor import Executor
@@ -39,15 +42,12 @@ from compressor.flow.accuracy import (
     given_back_stats,
     ranking_fields,
 )
-from compressor.flow.artifact import ArtifactWriter, check_destination, file_entries
-from compressor.flow.evaluation import (
-    Evaluation,
-    collect_outputs,
-    compare,
-    measure_latency,
-)
+from compressor.flow.artifact import ArtifactWriter, check_destination
+from compressor.flow.calib_eval import RunData, check_data_needs, choose_sets
+from compressor.flow.evaluation import Evaluation, collect_outputs, compare
+from compressor.flow.manifest import build_manifest, gate_record, latency_record, package_versions
+from compressor.flow.precision_fallback import try_precision_fallback
 from compressor.inputs import (
-    InputSpec,
     check_tensor_io,
     model_input_specs,
     parse_input_overrides,
@@ -64,13 +64,6 @@ __all__ = ["compress", "CompressResult", "Progress", "package_versions"]
 
 logger = logging.getLogger(__name__)
 
-#: ``evaluation.source`` when no --calib/--eval data was given.
-UNVERIFIED = "random (unverified)"
-#: ``gate.reason`` then: the gate is not evaluated (recipe budget) or fails (explicit --max-drop).
-UNVERIFIED_GATE = "accuracy unverified: no --calib or --eval data (random inputs say nothing about accuracy)"
-
-RANDOM_SAMPLES = 32
-
 
 @dataclasses.dataclass
 class CompressResult:
@@ -83,57 +76,6 @@ class CompressResult:
     gate_passed: bool | None
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape the artifact."""
-    out = {"python": platform.python_version(), "compressor": __version__}
-    for name in ("onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "torch", "openvino", "transformers"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _pick_eval(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None,
-               specs: list[InputSpec]) -> tuple[Dataset | None, Dataset, str]:
-    """Decide the calibration and evaluation sets (see DESIGN: Data the CLI takes)."""
-    if eval_data is not None:
-        return calib, eval_data, "eval file"
-    if calib is not None and len(calib) >= 2:
-        held = max(1, int(round(len(calib) * recipe.calibration.holdout)))
-        held = min(held, len(calib) - 1)
-        logger.warning("no --eval given: evaluating on the last %d of %d calibration samples (held out from "
-                       "calibration)", held, len(calib))
-        return calib.subset(0, len(calib) - held), calib.subset(len(calib) - held, len(calib)), "calibration holdout"
-    logger.warning("NO DATA GIVEN: calibrating and evaluating on random inputs; the accuracy figures are NOT "
-                   "verified. Pass --calib and --eval with real samples.")
-    rand = random_dataset(specs, RANDOM_SAMPLES, recipe.calibration.seed)
-    return (calib if calib is not None else rand), rand, UNVERIFIED
-
-
-def _bytes_under(folder: Path) -> int:
-    """Total size of the files the target wrote for the baseline (what the artifact's files compare to)."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def _check_data_needs(recipe: Recipe, passes: list[Any], calib: RawData | None, eval_data: RawData | None) -> None:
-    """Refuse, before any long work, a recipe that calibrates when only --eval data is given.
-
-    With no data at all the flow calibrates on random inputs (loudly, accuracy unverified);
-    with evaluation data but no calibration data that would quietly calibrate on noise.
-
-    Raises:
-        UsageError: names the pass that needs calibration data.
-    """
-    if calib is not None or eval_data is None:
-        return
-    needing = [p.name for p in passes if getattr(p, "needs_calibration", False)]
-    if needing:
-        raise UsageError(f"pass {needing[0]!r} of recipe {recipe.name!r} needs calibration data, and only --eval "
-                         "was given: pass --calib X.npz with samples like those the model sees in use (other "
-                         "than the --eval samples, or the accuracy figures are optimistic)")
-
-
 def _drop_source(reports: list[PassReport], budget: float, last: PassReport | None) -> PassReport | None:
     """The first lossy pass before the ``last`` whose own measured drop already exceeds ``budget``.
 
@@ -143,46 +85,67 @@ def _drop_source(reports: list[PassReport], budget: float, last: PassReport | No
                  and r.accuracy_drop > budget + 1e-12), None)
 
 
-def _precision_fallback(tgt: Any, model: ir.Model, outdir: Path, files: list[Path], run: Any,
-                        score: Callable[..., Evaluation], first: Evaluation,
-                        budget: float) -> tuple[list[Path], Any, Evaluation, dict[str, Any] | None, str | None]:
-    """Pin the target's fallback float precision in the artifact when the one it was evaluated in breaks the budget.
+@dataclasses.dataclass
+class _Checked:
+    """What the checks before any long work established."""
 
-    The artifact is evaluated as it will run: in the device's default float precision (bf16
-    on CPUs with AVX512-BF16). Over budget there, it is lowered again with the target's
-    :meth:`precision_fallback` (f32) pinned and evaluated; the pin is kept when it lowers
-    the drop (then either the budget holds, or accuracy control goes on from the pinned
-    artifact, whose float layers no longer add their rounding to the drop), else undone.
-    The pin is data the caller passes on (:meth:`Target.lower_pinned` for every later
-    lowering, accuracy control's candidates included), never state left on the target.
+    recipe: Recipe
+    tgt: Any
+    passes: list[Any]
+    overrides: dict[str, Any]
+    raw_calib: RawData | None
+    raw_eval: RawData | None
+    raw_train: RawData | None
 
-    Returns:
-        The artifact's files, its runner, its evaluation, what was tried (``None``: nothing)
-        and the precision pinned in the artifact (``None``: none).
+
+def _check_before_work(model_path: Path, outdir: Path, recipe: str | Path | Recipe, target: str,
+                       inputs: Sequence[str], calib: str | Path | None, eval_data: str | Path | None,
+                       max_drop: float | None, train: str | Path | None) -> _Checked:
+    """Everything that can be checked without the model: the output folder, the recipe, the budget, the data files.
+
+    Raises:
+        CompressorError: bad input (2), named, before the model is captured.
     """
-    fallback = tgt.precision_fallback()
-    if fallback is None or first.drop <= budget + 1e-12:
-        return files, run, first, None, None
-    evaluated_in = getattr(run, "inference_precision", None)
-    for old in files:
-        old.unlink()
-    files = tgt.lower_pinned(model, outdir, fallback)
-    pinned_run = tgt.runner(files)
-    pinned = score(pinned_run, f"evaluate ({fallback})")
-    kept = pinned.drop < first.drop
-    record = {"evaluated_in": evaluated_in, "drop": first.drop, "fallback": fallback, "fallback_drop": pinned.drop,
-              "pinned": kept, "budget_holds": bool(pinned.drop <= budget + 1e-12)}
-    if kept:
-        logger.warning("accuracy drop %.6f in the device's default float precision (%s) > max_drop %g; %s holds "
-                       "%.6f%s: pinned %s in the artifact", first.drop, evaluated_in, budget, fallback, pinned.drop,
-                       "" if record["budget_holds"] else " (still over: accuracy control goes on from it)", fallback)
-        return files, pinned_run, pinned, record, fallback
-    logger.warning("accuracy drop %.6f in %s, %.6f with %s pinned: not pinned", first.drop, evaluated_in,
-                   pinned.drop, fallback)
-    for old in files:
-        old.unlink()
-    files = tgt.lower(model, outdir)
-    return files, tgt.runner(files), first, record, None
+    check_destination(outdir)
+    recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe_obj = recipe_obj.with_overrides(max_drop=max_drop)
+    tgt = get_target(target)
+    # One recipe on every target: the target's own passes after quantization (qnn-htp's
+    # legalization) are appended here, and the manifest's recipe names them.
+    recipe_obj = recipe_obj.for_target(tgt)
+    for step in recipe_obj.target_steps:
+        logger.info("target %s completes recipe %r: %s %s appended after quantization (recipe.target_passes in "
+                    "the manifest)", tgt.name, recipe_obj.name, step.name, dict(step.options))
+    passes = recipe_obj.build_passes()
+    overrides = parse_input_overrides(inputs)
+    raw_calib = read_npz(calib, what="calib") if calib else None
+    raw_eval = read_npz(eval_data, what="eval") if eval_data else None
+    check_data_needs(recipe_obj, passes, raw_calib, raw_eval)
+    raw_train = read_npz(train, what="train") if train else None
+    if recipe_obj.recover is not None:
+        raw_train = check_recover_inputs(recipe_obj, model_path, raw_train, raw_calib)
+    elif raw_train is not None:
+        logger.warning("--train is used by a recipe with a 'recover:' section; recipe %r has none, so %s is not used",
+                       recipe_obj.name, train)
+    return _Checked(recipe_obj, tgt, passes, overrides, raw_calib, raw_eval, raw_train)
+
+
+def _baseline_outputs(tgt: Any, run_baseline: Any, data: RunData, progress: Progress, batches: int) -> list[Any]:
+    """The fp32 model's outputs on the evaluation data, in the target's backend.
+
+    Raises:
+        DataError: the original model fails there (the data, not a pass, is at fault).
+    """
+    with progress("baseline", batches) as bar:
+        try:
+            return collect_outputs(run_baseline, data.eval, progress=bar.update)
+        except CompressorError:
+            raise
+        except Exception as err:  # the backend's own error types; the original model, not a pass, failed
+            raise DataError(f"the original model fails in {tgt.name} on the {data.source} data "
+                            f"({data.eval.source}): {first_line(err)}; check that the data is valid input "
+                            "for the model (shapes, dtypes, value ranges) and that the model runs there "
+                            "as it is") from None
 
 
 def compress(
@@ -224,27 +187,9 @@ def compress(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     outdir = Path(outdir)
-    check_destination(outdir)
-    recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    recipe_obj = recipe_obj.with_overrides(max_drop=max_drop)
-    tgt = get_target(target)
-    # One recipe on every target: the target's own passes after quantization (qnn-htp's
-    # legalization) are appended here, and the manifest's recipe names them.
-    recipe_obj = recipe_obj.for_target(tgt)
-    for step in recipe_obj.target_steps:
-        logger.info("target %s completes recipe %r: %s %s appended after quantization (recipe.target_passes in "
-                    "the manifest)", tgt.name, recipe_obj.name, step.name, dict(step.options))
-    passes = recipe_obj.build_passes()
-    overrides = parse_input_overrides(inputs)
-    raw_calib = read_npz(calib, what="calib") if calib else None
-    raw_eval = read_npz(eval_data, what="eval") if eval_data else None
-    _check_data_needs(recipe_obj, passes, raw_calib, raw_eval)
-    raw_train = read_npz(train, what="train") if train else None
-    if recipe_obj.recover is not None:
-        raw_train = check_recover_inputs(recipe_obj, Path(model_path), raw_train, raw_calib)
-    elif raw_train is not None:
-        logger.warning("--train is used by a recipe with a 'recover:' section; recipe %r has none, so %s is not used",
-                       recipe_obj.name, train)
+    checked = _check_before_work(Path(model_path), outdir, recipe, target, inputs, calib, eval_data, max_drop, train)
+    recipe_obj, tgt, passes, overrides = checked.recipe, checked.tgt, checked.passes, checked.overrides
+    raw_calib, raw_eval = checked.raw_calib, checked.raw_eval
 
     t = time.perf_counter()
     with progress("capture", 1, "model") as bar:
@@ -267,13 +212,8 @@ def compress(
     if offenders:
         raise UnsupportedByTarget(tgt.name, offenders)
 
-    calib_set, eval_set, eval_source = _pick_eval(recipe_obj, calib_set, eval_set, specs)
-    held = " (split from --calib for evaluation; pass --eval with its own samples)" \
-        if eval_source == "calibration holdout" else ""
-    if calib_set is not None:
-        calib_set.check_batches(f"calibration data{held}")
-    eval_set.check_batches(f"evaluation data{held}")
-    verified = eval_source != UNVERIFIED
+    data = choose_sets(recipe_obj, calib_set, eval_set, specs)
+    calib_set, eval_set, verified = data.calib, data.eval, data.verified
     # The checked model is the baseline (never changed: a target may reuse what its check
     # prepared to lower it); the passes work on a copy. It stays the dense original when the
     # recovery stage fine-tunes the module.
@@ -281,7 +221,7 @@ def compress(
     recovery = None
     if recipe_obj.recover is not None:
         t = time.perf_counter()
-        recovery = recover_stage(Path(model_path), recipe_obj, captured, raw_train, calib_set, target=tgt,
+        recovery = recover_stage(Path(model_path), recipe_obj, captured, checked.raw_train, calib_set, target=tgt,
                                  overrides=overrides, example_inputs=example_inputs(raw_calib, raw_eval),
                                  load={"trust_pickle": trust_pickle, "imports": tuple(imports),
                                        "model_class": model_class, "model_kwargs": model_kwargs}, progress=progress)
@@ -295,16 +235,7 @@ def compress(
         work_dir = Path(work)
         run_baseline = tgt.reference_runner(baseline, work_dir / "baseline")
         t = time.perf_counter()
-        with progress("baseline", batches) as bar:
-            try:
-                ref = collect_outputs(run_baseline, eval_set, progress=bar.update)
-            except CompressorError:
-                raise
-            except Exception as err:  # the backend's own error types; the original model, not a pass, failed
-                raise DataError(f"the original model fails in {tgt.name} on the {eval_source} data "
-                                f"({eval_set.source}): {first_line(err)}; check that the data is valid input "
-                                "for the model (shapes, dtypes, value ranges) and that the model runs there "
-                                "as it is") from None
+        ref = _baseline_outputs(tgt, run_baseline, data, progress, batches)
         timings["baseline_s"] = time.perf_counter() - t
 
         seen: dict[str, list[Any]] = {}  # the outputs last scored (accuracy control picks its ranking samples)
@@ -361,7 +292,7 @@ def compress(
             last_lossy.accuracy_drop = evaluation.drop
         precision_fallback, pin = None, None
         if verified and budget is not None:
-            files, run_compressed, evaluation, precision_fallback, pin = _precision_fallback(
+            files, run_compressed, evaluation, precision_fallback, pin = try_precision_fallback(
                 tgt, result.model, writer.path, files, run_compressed, score, evaluation, budget)
             if last_lossy is not None and last_lossy.modified:
                 last_lossy.accuracy_drop = evaluation.drop
@@ -400,56 +331,16 @@ def compress(
                 old.unlink()
             files = tgt.lower_pinned(result.model, writer.path, pin)
             run_compressed = tgt.runner(files)
-        feed = next(eval_set.batches())
-        # Against the fp32 baseline in f32 and in the device's default precision (the gain
-        # a user on a bf16 CPU sees); the same run where the device's default is f32.
-        run_device = tgt.device_reference_runner(baseline, work_dir / "baseline-device")
-        baseline_ms = measure_latency(run_baseline, feed, repeats=latency_runs)
-        latency = {
-            "baseline_ms": baseline_ms,
-            "baseline_device_ms": baseline_ms if run_device is None else
-            measure_latency(run_device, feed, repeats=latency_runs),
-            "compressed_ms": measure_latency(run_compressed, feed, repeats=latency_runs),
-            "batch": int(next(iter(feed.values())).shape[0]) if not all(eval_set.stacked.values()) else 1,
-            "baseline_precision": getattr(run_baseline, "inference_precision", None),
-            "device_precision": getattr(run_device or run_baseline, "inference_precision", None),
-            "compressed_precision": getattr(run_compressed, "inference_precision", None),
-        }
-        if budget is None:
-            gate = {"max_drop": None, "passed": None}
-        elif verified:
-            gate = {"max_drop": budget, "passed": bool(evaluation.drop <= budget + 1e-12)}
-            if cause is not None:
-                gate["reason"] = (f"the drop comes from {cause.name} (drop {cause.accuracy_drop:.6f} right after it), "
-                                  "not quantization")
-        else:
-            gate = {"max_drop": budget, "passed": False if max_drop is not None else None, "reason": UNVERIFIED_GATE}
+        latency = latency_record(tgt, baseline, run_baseline, run_compressed, eval_set, work_dir, latency_runs)
+        gate = gate_record(budget, verified, evaluation, cause, explicit=max_drop is not None)
         gate_passed = gate["passed"]
         timings["total_s"] = time.perf_counter() - started
-        manifest = {
-            "compressor": __version__,
-            "model": {"source": str(model_path), "format": captured.source_format,
-                      "baseline_bytes": _bytes_under(work_dir / "baseline"), **captured.describe()},
-            "recipe": recipe_obj.to_json(),
-            "target": tgt.describe(),
-            "input_spec": [s.to_json() for s in specs],
-            "files": file_entries(writer.path, files),
-            "passes": [r.to_json() for r in reports],
-            "calibration": None if calib_set is None else
-            {"source": calib_set.source, "sha256": calib_set.sha256, "samples": len(calib_set)},
-            "evaluation": {"source": eval_source, "data": eval_set.source, "sha256": eval_set.sha256,
-                           "samples": evaluation.samples, "metric": evaluation.metric,
-                           "verified": verified},
-            "metrics": {"baseline": evaluation.baseline, "compressed": evaluation.compressed},
-            "accuracy_drop": evaluation.drop,
-            "accuracy_control": None if control is None else control[1].to_json(tgt.capabilities.fallback),
-            "gate": gate,
-            "precision_fallback": precision_fallback,
-            **({"recovery": recovery.record} if recovery is not None else {}),
-            "latency": latency,
-            "timings": timings,
-            "versions": package_versions(),
-        }
+        manifest = build_manifest(
+            model_path=model_path, captured=captured, baseline_dir=work_dir / "baseline", recipe=recipe_obj, tgt=tgt,
+            specs=specs, root=writer.path, files=files, reports=reports, data=data, evaluation=evaluation,
+            control=None if control is None else control[1].to_json(tgt.capabilities.fallback), gate=gate,
+            precision_fallback=precision_fallback, recovery=None if recovery is None else recovery.record,
+            latency=latency, timings=timings)
         manifest.update(tgt.report(run_compressed, samples=eval_set.batches()))
         writer.commit(manifest)
     return CompressResult(outdir, manifest, evaluation, reports, gate_passed)

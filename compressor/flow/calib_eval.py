@@ -1,0 +1,101 @@
+"""Which samples calibrate and which evaluate, in one ``compress`` run.
+
+The rules of DESIGN's "Data the CLI takes": an ``--eval`` file evaluates; without one a
+held-out part of ``--calib`` does (the recipe's ``calibration.holdout``); with no data at
+all the run calibrates and evaluates on random inputs, loudly, and its accuracy is
+unverified. A recipe that calibrates is refused when only ``--eval`` data is given, before
+any long work (:func:`check_data_needs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from compressor.data import Dataset, RawData, random_dataset
+from compressor.errors import UsageError
+from compressor.inputs import InputSpec
+from compressor.recipe import Recipe
+
+__all__ = ["UNVERIFIED", "RANDOM_SAMPLES", "RunData", "check_data_needs", "pick_eval", "choose_sets"]
+
+logger = logging.getLogger(__name__)
+
+#: ``evaluation.source`` when no --calib/--eval data was given.
+UNVERIFIED = "random (unverified)"
+#: ``evaluation.source`` when the evaluation samples are split from --calib.
+HOLDOUT = "calibration holdout"
+
+RANDOM_SAMPLES = 32
+
+
+@dataclasses.dataclass
+class RunData:
+    """The run's calibration and evaluation sets, and where the evaluation set came from.
+
+    Attributes:
+        calib: Calibration samples (``None``: none given, and the evaluation set is real).
+        eval: Evaluation samples.
+        source: ``eval file``, :data:`HOLDOUT` or :data:`UNVERIFIED`.
+    """
+
+    calib: Dataset | None
+    eval: Dataset
+    source: str
+
+    @property
+    def verified(self) -> bool:
+        """Whether the accuracy figures come from real samples."""
+        return self.source != UNVERIFIED
+
+
+def check_data_needs(recipe: Recipe, passes: list[Any], calib: RawData | None, eval_data: RawData | None) -> None:
+    """Refuse, before any long work, a recipe that calibrates when only --eval data is given.
+
+    With no data at all the flow calibrates on random inputs (loudly, accuracy unverified);
+    with evaluation data but no calibration data that would quietly calibrate on noise.
+
+    Raises:
+        UsageError: names the pass that needs calibration data.
+    """
+    if calib is not None or eval_data is None:
+        return
+    needing = [p.name for p in passes if getattr(p, "needs_calibration", False)]
+    if needing:
+        raise UsageError(f"pass {needing[0]!r} of recipe {recipe.name!r} needs calibration data, and only --eval "
+                         "was given: pass --calib X.npz with samples like those the model sees in use (other "
+                         "than the --eval samples, or the accuracy figures are optimistic)")
+
+
+def pick_eval(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None,
+              specs: list[InputSpec]) -> tuple[Dataset | None, Dataset, str]:
+    """Decide the calibration and evaluation sets (see DESIGN: Data the CLI takes)."""
+    if eval_data is not None:
+        return calib, eval_data, "eval file"
+    if calib is not None and len(calib) >= 2:
+        held = max(1, int(round(len(calib) * recipe.calibration.holdout)))
+        held = min(held, len(calib) - 1)
+        logger.warning("no --eval given: evaluating on the last %d of %d calibration samples (held out from "
+                       "calibration)", held, len(calib))
+        return calib.subset(0, len(calib) - held), calib.subset(len(calib) - held, len(calib)), HOLDOUT
+    logger.warning("NO DATA GIVEN: calibrating and evaluating on random inputs; the accuracy figures are NOT "
+                   "verified. Pass --calib and --eval with real samples.")
+    rand = random_dataset(specs, RANDOM_SAMPLES, recipe.calibration.seed)
+    return (calib if calib is not None else rand), rand, UNVERIFIED
+
+
+def choose_sets(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None,
+                specs: list[InputSpec]) -> RunData:
+    """:func:`pick_eval`, then check that each set batches the way the model takes it.
+
+    Raises:
+        DataError: a set whose samples cannot be batched for the model (the message says
+            when the evaluation samples were split from ``--calib``).
+    """
+    calib, eval_data, source = pick_eval(recipe, calib, eval_data, specs)
+    held = " (split from --calib for evaluation; pass --eval with its own samples)" if source == HOLDOUT else ""
+    if calib is not None:
+        calib.check_batches(f"calibration data{held}")
+    eval_data.check_batches(f"evaluation data{held}")
+    return RunData(calib, eval_data, source)
