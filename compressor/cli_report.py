@@ -1,5 +1,6 @@
-"""What the ``compress`` command prints and writes besides the artifact: the summary table
-and the JUnit test case of the accuracy gate."""
+"""What the ``compress`` commands print and write besides the artifact: the summary table, the
+gate's error line, the JUnit test case of the accuracy gate, and the text of ``recipes``,
+``inspect``, ``sweep`` and ``search``. Each function returns text; :mod:`compressor.cli` prints it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 from compressor import strict_json
 
-__all__ = ["fmt", "recipes_table", "summary", "table", "write_junit"]
+__all__ = ["fmt", "gate_failure", "inspect_text", "recipes_table", "search_text", "summary", "sweep_text", "table",
+           "write_junit"]
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -119,3 +121,71 @@ def write_junit(path: Path, manifest: dict[str, Any] | None, error: str | None) 
         f'  <testcase classname={quoteattr(classname)} name="{name}">{body}</testcase>\n'
         "</testsuite>\n"
     )
+
+
+def gate_failure(manifest: dict[str, Any]) -> str:
+    """The error line of a failed accuracy gate (exit 3), from the run's manifest."""
+    gate = manifest["gate"]
+    if not manifest["evaluation"]["verified"]:
+        return (f"accuracy gate failed: {gate['reason']}; pass --calib or --eval with real samples "
+                "(artifact written, gate.passed: false)")
+    if "reason" in gate:
+        return (f"accuracy gate failed: drop {manifest['accuracy_drop']:.6f} > max_drop {gate['max_drop']}: "
+                f"{gate['reason']} (artifact written, gate.passed: false)")
+    return (f"accuracy gate failed: drop {manifest['accuracy_drop']:.6f} > max_drop {gate['max_drop']} "
+            "(artifact written, gate.passed: false)")
+
+
+def inspect_text(model: str, report: dict[str, Any]) -> str:
+    """``compress inspect``'s tables: inputs and outputs, the op histogram, what each pass would change."""
+    head = (f"model: {model} ({report['format']}, opset {report['opset']}, "
+            f"{report['parameters']:,} parameters, {report['nodes']} nodes)\n")
+    io = table([("input", v["name"], v["shape"], v["dtype"]) for v in report["inputs"]]
+               + [("output", v["name"], v["shape"], v["dtype"]) for v in report["outputs"]],
+               ["kind", "name", "shape", "dtype"])
+    ops = table(sorted(report["ops"].items(), key=lambda kv: (-kv[1], kv[0])), ["op", "count"])
+    passes = table([(n, v["would_change"], v["detail"]) for n, v in report["passes"].items()],
+                   ["pass", "would change", "detail"])
+    return "\n\n".join([head + "\n" + io, ops, passes])
+
+
+def sweep_text(result: Any) -> str:
+    """``compress sweep``'s table, knees and written files (a :class:`compressor.flow.sweep.SweepResult`)."""
+    from compressor.flow.sweep import format_table
+
+    lines = [format_table(result), ""]
+    if result.max_drop is not None:
+        if result.knee is not None:
+            lines.append(f"knee (largest level within max drop {result.max_drop:g}): {result.knee.level} "
+                         f"(sparsity {result.knee.sparsity:.3f}, {result.metric} {result.knee.metric:.4f}, "
+                         f"drop {result.knee.drop:.4f})")
+        else:
+            lines.append(f"knee: none; no level is within max drop {result.max_drop:g}")
+        if result.recovered:
+            knee = result.recovered_knee
+            lines.append(f"knee recovered: {knee.level} (sparsity {knee.sparsity:.3f}, {result.metric} "
+                         f"{knee.metric:.4f}, drop {knee.drop:.4f})" if knee is not None
+                         else "knee recovered: none within max drop")
+    lines.append(f"written: {', '.join(str(path) for path in result.files.values())}")
+    if "png" not in result.files:
+        lines.append("no plot: matplotlib is not installed (pip install matplotlib); the curve is in sweep.csv")
+    return "\n".join(lines)
+
+
+def search_text(result: Any, max_drop: float) -> str:
+    """``compress search``'s table, budget, written files and best candidate (a ``SearchResult``)."""
+    from compressor.flow.search import format_search_table
+
+    lines = [format_search_table(result), ""]
+    if result.budget_minutes is not None:
+        lines.append(f"budget: {result.budget_minutes:g} min; {result.ran} of {len(result.candidates)} candidates "
+                     f"ran, {result.not_run} not run")
+    lines.append(f"written: {', '.join(str(path) for path in result.files.values())}")
+    if "png" not in result.files:
+        lines.append("no plot: matplotlib is not installed (pip install matplotlib); the candidates are in "
+                     "search.csv")
+    if result.best is None:
+        lines.append(f"best: none; no candidate is within max drop {max_drop:g}")
+    else:
+        lines.append(f"best: candidate {result.best.index} {result.best.options} -> {result.files['best']}")
+    return "\n".join(lines)
