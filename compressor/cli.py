@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         for node, why in getattr(err, "offenders", [])[5:] if len(getattr(err, "offenders", [])) > 5 else []:
             print(f"  {node}: {why}", file=sys.stderr)  # the rest of the offending nodes, one per line
-        if verbose:
+        if verbose and err.exit_code == EXIT_INTERNAL:  # a user's mistake (2, 3, 4) is its one line, even with -v
             traceback.print_exc()
         return err.exit_code
     except KeyboardInterrupt:

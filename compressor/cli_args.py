@@ -114,7 +114,9 @@ def _add_ray(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and the traceback of an internal error (exit 1); a bad input is still "
+                        "one error line")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     p.add_argument("--version", action="version", version=f"compressor {__version__}")
 

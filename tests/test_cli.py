@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from compressor.cli import main
+from compressor.errors import AccuracyGateFailed, CompressorError, UnsupportedByTarget
 from tests.cliutil import error_line, raise_on_constant, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -418,3 +419,47 @@ def test_a_reader_that_leaves_is_not_an_internal_error(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["recipes"]) == 141
     assert "internal error" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- -v adds detail, not tracebacks for user errors
+
+
+def test_verbose_bad_recipe_is_one_line_without_traceback(tmp_path, capsys, no_capture):
+    """``-v`` turns on debug logs; a user's mistake (exit 2) is still the one ``error:`` line."""
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: bad\npasses: [no-such-pass]\n")
+    code, _, err = run([MODEL, "--recipe", recipe, "-o", tmp_path / "out", "-v"], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert re.match(rf"^error: {re.escape(str(recipe))}: passes\[0\]: unknown pass 'no-such-pass'; valid passes: ",
+                    error_line(err)), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("error,code", [
+    (AccuracyGateFailed("drop 0.5 > max_drop 0.01"), 3),
+    (UnsupportedByTarget("onnx", [("conv_3", "op Foo is not supported")]), 4),
+])
+def test_verbose_user_errors_3_and_4_have_no_traceback(error, code, tmp_path, capsys, monkeypatch):
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("compressor.flow.compress.compress", failing)
+    got, _, err = run([MODEL, "--recipe", "fold", "-o", tmp_path / "out", "-v"], capsys)
+    assert got == code, err
+    assert "Traceback" not in err
+    assert error_line(err) == f"error: {error}"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), CompressorError("an invariant broke")])
+def test_verbose_internal_error_shows_the_traceback(error, tmp_path, capsys, monkeypatch):
+    """Exit 1 is a bug of the tool: there ``-v`` adds the traceback a report needs."""
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("compressor.flow.compress.compress", failing)
+    code, _, err = run([MODEL, "--recipe", "fold", "-o", tmp_path / "out", "-v"], capsys)
+    assert code == 1, err
+    assert "Traceback (most recent call last)" in err and "failing" in err
+    code, _, err = run([MODEL, "--recipe", "fold", "-o", tmp_path / "out"], capsys)
+    assert code == 1 and "Traceback" not in err
