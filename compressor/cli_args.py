@@ -22,7 +22,8 @@ __all__ = ["Parser", "compress_parser", "recipes_parser", "inspect_parser", "swe
            "at_least", "writable", "model_source", "yaml_mapping", "setup_logging"]
 
 #: ``--input``'s help: the spellings :func:`compressor.inputs.parse_input_overrides` takes.
-INPUT_HELP = "fix an input's shape, e.g. images=1x1x8x8 (optionally :dtype); repeatable"
+INPUT_HELP = ("fix an input's shape, e.g. images=1x1x8x8 (? keeps an axis dynamic; optionally :dtype, e.g. "
+              "ids=1x128:int64); a rank-0 (scalar) input is NAME=scalar, e.g. sr=scalar:int64; repeatable")
 
 
 class Parser(argparse.ArgumentParser):
@@ -176,7 +177,7 @@ def inspect_parser() -> argparse.ArgumentParser:
     p = Parser(prog="compress inspect", description="Describe a model: inputs, outputs, ops, parameters, "
                                                     "and which built-in passes would change it.")
     p.add_argument("model")
-    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
     _add_model_source(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _add_verbosity(p)
@@ -205,7 +206,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default=None, metavar="YAML",
                    help="more options of the pass, the same at every level, e.g. '{mask: wanda}'")
     p.add_argument("--metric", default="auto", choices=("auto", "top1", "cosine"))
-    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
     p.add_argument("-o", "--output", type=Path, default=Path("sweep-out"),
                    help="folder for sweep.csv, sweep.json, sweep.png (default: sweep-out/)")
     p.add_argument("--latency-runs", type=at_least(0), default=10, help="timed runs per level (0: no latency)")

@@ -1,7 +1,10 @@
 """Input specifications: names, shapes and dtypes of a model's inputs.
 
 ``--input NAME=1x3x224x224`` (optionally ``:int64``) fixes an input's shape; a dimension
-is an integer, and ``?`` leaves it dynamic.
+is an integer, and ``?`` leaves it dynamic. A rank-0 (scalar) input, such as silero-vad's
+``sr``, is ``NAME=scalar`` (``sr=scalar:int64``): a word, since an empty shape (``sr=``)
+reads as a flag left unfinished and no dimension list can spell rank 0. It is the word
+messages use for such an input too (:func:`shape_text`).
 
 Messages show a dynamic axis one readable way (:func:`dim_text`): the name its exporter
 or author gave it (``batch``, ``sequence``), or ``N`` on axis 0 and ``?`` elsewhere when the
@@ -21,8 +24,8 @@ import onnx_ir as ir
 
 from compressor.errors import DataError, UsageError
 
-__all__ = ["InputSpec", "dim_text", "shape_text", "parse_input_overrides", "model_input_specs", "apply_input_overrides",
-           "check_tensor_io"]
+__all__ = ["InputSpec", "dim_text", "shape_text", "override_text", "parse_input_overrides", "model_input_specs",
+           "apply_input_overrides", "check_tensor_io"]
 
 Dim = int | str | None
 
@@ -73,8 +76,13 @@ class InputSpec:
 _OVERRIDE = re.compile(r"^(?P<name>[^=]+)=(?P<shape>[0-9?]+(?:x[0-9?]+)*|scalar)(?::(?P<dtype>[a-z0-9]+))?$")
 
 
+def override_text(shape: Sequence[Dim]) -> str:
+    """A parsed ``--input`` shape as the user spelled it: ``1x?x224``, or ``scalar`` for rank 0."""
+    return "x".join("?" if d is None else str(d) for d in shape) or "scalar"
+
+
 def parse_input_overrides(texts: Sequence[str]) -> dict[str, tuple[tuple[Dim, ...], str | None]]:
-    """Parse ``NAME=1x3x224x224[:dtype]`` flags.
+    """Parse ``NAME=1x3x224x224[:dtype]`` and ``NAME=scalar[:dtype]`` flags.
 
     Raises:
         UsageError: a flag that does not have that form.
@@ -84,7 +92,8 @@ def parse_input_overrides(texts: Sequence[str]) -> dict[str, tuple[tuple[Dim, ..
         m = _OVERRIDE.match(text.strip())
         if not m:
             raise UsageError(f"--input {text!r}: expected NAME=DIMxDIMx... (e.g. input=1x3x224x224, "
-                             "optionally :dtype such as :int64)")
+                             "optionally :dtype such as :int64), or NAME=scalar for a rank-0 input "
+                             "(e.g. sr=scalar:int64)")
         shape: tuple[Dim, ...] = () if m["shape"] == "scalar" else tuple(
             None if d == "?" else int(d) for d in m["shape"].split("x"))
         dtype = m["dtype"]
@@ -174,9 +183,14 @@ def apply_input_overrides(model: ir.Model, overrides: dict[str, tuple[tuple[Dim,
         value = by_name[name]
         if value.shape is not None:
             if len(value.shape) != len(shape):
-                raise DataError(f"--input {name}: shape {'x'.join(map(str, shape))} has rank {len(shape)}, "
-                                f"but the model's input {name!r} has rank {len(value.shape)} "
-                                f"({InputSpec(name, tuple(_plain(d) for d in value.shape), '').shape_text()})")
+                model_shape = InputSpec(name, tuple(_plain(d) for d in value.shape), "").shape_text()
+                if not shape:
+                    raise DataError(f"--input {name}=scalar: the model's input {name!r} has rank {len(value.shape)} "
+                                    f"({model_shape}), not 0; NAME=scalar is for a rank-0 input only: give "
+                                    f"{name} a DIMxDIM... shape")
+                raise DataError(f"--input {name}: shape {override_text(shape)} has rank {len(shape)}, "
+                                f"but the model's input {name!r} has rank {len(value.shape)} ({model_shape})"
+                                + (f"; a rank-0 input is --input {name}=scalar" if not value.shape else ""))
             for axis, (old, new) in enumerate(zip(value.shape, shape)):
                 if isinstance(old, int) and new is not None and old != new:
                     raise DataError(f"--input {name}: axis {axis} is fixed to {old} in the model, not {new}")

@@ -167,6 +167,32 @@ def test_torchscript_matches_torch(tmp_path, how):
                                    _reference(net, _images(batch)), rtol=1e-4, atol=1e-5)
 
 
+class ScaledBySampleRate(torch.nn.Module):
+    """silero-vad's signature in miniature: audio ``x`` and a 0-d int64 sample rate ``sr``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, sr: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * (sr.to(x.dtype) / 16000.0)
+
+
+def test_torchscript_rank0_input_from_input_scalar(tmp_path):
+    """``--input sr=scalar:int64``: TorchScript records no shapes, the 0-d example comes from the flag."""
+    torch.manual_seed(0)
+    module = ScaledBySampleRate().eval()
+    torch.jit.script(module).save(str(tmp_path / "vad.pt"))
+    captured = capture(tmp_path / "vad.pt", input_overrides=parse_input_overrides(["x=2x4", "sr=scalar:int64"]))
+    sr = next(v for v in captured.model.graph.inputs if v.name == "sr")
+    assert sr.shape is not None and len(sr.shape) == 0 and sr.dtype == ir.DataType.INT64
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x), torch.tensor(8000)).numpy()
+    np.testing.assert_allclose(_run(captured.model, {"x": x, "sr": np.array(8000, np.int64)})[0], want,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_torchscript_control_flow_keeps_both_branches(tmp_path):
     torch.manual_seed(0)
     module = SignBranch().eval()

@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressor.capture.onnx_import import IMPORT_OPSET, normalize_dims, quantized_nodes
 from compressor.cli import main
-from compressor.errors import UnsupportedModel
-from compressor.inputs import shape_text
+from compressor.errors import UnsupportedModel, UsageError
+from compressor.inputs import override_text, parse_input_overrides, shape_text
 from compressor.model_io import load_onnx, upgrade_opset
 
 RNG = np.random.default_rng(0)
@@ -326,8 +326,8 @@ def test_float16_model_folds(tmp_path, capsys):
 
 # -- 6. scalar inputs ------------------------------------------------------------------------------
 
-def test_scalar_input_is_fed_as_a_0d_array(tmp_path, capsys):
-    """silero-vad's ``sr``: an int64 scalar, one per sample; ONNX Runtime refuses a numpy scalar."""
+def _scalar_model(tmp_path: Path) -> Path:
+    """``y = (x @ w) * float(sr)``: silero-vad's 0-d int64 ``sr`` next to a batched ``x``."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
     sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
     w = numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w")
@@ -337,9 +337,58 @@ def test_scalar_input_is_fed_as_a_0d_array(tmp_path, capsys):
     path = _save(tmp_path, nodes, [x, sr], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])], [w])
     np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((8, 1, 4)).astype(np.float32),
              sr=np.full(8, 16000, np.int64))
+    return path
+
+
+def test_scalar_input_is_fed_as_a_0d_array(tmp_path, capsys):
+    """silero-vad's ``sr``: an int64 scalar, one per sample; ONNX Runtime refuses a numpy scalar."""
+    path = _scalar_model(tmp_path)
     code, err, _ = _run([path, "--recipe", "int8", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "out",
                          "--latency-runs", "1", "-q"], capsys)
     assert code == 0, err
+
+
+def test_input_scalar_spelling_parses():
+    """``--input NAME=scalar[:dtype]`` is rank 0; it cannot be read as a shape (no dimension list spells rank 0)."""
+    assert parse_input_overrides(["sr=scalar", "rate=scalar:int64", "x=?x4"]) == {
+        "sr": ((), None), "rate": ((), "int64"), "x": ((None, 4), None)}
+    assert override_text(()) == "scalar" and override_text((None, 4)) == "?x4"
+    with pytest.raises(UsageError, match=r"or NAME=scalar for a rank-0 input \(e\.g\. sr=scalar:int64\)"):
+        parse_input_overrides(["sr="])
+
+
+def test_input_scalar_end_to_end(tmp_path, capsys):
+    path = _scalar_model(tmp_path)
+    out = tmp_path / "out"
+    code, err, _ = _run([path, "--recipe", "int8", "--input", "sr=scalar:int64", "--input", "x=1x4",
+                         "--calib", tmp_path / "calib.npz", "-o", out, "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    spec = {s["name"]: s for s in json.loads((out / "manifest.json").read_text())["input_spec"]}
+    assert spec["sr"] == {"name": "sr", "shape": [], "dtype": "int64"}
+    assert spec["x"]["shape"] == [1, 4]
+    sr = next(i for i in onnx.load(out / "model.onnx").graph.input if i.name == "sr")
+    assert sr.type.tensor_type.HasField("shape") and len(sr.type.tensor_type.shape.dim) == 0
+
+
+def test_input_scalar_for_a_rank_2_input_is_exit_2_naming_it(tmp_path, capsys):
+    path = _scalar_model(tmp_path)
+    out = tmp_path / "out"
+    code, err, errors = _run([path, "--recipe", "fold", "--input", "x=scalar", "-o", out, "-q"], capsys)
+    assert code == 2, err
+    assert errors == ["error: --input x=scalar: the model's input 'x' has rank 2 (Nx4), not 0; NAME=scalar is "
+                      "for a rank-0 input only: give x a DIMxDIM... shape"], err
+    assert not out.exists()
+    code, err, errors = _run([path, "--recipe", "fold", "--input", "sr=1", "-o", out, "-q"], capsys)
+    assert code == 2, err
+    assert errors == ["error: --input sr: shape 1 has rank 1, but the model's input 'sr' has rank 0 (scalar); "
+                      "a rank-0 input is --input sr=scalar"], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [[], ["inspect"], ["sweep"]])
+def test_input_help_names_the_scalar_spelling(command, capsys):
+    assert main([*command, "--help"]) == 0
+    assert "NAME=scalar" in " ".join(capsys.readouterr().out.split())
 
 
 # -- 8. models that used to reach an uncaught exception ------------------------------------------------
