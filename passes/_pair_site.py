@@ -19,6 +19,13 @@ the same range, and the layer computes exactly the same:
    the next convolution (measured: basic-pitch's eight CQT convolutions fell to f32);
    ``reflect``/``edge`` pads only copy values and are crossed.
 
+3. ``Concat`` only places its inputs side by side: the pair moves onto every input, all on
+   the one grid of the concatenation's range (NNCF's "unified scales"); ``Resize`` is
+   crossed in ``nearest`` mode only (it copies values; linear modes mix them).
+4. The pair may cover a region: a tensor read by several ops of the region (a
+   spatial-pyramid block ``Concat(x, MaxPool(x), MaxPool(MaxPool(x)))``) is crossed once
+   every op reading it is inside the region, so one pair on ``x`` feeds them all.
+
 What it buys: the pair then sits right after the op that computed ``u`` (a Conv, a Relu, a
 residual ``Add``), where a backend that fuses quantization into the producer (OpenVINO's
 CPU plugin folds a FakeQuantize into the convolution's post-ops) writes ``u`` as uint8 and
@@ -39,6 +46,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from compressor.passes._placement import is_constant
+
 from compressor.quant.math import quant_params
 from compressor.quant.spec import QuantSpec
 
@@ -47,8 +56,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Sites", "pair_site", "pair_sites"]
 
-#: ``(id(layer node), input) -> (node, input, float tensor)`` that gets the input's pair.
-Sites = dict[tuple[int, int], tuple[ir.Node, int, ir.Value]]
+#: ``(id(layer node), input) -> [(node, input, float tensor)]``: the edges that get the input's pair.
+Sites = dict[tuple[int, int], list[tuple[ir.Node, int, ir.Value]]]
 
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
 
@@ -72,47 +81,62 @@ def _pads_zeros(node: ir.Node, zero_point: int) -> bool:
     return const is not None and not np.any(const.numpy())
 
 
-def _readers_allow(value: ir.Value, reader: tuple[ir.Node, int], spec: QuantSpec, first: bool,
-                   claims: Mapping[tuple[int, int], QuantSpec]) -> bool:
-    """Whether ``value`` may be crossed from ``reader``: no other reader but shape readers, and,
-    for the layer's own input (``first``), other layers quantizing it with ``spec``."""
-    if value.is_graph_output():
+def _crossable(producer: ir.Node | None, value: ir.Value, through: Collection[str], zero_point: int) -> bool:
+    """Whether the pair may move from ``value`` to the data inputs of its ``producer`` (cases 1-3)."""
+    if (producer is None or producer.op_type not in through or producer.domain not in ("", "ai.onnx")
+            or len(producer.outputs) != 1 or not _pads_zeros(producer, zero_point)):
         return False
-    for node, index in value.uses():
-        if (node, index) == reader or node.op_type in _SHAPE_ONLY:
-            continue
-        if not (first and claims.get((id(node), index)) == spec):
+    if producer.op_type == "Resize":  # case 1 for nearest only: linear/cubic mix values
+        mode = producer.attributes.get("mode")
+        if mode is not None and mode.as_string() != "nearest":
             return False
-    return True
+    sources = _data_inputs(producer)
+    return bool(sources) and all(v is not None and v.const_value is None and not is_constant(v)
+                                 and v.dtype == value.dtype for v in sources)
+
+
+def _data_inputs(node: ir.Node) -> list[ir.Value | None]:
+    """The inputs whose values ``node`` moves (every input of a Concat, else the first)."""
+    return list(node.inputs) if node.op_type == "Concat" else list(node.inputs[:1])
 
 
 def pair_site(node: ir.Node, index: int, spec: QuantSpec, zero_point: int, through: Collection[str],
-              claims: Mapping[tuple[int, int], QuantSpec]) -> tuple[ir.Node, int]:
-    """The ``(node, input index)`` whose input gets the pair of ``node``'s input ``index``.
+              claims: Mapping[tuple[int, int], QuantSpec]) -> list[tuple[ir.Node, int]]:
+    """The ``(node, input index)`` edges whose inputs get the pair of ``node``'s input ``index``.
+
+    The region between the pair and the layer grows one producer at a time (case 4): a
+    tensor is crossed when its producer is crossable and every reader of it reads it inside
+    the region (``Shape``/``Size`` aside), so the region's values depend only on the pair's.
 
     Args:
         node: The layer.
         index: Its activation input.
         spec: The pair's spec.
         zero_point: The pair's zero point (case 2).
-        through: Op types the pair moves up through (cases 1, 2).
+        through: Op types the pair moves up through (cases 1-3).
         claims: ``(id(node), index) -> spec`` of every activation input quantized in this
             run (readers of the layer's own input that share its pair).
     """
-    site = (node, index)
-    first = True
-    while through:
-        value = site[0].inputs[site[1]]
-        producer = value.producer() if value is not None else None
-        if (producer is None or producer.op_type not in through or producer.domain not in ("", "ai.onnx")
-                or not producer.inputs or producer.inputs[0] is None or len(producer.outputs) != 1
-                or not _pads_zeros(producer, zero_point) or not _readers_allow(value, site, spec, first, claims)):
+    edges: list[tuple[ir.Node, int]] = [(node, index)]
+    start = node.inputs[index]
+    changed = bool(through)
+    while changed:
+        changed = False
+        inside = {(id(n), i) for n, i in edges}
+        for n, i in edges:
+            value = n.inputs[i]
+            producer = value.producer() if value is not None else None
+            if value is None or value.is_graph_output() or not _crossable(producer, value, through, zero_point):
+                continue
+            readers = [(r, j) for r, j in value.uses() if r.op_type not in _SHAPE_ONLY]
+            if not all((id(r), j) in inside or (value is start and claims.get((id(r), j)) == spec)
+                       for r, j in readers):
+                continue
+            edges = [e for e in edges if e[0].inputs[e[1]] is not value]
+            edges += [(producer, k) for k, v in enumerate(producer.inputs) if v in _data_inputs(producer)]
+            changed = True
             break
-        source = producer.inputs[0]
-        if source.const_value is not None or source.dtype != value.dtype:
-            break
-        site, first = (producer, 0), False
-    return site
+    return edges
 
 
 def pair_sites(layers: Iterable[Layer], spec_of: Callable[[Layer], QuantSpec],
@@ -129,6 +153,6 @@ def pair_sites(layers: Iterable[Layer], spec_of: Callable[[Layer], QuantSpec],
         for index, value in layer.activations:
             spec = claims[(id(layer.node), index)]
             zero_point = int(np.ravel(quant_params(*ranges[value.name], spec)[1])[0])
-            node, at = pair_site(layer.node, index, spec, zero_point, through, claims)
-            sites[(id(layer.node), index)] = (node, at, node.inputs[at])
+            edges = pair_site(layer.node, index, spec, zero_point, through, claims)
+            sites[(id(layer.node), index)] = [(node, at, node.inputs[at]) for node, at in edges]
     return sites

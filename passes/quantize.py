@@ -378,9 +378,9 @@ def _quantize_layer(graph: ir.Graph, writer: QdqWriter, layer: Layer, bits: int,
     for index, value in layer.activations:
         lo, hi = calibration.ranges[value.name]
         spec = _input_spec(layer, bits)
-        node, at, source = (sites or {}).get((id(layer.node), index), (layer.node, index, value))
-        node.replace_input_with(at, writer.activation(source, spec, lo, hi))
-        edits.append(ActivationInput(node.outputs[0].name, at, source.name, float(lo), float(hi), spec))
+        for node, at, source in (sites or {}).get((id(layer.node), index), [(layer.node, index, value)]):
+            node.replace_input_with(at, writer.activation(source, spec, lo, hi))
+            edits.append(ActivationInput(node.outputs[0].name, at, source.name, float(lo), float(hi), spec))
     corrected = False
     weight: tuple[str, tuple[int, int]] = ("", (0, 0))
     if layer.weight is not None:

@@ -124,7 +124,7 @@ OPENVINO_CAPABILITIES = Capabilities(
     # passes/_pair_site), where the CPU plugin folds the FakeQuantize into that op (a
     # convolution's post-ops) and runs the data movement on u8, as NNCF's propagation does.
     input_pair_moves_through=frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity",
-                                        "Pad", "Slice", "MaxPool"}),
+                                        "Pad", "Slice", "MaxPool", "Concat", "Resize"}),
     nm_patterns=(),  # the CPU plugin has no structured-sparsity kernels
     static_shapes=False,
 )

@@ -114,3 +114,42 @@ def test_a_tensor_another_op_reads_stops_the_pair(tmp_path):
     moved = _quantize(_clone(model), calib).model
     assert _node(moved, "transpose").inputs[0].name == "a"
     assert _activation_source(_node(moved, "conv2").inputs[0]).name == "t"
+
+
+def spp_block(rng: np.random.Generator):
+    """Conv -> Relu -> Concat(r, MaxPool(r), MaxPool(MaxPool(r))) -> Conv: a spatial-pyramid join (case 4),
+    and a Slice of the Relu another convolution reads beside it."""
+    return model_from_text(f"""{HEADER}
+    g (float[1,{C},8,8] x) => (float[1,{C},8,8] y, float[1,{C},8,8] z) {{
+      [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+      [act] r = Relu(c1)
+      [pool1] m1 = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r)
+      [pool2] m2 = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (m1)
+      [concat] k = Concat <axis = 1> (r, m1, m2)
+      [conv2] y = Conv <pads = [1, 1, 1, 1]> (k, w2, b2)
+      [slice] h = Slice(r, starts, ends, axes)
+      [conv3] z = Conv <pads = [1, 1, 1, 1]> (h, w3, b3)
+    }}""", w1=_w(rng, C, C, 3, 3, fan_in=9 * C), b1=_w(rng, C) * 0.1, w2=_w(rng, C, 3 * C, 3, 3, fan_in=27 * C),
+        b2=_w(rng, C) * 0.1, w3=_w(rng, C, C // 2, 3, 3, fan_in=9 * C // 2), b3=_w(rng, C) * 0.1,
+        starts=np.array([0], np.int64), ends=np.array([C // 2], np.int64), axes=np.array([1], np.int64))
+
+
+def test_a_pyramid_join_gets_one_pair_on_its_source_and_a_slice_its_own(tmp_path):
+    model = spp_block(np.random.default_rng(4))
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    moved = _quantize(_clone(model), calib).model
+    # conv2's pair: on r, shared by pool1 and the Concat (case 4); m1 feeds pool2 and the Concat
+    pool1, concat = _node(moved, "pool1"), _node(moved, "concat")
+    assert _activation_source(pool1.inputs[0]).name == "r"
+    assert concat.inputs[0] is pool1.inputs[0] and concat.inputs[1].name == "m1" and concat.inputs[2].name == "m2"
+    # conv3's pair sits before its Slice, on r too, but on the slice's own range: a second pair
+    slice_in = _node(moved, "slice").inputs[0]
+    assert _activation_source(slice_in).name == "r" and slice_in is not pool1.inputs[0]
+    x = _normal(7, 1, C, 8, 8)
+    at_input = _quantize(_clone(model), calib, through=False).model
+    for got, want in zip(run_ort(moved, {"x": x}), run_ort(at_input, {"x": x})):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    runner, layers = _runtime(moved, tmp_path / "ov")
+    pools = [v for v in layers.values() if v[0] in ("Pooling", "Concatenation")]
+    assert pools and all(precision == "u8" for _, precision, _ in pools), pools
+    assert all(layer["int8"] for layer in runner.layer_precisions()), runner.layer_precisions()
