@@ -31,9 +31,9 @@ residual ``Add``), where a backend that fuses quantization into the producer (Op
 CPU plugin folds a FakeQuantize into the convolution's post-ops) writes ``u`` as uint8 and
 runs the data movement on uint8, as NNCF's quantizer propagation places it.
 
-The walk stops at a tensor that is a graph output, that a node other than the one on the
-way reads (``Shape``/``Size`` read only the shape and do not count), or whose producer is
-not crossable. One exception: the layer's own input may be read by other layers quantizing
+The move stops at a tensor that is a graph output, that a node outside the region reads
+(``Shape``/``Size`` read only the shape and do not count), or whose producer is not
+crossable. One exception: the layer's own input may be read by other layers quantizing
 it with the same spec (one tensor, one range): the pair moved above it is then theirs
 together, so giving one of them back (accuracy control) gives back that shared input.
 """
