@@ -48,6 +48,11 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    values (``MaxPool``, ``Transpose``...) is quantized over its range. Other targets
    quantize inputs only.
 
+9. where the target lists ops that only move, select or zero-pad values
+   (``Capabilities.input_pair_moves_through``: OpenVINO), an input's pair moves up through
+   them towards the op that computed the data, with the same range: exact
+   (:mod:`._pair_site`), and the backend then fuses the quantization into that op.
+
 The result's ``quantization`` (:class:`~compressor.quant.revert.QuantizationRecord`) says,
 per quantized layer, which input now reads which Q/DQ pair, the float tensor, range and
 spec behind it, the float weight and the bias before correction: accuracy control gives a
@@ -78,6 +83,7 @@ from compressor.passes._attention import ROLES
 from compressor.passes._float32 import widen_to_float32
 from compressor.passes._layers import Layer
 from compressor.passes._output_qdq import carry_ranges, close_node_units, output_tensor
+from compressor.passes._pair_site import Sites, pair_sites
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
     half_precision,
@@ -246,6 +252,11 @@ class Quantize(Pass):
             logger.warning("quantize: %d range(s) learned in training not used, calibrated instead (e.g. the input "
                            "of %r: %s; all in stats['ranges_not_from_training'])", len(unlearned), *min(unlearned.items()))
 
+        bits_of = {la.name: 16 if la.name in wide or opts.activations == "int16" else 8 for la in layers}
+        sites = pair_sites([la for la in layers if la.name not in float_acts  # case 9, before any rewiring
+                            and all(v.name in calibration.ranges for _, v in la.activations)],
+                           lambda la: _input_spec(la, bits_of[la.name]), calibration.ranges,
+                           caps.input_pair_moves_through)
         writer = QdqWriter(graph)
         record: list[QuantizedLayer] = []
         corrected = 0
@@ -266,8 +277,8 @@ class Quantize(Pass):
                 why = "; ".join(calibration.tensor_skips[name] for name in kept if name in calibration.tensor_skips)
                 skipped[layer.name] = f"activation kept float: {why}"
                 continue
-            bits = 16 if layer.name in wide or opts.activations == "int16" else 8
-            done, fixed = _quantize_layer(graph, writer, layer, bits, opts.weights == "int8-per-channel", calibration)
+            done, fixed = _quantize_layer(graph, writer, layer, bits_of[layer.name], opts.weights == "int8-per-channel",
+                                          calibration, sites)
             record.append(done)
             corrected += fixed
         record, closed = close_node_units(graph, writer, layers, record, calibration.ranges,  # case 8
@@ -351,19 +362,25 @@ class Quantize(Pass):
         return _Calibration(ranges, {n: found[p] for n, p in mean_points.items()}, tensor_skips)
 
 
+def _input_spec(layer: Layer, bits: int) -> QuantSpec:
+    """The spec of ``layer``'s activation inputs (case 1, 7)."""
+    pair = layer.quant.activation_only if layer.weight is None and layer.quant.weights is not None else None
+    return activation_spec(pair or layer.quant.activations, bits)
+
+
 def _quantize_layer(graph: ir.Graph, writer: QdqWriter, layer: Layer, bits: int, per_channel: bool,
-                    calibration: _Calibration) -> tuple[QuantizedLayer, bool]:
-    """Q/DQ on ``layer``'s activations (case 1, 7), its weight stored quantized (case 2),
+                    calibration: _Calibration, sites: Sites | None = None) -> tuple[QuantizedLayer, bool]:
+    """Q/DQ on ``layer``'s activations (case 1, 7, 9), its weight stored quantized (case 2),
     its bias corrected (case 4); returns its record and whether its bias was corrected."""
     key = layer.node.outputs[0].name
     edits: list[ActivationInput] = []
     constants: list[ConstantInput] = []
     for index, value in layer.activations:
         lo, hi = calibration.ranges[value.name]
-        pair = layer.quant.activation_only if layer.weight is None and layer.quant.weights is not None else None
-        spec = activation_spec(pair or layer.quant.activations, bits)
-        layer.node.replace_input_with(index, writer.activation(value, spec, lo, hi))
-        edits.append(ActivationInput(key, index, value.name, float(lo), float(hi), spec))
+        spec = _input_spec(layer, bits)
+        for node, at, source in (sites or {}).get((id(layer.node), index), [(layer.node, index, value)]):
+            node.replace_input_with(at, writer.activation(source, spec, lo, hi))
+            edits.append(ActivationInput(node.outputs[0].name, at, source.name, float(lo), float(hi), spec))
     corrected = False
     weight: tuple[str, tuple[int, int]] = ("", (0, 0))
     if layer.weight is not None:

@@ -60,6 +60,10 @@ class Capabilities:
             it) or ``int16`` (promote its activations; for targets with no float path).
         after_quantize: Passes the target needs after a quantizing pass (:class:`TargetPass`),
             so that any recipe that quantizes gives a model it runs (``qnn-htp``: ``qnn-legalize``).
+        input_pair_moves_through: Ops that only move, select or zero-pad values, up through
+            which a layer's input Q/DQ pair is moved towards the producer of the data
+            (:mod:`compressor.passes._pair_site`; exact), for a backend that fuses the
+            quantization into the producer and runs the data movement in int8 (OpenVINO).
     """
 
     quantizable: Mapping[str, OpQuant] = dataclasses.field(default_factory=dict)
@@ -69,6 +73,7 @@ class Capabilities:
     max_rank: int | None = None
     fallback: str = "float"
     after_quantize: tuple[TargetPass, ...] = ()
+    input_pair_moves_through: frozenset[str] = frozenset()
 
 
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})

@@ -186,7 +186,7 @@ def time_runners(runners: dict, feed: dict[str, np.ndarray], rounds: int = 30) -
 
 def device_precision() -> str:
     """The CPU plugin's default float precision here (``f32``, ``bf16``, ``f16``)."""
-    from compressor.targets.openvino_precision import device_precision as query
+    from compressor.targets.openvino.precision import device_precision as query
 
     return query()
 

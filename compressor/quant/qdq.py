@@ -90,7 +90,7 @@ class QdqWriter:
         self.nodes: list[ir.Node] = []
         self.written = 0
         self.wide = False
-        self._activations: dict[tuple[int, QuantSpec], ir.Value] = {}
+        self._activations: dict[tuple[int, QuantSpec, float, float], ir.Value] = {}
         self._weights: dict[tuple[int, QuantSpec], QuantizedWeight] = {}
 
     def params(self, base: str, scale: np.ndarray, zero_point: np.ndarray) -> tuple[ir.Value, ir.Value]:
@@ -135,8 +135,10 @@ class QdqWriter:
         return dq.outputs[0]
 
     def activation(self, value: ir.Value, spec: QuantSpec, lo: float, hi: float) -> ir.Value:
-        """The pair (case 1) reading ``value`` on the ``spec`` grid over ``[lo, hi]``, written once per (value, spec)."""
-        key = (id(value), spec)
+        """The pair (case 1) reading ``value`` on the ``spec`` grid over ``[lo, hi]``, written once per
+        (value, spec, range): a tensor read on the grids of two ranges (a pair moved up a
+        ``Slice`` covers only the slice's values, :mod:`compressor.passes._pair_site`) gets two pairs."""
+        key = (id(value), spec, float(lo), float(hi))
         if key not in self._activations:
             self._activations[key] = self.pair(value, *quant_params(lo, hi, spec))
         return self._activations[key]

@@ -182,7 +182,12 @@ def test_other_targets_quantize_inputs_only(tmp_path, target):
     result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 16, 4, 8, 8)), target)
     assert result.stats["layer_outputs_quantized"] == 0
     quantized = {n.inputs[0].name for n in result.model.graph if n.op_type == "QuantizeLinear"}
-    assert "c" not in quantized  # conv2's output, read by the MaxPool only
+    record = result.quantization
+    assert all(record[name].outputs == () for name in record.names)
+    if target == "openvino":  # c is read through conv3's input pair, moved up the MaxPool (passes/_pair_site)
+        assert [(a.node, a.value) for a in record["conv3"].activations] == [("p", "c")]
+    else:
+        assert "c" not in quantized  # conv2's output, read by the MaxPool only
 
 
 def test_no_output_pair_on_the_way_to_a_graph_output(tmp_path):

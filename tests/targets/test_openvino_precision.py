@@ -18,7 +18,7 @@ pytest.importorskip("openvino", reason="the openvino package is not installed")
 import onnx
 import openvino as ov
 from compressor.targets.openvino import OpenVinoTarget, cpu_supports_bf16
-from compressor.targets.openvino_precision import RT_PRECISION, plugin_reads_rt_option
+from compressor.targets.openvino.precision import RT_PRECISION, plugin_reads_rt_option
 
 from compressor.cli_report import summary as _summary
 from compressor.flow.compress import compress

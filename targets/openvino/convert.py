@@ -24,7 +24,7 @@ from compressor.model_io import model_bytes
 
 try:
     import openvino as ov
-except ImportError:  # optional backend: compressor.targets.openvino refuses to start without it
+except ImportError:  # optional backend: the openvino target refuses to start without it
     ov = None
 
 __all__ = ["convert", "conversion_offenders", "canonical_names", "onnx_names"]

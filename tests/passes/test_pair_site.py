@@ -1,0 +1,155 @@
+"""``quantize`` on ``openvino``: a layer's input pair moves up through data movement (``passes/_pair_site``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from compressor.targets import get_target
+
+from compressor.pipeline import PassContext, build_pass
+from tests.ortutil import model_from_text, run_ort
+from tests.passes.test_quantize import HEADER, _activation_source, _clone, _dataset, _node, _normal, _w
+
+pytest.importorskip("openvino", reason="the openvino package is not installed")
+
+C = 8
+
+
+def padded_chain(rng: np.random.Generator, first: str = "Relu", mode: str = "constant"):
+    """x -> Conv -> ``first`` -> Pad -> Reshape -> Transpose -> Conv: data movement between two convolutions."""
+    return model_from_text(f"""{HEADER}
+    g (float[1,{C},8,8] x) => (float[1,{C},5,20] y) {{
+      [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+      [act] a = {first}(c1)
+      [pad] p = Pad <mode = "{mode}"> (a, pads)
+      [reshape] s = Reshape(p, shape)
+      [transpose] t = Transpose <perm = [0, 1, 3, 2]> (s)
+      [conv2] y = Conv <pads = [1, 1, 1, 1]> (t, w2, b2)
+    }}""", w1=_w(rng, C, C, 3, 3, fan_in=9 * C), b1=_w(rng, C) * 0.1, w2=_w(rng, C, C, 3, 3, fan_in=9 * C),
+        b2=_w(rng, C) * 0.1, pads=np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+        shape=np.array([1, C, 20, 5], np.int64))
+
+
+def _quantize(model, calib, through: bool = True):
+    target = get_target("openvino")
+    if not through:  # the placement before the pair moved: at the layer's own input
+        target.capabilities = dataclasses.replace(target.capabilities, input_pair_moves_through=frozenset())
+    ctx = PassContext(target=target, calibration=calib)
+    folded = build_pass("fold-constants", None).run(model, ctx)
+    ctx.properties.add("constants-folded")
+    return build_pass("quantize", None).run(folded.model, ctx)
+
+
+def _runtime(model, tmp_path):
+    """Runtime layers of the model lowered for openvino: name -> (layerType, runtimePrecision, originals)."""
+    target = get_target("openvino")
+    runner = target.runner(target.lower(model, tmp_path))
+    layers = {}
+    for op in runner.compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        read = lambda key: info[key].astype(str) if key in info else ""  # noqa: E731
+        layers[op.get_friendly_name()] = (read("layerType"), read("runtimePrecision"), read("originalLayersNames"))
+    return runner, layers
+
+
+def test_the_pair_moves_up_to_the_relu_and_openvino_runs_the_movement_in_uint8(tmp_path):
+    model = padded_chain(np.random.default_rng(0))
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    moved = _quantize(_clone(model), calib).model
+    # conv2's input pair now sits on the Relu's output, before Pad/Reshape/Transpose
+    assert _node(moved, "pad").inputs[0].producer().op_type == "DequantizeLinear"
+    assert _activation_source(_node(moved, "pad").inputs[0]).name == "a"
+    assert _node(moved, "conv2").inputs[0].producer().op_type == "Transpose"
+    # exact (passes/_pair_site, cases 1-2): the same tensors as the pair at conv2's input
+    at_input = _quantize(_clone(model), calib, through=False).model
+    assert _activation_source(_node(at_input, "conv2").inputs[0]).name == "t"
+    x = _normal(7, 1, C, 8, 8)
+    np.testing.assert_allclose(run_ort(moved, {"x": x})[0], run_ort(at_input, {"x": x})[0], rtol=0, atol=1e-5)
+    # what OpenVINO ran (read back): the Pad on u8, both convolutions int8
+    runner, layers = _runtime(moved, tmp_path / "ov")
+    pads = [v for v in layers.values() if v[0] == "Pad"]
+    assert pads and all(precision == "u8" for _, precision, _ in pads), pads
+    assert all(layer["int8"] for layer in runner.layer_precisions()), runner.layer_precisions()
+    # and within one quantization step of the input pair of the fp32 model's output scale
+    reference = run_ort(model, {"x": x})[0]
+    step = float(np.abs(reference).max()) / 127
+    assert np.abs(runner({"x": x})[0] - reference).max() < 8 * step
+
+
+def test_a_zero_pad_on_a_signed_uint8_grid_is_not_crossed(tmp_path):
+    """A signed range (no Relu): the zero point is not 0, OpenVINO would pad the integers with it (case 2)."""
+    model = padded_chain(np.random.default_rng(1), first="Neg")
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    moved = _quantize(_clone(model), calib).model
+    assert _node(moved, "pad").inputs[0].name == "a"  # not quantized before the Pad
+    assert _activation_source(_node(moved, "reshape").inputs[0]).name == "p"  # moved up to it
+    runner, _ = _runtime(moved, tmp_path / "ov")
+    assert all(layer["int8"] for layer in runner.layer_precisions()), runner.layer_precisions()
+
+
+def test_a_reflect_pad_is_crossed_on_any_grid(tmp_path):
+    model = padded_chain(np.random.default_rng(2), first="Neg", mode="reflect")
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    moved = _quantize(_clone(model), calib).model
+    assert _activation_source(_node(moved, "pad").inputs[0]).name == "a"
+    x = _normal(7, 1, C, 8, 8)
+    at_input = _quantize(_clone(model), calib, through=False).model
+    np.testing.assert_allclose(run_ort(moved, {"x": x})[0], run_ort(at_input, {"x": x})[0], rtol=0, atol=1e-5)
+
+
+def test_a_tensor_another_op_reads_stops_the_pair(tmp_path):
+    """The Transpose's output is also a graph output: it keeps its float value, the pair is not moved above it."""
+    rng = np.random.default_rng(3)
+    model = model_from_text(f"""{HEADER}
+    g (float[1,{C},8,8] x) => (float[1,{C},8,8] y, float[1,{C},8,8] t) {{
+      [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+      [act] a = Relu(c1)
+      [transpose] t = Transpose <perm = [0, 1, 3, 2]> (a)
+      [conv2] y = Conv <pads = [1, 1, 1, 1]> (t, w2, b2)
+    }}""", w1=_w(rng, C, C, 3, 3, fan_in=9 * C), b1=_w(rng, C) * 0.1, w2=_w(rng, C, C, 3, 3, fan_in=9 * C),
+        b2=_w(rng, C) * 0.1)
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    moved = _quantize(_clone(model), calib).model
+    assert _node(moved, "transpose").inputs[0].name == "a"
+    assert _activation_source(_node(moved, "conv2").inputs[0]).name == "t"
+
+
+def spp_block(rng: np.random.Generator):
+    """Conv -> Relu -> Concat(r, MaxPool(r), MaxPool(MaxPool(r))) -> Conv: a spatial-pyramid join (case 4),
+    and a Slice of the Relu another convolution reads beside it."""
+    return model_from_text(f"""{HEADER}
+    g (float[1,{C},8,8] x) => (float[1,{C},8,8] y, float[1,{C},8,8] z) {{
+      [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+      [act] r = Relu(c1)
+      [pool1] m1 = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r)
+      [pool2] m2 = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (m1)
+      [concat] k = Concat <axis = 1> (r, m1, m2)
+      [conv2] y = Conv <pads = [1, 1, 1, 1]> (k, w2, b2)
+      [slice] h = Slice(r, starts, ends, axes)
+      [conv3] z = Conv <pads = [1, 1, 1, 1]> (h, w3, b3)
+    }}""", w1=_w(rng, C, C, 3, 3, fan_in=9 * C), b1=_w(rng, C) * 0.1, w2=_w(rng, C, 3 * C, 3, 3, fan_in=27 * C),
+        b2=_w(rng, C) * 0.1, w3=_w(rng, C, C // 2, 3, 3, fan_in=9 * C // 2), b3=_w(rng, C) * 0.1,
+        starts=np.array([0], np.int64), ends=np.array([C // 2], np.int64), axes=np.array([1], np.int64))
+
+
+def test_a_pyramid_join_gets_one_pair_on_its_source_and_a_slice_its_own(tmp_path):
+    model = spp_block(np.random.default_rng(4))
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    moved = _quantize(_clone(model), calib).model
+    # conv2's pair: on r, shared by pool1 and the Concat (case 4); m1 feeds pool2 and the Concat
+    pool1, concat = _node(moved, "pool1"), _node(moved, "concat")
+    assert _activation_source(pool1.inputs[0]).name == "r"
+    assert concat.inputs[0] is pool1.inputs[0] and concat.inputs[1].name == "m1" and concat.inputs[2].name == "m2"
+    # conv3's pair sits before its Slice, on r too, but on the slice's own range: a second pair
+    slice_in = _node(moved, "slice").inputs[0]
+    assert _activation_source(slice_in).name == "r" and slice_in is not pool1.inputs[0]
+    x = _normal(7, 1, C, 8, 8)
+    at_input = _quantize(_clone(model), calib, through=False).model
+    for got, want in zip(run_ort(moved, {"x": x}), run_ort(at_input, {"x": x})):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    runner, layers = _runtime(moved, tmp_path / "ov")
+    pools = [v for v in layers.values() if v[0] in ("Pooling", "Concatenation")]
+    assert pools and all(precision == "u8" for _, precision, _ in pools), pools
+    assert all(layer["int8"] for layer in runner.layer_precisions()), runner.layer_precisions()
