@@ -1,0 +1,329 @@
+"""Accuracy control's ranking: which quantized layers to give back first.
+
+For each quantized layer ``L``, the model with only ``L`` given back
+(:func:`build_candidate`) is run on the ranking subset against the baseline (in ONNX
+Runtime by default, else on the target; see ``AccuracyConfig.ranking_backend``):
+``sensitivity(L) = err(all quantized) − err(all but L)``, ``err = 1 − mean cosine``.
+The subset is the ``ranking_samples`` evaluation samples on which the fully quantized
+model errs most (:func:`worst_samples`; NNCF's ``_select_subset`` picks its ranking subset
+the same way): where quantization hurts is where giving a layer back shows.
+
+Measuring every layer on every ranking sample costs one session per layer over the
+whole subset, so the ranking is staged (:func:`rank_layers`, ``AccuracyConfig``):
+
+1. **Noise** (ONNX Runtime only): one tapped run on the ``screen_samples`` samples with
+   the largest error gives each layer's own quantization noise
+   (:mod:`compressor.flow.layer_noise`); only the ``screen_layers`` noisiest go on to 2.
+2. **Screen**: those layers are measured on the ``screen_samples`` samples.
+3. **Confirm**: the ``confirm_layers`` most sensitive by the screen are measured again on
+   the whole ranking subset.
+
+The ranking is the confirmed layers in their measured order, then the other screened
+layers in the screen's order, then the layers left out by the noise stage in its order
+(both marked ``"screened": true``; ``"noise"`` where stage 1 ran). An approximation,
+stated: a layer stage 1 or 2 puts below the cut is never measured on every ranking
+sample; where the true most sensitive layers pass both cuts, the greedy give-back tries
+the same layers in the same order as a full ranking would (docs/design.md has the
+figures). With no more layers than ``confirm_layers`` every layer is measured on the whole
+subset; ``screen_samples: 0`` turns stages 1 and 2 off, ``screen_layers: 0`` stage 1.
+
+Each candidate is one task of an executor (:mod:`compressor.executor`: in this process,
+or on Ray): :func:`candidate_error` edits its copy of the quantized model from what every
+task shares (that model, the record of what ``quantize`` changed, the passes after it,
+the ranking data and the baseline's outputs), sent once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.data import Dataset
+from compressor.errors import first_line
+from compressor.executor import Executor, InProcessExecutor
+from compressor.flow.evaluation import collect_outputs, fidelity, mask_padding, sample_errors
+from compressor.flow.layer_noise import layer_noise
+from compressor.model_io import clone_model, ir_from_bytes, model_bytes
+from compressor.pass_manager import PassManager
+from compressor.progress import Progress
+from compressor.quant.revert import give_back
+from compressor.targets.onnx import OrtRunner, SharedInitializers
+
+__all__ = ["build_candidate", "candidate_error", "rank_layers", "ranking_fields", "ranking_tasks",
+           "release_decoded", "run_ranking", "worst_samples"]
+
+logger = logging.getLogger(__name__)
+
+RunFn = Callable[[Any], list[np.ndarray]]
+
+
+def output_error(ref: list[np.ndarray], run: RunFn, data: Dataset) -> float:
+    """``1 − mean cosine`` of ``run``'s outputs on ``data`` against ``ref`` (padding masked)."""
+    return 1.0 - fidelity(mask_padding(ref, data), mask_padding(collect_outputs(run, data), data))["cosine_mean"]
+
+
+def worst_samples(errors: np.ndarray, count: int) -> list[int]:
+    """Indices of the ``count`` largest ``errors`` (ties: the earlier sample), in sample order."""
+    order = sorted(range(len(errors)), key=lambda i: (-float(errors[i]), i))
+    return sorted(order[:count])
+
+
+#: The model :func:`build_candidate` last decoded from ``shared["quantized"]``, with those
+#: bytes and, once an ONNX Runtime candidate asked for them, its initializers held for
+#: ONNX Runtime (:class:`~compressor.targets.onnx.SharedInitializers`): the next candidate
+#: of the same ranking clones it (tensors shared, never written by
+#: :func:`~compressor.quant.revert.give_back`) instead of parsing the bytes again, and its
+#: session reads the unchanged initializers from there instead of from serialized bytes.
+_decoded: dict[str, Any] = {}
+
+
+def _quantized_copy(data: bytes) -> ir.Model:
+    """A fresh copy of the model serialized as ``data`` (see ``_decoded``)."""
+    held = _decoded.get("bytes")
+    if held is None or not (held is data or held == data):  # Ray hands each task its own bytes
+        _decoded.clear()
+        _decoded.update(bytes=data, model=ir_from_bytes(data))
+    return clone_model(_decoded["model"])
+
+
+def _shared_initializers() -> SharedInitializers:
+    """The initializers of the model :func:`_quantized_copy` last decoded, for ONNX Runtime."""
+    if "initializers" not in _decoded:
+        _decoded["initializers"] = SharedInitializers(_decoded["model"])
+    return _decoded["initializers"]
+
+
+def release_decoded() -> None:
+    """Drop what :func:`build_candidate` keeps between candidates (the ranking is done)."""
+    _decoded.clear()
+
+
+def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Model:
+    """The quantized model with the ``given`` layers given back, then the passes after ``quantize``.
+
+    Args:
+        given: Layer names given back (empty: the fully quantized model).
+        shared: ``quantized`` (the model ``quantize`` returned, :func:`~compressor.model_io.ir_bytes`),
+            ``record`` (its :class:`~compressor.quant.revert.QuantizationRecord`), ``mode``
+            (``float`` or ``int16``: the target's ``Capabilities.fallback``), ``post`` (the
+            passes after ``quantize``, e.g. ``qnn-legalize``; their statistics are in the
+            cache of ``context``) and ``context`` (the ``PassContext`` they run with).
+    """
+    model = give_back(_quantized_copy(shared["quantized"]), shared["record"], sorted(given), shared["mode"])
+    if shared["post"]:
+        base = shared["context"]
+        ctx = dataclasses.replace(base, properties=set(base.properties))
+        model = PassManager(shared["post"], verify=False).run(model, ctx).model
+    return model
+
+
+def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
+    """Executor task: the output error of the model with the ``given`` layers given back.
+
+    Args:
+        given: Layer names given back (empty: the fully quantized model).
+        shared: What :func:`build_candidate` reads, and ``runtime`` (``onnxruntime``: ONNX
+            Runtime CPU; ``target``: lowered and run on the context's target), ``data``
+            (the ranking subset), ``ref`` (the baseline's outputs on it, from the same
+            runtime) and ``pin`` (the float precision pinned in the artifact, or ``None``).
+    """
+    model = build_candidate(given, shared)
+    if shared["runtime"] == "onnxruntime":
+        return output_error(shared["ref"], OrtRunner(model, shared=_shared_initializers()), shared["data"])
+    target = shared["context"].target
+    with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
+        run = target.runner(target.lower_pinned(model, Path(work), shared.get("pin")))
+        err = output_error(shared["ref"], run, shared["data"])
+        del run
+    return err
+
+
+def _measured(layers: Sequence[str], errors: Sequence[float]) -> list[dict[str, Any]]:
+    """Ranking entries, most sensitive first, from the errors of ``[all quantized, *layers given back]``."""
+    ranking = [{"layer": name, "sensitivity": errors[0] - err, "error_without": err}
+               for name, err in zip(layers, errors[1:])]
+    ranking.sort(key=lambda r: (-r["sensitivity"], r["layer"]))
+    return ranking
+
+
+def ranking_tasks(layers: int, confirm: int | None, screen_layers: int | None = None) -> int:
+    """How many candidates :func:`rank_layers` evaluates (for a progress bar's total)."""
+    if confirm is None or confirm >= layers:
+        return layers + 1
+    screened = layers if screen_layers is None else min(screen_layers, layers)
+    return screened + 1 + min(confirm, screened) + 1
+
+
+def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mapping[str, Any]], float],
+                shared: Mapping[str, Any], *, executor: Executor | None = None,
+                progress: Callable[[int], Any] | None = None, screen: Mapping[str, Any] | None = None,
+                confirm: int | None = None, noise: Mapping[str, float] | None = None,
+                screen_layers: int | None = None) -> list[dict[str, Any]]:
+    """Sensitivity of each layer (see the module docstring), most sensitive first.
+
+    Args:
+        layers: Names of the quantized layers.
+        error_of: The error of a candidate, ``(given, shared) -> float`` (a task of
+            ``executor``: module-level, such as :func:`candidate_error`, to run on Ray).
+        shared: What every candidate reads.
+        executor: Where the candidates run (default: in this process).
+        progress: Called with ``1`` per candidate done (the fully quantized model first).
+        screen: What the candidates read in the screening stage (``shared`` with a smaller
+            ``data`` and its ``ref``); with ``confirm``, ranking is staged (module docstring).
+        confirm: How many of the layers the screen ranks first are ranked again on ``shared``.
+        noise: Each layer's own quantization noise (stage 1); with ``screen_layers``, only
+            that many of the noisiest layers are screened.
+        screen_layers: How many layers the screen measures (the noisiest).
+    """
+    executor = executor or InProcessExecutor()
+
+    def measure(names: Sequence[str], on: Mapping[str, Any]) -> list[dict[str, Any]]:
+        candidates = [frozenset(), *(frozenset({name}) for name in names)]
+        return _measured(names, executor.map(error_of, candidates, shared=on, labels=["all quantized", *names],
+                                             progress=progress))
+
+    if screen is None or confirm is None or confirm >= len(layers):
+        return measure(layers, shared)
+    left: list[dict[str, Any]] = []
+    candidates = list(layers)
+    if noise is not None and screen_layers is not None and screen_layers < len(layers):
+        by_noise = sorted(layers, key=lambda name: (-noise[name], name))
+        candidates = by_noise[:screen_layers]
+        left = [{"layer": name, "noise": noise[name], "screened": True} for name in by_noise[screen_layers:]]
+    screened = measure(candidates, screen)
+    if noise is not None:
+        screened = [{**r, "noise": noise[r["layer"]]} for r in screened]
+    confirmed = measure([r["layer"] for r in screened[:confirm]], shared)
+    if noise is not None:
+        confirmed = [{**r, "noise": noise[r["layer"]]} for r in confirmed]
+    logger.info("accuracy control: %d layers screened%s, the %d most sensitive ranked on every ranking sample",
+                len(candidates), f" (the noisiest of {len(layers)})" if left else "", len(confirmed))
+    return confirmed + [{**r, "screened": True} for r in screened[confirm:]] + left
+
+
+def whole_batches(eval_set: Dataset, count: int) -> int:
+    """``count`` samples of ``eval_set`` (at most all), rounded up to whole batches on a static batch axis."""
+    count = min(count, len(eval_set))
+    if count and eval_set.subset(0, count).usable() < count:
+        count = min(-(-count // eval_set.batch_size()) * eval_set.batch_size(), len(eval_set))
+    return count
+
+
+def per_sample_errors(ref: list[np.ndarray], outputs: list[np.ndarray], eval_set: Dataset) -> np.ndarray:
+    """``1 − cosine`` per eval sample, also for outputs whose first axis is not the sample's.
+
+    A model with a static batch of 1 may return more rows per call than samples (ddddocr's
+    recogniser returns ``[T, 1, C]``, time first): the rows of one call are then one sample's.
+    Otherwise, when the rows cannot be told apart by sample, every sample gets the same
+    error (the ranking subset is then the first samples), with a warning.
+    """
+    samples = eval_set.usable()
+    if all(len(o) == samples for o in outputs):
+        return sample_errors(ref, outputs, eval_set)
+    if eval_set.batch_size() == 1 and all(len(o) % samples == 0 for o in outputs):
+        return sample_errors([np.asarray(r).reshape(samples, -1) for r in ref],
+                             [np.asarray(o).reshape(samples, -1) for o in outputs], eval_set)
+    logger.warning("accuracy control: the outputs' first axes (%s) are not one row per sample (%d samples): "
+                   "ranking on the first samples, not the worst", ", ".join(str(len(o)) for o in outputs), samples)
+    return np.zeros(samples)
+
+
+def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, calib: Dataset | None,
+                   eval_set: Dataset, version: str) -> dict[str, Any]:
+    """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget.
+
+    Args:
+        recipe: The resolved recipe, as JSON data.
+        tgt: The target.
+        baseline: The captured model.
+        calib: The calibration data.
+        eval_set: The evaluation data.
+        version: The compressor's version.
+    """
+    resolved = dict(recipe)
+    resolved["accuracy"] = {k: v for k, v in resolved.get("accuracy", {}).items()
+                            if k not in ("max_drop", "max_fallback")}
+    return {"model": hashlib.sha256(model_bytes(baseline)).hexdigest(), "recipe": resolved,
+            "calibration": None if calib is None else calib.sha256, "eval": eval_set.sha256,
+            "target": tgt.describe(), "compressor": version}
+
+
+def _noise(shared: Mapping[str, Any], data: Dataset) -> dict[str, float] | None:
+    """Stage 1 (module docstring) on ``data``, or ``None`` (with a warning) where the tapped run fails."""
+    try:
+        _quantized_copy(shared["quantized"])  # decoded once, for the candidates after it too
+        return layer_noise(_decoded["model"], shared["record"], data, shared=_shared_initializers())
+    except Exception as exc:  # an op whose float twin ONNX Runtime cannot build: screen every layer
+        logger.warning("accuracy control: no quantization noise per layer (%s); screening every layer",
+                       first_line(exc))
+        return None
+
+
+def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, eval_set: Dataset,
+                baseline: ir.Model, run_baseline: RunFn, executor: Executor | None, progress: Progress,
+                note: str, max_steps: int) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """Rank ``shared["record"]``'s layers (module docstring).
+
+    Args:
+        shared: What every candidate reads (:func:`candidate_error`) but the ranking data.
+        accuracy: The recipe's ``AccuracyConfig``.
+        errors: The fully quantized model's error per eval sample (:func:`per_sample_errors`).
+        eval_set: The evaluation data.
+        baseline: The fp32 model (run in ONNX Runtime for the ranking's reference).
+        run_baseline: The fp32 model on the target.
+        executor: Where the candidates run.
+        progress: Progress bar factory.
+        note: What the warning that starts the ranking says first (the drop and budget).
+        max_steps: How many layers may be given back (for that warning).
+
+    Returns:
+        The ranking, the runtime it was measured in (``onnxruntime`` or ``target``), and
+        what the cache keeps beside it (the ranking and screening samples).
+    """
+    layers = shared["record"].names
+    chosen = worst_samples(errors, whole_batches(eval_set, accuracy.ranking_samples))
+    ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
+    runtime, ranking_run = "target", run_baseline
+    if accuracy.ranking_backend == "onnxruntime":
+        try:
+            ranking_run = OrtRunner(baseline)
+            ranking_ref = collect_outputs(ranking_run, ranking_data)
+            runtime = "onnxruntime"
+        except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
+            logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
+                           first_line(exc))
+            ranking_run = run_baseline
+    if runtime == "target":
+        ranking_ref = collect_outputs(run_baseline, ranking_data)
+    on_all = {**shared, "runtime": runtime, "data": ranking_data, "ref": ranking_ref}
+    # Staged ranking (module docstring): the screen is the worst of the worst.
+    screened = worst_samples(errors, whole_batches(eval_set, accuracy.screen_samples))
+    confirm = accuracy.confirm_layers if 0 < len(screened) < len(chosen) and \
+        accuracy.confirm_layers < len(layers) else None
+    screen, noise, screen_layers = None, None, None
+    if confirm is not None:
+        screen_data = eval_set.take(screened, f"{len(screened)} largest errors")
+        screen = {**on_all, "data": screen_data, "ref": collect_outputs(ranking_run, screen_data)}
+        if runtime == "onnxruntime" and confirm <= accuracy.screen_layers < len(layers):
+            noise = _noise(shared, screen_data)
+            screen_layers = accuracy.screen_layers if noise is not None else None
+    logger.warning("%s: ranking %d quantized layers by sensitivity on the %d samples with the largest error%s%s "
+                   "(at most %d may be given back)", note, len(layers), len(chosen),
+                   "" if confirm is None else f", screened on the {len(screened)} largest",
+                   "" if screen_layers is None else f" (the {screen_layers} noisiest layers by their own noise)",
+                   max_steps)
+    with progress("rank layers", ranking_tasks(len(layers), confirm, screen_layers), "layer") as bar:
+        try:
+            ranking = rank_layers(layers, candidate_error, on_all, executor=executor, progress=bar.update,
+                                  screen=screen, confirm=confirm, noise=noise, screen_layers=screen_layers)
+        finally:
+            release_decoded()
+    return ranking, runtime, {"ranking_samples": chosen, "screen_samples": screened if confirm is not None else None}
