@@ -102,13 +102,9 @@ class AccuracyConfig:
             int8 kernels, against the float model there (no backend compile per layer:
             about 2x faster on MiniLM); ``target``: rank on the target's own runtime.
             The greedy give-back and the gate always measure on the target.
-        screen_samples: Staged ranking (:mod:`compressor.flow.ranking`): layers are first
-            ranked on this many of the samples with the largest error; 0 ranks every layer
-            on all ``ranking_samples``.
-        screen_layers: With ``ranking_backend: onnxruntime``, only this many layers, those
-            with the most quantization noise of their own (one tapped run,
-            :mod:`compressor.flow.layer_noise`), are screened; the others follow in noise
-            order. 0 screens every layer.
+        screen_samples: Two-stage ranking (:mod:`compressor.flow.ranking`): every layer is
+            first ranked on this many of the samples with the largest error; 0 ranks every
+            layer on all ``ranking_samples``.
         confirm_layers: After the screen, this many of the most sensitive layers are ranked
             again on all ``ranking_samples`` and tried first; the others follow in the
             screen's order. With no more layers than this, there is no screen.
@@ -120,7 +116,6 @@ class AccuracyConfig:
     ranking_samples: int = 64
     ranking_backend: Literal["onnxruntime", "target"] = "onnxruntime"
     screen_samples: int = 8
-    screen_layers: int = 8
     confirm_layers: int = 4
 
     def __post_init__(self) -> None:
@@ -132,8 +127,6 @@ class AccuracyConfig:
             raise ValueError(f"option 'ranking_samples' must be >= 1, got {self.ranking_samples}")
         if self.screen_samples < 0:
             raise ValueError(f"option 'screen_samples' must be >= 0 (0: no screen), got {self.screen_samples}")
-        if self.screen_layers < 0:
-            raise ValueError(f"option 'screen_layers' must be >= 0 (0: screen every layer), got {self.screen_layers}")
         if self.confirm_layers < 1:
             raise ValueError(f"option 'confirm_layers' must be >= 1, got {self.confirm_layers}")
 

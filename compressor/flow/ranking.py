@@ -9,23 +9,17 @@ model errs most (:func:`worst_samples`; NNCF's ``_select_subset`` picks its rank
 the same way): where quantization hurts is where giving a layer back shows.
 
 Measuring every layer on every ranking sample costs one session per layer over the
-whole subset, so the ranking is staged (:func:`rank_layers`, ``AccuracyConfig``):
-
-1. **Noise** (ONNX Runtime only): one tapped run on the ``screen_samples`` samples with
-   the largest error gives each layer's own quantization noise
-   (:mod:`compressor.flow.layer_noise`); only the ``screen_layers`` noisiest go on to 2.
-2. **Screen**: those layers are measured on the ``screen_samples`` samples.
-3. **Confirm**: the ``confirm_layers`` most sensitive by the screen are measured again on
-   the whole ranking subset.
-
-The ranking is the confirmed layers in their measured order, then the other screened
-layers in the screen's order, then the layers left out by the noise stage in its order
-(both marked ``"screened": true``; ``"noise"`` where stage 1 ran). An approximation,
-stated: a layer stage 1 or 2 puts below the cut is never measured on every ranking
-sample; where the true most sensitive layers pass both cuts, the greedy give-back tries
-the same layers in the same order as a full ranking would (docs/design.md has the
-figures). With no more layers than ``confirm_layers`` every layer is measured on the whole
-subset; ``screen_samples: 0`` turns stages 1 and 2 off, ``screen_layers: 0`` stage 1.
+whole subset, so the ranking runs in two stages when there are more layers than
+``confirm_layers`` (:func:`rank_layers`, ``AccuracyConfig``): every layer is *screened* on
+the ``screen_samples`` samples with the largest error (a subset of the ranking subset),
+then the ``confirm_layers`` most sensitive by that screen are ranked again on the whole
+ranking subset. The ranking is those confirmed layers in their measured order, followed
+by the other layers in their screened order (marked ``"screened": true``). An
+approximation, stated: a layer the screen puts below the first ``confirm_layers`` is
+never measured on every ranking sample; where the true most sensitive layers are among
+the confirmed ones, the greedy give-back tries the same layers in the same order as a
+full ranking would (docs/design.md has the figures). ``screen_samples: 0`` ranks every
+layer on all ranking samples.
 
 Each candidate is one task of an executor (:mod:`compressor.executor`: in this process,
 or on Ray): :func:`candidate_error` edits its copy of the quantized model from what every
@@ -50,7 +44,6 @@ from compressor.data import Dataset
 from compressor.errors import first_line
 from compressor.executor import Executor, InProcessExecutor
 from compressor.flow.evaluation import collect_outputs, fidelity, mask_padding, sample_errors
-from compressor.flow.layer_noise import layer_noise
 from compressor.model_io import clone_model, ir_from_bytes, model_bytes
 from compressor.pass_manager import PassManager
 from compressor.progress import Progress
@@ -154,19 +147,15 @@ def _measured(layers: Sequence[str], errors: Sequence[float]) -> list[dict[str, 
     return ranking
 
 
-def ranking_tasks(layers: int, confirm: int | None, screen_layers: int | None = None) -> int:
+def ranking_tasks(layers: int, confirm: int | None) -> int:
     """How many candidates :func:`rank_layers` evaluates (for a progress bar's total)."""
-    if confirm is None or confirm >= layers:
-        return layers + 1
-    screened = layers if screen_layers is None else min(screen_layers, layers)
-    return screened + 1 + min(confirm, screened) + 1
+    return layers + 1 + (confirm + 1 if confirm is not None and confirm < layers else 0)
 
 
 def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mapping[str, Any]], float],
                 shared: Mapping[str, Any], *, executor: Executor | None = None,
                 progress: Callable[[int], Any] | None = None, screen: Mapping[str, Any] | None = None,
-                confirm: int | None = None, noise: Mapping[str, float] | None = None,
-                screen_layers: int | None = None) -> list[dict[str, Any]]:
+                confirm: int | None = None) -> list[dict[str, Any]]:
     """Sensitivity of each layer (see the module docstring), most sensitive first.
 
     Args:
@@ -177,11 +166,8 @@ def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mappi
         executor: Where the candidates run (default: in this process).
         progress: Called with ``1`` per candidate done (the fully quantized model first).
         screen: What the candidates read in the screening stage (``shared`` with a smaller
-            ``data`` and its ``ref``); with ``confirm``, ranking is staged (module docstring).
+            ``data`` and its ``ref``); with ``confirm``, ranking is two-stage (module docstring).
         confirm: How many of the layers the screen ranks first are ranked again on ``shared``.
-        noise: Each layer's own quantization noise (stage 1); with ``screen_layers``, only
-            that many of the noisiest layers are screened.
-        screen_layers: How many layers the screen measures (the noisiest).
     """
     executor = executor or InProcessExecutor()
 
@@ -192,21 +178,11 @@ def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mappi
 
     if screen is None or confirm is None or confirm >= len(layers):
         return measure(layers, shared)
-    left: list[dict[str, Any]] = []
-    candidates = list(layers)
-    if noise is not None and screen_layers is not None and screen_layers < len(layers):
-        by_noise = sorted(layers, key=lambda name: (-noise[name], name))
-        candidates = by_noise[:screen_layers]
-        left = [{"layer": name, "noise": noise[name], "screened": True} for name in by_noise[screen_layers:]]
-    screened = measure(candidates, screen)
-    if noise is not None:
-        screened = [{**r, "noise": noise[r["layer"]]} for r in screened]
+    screened = measure(layers, screen)
     confirmed = measure([r["layer"] for r in screened[:confirm]], shared)
-    if noise is not None:
-        confirmed = [{**r, "noise": noise[r["layer"]]} for r in confirmed]
-    logger.info("accuracy control: %d layers screened%s, the %d most sensitive ranked on every ranking sample",
-                len(candidates), f" (the noisiest of {len(layers)})" if left else "", len(confirmed))
-    return confirmed + [{**r, "screened": True} for r in screened[confirm:]] + left
+    logger.info("accuracy control: %d layers screened, the %d most sensitive ranked on every ranking sample",
+                len(layers), len(confirmed))
+    return confirmed + [{**r, "screened": True} for r in screened[confirm:]]
 
 
 def whole_batches(eval_set: Dataset, count: int) -> int:
@@ -256,17 +232,6 @@ def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, cali
             "target": tgt.describe(), "compressor": version}
 
 
-def _noise(shared: Mapping[str, Any], data: Dataset) -> dict[str, float] | None:
-    """Stage 1 (module docstring) on ``data``, or ``None`` (with a warning) where the tapped run fails."""
-    try:
-        _quantized_copy(shared["quantized"])  # decoded once, for the candidates after it too
-        return layer_noise(_decoded["model"], shared["record"], data, shared=_shared_initializers())
-    except Exception as exc:  # an op whose float twin ONNX Runtime cannot build: screen every layer
-        logger.warning("accuracy control: no quantization noise per layer (%s); screening every layer",
-                       first_line(exc))
-        return None
-
-
 def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, eval_set: Dataset,
                 baseline: ir.Model, run_baseline: RunFn, executor: Executor | None, progress: Progress,
                 note: str, max_steps: int) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
@@ -308,22 +273,17 @@ def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, ev
     screened = worst_samples(errors, whole_batches(eval_set, accuracy.screen_samples))
     confirm = accuracy.confirm_layers if 0 < len(screened) < len(chosen) and \
         accuracy.confirm_layers < len(layers) else None
-    screen, noise, screen_layers = None, None, None
+    screen = None
     if confirm is not None:
         screen_data = eval_set.take(screened, f"{len(screened)} largest errors")
         screen = {**on_all, "data": screen_data, "ref": collect_outputs(ranking_run, screen_data)}
-        if runtime == "onnxruntime" and confirm <= accuracy.screen_layers < len(layers):
-            noise = _noise(shared, screen_data)
-            screen_layers = accuracy.screen_layers if noise is not None else None
-    logger.warning("%s: ranking %d quantized layers by sensitivity on the %d samples with the largest error%s%s "
+    logger.warning("%s: ranking %d quantized layers by sensitivity on the %d samples with the largest error%s "
                    "(at most %d may be given back)", note, len(layers), len(chosen),
-                   "" if confirm is None else f", screened on the {len(screened)} largest",
-                   "" if screen_layers is None else f" (the {screen_layers} noisiest layers by their own noise)",
-                   max_steps)
-    with progress("rank layers", ranking_tasks(len(layers), confirm, screen_layers), "layer") as bar:
+                   "" if confirm is None else f", screened on the {len(screened)} largest", max_steps)
+    with progress("rank layers", ranking_tasks(len(layers), confirm), "layer") as bar:
         try:
             ranking = rank_layers(layers, candidate_error, on_all, executor=executor, progress=bar.update,
-                                  screen=screen, confirm=confirm, noise=noise, screen_layers=screen_layers)
+                                  screen=screen, confirm=confirm)
         finally:
             release_decoded()
     return ranking, runtime, {"ranking_samples": chosen, "screen_samples": screened if confirm is not None else None}
