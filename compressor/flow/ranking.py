@@ -45,12 +45,13 @@ from compressor.errors import first_line
 from compressor.executor import Executor, InProcessExecutor
 from compressor.flow.evaluation import collect_outputs, fidelity, mask_padding, sample_errors
 from compressor.model_io import clone_model, ir_from_bytes, model_bytes
+from compressor.flow.side_by_side import UNMERGED, side_by_side
 from compressor.pass_manager import PassManager
 from compressor.progress import Progress
 from compressor.quant.revert import give_back
 from compressor.targets.onnx import OrtRunner, SharedInitializers
 
-__all__ = ["build_candidate", "candidate_error", "rank_layers", "ranking_fields", "ranking_tasks",
+__all__ = ["build_candidate", "candidate_error", "candidate_errors", "rank_layers", "ranking_fields", "ranking_tasks",
            "release_decoded", "run_ranking", "worst_samples"]
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,35 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
     return err
 
 
+def candidate_errors(candidates: Sequence[frozenset[str]], shared: Mapping[str, Any]) -> list[float]:
+    """:func:`candidate_error` of each of ``candidates``, in ONNX Runtime from one session running them side by side.
+
+    The candidates are built as :func:`candidate_error` builds them and put into one model
+    (:func:`~compressor.flow.side_by_side.side_by_side`, no node merged across them), so
+    each error is the one its own session gives; where they cannot be combined, each gets
+    its own session.
+    """
+    models = [build_candidate(given, shared) for given in candidates]
+    combined = side_by_side(models)
+    if combined is None:
+        return [output_error(shared["ref"], OrtRunner(m, shared=_shared_initializers()), shared["data"])
+                for m in models]
+    model, counts = combined
+    del models
+    session = _shared_initializers().session(model, disabled=UNMERGED)
+    del model
+    names = {i.name for i in session.get_inputs()}
+    outputs = collect_outputs(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
+                              shared["data"])
+    ref = mask_padding(shared["ref"], shared["data"])
+    errors, start = [], 0
+    for count in counts:
+        part = mask_padding(outputs[start:start + count], shared["data"])
+        errors.append(1.0 - fidelity(ref, part)["cosine_mean"])
+        start += count
+    return errors
+
+
 def _measured(layers: Sequence[str], errors: Sequence[float]) -> list[dict[str, Any]]:
     """Ranking entries, most sensitive first, from the errors of ``[all quantized, *layers given back]``."""
     ranking = [{"layer": name, "sensitivity": errors[0] - err, "error_without": err}
@@ -155,7 +185,9 @@ def ranking_tasks(layers: int, confirm: int | None) -> int:
 def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mapping[str, Any]], float],
                 shared: Mapping[str, Any], *, executor: Executor | None = None,
                 progress: Callable[[int], Any] | None = None, screen: Mapping[str, Any] | None = None,
-                confirm: int | None = None) -> list[dict[str, Any]]:
+                confirm: int | None = None,
+                errors_of: Callable[[Sequence[frozenset[str]], Mapping[str, Any]], list[float]] | None = None,
+                ) -> list[dict[str, Any]]:
     """Sensitivity of each layer (see the module docstring), most sensitive first.
 
     Args:
@@ -168,11 +200,18 @@ def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mappi
         screen: What the candidates read in the screening stage (``shared`` with a smaller
             ``data`` and its ``ref``); with ``confirm``, ranking is two-stage (module docstring).
         confirm: How many of the layers the screen ranks first are ranked again on ``shared``.
+        errors_of: The errors of a stage's candidates at once, in this process (such as
+            :func:`candidate_errors`), instead of ``error_of`` on ``executor``.
     """
     executor = executor or InProcessExecutor()
 
     def measure(names: Sequence[str], on: Mapping[str, Any]) -> list[dict[str, Any]]:
         candidates = [frozenset(), *(frozenset({name}) for name in names)]
+        if errors_of is not None:
+            errors = errors_of(candidates, on)
+            if progress is not None:
+                progress(len(candidates))
+            return _measured(names, errors)
         return _measured(names, executor.map(error_of, candidates, shared=on, labels=["all quantized", *names],
                                              progress=progress))
 
@@ -282,8 +321,10 @@ def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, ev
                    "" if confirm is None else f", screened on the {len(screened)} largest", max_steps)
     with progress("rank layers", ranking_tasks(len(layers), confirm), "layer") as bar:
         try:
+            # In this process, a stage's candidates run side by side in one ONNX Runtime session.
+            together = runtime == "onnxruntime" and (executor is None or type(executor) is InProcessExecutor)
             ranking = rank_layers(layers, candidate_error, on_all, executor=executor, progress=bar.update,
-                                  screen=screen, confirm=confirm)
+                                  screen=screen, confirm=confirm, errors_of=candidate_errors if together else None)
         finally:
             release_decoded()
     return ranking, runtime, {"ranking_samples": chosen, "screen_samples": screened if confirm is not None else None}
