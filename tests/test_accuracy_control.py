@@ -440,3 +440,26 @@ def test_giving_back_a_matmul_whose_bias_correction_added_an_add(tmp_path):
     edited = give_back(_clone(quantized.model), quantized.quantization, quantized.quantization.names)
     assert not [n for n in edited.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     np.testing.assert_array_equal(_run(edited, x), _run(fresh(), x))
+
+
+def test_the_artifact_is_the_final_tries_files_not_a_second_lowering(files, tmp_path, monkeypatch):
+    """The give-back try that built the final model lowered it: its files become the artifact
+    (no lowering after accuracy control), and they are the model whose drop the manifest reports."""
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    lowered = []
+    real = OnnxTarget.lower_pinned
+    monkeypatch.setattr(OnnxTarget, "lower_pinned",
+                        lambda self, model, outdir, pin: lowered.append(outdir) or real(self, model, outdir, pin))
+    out = tmp_path / "out"
+    manifest = compress(files["model"], recipe="int8", outdir=out, calib=files["calib"], eval_data=files["eval"],
+                        max_drop=0.0, latency_runs=1).manifest
+    control = manifest["accuracy_control"]
+    assert control["layers"], "a layer was given back"
+    assert len(lowered) == len(control["steps"]) - 1, "one lowering per try, none after"
+    assert [f["path"] for f in manifest["files"]] == ["model.onnx"] and sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "model.onnx"]
+    x = np.load(files["eval"])["x"]
+    ref = _run(cnn(), x).astype(np.float64)
+    got = ort_session(str(out / "model.onnx")).run(None, {"x": x})[0].astype(np.float64)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert manifest["accuracy_drop"] == pytest.approx(1 - cos.mean(), abs=1e-12)

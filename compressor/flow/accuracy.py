@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,34 @@ class ControlResult:
     met: bool
     ranking_backend: str = "target"
     ranking_cached: bool = False
+    #: The final model's lowered files, from the give-back try that built it, and that
+    #: try's runner when it was the last one (:meth:`artifact`).
+    lowered: tuple[Path, list[Path], Any] | None = None
+
+    def artifact(self, tgt: Any, model: ir.Model, outdir: Path, pin: str | None, files: list[Path],
+                 run: Any) -> tuple[list[Path], Any]:
+        """The artifact's files in ``outdir`` and their runner, after accuracy control.
+
+        Nothing given back: ``files`` and ``run`` (the artifact as first lowered) stay. Else
+        the final try's files are moved into ``outdir`` in place of ``files`` (lowered from
+        the same model with the same ``pin``: what lowering it again would write) and its
+        runner is reused; ``model`` is lowered again only when no try lowered it.
+        """
+        if not self.given_back:
+            return files, run
+        for old in files:
+            old.unlink()
+        if self.lowered is None:
+            files = tgt.lower_pinned(model, outdir, pin)
+            return files, tgt.runner(files)
+        folder, tried, runner = self.lowered
+        moved = []
+        for path in tried:
+            target = outdir / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, target)
+            moved.append(target)
+        return moved, runner if runner is not None else tgt.runner(moved)
 
     def to_json(self, action: str) -> dict[str, Any]:
         return {"action": action, "layers": self.given_back, "steps": self.steps, "ranking": self.ranking,
@@ -157,6 +186,8 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
                               "post": post_passes, "context": dataclasses.replace(ctx, progress=no_progress),
                               "pin": pin}
     built: dict[frozenset[str], Any] = {}
+    lowered: dict[frozenset[str], tuple[Path, list[Path]]] = {}
+    last: dict[str, Any] = {}  # the last try's set and runner (the artifact's, when that try is kept)
 
     def rebuild(given: frozenset[str]) -> PipelineResult:
         edited = build_candidate(given, {**shared, "post": []})
@@ -165,7 +196,10 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
     def build(given: frozenset[str]) -> Any:
         folder = work_dir / f"control-{len(built)}"
         built[given] = rebuild(given)
-        return tgt.runner(tgt.lower_pinned(built[given].model, folder, pin))
+        lowered[given] = (folder, tgt.lower_pinned(built[given].model, folder, pin))
+        last.clear()
+        last.update(given=given, run=tgt.runner(lowered[given][1]))
+        return last["run"]
 
     max_steps = int(accuracy.max_fallback * len(layers))
     key = ranking_key({**cache_fields, "layers": layers})
@@ -188,6 +222,9 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
     finally:
         release_decoded()
     outcome.ranking_backend, outcome.ranking_cached = runtime, cached is not None
+    final_set = frozenset(outcome.given_back)
+    if final_set in lowered:
+        outcome.lowered = (*lowered[final_set], last.get("run") if last.get("given") == final_set else None)
     return final, outcome
 
 

@@ -396,10 +396,7 @@ def compress(
             reports = reports[:quantized.index + 1] + result.reports
             evaluation = control[1].evaluation
             timings["accuracy_control_s"] = time.perf_counter() - t
-            for old in files:
-                old.unlink()
-            files = tgt.lower_pinned(result.model, writer.path, pin)
-            run_compressed = tgt.runner(files)
+            files, run_compressed = control[1].artifact(tgt, result.model, writer.path, pin, files, run_compressed)
         feed = next(eval_set.batches())
         # Against the fp32 baseline in f32 and in the device's default precision (the gain
         # a user on a bf16 CPU sees); the same run where the device's default is f32.
