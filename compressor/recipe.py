@@ -113,7 +113,7 @@ class AccuracyConfig:
     metric: Literal["auto", "top1", "cosine"] = "auto"
     max_drop: float | None = None
     max_fallback: float = 0.5
-    ranking_samples: int = 64
+    ranking_samples: int = 32
     ranking_backend: Literal["onnxruntime", "target"] = "onnxruntime"
     screen_samples: int = 8
     confirm_layers: int = 4
