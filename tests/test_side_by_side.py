@@ -16,7 +16,7 @@ from compressor.flow.side_by_side import UNMERGED, side_by_side
 from compressor.inputs import model_input_specs
 from compressor.model_io import clone_model, ir_bytes
 from compressor.quant.revert import give_back
-from tests.test_accuracy_control import LAYERS, _quantize, _run, cnn, files  # noqa: F401  (files: the fixture)
+from tests.test_accuracy_control import _quantize, _run, cnn, files  # noqa: F401  (files: the fixture)
 
 GIVEN = [[], ["conv1"], ["conv2"], ["fc1"], ["fc2"], ["fc1", "conv2"]]
 
@@ -30,7 +30,8 @@ def test_copies_side_by_side_compute_what_each_computes_alone(files):
     int8 = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.INT8]
     assert len(int8) == len([v for v in quantized.model.graph.initializers.values() if v.dtype == ir.DataType.INT8])
     x = np.random.default_rng(5).standard_normal((8, 4, 6, 6)).astype(np.float32)
-    together = SharedInitializers(quantized.model, min_elements=16).session(model, disabled=UNMERGED).run(None, {"x": x})
+    shared = SharedInitializers(quantized.model, min_elements=16)
+    together = shared.session(model, disabled=UNMERGED).run(None, {"x": x})
     for given, copy, out in zip(GIVEN, copies, together):
         np.testing.assert_array_equal(out, _run(copy, x), err_msg=str(given))
 
