@@ -43,7 +43,14 @@ import onnx_ir as ir
 from compressor.data import Dataset
 from compressor.errors import first_line
 from compressor.executor import Executor, InProcessExecutor
-from compressor.flow.evaluation import collect_outputs, fidelity, mask_padding, sample_errors
+from compressor.flow.evaluation import (
+    collect_outputs,
+    cosine_mean,
+    fidelity,
+    mask_padding,
+    output_rows,
+    sample_errors,
+)
 from compressor.model_io import clone_model, ir_from_bytes, model_bytes
 from compressor.flow.side_by_side import UNMERGED, side_by_side
 from compressor.pass_manager import PassManager
@@ -160,11 +167,10 @@ def candidate_errors(candidates: Sequence[frozenset[str]], shared: Mapping[str, 
     names = {i.name for i in session.get_inputs()}
     outputs = collect_outputs(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
                               shared["data"])
-    ref = mask_padding(shared["ref"], shared["data"])
+    ref = output_rows(mask_padding(shared["ref"], shared["data"]))  # once, not per candidate
     errors, start = [], 0
     for count in counts:
-        part = mask_padding(outputs[start:start + count], shared["data"])
-        errors.append(1.0 - fidelity(ref, part)["cosine_mean"])
+        errors.append(1.0 - cosine_mean(ref, mask_padding(outputs[start:start + count], shared["data"])))
         start += count
     return errors
 
