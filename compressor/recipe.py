@@ -102,7 +102,7 @@ class AccuracyConfig:
             int8 kernels, against the float model there (no backend compile per layer:
             about 2x faster on MiniLM); ``target``: rank on the target's own runtime.
             The greedy give-back and the gate always measure on the target.
-        screen_samples: Two-stage ranking (:mod:`compressor.flow.accuracy`): every layer is
+        screen_samples: Two-stage ranking (:mod:`compressor.flow.ranking`): every layer is
             first ranked on this many of the samples with the largest error; 0 ranks every
             layer on all ``ranking_samples``.
         confirm_layers: After the screen, this many of the most sensitive layers are ranked
@@ -113,7 +113,7 @@ class AccuracyConfig:
     metric: Literal["auto", "top1", "cosine"] = "auto"
     max_drop: float | None = None
     max_fallback: float = 0.5
-    ranking_samples: int = 64
+    ranking_samples: int = 32
     ranking_backend: Literal["onnxruntime", "target"] = "onnxruntime"
     screen_samples: int = 8
     confirm_layers: int = 4

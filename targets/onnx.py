@@ -16,7 +16,7 @@ import functools
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -199,8 +199,11 @@ class SharedInitializers:
                 array = np.ascontiguousarray(tensor.numpy())
                 self._held[name] = (tensor, array, ort.OrtValue.ortvalue_from_numpy(array))
 
-    def session(self, model: ir.Model, *, threads: int | None = None) -> ort.InferenceSession:
-        """A session of ``model``, a copy of the model given to the constructor (edited or not)."""
+    def session(self, model: ir.Model, *, threads: int | None = None,
+                disabled: Sequence[str] = ()) -> ort.InferenceSession:
+        """A session of ``model``, a copy of the model given to the constructor (edited or not),
+        or of several side by side (:mod:`compressor.flow.side_by_side`); ``disabled``: ONNX
+        Runtime optimizers to leave out."""
         copy = clone_model(model)
         names = []
         for name, value in copy.graph.initializers.items():
@@ -212,7 +215,8 @@ class SharedInitializers:
         opts = _session_options(threads)
         if names:
             opts.add_external_initializers(names, [self._held[name][2] for name in names])
-        return ort.InferenceSession(model_bytes(copy), opts, providers=[_CPU])
+        extra = {"disabled_optimizers": list(disabled)} if disabled else {}
+        return ort.InferenceSession(model_bytes(copy), opts, providers=[_CPU], **extra)
 
 
 class OrtRunner(Runner):

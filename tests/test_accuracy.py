@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from compressor.data import Dataset
-from compressor.flow.accuracy import control_accuracy, rank_layers, ranking_tasks
+from compressor.flow.accuracy import control_accuracy
+from compressor.flow.ranking import rank_layers, ranking_tasks
 from compressor.flow.evaluation import Evaluation
 from compressor.inputs import InputSpec
 

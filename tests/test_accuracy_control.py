@@ -23,14 +23,14 @@ from compressor.targets.onnx import OnnxTarget, SharedInitializers, ort_session
 from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
 from onnx import TensorProto, helper, numpy_helper
 
-import compressor.flow.accuracy as accuracy_module
+import compressor.flow.ranking as ranking_module
 import compressor.flow.compress as compress_module
 from compressor.data import load_npz
 from compressor.executor import InProcessExecutor
 from compressor.flow.accuracy import given_back_stats
 from compressor.flow.compress import compress
 from compressor.inputs import model_input_specs
-from compressor.model_io import clone_model, model_bytes, save_model
+from compressor.model_io import clone_model, ir_bytes, model_bytes, save_model
 from compressor.pass_manager import PassReport
 from compressor.pipeline import PassContext, build_pass
 from compressor.quant.revert import give_back
@@ -273,7 +273,7 @@ def test_ranking_on_the_target_and_its_fallback(files, tmp_path, monkeypatch, ca
     def no_kernel(*_args, **_kwargs):
         raise RuntimeError("Could not find an implementation for Foo(1) node with name 'foo'")
 
-    monkeypatch.setattr(accuracy_module, "OrtRunner", no_kernel)
+    monkeypatch.setattr(ranking_module, "OrtRunner", no_kernel)
     with caplog.at_level(logging.WARNING, logger="compressor"):
         fallback = compress(files["model"], recipe="int8", outdir=tmp_path / "fallback", calib=files["calib"],
                             eval_data=files["eval"], max_drop=0.0, latency_runs=1).manifest["accuracy_control"]
@@ -311,18 +311,18 @@ def test_two_stage_ranking_reaches_the_budget_with_the_full_rankings_layer(files
 def test_candidates_of_one_ranking_decode_the_quantized_model_once(files, monkeypatch):
     quantized = _quantize(files)
     data = load_npz(files["eval"], model_input_specs(cnn()))
-    shared = {"quantized": accuracy_module.ir_bytes(quantized.model), "record": quantized.quantization,
+    shared = {"quantized": ir_bytes(quantized.model), "record": quantized.quantization,
               "mode": "float", "post": [], "runtime": "onnxruntime", "data": data,
               "ref": [_run(cnn(), np.load(files["eval"])["x"])]}
     decoded = []
-    real = accuracy_module.ir_from_bytes
-    monkeypatch.setattr(accuracy_module, "ir_from_bytes", lambda b: decoded.append(1) or real(b))
-    errors = [accuracy_module.candidate_error(frozenset(given), shared) for given in ([], ["fc1"], [], ["conv1"])]
+    real = ranking_module.ir_from_bytes
+    monkeypatch.setattr(ranking_module, "ir_from_bytes", lambda b: decoded.append(1) or real(b))
+    errors = [ranking_module.candidate_error(frozenset(given), shared) for given in ([], ["fc1"], [], ["conv1"])]
     assert len(decoded) == 1 and errors[0] == errors[2] and errors[1] != errors[0]
-    accuracy_module.release_decoded()
+    ranking_module.release_decoded()
     fresh = {**shared, "quantized": bytes(bytearray(shared["quantized"]))}  # equal bytes from elsewhere (a Ray task's copy)
-    assert accuracy_module.candidate_error(frozenset(["fc1"]), fresh) == errors[1] and len(decoded) == 2
-    accuracy_module.release_decoded()
+    assert ranking_module.candidate_error(frozenset(["fc1"]), fresh) == errors[1] and len(decoded) == 2
+    ranking_module.release_decoded()
 
 
 def test_a_session_sharing_the_quantized_initializers_computes_what_the_full_bytes_do(files, monkeypatch):
@@ -440,3 +440,26 @@ def test_giving_back_a_matmul_whose_bias_correction_added_an_add(tmp_path):
     edited = give_back(_clone(quantized.model), quantized.quantization, quantized.quantization.names)
     assert not [n for n in edited.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     np.testing.assert_array_equal(_run(edited, x), _run(fresh(), x))
+
+
+def test_the_artifact_is_the_final_tries_files_not_a_second_lowering(files, tmp_path, monkeypatch):
+    """The give-back try that built the final model lowered it: its files become the artifact
+    (no lowering after accuracy control), and they are the model whose drop the manifest reports."""
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    lowered = []
+    real = OnnxTarget.lower_pinned
+    monkeypatch.setattr(OnnxTarget, "lower_pinned",
+                        lambda self, model, outdir, pin: lowered.append(outdir) or real(self, model, outdir, pin))
+    out = tmp_path / "out"
+    manifest = compress(files["model"], recipe="int8", outdir=out, calib=files["calib"], eval_data=files["eval"],
+                        max_drop=0.0, latency_runs=1).manifest
+    control = manifest["accuracy_control"]
+    assert control["layers"], "a layer was given back"
+    assert len(lowered) == len(control["steps"]) - 1, "one lowering per try, none after"
+    assert [f["path"] for f in manifest["files"]] == ["model.onnx"] and sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "model.onnx"]
+    x = np.load(files["eval"])["x"]
+    ref = _run(cnn(), x).astype(np.float64)
+    got = ort_session(str(out / "model.onnx")).run(None, {"x": x})[0].astype(np.float64)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert manifest["accuracy_drop"] == pytest.approx(1 - cos.mean(), abs=1e-12)

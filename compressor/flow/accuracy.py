@@ -4,29 +4,10 @@ A layer is given back by editing the quantized model (:func:`compressor.quant.re
 its Q/DQ pairs dropped and its float weight restored, or its activations widened to 16 bits
 on targets with no float path), never by running the passes again.
 
-1. Rank: for each quantized layer ``L``, build the model with only ``L`` given back and
-   measure the output error on the ranking subset against the baseline (in ONNX Runtime by
-   default, else on the target; see ``AccuracyConfig.ranking_backend``):
-   ``sensitivity(L) = err(all quantized) − err(all but L)``, ``err = 1 − mean cosine``.
-   The subset is the ``ranking_samples`` evaluation samples on which the fully quantized
-   model errs most (:func:`worst_samples`; NNCF's ``_select_subset`` picks its ranking
-   subset the same way): where quantization hurts is where giving a layer back shows.
-   Ranking runs in two stages when there are more layers than ``confirm_layers``
-   (``AccuracyConfig``): every layer is *screened* on the ``screen_samples`` samples with
-   the largest error (a subset of the ranking subset), then the ``confirm_layers`` most
-   sensitive by that screen are ranked again on the whole ranking subset. The ranking is
-   those confirmed layers in their measured order, followed by the other layers in their
-   screened order (marked ``"screened": true``). An approximation, stated: a layer the
-   screen puts below the first ``confirm_layers`` is never measured on every ranking
-   sample; where the true most sensitive layers are among the confirmed ones, the greedy
-   loop below tries the same layers in the same order as a full ranking would. By default
-   most candidates cost their fixed part plus an eighth of the samples (docs/design.md).
-   The ranking is recorded in the manifest and cached on disk
-   (:mod:`compressor.flow.ranking_cache`). Each candidate is one task of an executor
-   (:mod:`compressor.executor`: in this process, or on Ray): :func:`candidate_error` edits
-   its copy of the quantized model from what every task shares (that model, the record of
-   what ``quantize`` changed, the passes after it, the ranking data and the baseline's
-   outputs), sent once.
+1. Rank (:mod:`compressor.flow.ranking`): each quantized layer's sensitivity, measured by
+   giving it back alone, on the evaluation samples where the fully quantized model errs
+   most. The ranking is recorded in the manifest and cached on disk
+   (:mod:`compressor.flow.ranking_cache`).
 2. Greedy: try giving back layers in decreasing sensitivity, one at a time, re-evaluating
    the metric on the whole eval set after each try, until ``drop <= max_drop`` or the step
    limit is reached. A try that does not lower the drop is undone (the layer stays
@@ -36,10 +17,9 @@ on targets with no float path), never by running the passes again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,26 +27,26 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.data import Dataset
-from compressor.errors import first_line
-from compressor.executor import Executor, InProcessExecutor
-from compressor.flow.evaluation import (
-    Evaluation,
-    collect_outputs,
-    fidelity,
-    mask_padding,
-    sample_errors,
+from compressor.executor import Executor
+from compressor.flow.evaluation import Evaluation
+from compressor.flow.ranking import (
+    build_candidate,
+    output_error,
+    per_sample_errors,
+    rank_layers,
+    ranking_fields,
+    release_decoded,
+    run_ranking,
 )
 from compressor.flow.ranking_cache import load_ranking, ranking_key, store_ranking
-from compressor.model_io import clone_model, ir_bytes, ir_from_bytes, model_bytes
+from compressor.model_io import ir_bytes
 from compressor.pass_manager import PassManager, PassReport, PipelineResult
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
-from compressor.quant.revert import QuantizationRecord, give_back
-from compressor.targets.onnx import OrtRunner, SharedInitializers
+from compressor.quant.revert import QuantizationRecord
 
-__all__ = ["ControlResult", "QuantizedSnapshot", "rank_layers", "candidate_error", "control_accuracy", "worst_samples",
-           "build_candidate", "control_on_target", "given_back_stats", "ranking_fields", "ranking_tasks",
-           "release_decoded"]
+__all__ = ["ControlResult", "QuantizedSnapshot", "control_accuracy", "control_on_target", "given_back_stats",
+           "ranking_fields"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +64,34 @@ class ControlResult:
     met: bool
     ranking_backend: str = "target"
     ranking_cached: bool = False
+    #: The final model's lowered files, from the give-back try that built it, and that
+    #: try's runner when it was the last one (:meth:`artifact`).
+    lowered: tuple[Path, list[Path], Any] | None = None
+
+    def artifact(self, tgt: Any, model: ir.Model, outdir: Path, pin: str | None, files: list[Path],
+                 run: Any) -> tuple[list[Path], Any]:
+        """The artifact's files in ``outdir`` and their runner, after accuracy control.
+
+        Nothing given back: ``files`` and ``run`` (the artifact as first lowered) stay. Else
+        the final try's files are moved into ``outdir`` in place of ``files`` (lowered from
+        the same model with the same ``pin``: what lowering it again would write) and its
+        runner is reused; ``model`` is lowered again only when no try lowered it.
+        """
+        if not self.given_back:
+            return files, run
+        for old in files:
+            old.unlink()
+        if self.lowered is None:
+            files = tgt.lower_pinned(model, outdir, pin)
+            return files, tgt.runner(files)
+        folder, tried, runner = self.lowered
+        moved = []
+        for path in tried:
+            target = outdir / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, target)
+            moved.append(target)
+        return moved, runner if runner is not None else tgt.runner(moved)
 
     def to_json(self, action: str) -> dict[str, Any]:
         return {"action": action, "layers": self.given_back, "steps": self.steps, "ranking": self.ranking,
@@ -93,132 +101,6 @@ class ControlResult:
 
 def _no_bar() -> Any:
     return no_progress("", None)
-
-
-def _error(ref: list[np.ndarray], run: RunFn, data: Dataset) -> float:
-    return 1.0 - fidelity(mask_padding(ref, data), mask_padding(collect_outputs(run, data), data))["cosine_mean"]
-
-
-def worst_samples(errors: np.ndarray, count: int) -> list[int]:
-    """Indices of the ``count`` largest ``errors`` (ties: the earlier sample), in sample order."""
-    order = sorted(range(len(errors)), key=lambda i: (-float(errors[i]), i))
-    return sorted(order[:count])
-
-
-#: The model :func:`build_candidate` last decoded from ``shared["quantized"]``, with those
-#: bytes and, once an ONNX Runtime candidate asked for them, its initializers held for
-#: ONNX Runtime (:class:`~compressor.targets.onnx.SharedInitializers`): the next candidate
-#: of the same ranking clones it (tensors shared, never written by
-#: :func:`~compressor.quant.revert.give_back`) instead of parsing the bytes again, and its
-#: session reads the unchanged initializers from there instead of from serialized bytes.
-_decoded: dict[str, Any] = {}
-
-
-def _quantized_copy(data: bytes) -> ir.Model:
-    """A fresh copy of the model serialized as ``data`` (see ``_decoded``)."""
-    held = _decoded.get("bytes")
-    if held is None or not (held is data or held == data):  # Ray hands each task its own bytes
-        _decoded.clear()
-        _decoded.update(bytes=data, model=ir_from_bytes(data))
-    return clone_model(_decoded["model"])
-
-
-def _shared_initializers() -> SharedInitializers:
-    """The initializers of the model :func:`_quantized_copy` last decoded, for ONNX Runtime."""
-    if "initializers" not in _decoded:
-        _decoded["initializers"] = SharedInitializers(_decoded["model"])
-    return _decoded["initializers"]
-
-
-def release_decoded() -> None:
-    """Drop what :func:`build_candidate` keeps between candidates (the ranking is done)."""
-    _decoded.clear()
-
-
-def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Model:
-    """The quantized model with the ``given`` layers given back, then the passes after ``quantize``.
-
-    Args:
-        given: Layer names given back (empty: the fully quantized model).
-        shared: ``quantized`` (the model ``quantize`` returned, :func:`~compressor.model_io.ir_bytes`),
-            ``record`` (its :class:`~compressor.quant.revert.QuantizationRecord`), ``mode``
-            (``float`` or ``int16``: the target's ``Capabilities.fallback``), ``post`` (the
-            passes after ``quantize``, e.g. ``qnn-legalize``; their statistics are in the
-            cache of ``context``) and ``context`` (the ``PassContext`` they run with).
-    """
-    model = give_back(_quantized_copy(shared["quantized"]), shared["record"], sorted(given), shared["mode"])
-    if shared["post"]:
-        base = shared["context"]
-        ctx = dataclasses.replace(base, properties=set(base.properties))
-        model = PassManager(shared["post"], verify=False).run(model, ctx).model
-    return model
-
-
-def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
-    """Executor task: the output error of the model with the ``given`` layers given back.
-
-    Args:
-        given: Layer names given back (empty: the fully quantized model).
-        shared: What :func:`build_candidate` reads, and ``runtime`` (``onnxruntime``: ONNX
-            Runtime CPU; ``target``: lowered and run on the context's target), ``data``
-            (the ranking subset), ``ref`` (the baseline's outputs on it, from the same
-            runtime) and ``pin`` (the float precision pinned in the artifact, or ``None``).
-    """
-    model = build_candidate(given, shared)
-    if shared["runtime"] == "onnxruntime":
-        return _error(shared["ref"], OrtRunner(model, shared=_shared_initializers()), shared["data"])
-    target = shared["context"].target
-    with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
-        run = target.runner(target.lower_pinned(model, Path(work), shared.get("pin")))
-        err = _error(shared["ref"], run, shared["data"])
-        del run
-    return err
-
-
-def _measured(layers: Sequence[str], errors: Sequence[float]) -> list[dict[str, Any]]:
-    """Ranking entries, most sensitive first, from the errors of ``[all quantized, *layers given back]``."""
-    ranking = [{"layer": name, "sensitivity": errors[0] - err, "error_without": err}
-               for name, err in zip(layers, errors[1:])]
-    ranking.sort(key=lambda r: (-r["sensitivity"], r["layer"]))
-    return ranking
-
-
-def ranking_tasks(layers: int, confirm: int | None) -> int:
-    """How many candidates :func:`rank_layers` evaluates (for a progress bar's total)."""
-    return layers + 1 + (confirm + 1 if confirm is not None and confirm < layers else 0)
-
-
-def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mapping[str, Any]], float],
-                shared: Mapping[str, Any], *, executor: Executor | None = None,
-                progress: Callable[[int], Any] | None = None, screen: Mapping[str, Any] | None = None,
-                confirm: int | None = None) -> list[dict[str, Any]]:
-    """Sensitivity of each layer (see the module docstring), most sensitive first.
-
-    Args:
-        layers: Names of the quantized layers.
-        error_of: The error of a candidate, ``(given, shared) -> float`` (a task of
-            ``executor``: module-level, such as :func:`candidate_error`, to run on Ray).
-        shared: What every candidate reads.
-        executor: Where the candidates run (default: in this process).
-        progress: Called with ``1`` per candidate done (the fully quantized model first).
-        screen: What the candidates read in the screening stage (``shared`` with a smaller
-            ``data`` and its ``ref``); with ``confirm``, ranking is two-stage (module docstring).
-        confirm: How many of the layers the screen ranks first are ranked again on ``shared``.
-    """
-    executor = executor or InProcessExecutor()
-
-    def measure(names: Sequence[str], on: Mapping[str, Any]) -> list[dict[str, Any]]:
-        candidates = [frozenset(), *(frozenset({name}) for name in names)]
-        return _measured(names, executor.map(error_of, candidates, shared=on, labels=["all quantized", *names],
-                                             progress=progress))
-
-    if screen is None or confirm is None or confirm >= len(layers):
-        return measure(layers, shared)
-    screened = measure(layers, screen)
-    confirmed = measure([r["layer"] for r in screened[:confirm]], shared)
-    logger.info("accuracy control: %d layers screened, the %d most sensitive ranked on every ranking sample",
-                len(layers), len(confirmed))
-    return confirmed + [{**r, "screened": True} for r in screened[confirm:]]
 
 
 def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]], RunFn],
@@ -249,7 +131,7 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
         data, ref = ranking_data, ranking_ref
         if data is None or ref is None:
             raise ValueError("control_accuracy: give ranking_data and ranking_ref, or a ranking")
-        error_of = lambda given, _: _error(ref, rank_build(given), data)  # noqa: E731
+        error_of = lambda given, _: output_error(ref, rank_build(given), data)  # noqa: E731
         with (progress("rank layers", len(layers) + 1, "layer") if progress else _no_bar()) as bar:
             ranking = rank_layers(layers, error_of, {}, progress=bar.update)
     logger.info("most sensitive layers: %s", ", ".join(f"{r['layer']} ({r['sensitivity']:.4g})" for r in ranking[:5]))
@@ -284,53 +166,6 @@ class QuantizedSnapshot:
     record: QuantizationRecord
 
 
-def _whole_batches(eval_set: Dataset, count: int) -> int:
-    """``count`` samples of ``eval_set`` (at most all), rounded up to whole batches on a static batch axis."""
-    count = min(count, len(eval_set))
-    if count and eval_set.subset(0, count).usable() < count:
-        count = min(-(-count // eval_set.batch_size()) * eval_set.batch_size(), len(eval_set))
-    return count
-
-
-def _per_sample_errors(ref: list[np.ndarray], outputs: list[np.ndarray], eval_set: Dataset) -> np.ndarray:
-    """``1 − cosine`` per eval sample, also for outputs whose first axis is not the sample's.
-
-    A model with a static batch of 1 may return more rows per call than samples (ddddocr's
-    recogniser returns ``[T, 1, C]``, time first): the rows of one call are then one sample's.
-    Otherwise, when the rows cannot be told apart by sample, every sample gets the same
-    error (the ranking subset is then the first samples), with a warning.
-    """
-    samples = eval_set.usable()
-    if all(len(o) == samples for o in outputs):
-        return sample_errors(ref, outputs, eval_set)
-    if eval_set.batch_size() == 1 and all(len(o) % samples == 0 for o in outputs):
-        return sample_errors([np.asarray(r).reshape(samples, -1) for r in ref],
-                             [np.asarray(o).reshape(samples, -1) for o in outputs], eval_set)
-    logger.warning("accuracy control: the outputs' first axes (%s) are not one row per sample (%d samples): "
-                   "ranking on the first samples, not the worst", ", ".join(str(len(o)) for o in outputs), samples)
-    return np.zeros(samples)
-
-
-def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, calib: Dataset | None,
-                   eval_set: Dataset, version: str) -> dict[str, Any]:
-    """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget.
-
-    Args:
-        recipe: The resolved recipe, as JSON data.
-        tgt: The target.
-        baseline: The captured model.
-        calib: The calibration data.
-        eval_set: The evaluation data.
-        version: The compressor's version.
-    """
-    resolved = dict(recipe)
-    resolved["accuracy"] = {k: v for k, v in resolved.get("accuracy", {}).items()
-                            if k not in ("max_drop", "max_fallback")}
-    return {"model": hashlib.sha256(model_bytes(baseline)).hexdigest(), "recipe": resolved,
-            "calibration": None if calib is None else calib.sha256, "eval": eval_set.sha256,
-            "target": tgt.describe(), "compressor": version}
-
-
 def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[Any], ctx: PassContext,
              score: Callable[[Any], Evaluation], first: Evaluation, first_outputs: list[Any], ref: list[Any],
              accuracy: Any, eval_set: Dataset, run_baseline: Any, baseline: ir.Model, work_dir: Path,
@@ -351,6 +186,8 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
                               "post": post_passes, "context": dataclasses.replace(ctx, progress=no_progress),
                               "pin": pin}
     built: dict[frozenset[str], Any] = {}
+    lowered: dict[frozenset[str], tuple[Path, list[Path]]] = {}
+    last: dict[str, Any] = {}  # the last try's set and runner (the artifact's, when that try is kept)
 
     def rebuild(given: frozenset[str]) -> PipelineResult:
         edited = build_candidate(given, {**shared, "post": []})
@@ -359,7 +196,10 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
     def build(given: frozenset[str]) -> Any:
         folder = work_dir / f"control-{len(built)}"
         built[given] = rebuild(given)
-        return tgt.runner(tgt.lower_pinned(built[given].model, folder, pin))
+        lowered[given] = (folder, tgt.lower_pinned(built[given].model, folder, pin))
+        last.clear()
+        last.update(given=given, run=tgt.runner(lowered[given][1]))
+        return last["run"]
 
     max_steps = int(accuracy.max_fallback * len(layers))
     key = ranking_key({**cache_fields, "layers": layers})
@@ -369,43 +209,12 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
         logger.warning("accuracy drop %.6f > max_drop %.6f: ranking reused from cache (%s; %d layers, at most %d "
                        "may be given back)", first.drop, accuracy.max_drop, key[:12], len(layers), max_steps)
     else:
-        # The samples the fully quantized model gets most wrong (module docstring of accuracy).
-        errors = _per_sample_errors(ref, first_outputs, eval_set)
-        chosen = worst_samples(errors, _whole_batches(eval_set, accuracy.ranking_samples))
-        ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
-        runtime, ranking_run = "target", run_baseline
-        if accuracy.ranking_backend == "onnxruntime":
-            try:
-                ranking_run = OrtRunner(baseline)
-                ranking_ref = collect_outputs(ranking_run, ranking_data)
-                runtime = "onnxruntime"
-            except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
-                logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
-                               first_line(exc))
-                ranking_run = run_baseline
-        if runtime == "target":
-            ranking_ref = collect_outputs(run_baseline, ranking_data)
-        on_all = {**shared, "runtime": runtime, "data": ranking_data, "ref": ranking_ref}
-        # Two-stage ranking (module docstring): the screen is the worst of the worst.
-        screened = worst_samples(errors, _whole_batches(eval_set, accuracy.screen_samples))
-        confirm = accuracy.confirm_layers if 0 < len(screened) < len(chosen) and \
-            accuracy.confirm_layers < len(layers) else None
-        screen = None
-        if confirm is not None:
-            screen_data = eval_set.take(screened, f"{len(screened)} largest errors")
-            screen = {**on_all, "data": screen_data, "ref": collect_outputs(ranking_run, screen_data)}
-        logger.warning("accuracy drop %.6f > max_drop %.6f: ranking %d quantized layers by sensitivity on the %d "
-                       "samples with the largest error%s (at most %d may be given back)", first.drop,
-                       accuracy.max_drop, len(layers), len(chosen),
-                       "" if confirm is None else f", screened on the {len(screened)} largest", max_steps)
-        with progress("rank layers", ranking_tasks(len(layers), confirm), "layer") as bar:
-            try:
-                ranking = rank_layers(layers, candidate_error, on_all, executor=executor, progress=bar.update,
-                                      screen=screen, confirm=confirm)
-            finally:
-                release_decoded()
-        store_ranking(key, {"fields": cache_fields, "ranking": ranking, "ranking_backend": runtime,
-                            "ranking_samples": chosen, "screen_samples": screened if confirm is not None else None})
+        # The samples the fully quantized model gets most wrong (module docstring of ranking).
+        errors = per_sample_errors(ref, first_outputs, eval_set)
+        ranking, runtime, samples = run_ranking(
+            shared, accuracy, errors, eval_set, baseline, run_baseline, executor, progress,
+            f"accuracy drop {first.drop:.6f} > max_drop {accuracy.max_drop:.6f}", max_steps)
+        store_ranking(key, {"fields": cache_fields, "ranking": ranking, "ranking_backend": runtime, **samples})
     try:
         outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first,
                                    budget=accuracy.max_drop, max_steps=max_steps, ranking=ranking)
@@ -413,6 +222,9 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
     finally:
         release_decoded()
     outcome.ranking_backend, outcome.ranking_cached = runtime, cached is not None
+    final_set = frozenset(outcome.given_back)
+    if final_set in lowered:
+        outcome.lowered = (*lowered[final_set], last.get("run") if last.get("given") == final_set else None)
     return final, outcome
 
 

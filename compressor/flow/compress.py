@@ -327,10 +327,7 @@ def compress(
             reports = reports[:quantized.index + 1] + result.reports
             evaluation = control[1].evaluation
             timings["accuracy_control_s"] = time.perf_counter() - t
-            for old in files:
-                old.unlink()
-            files = tgt.lower_pinned(result.model, writer.path, pin)
-            run_compressed = tgt.runner(files)
+            files, run_compressed = control[1].artifact(tgt, result.model, writer.path, pin, files, run_compressed)
         latency = latency_record(tgt, baseline, run_baseline, run_compressed, eval_set, work_dir, latency_runs)
         gate = gate_record(budget, verified, evaluation, cause, explicit=max_drop is not None)
         gate_passed = gate["passed"]

@@ -31,7 +31,8 @@ import numpy as np
 from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
-__all__ = ["Evaluation", "collect_outputs", "fidelity", "sample_errors", "top1_accuracy", "compare", "evaluate",
+__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "sample_errors",
+           "top1_accuracy", "compare", "evaluate",
            "measure_latency"]
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,17 @@ def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
     both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
     return np.where(both_zero, 1.0, dot / np.where(norms == 0, 1.0, norms))
+
+
+def output_rows(outputs: Iterable[np.ndarray]) -> np.ndarray:
+    """Per-sample vectors of ``outputs`` (float64): what the cosine metrics compare."""
+    return _rows(outputs)
+
+
+def cosine_mean(reference_rows: np.ndarray, outputs: list[np.ndarray]) -> float:
+    """:func:`fidelity`'s ``cosine_mean`` of ``outputs`` alone, against rows made once by :func:`output_rows`."""
+    cos = _cosines(reference_rows, _rows(outputs))
+    return float(cos.mean()) if cos.size else 1.0
 
 
 def sample_errors(reference: list[np.ndarray], outputs: list[np.ndarray], data: Dataset) -> np.ndarray:

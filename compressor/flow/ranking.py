@@ -1,0 +1,336 @@
+"""Accuracy control's ranking: which quantized layers to give back first.
+
+For each quantized layer ``L``, the model with only ``L`` given back
+(:func:`build_candidate`) is run on the ranking subset against the baseline (in ONNX
+Runtime by default, else on the target; see ``AccuracyConfig.ranking_backend``):
+``sensitivity(L) = err(all quantized) − err(all but L)``, ``err = 1 − mean cosine``.
+The subset is the ``ranking_samples`` evaluation samples on which the fully quantized
+model errs most (:func:`worst_samples`; NNCF's ``_select_subset`` picks its ranking subset
+the same way): where quantization hurts is where giving a layer back shows.
+
+Measuring every layer on every ranking sample costs one session per layer over the
+whole subset, so the ranking runs in two stages when there are more layers than
+``confirm_layers`` (:func:`rank_layers`, ``AccuracyConfig``): every layer is *screened* on
+the ``screen_samples`` samples with the largest error (a subset of the ranking subset),
+then the ``confirm_layers`` most sensitive by that screen are ranked again on the whole
+ranking subset. The ranking is those confirmed layers in their measured order, followed
+by the other layers in their screened order (marked ``"screened": true``). An
+approximation, stated: a layer the screen puts below the first ``confirm_layers`` is
+never measured on every ranking sample; where the true most sensitive layers are among
+the confirmed ones, the greedy give-back tries the same layers in the same order as a
+full ranking would (docs/design.md has the figures). ``screen_samples: 0`` ranks every
+layer on all ranking samples.
+
+Each candidate is one task of an executor (:mod:`compressor.executor`: in this process,
+or on Ray): :func:`candidate_error` edits its copy of the quantized model from what every
+task shares (that model, the record of what ``quantize`` changed, the passes after it,
+the ranking data and the baseline's outputs), sent once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.data import Dataset
+from compressor.errors import first_line
+from compressor.executor import Executor, InProcessExecutor
+from compressor.flow.evaluation import (
+    collect_outputs,
+    cosine_mean,
+    fidelity,
+    mask_padding,
+    output_rows,
+    sample_errors,
+)
+from compressor.model_io import clone_model, ir_from_bytes, model_bytes
+from compressor.flow.side_by_side import UNMERGED, side_by_side
+from compressor.pass_manager import PassManager
+from compressor.progress import Progress
+from compressor.quant.revert import give_back
+from compressor.targets.onnx import OrtRunner, SharedInitializers
+
+__all__ = ["build_candidate", "candidate_error", "candidate_errors", "rank_layers", "ranking_fields", "ranking_tasks",
+           "release_decoded", "run_ranking", "worst_samples"]
+
+logger = logging.getLogger(__name__)
+
+RunFn = Callable[[Any], list[np.ndarray]]
+
+
+def output_error(ref: list[np.ndarray], run: RunFn, data: Dataset) -> float:
+    """``1 − mean cosine`` of ``run``'s outputs on ``data`` against ``ref`` (padding masked)."""
+    return 1.0 - fidelity(mask_padding(ref, data), mask_padding(collect_outputs(run, data), data))["cosine_mean"]
+
+
+def worst_samples(errors: np.ndarray, count: int) -> list[int]:
+    """Indices of the ``count`` largest ``errors`` (ties: the earlier sample), in sample order."""
+    order = sorted(range(len(errors)), key=lambda i: (-float(errors[i]), i))
+    return sorted(order[:count])
+
+
+#: The model :func:`build_candidate` last decoded from ``shared["quantized"]``, with those
+#: bytes and, once an ONNX Runtime candidate asked for them, its initializers held for
+#: ONNX Runtime (:class:`~compressor.targets.onnx.SharedInitializers`): the next candidate
+#: of the same ranking clones it (tensors shared, never written by
+#: :func:`~compressor.quant.revert.give_back`) instead of parsing the bytes again, and its
+#: session reads the unchanged initializers from there instead of from serialized bytes.
+_decoded: dict[str, Any] = {}
+
+
+def _quantized_copy(data: bytes) -> ir.Model:
+    """A fresh copy of the model serialized as ``data`` (see ``_decoded``)."""
+    held = _decoded.get("bytes")
+    if held is None or not (held is data or held == data):  # Ray hands each task its own bytes
+        _decoded.clear()
+        _decoded.update(bytes=data, model=ir_from_bytes(data))
+    return clone_model(_decoded["model"])
+
+
+def _shared_initializers() -> SharedInitializers:
+    """The initializers of the model :func:`_quantized_copy` last decoded, for ONNX Runtime."""
+    if "initializers" not in _decoded:
+        _decoded["initializers"] = SharedInitializers(_decoded["model"])
+    return _decoded["initializers"]
+
+
+def release_decoded() -> None:
+    """Drop what :func:`build_candidate` keeps between candidates (the ranking is done)."""
+    _decoded.clear()
+
+
+def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Model:
+    """The quantized model with the ``given`` layers given back, then the passes after ``quantize``.
+
+    Args:
+        given: Layer names given back (empty: the fully quantized model).
+        shared: ``quantized`` (the model ``quantize`` returned, :func:`~compressor.model_io.ir_bytes`),
+            ``record`` (its :class:`~compressor.quant.revert.QuantizationRecord`), ``mode``
+            (``float`` or ``int16``: the target's ``Capabilities.fallback``), ``post`` (the
+            passes after ``quantize``, e.g. ``qnn-legalize``; their statistics are in the
+            cache of ``context``) and ``context`` (the ``PassContext`` they run with).
+    """
+    model = give_back(_quantized_copy(shared["quantized"]), shared["record"], sorted(given), shared["mode"])
+    if shared["post"]:
+        base = shared["context"]
+        ctx = dataclasses.replace(base, properties=set(base.properties))
+        model = PassManager(shared["post"], verify=False).run(model, ctx).model
+    return model
+
+
+def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
+    """Executor task: the output error of the model with the ``given`` layers given back.
+
+    Args:
+        given: Layer names given back (empty: the fully quantized model).
+        shared: What :func:`build_candidate` reads, and ``runtime`` (``onnxruntime``: ONNX
+            Runtime CPU; ``target``: lowered and run on the context's target), ``data``
+            (the ranking subset), ``ref`` (the baseline's outputs on it, from the same
+            runtime) and ``pin`` (the float precision pinned in the artifact, or ``None``).
+    """
+    model = build_candidate(given, shared)
+    if shared["runtime"] == "onnxruntime":
+        return output_error(shared["ref"], OrtRunner(model, shared=_shared_initializers()), shared["data"])
+    target = shared["context"].target
+    with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
+        run = target.runner(target.lower_pinned(model, Path(work), shared.get("pin")))
+        err = output_error(shared["ref"], run, shared["data"])
+        del run
+    return err
+
+
+def candidate_errors(candidates: Sequence[frozenset[str]], shared: Mapping[str, Any]) -> list[float]:
+    """:func:`candidate_error` of each of ``candidates``, in ONNX Runtime from one session running them side by side.
+
+    The candidates are built as :func:`candidate_error` builds them and put into one model
+    (:func:`~compressor.flow.side_by_side.side_by_side`, no node merged across them), so
+    each error is the one its own session gives; where they cannot be combined, each gets
+    its own session.
+    """
+    models = [build_candidate(given, shared) for given in candidates]
+    combined = side_by_side(models)
+    if combined is None:
+        return [output_error(shared["ref"], OrtRunner(m, shared=_shared_initializers()), shared["data"])
+                for m in models]
+    model, counts = combined
+    del models
+    session = _shared_initializers().session(model, disabled=UNMERGED)
+    del model
+    names = {i.name for i in session.get_inputs()}
+    outputs = collect_outputs(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
+                              shared["data"])
+    ref = output_rows(mask_padding(shared["ref"], shared["data"]))  # once, not per candidate
+    errors, start = [], 0
+    for count in counts:
+        errors.append(1.0 - cosine_mean(ref, mask_padding(outputs[start:start + count], shared["data"])))
+        start += count
+    return errors
+
+
+def _measured(layers: Sequence[str], errors: Sequence[float]) -> list[dict[str, Any]]:
+    """Ranking entries, most sensitive first, from the errors of ``[all quantized, *layers given back]``."""
+    ranking = [{"layer": name, "sensitivity": errors[0] - err, "error_without": err}
+               for name, err in zip(layers, errors[1:])]
+    ranking.sort(key=lambda r: (-r["sensitivity"], r["layer"]))
+    return ranking
+
+
+def ranking_tasks(layers: int, confirm: int | None) -> int:
+    """How many candidates :func:`rank_layers` evaluates (for a progress bar's total)."""
+    return layers + 1 + (confirm + 1 if confirm is not None and confirm < layers else 0)
+
+
+def rank_layers(layers: Sequence[str], error_of: Callable[[frozenset[str], Mapping[str, Any]], float],
+                shared: Mapping[str, Any], *, executor: Executor | None = None,
+                progress: Callable[[int], Any] | None = None, screen: Mapping[str, Any] | None = None,
+                confirm: int | None = None,
+                errors_of: Callable[[Sequence[frozenset[str]], Mapping[str, Any]], list[float]] | None = None,
+                ) -> list[dict[str, Any]]:
+    """Sensitivity of each layer (see the module docstring), most sensitive first.
+
+    Args:
+        layers: Names of the quantized layers.
+        error_of: The error of a candidate, ``(given, shared) -> float`` (a task of
+            ``executor``: module-level, such as :func:`candidate_error`, to run on Ray).
+        shared: What every candidate reads.
+        executor: Where the candidates run (default: in this process).
+        progress: Called with ``1`` per candidate done (the fully quantized model first).
+        screen: What the candidates read in the screening stage (``shared`` with a smaller
+            ``data`` and its ``ref``); with ``confirm``, ranking is two-stage (module docstring).
+        confirm: How many of the layers the screen ranks first are ranked again on ``shared``.
+        errors_of: The errors of a stage's candidates at once, in this process (such as
+            :func:`candidate_errors`), instead of ``error_of`` on ``executor``.
+    """
+    executor = executor or InProcessExecutor()
+
+    def measure(names: Sequence[str], on: Mapping[str, Any]) -> list[dict[str, Any]]:
+        candidates = [frozenset(), *(frozenset({name}) for name in names)]
+        if errors_of is not None:
+            errors = errors_of(candidates, on)
+            if progress is not None:
+                progress(len(candidates))
+            return _measured(names, errors)
+        return _measured(names, executor.map(error_of, candidates, shared=on, labels=["all quantized", *names],
+                                             progress=progress))
+
+    if screen is None or confirm is None or confirm >= len(layers):
+        return measure(layers, shared)
+    screened = measure(layers, screen)
+    confirmed = measure([r["layer"] for r in screened[:confirm]], shared)
+    logger.info("accuracy control: %d layers screened, the %d most sensitive ranked on every ranking sample",
+                len(layers), len(confirmed))
+    return confirmed + [{**r, "screened": True} for r in screened[confirm:]]
+
+
+def whole_batches(eval_set: Dataset, count: int) -> int:
+    """``count`` samples of ``eval_set`` (at most all), rounded up to whole batches on a static batch axis."""
+    count = min(count, len(eval_set))
+    if count and eval_set.subset(0, count).usable() < count:
+        count = min(-(-count // eval_set.batch_size()) * eval_set.batch_size(), len(eval_set))
+    return count
+
+
+def per_sample_errors(ref: list[np.ndarray], outputs: list[np.ndarray], eval_set: Dataset) -> np.ndarray:
+    """``1 − cosine`` per eval sample, also for outputs whose first axis is not the sample's.
+
+    A model with a static batch of 1 may return more rows per call than samples (ddddocr's
+    recogniser returns ``[T, 1, C]``, time first): the rows of one call are then one sample's.
+    Otherwise, when the rows cannot be told apart by sample, every sample gets the same
+    error (the ranking subset is then the first samples), with a warning.
+    """
+    samples = eval_set.usable()
+    if all(len(o) == samples for o in outputs):
+        return sample_errors(ref, outputs, eval_set)
+    if eval_set.batch_size() == 1 and all(len(o) % samples == 0 for o in outputs):
+        return sample_errors([np.asarray(r).reshape(samples, -1) for r in ref],
+                             [np.asarray(o).reshape(samples, -1) for o in outputs], eval_set)
+    logger.warning("accuracy control: the outputs' first axes (%s) are not one row per sample (%d samples): "
+                   "ranking on the first samples, not the worst", ", ".join(str(len(o)) for o in outputs), samples)
+    return np.zeros(samples)
+
+
+def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, calib: Dataset | None,
+                   eval_set: Dataset, version: str) -> dict[str, Any]:
+    """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget.
+
+    Args:
+        recipe: The resolved recipe, as JSON data.
+        tgt: The target.
+        baseline: The captured model.
+        calib: The calibration data.
+        eval_set: The evaluation data.
+        version: The compressor's version.
+    """
+    resolved = dict(recipe)
+    resolved["accuracy"] = {k: v for k, v in resolved.get("accuracy", {}).items()
+                            if k not in ("max_drop", "max_fallback")}
+    return {"model": hashlib.sha256(model_bytes(baseline)).hexdigest(), "recipe": resolved,
+            "calibration": None if calib is None else calib.sha256, "eval": eval_set.sha256,
+            "target": tgt.describe(), "compressor": version}
+
+
+def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, eval_set: Dataset,
+                baseline: ir.Model, run_baseline: RunFn, executor: Executor | None, progress: Progress,
+                note: str, max_steps: int) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """Rank ``shared["record"]``'s layers (module docstring).
+
+    Args:
+        shared: What every candidate reads (:func:`candidate_error`) but the ranking data.
+        accuracy: The recipe's ``AccuracyConfig``.
+        errors: The fully quantized model's error per eval sample (:func:`per_sample_errors`).
+        eval_set: The evaluation data.
+        baseline: The fp32 model (run in ONNX Runtime for the ranking's reference).
+        run_baseline: The fp32 model on the target.
+        executor: Where the candidates run.
+        progress: Progress bar factory.
+        note: What the warning that starts the ranking says first (the drop and budget).
+        max_steps: How many layers may be given back (for that warning).
+
+    Returns:
+        The ranking, the runtime it was measured in (``onnxruntime`` or ``target``), and
+        what the cache keeps beside it (the ranking and screening samples).
+    """
+    layers = shared["record"].names
+    chosen = worst_samples(errors, whole_batches(eval_set, accuracy.ranking_samples))
+    ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
+    runtime, ranking_run = "target", run_baseline
+    if accuracy.ranking_backend == "onnxruntime":
+        try:
+            ranking_run = OrtRunner(baseline)
+            ranking_ref = collect_outputs(ranking_run, ranking_data)
+            runtime = "onnxruntime"
+        except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
+            logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
+                           first_line(exc))
+            ranking_run = run_baseline
+    if runtime == "target":
+        ranking_ref = collect_outputs(run_baseline, ranking_data)
+    on_all = {**shared, "runtime": runtime, "data": ranking_data, "ref": ranking_ref}
+    # Staged ranking (module docstring): the screen is the worst of the worst.
+    screened = worst_samples(errors, whole_batches(eval_set, accuracy.screen_samples))
+    confirm = accuracy.confirm_layers if 0 < len(screened) < len(chosen) and \
+        accuracy.confirm_layers < len(layers) else None
+    screen = None
+    if confirm is not None:
+        screen_data = eval_set.take(screened, f"{len(screened)} largest errors")
+        screen = {**on_all, "data": screen_data, "ref": collect_outputs(ranking_run, screen_data)}
+    logger.warning("%s: ranking %d quantized layers by sensitivity on the %d samples with the largest error%s "
+                   "(at most %d may be given back)", note, len(layers), len(chosen),
+                   "" if confirm is None else f", screened on the {len(screened)} largest", max_steps)
+    with progress("rank layers", ranking_tasks(len(layers), confirm), "layer") as bar:
+        try:
+            # In this process, a stage's candidates run side by side in one ONNX Runtime session.
+            together = runtime == "onnxruntime" and (executor is None or type(executor) is InProcessExecutor)
+            ranking = rank_layers(layers, candidate_error, on_all, executor=executor, progress=bar.update,
+                                  screen=screen, confirm=confirm, errors_of=candidate_errors if together else None)
+        finally:
+            release_decoded()
+    return ranking, runtime, {"ranking_samples": chosen, "screen_samples": screened if confirm is not None else None}
