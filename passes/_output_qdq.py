@@ -31,9 +31,21 @@ and spec) and the output pair costs nothing.
    float value: its node unit runs as ``DQ`` + float, and the model's outputs carry no
    8-bit rounding of their own.
 
-On ``onnx`` the Conv/Gemm pair is written only after a Relu/Clip (``OpQuant.output_only_after``):
-before a float activation (SiLU) it only adds a rounding, which cost ddddocr's detector and
-basic-pitch their accuracy budget (figures in docs/design.md, "Where Q/DQ goes, per target").
+7. On ``onnx`` the Conv/Gemm pair is written after a Relu/Clip (``OpQuant.output_only_after``)
+   or where every reader reads the tensor in 8 bits already (a quantized layer or node
+   unit, directly or through ops that select values: :func:`_read_in_8_bits`); then the
+   pair replaces a rounding instead of adding one. Before a float activation it would
+   only add a rounding, which cost ddddocr's detector and basic-pitch their accuracy
+   budget (figures in docs/design.md, "Where Q/DQ goes, per target").
+8. Ops without weights that the backend runs as integer node units
+   (``DQ(x)[, DQ(y)...] -> op -> Q``: ONNX Runtime's QLinearSigmoid, QLinearMul,
+   QLinearAdd, QLinearConcat...) are layers too (``OpQuant.output`` on an op without
+   ``weights``): inputs and output quantized, the output shared with the next unit's input
+   (one pair per tensor and spec: same scale on both sides, so the fusions chain,
+   ``QLinearConv -> QLinearSigmoid -> QLinearMul -> QLinearConv``). One whose output gets
+   no pair (a graph output, a float reader) is not quantized at all (:func:`open_units`):
+   its input pairs would only add roundings.
+
 A tensor that only selects values of an output tensor (a max-pooled one) is quantized
 over the output's range, not its own (case 5).
 
@@ -47,6 +59,7 @@ import dataclasses
 import logging
 from collections.abc import Collection
 
+import numpy as np
 import onnx_ir as ir
 from compressor.passes._graph import label, sole_consumer
 from compressor.passes._layers import Layer
@@ -56,15 +69,38 @@ from compressor.quant.qdq import QdqWriter
 from compressor.quant.revert import ActivationInput, QuantizedLayer
 from compressor.quant.spec import QuantSpec
 
-__all__ = ["SELECTING", "carry_ranges", "close_node_units", "output_tensor", "quantize_output"]
+__all__ = ["SELECTING", "carry_ranges", "close_node_units", "open_units", "output_tensor", "quantize_output"]
 
 logger = logging.getLogger(__name__)
 
 _FLOAT = ir.DataType.FLOAT
 
-#: Ops whose output holds values of their first input only (picked, moved or reshaped).
+#: Ops whose output holds values of their first input only (picked, moved or reshaped;
+#: ``Resize`` interpolates between them, ``Pad`` adds zeros: see :func:`_selects`).
 SELECTING = frozenset({"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity",
-                       "Dropout", "DepthToSpace", "SpaceToDepth"})
+                       "Dropout", "DepthToSpace", "SpaceToDepth", "Resize", "Split", "Slice", "Gather", "Expand",
+                       "Tile", "Pad"})
+
+
+def _selects(node: ir.Node) -> bool:
+    """Whether ``node`` is a :data:`SELECTING` op whose outputs stay within its first input's range.
+
+    ``Pad`` only in ``constant`` mode with a zero (or no) value: zero is on every grid the
+    writer makes (its ranges hold 0), another constant may not be; a ``Gather`` from a
+    constant table is a lookup, not a selection of an activation.
+    """
+    if node.op_type not in SELECTING or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return False
+    if node.op_type == "Pad":
+        mode = node.attributes.get("mode")
+        if mode is not None and mode.as_string() != "constant":
+            return True  # edge/reflect/wrap repeat input values
+        value = node.inputs[2] if len(node.inputs) > 2 else None
+        if value is None:
+            return True
+        const = value.const_value
+        return const is not None and not np.any(const.numpy())
+    return node.inputs[0] is not None and not is_constant(node.inputs[0])
 
 
 def _moves_past(node: ir.Node, value: ir.Value, allowed: frozenset[str]) -> bool:
@@ -95,17 +131,41 @@ def _reaches_graph_output(value: ir.Value, layer_nodes: Collection[int]) -> bool
     return False
 
 
+def _read_in_8_bits(value: ir.Value, layer_nodes: Collection[int]) -> bool:
+    """Whether every reader of ``value`` reads it through an 8-bit pair already (case 7).
+
+    A reader does when it is a quantized layer (``layer_nodes``; before the pairs are
+    written), a ``QuantizeLinear`` (after), or an op that selects values
+    (:func:`_selects`) whose outputs are all read so: the range carried along such a chain
+    (:func:`carry_ranges`) makes its pairs exact. A graph output is not read in 8 bits.
+    """
+    if value.is_graph_output():
+        return False
+    uses = list(value.uses())
+    if not uses:
+        return False
+    for reader, index in uses:
+        if reader.op_type == "QuantizeLinear" or id(reader) in layer_nodes:
+            continue
+        outs = [o for o in reader.outputs if o is not None and (o.uses() or o.is_graph_output())]
+        if index == 0 and _selects(reader) and outs and all(_read_in_8_bits(o, layer_nodes) for o in outs):
+            continue
+        return False
+    return True
+
+
 def output_tensor(layer: Layer, layer_nodes: Collection[int]) -> ir.Value | None:
     """The tensor whose pair closes ``layer``'s node unit, or ``None`` (module docstring).
 
     ``None`` when the target gives the layer's op no output spec, the layer has no constant
-    weight, the tensor is not float32, the walk did not pass one of the ops
-    ``OpQuant.output_only_after`` asks for, or the tensor reaches a graph output without
-    passing another quantized layer (``layer_nodes``: ``id`` of every quantized layer's
-    node; case 6).
+    weight (and is no node unit without weights: ``OpQuant.weights`` ``None``), the tensor
+    is not float32, the tensor reaches a graph output without passing another quantized
+    layer (``layer_nodes``: ``id`` of every quantized layer's node; case 6), or the walk
+    did not pass one of the ops ``OpQuant.output_only_after`` asks for and some reader
+    reads the tensor in float (case 7).
     """
     quant = layer.quant
-    if quant.output is None or layer.weight is None or not layer.node.outputs:
+    if quant.output is None or not layer.node.outputs or (layer.weight is None and quant.weights is not None):
         return None
     value = layer.node.outputs[0]
     passed = set()
@@ -114,9 +174,30 @@ def output_tensor(layer: Layer, layer_nodes: Collection[int]) -> ir.Value | None
         passed.add(reader.op_type)
     if value.dtype != _FLOAT or _reaches_graph_output(value, layer_nodes):
         return None
-    if quant.output_only_after and not passed & quant.output_only_after:
-        return None  # case 3: a MatMul without a bias Add is an integer kernel without the pair
+    if not passed & quant.output_only_after and not _read_in_8_bits(value, layer_nodes):
+        return None  # case 3: a MatMul without a bias Add is an integer kernel without the pair; case 7
     return value
+
+
+def open_units(layers: list[Layer]) -> dict[str, str]:
+    """Remove from ``layers`` the node units without weights whose output gets no pair (case 8).
+
+    Their input pairs alone would only round: the op runs in float on dequantized inputs.
+    Removing one can leave another without an 8-bit reader, so this repeats until none is left.
+
+    Returns:
+        Name -> why, for each layer removed.
+    """
+    removed: dict[str, str] = {}
+    while True:
+        nodes = {id(layer.node) for layer in layers}
+        open_ = [layer for layer in layers if layer.weight is None and layer.quant.weights is None
+                 and layer.quant.output is not None and output_tensor(layer, nodes) is None]
+        if not open_:
+            return removed
+        for layer in open_:
+            layers.remove(layer)
+            removed[layer.name] = "node unit left open: its output flows into a graph output or a float op"
 
 
 def quantize_output(graph: ir.Graph, writer: QdqWriter, value: ir.Value, spec: QuantSpec,
@@ -193,13 +274,16 @@ def carry_ranges(graph: ir.Graph, ranges: dict[str, tuple[float, float]], output
     carried = set(outputs)
     changed = 0
     for node in graph:
-        if node.op_type not in SELECTING or node.domain not in ("", "ai.onnx") or not node.inputs:
+        if not _selects(node):
             continue
-        source, out = node.inputs[0], node.outputs[0]
-        if source is None or source.name not in carried or source.name not in ranges or out.name not in ranges:
+        source = node.inputs[0]
+        if source.name not in carried or source.name not in ranges:
             continue
-        if ranges[out.name] != ranges[source.name]:
+        for out in node.outputs:  # Split: every piece; tensors nothing quantizes carry the range on
+            if out is None:
+                continue
+            if out.name in ranges and ranges[out.name] != ranges[source.name]:
+                changed += 1
             ranges[out.name] = ranges[source.name]
-            changed += 1
-        carried.add(out.name)
+            carried.add(out.name)
     return changed

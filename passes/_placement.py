@@ -182,7 +182,9 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         eltwise: Also quantize the joins the target lists without a weight (``Add``/``Sum``
             of activations only: residual adds; ``OpQuant.joins_after`` may require an
             input straight from, e.g., a convolution). An ``Add`` with a constant
-            operand (a bias, a scale) is not a join and never a layer.
+            operand (a bias, a scale) is not a join and never a layer. Ops without a
+            weight that take one activation (``OpQuant.min_activations``: a ``Sigmoid``)
+            are not joins and are found either way.
     """
     wanted = set(ops) or set(caps.quantizable)
     layers: list[Layer] = []
@@ -194,12 +196,12 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         layer = Layer(node, quant=quant)
         if quant.weights is None:
             data = [v for v in node.inputs if v is not None]
-            if len(data) < 2 or not all(_is_float(v) and not is_constant(v) for v in data):
+            if len(data) < quant.min_activations or not all(_is_float(v) and not is_constant(v) for v in data):
                 continue
             if quant.joins_after and not any((p := v.producer()) is not None and p.op_type in quant.joins_after
                                              for v in data):
                 continue
-            if not eltwise:
+            if not eltwise and len(data) >= 2:
                 skipped[layer.name] = "join of activations (eltwise is off)"
                 continue
         weight_input = quant.weight_input if quant.weights is not None else None

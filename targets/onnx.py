@@ -49,11 +49,22 @@ _INT8_W = QuantSpec("int8", symmetric=True, axis=0)
 #: into a Gemm): ``output``/``output_after`` (see :mod:`compressor.passes._output_qdq`). A
 #: MatMul without a bias Add runs as MatMulIntegerToFloat without one: no output pair.
 #: ConvTranspose has no fused per-channel kernel: an output pair would only add rounding.
-#: Conv and Gemm get the pair only after a Relu/Clip ORT folds into the kernel: before any
-#: other activation (SiLU's Sigmoid/Mul, which ORT's own quantizer also makes QLinear ops and
-#: we keep float) it only adds a rounding (ddddocr's detector: fidelity drop 0.007 -> 0.029;
-#: basic-pitch 0.006 -> 0.054) for little speed (the DQ/Q and the float activation remain).
+#: Conv and Gemm get the pair after a Relu/Clip ORT folds into the kernel, or where every
+#: reader reads their output in 8 bits already (``output_only_after``, case 7 of
+#: :mod:`~compressor.passes._output_qdq`): before a float activation it would only add a
+#: rounding (ddddocr's detector: fidelity drop 0.007 -> 0.029 with SiLU kept float).
 _AFTER = frozenset({"Relu", "Clip"})
+#: Node units without weights that ORT's QDQ selectors (``qdq_selector_action_transformer.cc``)
+#: fuse on the CPU, ``DQ(x)... -> op -> Q``: QLinearSigmoid, QLinearLeakyRelu,
+#: QLinearAveragePool, QLinearGlobalAveragePool (unary); QLinearAdd, QLinearMul of two
+#: activations (SiLU's ``x * Sigmoid(x)``, a residual ``Add``); QLinearConcat. Each gets its
+#: inputs and its output quantized, and only where the output's readers read it in 8 bits
+#: (``OpQuant.min_activations``, :func:`~compressor.passes._output_qdq.open_units`). Softmax
+#: (QLinearSoftmax) is left float: attention scores are what the transformer preset keeps
+#: float. Data movement (MaxPool, Reshape, Transpose, Resize, Split, Slice, Gather...) needs
+#: no entry: it carries its input's range and ORT runs it on uint8 (``carry_ranges``).
+_UNARY = OpQuant(activations=_INT8_ACT, output=_INT8_ACT, min_activations=1)
+_JOIN = OpQuant(activations=_INT8_ACT, output=_INT8_ACT)
 ONNX_CAPABILITIES = Capabilities(
     quantizable={
         "Conv": OpQuant(activations=_INT8_ACT, weights=_INT8_W, output=_INT8_ACT, output_after=_AFTER,
@@ -63,6 +74,10 @@ ONNX_CAPABILITIES = Capabilities(
                         output_after=_AFTER, output_only_after=_AFTER),
         "MatMul": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=1), output=_INT8_ACT,
                           output_after=_AFTER | {"Add"}, output_only_after=frozenset({"Add"})),
+        **{op: _UNARY for op in ("Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool")},
+        "Add": _JOIN,
+        "Mul": _JOIN,
+        "Concat": OpQuant(activations=_INT8_ACT, output=_INT8_ACT, min_activations=1),
     },
     nm_patterns=(),
     static_shapes=False,

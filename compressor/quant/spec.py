@@ -43,6 +43,9 @@ class OpQuant:
         weight_input: Index of the weight input.
         joins_after: For an op without weights (a residual ``Add``): quantize a node only
             when one of its inputs comes straight from one of these ops (empty: any).
+        min_activations: For an op without weights: the fewest inputs a node needs, all of
+            them activations, to be quantized (2: a join of activations; 1: also a unary
+            op such as ``Sigmoid`` or a ``Concat`` of any arity).
         activation_only: The spec of the inputs of a node whose inputs are all
             activations (``Q·Kᵀ``) when it differs from ``activations`` (``None``: the
             same). OpenVINO runs such a MatMul in int8 only with symmetric operands; a zero
@@ -51,7 +54,11 @@ class OpQuant:
             (``None``: only the inputs are quantized). A backend that fuses a node unit
             ``DQ(x), DQ(w) -> op -> Q`` into one integer kernel needs it (ONNX Runtime's
             QLinearConv/QGemm/QLinearMatMul); one that fuses FakeQuantize on inputs
-            (OpenVINO) does not. Given only to layers with a constant weight.
+            (OpenVINO) does not. Given to layers with a constant weight, and to ops without
+            weights that the backend runs as an integer node unit (``DQ... -> op -> Q``:
+            ONNX Runtime's QLinearSigmoid, QLinearMul, QLinearConcat...); such a node is
+            quantized only where its output gets the pair (its input pairs alone would
+            only round).
         output_after: Single-reader ops the output pair moves past, because the backend
             folds them into the kernel (``Relu``, ``Clip``; ``Add`` only with a constant
             operand, a bias). See :mod:`compressor.passes._output_qdq`.
@@ -65,6 +72,7 @@ class OpQuant:
     weights: QuantSpec | None = None
     weight_input: int = 1
     joins_after: frozenset[str] = frozenset()
+    min_activations: int = 2
     activation_only: QuantSpec | None = None
     output: QuantSpec | None = None
     output_after: frozenset[str] = frozenset()
