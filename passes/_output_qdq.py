@@ -46,6 +46,19 @@ and spec) and the output pair costs nothing.
    no pair (a graph output, a float reader) is not quantized at all (:func:`open_units`):
    its input pairs would only add roundings.
 
+9. A SiLU's input ``x`` (read by ``Sigmoid(x)`` and ``Mul(x, Sigmoid(x))`` only, both
+   quantized) is quantized over ``[max(lo, t), hi]``, where ``t < -1.28`` (SiLU's minimum)
+   solves ``|t σ(t)| = Δ/2`` and ``Δ`` is the step of the SiLU output's grid: below ``t``
+   the output is within half a step of 0 whatever ``x`` is, so clipping there changes it by
+   less than its own rounding, while the full range (a pre-activation reaches about
+   ``-hi``) would double ``x``'s step (:func:`floor_silu_inputs`).
+
+10. A ``Concat`` node unit requantizes each input to its output's grid (QLinearConcat): an
+    input that only the ``Concat`` reads, written by a quantized layer, is quantized over
+    the output's range instead of its own, so the layer rounds once onto the grid the
+    ``Concat`` copies (:func:`share_concat_ranges`). With the min-max calibrator the
+    output's range is the union of the inputs'.
+
 A tensor that only selects values of an output tensor (a max-pooled one) is quantized
 over the output's range, not its own (case 5).
 
@@ -65,11 +78,12 @@ from compressor.passes._graph import label, sole_consumer
 from compressor.passes._layers import Layer
 from compressor.passes._placement import is_constant
 
+from compressor.quant.math import dtype_bounds
 from compressor.quant.qdq import QdqWriter
 from compressor.quant.revert import ActivationInput, QuantizedLayer
 from compressor.quant.spec import QuantSpec
 
-__all__ = ["SELECTING", "carry_ranges", "close_node_units", "open_units", "output_tensor", "quantize_output"]
+__all__ = ["LEFT_OPEN", "SELECTING", "carry_ranges", "close_node_units", "floor_silu_inputs", "open_units", "share_concat_ranges", "output_tensor", "quantize_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +94,11 @@ _FLOAT = ir.DataType.FLOAT
 SELECTING = frozenset({"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity",
                        "Dropout", "DepthToSpace", "SpaceToDepth", "Resize", "Split", "Slice", "Gather", "Expand",
                        "Tile", "Pad"})
+
+
+#: Why :func:`open_units` keeps a layer float. Such a layer still reads the pairs others
+#: write (it asked for no float input, unlike one out of scope).
+LEFT_OPEN = "node unit left open: its output flows into a graph output or a float op"
 
 
 def _selects(node: ir.Node) -> bool:
@@ -115,8 +134,14 @@ def _moves_past(node: ir.Node, value: ir.Value, allowed: frozenset[str]) -> bool
     return True
 
 
+#: Ops computing with a weight: one kept float (at a graph output, out of scope) reads a pair
+#: on its input like a quantized one, a rounding of its input it would have quantized too.
+_WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 def _reaches_graph_output(value: ir.Value, layer_nodes: Collection[int]) -> bool:
-    """Whether ``value`` flows into a graph output through ops that are not quantized layers (case 6)."""
+    """Whether ``value`` flows into a graph output through ops that are not quantized layers
+    nor layers with a weight kept float (case 6)."""
     seen: set[int] = set()
     todo = [value]
     while todo:
@@ -124,7 +149,7 @@ def _reaches_graph_output(value: ir.Value, layer_nodes: Collection[int]) -> bool
         if current.is_graph_output():
             return True
         for reader, _ in current.uses():
-            if id(reader) in layer_nodes or id(reader) in seen:
+            if id(reader) in layer_nodes or id(reader) in seen or reader.op_type in _WEIGHTED:
                 continue
             seen.add(id(reader))
             todo.extend(reader.outputs)
@@ -135,7 +160,8 @@ def _read_in_8_bits(value: ir.Value, layer_nodes: Collection[int]) -> bool:
     """Whether every reader of ``value`` reads it through an 8-bit pair already (case 7).
 
     A reader does when it is a quantized layer (``layer_nodes``; before the pairs are
-    written), a ``QuantizeLinear`` (after), or an op that selects values
+    written), a layer with a weight kept float (:data:`_WEIGHTED`), a ``QuantizeLinear``
+    (after), or an op that selects values
     (:func:`_selects`) whose outputs are all read so: the range carried along such a chain
     (:func:`carry_ranges`) makes its pairs exact. A graph output is not read in 8 bits.
     """
@@ -145,7 +171,7 @@ def _read_in_8_bits(value: ir.Value, layer_nodes: Collection[int]) -> bool:
     if not uses:
         return False
     for reader, index in uses:
-        if reader.op_type == "QuantizeLinear" or id(reader) in layer_nodes:
+        if reader.op_type == "QuantizeLinear" or id(reader) in layer_nodes or reader.op_type in _WEIGHTED:
             continue
         outs = [o for o in reader.outputs if o is not None and (o.uses() or o.is_graph_output())]
         if index == 0 and _selects(reader) and outs and all(_read_in_8_bits(o, layer_nodes) for o in outs):
@@ -180,9 +206,11 @@ def output_tensor(layer: Layer, layer_nodes: Collection[int]) -> ir.Value | None
 
 
 def open_units(layers: list[Layer]) -> dict[str, str]:
-    """Remove from ``layers`` the node units without weights whose output gets no pair (case 8).
+    """Remove from ``layers`` the node units whose output gets no pair where the target
+    needs one: units without weights (case 8) and ops with ``OpQuant.output_required``.
 
-    Their input pairs alone would only round: the op runs in float on dequantized inputs.
+    Their input pairs alone would only round: the op runs in float on dequantized inputs
+    (a weight dequantized at every call).
     Removing one can leave another without an 8-bit reader, so this repeats until none is left.
 
     Returns:
@@ -191,13 +219,13 @@ def open_units(layers: list[Layer]) -> dict[str, str]:
     removed: dict[str, str] = {}
     while True:
         nodes = {id(layer.node) for layer in layers}
-        open_ = [layer for layer in layers if layer.weight is None and layer.quant.weights is None
-                 and layer.quant.output is not None and output_tensor(layer, nodes) is None]
+        open_ = [layer for layer in layers if layer.quant.output is not None and output_tensor(layer, nodes) is None
+                 and (layer.quant.output_required or (layer.weight is None and layer.quant.weights is None))]
         if not open_:
             return removed
         for layer in open_:
             layers.remove(layer)
-            removed[layer.name] = "node unit left open: its output flows into a graph output or a float op"
+            removed[layer.name] = LEFT_OPEN
 
 
 def quantize_output(graph: ir.Graph, writer: QdqWriter, value: ir.Value, spec: QuantSpec,
@@ -287,3 +315,79 @@ def carry_ranges(graph: ir.Graph, ranges: dict[str, tuple[float, float]], output
             ranges[out.name] = ranges[source.name]
             carried.add(out.name)
     return changed
+
+
+#: Where SiLU, ``x σ(x)``, has its minimum (-0.278): below it, it rises back towards 0.
+_SILU_ARGMIN = -1.2784645
+
+
+def _silu_floor(step: float) -> float:
+    """The ``t < -1.28`` with ``|t σ(t)| = step / 2`` (case 9), by bisection."""
+    lo, hi = -100.0, _SILU_ARGMIN
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if -mid / (1 + np.exp(-mid)) > step / 2:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def floor_silu_inputs(layers: list[Layer], ranges: dict[str, tuple[float, float]]) -> int:
+    """Raise the lower bound of each quantized SiLU's input range to its floor (case 9).
+
+    Args:
+        layers: The quantized layers (the ``Sigmoid`` and the ``Mul`` of a SiLU both among
+            them, or its input is read in float and left alone).
+        ranges: Tensor name -> range, changed in place.
+
+    Returns:
+        How many ranges were raised.
+    """
+    muls = {id(layer.node): layer for layer in layers if layer.op == "Mul"}
+    raised = 0
+    for layer in layers:
+        if layer.op != "Sigmoid" or not layer.activations:
+            continue
+        x, s = layer.activations[0][1], layer.node.outputs[0]
+        readers = {id(node) for node, _ in x.uses()}
+        mul = next((muls[id(node)] for node, _ in s.uses() if id(node) in muls), None)
+        if mul is None or readers != {id(layer.node), id(mul.node)} or {v.name for _, v in mul.activations} != \
+                {x.name, s.name} or x.is_graph_output():
+            continue
+        out = mul.node.outputs[0].name
+        if x.name not in ranges or out not in ranges:
+            continue
+        qmin, qmax = dtype_bounds(mul.quant.activations.dtype)
+        lo_out, hi_out = ranges[out]
+        floor = _silu_floor((hi_out - min(lo_out, 0.0)) / (qmax - qmin))
+        lo, hi = ranges[x.name]
+        if lo < floor < hi:
+            ranges[x.name] = (floor, hi)
+            raised += 1
+    return raised
+
+
+def share_concat_ranges(layers: list[Layer], ranges: dict[str, tuple[float, float]]) -> int:
+    """Give a ``Concat`` unit's sole-reader inputs written by quantized layers the output's range (case 10).
+
+    Returns:
+        How many ranges were replaced.
+    """
+    producers = {id(layer.node) for layer in layers}
+    shared = 0
+    for layer in layers:
+        if layer.op != "Concat" or layer.quant.output is None or layer.weight is not None:
+            continue
+        out = layer.node.outputs[0].name
+        if out not in ranges:
+            continue
+        for _, value in layer.activations:
+            producer = value.producer()
+            if producer is None or id(producer) not in producers or value.name not in ranges \
+                    or value.is_graph_output() or {id(node) for node, _ in value.uses()} != {id(layer.node)}:
+                continue
+            if ranges[value.name] != ranges[out]:
+                ranges[value.name] = ranges[out]
+                shared += 1
+    return shared

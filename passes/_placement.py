@@ -229,5 +229,12 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         if not layer.activations:
             skipped[layer.name] = "no float activation input"
             continue
+        if layer.weight is not None and quant.min_output_channels:
+            shape = layer.weight.shape
+            channels = shape[layer.output_axis()] if shape is not None and layer.output_axis() is not None else None
+            if isinstance(channels, int) and channels < quant.min_output_channels:
+                skipped[layer.name] = (f"{channels} output channel(s), fewer than the {quant.min_output_channels} the "
+                                       "target's int8 kernel runs faster than float")
+                continue
         layers.append(layer)
     return layers, skipped

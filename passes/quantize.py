@@ -77,7 +77,7 @@ import onnx_ir as ir
 from compressor.passes._attention import ROLES
 from compressor.passes._float32 import widen_to_float32
 from compressor.passes._layers import Layer
-from compressor.passes._output_qdq import carry_ranges, close_node_units, output_tensor
+from compressor.passes._output_qdq import LEFT_OPEN, carry_ranges, close_node_units, floor_silu_inputs, output_tensor, share_concat_ranges
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
     half_precision,
@@ -236,6 +236,8 @@ class Quantize(Pass):
         outputs = [v.name for la in full if (v := output_tensor(la, layer_nodes)) is not None]  # case 8
         calibration = self._calibrate(model, ctx, opts, full, tensor_skips, outputs)
         carry_ranges(graph, calibration.ranges, outputs)
+        share_concat_ranges(full, calibration.ranges)  # case 8
+        floor_silu_inputs(full, calibration.ranges)
         # recover: {qat: true}: the ranges learned in training replace the calibrated ones (compressor.quant.learned)
         bits = 16 if opts.activations == "int16" else 8
         learned, unlearned = ({}, {}) if ctx.learned_ranges is None else ctx.learned_ranges.match(
@@ -270,8 +272,8 @@ class Quantize(Pass):
             done, fixed = _quantize_layer(graph, writer, layer, bits, opts.weights == "int8-per-channel", calibration)
             record.append(done)
             corrected += fixed
-        record, closed = close_node_units(graph, writer, layers, record, calibration.ranges,  # case 8
-                                          set(skipped) | set(weight_only))
+        asked_float = {name for name, why in skipped.items() if why != LEFT_OPEN} | set(weight_only)
+        record, closed = close_node_units(graph, writer, layers, record, calibration.ranges, asked_float)  # case 8
         model = writer.finish(model)  # 16-bit Q/DQ: the model is converted to opset 21
         quantized = [layer.name for layer in record]
         weight_bytes = (sum(w.float_bytes for w in writer.weights), sum(w.quantized_bytes for w in writer.weights))

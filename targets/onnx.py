@@ -52,7 +52,12 @@ _INT8_W = QuantSpec("int8", symmetric=True, axis=0)
 #: Conv and Gemm get the pair after a Relu/Clip ORT folds into the kernel, or where every
 #: reader reads their output in 8 bits already (``output_only_after``, case 7 of
 #: :mod:`~compressor.passes._output_qdq`): before a float activation it would only add a
-#: rounding (ddddocr's detector: fidelity drop 0.007 -> 0.029 with SiLU kept float).
+#: rounding (ddddocr's detector: fidelity drop 0.007 -> 0.029 with SiLU kept float). A Conv or
+#: Gemm whose output gets no pair stays float, weight included (``output_required``): ORT
+#: would run it as a float kernel dequantizing the weight at every call (ddddocr's 6000-class
+#: Gemm: 17 ms of DequantizeLinear per call). A Conv with fewer than 16 output channels stays
+#: float (``min_output_channels``): MLAS's int8 convolution is slower there than its float
+#: NCHWc one (basic-pitch's 8-channel convs: 93 vs 53 ms and 61 vs 9 ms on AVX2).
 _AFTER = frozenset({"Relu", "Clip"})
 #: Node units without weights that ORT's QDQ selectors (``qdq_selector_action_transformer.cc``)
 #: fuse on the CPU, ``DQ(x)... -> op -> Q``: QLinearSigmoid, QLinearLeakyRelu,
@@ -68,10 +73,10 @@ _JOIN = OpQuant(activations=_INT8_ACT, output=_INT8_ACT)
 ONNX_CAPABILITIES = Capabilities(
     quantizable={
         "Conv": OpQuant(activations=_INT8_ACT, weights=_INT8_W, output=_INT8_ACT, output_after=_AFTER,
-                        output_only_after=_AFTER),
+                        output_only_after=_AFTER, output_required=True, min_output_channels=16),
         "ConvTranspose": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=1)),
         "Gemm": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=0), output=_INT8_ACT,
-                        output_after=_AFTER, output_only_after=_AFTER),
+                        output_after=_AFTER, output_only_after=_AFTER, output_required=True),
         "MatMul": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=1), output=_INT8_ACT,
                           output_after=_AFTER | {"Add"}, output_only_after=frozenset({"Add"})),
         **{op: _UNARY for op in ("Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool")},

@@ -66,6 +66,14 @@ class OpQuant:
             output moved past one of these ops (ONNX Runtime runs a MatMul without an
             output Q as MatMulIntegerToFloat, in int8, except a 2-D one with a bias Add,
             which it turns into a float Gemm first).
+        output_required: The backend runs the op in int8 only with the output pair: a layer
+            whose output gets none (it flows into a graph output, or a reader reads it in
+            float) stays float, weight included (ONNX Runtime runs ``DQ(x), DQ(w) -> Conv``
+            without a ``Q`` as a float Conv that dequantizes its weight at every call:
+            slower than the float model, and less accurate).
+        min_output_channels: Quantize a layer only with at least this many output channels
+            (0: any). ONNX Runtime's int8 convolution is slower than its float one for
+            very few output channels (8 on AVX2: 1.8x-6.8x slower in basic-pitch).
     """
 
     activations: QuantSpec
@@ -73,6 +81,8 @@ class OpQuant:
     weight_input: int = 1
     joins_after: frozenset[str] = frozenset()
     min_activations: int = 2
+    output_required: bool = False
+    min_output_channels: int = 0
     activation_only: QuantSpec | None = None
     output: QuantSpec | None = None
     output_after: frozenset[str] = frozenset()

@@ -41,23 +41,25 @@ _FLOAT_ON_DQ = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "S
 
 
 def silu_net(rng: np.random.Generator) -> ir.Model:
-    """Conv -> SiLU (``a * Sigmoid(a)``) -> Conv -> Relu -> Conv (the graph output)."""
+    """Conv -> SiLU (``a * Sigmoid(a)``) -> Conv -> Relu -> Conv (the graph output).
+
+    16 output channels: fewer stay float on ``onnx`` (``OpQuant.min_output_channels``)."""
     return model_from_text(f"""{HEADER}
-    g (float[N,4,8,8] x) => (float[N,8,8,8] y) {{
+    g (float[N,4,8,8] x) => (float[N,16,8,8] y) {{
       [conv1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
       [sig] s = Sigmoid (a)
       [silu] m = Mul (a, s)
       [conv2] c = Conv <pads=[1,1,1,1]> (m, w2, b2)
       r = Relu (c)
       [conv3] y = Conv <pads=[1,1,1,1]> (r, w3, b3)
-    }}""", w1=_w(rng, 8, 4, 3, 3), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 8, 3, 3), b2=_w(rng, 8) * 0.1,
-        w3=_w(rng, 8, 8, 3, 3), b3=_w(rng, 8) * 0.1)
+    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1, w2=_w(rng, 16, 16, 3, 3), b2=_w(rng, 16) * 0.1,
+        w3=_w(rng, 16, 16, 3, 3), b3=_w(rng, 16) * 0.1)
 
 
 def concat_net(rng: np.random.Generator) -> ir.Model:
     """Two Conv-Relu branches, Concat, Conv-Relu, Conv (the graph output)."""
     return model_from_text(f"""{HEADER}
-    g (float[N,4,8,8] x) => (float[N,8,8,8] y) {{
+    g (float[N,4,8,8] x) => (float[N,16,8,8] y) {{
       [conv1] a1 = Conv <pads=[1,1,1,1]> (x, w1, b1)
       r1 = Relu (a1)
       [conv2] a2 = Conv <pads=[1,1,1,1]> (x, w2, b2)
@@ -66,14 +68,14 @@ def concat_net(rng: np.random.Generator) -> ir.Model:
       [conv3] c = Conv <pads=[1,1,1,1]> (k, w3, b3)
       r3 = Relu (c)
       [conv4] y = Conv <pads=[1,1,1,1]> (r3, w4, b4)
-    }}""", w1=_w(rng, 8, 4, 3, 3), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 4, 3, 3), b2=_w(rng, 8) * 0.1,
-        w3=_w(rng, 8, 16, 3, 3), b3=_w(rng, 8) * 0.1, w4=_w(rng, 8, 8, 3, 3), b4=_w(rng, 8) * 0.1)
+    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1, w2=_w(rng, 16, 4, 3, 3), b2=_w(rng, 16) * 0.1,
+        w3=_w(rng, 16, 32, 3, 3), b3=_w(rng, 16) * 0.1, w4=_w(rng, 16, 16, 3, 3), b4=_w(rng, 16) * 0.1)
 
 
 def residual_net(rng: np.random.Generator) -> ir.Model:
     """Conv-Relu, Conv, residual Add of the two, Conv-Relu, Conv (the graph output)."""
     return model_from_text(f"""{HEADER}
-    g (float[N,4,8,8] x) => (float[N,8,8,8] y) {{
+    g (float[N,4,8,8] x) => (float[N,16,8,8] y) {{
       [conv1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
       r = Relu (a)
       [conv2] b = Conv <pads=[1,1,1,1]> (r, w2, b2)
@@ -81,19 +83,20 @@ def residual_net(rng: np.random.Generator) -> ir.Model:
       [conv3] c = Conv <pads=[1,1,1,1]> (s, w3, b3)
       r3 = Relu (c)
       [conv4] y = Conv <pads=[1,1,1,1]> (r3, w4, b4)
-    }}""", w1=_w(rng, 8, 4, 3, 3), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 8, 3, 3), b2=_w(rng, 8) * 0.1,
-        w3=_w(rng, 8, 8, 3, 3), b3=_w(rng, 8) * 0.1, w4=_w(rng, 8, 8, 3, 3), b4=_w(rng, 8) * 0.1)
+    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1, w2=_w(rng, 16, 16, 3, 3), b2=_w(rng, 16) * 0.1,
+        w3=_w(rng, 16, 16, 3, 3), b3=_w(rng, 16) * 0.1, w4=_w(rng, 16, 16, 3, 3), b4=_w(rng, 16) * 0.1)
 
 
 #: net, the layers quantize finds, the QLinear ops expected in ORT's graph, the float
-#: layer (its output is the graph output), weights and activation tensors rounded.
+#: layer (its output is the graph output: no pair, so float with its weight), weights and
+#: activation tensors rounded.
 CASES = {
-    "silu": (silu_net, ["conv1", "sig", "silu", "conv2", "conv3"],
-             {"QLinearConv": 2, "QLinearSigmoid": 1, "QLinearMul": 1}, 3, 5),  # x a s m r
-    "concat": (concat_net, ["conv1", "conv2", "cat", "conv3", "conv4"],
-               {"QLinearConv": 3, "QLinearConcat": 1}, 4, 5),  # x r1 r2 k r3
-    "residual": (residual_net, ["conv1", "conv2", "res", "conv3", "conv4"],
-                 {"QLinearConv": 3, "QLinearAdd": 1}, 4, 5),  # x r b s r3
+    "silu": (silu_net, ["conv1", "sig", "silu", "conv2"], {"QLinearConv": 2, "QLinearSigmoid": 1, "QLinearMul": 1},
+             "conv3", 2, 5),  # x a s m r
+    "concat": (concat_net, ["conv1", "conv2", "cat", "conv3"], {"QLinearConv": 3, "QLinearConcat": 1},
+               "conv4", 3, 5),  # x r1 r2 k r3
+    "residual": (residual_net, ["conv1", "conv2", "res", "conv3"], {"QLinearConv": 3, "QLinearAdd": 1},
+                 "conv4", 3, 5),  # x r b s r3
 }
 
 
@@ -105,7 +108,7 @@ def _float_on_dq(proto: onnx.ModelProto) -> list[str]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_units_run_as_qlinear_ops(tmp_path, case):
-    build, layers, qlinear, weights, activations = CASES[case]
+    build, layers, qlinear, last, weights, activations = CASES[case]
     model = build(np.random.default_rng(0))
     feeds = {"x": _normal(2, 16, 4, 8, 8)}
     ref = run_ort(model, feeds)[0]
@@ -114,8 +117,8 @@ def test_units_run_as_qlinear_ops(tmp_path, case):
     optimized = _ort_optimized(result.model, tmp_path)
     ops = Counter(n.op_type for n in optimized.graph.node)
     assert {op: ops[op] for op in qlinear} == qlinear, ops
-    last = layers[-1]
-    assert _float_on_dq(optimized) == [last]  # only the layer writing the graph output
+    assert result.stats["skipped_layers"][last].startswith("node unit left open")
+    assert _float_on_dq(optimized) == [last]  # only the float layer writing the graph output
     # The fusions chain: every QLinear op reads uint8 from the one before, no DQ -> Q between.
     producers = {o: n.op_type for n in optimized.graph.node for o in n.output}
     for node in optimized.graph.node:
@@ -145,19 +148,19 @@ def test_give_back_of_units(tmp_path):
 
 def test_unit_writing_a_graph_output_stays_float(tmp_path):
     """Conv -> SiLU -> output: the SiLU's output gets no pair, so neither the Sigmoid nor the
-    Mul is quantized (their input pairs would only round), nor the Conv's output."""
+    Mul is quantized (their input pairs would only round), nor the Conv (float with its
+    weight: without an output pair ORT would dequantize the weight at every call)."""
     rng = np.random.default_rng(0)
     model = model_from_text(f"""{HEADER}
-    g (float[N,4,8,8] x) => (float[N,8,8,8] y) {{
+    g (float[N,4,8,8] x) => (float[N,16,8,8] y) {{
       [conv1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
       [sig] s = Sigmoid (a)
       [silu] y = Mul (a, s)
-    }}""", w1=_w(rng, 8, 4, 3, 3), b1=_w(rng, 8) * 0.1)
+    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1)
     result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 16, 4, 8, 8)))
-    assert result.stats["layers"] == ["conv1"]
-    assert "node unit left open" in result.stats["skipped_layers"]["silu"]
-    quantized = {n.inputs[0].name for n in result.model.graph if n.op_type == "QuantizeLinear"}
-    assert quantized == {"x"}
+    assert result.stats["layers"] == []
+    assert all(result.stats["skipped_layers"][name].startswith("node unit left open") for name in ("conv1", "sig", "silu"))
+    assert not [n for n in result.model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
 
 
 @pytest.mark.parametrize("target", ["openvino", "tensorrt"])

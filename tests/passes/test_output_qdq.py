@@ -72,8 +72,8 @@ def conv_relu_conv(rng: np.random.Generator) -> ir.Model:
       mb = Add (m, b4)
       h = Relu (mb)
       [fc2] y = Gemm <transB=1> (h, w5, b5)
-    }}""", w1=_w(rng, 8, 4, 3, 3), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 8, 3, 3), b2=_w(rng, 8) * 0.1,
-        w3=_w(rng, 16, 8, 3, 3), b3=_w(rng, 16) * 0.1, w4=_w(rng, 16, 32), b4=_w(rng, 32) * 0.1,
+    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1, w2=_w(rng, 16, 16, 3, 3), b2=_w(rng, 16) * 0.1,
+        w3=_w(rng, 16, 16, 3, 3), b3=_w(rng, 16) * 0.1, w4=_w(rng, 16, 32), b4=_w(rng, 32) * 0.1,
         w5=_w(rng, 10, 32), b5=_w(rng, 10) * 0.1, w6=_w(rng, 16, 16, 1, 1), b6=_w(rng, 16) * 0.1)
 
 
@@ -125,23 +125,27 @@ def test_onnx_runtime_runs_integer_kernels(tmp_path):
     feeds = {"x": _normal(2, 16, 4, 8, 8)}
     ref = run_ort(model, feeds)[0]
     result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 64, 4, 8, 8)))
-    assert result.stats["layers"] == ["conv1", "conv2", "conv3", "conv4", "gap", "fc1", "fc2"]
+    # fc2's output is the graph output: no pair, so it stays float, weight included
+    # (``output_required``: DQ + float would dequantize its weight at every call).
+    assert result.stats["layers"] == ["conv1", "conv2", "conv3", "conv4", "gap", "fc1"]
     optimized = _ort_optimized(result.model, tmp_path)
     ops = Counter(n.op_type for n in optimized.graph.node)
     assert ops["QLinearConv"] == 4, ops
     assert ops["QLinearGlobalAveragePool"] == 1, ops
     # conv1, conv2, conv3 (after their Relu), conv4 and gap (read in 8 bits: by gap, by fc1
     # through the Flatten) and fc1 (after its bias Add and Relu); fc2 (its output is the graph
-    # output) stays float.
+    # output) is float.
     assert result.stats["layer_outputs_quantized"] == 6
+    assert result.stats["skipped_layers"]["fc2"].startswith("node unit left open")
     assert ops["QGemm"] + ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] >= 1, ops
     # The MaxPool runs on conv2's uint8 output: the DQ -> MaxPool -> Q around it is dropped
     # (same scale and zero point on both sides).
     producers = {o: n.op_type for n in optimized.graph.node for o in n.output}
     pool = next(n for n in optimized.graph.node if n.op_type == "MaxPool")
     assert producers[pool.input[0]] == "QLinearConv"
-    # Only fc2 (its output is the graph output) computes in float.
+    # Only fc2 (float, reading fc1's output pair) computes in float.
     assert sorted(_float_compute_on_dq(optimized)) == ["fc2"]
+    assert not [n for n in optimized.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w5")]
     # Relu is folded into conv1's QLinearConv (its output pair's zero point is 0).
     assert ops["Relu"] == 0, ops
     out = ort.InferenceSession(to_proto(result.model).SerializeToString(),
@@ -166,7 +170,8 @@ def test_give_back_removes_the_output_pairs(tmp_path):
     record = result.quantization
     assert [a.value for a in record["conv2"].outputs] == ["c"]  # the MaxPool reads c's pair (after the Relu)
     assert record["conv4"].outputs == ()
-    assert record["fc1"].outputs == ()  # its output pair (after the bias Add and Relu) is fc2's input pair
+    # fc2 (float: its output is the graph output) reads fc1's output pair (after the bias Add and Relu)
+    assert [a.node for a in record["fc1"].outputs] == ["y"]
     # Every layer back: no Q/DQ left, exactly the float model's outputs.
     back = give_back(_clone(result.model), record, record.names)
     assert not [n for n in back.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -192,16 +197,16 @@ def test_no_output_pair_on_the_way_to_a_graph_output(tmp_path):
     """A head (conv -> Reshape -> Sigmoid -> output) keeps float outputs: no rounding of the model's own outputs."""
     rng = np.random.default_rng(0)
     model = model_from_text(f"""{HEADER}
-    g (float[N,4,8,8] x) => (float[N,512] y) {{
+    g (float[N,4,8,8] x) => (float[N,1024] y) {{
       [conv1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
       r = Relu (a)
       [head] c2 = Conv <pads=[1,1,1,1]> (r, w2, b2)
       c = Relu (c2)
       f = Flatten (c)
       y = Sigmoid (f)
-    }}""", w1=_w(rng, 8, 4, 3, 3), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 8, 3, 3), b2=_w(rng, 8) * 0.1)
+    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1, w2=_w(rng, 16, 16, 3, 3), b2=_w(rng, 16) * 0.1)
     result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 16, 4, 8, 8)))
-    assert result.stats["layers"] == ["conv1", "head"]
-    assert result.stats["layer_outputs_quantized"] == 1  # conv1's (after its Relu: head's input pair)
+    assert result.stats["layers"] == ["conv1"]  # head: no output pair, float with its weight
+    assert result.stats["layer_outputs_quantized"] == 1  # conv1's (after its Relu)
     quantized = {n.inputs[0].name for n in result.model.graph if n.op_type == "QuantizeLinear"}
     assert quantized == {"x", "r"}
