@@ -214,7 +214,7 @@ def open_units(layers: list[Layer]) -> dict[str, str]:
     Removing one can leave another without an 8-bit reader, so this repeats until none is left.
 
     Returns:
-        Name -> why, for each layer removed.
+        Name -> why, for each layer with a weight removed (units without weights are only logged).
     """
     removed: dict[str, str] = {}
     while True:
@@ -225,7 +225,10 @@ def open_units(layers: list[Layer]) -> dict[str, str]:
             return removed
         for layer in open_:
             layers.remove(layer)
-            removed[layer.name] = LEFT_OPEN
+            if layer.weight is not None:  # a unit without weights is no layer a person asked for
+                removed[layer.name] = LEFT_OPEN
+            else:
+                logger.debug("not quantized: %s: %s", layer.name, LEFT_OPEN)
 
 
 def quantize_output(graph: ir.Graph, writer: QdqWriter, value: ir.Value, spec: QuantSpec,

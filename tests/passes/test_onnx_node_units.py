@@ -159,7 +159,7 @@ def test_unit_writing_a_graph_output_stays_float(tmp_path):
     }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1)
     result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 16, 4, 8, 8)))
     assert result.stats["layers"] == []
-    assert all(result.stats["skipped_layers"][name].startswith("node unit left open") for name in ("conv1", "sig", "silu"))
+    assert result.stats["skipped_layers"]["conv1"].startswith("node unit left open")
     assert not [n for n in result.model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
 
 
