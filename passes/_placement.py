@@ -30,11 +30,14 @@ from compressor.targets.base import Capabilities
 
 from compressor.scope import Scope
 
-__all__ = ["find_layers", "integer_derived", "is_constant", "mask_uses"]
+__all__ = ["FEW_CHANNELS", "find_layers", "integer_derived", "is_constant", "mask_uses"]
 
 logger = logging.getLogger(__name__)
 
 _LOOKUPS = frozenset({"Gather", "GatherElements", "GatherND"})
+#: Why a layer with fewer output channels than ``OpQuant.min_output_channels`` stays float
+#: (the target's choice: such a layer still reads the pairs other layers write).
+FEW_CHANNELS = "too few output channels"
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 
@@ -233,8 +236,8 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
             shape = layer.weight.shape
             channels = shape[layer.output_axis()] if shape is not None and layer.output_axis() is not None else None
             if isinstance(channels, int) and channels < quant.min_output_channels:
-                skipped[layer.name] = (f"{channels} output channel(s), fewer than the {quant.min_output_channels} the "
-                                       "target's int8 kernel runs faster than float")
+                skipped[layer.name] = (f"{FEW_CHANNELS}: {channels} < {quant.min_output_channels} (the target's "
+                                       "int8 kernel is slower than float there)")
                 continue
         layers.append(layer)
     return layers, skipped

@@ -77,7 +77,15 @@ import onnx_ir as ir
 from compressor.passes._attention import ROLES
 from compressor.passes._float32 import widen_to_float32
 from compressor.passes._layers import Layer
-from compressor.passes._output_qdq import LEFT_OPEN, carry_ranges, close_node_units, floor_silu_inputs, output_tensor, share_concat_ranges
+from compressor.passes._output_qdq import (
+    LEFT_OPEN,
+    carry_ranges,
+    close_node_units,
+    floor_silu_inputs,
+    output_tensor,
+    share_concat_ranges,
+)
+from compressor.passes._placement import FEW_CHANNELS
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
     half_precision,
@@ -272,7 +280,10 @@ class Quantize(Pass):
             done, fixed = _quantize_layer(graph, writer, layer, bits, opts.weights == "int8-per-channel", calibration)
             record.append(done)
             corrected += fixed
-        asked_float = {name for name, why in skipped.items() if why != LEFT_OPEN} | set(weight_only)
+        # Layers the recipe keeps float read the float tensor; those the target keeps float
+        # (no output pair, too few channels) read the pairs like any other reader.
+        asked_float = {name for name, why in skipped.items()
+                       if why != LEFT_OPEN and not why.startswith(FEW_CHANNELS)} | set(weight_only)
         record, closed = close_node_units(graph, writer, layers, record, calibration.ranges, asked_float)  # case 8
         model = writer.finish(model)  # 16-bit Q/DQ: the model is converted to opset 21
         quantized = [layer.name for layer in record]

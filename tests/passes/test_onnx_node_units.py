@@ -170,3 +170,27 @@ def test_other_targets_keep_units_float(tmp_path, target):
     assert result.stats["layers"] == ["conv1", "conv2", "conv3"]
     quantized = {n.inputs[0].name for n in result.model.graph if n.op_type == "QuantizeLinear"}
     assert "s" not in quantized and "a" not in quantized
+
+
+def test_layer_the_target_keeps_float_reads_the_pairs(tmp_path):
+    """conv2 has 8 output channels (fewer than ``min_output_channels``: float with its weight)
+    but reads the SiLU's output pair, so the SiLU still runs as QLinearSigmoid/QLinearMul."""
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[N,4,8,8] x) => (float[N,16,8,8] y) {{
+      [conv1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+      [sig] s = Sigmoid (a)
+      [silu] m = Mul (a, s)
+      [conv2] c = Conv <pads=[1,1,1,1]> (m, w2, b2)
+      r = Relu (c)
+      [conv3] y = Conv <pads=[1,1,1,1]> (r, w3, b3)
+    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1, w2=_w(rng, 8, 16, 3, 3), b2=_w(rng, 8) * 0.1,
+        w3=_w(rng, 16, 8, 3, 3), b3=_w(rng, 16) * 0.1)
+    result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 32, 4, 8, 8)))
+    assert result.stats["layers"] == ["conv1", "sig", "silu"]
+    assert result.stats["skipped_layers"]["conv2"].startswith("too few output channels")
+    conv2 = next(n for n in result.model.graph if n.name == "conv2")
+    assert conv2.inputs[0].producer().op_type == "DequantizeLinear"  # the SiLU's output pair
+    assert conv2.inputs[1].name == "w2"  # its weight float
+    ops = Counter(n.op_type for n in _ort_optimized(result.model, tmp_path).graph.node)
+    assert ops["QLinearMul"] == 1 and ops["QLinearSigmoid"] == 1 and ops["QLinearConv"] == 1, ops
