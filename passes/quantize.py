@@ -77,14 +77,8 @@ import onnx_ir as ir
 from compressor.passes._attention import ROLES
 from compressor.passes._float32 import widen_to_float32
 from compressor.passes._layers import Layer
-from compressor.passes._output_qdq import (
-    LEFT_OPEN,
-    carry_ranges,
-    close_node_units,
-    floor_silu_inputs,
-    output_tensor,
-    share_concat_ranges,
-)
+from compressor.passes._output_qdq import LEFT_OPEN, close_node_units, output_tensor
+from compressor.passes._output_ranges import carry_ranges, floor_silu_inputs, share_concat_ranges
 from compressor.passes._placement import FEW_CHANNELS
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
