@@ -76,7 +76,7 @@ ONNX_CAPABILITIES = Capabilities(
                         output_only_after=_AFTER, output_required=True, min_output_channels=16),
         "ConvTranspose": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=1)),
         "Gemm": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=0), output=_INT8_ACT,
-                        output_after=_AFTER, output_only_after=_AFTER, output_required=True),
+                        output_after=_AFTER, output_only_after=_AFTER),
         "MatMul": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=1), output=_INT8_ACT,
                           output_after=_AFTER | {"Add"}, output_only_after=frozenset({"Add"})),
         **{op: _UNARY for op in ("Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool")},

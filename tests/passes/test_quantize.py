@@ -15,8 +15,6 @@ regression (a wrong scale, axis or zero point costs tens of dB).
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -25,7 +23,6 @@ from compressor.passes._placement import find_layers
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
 from compressor.targets import base as target_base
 from compressor.targets import get_target
-from compressor.targets.base import Target
 from compressor.targets.onnx import ort_session
 
 from compressor.data import Dataset, load_npz
@@ -36,7 +33,7 @@ from compressor.pipeline import PassContext, PassResult, build_pass
 from compressor.quant.math import dequantize_array
 from compressor.quant.spec import QuantSpec
 from compressor.quant.taps import collect_statistics
-from tests.ortutil import assert_same_outputs, model_from_text, op_counts, run_ort
+from tests.ortutil import assert_same_outputs, model_from_text, onnx_specs_target, op_counts, run_ort
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 SQNR_FLOOR_DB = 30.0
@@ -66,20 +63,10 @@ def _clone(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
-def _onnx_specs() -> Target:
-    """The ``onnx`` target's specs without its speed rules (``output_required``,
-    ``min_output_channels``: the last layer of these nets, at the graph output, and their
-    8-channel convolutions would stay float); those are tested in ``test_onnx_node_units.py``."""
-    target = get_target("onnx")
-    caps = target.capabilities
-    target.capabilities = dataclasses.replace(caps, quantizable={
-        op: dataclasses.replace(q, output_required=False, min_output_channels=0) for op, q in caps.quantizable.items()})
-    return target
-
-
 def _quantize(model: ir.Model, calib: Dataset, **options) -> PassResult:
-    """``fold-constants`` then ``quantize`` (with ``options``) for the ``onnx`` target's specs (:func:`_onnx_specs`)."""
-    ctx = PassContext(target=_onnx_specs(), calibration=calib)
+    """``fold-constants`` then ``quantize`` (with ``options``) for the ``onnx`` target's specs
+    (:func:`~tests.ortutil.onnx_specs_target`: without its speed rules)."""
+    ctx = PassContext(target=onnx_specs_target(), calibration=calib)
     folded = build_pass("fold-constants", None).run(model, ctx)
     ctx.properties.add("constants-folded")
     result = build_pass("quantize", options).run(folded.model, ctx)
