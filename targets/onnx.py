@@ -36,7 +36,7 @@ from compressor.targets.base import (
 from compressor.model_io import clone_model, model_bytes, save_model
 from compressor.quant.spec import OpQuant, QuantSpec
 
-__all__ = ["OnnxTarget", "OrtRunner", "SharedInitializers", "ort_session"]
+__all__ = ["OnnxTarget", "OrtRunner", "SharedInitializers", "bias_apart", "ort_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +248,46 @@ class OrtRunner(Runner):
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
 
 
+def bias_apart(model: ir.Model) -> int:
+    """Move the bias of each ``DQ(a), DQ(b), c -> Gemm`` without an output ``Q`` into an ``Add`` after it.
+
+    ONNX Runtime fuses such a Gemm into QGemm only with an output ``Q``; without a bias it
+    is QGemm with a float output (checked on its optimized graph), so
+    ``Gemm(a, b) + c`` runs the product in int8 and adds the float bias, where ``Gemm(a, b, c)``
+    runs in float with ``b`` dequantized at every call. The same sum in float (``beta`` 1
+    only; ``alpha`` stays on the Gemm). The graph output keeps its name.
+
+    Returns:
+        How many biases were moved.
+    """
+    moved = 0
+    for node in list(model.graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        a, b, c = node.inputs[:3]
+        beta = node.attributes.get("beta")
+        if c is None or (beta is not None and beta.as_float() != 1.0) or not all(
+                v is not None and (p := v.producer()) is not None and p.op_type == "DequantizeLinear" for v in (a, b)):
+            continue
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if any(user.op_type == "QuantizeLinear" for user, _ in uses):
+            continue
+        name = out.name
+        out.name = f"{name}_without_bias"
+        add = ir.node("Add", [out, c], name=f"{node.name or name}_bias")
+        add.outputs[0].name, add.outputs[0].type, add.outputs[0].shape = name, out.type, out.shape
+        node.resize_inputs(2)
+        model.graph.insert_after(node, add)
+        for user, index in uses:
+            user.replace_input_with(index, add.outputs[0])
+        for i, value in enumerate(model.graph.outputs):
+            if value is out:
+                model.graph.outputs[i] = add.outputs[0]
+        moved += 1
+    return moved
+
+
 class OnnxTarget(Target):
     """ONNX Runtime CPU: the portable reference target."""
 
@@ -280,6 +320,9 @@ class OnnxTarget(Target):
 
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
         outdir.mkdir(parents=True, exist_ok=True)
+        moved = bias_apart(model := clone_model(model))
+        if moved:
+            logger.info("onnx: %d Gemm bias(es) added after the int8 Gemm (QGemm with a float output)", moved)
         return [save_model(model, outdir / "model.onnx")]
 
     def reference_runner(self, model: ir.Model, workdir: Path) -> OrtRunner:

@@ -194,3 +194,27 @@ def test_layer_the_target_keeps_float_reads_the_pairs(tmp_path):
     assert conv2.inputs[1].name == "w2"  # its weight float
     ops = Counter(n.op_type for n in _ort_optimized(result.model, tmp_path).graph.node)
     assert ops["QLinearMul"] == 1 and ops["QLinearSigmoid"] == 1 and ops["QLinearConv"] == 1, ops
+
+
+def test_lowering_runs_a_gemm_at_the_graph_output_in_int8(tmp_path):
+    """fc2 (Gemm with a bias, its output the graph output) keeps inputs-only Q/DQ; lowering
+    moves its bias into an Add, so ORT runs it as QGemm with a float output instead of
+    dequantizing its weight at every call. The same sum in float: equal to rounding."""
+    from tests.passes.test_output_qdq import conv_relu_conv
+
+    from compressor.targets.onnx import OnnxTarget
+
+    model = conv_relu_conv(np.random.default_rng(0))
+    feeds = {"x": _normal(2, 8, 4, 8, 8)}
+    result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 32, 4, 8, 8)))
+    assert "fc2" in result.stats["layers"]
+    path = OnnxTarget().lower(_clone(result.model), tmp_path / "art")[0]
+    lowered = ir.load(path)
+    assert [v.name for v in lowered.graph.outputs] == ["y"]
+    assert next(n for n in lowered.graph if n.name == "fc2_bias").op_type == "Add"
+    ops = Counter(n.op_type for n in _ort_optimized(lowered, tmp_path).graph.node)
+    assert ops["QGemm"] == 2 and ops["Gemm"] + ops["FusedGemm"] == 0, ops  # fc1 (after its Relu) and fc2
+    before = ort.InferenceSession(to_proto(result.model).SerializeToString(), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = before.run(None, feeds)[0]
+    np.testing.assert_allclose(after.run(None, feeds)[0], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
