@@ -125,27 +125,23 @@ def test_onnx_runtime_runs_integer_kernels(tmp_path):
     feeds = {"x": _normal(2, 16, 4, 8, 8)}
     ref = run_ort(model, feeds)[0]
     result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 64, 4, 8, 8)))
-    # fc2's output is the graph output: no pair, so it stays float, weight included
-    # (``output_required``: DQ + float would dequantize its weight at every call).
-    assert result.stats["layers"] == ["conv1", "conv2", "conv3", "conv4", "gap", "fc1"]
+    assert result.stats["layers"] == ["conv1", "conv2", "conv3", "conv4", "gap", "fc1", "fc2"]
     optimized = _ort_optimized(result.model, tmp_path)
     ops = Counter(n.op_type for n in optimized.graph.node)
     assert ops["QLinearConv"] == 4, ops
     assert ops["QLinearGlobalAveragePool"] == 1, ops
     # conv1, conv2, conv3 (after their Relu), conv4 and gap (read in 8 bits: by gap, by fc1
     # through the Flatten) and fc1 (after its bias Add and Relu); fc2 (its output is the graph
-    # output) is float.
+    # output) gets no pair (lowering moves its bias into an Add: test_onnx_node_units.py).
     assert result.stats["layer_outputs_quantized"] == 6
-    assert result.stats["skipped_layers"]["fc2"].startswith("node unit left open")
     assert ops["QGemm"] + ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] >= 1, ops
     # The MaxPool runs on conv2's uint8 output: the DQ -> MaxPool -> Q around it is dropped
     # (same scale and zero point on both sides).
     producers = {o: n.op_type for n in optimized.graph.node for o in n.output}
     pool = next(n for n in optimized.graph.node if n.op_type == "MaxPool")
     assert producers[pool.input[0]] == "QLinearConv"
-    # Only fc2 (float, reading fc1's output pair) computes in float.
+    # Only fc2 (its output is the graph output) computes in float before lowering.
     assert sorted(_float_compute_on_dq(optimized)) == ["fc2"]
-    assert not [n for n in optimized.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w5")]
     # Relu is folded into conv1's QLinearConv (its output pair's zero point is 0).
     assert ops["Relu"] == 0, ops
     out = ort.InferenceSession(to_proto(result.model).SerializeToString(),
@@ -170,8 +166,7 @@ def test_give_back_removes_the_output_pairs(tmp_path):
     record = result.quantization
     assert [a.value for a in record["conv2"].outputs] == ["c"]  # the MaxPool reads c's pair (after the Relu)
     assert record["conv4"].outputs == ()
-    # fc2 (float: its output is the graph output) reads fc1's output pair (after the bias Add and Relu)
-    assert [a.node for a in record["fc1"].outputs] == ["y"]
+    assert record["fc1"].outputs == ()  # its output pair (after the bias Add and Relu) is fc2's input pair
     # Every layer back: no Q/DQ left, exactly the float model's outputs.
     back = give_back(_clone(result.model), record, record.names)
     assert not [n for n in back.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
