@@ -52,12 +52,13 @@ _INT8_W = QuantSpec("int8", symmetric=True, axis=0)
 #: Conv and Gemm get the pair after a Relu/Clip ORT folds into the kernel, or where every
 #: reader reads their output in 8 bits already (``output_only_after``, case 7 of
 #: :mod:`~compressor.passes._output_qdq`): before a float activation it would only add a
-#: rounding (ddddocr's detector: fidelity drop 0.007 -> 0.029 with SiLU kept float). A Conv or
-#: Gemm whose output gets no pair stays float, weight included (``output_required``): ORT
-#: would run it as a float kernel dequantizing the weight at every call (ddddocr's 6000-class
-#: Gemm: 17 ms of DequantizeLinear per call). A Conv with fewer than 16 output channels stays
-#: float (``min_output_channels``): MLAS's int8 convolution is slower there than its float
-#: NCHWc one (basic-pitch's 8-channel convs: 93 vs 53 ms and 61 vs 9 ms on AVX2).
+#: rounding (ddddocr's detector: fidelity drop 0.007 -> 0.029 with SiLU kept float). A Conv
+#: whose output gets no pair stays float, weight included (``output_required``): ORT would
+#: run it as a float kernel dequantizing the weight at every call. A Gemm in that place keeps
+#: inputs-only Q/DQ and lowering moves its bias after it (:func:`bias_apart`: QGemm with a
+#: float output). A Conv with fewer than 16 output channels stays float
+#: (``min_output_channels``): MLAS's int8 convolution is slower there than its float NCHWc
+#: one (basic-pitch's 8-channel convs: 93 vs 53 ms and 61 vs 9 ms on AVX2).
 _AFTER = frozenset({"Relu", "Clip"})
 #: Node units without weights that ORT's QDQ selectors (``qdq_selector_action_transformer.cc``)
 #: fuse on the CPU, ``DQ(x)... -> op -> Q``: QLinearSigmoid, QLinearLeakyRelu,
