@@ -16,7 +16,7 @@ writes, ``SessionOptions.optimized_model_filepath``):
    is its lowest value (``ReluQuantFusion``; an asymmetric uint8 range from 0), so the
    pair goes after it;
 5. ``DQ -> MaxPool -> Q`` (and ``Transpose``, ``Reshape``...) with the same scale and zero
-   point on both sides is dropped, and the op runs on uint8 (:func:`carry_ranges`).
+   point on both sides is dropped, and the op runs on uint8 (:func:`~._output_ranges.carry_ranges`).
 
 The placement is data of the target (``OpQuant.output``, ``OpQuant.output_after``): the
 pair reads the layer's output, moved past single-reader ``output_after`` ops (an ``Add``
@@ -31,9 +31,34 @@ and spec) and the output pair costs nothing.
    float value: its node unit runs as ``DQ`` + float, and the model's outputs carry no
    8-bit rounding of their own.
 
-On ``onnx`` the Conv/Gemm pair is written only after a Relu/Clip (``OpQuant.output_only_after``):
-before a float activation (SiLU) it only adds a rounding, which cost ddddocr's detector and
-basic-pitch their accuracy budget (figures in docs/design.md, "Where Q/DQ goes, per target").
+7. On ``onnx`` the Conv/Gemm pair is written after a Relu/Clip (``OpQuant.output_only_after``)
+   or where every reader reads the tensor in 8 bits already (a quantized layer or node
+   unit, directly or through ops that select values: :func:`_read_in_8_bits`); then the
+   pair replaces a rounding instead of adding one. Before a float activation it would
+   only add a rounding, which cost ddddocr's detector and basic-pitch their accuracy
+   budget (figures in docs/design.md, "Where Q/DQ goes, per target").
+8. Ops without weights that the backend runs as integer node units
+   (``DQ(x)[, DQ(y)...] -> op -> Q``: ONNX Runtime's QLinearSigmoid, QLinearMul,
+   QLinearAdd, QLinearConcat...) are layers too (``OpQuant.output`` on an op without
+   ``weights``): inputs and output quantized, the output shared with the next unit's input
+   (one pair per tensor and spec: same scale on both sides, so the fusions chain,
+   ``QLinearConv -> QLinearSigmoid -> QLinearMul -> QLinearConv``). One whose output gets
+   no pair (a graph output, a float reader) is not quantized at all (:func:`open_units`):
+   its input pairs would only add roundings.
+
+9. A SiLU's input ``x`` (read by ``Sigmoid(x)`` and ``Mul(x, Sigmoid(x))`` only, both
+   quantized) is quantized over ``[max(lo, t), hi]``, where ``t < -1.28`` (SiLU's minimum)
+   solves ``|t σ(t)| = Δ/2`` and ``Δ`` is the step of the SiLU output's grid: below ``t``
+   the output is within half a step of 0 whatever ``x`` is, so clipping there changes it by
+   less than its own rounding, while the full range (a pre-activation reaches about
+   ``-hi``) would double ``x``'s step (:func:`floor_silu_inputs`).
+
+10. A ``Concat`` node unit requantizes each input to its output's grid (QLinearConcat): an
+    input that only the ``Concat`` reads, written by a quantized layer, is quantized over
+    the output's range instead of its own, so the layer rounds once onto the grid the
+    ``Concat`` copies (:func:`share_concat_ranges`). With the min-max calibrator the
+    output's range is the union of the inputs'.
+
 A tensor that only selects values of an output tensor (a max-pooled one) is quantized
 over the output's range, not its own (case 5).
 
@@ -50,21 +75,22 @@ from collections.abc import Collection
 import onnx_ir as ir
 from compressor.passes._graph import label, sole_consumer
 from compressor.passes._layers import Layer
+from compressor.passes._output_ranges import selects
 from compressor.passes._placement import is_constant
 
 from compressor.quant.qdq import QdqWriter
 from compressor.quant.revert import ActivationInput, QuantizedLayer
 from compressor.quant.spec import QuantSpec
 
-__all__ = ["SELECTING", "carry_ranges", "close_node_units", "output_tensor", "quantize_output"]
+__all__ = ["LEFT_OPEN", "close_node_units", "open_units", "output_tensor", "quantize_output"]
 
 logger = logging.getLogger(__name__)
 
 _FLOAT = ir.DataType.FLOAT
 
-#: Ops whose output holds values of their first input only (picked, moved or reshaped).
-SELECTING = frozenset({"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity",
-                       "Dropout", "DepthToSpace", "SpaceToDepth"})
+#: Why :func:`open_units` keeps a layer float. Such a layer still reads the pairs others
+#: write (it asked for no float input, unlike one out of scope).
+LEFT_OPEN = "node unit left open: its output flows into a graph output or a float op"
 
 
 def _moves_past(node: ir.Node, value: ir.Value, allowed: frozenset[str]) -> bool:
@@ -79,8 +105,14 @@ def _moves_past(node: ir.Node, value: ir.Value, allowed: frozenset[str]) -> bool
     return True
 
 
+#: Ops computing with a weight: one kept float (at a graph output, out of scope) reads a pair
+#: on its input like a quantized one, a rounding of its input it would have quantized too.
+_WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 def _reaches_graph_output(value: ir.Value, layer_nodes: Collection[int]) -> bool:
-    """Whether ``value`` flows into a graph output through ops that are not quantized layers (case 6)."""
+    """Whether ``value`` flows into a graph output through ops that are not quantized layers
+    nor layers with a weight kept float (case 6)."""
     seen: set[int] = set()
     todo = [value]
     while todo:
@@ -88,24 +120,49 @@ def _reaches_graph_output(value: ir.Value, layer_nodes: Collection[int]) -> bool
         if current.is_graph_output():
             return True
         for reader, _ in current.uses():
-            if id(reader) in layer_nodes or id(reader) in seen:
+            if id(reader) in layer_nodes or id(reader) in seen or reader.op_type in _WEIGHTED:
                 continue
             seen.add(id(reader))
             todo.extend(reader.outputs)
     return False
 
 
+def _read_in_8_bits(value: ir.Value, layer_nodes: Collection[int]) -> bool:
+    """Whether every reader of ``value`` reads it through an 8-bit pair already (case 7).
+
+    A reader does when it is a quantized layer (``layer_nodes``; before the pairs are
+    written), a layer with a weight kept float (:data:`_WEIGHTED`), a ``QuantizeLinear``
+    (after), or an op that selects values
+    (:func:`~._output_ranges.selects`) whose outputs are all read so: the range carried along such a chain
+    (:func:`~._output_ranges.carry_ranges`) makes its pairs exact. A graph output is not read in 8 bits.
+    """
+    if value.is_graph_output():
+        return False
+    uses = list(value.uses())
+    if not uses:
+        return False
+    for reader, index in uses:
+        if reader.op_type == "QuantizeLinear" or id(reader) in layer_nodes or reader.op_type in _WEIGHTED:
+            continue
+        outs = [o for o in reader.outputs if o is not None and (o.uses() or o.is_graph_output())]
+        if index == 0 and selects(reader) and outs and all(_read_in_8_bits(o, layer_nodes) for o in outs):
+            continue
+        return False
+    return True
+
+
 def output_tensor(layer: Layer, layer_nodes: Collection[int]) -> ir.Value | None:
     """The tensor whose pair closes ``layer``'s node unit, or ``None`` (module docstring).
 
     ``None`` when the target gives the layer's op no output spec, the layer has no constant
-    weight, the tensor is not float32, the walk did not pass one of the ops
-    ``OpQuant.output_only_after`` asks for, or the tensor reaches a graph output without
-    passing another quantized layer (``layer_nodes``: ``id`` of every quantized layer's
-    node; case 6).
+    weight (and is no node unit without weights: ``OpQuant.weights`` ``None``), the tensor
+    is not float32, the tensor reaches a graph output without passing another quantized
+    layer (``layer_nodes``: ``id`` of every quantized layer's node; case 6), or the walk
+    did not pass one of the ops ``OpQuant.output_only_after`` asks for and some reader
+    reads the tensor in float (case 7).
     """
     quant = layer.quant
-    if quant.output is None or layer.weight is None or not layer.node.outputs:
+    if quant.output is None or not layer.node.outputs or (layer.weight is None and quant.weights is not None):
         return None
     value = layer.node.outputs[0]
     passed = set()
@@ -114,9 +171,35 @@ def output_tensor(layer: Layer, layer_nodes: Collection[int]) -> ir.Value | None
         passed.add(reader.op_type)
     if value.dtype != _FLOAT or _reaches_graph_output(value, layer_nodes):
         return None
-    if quant.output_only_after and not passed & quant.output_only_after:
-        return None  # case 3: a MatMul without a bias Add is an integer kernel without the pair
+    if not passed & quant.output_only_after and not _read_in_8_bits(value, layer_nodes):
+        return None  # case 3: a MatMul without a bias Add is an integer kernel without the pair; case 7
     return value
+
+
+def open_units(layers: list[Layer]) -> dict[str, str]:
+    """Remove from ``layers`` the node units whose output gets no pair where the target
+    needs one: units without weights (case 8) and ops with ``OpQuant.output_required``.
+
+    Their input pairs alone would only round: the op runs in float on dequantized inputs
+    (a weight dequantized at every call).
+    Removing one can leave another without an 8-bit reader, so this repeats until none is left.
+
+    Returns:
+        Name -> why, for each layer with a weight removed (units without weights are only logged).
+    """
+    removed: dict[str, str] = {}
+    while True:
+        nodes = {id(layer.node) for layer in layers}
+        open_ = [layer for layer in layers if layer.quant.output is not None and output_tensor(layer, nodes) is None
+                 and (layer.quant.output_required or (layer.weight is None and layer.quant.weights is None))]
+        if not open_:
+            return removed
+        for layer in open_:
+            layers.remove(layer)
+            if layer.weight is not None:  # a unit without weights is no layer a person asked for
+                removed[layer.name] = LEFT_OPEN
+            else:
+                logger.debug("not quantized: %s: %s", layer.name, LEFT_OPEN)
 
 
 def quantize_output(graph: ir.Graph, writer: QdqWriter, value: ir.Value, spec: QuantSpec,
@@ -175,31 +258,3 @@ def close_node_units(graph: ir.Graph, writer: QdqWriter, layers: list[Layer], re
         out.append(dataclasses.replace(done, outputs=rewired))
         closed += 1
     return out, closed
-
-
-def carry_ranges(graph: ir.Graph, ranges: dict[str, tuple[float, float]], outputs: list[str]) -> int:
-    """Give a tensor that selects values of an output tensor the output's range (case 5).
-
-    ``MaxPool``, ``Transpose``, ``Reshape``... (:data:`SELECTING`) only pick or move the
-    values of their input; the input's output pair puts them on its grid, so a pair with
-    the same scale and zero point after the op re-quantizes them exactly (``Q(DQ(q)) = q``)
-    and ONNX Runtime drops the ``DQ -> op -> Q`` around it (the op runs on uint8), where a
-    range of its own (a max-pooled tensor's is narrower) would round a second time.
-    Followed in graph order, so chains of such ops carry the range on.
-
-    Returns:
-        How many ranges were replaced.
-    """
-    carried = set(outputs)
-    changed = 0
-    for node in graph:
-        if node.op_type not in SELECTING or node.domain not in ("", "ai.onnx") or not node.inputs:
-            continue
-        source, out = node.inputs[0], node.outputs[0]
-        if source is None or source.name not in carried or source.name not in ranges or out.name not in ranges:
-            continue
-        if ranges[out.name] != ranges[source.name]:
-            ranges[out.name] = ranges[source.name]
-            changed += 1
-        carried.add(out.name)
-    return changed

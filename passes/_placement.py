@@ -30,11 +30,14 @@ from compressor.targets.base import Capabilities
 
 from compressor.scope import Scope
 
-__all__ = ["find_layers", "integer_derived", "is_constant", "mask_uses"]
+__all__ = ["FEW_CHANNELS", "find_layers", "integer_derived", "is_constant", "mask_uses"]
 
 logger = logging.getLogger(__name__)
 
 _LOOKUPS = frozenset({"Gather", "GatherElements", "GatherND"})
+#: Why a layer with fewer output channels than ``OpQuant.min_output_channels`` stays float
+#: (the target's choice: such a layer still reads the pairs other layers write).
+FEW_CHANNELS = "too few output channels"
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 
@@ -182,7 +185,9 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         eltwise: Also quantize the joins the target lists without a weight (``Add``/``Sum``
             of activations only: residual adds; ``OpQuant.joins_after`` may require an
             input straight from, e.g., a convolution). An ``Add`` with a constant
-            operand (a bias, a scale) is not a join and never a layer.
+            operand (a bias, a scale) is not a join and never a layer. Ops without a
+            weight that take one activation (``OpQuant.min_activations``: a ``Sigmoid``)
+            are not joins and are found either way.
     """
     wanted = set(ops) or set(caps.quantizable)
     layers: list[Layer] = []
@@ -194,12 +199,12 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         layer = Layer(node, quant=quant)
         if quant.weights is None:
             data = [v for v in node.inputs if v is not None]
-            if len(data) < 2 or not all(_is_float(v) and not is_constant(v) for v in data):
+            if len(data) < quant.min_activations or not all(_is_float(v) and not is_constant(v) for v in data):
                 continue
             if quant.joins_after and not any((p := v.producer()) is not None and p.op_type in quant.joins_after
                                              for v in data):
                 continue
-            if not eltwise:
+            if not eltwise and len(data) >= 2:
                 skipped[layer.name] = "join of activations (eltwise is off)"
                 continue
         weight_input = quant.weight_input if quant.weights is not None else None
@@ -227,5 +232,12 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         if not layer.activations:
             skipped[layer.name] = "no float activation input"
             continue
+        if layer.weight is not None and quant.min_output_channels:
+            shape = layer.weight.shape
+            channels = shape[layer.output_axis()] if shape is not None and layer.output_axis() is not None else None
+            if isinstance(channels, int) and channels < quant.min_output_channels:
+                skipped[layer.name] = (f"{FEW_CHANNELS}: {channels} < {quant.min_output_channels} (the target's "
+                                       "int8 kernel is slower than float there)")
+                continue
         layers.append(layer)
     return layers, skipped

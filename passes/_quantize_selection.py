@@ -3,7 +3,9 @@ says when nothing was quantized.
 
 1. The layers are those :func:`~._placement.find_layers` finds for the target (scope, op
    types, joins); with the transformer preset's ``eltwise`` (a model with attention) a
-   residual join that is not a convolution's stays float (:func:`select_layers`).
+   residual join that is not a convolution's stays float (:func:`select_layers`); an op
+   without weights that the target runs as a node unit is kept only where its output gets
+   a pair (:func:`~._output_qdq.open_units`).
 2. A weight holding NaN/inf cannot be quantized: refused, naming the layer and the weight
    (:func:`refuse_nonfinite_weights`, exit 2).
 3. An activation computed only from integer inputs and used as a mask or shape path stays
@@ -22,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 from compressor.passes._float32 import HALF
 from compressor.passes._layers import Layer
+from compressor.passes._output_qdq import open_units
 from compressor.passes._placement import find_layers, integer_derived, mask_uses
 from compressor.passes._transformer_preset import is_transformer_residual
 from compressor.targets.base import Capabilities
@@ -43,6 +46,7 @@ def select_layers(graph: ir.Graph, caps: Capabilities, opts: QuantizeOptions,
         for layer in [la for la in found if is_transformer_residual(la)]:
             found.remove(layer)
             why[layer.name] = "residual join in a model with attention (attention: auto)"
+    why.update(open_units(found))
     return found, why
 
 

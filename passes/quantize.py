@@ -82,8 +82,10 @@ import onnx_ir as ir
 from compressor.passes._attention import ROLES
 from compressor.passes._float32 import widen_to_float32
 from compressor.passes._layers import Layer
-from compressor.passes._output_qdq import carry_ranges, close_node_units, output_tensor
+from compressor.passes._output_qdq import LEFT_OPEN, close_node_units, output_tensor
+from compressor.passes._output_ranges import carry_ranges, floor_silu_inputs, share_concat_ranges
 from compressor.passes._pair_site import Sites, pair_sites
+from compressor.passes._placement import FEW_CHANNELS
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
     half_precision,
@@ -242,6 +244,8 @@ class Quantize(Pass):
         outputs = [v.name for la in full if (v := output_tensor(la, layer_nodes)) is not None]  # case 8
         calibration = self._calibrate(model, ctx, opts, full, tensor_skips, outputs)
         carry_ranges(graph, calibration.ranges, outputs)
+        share_concat_ranges(full, calibration.ranges)  # case 8
+        floor_silu_inputs(full, calibration.ranges)
         # recover: {qat: true}: the ranges learned in training replace the calibrated ones (compressor.quant.learned)
         bits = 16 if opts.activations == "int16" else 8
         learned, unlearned = ({}, {}) if ctx.learned_ranges is None else ctx.learned_ranges.match(
@@ -281,8 +285,11 @@ class Quantize(Pass):
                                           calibration, sites)
             record.append(done)
             corrected += fixed
-        record, closed = close_node_units(graph, writer, layers, record, calibration.ranges,  # case 8
-                                          set(skipped) | set(weight_only))
+        # Layers the recipe keeps float read the float tensor; those the target keeps float
+        # (no output pair, too few channels) read the pairs like any other reader.
+        asked_float = {name for name, why in skipped.items()
+                       if why != LEFT_OPEN and not why.startswith(FEW_CHANNELS)} | set(weight_only)
+        record, closed = close_node_units(graph, writer, layers, record, calibration.ranges, asked_float)  # case 8
         model = writer.finish(model)  # 16-bit Q/DQ: the model is converted to opset 21
         quantized = [layer.name for layer in record]
         weight_bytes = (sum(w.float_bytes for w in writer.weights), sum(w.quantized_bytes for w in writer.weights))

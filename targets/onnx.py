@@ -36,7 +36,7 @@ from compressor.targets.base import (
 from compressor.model_io import clone_model, model_bytes, save_model
 from compressor.quant.spec import OpQuant, QuantSpec
 
-__all__ = ["OnnxTarget", "OrtRunner", "SharedInitializers", "ort_session"]
+__all__ = ["OnnxTarget", "OrtRunner", "SharedInitializers", "bias_apart", "ort_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,20 +49,41 @@ _INT8_W = QuantSpec("int8", symmetric=True, axis=0)
 #: into a Gemm): ``output``/``output_after`` (see :mod:`compressor.passes._output_qdq`). A
 #: MatMul without a bias Add runs as MatMulIntegerToFloat without one: no output pair.
 #: ConvTranspose has no fused per-channel kernel: an output pair would only add rounding.
-#: Conv and Gemm get the pair only after a Relu/Clip ORT folds into the kernel: before any
-#: other activation (SiLU's Sigmoid/Mul, which ORT's own quantizer also makes QLinear ops and
-#: we keep float) it only adds a rounding (ddddocr's detector: fidelity drop 0.007 -> 0.029;
-#: basic-pitch 0.006 -> 0.054) for little speed (the DQ/Q and the float activation remain).
+#: Conv and Gemm get the pair after a Relu/Clip ORT folds into the kernel, or where every
+#: reader reads their output in 8 bits already (``output_only_after``, case 7 of
+#: :mod:`~compressor.passes._output_qdq`): before a float activation it would only add a
+#: rounding (ddddocr's detector: fidelity drop 0.007 -> 0.029 with SiLU kept float). A Conv
+#: whose output gets no pair stays float, weight included (``output_required``): ORT would
+#: run it as a float kernel dequantizing the weight at every call. A Gemm in that place keeps
+#: inputs-only Q/DQ and lowering moves its bias after it (:func:`bias_apart`: QGemm with a
+#: float output). A Conv with fewer than 16 output channels stays float
+#: (``min_output_channels``): MLAS's int8 convolution is slower there than its float NCHWc
+#: one (basic-pitch's 8-channel convs: 93 vs 53 ms and 61 vs 9 ms on AVX2).
 _AFTER = frozenset({"Relu", "Clip"})
+#: Node units without weights that ORT's QDQ selectors (``qdq_selector_action_transformer.cc``)
+#: fuse on the CPU, ``DQ(x)... -> op -> Q``: QLinearSigmoid, QLinearLeakyRelu,
+#: QLinearAveragePool, QLinearGlobalAveragePool (unary); QLinearAdd, QLinearMul of two
+#: activations (SiLU's ``x * Sigmoid(x)``, a residual ``Add``); QLinearConcat. Each gets its
+#: inputs and its output quantized, and only where the output's readers read it in 8 bits
+#: (``OpQuant.min_activations``, :func:`~compressor.passes._output_qdq.open_units`). Softmax
+#: (QLinearSoftmax) is left float: attention scores are what the transformer preset keeps
+#: float. Data movement (MaxPool, Reshape, Transpose, Resize, Split, Slice, Gather...) needs
+#: no entry: it carries its input's range and ORT runs it on uint8 (``carry_ranges``).
+_UNARY = OpQuant(activations=_INT8_ACT, output=_INT8_ACT, min_activations=1)
+_JOIN = OpQuant(activations=_INT8_ACT, output=_INT8_ACT)
 ONNX_CAPABILITIES = Capabilities(
     quantizable={
         "Conv": OpQuant(activations=_INT8_ACT, weights=_INT8_W, output=_INT8_ACT, output_after=_AFTER,
-                        output_only_after=_AFTER),
+                        output_only_after=_AFTER, output_required=True, min_output_channels=16),
         "ConvTranspose": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=1)),
         "Gemm": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=0), output=_INT8_ACT,
                         output_after=_AFTER, output_only_after=_AFTER),
         "MatMul": OpQuant(activations=_INT8_ACT, weights=QuantSpec("int8", True, axis=1), output=_INT8_ACT,
                           output_after=_AFTER | {"Add"}, output_only_after=frozenset({"Add"})),
+        **{op: _UNARY for op in ("Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool")},
+        "Add": _JOIN,
+        "Mul": _JOIN,
+        "Concat": OpQuant(activations=_INT8_ACT, output=_INT8_ACT, min_activations=1),
     },
     nm_patterns=(),
     static_shapes=False,
@@ -232,6 +253,46 @@ class OrtRunner(Runner):
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
 
 
+def bias_apart(model: ir.Model) -> int:
+    """Move the bias of each ``DQ(a), DQ(b), c -> Gemm`` without an output ``Q`` into an ``Add`` after it.
+
+    ONNX Runtime fuses such a Gemm into QGemm only with an output ``Q``; without a bias it
+    is QGemm with a float output (checked on its optimized graph), so
+    ``Gemm(a, b) + c`` runs the product in int8 and adds the float bias, where ``Gemm(a, b, c)``
+    runs in float with ``b`` dequantized at every call. The same sum in float (``beta`` 1
+    only; ``alpha`` stays on the Gemm). The graph output keeps its name.
+
+    Returns:
+        How many biases were moved.
+    """
+    moved = 0
+    for node in list(model.graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        a, b, c = node.inputs[:3]
+        beta = node.attributes.get("beta")
+        if c is None or (beta is not None and beta.as_float() != 1.0) or not all(
+                v is not None and (p := v.producer()) is not None and p.op_type == "DequantizeLinear" for v in (a, b)):
+            continue
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if any(user.op_type == "QuantizeLinear" for user, _ in uses):
+            continue
+        name = out.name
+        out.name = f"{name}_without_bias"
+        add = ir.node("Add", [out, c], name=f"{node.name or name}_bias")
+        add.outputs[0].name, add.outputs[0].type, add.outputs[0].shape = name, out.type, out.shape
+        node.resize_inputs(2)
+        model.graph.insert_after(node, add)
+        for user, index in uses:
+            user.replace_input_with(index, add.outputs[0])
+        for i, value in enumerate(model.graph.outputs):
+            if value is out:
+                model.graph.outputs[i] = add.outputs[0]
+        moved += 1
+    return moved
+
+
 class OnnxTarget(Target):
     """ONNX Runtime CPU: the portable reference target."""
 
@@ -264,6 +325,9 @@ class OnnxTarget(Target):
 
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
         outdir.mkdir(parents=True, exist_ok=True)
+        moved = bias_apart(model := clone_model(model))
+        if moved:
+            logger.info("onnx: %d Gemm bias(es) added after the int8 Gemm (QGemm with a float output)", moved)
         return [save_model(model, outdir / "model.onnx")]
 
     def reference_runner(self, model: ir.Model, workdir: Path) -> OrtRunner:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 
@@ -11,8 +12,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from compressor.model_io import to_proto
+from compressor.targets import get_target
+from compressor.targets.base import Target
 
-__all__ = ["model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs"]
+__all__ = ["model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs", "onnx_specs_target"]
 
 
 def model_from_text(text: str, **initializers: np.ndarray) -> ir.Model:
@@ -61,3 +64,19 @@ def assert_same_outputs(
     for i, (want, got) in enumerate(zip(before, after)):
         assert want.shape == got.shape, f"output {i}: shape {got.shape} != {want.shape}"
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"output {i}")
+
+
+def onnx_specs_target() -> Target:
+    """The ``onnx`` target with its quantization specs but without its speed rules.
+
+    ``OpQuant.output_required`` and ``min_output_channels`` keep float, on ONNX Runtime, a
+    layer at the graph output and a convolution with fewer than 16 output channels: the
+    small nets of the tests that check the pass's mechanics (grids, give-back, ranking)
+    would lose those layers. The rules themselves are tested in
+    ``tests/passes/test_onnx_node_units.py``.
+    """
+    target = get_target("onnx")
+    caps = target.capabilities
+    target.capabilities = dataclasses.replace(caps, quantizable={
+        op: dataclasses.replace(q, output_required=False, min_output_channels=0) for op, q in caps.quantizable.items()})
+    return target

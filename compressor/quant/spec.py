@@ -43,6 +43,9 @@ class OpQuant:
         weight_input: Index of the weight input.
         joins_after: For an op without weights (a residual ``Add``): quantize a node only
             when one of its inputs comes straight from one of these ops (empty: any).
+        min_activations: For an op without weights: the fewest inputs a node needs, all of
+            them activations, to be quantized (2: a join of activations; 1: also a unary
+            op such as ``Sigmoid`` or a ``Concat`` of any arity).
         activation_only: The spec of the inputs of a node whose inputs are all
             activations (``Q·Kᵀ``) when it differs from ``activations`` (``None``: the
             same). OpenVINO runs such a MatMul in int8 only with symmetric operands; a zero
@@ -51,7 +54,11 @@ class OpQuant:
             (``None``: only the inputs are quantized). A backend that fuses a node unit
             ``DQ(x), DQ(w) -> op -> Q`` into one integer kernel needs it (ONNX Runtime's
             QLinearConv/QGemm/QLinearMatMul); one that fuses FakeQuantize on inputs
-            (OpenVINO) does not. Given only to layers with a constant weight.
+            (OpenVINO) does not. Given to layers with a constant weight, and to ops without
+            weights that the backend runs as an integer node unit (``DQ... -> op -> Q``:
+            ONNX Runtime's QLinearSigmoid, QLinearMul, QLinearConcat...); such a node is
+            quantized only where its output gets the pair (its input pairs alone would
+            only round).
         output_after: Single-reader ops the output pair moves past, because the backend
             folds them into the kernel (``Relu``, ``Clip``; ``Add`` only with a constant
             operand, a bias). See :mod:`compressor.passes._output_qdq`.
@@ -59,12 +66,23 @@ class OpQuant:
             output moved past one of these ops (ONNX Runtime runs a MatMul without an
             output Q as MatMulIntegerToFloat, in int8, except a 2-D one with a bias Add,
             which it turns into a float Gemm first).
+        output_required: The backend runs the op in int8 only with the output pair: a layer
+            whose output gets none (it flows into a graph output, or a reader reads it in
+            float) stays float, weight included (ONNX Runtime runs ``DQ(x), DQ(w) -> Conv``
+            without a ``Q`` as a float Conv that dequantizes its weight at every call:
+            slower than the float model, and less accurate).
+        min_output_channels: Quantize a layer only with at least this many output channels
+            (0: any). ONNX Runtime's int8 convolution is slower than its float one for
+            very few output channels (8 on AVX2: 1.8x-6.8x slower in basic-pitch).
     """
 
     activations: QuantSpec
     weights: QuantSpec | None = None
     weight_input: int = 1
     joins_after: frozenset[str] = frozenset()
+    min_activations: int = 2
+    output_required: bool = False
+    min_output_channels: int = 0
     activation_only: QuantSpec | None = None
     output: QuantSpec | None = None
     output_after: frozenset[str] = frozenset()

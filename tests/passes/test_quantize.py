@@ -33,7 +33,7 @@ from compressor.pipeline import PassContext, PassResult, build_pass
 from compressor.quant.math import dequantize_array
 from compressor.quant.spec import QuantSpec
 from compressor.quant.taps import collect_statistics
-from tests.ortutil import assert_same_outputs, model_from_text, op_counts, run_ort
+from tests.ortutil import assert_same_outputs, model_from_text, onnx_specs_target, op_counts, run_ort
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 SQNR_FLOOR_DB = 30.0
@@ -64,8 +64,9 @@ def _clone(model: ir.Model) -> ir.Model:
 
 
 def _quantize(model: ir.Model, calib: Dataset, **options) -> PassResult:
-    """``fold-constants`` then ``quantize`` (with ``options``) for the ``onnx`` target."""
-    ctx = PassContext(target=get_target("onnx"), calibration=calib)
+    """``fold-constants`` then ``quantize`` (with ``options``) for the ``onnx`` target's specs
+    (:func:`~tests.ortutil.onnx_specs_target`: without its speed rules)."""
+    ctx = PassContext(target=onnx_specs_target(), calibration=calib)
     folded = build_pass("fold-constants", None).run(model, ctx)
     ctx.properties.add("constants-folded")
     result = build_pass("quantize", options).run(folded.model, ctx)
@@ -290,7 +291,9 @@ def test_attention_structure_and_mask_path_stays_float(tmp_path):
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         _weight(_node(q, name).inputs[1], axis=1, op_type="MatMul")
     quantized = {n.inputs[0].name for n in q.graph if n.op_type == "QuantizeLinear"}
-    assert quantized == {"x", "q", "kt", "p", "v", "c", "mf3", "y"}
+    # k (k_proj's output) is read only in 8 bits (Transpose -> kt, the scores' input): its
+    # pair, over kt's range (carried), closes k_proj's node unit (QLinearMatMul).
+    assert quantized == {"x", "q", "k", "kt", "p", "v", "c", "mf3", "y"}
 
     # No Q/DQ anywhere on the additive mask path: every tensor computed from
     # attention_mask that ends up added to the scores is read by float ops only, and the

@@ -1,0 +1,156 @@
+"""The ranges of the output pairs: carried, shared and floored (cases 5, 9 and 10 of :mod:`._output_qdq`).
+
+Every range comes from the one statistics run; these rules replace some of them so that a
+pair costs no rounding of its own where the backend copies or selects values:
+
+5. an op that only selects values of its input (:data:`SELECTING`, :func:`selects`)
+   carries the input's range to its outputs (:func:`carry_ranges`): ``Q(DQ(q)) = q``, and
+   ONNX Runtime runs the op on uint8;
+9. a SiLU's input is floored where SiLU is within half a step of 0 (:func:`floor_silu_inputs`);
+10. a ``Concat`` unit's sole-reader inputs take its output range (:func:`share_concat_ranges`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from compressor.passes._layers import Layer
+from compressor.passes._placement import is_constant
+
+from compressor.quant.math import dtype_bounds
+
+__all__ = ["SELECTING", "carry_ranges", "floor_silu_inputs", "selects", "share_concat_ranges"]
+
+
+#: Ops whose output holds values of their first input only (picked, moved or reshaped;
+#: ``Resize`` interpolates between them, ``Pad`` adds zeros: see :func:`selects`).
+SELECTING = frozenset({"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity",
+                       "Dropout", "DepthToSpace", "SpaceToDepth", "Resize", "Split", "Slice", "Gather", "Expand",
+                       "Tile", "Pad"})
+
+
+def selects(node: ir.Node) -> bool:
+    """Whether ``node`` is a :data:`SELECTING` op whose outputs stay within its first input's range.
+
+    ``Pad`` only in ``constant`` mode with a zero (or no) value: zero is on every grid the
+    writer makes (its ranges hold 0), another constant may not be; a ``Gather`` from a
+    constant table is a lookup, not a selection of an activation.
+    """
+    if node.op_type not in SELECTING or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return False
+    if node.op_type == "Pad":
+        mode = node.attributes.get("mode")
+        if mode is not None and mode.as_string() != "constant":
+            return True  # edge/reflect/wrap repeat input values
+        value = node.inputs[2] if len(node.inputs) > 2 else None
+        if value is None:
+            return True
+        const = value.const_value
+        return const is not None and not np.any(const.numpy())
+    return node.inputs[0] is not None and not is_constant(node.inputs[0])
+
+
+def carry_ranges(graph: ir.Graph, ranges: dict[str, tuple[float, float]], outputs: list[str]) -> int:
+    """Give a tensor that selects values of an output tensor the output's range (case 5).
+
+    ``MaxPool``, ``Transpose``, ``Reshape``... (:data:`SELECTING`) only pick or move the
+    values of their input; the input's output pair puts them on its grid, so a pair with
+    the same scale and zero point after the op re-quantizes them exactly (``Q(DQ(q)) = q``)
+    and ONNX Runtime drops the ``DQ -> op -> Q`` around it (the op runs on uint8), where a
+    range of its own (a max-pooled tensor's is narrower) would round a second time.
+    Followed in graph order, so chains of such ops carry the range on.
+
+    Returns:
+        How many ranges were replaced.
+    """
+    carried = set(outputs)
+    changed = 0
+    for node in graph:
+        if not selects(node):
+            continue
+        source = node.inputs[0]
+        if source.name not in carried or source.name not in ranges:
+            continue
+        for out in node.outputs:  # Split: every piece; tensors nothing quantizes carry the range on
+            if out is None:
+                continue
+            if out.name in ranges and ranges[out.name] != ranges[source.name]:
+                changed += 1
+            ranges[out.name] = ranges[source.name]
+            carried.add(out.name)
+    return changed
+
+#: Where SiLU, ``x σ(x)``, has its minimum (-0.278): below it, it rises back towards 0.
+_SILU_ARGMIN = -1.2784645
+
+
+def _silu_floor(step: float) -> float:
+    """The ``t < -1.28`` with ``|t σ(t)| = step / 2`` (case 9), by bisection."""
+    lo, hi = -100.0, _SILU_ARGMIN
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if -mid / (1 + np.exp(-mid)) > step / 2:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def floor_silu_inputs(layers: list[Layer], ranges: dict[str, tuple[float, float]]) -> int:
+    """Raise the lower bound of each quantized SiLU's input range to its floor (case 9).
+
+    Args:
+        layers: The quantized layers (the ``Sigmoid`` and the ``Mul`` of a SiLU both among
+            them, or its input is read in float and left alone).
+        ranges: Tensor name -> range, changed in place.
+
+    Returns:
+        How many ranges were raised.
+    """
+    muls = {id(layer.node): layer for layer in layers if layer.op == "Mul"}
+    raised = 0
+    for layer in layers:
+        if layer.op != "Sigmoid" or not layer.activations:
+            continue
+        x, s = layer.activations[0][1], layer.node.outputs[0]
+        readers = {id(node) for node, _ in x.uses()}
+        mul = next((muls[id(node)] for node, _ in s.uses() if id(node) in muls), None)
+        if mul is None or readers != {id(layer.node), id(mul.node)} or {v.name for _, v in mul.activations} != \
+                {x.name, s.name} or x.is_graph_output():
+            continue
+        out = mul.node.outputs[0].name
+        if x.name not in ranges or out not in ranges:
+            continue
+        qmin, qmax = dtype_bounds(mul.quant.activations.dtype)
+        lo_out, hi_out = ranges[out]
+        floor = _silu_floor((hi_out - min(lo_out, 0.0)) / (qmax - qmin))
+        lo, hi = ranges[x.name]
+        if lo < floor < hi:
+            ranges[x.name] = (floor, hi)
+            raised += 1
+    return raised
+
+
+def share_concat_ranges(layers: list[Layer], ranges: dict[str, tuple[float, float]]) -> int:
+    """Give a ``Concat`` unit's sole-reader inputs written by quantized layers the output's range (case 10).
+
+    Returns:
+        How many ranges were replaced.
+    """
+    producers = {id(layer.node) for layer in layers}
+    shared = 0
+    for layer in layers:
+        if layer.op != "Concat" or layer.quant.output is None or layer.weight is not None:
+            continue
+        out = layer.node.outputs[0].name
+        if out not in ranges:
+            continue
+        for _, value in layer.activations:
+            producer = value.producer()
+            if producer is None or id(producer) not in producers or value.name not in ranges \
+                    or value.is_graph_output() or {id(node) for node, _ in value.uses()} != {id(layer.node)}:
+                continue
+            if ranges[value.name] != ranges[out]:
+                ranges[value.name] = ranges[out]
+                shared += 1
+    return shared
