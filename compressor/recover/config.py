@@ -46,6 +46,9 @@ class RecoverConfig:
             (:mod:`compressor.recover.qat`): weights per output channel, symmetric, as that step
             quantizes them; layer inputs per tensor with learned (LSQ) scales, which that step
             then uses instead of calibrating. Needs a ``quantize`` step after the sparsity pass.
+        train_embeddings: Train the ``nn.Embedding`` tables too. Off by default: no mask
+            touches them, a step updates only the rows of its tokens while AdamW moves every
+            row, and on MiniLM the word table is half the parameters (half the optimizer's time).
         teacher_cache_mb: Memory for the teacher's outputs per training sample, computed once
             and reused on later passes over the data (:mod:`compressor.recover.teacher_cache`);
             0: the teacher runs on every step.
@@ -65,6 +68,7 @@ class RecoverConfig:
     holdout: float = 0.1
     patience: int = 0
     qat: bool = False
+    train_embeddings: bool = False
     teacher_cache_mb: int = 1024
 
     def __post_init__(self) -> None:

@@ -201,6 +201,11 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
         held.append(MaskedParam(mw.param, param, mask, shadow, pattern))
     masks = MaskedParams(held, cfg.steps, cfg.schedule, cfg.pgf_decay)
     qat = _attach_qat(student, model_path, dense, passes[last + 1:], target, calib, cfg) if cfg.qat else None
+    if not cfg.train_embeddings:  # no gradient at all: backward skips the tables' (dense, mostly zero) gradient
+        masked = {id(named[mw.param]) for mw in mapped}  # a table tied to a pruned Linear (an LM head) trains
+        for table in (m for m in student.module.modules() if isinstance(m, torch.nn.Embedding)):
+            if id(table.weight) not in masked:
+                table.weight.requires_grad_(False)
     trainable = [p for p in student.module.parameters() if p.requires_grad]
     trainable += [p for p in (qat.parameters() if qat else []) if all(p is not q for q in trainable)]
 
