@@ -62,3 +62,4 @@ def test_cache_budget_bounds_memory_and_zero_is_the_live_teacher():
     assert len(tiny._store) == 1 and out.output.shape == (4, 8, 16)
     off = TeacherCache(_call(teacher), 0)
     assert off(feed, np.arange(4)).last_hidden_state.shape == (4, 8, 16) and not off._store
+
