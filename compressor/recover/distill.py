@@ -20,16 +20,27 @@ training data has labels and the output is logits.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["main_output", "hidden_states", "output_loss", "distill_loss", "resolve_kind"]
+__all__ = ["TeacherOutput", "main_output", "hidden_states", "output_loss", "distill_loss", "resolve_kind"]
 
 _OUTPUT_KEYS = ("logits", "last_hidden_state")
 
 
+@dataclasses.dataclass
+class TeacherOutput:
+    """A module result reassembled from stored tensors (:mod:`compressor.recover.teacher_cache`)."""
+
+    output: Any
+    hidden_states: tuple[Any, ...] = ()
+
+
 def main_output(result: Any) -> Any:
     """The tensor the captured graph outputs first: a tensor, ``[0]`` of a tuple, ``logits``/``last_hidden_state``."""
+    if isinstance(result, TeacherOutput):
+        return result.output
     if isinstance(result, (tuple, list)):
         return main_output(result[0])
     if isinstance(result, Mapping) or hasattr(result, "keys"):

@@ -42,7 +42,7 @@ from compressor.recover.config import RecoverConfig
 if TYPE_CHECKING:
     from compressor.quant.learned import LearnedRanges
 
-__all__ = ["Recovery", "recover", "recover_stage", "check_recover_inputs", "PRUNING_PASSES"]
+__all__ = ["Recovery", "recover", "recover_stage", "check_recover_inputs", "PRUNING_PASSES", "freeze_embeddings"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +201,9 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
         held.append(MaskedParam(mw.param, param, mask, shadow, pattern))
     masks = MaskedParams(held, cfg.steps, cfg.schedule, cfg.pgf_decay)
     qat = _attach_qat(student, model_path, dense, passes[last + 1:], target, calib, cfg) if cfg.qat else None
+    if not cfg.train_embeddings:
+        frozen = freeze_embeddings(student.module, [named[mw.param] for mw in mapped])
+        logger.info("recover: %d embedding tables frozen (train_embeddings: false)", frozen)
     trainable = [p for p in student.module.parameters() if p.requires_grad]
     trainable += [p for p in (qat.parameters() if qat else []) if all(p is not q for q in trainable)]
 
@@ -240,6 +243,24 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
         **({"qat": qat_record} if qat is not None else {}),
     }
     return Recovery(captured, _post_recipe(recipe), record, learned)
+
+
+def freeze_embeddings(module: Any, masked: list[Any]) -> int:
+    """Turn off the gradient of every ``nn.Embedding`` table of ``module`` that is not in ``masked``.
+
+    No gradient at all, so backward skips the tables' dense (mostly zero) gradient and the
+    optimizer never sees them; a table tied to a pruned Linear (an LM head) stays trainable.
+    Returns how many tables were frozen.
+    """
+    import torch
+
+    keep = {id(p) for p in masked}
+    count = 0
+    for table in (m for m in module.modules() if isinstance(m, torch.nn.Embedding)):
+        if id(table.weight) not in keep and table.weight.requires_grad:
+            table.weight.requires_grad_(False)
+            count += 1
+    return count
 
 
 def _attach_qat(student: Any, model_path: Path, dense: Captured, after: list[Any], target: Any, calib: Dataset,

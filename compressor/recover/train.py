@@ -25,6 +25,7 @@ from compressor.progress import Progress, no_progress
 from compressor.recover.config import RecoverConfig
 from compressor.recover.distill import distill_loss, main_output
 from compressor.recover.schedule import MaskedParams
+from compressor.recover.teacher_cache import TeacherCache
 
 __all__ = ["TrainResult", "fine_tune", "outputs_on"]
 
@@ -134,13 +135,14 @@ def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[
         stale, stopped = 0, False
         order = _order(len(train), batch, cfg.seed)
         labels = None if train.labels is None else torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
+        teacher_on = TeacherCache(teacher, cfg.teacher_cache_mb << 20)
         with progress("recover", cfg.steps, "step") as bar:
             for step in range(cfg.steps):
                 idx = next(order)
                 feed = _tensors(train, idx, trim=True)
                 mask = feed.get(MASK_INPUT)
                 with torch.no_grad():
-                    target = teacher(feed)
+                    target = teacher_on(feed, idx)
                 loss = distill_loss(student(feed), target, kind=cfg.loss, temperature=cfg.temperature,
                                     hidden_weight=cfg.hidden_weight, label_weight=cfg.label_weight,
                                     labels=None if labels is None else labels[idx], mask=mask)
@@ -175,4 +177,6 @@ def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[
                     p.copy_(kept)
             best_step = best[1]
             logger.info("recover: keeping the weights of step %d (held-out drop %.6f)", best_step, best[0])
+    logger.info("recover: teacher outputs reused for %d of %d samples (%.0f MB stored)", teacher_on.hits,
+                teacher_on.hits + teacher_on.misses, teacher_on.used / 2**20)
     return TrainResult(len(losses), losses, evaluations, best_step, time.perf_counter() - started, stopped)
