@@ -40,8 +40,8 @@ _FLOAT_ON_DQ = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "S
                           "QuickGelu"})
 
 
-def silu_net(rng: np.random.Generator) -> ir.Model:
-    """Conv -> SiLU (``a * Sigmoid(a)``) -> Conv -> Relu -> Conv (the graph output).
+def silu_net(rng: np.random.Generator, mid: int = 16) -> ir.Model:
+    """Conv -> SiLU (``a * Sigmoid(a)``) -> Conv (``mid`` channels) -> Relu -> Conv (the graph output).
 
     16 output channels: fewer stay float on ``onnx`` (``OpQuant.min_output_channels``)."""
     return model_from_text(f"""{HEADER}
@@ -52,8 +52,8 @@ def silu_net(rng: np.random.Generator) -> ir.Model:
       [conv2] c = Conv <pads=[1,1,1,1]> (m, w2, b2)
       r = Relu (c)
       [conv3] y = Conv <pads=[1,1,1,1]> (r, w3, b3)
-    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1, w2=_w(rng, 16, 16, 3, 3), b2=_w(rng, 16) * 0.1,
-        w3=_w(rng, 16, 16, 3, 3), b3=_w(rng, 16) * 0.1)
+    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1, w2=_w(rng, mid, 16, 3, 3), b2=_w(rng, mid) * 0.1,
+        w3=_w(rng, 16, mid, 3, 3), b3=_w(rng, 16) * 0.1)
 
 
 def concat_net(rng: np.random.Generator) -> ir.Model:
@@ -175,17 +175,7 @@ def test_other_targets_keep_units_float(tmp_path, target):
 def test_layer_the_target_keeps_float_reads_the_pairs(tmp_path):
     """conv2 has 8 output channels (fewer than ``min_output_channels``: float with its weight)
     but reads the SiLU's output pair, so the SiLU still runs as QLinearSigmoid/QLinearMul."""
-    rng = np.random.default_rng(0)
-    model = model_from_text(f"""{HEADER}
-    g (float[N,4,8,8] x) => (float[N,16,8,8] y) {{
-      [conv1] a = Conv <pads=[1,1,1,1]> (x, w1, b1)
-      [sig] s = Sigmoid (a)
-      [silu] m = Mul (a, s)
-      [conv2] c = Conv <pads=[1,1,1,1]> (m, w2, b2)
-      r = Relu (c)
-      [conv3] y = Conv <pads=[1,1,1,1]> (r, w3, b3)
-    }}""", w1=_w(rng, 16, 4, 3, 3), b1=_w(rng, 16) * 0.1, w2=_w(rng, 8, 16, 3, 3), b2=_w(rng, 8) * 0.1,
-        w3=_w(rng, 16, 8, 3, 3), b3=_w(rng, 16) * 0.1)
+    model = silu_net(np.random.default_rng(0), mid=8)
     result = _quantize(_clone(model), _dataset(model, tmp_path, _normal(1, 32, 4, 8, 8)))
     assert result.stats["layers"] == ["conv1", "sig", "silu"]
     assert result.stats["skipped_layers"]["conv2"].startswith("too few output channels")
