@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from compressor.passes._layers import Layer
-from compressor.passes._placement import is_constant
+from compressor.passes._placement import is_constant, pad_adds_only_zeros
 
 from compressor.quant.math import dtype_bounds
 
@@ -39,14 +39,7 @@ def selects(node: ir.Node) -> bool:
     if node.op_type not in SELECTING or node.domain not in ("", "ai.onnx") or not node.inputs:
         return False
     if node.op_type == "Pad":
-        mode = node.attributes.get("mode")
-        if mode is not None and mode.as_string() != "constant":
-            return True  # edge/reflect/wrap repeat input values
-        value = node.inputs[2] if len(node.inputs) > 2 else None
-        if value is None:
-            return True
-        const = value.const_value
-        return const is not None and not np.any(const.numpy())
+        return pad_adds_only_zeros(node)
     return node.inputs[0] is not None and not is_constant(node.inputs[0])
 
 

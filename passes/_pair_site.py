@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from compressor.passes._placement import is_constant
+from compressor.passes._placement import is_constant, pad_adds_only_zeros
 
 from compressor.quant.math import quant_params
 from compressor.quant.spec import QuantSpec
@@ -69,16 +69,7 @@ def _pads_zeros(node: ir.Node, zero_point: int) -> bool:
     mode = node.attributes.get("mode")
     if mode is not None and mode.as_string() != "constant":
         return True  # reflect/edge copy values: they only move (case 1)
-    if zero_point != 0:
-        return False
-    fill = node.inputs[2] if len(node.inputs) > 2 else None
-    if fill is None:
-        return True
-    const = fill.const_value
-    if const is None and (p := fill.producer()) is not None and p.op_type == "Constant":
-        attr = p.attributes.get("value")
-        const = attr.as_tensor() if attr is not None else None
-    return const is not None and not np.any(const.numpy())
+    return zero_point == 0 and pad_adds_only_zeros(node)
 
 
 def _crossable(producer: ir.Node | None, value: ir.Value, through: Collection[str], zero_point: int) -> bool:

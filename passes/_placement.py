@@ -24,13 +24,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import numpy as np
 import onnx_ir as ir
 from compressor.passes._layers import Layer
 from compressor.targets.base import Capabilities
 
 from compressor.scope import Scope
 
-__all__ = ["FEW_CHANNELS", "find_layers", "integer_derived", "is_constant", "mask_uses"]
+__all__ = ["FEW_CHANNELS", "find_layers", "integer_derived", "is_constant", "mask_uses", "pad_adds_only_zeros"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,26 @@ def is_constant(value: ir.Value) -> bool:
         return True
     producer = value.producer()
     return producer is not None and producer.op_type == "Constant"
+
+
+def pad_adds_only_zeros(node: ir.Node) -> bool:
+    """Whether a ``Pad`` adds nothing but its input's values and zeros.
+
+    True for ``edge``/``reflect``/``wrap`` (they repeat input values) and for ``constant``
+    mode with no value or a zero value (an initializer or a ``Constant`` node); zero is on
+    every grid whose range holds 0.
+    """
+    mode = node.attributes.get("mode")
+    if mode is not None and mode.as_string() != "constant":
+        return True
+    fill = node.inputs[2] if len(node.inputs) > 2 else None
+    if fill is None:
+        return True
+    const = fill.const_value
+    if const is None and (p := fill.producer()) is not None and p.op_type == "Constant":
+        attr = p.attributes.get("value")
+        const = attr.as_tensor() if attr is not None else None
+    return const is not None and not np.any(const.numpy())
 
 
 def _derived_origin(graph: ir.Graph) -> dict[int, str]:
