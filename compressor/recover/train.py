@@ -135,7 +135,9 @@ def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[
         stale, stopped = 0, False
         order = _order(len(train), batch, cfg.seed)
         labels = None if train.labels is None else torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
-        teacher_on = TeacherCache(teacher, cfg.teacher_cache_mb << 20)
+        # Stored outputs pay only when a sample comes back: one pass over the data stores nothing.
+        revisits = cfg.steps > len(train) // batch
+        teacher_on = TeacherCache(teacher, cfg.teacher_cache_mb << 20 if revisits else 0)
         with progress("recover", cfg.steps, "step") as bar:
             for step in range(cfg.steps):
                 idx = next(order)
