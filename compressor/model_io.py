@@ -120,12 +120,14 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
-        proto = _sorted_if_only_unsorted(proto, err)
+        fixed = _sorted_if_only_unsorted(proto, err)
+        proto = fixed if fixed is not None else _valid_but_shapeless_io(proto, err)
         if proto is None:
             first = str(err).strip().splitlines()[0]
             raise CaptureError(f"{path}: the ONNX model is invalid: {first}") from None
-        logger.warning("%s: the nodes were not in topological order (ONNX requires it; ONNX Runtime's float16 "
-                       "converter writes such files); sorted them", path)
+        if fixed is not None:
+            logger.warning("%s: the nodes were not in topological order (ONNX requires it; ONNX Runtime's "
+                           "float16 converter writes such files); sorted them", path)
     try:
         return ir.serde.deserialize_model(proto)
     except Exception as err:  # a proto the checker accepts but onnx_ir cannot represent
@@ -146,6 +148,37 @@ def _sorted_if_only_unsorted(proto: onnx.ModelProto, err: Exception) -> onnx.Mod
         logger.debug("sorting the nodes did not make the model valid", exc_info=True)
         return None
     return ordered
+
+
+#: The checker's complaint about a graph input or output that declares no shape at all.
+_SHAPELESS = "Field 'shape' of 'type' is required but missing"
+
+
+def _valid_but_shapeless_io(proto: onnx.ModelProto, err: Exception) -> onnx.ModelProto | None:
+    """``proto`` itself when the checker's only complaint is graph inputs/outputs with no shape.
+
+    ONNX requires the main graph's inputs and outputs to declare a shape (of any rank);
+    some exporters leave it out and ONNX Runtime runs such files. Import gives them one
+    (:func:`compressor.capture.onnx_import.declare_missing_shapes`).
+    """
+    if _SHAPELESS not in str(err):
+        return None
+    shapeless = [v for v in (*proto.graph.input, *proto.graph.output)
+                 if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
+    if not shapeless:
+        return None
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    for v in (*probe.graph.input, *probe.graph.output):
+        if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape"):
+            v.type.tensor_type.shape.SetInParent()  # rank 0 stands in for "some shape" while checking
+    try:
+        onnx.checker.check_model(probe)
+    except onnx.checker.ValidationError:
+        return None  # something else is wrong too: report the original error
+    logger.info("the model declares no shape for %s (ONNX requires one; ONNX Runtime runs it anyway)",
+                ", ".join(repr(v.name) for v in shapeless))
+    return proto
 
 
 def _has_external(proto: onnx.ModelProto) -> bool:

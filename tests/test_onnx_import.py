@@ -312,6 +312,47 @@ def test_unsorted_nodes_are_sorted_on_import(tmp_path, capsys):
     assert "not in topological order" in err
 
 
+def _shapeless_model(tmp_path: Path) -> Path:
+    """A MatMul whose graph input and output declare a type but no shape (ONNX requires one)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w")
+    return _save(tmp_path, [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], [x], [y], [w])
+
+
+def test_shapeless_input_is_refused_by_the_checker_alone(tmp_path):
+    """The premise: ONNX's checker refuses the file, and ONNX Runtime runs it."""
+    path = _shapeless_model(tmp_path)
+    with pytest.raises(onnx.checker.ValidationError, match="'shape' of 'type' is required"):
+        onnx.checker.check_model(onnx.load(str(path)))
+    xv = RNG.standard_normal((2, 4)).astype(np.float32)
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": xv})
+
+
+@pytest.mark.parametrize("given", ["input", "data"])
+def test_shapeless_input_takes_input_or_the_data_shape(given, tmp_path, capsys):
+    path = _shapeless_model(tmp_path)
+    np.savez(tmp_path / "eval.npz", x=RNG.standard_normal((6, 4)).astype(np.float32))
+    extra = ["--input", "x=?x4"] if given == "input" else []
+    code, err, _ = _run([path, "--recipe", "fold", *extra, "--eval", tmp_path / "eval.npz", "-o", tmp_path / "out",
+                         "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["input_spec"] == [{"name": "x", "shape": [None, 4], "dtype": "float32"}]
+    artifact = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    onnx.checker.check_model(artifact)  # the artifact declares the shapes ONNX requires
+    assert [d.dim_value for d in artifact.graph.output[0].type.tensor_type.shape.dim][1:] == [3]
+
+
+def test_shapeless_input_without_input_or_data_is_exit_2_naming_it(tmp_path, capsys):
+    code, err, errors = _run([_shapeless_model(tmp_path), "--recipe", "fold", "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 2, err
+    assert errors == ["error: the model's input 'x' declares no shape (ONNX requires one; its exporter left it out): "
+                      "give it with --input x=DIMxDIM... (e.g. x=1x3x224x224; ? leaves an axis dynamic; x=scalar "
+                      "for rank 0), or pass --calib/--eval data that holds it"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_cyclic_graph_is_still_refused(tmp_path, capsys):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
     nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="add"), helper.make_node("Neg", ["a"], ["b"], name="neg"),

@@ -40,7 +40,7 @@ from compressor.capture.common import (
     Overrides,
     name_folded_weights,
 )
-from compressor.capture.onnx_import import normalize_import
+from compressor.capture.onnx_import import declare_missing_shapes, normalize_import
 from compressor.errors import CaptureError, UsageError
 from compressor.inputs import apply_input_overrides
 
@@ -97,9 +97,11 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
 
             captured = capture_hf(path, overrides)
         elif path.suffix.lower() == ".onnx":
-            model, report = normalize_import(model_io.load_onnx(path))
+            model = model_io.load_onnx(path)
+            declared = declare_missing_shapes(model, overrides, example_inputs)
+            model, report = normalize_import(model)
             upgrade = (report.opset_from, report.opset_to) if report.opset_from is not None else None
-            captured = Captured(model, "onnx", report.notes, upgrade)
+            captured = Captured(model, "onnx", declared + report.notes, upgrade)
         elif path.suffix.lower() in (".pt2", ".pt", ".pth"):
             from compressor.capture.pytorch import (
                 capture_torch_file,  # imported when asked for: keeps torch out of ONNX-only runs

@@ -23,6 +23,12 @@ What :func:`normalize_import` does to a freshly read ``.onnx`` model, in order:
    shape) are dropped and inferred again (noted): passes copy declared shapes onto the
    nodes they insert, and ONNX Runtime would refuse the artifact.
 
+Before these, :func:`declare_missing_shapes` gives a shape to graph inputs and outputs
+that declare none (ONNX requires one; some exporters leave it out and ONNX Runtime runs
+such files): an input takes its ``--input`` shape, else its data's (samples on axis 0,
+which stays dynamic, as for torch modules), else the user is asked for ``--input``; an
+output takes the shape inference gives it.
+
 Custom domains (``ai.onnx.ml``, ``com.microsoft``) pass through untouched; the target's
 check runs them in its backend or names the node it cannot run.
 
@@ -36,16 +42,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
-from compressor.errors import UnsupportedModel
+from compressor.errors import DataError, UnsupportedModel
 from compressor.model_io import default_opset, to_proto, upgrade_opset
 from compressor.passes._graph import label
 
-__all__ = ["IMPORT_MIN_OPSET", "IMPORT_OPSET", "ImportReport", "normalize_import", "normalize_dims",
-           "quantized_nodes", "describe_quantized"]
+__all__ = ["IMPORT_MIN_OPSET", "IMPORT_OPSET", "ImportReport", "declare_missing_shapes", "normalize_import",
+           "normalize_dims", "quantized_nodes", "describe_quantized"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +134,52 @@ def normalize_dims(model: ir.Model) -> int:
             value.shape = shape
             total += changed
     return total
+
+
+def declare_missing_shapes(model: ir.Model, overrides: Mapping[str, tuple[tuple[Any, ...], str | None]],
+                           examples: Mapping[str, np.ndarray] | None) -> list[str]:
+    """Give a shape to every graph input and output that declares none; returns notes.
+
+    An input takes its ``--input`` shape, else the shape of its data (``examples``: first
+    axis = samples = the batch axis, left dynamic); an output takes what shape inference
+    gives once the inputs have shapes.
+
+    Raises:
+        DataError: an input has no shape, no ``--input`` and no data (exit 2).
+        UnsupportedModel: shape inference cannot give an output even a rank (exit 4).
+    """
+    notes: list[str] = []
+    for value in model.graph.inputs:
+        if value.shape is not None or value.const_value is not None or not isinstance(value.type, ir.TensorType):
+            continue
+        if value.name in overrides:
+            value.shape = ir.Shape(list(overrides[value.name][0]))
+            continue
+        sample = (examples or {}).get(value.name)
+        if sample is None:
+            raise DataError(f"the model's input {value.name!r} declares no shape (ONNX requires one; its exporter "
+                            f"left it out): give it with --input {value.name}=DIMxDIM... (e.g. "
+                            f"{value.name}=1x3x224x224; ? leaves an axis dynamic; {value.name}=scalar for rank 0), "
+                            "or pass --calib/--eval data that holds it")
+        dims = [None, *sample.shape[1:]] if sample.ndim else []
+        value.shape = ir.Shape(dims)
+        notes.append(f"input {value.name!r} declares no shape; took {'x'.join('N' if d is None else str(d) for d in dims) or 'scalar'} "
+                     "from the data (give --input to choose another)")
+    missing = [v for v in model.graph.outputs if v.shape is None and isinstance(v.type, ir.TensorType)]
+    if missing:
+        inferred = onnx.shape_inference.infer_shapes(to_proto(model), data_prop=True)
+        shapes = {v.name: v.type.tensor_type.shape for v in inferred.graph.output
+                  if v.type.tensor_type.HasField("shape")}
+        for value in missing:
+            if value.name not in shapes:
+                raise UnsupportedModel(f"the model's output {value.name!r} declares no shape and shape inference "
+                                       "cannot give it one", [(value.name, "output with no shape")])
+            value.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                    for d in shapes[value.name].dim])
+        notes.append(f"output(s) {', '.join(repr(v.name) for v in missing)} declare no shape; took the inferred one")
+    for note in notes:
+        logger.info("%s", note)
+    return notes
 
 
 def normalize_import(model: ir.Model) -> tuple[ir.Model, ImportReport]:
