@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -179,7 +180,8 @@ def _silence_stdout() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``compress``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "-v" in argv or "--verbose" in argv
+    # -v alone or in a group of short flags (-vv, -qv): argparse reads them all as --verbose
+    verbose = any(a == "--verbose" or (re.fullmatch(r"-[qv]+", a) and "v" in a) for a in argv)
     try:
         if argv and argv[0] == "recipes":
             return _cmd_recipes(argv[1:])

@@ -451,14 +451,15 @@ def test_verbose_user_errors_3_and_4_have_no_traceback(error, code, tmp_path, ca
     assert error_line(err) == f"error: {error}"
 
 
+@pytest.mark.parametrize("flag", ["-v", "--verbose", "-vv", "-qv"])
 @pytest.mark.parametrize("error", [RuntimeError("boom"), CompressorError("an invariant broke")])
-def test_verbose_internal_error_shows_the_traceback(error, tmp_path, capsys, monkeypatch):
-    """Exit 1 is a bug of the tool: there ``-v`` adds the traceback a report needs."""
+def test_verbose_internal_error_shows_the_traceback(error, flag, tmp_path, capsys, monkeypatch):
+    """Exit 1 is a bug of the tool: there ``-v`` (alone or grouped, as argparse reads it) adds the traceback."""
     def failing(*args, **kwargs):
         raise error
 
     monkeypatch.setattr("compressor.flow.compress.compress", failing)
-    code, _, err = run([MODEL, "--recipe", "fold", "-o", tmp_path / "out", "-v"], capsys)
+    code, _, err = run([MODEL, "--recipe", "fold", "-o", tmp_path / "out", flag], capsys)
     assert code == 1, err
     assert "Traceback (most recent call last)" in err and "failing" in err
     code, _, err = run([MODEL, "--recipe", "fold", "-o", tmp_path / "out"], capsys)
