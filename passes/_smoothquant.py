@@ -26,7 +26,7 @@ from compressor.passes._layers import Layer
 from compressor.data import Dataset
 from compressor.quant.taps import StatPoint, gather
 
-__all__ = ["SmoothQuantOptions", "smooth_layers"]
+__all__ = ["SmoothGroup", "SmoothQuantOptions", "plan_smoothing", "smooth_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,33 @@ def _reduces_last_axis(layer: Layer) -> bool:
     return layer.op in ("MatMul", "Gemm") and layer.activation_axis() in (-1, 1)
 
 
-def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: SmoothQuantOptions,
-                  skip: set[str], cache: dict | None = None) -> int:
-    """Smooth every activation read only through weight layers; returns how many groups.
+@dataclasses.dataclass
+class SmoothGroup:
+    """One activation to smooth and the weight layers reading it.
 
-    ``cache`` (a ``PassContext.cache``) keeps the statistics of this very model for re-runs.
+    Attributes:
+        tensor: The activation's name.
+        value: The activation.
+        layernorm: The LayerNormalization producing it when ``X / s`` folds into its
+            ``gamma``/``beta`` (case 1), else ``None`` (case 2: a ``Mul`` is inserted).
+        layers: The layers reading it (their weights' rows get ``* s``).
+        scale: ``s`` per input channel.
     """
-    graph = model.graph
+
+    tensor: str
+    value: ir.Value
+    layernorm: ir.Node | None
+    layers: list[Layer]
+    scale: np.ndarray
+
+
+def plan_smoothing(model: ir.Model, layers: list[Layer], data: Dataset, options: SmoothQuantOptions,
+                   skip: set[str], cache: dict | None = None) -> list[SmoothGroup]:
+    """The groups :func:`smooth_layers` smooths, with their ``s``; the model is not changed.
+
+    The recovery stage applies case 1 to a torch module's parameters with it
+    (:mod:`compressor.recover.smooth`).
+    """
     by_tensor: dict[str, list[Layer]] = {}
     for layer in layers:
         for index, value in layer.activations:
@@ -117,16 +137,28 @@ def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: 
                     and readers == {id(layer.node) for layer in group} and not value.is_graph_output())
         groups.append((name, value, ln if foldable else None, group))
     if not groups:
-        return 0
+        return []
     points = {g[0]: StatPoint(g[0], "range", -1) for g in groups}
     found = gather(model, data, points.values(), {} if cache is None else cache)
     stats = {name: found[p] for name, p in points.items()}
     # A tensor holding sentinels or NaN/inf stays float (and so unsmoothed): 1/s would
     # turn -3.4e38 into -inf.
-    groups = [g for g in groups if stats[g[0]].problem() is None]
+    return [SmoothGroup(name, value, ln, group,
+                        _smoothing(stats[name].channel_absmax, group, options.alpha, options.floor_quantile))
+            for name, value, ln, group in groups if stats[name].problem() is None]
+
+
+def smooth_layers(model: ir.Model, layers: list[Layer], data: Dataset, options: SmoothQuantOptions,
+                  skip: set[str], cache: dict | None = None) -> int:
+    """Smooth every activation read only through weight layers; returns how many groups.
+
+    ``cache`` (a ``PassContext.cache``) keeps the statistics of this very model for re-runs.
+    """
+    graph = model.graph
+    groups = plan_smoothing(model, layers, data, options, skip, cache)
     names = NameAllocator(graph)
-    for name, value, ln, group in groups:
-        s = _smoothing(stats[name].channel_absmax, group, options.alpha, options.floor_quantile)
+    for g in groups:
+        name, value, ln, group, s = g.tensor, g.value, g.layernorm, g.layers, g.scale
         if ln is not None:  # case 1
             gamma = _constant(ln.inputs[1])
             new_gamma = add_initializer(graph, names(f"{ln.inputs[1].name}_smoothed"), (gamma / s).astype(gamma.dtype))

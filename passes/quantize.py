@@ -231,8 +231,11 @@ class Quantize(Pass):
             # Smooth every candidate layer (the transform is exact in float): a layer accuracy
             # control gives back reads its smoothed float weight and input, which compute what
             # the unsmoothed layer did; then find the layers to quantize again.
-            smoothed = smooth_layers(model, layers, ctx.calibration, opts.smoothquant, skip=set(tensor_skips),
-                                     cache=ctx.cache)
+            # An input whose range was learned in training (recover: {qat: true}) is not smoothed
+            # again: the recovery stage smoothed it in the module already (compressor.recover.smooth).
+            learned_inputs = {e.tensor for e in ctx.learned_ranges.entries} if ctx.learned_ranges else set()
+            smoothed = smooth_layers(model, layers, ctx.calibration, opts.smoothquant,
+                                     skip=set(tensor_skips) | learned_inputs, cache=ctx.cache)
             layers, skipped = select_layers(graph, caps, opts, preset)
         float_acts = float_activation_layers(graph, opts.float_activations)  # case 5
         wide: set[str] = set()

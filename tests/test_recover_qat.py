@@ -256,18 +256,87 @@ def test_qat_without_a_quantize_step_is_refused(tiny, capsys):
     assert not (tiny["dir"] / "o").exists()
 
 
-def test_qat_with_smoothquant_is_refused_before_training(tiny, capsys):
-    recipe = _recipe(tiny["dir"], "smooth", QAT).read_text().replace("quantize: {calibrator: minmax}",
-                                                                     "quantize: {smoothquant: {alpha: 0.5}}")
-    path = tiny["dir"] / "smooth.yaml"
-    path.write_text(recipe)
-    code, _, err = run([tiny["model"], "--recipe", path, "--train", tiny["train"], "-o", tiny["dir"] / "o"], capsys)
-    assert code == 2
-    assert error_line(err) == ("error: recover: qat: the quantize step applies SmoothQuant (the recipe sets it), which "
-                               "rescales the layers' inputs and weights after training, so the fake quantizers trained "
-                               "would not be the ones written; drop 'qat', or give quantize 'attention: \"off\"' (and "
-                               "no smoothquant)")
-    assert not (tiny["dir"] / "o").exists()
+class _LnNet(torch.nn.Module):
+    """LayerNorm -> two Linears reading it (a transformer block's Q/K/V shape), with outlier channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(16)
+        self.q, self.k = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 4)
+        with torch.no_grad():
+            self.ln.weight.copy_(torch.linspace(0.5, 1.5, 16))
+            self.ln.weight[[2, 11]] = 20.0  # activation outliers: what SmoothQuant moves into the weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        return self.out(torch.relu(self.q(h)) * torch.sigmoid(self.k(h)))
+
+
+@pytest.fixture(scope="module")
+def ln_net(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("qat_ln")
+    torch.manual_seed(0)
+    x = np.random.default_rng(3).standard_normal((192, 16)).astype(np.float32)
+    program = torch.export.export(_LnNet().eval(), (torch.from_numpy(x[:2]),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(folder / "net.pt2"))
+    np.savez(folder / "train.npz", x=x[:160])
+    np.savez(folder / "eval.npz", x=x[160:])
+    recipe = folder / "smooth.yaml"
+    recipe.write_text("name: smooth\npasses:\n  - fold-constants\n  - sparsify-nm: {n: 2, m: 4, mask: magnitude, "
+                      "scope: {exclude: [out.weight]}}\n  - quantize: {calibrator: minmax, smoothquant: {alpha: 0.5}}\n"
+                      f"recover: {QAT}\n")
+    return {"dir": folder, "model": folder / "net.pt2", "train": folder / "train.npz", "eval": folder / "eval.npz",
+            "recipe": recipe}
+
+
+def test_smoothing_the_module_is_exact_and_as_quantize_plans_it(ln_net):
+    """gamma/s, beta/s and W[:, k]*s_k leave the module's output unchanged; s is quantize's own."""
+    from compressor.capture import capture
+    from compressor.data import load_npz
+    from compressor.inputs import model_input_specs
+    from compressor.passes._smoothquant import plan_smoothing
+    from compressor.passes._quantize_selection import select_layers
+    from compressor.pipeline import available_passes
+    from compressor.recover.smooth import smooth_module, smoothing_for
+    from compressor.targets import get_target
+
+    dense = capture(ln_net["model"]).model
+    calib = load_npz(ln_net["train"], model_input_specs(dense))
+    opts, preset = smoothing_for(available_passes()["quantize"]({"calibrator": "minmax", "smoothquant": {"alpha": 0.5}}).options,
+                                 dense.graph)
+    caps = get_target("onnx").capabilities
+    layers, _ = select_layers(dense.graph, caps, opts, preset)
+    plan = {g.tensor: g.scale for g in plan_smoothing(dense, layers, calib, opts.smoothquant, skip=set())}
+    program = torch.export.load(str(ln_net["model"]))
+    module = program.module()
+    x = torch.from_numpy(np.load(ln_net["eval"])["x"])
+    before = module(x).detach()
+    gamma = module.get_parameter("ln.weight").detach().clone()
+    record = smooth_module(module, dense, opts, preset, caps, calib)
+    assert len(record["smoothed"]) == 1  # the LayerNorm's output, read by q and k
+    # the gate product read by `out` is no LayerNorm's: case 2, left to train unsmoothed
+    assert list(record["not_smoothed"].values()) == [
+        "not produced by a LayerNorm whose only readers are the smoothed layers"]
+    s = torch.from_numpy(plan[record["smoothed"][0]].astype(np.float32))
+    assert s.max() > 2.0  # the outlier channels moved
+    torch.testing.assert_close(module.get_parameter("ln.weight").detach(), gamma / s, rtol=1e-6, atol=0)
+    # float32 rounding of gamma/s and W*s only: a few ulps of the output's scale
+    torch.testing.assert_close(module(x).detach(), before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+
+
+def test_qat_with_smoothquant_smooths_before_training_and_writes_the_learned_ranges(ln_net):
+    manifest = compress(ln_net["model"], recipe=ln_net["recipe"], outdir=ln_net["dir"] / "out", train=ln_net["train"],
+                        calib=ln_net["train"], eval_data=ln_net["eval"], latency_runs=1).manifest
+    record = manifest["recovery"]["qat"]
+    assert len(record["smoothquant"]["smoothed"]) == 1
+    quantize = next(p for p in manifest["passes"] if p["name"] == "quantize")
+    # every learned range is written: quantize did not smooth (and so rename) those inputs again
+    assert quantize["stats"]["ranges_from_training"] == record["activation_quantizers"]
+    assert quantize["stats"]["ranges_not_from_training"] == {}
+    model = onnx.load(str(ln_net["dir"] / "out" / "model.onnx"))
+    assert not [n.name for n in model.graph.node if n.op_type == "Mul" and "SmoothQuant" in n.name]
 
 
 def test_qat_on_torchscript_is_refused(tiny, capsys):

@@ -108,24 +108,15 @@ def plan_layers(graph: ir.Graph, opts: Any, caps: Any, shapes: Mapping[str, tupl
     Returns:
         The layers, and the graph layers left out with why.
 
-    Raises:
-        UsageError: the step smooths its layers (SmoothQuant): ``X W = (X / s)(diag(s) W)``
-            after training changes both the inputs and the weights' per-channel grid, so
-            the quantizers trained would not be the ones written.
+    A step that smooths its layers (SmoothQuant) has them smoothed in the module before
+    training (:mod:`compressor.recover.smooth`); the names planned here are unchanged by it.
     """
-    from compressor.errors import UsageError
     from compressor.passes._placement import find_layers
-    from compressor.passes._transformer_preset import attention_blocks, float_activation_layers, with_preset
+    from compressor.passes._transformer_preset import float_activation_layers
     from compressor.quant.revert import widened
+    from compressor.recover.smooth import smoothing_for
 
-    blocks = attention_blocks(graph) if opts.attention == "auto" else 0
-    opts, preset = with_preset(opts, blocks)
-    if opts.smoothquant is not None:
-        why = (f"the attention preset sets it, the model having {blocks} attention block(s)" if "smoothquant" in preset
-               else "the recipe sets it")
-        raise UsageError(f"recover: qat: the quantize step applies SmoothQuant ({why}), which rescales the layers' "
-                         "inputs and weights after training, so the fake quantizers trained would not be the ones "
-                         "written; drop 'qat', or give quantize 'attention: \"off\"' (and no smoothquant)")
+    opts, preset = smoothing_for(opts, graph)
     found, _ = find_layers(graph, caps, ops=opts.ops, scope=opts.scope, activation_matmuls=False, eltwise=False)
     float_acts = float_activation_layers(graph, opts.float_activations)
     wide = set(float_acts) if "float_activations" in preset and caps.fallback == "int16" else set()
@@ -263,6 +254,8 @@ class QatModule:
         self.layers: list[QatLayer] = []
         self._hooks: list[Any] = []
         self._fx_nodes: list[Any] = []
+        #: SmoothQuant folded into the module before training (:func:`compressor.recover.smooth.smooth_module`).
+        self.smoothing: dict[str, Any] | None = None
         for layer in layers:
             owner, _, attr = layer.param.rpartition(".")
             module = self.module.get_submodule(owner)
@@ -354,7 +347,8 @@ class QatModule:
         entries = []
         for layer in self.layers:
             q = self.quantizers.get(layer.tensor)
-            if q is not None and q.mode == "quantize":
+            # a weight-only layer (activation None) reading a tensor another layer quantizes has no range of its own
+            if q is not None and q.mode == "quantize" and layer.activation is not None:
                 entries.append(LearnedRange(layer.weight, layer.tensor, *q.learned(), q.spec))
         return LearnedRanges(tuple(entries))
 
@@ -367,6 +361,7 @@ class QatModule:
             "activation_quantizers": len(live),
             "scales": {t: {"initial": q.initial, "learned": float(q.step().detach()), "zero_point": int(q.zero_point),
                            "dtype": q.spec.dtype} for t, q in sorted(live.items())},
+            **({"smoothquant": self.smoothing} if self.smoothing is not None else {}),
         }
 
     def remove(self) -> None:

@@ -269,12 +269,12 @@ def _attach_qat(student: Any, model_path: Path, dense: Captured, after: list[Any
 
     Raises:
         RecipeError: no ``quantize`` step in ``after``.
-        UsageError: a TorchScript module (its compiled code cannot be fake-quantized), a
-            step that applies SmoothQuant, or no layer the step quantizes matches a
-            parameter of the module.
+        UsageError: a TorchScript module (its compiled code cannot be fake-quantized), or
+            no layer the step quantizes matches a parameter of the module.
     """
     from compressor.recover.module import PASS_INSTEAD
     from compressor.recover.qat import QatModule, plan_layers
+    from compressor.recover.smooth import smooth_module, smoothing_for
     from compressor.targets import get_target
 
     if student.kind == "torchscript":
@@ -292,7 +292,12 @@ def _attach_qat(student: Any, model_path: Path, dense: Captured, after: list[Any
     if not layers:
         raise UsageError(f"recover: qat: none of the layers 'quantize' quantizes in {model_path.name} matches a "
                          "weight parameter of the module; drop 'qat'")
+    smoothing = None
+    opts, preset = smoothing_for(step.options, dense.model.graph)
+    if opts.smoothquant is not None:  # smoothed before training, as quantize would after (compressor.recover.smooth)
+        smoothing = smooth_module(student.module, dense.model, opts, preset, caps, calib)
     qat = QatModule(student, layers)
+    qat.smoothing = smoothing
     qat.initialise(student, calib, cfg.batch, step.options)
     logger.info("recover: qat: %d layers fake-quantized (%d activation quantizers, initialised by the %s calibrator)",
                 len(qat.layers), len(qat.parameters()), step.options.calibrator)
