@@ -296,8 +296,8 @@ def test_smoothing_the_module_is_exact_and_as_quantize_plans_it(ln_net):
     from compressor.capture import capture
     from compressor.data import load_npz
     from compressor.inputs import model_input_specs
-    from compressor.passes._smoothquant import plan_smoothing
     from compressor.passes._quantize_selection import select_layers
+    from compressor.passes._smoothquant import plan_smoothing
     from compressor.pipeline import available_passes
     from compressor.recover.smooth import smooth_module, smoothing_for
     from compressor.targets import get_target
