@@ -52,6 +52,7 @@ __all__ = ["BodyPlan", "plan_bodies", "quantize_bodies"]
 logger = logging.getLogger(__name__)
 
 _BRANCHES = ("then_branch", "else_branch")
+_NESTED = "nested in another control-flow body"
 
 
 @dataclasses.dataclass
@@ -86,7 +87,7 @@ def plan_bodies(model: ir.Model, ctx: PassContext, *, reason_not: str | None, wi
     for label, node, attr, body in control_flow_bodies(main):
         plan.sizes[label] = sum(1 for _ in ir.traversal.RecursiveGraphIterator(body))
         if node.graph is not main:
-            plan.left[label] = "nested in another control-flow body; left float"
+            plan.left[label] = f"{_NESTED}; left float"
         elif node.op_type != "If" or attr not in _BRANCHES:
             plan.left[label] = (f"{node.op_type} body: its tensors' ranges over the iterations are not "
                                 "taken; left float")
@@ -187,11 +188,15 @@ def quantize_bodies(model: ir.Model, ctx: PassContext, plan: BodyPlan, main: Pas
     elif plan.taken and stats.get("nothing_quantized"):
         logger.warning("quantize: nothing was quantized: %s", stats["nothing_quantized"])
     if left:
+        # the bodies of the main graph first; those nested in them are counted, not listed, in the log
+        nested = {label: why for label, why in left.items() if why.startswith(_NESTED)}
+        outer = {label: why for label, why in left.items() if label not in nested}
         stats["subgraphs_left_as_is"] = {label: f"{plan.sizes.get(label, 0)} nodes; {why}"
-                                         for label, why in left.items()}
-        logger.warning("quantize left %d control-flow bod%s float: %s", len(left), "y" if len(left) == 1 else "ies",
-                       "; ".join(f"{label}: {why}" for label, why in list(left.items())[:3])
-                       + (f" +{len(left) - 3} more" if len(left) > 3 else ""))
+                                         for label, why in {**outer, **nested}.items()}
+        logger.warning("quantize left %d control-flow bod%s float: %s%s", len(left), "y" if len(left) == 1 else "ies",
+                       "; ".join(f"{label}: {why}" for label, why in outer.items()),
+                       f"{'; ' if outer else ''}{len(nested)} bodies nested in others (all in stats['subgraphs_left_as_is'])"
+                       if nested else "")
     modified = main.modified or bool(quantized)
     record = QuantizationRecord(tuple(layers), tuple(weight_bytes))
     return PassResult(model, modified, stats, quantization=record)
