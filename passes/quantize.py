@@ -53,6 +53,10 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    them towards the op that computed the data, with the same range: exact
    (:mod:`._pair_site`), and the backend then fuses the quantization into that op.
 
+10. control flow (:mod:`._control_flow`): an ``If`` branch every calibration sample takes
+   is quantized by the same steps, its statistics taken on a copy of the model with the
+   branch inlined; other bodies stay float, named in ``stats["subgraphs_left_as_is"]``.
+
 The result's ``quantization`` (:class:`~compressor.quant.revert.QuantizationRecord`) says,
 per quantized layer, which input now reads which Q/DQ pair, the float tensor, range and
 spec behind it, the float weight and the bias before correction: accuracy control gives a
