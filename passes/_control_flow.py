@@ -23,10 +23,10 @@ Left float, each named with the reason in ``stats["subgraphs_left_as_is"]``:
 5. both branches of an ``If`` whose condition differs between samples (a branch's
    statistics would need the samples split by the condition);
 6. ``Loop``/``Scan`` bodies (a body tensor's range is over every iteration; not taken);
-7. bodies nested in another body, a branch with attention blocks (SmoothQuant's
-   statistics run on the main graph), 16-bit activations (the opset conversion is
-   model-wide), and every body on a target whose capabilities say it runs Q/DQ inside
-   bodies slower than float (``Capabilities.quantize_in_bodies``).
+7. bodies nested in another body, a branch with attention blocks or any body when the
+   recipe asks for SmoothQuant (its statistics run on the main graph), 16-bit activations
+   (the opset conversion is model-wide), and every body on a target whose capabilities
+   say it runs Q/DQ inside bodies slower than float (``Capabilities.quantize_in_bodies``).
 
 A body is either wholly handled or left exactly as it was: never half rewritten.
 """
@@ -36,10 +36,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import onnx_ir as ir
 from compressor.passes._graph import NameAllocator, every_graph
 from compressor.passes._transformer_preset import attention_blocks
+from compressor.targets.base import Capabilities
 
 from compressor.model_io import clone_model
 from compressor.pass_manager import control_flow_bodies
@@ -72,15 +74,23 @@ class BodyPlan:
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def plan_bodies(model: ir.Model, ctx: PassContext, *, reason_not: str | None, wide: bool) -> BodyPlan:
+def plan_bodies(model: ir.Model, ctx: PassContext, caps: Capabilities, opts: Any) -> BodyPlan:
     """Decide, before the main graph is quantized (its float values feed the statistics), what to do with each body.
 
     Args:
         model: The float model.
         ctx: The pass context (calibration data and statistics cache).
-        reason_not: Why no body is quantized on this target (``None``: bodies may be).
-        wide: The activations are 16-bit (case 7).
+        caps: The target's capabilities (``quantize_in_bodies``).
+        opts: The pass's :class:`~compressor.passes.quantize.QuantizeOptions`.
     """
+    if caps.quantize_in_bodies:
+        reason_not = caps.quantize_in_bodies
+    elif opts.activations == "int16":
+        reason_not = "16-bit activations are not written inside bodies (the opset conversion is model-wide); left float"
+    elif opts.smoothquant is not None:
+        reason_not = "SmoothQuant's statistics are taken on the main graph only; left float"
+    else:
+        reason_not = None
     plan = BodyPlan()
     main = model.graph
     ifs: list[ir.Node] = []
@@ -91,8 +101,8 @@ def plan_bodies(model: ir.Model, ctx: PassContext, *, reason_not: str | None, wi
         elif node.op_type != "If" or attr not in _BRANCHES:
             plan.left[label] = (f"{node.op_type} body: its tensors' ranges over the iterations are not "
                                 "taken; left float")
-        elif reason_not or wide:
-            plan.left[label] = reason_not or "16-bit activations are not written inside bodies; left float"
+        elif reason_not:
+            plan.left[label] = reason_not
         elif node not in ifs:
             ifs.append(node)
     if not ifs:
@@ -230,7 +240,7 @@ def _rename_clashes(main: ir.Graph) -> None:
         values = {id(v): v for v in (*graph.inputs, *graph.initializers.values(),
                                      *(out for node in graph for out in node.outputs)) if v.name}
         for value in values.values():
-            if value.name in seen and graph is not main:
+            if value.name in seen and graph is not main and not value.is_graph_output():
                 if value.is_initializer():
                     del graph.initializers[value.name]
                     value.name = names(value.name)

@@ -219,7 +219,7 @@ class Quantize(Pass):
         if ctx.calibration is None:
             raise CompressorError("quantize needs calibration data: pass --calib samples.npz")
         caps: Capabilities = ctx.target.capabilities if ctx.target is not None else Capabilities()
-        plan = plan_bodies(model, ctx, reason_not=caps.quantize_in_bodies, wide=self.options.activations == "int16")
+        plan = plan_bodies(model, ctx, caps, self.options)
         main = self._quantize_graph(model, ctx, alone=not plan.taken)
         return quantize_bodies(main.model, ctx, plan, main, self._quantize_graph)
 

@@ -263,3 +263,20 @@ def test_loop_body_is_named_as_left_float():
     assert quantize.stats["subgraphs_left_as_is"] == {
         "Loop 'loop'.body": "2 nodes; Loop body: its tensors' ranges over the iterations are not taken; left float"}
     assert _ops(_body(result.model, "body")) == ["Identity", "MatMul"]
+
+
+def test_a_target_that_runs_bodies_slower_keeps_them_float_and_says_why():
+    """``Capabilities.quantize_in_bodies`` (data, not the target's name) keeps every body float."""
+    import dataclasses
+
+    model = _sr_if(_conv_branch("hi", _f32(C_OUT, C_IN, 1, 1), _f32(C_OUT)),
+                   _conv_branch("lo", _f32(C_OUT, C_IN, 1, 1), _f32(C_OUT)))
+    target = onnx_specs_target()
+    why = "this backend runs Q/DQ inside If bodies unfused (slower than float); left float"
+    target.capabilities = dataclasses.replace(target.capabilities, quantize_in_bodies=why)
+    ctx = PassContext(target=target, calibration=_dataset(model, _f32(4, 1, C_IN, 4, 4), 16000),
+                      properties={"captured"})
+    result = PassManager([build_pass("fold-constants", {}), build_pass("quantize", {})]).run(model, ctx)
+    assert result.reports[-1].stats["subgraphs_left_as_is"] == {
+        "If 'choose'.then_branch": f"1 nodes; {why}", "If 'choose'.else_branch": f"1 nodes; {why}"}
+    assert [_ops(_body(result.model, attr)) for attr in ("then_branch", "else_branch")] == [["Conv"], ["Conv"]]
