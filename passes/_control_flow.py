@@ -94,8 +94,10 @@ def plan_bodies(model: ir.Model, ctx: PassContext, caps: Capabilities, opts: Any
     plan = BodyPlan()
     main = model.graph
     ifs: list[ir.Node] = []
+    labels_of: dict[tuple[int, str], str] = {}
     for label, node, attr, body in control_flow_bodies(main):
         plan.sizes[label] = sum(1 for _ in ir.traversal.RecursiveGraphIterator(body))
+        labels_of[(id(node), attr)] = label
         if node.graph is not main:
             plan.left[label] = f"{_NESTED}; left float"
         elif node.op_type != "If" or attr not in _BRANCHES:
@@ -112,7 +114,7 @@ def plan_bodies(model: ir.Model, ctx: PassContext, caps: Capabilities, opts: Any
     chosen: dict[int, str] = {}
     for node in ifs:
         stats = found[conds[id(node)]]
-        labels = {attr: f"If {node.name or '?'!r}.{attr}" for attr in _BRANCHES}
+        labels = {attr: labels_of[(id(node), attr)] for attr in _BRANCHES}
         if stats.count == 0 or stats.min != stats.max:
             for attr, label in labels.items():
                 plan.left[label] = (f"the condition {node.inputs[0].name!r} differs between calibration samples "
@@ -160,7 +162,7 @@ def quantize_bodies(model: ir.Model, ctx: PassContext, plan: BodyPlan, main: Pas
     """Quantize each taken branch of ``plan`` in place (case 3); the pass's result over the whole model.
 
     Args:
-        model: The model after the main graph was quantized (``main.model``).
+        model: The model :func:`plan_bodies` planned on, whose main graph is now quantized.
         ctx: The pass context.
         plan: From :func:`plan_bodies`, made on the float model.
         main: The main graph's result.
@@ -173,7 +175,12 @@ def quantize_bodies(model: ir.Model, ctx: PassContext, plan: BodyPlan, main: Pas
     quantized: dict[str, int] = {}
     left = dict(plan.left)
     sub = dataclasses.replace(ctx, statistics_model=plan.statistics_model, learned_ranges=None)
-    for label, body in plan.taken.items():
+    taken = plan.taken
+    if main.model is not model:  # 16-bit pairs in the main graph: converted to another opset, new graphs
+        left.update((label, "the model was converted to opset 21 for 16-bit pairs in the main graph; left float")
+                    for label in taken)
+        taken = {}
+    for label, body in taken.items():
         result = _quantize_body(model, body, sub, quantize_graph)
         count = result.stats["layers_quantized"]
         if not count and not result.stats["layers_weight_only"]:
@@ -190,12 +197,13 @@ def quantize_bodies(model: ir.Model, ctx: PassContext, plan: BodyPlan, main: Pas
         stats["layers"] = [*stats.get("layers", []), *result.stats["layers"]]
         for key in ("skipped_layers", "skipped_tensors", "weight_only_layers"):
             stats[key] = dict(sorted({**stats.get(key, {}), **result.stats[key]}.items()))
+    model = main.model
     if quantized:
         stats.pop("nothing_quantized", None)
         stats["subgraphs_quantized"] = quantized
         _rename_clashes(model.graph)
         logger.info("quantize: %s", "; ".join(f"{label}: {n} layer(s) quantized" for label, n in quantized.items()))
-    elif plan.taken and stats.get("nothing_quantized"):
+    elif plan.taken and stats.get("nothing_quantized"):  # the main graph left saying so to us
         logger.warning("quantize: nothing was quantized: %s", stats["nothing_quantized"])
     if left:
         # the bodies of the main graph first; those nested in them are counted, not listed, in the log
@@ -205,8 +213,8 @@ def quantize_bodies(model: ir.Model, ctx: PassContext, plan: BodyPlan, main: Pas
                                          for label, why in {**outer, **nested}.items()}
         logger.warning("quantize left %d control-flow bod%s float: %s%s", len(left), "y" if len(left) == 1 else "ies",
                        "; ".join(f"{label}: {why}" for label, why in outer.items()),
-                       f"{'; ' if outer else ''}{len(nested)} bodies nested in others (all in stats['subgraphs_left_as_is'])"
-                       if nested else "")
+                       f"{'; ' if outer else ''}{len(nested)} bodies nested in others "
+                       "(all in stats['subgraphs_left_as_is'])" if nested else "")
     modified = main.modified or bool(quantized)
     record = QuantizationRecord(tuple(layers), tuple(weight_bytes))
     return PassResult(model, modified, stats, quantization=record)

@@ -221,7 +221,7 @@ class Quantize(Pass):
         caps: Capabilities = ctx.target.capabilities if ctx.target is not None else Capabilities()
         plan = plan_bodies(model, ctx, caps, self.options)
         main = self._quantize_graph(model, ctx, alone=not plan.taken)
-        return quantize_bodies(main.model, ctx, plan, main, self._quantize_graph)
+        return quantize_bodies(model, ctx, plan, main, self._quantize_graph)
 
     def _quantize_graph(self, model: ir.Model, ctx: PassContext, alone: bool = True) -> PassResult:
         """Quantize ``model.graph`` (``alone``: no body is quantized after it, so say when nothing was)."""
