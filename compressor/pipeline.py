@@ -116,7 +116,9 @@ class Pass(abc.ABC):
     #: measures the accuracy drop after each lossy pass so a report names the one that lost it.
     lossy: ClassVar[bool] = False
     #: Whether the pass also rewrites ``If``/``Loop``/``Scan`` bodies. The manager names,
-    #: in the report of every pass that does not, each body the pass left as it was.
+    #: in the report of every pass that does not, each body the pass left as it was; a pass
+    #: that rewrites only some (``quantize``) names the others itself, with the reason,
+    #: in ``stats["subgraphs_left_as_is"]``.
     walks_subgraphs: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, *, where: str | None = None):
