@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from compressor.errors import CompressorError, PipelineError, RecipeError
 from compressor.model_io import correct_output_shapes, default_opset, save_model, upgrade_opset, verify_model
 from compressor.pipeline import Pass, PassContext, available_passes
 
-__all__ = ["PassReport", "PipelineResult", "PassManager", "check_pipeline"]
+__all__ = ["PassReport", "PipelineResult", "PassManager", "check_pipeline", "control_flow_bodies", "subgraph_bodies"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +65,24 @@ class PipelineResult:
         return any(r.modified for r in self.reports)
 
 
-def subgraph_bodies(graph: ir.Graph) -> dict[str, int]:
-    """Every ``If``/``Loop``/``Scan`` body, as ``"<op> '<node>'.<attribute>"``, with its node count."""
-    bodies: dict[str, int] = {}
+def control_flow_bodies(graph: ir.Graph) -> Iterator[tuple[str, ir.Node, str, ir.Graph]]:
+    """Every ``If``/``Loop``/``Scan`` body, nested ones included, outer first.
+
+    Yields:
+        ``(label, node, attribute name, body)``, the label as ``"<op> '<node>'.<attribute>"``.
+    """
     for node in ir.traversal.RecursiveGraphIterator(graph):
         for attr in node.attributes.values():
             graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
                 list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
             for body in graphs:
-                nodes = sum(1 for _ in ir.traversal.RecursiveGraphIterator(body))
-                bodies[f"{node.op_type} {node.name or '?'!r}.{attr.name}"] = nodes
-    return bodies
+                yield f"{node.op_type} {node.name or '?'!r}.{attr.name}", node, attr.name, body
+
+
+def subgraph_bodies(graph: ir.Graph) -> dict[str, int]:
+    """Every ``If``/``Loop``/``Scan`` body, as ``"<op> '<node>'.<attribute>"``, with its node count."""
+    return {label: sum(1 for _ in ir.traversal.RecursiveGraphIterator(body))
+            for label, _, _, body in control_flow_bodies(graph)}
 
 
 def check_pipeline(passes: Sequence[Pass], initial: set[str], where: str = "recipe") -> None:

@@ -81,6 +81,9 @@ class PassContext:
         progress: Factory of progress bars for long work inside a pass (calibration).
         learned_ranges: Activation ranges the recovery stage learned (``recover: {qat:
             true}``); ``quantize`` uses them instead of calibrated ones where they apply.
+        statistics_model: The model calibration statistics are taken on when it is not
+            the one being rewritten: a copy in which a control-flow body's tensors are
+            main-graph tensors (:mod:`compressor.passes._control_flow`); ``None``: the model itself.
     """
 
     target: Target | None = None
@@ -91,6 +94,7 @@ class PassContext:
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: Progress = no_progress
     learned_ranges: LearnedRanges | None = None
+    statistics_model: ir.Model | None = None
 
 
 class Pass(abc.ABC):
@@ -112,7 +116,9 @@ class Pass(abc.ABC):
     #: measures the accuracy drop after each lossy pass so a report names the one that lost it.
     lossy: ClassVar[bool] = False
     #: Whether the pass also rewrites ``If``/``Loop``/``Scan`` bodies. The manager names,
-    #: in the report of every pass that does not, each body the pass left as it was.
+    #: in the report of every pass that does not, each body the pass left as it was; a pass
+    #: that rewrites only some (``quantize``) names the others itself, with the reason,
+    #: in ``stats["subgraphs_left_as_is"]``.
     walks_subgraphs: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, *, where: str | None = None):

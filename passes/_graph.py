@@ -27,6 +27,7 @@ __all__ = [
     "sole_consumer",
     "only_first_output_used",
     "NameAllocator",
+    "every_graph",
     "add_initializer",
     "drop_if_unused",
     "take_over",
@@ -136,6 +137,11 @@ def known_rank(*values: ir.Value | None) -> int | None:
         if value is not None and value.shape is not None:
             return len(value.shape)
     return None
+
+
+def every_graph(graph: ir.Graph) -> list[ir.Graph]:
+    """``graph`` and every control-flow body in it (nested ones included), outer first."""
+    return [graph, *graph.subgraphs()]
 
 
 class NameAllocator:

@@ -33,7 +33,12 @@ parameters are constant initializers (not overridable graph inputs) of a float t
 shapes agree. A BN without a foldable producer is left alone.
 
 The folded producer's output takes over the BN's output value name, so graph outputs keep
-their names. New weights get fresh names; initializers shared with other nodes are never
+their names.
+
+5. ``If``/``Loop``/``Scan`` bodies are folded like the main graph, each on its own: a BN and
+   its producer in the same body (a BN whose producer is in an outer graph is not folded;
+   an outer graph's values the body reads are never changed). New weights are initializers
+   of the body, named fresh in the whole model; a body's outputs keep their names. New weights get fresh names; initializers shared with other nodes are never
 changed, and old ones that nothing reads any more are removed.
 """
 
@@ -52,6 +57,7 @@ from compressor.passes._graph import (
     attr_int,
     constant_array,
     drop_if_unused,
+    every_graph,
     known_rank,
     label,
     only_first_output_used,
@@ -118,9 +124,9 @@ def _check_channels(s: np.ndarray, channels: int, node: ir.Node) -> None:
 class _Folder:
     """Folds BNs of one graph; counts what it did."""
 
-    def __init__(self, graph: ir.Graph):
+    def __init__(self, graph: ir.Graph, names: NameAllocator | None = None):
         self.graph = graph
-        self.names = NameAllocator(graph)
+        self.names = names or NameAllocator(graph)
         self.folded = 0
         self.skipped: Counter[str] = Counter()
 
@@ -134,6 +140,9 @@ class _Folder:
             if producer is None:
                 continue  # a standalone BN: nothing to fold into, not counted
             try:
+                if producer.graph is not self.graph:
+                    raise NotFoldable(f"its producer `{label(producer)}` is outside the control-flow body "
+                                      "the BN is in")
                 if sole_consumer(bn.inputs[0]) is not bn:
                     raise NotFoldable(f"the output of its producer `{label(producer)}` is also read "
                                       "by another node or is a graph output")
@@ -253,11 +262,15 @@ class FoldBatchNorm(Pass):
     description = "Fold inference BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul weights"
     requires = frozenset({"constants-folded"})
     provides = frozenset({"bn-folded"})
+    walks_subgraphs = True  # case 5
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        """Fold every foldable BN of the main graph, in place."""
-        folder = _Folder(model.graph)
-        folder.run()
+        """Fold every foldable BN of the main graph and of every control-flow body, in place."""
+        names = NameAllocator(model.graph)  # fresh in the whole model: a body sees the outer names
+        folder = _Folder(model.graph, names)
+        for graph in every_graph(model.graph):
+            folder.graph = graph
+            folder.run()
         stats = {
             "bn_folded": folder.folded,
             "bn_skipped": sum(folder.skipped.values()),

@@ -25,6 +25,11 @@ the normalised axis is the last one, ``gamma``/``beta`` are constant 1-D initial
 length ``D``, ``y`` is not a graph output, the Mean/InvStdDev outputs are unused, and the
 affine part is not already the identity.
 
+``If``/``Loop``/``Scan`` bodies are folded like the main graph, each on its own: a
+LayerNormalization whose readers are all in its own graph (one read inside a nested
+body is not folded, so no outer weight is changed for a body); new weights are named
+fresh in the whole model and a body's outputs keep their names.
+
 The result is exact up to float rounding. Only the ``LayerNormalization`` op (opset 17)
 is handled: a LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add, as older
 exporters write it, is not recognised and is left as it is (fuse it first).
@@ -49,6 +54,7 @@ from compressor.passes._graph import (
     attr_int,
     constant_array,
     drop_if_unused,
+    every_graph,
     known_rank,
     label,
     only_first_output_used,
@@ -84,9 +90,9 @@ class _NothingToFold(NotFoldable):
 class _Folder:
     """Folds the LayerNormalizations of one graph; counts what it did."""
 
-    def __init__(self, graph: ir.Graph):
+    def __init__(self, graph: ir.Graph, names: NameAllocator | None = None):
         self.graph = graph
-        self.names = NameAllocator(graph)
+        self.names = names or NameAllocator(graph)
         self.folded = 0
         self.consumers = 0
         self.skipped: Counter[str] = Counter()
@@ -139,6 +145,8 @@ class _Folder:
             raise NotFoldable(f"reader `{label(user)}`: {why}") from None
 
     def _plan_reader(self, user: ir.Node, index: int, depth: int):
+        if user.graph is not self.graph:
+            raise NotFoldable("it is read inside a control-flow body (the body's weights are its own)")
         if user.domain in _ONNX and user.op_type == "MatMul" and index == 0:
             w = constant_array(user.inputs[1], "its weight")
             if w.ndim != 2 or w.shape[0] != depth:
@@ -212,11 +220,15 @@ class FoldLayerNormAffine(Pass):
     description = "Fold LayerNormalization scale/bias into the following MatMul/Gemm weights (exact)"
     requires = frozenset({"constants-folded"})
     provides = frozenset({"layernorm-affine-folded"})
+    walks_subgraphs = True  # each body is folded like the main graph (module docstring)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        """Fold every foldable LayerNormalization of the main graph, in place."""
-        folder = _Folder(model.graph)
-        folder.run()
+        """Fold every foldable LayerNormalization of the main graph and of every control-flow body, in place."""
+        names = NameAllocator(model.graph)  # fresh in the whole model: a body sees the outer names
+        folder = _Folder(model.graph, names)
+        for graph in every_graph(model.graph):
+            folder.graph = graph
+            folder.run()
         stats = {
             "ln_folded": folder.folded,
             "consumers_rewritten": folder.consumers,

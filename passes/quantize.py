@@ -53,6 +53,10 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    them towards the op that computed the data, with the same range: exact
    (:mod:`._pair_site`), and the backend then fuses the quantization into that op.
 
+10. control flow (:mod:`._control_flow`): an ``If`` branch every calibration sample takes
+   is quantized by the same steps, its statistics taken on a copy of the model with the
+   branch inlined; other bodies stay float, named in ``stats["subgraphs_left_as_is"]``.
+
 The result's ``quantization`` (:class:`~compressor.quant.revert.QuantizationRecord`) says,
 per quantized layer, which input now reads which Q/DQ pair, the float tensor, range and
 spec behind it, the float weight and the bias before correction: accuracy control gives a
@@ -80,6 +84,7 @@ from typing import Any, Literal
 
 import onnx_ir as ir
 from compressor.passes._attention import ROLES
+from compressor.passes._control_flow import plan_bodies, quantize_bodies
 from compressor.passes._float32 import widen_to_float32
 from compressor.passes._layers import Layer
 from compressor.passes._output_qdq import LEFT_OPEN, close_node_units, output_tensor
@@ -199,6 +204,7 @@ class Quantize(Pass):
     provides = frozenset({"quantized"})
     min_opset = 13
     needs_calibration = True
+    walks_subgraphs = True  # If branches the calibration data takes; the rest named (._control_flow)
 
     def check_input(self, model: ir.Model) -> None:
         """Refuse an already-quantized model: a second rounding on the first, Q/DQ around integer ops."""
@@ -208,9 +214,17 @@ class Quantize(Pass):
                                "float model it was made from, or use a recipe without 'quantize' (e.g. fold)")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Quantize the main graph, then each ``If`` branch the calibration data takes (:mod:`._control_flow`)."""
         self.check_input(model)  # also when run without a manager
         if ctx.calibration is None:
             raise CompressorError("quantize needs calibration data: pass --calib samples.npz")
+        caps: Capabilities = ctx.target.capabilities if ctx.target is not None else Capabilities()
+        plan = plan_bodies(model, ctx, caps, self.options)
+        main = self._quantize_graph(model, ctx, alone=not plan.taken)
+        return quantize_bodies(model, ctx, plan, main, self._quantize_graph)
+
+    def _quantize_graph(self, model: ir.Model, ctx: PassContext, alone: bool = True) -> PassResult:
+        """Quantize ``model.graph`` (``alone``: no body is quantized after it, so say when nothing was)."""
         caps: Capabilities = ctx.target.capabilities if ctx.target is not None else Capabilities()
         if not caps.quantizable:
             raise CompressorError(f"target {getattr(ctx.target, 'name', None)!r} declares no quantizable ops")
@@ -301,7 +315,7 @@ class Quantize(Pass):
         for name, why in sorted(weight_only.items()):
             logger.info("weight only: %s: %s", name, why)
         nothing = None if quantized or weight_only else nothing_quantized(model, skipped, caps)
-        if nothing:
+        if nothing and alone:
             logger.warning("quantize: nothing was quantized: %s", nothing)
         return PassResult(model, bool(quantized or weight_only) or smoothed > 0 or to_fp32 > 0, {
             **({"nothing_quantized": nothing} if nothing else {}),
@@ -357,7 +371,8 @@ class Quantize(Pass):
                        if layer.weight is not None and opts.bias_correction
                        for index, v in layer.activations[:1]
                        if index == 0 and v.name in points and (axis := layer.activation_axis()) is not None}
-        found = gather(model, ctx.calibration, [*points.values(), *mean_points.values()], ctx.cache, bar=ctx.progress)
+        found = gather(ctx.statistics_model or model, ctx.calibration, [*points.values(), *mean_points.values()],
+                       ctx.cache, bar=ctx.progress)
         kwargs: dict[str, Any] = {"percentile": opts.percentile} if opts.calibrator == "percentile" else {}
         if opts.calibrator == "mse":
             kwargs["num_bits"] = 16 if opts.activations == "int16" else 8

@@ -64,6 +64,9 @@ class Capabilities:
             which a layer's input Q/DQ pair is moved towards the producer of the data
             (:mod:`compressor.passes._pair_site`; exact), for a backend that fuses the
             quantization into the producer and runs the data movement in int8 (OpenVINO).
+        quantize_in_bodies: ``None`` when ``quantize`` may write Q/DQ inside the ``If``
+            branches the calibration data takes; else why not (the backend runs them there
+            slower than float), which the report names for each body left float.
     """
 
     quantizable: Mapping[str, OpQuant] = dataclasses.field(default_factory=dict)
@@ -74,6 +77,7 @@ class Capabilities:
     fallback: str = "float"
     after_quantize: tuple[TargetPass, ...] = ()
     input_pair_moves_through: frozenset[str] = frozenset()
+    quantize_in_bodies: str | None = None
 
 
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})

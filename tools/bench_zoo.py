@@ -274,7 +274,8 @@ def artifact_runner(system: str, target: str, artifact: str):
 
 
 def quantizers(system: str, artifact: str) -> int | None:
-    """Quantizers in an artifact: QuantizeLinear nodes (ONNX) or FakeQuantize layers (OpenVINO IR)."""
+    """Quantizers in an artifact: QuantizeLinear nodes (ONNX, control-flow bodies included) or FakeQuantize
+    layers (OpenVINO IR)."""
     import onnx
 
     path = Path(artifact)
@@ -283,7 +284,10 @@ def quantizers(system: str, artifact: str) -> int | None:
     if path.suffix == ".xml":
         return path.read_text(encoding="utf-8", errors="replace").count('type="FakeQuantize"')
     if path.suffix == ".onnx":
-        return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node)
+        import onnx_ir as ir
+
+        model = ir.serde.deserialize_model(onnx.load(str(path), load_external_data=False))
+        return sum(n.op_type == "QuantizeLinear" for n in ir.traversal.RecursiveGraphIterator(model.graph))
     return None
 
 

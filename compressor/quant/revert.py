@@ -25,6 +25,10 @@ Two edits use that record (:func:`give_back`), chosen by ``Capabilities.fallback
    (:class:`~compressor.quant.qdq.QdqWriter`, one pair per tensor however many layers read
    it); the weights stay int8. The writer converts the model to opset 21 (16-bit Q/DQ).
 
+3. A layer inside a control-flow body (an ``If`` branch ``quantize`` calibrated,
+   :mod:`compressor.passes._control_flow`) is edited where it is: its float weight is
+   restored into its body, its 16-bit pairs are written into its body.
+
 Nodes are found by the name of their first output (unique in SSA form, and kept through
 serialization), so the record applies to any copy of the quantized model.
 """
@@ -140,10 +144,13 @@ class QuantizationRecord:
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
-    out: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
-    out.update(graph.initializers)
-    for node in graph:
-        out.update((v.name, v) for v in node.outputs if v.name)
+    """Every named value of ``graph`` and of the control-flow bodies in it (names are unique model-wide)."""
+    out: dict[str, ir.Value] = {}
+    for g in (graph, *graph.subgraphs()):
+        out.update((v.name, v) for v in g.inputs if v.name)
+        out.update(g.initializers)
+        for node in g:
+            out.update((v.name, v) for v in node.outputs if v.name)
     return out
 
 
@@ -169,16 +176,21 @@ def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str]
         return model
     graph = model.graph
     values = _values(graph)
-    nodes = {node.outputs[0].name: node for node in graph if node.outputs}
+    # a layer quantize found inside a control-flow body is edited in its body (case 3)
+    nodes = {node.outputs[0].name: node for node in ir.traversal.RecursiveGraphIterator(graph) if node.outputs}
     writer = QdqWriter(graph)  # case 2: the one Q/DQ writer, which converts to opset 21 in finish
+    body_writers: dict[int, QdqWriter] = {}
     restored: dict[str, ir.Value] = {}
     for layer in chosen:
         for act in (*layer.activations, *layer.outputs):
             node, source = nodes[act.node], values[act.value]
             if mode == "float":  # case 1
                 node.replace_input_with(act.index, source)
-            else:  # case 2
-                node.replace_input_with(act.index, writer.activation(source, widened(act.spec), act.lo, act.hi))
+                continue
+            into = writer if node.graph is graph else body_writers.setdefault(
+                id(node.graph), QdqWriter(node.graph, writer.node_names))
+            into.names = writer.names  # fresh in the whole model
+            node.replace_input_with(act.index, into.activation(source, widened(act.spec), act.lo, act.hi))
         if mode != "float":
             continue
         for const in layer.constants:  # case 1: the float weight and the bias before correction
@@ -187,14 +199,18 @@ def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str]
                 node.resize_inputs(const.index)
                 continue
             if const.name not in restored:
-                current = graph.initializers.get(const.name)
-                if current is not None and current.const_value is not None and \
+                current = values.get(const.name)
+                if current is not None and current.is_initializer() and current.const_value is not None and \
                         np.array_equal(current.const_value.numpy(), const.array):
                     restored[const.name] = current  # still there (another reader kept it)
                 else:
                     name = writer.names(const.name if const.name not in values else f"{const.name}_float")
-                    restored[const.name] = add_initializer(graph, name, const.array)
+                    restored[const.name] = add_initializer(node.graph, name, const.array)
             node.replace_input_with(const.index, restored[const.name])
+    for body_writer in body_writers.values():
+        body_writer.flush()
+        writer.wide = writer.wide or body_writer.wide
+        writer.written += body_writer.written  # so finish sorts the bodies too
     ir.passes.common.RemoveUnusedNodesPass()(model)
     model = writer.finish(model)
     logger.debug("gave back %d layer(s) as %s: %s", len(chosen), mode, ", ".join(layer.name for layer in chosen))
