@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Literal
+from typing import Literal
 
 import onnx_ir as ir
 from compressor.passes._attention import ROLES
@@ -91,6 +91,7 @@ from compressor.passes._output_qdq import LEFT_OPEN, close_node_units, output_te
 from compressor.passes._output_ranges import carry_ranges, floor_silu_inputs, share_concat_ranges
 from compressor.passes._pair_site import Sites, pair_sites
 from compressor.passes._placement import FEW_CHANNELS
+from compressor.passes._quantize_calibration import Calibration, calibrate
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
     half_precision,
@@ -115,7 +116,6 @@ from compressor.quant.revert import (
     widened,
 )
 from compressor.quant.spec import QuantSpec
-from compressor.quant.taps import StatPoint, TensorStats, gather
 from compressor.scope import Scope
 
 __all__ = ["Quantize", "QuantizeOptions", "activation_spec"]
@@ -181,15 +181,6 @@ def _weight_spec(layer: Layer, per_channel: bool) -> QuantSpec:
 def _replace_weight(writer: QdqWriter, layer: Layer, spec: QuantSpec) -> None:
     """Make ``layer`` read its weight stored quantized with ``spec`` (case 2)."""
     layer.node.replace_input_with(list(layer.node.inputs).index(layer.weight), writer.weight(layer.weight, spec).value)
-
-
-@dataclasses.dataclass
-class _Calibration:
-    """Ranges of the activations to quantize, input means for bias correction, and the tensors kept float."""
-
-    ranges: dict[str, tuple[float, float]]
-    means: dict[str, Any]
-    tensor_skips: dict[str, str]
 
 
 @register_pass
@@ -259,7 +250,7 @@ class Quantize(Pass):
         full = [la for la in layers if la.name not in float_acts]
         layer_nodes = {id(la.node) for la in full}
         outputs = [v.name for la in full if (v := output_tensor(la, layer_nodes)) is not None]  # case 8
-        calibration = self._calibrate(model, ctx, opts, full, tensor_skips, outputs)
+        calibration = calibrate(model, ctx, opts, full, tensor_skips, outputs)
         carry_ranges(graph, calibration.ranges, outputs)
         share_concat_ranges(full, calibration.ranges)  # case 8
         floor_silu_inputs(full, calibration.ranges)
@@ -354,38 +345,6 @@ class Quantize(Pass):
         said.append(True)
         return to_fp32
 
-    @staticmethod
-    def _calibrate(model: ir.Model, ctx: PassContext, opts: QuantizeOptions, layers: list[Layer],
-                   tensor_skips: dict[str, str], outputs: tuple[str, ...] | list[str] = ()) -> _Calibration:
-        """Ranges of the activation inputs of ``layers`` and of the ``outputs`` (case 8) and,
-        for bias correction, their input means.
-
-        Statistics depend only on the model before Q/DQ and the data: the runner caches them
-        per (model, data), so accuracy control's re-runs calibrate nothing. Ranges and bias
-        correction's input means (per position for a Conv: padding-exact) come in one run.
-        """
-        tensor_skips = dict(tensor_skips)
-        names = sorted({v.name for layer in layers for _, v in layer.activations}.union(outputs) - set(tensor_skips))
-        points = {n: StatPoint(n) for n in names}
-        mean_points = {v.name: StatPoint(v.name, "moments", axis) for layer in layers
-                       if layer.weight is not None and opts.bias_correction
-                       for index, v in layer.activations[:1]
-                       if index == 0 and v.name in points and (axis := layer.activation_axis()) is not None}
-        found = gather(ctx.statistics_model or model, ctx.calibration, [*points.values(), *mean_points.values()],
-                       ctx.cache, bar=ctx.progress)
-        kwargs: dict[str, Any] = {"percentile": opts.percentile} if opts.calibrator == "percentile" else {}
-        if opts.calibrator == "mse":
-            kwargs["num_bits"] = 16 if opts.activations == "int16" else 8
-        ranges = {}
-        for name, point in points.items():
-            stats: TensorStats = found[point]
-            problem = stats.problem()
-            if problem:
-                tensor_skips[name] = problem
-            else:
-                ranges[name] = stats.range(opts.calibrator, **kwargs)
-        return _Calibration(ranges, {n: found[p] for n, p in mean_points.items()}, tensor_skips)
-
 
 def _input_spec(layer: Layer, bits: int) -> QuantSpec:
     """The spec of ``layer``'s activation inputs (case 1, 7)."""
@@ -394,7 +353,7 @@ def _input_spec(layer: Layer, bits: int) -> QuantSpec:
 
 
 def _quantize_layer(graph: ir.Graph, writer: QdqWriter, layer: Layer, bits: int, per_channel: bool,
-                    calibration: _Calibration, sites: Sites | None = None) -> tuple[QuantizedLayer, bool]:
+                    calibration: Calibration, sites: Sites | None = None) -> tuple[QuantizedLayer, bool]:
     """Q/DQ on ``layer``'s activations (case 1, 7, 9), its weight stored quantized (case 2),
     its bias corrected (case 4); returns its record and whether its bias was corrected."""
     key = layer.node.outputs[0].name
