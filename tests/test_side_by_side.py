@@ -5,8 +5,11 @@ The tiny CNN and its quantization are those of ``tests/test_accuracy_control.py`
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
+import pytest
 from compressor.targets.onnx import SharedInitializers
 from onnx import TensorProto, helper
 
@@ -16,7 +19,13 @@ from compressor.flow.side_by_side import UNMERGED, side_by_side
 from compressor.inputs import model_input_specs
 from compressor.model_io import clone_model, ir_bytes
 from compressor.quant.revert import give_back
-from tests.test_accuracy_control import _quantize, _run, cnn, files  # noqa: F401  (files: the fixture)
+from tests.test_accuracy_control import _quantize, _run, cnn, write_files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    return write_files(tmp_path_factory.mktemp("acctl"))
+
 
 GIVEN = [[], ["conv1"], ["conv2"], ["fc1"], ["fc2"], ["fc1", "conv2"]]
 
