@@ -14,6 +14,7 @@ from compressor.targets.onnx import SharedInitializers
 from onnx import TensorProto, helper
 
 import compressor.flow.ranking as ranking
+import compressor.flow.ranking_stage as ranking_stage
 from compressor.data import load_npz
 from compressor.flow.side_by_side import UNMERGED, side_by_side
 from compressor.inputs import model_input_specs
@@ -83,6 +84,8 @@ def test_copies_that_cannot_be_combined_are_refused_not_half_combined(files):
 
 
 def test_a_session_of_copies_side_by_side_is_one_session(files, monkeypatch):
+    """On one CPU, under the byte cap, a stage is one session (on more, one per CPU: tests/test_ranking_stage.py)."""
+    monkeypatch.setattr(ranking_stage, "usable_cpus", lambda: 1)
     quantized = _quantize(files)
     data = load_npz(files["eval"], model_input_specs(cnn()))
     shared = {"quantized": ir_bytes(quantized.model), "record": quantized.quantization, "mode": "float", "post": [],
