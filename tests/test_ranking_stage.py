@@ -58,6 +58,7 @@ def test_a_stage_runs_a_session_per_cpu_on_one_thread_without_spinning(files, mo
     those of a session per candidate, bit for bit."""
     shared = _shared(files)
     candidates = [frozenset(given) for given in GIVEN]
+    real_session = SharedInitializers.session
     try:
         alone = [ranking.candidate_error(given, shared) for given in candidates]
         monkeypatch.setattr(stage, "usable_cpus", lambda: 2)
@@ -66,6 +67,13 @@ def test_a_stage_runs_a_session_per_cpu_on_one_thread_without_spinning(files, mo
     finally:
         ranking.release_decoded()
     assert len(built) == 2
+    monkeypatch.setattr(SharedInitializers, "session", real_session)
+    alone_built = _sessions(monkeypatch)
+    try:  # a candidate alone (what a Ray task runs) is on one thread too: both executors rank alike
+        ranking.candidate_error(candidates[1], shared)
+    finally:
+        ranking.release_decoded()
+    assert [s.get_session_options().intra_op_num_threads for s in alone_built] == [1]
     for session in built:
         options = session.get_session_options()
         assert options.intra_op_num_threads == 1

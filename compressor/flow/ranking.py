@@ -44,7 +44,14 @@ from compressor.data import Dataset
 from compressor.errors import first_line
 from compressor.executor import Executor, InProcessExecutor
 from compressor.flow.evaluation import collect_outputs, fidelity, mask_padding, sample_errors
-from compressor.flow.ranking_stage import SampleCosines, joined, one_sample_per_call, outputs_by_sample, stage_errors
+from compressor.flow.ranking_stage import (
+    THREADS,
+    SampleCosines,
+    joined,
+    one_sample_per_call,
+    outputs_by_sample,
+    stage_errors,
+)
 from compressor.model_io import clone_model, ir_from_bytes, model_bytes
 from compressor.pass_manager import PassManager
 from compressor.progress import Progress
@@ -130,8 +137,9 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
             runtime) and ``pin`` (the float precision pinned in the artifact, or ``None``).
     """
     model = build_candidate(given, shared)
-    if shared["runtime"] == "onnxruntime":
-        return output_error(shared["ref"], OrtRunner(model, shared=_shared_initializers()), shared["data"])
+    if shared["runtime"] == "onnxruntime":  # one thread, as in process (ranking_stage): the same errors
+        return output_error(shared["ref"], OrtRunner(model, threads=THREADS, shared=_shared_initializers()),
+                            shared["data"])
     target = shared["context"].target
     with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
         run = target.runner(target.lower_pinned(model, Path(work), shared.get("pin")))

@@ -4,20 +4,22 @@
 against the reference (padding masked), bit for bit what a session of that model alone
 gives (:mod:`compressor.flow.side_by_side`; ``tests/test_side_by_side.py``):
 
-1. **A session per group, the groups at once.** The candidates are split into contiguous
-   groups (:func:`split_groups`), one side-by-side session each: at least one group per
-   CPU this process may use (:func:`~compressor.executor.usable_cpus`), and no group whose
-   copies weigh more than :data:`SESSION_BYTES` (each copy in a session keeps its own
-   pre-packed weights and activation buffers; a copy is counted at its model's initializer
-   bytes, an upper bound: ddddocr's 31 copies held 0.19 GB, counted 0.81 GB). The groups
-   run at the same time, one thread each, and each session runs on one intra-op thread
-   (with fewer groups than CPUs, the CPUs shared out among them), with idle threads
-   sleeping, not spinning. ONNX Runtime's intra-op threads meet at every node: on a
-   machine shared with other work a thread that waits spins, or sleeps through a time
-   slice, at every one of the side-by-side graph's thousands of nodes (ddddocr's ranking:
-   44 s of CPU with its two spinning threads, 27 s on one thread, the same errors to the
-   last digit); whole sessions never wait for each other. The number of threads changes
-   no result: MLAS splits a kernel's output across threads, never a sum.
+1. **A session per group, the groups at once, one thread each.** The candidates are split
+   into contiguous groups (:func:`split_groups`), one side-by-side session each: at least
+   one group per CPU this process may use (:func:`~compressor.executor.usable_cpus`), and
+   no group whose copies weigh more than :data:`SESSION_BYTES` (each copy in a session
+   keeps its own pre-packed weights and activation buffers; a copy is counted at its
+   model's initializer bytes, an upper bound: ddddocr's 31 copies held 0.19 GB, counted
+   0.81 GB). The groups run at the same time, one Python thread each, and every session
+   runs on :data:`THREADS` intra-op thread. ONNX Runtime's intra-op threads meet at every
+   node: on a machine shared with other work a thread that waits spins, or sleeps through
+   a time slice, at each of the side-by-side graph's thousands of nodes (ddddocr's ranking:
+   44 s of CPU with two spinning threads per session, 24 s this way, the same errors to
+   the last digit); whole sessions never wait for each other. One thread also makes the
+   errors independent of the machine: ONNX Runtime's default, a thread per physical core,
+   lets a kernel split a sum across threads (the digits CNN's errors moved in the 7th
+   digit between one and two), and :func:`~compressor.flow.ranking.candidate_error`, what a
+   Ray task runs, uses one thread too, so both executors rank alike.
 2. **Each sample run once** (:class:`SampleCosines`). Where every call of the model is one
    sample (a static batch of 1, or one stacked tensor per sample), a sample's outputs do
    not depend on the other samples a stage runs, so each candidate's row cosines are kept
@@ -45,13 +47,16 @@ from compressor.executor import usable_cpus
 from compressor.flow.evaluation import collect_outputs, cosine_mean, mask_padding, output_rows, row_cosines
 from compressor.flow.side_by_side import UNMERGED, side_by_side
 
-__all__ = ["SESSION_BYTES", "SampleCosines", "joined", "one_sample_per_call", "outputs_by_sample", "split_groups",
-           "stage_errors"]
+__all__ = ["SESSION_BYTES", "THREADS", "SampleCosines", "joined", "one_sample_per_call", "outputs_by_sample",
+           "split_groups", "stage_errors"]
 
 logger = logging.getLogger(__name__)
 
 #: The most bytes of model copies one side-by-side session holds (item 1).
 SESSION_BYTES = 1 << 30
+
+#: Intra-op threads of every ranking session (item 1).
+THREADS = 1
 
 
 def split_groups(sizes: Sequence[int], parts: int, cap: int) -> list[range]:
@@ -107,12 +112,12 @@ class SampleCosines:
         return 1.0 - float(rows.mean()) if rows.size else 0.0
 
 
-def _runner(models: Sequence[ir.Model], initializers: SharedInitializers, threads: int) -> Any:
+def _runner(models: Sequence[ir.Model], initializers: SharedInitializers) -> Any:
     """``feed -> [each model's outputs]`` of ``models``, in one side-by-side session where they combine."""
     combined = side_by_side(models) if len(models) > 1 else None
-    sessions = ([(initializers.session(combined[0], threads=threads, spinning=False, disabled=UNMERGED),
+    sessions = ([(initializers.session(combined[0], threads=THREADS, spinning=False, disabled=UNMERGED),
                   combined[1])] if combined is not None else
-                [(initializers.session(m, threads=threads, spinning=False), None) for m in models])
+                [(initializers.session(m, threads=THREADS, spinning=False), None) for m in models])
 
     def run(feed: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
         per_model = []
@@ -184,12 +189,10 @@ def _in_groups(picked: list[int], sizes: Sequence[int], cpus: int, work: Any, mo
     """``work(run, group)`` for each group of ``picked`` (item 1), the groups at once; results in ``picked``'s order."""
     groups = [[picked[j] for j in g] for g in split_groups([sizes[k] for k in picked], cpus, SESSION_BYTES)]
     at_once = min(cpus, len(groups))
-    threads = max(1, cpus // at_once)
-    logger.debug("ranking stage: %d candidate(s) in %d session(s), %d at once, %d thread(s) each", len(picked),
-                 len(groups), at_once, threads)
+    logger.debug("ranking stage: %d candidate(s) in %d session(s), %d at once", len(picked), len(groups), at_once)
 
     def one(group: list[int]) -> list[Any]:
-        return work(_runner([models[k] for k in group], initializers, threads), group)
+        return work(_runner([models[k] for k in group], initializers), group)
 
     if at_once == 1:
         results = [one(group) for group in groups]
