@@ -100,6 +100,7 @@ class SampleCosines:
         self.cosines: dict[tuple[Hashable, int], np.ndarray] = {}
 
     def sample(self, index: int) -> Dataset:
+        """The evaluation sample at ``index``, alone."""
         return self.data.take([index], f"sample {index}")
 
     def missing(self, key: Hashable, indices: Sequence[int]) -> tuple[int, ...]:
