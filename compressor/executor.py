@@ -42,7 +42,8 @@ from typing import Any
 
 from compressor.errors import CompressorError, UsageError
 
-__all__ = ["Executor", "InProcessExecutor", "RayExecutor", "ExecutorError", "make_executor", "RAY_INSTALL"]
+__all__ = ["Executor", "InProcessExecutor", "RayExecutor", "ExecutorError", "make_executor", "RAY_INSTALL",
+           "usable_cpus"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ logger = logging.getLogger(__name__)
 RAY_INSTALL = "pip install 'compressor[ray]'"
 
 TaskFn = Callable[[Any, Mapping[str, Any]], Any]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS says, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ExecutorError(CompressorError):
@@ -187,8 +193,7 @@ class RayExecutor(Executor):
             return
         try:
             if self.address == "local":
-                cpus = self.num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                         else os.cpu_count() or 1)
+                cpus = self.num_cpus or usable_cpus()
                 self.ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
                               log_to_driver=False)
             else:

@@ -176,12 +176,14 @@ def _explain_load_error(model: ir.Model, text: str) -> list[tuple[str, str]]:
     return [("model", f"ONNX Runtime cannot load it: {first[:300]}")]
 
 
-def _session_options(threads: int | None) -> ort.SessionOptions:
+def _session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
     ort.set_default_logger_severity(3)  # model-load warnings go to the default logger, not the session's
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:  # idle intra-op threads sleep instead of burning a core another session could use
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -220,11 +222,12 @@ class SharedInitializers:
                 array = np.ascontiguousarray(tensor.numpy())
                 self._held[name] = (tensor, array, ort.OrtValue.ortvalue_from_numpy(array))
 
-    def session(self, model: ir.Model, *, threads: int | None = None,
+    def session(self, model: ir.Model, *, threads: int | None = None, spinning: bool = True,
                 disabled: Sequence[str] = ()) -> ort.InferenceSession:
         """A session of ``model``, a copy of the model given to the constructor (edited or not),
-        or of several side by side (:mod:`compressor.flow.side_by_side`); ``disabled``: ONNX
-        Runtime optimizers to leave out."""
+        or of several side by side (:mod:`compressor.flow.side_by_side`); ``threads``: its
+        intra-op threads (default: ONNX Runtime's); ``spinning``: whether idle ones spin;
+        ``disabled``: ONNX Runtime optimizers to leave out."""
         copy = clone_model(model)
         names = []
         for name, value in copy.graph.initializers.items():
@@ -233,7 +236,7 @@ class SharedInitializers:
                 value.const_value = ir.ExternalTensor("shared-initializer", 0, held[1].nbytes, held[0].dtype,
                                                       shape=held[0].shape, name=name)
                 names.append(name)
-        opts = _session_options(threads)
+        opts = _session_options(threads, spinning)
         if names:
             opts.add_external_initializers(names, [self._held[name][2] for name in names])
         extra = {"disabled_optimizers": list(disabled)} if disabled else {}

@@ -78,15 +78,19 @@ def _onnx_specs(monkeypatch):
     monkeypatch.setattr(compress_module, "get_target", lambda name: onnx_specs_target() if name == "onnx" else real(name))
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("acctl")
+def write_files(tmp: Path) -> dict[str, Path]:
+    """The tiny CNN, its calibration and its eval data, written under ``tmp``."""
     rng = np.random.default_rng(1)
     out = {"model": tmp / "cnn.onnx", "calib": tmp / "calib.npz", "eval": tmp / "eval.npz"}
     save_model(cnn(), out["model"])
     np.savez(out["calib"], x=rng.standard_normal((32, 4, 6, 6)).astype(np.float32))
     np.savez(out["eval"], x=rng.standard_normal((24, 4, 6, 6)).astype(np.float32))
     return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    return write_files(tmp_path_factory.mktemp("acctl"))
 
 
 def _clone(model: ir.Model) -> ir.Model:

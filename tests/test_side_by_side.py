@@ -5,18 +5,28 @@ The tiny CNN and its quantization are those of ``tests/test_accuracy_control.py`
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
+import pytest
 from compressor.targets.onnx import SharedInitializers
 from onnx import TensorProto, helper
 
 import compressor.flow.ranking as ranking
+import compressor.flow.ranking_stage as ranking_stage
 from compressor.data import load_npz
 from compressor.flow.side_by_side import UNMERGED, side_by_side
 from compressor.inputs import model_input_specs
 from compressor.model_io import clone_model, ir_bytes
 from compressor.quant.revert import give_back
-from tests.test_accuracy_control import _quantize, _run, cnn, files  # noqa: F401  (files: the fixture)
+from tests.test_accuracy_control import _quantize, _run, cnn, write_files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    return write_files(tmp_path_factory.mktemp("acctl"))
+
 
 GIVEN = [[], ["conv1"], ["conv2"], ["fc1"], ["fc2"], ["fc1", "conv2"]]
 
@@ -74,6 +84,8 @@ def test_copies_that_cannot_be_combined_are_refused_not_half_combined(files):
 
 
 def test_a_session_of_copies_side_by_side_is_one_session(files, monkeypatch):
+    """On one CPU, under the byte cap, a stage is one session (on more, one per CPU: tests/test_ranking_stage.py)."""
+    monkeypatch.setattr(ranking_stage, "usable_cpus", lambda: 1)
     quantized = _quantize(files)
     data = load_npz(files["eval"], model_input_specs(cnn()))
     shared = {"quantized": ir_bytes(quantized.model), "record": quantized.quantization, "mode": "float", "post": [],

@@ -31,7 +31,7 @@ import numpy as np
 from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
-__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "sample_errors",
+__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "row_cosines", "sample_errors",
            "top1_accuracy", "compare", "evaluate",
            "measure_latency"]
 
@@ -103,9 +103,15 @@ def output_rows(outputs: Iterable[np.ndarray]) -> np.ndarray:
     return _rows(outputs)
 
 
+def row_cosines(reference_rows: np.ndarray, outputs: list[np.ndarray]) -> np.ndarray:
+    """The cosine of each row of ``outputs`` to its row of ``reference_rows`` (made by :func:`output_rows`);
+    a row's cosine depends on that row alone."""
+    return _cosines(reference_rows, _rows(outputs))
+
+
 def cosine_mean(reference_rows: np.ndarray, outputs: list[np.ndarray]) -> float:
     """:func:`fidelity`'s ``cosine_mean`` of ``outputs`` alone, against rows made once by :func:`output_rows`."""
-    cos = _cosines(reference_rows, _rows(outputs))
+    cos = row_cosines(reference_rows, outputs)
     return float(cos.mean()) if cos.size else 1.0
 
 

@@ -43,16 +43,16 @@ import onnx_ir as ir
 from compressor.data import Dataset
 from compressor.errors import first_line
 from compressor.executor import Executor, InProcessExecutor
-from compressor.flow.evaluation import (
-    collect_outputs,
-    cosine_mean,
-    fidelity,
-    mask_padding,
-    output_rows,
-    sample_errors,
+from compressor.flow.evaluation import collect_outputs, fidelity, mask_padding, sample_errors
+from compressor.flow.ranking_stage import (
+    THREADS,
+    SampleCosines,
+    joined,
+    one_sample_per_call,
+    outputs_by_sample,
+    stage_errors,
 )
 from compressor.model_io import clone_model, ir_from_bytes, model_bytes
-from compressor.flow.side_by_side import UNMERGED, side_by_side
 from compressor.pass_manager import PassManager
 from compressor.progress import Progress
 from compressor.quant.revert import give_back
@@ -137,8 +137,9 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
             runtime) and ``pin`` (the float precision pinned in the artifact, or ``None``).
     """
     model = build_candidate(given, shared)
-    if shared["runtime"] == "onnxruntime":
-        return output_error(shared["ref"], OrtRunner(model, shared=_shared_initializers()), shared["data"])
+    if shared["runtime"] == "onnxruntime":  # one thread, as in process (ranking_stage): the same errors
+        return output_error(shared["ref"], OrtRunner(model, threads=THREADS, shared=_shared_initializers()),
+                            shared["data"])
     target = shared["context"].target
     with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
         run = target.runner(target.lower_pinned(model, Path(work), shared.get("pin")))
@@ -148,31 +149,18 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
 
 
 def candidate_errors(candidates: Sequence[frozenset[str]], shared: Mapping[str, Any]) -> list[float]:
-    """:func:`candidate_error` of each of ``candidates``, in ONNX Runtime from one session running them side by side.
+    """:func:`candidate_error` of each of ``candidates``, in ONNX Runtime, from sessions running them side by side.
 
-    The candidates are built as :func:`candidate_error` builds them and put into one model
-    (:func:`~compressor.flow.side_by_side.side_by_side`, no node merged across them), so
-    each error is the one its own session gives; where they cannot be combined, each gets
-    its own session.
+    The candidates are built as :func:`candidate_error` builds them and run by
+    :func:`~compressor.flow.ranking_stage.stage_errors` (side by side, no node merged
+    across them, in a session per group on every CPU), so each error is the one its own
+    session gives. ``shared`` may add ``by_sample`` (a
+    :class:`~compressor.flow.ranking_stage.SampleCosines` kept across the stages) and
+    ``samples`` (the evaluation-set index of each sample of ``data``).
     """
     models = [build_candidate(given, shared) for given in candidates]
-    combined = side_by_side(models)
-    if combined is None:
-        return [output_error(shared["ref"], OrtRunner(m, shared=_shared_initializers()), shared["data"])
-                for m in models]
-    model, counts = combined
-    del models
-    session = _shared_initializers().session(model, disabled=UNMERGED)
-    del model
-    names = {i.name for i in session.get_inputs()}
-    outputs = collect_outputs(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
-                              shared["data"])
-    ref = output_rows(mask_padding(shared["ref"], shared["data"]))  # once, not per candidate
-    errors, start = [], 0
-    for count in counts:
-        errors.append(1.0 - cosine_mean(ref, mask_padding(outputs[start:start + count], shared["data"])))
-        start += count
-    return errors
+    return stage_errors(models, candidates, _shared_initializers(), shared["data"], shared["ref"],
+                        shared.get("by_sample"), shared.get("samples"))
 
 
 def _measured(layers: Sequence[str], errors: Sequence[float]) -> list[dict[str, Any]]:
@@ -301,19 +289,32 @@ def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, ev
     layers = shared["record"].names
     chosen = worst_samples(errors, whole_batches(eval_set, accuracy.ranking_samples))
     ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
+    # One call per sample: the reference is made per sample, and the screen's is the ranking's (ranking_stage).
+    per_sample = one_sample_per_call(eval_set)
+
+    def reference(run: RunFn) -> tuple[list[np.ndarray], dict[int, list[np.ndarray]] | None]:
+        if not per_sample:
+            return collect_outputs(run, ranking_data), None
+        by_sample = outputs_by_sample(run, eval_set, chosen)
+        return joined(by_sample, chosen), by_sample
+
     runtime, ranking_run = "target", run_baseline
     if accuracy.ranking_backend == "onnxruntime":
         try:
             ranking_run = OrtRunner(baseline)
-            ranking_ref = collect_outputs(ranking_run, ranking_data)
+            ranking_ref, ref_by_sample = reference(ranking_run)
             runtime = "onnxruntime"
         except Exception as exc:  # e.g. a target-specific op ONNX Runtime's CPU has no kernel for
             logger.warning("accuracy control: ONNX Runtime cannot run this model (%s); ranking on the target",
                            first_line(exc))
             ranking_run = run_baseline
     if runtime == "target":
-        ranking_ref = collect_outputs(run_baseline, ranking_data)
+        ranking_ref, ref_by_sample = reference(run_baseline)
+    # In this process, a stage's candidates run side by side in ONNX Runtime sessions (ranking_stage).
+    together = runtime == "onnxruntime" and (executor is None or type(executor) is InProcessExecutor)
     on_all = {**shared, "runtime": runtime, "data": ranking_data, "ref": ranking_ref}
+    if together and ref_by_sample is not None:
+        on_all.update(by_sample=SampleCosines(eval_set, ref_by_sample), samples=chosen)
     # Staged ranking (module docstring): the screen is the worst of the worst.
     screened = worst_samples(errors, whole_batches(eval_set, accuracy.screen_samples))
     confirm = accuracy.confirm_layers if 0 < len(screened) < len(chosen) and \
@@ -321,14 +322,14 @@ def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, ev
     screen = None
     if confirm is not None:
         screen_data = eval_set.take(screened, f"{len(screened)} largest errors")
-        screen = {**on_all, "data": screen_data, "ref": collect_outputs(ranking_run, screen_data)}
+        screen_ref = (collect_outputs(ranking_run, screen_data) if ref_by_sample is None
+                      else joined(ref_by_sample, screened))
+        screen = {**on_all, "data": screen_data, "ref": screen_ref, "samples": screened}
     logger.warning("%s: ranking %d quantized layers by sensitivity on the %d samples with the largest error%s "
                    "(at most %d may be given back)", note, len(layers), len(chosen),
                    "" if confirm is None else f", screened on the {len(screened)} largest", max_steps)
     with progress("rank layers", ranking_tasks(len(layers), confirm), "layer") as bar:
         try:
-            # In this process, a stage's candidates run side by side in one ONNX Runtime session.
-            together = runtime == "onnxruntime" and (executor is None or type(executor) is InProcessExecutor)
             ranking = rank_layers(layers, candidate_error, on_all, executor=executor, progress=bar.update,
                                   screen=screen, confirm=confirm, errors_of=candidate_errors if together else None)
         finally:
