@@ -85,7 +85,7 @@ from compressor.passes._layers import Layer
 from compressor.passes._output_qdq import LEFT_OPEN, close_node_units, output_tensor
 from compressor.passes._output_ranges import carry_ranges, floor_silu_inputs, share_concat_ranges
 from compressor.passes._pair_site import Sites, pair_sites
-from compressor.passes._placement import FEW_CHANNELS
+from compressor.passes._placement import FEW_CHANNELS, cover_state_ranges
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
     half_precision,
@@ -246,6 +246,7 @@ class Quantize(Pass):
         carry_ranges(graph, calibration.ranges, outputs)
         share_concat_ranges(full, calibration.ranges)  # case 8
         floor_silu_inputs(full, calibration.ranges)
+        cover_state_ranges(full, calibration.ranges)  # an LSTM's X grid also holds its hidden state
         # recover: {qat: true}: the ranges learned in training replace the calibrated ones (compressor.quant.learned)
         bits = 16 if opts.activations == "int16" else 8
         learned, unlearned = ({}, {}) if ctx.learned_ranges is None else ctx.learned_ranges.match(
@@ -393,7 +394,13 @@ def _quantize_layer(graph: ir.Graph, writer: QdqWriter, layer: Layer, bits: int,
     if layer.weight is not None:
         constants.append(ConstantInput(key, list(layer.node.inputs).index(layer.weight), layer.weight.name,
                                        layer.weight.const_value.numpy().copy()))
-        stored = writer.weight(layer.weight, _weight_spec(layer, per_channel))
+        shared = [(i, layer.node.inputs[i]) for i in layer.quant.shared_scale_inputs]  # an LSTM's R with its W
+        spec = _weight_spec(layer, per_channel)
+        stored = writer.weight(layer.weight, spec, tuple(v for _, v in shared))
+        for i, value in shared:
+            constants.append(ConstantInput(key, i, value.name, value.const_value.numpy().copy()))
+            others = (layer.weight, *(v for _, v in shared if v is not value))
+            layer.node.replace_input_with(i, writer.weight(value, spec, others).value)
         layer.node.replace_input_with(constants[0].index, stored.value)
         weight = (layer.weight.name, (stored.float_bytes, stored.quantized_bytes))
         x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None

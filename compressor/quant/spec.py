@@ -74,6 +74,14 @@ class OpQuant:
         min_output_channels: Quantize a layer only with at least this many output channels
             (0: any). ONNX Runtime's int8 convolution is slower than its float one for
             very few output channels (8 on AVX2: 1.8x-6.8x slower in basic-pitch).
+        shared_scale_inputs: Further constant inputs stored quantized with the weight's spec
+            and the *same* per-channel scales, taken over all of them (an LSTM's recurrence
+            weight ``R``, input 2, with its ``W``: OpenVINO's int8 LSTM reads one scale per
+            gate row for both).
+        state_range: A range the activation grid must also hold, because the kernel
+            quantizes a state of its own on that grid (an LSTM's hidden state, in
+            ``(-1, 1)``, on the grid of its input ``X`` in OpenVINO): the calibrated range
+            is widened to cover it.
     """
 
     activations: QuantSpec
@@ -83,6 +91,8 @@ class OpQuant:
     min_activations: int = 2
     output_required: bool = False
     min_output_channels: int = 0
+    shared_scale_inputs: tuple[int, ...] = ()
+    state_range: tuple[float, float] | None = None
     activation_only: QuantSpec | None = None
     output: QuantSpec | None = None
     output_after: frozenset[str] = frozenset()
