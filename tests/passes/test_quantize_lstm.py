@@ -12,6 +12,7 @@ from compressor.passes._placement import cover_state_ranges
 from compressor.targets import get_target
 
 from compressor.pipeline import PassContext, build_pass
+from compressor.quant.revert import give_back
 from compressor.quant.spec import OpQuant, QuantSpec
 from tests.ortutil import model_from_text, run_ort
 from tests.passes.test_quantize import HEADER, _clone, _dataset, _normal
@@ -156,3 +157,17 @@ def test_cover_state_ranges_widens_only_layers_with_a_state_range():
     assert cover_state_ranges([with_state, without], ranges) == 1
     assert ranges == {"x": (-1.0, 5.0), "y": (0.0, 5.0)}
     assert cover_state_ranges([with_state], ranges) == 0  # already holds it
+
+
+def test_giving_the_lstm_back_restores_float_x_w_and_r(tmp_path):
+    """Accuracy control's give-back (compressor.quant.revert) restores the LSTM whole: the float
+    X, W and R (R recorded as a constant of the layer), so the model computes the fp32 one."""
+    model = lstm_net()
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 64, T, 1, I)})
+    result = _quantize(_clone(model), calib)
+    back = give_back(_clone(result.model), result.quantization, ["lstm"])
+    node = back.graph.node("lstm")
+    assert all(node.inputs[i].producer() is None or node.inputs[i].producer().op_type != "DequantizeLinear"
+               for i in (0, 1, 2))
+    feeds = {"x": _normal(7, T, 1, I)}
+    np.testing.assert_allclose(run_ort(back, feeds)[0], run_ort(model, feeds)[0], rtol=1e-5, atol=1e-6)
