@@ -247,6 +247,12 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
             skipped[layer.name] = (f"input(s) {list(quant.shared_scale_inputs)}, quantized with the weight's scales, "
                                    "are not constant float initializers")
             continue
+        computed = [i for i in quant.constant_inputs
+                    if i < len(node.inputs) and node.inputs[i] is not None and not is_constant(node.inputs[i])]
+        if computed:
+            skipped[layer.name] = (f"input(s) {computed} computed at run time: the target's int8 kernel needs "
+                                   "them constant")
+            continue
         data_inputs = [0] if node.op_type in _ONE_DATA_INPUT else range(len(node.inputs))
         for index in data_inputs:
             if index >= len(node.inputs):

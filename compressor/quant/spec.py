@@ -78,6 +78,10 @@ class OpQuant:
             and the *same* per-channel scales, taken over all of them (an LSTM's recurrence
             weight ``R``, input 2, with its ``W``: OpenVINO's int8 LSTM reads one scale per
             gate row for both).
+        constant_inputs: Inputs that must be absent or constant for the backend's integer
+            kernel (an LSTM's initial states, inputs 5 and 6: OpenVINO's int8 LSTM does not
+            compile with states that are activations, silero-vad's); a node with such an
+            input computed at run time is left float.
         state_range: A range the activation grid must also hold, because the kernel
             quantizes a state of its own on that grid (an LSTM's hidden state, in
             ``(-1, 1)``, on the grid of its input ``X`` in OpenVINO): the calibrated range
@@ -92,6 +96,7 @@ class OpQuant:
     output_required: bool = False
     min_output_channels: int = 0
     shared_scale_inputs: tuple[int, ...] = ()
+    constant_inputs: tuple[int, ...] = ()
     state_range: tuple[float, float] | None = None
     activation_only: QuantSpec | None = None
     output: QuantSpec | None = None

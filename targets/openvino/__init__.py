@@ -120,9 +120,11 @@ OPENVINO_CAPABILITIES = Capabilities(
         # as the CPU plugin's int8 RNNSeq. Its kernel reads *one* scale per gate row for W
         # and R, so R shares W's scales (separate ones, as NNCF writes, dequantize one of the
         # two with the other's: ddddocr_common's cosine drop 0.0148 vs 0.0031 shared), and it
-        # quantizes the hidden state h in (-1, 1) on X's grid, so X's range holds [-1, 1].
+        # quantizes the hidden state h in (-1, 1) on X's grid, so X's range holds [-1, 1]. With
+        # initial states computed at run time (silero-vad's state input) it does not compile
+        # ("expects Constant for port 4"): such an LSTM stays float.
         "LSTM": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1), shared_scale_inputs=(2,),
-                        state_range=(-1.0, 1.0)),
+                        constant_inputs=(5, 6), state_range=(-1.0, 1.0)),
     },
     # A pair moves up through data movement to the op that computed the data (exact:
     # passes/_pair_site), where the CPU plugin folds the FakeQuantize into that op (a

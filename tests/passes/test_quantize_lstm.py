@@ -171,3 +171,24 @@ def test_giving_the_lstm_back_restores_float_x_w_and_r(tmp_path):
                for i in (0, 1, 2))
     feeds = {"x": _normal(7, T, 1, I)}
     np.testing.assert_allclose(run_ort(back, feeds)[0], run_ort(model, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_lstm_with_initial_states_computed_at_run_time_stays_float(tmp_path):
+    """silero-vad carries its state in: OpenVINO's int8 LSTM does not compile with initial
+    states that are activations ("expects Constant for port 4"), so such an LSTM stays float,
+    with the reason, and the model lowers and runs."""
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[{T},1,{I}] x, float[1,1,{H}] h0, float[1,1,{H}] c0) => (float[{T},1,1,{H}] y) {{
+      [lstm] y, yh, yc = LSTM <hidden_size = {H}> (x, w, r, b, , h0, c0)
+    }}""", w=(rng.standard_normal((1, 4 * H, I)) / np.sqrt(I)).astype(np.float32),
+        r=(rng.standard_normal((1, 4 * H, H)) / np.sqrt(H)).astype(np.float32),
+        b=(0.1 * rng.standard_normal((1, 8 * H))).astype(np.float32))
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 64, T, 1, I), "h0": np.tanh(_normal(2, 64, 1, 1, H)),
+                                       "c0": _normal(3, 64, 1, 1, H)})
+    result = _quantize(_clone(model), calib)
+    assert result.stats["layers"] == []
+    assert result.stats["skipped_layers"] == {
+        "lstm": "input(s) [5, 6] computed at run time: the target's int8 kernel needs them constant"}
+    runner = _lowered(result.model, tmp_path / "q")
+    assert [la["precision"] for la in runner.layer_precisions() if la["type"] == "RNNSeq"] == ["f32"]
