@@ -53,6 +53,14 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    them towards the op that computed the data, with the same range: exact
    (:mod:`._pair_site`), and the backend then fuses the quantization into that op.
 
+10. a recurrent layer (OpenVINO's LSTM) reads its input ``X`` (input 0 only) through a pair
+    and its ``W`` and ``R`` stored int8 per gate row, where the target's
+    ``OpQuant.shared_scale_inputs`` makes ``R`` share ``W``'s scales
+    ``s_r = max(max|W_r|, max|R_r|) / 127`` (one scale per row for both in the kernel), and
+    ``OpQuant.state_range`` widens ``X``'s range to ``[min(lo, -1), max(hi, 1)]`` (the kernel
+    rounds the hidden state ``h`` in ``(-1, 1)`` on ``X``'s grid); an LSTM whose initial
+    states are computed at run time stays float (``OpQuant.constant_inputs``).
+
 The result's ``quantization`` (:class:`~compressor.quant.revert.QuantizationRecord`) says,
 per quantized layer, which input now reads which Q/DQ pair, the float tensor, range and
 spec behind it, the float weight and the bias before correction: accuracy control gives a
