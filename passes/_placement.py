@@ -31,7 +31,7 @@ from compressor.targets.base import Capabilities
 
 from compressor.scope import Scope
 
-__all__ = ["FEW_CHANNELS", "cover_state_ranges", "find_layers", "integer_derived", "is_constant", "mask_uses",
+__all__ = ["FEW_CHANNELS", "cover_state_ranges", "find_layers", "float_weight", "integer_derived", "is_constant", "mask_uses",
            "pad_adds_only_zeros"]
 
 logger = logging.getLogger(__name__)
@@ -298,3 +298,14 @@ def cover_state_ranges(layers: Iterable[Layer], ranges: dict[str, tuple[float, f
                 widened += new != (lo, hi)
                 ranges[value.name] = new
     return widened
+
+
+def float_weight(layer: Layer) -> bool:
+    """Whether ``layer`` keeps its weight float under ``OpQuant.float_weight_below`` (its input pair stays)."""
+    below = layer.quant.float_weight_below if layer.quant is not None else 0
+    if not below or layer.weight is None or layer.weight.shape is None or len(layer.weight.shape) < 2:
+        return False
+    out_axis = layer.output_axis()
+    dims = list(layer.weight.shape)
+    pairs = dims[out_axis] * dims[1 - out_axis] if out_axis in (0, 1) else None
+    return isinstance(pairs, int) and pairs < below

@@ -61,6 +61,10 @@ For each compute layer the target quantizes (see :mod:`._placement`):
     rounds the hidden state ``h`` in ``(-1, 1)`` on ``X``'s grid); an LSTM whose initial
     states are computed at run time stays float (``OpQuant.constant_inputs``).
 
+11. a layer with very few channels (``OpQuant.float_weight_below``: OpenVINO's single-channel
+    filters) gets its input pair and keeps its float weight: the backend computes it in
+    float, faster there than its int8 kernel, and its producer still writes 8 bits.
+
 The result's ``quantization`` (:class:`~compressor.quant.revert.QuantizationRecord`) says,
 per quantized layer, which input now reads which Q/DQ pair, the float tensor, range and
 spec behind it, the float weight and the bias before correction: accuracy control gives a
@@ -93,7 +97,7 @@ from compressor.passes._layers import Layer
 from compressor.passes._output_qdq import LEFT_OPEN, close_node_units, output_tensor
 from compressor.passes._output_ranges import carry_ranges, floor_silu_inputs, share_concat_ranges
 from compressor.passes._pair_site import Sites, pair_sites
-from compressor.passes._placement import FEW_CHANNELS, cover_state_ranges
+from compressor.passes._placement import FEW_CHANNELS, cover_state_ranges, float_weight
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
     half_precision,
@@ -399,7 +403,7 @@ def _quantize_layer(graph: ir.Graph, writer: QdqWriter, layer: Layer, bits: int,
             edits.append(ActivationInput(node.outputs[0].name, at, source.name, float(lo), float(hi), spec))
     corrected = False
     weight: tuple[str, tuple[int, int]] = ("", (0, 0))
-    if layer.weight is not None:
+    if layer.weight is not None and not float_weight(layer):  # case 11: else its input pair only
         constants.append(ConstantInput(key, list(layer.node.inputs).index(layer.weight), layer.weight.name,
                                        layer.weight.const_value.numpy().copy()))
         shared = [(i, layer.node.inputs[i]) for i in layer.quant.shared_scale_inputs]  # an LSTM's R with its W
