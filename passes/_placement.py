@@ -31,8 +31,8 @@ from compressor.targets.base import Capabilities
 
 from compressor.scope import Scope
 
-__all__ = ["FEW_CHANNELS", "cover_state_ranges", "find_layers", "float_weight", "integer_derived", "is_constant", "mask_uses",
-           "pad_adds_only_zeros"]
+__all__ = ["FEW_CHANNELS", "cover_state_ranges", "find_layers", "float_weight", "integer_derived", "is_constant",
+           "mask_uses", "pad_adds_only_zeros"]
 
 logger = logging.getLogger(__name__)
 
