@@ -7,7 +7,8 @@ the sparsity passes, TensorRT's Q/DQ placement):
 
 1. output channels of the weight (:func:`output_channel_axis`): Conv ``W: M x C/g x k...``
    axis 0; ConvTranspose ``W: C x M/g x k...`` axis 1; Gemm ``B`` axis 0 with
-   ``transB=1``, else 1; MatMul ``W: ... x K x N`` the last axis;
+   ``transB=1``, else 1; MatMul ``W: ... x K x N`` the last axis; LSTM/GRU/RNN
+   ``W: dirs x gates·H x I`` (and ``R``) axis 1, one row per gate and hidden unit;
 2. input channels of the weight (:func:`weight_input_axis`): Conv axis 1; Gemm ``B`` axis
    1 with ``transB=1``, else 0; MatMul (2-D) axis 0;
 3. input channels of the activation (:func:`activation_channel_axis`): Conv axis 1 (every
@@ -56,7 +57,7 @@ def output_channel_axis(node: ir.Node, rank: int) -> int:
     """The axis of a rank-``rank`` weight of ``node`` indexing output channels (case 1)."""
     if node.op_type == "Conv":
         return 0
-    if node.op_type == "ConvTranspose":
+    if node.op_type in ("ConvTranspose", "LSTM", "GRU", "RNN"):
         return 1
     if node.op_type == "Gemm":
         return 0 if attr_int(node, "transB", 0) else 1

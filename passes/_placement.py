@@ -31,7 +31,8 @@ from compressor.targets.base import Capabilities
 
 from compressor.scope import Scope
 
-__all__ = ["FEW_CHANNELS", "find_layers", "integer_derived", "is_constant", "mask_uses", "pad_adds_only_zeros"]
+__all__ = ["FEW_CHANNELS", "cover_state_ranges", "find_layers", "float_weight", "integer_derived", "is_constant",
+           "mask_uses", "pad_adds_only_zeros"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ _LOOKUPS = frozenset({"Gather", "GatherElements", "GatherND"})
 #: (the target's choice: such a layer still reads the pairs other layers write).
 FEW_CHANNELS = "too few output channels"
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+#: Ops whose weights multiply input 0 only: a convolution's or Gemm's bias, a recurrent op's
+#: ``sequence_lens``, initial states and peepholes are not activations to quantize.
+_ONE_DATA_INPUT = frozenset({"Conv", "ConvTranspose", "Gemm", "LSTM", "GRU", "RNN"})
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -237,7 +241,19 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         if not scope.contains(layer.name, *weight_names):
             skipped[layer.name] = "outside the recipe's scope"
             continue
-        data_inputs = [0] if node.op_type in ("Conv", "ConvTranspose", "Gemm") else range(len(node.inputs))
+        if layer.weight is not None and quant.shared_scale_inputs and not all(
+                i < len(node.inputs) and _is_float(v := node.inputs[i]) and v.const_value is not None
+                and not v.is_graph_input() for i in quant.shared_scale_inputs):
+            skipped[layer.name] = (f"input(s) {list(quant.shared_scale_inputs)}, quantized with the weight's scales, "
+                                   "are not constant float initializers")
+            continue
+        computed = [i for i in quant.constant_inputs
+                    if i < len(node.inputs) and node.inputs[i] is not None and not is_constant(node.inputs[i])]
+        if computed:
+            skipped[layer.name] = (f"input(s) {computed} computed at run time: the target's int8 kernel needs "
+                                   "them constant")
+            continue
+        data_inputs = [0] if node.op_type in _ONE_DATA_INPUT else range(len(node.inputs))
         for index in data_inputs:
             if index >= len(node.inputs):
                 continue
@@ -262,3 +278,34 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
                 continue
         layers.append(layer)
     return layers, skipped
+
+
+def cover_state_ranges(layers: Iterable[Layer], ranges: dict[str, tuple[float, float]]) -> int:
+    """Widen the ranges of the activation inputs of layers whose ``OpQuant.state_range`` says the
+    kernel quantizes a state of its own on that grid (an LSTM's hidden state, in ``(-1, 1)``):
+    a range that does not hold the state clips it (``X`` after a ReLU, on ``[0, hi]``, would
+    clip every negative ``h`` to 0). Returns how many ranges were widened.
+    """
+    widened = 0
+    for layer in layers:
+        state = layer.quant.state_range if layer.quant is not None else None
+        if state is None:
+            continue
+        for _, value in layer.activations:
+            if value.name in ranges:
+                lo, hi = ranges[value.name]
+                new = (min(lo, state[0]), max(hi, state[1]))
+                widened += new != (lo, hi)
+                ranges[value.name] = new
+    return widened
+
+
+def float_weight(layer: Layer) -> bool:
+    """Whether ``layer`` keeps its weight float under ``OpQuant.float_weight_below`` (its input pair stays)."""
+    below = layer.quant.float_weight_below if layer.quant is not None else 0
+    if not below or layer.weight is None or layer.weight.shape is None or len(layer.weight.shape) < 2:
+        return False
+    out_axis = layer.output_axis()
+    dims = list(layer.weight.shape)
+    pairs = dims[out_axis] * dims[1 - out_axis] if out_axis in (0, 1) else None
+    return isinstance(pairs, int) and pairs < below

@@ -53,9 +53,21 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    them towards the op that computed the data, with the same range: exact
    (:mod:`._pair_site`), and the backend then fuses the quantization into that op.
 
-10. control flow (:mod:`._control_flow`): an ``If`` branch every calibration sample takes
-   is quantized by the same steps, its statistics taken on a copy of the model with the
-   branch inlined; other bodies stay float, named in ``stats["subgraphs_left_as_is"]``.
+10. a recurrent layer (OpenVINO's LSTM) reads its input ``X`` (input 0 only) through a pair
+    and its ``W`` and ``R`` stored int8 per gate row, where the target's
+    ``OpQuant.shared_scale_inputs`` makes ``R`` share ``W``'s scales
+    ``s_r = max(max|W_r|, max|R_r|) / 127`` (one scale per row for both in the kernel), and
+    ``OpQuant.state_range`` widens ``X``'s range to ``[min(lo, -1), max(hi, 1)]`` (the kernel
+    rounds the hidden state ``h`` in ``(-1, 1)`` on ``X``'s grid); an LSTM whose initial
+    states are computed at run time stays float (``OpQuant.constant_inputs``).
+
+11. a layer with very few channels (``OpQuant.float_weight_below``: OpenVINO's single-channel
+    filters) gets its input pair and keeps its float weight: the backend computes it in
+    float, faster there than its int8 kernel, and its producer still writes 8 bits.
+
+12. control flow (:mod:`._control_flow`): an ``If`` branch every calibration sample takes
+    is quantized by the same steps, its statistics taken on a copy of the model with the
+    branch inlined; other bodies stay float, named in ``stats["subgraphs_left_as_is"]``.
 
 The result's ``quantization`` (:class:`~compressor.quant.revert.QuantizationRecord`) says,
 per quantized layer, which input now reads which Q/DQ pair, the float tensor, range and
@@ -90,7 +102,7 @@ from compressor.passes._layers import Layer
 from compressor.passes._output_qdq import LEFT_OPEN, close_node_units, output_tensor
 from compressor.passes._output_ranges import carry_ranges, floor_silu_inputs, share_concat_ranges
 from compressor.passes._pair_site import Sites, pair_sites
-from compressor.passes._placement import FEW_CHANNELS
+from compressor.passes._placement import FEW_CHANNELS, cover_state_ranges, float_weight
 from compressor.passes._quantize_calibration import Calibration, calibrate
 from compressor.passes._quantize_record import correct_bias_recorded
 from compressor.passes._quantize_selection import (
@@ -254,6 +266,7 @@ class Quantize(Pass):
         carry_ranges(graph, calibration.ranges, outputs)
         share_concat_ranges(full, calibration.ranges)  # case 8
         floor_silu_inputs(full, calibration.ranges)
+        cover_state_ranges(full, calibration.ranges)  # an LSTM's X grid also holds its hidden state
         # recover: {qat: true}: the ranges learned in training replace the calibrated ones (compressor.quant.learned)
         bits = 16 if opts.activations == "int16" else 8
         learned, unlearned = ({}, {}) if ctx.learned_ranges is None else ctx.learned_ranges.match(
@@ -367,10 +380,16 @@ def _quantize_layer(graph: ir.Graph, writer: QdqWriter, layer: Layer, bits: int,
             edits.append(ActivationInput(node.outputs[0].name, at, source.name, float(lo), float(hi), spec))
     corrected = False
     weight: tuple[str, tuple[int, int]] = ("", (0, 0))
-    if layer.weight is not None:
+    if layer.weight is not None and not float_weight(layer):  # case 11: else its input pair only
         constants.append(ConstantInput(key, list(layer.node.inputs).index(layer.weight), layer.weight.name,
                                        layer.weight.const_value.numpy().copy()))
-        stored = writer.weight(layer.weight, _weight_spec(layer, per_channel))
+        shared = [(i, layer.node.inputs[i]) for i in layer.quant.shared_scale_inputs]  # an LSTM's R with its W
+        spec = _weight_spec(layer, per_channel)
+        stored = writer.weight(layer.weight, spec, tuple(v for _, v in shared))
+        for i, value in shared:
+            constants.append(ConstantInput(key, i, value.name, value.const_value.numpy().copy()))
+            others = (layer.weight, *(v for _, v in shared if v is not value))
+            layer.node.replace_input_with(i, writer.weight(value, spec, others).value)
         layer.node.replace_input_with(constants[0].index, stored.value)
         weight = (layer.weight.name, (stored.float_bytes, stored.quantized_bytes))
         x = layer.activations[0][1].name if layer.activations[0][0] == 0 else None

@@ -143,12 +143,20 @@ class QdqWriter:
             self._activations[key] = self.pair(value, *quant_params(lo, hi, spec))
         return self._activations[key]
 
-    def weight(self, value: ir.Value, spec: QuantSpec) -> QuantizedWeight:
-        """The constant ``value`` stored quantized with ``spec`` (case 2), written once per (value, spec)."""
-        key = (id(value), spec)
+    def weight(self, value: ir.Value, spec: QuantSpec, shared_with: tuple[ir.Value, ...] = ()) -> QuantizedWeight:
+        """The constant ``value`` stored quantized with ``spec`` (case 2), written once per (value, spec).
+
+        With ``shared_with`` (constants of the same size along ``spec.axis``), the scales are
+        taken over ``value`` and those together, so that they all read the same scales.
+        """
+        key = (id(value), spec, tuple(id(v) for v in shared_with))
         if key not in self._weights:
             w = value.const_value.numpy().astype(np.float32)
-            scale, zp = weight_quant_params(w, spec)
+            if shared_with:
+                joint = _side_by_side([w, *(v.const_value.numpy() for v in shared_with)], spec.axis)
+                scale, zp = weight_quant_params(joint, spec if spec.axis is None else dataclasses.replace(spec, axis=0))
+            else:
+                scale, zp = weight_quant_params(w, spec)
             wq = quantize_array(w, scale, zp, spec)
             error = dequantize_array(wq, scale, zp, spec).astype(np.float64) - w
             dq = self.constant(value.name, wq, scale, zp, spec.axis, value.type, value.shape)
@@ -204,3 +212,10 @@ def raise_opset(model: ir.Model, opset: int) -> ir.Model:
 
 def _nodes(model: ir.Model) -> list[bytes]:
     return [node.SerializeToString(deterministic=True) for node in to_proto(model).graph.node]
+
+
+def _side_by_side(arrays: list[np.ndarray], axis: int | None) -> np.ndarray:
+    """``arrays`` as one matrix with ``axis`` first (one row per channel), or as one vector."""
+    if axis is None:
+        return np.concatenate([np.ravel(a) for a in arrays])
+    return np.concatenate([np.moveaxis(np.asarray(a), axis, 0).reshape(a.shape[axis], -1) for a in arrays], axis=1)

@@ -74,6 +74,24 @@ class OpQuant:
         min_output_channels: Quantize a layer only with at least this many output channels
             (0: any). ONNX Runtime's int8 convolution is slower than its float one for
             very few output channels (8 on AVX2: 1.8x-6.8x slower in basic-pitch).
+        float_weight_below: A layer whose weight has fewer than this many (output channel,
+            input channel) pairs, ``O · I/g``, keeps its weight float and only its input
+            pair (0: none): OpenVINO's int8 convolution vectorises over channels, and a
+            single-channel filter (basic-pitch's decimation filters, ``W [1, 1, 1, 256]``)
+            ran 2x slower in int8 than in f32 (12.3 vs 6.3 ms for the eight); the pair keeps
+            its producer writing u8.
+        shared_scale_inputs: Further constant inputs stored quantized with the weight's spec
+            and the *same* per-channel scales, taken over all of them (an LSTM's recurrence
+            weight ``R``, input 2, with its ``W``: OpenVINO's int8 LSTM reads one scale per
+            gate row for both).
+        constant_inputs: Inputs that must be absent or constant for the backend's integer
+            kernel (an LSTM's initial states, inputs 5 and 6: OpenVINO's int8 LSTM does not
+            compile with states that are activations, silero-vad's); a node with such an
+            input computed at run time is left float.
+        state_range: A range the activation grid must also hold, because the kernel
+            quantizes a state of its own on that grid (an LSTM's hidden state, in
+            ``(-1, 1)``, on the grid of its input ``X`` in OpenVINO): the calibrated range
+            is widened to cover it.
     """
 
     activations: QuantSpec
@@ -83,6 +101,10 @@ class OpQuant:
     min_activations: int = 2
     output_required: bool = False
     min_output_channels: int = 0
+    float_weight_below: int = 0
+    shared_scale_inputs: tuple[int, ...] = ()
+    constant_inputs: tuple[int, ...] = ()
+    state_range: tuple[float, float] | None = None
     activation_only: QuantSpec | None = None
     output: QuantSpec | None = None
     output_after: frozenset[str] = frozenset()

@@ -97,7 +97,10 @@ _CONVS = frozenset({"Conv", "ConvTranspose"})
 #: Ops OpenVINO's CPU plugin runs in int8 from QDQ, with the weight's output-channel axis.
 OPENVINO_CAPABILITIES = Capabilities(
     quantizable={
-        "Conv": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),  # W [O, I/g, kH, kW]
+        # W [O, I/g, kH, kW]. A single-channel filter (O = I/g = 1) keeps its weight float and
+        # its input pair: the int8 kernel vectorises over channels (basic-pitch's eight
+        # decimation filters: 12.3 ms int8, 6.3 ms f32, one thread; docs/design.md).
+        "Conv": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0), float_weight_below=2),
         "ConvTranspose": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),  # W [I, O/g, kH, kW]
         # Gemm: axis 0 for transB=1 (B [N, K], what torch's Linear exports), axis 1 for
         # transB=0; the quantize pass reads transB (passes/_layers.output_channel_axis).
@@ -116,9 +119,15 @@ OPENVINO_CAPABILITIES = Capabilities(
         # took MiniLM's pooled cosine from 0.9915 to 0.9327 under the `int8` recipe.
         "Add": OpQuant(activations=_ACT, joins_after=_CONVS),
         "Sum": OpQuant(activations=_ACT, joins_after=_CONVS),
-        # LSTM stays float: its int8 form (X u8, W and R i8 per gate row) runs on the CPU
-        # plugin (RNNSeq u8, ref_any_I8) but cost ddddocr_common 0.014 of fidelity, over the
-        # budget after accuracy control (docs/design.md).
+        # LSTM: X u8, W and R i8 per gate row (W [dirs, 4H, I], R [dirs, 4H, H]: axis 1) run
+        # as the CPU plugin's int8 RNNSeq. Its kernel reads *one* scale per gate row for W
+        # and R, so R shares W's scales (separate ones, as NNCF writes, dequantize one of the
+        # two with the other's: ddddocr_common's cosine drop 0.0148 vs 0.0031 shared), and it
+        # quantizes the hidden state h in (-1, 1) on X's grid, so X's range holds [-1, 1]. With
+        # initial states computed at run time (silero-vad's state input) it does not compile
+        # ("expects Constant for port 4"): such an LSTM stays float.
+        "LSTM": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1), shared_scale_inputs=(2,),
+                        constant_inputs=(5, 6), state_range=(-1.0, 1.0)),
     },
     # A pair moves up through data movement to the op that computed the data (exact:
     # passes/_pair_site), where the CPU plugin folds the FakeQuantize into that op (a

@@ -58,7 +58,7 @@ def cpu_config(precision: str | None = "f32") -> dict[str, str]:
 CPU_CONFIG: dict[str, str] = cpu_config("f32")
 
 #: Runtime ``layerType`` values of compute layers (the ones that can run int8).
-COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm"})
+COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm", "RNNSeq", "RNNCell"})
 _INT8 = frozenset({"u8", "i8"})
 
 

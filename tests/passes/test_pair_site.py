@@ -153,3 +153,29 @@ def test_a_pyramid_join_gets_one_pair_on_its_source_and_a_slice_its_own(tmp_path
     pools = [v for v in layers.values() if v[0] in ("Pooling", "Concatenation")]
     assert pools and all(precision == "u8" for _, precision, _ in pools), pools
     assert all(layer["int8"] for layer in runner.layer_precisions()), runner.layer_precisions()
+
+
+def test_a_single_channel_filter_keeps_its_weight_float_and_its_input_pair(tmp_path):
+    """basic-pitch's decimation filters (``W [1, 1, 1, k]``, stride 2): OpenVINO's int8
+    convolution is 2x slower there than f32 (``OpQuant.float_weight_below``). The filter keeps
+    its float weight and its input pair, so the conv before it still writes u8 and the conv
+    after it (8 channels) runs int8; the filter itself computes exactly on the rounded input."""
+    rng = np.random.default_rng(3)
+    model = model_from_text(f"""{HEADER}
+    g (float[1,{C},1,64] x) => (float[1,{C},1,28] y) {{
+      [conv0] c0 = Conv (x, w0, b0)
+      [act] a = Relu(c0)
+      [filter] f = Conv <strides = [1, 2]> (a, wf)
+      [conv2] y = Conv (f, w2, b2)
+    }}""", w0=_w(rng, 1, C, 1, 1, fan_in=C), b0=_w(rng, 1) * 0.1, wf=_w(rng, 1, 1, 1, 4, fan_in=4),
+        w2=_w(rng, C, 1, 1, 3, fan_in=3), b2=_w(rng, C) * 0.1)
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, 1, C, 1, 64)[:, 0]})
+    result = _quantize(_clone(model), calib)
+    q = result.model
+    assert "filter" in result.stats["layers"]
+    assert _node(q, "filter").inputs[1].producer() is None  # the float weight, no DequantizeLinear
+    assert _node(q, "filter").inputs[0].producer().op_type == "DequantizeLinear"  # its input pair
+    assert _node(q, "conv2").inputs[1].producer().op_type == "DequantizeLinear"  # 8 channels: int8 weight
+    runner, _ = _runtime(q, tmp_path / "ov")
+    floats = [la["original_layers"] for la in runner.layer_precisions() if not la["int8"]]
+    assert len(floats) == 1 and "filter" in ",".join(floats[0]), runner.layer_precisions()  # conv0, conv2 int8
