@@ -8,7 +8,8 @@ a silent CPU fallback can never inflate the accuracy figures.
 
 What HTP needs (the data in :mod:`.rules`, read by ``check``, ``quantize`` and ``qnn-legalize``):
 
-1. static shapes, tensors of rank <= 5, no float64, ops the QNN EP has builders for;
+1. static shapes, tensors of rank <= 5, no float64, ops the QNN EP has builders for and the
+   HTP library finalizes (not LSTM or GRU: ``UNFINALIZED_OPS``);
 2. activations ``uint8`` (W8A8) or ``uint16`` (W8A16) asymmetric, per tensor;
 3. weights ``int8`` symmetric: per output channel for Conv (axis 0) and ConvTranspose
    (axis 1), per tensor for MatMul and Gemm (the QNN EP rejects per-channel there);
@@ -70,6 +71,7 @@ from compressor.targets.qnn_htp.rules import (
     QNN_HTP_CONTRIB_OPS,
     QNN_HTP_OPS,
     SATURATING_OPS,
+    UNFINALIZED_OPS,
     QdqRules,
 )
 from compressor.targets.qnn_htp.runtime import (
@@ -233,7 +235,7 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
     """``(node, reason)`` for everything HTP cannot run (module docstring, case 1).
 
     Dynamic input dimensions (with the ``--input`` that fixes them), ops without a QNN HTP
-    builder, tensors of rank above ``caps.max_rank``, float64 tensors. Nodes that constant
+    builder, ops the HTP library fails to finalize (``UNFINALIZED_OPS``: LSTM, GRU), tensors of rank above ``caps.max_rank``, float64 tensors. Nodes that constant
     folding removes once shapes are static (``Shape`` and what is computed only from
     shapes and constants) are not held against the model.
     """
@@ -248,6 +250,8 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
         known = ops if domain == "" else QNN_HTP_CONTRIB_OPS if domain == "com.microsoft" else frozenset()
         if node.op_type not in known:
             offenders.append((where, f"op {domain + '::' if domain else ''}{node.op_type} is not supported by QNN HTP"))
+        elif domain == "" and node.op_type in UNFINALIZED_OPS:
+            offenders.append((where, f"op {node.op_type}: {UNFINALIZED_OPS[node.op_type]}"))
         for value in (*node.inputs, *node.outputs):
             if value is None:
                 continue

@@ -14,7 +14,7 @@ from compressor.targets.base import Capabilities, TargetPass
 from compressor.quant.spec import OpQuant, QuantSpec
 
 __all__ = ["QNN_HTP_OPS", "QNN_HTP_CONTRIB_OPS", "QNN_HTP_CAPABILITIES", "QdqRules", "HTP_QDQ_RULES",
-           "SATURATING_OPS"]
+           "SATURATING_OPS", "UNFINALIZED_OPS"]
 
 #: ONNX ops the QNN EP has HTP builders for (onnxruntime-qnn ``op_builder_factory.cc``),
 #: plus ``Constant`` (ONNX Runtime folds it). ``Shape``/``Range``... are absent: with static
@@ -32,6 +32,22 @@ QNN_HTP_OPS = frozenset({
     "Sigmoid", "Sign", "Sin", "Slice", "Softmax", "Softplus", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub",
     "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Unsqueeze", "Upsample", "Where", "Xor",
 })
+
+_RNN_REASON = ("the QNN EP builds it as HTP's float {op} op (a quantized one is never built: its inputs are "
+               "dequantized first), which the HTP backend of onnxruntime-qnn fails to finalize "
+               "(QNN_COMMON_ERROR_MEM_ALLOC) at every size, float or quantized; ONNX Runtime's own QNN flow "
+               "fails the same way. Run the recurrent layer off the NPU (split the model before it)")
+
+#: Ops the QNN EP has HTP builders for (so they are in :data:`QNN_HTP_OPS`) that the HTP
+#: backend library then fails to *finalize*, whatever their size: ``op -> reason``, read by
+#: ``lint`` so the refusal (exit 4) names the node before any work instead of a bare
+#: ``QNN_COMMON_ERROR_MEM_ALLOC`` after calibration. Measured with onnxruntime-qnn 2.7.0
+#: (``tests/targets/test_qnn_htp.py`` checks that the library still refuses them): a
+#: one-direction LSTM of hidden size 8 over 2 steps fails like ddddocr's bidirectional
+#: 512 x 24, with float or uint8/int8 weights, with or without bias and initial states, with
+#: ``enable_htp_monolithic_lstm``; GRU the same.
+UNFINALIZED_OPS: Mapping[str, str] = {op: _RNN_REASON.format(op=name) for op, name in (("LSTM", "Lstm"),
+                                                                                     ("GRU", "Gru"))}
 
 #: Contrib ops (``com.microsoft``) the QNN EP builds for HTP.
 QNN_HTP_CONTRIB_OPS = frozenset({"FusedMatMul", "QuickGelu", "SimplifiedLayerNormalization", "RotaryEmbedding",

@@ -24,6 +24,7 @@ from compressor.targets.qnn_htp import (
     lint,
 )
 from compressor.targets.qnn_htp.encodings import aimet_encodings
+from compressor.targets.qnn_htp.rules import UNFINALIZED_OPS
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.cli import main
@@ -143,6 +144,28 @@ def test_lint_names_dynamic_input_unsupported_op_rank_and_float64():
     assert offenders["the_det"] == "op Det is not supported by QNN HTP"
     assert "rank 6 > 5" in offenders["to_rank6"]
     assert "float64" in offenders["to_double"]
+
+
+def _recurrent(op: str, hidden: int = 8, steps: int = 2) -> ir.Model:
+    """x[steps,1,hidden] -> ``op`` (LSTM or GRU, one direction, float weights) -> y."""
+    gates = {"LSTM": 4, "GRU": 3}[op]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, gates * hidden, hidden)).astype(np.float32) * 0.1, n)
+             for n in ("w", "r")]
+    nodes = [helper.make_node(op, ["x", "w", "r"], ["y"], name=f"the_{op.lower()}", hidden_size=hidden)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, hidden])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [steps, 1, 1, hidden])], inits)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_lint_refuses_recurrent_ops_htp_cannot_finalize(op):
+    """The QNN EP has LSTM/GRU builders, but the HTP library fails to finalize them at any size
+    (ddddocr_common's LSTM: a bare QNN_COMMON_ERROR_MEM_ALLOC after calibration): refused up
+    front, the node named with the reason."""
+    assert op in QNN_HTP_CAPABILITIES.supported_ops  # an EP builder exists; the refusal is the library's
+    offenders = lint(_recurrent(op))
+    assert offenders == [(f"the_{op.lower()}", f"op {op}: {UNFINALIZED_OPS[op]}")]
+    assert "QNN_COMMON_ERROR_MEM_ALLOC" in offenders[0][1] and "split the model" in offenders[0][1]
 
 
 def test_lint_accepts_shape_arithmetic_that_folds_away():
@@ -517,6 +540,30 @@ def test_htp_refusal_names_the_node(tmp_path, target):
 def _cli(argv, capsys):
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
+
+
+@needs_htp
+@pytest.mark.parametrize("op", sorted(UNFINALIZED_OPS))
+def test_unfinalized_ops_still_fail_on_this_htp_library(tmp_path, op):
+    """The data of ``UNFINALIZED_OPS`` is a measurement of the HTP library: the smallest float
+    LSTM/GRU still fails to finalize. When a new onnxruntime-qnn finalizes it, this fails:
+    drop the entry (and let lint pass the op again)."""
+    from compressor.targets.qnn_htp.runtime import compile_here
+
+    path = tmp_path / "rnn.onnx"
+    save_model(_recurrent(op), path)
+    with pytest.raises(UnsupportedByTarget) as err:
+        compile_here(path, tmp_path / "rnn_ctx.onnx")
+    assert "QNN_COMMON_ERROR_MEM_ALLOC" in str(err.value.offenders)
+
+
+@needs_htp
+def test_cli_exit_4_names_an_lstm_before_calibrating(tmp_path, capsys):
+    path = tmp_path / "lstm.onnx"
+    save_model(_recurrent("LSTM"), path)
+    code, err = _cli([path, "--recipe", "w8a8-npu", "--target", "qnn-htp", "-o", tmp_path / "o"], capsys)
+    assert code == 4 and "the_lstm: op LSTM: the QNN EP builds it as HTP's float Lstm op" in err
+    assert "calibrat" not in err.lower() and not (tmp_path / "o").exists()
 
 
 @needs_htp
