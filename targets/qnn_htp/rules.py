@@ -36,12 +36,13 @@ QNN_HTP_OPS = frozenset({
 _RNN_REASON = ("the QNN EP builds it as HTP's float {op} op (a quantized one is never built: its inputs are "
                "dequantized first), which the HTP backend of onnxruntime-qnn fails to finalize "
                "(QNN_COMMON_ERROR_MEM_ALLOC) at every size, float or quantized; ONNX Runtime's own QNN flow "
-               "fails the same way. Run the recurrent layer off the NPU (split the model before it)")
+               "fails the same way")
 
 #: Ops the QNN EP has HTP builders for (so they are in :data:`QNN_HTP_OPS`) that the HTP
 #: backend library then fails to *finalize*, whatever their size: ``op -> reason``, read by
 #: ``lint`` so the refusal (exit 4) names the node before any work instead of a bare
-#: ``QNN_COMMON_ERROR_MEM_ALLOC`` after calibration. Measured with onnxruntime-qnn 2.7.0
+#: ``QNN_COMMON_ERROR_MEM_ALLOC`` after calibration. An LSTM is refused only where
+#: ``qnn-unroll-lstm`` (part of ``qnn-legalize``) cannot write it as its steps. Measured with onnxruntime-qnn 2.7.0
 #: (``tests/targets/test_qnn_htp.py`` checks that the library still refuses them): a
 #: one-direction LSTM of hidden size 8 over 2 steps fails like ddddocr's bidirectional
 #: 512 x 24, with float or uint8/int8 weights, with or without bias and initial states, with

@@ -365,12 +365,12 @@ def test_16_bit_qdq_converts_the_opset_not_just_its_number(tmp_path, widened):
     assert np.abs(out - reference).max() <= bound
 
 
-def test_legalize_is_three_registered_passes_with_its_stats(tmp_path):
-    """``qnn-legalize`` runs ``qnn-clamp-sentinels``, ``qnn-gathernd-to-gather`` and
-    ``qnn-quantize-tensors``; each is a pass of its own, and the three in a row give the same model."""
+def test_legalize_is_four_registered_passes_with_its_stats(tmp_path):
+    """``qnn-legalize`` runs ``qnn-clamp-sentinels``, ``qnn-gathernd-to-gather``, ``qnn-unroll-lstm``
+    and ``qnn-quantize-tensors``; each is a pass of its own, and the four in a row give the same model."""
     from compressor.pipeline import available_passes
 
-    steps = ["qnn-clamp-sentinels", "qnn-gathernd-to-gather", "qnn-quantize-tensors"]
+    steps = ["qnn-clamp-sentinels", "qnn-gathernd-to-gather", "qnn-unroll-lstm", "qnn-quantize-tensors"]
     assert set(steps) <= set(available_passes())
     model = cnn()
     ctx = PassContext(target=_Stub(), calibration=_Data.make(tmp_path, model), properties={"constants-folded"})
