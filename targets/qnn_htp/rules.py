@@ -87,6 +87,8 @@ class QdqRules:
         same_encoding: Ops whose output must carry their first input's encoding (data movement).
         float_params: ``op -> input indices`` the QNN EP reads as op parameters, not tensors:
             float constants that stay float (no Q/DQ) and make no fp16 island.
+        relative_inputs: ``op -> input indices`` whose values an encoding must not round to
+            0 (``Log``: ``log(0)`` is the floor): ``qnn-quantize-tensors`` reports how many do.
     """
 
     activation: QuantSpec = _ACT
@@ -95,6 +97,7 @@ class QdqRules:
     fixed_outputs: Mapping[tuple[str, str], tuple[float, int]] = dataclasses.field(default_factory=dict)
     same_encoding: frozenset[str] = frozenset()
     float_params: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
+    relative_inputs: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
 
 
 HTP_QDQ_RULES = QdqRules(
@@ -117,6 +120,7 @@ HTP_QDQ_RULES = QdqRules(
     # leaves them float too); a DequantizeLinear there, above all of an empty roi, fails
     # to compose the QNN graph ("Failed to create tensor for node: roi_DequantizeLinear").
     float_params={"Resize": frozenset({1, 2})},
+    relative_inputs={"Log": frozenset({0})},
 )
 
 #: Layers whose 8-bit kernels the x86 HTP emulator runs with pairwise int16 saturation on

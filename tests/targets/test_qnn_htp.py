@@ -336,6 +336,51 @@ def _normalized_log() -> ir.Model:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])], inits, opset=13)
 
 
+def _log_power(tmp_path: Path, low: float) -> tuple[ir.Model, np.ndarray, dict]:
+    """``10 log(x*x + 1e-10)`` (basic-pitch's ``normalized_log``) legalized at W8A8, calibrated on
+    magnitudes log-uniform in ``[low, 10]``; returns the model, the calibration data and the stats."""
+    inits = [numpy_helper.from_array(np.float32(1e-10), "eps"), numpy_helper.from_array(np.float32(10.0), "ten")]
+    nodes = [helper.make_node("Mul", ["x", "x"], ["power"], name="square"),
+             helper.make_node("Add", ["power", "eps"], ["guarded"], name="guard"),
+             helper.make_node("Log", ["guarded"], ["ln"], name="log"),
+             helper.make_node("Mul", ["ln", "ten"], ["y"], name="db")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], inits)
+    x = np.exp(np.random.default_rng(9).uniform(np.log(low), np.log(10.0), (16, 1, 256))).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    ctx = PassContext(target=_Stub(), calibration=load_npz(tmp_path / "c.npz", model_input_specs(model), what="calib"),
+                      properties={"constants-folded"})
+    model = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+    result = build_pass("qnn-legalize", None).run(model, ctx)
+    return result.model, x, result.stats
+
+
+def test_legalize_names_a_log_whose_input_rounds_to_zero(tmp_path, caplog):
+    """basic_pitch (issue 12): 97% of the power spectrum before its Log rounds to 0 at 8 bits, and
+    the Log reads them as its floor. A power spanning 120 dB (magnitudes 1e-5..10) on an 8-bit
+    grid of step ``max/255`` loses every value under half a step: the share reported is the
+    data's own (the histogram's lower bound: within one of its 2048 bins, plus the % rounding)."""
+    model, x, stats = _log_power(tmp_path, 1e-5)
+    guard = next(n for n in model.graph if n.name == "log").inputs[0]
+    step = float(_dq_params(guard)[0])
+    power = x.astype(np.float64) ** 2 + 1e-10
+    exact = float(np.mean(power < step / 2))
+    bin_share = float(np.mean((power >= step / 2 - power.max() / 2048) & (power < step / 2)))
+    [(where, why)] = stats["rounded_to_floor"].items()
+    assert where == "log" and why.endswith("Log reads them as its output's floor: no linear encoding holds "
+                                           "this tensor's range")
+    share = float(why.split("%")[0]) / 100
+    assert exact - bin_share - 0.005 <= share <= exact + 0.005 and exact > 0.5
+    assert "of its input 'guarded' rounds to 0 at 8 bits" in why
+    assert any("log: " in r.message and "rounds to 0" in r.message for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_legalize_is_quiet_about_a_log_its_encoding_holds(tmp_path):
+    """Magnitudes in [0.5, 10] (power 0.25..100, 26 dB): nothing rounds to 0 at 8 bits."""
+    _, _, stats = _log_power(tmp_path, 0.5)
+    assert stats["rounded_to_floor"] == {}
+
+
 @pytest.mark.parametrize("widened", [("proj",), ()], ids=["accuracy-control-widens-a-layer", "w8a16"])
 def test_16_bit_qdq_converts_the_opset_not_just_its_number(tmp_path, widened):
     """Issue 12 (basic-pitch exits 1 in qnn-legalize): 16-bit Q/DQ need opset 21, and the ops
