@@ -254,7 +254,7 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
             offenders.append((where, f"op {domain + '::' if domain else ''}{node.op_type} is not supported by QNN HTP"))
         elif domain == "" and node.op_type in UNFINALIZED_OPS:
             # qnn-legalize unrolls an LSTM into ops HTP finalizes; one it cannot is refused
-            problem = unroll_problem(node, constants=False) if node.op_type == "LSTM" else "not rewritten"
+            problem = unroll_problem(node, folded=False) if node.op_type == "LSTM" else "not rewritten"
             if problem:
                 offenders.append((where, f"op {node.op_type}: {UNFINALIZED_OPS[node.op_type]}; qnn-legalize does "
                                          f"not unroll it: {problem}"))

@@ -59,13 +59,15 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 
 
-def unroll_problem(node: ir.Node, constants: bool = True) -> str | None:
+def unroll_problem(node: ir.Node, folded: bool = True) -> str | None:
     """Why ``node`` (an ONNX LSTM) cannot be unrolled; ``None`` when it can.
 
     Args:
         node: The LSTM.
-        constants: Require ``W``/``R``/``B`` (and non-zero initial states) to be constants
-            now; ``lint`` passes ``False`` for a model whose constants fold later.
+        folded: The model's constants are folded and its shapes inferred, so ``W``/``R``/``B``
+            must be constants and the input's shape static now; ``lint`` passes ``False``
+            (it sees the model before ``fold-constants``; a dynamic graph input is reported
+            on its own, with the ``--input`` that fixes it).
     """
     attrs = node.attributes
     if _input(node, 4) is not None:
@@ -79,14 +81,15 @@ def unroll_problem(node: ir.Node, constants: bool = True) -> str | None:
     acts = attrs.get("activations")
     if acts is not None and tuple(acts.value) not in (_DEFAULT_ACTIVATIONS, _DEFAULT_ACTIVATIONS * 2):
         return f"activations {list(acts.value)} are not the default Sigmoid/Tanh/Tanh"
+    if not folded:
+        return None
     x = node.inputs[0]
     if x is None or x.shape is None or not all(isinstance(d, int) for d in x.shape):
         return "its input's shape is not static (fix it with --input)"
-    if constants:
-        for index, what in ((1, "W"), (2, "R"), (3, "B")):
-            value = _input(node, index)
-            if value is not None and _const(value) is None:
-                return f"its {what} is not a constant"
+    for index, what in ((1, "W"), (2, "R"), (3, "B")):
+        value = _input(node, index)
+        if value is not None and _const(value) is None:
+            return f"its {what} is not a constant"
     return None
 
 

@@ -116,6 +116,20 @@ def test_lint_accepts_an_lstm_qnn_legalize_unrolls():
     assert lint(lstm("bidirectional", "zeros")) == []
 
 
+def test_lint_accepts_an_lstm_whose_input_shape_is_known_only_after_folding():
+    """ddddocr_common: the LSTM reads a Reshape whose target shape is Shape/Gather/Concat
+    arithmetic, so its input has no static shape until fold-constants runs (after lint); lint
+    refused it (exit 4, "its input's shape is not static") though qnn-legalize unrolls it."""
+    model = lstm("bidirectional", "zeros")
+    node = next(iter(model.graph))
+    hop = ir.node("Identity", [node.inputs[0]], name="reshaped_later")
+    model.graph.insert_before(node, hop)
+    hop.outputs[0].name, hop.outputs[0].dtype = "x_later", ir.DataType.FLOAT  # shape unknown, as before folding
+    node.replace_input_with(0, hop.outputs[0])
+    assert "not static" in unroll_problem(node)
+    assert lint(model) == []
+
+
 def _legalized(tmp_path, activations: str = "int8") -> tuple[ir.Model, ir.Model]:
     """(float LSTM, quantize + qnn-legalize of it) on the HTP data, with 64 calibration samples."""
     model = lstm("bidirectional", "zeros", outputs=("y",))
