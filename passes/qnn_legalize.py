@@ -1,19 +1,21 @@
 """``qnn-legalize``: turn a QDQ model into one QNN HTP runs wholly quantized.
 
-The name recipes use (``w8a8-npu``, ``w8a16-npu``) for three single-concern passes of the
+The name recipes use (``w8a8-npu``, ``w8a16-npu``) for four single-concern passes of the
 ``qnn-htp`` target package, run in this order:
 
 1. ``qnn-clamp-sentinels`` (:mod:`compressor.targets.qnn_htp.sentinels`): ``finfo.min``
    mask constants become ``mask_value``, so a quantized mask has a finite range;
 2. ``qnn-gathernd-to-gather`` (:mod:`compressor.targets.qnn_htp.gathernd`): ``GatherND``
    with constant indices, which HTP refuses on boolean masks, becomes ``Reshape``/``Gather``;
-3. ``qnn-quantize-tensors`` (:mod:`compressor.targets.qnn_htp.quantize_tensors`): Q/DQ on
+3. ``qnn-unroll-lstm`` (:mod:`compressor.targets.qnn_htp.unroll_lstm`): ``LSTM``, which the
+   HTP library fails to finalize, becomes its time steps of MatMul/Sigmoid/Tanh/Mul/Add;
+4. ``qnn-quantize-tensors`` (:mod:`compressor.targets.qnn_htp.quantize_tensors`): Q/DQ on
    every tensor ``quantize`` left float, int32 biases, HTP's fixed encodings, opset 21
    with 16-bit Q/DQ.
 
 Each is registered on its own (importing this module registers them, so
 ``available_passes()`` lists them), for a recipe that wants only some; the stats of the
-three are merged into this pass's report.
+four are merged into this pass's report.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import onnx_ir as ir
 from compressor.targets.qnn_htp.gathernd import GatherNdToGather
 from compressor.targets.qnn_htp.quantize_tensors import QuantizeTensors, QuantizeTensorsOptions
 from compressor.targets.qnn_htp.sentinels import ClampSentinels, ClampSentinelsOptions
+from compressor.targets.qnn_htp.unroll_lstm import UnrollLstm
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -54,7 +57,7 @@ class QnnLegalizeOptions:
 
 @register_pass
 class QnnLegalize(Pass):
-    """``qnn-clamp-sentinels``, ``qnn-gathernd-to-gather``, ``qnn-quantize-tensors`` (module docstring)."""
+    """``qnn-clamp-sentinels``, ``qnn-gathernd-to-gather``, ``qnn-unroll-lstm``, ``qnn-quantize-tensors`` (module docstring)."""
 
     name = "qnn-legalize"
     lossy = True
@@ -65,9 +68,9 @@ class QnnLegalize(Pass):
     needs_calibration = True
 
     def steps(self) -> list[Pass]:
-        """The three passes, with this pass's options."""
+        """The four passes, with this pass's options."""
         opts: QnnLegalizeOptions = self.options
-        return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(),
+        return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(), UnrollLstm(),
                 QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator))]
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:

@@ -8,7 +8,8 @@ a silent CPU fallback can never inflate the accuracy figures.
 
 What HTP needs (the data in :mod:`.rules`, read by ``check``, ``quantize`` and ``qnn-legalize``):
 
-1. static shapes, tensors of rank <= 5, no float64, ops the QNN EP has builders for;
+1. static shapes, tensors of rank <= 5, no float64, ops the QNN EP has builders for and the
+   HTP library finalizes (not GRU, nor LSTM, which ``qnn-legalize`` unrolls: ``UNFINALIZED_OPS``);
 2. activations ``uint8`` (W8A8) or ``uint16`` (W8A16) asymmetric, per tensor;
 3. weights ``int8`` symmetric: per output channel for Conv (axis 0) and ConvTranspose
    (axis 1), per tensor for MatMul and Gemm (the QNN EP rejects per-channel there);
@@ -32,8 +33,8 @@ converter ``--quantization_overrides``) uses exactly the encodings that were eva
 
 The package: the rules as data (:mod:`.rules`), the legalization passes that make a
 ``quantize`` output wholly quantized (:mod:`.sentinels` ``qnn-clamp-sentinels``,
-:mod:`.gathernd` ``qnn-gathernd-to-gather``, :mod:`.quantize_tensors`
-``qnn-quantize-tensors``; recipes name them together as ``qnn-legalize``,
+:mod:`.gathernd` ``qnn-gathernd-to-gather``, :mod:`.unroll_lstm` ``qnn-unroll-lstm``,
+:mod:`.quantize_tensors` ``qnn-quantize-tensors``; recipes name them together as ``qnn-legalize``,
 ``passes/qnn_legalize.py``), session plumbing, context compilation and the runner
 (:mod:`.runtime`), and the AIMET encodings (:mod:`.encodings`).
 
@@ -70,6 +71,7 @@ from compressor.targets.qnn_htp.rules import (
     QNN_HTP_CONTRIB_OPS,
     QNN_HTP_OPS,
     SATURATING_OPS,
+    UNFINALIZED_OPS,
     QdqRules,
 )
 from compressor.targets.qnn_htp.runtime import (
@@ -79,6 +81,7 @@ from compressor.targets.qnn_htp.runtime import (
     per_output,
     require_qnn,
 )
+from compressor.targets.qnn_htp.unroll_lstm import unroll_problem
 
 from compressor.errors import CompressorError
 from compressor.model_io import save_model
@@ -233,7 +236,8 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
     """``(node, reason)`` for everything HTP cannot run (module docstring, case 1).
 
     Dynamic input dimensions (with the ``--input`` that fixes them), ops without a QNN HTP
-    builder, tensors of rank above ``caps.max_rank``, float64 tensors. Nodes that constant
+    builder, ops the HTP library fails to finalize (``UNFINALIZED_OPS``: GRU, and an LSTM
+    ``qnn-legalize`` cannot unroll, :func:`~.unroll_lstm.unroll_problem`), tensors of rank above ``caps.max_rank``, float64 tensors. Nodes that constant
     folding removes once shapes are static (``Shape`` and what is computed only from
     shapes and constants) are not held against the model.
     """
@@ -248,6 +252,12 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
         known = ops if domain == "" else QNN_HTP_CONTRIB_OPS if domain == "com.microsoft" else frozenset()
         if node.op_type not in known:
             offenders.append((where, f"op {domain + '::' if domain else ''}{node.op_type} is not supported by QNN HTP"))
+        elif domain == "" and node.op_type in UNFINALIZED_OPS:
+            # qnn-legalize unrolls an LSTM into ops HTP finalizes; one it cannot is refused
+            problem = unroll_problem(node, folded=False) if node.op_type == "LSTM" else "not rewritten"
+            if problem:
+                offenders.append((where, f"op {node.op_type}: {UNFINALIZED_OPS[node.op_type]}; qnn-legalize does "
+                                         f"not unroll it: {problem}"))
         for value in (*node.inputs, *node.outputs):
             if value is None:
                 continue

@@ -28,6 +28,10 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
 5. 16-bit Q/DQ need opset 21: the Q/DQ writer (:mod:`compressor.quant.qdq`) converts the
    model when it writes one.
 
+6. an input ``QdqRules.relative_inputs`` names (``Log``'s) whose encoding rounds at least
+   ``underflow.FLOOR_WARN`` of its calibrated values to 0 is named in ``stats["rounded_to_floor"]``
+   and a warning (:mod:`.underflow`): those values leave the op at its output's floor.
+
 Constants and activations are handled in one walk because they depend on each other: a
 bias's scale needs its layer input's encoding (assigned earlier in the same walk when
 ``quantize`` left that input float, LayerNormalization's), and a Gather from a constant
@@ -44,7 +48,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
+from compressor.passes._graph import label
 from compressor.targets.qnn_htp.rules import HTP_QDQ_RULES, QdqRules
+from compressor.targets.qnn_htp.underflow import floor_reason
 
 from compressor.errors import CompressorError
 from compressor.model_io import clone_model
@@ -178,6 +184,7 @@ class _Legalizer:
         self.converts: dict[tuple[int, int], _Encoding] = {}
         self.const_cache: dict[tuple[int, str], ir.Value] = {}
         self.kept: dict[str, str] = {}
+        self.floored: dict[str, str] = {}
         self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
                        "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0}
 
@@ -332,6 +339,8 @@ class _Legalizer:
             got = self.read_as(value, bits)
             if got is None:  # kept float (listed in stats["kept_float"])
                 continue
+            if index in self.rules.relative_inputs.get(node.op_type, ()):
+                self.floor(node, value, got)
             if got.value is not value:
                 node.replace_input_with(index, got.value)
             if index == 0:
@@ -339,6 +348,13 @@ class _Legalizer:
         for out in node.outputs:
             if _is_float(out):
                 self.encode_output(out, node, bits, first_input)
+
+    def floor(self, node: ir.Node, value: ir.Value, enc: _Encoding) -> None:
+        """Case 6: how much of an input ``QdqRules.relative_inputs`` names ``enc`` rounds to 0."""
+        why = floor_reason(node.op_type, value.name, self.stats.get(value.name), enc.bits, float(enc.scale),
+                           enc.range())
+        if why:
+            self.floored[label(node)] = why
 
     def name_outputs(self) -> None:
         """Graph outputs: the DQ output takes the output's name (case 1)."""
@@ -389,6 +405,9 @@ class QuantizeTensors(Pass):
         model = run.writer.finish(model)  # case 5: 16-bit Q/DQ convert the model to opset 21
         for why in run.kept.values():
             logger.info("%s: kept float: %s", self.name, why)
+        for where, why in run.floored.items():
+            logger.warning("%s: %s: %s", self.name, where, why)
         changed = any(n for key, n in run.counts.items() if key != "params_kept_float")
         return PassResult(model, changed,
-                          {**run.counts, "kept_float": dict(sorted(run.kept.items()))})
+                          {**run.counts, "kept_float": dict(sorted(run.kept.items())),
+                           "rounded_to_floor": dict(sorted(run.floored.items()))})

@@ -14,7 +14,7 @@ from compressor.targets.base import Capabilities, TargetPass
 from compressor.quant.spec import OpQuant, QuantSpec
 
 __all__ = ["QNN_HTP_OPS", "QNN_HTP_CONTRIB_OPS", "QNN_HTP_CAPABILITIES", "QdqRules", "HTP_QDQ_RULES",
-           "SATURATING_OPS"]
+           "SATURATING_OPS", "UNFINALIZED_OPS"]
 
 #: ONNX ops the QNN EP has HTP builders for (onnxruntime-qnn ``op_builder_factory.cc``),
 #: plus ``Constant`` (ONNX Runtime folds it). ``Shape``/``Range``... are absent: with static
@@ -32,6 +32,23 @@ QNN_HTP_OPS = frozenset({
     "Sigmoid", "Sign", "Sin", "Slice", "Softmax", "Softplus", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub",
     "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Unsqueeze", "Upsample", "Where", "Xor",
 })
+
+_RNN_REASON = ("the QNN EP builds it as HTP's float {op} op (a quantized one is never built: its inputs are "
+               "dequantized first), which the HTP backend of onnxruntime-qnn fails to finalize "
+               "(QNN_COMMON_ERROR_MEM_ALLOC) at every size, float or quantized; ONNX Runtime's own QNN flow "
+               "fails the same way")
+
+#: Ops the QNN EP has HTP builders for (so they are in :data:`QNN_HTP_OPS`) that the HTP
+#: backend library then fails to *finalize*, whatever their size: ``op -> reason``, read by
+#: ``lint`` so the refusal (exit 4) names the node before any work instead of a bare
+#: ``QNN_COMMON_ERROR_MEM_ALLOC`` after calibration. An LSTM is refused only where
+#: ``qnn-unroll-lstm`` (part of ``qnn-legalize``) cannot write it as its steps. Measured with onnxruntime-qnn 2.7.0
+#: (``tests/targets/test_qnn_htp.py`` checks that the library still refuses them): a
+#: one-direction LSTM of hidden size 8 over 2 steps fails like ddddocr's bidirectional
+#: 512 x 24, with float or uint8/int8 weights, with or without bias and initial states, with
+#: ``enable_htp_monolithic_lstm``; GRU the same.
+UNFINALIZED_OPS: Mapping[str, str] = {op: _RNN_REASON.format(op=name) for op, name in (("LSTM", "Lstm"),
+                                                                                     ("GRU", "Gru"))}
 
 #: Contrib ops (``com.microsoft``) the QNN EP builds for HTP.
 QNN_HTP_CONTRIB_OPS = frozenset({"FusedMatMul", "QuickGelu", "SimplifiedLayerNormalization", "RotaryEmbedding",
@@ -70,6 +87,8 @@ class QdqRules:
         same_encoding: Ops whose output must carry their first input's encoding (data movement).
         float_params: ``op -> input indices`` the QNN EP reads as op parameters, not tensors:
             float constants that stay float (no Q/DQ) and make no fp16 island.
+        relative_inputs: ``op -> input indices`` whose values an encoding must not round to
+            0 (``Log``: ``log(0)`` is the floor): ``qnn-quantize-tensors`` reports how many do.
     """
 
     activation: QuantSpec = _ACT
@@ -78,6 +97,7 @@ class QdqRules:
     fixed_outputs: Mapping[tuple[str, str], tuple[float, int]] = dataclasses.field(default_factory=dict)
     same_encoding: frozenset[str] = frozenset()
     float_params: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
+    relative_inputs: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
 
 
 HTP_QDQ_RULES = QdqRules(
@@ -100,6 +120,7 @@ HTP_QDQ_RULES = QdqRules(
     # leaves them float too); a DequantizeLinear there, above all of an empty roi, fails
     # to compose the QNN graph ("Failed to create tensor for node: roi_DequantizeLinear").
     float_params={"Resize": frozenset({1, 2})},
+    relative_inputs={"Log": frozenset({0})},
 )
 
 #: Layers whose 8-bit kernels the x86 HTP emulator runs with pairwise int16 saturation on

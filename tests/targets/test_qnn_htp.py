@@ -24,6 +24,7 @@ from compressor.targets.qnn_htp import (
     lint,
 )
 from compressor.targets.qnn_htp.encodings import aimet_encodings
+from compressor.targets.qnn_htp.rules import UNFINALIZED_OPS
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.cli import main
@@ -143,6 +144,30 @@ def test_lint_names_dynamic_input_unsupported_op_rank_and_float64():
     assert offenders["the_det"] == "op Det is not supported by QNN HTP"
     assert "rank 6 > 5" in offenders["to_rank6"]
     assert "float64" in offenders["to_double"]
+
+
+def _recurrent(op: str, hidden: int = 8, steps: int = 2) -> ir.Model:
+    """x[steps,1,hidden] -> ``op`` (LSTM or GRU, one direction, float weights) -> y."""
+    gates = {"LSTM": 4, "GRU": 3}[op]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, gates * hidden, hidden)).astype(np.float32) * 0.1, n)
+             for n in ("w", "r")]
+    nodes = [helper.make_node(op, ["x", "w", "r"], ["y"], name=f"the_{op.lower()}", hidden_size=hidden)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, hidden])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [steps, 1, 1, hidden])], inits)
+
+
+def test_lint_refuses_a_gru_htp_cannot_finalize():
+    """The QNN EP has a GRU builder, but the HTP library fails to finalize it at any size (as
+    ddddocr_common's LSTM did: a bare QNN_COMMON_ERROR_MEM_ALLOC after calibration): refused up
+    front, the node named with the reason. (An LSTM is unrolled by qnn-legalize instead,
+    tests/targets/test_qnn_unroll_lstm.py.)"""
+    assert "GRU" in QNN_HTP_CAPABILITIES.supported_ops  # an EP builder exists; the refusal is the library's
+    offenders = lint(_recurrent("GRU"))
+    assert offenders == [("the_gru", f"op GRU: {UNFINALIZED_OPS['GRU']}; qnn-legalize does not unroll it: "
+                                     "not rewritten")]
+    assert "QNN_COMMON_ERROR_MEM_ALLOC" in offenders[0][1]
+    assert lint(_recurrent("LSTM")) == []
 
 
 def test_lint_accepts_shape_arithmetic_that_folds_away():
@@ -311,6 +336,51 @@ def _normalized_log() -> ir.Model:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])], inits, opset=13)
 
 
+def _log_power(tmp_path: Path, low: float) -> tuple[ir.Model, np.ndarray, dict]:
+    """``10 log(x*x + 1e-10)`` (basic-pitch's ``normalized_log``) legalized at W8A8, calibrated on
+    magnitudes log-uniform in ``[low, 10]``; returns the model, the calibration data and the stats."""
+    inits = [numpy_helper.from_array(np.float32(1e-10), "eps"), numpy_helper.from_array(np.float32(10.0), "ten")]
+    nodes = [helper.make_node("Mul", ["x", "x"], ["power"], name="square"),
+             helper.make_node("Add", ["power", "eps"], ["guarded"], name="guard"),
+             helper.make_node("Log", ["guarded"], ["ln"], name="log"),
+             helper.make_node("Mul", ["ln", "ten"], ["y"], name="db")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], inits)
+    x = np.exp(np.random.default_rng(9).uniform(np.log(low), np.log(10.0), (16, 1, 256))).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    ctx = PassContext(target=_Stub(), calibration=load_npz(tmp_path / "c.npz", model_input_specs(model), what="calib"),
+                      properties={"constants-folded"})
+    model = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+    result = build_pass("qnn-legalize", None).run(model, ctx)
+    return result.model, x, result.stats
+
+
+def test_legalize_names_a_log_whose_input_rounds_to_zero(tmp_path, caplog):
+    """basic_pitch (issue 12): 97% of the power spectrum before its Log rounds to 0 at 8 bits, and
+    the Log reads them as its floor. A power spanning 120 dB (magnitudes 1e-5..10) on an 8-bit
+    grid of step ``max/255`` loses every value under half a step: the share reported is the
+    data's own (the histogram's lower bound: within one of its 2048 bins, plus the % rounding)."""
+    model, x, stats = _log_power(tmp_path, 1e-5)
+    guard = next(n for n in model.graph if n.name == "log").inputs[0]
+    step = float(_dq_params(guard)[0])
+    power = x.astype(np.float64) ** 2 + 1e-10
+    exact = float(np.mean(power < step / 2))
+    bin_share = float(np.mean((power >= step / 2 - power.max() / 2048) & (power < step / 2)))
+    [(where, why)] = stats["rounded_to_floor"].items()
+    assert where == "log" and why.endswith("Log reads them as its output's floor: no linear encoding holds "
+                                           "this tensor's range")
+    share = float(why.split("%")[0]) / 100
+    assert exact - bin_share - 0.005 <= share <= exact + 0.005 and exact > 0.5
+    assert "of its input 'guarded' rounds to 0 at 8 bits" in why
+    assert any("log: " in r.message and "rounds to 0" in r.message for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_legalize_is_quiet_about_a_log_its_encoding_holds(tmp_path):
+    """Magnitudes in [0.5, 10] (power 0.25..100, 26 dB): nothing rounds to 0 at 8 bits."""
+    _, _, stats = _log_power(tmp_path, 0.5)
+    assert stats["rounded_to_floor"] == {}
+
+
 @pytest.mark.parametrize("widened", [("proj",), ()], ids=["accuracy-control-widens-a-layer", "w8a16"])
 def test_16_bit_qdq_converts_the_opset_not_just_its_number(tmp_path, widened):
     """Issue 12 (basic-pitch exits 1 in qnn-legalize): 16-bit Q/DQ need opset 21, and the ops
@@ -342,12 +412,12 @@ def test_16_bit_qdq_converts_the_opset_not_just_its_number(tmp_path, widened):
     assert np.abs(out - reference).max() <= bound
 
 
-def test_legalize_is_three_registered_passes_with_its_stats(tmp_path):
-    """``qnn-legalize`` runs ``qnn-clamp-sentinels``, ``qnn-gathernd-to-gather`` and
-    ``qnn-quantize-tensors``; each is a pass of its own, and the three in a row give the same model."""
+def test_legalize_is_four_registered_passes_with_its_stats(tmp_path):
+    """``qnn-legalize`` runs ``qnn-clamp-sentinels``, ``qnn-gathernd-to-gather``, ``qnn-unroll-lstm``
+    and ``qnn-quantize-tensors``; each is a pass of its own, and the four in a row give the same model."""
     from compressor.pipeline import available_passes
 
-    steps = ["qnn-clamp-sentinels", "qnn-gathernd-to-gather", "qnn-quantize-tensors"]
+    steps = ["qnn-clamp-sentinels", "qnn-gathernd-to-gather", "qnn-unroll-lstm", "qnn-quantize-tensors"]
     assert set(steps) <= set(available_passes())
     model = cnn()
     ctx = PassContext(target=_Stub(), calibration=_Data.make(tmp_path, model), properties={"constants-folded"})
@@ -517,6 +587,30 @@ def test_htp_refusal_names_the_node(tmp_path, target):
 def _cli(argv, capsys):
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
+
+
+@needs_htp
+@pytest.mark.parametrize("op", sorted(UNFINALIZED_OPS))
+def test_unfinalized_ops_still_fail_on_this_htp_library(tmp_path, op):
+    """The data of ``UNFINALIZED_OPS`` is a measurement of the HTP library: the smallest float
+    LSTM/GRU still fails to finalize. When a new onnxruntime-qnn finalizes it, this fails:
+    drop the entry (and let lint pass the op again)."""
+    from compressor.targets.qnn_htp.runtime import compile_here
+
+    path = tmp_path / "rnn.onnx"
+    save_model(_recurrent(op), path)
+    with pytest.raises(UnsupportedByTarget) as err:
+        compile_here(path, tmp_path / "rnn_ctx.onnx")
+    assert "QNN_COMMON_ERROR_MEM_ALLOC" in str(err.value.offenders)
+
+
+@needs_htp
+def test_cli_exit_4_names_a_gru_before_calibrating(tmp_path, capsys):
+    path = tmp_path / "gru.onnx"
+    save_model(_recurrent("GRU"), path)
+    code, err = _cli([path, "--recipe", "w8a8-npu", "--target", "qnn-htp", "-o", tmp_path / "o"], capsys)
+    assert code == 4 and "the_gru: op GRU: the QNN EP builds it as HTP's float Gru op" in err
+    assert "calibrat" not in err.lower() and not (tmp_path / "o").exists()
 
 
 @needs_htp

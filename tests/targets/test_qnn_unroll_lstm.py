@@ -1,0 +1,180 @@
+"""``qnn-unroll-lstm``: an LSTM as its time steps, exact on ONNX Runtime, and what HTP then runs."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES, float_compute_nodes, lint
+from compressor.targets.qnn_htp.rules import UNFINALIZED_OPS
+from compressor.targets.qnn_htp.unroll_lstm import unroll_problem
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor.data import load_npz
+from compressor.inputs import model_input_specs
+from compressor.model_io import model_bytes
+from compressor.pipeline import PassContext, build_pass
+
+HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
+
+T, B, I, H = 5, 2, 6, 4
+
+
+class _Stub:
+    name = "qnn-htp"
+    capabilities = QNN_HTP_CAPABILITIES
+    qdq_rules = HTP_QDQ_RULES
+
+
+def lstm(direction: str = "forward", initial: str = "none", outputs: tuple[str, ...] = ("y", "yh", "yc"),
+         seed: int = 0, **attrs) -> ir.Model:
+    """x[T,B,I] -> LSTM(W, R, B[, initial_h, initial_c]) -> ``outputs``; ``initial``: none, zeros or random."""
+    dirs = 2 if direction == "bidirectional" else 1
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((dirs, 4 * H, I)).astype(np.float32) * 0.5, "w"),
+             numpy_helper.from_array(rng.standard_normal((dirs, 4 * H, H)).astype(np.float32) * 0.5, "r"),
+             numpy_helper.from_array(rng.standard_normal((dirs, 8 * H)).astype(np.float32) * 0.5, "b")]
+    inputs = ["x", "w", "r", "b"]
+    if initial != "none":
+        make = np.zeros if initial == "zeros" else (lambda s: rng.standard_normal(s))
+        inits += [numpy_helper.from_array(np.asarray(make((dirs, B, H)), np.float32), n) for n in ("h0", "c0")]
+        inputs += ["", "h0", "c0"]
+    names = ["y", "yh", "yc"]
+    shapes = {"y": [T, dirs, B, H], "yh": [dirs, B, H], "yc": [dirs, B, H]}
+    node = helper.make_node("LSTM", inputs, [n if n in outputs else "" for n in names], name="the_lstm",
+                            hidden_size=H, direction=direction, **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, B, I])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, shapes[n]) for n in outputs], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+def _run(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # Q/DQ run as written
+    return ort.InferenceSession(model_bytes(model), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def _x(seed: int = 1, n: int | None = None) -> np.ndarray:
+    shape = (T, B, I) if n is None else (n, T, B, I)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("initial", ["none", "zeros", "random"])
+def test_unrolled_lstm_equals_the_lstm(direction, initial):
+    """Y, Y_h and Y_c equal ONNX Runtime's LSTM within float rounding (cases 1-3), no LSTM left."""
+    model = lstm(direction, initial)
+    x = _x()
+    want = _run(model, x)
+    result = build_pass("qnn-unroll-lstm", None).run(model, PassContext())
+    assert result.modified and result.stats == {"lstm_unrolled": 1, "lstm_left": {}}
+    ops = [n.op_type for n in result.model.graph]
+    assert "LSTM" not in ops and set(ops) <= {"MatMul", "Add", "Slice", "Sigmoid", "Tanh", "Mul", "Reshape", "Concat"}
+    # case 2: a zero initial state adds no recurrent MatMul at the first step of each direction
+    dirs = 2 if direction == "bidirectional" else 1
+    assert ops.count("MatMul") == dirs * (T if initial == "random" else T - 1) + dirs
+    got = _run(result.model, x)
+    for w, g in zip(want, got):
+        assert w.shape == g.shape
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
+
+
+def test_only_y_is_kept_when_the_states_are_not_read():
+    model = lstm("bidirectional", outputs=("y",))
+    result = build_pass("qnn-unroll-lstm", None).run(model, PassContext())
+    assert [v.name for v in result.model.graph.outputs] == ["y"]
+    np.testing.assert_allclose(_run(result.model, _x())[0], _run(lstm("bidirectional", outputs=("y",)), _x())[0],
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("attrs", "why"), [
+    ({"clip": 3.0}, "attribute clip=3.0 is not rewritten"),
+    ({"input_forget": 1}, "attribute input_forget=1 is not rewritten"),
+    ({"activations": ["Sigmoid", "Relu", "Tanh"]}, "activations ['Sigmoid', 'Relu', 'Tanh'] are not the default"),
+])
+def test_an_lstm_it_cannot_unroll_is_left_and_refused_by_lint(attrs, why):
+    model = lstm(**attrs)
+    node = next(iter(model.graph))
+    assert why in unroll_problem(node)
+    result = build_pass("qnn-unroll-lstm", None).run(model, PassContext())
+    assert not result.modified and why in result.stats["lstm_left"]["the_lstm"]
+    assert [n.op_type for n in result.model.graph] == ["LSTM"]
+    [(where, reason)] = lint(model)
+    assert where == "the_lstm" and reason.startswith(f"op LSTM: {UNFINALIZED_OPS['LSTM']}; qnn-legalize does not unroll it")
+    assert why in reason
+
+
+def test_lint_accepts_an_lstm_qnn_legalize_unrolls():
+    assert lint(lstm("bidirectional", "zeros")) == []
+
+
+def test_lint_accepts_an_lstm_whose_input_shape_is_known_only_after_folding():
+    """ddddocr_common: the LSTM reads a Reshape whose target shape is Shape/Gather/Concat
+    arithmetic, so its input has no static shape until fold-constants runs (after lint); lint
+    refused it (exit 4, "its input's shape is not static") though qnn-legalize unrolls it."""
+    model = lstm("bidirectional", "zeros")
+    node = next(iter(model.graph))
+    hop = ir.node("Identity", [node.inputs[0]], name="reshaped_later")
+    model.graph.insert_before(node, hop)
+    hop.outputs[0].name, hop.outputs[0].dtype = "x_later", ir.DataType.FLOAT  # shape unknown, as before folding
+    node.replace_input_with(0, hop.outputs[0])
+    assert "not static" in unroll_problem(node)
+    assert lint(model) == []
+
+
+def _legalized(tmp_path, activations: str = "int8") -> tuple[ir.Model, ir.Model]:
+    """(float LSTM, quantize + qnn-legalize of it) on the HTP data, with 64 calibration samples."""
+    model = lstm("bidirectional", "zeros", outputs=("y",))
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=_x(2, 64))
+    ctx = PassContext(target=_Stub(), calibration=load_npz(path, model_input_specs(model), what="calib"),
+                      properties={"constants-folded"})
+    quantized = build_pass("quantize", {"activations": activations, "calibrator": "minmax"}).run(model, ctx).model
+    legal = build_pass("qnn-legalize", {"activations": activations}).run(quantized, ctx).model
+    return lstm("bidirectional", "zeros", outputs=("y",)), legal  # the passes may edit their input in place
+
+
+def test_legalized_lstm_is_wholly_quantized_and_close_to_float(tmp_path):
+    """After qnn-legalize no float compute is left (so HTP runs every op quantized), and the
+    W8A8 steps stay near the float LSTM: each H_t is ``σ(o) ⊙ tanh(C_t)`` in [-1, 1], and 8-bit
+    encodings of ``[-1, 1]`` tensors step by 1/128, so a floor of 25 dB SQNR (about 4 steps of
+    RMS error on outputs of RMS ~0.3) holds; the same graph at W8A16 does better (its
+    ranges still clip the eval samples calibration did not see, so not by the 48 dB of 8 more bits)."""
+    floats, model = _legalized(tmp_path)
+    assert float_compute_nodes(model) == []
+    assert "LSTM" not in [n.op_type for n in model.graph]
+    x = _x(3, 16)
+    sqnr = {}
+    for bits, m in (("int8", model), ("int16", _legalized(tmp_path, "int16")[1])):
+        ref = np.stack([_run(floats, s)[0] for s in x])
+        out = np.stack([_run(m, s)[0] for s in x])
+        sqnr[bits] = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2))
+    assert sqnr["int8"] >= 25.0, sqnr
+    assert sqnr["int16"] > sqnr["int8"], sqnr
+
+
+@pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
+def test_unrolled_lstm_runs_wholly_on_htp(tmp_path):
+    """The LSTM HTP fails to finalize (``rules.UNFINALIZED_OPS``) compiles once unrolled and runs
+    on HTP (CPU fallback disabled) within a few output steps of the same QDQ model on the CPU."""
+    from compressor.targets import get_target
+
+    target = get_target("qnn-htp")
+    _, model = _legalized(tmp_path)
+    run = target.runner(target.lower(model, tmp_path / "out"))
+    dq = next(v for v in model.graph.outputs if v.name == "y").producer()
+    step = float(dq.inputs[1].const_value.numpy())
+    for s in _x(4, 3):
+        htp, cpu = run({"x": s})[0], _run(model, s)[0]
+        # 4 steps: one rounding step per op that can differ (MatMul sums, Add, Mul) carried
+        # through a Tanh/Mul whose slope is at most 1, across the 5 recurrent steps
+        assert np.abs(htp - cpu).max() <= 4 * step + 1e-6
+    assert target.report(run)["qnn_htp"]["float_nodes"] == []
