@@ -48,6 +48,10 @@ from typing import Any
 
 import numpy as np
 
+# Every model timed here is compiled in one process: without this, oneDNN's process-wide
+# primitive cache hands the fp32 model's kernels to a later int8 model (the openvino target
+# sets the same for compress; set here too, before NNCF compiles anything).
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = Path(__file__).resolve().parent / "zoo"
 sys.path.insert(0, str(ZOO))

@@ -395,3 +395,19 @@ def test_a_scalar_input_reaches_openvino_as_a_0d_array(target, tmp_path):
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     (got,) = run({"x": x, "s": np.array(3, np.int64)})
     np.testing.assert_array_equal(got, 3 * x)
+
+
+@pytest.mark.parametrize("preset, want", [(None, "0"), ("7", "7")])
+def test_onednn_primitive_cache_is_off_unless_the_user_set_it(preset, want):
+    """The flow compiles the fp32 baseline before the artifact in one process; oneDNN's process-wide
+    primitive cache would time the artifact with the baseline's kernels (see targets/openvino)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    code = "import os, compressor.targets.openvino; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == want
