@@ -1,6 +1,7 @@
 """ONNX -> OpenVINO conversion for target ``openvino``: the conversion, its errors per node, stable names.
 
-* :func:`convert` hands the model's bytes to ``ov.convert_model`` (ONNX frontend).
+* :func:`convert`: the model's bytes through the ONNX frontend and ovc's offline transformations
+  (``ov.convert_model``'s path without its no-op preprocessing step).
 * :func:`conversion_offenders` reads OpenVINO's conversion error (a translator's per-node
   failures, "No conversion rule found for operations: ...", "Conversion is failed for: ...")
   back to the ONNX nodes it concerns, one ``(node, reason)`` each (exit 4).
@@ -115,5 +116,36 @@ def canonical_names(ov_model: Any, keep: Iterable[str]) -> int:
 
 
 def convert(model: ir.Model) -> Any:
-    """``ov.Model`` of ``model`` (raises OpenVINO's error when conversion fails)."""
-    return ov.convert_model(io.BytesIO(model_bytes(model)))
+    """``ov.Model`` of ``model`` (raises OpenVINO's error when conversion fails).
+
+    What ``ov.convert_model`` does with an ONNX model and no options, minus ovc's
+    preprocessing step (``apply_preprocessing`` builds a ``PrePostProcessor`` on every model,
+    even with nothing to apply: about 0.7 s of 1.1 s on ddddocr's recogniser, three times a
+    run): the ONNX frontend, then the offline transformations ovc applies, in its order
+    (``openvino/tools/ovc/moc_frontend/moc_emit_ir.py``). The IR is the same but for
+    OpenVINO's generated names, which :func:`canonical_names` renumbers anyway, and ovc's
+    ``conversion_parameters`` in ``rt_info`` (tested). Any failure on this path is left to
+    ``ov.convert_model`` itself, so a conversion error reads as ovc's
+    (:func:`conversion_offenders` parses it).
+    """
+    data = model_bytes(model)
+    try:
+        from openvino._offline_transformations import (
+            apply_moc_transformations,
+            compress_quantize_weights_transformation,
+        )
+        from openvino.frontend import FrontEndManager
+        from openvino.tools.ovc.moc_frontend.offline_transformations import (
+            apply_fused_names_cleanup,
+            apply_moc_legacy_transformations,
+        )
+
+        frontend = FrontEndManager().load_by_framework("onnx")
+        ov_model = frontend.convert(frontend.load(io.BytesIO(data)))
+        apply_moc_transformations(ov_model, cf=False, smart_reshape=True)
+        compress_quantize_weights_transformation(ov_model)
+        apply_moc_legacy_transformations(ov_model, [])
+        apply_fused_names_cleanup(ov_model)
+        return ov_model
+    except Exception:  # noqa: BLE001  (ovc's own path raises the error users and conversion_offenders read)
+        return ov.convert_model(io.BytesIO(data))

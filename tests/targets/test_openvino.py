@@ -411,3 +411,42 @@ def test_onednn_primitive_cache_is_off_unless_the_user_set_it(preset, want):
     code = "import os, compressor.targets.openvino; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == want
+
+
+def _ir_text(ov_model, model: ir.Model, folder, name: str) -> tuple[str, bytes]:
+    """The saved IR (generated names renumbered as lowering does), less its rt_info, and the weights."""
+    import openvino as ov
+
+    from compressor.targets.openvino.convert import canonical_names, onnx_names
+
+    canonical_names(ov_model, onnx_names(model))
+    ov.save_model(ov_model, str(folder / f"{name}.xml"), compress_to_fp16=False)
+    xml = (folder / f"{name}.xml").read_text()
+    return re.sub(r"<rt_info>.*?</rt_info>", "", xml, flags=re.S), (folder / f"{name}.bin").read_bytes()
+
+
+@pytest.mark.parametrize("make", [conv_relu_matmul, lambda: conv(True)], ids=["fp32", "qdq"])
+def test_convert_gives_ov_convert_models_ir(make, tmp_path):
+    """convert skips ovc's no-op preprocessing step; the IR must be the one ov.convert_model writes."""
+    import io
+
+    import openvino as ov
+
+    from compressor.targets.openvino.convert import convert
+
+    model = make()
+    ours = _ir_text(convert(model), model, tmp_path, "ours")
+    theirs = _ir_text(ov.convert_model(io.BytesIO(model_bytes(model))), model, tmp_path, "ovc")
+    assert ours == theirs
+
+
+def test_convert_failure_is_ovcs_error(tmp_path):
+    """A model the frontend cannot convert raises what ov.convert_model raises (conversion_offenders reads it)."""
+    from compressor.targets.openvino.convert import convert
+
+    node = helper.make_node("Foo", ["x"], ["y"], name="foo", domain="com.example")
+    model = _model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [],
+                   extra_opsets=[helper.make_opsetid("com.example", 1)])
+    with pytest.raises(Exception, match="No conversion rule found for operations: com.example.Foo"):
+        convert(model)
