@@ -49,11 +49,22 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._graph import label
+from compressor.targets.qnn_htp.qdq_graph import (
+    QDQ_OPS,
+    Encoding,
+    activation_q_readers,
+    const_array,
+    dq_encoding,
+    dtype_of,
+    is_float,
+    qdq_params,
+    runtime_floats,
+    stripped_model,
+)
 from compressor.targets.qnn_htp.rules import HTP_QDQ_RULES, QdqRules
 from compressor.targets.qnn_htp.underflow import floor_reason
 
 from compressor.errors import CompressorError
-from compressor.model_io import clone_model
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant.math import quant_params, quantize_array
 from compressor.quant.qdq import QdqWriter
@@ -65,13 +76,9 @@ __all__ = ["QuantizeTensors", "QuantizeTensorsOptions"]
 
 logger = logging.getLogger(__name__)
 
-_FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
-_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "BatchNormalization", "GroupNormalization"})
 _WIDE = {"uint8": "uint16", "int8": "int16"}
-_INT_DTYPES = {ir.DataType.UINT8: "uint8", ir.DataType.INT8: "int8", ir.DataType.UINT16: "uint16",
-               ir.DataType.INT16: "int16", ir.DataType.INT32: "int32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,91 +94,6 @@ class QuantizeTensorsOptions:
     calibrator: Literal["minmax", "percentile", "mse"] = "minmax"
 
 
-@dataclasses.dataclass
-class _Encoding:
-    """One quantized view of a tensor: its parameters and the DQ output readers use."""
-
-    dtype: str
-    scale: np.ndarray
-    zero_point: np.ndarray
-    value: ir.Value
-
-    @property
-    def bits(self) -> int:
-        return 16 if "16" in self.dtype else 8
-
-    def range(self) -> tuple[float, float]:
-        info = np.iinfo(np.dtype(self.dtype))
-        s, z = float(self.scale), float(self.zero_point)
-        return (info.min - z) * s, (info.max - z) * s
-
-
-def _is_float(value: ir.Value | None) -> bool:
-    return value is not None and value.dtype in _FLOATS
-
-
-def _const_array(value: ir.Value) -> np.ndarray | None:
-    """The value of a constant (a non-input initializer), else ``None``."""
-    if value.const_value is not None and not value.is_graph_input():
-        return value.const_value.numpy()
-    return None
-
-
-def _params(node: ir.Node) -> tuple[str, np.ndarray, np.ndarray] | None:
-    """``(dtype, scale, zero point)`` of a per-tensor Q or DQ node with constant parameters."""
-    scale, zp = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
-    if scale is None or zp is None or scale.const_value is None or zp.const_value is None:
-        return None
-    if zp.const_value.dtype not in _INT_DTYPES or scale.const_value.numpy().size != 1:
-        return None
-    return _INT_DTYPES[zp.const_value.dtype], scale.const_value.numpy(), zp.const_value.numpy()
-
-
-def _dq_encoding(value: ir.Value) -> _Encoding | None:
-    """The encoding of ``value`` when it is the output of a per-tensor DequantizeLinear."""
-    dq = value.producer()
-    params = _params(dq) if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.inputs) >= 3 else None
-    return None if params is None else _Encoding(*params, value)
-
-
-def _dtype_of(q: ir.Node) -> str:
-    return (_params(q) or ("",))[0]
-
-
-def _activation_q_readers(value: ir.Value) -> list[tuple[ir.Node, ir.Node]]:
-    """``(Q, DQ)`` pairs reading ``value`` (what ``quantize`` inserted)."""
-    pairs = []
-    for user, _ in value.uses():
-        if user.op_type != "QuantizeLinear" or user.inputs[0] is not value:
-            continue
-        dqs = [u for u, _ in user.outputs[0].uses() if u.op_type == "DequantizeLinear"]
-        if len(dqs) == 1 and len(user.outputs[0].uses()) == 1:
-            pairs.append((user, dqs[0]))
-    return pairs
-
-
-def _stripped(model: ir.Model) -> ir.Model:
-    """A copy of ``model`` with every activation Q -> DQ pair bypassed (weights stay dequantized)."""
-    clone = clone_model(model)
-    for node in list(clone.graph):
-        if node.op_type != "QuantizeLinear":
-            continue
-        for dq, _ in list(node.outputs[0].uses()):
-            if dq.op_type == "DequantizeLinear":
-                dq.outputs[0].replace_all_uses_with(node.inputs[0], replace_graph_outputs=False)
-    ir.passes.common.RemoveUnusedNodesPass()(clone)
-    return clone
-
-
-def _activations(graph: ir.Graph) -> list[ir.Value]:
-    """Float tensors computed at run time: float graph inputs and outputs of non-Q/DQ nodes."""
-    out = [v for v in graph.inputs if _is_float(v) and v.const_value is None]
-    for node in graph:
-        if node.op_type not in _QDQ:
-            out.extend(v for v in node.outputs if _is_float(v))
-    return out
-
-
 class _Legalizer:
     """One run of the pass over a graph: the writer, the encodings given so far, the counts."""
 
@@ -180,8 +102,8 @@ class _Legalizer:
         self.graph, self.rules, self.stats, self.opts, self.quantizable = graph, rules, stats, opts, quantizable
         self.writer = QdqWriter(graph)
         self.default_bits = 16 if opts.activations == "int16" else 8
-        self.enc: dict[int, _Encoding] = {}
-        self.converts: dict[tuple[int, int], _Encoding] = {}
+        self.enc: dict[int, Encoding] = {}
+        self.converts: dict[tuple[int, int], Encoding] = {}
         self.const_cache: dict[tuple[int, str], ir.Value] = {}
         self.kept: dict[str, str] = {}
         self.floored: dict[str, str] = {}
@@ -192,14 +114,14 @@ class _Legalizer:
         dtype = self.rules.activation.dtype
         return dataclasses.replace(self.rules.activation, dtype=_WIDE.get(dtype, dtype) if bits == 16 else dtype)
 
-    def pair(self, value: ir.Value, dtype: str, scale: np.ndarray, zp: np.ndarray) -> _Encoding:
+    def pair(self, value: ir.Value, dtype: str, scale: np.ndarray, zp: np.ndarray) -> Encoding:
         """``value -> Q -> DQ`` with per-tensor parameters."""
         scale = np.asarray(scale, np.float32).reshape(())
         zp = np.asarray(zp).astype(np.dtype(dtype)).reshape(())
         self.counts["qdq_added"] += 1
-        return _Encoding(dtype, scale, zp, self.writer.pair(value, scale, zp))
+        return Encoding(dtype, scale, zp, self.writer.pair(value, scale, zp))
 
-    def calibrated(self, value: ir.Value, bits: int) -> _Encoding | None:
+    def calibrated(self, value: ir.Value, bits: int) -> Encoding | None:
         """Case 1d; ``None`` (the tensor kept float, with the reason) when its range is unusable."""
         stats = self.stats.get(value.name)
         problem = stats.problem() if stats is not None else f"tensor {value.name!r} was not calibrated"
@@ -210,11 +132,11 @@ class _Legalizer:
         spec = self.spec(bits)
         return self.pair(value, spec.dtype, *quant_params(*stats.range(self.opts.calibrator, **kwargs), spec))
 
-    def encode_output(self, value: ir.Value, node: ir.Node | None, bits: int, first_input: _Encoding | None) -> None:
+    def encode_output(self, value: ir.Value, node: ir.Node | None, bits: int, first_input: Encoding | None) -> None:
         """Give ``value`` its encoding (case 1) and route ``quantize``'s Q readers to it."""
-        readers = _activation_q_readers(value)
+        readers = activation_q_readers(value)
         dtype = self.spec(bits).dtype
-        chosen: _Encoding | None = None
+        chosen: Encoding | None = None
         fixed = self.rules.fixed_outputs.get((node.op_type, dtype)) if node is not None else None
         if fixed is not None:  # case 1a
             chosen = self.pair(value, dtype, np.float32(fixed[0]), np.asarray(fixed[1]))
@@ -225,9 +147,9 @@ class _Legalizer:
             self.counts["shared_encodings"] += 1
         else:
             for q, dq in readers:  # case 1c
-                params = _params(q)
+                params = qdq_params(q)
                 if params is not None and params[0] == dtype:
-                    chosen = _Encoding(*params, dq.outputs[0])
+                    chosen = Encoding(*params, dq.outputs[0])
                     self.counts["reused_encodings"] += 1
                     break
             if chosen is None:  # case 1d
@@ -238,15 +160,15 @@ class _Legalizer:
         for q, dq in readers:
             if dq.outputs[0] is chosen.value:
                 continue
-            if _dtype_of(q) == chosen.dtype:  # one encoding per tensor and width
+            if dtype_of(q) == chosen.dtype:  # one encoding per tensor and width
                 dq.outputs[0].replace_all_uses_with(chosen.value, replace_graph_outputs=True)
             else:
                 q.replace_input_with(0, chosen.value)  # a requantization (QNN Convert)
                 self.counts["requantized"] += 1
 
-    def read_as(self, value: ir.Value, bits: int) -> _Encoding | None:
+    def read_as(self, value: ir.Value, bits: int) -> Encoding | None:
         """The encoding a reader at width ``bits`` reads ``value`` through (case 2)."""
-        have = _dq_encoding(value) or self.enc.get(id(value))
+        have = dq_encoding(value) or self.enc.get(id(value))
         if have is None or have.bits == bits:
             return have
         key = (id(have.value), bits)
@@ -288,7 +210,7 @@ class _Legalizer:
                        act: QuantSpec) -> ir.Value:
         """The DQ a node reads instead of float constant input ``index`` (cases 3 and 4)."""
         if node.op_type in _BIAS_OPS and index == 2 or node.op_type in _NORMS and index == 2:
-            x = _dq_encoding(node.inputs[0]) if node.inputs[0] is not None else None
+            x = dq_encoding(node.inputs[0]) if node.inputs[0] is not None else None
             w = node.inputs[1]
             w_dq = w.producer() if w is not None else None
             if x is None or w_dq is None or w_dq.op_type != "DequantizeLinear":
@@ -304,25 +226,25 @@ class _Legalizer:
 
     def graph_input(self, value: ir.Value) -> None:
         """Case 1 for a float graph input, at 16 bits when a 16-bit layer reads it."""
-        wide = any(_dtype_of(q).endswith("16") for q, _ in _activation_q_readers(value))
+        wide = any(dtype_of(q).endswith("16") for q, _ in activation_q_readers(value))
         self.encode_output(value, None, 16 if wide else self.default_bits, None)
 
     def node(self, node: ir.Node) -> None:
         """Cases 1-4 for one node: its width, its inputs read at that width, its outputs encoded."""
         layer_input = node.inputs[0] if node.inputs else None
-        layer_enc = _dq_encoding(layer_input) if layer_input is not None else None
+        layer_enc = dq_encoding(layer_input) if layer_input is not None else None
         is_layer = node.op_type in self.quantizable and layer_enc is not None
         if is_layer:  # case 2: a compute layer keeps quantize's width
             bits = layer_enc.bits
         else:
-            wide = any(_dtype_of(q).endswith("16") for out in node.outputs for q, _ in _activation_q_readers(out))
+            wide = any(dtype_of(q).endswith("16") for out in node.outputs for q, _ in activation_q_readers(out))
             bits = 16 if self.default_bits == 16 or wide else 8
-        first_input: _Encoding | None = None
+        first_input: Encoding | None = None
         params = self.rules.float_params.get(node.op_type, frozenset())
         for index, value in enumerate(node.inputs):
-            if value is None or not _is_float(value):
+            if value is None or not is_float(value):
                 continue
-            const = _const_array(value)
+            const = const_array(value)
             if const is not None and index in params:  # case 4: an op parameter, kept float
                 self.counts["params_kept_float"] += 1
                 continue
@@ -330,11 +252,11 @@ class _Legalizer:
                 new = self.constant_input(node, index, value, const, self.spec(bits))
                 node.replace_input_with(index, new)
                 if index == 0:
-                    first_input = _dq_encoding(new)
+                    first_input = dq_encoding(new)
                 continue
-            if is_layer and _dq_encoding(value) is not None:  # quantize's own
+            if is_layer and dq_encoding(value) is not None:  # quantize's own
                 if index == 0:
-                    first_input = _dq_encoding(value)
+                    first_input = dq_encoding(value)
                 continue
             got = self.read_as(value, bits)
             if got is None:  # kept float (listed in stats["kept_float"])
@@ -346,10 +268,10 @@ class _Legalizer:
             if index == 0:
                 first_input = got
         for out in node.outputs:
-            if _is_float(out):
+            if is_float(out):
                 self.encode_output(out, node, bits, first_input)
 
-    def floor(self, node: ir.Node, value: ir.Value, enc: _Encoding) -> None:
+    def floor(self, node: ir.Node, value: ir.Value, enc: Encoding) -> None:
         """Case 6: how much of an input ``QdqRules.relative_inputs`` names ``enc`` rounds to 0."""
         why = floor_reason(node.op_type, value.name, self.stats.get(value.name), enc.bits, float(enc.scale),
                            enc.range())
@@ -389,16 +311,16 @@ class QuantizeTensors(Pass):
         ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         # The ranges of the float model (activation Q/DQ bypassed): stable across accuracy
         # control's rebuilds, so they are calibrated once.
-        float_model = _stripped(model)
-        wanted = sorted({v.name for v in _activations(float_model.graph)})
+        float_model = stripped_model(model)
+        wanted = sorted({v.name for v in runtime_floats(float_model.graph)})
         found = gather(float_model, ctx.calibration, [StatPoint(n) for n in wanted], ctx.cache, bar=ctx.progress)
         cache = {point.tensor: stats for point, stats in found.items()}
         run = _Legalizer(model.graph, rules, cache, opts, quantizable)
         for value in list(model.graph.inputs):
-            if _is_float(value) and value.const_value is None:
+            if is_float(value) and value.const_value is None:
                 run.graph_input(value)
         for node in list(model.graph):
-            if node.op_type not in _QDQ and node.domain in ("", "ai.onnx"):
+            if node.op_type not in QDQ_OPS and node.domain in ("", "ai.onnx"):
                 run.node(node)
         run.writer.flush()
         run.name_outputs()
