@@ -50,6 +50,7 @@ import onnx
 import onnx_ir as ir
 
 from compressor.errors import DataError, UnsupportedModel
+from compressor.inputs import shape_text
 from compressor.model_io import default_opset, to_proto, upgrade_opset
 from compressor.passes._graph import label
 
@@ -163,8 +164,8 @@ def declare_missing_shapes(model: ir.Model, overrides: Mapping[str, tuple[tuple[
                             "or pass --calib/--eval data that holds it")
         dims = [None, *sample.shape[1:]] if sample.ndim else []
         value.shape = ir.Shape(dims)
-        notes.append(f"input {value.name!r} declares no shape; took {'x'.join('N' if d is None else str(d) for d in dims) or 'scalar'} "
-                     "from the data (give --input to choose another)")
+        notes.append(f"input {value.name!r} declares no shape; took {shape_text(dims)} from the data (give --input "
+                     "to choose another)")
     missing = [v for v in model.graph.outputs if v.shape is None and isinstance(v.type, ir.TensorType)]
     if missing:
         inferred = onnx.shape_inference.infer_shapes(to_proto(model), data_prop=True)

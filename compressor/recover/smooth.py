@@ -60,7 +60,7 @@ def smooth_module(module: torch.nn.Module, dense: Any, opts: Any, preset: Any, c
 
     Args:
         module: The student, changed in place.
-        dense: The dense captured model (an ``ir.Model``; not changed: planned on a copy).
+        dense: The dense captured model (an ``ir.Model``; read, not changed).
         opts: ``quantize``'s options with the attention preset applied (``smoothquant`` set).
         preset: The preset's entries (:func:`~compressor.passes._transformer_preset.with_preset`).
         caps: The target's capabilities.
@@ -69,14 +69,13 @@ def smooth_module(module: torch.nn.Module, dense: Any, opts: Any, preset: Any, c
     Returns:
         The manifest's record: groups smoothed, and those left with why.
     """
-    from compressor.model_io import clone_model
     from compressor.passes._quantize_selection import mask_path_tensors, select_layers
     from compressor.passes._smoothquant import plan_smoothing
     from compressor.recover.qat import _param_for
 
-    model = clone_model(dense)
-    layers, _ = select_layers(model.graph, caps, opts, preset)
-    groups = plan_smoothing(model, layers, calib, opts.smoothquant, skip=set(mask_path_tensors(model.graph, layers)))
+    # read only: the statistics runner taps its own copy
+    layers, _ = select_layers(dense.graph, caps, opts, preset)
+    groups = plan_smoothing(dense, layers, calib, opts.smoothquant, skip=set(mask_path_tensors(dense.graph, layers)))
     params = dict(module.named_parameters())
     shapes = {name: tuple(p.shape) for name, p in params.items()}
     done: list[str] = []
