@@ -91,12 +91,18 @@ def cpu_has_vnni() -> bool | None:
     weights overflow; 7-bit weights (ONNX Runtime's ``reduce_range``, NNCF's
     ``overflow_fix``) are exact.
     """
+    flags = cpu_flags()
+    return None if flags is None else bool(_VNNI_FLAGS.intersection(flags))
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The first CPU's feature flags from ``/proc/cpuinfo`` (``None``: not Linux x86)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    return None if flags is None else bool(_VNNI_FLAGS.intersection(flags))
+    return None if flags is None else frozenset(flags)
 
 
 def narrow_weights(caps: Capabilities, ops: frozenset[str] | set[str]) -> Capabilities:

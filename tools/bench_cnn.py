@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from bench_minilm import (  # tools/ is on sys.path as a script
+    cpu_line,
     device_columns,
     device_header,
     time_interleaved,
@@ -98,7 +99,7 @@ def main() -> None:
     rows = digits(args.out) + resnet(args.out)
     device_line, device_cols = device_header("ms")
     header = ["system", "ms", "vs OV fp32", *device_cols, "top-1 %", "top-1 drop (points)", "quantize s"]
-    print(device_line + "\n")
+    print(f"{cpu_line()}\n{device_line}\n")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     print("\n".join("| " + " | ".join(r) + " |" for r in rows))
 

@@ -170,17 +170,27 @@ def run_row(name: str, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def time_runners(runners: dict, feed: dict[str, np.ndarray], rounds: int = 30) -> dict[str, float]:
-    """Median ms per call of each runner, timed round-robin in one process after a warm-up."""
+def time_runners(runners: dict, feed: dict[str, np.ndarray], rounds: int = 30, block: int = 5) -> dict[str, float]:
+    """Median ms per call of each runner over ``rounds`` timed calls, in one process after a warm-up.
+
+    The runners take turns (round-robin, so a slow minute of the machine hits them all), a
+    turn being one untimed call and then ``block`` timed ones. Not one call per turn: a
+    runtime's worker threads keep spinning for a while after a call returns (ONNX Runtime's
+    and OpenVINO's pools both do), so a call right after another session's pays for that
+    session's spinning threads on a 2-core machine; the untimed call absorbs that tail.
+    """
     times: dict[str, list[float]] = {k: [] for k in runners}
     for run in runners.values():
         for _ in range(3):
             run(feed)
-    for _ in range(rounds):
+    block = max(1, min(block, rounds))
+    for _ in range(-(-rounds // block)):
         for k, run in runners.items():
-            t = time.perf_counter()
             run(feed)
-            times[k].append((time.perf_counter() - t) * 1000)
+            for _ in range(block):
+                t = time.perf_counter()
+                run(feed)
+                times[k].append((time.perf_counter() - t) * 1000)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -208,6 +218,31 @@ def device_columns(ms: dict[str, float], key: str, fp32: str) -> list[str]:
     if device == "f32":
         return []
     return [f"{ms[f'{key}@{device}']:.1f}", f"{ms[f'{fp32}@{device}'] / ms[f'{key}@{device}']:.2f}x"]
+
+
+#: The CPU flags that decide int8 and bf16 speed (VNNI dot products, bf16 arithmetic, AMX tiles).
+CPU_FLAGS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_line() -> str:
+    """The benchmark header's line on this CPU: its model and which of :data:`CPU_FLAGS` it has."""
+    import platform
+
+    from compressor.targets.base import cpu_flags
+
+    name = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        name = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = cpu_flags()
+    if flags is None:
+        return f"CPU: {name}; flags unknown"
+    have = [f for f in CPU_FLAGS if f in flags]
+    lacks = [f for f in CPU_FLAGS if f not in flags]
+    return (f"CPU: {name}, {os.cpu_count()} logical CPUs; has {', '.join(have) or 'none of ' + ', '.join(CPU_FLAGS)}"
+            + (f"; lacks {', '.join(lacks)}" if lacks else ""))
 
 
 def device_header(what: str = "ms/batch") -> tuple[str, list[str]]:

@@ -166,7 +166,10 @@ def main() -> None:
     header = ["configuration", f"HTP token cos mean ({args.eval})", "HTP token cos min",
               f"CPU-sim pooled cos mean ({args.sim_eval})", "pooled cos min", "sim-vs-HTP cos",
               "sim-vs-HTP max |diff|", "HTP ms (emulated)", "quantize s", "context MB"]
-    text = (f"all-MiniLM-L6-v2 on QNN HTP (onnxruntime-qnn, CPU fallback disabled), batch 1, seq {SEQ}; "
+    from bench_minilm import cpu_line  # tools/ is on sys.path as a script
+
+    text = (f"{cpu_line()} (the HTP library emulates the NPU on it)\n"
+            f"all-MiniLM-L6-v2 on QNN HTP (onnxruntime-qnn, CPU fallback disabled), batch 1, seq {SEQ}; "
             f"calibration {args.calib} sentences\n\n" + table(rows, header))
     print(text)
     (args.out / "results.md").write_text(text + "\n", encoding="utf-8")
