@@ -254,3 +254,82 @@ def test_16_bit_gates_hold_an_lstm_whose_gates_span_a_wide_range(tmp_path):
         out = _run_all(_legalized_gates(tmp_path, gates, GAIN), x)
         sqnr[gates] = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2))
     assert sqnr["int16"] >= 25.0 and sqnr["int16"] >= sqnr["int8"] + 6.0, sqnr
+
+
+def _lstm_in_body(kind: str) -> ir.Model:
+    """An LSTM over the graph's input ``x`` inside a control-flow body: ``loop`` (a Loop of 2
+    constant iterations scanning its ``Y`` out), ``if_input`` (the then-branch of an If on a
+    boolean input) or ``if_const`` (the same If on a constant condition)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 4 * H, I)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((1, 4 * H, H)).astype(np.float32), "r")]
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [T, 1, B, H])
+    the_lstm = helper.make_node("LSTM", ["x", "w", "r"], ["out"], name="body_lstm", hidden_size=H)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, B, I])]
+    if kind == "loop":
+        body = helper.make_graph(
+            [the_lstm, helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")], "body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), y])
+        nodes = [helper.make_node("Constant", [], ["m"], value=numpy_helper.from_array(np.array(2, np.int64))),
+                 helper.make_node("Constant", [], ["go"], value=numpy_helper.from_array(np.array(True))),
+                 helper.make_node("Loop", ["m", "go"], ["z"], name="the_loop", body=body)]
+        shape = [2, T, 1, B, H]
+    else:
+        zeros = numpy_helper.from_array(np.zeros((T, 1, B, H), np.float32))
+        other = helper.make_graph([helper.make_node("Constant", [], ["zeros"], value=zeros)], "else_branch", [],
+                                  [helper.make_tensor_value_info("zeros", TensorProto.FLOAT, [T, 1, B, H])])
+        then = helper.make_graph([the_lstm], "then_branch", [], [y])
+        nodes = [helper.make_node("If", ["flag"], ["z"], name="the_if", then_branch=then, else_branch=other)]
+        if kind == "if_input":
+            inputs.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+        else:
+            nodes.insert(0, helper.make_node("Constant", [], ["flag"], value=numpy_helper.from_array(np.array(True))))
+        shape = [T, 1, B, H]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, shape)],
+                              inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+_IN_BODY = ("HTP fails to finalize an LSTM op and qnn-legalize unrolls an LSTM of the main graph only (export the "
+            "model with the LSTM outside the control flow: a static condition, or the loop unrolled)")
+
+
+@pytest.mark.parametrize(("kind", "owner"), [("loop", ("the_loop", "Loop 'the_loop'.body")),
+                                             ("if_input", ("the_if", "If 'the_if'.then_branch"))])
+def test_lint_refuses_an_lstm_in_a_control_flow_body_naming_the_body(kind, owner):
+    """qnn-unroll-lstm rewrites the main graph only, and lint let an LSTM in a Loop body through
+    (the Loop's own inputs are constants, so it counted as folded away, though its body reads
+    ``x``): the HTP library would have failed on it after calibration. Both are named now."""
+    model = _lstm_in_body(kind)
+    offenders = dict(lint(model))
+    assert offenders["body_lstm"] == f"op LSTM in the body {owner[1]}: {_IN_BODY}"
+    assert offenders[owner[0]] == f"op {owner[1].split()[0]} is not supported by QNN HTP"
+
+
+def test_an_lstm_in_an_if_branch_folding_inlines_is_unrolled():
+    """An If on a constant condition is inlined by fold-constants, so its LSTM reaches the main
+    graph and qnn-unroll-lstm: lint accepts it."""
+    model = _lstm_in_body("if_const")
+    assert lint(model) == []
+    folded = build_pass("fold-constants", None).run(model, PassContext()).model
+    assert build_pass("qnn-unroll-lstm", None).run(folded, PassContext()).stats["lstm_unrolled"] == 1
+
+
+@pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
+def test_cli_exit_4_names_an_lstm_in_a_loop_body_before_calibrating(tmp_path, capsys):
+    from compressor.cli import main
+    from compressor.model_io import save_model
+
+    path = tmp_path / "loop.onnx"
+    save_model(_lstm_in_body("loop"), path)
+    np.savez(tmp_path / "c.npz", x=_x(2, 4))
+    code = main([str(path), "--recipe", "w8a8-npu", "--target", "qnn-htp", "--calib", str(tmp_path / "c.npz"),
+                 "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 4 and f"body_lstm: op LSTM in the body Loop 'the_loop'.body: {_IN_BODY}" in err
+    assert "calibrat" not in err.lower() and not (tmp_path / "o").exists()
