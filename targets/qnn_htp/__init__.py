@@ -264,9 +264,9 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
                 body[1].op_type == "If" and id(body[1]) in folded):
             # qnn-unroll-lstm rewrites the main graph only; an If whose condition folds is
             # inlined by fold-constants first (its LSTM is then in the main graph)
-            offenders.append((where, f"op LSTM in the body {body[0]}: HTP fails to finalize an LSTM op and qnn-legalize "
-                                     "unrolls an LSTM of the main graph only (export the model with the LSTM outside "
-                                     "the control flow: a static condition, or the loop unrolled)"))
+            offenders.append((where, f"op LSTM in the body {body[0]}: HTP fails to finalize an LSTM op and "
+                                     "qnn-legalize unrolls an LSTM of the main graph only (export the model with the "
+                                     "LSTM outside the control flow: a static condition, or the loop unrolled)"))
         elif domain == "" and node.op_type in UNFINALIZED_OPS:
             # qnn-legalize unrolls an LSTM into ops HTP finalizes; one it cannot is refused
             problem = unroll_problem(node, folded=False) if node.op_type == "LSTM" else "not rewritten"
