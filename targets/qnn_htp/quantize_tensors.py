@@ -17,11 +17,8 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
 2. each node runs at one width ``b``: a compute layer keeps the width ``quantize`` gave it
    (accuracy control widens one to 16 bits); any other node runs at 16 bits when
    a. the recipe asks for 16-bit activations,
-   b. a reader of its output is a 16-bit layer,
-   c. it reads the output of a 16-bit layer directly (the activation after it: a Swish's
-      Sigmoid and Mul), so a widened layer's output is not cut back to 8 bits by the very
-      op that reads it (that requantization over the same range would undo the widening),
-   d. it carries ``rules.ACTIVATION_BITS`` ``"16"``, as ``qnn-unroll-lstm`` marks an
+   b. a reader of its output is a 16-bit layer, or
+   c. it carries ``rules.ACTIVATION_BITS`` ``"16"``, as ``qnn-unroll-lstm`` marks an
       LSTM's gate pre-activations;
    else at 8. An input of another width is requantized (``DQ_a -> Q_b -> DQ_b`` over the
    same real range, which QNN runs as a Convert);
@@ -122,8 +119,7 @@ class _Legalizer:
         self.floored: dict[str, str] = {}
         self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
                        "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0,
-                       "nodes_marked_16bit": 0, "after_16bit_layer": 0}
-        self.wide_layer_outputs: set[int] = set()  # case 2: outputs of layers at 16 bits
+                       "nodes_marked_16bit": 0}
 
     def spec(self, bits: int) -> QuantSpec:
         dtype = self.rules.activation.dtype
@@ -258,9 +254,7 @@ class _Legalizer:
             wide = any(dtype_of(q).endswith("16") for out in node.outputs for q, _ in activation_q_readers(out))
             marked = node.metadata_props.get(ACTIVATION_BITS) == "16"
             self.counts["nodes_marked_16bit"] += marked
-            after_wide = any(v is not None and id(v) in self.wide_layer_outputs for v in node.inputs)
-            self.counts["after_16bit_layer"] += after_wide and self.default_bits != 16
-            bits = 16 if self.default_bits == 16 or wide or marked or after_wide else 8
+            bits = 16 if self.default_bits == 16 or wide or marked else 8
         first_input: Encoding | None = None
         params = self.rules.float_params.get(node.op_type, frozenset())
         for index, value in enumerate(node.inputs):
@@ -292,8 +286,6 @@ class _Legalizer:
         for out in node.outputs:
             if is_float(out):
                 self.encode_output(out, node, bits, first_input)
-                if is_layer and bits == 16:
-                    self.wide_layer_outputs.add(id(out))
 
     def floor(self, node: ir.Node, value: ir.Value, enc: Encoding) -> None:
         """Case 6: how much of an input ``QdqRules.relative_inputs`` names ``enc`` rounds to 0."""

@@ -413,54 +413,6 @@ def test_16_bit_qdq_converts_the_opset_not_just_its_number(tmp_path, widened):
     assert np.abs(out - reference).max() <= bound
 
 
-def _swish_net() -> ir.Model:
-    """x[1,3,8,8] -> conv1 -> c; m = c * Sigmoid(c) (Swish, as ddddocr's CNN) -> conv2 -> y."""
-    rng = np.random.default_rng(7)
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32) * 0.5, "w2")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
-             helper.make_node("Mul", ["c", "s"], ["m"], name="swish"),
-             helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
-
-
-def _input_dtype(node: ir.Node, index: int) -> str:
-    dq = node.inputs[index].producer()
-    assert dq is not None and dq.op_type == "DequantizeLinear", (node.name, index)
-    return dq.inputs[2].const_value.numpy().dtype.name  # the zero point's type is the encoding's
-
-
-def test_a_layer_widened_to_16_bits_keeps_its_activation_at_16_bits(tmp_path):
-    """Issue 12 (ddddocr_common): accuracy control widening ``conv1`` to 16 bits bought nothing,
-    because the Sigmoid and Mul of its Swish, at 8 bits, read its 16-bit output requantized to 8
-    bits over the same range: the very rounding the widening removed. They now run at 16 bits
-    (case 2c of qnn-quantize-tensors); ``conv2``, still 8-bit, reads the Swish at 8 bits."""
-    model = _swish_net()
-    rng = np.random.default_rng(8)
-    np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 1, 3, 8, 8)).astype(np.float32).reshape(16, 3, 8, 8))
-    data = load_npz(tmp_path / "c.npz", model_input_specs(model), what="calib")
-    ctx = PassContext(target=_Stub(), calibration=data, properties={"constants-folded"})
-    quantized = build_pass("quantize", {"activations": "int8", "calibrator": "minmax"}).run(model, ctx)
-    def copy() -> ir.Model:
-        return ir.serde.deserialize_model(ir.serde.serialize_model(quantized.model))
-
-    plain = build_pass("qnn-legalize", None).run(copy(), ctx).model
-    edited = give_back(copy(), quantized.quantization, ["conv1"], "int16")  # accuracy control's widening
-    result = build_pass("qnn-legalize", None).run(edited, ctx)
-    nodes = {n.name: n for n in result.model.graph}
-    assert _input_dtype(nodes["conv1"], 0) == "uint16"
-    assert _input_dtype(nodes["sig"], 0) == "uint16"
-    assert _input_dtype(nodes["swish"], 0) == _input_dtype(nodes["swish"], 1) == "uint16"
-    assert _input_dtype(nodes["conv2"], 0) == "uint8"
-    sig_q = nodes["sig"].outputs[0].uses()[0].node
-    assert float(sig_q.inputs[1].const_value.numpy()) == 1 / 65536  # HTP's fixed 16-bit Sigmoid encoding
-    assert result.stats["after_16bit_layer"] == 2 and float_compute_nodes(result.model) == []
-    # without the widening the Swish is 8-bit, as the recipe says
-    assert _input_dtype(next(n for n in plain.graph if n.name == "sig"), 0) == "uint8"
-
-
 def test_legalize_is_four_registered_passes_with_its_stats(tmp_path):
     """``qnn-legalize`` runs ``qnn-clamp-sentinels``, ``qnn-gathernd-to-gather``, ``qnn-unroll-lstm``
     and ``qnn-quantize-tensors``; each is a pass of its own, and the four in a row give the same model."""
