@@ -84,8 +84,8 @@ from compressor.targets.qnn_htp.runtime import (
 from compressor.targets.qnn_htp.unroll_lstm import unroll_problem
 
 from compressor.errors import CompressorError
-from compressor.pass_manager import control_flow_bodies
 from compressor.model_io import save_model
+from compressor.pass_manager import control_flow_bodies
 from compressor.strict_json import write_json
 
 __all__ = [

@@ -43,8 +43,8 @@ constants, or shapes that are not static.
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
