@@ -28,7 +28,7 @@ import onnx_ir as ir
 from compressor.targets.qnn_htp.gathernd import GatherNdToGather
 from compressor.targets.qnn_htp.quantize_tensors import QuantizeTensors, QuantizeTensorsOptions
 from compressor.targets.qnn_htp.sentinels import ClampSentinels, ClampSentinelsOptions
-from compressor.targets.qnn_htp.unroll_lstm import UnrollLstm
+from compressor.targets.qnn_htp.unroll_lstm import UnrollLstm, UnrollLstmOptions
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -45,11 +45,14 @@ class QnnLegalizeOptions:
         activations: Width of the tensors ``quantize`` left float (``int16``: W8A16).
         calibrator: How their ranges are chosen (min/max keeps outliers, see docs/design.md).
         mask_value: What sentinel constants (``finfo.min`` masks) become.
+        lstm_gates: Activation width of an unrolled LSTM's gate pre-activations
+            (``qnn-unroll-lstm``'s ``gates``: ``int16`` whatever ``activations`` is).
     """
 
     activations: Literal["int8", "int16"] = "int8"
     calibrator: Literal["minmax", "percentile", "mse"] = "minmax"
     mask_value: float = -100.0
+    lstm_gates: Literal["int16", "int8"] = "int16"
 
     def __post_init__(self) -> None:
         ClampSentinelsOptions(self.mask_value)  # one range check, the sub-pass's
@@ -70,7 +73,8 @@ class QnnLegalize(Pass):
     def steps(self) -> list[Pass]:
         """The four passes, with this pass's options."""
         opts: QnnLegalizeOptions = self.options
-        return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(), UnrollLstm(),
+        return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(),
+                UnrollLstm(UnrollLstmOptions(opts.lstm_gates)),
                 QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator))]
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:

@@ -85,6 +85,7 @@ from compressor.targets.qnn_htp.unroll_lstm import unroll_problem
 
 from compressor.errors import CompressorError
 from compressor.model_io import save_model
+from compressor.pass_manager import control_flow_bodies
 from compressor.strict_json import write_json
 
 __all__ = [
@@ -101,6 +102,8 @@ logger = logging.getLogger(__name__)
 
 #: Ops whose inputs the shape of a static tensor decides (folded away when shapes are static).
 _SHAPE_OPS = frozenset({"Shape", "Size"})
+#: Control flow that constant folding never removes (an ``If`` on a constant is inlined).
+_BODY_OPS = frozenset({"Loop", "Scan"})
 
 
 #: Calls of the final runner below which the simulation-vs-device gap is measured on
@@ -237,21 +240,33 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
 
     Dynamic input dimensions (with the ``--input`` that fixes them), ops without a QNN HTP
     builder, ops the HTP library fails to finalize (``UNFINALIZED_OPS``: GRU, and an LSTM
-    ``qnn-legalize`` cannot unroll, :func:`~.unroll_lstm.unroll_problem`), tensors of rank above ``caps.max_rank``, float64 tensors. Nodes that constant
-    folding removes once shapes are static (``Shape`` and what is computed only from
-    shapes and constants) are not held against the model.
+    ``qnn-legalize`` cannot unroll, :func:`~.unroll_lstm.unroll_problem`, or one inside an
+    ``If``/``Loop``/``Scan`` body, which it does not rewrite, unless the body is an ``If``
+    branch constant folding inlines), tensors of rank above ``caps.max_rank``, float64
+    tensors. Nodes that constant folding removes once shapes are static (``Shape`` and what
+    is computed only from shapes and constants; never a ``Loop``/``Scan``) are not held
+    against the model.
     """
     offenders = check_capabilities(model, dataclasses.replace(caps, supported_ops=None, max_rank=None))
     folded = _foldable(model)
     ops = caps.supported_ops if caps.supported_ops is not None else QNN_HTP_OPS
+    owners = {id(body): (where, node) for where, node, _, body in control_flow_bodies(model.graph)}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if id(node) in folded:
             continue
         where = label(node)
         domain = "" if node.domain == "ai.onnx" else node.domain
         known = ops if domain == "" else QNN_HTP_CONTRIB_OPS if domain == "com.microsoft" else frozenset()
+        body = owners.get(id(node.graph))
         if node.op_type not in known:
             offenders.append((where, f"op {domain + '::' if domain else ''}{node.op_type} is not supported by QNN HTP"))
+        elif domain == "" and node.op_type == "LSTM" and body is not None and not (
+                body[1].op_type == "If" and id(body[1]) in folded):
+            # qnn-unroll-lstm rewrites the main graph only; an If whose condition folds is
+            # inlined by fold-constants first (its LSTM is then in the main graph)
+            offenders.append((where, f"op LSTM in the body {body[0]}: HTP fails to finalize an LSTM op and "
+                                     "qnn-legalize unrolls an LSTM of the main graph only (export the model with the "
+                                     "LSTM outside the control flow: a static condition, or the loop unrolled)"))
         elif domain == "" and node.op_type in UNFINALIZED_OPS:
             # qnn-legalize unrolls an LSTM into ops HTP finalizes; one it cannot is refused
             problem = unroll_problem(node, folded=False) if node.op_type == "LSTM" else "not rewritten"
@@ -289,6 +304,11 @@ def _foldable(model: ir.Model) -> set[int]:
             # Static once the inputs are (a dynamic input is reported on its own, with the
             # --input that fixes it); a data-dependent shape is refused at lowering.
             static = True
+        elif node.op_type in _BODY_OPS:
+            # Its body reads outer values its inputs do not show (a Loop over the graph's
+            # input with a constant trip count): never folded away. An If whose condition
+            # is constant is: fold-constants inlines the branch it takes.
+            static = False
         else:
             static = node.op_type == "Constant" or (bool(node.inputs) and all(is_const(v) for v in node.inputs))
         if static:

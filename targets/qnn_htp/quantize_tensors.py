@@ -14,14 +14,21 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
    c. the encoding ``quantize`` already gave ``t`` for a compute layer, when of the same width;
    d. else the calibrated range ``[lo, hi]`` of ``t`` (on the model without activation
       Q/DQ): ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)`` (unsigned, asymmetric);
-2. each node runs at one width ``b`` (16 when the recipe asks for 16-bit activations or a
-   reader of its output is a 16-bit layer; a compute layer keeps the width ``quantize``
-   gave it); an input of another width is requantized (``DQ_a -> Q_b -> DQ_b`` over the
+2. each node runs at one width ``b``: a compute layer keeps the width ``quantize`` gave it
+   (accuracy control widens one to 16 bits); any other node runs at 16 bits when
+   a. the recipe asks for 16-bit activations,
+   b. a reader of its output is a 16-bit layer, or
+   c. it carries ``rules.ACTIVATION_BITS`` ``"16"``, as ``qnn-unroll-lstm`` marks an
+      LSTM's gate pre-activations;
+   else at 8. An input of another width is requantized (``DQ_a -> Q_b -> DQ_b`` over the
    same real range, which QNN runs as a Convert);
 3. biases of Conv/ConvTranspose/Gemm (and LayerNormalization's beta) become int32:
    ``b_q = round(b / (s_x * s_w))`` with scale ``s_x * s_w`` (per channel where ``s_w``
    is), zero point 0; LayerNormalization's gamma gets ``QdqRules.norm_weight``;
-4. every other float constant a node reads (an Add's bias, a Mul's scale, an embedding
+4. the constant weight (input 1) of a MatMul/Gemm that ``quantize`` did not quantize (an
+   unrolled LSTM's) gets the target's weight spec for that op when it is per tensor
+   (``int8`` symmetric on HTP), at any activation width, as ``quantize``'s layers;
+   every other float constant a node reads (an Add's bias, a Mul's scale, an embedding
    table...) is quantized per tensor at the node's width over ``[min(c, 0), max(c, 0)]``,
    so scalars are exact; except the inputs ``QdqRules.float_params`` names (Resize's roi
    and scales), which the QNN EP reads as op parameters and which stay float;
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -61,7 +69,7 @@ from compressor.targets.qnn_htp.qdq_graph import (
     runtime_floats,
     stripped_model,
 )
-from compressor.targets.qnn_htp.rules import HTP_QDQ_RULES, QdqRules
+from compressor.targets.qnn_htp.rules import ACTIVATION_BITS, HTP_QDQ_RULES, QdqRules
 from compressor.targets.qnn_htp.underflow import floor_reason
 
 from compressor.errors import CompressorError
@@ -77,6 +85,8 @@ __all__ = ["QuantizeTensors", "QuantizeTensorsOptions"]
 logger = logging.getLogger(__name__)
 
 _BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+#: Ops whose input 1, a constant, is a weight quantized with the target's spec (case 4).
+_PER_TENSOR_WEIGHTS = frozenset({"MatMul", "Gemm"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "BatchNormalization", "GroupNormalization"})
 _WIDE = {"uint8": "uint16", "int8": "int16"}
 
@@ -98,7 +108,7 @@ class _Legalizer:
     """One run of the pass over a graph: the writer, the encodings given so far, the counts."""
 
     def __init__(self, graph: ir.Graph, rules: QdqRules, stats: dict[str, TensorStats],
-                 opts: QuantizeTensorsOptions, quantizable: set[str]):
+                 opts: QuantizeTensorsOptions, quantizable: Mapping[str, QuantSpec | None]):
         self.graph, self.rules, self.stats, self.opts, self.quantizable = graph, rules, stats, opts, quantizable
         self.writer = QdqWriter(graph)
         self.default_bits = 16 if opts.activations == "int16" else 8
@@ -108,7 +118,8 @@ class _Legalizer:
         self.kept: dict[str, str] = {}
         self.floored: dict[str, str] = {}
         self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
-                       "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0}
+                       "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0,
+                       "nodes_marked_16bit": 0}
 
     def spec(self, bits: int) -> QuantSpec:
         dtype = self.rules.activation.dtype
@@ -222,6 +233,9 @@ class _Legalizer:
                                  scale=scale.reshape(-1) if axis == 0 else scale.reshape(()))
         if node.op_type in _NORMS and index == 1:
             return self.constant(value, array, self.rules.norm_weight)
+        weights = self.quantizable.get(node.op_type)
+        if index == 1 and node.op_type in _PER_TENSOR_WEIGHTS and weights is not None and weights.axis is None:
+            return self.constant(value, array, weights)  # case 4: a layer's weight spec
         return self.constant(value, array, act)
 
     def graph_input(self, value: ir.Value) -> None:
@@ -238,7 +252,9 @@ class _Legalizer:
             bits = layer_enc.bits
         else:
             wide = any(dtype_of(q).endswith("16") for out in node.outputs for q, _ in activation_q_readers(out))
-            bits = 16 if self.default_bits == 16 or wide else 8
+            marked = node.metadata_props.get(ACTIVATION_BITS) == "16"
+            self.counts["nodes_marked_16bit"] += marked
+            bits = 16 if self.default_bits == 16 or wide or marked else 8
         first_input: Encoding | None = None
         params = self.rules.float_params.get(node.op_type, frozenset())
         for index, value in enumerate(node.inputs):
@@ -307,7 +323,8 @@ class QuantizeTensors(Pass):
         if ctx.calibration is None:
             raise CompressorError(f"{self.name} needs calibration data: pass --calib samples.npz")
         rules: QdqRules = getattr(ctx.target, "qdq_rules", None) or HTP_QDQ_RULES
-        quantizable = set(ctx.target.capabilities.quantizable) if ctx.target is not None else {"Conv", "MatMul"}
+        quantizable = ({op: q.weights for op, q in ctx.target.capabilities.quantizable.items()}
+                       if ctx.target is not None else {"Conv": None, "MatMul": None})
         ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         # The ranges of the float model (activation Q/DQ bypassed): stable across accuracy
         # control's rebuilds, so they are calibrated once.

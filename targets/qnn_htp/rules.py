@@ -14,7 +14,12 @@ from compressor.targets.base import Capabilities, TargetPass
 from compressor.quant.spec import OpQuant, QuantSpec
 
 __all__ = ["QNN_HTP_OPS", "QNN_HTP_CONTRIB_OPS", "QNN_HTP_CAPABILITIES", "QdqRules", "HTP_QDQ_RULES",
-           "SATURATING_OPS", "UNFINALIZED_OPS"]
+           "SATURATING_OPS", "UNFINALIZED_OPS", "ACTIVATION_BITS"]
+
+#: Node metadata key a legalization pass sets (value ``"16"``) on a node that must run with
+#: 16-bit activations whatever the recipe's width (``qnn-unroll-lstm``'s gate pre-activations);
+#: ``qnn-quantize-tensors`` reads it (its case 2).
+ACTIVATION_BITS = "compressor.activation_bits"
 
 #: ONNX ops the QNN EP has HTP builders for (onnxruntime-qnn ``op_builder_factory.cc``),
 #: plus ``Constant`` (ONNX Runtime folds it). ``Shape``/``Range``... are absent: with static

@@ -20,7 +20,18 @@ The rule (ONNX LSTM, gate order ``i, o, f, c``; per direction ``d``, weights ``W
 2. ``initial_h``/``initial_c`` absent or all zeros: the first step has no recurrent term
    (``g = G[t]``, ``C = σ(i) ⊙ tanh(c)``), so no all-zero tensor is quantized;
 3. ``Y`` ``[T, dirs, B, H]`` is the ``H_t`` concatenated, ``Y_h``/``Y_c`` ``[dirs, B, H]``
-   the last step of each direction.
+   the last step of each direction;
+4. the gate pre-activations (``X W_dᵀ + b_d``, its per-step slices, ``H_{t-1} R_dᵀ``,
+   ``g_t`` and its four gate slices) and the Sigmoid/Tanh that read them are marked to run
+   with 16-bit activations (node metadata ``rules.ACTIVATION_BITS``; option ``gates:
+   int8`` leaves them at the recipe's width). Why (ddddocr_common, docs/design.md): a
+   pre-activation spans the whole calibrated range of every gate of every step, ``±160``
+   on ddddocr's reverse direction, so an 8-bit step (1.28) is wider than the region where
+   a sigmoid moves (``|x| < 4``); one encoding per tensor cannot be narrower, since the
+   gates that saturate set the range. The gate outputs (Sigmoid/Tanh, in ``[0, 1]`` and
+   ``[-1, 1]``), the cell and hidden states stay at the recipe's width: on ddddocr widening
+   them bought nothing measurable. The MatMul weights stay 8-bit (``qnn-quantize-tensors``
+   quantizes a MatMul's constant weight as the target's layers).
 
 Exact in real arithmetic (float rounding differs by the order of the sums only). Slices,
 reshapes and concatenations use no opset-dependent attribute (``Slice`` with inputs,
@@ -32,17 +43,20 @@ constants, or shapes that are not static.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._graph import NameAllocator, add_initializer, label
+from compressor.targets.qnn_htp.rules import ACTIVATION_BITS
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 
-__all__ = ["UnrollLstm", "unroll_lstms", "unroll_problem"]
+__all__ = ["UnrollLstm", "UnrollLstmOptions", "unroll_lstms", "unroll_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +107,23 @@ def unroll_problem(node: ir.Node, folded: bool = True) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class UnrollLstmOptions:
+    """Options of ``qnn-unroll-lstm``.
+
+    Attributes:
+        gates: Activation width of the gate pre-activations (module docstring, case 4):
+            ``int16`` whatever the recipe's width, or ``int8``: the recipe's.
+    """
+
+    gates: Literal["int16", "int8"] = "int16"
+
+
 class _Builder:
     """Appends float nodes before one LSTM, each output typed and shaped (the walk after reads them)."""
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, base: str):
-        self.graph, self.anchor, self.base = graph, anchor, base
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, base: str, wide_gates: bool = True):
+        self.graph, self.anchor, self.base, self.wide_gates = graph, anchor, base, wide_gates
         self.values = NameAllocator(graph)
         self.nodes = NameAllocator.for_nodes(graph)
         self.new: list[ir.Node] = []
@@ -105,26 +131,30 @@ class _Builder:
     def const(self, what: str, array: np.ndarray) -> ir.Value:
         return add_initializer(self.graph, self.values(f"{self.base}_{what}"), array)
 
-    def op(self, op_type: str, inputs: Sequence[ir.Value], shape: Sequence[int], what: str,
+    def op(self, op_type: str, inputs: Sequence[ir.Value], shape: Sequence[int], what: str, gate: bool = False,
            **attributes: int) -> ir.Value:
+        """A node before the LSTM; ``gate``: on the gate pre-activations' path (module docstring, case 4)."""
         node = ir.node(op_type, list(inputs), attributes=attributes or None, name=self.nodes(f"{self.base}_{what}"))
+        if gate and self.wide_gates:
+            node.metadata_props[ACTIVATION_BITS] = "16"
         out = node.outputs[0]
         out.name = self.values(f"{self.base}_{what}")
         out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(list(shape))
         self.new.append(node)
         return out
 
-    def slice(self, x: ir.Value, start: int, stop: int, axis: int, shape: Sequence[int], what: str) -> ir.Value:
+    def slice(self, x: ir.Value, start: int, stop: int, axis: int, shape: Sequence[int], what: str,
+              gate: bool = False) -> ir.Value:
         bounds = [self.const(f"{what}_{k}", np.array([v], np.int64)) for k, v in
                   (("starts", start), ("ends", stop), ("axes", axis))]
-        return self.op("Slice", [x, *bounds], shape, what)
+        return self.op("Slice", [x, *bounds], shape, what, gate)
 
     def finish(self) -> None:
         self.graph.insert_before(self.anchor, self.new)
 
 
-def _unroll(graph: ir.Graph, node: ir.Node) -> None:
-    """Replace ``node`` by its steps (module docstring, cases 1-3)."""
+def _unroll(graph: ir.Graph, node: ir.Node, wide_gates: bool = True) -> None:
+    """Replace ``node`` by its steps (module docstring, cases 1-4)."""
     x = node.inputs[0]
     steps, batch, _ = (int(d) for d in x.shape)
     hidden = int(node.attributes["hidden_size"].value)
@@ -133,7 +163,7 @@ def _unroll(graph: ir.Graph, node: ir.Node) -> None:
     w, r = _const(node.inputs[1]), _const(node.inputs[2])
     b = _const(_input(node, 3))
     init_h, init_c = _input(node, 5), _input(node, 6)
-    b_ = _Builder(graph, node, node.name or "lstm")
+    b_ = _Builder(graph, node, node.name or "lstm", wide_gates)
     ys, last_h, last_c = [], [], []
     zero_h = init_h is None or (_const(init_h) is not None and not _const(init_h).any())  # case 2
     zero_c = init_c is None or (_const(init_c) is not None and not _const(init_c).any())
@@ -141,27 +171,29 @@ def _unroll(graph: ir.Graph, node: ir.Node) -> None:
     for d, way in enumerate(dirs):
         wt = b_.const(f"d{d}_W_t", np.ascontiguousarray(w[d].T.astype(np.float32)))
         rt = b_.const(f"d{d}_R_t", np.ascontiguousarray(r[d].T.astype(np.float32)))
-        g_all = b_.op("MatMul", [x, wt], [steps, batch, 4 * hidden], f"d{d}_xw")
+        g_all = b_.op("MatMul", [x, wt], [steps, batch, 4 * hidden], f"d{d}_xw", gate=True)  # case 4
         if b is not None:
             bias = (b[d, :4 * hidden] + b[d, 4 * hidden:]).astype(np.float32)
-            g_all = b_.op("Add", [g_all, b_.const(f"d{d}_bias", bias)], [steps, batch, 4 * hidden], f"d{d}_xw_b")
+            g_all = b_.op("Add", [g_all, b_.const(f"d{d}_bias", bias)], [steps, batch, 4 * hidden], f"d{d}_xw_b",
+                          gate=True)
         h = None if zero_h else b_.slice(init_h, d, d + 1, 0, step_shape, f"d{d}_h0")
         c = None if zero_c else b_.slice(init_c, d, d + 1, 0, step_shape, f"d{d}_c0")
         outs: dict[int, ir.Value] = {}
         order = range(steps) if way == "forward" else range(steps - 1, -1, -1)  # case 1
         for t in order:
             tag = f"d{d}_t{t}"
-            g = b_.slice(g_all, t, t + 1, 0, gate_shape, f"{tag}_xw")
+            g = b_.slice(g_all, t, t + 1, 0, gate_shape, f"{tag}_xw", gate=True)
             if h is not None:
-                g = b_.op("Add", [g, b_.op("MatMul", [h, rt], gate_shape, f"{tag}_hr")], gate_shape, f"{tag}_gates")
-            i, o, f, cc = (b_.slice(g, k * hidden, (k + 1) * hidden, 2, step_shape, f"{tag}_{n}")
+                hr = b_.op("MatMul", [h, rt], gate_shape, f"{tag}_hr", gate=True)
+                g = b_.op("Add", [g, hr], gate_shape, f"{tag}_gates", gate=True)
+            i, o, f, cc = (b_.slice(g, k * hidden, (k + 1) * hidden, 2, step_shape, f"{tag}_{n}", gate=True)
                            for k, n in enumerate("iofc"))
-            i = b_.op("Sigmoid", [i], step_shape, f"{tag}_i_sig")
-            o = b_.op("Sigmoid", [o], step_shape, f"{tag}_o_sig")
-            cc = b_.op("Tanh", [cc], step_shape, f"{tag}_c_tanh")
+            i = b_.op("Sigmoid", [i], step_shape, f"{tag}_i_sig", gate=True)
+            o = b_.op("Sigmoid", [o], step_shape, f"{tag}_o_sig", gate=True)
+            cc = b_.op("Tanh", [cc], step_shape, f"{tag}_c_tanh", gate=True)
             c_new = b_.op("Mul", [i, cc], step_shape, f"{tag}_ic")
             if c is not None:
-                f = b_.op("Sigmoid", [f], step_shape, f"{tag}_f_sig")
+                f = b_.op("Sigmoid", [f], step_shape, f"{tag}_f_sig", gate=True)
                 c_new = b_.op("Add", [b_.op("Mul", [f, c], step_shape, f"{tag}_fc"), c_new], step_shape, f"{tag}_C")
             c = c_new
             h = b_.op("Mul", [o, b_.op("Tanh", [c], step_shape, f"{tag}_C_tanh")], step_shape, f"{tag}_H")
@@ -187,8 +219,11 @@ def _unroll(graph: ir.Graph, node: ir.Node) -> None:
     graph.remove(node, safe=True)
 
 
-def unroll_lstms(graph: ir.Graph) -> tuple[int, dict[str, str]]:
-    """Unroll every LSTM of ``graph`` that can be; returns the count and ``{node: why not}`` for the rest."""
+def unroll_lstms(graph: ir.Graph, wide_gates: bool = True) -> tuple[int, dict[str, str]]:
+    """Unroll every LSTM of ``graph`` that can be; returns the count and ``{node: why not}`` for the rest.
+
+    ``wide_gates``: mark the gate pre-activations for 16-bit activations (module docstring, case 4).
+    """
     count, left = 0, {}
     for node in list(graph):
         if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx"):
@@ -197,7 +232,7 @@ def unroll_lstms(graph: ir.Graph) -> tuple[int, dict[str, str]]:
         if problem:
             left[label(node)] = problem
             continue
-        _unroll(graph, node)
+        _unroll(graph, node, wide_gates)
         count += 1
     return count, left
 
@@ -208,10 +243,11 @@ class UnrollLstm(Pass):
 
     name = "qnn-unroll-lstm"
     description = "rewrite LSTM as its unrolled steps (QNN HTP fails to finalize its LSTM op)"
+    Options = UnrollLstmOptions
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-        count, left = unroll_lstms(model.graph)
+        count, left = unroll_lstms(model.graph, self.options.gates == "int16")
         for node, why in left.items():
             logger.warning("%s: %s left as it is: %s", self.name, node, why)
         if count:
