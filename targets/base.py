@@ -67,6 +67,12 @@ class Capabilities:
         quantize_in_bodies: ``None`` when ``quantize`` may write Q/DQ inside the ``If``
             branches the calibration data takes; else why not (the backend runs them there
             slower than float), which the report names for each body left float.
+        simulate_as_written: Whether the CPU simulation of the Q/DQ model (accuracy
+            control's ONNX Runtime ranking, a report's simulation-vs-device gap) must run it
+            with ONNX Runtime's graph optimizations off: for a backend that is not ONNX
+            Runtime CPU's own integer kernels (``qnn-htp``: on a host without VNNI those
+            saturate where HTP does not; ddddocr's recogniser scored cosine 0.77 fused
+            against 0.991 on HTP and 0.99 as written).
     """
 
     quantizable: Mapping[str, OpQuant] = dataclasses.field(default_factory=dict)
@@ -78,6 +84,7 @@ class Capabilities:
     after_quantize: tuple[TargetPass, ...] = ()
     input_pair_moves_through: frozenset[str] = frozenset()
     quantize_in_bodies: str | None = None
+    simulate_as_written: bool = False
 
 
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})

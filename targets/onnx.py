@@ -176,10 +176,12 @@ def _explain_load_error(model: ir.Model, text: str) -> list[tuple[str, str]]:
     return [("model", f"ONNX Runtime cannot load it: {first[:300]}")]
 
 
-def _session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
+def _session_options(threads: int | None, spinning: bool = True, as_written: bool = False) -> ort.SessionOptions:
     ort.set_default_logger_severity(3)  # model-load warnings go to the default logger, not the session's
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if as_written:  # Q/DQ computed in float as the graph says, no fused integer kernel (see ort_session)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     if not spinning:  # idle intra-op threads sleep instead of burning a core another session could use
@@ -188,18 +190,23 @@ def _session_options(threads: int | None, spinning: bool = True) -> ort.SessionO
 
 
 def ort_session(model_or_path: ir.Model | bytes | str | Path, *, threads: int | None = None,
-                shared: SharedInitializers | None = None) -> ort.InferenceSession:
+                shared: SharedInitializers | None = None, as_written: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime CPU session, quiet and deterministic in its graph optimizations.
 
     ``model_or_path``: an in-memory model, its :func:`~compressor.model_io.model_bytes`, or a file.
     ``shared``: initializers an in-memory model shares with the model they were taken from
-    (:class:`SharedInitializers`), handed to the session instead of serialized.
+    (:class:`SharedInitializers`), handed to the session instead of serialized (its own
+    ``as_written`` holds). ``as_written``: graph optimizations off, so a Q/DQ model computes
+    what its graph says (dequantize, float op, quantize) instead of running ONNX Runtime's
+    fused integer kernels, which on an x86 host without VNNI sum u8*s8 pairs in int16 and
+    saturate: the simulation of a backend that is not ONNX Runtime CPU
+    (``Capabilities.simulate_as_written``).
     """
     if shared is not None and isinstance(model_or_path, ir.Model):
         return shared.session(model_or_path, threads=threads)
     source = model_bytes(model_or_path) if isinstance(model_or_path, ir.Model) else (
         model_or_path if isinstance(model_or_path, bytes) else str(model_or_path))
-    return ort.InferenceSession(source, _session_options(threads), providers=[_CPU])
+    return ort.InferenceSession(source, _session_options(threads, as_written=as_written), providers=[_CPU])
 
 
 class SharedInitializers:
@@ -214,7 +221,8 @@ class SharedInitializers:
     Same graph, same values: the session computes what one built from the full bytes does.
     """
 
-    def __init__(self, model: ir.Model, min_elements: int = 1024) -> None:
+    def __init__(self, model: ir.Model, min_elements: int = 1024, *, as_written: bool = False) -> None:
+        self.as_written = as_written  # every session's graph optimizations off (see ort_session)
         self._held: dict[str, tuple[ir.TensorProtocol, np.ndarray, ort.OrtValue]] = {}
         for name, value in model.graph.initializers.items():
             tensor = value.const_value
@@ -236,7 +244,7 @@ class SharedInitializers:
                 value.const_value = ir.ExternalTensor("shared-initializer", 0, held[1].nbytes, held[0].dtype,
                                                       shape=held[0].shape, name=name)
                 names.append(name)
-        opts = _session_options(threads, spinning)
+        opts = _session_options(threads, spinning, self.as_written)
         if names:
             opts.add_external_initializers(names, [self._held[name][2] for name in names])
         extra = {"disabled_optimizers": list(disabled)} if disabled else {}
@@ -247,8 +255,8 @@ class OrtRunner(Runner):
     """Runs an ``.onnx`` file (or an in-memory model) on ONNX Runtime CPU."""
 
     def __init__(self, path: Path | ir.Model, threads: int | None = None, *,
-                 shared: SharedInitializers | None = None):
-        self.session = ort_session(path, threads=threads, shared=shared)
+                 shared: SharedInitializers | None = None, as_written: bool = False):
+        self.session = ort_session(path, threads=threads, shared=shared, as_written=as_written)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -477,3 +477,66 @@ def test_the_artifact_is_the_final_tries_files_not_a_second_lowering(files, tmp_
     got = ort_session(str(out / "model.onnx")).run(None, {"x": x})[0].astype(np.float64)
     cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
     assert manifest["accuracy_drop"] == pytest.approx(1 - cos.mean(), abs=1e-12)
+
+
+def _saturating_qdq_conv() -> tuple[ir.Model, np.ndarray, np.ndarray]:
+    """DQ(x u8) -> Conv(DQ(w s8)) -> Q -> DQ, with 255 x 127 products in every pair: ONNX
+    Runtime's fused u8s8 kernel without VNNI sums pairs in int16 (2 * 255 * 127 > 32767).
+    Returns the model, an input and the output the graph says (float math, then Q/DQ)."""
+    x_scale, w_scale, y_scale = 0.02, 0.01, 0.5
+    w = np.full((4, 16, 1, 1), 127, np.int8)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(w_scale, np.float32), "ws"),
+             numpy_helper.from_array(np.array(0, np.int8), "wz"),
+             numpy_helper.from_array(np.array(x_scale, np.float32), "xs"),
+             numpy_helper.from_array(np.array(0, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(y_scale, np.float32), "ys"),
+             numpy_helper.from_array(np.array(0, np.uint8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv"),
+             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "sat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    x = np.full((1, 16, 2, 2), 255 * x_scale, np.float32)
+    xd = np.round(x / x_scale).clip(0, 255) * x_scale
+    c = np.einsum("nchw,oc->nohw", xd, w[:, :, 0, 0].astype(np.float32) * w_scale)
+    expected = np.round(c / y_scale).clip(0, 255) * y_scale
+    return ir.serde.deserialize_model(proto), x, expected.astype(np.float32)
+
+
+def test_a_session_as_written_computes_the_qdq_graph_in_float():
+    # qnn-htp's simulation: HTP computes what the Q/DQ graph says; ONNX Runtime's fused
+    # integer kernels need not (on a host without VNNI they saturate)
+    model, x, expected = _saturating_qdq_conv()
+    got = ort_session(model, as_written=True).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    shared = SharedInitializers(model, min_elements=16, as_written=True)
+    np.testing.assert_allclose(shared.session(model).run(None, {"x": x})[0], expected, rtol=0, atol=1e-6)
+
+
+def test_ranking_runs_qnn_htp_candidates_as_written(files, monkeypatch):
+    assert QNN_HTP_CAPABILITIES.simulate_as_written and not OnnxTarget().capabilities.simulate_as_written
+    quantized = _quantize(files)
+    data = load_npz(files["eval"], model_input_specs(cnn()))
+    levels = []
+    real = onnx_target.ort.InferenceSession
+    monkeypatch.setattr(onnx_target.ort, "InferenceSession",
+                        lambda data, opts, *a, **k: levels.append(opts.graph_optimization_level) or real(data, opts, *a, **k))
+
+    class HtpLike:
+        capabilities = QNN_HTP_CAPABILITIES
+
+    for target, level in ((HtpLike(), onnx_target.ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                          (onnx_specs_target(), onnx_target.ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):
+        shared = {"quantized": ir_bytes(quantized.model), "record": quantized.quantization, "mode": "float",
+                  "post": [], "runtime": "onnxruntime", "data": data, "context": PassContext(target=target),
+                  "ref": [_run(cnn(), np.load(files["eval"])["x"])]}
+        levels.clear()
+        ranking_module.candidate_error(frozenset(["fc1"]), shared)
+        ranking_module.candidate_errors([frozenset(), frozenset(["conv1"])], shared)
+        ranking_module.release_decoded()
+        assert levels and set(levels) == {level}, target

@@ -95,10 +95,13 @@ def _quantized_copy(data: bytes) -> ir.Model:
     return clone_model(_decoded["model"])
 
 
-def _shared_initializers() -> SharedInitializers:
-    """The initializers of the model :func:`_quantized_copy` last decoded, for ONNX Runtime."""
+def _shared_initializers(shared: Mapping[str, Any]) -> SharedInitializers:
+    """The initializers of the model :func:`_quantized_copy` last decoded, for ONNX Runtime
+    (sessions that run Q/DQ as written where the target says so: ``Capabilities.simulate_as_written``)."""
     if "initializers" not in _decoded:
-        _decoded["initializers"] = SharedInitializers(_decoded["model"])
+        target = getattr(shared.get("context"), "target", None)
+        as_written = target is not None and target.capabilities.simulate_as_written
+        _decoded["initializers"] = SharedInitializers(_decoded["model"], as_written=as_written)
     return _decoded["initializers"]
 
 
@@ -138,7 +141,7 @@ def candidate_error(given: frozenset[str], shared: Mapping[str, Any]) -> float:
     """
     model = build_candidate(given, shared)
     if shared["runtime"] == "onnxruntime":  # one thread, as in process (ranking_stage): the same errors
-        return output_error(shared["ref"], OrtRunner(model, threads=THREADS, shared=_shared_initializers()),
+        return output_error(shared["ref"], OrtRunner(model, threads=THREADS, shared=_shared_initializers(shared)),
                             shared["data"])
     target = shared["context"].target
     with tempfile.TemporaryDirectory(prefix="compressor-candidate-") as work:
@@ -159,7 +162,7 @@ def candidate_errors(candidates: Sequence[frozenset[str]], shared: Mapping[str, 
     ``samples`` (the evaluation-set index of each sample of ``data``).
     """
     models = [build_candidate(given, shared) for given in candidates]
-    return stage_errors(models, candidates, _shared_initializers(), shared["data"], shared["ref"],
+    return stage_errors(models, candidates, _shared_initializers(shared), shared["data"], shared["ref"],
                         shared.get("by_sample"), shared.get("samples"))
 
 

@@ -208,7 +208,7 @@ class QnnHtpTarget(Target):
             seen = [(feed, runner(feed)) for feed in feeds] or seen
         if not seen:
             return out
-        cpu = OrtRunner(runner.qdq_path)
+        cpu = OrtRunner(runner.qdq_path, as_written=self.capabilities.simulate_as_written)
         htp_outs = per_output([outs for _, outs in seen])
         cpu_outs = per_output([cpu(feed) for feed, _ in seen])
         gap = fidelity(cpu_outs, htp_outs)
@@ -216,13 +216,15 @@ class QnnHtpTarget(Target):
                                               for c, h in zip(cpu_outs, htp_outs)]))
         gap["calls"] = len(seen)
         out["qnn_htp"]["simulation_vs_device"] = {
-            "reference": "the same QDQ model (model.onnx) on ONNX Runtime CPU", **gap}
+            "reference": "the same QDQ model (model.onnx) on ONNX Runtime CPU, Q/DQ computed as written "
+                         "(graph optimizations off)", **gap}
         return out
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"name": self.name, "backend": "QNN HTP (onnxruntime-qnn)",
                                 "onnxruntime_version": ort.__version__, "cpu_fallback": "disabled",
                                 "baseline": "fp32 model on ONNX Runtime CPU", "host_int8_vnni": cpu_has_vnni(),
+                                "simulation": "the Q/DQ model on ONNX Runtime CPU, graph optimizations off",
                                 "weight_bits": {op: q.weights.bits or 8 for op, q in self.capabilities.quantizable.items()
                                                 if q.weights is not None}}
         if cpu_has_vnni() is False:

@@ -77,6 +77,8 @@ QNN_HTP_CAPABILITIES = Capabilities(
     # Any recipe that quantizes (plain ``int8`` too) is completed with HTP's legalization
     # (case 7), at the quantize step's activation width: int8 -> W8A8, int16 -> W8A16.
     after_quantize=(TargetPass("qnn-legalize", from_quantize=("activations",)),),
+    # HTP computes what the Q/DQ graph says; ONNX Runtime's fused int8 kernels do not (no VNNI)
+    simulate_as_written=True,
 )
 
 
