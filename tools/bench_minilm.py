@@ -290,7 +290,7 @@ def main() -> None:
              f"{r['top1_agree']:.3f}", f"{r['top1_agree_loo']:.3f}",
              "-" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}",
              f"{r['peak_rss_mb']:.0f}"] for k, r in results.items()]
-    print(f"\nall-MiniLM-L6-v2, batch {BATCH}, seq {SEQ}; calibration {args.calib} sentences, eval {args.eval} others "
+    print(f"\n{cpu_line()}\nall-MiniLM-L6-v2, batch {BATCH}, seq {SEQ}; calibration {args.calib} sentences, eval {args.eval} others "
           f"(fidelity vs fp32 PyTorch); {device_line}\n")
     print(table(rows, ["system", "ms/batch", "vs OV fp32", *device_cols, "cos mean", "cos min", "top-1 agree",
                        "top-1 agree (1000 LOO)", "quantize s",
