@@ -20,6 +20,8 @@
 
     python tools/bench_sparsity.py [--eval 500] [--calib 64] [--out bench-out/sparsity]
                                    [--masks magnitude,wanda,sparsegpt,sparsegpt:0.01] [--skip-curve] [--skip-cnn]
+                                   (sparsegpt:dense / sparsegpt:sequential: SparseGPT's statistics from the
+                                    dense model / stage by stage on the pruned one; plain sparsegpt: the default)
                                    [--recover [--train 2000] [--steps 300] [--batch 16] [--train-seq 64]
                                               [--schedule fixed|pgf] [--pgf-decay 0.25] [--threads 1]]
 
@@ -100,20 +102,26 @@ def bench_minilm(out: Path, n_calib: int, n_eval: int, masks: tuple[str, ...] = 
     ref = pooled(_ort_hidden(model, evald), mask)
 
     def measure(steps) -> dict:
+        load = os.getloadavg()[0]
         start = time.perf_counter()
         pruned, stats = _run_passes(_clone(model), steps, calib)
         seconds = time.perf_counter() - start
+        load = (load, os.getloadavg()[0])
         fid = _fidelity(ref, pooled(_ort_hidden(pruned, evald), mask))
         return {**fid, "sparsity": stats.get("sparsity"), "layers": stats.get("layers_sparsified",
                 stats.get("layers_pruned")), "pass_s": seconds,
-                "zlib_mb": stats.get("weight_mb_zlib"), "zlib_mb_before": stats.get("weight_mb_zlib_before")}
+                "zlib_mb": stats.get("weight_mb_zlib"), "zlib_mb_before": stats.get("weight_mb_zlib_before"),
+                "load": load}
 
     nm = {}
-    for entry in masks:  # "sparsegpt:0.01": SparseGPT at that damping, without the bias-corrected twin
-        mask_kind, _, damp = entry.partition(":")
-        extra = {"damp": float(damp)} if damp else {}
-        for bc in (False,) if damp else (False, True):
-            key = (f"{mask_kind} damp {damp}" if damp else mask_kind, bc)
+    for entry in masks:  # "sparsegpt:0.01": SparseGPT at that damping, without the bias-corrected twin;
+        mask_kind, _, damp = entry.partition(":")  # "sparsegpt:dense" / ":sequential": SparseGPT's statistics
+        extra = {"sequential": damp == "sequential"} if damp in ("dense", "sequential") else {}
+        if damp and not extra:
+            extra = {"damp": float(damp)}
+        for bc in (False,) if "damp" in extra else (False, True):
+            key = (f"{mask_kind} {damp}" if "sequential" in extra else f"{mask_kind} damp {damp}" if damp
+                   else mask_kind, bc)
             nm[key] = measure([("sparsify-nm", {"n": 2, "m": 4, "mask": mask_kind, "bias_correction": bc, **extra})])
             print(f"  2:4 {key[0]} bc={bc}: {nm[key]}", file=sys.stderr)
     curve = {}
@@ -328,7 +336,8 @@ def main() -> None:
     p.add_argument("--eval", type=int, default=500)
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--masks", default="magnitude,wanda,sparsegpt,sparsegpt:0.01",
-                   help="2:4 masks to compare on MiniLM; 'sparsegpt:D' is SparseGPT at damping D")
+                   help="2:4 masks to compare on MiniLM; 'sparsegpt:D' is SparseGPT at damping D, "
+                        "'sparsegpt:dense' / 'sparsegpt:sequential' its statistics one-shot / stage by stage")
     p.add_argument("--skip-curve", action="store_true", help="no essential-sparsity curve")
     p.add_argument("--skip-cnn", action="store_true", help="no channel-pruning latency (digits CNN, ResNet-50)")
     p.add_argument("--recover", action="store_true", help="only the int8-nm-recover rows (recovery stage)")
@@ -372,9 +381,9 @@ def main() -> None:
         print(f"\nall-MiniLM-L6-v2 at 2:4 (36 linear layers), {args.eval} eval sentences (seq {SEQ}), "
               f"calibration {args.calib} others; fidelity of mean-pooled embeddings vs fp32\n")
         print(table([[k, f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}", f"{v['top1_agree']:.3f}",
-                      f"{v['zlib_mb_before']:.1f} -> {v['zlib_mb']:.1f}", f"{v['pass_s']:.1f}"]
-                     for k, v in m["nm"].items()],
-                    ["mask", "cos mean", "cos min", "top-1 agree", "weights MB zlib", "pass s"]))
+                      f"{v['zlib_mb_before']:.1f} -> {v['zlib_mb']:.1f}", f"{v['pass_s']:.1f}",
+                      f"{v['load'][0]:.1f} -> {v['load'][1]:.1f}"] for k, v in m["nm"].items()],
+                    ["mask", "cos mean", "cos min", "top-1 agree", "weights MB zlib", "pass s", "load (1 min)"]))
         if m["curve"]:
             print("\nEssential sparsity: unstructured per-layer magnitude pruning of MiniLM (no recovery)\n")
             print(table([[k, f"{v['sparsity']:.2f}", f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}",

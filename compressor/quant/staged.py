@@ -104,8 +104,12 @@ class StagedStatistics:
         return {v.name for node in graph if id(node) not in self._done for v in node_reads(node, graph)
                 if v.producer() is not None and id(v.producer()) in self._done}
 
-    def _segment(self, nodes: list[ir.Node], outputs: list[ir.Value]) -> tuple[ort.InferenceSession, list[str]]:
-        """One session running ``nodes`` alone; returns it and the names it reads (case 1)."""
+    def _segment(self, nodes: list[ir.Node], outputs: list[ir.Value], known: dict[str, np.ndarray],
+                 ) -> tuple[ort.InferenceSession, list[str]]:
+        """One session running ``nodes`` alone; returns it and the names it reads (case 1).
+
+        ``known`` (the first batch's fed and held tensors) types an input the graph left untyped.
+        """
         graph = self.model.graph
         made = {id(v) for node in nodes for v in node.outputs}
         reads: dict[str, ir.Value] = {}
@@ -123,8 +127,11 @@ class StagedStatistics:
                 proto.initializer.append(tensor)
             else:
                 inputs.append(name)
-                proto.input.append(ir.serde.serialize_value(v))
-        proto.output.extend(ir.serde.serialize_value(v) for v in outputs)
+                proto.input.append(ir.serde.serialize_value(v) if v.type is not None or name not in known else
+                                   onnx.helper.make_tensor_value_info(
+                                       name, onnx.helper.np_dtype_to_tensor_dtype(known[name].dtype), None))
+        proto.output.extend(ir.serde.serialize_value(v) if v.type is not None else onnx.ValueInfoProto(name=v.name)
+                            for v in outputs)
         model = onnx.helper.make_model(proto, opset_imports=[onnx.helper.make_opsetid(d, v)
                                                              for d, v in self.model.opset_imports.items()])
         model.ir_version = ir_version_for(self.model)
@@ -161,7 +168,8 @@ class StagedStatistics:
         made = {v.name for node in nodes for v in node.outputs}
         fetch = list(dict.fromkeys([p.tensor for p in streamed if p.tensor in made]
                                    + sorted(n for n in keep if n in made)))
-        session, reads = self._segment(nodes, [values[n] for n in fetch]) if fetch else (None, [])
+        first = {**(self._held[0] if self._held else {}), **next(self.data.batches(), {})}
+        session, reads = self._segment(nodes, [values[n] for n in fetch], first) if fetch else (None, [])
         held: list[dict[str, np.ndarray]] = []
         for i, feed in enumerate(self.data.batches()):
             known = {**(self._held[i] if i < len(self._held) else {}), **feed}
