@@ -71,7 +71,7 @@ class PruneMagnitudeOptions:
         bias_correction: Restore each layer's output mean from calibration data.
         damp: SparseGPT's Hessian damping, relative to its mean diagonal (``> 0``).
         sequential: SparseGPT's statistics stage by stage on the model pruned so far (case
-            4); ``None``: on for ``method: sparsegpt``.
+            4); unset: on for ``method: sparsegpt``, off otherwise.
     """
 
     sparsity: float = 0.5
@@ -86,7 +86,9 @@ class PruneMagnitudeOptions:
     def __post_init__(self) -> None:
         if not 0.0 < self.damp < float("inf"):
             raise ValueError(f"option 'damp' must be a positive number, got {self.damp}")
-        if self.sequential and self.method != "sparsegpt":
+        if self.sequential is None:  # resolved, so the recipe written into the artifact says what ran
+            object.__setattr__(self, "sequential", self.method == "sparsegpt")
+        elif self.sequential and self.method != "sparsegpt":
             raise ValueError(f"option 'sequential' applies to method 'sparsegpt' only, not {self.method!r}; drop it")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"option 'sparsity' must be in [0, 1), got {self.sparsity}")
@@ -151,7 +153,7 @@ class PruneMagnitude(Pass):
             data = require_calibration(ctx.calibration, f"prune-magnitude with {what}")
         groups = group_by_weight(layers)
         dense = [group[0].array() for group in groups]
-        sequential = opts.method == "sparsegpt" and opts.sequential is not False
+        sequential = opts.sequential
         if opts.method == "sparsegpt":  # case 3
             def prune(group: list[Layer], w: np.ndarray, moments: dict) -> np.ndarray:
                 grams = [moments[layer.activation().name].gram for layer in group]

@@ -83,7 +83,8 @@ class SparsifyNMOptions:
         bias_correction: Restore each layer's output mean from calibration data.
         damp: SparseGPT's Hessian damping, relative to its mean diagonal (``> 0``).
         sequential: SparseGPT's statistics stage by stage on the model pruned so far (case
-            5); ``None``: on for ``mask: sparsegpt``. Other masks take the dense model's.
+            5); unset: on for ``mask: sparsegpt``, off otherwise (other masks take the dense
+            model's statistics).
     """
 
     n: int = 2
@@ -98,7 +99,9 @@ class SparsifyNMOptions:
     def __post_init__(self) -> None:
         if not 0.0 < self.damp < float("inf"):
             raise ValueError(f"option 'damp' must be a positive number, got {self.damp}")
-        if self.sequential and self.mask != "sparsegpt":
+        if self.sequential is None:  # resolved, so the recipe written into the artifact says what ran
+            object.__setattr__(self, "sequential", self.mask == "sparsegpt")
+        elif self.sequential and self.mask != "sparsegpt":
             raise ValueError(f"option 'sequential' applies to mask 'sparsegpt' only, not {self.mask!r}; drop it")
         if not 1 <= self.n < self.m:
             raise ValueError(f"options 'n' and 'm' must satisfy 1 <= n < m, got {self.n}:{self.m}")
@@ -153,7 +156,7 @@ class SparsifyNM(Pass):
         reads = any(needs)
         data = require_calibration(ctx.calibration, f"sparsify-nm (mask {opts.mask!r}"
                                    f"{', bias_correction' if opts.bias_correction else ''})") if reads else None
-        sequential = opts.mask == "sparsegpt" and opts.sequential is not False
+        sequential = opts.sequential
         targets = getattr(getattr(ctx.target, "capabilities", None), "nm_patterns", ())
         done = prune_layers(model, groups, self._prune, data=data, cache=ctx.cache, needs_stats=needs,
                             gram=opts.mask == "sparsegpt", sequential=sequential,
