@@ -20,6 +20,9 @@ points already there are not run again (accuracy control's re-runs, sweep levels
 search candidates that start from the same model), and the missing ones of one request
 run together, in one session.
 
+Statistics of a model that changes between requests (sequential pruning) come from
+:mod:`compressor.quant.staged`, which reduces batches with the same collectors.
+
 Padding: when the data has an ``attention_mask`` input (``N x S``), token activations
 (``N x S x ...``) enter the statistics at real tokens only; what a model computes at
 padding positions is never used (see :mod:`compressor.flow.evaluation`).
