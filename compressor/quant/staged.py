@@ -41,7 +41,13 @@ import onnxruntime as ort
 from compressor.data import MASK_INPUT
 from compressor.errors import CompressorError
 from compressor.model_io import ir_version_for
-from compressor.quant.taps import Collected, StatPoint, _Collectors, ort_failure, session_options
+from compressor.quant.taps import (
+    Collected,
+    StatPoint,
+    _Collectors,
+    ort_failure,
+    session_options,
+)
 
 if TYPE_CHECKING:
     from compressor.data import Dataset
