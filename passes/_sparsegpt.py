@@ -45,9 +45,10 @@ the inputs, and share one Hessian:
 7. A weight shared by several layers minimises the sum of their output errors: its Gram is
    the sum of theirs.
 
-Statistics are those of the dense model (one pass over the calibration data for all
-layers), not the paper's sequential variant in which each layer sees the outputs of the
-already pruned layers before it.
+Where ``X X^T`` comes from is the caller's (:mod:`._layerwise`): by default the paper's
+sequential variant, stage by stage on the model whose earlier layers are already pruned
+and reconstructed (so each layer is reconstructed on the inputs it will really get);
+with ``sequential: false`` the dense model's, one statistics run for all layers.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ go and runs are deterministic.
    channels (``floor(s * rows * 128)`` weights per block), so each layer ends at about
    ``s``.
 
+4. ``sequential`` (SparseGPT only; on by default): the layers go in stages, each stage's
+   ``X X^T`` (and ``E[x]`` for bias correction) gathered on the model whose earlier stages
+   are already pruned, reconstructed and bias-corrected (:mod:`._layerwise`, case 2);
+   ``sequential: false`` takes every layer's statistics from the dense model in one run.
+
 Training-free recovery (``bias_correction: true``, needs calibration data): pruning moves
 each layer's output mean by ``(W_p - W) E[x]``; adding it back,
 ``b' = b + (W - W_p) E[x]``, with ``E[x]`` per input channel measured on the calibration
@@ -38,17 +43,10 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from compressor.passes._graph import NameAllocator
 from compressor.passes._sparsegpt import DAMP, sparsegpt_weight
-from compressor.passes._bias_correction import correct_biases
-from compressor.passes._layers import PRUNABLE_OPS, find_weight_layers
-from compressor.passes._sparsity import (
-    group_by_weight,
-    input_moments,
-    pruning_stats,
-    require_calibration,
-    write_groups,
-)
+from compressor.passes._layers import PRUNABLE_OPS, Layer, find_weight_layers
+from compressor.passes._layerwise import prune_layers
+from compressor.passes._sparsity import group_by_weight, pruning_stats, require_calibration
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope
@@ -72,6 +70,8 @@ class PruneMagnitudeOptions:
         scope: Which layers (exact names or ``re:`` patterns, on node or weight names).
         bias_correction: Restore each layer's output mean from calibration data.
         damp: SparseGPT's Hessian damping, relative to its mean diagonal (``> 0``).
+        sequential: SparseGPT's statistics stage by stage on the model pruned so far (case
+            4); unset: on for ``method: sparsegpt``, off otherwise.
     """
 
     sparsity: float = 0.5
@@ -81,10 +81,15 @@ class PruneMagnitudeOptions:
     scope: Scope = Scope()
     bias_correction: bool = False
     damp: float = DAMP
+    sequential: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.damp < float("inf"):
             raise ValueError(f"option 'damp' must be a positive number, got {self.damp}")
+        if self.sequential is None:  # resolved, so the recipe written into the artifact says what ran
+            object.__setattr__(self, "sequential", self.method == "sparsegpt")
+        elif self.sequential and self.method != "sparsegpt":
+            raise ValueError(f"option 'sequential' applies to method 'sparsegpt' only, not {self.method!r}; drop it")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"option 'sparsity' must be in [0, 1), got {self.sparsity}")
         if self.method == "sparsegpt" and self.threshold != "per-layer":
@@ -141,27 +146,34 @@ class PruneMagnitude(Pass):
         layers, skipped = find_weight_layers(graph, opts.ops, opts.scope)
         for name, why in skipped.items():
             logger.debug("`%s`: not pruned: %s", name, why)
-        moments = {}
+        data = None
         if self.needs_calibration and layers:
             what = " and ".join(x for x, on in (("method sparsegpt", opts.method == "sparsegpt"),
                                                 ("bias_correction", opts.bias_correction)) if on)
             data = require_calibration(ctx.calibration, f"prune-magnitude with {what}")
-            moments = input_moments(model, layers, data, ctx.cache, gram=opts.method == "sparsegpt")
         groups = group_by_weight(layers)
         dense = [group[0].array() for group in groups]
+        sequential = opts.sequential
         if opts.method == "sparsegpt":  # case 3
-            after = [sparsegpt_weight(group[0], w, [moments[layer.activation().name].gram for layer in group],
-                                      sparsity=opts.sparsity, damp=opts.damp) for group, w in zip(groups, dense)]
-        else:
-            masks = magnitude_masks(dense, opts.sparsity, opts.threshold)
-            after = [np.where(mask, w, np.zeros((), w.dtype)) for w, mask in zip(dense, masks)]
-        names = NameAllocator(graph)
-        per_layer, changed = write_groups(graph, groups, dense, after, names)
-        corrected = correct_biases(graph, changed, moments, names) if opts.bias_correction else {}
+            def prune(group: list[Layer], w: np.ndarray, moments: dict) -> np.ndarray:
+                grams = [moments[layer.activation().name].gram for layer in group]
+                return sparsegpt_weight(group[0], w, grams, sparsity=opts.sparsity, damp=opts.damp)
+        else:  # cases 1 and 2: the masks of all weights together (a global threshold)
+            masks = {id(group[0].node): mask
+                     for group, mask in zip(groups, magnitude_masks(dense, opts.sparsity, opts.threshold))}
+
+            def prune(group: list[Layer], w: np.ndarray, moments: dict) -> np.ndarray:
+                return np.where(masks[id(group[0].node)], w, np.zeros((), w.dtype))
+        done = prune_layers(model, groups, prune, data=data, cache=ctx.cache,
+                            needs_stats=[data is not None] * len(groups), gram=opts.method == "sparsegpt",
+                            sequential=sequential, bias_correction=opts.bias_correction)
+        after, per_layer, corrected = done.new, done.per_layer, done.corrected
+        changed = any(not np.array_equal(a, b) for a, b in zip(dense, after))
         total = sum(w.size for w in dense)
         stats = {
             "method": opts.method,
-            **({"damp": opts.damp} if opts.method == "sparsegpt" else {}),
+            **({"damp": opts.damp, "sequential": sequential} if opts.method == "sparsegpt" else {}),
+            **({"statistics_stages": done.stages} if done.stages else {}),
             "layers_pruned": len(per_layer),
             "sparsity_before": round(sum(int((w == 0).sum()) for w in dense) / total, 4) if total else 0.0,
             **pruning_stats(dense, after, per_layer, skipped, corrected),

@@ -38,6 +38,11 @@ the stats).
 
 Recovery (``bias_correction: true``): ``b' = b + (W - W_p) E[x]`` (see :mod:`._bias_correction`).
 
+5. ``sequential`` (SparseGPT only; on by default): the layers go in stages, each stage's
+   ``X X^T`` (and ``E[x]`` for bias correction) gathered on the model whose earlier stages
+   are already pruned, reconstructed and bias-corrected (:mod:`._layerwise`, case 2);
+   ``sequential: false`` takes every layer's statistics from the dense model in one run.
+
 Symmetric int8 weight quantization afterwards maps 0 to 0 (``round(0 / s) = 0``, zero
 point 0), so the pattern survives into a quantized artifact.
 """
@@ -50,18 +55,10 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from compressor.passes._graph import NameAllocator
 from compressor.passes._sparsegpt import DAMP, sparsegpt_weight
-from compressor.passes._bias_correction import correct_biases
 from compressor.passes._layers import PRUNABLE_OPS, Layer, find_weight_layers
-from compressor.passes._sparsity import (
-    group_by_weight,
-    input_moments,
-    nm_keep_mask,
-    pruning_stats,
-    require_calibration,
-    write_groups,
-)
+from compressor.passes._layerwise import prune_layers
+from compressor.passes._sparsity import group_by_weight, nm_keep_mask, pruning_stats, require_calibration
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.scope import Scope
@@ -85,6 +82,9 @@ class SparsifyNMOptions:
         scope: Which layers (exact names or ``re:`` patterns, on node or weight names).
         bias_correction: Restore each layer's output mean from calibration data.
         damp: SparseGPT's Hessian damping, relative to its mean diagonal (``> 0``).
+        sequential: SparseGPT's statistics stage by stage on the model pruned so far (case
+            5); unset: on for ``mask: sparsegpt``, off otherwise (other masks take the dense
+            model's statistics).
     """
 
     n: int = 2
@@ -94,10 +94,15 @@ class SparsifyNMOptions:
     scope: Scope = Scope()
     bias_correction: bool = False
     damp: float = DAMP
+    sequential: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.damp < float("inf"):
             raise ValueError(f"option 'damp' must be a positive number, got {self.damp}")
+        if self.sequential is None:  # resolved, so the recipe written into the artifact says what ran
+            object.__setattr__(self, "sequential", self.mask == "sparsegpt")
+        elif self.sequential and self.mask != "sparsegpt":
+            raise ValueError(f"option 'sequential' applies to mask 'sparsegpt' only, not {self.mask!r}; drop it")
         if not 1 <= self.n < self.m:
             raise ValueError(f"options 'n' and 'm' must satisfy 1 <= n < m, got {self.n}:{self.m}")
         bad = sorted(set(self.ops) - set(PRUNABLE_OPS))
@@ -144,47 +149,48 @@ class SparsifyNM(Pass):
                 layers.append(layer)
         for name, why in skipped.items():
             logger.debug("`%s`: not sparsified: %s", name, why)
-        moments = {}
         # an already N:M weight is left as it is (see the module docstring): no statistics for it
-        todo = [layer for layer in layers if nm_violations(layer.to_rows(layer.array()), n, m)]
-        if self.needs_calibration and todo:
-            data = require_calibration(ctx.calibration, f"sparsify-nm (mask {opts.mask!r}"
-                                       f"{', bias_correction' if opts.bias_correction else ''})")
-            moments = input_moments(model, todo, data, ctx.cache, gram=opts.mask == "sparsegpt")
-        targets = getattr(getattr(ctx.target, "capabilities", None), "nm_patterns", ())
         groups = group_by_weight(layers)
-        dense_all, sparse_all, already = [], [], 0
-        for group in groups:
-            first = group[0]  # a weight shared by several layers gets the first one's mask
-            w = first.array()
-            dense_all.append(w)
-            if nm_violations(first.to_rows(w), n, m) == 0:  # already N:M: left exactly as it is
-                sparse_all.append(w)
-                already += 1
-                continue
-            if opts.mask == "keep":  # case 4
-                logger.warning("`%s`: not %d:%d sparse before sparsify-nm {mask: keep}; its smallest weights go "
-                               "(magnitude)", first.name, n, m)
-            if opts.mask == "sparsegpt":  # case 3
-                grams = [moments[layer.activation().name].gram for layer in group]
-                sparse_all.append(sparsegpt_weight(first, w, grams, n=n, m=m, damp=opts.damp))
-                continue
-            rows = first.to_rows(w)
-            scores = np.abs(rows.astype(np.float64))
-            if opts.mask == "wanda":
-                scores = scores * first.row_channel_values(moments[first.activation().name].norm, w.shape)
-            keep = nm_keep_mask(scores, n, m)
-            sparse_all.append(first.from_rows(np.where(keep, rows, np.zeros((), w.dtype)), w.shape))
-        names = NameAllocator(graph)
-        per_layer, changed = write_groups(graph, groups, dense_all, sparse_all, names)
-        corrected = correct_biases(graph, changed, moments, names) if opts.bias_correction else {}
+        todo = [nm_violations(group[0].to_rows(group[0].array()), n, m) > 0 for group in groups]
+        needs = [bool(t and self.needs_calibration) for t in todo]
+        reads = any(needs)
+        data = require_calibration(ctx.calibration, f"sparsify-nm (mask {opts.mask!r}"
+                                   f"{', bias_correction' if opts.bias_correction else ''})") if reads else None
+        sequential = opts.sequential
+        targets = getattr(getattr(ctx.target, "capabilities", None), "nm_patterns", ())
+        done = prune_layers(model, groups, self._prune, data=data, cache=ctx.cache, needs_stats=needs,
+                            gram=opts.mask == "sparsegpt", sequential=sequential,
+                            bias_correction=opts.bias_correction)
+        already = len(todo) - sum(todo)
         stats = {
             "pattern": f"{n}:{m}",
             "mask": opts.mask,
-            **({"damp": opts.damp} if opts.mask == "sparsegpt" else {}),
-            "layers_sparsified": len(per_layer),
+            **({"damp": opts.damp, "sequential": sequential} if opts.mask == "sparsegpt" else {}),
+            **({"statistics_stages": done.stages} if done.stages else {}),
+            "layers_sparsified": len(done.per_layer),
             **({"already_sparse": already} if already else {}),
             "target_has_nm_kernels": (n, m) in tuple(tuple(p) for p in targets),
-            **pruning_stats(dense_all, sparse_all, per_layer, skipped, corrected),
+            **pruning_stats(done.dense, done.new, done.per_layer, skipped, done.corrected),
         }
-        return PassResult(model, bool(changed), stats)
+        changed = any(not np.array_equal(a, b) for a, b in zip(done.dense, done.new)) or bool(done.corrected)
+        return PassResult(model, changed, stats)
+
+    def _prune(self, group: list[Layer], w: np.ndarray, moments: dict) -> np.ndarray:
+        """The new weight of ``group`` (cases 1-4); an already N:M weight as it is."""
+        opts: SparsifyNMOptions = self.options
+        n, m = opts.n, opts.m
+        first = group[0]  # a weight shared by several layers gets the first one's mask
+        if nm_violations(first.to_rows(w), n, m) == 0:  # already N:M: left exactly as it is
+            return w
+        if opts.mask == "keep":  # case 4
+            logger.warning("`%s`: not %d:%d sparse before sparsify-nm {mask: keep}; its smallest weights go "
+                           "(magnitude)", first.name, n, m)
+        if opts.mask == "sparsegpt":  # case 3
+            grams = [moments[layer.activation().name].gram for layer in group]
+            return sparsegpt_weight(first, w, grams, n=n, m=m, damp=opts.damp)
+        rows = first.to_rows(w)
+        scores = np.abs(rows.astype(np.float64))
+        if opts.mask == "wanda":
+            scores = scores * first.row_channel_values(moments[first.activation().name].norm, w.shape)
+        keep = nm_keep_mask(scores, n, m)
+        return first.from_rows(np.where(keep, rows, np.zeros((), w.dtype)), w.shape)

@@ -333,6 +333,21 @@ def test_builtin_recipe_loads():
     assert json.loads(json.dumps(recipe.to_json()))["recover"]["steps"] == recipe.recover.steps
 
 
+def test_recipe_after_recovery_drops_sparsegpts_sequential_option():
+    """``sequential`` is SparseGPT's; the passes re-run on the recovered module keep the zeros (``mask: keep``)."""
+    import dataclasses
+
+    from compressor.recipe import load_recipe
+    from compressor.recover.stage import _post_recipe
+
+    recipe = load_recipe("int8-nm-recover")
+    steps = tuple(dataclasses.replace(step, options={**step.options, "sequential": True})
+                  if step.name == "sparsify-nm" else step for step in recipe.passes)
+    after = _post_recipe(dataclasses.replace(recipe, passes=steps))
+    nm = next(p for p in after.build_passes() if p.name == "sparsify-nm")
+    assert nm.options.mask == "keep" and nm.options.sequential is False
+
+
 @pytest.mark.slow
 def test_sweep_recover_draws_both_curves_with_their_knees(digits, capsys):
     out = digits["dir"] / "sweep"

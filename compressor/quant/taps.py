@@ -20,6 +20,9 @@ points already there are not run again (accuracy control's re-runs, sweep levels
 search candidates that start from the same model), and the missing ones of one request
 run together, in one session.
 
+Statistics of a model that changes between requests (sequential pruning) come from
+:mod:`compressor.quant.staged`, which reduces batches with the same collectors.
+
 Padding: when the data has an ``attention_mask`` input (``N x S``), token activations
 (``N x S x ...``) enter the statistics at real tokens only; what a model computes at
 padding positions is never used (see :mod:`compressor.flow.evaluation`).
@@ -56,7 +59,9 @@ __all__ = [
     "activation_moments",
     "collect_statistics",
     "gather",
+    "ort_failure",
     "run_points",
+    "session_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,16 +197,30 @@ def _token_mask(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return np.asarray(mask).astype(bool)
 
 
-def _session(work: ir.Model) -> ort.InferenceSession:
-    proto = ir.serde.serialize_model(work)
-    proto.ir_version = ir_version_for(work)
+def session_options() -> ort.SessionOptions:
+    """ONNX Runtime options of a statistics run (also :mod:`compressor.quant.staged`'s)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # keep fetched tensors unfused
     options.log_severity_level = 3
     # Between runs this process reduces the fetched tensors; spinning ORT workers
     # would fight numpy for the same cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return options
+
+
+def _session(work: ir.Model) -> ort.InferenceSession:
+    proto = ir.serde.serialize_model(work)
+    proto.ir_version = ir_version_for(work)
+    return ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+
+
+def ort_failure(err: Exception, data: Dataset) -> DataError:
+    """The one-line error for ONNX Runtime failing on calibration data (exit 2)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = text.split("] : ", 1)[-1].removeprefix("1 : FAIL : ")
+    return DataError(f"calibration: the model fails in ONNX Runtime on the calibration data ({data.source}): "
+                     f"{text[:300]}; check that the data is valid input for the model (shapes, dtypes, value "
+                     "ranges) and that the model runs in ONNX Runtime as it is")
 
 
 class _Collectors:
@@ -291,12 +310,7 @@ def run_points(
             try:
                 results = dict(zip(fetch, session.run(fetch, feed))) if session is not None else {}
             except Exception as err:  # ONNX Runtime's own error types: the model fails on this data
-                text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                text = text.split("] : ", 1)[-1].removeprefix("1 : FAIL : ")
-                raise DataError(f"calibration: the model fails in ONNX Runtime on the calibration data "
-                                f"({data.source}): {text[:300]}; check that the data is valid input for the model "
-                                "(shapes, dtypes, value ranges) and that the model runs in ONNX Runtime as it is"
-                                ) from None
+                raise ort_failure(err, data) from None
             results.update((n, feed[n]) for n in inputs if n in feed)
             mask = feed.get(MASK_INPUT)
             collectors.feed(results, batch, None if mask is None else np.asarray(mask), streamed)

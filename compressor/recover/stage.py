@@ -115,6 +115,8 @@ def _post_recipe(recipe: Any) -> Any:
     steps = []
     for step in recipe.passes:
         options = dict(step.options)
+        if step.name in ("sparsify-nm", "prune-magnitude"):
+            options.pop("sequential", None)  # SparseGPT's statistics: no statistics are read any more
         if step.name == "sparsify-nm":
             options["mask"] = "keep"
         elif step.name == "prune-magnitude":

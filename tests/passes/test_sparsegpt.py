@@ -248,3 +248,160 @@ def test_overflowing_calibration_inputs_are_named():
     x = np.full((4, 3, 8), 1e30, np.float32)  # x x^T overflows float32
     with pytest.raises(DataError, match="`MatMul -> y`: SparseGPT: .*non-finite"):
         SparsifyNM({"mask": "sparsegpt"}).run(model, _ctx(_dataset(model, {"x": x})))
+
+
+# --- sequential SparseGPT (passes/_layerwise.py case 2, compressor/quant/staged.py) ---------------------------
+
+
+def _two_layer_model(cin: int, hidden: int, cout: int, *, biases: bool, seed: int = 11) -> ir.Model:
+    """``y = relu(x W1 [+ b1]) W2 [+ b2]``: the second layer reads the first one's output."""
+    rng = np.random.default_rng(seed)
+    arrays = {"w1": rng.standard_normal((cin, hidden)).astype(np.float32),
+              "w2": rng.standard_normal((hidden, cout)).astype(np.float32)}
+    if biases:
+        arrays |= {"b1": rng.standard_normal(hidden).astype(np.float32),
+                   "b2": rng.standard_normal(cout).astype(np.float32)}
+        body = "m1 = MatMul(x, w1)\n a = Add(m1, b1)\n h = Relu(a)\n m2 = MatMul(h, w2)\n y = Add(m2, b2)"
+    else:
+        body = "a = MatMul(x, w1)\n h = Relu(a)\n y = MatMul(h, w2)"
+    return model_from_text(f"""{HEADER}
+    g (float[2,3,{cin}] x) => (float[2,3,{cout}] y) {{
+      {body}
+    }}""", **arrays)
+
+
+def _matmul_weights(model: ir.Model) -> list[np.ndarray]:
+    return [n.inputs[1].const_value.numpy().astype(np.float64) for n in model.graph
+            if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+
+
+@pytest.mark.parametrize("make", [
+    lambda sequential: SparsifyNM({"mask": "sparsegpt", "sequential": sequential}),
+    lambda sequential: PruneMagnitude({"method": "sparsegpt", "sparsity": 0.5, "sequential": sequential}),
+], ids=["sparsify-nm", "prune-magnitude"])
+def test_sequential_reconstructs_the_second_layer_on_the_pruned_first_layers_outputs(make):
+    """Case 2: layer 2's Hessian is gathered on ``h~ = x W1_p``, the inputs it really gets after pruning.
+
+    Layer 1 sees the dense model either way, so its weight is the same; layer 2's objective
+    ``||h~ W2 - h~ W2_p||^2`` is the one its OBS solve minimises only when its ``X X^T`` is
+    ``h~ᵀ h~``: with the dense ``hᵀ h`` it solves a neighbouring problem, so its error on
+    ``h~`` is higher (``relu`` between them, so ``h~`` is not a linear image of ``h``).
+    """
+    model = _two_layer_model(32, 32, 16, biases=False)
+    data = _dataset(model, {"x": _correlated(96, 3, 32, seed=12)})
+    x = data.arrays["x"].reshape(-1, 32).astype(np.float64)
+    results = {seq: make(seq).run(_clone(model), _ctx(data)) for seq in (False, True)}
+    assert results[True].stats["sequential"] is True and results[True].stats["statistics_stages"] == 2
+    assert results[False].stats["sequential"] is False and "statistics_stages" not in results[False].stats
+    (w1_dense, w2_dense), (w1_seq, w2_seq) = (_matmul_weights(results[s].model) for s in (False, True))
+    np.testing.assert_array_equal(w1_seq, w1_dense)
+    h = np.maximum(x @ w1_seq, 0.0)  # what the pruned first layer feeds the second
+    w2 = _matmul_weights(model)[1]
+    error = {seq: float(np.square(h @ w2 - h @ w2p).sum()) for seq, w2p in ((False, w2_dense), (True, w2_seq))}
+    assert error[True] < error[False], error
+    if isinstance(make(None), SparsifyNM):  # N:M held in every layer
+        for w in (w1_seq, w2_seq):
+            assert _group_nonzeros(w, 4, axis=0).max() <= 2
+
+
+def test_sequential_is_the_sparsegpt_default():
+    model = _two_layer_model(8, 8, 4, biases=False)
+    data = _dataset(model, {"x": _correlated(16, 3, 8, seed=13)})
+    stats = SparsifyNM({"mask": "sparsegpt"}).run(_clone(model), _ctx(data)).stats
+    assert stats["sequential"] is True and stats["statistics_stages"] == 2
+    assert PruneMagnitude({"method": "sparsegpt"}).run(_clone(model), _ctx(data)).stats["sequential"] is True
+
+
+@pytest.mark.parametrize("biases", [True, False], ids=["following-add", "new-add"])
+def test_sequential_bias_correction_reads_the_sequential_inputs(biases):
+    """``b2' = b2 + (W2 - W2_p) E[h~]`` with ``E[h~]`` of the pruned, bias-corrected first layer.
+
+    So on the calibration data the final model's output mean is ``E[h~] W2 + b2`` exactly
+    (what the dense second layer gives on the inputs it really gets), whether the bias is
+    a following ``Add`` or a new one. The dense statistics' ``E[h]`` would not give it:
+    layer 1's own correction restores the mean of ``x W1 + b1`` but not of its ``relu``.
+    """
+    model = _two_layer_model(16, 16, 8, biases=biases)
+    data = _dataset(model, {"x": _correlated(64, 3, 16, seed=14)})
+    result = SparsifyNM({"mask": "sparsegpt", "bias_correction": True}).run(_clone(model), _ctx(data))
+    assert result.stats["bias_corrected"] == 2
+    pruned = result.model
+    feeds = list(data.batches())
+    outputs = np.concatenate([run_ort(pruned, f)[0] for f in feeds]).reshape(-1, 8).astype(np.float64)
+    # h~: what the pruned model's second layer reads (the first layer's bias correction included)
+    probe = _clone(pruned)
+    probe.graph.outputs.append(next(v for n in probe.graph for v in n.outputs if v.name == "h"))
+    h = np.concatenate([run_ort(probe, f)[1] for f in feeds]).reshape(-1, 16).astype(np.float64)
+    w2 = _matmul_weights(model)[1]
+    b2 = model.graph.initializers["b2"].const_value.numpy() if biases else 0.0
+    expected = h.mean(0) @ w2 + b2
+    scale = np.abs(h).mean() * np.abs(w2).sum(0)  # float32 rounding of sums of 16 products
+    np.testing.assert_allclose(outputs.mean(0), expected, atol=float(scale.max()) * 1e-5)
+
+
+def test_stages_group_layers_reading_the_same_input():
+    """Q, K and V read one input: one stage; the out-projection, FFN1 and FFN2 follow one by one."""
+    from compressor.passes._layers import find_weight_layers
+    from compressor.passes._layerwise import plan_stages
+    from compressor.passes._sparsity import group_by_weight
+
+    d = 8
+    rng = np.random.default_rng(15)
+    names = ("wq", "wk", "wv", "wo", "w1", "w2")
+    arrays = {n: rng.standard_normal((d, d)).astype(np.float32) for n in names}
+    model = model_from_text(f"""{HEADER}
+    g (float[2,3,{d}] x) => (float[2,3,{d}] y) {{
+      q = MatMul(x, wq)
+      k = MatMul(x, wk)
+      v = MatMul(x, wv)
+      kt = Transpose <perm = [0, 2, 1]> (k)
+      s = MatMul(q, kt)
+      p = Softmax <axis = -1> (s)
+      a = MatMul(p, v)
+      o = MatMul(a, wo)
+      r = Add(o, x)
+      f = MatMul(r, w1)
+      g1 = Relu(f)
+      f2 = MatMul(g1, w2)
+      y = Add(f2, r)
+    }}""", **arrays)
+    groups = group_by_weight(find_weight_layers(model.graph)[0])
+    stages = [[groups[i][0].weight.name for i in stage] for stage in plan_stages(model.graph, groups)]
+    assert stages == [["wq", "wk", "wv"], ["wo"], ["w1"], ["w2"]]
+    data = _dataset(model, {"x": _correlated(8, 3, d, seed=16)})
+    result = SparsifyNM({"mask": "sparsegpt"}).run(model, _ctx(data))
+    assert result.stats["statistics_stages"] == 4 and result.stats["layers_sparsified"] == 6
+    for w in _matmul_weights(result.model):
+        assert _group_nonzeros(w, 4, axis=0).max() <= 2
+
+
+def test_stages_of_a_conv_net_with_branches():
+    """Parallel convolutions on one input share a stage; one reading their sum comes after both."""
+    from compressor.passes._layers import find_weight_layers
+    from compressor.passes._layerwise import plan_stages
+    from compressor.passes._sparsity import group_by_weight
+
+    rng = np.random.default_rng(17)
+    arrays = {n: rng.standard_normal((8, 8, 1, 1)).astype(np.float32) for n in ("c1", "c2", "c3", "c4")}
+    model = model_from_text(f"""{HEADER}
+    g (float[1,8,4,4] x) => (float[1,8,4,4] y) {{
+      a = Conv(x, c1)
+      b = Conv(x, c2)
+      s = Add(a, b)
+      r = Relu(s)
+      c = Conv(r, c3)
+      y = Conv(c, c4)
+    }}""", **arrays)
+    groups = group_by_weight(find_weight_layers(model.graph)[0])
+    stages = [[groups[i][0].weight.name for i in stage] for stage in plan_stages(model.graph, groups)]
+    assert stages == [["c1", "c2"], ["c3"], ["c4"]]
+
+
+def test_sequential_option_validation():
+    with pytest.raises(OptionsError, match="'sequential' applies to mask 'sparsegpt' only, not 'wanda'"):
+        SparsifyNM({"mask": "wanda", "sequential": True})
+    with pytest.raises(OptionsError, match="'sequential' applies to method 'sparsegpt' only, not 'magnitude'"):
+        PruneMagnitude({"sequential": True})
+    with pytest.raises(OptionsError, match="sequential"):
+        SparsifyNM({"mask": "sparsegpt", "sequential": "yes"})
+    assert SparsifyNM({"mask": "wanda", "sequential": False}).options.sequential is False

@@ -1,0 +1,207 @@
+"""Statistics stage by stage, on a model that changes between stages (sequential pruning).
+
+:mod:`compressor.quant.taps` runs the whole model once for every point it is asked for.
+A sequential algorithm (SparseGPT's sequential variant) asks for the inputs of a *stage*
+of layers, changes those layers, then asks for the inputs of the next stage, which must
+be computed by the changed layers. Re-running the model from its inputs for each stage
+costs one forward pass per stage (24 on a 6-block transformer). :class:`StagedStatistics`
+runs every node once instead:
+
+1. The nodes a request needs are the producers of its tensors, and theirs, back to the
+   graph inputs, initializers and the tensors already computed (a node's control-flow
+   bodies count their outer-scope reads as inputs). Only those run, in graph order, as
+   one segment: a model made of those nodes alone (their initializers, the segment's
+   inputs and outputs), in one ONNX Runtime session, over every calibration batch.
+2. Of everything computed so far, the tensors a node not run yet reads are *held*, per
+   batch, for the next segments; the rest is dropped. The model may change between
+   requests wherever nothing has run yet (weights, biases, a node added after a layer's
+   output); a node that already ran is never run again, so a change to it would not be
+   seen (the caller's order of requests must make such changes unnecessary).
+3. Each requested tensor is reduced batch by batch as :func:`~compressor.quant.taps.run_points`
+   reduces it (padding tokens excluded); a tensor already held or fed is reduced from
+   there, without running anything.
+
+Cost: every node of the model runs once over the calibration data across all requests
+(plus one session per request on a part of the model); memory: the held tensors of every
+calibration batch (on a transformer, the residual stream and the attention mask).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from compressor.data import MASK_INPUT
+from compressor.errors import CompressorError
+from compressor.model_io import ir_version_for
+from compressor.quant.taps import (
+    Collected,
+    StatPoint,
+    _Collectors,
+    ort_failure,
+    session_options,
+)
+
+if TYPE_CHECKING:
+    from compressor.data import Dataset
+
+__all__ = ["StagedStatistics"]
+
+logger = logging.getLogger(__name__)
+
+
+def _bodies(node: ir.Node) -> Iterator[ir.Graph]:
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            yield attr.as_graph()
+        elif attr.type == ir.AttributeType.GRAPHS:
+            yield from attr.as_graphs()
+
+
+def node_reads(node: ir.Node, main: ir.Graph) -> list[ir.Value]:
+    """The main-graph values ``node`` reads: its inputs and its bodies' outer-scope reads (case 1)."""
+    reads = [v for v in node.inputs if v is not None]
+    for body in _bodies(node):
+        for graph in (body, *body.subgraphs()):
+            reads.extend(v for inner in graph for v in inner.inputs if v is not None and v.graph is main)
+    return reads
+
+
+class StagedStatistics:
+    """Statistics of a model gathered request by request, each node run once (module docstring).
+
+    Args:
+        model: The model; the caller may change it between :meth:`collect` calls where
+            nothing has run yet (case 2).
+        data: The calibration samples.
+    """
+
+    def __init__(self, model: ir.Model, data: Dataset):
+        self.model = model
+        self.data = data
+        self._done: set[int] = set()
+        self._held: list[dict[str, np.ndarray]] = []
+        self._segments = 0
+        self._seconds = 0.0
+
+    def _needed(self, tensors: Collection[ir.Value]) -> list[ir.Node]:
+        """Nodes not run yet that the ``tensors`` need, in graph order (case 1)."""
+        graph = self.model.graph
+        need: set[int] = set()
+        stack = list(tensors)
+        while stack:
+            producer = stack.pop().producer()
+            if producer is None or id(producer) in self._done or id(producer) in need:
+                continue
+            need.add(id(producer))
+            stack.extend(node_reads(producer, graph))
+        return [node for node in graph if id(node) in need]
+
+    def _still_read(self) -> set[str]:
+        """Names of computed values that a node not run yet reads (case 2)."""
+        graph = self.model.graph
+        return {v.name for node in graph if id(node) not in self._done for v in node_reads(node, graph)
+                if v.producer() is not None and id(v.producer()) in self._done}
+
+    def _segment(self, nodes: list[ir.Node], outputs: list[ir.Value], known: dict[str, np.ndarray],
+                 ) -> tuple[ort.InferenceSession, list[str]]:
+        """One session running ``nodes`` alone; returns it and the names it reads (case 1).
+
+        ``known`` (the first batch's fed and held tensors) types an input the graph left untyped.
+        """
+        graph = self.model.graph
+        made = {id(v) for node in nodes for v in node.outputs}
+        reads: dict[str, ir.Value] = {}
+        for node in nodes:
+            for v in node_reads(node, graph):
+                if id(v) not in made:
+                    reads.setdefault(v.name, v)
+        proto = onnx.GraphProto(name="segment")
+        proto.node.extend(ir.serde.serialize_node(node) for node in nodes)
+        inputs = []
+        for name, v in reads.items():
+            if v.const_value is not None and v.producer() is None:
+                tensor = ir.serde.serialize_tensor(v.const_value)
+                tensor.name = name
+                proto.initializer.append(tensor)
+            else:
+                inputs.append(name)
+                proto.input.append(ir.serde.serialize_value(v) if v.type is not None or name not in known else
+                                   onnx.helper.make_tensor_value_info(
+                                       name, onnx.helper.np_dtype_to_tensor_dtype(known[name].dtype), None))
+        proto.output.extend(ir.serde.serialize_value(v) if v.type is not None else onnx.ValueInfoProto(name=v.name)
+                            for v in outputs)
+        model = onnx.helper.make_model(proto, opset_imports=[onnx.helper.make_opsetid(d, v)
+                                                             for d, v in self.model.opset_imports.items()])
+        model.ir_version = ir_version_for(self.model)
+        model.functions.extend(ir.serde.serialize_function(f) for f in self.model.functions.values())
+        session = ort.InferenceSession(model.SerializeToString(), session_options(),
+                                       providers=["CPUExecutionProvider"])
+        return session, inputs
+
+    def collect(self, points: Collection[StatPoint]) -> dict[StatPoint, Collected]:
+        """Run what ``points`` need that has not run yet, and reduce them (cases 1-3).
+
+        Raises:
+            CompressorError: a point's tensor is not in the main graph, or the data gave no batch.
+            DataError: the model fails in ONNX Runtime on the data (exit 2).
+        """
+        start = time.perf_counter()
+        points = list(dict.fromkeys(points))
+        graph = self.model.graph
+        values = {v.name: v for v in graph.inputs}
+        values.update(graph.initializers)
+        values.update((v.name, v) for node in graph for v in node.outputs)
+        missing = [p.tensor for p in points if p.tensor not in values]
+        if missing:
+            raise CompressorError(f"statistics: no tensor {', '.join(map(repr, missing))} in the model's main graph")
+        collectors = _Collectors(points, 2048)
+        constant = [p for p in points if values[p.tensor].const_value is not None
+                    and values[p.tensor].producer() is None]
+        collectors.feed({p.tensor: values[p.tensor].const_value.numpy() for p in constant}, None, None, constant)
+        streamed = [p for p in points if p not in constant]
+        nodes = self._needed([values[p.tensor] for p in streamed])
+        for node in nodes:
+            self._done.add(id(node))
+        keep = self._still_read()
+        made = {v.name for node in nodes for v in node.outputs}
+        fetch = list(dict.fromkeys([p.tensor for p in streamed if p.tensor in made]
+                                   + sorted(n for n in keep if n in made)))
+        first = {**(self._held[0] if self._held else {}), **next(self.data.batches(), {})}
+        session, reads = self._segment(nodes, [values[n] for n in fetch], first) if fetch else (None, [])
+        held: list[dict[str, np.ndarray]] = []
+        for i, feed in enumerate(self.data.batches()):
+            known = {**(self._held[i] if i < len(self._held) else {}), **feed}
+            batch = 1 if all(self.data.stacked.values()) else next(
+                feed[s.name].shape[0] for s in self.data.specs if not self.data.stacked[s.name])
+            if session is not None:
+                try:
+                    known.update(zip(fetch, session.run(fetch, {n: known[n] for n in reads})))
+                except Exception as err:  # ONNX Runtime's own error types: the model fails on this data
+                    raise ort_failure(err, self.data) from None
+            mask = feed.get(MASK_INPUT)
+            collectors.feed(known, batch, None if mask is None else np.asarray(mask), streamed)
+            held.append({n: known[n] for n in keep if n in known and n not in feed})
+        self._held = held
+        empty = [p.tensor for p, r in collectors.results.items() if r is None]
+        if empty:
+            raise CompressorError("statistics: the calibration data gave no batch to run, so there are no moments "
+                                  f"of {', '.join(map(repr, empty))}")
+        seconds = time.perf_counter() - start
+        self._segments += 1
+        self._seconds += seconds
+        logger.debug("staged statistics: %d point(s), %d node(s) run, %d tensor(s) held, %.2fs", len(points),
+                     len(nodes), len(keep), seconds)
+        return collectors.results
+
+    @property
+    def summary(self) -> str:
+        """Requests answered, nodes run and seconds, for a log line."""
+        return f"{self._segments} stages, {len(self._done)} nodes run once, {self._seconds:.1f}s"

@@ -1,0 +1,151 @@
+"""Layer-wise pruning from calibration statistics: all layers from the dense model, or stage by stage.
+
+The sparsity passes decide each weight from statistics of its layer's input (Wanda's
+``||X||``, SparseGPT's ``X X^T``, bias correction's ``E[x]``). :func:`prune_layers` takes
+them in one of two ways:
+
+1. *Dense* (one shot): every layer's statistics come from the model as the pass found it,
+   in one statistics run (:func:`._sparsity.input_moments`, cached per model and data).
+2. *Sequential* (SparseGPT's sequential variant, Frantar & Alistarh 2023, section 3.4):
+   the layers are split into stages (:func:`plan_stages`) and each stage's statistics are
+   gathered on the model whose earlier stages are already pruned, reconstructed and (with
+   bias correction) bias-corrected, so a layer's Hessian ``X Xᵀ`` is that of the inputs it
+   will really see, and its reconstruction ``min ||W X - W_p X||`` is taken on them; its
+   bias correction ``b' = b + (W - W_p) E[x]`` reads the same inputs. The statistics come
+   from :class:`compressor.quant.staged.StagedStatistics`, which runs every node of the
+   model once over the calibration data across all stages.
+
+Stages (:func:`plan_stages`): the stage of a layer is one more than the highest stage of
+the pruned layers its input depends on (through any path of the graph; graph inputs and
+constants are at stage 0). Layers reading the same input (a transformer's Q, K and V) or
+independent branches share a stage; the attention output projection, the two FFN layers
+and the next block's Q/K/V follow one by one (4 stages per BERT block); a plain CNN gets
+one stage per layer. A weight shared by several layers is pruned once, at the latest
+stage of its readers, from the sum of their statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+from compressor.passes._bias_correction import correct_biases
+from compressor.passes._graph import NameAllocator
+from compressor.passes._layers import Layer
+from compressor.passes._sparsity import input_moments, write_groups
+
+from compressor.quant.staged import StagedStatistics, node_reads
+from compressor.quant.taps import ChannelMoments, StatPoint
+
+if TYPE_CHECKING:
+    from compressor.data import Dataset
+
+__all__ = ["LayerwiseResult", "plan_stages", "prune_layers"]
+
+logger = logging.getLogger(__name__)
+
+Prune = Callable[[Sequence[Layer], np.ndarray, Mapping[str, ChannelMoments]], np.ndarray]
+
+
+def plan_stages(graph: ir.Graph, groups: Sequence[Sequence[Layer]]) -> list[list[int]]:
+    """Indices of ``groups`` (layers sharing a weight) by stage, earliest first (module docstring)."""
+    of_node = {id(layer.node): i for i, group in enumerate(groups) for layer in group}
+    level: dict[int, int] = {}  # id(value) -> highest stage of the pruned layers it depends on
+    stage = [0] * len(groups)
+    for node in graph:
+        upstream = max((level.get(id(v), 0) for v in node_reads(node, graph)), default=0)
+        if id(node) in of_node:
+            index = of_node[id(node)]
+            stage[index] = max(stage[index], upstream + 1)
+            upstream = stage[index]
+        for out in node.outputs:
+            level[id(out)] = upstream
+    by_stage: dict[int, list[int]] = {}
+    for index, s in enumerate(stage):
+        by_stage.setdefault(s, []).append(index)
+    return [by_stage[s] for s in sorted(by_stage)]
+
+
+class LayerwiseResult:
+    """What :func:`prune_layers` did, for the pass's stats.
+
+    Attributes:
+        dense: Each group's weight before.
+        new: Each group's weight after.
+        per_layer: Layer name -> sparsity of its new weight.
+        corrected: Layer name -> how its bias was corrected (bias correction only).
+        stages: Statistics stages run (``0``: dense statistics or none).
+    """
+
+    def __init__(self) -> None:
+        self.dense: list[np.ndarray] = []
+        self.new: list[np.ndarray] = []
+        self.per_layer: dict[str, float] = {}
+        self.corrected: dict[str, str] = {}
+        self.stages = 0
+
+
+def _points(layers: Sequence[Layer], gram: bool) -> dict[str, StatPoint]:
+    points = {}
+    for layer in layers:
+        act, axis = layer.activation(), layer.activation_axis()
+        if act is not None and act.name and axis is not None:
+            points[act.name] = StatPoint(act.name, "moments", axis, gram)
+    return points
+
+
+def prune_layers(model: ir.Model, groups: Sequence[Sequence[Layer]], prune: Prune, *, data: Dataset | None,
+                 cache: dict, needs_stats: Sequence[bool], gram: bool, sequential: bool,
+                 bias_correction: bool) -> LayerwiseResult:
+    """Give every group of layers its pruned weight and (optionally) correct their biases.
+
+    Args:
+        model: Changed in place.
+        groups: Layers sharing a weight (:func:`._sparsity.group_by_weight`).
+        prune: ``(group, dense weight, moments by activation name) -> new weight``.
+        data: Calibration data (``None`` when no group needs statistics).
+        cache: The pass context's statistics cache (dense statistics only).
+        needs_stats: Per group, whether its pruning or bias correction reads statistics.
+        gram: Gather ``X X^T`` too (SparseGPT).
+        sequential: Case 2 of the module docstring, else case 1.
+        bias_correction: ``b' = b + (W - W_p) E[x]`` for every changed layer.
+    """
+    graph = model.graph
+    names = NameAllocator(graph)
+    out = LayerwiseResult()
+    out.dense = [group[0].array() for group in groups]
+    order = [layer.name for group in groups for layer in group]  # before a new Add renames an unnamed node's label
+    out.new = list(out.dense)
+    stats_layers = [layer for group, need in zip(groups, needs_stats) if need for layer in group]
+    if not sequential or not stats_layers:  # case 1
+        moments = input_moments(model, stats_layers, data, cache, gram=gram) if stats_layers else {}
+        out.new = [prune(group, w, moments) for group, w in zip(groups, out.dense)]
+        out.per_layer, changed = write_groups(graph, groups, out.dense, out.new, names)
+        if bias_correction:
+            out.corrected = correct_biases(graph, changed, moments, names)
+        return out
+    plain = [i for i, need in enumerate(needs_stats) if not need]  # case 2: those without statistics first
+    stages = [plain] if plain else []
+    stages += [[i for i in stage if needs_stats[i]] for stage in plan_stages(graph, groups)]
+    staged = StagedStatistics(model, data)
+    for stage in (s for s in stages if s):
+        members = [groups[i] for i in stage]
+        moments: dict[str, ChannelMoments] = {}
+        if stage is not plain:
+            points = _points([layer for group in members for layer in group], gram)
+            found = staged.collect(points.values())
+            moments = {name: found[p] for name, p in points.items()}
+            out.stages += 1
+        for i in stage:
+            out.new[i] = prune(groups[i], out.dense[i], moments)
+        per_layer, changed = write_groups(graph, members, [out.dense[i] for i in stage],
+                                          [out.new[i] for i in stage], names)
+        out.per_layer.update(per_layer)
+        if bias_correction:
+            out.corrected.update(correct_biases(graph, changed, moments, names))
+    logger.info("sequential statistics: %s", staged.summary)
+    out.per_layer = {name: out.per_layer[name] for name in order if name in out.per_layer}
+    return out
