@@ -46,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_minilm import SEQ, _minilm_dir, pooled, table, time_interleaved  # noqa: E402
+from bench_minilm import SEQ, _minilm_dir, cpu_line, pooled, table, time_interleaved  # noqa: E402
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -366,6 +366,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    print(cpu_line())
     results: dict = {}
     if args.recover:
         extra = {k: v for k, v in (("schedule", args.schedule), ("pgf_decay", args.pgf_decay), ("holdout", args.holdout),
