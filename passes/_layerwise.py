@@ -20,8 +20,9 @@ the pruned layers its input depends on (through any path of the graph; graph inp
 constants are at stage 0). Layers reading the same input (a transformer's Q, K and V) or
 independent branches share a stage; the attention output projection, the two FFN layers
 and the next block's Q/K/V follow one by one (4 stages per BERT block); a plain CNN gets
-one stage per layer. A weight shared by several layers is pruned once, at the latest
-stage of its readers, from the sum of their statistics.
+one stage per layer. A weight shared by several layers at the same stage is pruned once,
+from the sum of their statistics; one shared across stages (a layer reused deeper in the
+graph) makes the pass take dense statistics for every layer, with a warning.
 """
 
 from __future__ import annotations
@@ -50,8 +51,14 @@ logger = logging.getLogger(__name__)
 Prune = Callable[[Sequence[Layer], np.ndarray, Mapping[str, ChannelMoments]], np.ndarray]
 
 
-def plan_stages(graph: ir.Graph, groups: Sequence[Sequence[Layer]]) -> list[list[int]]:
-    """Indices of ``groups`` (layers sharing a weight) by stage, earliest first (module docstring)."""
+def plan_stages(graph: ir.Graph, groups: Sequence[Sequence[Layer]]) -> list[list[int]] | None:
+    """Indices of ``groups`` (layers sharing a weight) by stage, earliest first (module docstring).
+
+    ``None`` when a shared weight's readers fall in different stages (one of them deeper
+    than another, e.g. an encoder layer reused after others): the earlier reader would run
+    with the weight still dense while the layers after it are pruned on its output, and its
+    pruned weight would arrive after them. Such a model takes dense statistics (case 1).
+    """
     of_node = {id(layer.node): i for i, group in enumerate(groups) for layer in group}
     level: dict[int, int] = {}  # id(value) -> highest stage of the pruned layers it depends on
     stage = [0] * len(groups)
@@ -59,7 +66,9 @@ def plan_stages(graph: ir.Graph, groups: Sequence[Sequence[Layer]]) -> list[list
         upstream = max((level.get(id(v), 0) for v in node_reads(node, graph)), default=0)
         if id(node) in of_node:
             index = of_node[id(node)]
-            stage[index] = max(stage[index], upstream + 1)
+            if stage[index] and upstream + 1 != stage[index]:
+                return None
+            stage[index] = upstream + 1
             upstream = stage[index]
         for out in node.outputs:
             level[id(out)] = upstream
@@ -78,6 +87,8 @@ class LayerwiseResult:
         per_layer: Layer name -> sparsity of its new weight.
         corrected: Layer name -> how its bias was corrected (bias correction only).
         stages: Statistics stages run (``0``: dense statistics or none).
+        sequential: Whether the statistics were sequential (asked for, and no weight shared
+            across stages made the pass take the dense model's).
     """
 
     def __init__(self) -> None:
@@ -86,6 +97,7 @@ class LayerwiseResult:
         self.per_layer: dict[str, float] = {}
         self.corrected: dict[str, str] = {}
         self.stages = 0
+        self.sequential = False
 
 
 def _points(layers: Sequence[Layer], gram: bool) -> dict[str, StatPoint]:
@@ -120,7 +132,13 @@ def prune_layers(model: ir.Model, groups: Sequence[Sequence[Layer]], prune: Prun
     order = [layer.name for group in groups for layer in group]  # before a new Add renames an unnamed node's label
     out.new = list(out.dense)
     stats_layers = [layer for group, need in zip(groups, needs_stats) if need for layer in group]
-    if not sequential or not stats_layers:  # case 1
+    planned = plan_stages(graph, groups) if sequential and stats_layers else None
+    if sequential and stats_layers and planned is None:
+        shared = [layer.name for group in groups if len(group) > 1 for layer in group]
+        logger.warning("sequential statistics: a weight is shared by layers at different depths (among %s); every "
+                       "layer's statistics come from the dense model instead", ", ".join(shared[:6]))
+    out.sequential = sequential and (planned is not None or not stats_layers)
+    if planned is None:  # case 1
         moments = input_moments(model, stats_layers, data, cache, gram=gram) if stats_layers else {}
         out.new = [prune(group, w, moments) for group, w in zip(groups, out.dense)]
         out.per_layer, changed = write_groups(graph, groups, out.dense, out.new, names)
@@ -129,7 +147,7 @@ def prune_layers(model: ir.Model, groups: Sequence[Sequence[Layer]], prune: Prun
         return out
     plain = [i for i, need in enumerate(needs_stats) if not need]  # case 2: those without statistics first
     stages = [plain] if plain else []
-    stages += [[i for i in stage if needs_stats[i]] for stage in plan_stages(graph, groups)]
+    stages += [[i for i in stage if needs_stats[i]] for stage in planned]
     staged = StagedStatistics(model, data)
     for stage in (s for s in stages if s):
         members = [groups[i] for i in stage]

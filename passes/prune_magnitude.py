@@ -172,7 +172,7 @@ class PruneMagnitude(Pass):
         total = sum(w.size for w in dense)
         stats = {
             "method": opts.method,
-            **({"damp": opts.damp, "sequential": sequential} if opts.method == "sparsegpt" else {}),
+            **({"damp": opts.damp, "sequential": done.sequential} if opts.method == "sparsegpt" else {}),
             **({"statistics_stages": done.stages} if done.stages else {}),
             "layers_pruned": len(per_layer),
             "sparsity_before": round(sum(int((w == 0).sum()) for w in dense) / total, 4) if total else 0.0,

@@ -165,7 +165,7 @@ class SparsifyNM(Pass):
         stats = {
             "pattern": f"{n}:{m}",
             "mask": opts.mask,
-            **({"damp": opts.damp, "sequential": sequential} if opts.mask == "sparsegpt" else {}),
+            **({"damp": opts.damp, "sequential": done.sequential} if opts.mask == "sparsegpt" else {}),
             **({"statistics_stages": done.stages} if done.stages else {}),
             "layers_sparsified": len(done.per_layer),
             **({"already_sparse": already} if already else {}),

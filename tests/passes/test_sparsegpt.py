@@ -405,3 +405,32 @@ def test_sequential_option_validation():
     with pytest.raises(OptionsError, match="sequential"):
         SparsifyNM({"mask": "sparsegpt", "sequential": "yes"})
     assert SparsifyNM({"mask": "wanda", "sequential": False}).options.sequential is False
+
+
+def test_sequential_with_a_weight_shared_across_depths_takes_dense_statistics(caplog):
+    """``y = relu(relu(relu(x) W) W3) W``: W's second reader is two stages deeper than its
+    first. Sequential statistics would run the first reader with W still dense under layers
+    pruned on its output (it crashed: the first reader's input was no longer held); the
+    pass takes the dense model's statistics instead, says so, and keeps the N:M pattern."""
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    w3 = rng.standard_normal((8, 8)).astype(np.float32)
+    model = model_from_text(HEADER + """
+        g (float[N, 8] x) => (float[N, 8] y) {
+            r0 = Relu(x)
+            a = MatMul(r0, w)
+            r1 = Relu(a)
+            b = MatMul(r1, w3)
+            r2 = Relu(b)
+            y = MatMul(r2, w)
+        }""", w=w, w3=w3)
+    data = _dataset(model, {"x": _correlated(16, 1, 8, seed=22).reshape(-1, 8)})
+    with caplog.at_level("WARNING", logger="compressor"):
+        result = SparsifyNM({"mask": "sparsegpt"}).run(_clone(model), _ctx(data))
+    assert "shared by layers at different depths" in caplog.text
+    assert result.stats["sequential"] is False and "statistics_stages" not in result.stats
+    for weight in _weights(result.model):
+        assert _group_nonzeros(weight, 4, axis=0).max() <= 2
+    dense = SparsifyNM({"mask": "sparsegpt", "sequential": False}).run(_clone(model), _ctx(data)).model
+    for a, b in zip(_weights(result.model), _weights(dense)):
+        np.testing.assert_array_equal(a, b)
