@@ -26,8 +26,9 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
    ``b_q = round(b / (s_x * s_w))`` with scale ``s_x * s_w`` (per channel where ``s_w``
    is), zero point 0; LayerNormalization's gamma gets ``QdqRules.norm_weight``;
 4. the constant weight (input 1) of a MatMul/Gemm that ``quantize`` did not quantize (an
-   unrolled LSTM's) gets the target's weight spec for that op when it is per tensor
-   (``int8`` symmetric on HTP), at any activation width, as ``quantize``'s layers;
+   unrolled LSTM's, or a layer the recipe's scope left out: HTP has no float path, so it
+   runs as the target's layers do) gets the target's weight spec for that op when it is per
+   tensor (``int8`` symmetric on HTP), at any activation width, as ``quantize``'s layers;
    every other float constant a node reads (an Add's bias, a Mul's scale, an embedding
    table...) is quantized per tensor at the node's width over ``[min(c, 0), max(c, 0)]``,
    so scalars are exact; except the inputs ``QdqRules.float_params`` names (Resize's roi

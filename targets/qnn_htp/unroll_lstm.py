@@ -28,10 +28,12 @@ The rule (ONNX LSTM, gate order ``i, o, f, c``; per direction ``d``, weights ``W
    pre-activation spans the whole calibrated range of every gate of every step, ``±160``
    on ddddocr's reverse direction, so an 8-bit step (1.28) is wider than the region where
    a sigmoid moves (``|x| < 4``); one encoding per tensor cannot be narrower, since the
-   gates that saturate set the range. The gate outputs (Sigmoid/Tanh, in ``[0, 1]`` and
-   ``[-1, 1]``), the cell and hidden states stay at the recipe's width: on ddddocr widening
-   them bought nothing measurable. The MatMul weights stay 8-bit (``qnn-quantize-tensors``
-   quantizes a MatMul's constant weight as the target's layers).
+   gates that saturate set the range. The marked Sigmoid/Tanh compute and encode their
+   outputs (in ``[0, 1]`` and ``[-1, 1]``) at 16 bits too, and the cell's and hidden
+   state's Muls requantize them to the recipe's width (a Convert each); the cell and hidden
+   states stay at the recipe's width: on ddddocr widening them bought nothing measurable.
+   The MatMul weights stay 8-bit (``qnn-quantize-tensors`` quantizes a MatMul's constant
+   weight as the target's layers).
 
 Exact in real arithmetic (float rounding differs by the order of the sums only). Slices,
 reshapes and concatenations use no opset-dependent attribute (``Slice`` with inputs,

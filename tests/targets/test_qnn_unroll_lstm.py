@@ -9,14 +9,19 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES, float_compute_nodes, lint
+from compressor.targets.onnx import ort_session
+from compressor.targets.qnn_htp import (
+    HTP_QDQ_RULES,
+    QNN_HTP_CAPABILITIES,
+    float_compute_nodes,
+    lint,
+)
 from compressor.targets.qnn_htp.rules import UNFINALIZED_OPS
 from compressor.targets.qnn_htp.unroll_lstm import unroll_problem
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.data import load_npz
 from compressor.inputs import model_input_specs
-from compressor.model_io import model_bytes
 from compressor.pipeline import PassContext, build_pass
 
 HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
@@ -56,11 +61,7 @@ def lstm(direction: str = "forward", initial: str = "none", outputs: tuple[str, 
 
 
 def _run(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # Q/DQ run as written
-    return ort.InferenceSession(model_bytes(model), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    return ort_session(model, as_written=True).run(None, {"x": x})  # Q/DQ as written, as HTP computes it
 
 
 def _x(seed: int = 1, n: int | None = None) -> np.ndarray:
@@ -207,8 +208,9 @@ def _encoding_dtype(value: ir.Value) -> str:
 def test_gate_pre_activations_run_at_16_bits_the_states_at_the_recipes_width(tmp_path):
     """Issue 12 (ddddocr_common): an LSTM's gate pre-activations span the range of every gate of
     every step (±160 on ddddocr), so at 8 bits their step is wider than where a sigmoid moves;
-    qnn-unroll-lstm marks them (and the Sigmoid/Tanh reading them) for 16 bits (case 4). The
-    gate outputs, C_t and H_t stay 8-bit; the MatMul weights are int8 symmetric as a layer's."""
+    qnn-unroll-lstm marks them (and the Sigmoid/Tanh reading them, whose outputs are encoded
+    at 16 bits too) for 16 bits (case 4). The cell's products, C_t and H_t stay 8-bit; the
+    MatMul weights are int8 symmetric as a layer's."""
     model = _legalized_gates(tmp_path, "int16", gain=1.0)
     assert float_compute_nodes(model) == []
     by_kind: dict[str, set[str]] = {}
@@ -233,11 +235,7 @@ GAIN = 16.0
 
 def _run_all(model: ir.Model, xs: np.ndarray) -> np.ndarray:
     """``Y`` for each sample of ``xs``, from one session."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # Q/DQ run as written
-    session = ort.InferenceSession(model_bytes(model), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(model, as_written=True)
     return np.stack([session.run(None, {"x": x})[0] for x in xs])
 
 
