@@ -203,6 +203,8 @@ def ort_session(model_or_path: ir.Model | bytes | str | Path, *, threads: int | 
     (``Capabilities.simulate_as_written``).
     """
     if shared is not None and isinstance(model_or_path, ir.Model):
+        if as_written and not shared.as_written:
+            raise ValueError("ort_session: as_written with shared initializers built without it")
         return shared.session(model_or_path, threads=threads)
     source = model_bytes(model_or_path) if isinstance(model_or_path, ir.Model) else (
         model_or_path if isinstance(model_or_path, bytes) else str(model_or_path))

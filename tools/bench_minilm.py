@@ -184,10 +184,10 @@ def time_runners(runners: dict, feed: dict[str, np.ndarray], rounds: int = 30, b
         for _ in range(3):
             run(feed)
     block = max(1, min(block, rounds))
-    for _ in range(-(-rounds // block)):
+    for turn in range(0, rounds, block):
         for k, run in runners.items():
             run(feed)
-            for _ in range(block):
+            for _ in range(min(block, rounds - turn)):
                 t = time.perf_counter()
                 run(feed)
                 times[k].append((time.perf_counter() - t) * 1000)

@@ -109,7 +109,11 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) 
     except Exception as err:  # noqa: BLE001
         ref_run, ref, fp32_error = None, None, err_text(err)
         logger.warning("%s: the fp32 model does not run on %s: %s", zm.key, target, fp32_error)
-    feed = feeds(zm.path(), folder, "eval")[0]
+    try:
+        feed = feeds(zm.path(), folder, "eval")[0]
+    except Exception as err:  # noqa: BLE001  (rows still record what compress and the rival did)
+        feed, ref = None, None
+        fp32_error = fp32_error or f"(eval data) {err_text(err)}"
     runners: dict[str, Any] = {}
     for system, make in systems:
         logger.info("%s / %s / %s ...", zm.key, target, system)
@@ -133,7 +137,14 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) 
         rows.append(row)
     if runners:
         logger.info("%s / %s: timing fp32 and %d artifacts round-robin ...", zm.key, target, len(runners))
-        ms = time_runners({"fp32": ref_run, **runners}, feed, ROUNDS[target])
+        try:
+            ms = time_runners({"fp32": ref_run, **runners}, feed, ROUNDS[target])
+        except Exception as err:  # noqa: BLE001  (scored rows keep their metrics)
+            logger.debug("timing failed", exc_info=True)
+            for row in rows:
+                if row["system"] in runners:
+                    row["run_error"] = f"(timing) {err_text(err)}"
+            return rows
         for row in rows:
             if row["system"] in runners:
                 row["ms"] = {"fp32": ms["fp32"], "int8": ms[row["system"]]}

@@ -98,11 +98,12 @@ def _quantized_copy(data: bytes) -> ir.Model:
 def _shared_initializers(shared: Mapping[str, Any]) -> SharedInitializers:
     """The initializers of the model :func:`_quantized_copy` last decoded, for ONNX Runtime
     (sessions that run Q/DQ as written where the target says so: ``Capabilities.simulate_as_written``)."""
-    if "initializers" not in _decoded:
-        target = getattr(shared.get("context"), "target", None)
-        as_written = target is not None and target.capabilities.simulate_as_written
-        _decoded["initializers"] = SharedInitializers(_decoded["model"], as_written=as_written)
-    return _decoded["initializers"]
+    target = getattr(shared.get("context"), "target", None)
+    as_written = target is not None and target.capabilities.simulate_as_written
+    held = _decoded.get("initializers")
+    if held is None or held.as_written != as_written:
+        _decoded["initializers"] = held = SharedInitializers(_decoded["model"], as_written=as_written)
+    return held
 
 
 def release_decoded() -> None:
