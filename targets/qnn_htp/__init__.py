@@ -86,6 +86,7 @@ from compressor.targets.qnn_htp.unroll_lstm import unroll_problem
 from compressor.errors import CompressorError
 from compressor.model_io import save_model
 from compressor.pass_manager import control_flow_bodies
+from compressor.quant.staged import node_reads
 from compressor.strict_json import write_json
 
 __all__ = [
@@ -315,5 +316,7 @@ def _foldable(model: ir.Model) -> set[int]:
             static = node.op_type == "Constant" or (bool(node.inputs) and all(is_const(v) for v in node.inputs))
         if static:
             done.add(id(node))
+            if node.op_type == "If" and not all(is_const(v) for v in node_reads(node, model.graph)):
+                continue  # the branch it inlines reads data: what it computes is not constant
             const.update(id(v) for v in node.outputs)
     return done

@@ -318,6 +318,17 @@ def test_an_lstm_in_an_if_branch_folding_inlines_is_unrolled():
     assert build_pass("qnn-unroll-lstm", None).run(folded, PassContext()).stats["lstm_unrolled"] == 1
 
 
+def test_lint_checks_what_follows_an_if_on_a_constant_condition():
+    """The If is folded away, but its branch reads ``x``: what is computed from its output is
+    not constant, and lint must still check it (it skipped every node after such an If)."""
+    model = _lstm_in_body("if_const")
+    z = model.graph.outputs[0]
+    det = ir.node("Det", [z], name="after_if")
+    model.graph.append(det)
+    model.graph.outputs[0] = det.outputs[0]
+    assert dict(lint(model)) == {"after_if": "op Det is not supported by QNN HTP"}
+
+
 @pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
 def test_cli_exit_4_names_an_lstm_in_a_loop_body_before_calibrating(tmp_path, capsys):
     from compressor.cli import main
