@@ -36,10 +36,10 @@ import onnx_ir as ir
 from compressor.passes._bias_correction import correct_biases
 from compressor.passes._graph import NameAllocator
 from compressor.passes._layers import Layer
-from compressor.passes._sparsity import input_moments, write_groups
+from compressor.passes._sparsity import input_moments, moment_points, write_groups
 
 from compressor.quant.staged import StagedStatistics, node_reads
-from compressor.quant.taps import ChannelMoments, StatPoint
+from compressor.quant.taps import ChannelMoments
 
 if TYPE_CHECKING:
     from compressor.data import Dataset
@@ -100,15 +100,6 @@ class LayerwiseResult:
         self.sequential = False
 
 
-def _points(layers: Sequence[Layer], gram: bool) -> dict[str, StatPoint]:
-    points = {}
-    for layer in layers:
-        act, axis = layer.activation(), layer.activation_axis()
-        if act is not None and act.name and axis is not None:
-            points[act.name] = StatPoint(act.name, "moments", axis, gram)
-    return points
-
-
 def prune_layers(model: ir.Model, groups: Sequence[Sequence[Layer]], prune: Prune, *, data: Dataset | None,
                  cache: dict, needs_stats: Sequence[bool], gram: bool, sequential: bool,
                  bias_correction: bool) -> LayerwiseResult:
@@ -153,7 +144,7 @@ def prune_layers(model: ir.Model, groups: Sequence[Sequence[Layer]], prune: Prun
         members = [groups[i] for i in stage]
         moments: dict[str, ChannelMoments] = {}
         if stage is not plain:
-            points = _points([layer for group in members for layer in group], gram)
+            points = moment_points([layer for group in members for layer in group], gram)
             found = staged.collect(points.values())
             moments = {name: found[p] for name, p in points.items()}
             out.stages += 1

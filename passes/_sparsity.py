@@ -62,13 +62,19 @@ def input_moments(model: ir.Model, layers: Sequence[Layer], data: Dataset, cache
     Args:
         gram: Also keep each input's channel Gram matrix ``sum x x^T`` (SparseGPT).
     """
+    points = moment_points(layers, gram)
+    found = gather(model, data, points.values(), cache)
+    return {name: found[p] for name, p in points.items()}
+
+
+def moment_points(layers: Sequence[Layer], gram: bool = False) -> dict[str, StatPoint]:
+    """Activation name -> the :class:`StatPoint` of each layer's input moments along its reduction axis."""
     points = {}
     for layer in layers:
         act, axis = layer.activation(), layer.activation_axis()
         if act is not None and act.name and axis is not None:
             points[act.name] = StatPoint(act.name, "moments", axis, gram)
-    found = gather(model, data, points.values(), cache)
-    return {name: found[p] for name, p in points.items()}
+    return points
 
 
 def replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, names: NameAllocator, *,
