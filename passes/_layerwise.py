@@ -140,12 +140,14 @@ def prune_layers(model: ir.Model, groups: Sequence[Sequence[Layer]], prune: Prun
     stages = [plain] if plain else []
     stages += [[i for i in stage if needs_stats[i]] for stage in planned]
     staged = StagedStatistics(model, data)
-    for stage in (s for s in stages if s):
+    stages = [s for s in stages if s]
+    for k, stage in enumerate(stages):
         members = [groups[i] for i in stage]
         moments: dict[str, ChannelMoments] = {}
         if stage is not plain:
             points = moment_points([layer for group in members for layer in group], gram)
-            found = staged.collect(points.values())
+            later = [layer.activation() for s in stages[k + 1:] for i in s for layer in groups[i]]
+            found = staged.collect(points.values(), later=[v for v in later if v is not None])
             moments = {name: found[p] for name, p in points.items()}
             out.stages += 1
         for i in stage:

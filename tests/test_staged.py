@@ -85,3 +85,28 @@ def test_a_model_failing_on_the_data_is_exit_2():
     with pytest.raises(DataError, match=r"calibration: the model fails in ONNX Runtime on the calibration data "
                                         r"\(bad.npz\)"):
         StagedStatistics(model, data).collect([_point("h1")])
+
+
+def test_only_what_the_later_requests_need_is_held():
+    """An output head reads ``a`` beside the chain: with the later requests named, ``a`` is not
+    held for every calibration batch after the request for ``h1`` (it was, for nothing)."""
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[N,3,8] x, int64[N,3] attention_mask) => (float[N,3,4] y, float[N,3,8] side) {{
+      a = MatMul(x, w1)
+      side = Sigmoid(a)
+      h1 = Relu(a)
+      b = MatMul(h1, w2)
+      h2 = Relu(b)
+      y = MatMul(h2, w3)
+    }}""", w1=rng.standard_normal((8, 8)).astype(np.float32), w2=rng.standard_normal((8, 8)).astype(np.float32),
+        w3=rng.standard_normal((8, 4)).astype(np.float32))
+    data = _data(model)
+    h2 = next(v for node in model.graph for v in node.outputs if v.name == "h2")
+    everything, named = StagedStatistics(model, data), StagedStatistics(model, data)
+    everything.collect([_point("h1")])
+    named.collect([_point("h1")], later=[h2])
+    assert set(everything._held[0]) == {"a", "h1"} and set(named._held[0]) == {"h1"}
+    whole = run_points(model, data, [_point("h2")])[_point("h2")]
+    np.testing.assert_allclose(named.collect([_point("h2")], later=[])[_point("h2")].gram, whole.gram, rtol=1e-6)
+    assert named._held == [{} for _ in named._held]

@@ -23,7 +23,8 @@ runs every node once instead:
 
 Cost: every node of the model runs once over the calibration data across all requests
 (plus one session per request on a part of the model); memory: the held tensors of every
-calibration batch (on a transformer, the residual stream and the attention mask).
+calibration batch (on a transformer, the residual stream and the attention mask), only
+those the later requests need when the caller names them (``collect(..., later=...)``).
 """
 
 from __future__ import annotations
@@ -104,11 +105,16 @@ class StagedStatistics:
             stack.extend(node_reads(producer, graph))
         return [node for node in graph if id(node) in need]
 
-    def _still_read(self) -> set[str]:
-        """Names of computed values that a node not run yet reads (case 2)."""
+    def _still_read(self, later: Collection[ir.Value] | None) -> set[str]:
+        """Names of computed values that a node not run yet reads (case 2): with ``later``,
+        only those the tensors of the later requests need (and those tensors, if computed)."""
         graph = self.model.graph
-        return {v.name for node in graph if id(node) not in self._done for v in node_reads(node, graph)
+        pending = [node for node in graph if id(node) not in self._done] if later is None else self._needed(later)
+        held = {v.name for node in pending for v in node_reads(node, graph)
                 if v.producer() is not None and id(v.producer()) in self._done}
+        if later is not None:
+            held.update(v.name for v in later if v.producer() is not None and id(v.producer()) in self._done)
+        return held
 
     def _segment(self, nodes: list[ir.Node], outputs: list[ir.Value], known: dict[str, np.ndarray],
                  ) -> tuple[ort.InferenceSession, list[str]]:
@@ -146,8 +152,13 @@ class StagedStatistics:
                                        providers=["CPUExecutionProvider"])
         return session, inputs
 
-    def collect(self, points: Collection[StatPoint]) -> dict[StatPoint, Collected]:
+    def collect(self, points: Collection[StatPoint], later: Collection[ir.Value] | None = None,
+                ) -> dict[StatPoint, Collected]:
         """Run what ``points`` need that has not run yet, and reduce them (cases 1-3).
+
+        ``later``: the tensors the requests after this one will ask for (as the model is
+        now), so that only what they need is held between requests; ``None``: everything a
+        node not run yet reads is held (an output head's input too, for nothing).
 
         Raises:
             CompressorError: a point's tensor is not in the main graph, or the data gave no batch.
@@ -170,7 +181,7 @@ class StagedStatistics:
         nodes = self._needed([values[p.tensor] for p in streamed])
         for node in nodes:
             self._done.add(id(node))
-        keep = self._still_read()
+        keep = self._still_read(later)
         made = {v.name for node in nodes for v in node.outputs}
         fetch = list(dict.fromkeys([p.tensor for p in streamed if p.tensor in made]
                                    + sorted(n for n in keep if n in made)))
@@ -197,8 +208,9 @@ class StagedStatistics:
         seconds = time.perf_counter() - start
         self._segments += 1
         self._seconds += seconds
-        logger.debug("staged statistics: %d point(s), %d node(s) run, %d tensor(s) held, %.2fs", len(points),
-                     len(nodes), len(keep), seconds)
+        logger.debug("staged statistics: %d point(s), %d node(s) run, %d tensor(s) held (%.1f MB), %.2fs",
+                     len(points), len(nodes), len(keep), sum(a.nbytes for h in held for a in h.values()) / 2**20,
+                     seconds)
         return collectors.results
 
     @property
