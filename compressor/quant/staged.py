@@ -40,14 +40,16 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from compressor.data import MASK_INPUT
-from compressor.errors import CompressorError
 from compressor.model_io import ir_version_for
 from compressor.quant.taps import (
     Collected,
     StatPoint,
-    _Collectors,
+    batch_size,
+    main_values,
     ort_failure,
+    require_results,
     session_options,
+    start_collecting,
 )
 
 if TYPE_CHECKING:
@@ -167,17 +169,8 @@ class StagedStatistics:
         start = time.perf_counter()
         points = list(dict.fromkeys(points))
         graph = self.model.graph
-        values = {v.name: v for v in graph.inputs}
-        values.update(graph.initializers)
-        values.update((v.name, v) for node in graph for v in node.outputs)
-        missing = [p.tensor for p in points if p.tensor not in values]
-        if missing:
-            raise CompressorError(f"statistics: no tensor {', '.join(map(repr, missing))} in the model's main graph")
-        collectors = _Collectors(points, 2048)
-        constant = [p for p in points if values[p.tensor].const_value is not None
-                    and values[p.tensor].producer() is None]
-        collectors.feed({p.tensor: values[p.tensor].const_value.numpy() for p in constant}, None, None, constant)
-        streamed = [p for p in points if p not in constant]
+        values = main_values(graph)
+        collectors, _, streamed = start_collecting(points, values, graph, 2048)
         nodes = self._needed([values[p.tensor] for p in streamed])
         for node in nodes:
             self._done.add(id(node))
@@ -190,8 +183,7 @@ class StagedStatistics:
         held: list[dict[str, np.ndarray]] = []
         for i, feed in enumerate(self.data.batches()):
             known = {**(self._held[i] if i < len(self._held) else {}), **feed}
-            batch = 1 if all(self.data.stacked.values()) else next(
-                feed[s.name].shape[0] for s in self.data.specs if not self.data.stacked[s.name])
+            batch = batch_size(self.data, feed)
             if session is not None:
                 try:
                     known.update(zip(fetch, session.run(fetch, {n: known[n] for n in reads})))
@@ -201,10 +193,7 @@ class StagedStatistics:
             collectors.feed(known, batch, None if mask is None else np.asarray(mask), streamed)
             held.append({n: known[n] for n in keep if n in known and n not in feed})
         self._held = held
-        empty = [p.tensor for p, r in collectors.results.items() if r is None]
-        if empty:
-            raise CompressorError("statistics: the calibration data gave no batch to run, so there are no moments "
-                                  f"of {', '.join(map(repr, empty))}")
+        require_results(collectors)
         seconds = time.perf_counter() - start
         self._segments += 1
         self._seconds += seconds

@@ -182,7 +182,8 @@ def _gram(flat: np.ndarray) -> np.ndarray:
 Collected = TensorStats | ChannelMoments
 
 
-def _values(graph: ir.Graph) -> dict[str, ir.Value]:
+def main_values(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of the main graph: inputs, node outputs, initializers."""
     values = {v.name: v for v in graph.inputs}
     values.update((v.name, v) for node in graph for v in node.outputs)
     values.update(graph.initializers)
@@ -247,6 +248,42 @@ class _Collectors:
                 self.results[p].add(batch)
 
 
+def start_collecting(points: list[StatPoint], values: Mapping[str, ir.Value], graph: ir.Graph, bins: int,
+                     ) -> tuple[_Collectors, set[str], list[StatPoint]]:
+    """The collectors of ``points`` with the constant ones already fed (the same in every
+    batch: they enter once), the graph's data inputs, and the points to stream.
+
+    Raises:
+        CompressorError: a point's tensor is not among ``values`` (the main graph's), with
+            the closest names.
+    """
+    missing = list(dict.fromkeys(p.tensor for p in points if p.tensor not in values))
+    if missing:
+        hints = [f"{n!r} (did you mean {', '.join(map(repr, difflib.get_close_matches(n, values, 3)))}?)"
+                 if difflib.get_close_matches(n, values, 1) else repr(n) for n in missing]
+        raise CompressorError(f"statistics: no tensor {', '.join(hints)} in the model's main graph")
+    collectors = _Collectors(points, bins)
+    inputs = {v.name for v in graph.inputs if v.const_value is None}
+    constant = [p for p in points if p.tensor not in inputs and values[p.tensor].const_value is not None
+                and values[p.tensor].producer() is None]
+    collectors.feed({p.tensor: values[p.tensor].const_value.numpy() for p in constant}, None, None, constant)
+    return collectors, inputs, [p for p in points if p not in constant]
+
+
+def batch_size(data: Dataset, feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in one batch ``feed`` of ``data`` (1 when every input is one whole tensor per sample)."""
+    return 1 if all(data.stacked.values()) else next(
+        feed[s.name].shape[0] for s in data.specs if not data.stacked[s.name])
+
+
+def require_results(collectors: _Collectors) -> None:
+    """Raises CompressorError when a point got no batch (the data gave none to run)."""
+    empty = [p.tensor for p, r in collectors.results.items() if r is None]
+    if empty:
+        raise CompressorError("statistics: the calibration data gave no batch to run (too few samples for the "
+                              f"model's fixed batch size?), so there are no moments of {', '.join(map(repr, empty))}")
+
+
 def run_points(
     model: ir.Model,
     data: Dataset,
@@ -280,19 +317,8 @@ def run_points(
     points = list(dict.fromkeys(points))
     work = clone_model(model)
     graph = work.graph
-    values = _values(graph)
-    missing = list(dict.fromkeys(p.tensor for p in points if p.tensor not in values))
-    if missing:
-        hints = [f"{n!r} (did you mean {', '.join(map(repr, difflib.get_close_matches(n, values, 3)))}?)"
-                 if difflib.get_close_matches(n, values, 1) else repr(n) for n in missing]
-        raise CompressorError(f"statistics: no tensor {', '.join(hints)} in the model's main graph")
-    collectors = _Collectors(points, bins)
-    inputs = {v.name for v in graph.inputs if v.const_value is None}
-    constant = [p for p in points if p.tensor not in inputs and values[p.tensor].const_value is not None
-                and values[p.tensor].producer() is None]
-    # a constant is the same in every batch: it enters once
-    collectors.feed({p.tensor: values[p.tensor].const_value.numpy() for p in constant}, None, None, constant)
-    streamed = [p for p in points if p not in constant]
+    values = main_values(graph)
+    collectors, inputs, streamed = start_collecting(points, values, graph, bins)
     fetch = list(dict.fromkeys(p.tensor for p in streamed if p.tensor not in inputs))
     outputs = {v.name for v in graph.outputs}
     for name in fetch:
@@ -305,8 +331,7 @@ def run_points(
     total = len(data) if limit is None else min(limit, len(data))
     with (bar or no_progress)("calibrate", total, "sample") as shown:
         for feed in data.batches(limit=limit) if streamed else ():
-            batch = 1 if all(data.stacked.values()) else next(
-                feed[s.name].shape[0] for s in data.specs if not data.stacked[s.name])
+            batch = batch_size(data, feed)
             try:
                 results = dict(zip(fetch, session.run(fetch, feed))) if session is not None else {}
             except Exception as err:  # ONNX Runtime's own error types: the model fails on this data
@@ -319,10 +344,7 @@ def run_points(
             shown.update(batch)
             if progress is not None:
                 progress(samples)
-    empty = [p.tensor for p, r in collectors.results.items() if r is None]
-    if empty:
-        raise CompressorError("statistics: the calibration data gave no batch to run (too few samples for the "
-                              f"model's fixed batch size?), so there are no moments of {', '.join(map(repr, empty))}")
+    require_results(collectors)
     logger.info("statistics: %d point(s) on %d tensor(s), %d samples, one run in %.2fs", len(points),
                 len({p.tensor for p in points}), samples, time.perf_counter() - start)
     return collectors.results
