@@ -41,16 +41,15 @@ import onnxruntime as ort
 
 from compressor.data import MASK_INPUT
 from compressor.model_io import ir_version_for
-from compressor.quant.taps import (
+from compressor.quant.points import (
     Collected,
     StatPoint,
     batch_size,
     main_values,
-    ort_failure,
     require_results,
-    session_options,
     start_collecting,
 )
+from compressor.quant.taps import ort_failure, session_options
 
 if TYPE_CHECKING:
     from compressor.data import Dataset
