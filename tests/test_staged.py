@@ -18,12 +18,15 @@ from tests.ortutil import model_from_text
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 
 
-def _chain() -> ir.Model:
-    """``y = relu(relu(x W1) W2) W3``, one token axis and an attention mask."""
+def _chain(side: bool = False) -> ir.Model:
+    """``y = relu(relu(x W1) W2) W3``, one token axis and an attention mask; with ``side``
+    an output head ``side = sigmoid(x W1)`` beside the chain."""
     rng = np.random.default_rng(0)
+    head = (", float[N,3,8] side", "side = Sigmoid(a)") if side else ("", "")
     return model_from_text(f"""{HEADER}
-    g (float[N,3,8] x, int64[N,3] attention_mask) => (float[N,3,4] y) {{
+    g (float[N,3,8] x, int64[N,3] attention_mask) => (float[N,3,4] y{head[0]}) {{
       a = MatMul(x, w1)
+      {head[1]}
       h1 = Relu(a)
       b = MatMul(h1, w2)
       h2 = Relu(b)
@@ -90,17 +93,7 @@ def test_a_model_failing_on_the_data_is_exit_2():
 def test_only_what_the_later_requests_need_is_held():
     """An output head reads ``a`` beside the chain: with the later requests named, ``a`` is not
     held for every calibration batch after the request for ``h1`` (it was, for nothing)."""
-    rng = np.random.default_rng(0)
-    model = model_from_text(f"""{HEADER}
-    g (float[N,3,8] x, int64[N,3] attention_mask) => (float[N,3,4] y, float[N,3,8] side) {{
-      a = MatMul(x, w1)
-      side = Sigmoid(a)
-      h1 = Relu(a)
-      b = MatMul(h1, w2)
-      h2 = Relu(b)
-      y = MatMul(h2, w3)
-    }}""", w1=rng.standard_normal((8, 8)).astype(np.float32), w2=rng.standard_normal((8, 8)).astype(np.float32),
-        w3=rng.standard_normal((8, 4)).astype(np.float32))
+    model = _chain(side=True)
     data = _data(model)
     h2 = next(v for node in model.graph for v in node.outputs if v.name == "h2")
     everything, named = StagedStatistics(model, data), StagedStatistics(model, data)

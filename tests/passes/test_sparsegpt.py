@@ -339,12 +339,18 @@ def test_sequential_bias_correction_reads_the_sequential_inputs(biases):
     np.testing.assert_allclose(outputs.mean(0), expected, atol=float(scale.max()) * 1e-5)
 
 
-def test_stages_group_layers_reading_the_same_input():
-    """Q, K and V read one input: one stage; the out-projection, FFN1 and FFN2 follow one by one."""
+def _stage_weights(model: ir.Model) -> list[list[str]]:
+    """The weight names of each stage :func:`plan_stages` gives, earliest first."""
     from compressor.passes._layers import find_weight_layers
     from compressor.passes._layerwise import plan_stages
     from compressor.passes._sparsity import group_by_weight
 
+    groups = group_by_weight(find_weight_layers(model.graph)[0])
+    return [[groups[i][0].weight.name for i in stage] for stage in plan_stages(model.graph, groups)]
+
+
+def test_stages_group_layers_reading_the_same_input():
+    """Q, K and V read one input: one stage; the out-projection, FFN1 and FFN2 follow one by one."""
     d = 8
     rng = np.random.default_rng(15)
     names = ("wq", "wk", "wv", "wo", "w1", "w2")
@@ -365,8 +371,7 @@ def test_stages_group_layers_reading_the_same_input():
       f2 = MatMul(g1, w2)
       y = Add(f2, r)
     }}""", **arrays)
-    groups = group_by_weight(find_weight_layers(model.graph)[0])
-    stages = [[groups[i][0].weight.name for i in stage] for stage in plan_stages(model.graph, groups)]
+    stages = _stage_weights(model)
     assert stages == [["wq", "wk", "wv"], ["wo"], ["w1"], ["w2"]]
     data = _dataset(model, {"x": _correlated(8, 3, d, seed=16)})
     result = SparsifyNM({"mask": "sparsegpt"}).run(model, _ctx(data))
@@ -377,10 +382,6 @@ def test_stages_group_layers_reading_the_same_input():
 
 def test_stages_of_a_conv_net_with_branches():
     """Parallel convolutions on one input share a stage; one reading their sum comes after both."""
-    from compressor.passes._layers import find_weight_layers
-    from compressor.passes._layerwise import plan_stages
-    from compressor.passes._sparsity import group_by_weight
-
     rng = np.random.default_rng(17)
     arrays = {n: rng.standard_normal((8, 8, 1, 1)).astype(np.float32) for n in ("c1", "c2", "c3", "c4")}
     model = model_from_text(f"""{HEADER}
@@ -392,8 +393,7 @@ def test_stages_of_a_conv_net_with_branches():
       c = Conv(r, c3)
       y = Conv(c, c4)
     }}""", **arrays)
-    groups = group_by_weight(find_weight_layers(model.graph)[0])
-    stages = [[groups[i][0].weight.name for i in stage] for stage in plan_stages(model.graph, groups)]
+    stages = _stage_weights(model)
     assert stages == [["c1", "c2"], ["c3"], ["c4"]]
 
 
