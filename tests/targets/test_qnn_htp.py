@@ -489,6 +489,57 @@ def test_the_htp_emulator_does_not_saturate_8_bit_conv_sums(tmp_path):
     assert np.abs(got - expected).max() <= 0.5 + 1e-6
 
 
+def _random_qdq_conv(side: int) -> tuple[ir.Model, np.ndarray, np.ndarray, float]:
+    """A 12->24 3x3 Q/DQ Conv (u8 input codes 0..255 at 1/255, int8 per-channel weights,
+    u8 output at zero point 128) on a ``side`` x ``side`` map: the model, an input, the
+    exact Conv of the quantized input and weights, and the output step."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (24, 12, 3, 3))
+    w_scale = np.abs(w).reshape(24, -1).max(1) / 127
+    w_q = np.round(w / w_scale[:, None, None, None]).astype(np.int8)
+    x = (rng.integers(0, 256, (1, 12, side, side)) / 255).astype(np.float32)
+    exact = ort_session(_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24, side, side])],
+                        [numpy_helper.from_array((w_q * w_scale[:, None, None, None]).astype(np.float32), "w")])
+                       ).run(None, {"x": x})[0].astype(np.float64)
+    y_scale = float(np.abs(exact).max() / 127)
+    consts = [numpy_helper.from_array(w_q, "w"), numpy_helper.from_array(w_scale.astype(np.float32), "ws"),
+              numpy_helper.from_array(np.zeros(24, np.int8), "wz"),
+              numpy_helper.from_array(np.array(1 / 255, np.float32), "xs"), numpy_helper.from_array(np.uint8(0), "xz"),
+              numpy_helper.from_array(np.array(y_scale, np.float32), "ys"), numpy_helper.from_array(np.uint8(128), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24, side, side])], consts, opset=21)
+    return model, x, exact, y_scale
+
+
+@needs_htp
+def test_this_htp_library_adds_noise_to_an_8_bit_conv_on_a_208_wide_map(tmp_path):
+    """A measurement of the HTP library (docs/design.md, "ddddocr's detector"): the same
+    random 8-bit Conv is computed as its Q/DQ graph says on a 64x64 map (error to the exact
+    Conv: rounding's 1/sqrt(12) of a step) but on a 208x208 map (ddddocr_det's first Conv)
+    with about 0.4 step of extra noise and a fifth of a step of bias. When a new
+    onnxruntime-qnn computes the large map exactly too, this fails: then ddddocr_det's
+    ``w8a8-npu`` figures on HTP are worth measuring again."""
+    from compressor.targets.qnn_htp.runtime import QnnHtpRunner
+
+    rounding = 1 / np.sqrt(12)
+    for side, noisy in ((64, False), (208, True)):
+        model, x, exact, step = _random_qdq_conv(side)
+        got = QnnHtpRunner(save_model(model, tmp_path / f"conv{side}.onnx"))({"x": x})[0]
+        err = (got - exact) / step
+        if noisy:
+            assert err.std() > rounding + 0.1 and err.mean() > 0.1, (side, err.std(), err.mean())
+        else:
+            assert abs(err.std() - rounding) < 0.02 and np.abs(err).max() <= 0.5 + 0.2, (side, err.std())
+
+
 @needs_htp
 def test_lower_runs_wholly_on_htp_from_the_context_binary(tmp_path, target):
     model = legalized(tmp_path, target=target)
