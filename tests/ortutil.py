@@ -10,12 +10,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 from compressor.model_io import to_proto
 from compressor.targets import get_target
 from compressor.targets.base import Target
 
-__all__ = ["model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs", "onnx_specs_target"]
+__all__ = ["model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs", "onnx_specs_target",
+           "saturating_qdq_conv"]
 
 
 def model_from_text(text: str, **initializers: np.ndarray) -> ir.Model:
@@ -80,3 +82,36 @@ def onnx_specs_target() -> Target:
     target.capabilities = dataclasses.replace(caps, quantizable={
         op: dataclasses.replace(q, output_required=False, min_output_channels=0) for op, q in caps.quantizable.items()})
     return target
+
+
+def saturating_qdq_conv() -> tuple[ir.Model, np.ndarray, np.ndarray]:
+    """DQ(x u8) -> Conv(DQ(w s8)) -> Q -> DQ, with 255 x 127 products in every pair: ONNX
+    Runtime's fused u8s8 kernel without VNNI sums pairs in int16 (2 * 255 * 127 > 32767).
+
+    Returns:
+        The model (static shapes), an input and the output the graph says (float math, then
+        Q/DQ; output step 0.5).
+    """
+    x_scale, w_scale, y_scale = 0.02, 0.01, 0.5
+    w = np.full((4, 16, 1, 1), 127, np.int8)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(w_scale, np.float32), "ws"),
+             numpy_helper.from_array(np.array(0, np.int8), "wz"),
+             numpy_helper.from_array(np.array(x_scale, np.float32), "xs"),
+             numpy_helper.from_array(np.array(0, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(y_scale, np.float32), "ys"),
+             numpy_helper.from_array(np.array(0, np.uint8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv"),
+             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "sat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    x = np.full((1, 16, 2, 2), 255 * x_scale, np.float32)
+    xd = np.round(x / x_scale).clip(0, 255) * x_scale
+    c = np.einsum("nchw,oc->nohw", xd, w[:, :, 0, 0].astype(np.float32) * w_scale)
+    expected = np.round(c / y_scale).clip(0, 255) * y_scale
+    return ir.serde.deserialize_model(proto), x, expected.astype(np.float32)

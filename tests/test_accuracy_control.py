@@ -35,7 +35,7 @@ from compressor.pass_manager import PassReport
 from compressor.pipeline import PassContext, build_pass
 from compressor.quant.revert import give_back
 from compressor.targets import get_target
-from tests.ortutil import onnx_specs_target
+from tests.ortutil import onnx_specs_target, saturating_qdq_conv
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 
@@ -479,39 +479,10 @@ def test_the_artifact_is_the_final_tries_files_not_a_second_lowering(files, tmp_
     assert manifest["accuracy_drop"] == pytest.approx(1 - cos.mean(), abs=1e-12)
 
 
-def _saturating_qdq_conv() -> tuple[ir.Model, np.ndarray, np.ndarray]:
-    """DQ(x u8) -> Conv(DQ(w s8)) -> Q -> DQ, with 255 x 127 products in every pair: ONNX
-    Runtime's fused u8s8 kernel without VNNI sums pairs in int16 (2 * 255 * 127 > 32767).
-    Returns the model, an input and the output the graph says (float math, then Q/DQ)."""
-    x_scale, w_scale, y_scale = 0.02, 0.01, 0.5
-    w = np.full((4, 16, 1, 1), 127, np.int8)
-    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(w_scale, np.float32), "ws"),
-             numpy_helper.from_array(np.array(0, np.int8), "wz"),
-             numpy_helper.from_array(np.array(x_scale, np.float32), "xs"),
-             numpy_helper.from_array(np.array(0, np.uint8), "xz"),
-             numpy_helper.from_array(np.array(y_scale, np.float32), "ys"),
-             numpy_helper.from_array(np.array(0, np.uint8), "yz")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"]),
-             helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv"),
-             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]),
-             helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])]
-    graph = helper.make_graph(nodes, "sat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 2, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    x = np.full((1, 16, 2, 2), 255 * x_scale, np.float32)
-    xd = np.round(x / x_scale).clip(0, 255) * x_scale
-    c = np.einsum("nchw,oc->nohw", xd, w[:, :, 0, 0].astype(np.float32) * w_scale)
-    expected = np.round(c / y_scale).clip(0, 255) * y_scale
-    return ir.serde.deserialize_model(proto), x, expected.astype(np.float32)
-
-
 def test_a_session_as_written_computes_the_qdq_graph_in_float():
     # qnn-htp's simulation: HTP computes what the Q/DQ graph says; ONNX Runtime's fused
     # integer kernels need not (on a host without VNNI they saturate)
-    model, x, expected = _saturating_qdq_conv()
+    model, x, expected = saturating_qdq_conv()
     got = ort_session(model, as_written=True).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     shared = SharedInitializers(model, min_elements=16, as_written=True)

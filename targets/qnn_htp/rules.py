@@ -14,7 +14,7 @@ from compressor.targets.base import Capabilities, TargetPass
 from compressor.quant.spec import OpQuant, QuantSpec
 
 __all__ = ["QNN_HTP_OPS", "QNN_HTP_CONTRIB_OPS", "QNN_HTP_CAPABILITIES", "QdqRules", "HTP_QDQ_RULES",
-           "SATURATING_OPS", "UNFINALIZED_OPS", "ACTIVATION_BITS"]
+           "UNFINALIZED_OPS", "ACTIVATION_BITS"]
 
 #: Node metadata key a legalization pass sets (value ``"16"``) on a node that must run with
 #: 16-bit activations whatever the recipe's width (``qnn-unroll-lstm``'s gate pre-activations);
@@ -129,10 +129,3 @@ HTP_QDQ_RULES = QdqRules(
     float_params={"Resize": frozenset({1, 2})},
     relative_inputs={"Log": frozenset({0})},
 )
-
-#: Layers whose 8-bit kernels the x86 HTP emulator runs with pairwise int16 saturation on
-#: CPUs without VNNI, as MLAS does (measured, u8 activations: Conv off by up to 11 LSB with
-#: full-range int8 weights, exact to 1 LSB with 7-bit weights). The device accumulates in
-#: 32 bits, so the artifact keeps the device's 8-bit weights on every host; on such a host
-#: what the emulator adds is part of the simulation-vs-device gap, and ``describe`` says so.
-SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})
