@@ -72,11 +72,17 @@ def control_flow_bodies(graph: ir.Graph) -> Iterator[tuple[str, ir.Node, str, ir
         ``(label, node, attribute name, body)``, the label as ``"<op> '<node>'.<attribute>"``.
     """
     for node in ir.traversal.RecursiveGraphIterator(graph):
-        for attr in node.attributes.values():
-            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
-                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
-            for body in graphs:
-                yield f"{node.op_type} {node.name or '?'!r}.{attr.name}", node, attr.name, body
+        for name, body in node_bodies(node):
+            yield f"{node.op_type} {node.name or '?'!r}.{name}", node, name, body
+
+
+def node_bodies(node: ir.Node) -> Iterator[tuple[str, ir.Graph]]:
+    """``(attribute name, body)`` of each graph attribute of ``node`` (not nested ones)."""
+    for attr in node.attributes.values():
+        graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+            list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+        for body in graphs:
+            yield attr.name, body
 
 
 def subgraph_bodies(graph: ir.Graph) -> dict[str, int]:

@@ -99,6 +99,11 @@ class LayerwiseResult:
         self.stages = 0
         self.sequential = False
 
+    @property
+    def changed(self) -> bool:
+        """Whether any weight or bias changed."""
+        return bool(self.corrected) or any(not np.array_equal(a, b) for a, b in zip(self.dense, self.new))
+
 
 def prune_layers(model: ir.Model, groups: Sequence[Sequence[Layer]], prune: Prune, *, data: Dataset | None,
                  cache: dict, needs_stats: Sequence[bool], gram: bool, sequential: bool,
@@ -137,10 +142,8 @@ def prune_layers(model: ir.Model, groups: Sequence[Sequence[Layer]], prune: Prun
             out.corrected = correct_biases(graph, changed, moments, names)
         return out
     plain = [i for i, need in enumerate(needs_stats) if not need]  # case 2: those without statistics first
-    stages = [plain] if plain else []
-    stages += [[i for i in stage if needs_stats[i]] for stage in planned]
+    stages = [s for s in [plain, *([i for i in stage if needs_stats[i]] for stage in planned)] if s]
     staged = StagedStatistics(model, data)
-    stages = [s for s in stages if s]
     for k, stage in enumerate(stages):
         members = [groups[i] for i in stage]
         moments: dict[str, ChannelMoments] = {}

@@ -153,7 +153,6 @@ class PruneMagnitude(Pass):
             data = require_calibration(ctx.calibration, f"prune-magnitude with {what}")
         groups = group_by_weight(layers)
         dense = [group[0].array() for group in groups]
-        sequential = opts.sequential
         if opts.method == "sparsegpt":  # case 3
             def prune(group: list[Layer], w: np.ndarray, moments: dict) -> np.ndarray:
                 grams = [moments[layer.activation().name].gram for layer in group]
@@ -166,9 +165,8 @@ class PruneMagnitude(Pass):
                 return np.where(masks[id(group[0].node)], w, np.zeros((), w.dtype))
         done = prune_layers(model, groups, prune, data=data, cache=ctx.cache,
                             needs_stats=[data is not None] * len(groups), gram=opts.method == "sparsegpt",
-                            sequential=sequential, bias_correction=opts.bias_correction)
+                            sequential=opts.sequential, bias_correction=opts.bias_correction)
         after, per_layer, corrected = done.new, done.per_layer, done.corrected
-        changed = any(not np.array_equal(a, b) for a, b in zip(dense, after))
         total = sum(w.size for w in dense)
         stats = {
             "method": opts.method,
@@ -178,4 +176,4 @@ class PruneMagnitude(Pass):
             "sparsity_before": round(sum(int((w == 0).sum()) for w in dense) / total, 4) if total else 0.0,
             **pruning_stats(dense, after, per_layer, skipped, corrected),
         }
-        return PassResult(model, bool(changed), stats)
+        return PassResult(model, done.changed, stats)

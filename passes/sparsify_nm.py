@@ -156,10 +156,9 @@ class SparsifyNM(Pass):
         reads = any(needs)
         data = require_calibration(ctx.calibration, f"sparsify-nm (mask {opts.mask!r}"
                                    f"{', bias_correction' if opts.bias_correction else ''})") if reads else None
-        sequential = opts.sequential
         targets = getattr(getattr(ctx.target, "capabilities", None), "nm_patterns", ())
         done = prune_layers(model, groups, self._prune, data=data, cache=ctx.cache, needs_stats=needs,
-                            gram=opts.mask == "sparsegpt", sequential=sequential,
+                            gram=opts.mask == "sparsegpt", sequential=opts.sequential,
                             bias_correction=opts.bias_correction)
         already = len(todo) - sum(todo)
         stats = {
@@ -172,8 +171,7 @@ class SparsifyNM(Pass):
             "target_has_nm_kernels": (n, m) in tuple(tuple(p) for p in targets),
             **pruning_stats(done.dense, done.new, done.per_layer, skipped, done.corrected),
         }
-        changed = any(not np.array_equal(a, b) for a, b in zip(done.dense, done.new)) or bool(done.corrected)
-        return PassResult(model, changed, stats)
+        return PassResult(model, done.changed, stats)
 
     def _prune(self, group: list[Layer], w: np.ndarray, moments: dict) -> np.ndarray:
         """The new weight of ``group`` (cases 1-4); an already N:M weight as it is."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,6 +41,7 @@ import onnxruntime as ort
 
 from compressor.data import MASK_INPUT
 from compressor.model_io import ir_version_for
+from compressor.pass_manager import node_bodies
 from compressor.quant.points import (
     Collected,
     StatPoint,
@@ -59,18 +60,10 @@ __all__ = ["StagedStatistics"]
 logger = logging.getLogger(__name__)
 
 
-def _bodies(node: ir.Node) -> Iterator[ir.Graph]:
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            yield attr.as_graph()
-        elif attr.type == ir.AttributeType.GRAPHS:
-            yield from attr.as_graphs()
-
-
 def node_reads(node: ir.Node, main: ir.Graph) -> list[ir.Value]:
     """The main-graph values ``node`` reads: its inputs and its bodies' outer-scope reads (case 1)."""
     reads = [v for v in node.inputs if v is not None]
-    for body in _bodies(node):
+    for _, body in node_bodies(node):
         for graph in (body, *body.subgraphs()):
             reads.extend(v for inner in graph for v in inner.inputs if v is not None and v.graph is main)
     return reads
