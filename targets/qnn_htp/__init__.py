@@ -84,8 +84,7 @@ from compressor.targets.qnn_htp.unroll_lstm import unroll_problem
 
 from compressor.errors import CompressorError
 from compressor.model_io import save_model
-from compressor.pass_manager import control_flow_bodies
-from compressor.quant.staged import node_reads
+from compressor.pass_manager import control_flow_bodies, node_bodies
 from compressor.strict_json import write_json
 
 __all__ = [
@@ -286,7 +285,13 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
 
 
 def _foldable(model: ir.Model) -> set[int]:
-    """ids of nodes computed only from constants and tensor shapes (constants once shapes are static)."""
+    """ids of nodes computed only from constants and tensor shapes (constants once shapes are static).
+
+    Inside the branches of an ``If`` whose condition folds, the same holds per branch:
+    fold-constants inlines the branch the condition takes and folds it again, so a branch's
+    own shape arithmetic and nested ``If``s on it fold away too (silero-vad's decoder: an
+    ``If`` on the encoder's static shape around the LSTM wrapper's ``If``s on the state's).
+    """
     const: set[int] = set()
     done: set[int] = set()
 
@@ -297,21 +302,36 @@ def _foldable(model: ir.Model) -> set[int]:
             return True
         return id(value) in const
 
-    for node in model.graph:  # topological order
-        if node.op_type in _SHAPE_OPS:
-            # Static once the inputs are (a dynamic input is reported on its own, with the
-            # --input that fixes it); a data-dependent shape is refused at lowering.
-            static = True
-        elif node.op_type in _BODY_OPS:
-            # Its body reads outer values its inputs do not show (a Loop over the graph's
-            # input with a constant trip count): never folded away. An If whose condition
-            # is constant is: fold-constants inlines the branch it takes.
-            static = False
-        else:
-            static = node.op_type == "Constant" or (bool(node.inputs) and all(is_const(v) for v in node.inputs))
-        if static:
+    def walk(graph: ir.Graph) -> None:
+        for node in graph:  # topological order
+            if node.op_type in _SHAPE_OPS:
+                # Static once the inputs are (a dynamic input is reported on its own, with the
+                # --input that fixes it); a data-dependent shape is refused at lowering.
+                static = True
+            elif node.op_type in _BODY_OPS:
+                # Its body reads outer values its inputs do not show (a Loop over the graph's
+                # input with a constant trip count): never folded away. An If whose condition
+                # is constant is: fold-constants inlines the branch it takes.
+                static = False
+            else:
+                static = node.op_type == "Constant" or (bool(node.inputs) and all(is_const(v) for v in node.inputs))
+            if not static:
+                continue
             done.add(id(node))
-            if node.op_type == "If" and not all(is_const(v) for v in node_reads(node, model.graph)):
-                continue  # the branch it inlines reads data: what it computes is not constant
+            if node.op_type == "If":
+                for _, body in node_bodies(node):
+                    walk(body)
+                if not all(is_const(v) for v in _outer_reads(node)):
+                    continue  # the branch it inlines reads data: what it computes is not constant
             const.update(id(v) for v in node.outputs)
+
+    walk(model.graph)
     return done
+
+
+def _outer_reads(node: ir.Node) -> list[ir.Value]:
+    """The values ``node`` reads from the graph it is in or further out: its inputs and its bodies' outer reads."""
+    graphs = [g for _, body in node_bodies(node) for g in (body, *body.subgraphs())]
+    inner = {id(g) for g in graphs}
+    return [v for v in node.inputs if v is not None] + [
+        v for g in graphs for n in g for v in n.inputs if v is not None and id(v.graph) not in inner]

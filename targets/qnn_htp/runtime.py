@@ -283,10 +283,20 @@ class QnnHtpRunner(Runner):
 
 
 def per_output(calls: list[list[np.ndarray]]) -> list[np.ndarray]:
-    """Per output, the calls' results stacked along a first (sample) axis."""
-    return [np.concatenate([np.asarray(call[i]).reshape(1, -1) if np.asarray(call[i]).ndim < 2
-                            else np.asarray(call[i]).reshape(len(call[i]), -1) for call in calls])
-            for i in range(len(calls[0]))]
+    """Per output, the calls' results stacked along a first (sample) axis.
+
+    When every output of a call has the same first axis, it is the batch and gives one
+    row per sample; otherwise (silero-vad's ``stateN`` is ``[2, batch, 128]`` beside a
+    ``[batch, 1]`` output) each call is one row, so that every output has as many rows.
+    """
+    def rows(call: list[np.ndarray]) -> list[np.ndarray]:
+        arrays = [np.asarray(a) for a in call]
+        firsts = {a.shape[0] if a.ndim >= 2 else None for a in arrays}
+        batched = len(firsts) == 1 and None not in firsts
+        return [a.reshape(len(a), -1) if batched else a.reshape(1, -1) for a in arrays]
+
+    per_call = [rows(call) for call in calls]
+    return [np.concatenate([call[i] for call in per_call]) for i in range(len(calls[0]))]
 
 
 def _same(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:

@@ -190,6 +190,52 @@ def test_lint_accepts_shape_arithmetic_that_folds_away():
     assert [node for node, _ in lint(dynamic)] == ["input x"]
 
 
+def _if_on_size(inner: onnx.GraphProto, name: str) -> onnx.NodeProto:
+    """``If(Size(x) == 24)`` whose then-branch is ``inner``, else ``Neg(x)``."""
+    other = helper.make_graph([helper.make_node("Neg", ["x"], [f"{name}_neg"], name=f"{name}_neg")], f"{name}_else",
+                              [], [helper.make_tensor_value_info(f"{name}_neg", TensorProto.FLOAT, [2, 3, 4])])
+    return helper.make_node("If", [f"{name}_cond"], [f"{name}_out"], name=name, then_branch=inner, else_branch=other)
+
+
+def test_lint_folds_ifs_nested_in_a_branch_that_folding_inlines():
+    """silero-vad's decoder: an ``If`` on the encoder's static shape holds the LSTM wrapper's
+    ``Shape``/``Size`` and ``If``s on the state's shape. fold-constants inlines the outer
+    branch and folds the inner ones again; lint counted only the main graph's nodes as
+    folding away and refused every node of the branch (exit 4 on silero_vad_16k_op15)."""
+    size24 = [helper.make_node("Size", ["x"], ["n"], name="size"),
+              helper.make_node("Equal", ["n", "n24"], ["cond"], name="is24")]
+    inner = helper.make_graph([helper.make_node("Relu", ["x"], ["inner_y"], name="inner_relu")], "inner_then", [],
+                              [helper.make_tensor_value_info("inner_y", TensorProto.FLOAT, [2, 3, 4])])
+    inner_if = _if_on_size(inner, "inner_if")
+    branch = helper.make_graph(
+        [helper.make_node("Size", ["x"], ["inner_n"], name="inner_size"),
+         helper.make_node("Equal", ["inner_n", "n24"], ["inner_if_cond"], name="inner_is24"), inner_if,
+         helper.make_node("Identity", ["inner_if_out"], ["outer_y"], name="keep")],
+        "outer_then", [], [helper.make_tensor_value_info("outer_y", TensorProto.FLOAT, [2, 3, 4])])
+    outer_if = _if_on_size(branch, "outer_if")
+    nodes = [*[helper.make_node(n.op_type, list(n.input), [o.replace("cond", "outer_if_cond") for o in n.output],
+                                name=n.name) for n in size24], outer_if]
+    nodes[1].input[0] = "n"
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                   [helper.make_tensor_value_info("outer_if_out", TensorProto.FLOAT, [2, 3, 4])],
+                   [numpy_helper.from_array(np.array(24, np.int64), "n24")], opset=17)
+    assert lint(model) == []
+    dynamic = model.graph.inputs[0]
+    dynamic.shape = ir.Shape(["N", 3, 4])
+    assert [node for node, _ in lint(model)] == ["input x"]
+
+
+def test_per_output_rows_line_up_when_an_output_is_not_batch_first():
+    """silero-vad's ``stateN`` is ``[2, batch, 128]`` beside ``output`` ``[batch, 1]``: one row per
+    call for every output (the gap's metrics failed with exit 1 when they split ``stateN`` into 2)."""
+    from compressor.targets.qnn_htp.runtime import per_output
+
+    calls = [[np.zeros((1, 1)), np.zeros((2, 1, 128))] for _ in range(3)]
+    assert [a.shape for a in per_output(calls)] == [(3, 1), (3, 256)]
+    batched = [[np.zeros((4, 10)), np.zeros((4, 3, 3))] for _ in range(3)]
+    assert [a.shape for a in per_output(batched)] == [(12, 10), (12, 9)]
+
+
 # -- qnn-legalize (runs on ONNX Runtime CPU only) -----------------------------------------------------------
 
 
