@@ -47,12 +47,15 @@ class QnnLegalizeOptions:
         mask_value: What sentinel constants (``finfo.min`` masks) become.
         lstm_gates: Activation width of an unrolled LSTM's gate pre-activations
             (``qnn-unroll-lstm``'s ``gates``: ``int16`` whatever ``activations`` is).
+        lstm_cell: The same for its cell state and the state carried between calls
+            (``qnn-unroll-lstm``'s ``cell``).
     """
 
     activations: Literal["int8", "int16"] = "int8"
     calibrator: Literal["minmax", "percentile", "mse"] = "minmax"
     mask_value: float = -100.0
     lstm_gates: Literal["int16", "int8"] = "int16"
+    lstm_cell: Literal["int16", "int8"] = "int16"
 
     def __post_init__(self) -> None:
         ClampSentinelsOptions(self.mask_value)  # one range check, the sub-pass's
@@ -74,7 +77,7 @@ class QnnLegalize(Pass):
         """The four passes, with this pass's options."""
         opts: QnnLegalizeOptions = self.options
         return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(),
-                UnrollLstm(UnrollLstmOptions(opts.lstm_gates)),
+                UnrollLstm(UnrollLstmOptions(opts.lstm_gates, opts.lstm_cell)),
                 QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator))]
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:

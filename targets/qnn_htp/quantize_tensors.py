@@ -19,7 +19,12 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
    a. the recipe asks for 16-bit activations,
    b. a reader of its output is a 16-bit layer, or
    c. it carries ``rules.ACTIVATION_BITS`` ``"16"``, as ``qnn-unroll-lstm`` marks an
-      LSTM's gate pre-activations;
+      LSTM's gate pre-activations and cell state,
+   d. it is a square root ``QdqRules.root_inputs`` names (``Sqrt``) or computes its input
+      through sums and squares, or
+   e. it carries a state from one call to the next (a graph input and output joined by
+      elementwise and data-movement ops only; the input is encoded at 16 bits too): both in
+      :mod:`.widen`, with why and what they cost at 8 bits;
    else at 8. An input of another width is requantized (``DQ_a -> Q_b -> DQ_b`` over the
    same real range, which QNN runs as a Convert);
 3. biases of Conv/ConvTranspose/Gemm (and LayerNormalization's beta) become int32:
@@ -39,6 +44,9 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
 6. an input ``QdqRules.relative_inputs`` names (``Log``'s) whose encoding rounds at least
    ``underflow.FLOOR_WARN`` of its calibrated values to 0 is named in ``stats["rounded_to_floor"]``
    and a warning (:mod:`.underflow`): those values leave the op at its output's floor.
+
+Before the walk, ``Pow(x, 2)`` is written ``Mul(x, x)`` (the same float result; HTP's
+16-bit power is far less exact than its ``Mul``: :mod:`.widen`).
 
 Constants and activations are handled in one walk because they depend on each other: a
 bias's scale needs its layer input's encoding (assigned earlier in the same walk when
@@ -72,6 +80,7 @@ from compressor.targets.qnn_htp.qdq_graph import (
 )
 from compressor.targets.qnn_htp.rules import ACTIVATION_BITS, HTP_QDQ_RULES, QdqRules
 from compressor.targets.qnn_htp.underflow import floor_reason
+from compressor.targets.qnn_htp.widen import carried_states, describe, root_chains, squares_as_mul
 
 from compressor.errors import CompressorError
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
@@ -90,8 +99,6 @@ _BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _PER_TENSOR_WEIGHTS = frozenset({"MatMul", "Gemm"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "BatchNormalization", "GroupNormalization"})
 _WIDE = {"uint8": "uint16", "int8": "int16"}
-
-
 @dataclasses.dataclass(frozen=True)
 class QuantizeTensorsOptions:
     """Options of ``qnn-quantize-tensors``.
@@ -121,6 +128,11 @@ class _Legalizer:
         self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
                        "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0,
                        "nodes_marked_16bit": 0}
+        self.roots = root_chains(graph, rules)
+        self.carried = carried_states(graph)
+        self.wide_nodes = ({id(n) for chain in self.roots.values() for n in chain}
+                           | {i for ids in self.carried.values() for i in ids})
+        self.wide_inputs = {id(x) for x, _ in self.carried}
 
     def spec(self, bits: int) -> QuantSpec:
         dtype = self.rules.activation.dtype
@@ -240,8 +252,8 @@ class _Legalizer:
         return self.constant(value, array, act)
 
     def graph_input(self, value: ir.Value) -> None:
-        """Case 1 for a float graph input, at 16 bits when a 16-bit layer reads it."""
-        wide = any(dtype_of(q).endswith("16") for q, _ in activation_q_readers(value))
+        """Case 1 for a float graph input, at 16 bits when a 16-bit layer reads it or it carries a state (case 2e)."""
+        wide = any(dtype_of(q).endswith("16") for q, _ in activation_q_readers(value)) or id(value) in self.wide_inputs
         self.encode_output(value, None, 16 if wide else self.default_bits, None)
 
     def node(self, node: ir.Node) -> None:
@@ -255,7 +267,7 @@ class _Legalizer:
             wide = any(dtype_of(q).endswith("16") for out in node.outputs for q, _ in activation_q_readers(out))
             marked = node.metadata_props.get(ACTIVATION_BITS) == "16"
             self.counts["nodes_marked_16bit"] += marked
-            bits = 16 if self.default_bits == 16 or wide or marked else 8
+            bits = 16 if self.default_bits == 16 or wide or marked or id(node) in self.wide_nodes else 8
         first_input: Encoding | None = None
         params = self.rules.float_params.get(node.op_type, frozenset())
         for index, value in enumerate(node.inputs):
@@ -333,6 +345,7 @@ class QuantizeTensors(Pass):
         wanted = sorted({v.name for v in runtime_floats(float_model.graph)})
         found = gather(float_model, ctx.calibration, [StatPoint(n) for n in wanted], ctx.cache, bar=ctx.progress)
         cache = {point.tensor: stats for point, stats in found.items()}
+        squares = squares_as_mul(model.graph)
         run = _Legalizer(model.graph, rules, cache, opts, quantizable)
         for value in list(model.graph.inputs):
             if is_float(value) and value.const_value is None:
@@ -341,6 +354,7 @@ class QuantizeTensors(Pass):
             if node.op_type not in QDQ_OPS and node.domain in ("", "ai.onnx"):
                 run.node(node)
         run.writer.flush()
+        carried = describe(run.carried, model.graph)  # before outputs are renamed and the model converted
         run.name_outputs()
         model = run.writer.finish(model)  # case 5: 16-bit Q/DQ convert the model to opset 21
         for why in run.kept.values():
@@ -349,5 +363,8 @@ class QuantizeTensors(Pass):
             logger.warning("%s: %s: %s", self.name, where, why)
         changed = any(n for key, n in run.counts.items() if key != "params_kept_float")
         return PassResult(model, changed,
-                          {**run.counts, "kept_float": dict(sorted(run.kept.items())),
+                          {**run.counts, "squares_as_mul": squares, "roots_16bit": {root: [label(n) for n in chain]
+                                                          for root, chain in sorted(run.roots.items())},
+                           "carried_states_16bit": carried,
+                           "kept_float": dict(sorted(run.kept.items())),
                            "rounded_to_floor": dict(sorted(run.floored.items()))})

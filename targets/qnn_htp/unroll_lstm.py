@@ -33,7 +33,14 @@ The rule (ONNX LSTM, gate order ``i, o, f, c``; per direction ``d``, weights ``W
    state's Muls requantize them to the recipe's width (a Convert each); the cell and hidden
    states stay at the recipe's width: on ddddocr widening them bought nothing measurable.
    The MatMul weights stay 8-bit (``qnn-quantize-tensors`` quantizes a MatMul's constant
-   weight as the target's layers).
+   weight as the target's layers);
+5. the cell state runs with 16-bit activations too (option ``cell: int8`` leaves it at the
+   recipe's width): every step's ``σ(f) ⊙ C_{t-1}``, ``σ(i) ⊙ tanh(c)``, ``C_t`` and
+   ``tanh(C_t)``, the slices of ``initial_h``/``initial_c`` and ``Y_c``'s Concat. Why
+   (silero-vad, docs/design.md): a cell state spans a wide range (``±64`` in silero-vad v4:
+   saturated cells accumulate) where most cells are small, so its 8-bit step (0.5) erases
+   them. A state carried from one call to the next (silero-vad's ``state`` ->
+   ``stateN``) is widened by ``qnn-quantize-tensors`` whatever computes it (:mod:`.widen`).
 
 Exact in real arithmetic (float rounding differs by the order of the sums only). Slices,
 reshapes and concatenations use no opset-dependent attribute (``Slice`` with inputs,
@@ -116,16 +123,20 @@ class UnrollLstmOptions:
     Attributes:
         gates: Activation width of the gate pre-activations (module docstring, case 4):
             ``int16`` whatever the recipe's width, or ``int8``: the recipe's.
+        cell: The same for the cell state and the state carried between calls (case 5).
     """
 
     gates: Literal["int16", "int8"] = "int16"
+    cell: Literal["int16", "int8"] = "int16"
 
 
 class _Builder:
     """Appends float nodes before one LSTM, each output typed and shaped (the walk after reads them)."""
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, base: str, wide_gates: bool = True):
-        self.graph, self.anchor, self.base, self.wide_gates = graph, anchor, base, wide_gates
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, base: str, wide_gates: bool = True,
+                 wide_cell: bool = True):
+        self.graph, self.anchor, self.base = graph, anchor, base
+        self.wide = {"gate": wide_gates, "cell": wide_cell}
         self.values = NameAllocator(graph)
         self.nodes = NameAllocator.for_nodes(graph)
         self.new: list[ir.Node] = []
@@ -134,10 +145,11 @@ class _Builder:
         return add_initializer(self.graph, self.values(f"{self.base}_{what}"), array)
 
     def op(self, op_type: str, inputs: Sequence[ir.Value], shape: Sequence[int], what: str, gate: bool = False,
-           **attributes: int) -> ir.Value:
-        """A node before the LSTM; ``gate``: on the gate pre-activations' path (module docstring, case 4)."""
+           cell: bool = False, **attributes: int) -> ir.Value:
+        """A node before the LSTM; ``gate``: on the gate pre-activations' path (module docstring, case 4);
+        ``cell``: on the cell state's or the carried state's (case 5)."""
         node = ir.node(op_type, list(inputs), attributes=attributes or None, name=self.nodes(f"{self.base}_{what}"))
-        if gate and self.wide_gates:
+        if (gate and self.wide["gate"]) or (cell and self.wide["cell"]):
             node.metadata_props[ACTIVATION_BITS] = "16"
         out = node.outputs[0]
         out.name = self.values(f"{self.base}_{what}")
@@ -146,17 +158,17 @@ class _Builder:
         return out
 
     def slice(self, x: ir.Value, start: int, stop: int, axis: int, shape: Sequence[int], what: str,
-              gate: bool = False) -> ir.Value:
+              gate: bool = False, cell: bool = False) -> ir.Value:
         bounds = [self.const(f"{what}_{k}", np.array([v], np.int64)) for k, v in
                   (("starts", start), ("ends", stop), ("axes", axis))]
-        return self.op("Slice", [x, *bounds], shape, what, gate)
+        return self.op("Slice", [x, *bounds], shape, what, gate, cell)
 
     def finish(self) -> None:
         self.graph.insert_before(self.anchor, self.new)
 
 
-def _unroll(graph: ir.Graph, node: ir.Node, wide_gates: bool = True) -> None:
-    """Replace ``node`` by its steps (module docstring, cases 1-4)."""
+def _unroll(graph: ir.Graph, node: ir.Node, wide_gates: bool = True, wide_cell: bool = True) -> None:
+    """Replace ``node`` by its steps (module docstring, cases 1-5)."""
     x = node.inputs[0]
     steps, batch, _ = (int(d) for d in x.shape)
     hidden = int(node.attributes["hidden_size"].value)
@@ -165,7 +177,7 @@ def _unroll(graph: ir.Graph, node: ir.Node, wide_gates: bool = True) -> None:
     w, r = _const(node.inputs[1]), _const(node.inputs[2])
     b = _const(_input(node, 3))
     init_h, init_c = _input(node, 5), _input(node, 6)
-    b_ = _Builder(graph, node, node.name or "lstm", wide_gates)
+    b_ = _Builder(graph, node, node.name or "lstm", wide_gates, wide_cell)
     ys, last_h, last_c = [], [], []
     zero_h = init_h is None or (_const(init_h) is not None and not _const(init_h).any())  # case 2
     zero_c = init_c is None or (_const(init_c) is not None and not _const(init_c).any())
@@ -178,8 +190,8 @@ def _unroll(graph: ir.Graph, node: ir.Node, wide_gates: bool = True) -> None:
             bias = (b[d, :4 * hidden] + b[d, 4 * hidden:]).astype(np.float32)
             g_all = b_.op("Add", [g_all, b_.const(f"d{d}_bias", bias)], [steps, batch, 4 * hidden], f"d{d}_xw_b",
                           gate=True)
-        h = None if zero_h else b_.slice(init_h, d, d + 1, 0, step_shape, f"d{d}_h0")
-        c = None if zero_c else b_.slice(init_c, d, d + 1, 0, step_shape, f"d{d}_c0")
+        h = None if zero_h else b_.slice(init_h, d, d + 1, 0, step_shape, f"d{d}_h0", cell=True)
+        c = None if zero_c else b_.slice(init_c, d, d + 1, 0, step_shape, f"d{d}_c0", cell=True)
         outs: dict[int, ir.Value] = {}
         order = range(steps) if way == "forward" else range(steps - 1, -1, -1)  # case 1
         for t in order:
@@ -193,12 +205,13 @@ def _unroll(graph: ir.Graph, node: ir.Node, wide_gates: bool = True) -> None:
             i = b_.op("Sigmoid", [i], step_shape, f"{tag}_i_sig", gate=True)
             o = b_.op("Sigmoid", [o], step_shape, f"{tag}_o_sig", gate=True)
             cc = b_.op("Tanh", [cc], step_shape, f"{tag}_c_tanh", gate=True)
-            c_new = b_.op("Mul", [i, cc], step_shape, f"{tag}_ic")
+            c_new = b_.op("Mul", [i, cc], step_shape, f"{tag}_ic", cell=True)
             if c is not None:
                 f = b_.op("Sigmoid", [f], step_shape, f"{tag}_f_sig", gate=True)
-                c_new = b_.op("Add", [b_.op("Mul", [f, c], step_shape, f"{tag}_fc"), c_new], step_shape, f"{tag}_C")
+                c_new = b_.op("Add", [b_.op("Mul", [f, c], step_shape, f"{tag}_fc", cell=True), c_new], step_shape,
+                              f"{tag}_C", cell=True)
             c = c_new
-            h = b_.op("Mul", [o, b_.op("Tanh", [c], step_shape, f"{tag}_C_tanh")], step_shape, f"{tag}_H")
+            h = b_.op("Mul", [o, b_.op("Tanh", [c], step_shape, f"{tag}_C_tanh", cell=True)], step_shape, f"{tag}_H")
             outs[t] = h
         shape4 = b_.const(f"d{d}_y_shape", np.array([1, 1, batch, hidden], np.int64))
         per_t = [b_.op("Reshape", [outs[t], shape4], [1, 1, batch, hidden], f"d{d}_t{t}_y") for t in range(steps)]
@@ -209,7 +222,7 @@ def _unroll(graph: ir.Graph, node: ir.Node, wide_gates: bool = True) -> None:
     results = [  # case 3
         ys[0] if n == 1 else b_.op("Concat", ys, [steps, n, batch, hidden], "Y", axis=1),
         last_h[0] if n == 1 else b_.op("Concat", last_h, [n, batch, hidden], "Y_h", axis=0),
-        last_c[0] if n == 1 else b_.op("Concat", last_c, [n, batch, hidden], "Y_c", axis=0),
+        last_c[0] if n == 1 else b_.op("Concat", last_c, [n, batch, hidden], "Y_c", axis=0, cell=True),
     ]
     b_.finish()
     for out, new in zip(node.outputs, results):
@@ -221,10 +234,12 @@ def _unroll(graph: ir.Graph, node: ir.Node, wide_gates: bool = True) -> None:
     graph.remove(node, safe=True)
 
 
-def unroll_lstms(graph: ir.Graph, wide_gates: bool = True) -> tuple[int, dict[str, str]]:
+
+def unroll_lstms(graph: ir.Graph, wide_gates: bool = True, wide_cell: bool = True) -> tuple[int, dict[str, str]]:
     """Unroll every LSTM of ``graph`` that can be; returns the count and ``{node: why not}`` for the rest.
 
-    ``wide_gates``: mark the gate pre-activations for 16-bit activations (module docstring, case 4).
+    ``wide_gates``: mark the gate pre-activations for 16-bit activations (module docstring, case 4);
+    ``wide_cell``: the cell state and the carried state (case 5).
     """
     count, left = 0, {}
     for node in list(graph):
@@ -234,7 +249,7 @@ def unroll_lstms(graph: ir.Graph, wide_gates: bool = True) -> tuple[int, dict[st
         if problem:
             left[label(node)] = problem
             continue
-        _unroll(graph, node, wide_gates)
+        _unroll(graph, node, wide_gates, wide_cell)
         count += 1
     return count, left
 
@@ -249,7 +264,7 @@ class UnrollLstm(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-        count, left = unroll_lstms(model.graph, self.options.gates == "int16")
+        count, left = unroll_lstms(model.graph, self.options.gates == "int16", self.options.cell == "int16")
         for node, why in left.items():
             logger.warning("%s: %s left as it is: %s", self.name, node, why)
         if count:

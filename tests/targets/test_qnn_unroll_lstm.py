@@ -190,13 +190,13 @@ def _wide_gates_lstm(gain: float) -> ir.Model:
     return model
 
 
-def _legalized_gates(tmp_path, gates: str, gain: float) -> ir.Model:
+def _legalized_gates(tmp_path, gates: str, gain: float, cell: str = "int16") -> ir.Model:
     model = _wide_gates_lstm(gain)
     np.savez(tmp_path / "calib.npz", x=_x(2, 64))
     ctx = PassContext(target=_Stub(), calibration=load_npz(tmp_path / "calib.npz", model_input_specs(model),
                                                            what="calib"), properties={"constants-folded"})
     quantized = build_pass("quantize", {"activations": "int8", "calibrator": "minmax"}).run(model, ctx).model
-    return build_pass("qnn-legalize", {"lstm_gates": gates}).run(quantized, ctx).model
+    return build_pass("qnn-legalize", {"lstm_gates": gates, "lstm_cell": cell}).run(quantized, ctx).model
 
 
 def _encoding_dtype(value: ir.Value) -> str:
@@ -205,12 +205,13 @@ def _encoding_dtype(value: ir.Value) -> str:
     return q.inputs[2].const_value.numpy().dtype.name
 
 
-def test_gate_pre_activations_run_at_16_bits_the_states_at_the_recipes_width(tmp_path):
+def test_gate_pre_activations_and_the_cell_run_at_16_bits_h_at_the_recipes_width(tmp_path):
     """Issue 12 (ddddocr_common): an LSTM's gate pre-activations span the range of every gate of
     every step (±160 on ddddocr), so at 8 bits their step is wider than where a sigmoid moves;
     qnn-unroll-lstm marks them (and the Sigmoid/Tanh reading them, whose outputs are encoded
-    at 16 bits too) for 16 bits (case 4). The cell's products, C_t and H_t stay 8-bit; the
-    MatMul weights are int8 symmetric as a layer's."""
+    at 16 bits too) for 16 bits (case 4); the cell state too (its products, C_t, tanh(C_t):
+    case 5, silero-vad). H_t stays 8-bit; the MatMul weights are int8 symmetric as a layer's.
+    ``lstm_gates``/``lstm_cell: int8`` leave each at the recipe's width."""
     model = _legalized_gates(tmp_path, "int16", gain=1.0)
     assert float_compute_nodes(model) == []
     by_kind: dict[str, set[str]] = {}
@@ -218,16 +219,59 @@ def test_gate_pre_activations_run_at_16_bits_the_states_at_the_recipes_width(tmp
         if node.name.startswith("the_lstm_d") and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             kind = re.match(r"the_lstm_d\d_(?:t\d+_)?(.+)$", node.name).group(1)
             by_kind.setdefault(kind, set()).add(_encoding_dtype(node.outputs[0]))
-    wide = {"xw", "xw_b", "hr", "gates", "i", "o", "f", "c", "i_sig", "o_sig", "f_sig", "c_tanh"}
-    assert {k: v for k, v in by_kind.items() if k in wide} == {k: {"uint16"} for k in wide}
-    assert {k: v for k, v in by_kind.items() if k not in wide} == {k: {"uint8"} for k in ("ic", "fc", "C", "C_tanh",
-                                                                                      "H", "y")}
+    gates = {"xw", "xw_b", "hr", "gates", "i", "o", "f", "c", "i_sig", "o_sig", "f_sig", "c_tanh"}
+    cell = {"ic", "fc", "C", "C_tanh"}
+    assert {k: v for k, v in by_kind.items() if k in gates | cell} == {k: {"uint16"} for k in gates | cell}
+    assert {k: v for k, v in by_kind.items() if k not in gates | cell} == {k: {"uint8"} for k in ("H", "y")}
     for node in model.graph:
         if node.op_type == "MatMul":
             dq = node.inputs[1].producer()
             assert dq.inputs[0].const_value.dtype == ir.DataType.INT8 and not dq.inputs[2].const_value.numpy().any()
     eight = _legalized_gates(tmp_path, "int8", gain=1.0)
     assert {_encoding_dtype(n.outputs[0]) for n in eight.graph if n.name.endswith("_gates")} == {"uint8"}
+    assert {_encoding_dtype(n.outputs[0]) for n in eight.graph if n.name.endswith("_C")} == {"uint16"}
+    narrow_cell = _legalized_gates(tmp_path, "int16", gain=1.0, cell="int8")
+    assert {_encoding_dtype(n.outputs[0]) for n in narrow_cell.graph if n.name.endswith(("_C", "_fc"))} == {"uint8"}
+
+
+def _saturating_cell_lstm() -> ir.Model:
+    """A forward LSTM over 40 steps whose unit 0 has its input and forget gates and its candidate
+    driven to 1 (bias +10): its cell state climbs to ~40 while the other units' stay within ±1."""
+    steps, hidden = 40, 4
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((1, 4 * hidden, I)).astype(np.float32) * 0.5
+    r = rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32) * 0.3
+    b = np.zeros((1, 8 * hidden), np.float32)
+    for gate in (0, 2, 3):  # i, f, c of unit 0 (gate order i, o, f, c)
+        b[0, gate * hidden] = 10.0
+        w[0, gate * hidden] = 0.0
+    node = helper.make_node("LSTM", ["x", "w", "r", "b"], ["y"], name="the_lstm", hidden_size=hidden)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, I])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [steps, 1, 1, hidden])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (r, "r"), (b, "b"))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+def test_a_16_bit_cell_state_keeps_the_small_cells_beside_a_saturated_one(tmp_path):
+    """silero-vad's cell state spans ±64 where most cells are small: at 8 bits its step (range /
+    255, here ~0.3) erases the small cells, and H = σ(o) tanh(C) of those units follows. With
+    the cell at 16 bits the other units' H must be at least 10 dB closer to float (about 15
+    measured; the 8-bit H and gate encodings bound what is left)."""
+    floats = _saturating_cell_lstm()
+    xs = np.random.default_rng(6).standard_normal((16, 40, 1, I)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=xs)
+    sqnr = {}
+    for cell in ("int16", "int8"):
+        model = _saturating_cell_lstm()
+        ctx = PassContext(target=_Stub(), calibration=load_npz(tmp_path / "calib.npz", model_input_specs(model),
+                                                               what="calib"), properties={"constants-folded"})
+        quantized = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+        legal = build_pass("qnn-legalize", {"lstm_cell": cell}).run(quantized, ctx).model
+        ref = _run_all(floats, xs)[..., 1:]
+        out = _run_all(legal, xs)[..., 1:]
+        sqnr[cell] = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2))
+    assert sqnr["int16"] >= sqnr["int8"] + 10.0, sqnr
 
 
 GAIN = 16.0

@@ -1,0 +1,170 @@
+"""``qnn-quantize-tensors`` case 2d/2e (:mod:`compressor.targets.qnn_htp.widen`): square roots and carried states at 16 bits."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from compressor.targets.onnx import ort_session
+from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
+from compressor.targets.qnn_htp.widen import carried_states
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor.data import load_npz
+from compressor.inputs import model_input_specs
+from compressor.pipeline import PassContext, build_pass
+
+N = 64  # STFT bins
+
+
+class _Stub:
+    name = "qnn-htp"
+    capabilities = QNN_HTP_CAPABILITIES
+    qdq_rules = HTP_QDQ_RULES
+
+
+class _NoRoots(_Stub):
+    qdq_rules = dataclasses.replace(HTP_QDQ_RULES, root_inputs={})
+
+
+def _model(nodes, inputs, outputs, inits=()) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+def _magnitude() -> ir.Model:
+    """silero-vad's STFT magnitude: ``sqrt(re^2 + im^2)`` (``Pow`` by 2, ``Add``, ``Sqrt``), then a Relu."""
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    nodes = [helper.make_node("Pow", ["re", "two"], ["re2"], name="re_sq"),
+             helper.make_node("Pow", ["im", "two"], ["im2"], name="im_sq"),
+             helper.make_node("Add", ["re2", "im2"], ["power"], name="power"),
+             helper.make_node("Sqrt", ["power"], ["mag"], name="mag"),
+             helper.make_node("Relu", ["mag"], ["y"], name="relu")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, N]) for n in ("re", "im", "y")]
+    return _model(nodes, io[:2], io[2:], [two])
+
+
+def _spectra(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Bins whose magnitudes span 40 dB (log-uniform from 0.01 to 1), random phase."""
+    rng = np.random.default_rng(seed)
+    mag = 10 ** rng.uniform(-2, 0, (n, 1, N))
+    phase = rng.uniform(0, 2 * np.pi, (n, 1, N))
+    return {"re": (mag * np.cos(phase)).astype(np.float32), "im": (mag * np.sin(phase)).astype(np.float32)}
+
+
+def _legalize(model: ir.Model, data: dict[str, np.ndarray], tmp_path: Path, target=None, **options) -> ir.Model:
+    path = tmp_path / "calib.npz"
+    np.savez(path, **data)
+    ctx = PassContext(target=target or _Stub(), calibration=load_npz(path, model_input_specs(model), what="calib"),
+                      properties={"constants-folded"})
+    model = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+    return build_pass("qnn-legalize", options).run(model, ctx).model
+
+
+def _encoding(value: ir.Value) -> str:
+    q = next(use.node for use in value.uses() if use.node.op_type == "QuantizeLinear")
+    return q.inputs[2].const_value.numpy().dtype.name
+
+
+def test_a_square_root_and_the_power_it_reads_run_at_16_bits(tmp_path):
+    """A root halves the dynamic range in dB: an 8-bit power keeps 24 dB, so every bin more than
+    ~27 dB below the peak magnitude (power below half a step, peak^2/510) comes out of the
+    Sqrt as exactly 0, about a third of these 40-dB spectra. With the power at 16 bits the
+    floor is ~51 dB down, below every bin. ``Pow(x, 2)`` is written ``Mul(x, x)``."""
+    floats = _magnitude()
+    legal = _legalize(_magnitude(), _spectra(32, 0), tmp_path)
+    ops = {n.name: n.op_type for n in legal.graph}
+    assert ops["re_sq"] == ops["im_sq"] == "Mul"
+    by_name = {n.name: n for n in legal.graph}
+    assert {_encoding(by_name[k].outputs[0]) for k in ("re_sq", "im_sq", "power", "mag")} == {"uint16"}
+    test = _spectra(8, 1)
+    feeds = [{k: v[i] for k, v in test.items()} for i in range(8)]
+    ref = np.stack([ort_session(floats).run(None, feed)[0] for feed in feeds])
+    zeros = {}
+    for key, model in (("16", legal), ("8", _legalize(_magnitude(), _spectra(32, 0), tmp_path, _NoRoots()))):
+        session = ort_session(model, as_written=True)
+        out = np.stack([session.run(None, feed)[0] for feed in feeds])
+        zeros[key] = float(np.mean(out == 0))
+    assert (ref > 0).all() and zeros["16"] == 0.0 and zeros["8"] > 0.2, zeros
+
+
+H = 8
+
+
+def _cell() -> ir.Model:
+    """A recurrent cell a streaming caller runs frame by frame: ``state`` [2, 1, H] stacks ``h``
+    and ``c``; ``c' = σ(x_f) c + tanh(x_g)``, ``h' = tanh(c')``, ``stateN`` stacks them again;
+    ``y = h' W`` (a layer: it keeps its own 8-bit input encoding)."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((H, 2)).astype(np.float32), "w")
+    idx = [numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in (0, 1)]
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axes")
+    nodes = [helper.make_node("Gather", ["state", "i1"], ["c"], name="take_c", axis=0),
+             helper.make_node("Sigmoid", ["xf"], ["f"], name="forget"),
+             helper.make_node("Tanh", ["xg"], ["g"], name="candidate"),
+             helper.make_node("Mul", ["f", "c"], ["fc"], name="fc"),
+             helper.make_node("Add", ["fc", "g"], ["c_new"], name="c_new"),
+             helper.make_node("Tanh", ["c_new"], ["h_new"], name="h_new"),
+             helper.make_node("Unsqueeze", ["h_new", "axes"], ["h_u"], name="h_u"),
+             helper.make_node("Unsqueeze", ["c_new", "axes"], ["c_u"], name="c_u"),
+             helper.make_node("Concat", ["h_u", "c_u"], ["stateN"], name="stack", axis=0),
+             helper.make_node("MatMul", ["h_new", "w"], ["y"], name="head")]
+    inputs = [helper.make_tensor_value_info("xf", TensorProto.FLOAT, [1, H]),
+              helper.make_tensor_value_info("xg", TensorProto.FLOAT, [1, H]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, H])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+               helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, 1, H])]
+    return _model(nodes, inputs, outputs, [w, *idx, axes])
+
+
+def test_a_state_carried_between_calls_is_found_by_structure():
+    model = _cell()
+    found = carried_states(model.graph)
+    assert [(x.name, y.name) for x, y in found] == [("state", "stateN")]
+    names = {n.name for n in model.graph if id(n) in next(iter(found.values()))}
+    assert names == {"take_c", "fc", "c_new", "h_new", "h_u", "c_u", "stack"}
+
+
+def test_the_carried_state_runs_at_16_bits_the_layer_reads_its_own_8_bit_encoding(tmp_path, monkeypatch):
+    """Unit 0's cell saturates (``c`` up to 40, a stream of 40 frames with the forget gate
+    open), the others stay within ±1: one 8-bit encoding of ``state`` steps by ~0.3 and erases
+    them; the state path (the ``state`` input, the Gather, the cell update, the Concat) runs at
+    16 bits. The head's MatMul reads ``h'`` through its own 8-bit encoding (quantize's)."""
+    rng = np.random.default_rng(1)
+    n = 48
+    xf = rng.normal(0, 1, (n, 1, H)).astype(np.float32)
+    xf[:, :, 0] = 12.0  # σ ≈ 1: unit 0 accumulates
+    xg = rng.normal(0, 0.5, (n, 1, H)).astype(np.float32)
+    xg[:, :, 0] = 3.0  # tanh near 1, and a range that keeps the 8-bit step of xg small
+    state = np.zeros((n, 2, 1, H), np.float32)
+    state[:, 1, 0, 0] = np.arange(n) % 40  # the saturated cell as a stream leaves it
+    state[:, 1, :, 1:] = rng.uniform(-1, 1, (n, 1, H - 1))
+    state[:, 0] = np.tanh(state[:, 1])
+    legal = _legalize(_cell(), {"xf": xf, "xg": xg, "state": state}, tmp_path)
+    by_name = {n.name: n for n in legal.graph}
+    state_in = next(v for v in legal.graph.inputs if v.name == "state")
+    assert _encoding(state_in) == "uint16"
+    assert {_encoding(by_name[k].outputs[0]) for k in ("take_c", "fc", "c_new", "h_new", "stack")} == {"uint16"}
+    head_dq = by_name["head"].inputs[0].producer()
+    assert head_dq.op_type == "DequantizeLinear" and head_dq.inputs[2].const_value.numpy().dtype == np.uint8
+    # The small cells' c' over the samples: an 8-bit state (step s8 = range/255) alone moves
+    # them by up to f * s8/2 (f near 1 for most); what is left at 16 bits comes from the 8-bit
+    # gate inputs, under s8/4. The same graph without the rule (the control) exceeds s8/4.
+    monkeypatch.setattr("compressor.targets.qnn_htp.quantize_tensors.carried_states", lambda graph: {})
+    control = _legalize(_cell(), {"xf": xf, "xg": xg, "state": state}, tmp_path)
+    assert _encoding(next(v for v in control.graph.inputs if v.name == "state")) == "uint8"
+    s8 = float(np.ptp(state)) / 255
+    worst = {}
+    for key, model in (("16", legal), ("8", control)):
+        session = ort_session(model, as_written=True)
+        errors = []
+        for i in range(n):
+            feed = {"xf": xf[i], "xg": xg[i], "state": state[i]}
+            ref = ort_session(_cell()).run(None, feed)[1]
+            errors.append(np.abs(session.run(None, feed)[1][1, :, 1:] - ref[1, :, 1:]).max())
+        worst[key] = float(max(errors))
+    assert worst["16"] < s8 / 4 < worst["8"], (worst, s8)
