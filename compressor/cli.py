@@ -86,7 +86,8 @@ def _cmd_compress(argv: Sequence[str]) -> int:
     try:
         with make_executor(args.ray) as executor:
             result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target,
-                              inputs=args.input, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
+                              inputs=args.input, freeze=args.freeze, calib=args.calib, eval_data=args.eval_data,
+                              max_drop=args.max_drop,
                               train=args.train,
                               **model_source(args), dump_passes=args.dump_passes,
                               latency_runs=args.latency_runs, progress=_bar, on_pass=on_pass, executor=executor)

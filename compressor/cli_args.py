@@ -146,6 +146,10 @@ def compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="built-in recipe name (see 'compress recipes') or a .yaml path")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="backend to lower for (default: onnx)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
+    p.add_argument("--freeze", action="append", default=[], metavar="NAME=VALUE",
+                   help="make an input a constant of the model, e.g. sr=16000 (V1,V2,... for a 1-D input): the "
+                        "artifact has no such input and what depends on it alone folds away (an If on it); "
+                        "data may keep its column if every sample holds that value; repeatable")
     p.add_argument("--calib", type=Path, help=".npz of calibration samples, one array per input")
     p.add_argument("--eval", type=Path, dest="eval_data", help=".npz of evaluation samples (+ optional 'labels')")
     p.add_argument("--train", type=Path, help=".npz of training samples for a recipe's recover: stage (as --calib; "

