@@ -142,7 +142,8 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     with make_executor(args.ray) as executor:
         result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
                        outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
-                       options=options, inputs=args.input, metric=args.metric, **model_source(args),
+                       options=options, inputs=args.input, freeze=args.freeze, metric=args.metric,
+                       **model_source(args),
                        latency_runs=args.latency_runs, progress=_bar, executor=executor, recover=recover,
                        train=args.train, on_level=lambda i, text: logger.info("[%d] %s at %s", i + 1, args.pass_name, text))
     print(sweep_text(result))

@@ -25,6 +25,10 @@ __all__ = ["Parser", "compress_parser", "recipes_parser", "inspect_parser", "swe
 INPUT_HELP = ("fix an input's shape, e.g. images=1x1x8x8 (? keeps an axis dynamic; optionally :dtype, e.g. "
               "ids=1x128:int64); a rank-0 (scalar) input is NAME=scalar, e.g. sr=scalar:int64; repeatable")
 
+FREEZE_HELP = ("make an input a constant of the model, e.g. sr=16000 (V1,V2,... for a 1-D input): the artifact has "
+               "no such input and what depends on it alone folds away (an If on it); data may keep its column if "
+               "every sample holds that value; repeatable")
+
 
 class Parser(argparse.ArgumentParser):
     """argparse that raises UsageError (exit 2, one line) instead of printing usage and exiting."""
@@ -146,10 +150,7 @@ def compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="built-in recipe name (see 'compress recipes') or a .yaml path")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="backend to lower for (default: onnx)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
-    p.add_argument("--freeze", action="append", default=[], metavar="NAME=VALUE",
-                   help="make an input a constant of the model, e.g. sr=16000 (V1,V2,... for a 1-D input): the "
-                        "artifact has no such input and what depends on it alone folds away (an If on it); "
-                        "data may keep its column if every sample holds that value; repeatable")
+    p.add_argument("--freeze", action="append", default=[], metavar="NAME=VALUE", help=FREEZE_HELP)
     p.add_argument("--calib", type=Path, help=".npz of calibration samples, one array per input")
     p.add_argument("--eval", type=Path, dest="eval_data", help=".npz of evaluation samples (+ optional 'labels')")
     p.add_argument("--train", type=Path, help=".npz of training samples for a recipe's recover: stage (as --calib; "
@@ -211,6 +212,7 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help="more options of the pass, the same at every level, e.g. '{mask: wanda}'")
     p.add_argument("--metric", default="auto", choices=("auto", "top1", "cosine"))
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
+    p.add_argument("--freeze", action="append", default=[], metavar="NAME=VALUE", help=FREEZE_HELP)
     p.add_argument("-o", "--output", type=Path, default=Path("sweep-out"),
                    help="folder for sweep.csv, sweep.json, sweep.png (default: sweep-out/)")
     p.add_argument("--latency-runs", type=at_least(0), default=10, help="timed runs per level (0: no latency)")

@@ -112,3 +112,15 @@ def test_freeze_with_a_recovery_recipe_is_refused_before_capture(tmp_path):
 
         compress(_rate_model(tmp_path), recipe="int8-nm-recover", outdir=tmp_path / "out", freeze=["sr=16000"],
                  calib=tmp_path / "calib.npz")
+
+
+def test_sweep_takes_freeze_too(tmp_path, capsys):
+    """``compress sweep`` captures the model as ``compress`` does: the same ``--freeze``."""
+    path = _rate_model(tmp_path)
+    code = main(["sweep", str(path), "--pass", "prune-magnitude", "--levels", "0.25,0.5", "--eval",
+                 str(tmp_path / "eval.npz"), "--freeze", "sr=16000", "-o", str(tmp_path / "sw"), "--latency-runs", "0",
+                 "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    levels = json.loads((tmp_path / "sw" / "sweep.json").read_text())["levels"]
+    assert [lv["level"] for lv in levels] == ["0.25", "0.5"]

@@ -13,12 +13,15 @@ import dataclasses
 import logging
 from typing import Any
 
+import numpy as np
+import onnx_ir as ir
+
 from compressor.data import Dataset, RawData, random_dataset
 from compressor.errors import UsageError
-from compressor.inputs import InputSpec
+from compressor.inputs import InputSpec, freeze_data, freeze_inputs
 from compressor.recipe import Recipe
 
-__all__ = ["UNVERIFIED", "RANDOM_SAMPLES", "RunData", "check_data_needs", "pick_eval", "choose_sets"]
+__all__ = ["UNVERIFIED", "RANDOM_SAMPLES", "RunData", "apply_freeze", "check_data_needs", "pick_eval", "choose_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,3 +102,29 @@ def choose_sets(recipe: Recipe, calib: Dataset | None, eval_data: Dataset | None
         calib.check_batches(f"calibration data{held}")
     eval_data.check_batches(f"evaluation data{held}")
     return RunData(calib, eval_data, source)
+
+
+def apply_freeze(model: ir.Model, frozen: dict[str, tuple[float, ...]], *raws: RawData | None
+                 ) -> tuple[dict[str, np.ndarray], list[RawData | None]]:
+    """``--freeze`` on a captured model, in place: the inputs become constants and what depended
+    on them alone is folded now (:mod:`compressor.inputs`); the data files' columns for them are
+    checked and dropped. Returns the frozen arrays and ``raws`` without those columns.
+
+    Folding here, not in the recipe, so that the baseline and the target's check see the
+    folded graph: a target must not be asked to run an ``If`` the frozen value decides (HTP
+    has none), and ONNX Runtime 1.32 crashes (SIGSEGV) building a session of silero-vad with
+    ``sr`` frozen and static shapes. Folding is exact.
+
+    Raises:
+        DataError: as :func:`~compressor.inputs.freeze_inputs` and :func:`~compressor.inputs.freeze_data`.
+    """
+    from compressor.pipeline import PassContext, build_pass
+
+    arrays = freeze_inputs(model, frozen)
+    if not arrays:
+        return arrays, list(raws)
+    raws_left = [None if raw is None else dataclasses.replace(raw, arrays=freeze_data(raw.arrays, arrays, raw.where))
+                 for raw in raws]
+    logger.info("inputs frozen to constants: %s", ", ".join(f"{k}={v.tolist()}" for k, v in arrays.items()))
+    build_pass("fold-constants", {}, where="--freeze").run(model, PassContext())
+    return arrays, raws_left

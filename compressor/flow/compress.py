@@ -44,21 +44,19 @@ from compressor.flow.accuracy import (
     ranking_fields,
 )
 from compressor.flow.artifact import ArtifactWriter, check_destination
-from compressor.flow.calib_eval import RunData, check_data_needs, choose_sets
+from compressor.flow.calib_eval import RunData, apply_freeze, check_data_needs, choose_sets
 from compressor.flow.evaluation import Evaluation, collect_outputs, compare
 from compressor.flow.manifest import build_manifest, gate_record, latency_record, package_versions
 from compressor.flow.precision_fallback import try_precision_fallback
 from compressor.inputs import (
     check_tensor_io,
-    freeze_data,
-    freeze_inputs,
     model_input_specs,
     parse_freeze,
     parse_input_overrides,
 )
 from compressor.model_io import clone_model
 from compressor.pass_manager import PassManager, PassReport
-from compressor.pipeline import PassContext, build_pass
+from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
 from compressor.recipe import Recipe, load_recipe
 from compressor.recover.stage import check_recover_inputs, recover_stage
@@ -211,15 +209,7 @@ def compress(
         bar.update(1)
     timings["capture_s"] = time.perf_counter() - t
     model = captured.model
-    frozen = freeze_inputs(model, checked.frozen)
-    if frozen:
-        raw_calib, raw_eval = (None if raw is None else dataclasses.replace(
-            raw, arrays=freeze_data(raw.arrays, frozen, raw.where)) for raw in (raw_calib, raw_eval))
-        logger.info("inputs frozen to constants: %s", ", ".join(f"{k}={v.tolist()}" for k, v in frozen.items()))
-        # What depended on them alone is folded now, in the baseline too (exact): a target's
-        # check must not see an If its condition decides, and ONNX Runtime 1.32 crashes
-        # (SIGSEGV) building a session of silero-vad with sr frozen and static shapes.
-        build_pass("fold-constants", {}, where="--freeze").run(model, PassContext())
+    frozen, (raw_calib, raw_eval) = apply_freeze(model, checked.frozen, raw_calib, raw_eval)
     check_tensor_io(model)
     specs = model_input_specs(model)
     calib_set = raw_calib.validate(specs) if raw_calib is not None else None

@@ -218,6 +218,7 @@ def sweep(
     max_drop: float | None = None,
     options: Mapping[str, Any] | None = None,
     inputs: Sequence[str] = (),
+    freeze: Sequence[str] = (),
     metric: str = "auto",
     trust_pickle: bool = False,
     imports: Sequence[str] = (),
@@ -248,9 +249,11 @@ def sweep(
     """
     from compressor.capture import capture
     from compressor.data import example_inputs, read_npz
+    from compressor.flow.calib_eval import apply_freeze
     from compressor.inputs import (
         check_tensor_io,
         model_input_specs,
+        parse_freeze,
         parse_input_overrides,
     )
     from compressor.pass_manager import PassManager
@@ -271,6 +274,10 @@ def sweep(
     outdir = Path(outdir)
     check_sweep_destination(outdir)
     overrides = parse_input_overrides(inputs)
+    frozen = parse_freeze(freeze)
+    if frozen and recover is not None:
+        raise UsageError("sweep --recover with --freeze: the recovery stage trains the module, which still has the "
+                         "input; sweep without --recover, or without --freeze")
     raw_eval = read_npz(eval_data, what="eval")  # data errors before the (slow) capture
     raw_calib = read_npz(calib, what="calib") if calib else None
     if raw_calib is None and any(getattr(p, "needs_calibration", False) for p in steps):
@@ -284,6 +291,7 @@ def sweep(
                        example_inputs=example_inputs(raw_calib, raw_eval), imports=imports, model_class=model_class,
                        model_kwargs=model_kwargs)
     model = captured.model
+    _, (raw_eval, raw_calib) = apply_freeze(model, frozen, raw_eval, raw_calib)
     check_tensor_io(model)
     specs = model_input_specs(model)
     eval_set = raw_eval.validate(specs)
