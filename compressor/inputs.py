@@ -217,23 +217,45 @@ _FREEZE = re.compile(r"^(?P<name>[^=]+)=(?P<values>[^,=]+(?:,[^,=]+)*)$")
 
 
 def parse_freeze(texts: Sequence[str]) -> dict[str, tuple[float, ...]]:
-    """Parse ``--freeze NAME=VALUE[,VALUE...]`` flags.
+    """Parse ``--freeze NAME=VALUE[,VALUE...]`` flags (``true``/``false`` read as 1/0).
 
     Raises:
-        UsageError: a flag that does not have that form, or a value that is not a number.
+        UsageError: a flag that does not have that form, a value that is not a number, or
+            one input frozen twice.
     """
     out: dict[str, tuple[float, ...]] = {}
+    words = {"true": 1.0, "false": 0.0}
     for text in texts:
         m = _FREEZE.match(text.strip())
         try:
-            values = tuple(float(v) for v in m["values"].split(",")) if m else None
+            values = tuple(words[v.strip().lower()] if v.strip().lower() in words else float(v)
+                           for v in m["values"].split(",")) if m else None
         except ValueError:
             values = None
         if m is None or values is None:
             raise UsageError(f"--freeze {text!r}: expected NAME=VALUE, a number (e.g. sr=16000), or "
                              "NAME=V1,V2,... for a 1-D input")
+        if m["name"] in out:
+            raise UsageError(f"--freeze {m['name']} is given twice; give each input one value")
         out[m["name"]] = values
     return out
+
+
+def _freeze_problem(numbers: tuple[float, ...], dtype: np.dtype) -> str | None:
+    """Why ``numbers`` cannot be values of ``dtype`` (``None``: they can)."""
+    array = np.array(numbers, np.float64)
+    if dtype.kind == "b":
+        return None if np.isin(array, (0.0, 1.0)).all() else "is bool; give 0 or 1 (false or true)"
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if not np.array_equal(array, np.round(array)):
+            return f"is {dtype.name}; give whole numbers"
+        if array.min() < info.min or array.max() > info.max:
+            return f"is {dtype.name}; give values in [{info.min}, {info.max}]"
+        return None
+    if dtype.kind == "f":
+        return None if np.isfinite(array).all() else f"is {dtype.name}; give finite numbers"
+    return f"is {dtype.name}; --freeze takes numeric and bool inputs"
 
 
 def freeze_inputs(model: ir.Model, frozen: dict[str, tuple[float, ...]]) -> dict[str, np.ndarray]:
@@ -241,7 +263,9 @@ def freeze_inputs(model: ir.Model, frozen: dict[str, tuple[float, ...]]) -> dict
 
     Raises:
         DataError: an unknown input, an input of rank above 1, a value count that is not
-            the input's size, or a fraction for an integer input.
+            the input's size, a value the input's dtype cannot hold (a fraction or an
+            out-of-range number for an integer, anything but 0/1 for a bool, inf/nan), a
+            non-numeric input, or every input frozen.
     """
     by_name = {v.name: v for v in model.graph.inputs}
     arrays: dict[str, np.ndarray] = {}
@@ -255,20 +279,23 @@ def freeze_inputs(model: ir.Model, frozen: dict[str, tuple[float, ...]]) -> dict
         rank = None if value.shape is None else len(value.shape)
         if rank is not None and rank > 1:
             raise DataError(f"{flag}: the input {name!r} has rank {rank}; --freeze takes a scalar or 1-D input")
-        size = value.shape[0] if rank == 1 else None
+        size = _plain(value.shape[0]) if rank == 1 else None
         if rank == 0 and len(numbers) != 1:
             raise DataError(f"{flag}: the input {name!r} is a scalar: give one value")
         if isinstance(size, int) and size != len(numbers):
             raise DataError(f"{flag}: the input {name!r} holds {size} values, not {len(numbers)}")
-        array = np.array(numbers[0] if rank == 0 or (rank is None and len(numbers) == 1) else numbers)
-        if dtype.kind in "iub" and not np.array_equal(array, np.round(array)):
-            raise DataError(f"{flag}: the input {name!r} is {dtype.name}; give whole numbers")
-        array = array.astype(dtype)
+        problem = _freeze_problem(numbers, dtype)
+        if problem:
+            raise DataError(f"{flag}: the input {name!r} {problem}")
+        array = np.array(numbers[0] if rank == 0 or (rank is None and len(numbers) == 1) else numbers).astype(dtype)
         model.graph.inputs.remove(value)
         value.const_value = ir.tensor(array, name=name)
         value.shape = ir.Shape(array.shape)
         model.graph.register_initializer(value)
         arrays[name] = array
+    if frozen and not model.graph.inputs:
+        raise DataError(f"--freeze {', '.join(frozen)}: that is every input of the model, which would compute one "
+                        "constant; leave at least one input unfrozen")
     return arrays
 
 
@@ -284,7 +311,10 @@ def freeze_data(arrays: dict[str, np.ndarray], frozen: dict[str, np.ndarray], wh
         column = out.pop(name, None)
         if column is None:
             continue
-        rows = column.reshape(len(column), -1) if column.ndim > value.ndim else column.reshape(1, -1)
+        rows = column.reshape(len(column), -1) if column.ndim else column.reshape(1, 1)
+        if rows.shape[1] != value.size:
+            raise DataError(f"{where}: {name!r} holds {rows.shape[1]} values per sample, but --freeze {name} gives "
+                            f"{value.size}; give the input's values, or leave {name!r} out of the data")
         differ = np.flatnonzero(~(rows == value.reshape(1, -1)).all(axis=1))
         if differ.size:
             i = int(differ[0])

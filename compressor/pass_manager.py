@@ -21,7 +21,8 @@ from compressor.errors import CompressorError, PipelineError, RecipeError
 from compressor.model_io import correct_output_shapes, default_opset, save_model, upgrade_opset, verify_model
 from compressor.pipeline import Pass, PassContext, available_passes
 
-__all__ = ["PassReport", "PipelineResult", "PassManager", "check_pipeline", "control_flow_bodies", "subgraph_bodies"]
+__all__ = ["PassReport", "PipelineResult", "PassManager", "check_pipeline", "control_flow_bodies", "node_bodies",
+           "outer_reads", "subgraph_bodies"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,15 @@ def node_bodies(node: ir.Node) -> Iterator[tuple[str, ir.Graph]]:
             list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
         for body in graphs:
             yield attr.name, body
+
+
+def outer_reads(node: ir.Node) -> list[ir.Value]:
+    """The values ``node`` reads from the graph it is in or further out: its inputs, and what
+    its bodies (nested ones included) read from outside them."""
+    graphs = [g for _, body in node_bodies(node) for g in (body, *body.subgraphs())]
+    inner = {id(g) for g in graphs}
+    return [v for v in node.inputs if v is not None] + [
+        v for g in graphs for n in g for v in n.inputs if v is not None and id(v.graph) not in inner]
 
 
 def subgraph_bodies(graph: ir.Graph) -> dict[str, int]:

@@ -38,7 +38,8 @@ from compressor.passes._graph import NameAllocator
 from compressor.passes._layers import Layer
 from compressor.passes._sparsity import input_moments, moment_points, write_groups
 
-from compressor.quant.staged import StagedStatistics, node_reads
+from compressor.pass_manager import outer_reads
+from compressor.quant.staged import StagedStatistics
 from compressor.quant.taps import ChannelMoments
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def plan_stages(graph: ir.Graph, groups: Sequence[Sequence[Layer]]) -> list[list
     level: dict[int, int] = {}  # id(value) -> highest stage of the pruned layers it depends on
     stage = [0] * len(groups)
     for node in graph:
-        upstream = max((level.get(id(v), 0) for v in node_reads(node, graph)), default=0)
+        upstream = max((level.get(id(v), 0) for v in outer_reads(node)), default=0)
         if id(node) in of_node:
             index = of_node[id(node)]
             if stage[index] and upstream + 1 != stage[index]:

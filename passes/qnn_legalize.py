@@ -47,8 +47,9 @@ class QnnLegalizeOptions:
         mask_value: What sentinel constants (``finfo.min`` masks) become.
         lstm_gates: Activation width of an unrolled LSTM's gate pre-activations
             (``qnn-unroll-lstm``'s ``gates``: ``int16`` whatever ``activations`` is).
-        lstm_cell: The same for its cell state and the state carried between calls
-            (``qnn-unroll-lstm``'s ``cell``).
+        lstm_cell: The same for its cell state (``qnn-unroll-lstm``'s ``cell``).
+        roots: Width of square roots and the powers they read (``qnn-quantize-tensors``'s).
+        carried_states: Width of a state carried from one call to the next (``qnn-quantize-tensors``'s).
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -56,6 +57,8 @@ class QnnLegalizeOptions:
     mask_value: float = -100.0
     lstm_gates: Literal["int16", "int8"] = "int16"
     lstm_cell: Literal["int16", "int8"] = "int16"
+    roots: Literal["int16", "int8"] = "int16"
+    carried_states: Literal["int16", "int8"] = "int16"
 
     def __post_init__(self) -> None:
         ClampSentinelsOptions(self.mask_value)  # one range check, the sub-pass's
@@ -78,7 +81,8 @@ class QnnLegalize(Pass):
         opts: QnnLegalizeOptions = self.options
         return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(),
                 UnrollLstm(UnrollLstmOptions(opts.lstm_gates, opts.lstm_cell)),
-                QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator))]
+                QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator, opts.roots,
+                                                       opts.carried_states))]
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         modified, stats = False, {}

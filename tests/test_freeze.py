@@ -12,7 +12,7 @@ from compressor.targets.qnn_htp import lint
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.cli import main
-from compressor.errors import UsageError
+from compressor.errors import DataError, UsageError
 from compressor.inputs import freeze_inputs, parse_freeze
 from compressor.model_io import load_onnx
 from compressor.pipeline import PassContext, build_pass
@@ -66,10 +66,12 @@ def test_frozen_input_folds_its_if_away_and_leaves_the_artifact(tmp_path, capsys
 
 
 def test_freeze_makes_an_if_on_the_input_acceptable_to_htp(tmp_path):
-    """HTP has no ``If``: lint names it on the model as exported and accepts it once ``sr`` is
-    frozen and folded (the branch taken is inlined)."""
+    """HTP has no ``If``: lint names it on the model as exported, with the ``--freeze`` that
+    folds it (and not the nodes of its branches), and accepts it once ``sr`` is frozen and
+    folded (the branch taken is inlined)."""
     model = load_onnx(_rate_model(tmp_path))
-    assert dict(lint(model)).get("by_rate") == "op If is not supported by QNN HTP"
+    assert lint(model) == [("by_rate", "op If on input 'sr': HTP runs no If; --freeze sr=VALUE makes it a constant "
+                                       "and folds the If away")]
     frozen = freeze_inputs(model, parse_freeze(["sr=16000"]))
     assert frozen["sr"].dtype == np.int64 and frozen["sr"].shape == ()
     folded = build_pass("fold-constants", {}).run(model, PassContext()).model
@@ -97,6 +99,8 @@ def test_data_taken_at_another_value_is_exit_2(tmp_path, capsys):
     ("sr=16000.5", "--freeze sr=16000.5: the input 'sr' is int64; give whole numbers"),
     ("sr=8000,16000", "--freeze sr=8000,16000: the input 'sr' is a scalar: give one value"),
     ("x=1,2,3", "--freeze x=1,2,3: the input 'x' has rank 2; --freeze takes a scalar or 1-D input"),
+    ("sr=1e20", "--freeze sr=1e+20: the input 'sr' is int64; give values in [-9223372036854775808, "
+                "9223372036854775807]"),
 ])
 def test_bad_freeze_is_exit_2_saying_what_to_give(tmp_path, capsys, flag, message):
     path, out = _rate_model(tmp_path), tmp_path / "out"
@@ -124,3 +128,54 @@ def test_sweep_takes_freeze_too(tmp_path, capsys):
     assert code == 0, err
     levels = json.loads((tmp_path / "sw" / "sweep.json").read_text())["levels"]
     assert [lv["level"] for lv in levels] == ["0.25", "0.5"]
+
+
+def test_one_input_frozen_twice_is_a_usage_error():
+    with pytest.raises(UsageError, match=r"^--freeze sr is given twice; give each input one value$"):
+        parse_freeze(["sr=16000", "sr=8000"])
+    assert parse_freeze(["on=true", "off=false"]) == {"on": (1.0,), "off": (0.0,)}
+
+
+def _vector_model(tmp_path: Path, dtype=TensorProto.FLOAT) -> Path:
+    """``y = x + v``: ``v`` a 1-D input of 3 values."""
+    graph = helper.make_graph([helper.make_node("Add", ["x", "v"], ["y"], name="add")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3]),
+                               helper.make_tensor_value_info("v", dtype, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    path = tmp_path / "vector.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_a_data_column_of_another_width_is_exit_2(tmp_path, capsys):
+    """The frozen input holds 3 values, the data's column 2 per sample (it crashed with exit 1)."""
+    path = _vector_model(tmp_path)
+    np.savez(tmp_path / "c.npz", x=RNG.standard_normal((8, 1, 3)).astype(np.float32),
+             v=np.ones((8, 2), np.float32))
+    code, err, errors = _run([path, "--recipe", "int8", "--freeze", "v=1,2,3", "--calib", tmp_path / "c.npz", "-o",
+                              tmp_path / "out", "-q"], capsys)
+    assert code == 2, err
+    assert errors == [f"error: calib {tmp_path / 'c.npz'}: 'v' holds 2 values per sample, but --freeze v gives 3; "
+                      "give the input's values, or leave 'v' out of the data"], err
+
+
+def test_freezing_every_input_is_refused(tmp_path):
+    graph = helper.make_graph([helper.make_node("Neg", ["v"], ["y"], name="neg")], "g",
+                              [helper.make_tensor_value_info("v", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    path = tmp_path / "only.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    with pytest.raises(DataError, match=r"that is every input of the model, which would compute one constant"):
+        freeze_inputs(load_onnx(path), {"v": (1.0, 2.0, 3.0)})
+
+
+@pytest.mark.parametrize(("dtype", "values", "why"), [
+    (TensorProto.BOOL, (2.0, 0.0, 1.0), "is bool; give 0 or 1 (false or true)"),
+    (TensorProto.UINT8, (-1.0, 0.0, 1.0), "is uint8; give values in [0, 255]"),
+    (TensorProto.FLOAT, (float("nan"), 0.0, 1.0), "is float32; give finite numbers"),
+])
+def test_a_value_the_input_cannot_hold_is_refused(tmp_path, dtype, values, why):
+    """numpy would wrap -1 to 255 and 2 to True without a word."""
+    with pytest.raises(DataError) as err:
+        freeze_inputs(load_onnx(_vector_model(tmp_path, dtype)), {"v": values})
+    assert str(err.value).endswith(f"the input 'v' {why}")

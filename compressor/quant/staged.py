@@ -41,7 +41,7 @@ import onnxruntime as ort
 
 from compressor.data import MASK_INPUT
 from compressor.model_io import ir_version_for
-from compressor.pass_manager import node_bodies
+from compressor.pass_manager import outer_reads
 from compressor.quant.points import (
     Collected,
     StatPoint,
@@ -58,15 +58,6 @@ if TYPE_CHECKING:
 __all__ = ["StagedStatistics"]
 
 logger = logging.getLogger(__name__)
-
-
-def node_reads(node: ir.Node, main: ir.Graph) -> list[ir.Value]:
-    """The main-graph values ``node`` reads: its inputs and its bodies' outer-scope reads (case 1)."""
-    reads = [v for v in node.inputs if v is not None]
-    for _, body in node_bodies(node):
-        for graph in (body, *body.subgraphs()):
-            reads.extend(v for inner in graph for v in inner.inputs if v is not None and v.graph is main)
-    return reads
 
 
 class StagedStatistics:
@@ -96,7 +87,7 @@ class StagedStatistics:
             if producer is None or id(producer) in self._done or id(producer) in need:
                 continue
             need.add(id(producer))
-            stack.extend(node_reads(producer, graph))
+            stack.extend(outer_reads(producer))
         return [node for node in graph if id(node) in need]
 
     def _still_read(self, later: Collection[ir.Value] | None) -> set[str]:
@@ -104,7 +95,7 @@ class StagedStatistics:
         only those the tensors of the later requests need (and those tensors, if computed)."""
         graph = self.model.graph
         pending = [node for node in graph if id(node) not in self._done] if later is None else self._needed(later)
-        held = {v.name for node in pending for v in node_reads(node, graph)
+        held = {v.name for node in pending for v in outer_reads(node)
                 if v.producer() is not None and id(v.producer()) in self._done}
         if later is not None:
             held.update(v.name for v in later if v.producer() is not None and id(v.producer()) in self._done)
@@ -116,11 +107,10 @@ class StagedStatistics:
 
         ``known`` (the first batch's fed and held tensors) types an input the graph left untyped.
         """
-        graph = self.model.graph
         made = {id(v) for node in nodes for v in node.outputs}
         reads: dict[str, ir.Value] = {}
         for node in nodes:
-            for v in node_reads(node, graph):
+            for v in outer_reads(node):
                 if id(v) not in made:
                     reads.setdefault(v.name, v)
         proto = onnx.GraphProto(name="segment")

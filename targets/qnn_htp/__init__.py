@@ -84,7 +84,7 @@ from compressor.targets.qnn_htp.unroll_lstm import unroll_problem
 
 from compressor.errors import CompressorError
 from compressor.model_io import save_model
-from compressor.pass_manager import control_flow_bodies, node_bodies
+from compressor.pass_manager import control_flow_bodies, node_bodies, outer_reads
 from compressor.strict_json import write_json
 
 __all__ = [
@@ -242,16 +242,29 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
     branch constant folding inlines), tensors of rank above ``caps.max_rank``, float64
     tensors. Nodes that constant folding removes once shapes are static (``Shape`` and what
     is computed only from shapes and constants; never a ``Loop``/``Scan``) are not held
-    against the model.
+    against the model. An ``If`` that would fold were some scalar or 1-D inputs constants
+    (silero-vad's on its sample rate ``sr``) is one offender naming the ``--freeze`` that
+    folds it; the nodes of its branches are not listed.
     """
     offenders = check_capabilities(model, dataclasses.replace(caps, supported_ops=None, max_rank=None))
     folded = _foldable(model)
+    small = {id(v): v for v in model.graph.inputs if v.shape is not None and len(v.shape) <= 1}
+    if_frozen = _foldable(model, assume=frozenset(small)) - folded
+    hidden = {id(inner) for node in ir.traversal.RecursiveGraphIterator(model.graph)
+              if node.op_type == "If" and id(node) in if_frozen
+              for _, body in node_bodies(node) for inner in ir.traversal.RecursiveGraphIterator(body)}
     ops = caps.supported_ops if caps.supported_ops is not None else QNN_HTP_OPS
     owners = {id(body): (where, node) for where, node, _, body in control_flow_bodies(model.graph)}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if id(node) in folded:
+        if id(node) in folded or id(node) in hidden:
             continue
         where = label(node)
+        if node.op_type == "If" and id(node) in if_frozen:
+            names = _inputs_deciding(node, small)
+            offenders.append((where, f"op If on input {', '.join(map(repr, names))}: HTP runs no If; "
+                                     f"{' '.join(f'--freeze {n}=VALUE' for n in names)} makes it a constant and "
+                                     "folds the If away"))
+            continue
         domain = "" if node.domain == "ai.onnx" else node.domain
         known = ops if domain == "" else QNN_HTP_CONTRIB_OPS if domain == "com.microsoft" else frozenset()
         body = owners.get(id(node.graph))
@@ -284,8 +297,26 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
     return offenders
 
 
-def _foldable(model: ir.Model) -> set[int]:
+def _inputs_deciding(node: ir.Node, inputs: Mapping[int, ir.Value]) -> list[str]:
+    """The names of the graph ``inputs`` that ``node``'s outer reads are computed from."""
+    names, seen, stack = [], set(), list(outer_reads(node))
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if id(value) in inputs:
+            names.append(value.name)
+        producer = value.producer()
+        if producer is not None:
+            stack.extend(outer_reads(producer))
+    return sorted(names)
+
+
+def _foldable(model: ir.Model, assume: frozenset[int] = frozenset()) -> set[int]:
     """ids of nodes computed only from constants and tensor shapes (constants once shapes are static).
+
+    ``assume``: ids of graph inputs to take as constants too (what ``--freeze`` would fold).
 
     Inside the branches of an ``If`` whose condition folds, the same holds per branch:
     fold-constants inlines the branch the condition takes and folds it again, so a branch's
@@ -300,7 +331,7 @@ def _foldable(model: ir.Model) -> set[int]:
             return True
         if value.const_value is not None and not value.is_graph_input():
             return True
-        return id(value) in const
+        return id(value) in const or id(value) in assume
 
     def walk(graph: ir.Graph) -> None:
         for node in graph:  # topological order
@@ -321,17 +352,10 @@ def _foldable(model: ir.Model) -> set[int]:
             if node.op_type == "If":
                 for _, body in node_bodies(node):
                     walk(body)
-                if not all(is_const(v) for v in _outer_reads(node)):
+                if not all(is_const(v) for v in outer_reads(node)):
                     continue  # the branch it inlines reads data: what it computes is not constant
             const.update(id(v) for v in node.outputs)
 
     walk(model.graph)
     return done
 
-
-def _outer_reads(node: ir.Node) -> list[ir.Value]:
-    """The values ``node`` reads from the graph it is in or further out: its inputs and its bodies' outer reads."""
-    graphs = [g for _, body in node_bodies(node) for g in (body, *body.subgraphs())]
-    inner = {id(g) for g in graphs}
-    return [v for v in node.inputs if v is not None] + [
-        v for g in graphs for n in g for v in n.inputs if v is not None and id(v.graph) not in inner]

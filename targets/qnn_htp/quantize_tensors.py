@@ -99,6 +99,8 @@ _BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _PER_TENSOR_WEIGHTS = frozenset({"MatMul", "Gemm"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "BatchNormalization", "GroupNormalization"})
 _WIDE = {"uint8": "uint16", "int8": "int16"}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizeTensorsOptions:
     """Options of ``qnn-quantize-tensors``.
@@ -106,10 +108,14 @@ class QuantizeTensorsOptions:
     Attributes:
         activations: Width of the tensors ``quantize`` left float (``int16``: W8A16).
         calibrator: How their ranges are chosen (min/max keeps outliers, see docs/design.md).
+        roots: Width of square roots and the powers they read (case 2d; ``int8``: the recipe's).
+        carried_states: Width of a state carried between calls (case 2e; ``int8``: the recipe's).
     """
 
     activations: Literal["int8", "int16"] = "int8"
     calibrator: Literal["minmax", "percentile", "mse"] = "minmax"
+    roots: Literal["int16", "int8"] = "int16"
+    carried_states: Literal["int16", "int8"] = "int16"
 
 
 class _Legalizer:
@@ -128,8 +134,8 @@ class _Legalizer:
         self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
                        "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0,
                        "nodes_marked_16bit": 0}
-        self.roots = root_chains(graph, rules)
-        self.carried = carried_states(graph)
+        self.roots = root_chains(graph, rules) if opts.roots == "int16" else {}
+        self.carried = carried_states(graph, rules) if opts.carried_states == "int16" else {}
         self.wide_nodes = ({id(n) for chain in self.roots.values() for n in chain}
                            | {i for ids in self.carried.values() for i in ids})
         self.wide_inputs = {id(x) for x, _ in self.carried}

@@ -283,20 +283,14 @@ class QnnHtpRunner(Runner):
 
 
 def per_output(calls: list[list[np.ndarray]]) -> list[np.ndarray]:
-    """Per output, the calls' results stacked along a first (sample) axis.
+    """Per output, one row per call (the call's result flattened), stacked.
 
-    When every output of a call has the same first axis, it is the batch and gives one
-    row per sample; otherwise (silero-vad's ``stateN`` is ``[2, batch, 128]`` beside a
-    ``[batch, 1]`` output) each call is one row, so that every output has as many rows.
+    A row per call, not per sample: which axis of an output is the batch cannot be read from
+    its shape (silero-vad's ``stateN`` is ``[2, batch, 128]`` beside ``output`` ``[batch, 1]``;
+    at batch 2 every first axis is 2), and every output must give as many rows for the
+    per-row metrics to line them up. HTP runs static shapes, in practice batch 1.
     """
-    def rows(call: list[np.ndarray]) -> list[np.ndarray]:
-        arrays = [np.asarray(a) for a in call]
-        firsts = {a.shape[0] if a.ndim >= 2 else None for a in arrays}
-        batched = len(firsts) == 1 and None not in firsts
-        return [a.reshape(len(a), -1) if batched else a.reshape(1, -1) for a in arrays]
-
-    per_call = [rows(call) for call in calls]
-    return [np.concatenate([call[i] for call in per_call]) for i in range(len(calls[0]))]
+    return [np.stack([np.asarray(call[i]).reshape(-1) for call in calls]) for i in range(len(calls[0]))]
 
 
 def _same(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:

@@ -123,7 +123,7 @@ class UnrollLstmOptions:
     Attributes:
         gates: Activation width of the gate pre-activations (module docstring, case 4):
             ``int16`` whatever the recipe's width, or ``int8``: the recipe's.
-        cell: The same for the cell state and the state carried between calls (case 5).
+        cell: The same for the cell state (case 5).
     """
 
     gates: Literal["int16", "int8"] = "int16"
@@ -232,7 +232,6 @@ def _unroll(graph: ir.Graph, node: ir.Node, wide_gates: bool = True, wide_cell: 
         out.replace_all_uses_with(new, replace_graph_outputs=True)
         new.name = name
     graph.remove(node, safe=True)
-
 
 
 def unroll_lstms(graph: ir.Graph, wide_gates: bool = True, wide_cell: bool = True) -> tuple[int, dict[str, str]]:

@@ -11,7 +11,9 @@ Two structures lose more at 8 bits than one encoding per tensor can give back:
    ``sqrt(re^2 + im^2)``: at 8 bits the imaginary part's square rounded to 0 everywhere and
    the output cosine fell by 0.06 on HTP; at 16 bits by 0.002.
 2. **A state carried from one call to the next**: a graph input and a graph output of the
-   same dtype and static shape joined by a path of elementwise and data-movement ops only
+   same dtype and static shape joined by a path of elementwise and data-movement ops only,
+   in a model with another input (the frame a streaming call brings; a one-input model
+   whose output is its input plus a residual, or times a mask, carries nothing)
    (``state`` -> Gather -> ``c_0`` -> Mul -> Add -> ``c_1`` -> Unsqueeze -> Concat ->
    ``stateN``): what a streaming caller feeds back. Its error accumulates over the stream,
    which the per-call metrics the gate measures do not show, and such a tensor often stacks
@@ -22,6 +24,8 @@ Two structures lose more at 8 bits than one encoding per tensor can give back:
    output. A compute layer on the way (a Conv, a MatMul) reads its own calibrated 8-bit
    encoding as before. On silero-vad on HTP at 8 bits the frame decisions of a stream
    agreed with fp32 on 82-91% of the frames, at 16 bits on 100%.
+
+``qnn-legalize {roots: int8}`` and ``{carried_states: int8}`` leave either at the recipe's width.
 
 Also here: ``Pow(x, 2)`` written ``Mul(x, x)`` (:func:`squares_as_mul`, the same float
 result): HTP's 16-bit ``ElementWisePower`` was off from its Q/DQ graph by a tenth of the
@@ -43,9 +47,9 @@ __all__ = ["carried_states", "describe", "root_chains", "squares_as_mul"]
 #: Ops through which a root's input is a sum of squares (case 1): sums pass on, squares end the chain.
 _SUMS = frozenset({"Add", "Sum", "ReduceSum", "ReduceMean"})
 _SQUARES = frozenset({"ReduceSumSquare"})
-#: Ops that move values without computing new ones (case 2).
-_MOVES = frozenset({"Gather", "Slice", "Split", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose",
-                    "Identity", "Concat", "Expand", "Pad", *QDQ_OPS})
+#: Ops that move or stack values without computing new ones (case 2), beside the rules'
+#: ``same_encoding`` ops (Gather, Slice, Reshape...).
+_STACKS = frozenset({"Concat", "Split", *QDQ_OPS})
 #: Elementwise ops a carried state may pass through (case 2): a recurrent cell's update.
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sigmoid", "Tanh", "Relu", "Clip", "Max", "Min",
                           "Where", "HardSigmoid", "LeakyRelu"})
@@ -78,9 +82,7 @@ def squares_as_mul(graph: ir.Graph) -> int:
         mul = ir.node("Mul", [x, x], name=node.name, outputs=[ir.Value(name=name)])
         mul.outputs[0].dtype, mul.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
         graph.insert_before(node, mul)
-        ir.convenience.replace_all_uses_with(node.outputs[0], mul.outputs[0])
-        if node.outputs[0] in graph.outputs:
-            graph.outputs[graph.outputs.index(node.outputs[0])] = mul.outputs[0]
+        ir.convenience.replace_all_uses_with(node.outputs[0], mul.outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)
         count += 1
     return count
@@ -145,25 +147,30 @@ def _reach(starts: Iterable[ir.Value], ops: frozenset[str], forward: bool) -> tu
     return nodes, values
 
 
-def carried_states(graph: ir.Graph) -> dict[tuple[ir.Value, ir.Value], set[int]]:
+def carried_states(graph: ir.Graph, rules: QdqRules) -> dict[tuple[ir.Value, ir.Value], set[int]]:
     """Case 2: per (graph input, graph output) pair that carries a state, the ids of the nodes to widen."""
     found: dict[tuple[ir.Value, ir.Value], set[int]] = {}
-    path_ops = _MOVES | _ELEMENTWISE
-    for x in graph.inputs:
+    data_inputs = [v for v in graph.inputs if not v.is_initializer()]
+    if len(data_inputs) < 2:  # nothing but the state: no stream to carry it through
+        return found
+    moves = rules.same_encoding | _STACKS
+    path_ops = moves | _ELEMENTWISE
+    outputs = [(y, _static(y)) for y in graph.outputs]
+    to_output: dict[int, tuple[set[int], set[int]]] = {}
+    for x in data_inputs:
         shape = _static(x)
         if shape is None or x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             continue
         from_x, _ = _reach([x], path_ops, forward=True)
-        moved_from_x, _ = _reach([x], _MOVES, forward=True)
-        for y in graph.outputs:
-            if y.dtype != x.dtype or _static(y) != shape:
+        for y, y_shape in outputs:
+            if y.dtype != x.dtype or y_shape != shape:
                 continue
-            to_y, _ = _reach([y], path_ops, forward=False)
+            if id(y) not in to_output:
+                to_output[id(y)] = (_reach([y], path_ops, forward=False)[0], _reach([y], moves, forward=False)[0])
+            to_y, moved_to_y = to_output[id(y)]
             on_path = from_x & to_y
-            if not on_path:
-                continue
-            moved_to_y, _ = _reach([y], _MOVES, forward=False)
-            found[(x, y)] = on_path | moved_from_x | moved_to_y
+            if on_path:
+                found[(x, y)] = on_path | _reach([x], moves, forward=True)[0] | moved_to_y
     return found
 
 

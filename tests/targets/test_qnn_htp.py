@@ -227,13 +227,17 @@ def test_lint_folds_ifs_nested_in_a_branch_that_folding_inlines():
 
 def test_per_output_rows_line_up_when_an_output_is_not_batch_first():
     """silero-vad's ``stateN`` is ``[2, batch, 128]`` beside ``output`` ``[batch, 1]``: one row per
-    call for every output (the gap's metrics failed with exit 1 when they split ``stateN`` into 2)."""
+    call for every output (the gap's metrics failed with exit 1 when they split ``stateN`` into 2),
+    at batch 2 too, where every first axis is 2 and ``stateN``'s is still not the batch."""
     from compressor.targets.qnn_htp.runtime import per_output
 
     calls = [[np.zeros((1, 1)), np.zeros((2, 1, 128))] for _ in range(3)]
     assert [a.shape for a in per_output(calls)] == [(3, 1), (3, 256)]
-    batched = [[np.zeros((4, 10)), np.zeros((4, 3, 3))] for _ in range(3)]
-    assert [a.shape for a in per_output(batched)] == [(12, 10), (12, 9)]
+    rng = np.random.default_rng(0)
+    batch2 = [[rng.random((2, 1)), rng.random((2, 2, 128))] for _ in range(3)]
+    rows = per_output(batch2)
+    assert [a.shape for a in rows] == [(3, 2), (3, 512)]
+    assert np.array_equal(rows[1][1], batch2[1][1].reshape(-1))
 
 
 # -- qnn-legalize (runs on ONNX Runtime CPU only) -----------------------------------------------------------

@@ -341,16 +341,22 @@ _IN_BODY = ("HTP fails to finalize an LSTM op and qnn-legalize unrolls an LSTM o
             "model with the LSTM outside the control flow: a static condition, or the loop unrolled)")
 
 
-@pytest.mark.parametrize(("kind", "owner"), [("loop", ("the_loop", "Loop 'the_loop'.body")),
-                                             ("if_input", ("the_if", "If 'the_if'.then_branch"))])
-def test_lint_refuses_an_lstm_in_a_control_flow_body_naming_the_body(kind, owner):
+def test_lint_refuses_an_lstm_in_a_control_flow_body_naming_the_body():
     """qnn-unroll-lstm rewrites the main graph only, and lint let an LSTM in a Loop body through
     (the Loop's own inputs are constants, so it counted as folded away, though its body reads
-    ``x``): the HTP library would have failed on it after calibration. Both are named now."""
-    model = _lstm_in_body(kind)
-    offenders = dict(lint(model))
-    assert offenders["body_lstm"] == f"op LSTM in the body {owner[1]}: {_IN_BODY}"
-    assert offenders[owner[0]] == f"op {owner[1].split()[0]} is not supported by QNN HTP"
+    ``x``): the HTP library would have failed on it after calibration. It is named now."""
+    offenders = dict(lint(_lstm_in_body("loop")))
+    assert offenders["body_lstm"] == f"op LSTM in the body Loop 'the_loop'.body: {_IN_BODY}"
+    assert offenders["the_loop"] == "op Loop is not supported by QNN HTP"
+
+
+def test_an_lstm_in_an_if_on_an_input_names_the_freeze_that_inlines_it():
+    """The If decides on the boolean input ``flag``: freezing it folds the If, and the LSTM of
+    the branch taken reaches the main graph, which qnn-legalize unrolls. lint says that, once,
+    instead of refusing the body's LSTM."""
+    assert lint(_lstm_in_body("if_input")) == [
+        ("the_if", "op If on input 'flag': HTP runs no If; --freeze flag=VALUE makes it a constant and folds the If "
+                   "away")]
 
 
 def test_an_lstm_in_an_if_branch_folding_inlines_is_unrolled():

@@ -123,13 +123,47 @@ def _cell() -> ir.Model:
 
 def test_a_state_carried_between_calls_is_found_by_structure():
     model = _cell()
-    found = carried_states(model.graph)
+    found = carried_states(model.graph, HTP_QDQ_RULES)
     assert [(x.name, y.name) for x, y in found] == [("state", "stateN")]
     names = {n.name for n in model.graph if id(n) in next(iter(found.values()))}
     assert names == {"take_c", "fc", "c_new", "h_new", "h_u", "c_u", "stack"}
 
 
-def test_the_carried_state_runs_at_16_bits_the_layer_reads_its_own_8_bit_encoding(tmp_path, monkeypatch):
+def _one_input(op: str) -> ir.Model:
+    """A one-input model whose output is its input through ``op`` and a Conv: a residual
+    (``Add``) or a mask (``Mul``); same shape in and out, nothing carried between calls."""
+    w = numpy_helper.from_array(np.full((4, 4, 1, 1), 0.1, np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["f"], name="conv"),
+             helper.make_node(op, ["x", "f"], ["y"], name="join")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("x", "y")]
+    return _model(nodes, io[:1], io[1:], [w])
+
+
+def test_a_one_input_model_whose_output_reaches_its_input_carries_nothing(tmp_path):
+    """A residual denoiser (``y = x + f(x)``) or a mask enhancer (``y = x * m(x)``) has an input and
+    an output of one shape joined by an elementwise op, but no other input: no stream state.
+    Nothing is widened (before: the input and the Add ran at 16 bits, with Converts)."""
+    for op in ("Add", "Mul"):
+        assert carried_states(_one_input(op).graph, HTP_QDQ_RULES) == {}
+    x = np.random.default_rng(0).standard_normal((8, 1, 4, 8, 8)).astype(np.float32)
+    legal = _legalize(_one_input("Add"), {"x": x}, tmp_path)
+    assert _encoding(legal.graph.inputs[0]) == "uint8"
+    assert {_encoding(n.outputs[0]) for n in legal.graph if n.name == "join"} == {"uint8"}
+
+
+def test_a_power_that_is_a_graph_output_is_written_as_mul(tmp_path):
+    """``Pow(x, 2)`` whose output is the model's output (an energy head): rewritten, the output
+    keeps its name (qnn-legalize exited 1: onnx_ir refuses to rewire a graph output unasked)."""
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    model = _model([helper.make_node("Pow", ["x", "two"], ["energy"], name="energy")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, N])],
+                   [helper.make_tensor_value_info("energy", TensorProto.FLOAT, [1, N])], [two])
+    legal = _legalize(model, {"x": np.random.default_rng(0).standard_normal((8, 1, N)).astype(np.float32)}, tmp_path)
+    assert [v.name for v in legal.graph.outputs] == ["energy"]
+    assert {n.op_type for n in legal.graph} - {"QuantizeLinear", "DequantizeLinear"} == {"Mul"}
+
+
+def test_the_carried_state_runs_at_16_bits_the_layer_reads_its_own_8_bit_encoding(tmp_path):
     """Unit 0's cell saturates (``c`` up to 40, a stream of 40 frames with the forget gate
     open), the others stay within ±1: one 8-bit encoding of ``state`` steps by ~0.3 and erases
     them; the state path (the ``state`` input, the Gather, the cell update, the Concat) runs at
@@ -154,8 +188,7 @@ def test_the_carried_state_runs_at_16_bits_the_layer_reads_its_own_8_bit_encodin
     # The small cells' c' over the samples: an 8-bit state (step s8 = range/255) alone moves
     # them by up to f * s8/2 (f near 1 for most); what is left at 16 bits comes from the 8-bit
     # gate inputs, under s8/4. The same graph without the rule (the control) exceeds s8/4.
-    monkeypatch.setattr("compressor.targets.qnn_htp.quantize_tensors.carried_states", lambda graph: {})
-    control = _legalize(_cell(), {"xf": xf, "xg": xg, "state": state}, tmp_path)
+    control = _legalize(_cell(), {"xf": xf, "xg": xg, "state": state}, tmp_path, carried_states="int8")
     assert _encoding(next(v for v in control.graph.inputs if v.name == "state")) == "uint8"
     s8 = float(np.ptp(state)) / 255
     worst = {}

