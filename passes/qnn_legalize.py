@@ -47,12 +47,15 @@ class QnnLegalizeOptions:
         mask_value: What sentinel constants (``finfo.min`` masks) become.
         lstm_gates: Activation width of an unrolled LSTM's gate pre-activations
             (``qnn-unroll-lstm``'s ``gates``: ``int16`` whatever ``activations`` is).
+        weights: How a MatMul/Gemm weight ``quantize`` left float (an unrolled LSTM's) is
+            stored, as ``quantize``'s option of that name (``qnn-quantize-tensors``' case 4).
     """
 
     activations: Literal["int8", "int16"] = "int8"
     calibrator: Literal["minmax", "percentile", "mse"] = "minmax"
     mask_value: float = -100.0
     lstm_gates: Literal["int16", "int8"] = "int16"
+    weights: Literal["int8-per-channel", "int8-per-tensor"] = "int8-per-channel"
 
     def __post_init__(self) -> None:
         ClampSentinelsOptions(self.mask_value)  # one range check, the sub-pass's
@@ -75,7 +78,7 @@ class QnnLegalize(Pass):
         opts: QnnLegalizeOptions = self.options
         return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(),
                 UnrollLstm(UnrollLstmOptions(opts.lstm_gates)),
-                QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator))]
+                QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator, opts.weights))]
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         modified, stats = False, {}
