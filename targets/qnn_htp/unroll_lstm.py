@@ -33,7 +33,8 @@ The rule (ONNX LSTM, gate order ``i, o, f, c``; per direction ``d``, weights ``W
    state's Muls requantize them to the recipe's width (a Convert each); the cell and hidden
    states stay at the recipe's width: on ddddocr widening them bought nothing measurable.
    The MatMul weights stay 8-bit (``qnn-quantize-tensors`` quantizes a MatMul's constant
-   weight as the target's layers).
+   weight as the target's layers: int8 symmetric per output column, one scale per gate
+   unit of ``W_dᵀ``/``R_dᵀ``; per tensor with ``qnn-legalize {weights: int8-per-tensor}``).
 
 Exact in real arithmetic (float rounding differs by the order of the sums only). Slices,
 reshapes and concatenations use no opset-dependent attribute (``Slice`` with inputs,
