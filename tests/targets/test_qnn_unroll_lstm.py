@@ -241,7 +241,8 @@ def test_unrolled_weights_are_per_gate_unit_as_the_targets_layers(tmp_path, weig
     np.savez(tmp_path / "calib.npz", x=_x(2, 64))
     ctx = PassContext(target=_Stub(), calibration=load_npz(tmp_path / "calib.npz", model_input_specs(model),
                                                            what="calib"), properties={"constants-folded"})
-    quantized = build_pass("quantize", {"activations": "int8", "calibrator": "minmax", "weights": weights}).run(model, ctx)
+    quantize = build_pass("quantize", {"activations": "int8", "calibrator": "minmax", "weights": weights})
+    quantized = quantize.run(model, ctx)
     legal = build_pass("qnn-legalize", {"weights": weights}).run(quantized.model, ctx).model
     checked = 0
     for node in legal.graph:
