@@ -10,7 +10,10 @@ options the recipe leaves unset take it. Each setting was measured on all-MiniLM
    a float input (int8 weights) and ``probs · V`` stays float: softmax cancels an error
    common to every key, so query errors are damped and key errors are not;
 2. ``smoothquant: {alpha: 0.9}`` on the linear layers (outlier channels of LayerNorm
-   outputs moved into the weights);
+   outputs moved into the weights), with 8-bit activations only: with ``activations:
+   int16`` (W8A16) an outlier channel costs the activations little, and smoothing only
+   makes the int8 weights harder (MiniLM on QNN HTP, as-written simulation: pooled cosine
+   0.9986 with it, 0.9996 without);
 3. residual joins stay float unless one input comes straight from a convolution (a
    convolution's join keeps the residual path in int8; a transformer's residual add
    carries the outliers): :func:`is_transformer_residual`.
@@ -55,6 +58,8 @@ def with_preset(opts: OptionsT, blocks: int) -> tuple[OptionsT, tuple[str, ...]]
     preset: dict[str, object] = {}
     if blocks:
         preset = {k: v for k, v in TRANSFORMER_PRESET.items() if getattr(opts, k) is None}
+        if getattr(opts, "activations", "int8") == "int16":  # (2): nothing to migrate at 16 bits
+            preset.pop("smoothquant", None)
         if opts.eltwise is None:
             preset["eltwise"] = True  # a convolution's joins only: the caller drops is_transformer_residual ones (3)
     resolved = dataclasses.replace(opts, **preset)

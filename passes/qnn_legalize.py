@@ -50,6 +50,8 @@ class QnnLegalizeOptions:
         lstm_cell: The same for its cell state (``qnn-unroll-lstm``'s ``cell``).
         roots: Width of square roots and the powers they read (``qnn-quantize-tensors``'s).
         carried_states: Width of a state carried from one call to the next (``qnn-quantize-tensors``'s).
+        weights: How a MatMul/Gemm weight ``quantize`` left float (an unrolled LSTM's) is
+            stored, as ``quantize``'s option of that name (``qnn-quantize-tensors``' case 4).
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -59,6 +61,7 @@ class QnnLegalizeOptions:
     lstm_cell: Literal["int16", "int8"] = "int16"
     roots: Literal["int16", "int8"] = "int16"
     carried_states: Literal["int16", "int8"] = "int16"
+    weights: Literal["int8-per-channel", "int8-per-tensor"] = "int8-per-channel"
 
     def __post_init__(self) -> None:
         ClampSentinelsOptions(self.mask_value)  # one range check, the sub-pass's
@@ -81,7 +84,7 @@ class QnnLegalize(Pass):
         opts: QnnLegalizeOptions = self.options
         return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(),
                 UnrollLstm(UnrollLstmOptions(opts.lstm_gates, opts.lstm_cell)),
-                QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator, opts.roots,
+                QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator, opts.weights, opts.roots,
                                                        opts.carried_states))]
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:

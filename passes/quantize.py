@@ -31,7 +31,8 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    (``Softmax(f(Q Kᵀ)) V`` by structure, never by name), the options a recipe leaves
    unset take the transformer preset (:mod:`._transformer_preset`, what NNCF's
    ``model_type=TRANSFORMER`` asks for by hand): ``float_activations: [attention-keys,
-   attention-context]``, ``smoothquant: {alpha: 0.9}``, and residual joins float unless
+   attention-context]``, ``smoothquant: {alpha: 0.9}`` (with 8-bit activations; none with
+   ``activations: int16``, where it only costs the weights), and residual joins float unless
    they are a convolution's (``eltwise``). On a target with no float path
    (``Capabilities.fallback == "int16"``) those roles get 16-bit activations instead.
    A model without attention (a CNN) is quantized exactly as with ``attention: off``.

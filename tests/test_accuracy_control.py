@@ -27,7 +27,7 @@ import compressor.flow.ranking as ranking_module
 import compressor.flow.compress as compress_module
 from compressor.data import load_npz
 from compressor.executor import InProcessExecutor
-from compressor.flow.accuracy import given_back_stats
+from compressor.flow.accuracy import ControlResult, given_back_stats
 from compressor.flow.compress import compress
 from compressor.inputs import model_input_specs
 from compressor.model_io import clone_model, ir_bytes, model_bytes, save_model
@@ -511,3 +511,29 @@ def test_ranking_runs_qnn_htp_candidates_as_written(files, monkeypatch):
         ranking_module.candidate_errors([frozenset(), frozenset(["conv1"])], shared)
         ranking_module.release_decoded()
         assert levels and set(levels) == {level}, target
+
+
+def test_the_kept_tries_runner_still_reads_its_files_once_the_artifact_holds_them(tmp_path):
+    """``qnn-htp``'s runner reads the QDQ model it was lowered with again in the report (the
+    simulation gap). When accuracy control kept a give-back, the try's files were moved into
+    the artifact under the runner it reuses, and compress exited 2 on MiniLM ("control-0/model.onnx:
+    not a readable ONNX model") after the budget was met."""
+    folder = tmp_path / "work" / "control-0"
+    folder.mkdir(parents=True)
+    tried = [folder / "model.onnx", folder / "model_ctx.onnx"]
+    for path in tried:
+        path.write_bytes(path.name.encode())
+
+    class Runner:  # reads its files when called, as QnnHtpRunner's report does
+        def __call__(self) -> list[bytes]:
+            return [path.read_bytes() for path in tried]
+
+    run = Runner()
+    outdir = tmp_path / "artifact"
+    outdir.mkdir()
+    first = outdir / "model.onnx"
+    first.write_bytes(b"the first lowering")
+    result = ControlResult(["layer"], [], [], None, True, lowered=(folder, tried, run))
+    files, runner = result.artifact(None, None, outdir, None, [first], None)
+    assert runner is run and [f.parent for f in files] == [outdir, outdir]
+    assert [f.read_bytes() for f in files] == runner() == [b"model.onnx", b"model_ctx.onnx"]

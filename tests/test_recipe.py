@@ -111,7 +111,7 @@ def test_a_quantizing_recipe_gets_the_targets_pass_with_the_quantize_width(tmp_p
     path = write(tmp_path, f"name: mine\npasses:\n  - fold-constants\n  - quantize: {{activations: {activations}}}\n")
     recipe = load_recipe(path).for_target(_HtpData())
     assert _names(recipe) == ["fold-constants", "quantize", "qnn-legalize"]
-    assert recipe.passes[-1].options == {"activations": activations}
+    assert recipe.passes[-1].options == {"activations": activations, "weights": "int8-per-channel"}
     assert recipe.target_passes == ("qnn-legalize",) and recipe.target_steps == recipe.passes[-1:]
     resolved = recipe.to_json()
     assert resolved["target_passes"] == ["qnn-legalize"]
@@ -121,7 +121,7 @@ def test_a_quantizing_recipe_gets_the_targets_pass_with_the_quantize_width(tmp_p
 def test_builtin_int8_on_qnn_htp_takes_the_default_width():
     recipe = load_recipe("int8").for_target(_HtpData())
     assert _names(recipe)[-2:] == ["quantize", "qnn-legalize"]
-    assert recipe.passes[-1].options == {"activations": "int8"}  # quantize's default, filled in
+    assert recipe.passes[-1].options == {"activations": "int8", "weights": "int8-per-channel"}  # quantize's defaults
 
 
 @pytest.mark.parametrize("name", ["w8a8-npu", "w8a16-npu"])

@@ -73,9 +73,12 @@ class ControlResult:
         """The artifact's files in ``outdir`` and their runner, after accuracy control.
 
         Nothing given back: ``files`` and ``run`` (the artifact as first lowered) stay. Else
-        the final try's files are moved into ``outdir`` in place of ``files`` (lowered from
+        the final try's files are copied into ``outdir`` in place of ``files`` (lowered from
         the same model with the same ``pin``: what lowering it again would write) and its
-        runner is reused; ``model`` is lowered again only when no try lowered it.
+        runner is reused; ``model`` is lowered again only when no try lowered it. Copied, not
+        moved: the reused runner may read its own files again (``qnn-htp``'s report runs the
+        QDQ model it was lowered with on the CPU for the simulation gap); the try's folder
+        lives in the run's work folder until the run ends.
         """
         if not self.given_back:
             return files, run
@@ -89,7 +92,7 @@ class ControlResult:
         for path in tried:
             target = outdir / path.relative_to(folder)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(path, target)
+            shutil.copy2(path, target)
             moved.append(target)
         return moved, runner if runner is not None else tgt.runner(moved)
 

@@ -11,9 +11,17 @@ What HTP needs (the data in :mod:`.rules`, read by ``check``, ``quantize`` and `
 1. static shapes, tensors of rank <= 5, no float64, ops the QNN EP has builders for and the
    HTP library finalizes (not GRU, nor LSTM, which ``qnn-legalize`` unrolls: ``UNFINALIZED_OPS``);
 2. activations ``uint8`` (W8A8) or ``uint16`` (W8A16) asymmetric, per tensor;
-3. weights ``int8`` symmetric: per output channel for Conv (axis 0) and ConvTranspose
-   (axis 1), per tensor for MatMul and Gemm (the QNN EP rejects per-channel there);
-4. biases ``int32`` with ``scale = s_x * s_w`` (per channel where the weight is), zero point 0;
+3. weights ``int8`` symmetric, per output channel: Conv (axis 0), ConvTranspose (axis 1),
+   MatMul (the last axis) and Gemm (0 or 1 by ``transB``). The QNN EP builds a MatMul whose
+   weight is a rank-2 initializer, and a Gemm with a constant weight, as QNN
+   FullyConnected, transposing the per-channel axis with the weight; measured on this HTP
+   backend at 8- and 16-bit activations (docs/design.md). Per tensor (``quantize {weights:
+   int8-per-tensor}``) is the fallback for a device that refuses them; it is still what the
+   EP needs for a 16-bit FullyConnected weight, and for input 1 of a MatMul of two dynamic
+   16-bit inputs, neither of which is written here (weights stay int8, and an activation x
+   activation MatMul's inputs get per-tensor activation encodings);
+4. biases ``int32`` with ``scale = s_x * s_w`` (per channel where the weight is; a Gemm's
+   ``C`` written ``[N]``), zero point 0;
    LayerNormalization's gamma ``uint8`` asymmetric (HTP refuses int8 or uint16 gamma with an
    int32 beta, measured);
 5. fixed output encodings for 16-bit Sigmoid (``1/65536``, offset 0) and Tanh

@@ -29,11 +29,15 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
    same real range, which QNN runs as a Convert);
 3. biases of Conv/ConvTranspose/Gemm (and LayerNormalization's beta) become int32:
    ``b_q = round(b / (s_x * s_w))`` with scale ``s_x * s_w`` (per channel where ``s_w``
-   is), zero point 0; LayerNormalization's gamma gets ``QdqRules.norm_weight``;
+   is: along the bias's last axis, the output channels; a Gemm's ``C`` of shape ``[1, N]``
+   or broadcast from fewer is written ``[N]``, the shape the QNN EP's FullyConnected takes),
+   zero point 0; LayerNormalization's gamma gets ``QdqRules.norm_weight``;
 4. the constant weight (input 1) of a MatMul/Gemm that ``quantize`` did not quantize (an
    unrolled LSTM's, or a layer the recipe's scope left out: HTP has no float path, so it
-   runs as the target's layers do) gets the target's weight spec for that op when it is per
-   tensor (``int8`` symmetric on HTP), at any activation width, as ``quantize``'s layers;
+   runs as the target's layers do) gets the target's weight spec for that op (``int8``
+   symmetric on HTP), at any activation width, as ``quantize``'s layers: per output channel
+   (the layer's own axis: a MatMul's last, a Gemm's by ``transB``) where the spec has an
+   axis and option ``weights`` is ``int8-per-channel``, else per tensor;
    every other float constant a node reads (an Add's bias, a Mul's scale, an embedding
    table...) is quantized per tensor at the node's width over ``[min(c, 0), max(c, 0)]``,
    so scalars are exact; except the inputs ``QdqRules.float_params`` names (Resize's roi
@@ -66,6 +70,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._graph import label
+from compressor.passes._layers import output_channel_axis
 from compressor.targets.qnn_htp.qdq_graph import (
     QDQ_OPS,
     Encoding,
@@ -84,7 +89,7 @@ from compressor.targets.qnn_htp.widen import carried_states, describe, root_chai
 
 from compressor.errors import CompressorError
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
-from compressor.quant.math import quant_params, quantize_array
+from compressor.quant.math import quant_params, quantize_array, weight_quant_params
 from compressor.quant.qdq import QdqWriter
 from compressor.quant.spec import QuantSpec
 from compressor.quant.statistics import TensorStats
@@ -96,7 +101,7 @@ logger = logging.getLogger(__name__)
 
 _BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 #: Ops whose input 1, a constant, is a weight quantized with the target's spec (case 4).
-_PER_TENSOR_WEIGHTS = frozenset({"MatMul", "Gemm"})
+_LAYER_WEIGHTS = frozenset({"MatMul", "Gemm"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "BatchNormalization", "GroupNormalization"})
 _WIDE = {"uint8": "uint16", "int8": "int16"}
 
@@ -108,14 +113,26 @@ class QuantizeTensorsOptions:
     Attributes:
         activations: Width of the tensors ``quantize`` left float (``int16``: W8A16).
         calibrator: How their ranges are chosen (min/max keeps outliers, see docs/design.md).
+        weights: How a MatMul/Gemm weight ``quantize`` left float is stored (case 4), as
+            ``quantize``'s option of that name: per output channel where the target's
+            spec has an axis, or per tensor.
         roots: Width of square roots and the powers they read (case 2d; ``int8``: the recipe's).
         carried_states: Width of a state carried between calls (case 2e; ``int8``: the recipe's).
     """
 
     activations: Literal["int8", "int16"] = "int8"
     calibrator: Literal["minmax", "percentile", "mse"] = "minmax"
+    weights: Literal["int8-per-channel", "int8-per-tensor"] = "int8-per-channel"
     roots: Literal["int16", "int8"] = "int16"
     carried_states: Literal["int16", "int8"] = "int16"
+
+
+def _channels_last(bias: np.ndarray, channels: int) -> np.ndarray:
+    """``bias`` with ``channels`` entries on its last axis (case 3): broadcast there if it
+    had one, leading axes of size 1 dropped (a Gemm's ``[1, N]`` or scalar ``C`` becomes ``[N]``)."""
+    if bias.ndim == 0 or bias.shape[-1] != channels:
+        bias = np.broadcast_to(bias, (*bias.shape[:-1], channels))
+    return bias.reshape(channels) if bias.size == channels else np.ascontiguousarray(bias)
 
 
 class _Legalizer:
@@ -211,17 +228,22 @@ class _Legalizer:
     def constant(self, value: ir.Value, array: np.ndarray, spec: QuantSpec, axis: int | None = None,
                  scale: np.ndarray | None = None) -> ir.Value:
         """``DQ(quantized constant)``; ``scale`` given: int32 with that scale and zero point 0 (case 3)."""
-        key = (id(value), f"{spec.dtype}:{axis}:{None if scale is None else scale.tobytes().hex()}")
+        key = (id(value), f"{spec.dtype}:{spec.axis}:{axis}:{None if scale is None else scale.tobytes().hex()}")
         if key in self.const_cache:
             return self.const_cache[key]
         array = np.asarray(array, np.float32)
         if scale is not None:
             scale = np.asarray(scale, np.float32)
             limit = np.iinfo(np.int32).max
-            per = scale if axis is None else scale.reshape([-1] + [1] * (array.ndim - 1))
+            per = scale if axis is None else scale.reshape([-1 if a == axis else 1 for a in range(array.ndim)])
             q = np.clip(np.rint(array.astype(np.float64) / per), -limit, limit).astype(np.int32)
             zp = np.zeros(scale.shape, np.int32)
             self.counts["biases_int32"] += 1
+        elif spec.axis is not None:  # case 4: a layer's weight per output channel
+            scale, zp = weight_quant_params(array, spec)
+            q = quantize_array(array, scale, zp, spec)
+            axis = spec.axis
+            self.counts["constants_quantized"] += 1
         else:  # case 4
             flat = array.reshape(-1)
             lo, hi = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
@@ -247,14 +269,17 @@ class _Legalizer:
                 return self.constant(value, array, act)
             s_w = w_dq.inputs[1].const_value.numpy().astype(np.float64)
             scale = (float(x.scale) * s_w).astype(np.float32)
-            axis = 0 if scale.ndim == 1 and scale.size > 1 else None
-            return self.constant(value, array, self.rules.bias, axis=axis,
-                                 scale=scale.reshape(-1) if axis == 0 else scale.reshape(()))
+            if scale.ndim == 1 and scale.size > 1:  # per output channel: the bias's last axis
+                array = _channels_last(array, scale.size)
+                return self.constant(value, array, self.rules.bias, axis=array.ndim - 1, scale=scale)
+            return self.constant(value, array, self.rules.bias, scale=scale.reshape(()))
         if node.op_type in _NORMS and index == 1:
             return self.constant(value, array, self.rules.norm_weight)
         weights = self.quantizable.get(node.op_type)
-        if index == 1 and node.op_type in _PER_TENSOR_WEIGHTS and weights is not None and weights.axis is None:
-            return self.constant(value, array, weights)  # case 4: a layer's weight spec
+        if index == 1 and node.op_type in _LAYER_WEIGHTS and weights is not None:  # case 4: a layer's weight spec
+            per_channel = self.opts.weights == "int8-per-channel" and weights.axis is not None and array.ndim >= 2
+            axis = output_channel_axis(node, array.ndim) if per_channel else None
+            return self.constant(value, array, dataclasses.replace(weights, axis=axis))
         return self.constant(value, array, act)
 
     def graph_input(self, value: ir.Value) -> None:

@@ -66,8 +66,10 @@ QNN_HTP_CAPABILITIES = Capabilities(
     quantizable={
         "Conv": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),
         "ConvTranspose": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),
-        "Gemm": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=None)),
-        "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=None)),
+        # Per output channel (``quantize`` takes the layer's own axis: Gemm 0 or 1 by
+        # ``transB``, MatMul the last); ``quantize {weights: int8-per-tensor}`` is the fallback.
+        "Gemm": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=0)),
+        "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1)),
     },
     nm_patterns=(),
     static_shapes=True,
@@ -75,8 +77,9 @@ QNN_HTP_CAPABILITIES = Capabilities(
     max_rank=5,
     fallback="int16",  # no float path on the NPU: accuracy control widens activations instead
     # Any recipe that quantizes (plain ``int8`` too) is completed with HTP's legalization
-    # (case 7), at the quantize step's activation width: int8 -> W8A8, int16 -> W8A16.
-    after_quantize=(TargetPass("qnn-legalize", from_quantize=("activations",)),),
+    # (case 7), at the quantize step's activation width: int8 -> W8A8, int16 -> W8A16; and
+    # with its weight granularity for the MatMul weights legalization writes (an LSTM's).
+    after_quantize=(TargetPass("qnn-legalize", from_quantize=("activations", "weights")),),
     # HTP computes what the Q/DQ graph says; ONNX Runtime's fused int8 kernels do not (no VNNI)
     simulate_as_written=True,
 )

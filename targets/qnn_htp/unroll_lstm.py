@@ -33,7 +33,8 @@ The rule (ONNX LSTM, gate order ``i, o, f, c``; per direction ``d``, weights ``W
    state's Muls requantize them to the recipe's width (a Convert each); the cell and hidden
    states stay at the recipe's width: on ddddocr widening them bought nothing measurable.
    The MatMul weights stay 8-bit (``qnn-quantize-tensors`` quantizes a MatMul's constant
-   weight as the target's layers);
+   weight as the target's layers: int8 symmetric per output column, one scale per gate
+   unit of ``W_dᵀ``/``R_dᵀ``; per tensor with ``qnn-legalize {weights: int8-per-tensor}``);
 5. the cell state runs with 16-bit activations too (option ``cell: int8`` leaves it at the
    recipe's width): every step's ``σ(f) ⊙ C_{t-1}``, ``σ(i) ⊙ tanh(c)``, ``C_t`` and
    ``tanh(C_t)``, the slices of ``initial_h``/``initial_c`` and ``Y_c``'s Concat. Why

@@ -247,6 +247,21 @@ def test_preset_widens_the_roles_on_a_target_without_a_float_path(tmp_path):
         assert (dq.inputs[2].const_value.numpy().dtype.itemsize == 2) == bits16, name
 
 
+def test_preset_smooths_only_8_bit_activations(tmp_path):
+    """Issue 13 (MiniLM ``w8a16-npu`` on HTP): with 16-bit activations the preset leaves
+    SmoothQuant off (it moves activation outliers into int8 weights, which then lose more
+    than the 16-bit activations gain); a recipe that sets it still gets it."""
+    model = attention(np.random.default_rng(0))
+    calib = _dataset(model, tmp_path, _attention_feeds(1, 64))
+    eight = _quantize_for("qnn-htp", _clone(model), calib).stats
+    sixteen = _quantize_for("qnn-htp", _clone(model), calib, activations="int16").stats
+    asked = _quantize_for("qnn-htp", _clone(model), calib, activations="int16", smoothquant={"alpha": 0.9}).stats
+    assert eight["attention_preset"] == ["float_activations", "smoothquant", "eltwise"]
+    assert eight["smoothquant_groups"] >= 1
+    assert sixteen["attention_preset"] == ["float_activations", "eltwise"] and sixteen["smoothquant_groups"] == 0
+    assert asked["smoothquant_groups"] == eight["smoothquant_groups"]
+
+
 # ------------------------------------------------------------------ Q·Kᵀ in int8 on OpenVINO
 
 

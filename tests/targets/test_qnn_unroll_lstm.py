@@ -274,6 +274,39 @@ def test_a_16_bit_cell_state_keeps_the_small_cells_beside_a_saturated_one(tmp_pa
     assert sqnr["int16"] >= sqnr["int8"] + 10.0, sqnr
 
 
+@pytest.mark.parametrize("weights", ["int8-per-channel", "int8-per-tensor"])
+def test_unrolled_weights_are_per_gate_unit_as_the_targets_layers(tmp_path, weights):
+    """The unrolled MatMuls read ``W_dᵀ`` [I, 4H] and ``R_dᵀ`` [H, 4H], which ``quantize`` never
+    saw: ``qnn-quantize-tensors`` (case 4) stores them as HTP's MatMul layers, int8 symmetric per
+    output column (one scale per gate unit, ``s_c = max|W_c| / 127``), or per tensor with
+    ``qnn-legalize {weights: int8-per-tensor}``, the fallback ``quantize`` takes too."""
+    model = lstm("bidirectional", "zeros", outputs=("y",))
+    w, r = (model.graph.initializers[n].const_value.numpy() for n in ("w", "r"))
+    np.savez(tmp_path / "calib.npz", x=_x(2, 64))
+    ctx = PassContext(target=_Stub(), calibration=load_npz(tmp_path / "calib.npz", model_input_specs(model),
+                                                           what="calib"), properties={"constants-folded"})
+    quantize = build_pass("quantize", {"activations": "int8", "calibrator": "minmax", "weights": weights})
+    quantized = quantize.run(model, ctx)
+    legal = build_pass("qnn-legalize", {"weights": weights}).run(quantized.model, ctx).model
+    checked = 0
+    for node in legal.graph:
+        if node.op_type != "MatMul":
+            continue
+        d, kind = re.match(r"the_lstm_d(\d)_(?:t\d+_)?(xw|hr)$", node.name).groups()
+        dq = node.inputs[1].producer()
+        scale, zp = dq.inputs[1].const_value.numpy(), dq.inputs[2].const_value.numpy()
+        assert dq.inputs[0].const_value.dtype == ir.DataType.INT8 and not zp.any()
+        rows = (w if kind == "xw" else r)[int(d)]  # [4H, in]: the MatMul reads its transpose
+        if weights == "int8-per-channel":
+            assert dq.attributes["axis"].value == 1 and scale.shape == (4 * H,)
+            np.testing.assert_allclose(scale, np.abs(rows).max(axis=1) / 127, rtol=1e-6)
+        else:
+            assert "axis" not in dq.attributes and scale.shape == ()
+            np.testing.assert_allclose(scale, np.abs(rows).max() / 127, rtol=1e-6)
+        checked += 1
+    assert checked == 2 + 2 * (T - 1)  # per direction one X Wᵀ and a H Rᵀ per step after the first
+
+
 GAIN = 16.0
 
 
