@@ -23,8 +23,9 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
    d. it is a square root ``QdqRules.root_inputs`` names (``Sqrt``) or computes its input
       through sums and squares, or
    e. it carries a state from one call to the next (a graph input and output joined by
-      elementwise and data-movement ops only; the input is encoded at 16 bits too): both in
-      :mod:`.widen`, with why and what they cost at 8 bits;
+      elementwise and data-movement ops only; the input is encoded at 16 bits too), or
+   f. it is a normalization (``LayerNormalization``) or the residual ``Add`` it reads: all
+      three in :mod:`.widen`, with why and what they cost at 8 bits;
    else at 8. An input of another width is requantized (``DQ_a -> Q_b -> DQ_b`` over the
    same real range, which QNN runs as a Convert);
 3. biases of Conv/ConvTranspose/Gemm (and LayerNormalization's beta) become int32:
@@ -85,7 +86,7 @@ from compressor.targets.qnn_htp.qdq_graph import (
 )
 from compressor.targets.qnn_htp.rules import ACTIVATION_BITS, HTP_QDQ_RULES, QdqRules
 from compressor.targets.qnn_htp.underflow import floor_reason
-from compressor.targets.qnn_htp.widen import carried_states, describe, root_chains, squares_as_mul
+from compressor.targets.qnn_htp.widen import carried_states, describe, norm_chains, root_chains, squares_as_mul
 
 from compressor.errors import CompressorError
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
@@ -118,6 +119,7 @@ class QuantizeTensorsOptions:
             spec has an axis, or per tensor.
         roots: Width of square roots and the powers they read (case 2d; ``int8``: the recipe's).
         carried_states: Width of a state carried between calls (case 2e; ``int8``: the recipe's).
+        norms: Width of a normalization and the residual sum it reads (case 2f; ``int8``: the recipe's).
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -125,6 +127,7 @@ class QuantizeTensorsOptions:
     weights: Literal["int8-per-channel", "int8-per-tensor"] = "int8-per-channel"
     roots: Literal["int16", "int8"] = "int16"
     carried_states: Literal["int16", "int8"] = "int16"
+    norms: Literal["int16", "int8"] = "int16"
 
 
 def _channels_last(bias: np.ndarray, channels: int) -> np.ndarray:
@@ -152,8 +155,9 @@ class _Legalizer:
                        "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0,
                        "nodes_marked_16bit": 0}
         self.roots = root_chains(graph, rules) if opts.roots == "int16" else {}
+        self.norms = norm_chains(graph, rules) if opts.norms == "int16" else {}
         self.carried = carried_states(graph, rules) if opts.carried_states == "int16" else {}
-        self.wide_nodes = ({id(n) for chain in self.roots.values() for n in chain}
+        self.wide_nodes = ({id(n) for chains in (self.roots, self.norms) for chain in chains.values() for n in chain}
                            | {i for ids in self.carried.values() for i in ids})
         self.wide_inputs = {id(x) for x, _ in self.carried}
 
@@ -396,6 +400,6 @@ class QuantizeTensors(Pass):
         return PassResult(model, changed,
                           {**run.counts, "squares_as_mul": squares, "roots_16bit": {root: [label(n) for n in chain]
                                                           for root, chain in sorted(run.roots.items())},
-                           "carried_states_16bit": carried,
+                           "carried_states_16bit": carried, "norms_16bit": len(run.norms),
                            "kept_float": dict(sorted(run.kept.items())),
                            "rounded_to_floor": dict(sorted(run.floored.items()))})

@@ -101,6 +101,10 @@ class QdqRules:
             the dynamic range (in dB) of that input, so the input needs twice the output's bits.
             ``qnn-quantize-tensors`` runs the op, and the squares and sums computing that input,
             at 16 bits (silero-vad's STFT magnitude ``sqrt(re^2 + im^2)``).
+        norm_inputs: ``op -> input indices`` of a normalization (``LayerNormalization``) that run,
+            with the op and the ``Add`` (a transformer's residual sum) computing them, at 16 bits:
+            the residual stream carries a few outlier channels, so one 8-bit encoding of it
+            erases the rest, which the normalization then scales back up.
         relative_inputs: ``op -> input indices`` whose values an encoding must not round to
             0 (``Log``: ``log(0)`` is the floor): ``qnn-quantize-tensors`` reports how many do.
     """
@@ -112,6 +116,7 @@ class QdqRules:
     same_encoding: frozenset[str] = frozenset()
     float_params: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
     root_inputs: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
+    norm_inputs: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
     relative_inputs: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)
 
 
@@ -138,5 +143,8 @@ HTP_QDQ_RULES = QdqRules(
     # An 8-bit power |X|^2 keeps 24 dB, its square root then 24 dB of magnitude where an
     # 8-bit magnitude keeps 48: silero-vad's STFT magnitude lost 0.04 of output cosine.
     root_inputs={"Sqrt": frozenset({0})},
+    # MiniLM W8A8 on HTP: the residual Add and the LayerNorm reading it at 16 bits took the
+    # token cosine from 0.70 to 0.86 (either alone: no gain), docs/design.md.
+    norm_inputs={"LayerNormalization": frozenset({0})},
     relative_inputs={"Log": frozenset({0})},
 )
