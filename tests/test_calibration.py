@@ -347,15 +347,22 @@ def _peak_memory(model: ir.Model, data) -> tuple[int, int]:
 
 
 def test_memory_does_not_grow_with_sample_count(tmp_path):
+    """Statistics are running summaries: 40x the samples must not cost the memory of keeping
+    them. The bound is half of what holding every calibrated tensor of the extra samples would
+    take (x, h, r, y: 23 float32 per sample), so an allocation that scales with the input array
+    alone (a copy of ``x``: 4 floats per sample) stays under it. It was ``<= 1.10 x`` the small
+    run's peak, which a 20 KB first-use difference at 100 vs 1000 samples crossed (10.3%)."""
     model, _, _ = _mlp()
     rng = np.random.default_rng(RNG_SEED)
-    x = rng.standard_normal((1000, 4)).astype(np.float32)
+    n_small, n_large = 100, 4000
+    x = rng.standard_normal((n_large, 4)).astype(np.float32)
     x[-1] *= 1e4  # late batches also force re-binning
-    small = _dataset(model, tmp_path, {"x": x[:100]}, "small.npz")
+    small = _dataset(model, tmp_path, {"x": x[:n_small]}, "small.npz")
     large = _dataset(model, tmp_path, {"x": x}, "large.npz")
     _peak_memory(model, small)  # warm ORT and import caches, on both paths:
     _peak_memory(model, large)  # only the large set re-bins (first-use allocations are not growth)
     peak_small, size_small = _peak_memory(model, small)
     peak_large, size_large = _peak_memory(model, large)
     assert size_small == size_large
-    assert peak_large <= peak_small * 1.10, (peak_small, peak_large)
+    held = (n_large - n_small) * (4 + 8 + 8 + 3) * 4  # bytes of every calibrated tensor of the extra samples
+    assert peak_large - peak_small < held / 2, (peak_small, peak_large, held)
