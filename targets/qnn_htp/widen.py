@@ -44,7 +44,7 @@ ten times less.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import onnx_ir as ir
 from compressor.passes._graph import label
@@ -97,15 +97,14 @@ def squares_as_mul(graph: ir.Graph) -> int:
     return count
 
 
-def root_chains(graph: ir.Graph, rules: QdqRules) -> dict[str, list[ir.Node]]:
-    """Case 1: per root node (``QdqRules.root_inputs``), itself and the nodes computing its input through sums and squares.
-
-    A node is listed when it is the root, a square, or a sum on the way to one; an input
-    computed by anything else (a Conv, a graph input) ends the walk there.
-    """
+def _chains(graph: ir.Graph, table: Mapping[str, frozenset[int]], passes: frozenset[str],
+            ends: Callable[[ir.Node], bool]) -> dict[str, list[ir.Node]]:
+    """Per node whose op ``table`` names, itself and the producers of those inputs, walked back
+    through ``passes`` ops (listed, their non-constant inputs followed) up to the ``ends``
+    (listed, not followed); anything else ends the walk unlisted."""
     chains: dict[str, list[ir.Node]] = {}
     for node in graph:
-        indices = rules.root_inputs.get(node.op_type)
+        indices = table.get(node.op_type)
         if not indices or not _standard(node):
             continue
         chain = [node]
@@ -116,31 +115,25 @@ def root_chains(graph: ir.Graph, rules: QdqRules) -> dict[str, list[ir.Node]]:
             producer = value.producer() if value is not None else None
             if producer is None or id(producer) in seen or not _standard(producer):
                 continue
-            if _is_square(producer):
+            if ends(producer) or producer.op_type in passes:
                 seen.add(id(producer))
                 chain.append(producer)
-            elif producer.op_type in _SUMS:
-                seen.add(id(producer))
-                chain.append(producer)
+            if not ends(producer) and producer.op_type in passes:
                 stack.extend(v for v in producer.inputs if v is not None and const_array(v) is None)
         chains[label(node)] = chain
     return chains
 
 
+def root_chains(graph: ir.Graph, rules: QdqRules) -> dict[str, list[ir.Node]]:
+    """Case 1: per root node (``QdqRules.root_inputs``), itself and the nodes computing its input
+    through sums (``_SUMS``) and squares (the squares included); an input computed by anything
+    else (a Conv, a graph input) ends the walk there."""
+    return _chains(graph, rules.root_inputs, _SUMS, _is_square)
+
+
 def norm_chains(graph: ir.Graph, rules: QdqRules) -> dict[str, list[ir.Node]]:
     """Case 3: per normalization (``QdqRules.norm_inputs``), itself and the ``Add``/``Sum`` computing its input."""
-    chains: dict[str, list[ir.Node]] = {}
-    for node in graph:
-        indices = rules.norm_inputs.get(node.op_type)
-        if not indices or not _standard(node):
-            continue
-        chain = [node]
-        for i in indices:
-            producer = node.inputs[i].producer() if i < len(node.inputs) and node.inputs[i] is not None else None
-            if producer is not None and _standard(producer) and producer.op_type in ("Add", "Sum"):
-                chain.append(producer)
-        chains[label(node)] = chain
-    return chains
+    return _chains(graph, rules.norm_inputs, frozenset(), lambda n: n.op_type in ("Add", "Sum"))
 
 
 def _static(value: ir.Value) -> tuple[int, ...] | None:
