@@ -27,7 +27,7 @@ from compressor.passes._layers import Layer
 from compressor.passes._output_qdq import open_units
 from compressor.passes._placement import find_layers, integer_derived, mask_uses
 from compressor.passes._transformer_preset import is_transformer_residual
-from compressor.targets.base import Capabilities
+from compressor.targets.base import Capabilities, on_cpu
 
 from compressor.errors import InvalidModel
 
@@ -46,6 +46,9 @@ def select_layers(graph: ir.Graph, caps: Capabilities, opts: QuantizeOptions,
         for layer in [la for la in found if is_transformer_residual(la)]:
             found.remove(layer)
             why[layer.name] = "residual join in a model with attention (attention: auto)"
+    for layer in [la for la in found if on_cpu(la.node)]:
+        found.remove(layer)
+        why[layer.name] = "runs on the CPU front end in float (qnn-cpu-front-end)"
     why.update(open_units(found))
     return found, why
 

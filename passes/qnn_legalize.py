@@ -15,7 +15,9 @@ The name recipes use (``w8a8-npu``, ``w8a16-npu``) for four single-concern passe
 
 Each is registered on its own (importing this module registers them, so
 ``available_passes()`` lists them), for a recipe that wants only some; the stats of the
-four are merged into this pass's report.
+four are merged into this pass's report. Importing it also registers ``qnn-cpu-front-end``
+(:mod:`compressor.targets.qnn_htp.front_end`), which a recipe places before ``quantize`` to
+run a float front end (a log-spectrogram) on the CPU and the rest on HTP.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 from typing import Literal
 
 import onnx_ir as ir
+from compressor.targets.qnn_htp.front_end import CpuFrontEnd  # noqa: F401  (registers qnn-cpu-front-end)
 from compressor.targets.qnn_htp.gathernd import GatherNdToGather
 from compressor.targets.qnn_htp.quantize_tensors import QuantizeTensors, QuantizeTensorsOptions
 from compressor.targets.qnn_htp.sentinels import ClampSentinels, ClampSentinelsOptions

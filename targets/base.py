@@ -21,9 +21,19 @@ from compressor.passes._graph import label
 from compressor.quant.spec import OpQuant
 
 __all__ = ["Capabilities", "Runner", "Target", "TargetPass", "check_capabilities", "cpu_has_vnni",
-           "narrow_weights"]
+           "narrow_weights", "RUNS_ON", "on_cpu"]
 
 logger = logging.getLogger(__name__)
+
+#: Node metadata key naming where a node runs, when not on the target's device: value
+#: ``"cpu"`` for a float front end the application CPU runs (``qnn-cpu-front-end``);
+#: ``quantize`` and the target's legalization leave such nodes float.
+RUNS_ON = "compressor.runs_on"
+
+
+def on_cpu(node: ir.Node) -> bool:
+    """Whether ``node`` is marked to run on the CPU, in float (:data:`RUNS_ON`)."""
+    return node.metadata_props.get(RUNS_ON) == "cpu"
 
 
 @dataclasses.dataclass(frozen=True)

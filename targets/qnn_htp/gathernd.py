@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._graph import NameAllocator, add_initializer
+from compressor.targets.base import on_cpu
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -44,7 +45,8 @@ def gathernd_to_gather(graph: ir.Graph) -> int:
     names = NameAllocator(graph)
     count = 0
     for node in list(graph):
-        if node.op_type != "GatherND" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        if node.op_type != "GatherND" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 \
+                or on_cpu(node):  # the CPU front end runs it as it is
             continue
         batch_dims = node.attributes.get("batch_dims")
         data, idx = node.inputs[0], _constant(node.inputs[1])

@@ -49,6 +49,10 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
 6. an input ``QdqRules.relative_inputs`` names (``Log``'s) whose encoding rounds at least
    ``underflow.FLOOR_WARN`` of its calibrated values to 0 is named in ``stats["rounded_to_floor"]``
    and a warning (:mod:`.underflow`): those values leave the op at its output's floor.
+7. nodes of a CPU front end (``targets.base.RUNS_ON``, marked by ``qnn-cpu-front-end``,
+   :mod:`.front_end`) stay float with float constants; each tensor they hand to an HTP node
+   or the graph's outputs is encoded as in case 1 (quantize's own pair reused where its
+   layer reads it), and a front-end node never reads through a Q/DQ pair.
 
 Before the walk, ``Pow(x, 2)`` is written ``Mul(x, x)`` (the same float result; HTP's
 16-bit power is far less exact than its ``Mul``: :mod:`.widen`).
@@ -72,6 +76,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._graph import label
 from compressor.passes._layers import output_channel_axis
+from compressor.targets.base import on_cpu
 from compressor.targets.qnn_htp.qdq_graph import (
     QDQ_OPS,
     Encoding,
@@ -138,6 +143,25 @@ def _channels_last(bias: np.ndarray, channels: int) -> np.ndarray:
     return bias.reshape(channels) if bias.size == channels else np.ascontiguousarray(bias)
 
 
+def _front_end_only(value: ir.Value, graph: ir.Graph) -> bool:
+    """Whether only nodes of the CPU front end read ``value`` (case 7)."""
+    uses = list(value.uses())
+    return bool(uses) and all(on_cpu(user) for user, _ in uses) and value not in graph.outputs
+
+
+def _front_end_reads_float(graph: ir.Graph) -> None:
+    """Case 7: a front-end node that reads a tensor through a Q/DQ pair (one written for its
+    HTP readers) reads the float tensor again, so the front end never depends on HTP's part."""
+    for node in graph:
+        if not on_cpu(node):
+            continue
+        for index, value in enumerate(node.inputs):
+            dq = value.producer() if value is not None else None
+            q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and not on_cpu(q):
+                node.replace_input_with(index, q.inputs[0])
+
+
 class _Legalizer:
     """One run of the pass over a graph: the writer, the encodings given so far, the counts."""
 
@@ -153,7 +177,7 @@ class _Legalizer:
         self.floored: dict[str, str] = {}
         self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
                        "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0,
-                       "nodes_marked_16bit": 0}
+                       "nodes_marked_16bit": 0, "cpu_nodes": 0}
         self.roots = root_chains(graph, rules) if opts.roots == "int16" else {}
         self.norms = norm_chains(graph, rules) if opts.norms == "int16" else {}
         self.carried = carried_states(graph, rules) if opts.carried_states == "int16" else {}
@@ -335,6 +359,15 @@ class _Legalizer:
             if is_float(out):
                 self.encode_output(out, node, bits, first_input)
 
+    def front_end(self, node: ir.Node) -> None:
+        """Case 7: a node of the CPU front end stays float; each output it hands to HTP is encoded."""
+        self.counts["cpu_nodes"] += 1
+        outputs = {id(v) for v in self.graph.outputs}
+        for out in node.outputs:
+            if is_float(out) and (id(out) in outputs or any(not on_cpu(user) for user, _ in out.uses())):
+                wide = self.default_bits == 16 or any(dtype_of(q).endswith("16") for q, _ in activation_q_readers(out))
+                self.encode_output(out, node, 16 if wide else 8, None)
+
     def floor(self, node: ir.Node, value: ir.Value, enc: Encoding) -> None:
         """Case 6: how much of an input ``QdqRules.relative_inputs`` names ``enc`` rounds to 0."""
         why = floor_reason(node.op_type, value.name, self.stats.get(value.name), enc.bits, float(enc.scale),
@@ -383,12 +416,13 @@ class QuantizeTensors(Pass):
         squares = squares_as_mul(model.graph)
         run = _Legalizer(model.graph, rules, cache, opts, quantizable)
         for value in list(model.graph.inputs):
-            if is_float(value) and value.const_value is None:
+            if is_float(value) and value.const_value is None and not _front_end_only(value, model.graph):
                 run.graph_input(value)
         for node in list(model.graph):
             if node.op_type not in QDQ_OPS and node.domain in ("", "ai.onnx"):
-                run.node(node)
+                run.front_end(node) if on_cpu(node) else run.node(node)
         run.writer.flush()
+        _front_end_reads_float(model.graph)
         carried = describe(run.carried, model.graph)  # before outputs are renamed and the model converted
         run.name_outputs()
         model = run.writer.finish(model)  # case 5: 16-bit Q/DQ convert the model to opset 21

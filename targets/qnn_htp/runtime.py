@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from compressor.targets.base import Runner
 
@@ -255,13 +256,15 @@ class QnnHtpRunner(Runner):
 
     Args:
         path: The EPContext model (``*_ctx.onnx``) or a QDQ ``.onnx`` (compiled on load).
-        qdq_path: The QDQ model the context was compiled from (for the simulation gap).
+        qdq_path: The whole QDQ model (for the simulation gap).
+        front_end: A float front end (``qnn-cpu-front-end``) run first on ONNX Runtime's
+            CPU provider; its outputs are inputs of ``path``.
 
     Raises:
         UnsupportedByTarget: HTP refuses part of the graph.
     """
 
-    def __init__(self, path: Path, qdq_path: Path | None = None):
+    def __init__(self, path: Path, qdq_path: Path | None = None, front_end: Path | None = None):
         require_qnn()
         self.path = Path(path)
         self.qdq_path = qdq_path
@@ -270,13 +273,25 @@ class QnnHtpRunner(Runner):
                 self.session = ort.InferenceSession(str(self.path), _session_options())
         except Exception as err:  # ONNX Runtime's own exception types
             raise _fail(str(self.path), err) from None
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.front_path, self.front, self.cut, self.front_nodes = front_end, None, [], 0
+        self._htp_inputs = htp_inputs = [i.name for i in self.session.get_inputs()]
+        if front_end is not None:
+            self.front = ort.InferenceSession(str(front_end), providers=["CPUExecutionProvider"])
+            self.front_inputs = [i.name for i in self.front.get_inputs()]
+            self.cut = [o.name for o in self.front.get_outputs()]
+            self.front_nodes = len(onnx.load(str(front_end), load_external_data=False).graph.node)
+        self.input_names = list(dict.fromkeys([*(self.front_inputs if self.front else []),
+                                               *(n for n in htp_inputs if n not in self.cut)]))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.seen: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         feed = {k: np.asarray(v, order="C") for k, v in feeds.items() if k in self.input_names}
-        outs = self.session.run(None, feed)
+        if self.front is None:
+            outs = self.session.run(None, feed)
+        else:
+            handed = dict(zip(self.cut, self.front.run(None, {k: feed[k] for k in self.front_inputs})))
+            outs = self.session.run(None, {k: handed[k] if k in handed else feed[k] for k in self._htp_inputs})
         if len(self.seen) < GAP_SAMPLES and not any(_same(feed, f) for f, _ in self.seen[-1:]):
             self.seen.append((feed, outs))
         return outs

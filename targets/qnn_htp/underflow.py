@@ -43,4 +43,5 @@ def floor_reason(op: str, tensor: str, stats: TensorStats | None, bits: int, sca
         return None
     return (f"{share:.0%} of its input {tensor!r} rounds to 0 at {bits} bits (step {scale:.3g} over "
             f"[{span[0]:.3g}, {span[1]:.3g}]); {op} reads them as its output's floor: no linear encoding holds "
-            "this tensor's range")
+            f"this tensor's range (a recipe step qnn-cpu-front-end: {{ops: [{op}]}} before quantize runs the {op} and "
+            "what it is computed from in float on the CPU)")

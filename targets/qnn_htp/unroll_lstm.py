@@ -62,6 +62,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._graph import NameAllocator, add_initializer, label
+from compressor.targets.base import on_cpu
 from compressor.targets.qnn_htp.rules import ACTIVATION_BITS
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
@@ -243,7 +244,7 @@ def unroll_lstms(graph: ir.Graph, wide_gates: bool = True, wide_cell: bool = Tru
     """
     count, left = 0, {}
     for node in list(graph):
-        if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx") or on_cpu(node):
             continue
         problem = unroll_problem(node)
         if problem:

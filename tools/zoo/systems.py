@@ -97,7 +97,8 @@ def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_di
                 cmd += ["--input", spec]
             for spec in zm.frozen:
                 cmd += ["--freeze", spec]
-    cmd += ["--recipe", RECIPES[target], "--target", target, "--calib", str(calib), "--eval", str(evald),
+    recipe = zm.htp_recipe if target == "qnn-htp" and zm.htp_recipe else RECIPES[target]
+    cmd += ["--recipe", recipe, "--target", target, "--calib", str(calib), "--eval", str(evald),
             "-o", str(dest), "-q"]
     if dest.exists():
         shutil.rmtree(dest)

@@ -1,0 +1,141 @@
+"""``qnn-cpu-front-end``: a float front end on the CPU, the rest of the model on HTP.
+
+Some models compute their features inside the graph over a range no integer grid holds:
+basic-pitch's CQT power enters ``10 log10(|X|^2 + 1e-10)`` over 85 dB, and an N-bit linear
+encoding spans ``10 log10(2^N)`` dB of power (24 at 8 bits, 48 at 16; docs/design.md,
+"basic_pitch"). HTP has no float32 path (its float ops are fp16 on a device), so such a
+front end is deployed where audio and image pipelines put their feature extraction: on the
+application CPU, in float32, feeding the quantized network on the NPU.
+
+The pass, placed in a recipe before ``quantize``, marks the front end: every node (of the
+main graph) a ``Log`` is computed from, the ``Log`` included (option ``ops``: the op types
+whose inputs need the float range). Marked nodes carry the metadata
+``compressor.runs_on = cpu``, which the passes after it honour:
+
+* ``quantize`` skips a marked layer ("runs on the CPU front end");
+* ``qnn-quantize-tensors`` leaves marked nodes and the tensors only they read float, and
+  encodes each tensor the front end hands to the network (the cut) as any other tensor;
+* the target's ``lower`` splits the model at the cut: ``front_end.onnx`` (float, ONNX
+  Runtime's CPU provider) and the quantized rest, compiled into the QNN context that runs
+  wholly on HTP, CPU fallback still disabled. ``model.onnx`` stays the whole model (the
+  simulation and the AIMET encodings), and the runner chains the two sessions.
+
+Nothing is marked, and the run fails with exit 2, when the model has no such op: a recipe
+that asks for a CPU front end on a model without one is a mistake to report, not to ignore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from pathlib import Path
+
+import onnx
+import onnx.utils
+import onnx_ir as ir
+from compressor.passes._graph import label
+from compressor.targets.base import RUNS_ON, on_cpu
+
+from compressor.errors import UsageError
+from compressor.pipeline import Pass, PassContext, PassResult, register_pass
+
+__all__ = ["CpuFrontEnd", "CpuFrontEndOptions", "cut_values", "split_front_end"]
+
+logger = logging.getLogger(__name__)
+
+
+def cut_values(graph: ir.Graph) -> list[ir.Value]:
+    """The tensors the CPU front end hands over: outputs of marked nodes read by an unmarked
+    node or by the graph's outputs, in graph order."""
+    outputs = {id(v) for v in graph.outputs}
+    cut = []
+    for node in graph:
+        if not on_cpu(node):
+            continue
+        for out in node.outputs:
+            if id(out) in outputs or any(not on_cpu(user) for user, _ in out.uses()):
+                cut.append(out)
+    return cut
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuFrontEndOptions:
+    """Options of ``qnn-cpu-front-end``.
+
+    Attributes:
+        ops: Op types whose input needs float range; each such node and everything it is
+            computed from run on the CPU.
+    """
+
+    ops: tuple[str, ...] = ("Log",)
+
+    def __post_init__(self) -> None:
+        if not self.ops or not all(isinstance(op, str) and op for op in self.ops):
+            raise ValueError("ops must be a non-empty list of op types, e.g. [Log]")
+        object.__setattr__(self, "ops", tuple(self.ops))
+
+
+@register_pass
+class CpuFrontEnd(Pass):
+    """Mark the float front end that runs on the CPU (module docstring)."""
+
+    name = "qnn-cpu-front-end"
+    description = "run the float front end a Log is computed from on the CPU, the rest on QNN HTP"
+    Options = CpuFrontEndOptions
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        opts: CpuFrontEndOptions = self.options
+        roots = [node for node in model.graph if node.op_type in opts.ops]
+        if not roots:
+            present = sorted({node.op_type for node in model.graph})
+            raise UsageError(f"{self.name}: the model has no {'/'.join(opts.ops)} node, so there is no front end to "
+                             f"run on the CPU (its ops: {', '.join(present[:12])}{' ...' if len(present) > 12 else ''}); "
+                             "drop the pass from the recipe, or name the op whose input needs float range in its "
+                             "'ops' option")
+        marked: dict[int, ir.Node] = {}
+        todo = deque(roots)
+        while todo:
+            node = todo.popleft()
+            if id(node) in marked:
+                continue
+            marked[id(node)] = node
+            todo.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)
+        for node in marked.values():
+            node.metadata_props[RUNS_ON] = "cpu"
+        cut = cut_values(model.graph)
+        if not cut:
+            raise UsageError(f"{self.name}: everything the model computes is upstream of "
+                             f"{'/'.join(opts.ops)}: nothing would be left to run on HTP")
+        logger.info("%s: %d node(s) run on the CPU in float, handing %s to HTP", self.name, len(marked),
+                    ", ".join(v.name for v in cut))
+        return PassResult(model, True, {"cpu_nodes": len(marked), "cut": [v.name for v in cut],
+                                        "roots": [label(n) for n in roots]})
+
+
+def split_front_end(whole: Path, cut: list[str], outdir: Path) -> tuple[Path, Path]:
+    """Write the CPU front end and the HTP rest of the saved model ``whole``, split at ``cut``.
+
+    Returns:
+        ``(front_end.onnx, model_htp.onnx)`` in ``outdir``: the first maps the graph inputs
+        it reads to ``cut``; the second reads ``cut`` (and any graph input the front end
+        does not consume alone) and gives the graph outputs.
+    """
+    model = onnx.load(str(whole))
+    graph = model.graph
+    inputs = [i.name for i in graph.input]
+    readers: dict[str, set[bool]] = {}
+    for node in graph.node:
+        cpu = any(p.key == RUNS_ON and p.value == "cpu" for p in node.metadata_props)
+        for name in node.input:
+            readers.setdefault(name, set()).add(cpu)
+    front_inputs = [i for i in inputs if True in readers.get(i, set())]
+    back_inputs = [*cut, *(i for i in inputs if False in readers.get(i, set()))]
+    extractor = onnx.utils.Extractor(model)
+    front = extractor.extract_model(front_inputs, list(cut))
+    back = extractor.extract_model(back_inputs, [o.name for o in graph.output])
+    paths = outdir / "front_end.onnx", outdir / "model_htp.onnx"
+    for part, path in zip((front, back), paths):
+        part.ir_version = model.ir_version
+        onnx.save(part, str(path))
+    return paths
