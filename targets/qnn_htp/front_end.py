@@ -101,6 +101,12 @@ class CpuFrontEnd(Pass):
                 continue
             marked[id(node)] = node
             todo.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)
+        outputs = {id(v): v.name for v in model.graph.outputs}
+        given = sorted(outputs[id(v)] for node in marked.values() for v in node.outputs if id(v) in outputs)
+        if given:
+            raise UsageError(f"{self.name}: the front end computes the model output(s) {', '.join(given)}, so the "
+                             "split would leave HTP nothing between them and the CPU; this pass is for a front end "
+                             "that feeds a network")
         for node in marked.values():
             node.metadata_props[RUNS_ON] = "cpu"
         cut = cut_values(model.graph)

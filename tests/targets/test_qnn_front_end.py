@@ -136,6 +136,15 @@ def test_a_model_without_a_log_is_refused(tmp_path):
         build_pass("qnn-cpu-front-end", None).run(model, PassContext())
 
 
+def test_a_front_end_that_computes_the_model_output_is_refused(tmp_path):
+    model = ir.serde.deserialize_model(_proto())
+    for name in ("net_conv", "relu"):
+        model.graph.remove(next(n for n in model.graph if n.name == name), safe=False)
+    model.graph.outputs[0] = next(n for n in model.graph if n.name == "log").outputs[0]
+    with pytest.raises(UsageError, match=r"^qnn-cpu-front-end: the front end computes the model output\(s\) l, "):
+        build_pass("qnn-cpu-front-end", None).run(model, PassContext())
+
+
 @needs_htp
 def test_split_artifact_runs_the_front_end_on_the_cpu_and_the_rest_wholly_on_htp(tmp_path, capsys):
     """End to end on the HTP backend: with the front end on the CPU the recipe's own gate holds;
