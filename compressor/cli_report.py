@@ -90,7 +90,8 @@ def summary(manifest: dict[str, Any]) -> str:
                           + (f"; {pin['note']}" if pf["pinned"] and (pin := (
                               manifest.get("inference_precision") or {}).get("pinned") or {}).get("note") else "")))]
           if (pf := manifest.get("precision_fallback")) else []),
-        *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4])}")]
+        *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4])}"
+                          + (f"; {n} already 16-bit, not tried" if (n := ac.get("skipped_already_16bit")) else ""))]
           if (ac := manifest.get("accuracy_control")) else []),
         *[("quantized", f"nothing was quantized: {r['stats']['nothing_quantized']}")
           for r in manifest["passes"] if r["stats"].get("nothing_quantized")],
