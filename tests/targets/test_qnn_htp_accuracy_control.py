@@ -180,3 +180,18 @@ def test_accuracy_control_never_tries_a_layer_already_at_16_bits(files, tmp_path
             assert not step["kept"] and step["drop"] == current, step
     assert [s for s in before["steps"] if s["layer"] not in PRESET_16] == control["steps"]
     assert before["layers"] == control["layers"] and old["accuracy_drop"] == manifest["accuracy_drop"]
+
+
+def test_with_every_layer_at_16_bits_nothing_is_ranked_or_tried(files, tmp_path, monkeypatch, caplog):
+    """``w8a16-npu``: every layer reads 16-bit pairs, so accuracy control has nothing to promote."""
+    lowered = _count_lowerings(monkeypatch, _target("simulated", monkeypatch))
+    with caplog.at_level("WARNING", logger="compressor.flow.accuracy"):
+        result = compress(files["model"], recipe="w8a16-npu", target="qnn-htp", outdir=tmp_path / "out",
+                          inputs=["x=1x6x16"], calib=files["calib"], eval_data=files["eval"], max_drop=0.0,
+                          latency_runs=1)
+    control = result.manifest["accuracy_control"]
+    assert control["skipped_already_16bit"] == len(LAYERS) and control["steps"] == [
+        {"layer": None, "drop": result.manifest["accuracy_drop"], "kept": True}]
+    assert control["ranking"] == [] and control["layers"] == [] and lowered == []
+    assert result.gate_passed is False
+    assert "every quantized layer already uses 16-bit activations" in caplog.text
