@@ -248,7 +248,7 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
 
     # The share is of every quantized layer; only real tries count against it (case 3).
     max_steps = int(accuracy.max_fallback * len(quantized.record.names))
-    wide = "" if not skipped else (f"; {len(skipped)} layer(s) already at 16 bits not ranked nor tried: "
+    wide = "" if not skipped else (f"; {len(skipped)} layer(s) already at 16 bits, neither ranked nor tried: "
                                    f"{_names(list(skipped))}")
     if not layers:
         logger.warning("accuracy drop %.6f > max_drop %.6f: every quantized layer already uses 16-bit activations: "
