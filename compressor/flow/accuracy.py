@@ -12,6 +12,14 @@ on targets with no float path), never by running the passes again.
    the metric on the whole eval set after each try, until ``drop <= max_drop`` or the step
    limit is reached. A try that does not lower the drop is undone (the layer stays
    quantized: giving it back bought nothing). Every try (layer, drop, kept) is recorded.
+3. Skip what changes nothing (``fallback: int16``, where a layer is promoted to 16-bit
+   activations): a layer whose activations ``quantize`` already put at 16 bits
+   (:func:`~compressor.quant.revert.already_wide`: the transformer preset's keys and
+   ``probs · V`` on ``qnn-htp``) is neither ranked nor tried; and before a try is lowered
+   and evaluated, the candidate (after the passes that follow ``quantize``) is compared
+   with the model already evaluated by :func:`~compressor.model_digest.model_digest`:
+   equal, the try is skipped. Skipped layers are recorded (``skipped_already_16bit``) and
+   count no step: ``max_fallback``'s share (of all quantized layers) limits real tries.
 """
 
 from __future__ import annotations
@@ -39,11 +47,12 @@ from compressor.flow.ranking import (
     run_ranking,
 )
 from compressor.flow.ranking_cache import load_ranking, ranking_key, store_ranking
+from compressor.model_digest import model_digest
 from compressor.model_io import ir_bytes
 from compressor.pass_manager import PassManager, PassReport, PipelineResult
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
-from compressor.quant.revert import QuantizationRecord
+from compressor.quant.revert import QuantizationRecord, already_wide
 
 __all__ = ["ControlResult", "QuantizedSnapshot", "control_accuracy", "control_on_target", "given_back_stats",
            "ranking_fields"]
@@ -51,6 +60,10 @@ __all__ = ["ControlResult", "QuantizedSnapshot", "control_accuracy", "control_on
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[Any], list[np.ndarray]]
+
+#: Why a layer was not tried (``ControlResult.skipped``, module docstring case 3).
+ALREADY_WIDE = "its activations are 16-bit already (quantize)"
+SAME_MODEL = "promoting it leaves the model already evaluated as it is"
 
 
 @dataclasses.dataclass
@@ -64,6 +77,8 @@ class ControlResult:
     met: bool
     ranking_backend: str = "target"
     ranking_cached: bool = False
+    #: Layers not tried because promoting them changes nothing, with why (module docstring, case 3).
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     #: The final model's lowered files, from the give-back try that built it, and that
     #: try's runner when it was the last one (:meth:`artifact`).
     lowered: tuple[Path, list[Path], Any] | None = None
@@ -97,9 +112,10 @@ class ControlResult:
         return moved, runner if runner is not None else tgt.runner(moved)
 
     def to_json(self, action: str) -> dict[str, Any]:
+        skipped = {"skipped_already_16bit": len(self.skipped), "skipped_already_16bit_layers": self.skipped}
         return {"action": action, "layers": self.given_back, "steps": self.steps, "ranking": self.ranking,
                 "ranking_backend": self.ranking_backend, "ranking_cached": self.ranking_cached,
-                "budget_met": self.met}
+                "budget_met": self.met, **(skipped if action == "int16" else {})}
 
 
 def _no_bar() -> Any:
@@ -111,7 +127,8 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
                      ranking_data: Dataset | None = None, ranking_ref: list[np.ndarray] | None = None,
                      max_steps: int | None = None, progress: Callable[[str, int], Any] | None = None,
                      rank_build: Callable[[frozenset[str]], RunFn] | None = None,
-                     ranking: list[dict[str, Any]] | None = None) -> ControlResult:
+                     ranking: list[dict[str, Any]] | None = None,
+                     unchanged: Callable[[frozenset[str], frozenset[str]], bool] | None = None) -> ControlResult:
     """Give back layers until ``evaluate(...).drop <= budget`` (see the module docstring).
 
     Args:
@@ -122,12 +139,15 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
         budget: The largest allowed drop.
         ranking_data: Small subset used for ranking.
         ranking_ref: Baseline outputs on ``ranking_data``.
-        max_steps: Give back at most this many layers (default: all).
+        max_steps: Try at most this many layers (default: all); a skipped one is no try.
         progress: Factory of progress bars ``(desc, total)``.
         rank_build: Runner used for ranking only (default ``build``); ``ranking_ref``
             must come from the same runtime.
         ranking: The ranking, already computed by :func:`rank_layers` (then
             ``ranking_data``, ``ranking_ref`` and ``rank_build`` are not used).
+        unchanged: Whether the model with the first set of layers given back is the one
+            with the second (the try is then skipped: not built into a runner, not
+            evaluated, no step; module docstring, case 3).
     """
     if ranking is None:  # ranked here, in this process, with runners built by closures
         rank_build = rank_build or build
@@ -139,11 +159,20 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
             ranking = rank_layers(layers, error_of, {}, progress=bar.update)
     logger.info("most sensitive layers: %s", ", ".join(f"{r['layer']} ({r['sensitivity']:.4g})" for r in ranking[:5]))
     given: list[str] = []
+    skipped: dict[str, str] = {}
     steps: list[dict[str, Any]] = [{"layer": None, "drop": first.drop, "kept": True}]
     evaluation = first
     limit = len(ranking) if max_steps is None else min(max_steps, len(ranking))
-    for entry in ranking[:limit]:
-        trial = evaluate(build(frozenset([*given, entry["layer"]])))
+    for entry in ranking:
+        if len(steps) > limit:
+            break
+        candidate = frozenset([*given, entry["layer"]])
+        if unchanged is not None and unchanged(candidate, frozenset(given)):
+            skipped[entry["layer"]] = SAME_MODEL
+            logger.info("accuracy control: giving back %s changes nothing (the model is the one evaluated): "
+                        "skipped, not tried", entry["layer"])
+            continue
+        trial = evaluate(build(candidate))
         kept = trial.drop < evaluation.drop
         steps.append({"layer": entry["layer"], "drop": trial.drop, "kept": kept})
         logger.info("accuracy control: giving back %s -> drop %.6f (budget %.6f)%s", entry["layer"], trial.drop,
@@ -153,7 +182,7 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
             evaluation = trial
         if evaluation.drop <= budget:
             break
-    return ControlResult(given, steps, ranking, evaluation, evaluation.drop <= budget)
+    return ControlResult(given, steps, ranking, evaluation, evaluation.drop <= budget, skipped=skipped)
 
 
 @dataclasses.dataclass
@@ -183,12 +212,15 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
         The final model with the reports of the passes after ``quantize`` run on it, and
         what accuracy control did.
     """
-    layers = quantized.record.names
-    shared: dict[str, Any] = {"quantized": ir_bytes(quantized.model), "record": quantized.record,
-                              "mode": "int16" if tgt.capabilities.fallback == "int16" else "float",
+    mode = "int16" if tgt.capabilities.fallback == "int16" else "float"
+    # Case 3: a layer quantize gave 16-bit activations is left as it is by a promotion.
+    skipped = dict.fromkeys(already_wide(quantized.record) if mode == "int16" else [], ALREADY_WIDE)
+    layers = [name for name in quantized.record.names if name not in skipped]
+    shared: dict[str, Any] = {"quantized": ir_bytes(quantized.model), "record": quantized.record, "mode": mode,
                               "post": post_passes, "context": dataclasses.replace(ctx, progress=no_progress),
                               "pin": pin}
     built: dict[frozenset[str], Any] = {}
+    digests: dict[frozenset[str], str] = {}
     lowered: dict[frozenset[str], tuple[Path, list[Path]]] = {}
     last: dict[str, Any] = {}  # the last try's set and runner (the artifact's, when that try is kept)
 
@@ -196,39 +228,70 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
         edited = build_candidate(given, {**shared, "post": []})
         return PassManager(post_passes, verify=False).run(edited, ctx) if post_passes else PipelineResult(edited, [])
 
+    def model_of(given: frozenset[str]) -> PipelineResult:
+        if given not in built:
+            built[given] = rebuild(given)
+        return built[given]
+
+    def unchanged(candidate: frozenset[str], current: frozenset[str]) -> bool:  # case 3, by effect
+        for which in (candidate, current):
+            if which not in digests:
+                digests[which] = model_digest(model_of(which).model)
+        return digests[candidate] == digests[current]
+
     def build(given: frozenset[str]) -> Any:
-        folder = work_dir / f"control-{len(built)}"
-        built[given] = rebuild(given)
-        lowered[given] = (folder, tgt.lower_pinned(built[given].model, folder, pin))
+        folder = work_dir / f"control-{len(lowered)}"
+        lowered[given] = (folder, tgt.lower_pinned(model_of(given).model, folder, pin))
         last.clear()
         last.update(given=given, run=tgt.runner(lowered[given][1]))
         return last["run"]
 
-    max_steps = int(accuracy.max_fallback * len(layers))
+    # The share is of every quantized layer; only real tries count against it (case 3).
+    max_steps = int(accuracy.max_fallback * len(quantized.record.names))
+    wide = "" if not skipped else (f"; {len(skipped)} layer(s) already at 16 bits, neither ranked nor tried: "
+                                   f"{_names(list(skipped))}")
+    if not layers:
+        logger.warning("accuracy drop %.6f > max_drop %.6f: every quantized layer already uses 16-bit activations: "
+                       "accuracy control has nothing to promote on target %r", first.drop, accuracy.max_drop, tgt.name)
+        try:
+            final = model_of(frozenset())
+        finally:
+            release_decoded()
+        return final, ControlResult([], [{"layer": None, "drop": first.drop, "kept": True}], [], first, False,
+                                    skipped=skipped)
     key = ranking_key({**cache_fields, "layers": layers})
     cached = load_ranking(key, layers)
     if cached is not None:
         ranking, runtime = cached["ranking"], cached["ranking_backend"]
         logger.warning("accuracy drop %.6f > max_drop %.6f: ranking reused from cache (%s; %d layers, at most %d "
-                       "may be given back)", first.drop, accuracy.max_drop, key[:12], len(layers), max_steps)
+                       "may be given back%s)", first.drop, accuracy.max_drop, key[:12], len(layers), max_steps, wide)
     else:
         # The samples the fully quantized model gets most wrong (module docstring of ranking).
         errors = per_sample_errors(ref, first_outputs, eval_set)
         ranking, runtime, samples = run_ranking(
             shared, accuracy, errors, eval_set, baseline, run_baseline, executor, progress,
-            f"accuracy drop {first.drop:.6f} > max_drop {accuracy.max_drop:.6f}", max_steps)
+            f"accuracy drop {first.drop:.6f} > max_drop {accuracy.max_drop:.6f}", max_steps, layers, wide)
         store_ranking(key, {"fields": cache_fields, "ranking": ranking, "ranking_backend": runtime, **samples})
     try:
         outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first,
-                                   budget=accuracy.max_drop, max_steps=max_steps, ranking=ranking)
-        final = built.get(frozenset(outcome.given_back)) or rebuild(frozenset(outcome.given_back))
+                                   budget=accuracy.max_drop, max_steps=max_steps, ranking=ranking,
+                                   unchanged=unchanged if mode == "int16" else None)
+        final = model_of(frozenset(outcome.given_back))
     finally:
         release_decoded()
     outcome.ranking_backend, outcome.ranking_cached = runtime, cached is not None
+    outcome.skipped = {**skipped, **outcome.skipped}
+    if outcome.skipped:
+        logger.info("accuracy control: %d layer(s) not tried, promoting them changes nothing: %s",
+                    len(outcome.skipped), ", ".join(f"{name} ({why})" for name, why in outcome.skipped.items()))
     final_set = frozenset(outcome.given_back)
     if final_set in lowered:
         outcome.lowered = (*lowered[final_set], last.get("run") if last.get("given") == final_set else None)
     return final, outcome
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def given_back_stats(report: PassReport, given: list[str], mode: str) -> None:

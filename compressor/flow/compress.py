@@ -314,8 +314,6 @@ def compress(
                            "failed" if max_drop is not None else "not evaluated")
         control: tuple[Any, ControlResult] | None = None
         cause: PassReport | None = None
-        all_wide = tgt.capabilities.fallback == "int16" and all(
-            r.options.get("activations") == "int16" for r in reports if r.name == "quantize")
         over = verified and budget is not None and evaluation.drop > budget
         if over:  # only a pass before the quantizing one can be the cause (qnn-legalize completes quantize)
             cause = _drop_source(reports[:quantized.index] if quantized is not None else reports, budget, last_lossy)
@@ -323,9 +321,6 @@ def compress(
             logger.warning("the drop comes from %s (drop %.6f right after it, budget %g), not quantization: giving "
                            "quantized layers back cannot meet the budget; lower %s's level or recover its loss",
                            cause.name, cause.accuracy_drop, budget, cause.name)
-        elif over and all_wide:
-            logger.warning("every quantized layer already uses 16-bit activations: accuracy control has nothing to "
-                           "promote on target %r", tgt.name)
         elif over and quantized is not None:
             t = time.perf_counter()
             control = control_on_target(

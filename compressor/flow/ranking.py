@@ -271,8 +271,9 @@ def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, cali
 
 def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, eval_set: Dataset,
                 baseline: ir.Model, run_baseline: RunFn, executor: Executor | None, progress: Progress,
-                note: str, max_steps: int) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
-    """Rank ``shared["record"]``'s layers (module docstring).
+                note: str, max_steps: int, layers: Sequence[str] | None = None,
+                aside: str = "") -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """Rank ``layers``, by default ``shared["record"]``'s (module docstring).
 
     Args:
         shared: What every candidate reads (:func:`candidate_error`) but the ranking data.
@@ -285,12 +286,14 @@ def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, ev
         progress: Progress bar factory.
         note: What the warning that starts the ranking says first (the drop and budget).
         max_steps: How many layers may be given back (for that warning).
+        layers: The layers to rank (accuracy control leaves out those a give-back leaves as they are).
+        aside: What that warning adds at its end (the layers left out).
 
     Returns:
         The ranking, the runtime it was measured in (``onnxruntime`` or ``target``), and
         what the cache keeps beside it (the ranking and screening samples).
     """
-    layers = shared["record"].names
+    layers = list(shared["record"].names if layers is None else layers)
     chosen = worst_samples(errors, whole_batches(eval_set, accuracy.ranking_samples))
     ranking_data = eval_set.take(chosen, f"{len(chosen)} largest errors")
     # One call per sample: the reference is made per sample, and the screen's is the ranking's (ranking_stage).
@@ -330,8 +333,8 @@ def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, ev
                       else joined(ref_by_sample, screened))
         screen = {**on_all, "data": screen_data, "ref": screen_ref, "samples": screened}
     logger.warning("%s: ranking %d quantized layers by sensitivity on the %d samples with the largest error%s "
-                   "(at most %d may be given back)", note, len(layers), len(chosen),
-                   "" if confirm is None else f", screened on the {len(screened)} largest", max_steps)
+                   "(at most %d may be given back%s)", note, len(layers), len(chosen),
+                   "" if confirm is None else f", screened on the {len(screened)} largest", max_steps, aside)
     with progress("rank layers", ranking_tasks(len(layers), confirm), "layer") as bar:
         try:
             ranking = rank_layers(layers, candidate_error, on_all, executor=executor, progress=bar.update,

@@ -29,6 +29,11 @@ Two edits use that record (:func:`give_back`), chosen by ``Capabilities.fallback
    :mod:`compressor.passes._control_flow`) is edited where it is: its float weight is
    restored into its body, its 16-bit pairs are written into its body.
 
+A layer every rewired input (and output) of which already reads a 16-bit pair (the
+transformer preset's roles on a target without a float path, every layer of a W8A16
+recipe) is left as it is by case 2, which writes the pair it reads (the same spec, the same
+range): :func:`already_wide` names them, so accuracy control never tries them.
+
 Nodes are found by the name of their first output (unique in SSA form, and kept through
 serialization), so the record applies to any copy of the quantized model.
 """
@@ -49,7 +54,8 @@ from compressor.passes._graph import add_initializer
 from compressor.quant.qdq import QdqWriter
 from compressor.quant.spec import QuantSpec
 
-__all__ = ["ActivationInput", "ConstantInput", "QuantizedLayer", "QuantizationRecord", "give_back", "widened"]
+__all__ = ["ActivationInput", "ConstantInput", "QuantizedLayer", "QuantizationRecord", "already_wide", "give_back",
+           "widened"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +147,17 @@ class QuantizationRecord:
             if layer.name == name:
                 return layer
         raise KeyError(f"layer {name!r} was not quantized; quantized layers: {', '.join(self.names)}")
+
+
+def already_wide(record: QuantizationRecord) -> list[str]:
+    """The layers :func:`give_back` in ``int16`` mode leaves as they are (module docstring).
+
+    Case 2 writes, for each activation input and output reader, the pair over the recorded
+    range at ``widened(spec)``; where every spec is 16-bit already that is the pair the layer
+    reads, so the edited model computes what the quantized one does.
+    """
+    return [layer.name for layer in record.layers
+            if all(widened(act.spec) == act.spec for act in (*layer.activations, *layer.outputs))]
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
