@@ -16,7 +16,8 @@ The digest is a hash over the graph from its outputs back (a Merkle hash):
 3. a graph: its inputs, then each output's name and value digest; a model: its opsets,
    its main graph, its functions (serialized).
 
-Node and value names, node order, metadata and nodes nothing reads (they compute
+Node and value names, node order, metadata (but where a node runs, ``targets.base.RUNS_ON``,
+which decides how the target splits the artifact) and nodes nothing reads (they compute
 nothing the outputs show) are left out. Equal digests mean the same computation on the
 same constants, so the same lowered artifact up to names; a difference in anything left
 in (a graph input renamed, a body's names) only makes two equal computations look
@@ -31,6 +32,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from compressor.pass_manager import outer_reads
+from compressor.targets.base import RUNS_ON
 
 __all__ = ["model_digest"]
 
@@ -87,7 +89,8 @@ class _Digests:
 
     def node(self, node: ir.Node) -> None:
         """Case 1, and the digests of the node's outputs."""
-        h = hashlib.sha256(f"{node.domain}|{node.op_type}|{node.overload}|{len(node.outputs)}|".encode())
+        h = hashlib.sha256(f"{node.domain}|{node.op_type}|{node.overload}|{len(node.outputs)}|"
+                           f"{node.metadata_props.get(RUNS_ON, '')}|".encode())
         for name in sorted(node.attributes):
             h.update(self.attribute(node.attributes[name]))
         for value in node.inputs:

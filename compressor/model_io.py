@@ -214,11 +214,25 @@ def upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
         except Exception:
             logger.debug("shape inference failed on the converted model", exc_info=True)
     result = ir.serde.deserialize_model(converted)
+    _carry_node_metadata(model, result)
     fixed = _per_channel_prelu_slopes(result) if before < 7 else 0
     _check_conversion(proto, result, before, opset)
     logger.info("upgraded the model from opset %d to %d%s", before, opset,
                 f" ({fixed} PRelu slope(s) reshaped to per-channel)" if fixed else "")
     return result
+
+
+def _carry_node_metadata(source: ir.Model, converted: ir.Model) -> None:
+    """Node metadata the passes set (``compressor.runs_on``, ``compressor.activation_bits``),
+    which ONNX's version converter drops, copied back by each node's first output name
+    (unique in SSA form, kept by the converter)."""
+    meta = {node.outputs[0].name: dict(node.metadata_props)
+            for node in ir.traversal.RecursiveGraphIterator(source.graph) if node.outputs and node.metadata_props}
+    if not meta:
+        return
+    for node in ir.traversal.RecursiveGraphIterator(converted.graph):
+        if node.outputs and node.outputs[0].name in meta:
+            node.metadata_props.update(meta[node.outputs[0].name])
 
 
 _ASSERTION = re.compile(r"^.*?(?:Assertion `[^`]*` failed: |\.h:\d+: |\.cc:\d+: )")

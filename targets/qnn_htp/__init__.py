@@ -73,12 +73,13 @@ from compressor.targets.base import (
     Runner,
     Target,
     check_capabilities,
+    RUNS_ON,
     cpu_has_vnni,
     on_cpu,
 )
 from compressor.targets.onnx import OrtRunner
 from compressor.targets.qnn_htp.encodings import aimet_encodings
-from compressor.targets.qnn_htp.front_end import cut_values, split_front_end
+from compressor.targets.qnn_htp.front_end import FRONT_END, cut_values, split_front_end
 from compressor.targets.qnn_htp.rules import (
     HTP_QDQ_RULES,
     QNN_HTP_CAPABILITIES,
@@ -182,6 +183,9 @@ class QnnHtpTarget(Target):
         outdir.mkdir(parents=True, exist_ok=True)
         qdq = save_model(model, outdir / "model.onnx")
         cut = [v.name for v in cut_values(model.graph)]
+        if not cut and model.metadata_props.get(RUNS_ON) == FRONT_END:
+            raise CompressorError("qnn-htp: the model was given a CPU front end (qnn-cpu-front-end) but no node "
+                                  "carries its mark any more: a pass dropped node metadata")
         if cut:
             front, htp = split_front_end(qdq, cut, outdir)
             files = [qdq, front, htp, *compile_context(htp, outdir / "model_ctx.onnx")]
@@ -287,7 +291,7 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
     ops = caps.supported_ops if caps.supported_ops is not None else QNN_HTP_OPS
     owners = {id(body): (where, node) for where, node, _, body in control_flow_bodies(model.graph)}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if id(node) in folded or id(node) in hidden:
+        if id(node) in folded or id(node) in hidden or on_cpu(node):  # a CPU front end's node is not HTP's
             continue
         where = label(node)
         if node.op_type == "If" and id(node) in if_frozen:

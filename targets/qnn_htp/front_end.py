@@ -40,9 +40,12 @@ from compressor.targets.base import RUNS_ON, on_cpu
 from compressor.errors import UsageError
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 
-__all__ = ["CpuFrontEnd", "CpuFrontEndOptions", "cut_values", "split_front_end"]
+__all__ = ["FRONT_END", "CpuFrontEnd", "CpuFrontEndOptions", "cut_values", "split_front_end"]
 
 logger = logging.getLogger(__name__)
+
+#: Model metadata (key ``RUNS_ON``) saying a CPU front end was marked.
+FRONT_END = "cpu front end"
 
 
 def cut_values(graph: ir.Graph) -> list[ir.Value]:
@@ -84,7 +87,24 @@ class CpuFrontEnd(Pass):
     description = "run the float front end a Log is computed from on the CPU, the rest on QNN HTP"
     Options = CpuFrontEndOptions
 
+    def check_input(self, model: ir.Model) -> None:
+        """Mark the front end before the target's check, which then leaves it to the CPU (an
+        op HTP lacks, STFT or DFT, may be in it); the model's mistakes are exit 2 here."""
+        self._mark(model)
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        if "quantized" in ctx.properties or any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                                                for n in model.graph):
+            raise UsageError(f"{self.name}: the model is quantized already, so the front end would not be float; "
+                             "put this step before 'quantize' in the recipe")
+        roots, marked, cut = self._mark(model)
+        logger.info("%s: %d node(s) run on the CPU in float, handing %s to HTP", self.name, marked,
+                    ", ".join(v.name for v in cut))
+        return PassResult(model, True, {"cpu_nodes": marked, "cut": [v.name for v in cut],
+                                        "roots": [label(n) for n in roots]})
+
+    def _mark(self, model: ir.Model) -> tuple[list[ir.Node], int, list[ir.Value]]:
+        """Mark every node the ``ops`` nodes are computed from, and them; the roots, how many, the cut."""
         opts: CpuFrontEndOptions = self.options
         roots = [node for node in model.graph if node.op_type in opts.ops]
         if not roots:
@@ -104,19 +124,16 @@ class CpuFrontEnd(Pass):
         outputs = {id(v): v.name for v in model.graph.outputs}
         given = sorted(outputs[id(v)] for node in marked.values() for v in node.outputs if id(v) in outputs)
         if given:
-            raise UsageError(f"{self.name}: the front end computes the model output(s) {', '.join(given)}, so the "
-                             "split would leave HTP nothing between them and the CPU; this pass is for a front end "
-                             "that feeds a network")
+            raise UsageError(f"{self.name}: the front end computes the model output(s) {', '.join(given)}, which "
+                             "this split does not hand back from the CPU; a front end here only feeds the network")
         for node in marked.values():
             node.metadata_props[RUNS_ON] = "cpu"
         cut = cut_values(model.graph)
         if not cut:
-            raise UsageError(f"{self.name}: everything the model computes is upstream of "
-                             f"{'/'.join(opts.ops)}: nothing would be left to run on HTP")
-        logger.info("%s: %d node(s) run on the CPU in float, handing %s to HTP", self.name, len(marked),
-                    ", ".join(v.name for v in cut))
-        return PassResult(model, True, {"cpu_nodes": len(marked), "cut": [v.name for v in cut],
-                                        "roots": [label(n) for n in roots]})
+            raise UsageError(f"{self.name}: nothing reads the output of {'/'.join(opts.ops)}, so the front end hands "
+                             "nothing to HTP")
+        model.metadata_props[RUNS_ON] = FRONT_END  # survives what node metadata may not (lower checks it)
+        return roots, len(marked), cut
 
 
 def split_front_end(whole: Path, cut: list[str], outdir: Path) -> tuple[Path, Path]:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 
+from compressor.targets.base import on_cpu
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 from compressor.quant.statistics import SENTINEL
 
@@ -45,6 +46,9 @@ def clamp_sentinels(graph: ir.Graph, mask_value: float) -> int:
     count = 0
     for name, value in list(graph.initializers.items()):
         if value.const_value is None or value.is_graph_input():
+            continue
+        uses = list(value.uses())
+        if uses and all(on_cpu(user) for user, _ in uses):  # the CPU front end keeps float32 constants
             continue
         array = value.const_value.numpy()
         if array.dtype.kind != "f":

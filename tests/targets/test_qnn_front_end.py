@@ -11,10 +11,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 from compressor.targets.base import on_cpu
+from compressor.targets.onnx import ort_session
 from compressor.targets.qnn_htp import (
     HTP_QDQ_RULES,
     QNN_HTP_CAPABILITIES,
     float_compute_nodes,
+    lint,
 )
 from onnx import TensorProto, helper, numpy_helper
 
@@ -68,6 +70,26 @@ def _proto(bypass: bool = False) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(proto)
+    return onnx.shape_inference.infer_shapes(proto)
+
+
+def _variant(proto: onnx.ModelProto, *, front_op: str | None = None, sqrt_after: bool = False,
+             eps: float | None = None) -> onnx.ModelProto:
+    """``proto`` with the power ``Mul(c1, c1)`` replaced by the one-input ``front_op`` (an op
+    HTP lacks), a ``Sqrt`` after the network's Relu (a 16-bit pair on HTP's side, so the Q/DQ
+    writer converts the opset to 21), or another guard constant."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    if front_op is not None:
+        next(n for n in graph.node if n.name == "power").CopyFrom(
+            helper.make_node(front_op, ["c1"], ["p"], name="power"))
+    if eps is not None:
+        next(i for i in graph.initializer if i.name == "eps").CopyFrom(
+            numpy_helper.from_array(np.array(eps, np.float32), "eps"))
+    if sqrt_after:
+        relu = next(n for n in graph.node if n.name == "relu")
+        relu.output[0] = "r"
+        graph.node.append(helper.make_node("Sqrt", ["r"], ["y"], name="root"))
     return onnx.shape_inference.infer_shapes(proto)
 
 
@@ -125,7 +147,50 @@ def test_a_tensor_read_on_both_sides_stays_float_in_the_front_end(tmp_path):
     assert all(v.producer().op_type == "DequantizeLinear" for v in join.inputs)
 
 
-def test_a_model_without_a_log_is_refused(tmp_path):
+def test_marks_survive_a_16_bit_pair_and_its_opset_conversion(tmp_path):
+    """A 16-bit pair on HTP's side makes the Q/DQ writer convert the model to opset 21 with
+    ONNX's version converter, which drops node metadata: the marks are carried over."""
+    model = ir.serde.deserialize_model(_variant(_proto(), sqrt_after=True))
+    calib, _ = _data(tmp_path)
+    ctx = PassContext(target=_Stub(), calibration=load_npz(calib, model_input_specs(model), what="calib"),
+                      properties={"constants-folded"})
+    model = build_pass("qnn-cpu-front-end", None).run(model, ctx).model
+    model = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+    legal = build_pass("qnn-legalize", None).run(model, ctx)
+    assert legal.model.opset_imports[""] == 21 and legal.stats["roots_16bit"]
+    assert sorted(n.name for n in legal.model.graph if on_cpu(n)) == ["floor", "front_conv", "log", "power"]
+
+
+def test_the_step_after_quantize_is_refused(tmp_path):
+    model = ir.serde.deserialize_model(_proto())
+    calib, _ = _data(tmp_path)
+    ctx = PassContext(target=_Stub(), calibration=load_npz(calib, model_input_specs(model), what="calib"),
+                      properties={"constants-folded"})
+    model = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx).model
+    with pytest.raises(UsageError, match=r"^qnn-cpu-front-end: the model is quantized already, so the front end "
+                                         r"would not be float; put this step before 'quantize' in the recipe$"):
+        build_pass("qnn-cpu-front-end", None).run(model, ctx)
+
+
+def test_the_target_check_leaves_the_front_end_to_the_cpu():
+    """An op HTP lacks (``Erf`` here, ``STFT`` in a real spectrogram) in the front end: the
+    step marks the front end before the check (``check_input``), which then names nothing."""
+    model = ir.serde.deserialize_model(_variant(_proto(), front_op="Erf"))
+    assert [where for where, _ in lint(model)] == ["power"]
+    build_pass("qnn-cpu-front-end", None).check_input(model)
+    assert lint(model) == []
+
+
+def test_sentinels_in_the_front_end_stay(tmp_path):
+    """``qnn-clamp-sentinels`` (finfo.max masks become +-100 for an HTP grid) leaves a constant
+    only the CPU front end reads as it is."""
+    model = ir.serde.deserialize_model(_variant(_proto(), eps=float(np.finfo(np.float32).max)))
+    build_pass("qnn-cpu-front-end", None).check_input(model)
+    assert build_pass("qnn-clamp-sentinels", None).run(model, PassContext()).stats["sentinels_clamped"] == 0
+    assert float(model.graph.initializers["eps"].const_value.numpy()) == np.finfo(np.float32).max
+
+
+def test_a_model_without_a_log_is_refused():
     model = ir.serde.deserialize_model(_proto())
     model.graph.remove(next(n for n in model.graph if n.name == "relu"), safe=False)
     for node in model.graph:
@@ -157,7 +222,7 @@ def test_split_artifact_runs_the_front_end_on_the_cpu_and_the_rest_wholly_on_htp
     code, out, err = run([tmp_path / "m.onnx", "--recipe", tmp_path / "front.yaml", *common, "-o", tmp_path / "a"],
                          capsys)
     assert code == 0, err
-    assert "cpu front end  4 node(s) in float on the CPU (front_end.onnx), the rest on the device" in out
+    assert "cpu front end" in out and "4 node(s) in float on the CPU (front_end.onnx), the rest on the device" in out
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert {f["path"] for f in manifest["files"]} >= {"front_end.onnx", "model_htp.onnx", "model_ctx.onnx",
                                                       "model.onnx", "model.encodings"}
@@ -171,6 +236,12 @@ def test_split_artifact_runs_the_front_end_on_the_cpu_and_the_rest_wholly_on_htp
     assert [o.name for o in front.graph.output] == ["l"]
     htp = onnx.load(str(tmp_path / "a" / "model_htp.onnx"))
     assert [i.name for i in htp.graph.input] == ["l"] and "Log" not in {n.op_type for n in htp.graph.node}
+    # the two parts chained on the CPU compute what the whole model does, bit for bit
+    x = np.load(evals)["x"][:4]
+    parts = [ort_session(tmp_path / "a" / f, as_written=True) for f in ("front_end.onnx", "model_htp.onnx", "model.onnx")]
+    for sample in x:
+        handed = parts[0].run(None, {"x": sample[None]})[0]
+        assert np.array_equal(parts[1].run(None, {"l": handed})[0], parts[2].run(None, {"x": sample[None]})[0])
     code, out, err = run([tmp_path / "m.onnx", "--recipe", tmp_path / "plain.yaml", *common, "-o", tmp_path / "b"],
                          capsys)
     assert code == 3, err
@@ -190,6 +261,26 @@ def test_recipe_asking_for_a_front_end_the_model_lacks_exits_2(tmp_path, capsys)
     code, _, err = run([tmp_path / "m.onnx", "--recipe", tmp_path / "front.yaml", "--target", "qnn-htp",
                         "--calib", calib, "--eval", evals, "-o", tmp_path / "out"], capsys)
     assert code == 2
-    assert error_line(err).startswith("error: pass 'qnn-cpu-front-end' failed (UsageError: qnn-cpu-front-end: the "
-                                      "model has no Log node, so there is no front end to run on the CPU")
+    assert error_line(err).startswith("error: qnn-cpu-front-end: the model has no Log node, so there is no front "
+                                      "end to run on the CPU (its ops: Add, Conv, Mul, Relu, Sqrt)")
     assert not (tmp_path / "out").exists()
+
+
+@needs_htp
+def test_accuracy_control_keeps_the_front_end_on_the_cpu(tmp_path, capsys):
+    """A promotion to 16 bits writes 16-bit pairs (the opset conversion that drops node
+    metadata): every try, and the artifact, keep the split; the front Conv is never a candidate."""
+    onnx.save(_proto(), tmp_path / "m.onnx")
+    calib, evals = _data(tmp_path)
+    (tmp_path / "front.yaml").write_text(RECIPE.format(front="  - qnn-cpu-front-end: {}\n").replace(
+        "max_drop: 0.01}", "max_drop: 0.01, max_fallback: 1.0}"))
+    code, _, err = run([tmp_path / "m.onnx", "--recipe", tmp_path / "front.yaml", "--target", "qnn-htp",
+                        "--calib", calib, "--eval", evals, "--max-drop", "0", "--latency-runs", "1",
+                        "-o", tmp_path / "out"], capsys)
+    assert code in (0, 3), err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    control = manifest["accuracy_control"]
+    assert control["action"] == "int16" and [s["layer"] for s in control["steps"][1:]] == ["net_conv"]
+    assert manifest["qnn_htp"]["cpu_front_end"]["nodes"] == 4 and manifest["qnn_htp"]["float_nodes"] == []
+    front = onnx.load(str(tmp_path / "out" / "front_end.onnx"))
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in front.graph.node)
