@@ -24,7 +24,9 @@ import onnxruntime as ort
 from compressor.targets.base import Runner
 
 from compressor.errors import CompressorError, UnsupportedByTarget, UsageError
-from compressor.flow.evaluation import per_output  # the gap's rows: one per call, as the evaluation's
+from compressor.flow.evaluation import (
+    per_output,  # the gap's rows: one per call, as the evaluation's
+)
 
 try:
     import onnxruntime_qnn
