@@ -240,6 +240,8 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=Path, dest="eval_data", required=True, help=".npz of evaluation samples")
     p.add_argument("--max-drop", type=float, required=True, help="accuracy budget")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS))
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
+    p.add_argument("--freeze", action="append", default=[], metavar="NAME=VALUE", help=FREEZE_HELP)
     p.add_argument("--grid", default=None, metavar="YAML",
                    help="grid values, e.g. '{calibrator: [minmax, mse], alpha: [null], sparsity: [0, 0.2], "
                         "accuracy_control: [true]}' (accuracy_control: a candidate over --max-drop gives back its "
