@@ -26,8 +26,8 @@ INPUT_HELP = ("fix an input's shape, e.g. images=1x1x8x8 (? keeps an axis dynami
               "ids=1x128:int64); a rank-0 (scalar) input is NAME=scalar, e.g. sr=scalar:int64; repeatable")
 
 FREEZE_HELP = ("make an input a constant of the model, e.g. sr=16000 (V1,V2,... for a 1-D input): the artifact has "
-               "no such input and what depends on it alone folds away (an If on it); data may keep its column if "
-               "every sample holds that value; repeatable")
+               "no such input and what depends on it alone folds away (an If on it); data may leave its column out, "
+               "or keep it if every sample holds that value; repeatable")
 
 
 class Parser(argparse.ArgumentParser):

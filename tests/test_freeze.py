@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+import torch
 from compressor.targets.qnn_htp import lint
 from onnx import TensorProto, helper, numpy_helper
 
@@ -173,6 +175,53 @@ def test_sweep_records_what_it_froze(tmp_path, capsys):
                  "-q"])
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["frozen_inputs"] == {"sr": 16000}
+
+
+class _Gated(torch.nn.Module):
+    """``fc(x)`` when ``flag`` is set, else ``-fc(x)``: a branch on a scalar argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        if bool(flag):
+            return self.fc(x)
+        return -self.fc(x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("column", [False, True])
+def test_torchscript_takes_the_frozen_value_as_its_example_input(column, tmp_path, capsys):
+    """A TorchScript module records no input shapes: capture takes ``flag``'s example from
+    ``--freeze flag=1``, so the data may leave its column out (exit 2 before: "no --input or
+    data for forward argument(s) flag"); with the column, the example is still the frozen
+    scalar, not the column's first two samples (the exporter then failed on ``bool(flag)``)."""
+    torch.manual_seed(0)
+    net = _Gated().eval()
+    torch.jit.script(net).save(str(tmp_path / "gated.pt"))
+    for split, n in (("calib", 16), ("eval", 8)):
+        arrays = {"x": RNG.standard_normal((n, 4)).astype(np.float32)}
+        if column:
+            arrays["flag"] = np.ones(n, np.int64)
+        np.savez(tmp_path / f"{split}.npz", **arrays)
+    out = tmp_path / "out"
+    code, err, _ = _run([tmp_path / "gated.pt", "--recipe", "int8", "--freeze", "flag=1", "--calib",
+                         tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "-o", out, "--latency-runs", "1", "-q"],
+                        capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frozen_inputs"] == {"flag": 1}
+    assert [s["name"] for s in manifest["input_spec"]] == ["x"]
+    assert "example input of flag: its --freeze value 1 (int64), a constant of the model" in manifest["model"]["notes"]
+    artifact = onnx.load(out / "model.onnx")
+    assert [i.name for i in artifact.graph.input] == ["x"] and "If" not in {n.op_type for n in artifact.graph.node}
+    # The flag=1 branch, at int8 fidelity (SQNR above 20 dB; the other branch is -fc(x), at -6 dB).
+    x = RNG.standard_normal((5, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = net(torch.from_numpy(x), torch.tensor(1)).numpy()
+    assert 10 * np.log10((want**2).sum() / ((got - want) ** 2).sum()) > 20
 
 
 def test_one_input_frozen_twice_is_a_usage_error():

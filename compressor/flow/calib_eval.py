@@ -188,7 +188,7 @@ def capture_with_data(model_path: str | Path, overrides: Mapping[str, Any], froz
             :func:`~compressor.inputs.check_tensor_io` and :meth:`RawData.validate`.
     """
     captured = capture(Path(model_path), input_overrides=overrides, example_inputs=example_inputs(raw_calib, raw_eval),
-                       **load)
+                       frozen=frozen, **load)
     arrays, (raw_calib, raw_eval) = apply_freeze(captured.model, frozen, raw_calib, raw_eval)
     check_tensor_io(captured.model)
     specs = model_input_specs(captured.model)
