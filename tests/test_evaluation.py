@@ -14,7 +14,7 @@ from compressor.data import Dataset
 from compressor.errors import DataError
 from compressor.flow.evaluation import collect_outputs, compare, fidelity
 from compressor.inputs import InputSpec
-from tests.cliutil import run
+from tests.cliutil import error_line, run
 
 
 def _state_run(flip_short_call: bool):
@@ -106,3 +106,19 @@ def test_compress_a_model_with_a_state_that_is_not_batch_first(samples, tmp_path
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["gate"]["passed"] and manifest["evaluation"]["samples"] == samples
+
+
+def test_compress_refuses_top1_on_rows_of_calls_before_the_passes(tmp_path, capsys):
+    _recurrent_state_model(tmp_path / "rnn.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 8)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((20, 8)).astype(np.float32), labels=np.zeros(20, np.int64))
+    code, _, err = run([tmp_path / "rnn.onnx", "--target", "onnx", "--recipe", "int8", "--calib",
+                        tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "-o", tmp_path / "out"], capsys)
+    assert code == 2, err
+    assert error_line(err) == (
+        f"error: eval {tmp_path / 'eval.npz'}: metric 'top1' needs one row of the first output per sample, but the "
+        "model's outputs do not all have the samples first, so each of the 2 rows is one call of 16 samples (20 in "
+        "all); drop 'labels' from the eval file to measure fidelity, or give each sample as one whole input tensor "
+        "(an array with one axis more than the input, fed one call per sample)")
+    assert "running quantize" not in err and not (tmp_path / "out").exists()

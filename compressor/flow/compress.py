@@ -249,6 +249,7 @@ def compress(
         t = time.perf_counter()
         ref = _baseline_outputs(tgt, run_baseline, data, progress, batches)
         timings["baseline_s"] = time.perf_counter() - t
+        compare(ref, ref, eval_set, metric)  # what the metric refuses (top-1 on rows of calls): before the passes
 
         seen: dict[str, list[Any]] = {}  # the outputs last scored (accuracy control picks its ranking samples)
 

@@ -34,9 +34,7 @@ from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
 __all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "per_output", "row_cosines",
-           "sample_errors",
-           "top1_accuracy", "compare", "evaluate",
-           "measure_latency"]
+           "sample_errors", "top1_accuracy", "compare", "evaluate", "measure_latency"]
 
 logger = logging.getLogger(__name__)
 
