@@ -26,8 +26,8 @@ INPUT_HELP = ("fix an input's shape, e.g. images=1x1x8x8 (? keeps an axis dynami
               "ids=1x128:int64); a rank-0 (scalar) input is NAME=scalar, e.g. sr=scalar:int64; repeatable")
 
 FREEZE_HELP = ("make an input a constant of the model, e.g. sr=16000 (V1,V2,... for a 1-D input): the artifact has "
-               "no such input and what depends on it alone folds away (an If on it); data may keep its column if "
-               "every sample holds that value; repeatable")
+               "no such input and what depends on it alone folds away (an If on it); data may leave its column out, "
+               "or keep it if every sample holds that value; repeatable")
 
 
 class Parser(argparse.ArgumentParser):
@@ -240,6 +240,8 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=Path, dest="eval_data", required=True, help=".npz of evaluation samples")
     p.add_argument("--max-drop", type=float, required=True, help="accuracy budget")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS))
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
+    p.add_argument("--freeze", action="append", default=[], metavar="NAME=VALUE", help=FREEZE_HELP)
     p.add_argument("--grid", default=None, metavar="YAML",
                    help="grid values, e.g. '{calibrator: [minmax, mse], alpha: [null], sparsity: [0, 0.2], "
                         "accuracy_control: [true]}' (accuracy_control: a candidate over --max-drop gives back its "

@@ -229,7 +229,7 @@ def no_capture(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was captured before the bad input was reported")
 
-    monkeypatch.setattr("compressor.flow.compress.capture", refuse)
+    monkeypatch.setattr("compressor.flow.calib_eval.capture", refuse)
     monkeypatch.setattr("compressor.capture.capture", refuse)
 
 

@@ -25,7 +25,7 @@ import onnx_ir as ir
 import pytest
 from compressor.targets import get_target
 
-import compressor.flow.compress
+import compressor.flow.calib_eval
 from compressor.flow.compress import compress
 from compressor.model_io import clone_model
 
@@ -41,7 +41,7 @@ MAX_SERIALISATIONS = 6
 
 @pytest.fixture(scope="module")
 def capture_once():
-    real = compressor.flow.compress.capture
+    real = compressor.flow.calib_eval.capture
     done: dict[str, Any] = {}
 
     def capture(path, **kwargs):
@@ -52,7 +52,7 @@ def capture_once():
         return dataclasses.replace(first, model=clone_model(first.model), notes=list(first.notes))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compressor.flow.compress, "capture", capture)
+        mp.setattr(compressor.flow.calib_eval, "capture", capture)
         yield
 
 

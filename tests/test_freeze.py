@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+import torch
 from compressor.targets.qnn_htp import lint
 from onnx import TensorProto, helper, numpy_helper
 
@@ -20,22 +22,23 @@ from compressor.pipeline import PassContext, build_pass
 RNG = np.random.default_rng(0)
 
 
-def _branch(name: str, weight: str) -> onnx.GraphProto:
+def _branch(name: str, weight: str, batch: int | str = 1) -> onnx.GraphProto:
     return helper.make_graph([helper.make_node("MatMul", ["x", weight], [f"{name}_y"], name=f"{name}_fc")], name, [],
-                             [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 3])])
+                             [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [batch, 3])])
 
 
-def _rate_model(tmp_path: Path) -> Path:
-    """silero-vad's shape: ``y = x @ (w16 if sr == 16000 else w8)``, an ``If`` on the scalar int64 ``sr``."""
+def _rate_model(tmp_path: Path, batch: int | str = 1) -> Path:
+    """silero-vad's shape: ``y = x @ (w16 if sr == 16000 else w8)``, an ``If`` on the scalar int64 ``sr``;
+    ``x`` is ``[batch, 4]``."""
     inits = [numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w16"),
              numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w8"),
              numpy_helper.from_array(np.array(16000, np.int64), "rate16k")]
     nodes = [helper.make_node("Equal", ["sr", "rate16k"], ["is16k"], name="is16k"),
-             helper.make_node("If", ["is16k"], ["y"], name="by_rate", then_branch=_branch("then", "w16"),
-                              else_branch=_branch("else", "w8"))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+             helper.make_node("If", ["is16k"], ["y"], name="by_rate", then_branch=_branch("then", "w16", batch),
+                              else_branch=_branch("else", "w8", batch))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4]),
                                            helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])], inits)
     path = tmp_path / "rate.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     for split, n in (("calib", 16), ("eval", 8)):
@@ -128,6 +131,97 @@ def test_sweep_takes_freeze_too(tmp_path, capsys):
     assert code == 0, err
     levels = json.loads((tmp_path / "sw" / "sweep.json").read_text())["levels"]
     assert [lv["level"] for lv in levels] == ["0.25", "0.5"]
+
+
+#: One candidate, no accuracy control: a search as small as it gets.
+ONE_CANDIDATE = "{calibrator: [minmax], sparsity: [0], accuracy_control: [false]}"
+
+
+def test_search_takes_freeze_and_input_too(tmp_path, capsys):
+    """``compress search`` captures and freezes the model as ``compress`` and ``sweep`` do, records
+    what it froze in search.json, and writes the best artifact with the same ``--freeze``/``--input``
+    (``x`` is ``[N, 4]``; ``--input x=1x4`` fixes N)."""
+    path, out = _rate_model(tmp_path, batch="N"), tmp_path / "se"
+    code = main(["search", str(path), "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+                 "--max-drop", "0.05", "--freeze", "sr=16000", "--input", "x=1x4", "--grid", ONE_CANDIDATE, "-o",
+                 str(out), "--latency-runs", "1", "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    searched = json.loads((out / "search.json").read_text())
+    assert searched["frozen_inputs"] == {"sr": 16000} and searched["best"] == 0
+    manifest = json.loads((out / "best" / "manifest.json").read_text())
+    assert manifest["frozen_inputs"] == {"sr": 16000}
+    assert [(s["name"], s["shape"]) for s in manifest["input_spec"]] == [("x", [1, 4])]
+    artifact = onnx.load(out / "best" / "model.onnx")
+    assert [i.name for i in artifact.graph.input] == ["x"]
+    assert "If" not in {n.op_type for n in artifact.graph.node}
+
+
+def test_search_refuses_freezing_an_input_the_model_lacks(tmp_path, capsys):
+    """The same message as ``compress`` gives (``test_bad_freeze_is_exit_2_saying_what_to_give``)."""
+    path, out = _rate_model(tmp_path), tmp_path / "se"
+    code, err, errors = _run(["search", path, "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
+                              "--max-drop", "0.05", "--freeze", "rate=16000", "--grid", ONE_CANDIDATE, "-o", out, "-q"],
+                             capsys)
+    assert code == 2, err
+    assert errors == ["error: --freeze rate=16000: the model has no input 'rate'; its inputs are x, sr"], err
+    assert not (out / "search.json").exists()
+
+
+def test_sweep_records_what_it_froze(tmp_path, capsys):
+    path = _rate_model(tmp_path)
+    code = main(["sweep", str(path), "--pass", "prune-magnitude", "--levels", "0.25", "--eval",
+                 str(tmp_path / "eval.npz"), "--freeze", "sr=16000", "-o", str(tmp_path / "sw"), "--latency-runs", "0",
+                 "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["frozen_inputs"] == {"sr": 16000}
+
+
+class _Gated(torch.nn.Module):
+    """``fc(x)`` when ``flag`` is set, else ``-fc(x)``: a branch on a scalar argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        if bool(flag):
+            return self.fc(x)
+        return -self.fc(x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("column", [False, True])
+def test_torchscript_takes_the_frozen_value_as_its_example_input(column, tmp_path, capsys):
+    """A TorchScript module records no input shapes: capture takes ``flag``'s example from
+    ``--freeze flag=1``, so the data may leave its column out (exit 2 before: "no --input or
+    data for forward argument(s) flag"); with the column, the example is still the frozen
+    scalar, not the column's first two samples (the exporter then failed on ``bool(flag)``)."""
+    torch.manual_seed(0)
+    net = _Gated().eval()
+    torch.jit.script(net).save(str(tmp_path / "gated.pt"))
+    for split, n in (("calib", 16), ("eval", 8)):
+        arrays = {"x": RNG.standard_normal((n, 4)).astype(np.float32)}
+        if column:
+            arrays["flag"] = np.ones(n, np.int64)
+        np.savez(tmp_path / f"{split}.npz", **arrays)
+    out = tmp_path / "out"
+    code, err, _ = _run([tmp_path / "gated.pt", "--recipe", "int8", "--freeze", "flag=1", "--calib",
+                         tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "-o", out, "--latency-runs", "1", "-q"],
+                        capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frozen_inputs"] == {"flag": 1}
+    assert [s["name"] for s in manifest["input_spec"]] == ["x"]
+    assert "example input of flag: its --freeze value 1 (int64), a constant of the model" in manifest["model"]["notes"]
+    artifact = onnx.load(out / "model.onnx")
+    assert [i.name for i in artifact.graph.input] == ["x"] and "If" not in {n.op_type for n in artifact.graph.node}
+    # The flag=1 branch, at int8 fidelity (SQNR above 20 dB; the other branch is -fc(x), at -6 dB).
+    x = RNG.standard_normal((5, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = net(torch.from_numpy(x), torch.tensor(1)).numpy()
+    assert 10 * np.log10((want**2).sum() / ((got - want) ** 2).sum()) > 20
 
 
 def test_one_input_frozen_twice_is_a_usage_error():

@@ -28,7 +28,7 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
-import compressor.flow.compress
+import compressor.flow.calib_eval
 from compressor.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def assert_smaller_than_fp32(run: Run) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def capture_once():
     """Export each model once per module; every call gets its own copy (the passes edit it)."""
-    real = compressor.flow.compress.capture
+    real = compressor.flow.calib_eval.capture
     done: dict[tuple[str, str], Any] = {}
 
     def capture(path, **kwargs):
@@ -108,7 +108,7 @@ def capture_once():
         return dataclasses.replace(first, model=model, notes=list(first.notes))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compressor.flow.compress, "capture", capture)
+        mp.setattr(compressor.flow.calib_eval, "capture", capture)
         yield
 
 

@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Overrides | None = None,
             example_inputs: Mapping[str, np.ndarray] | None = None, imports: Sequence[str] = (),
-            model_class: str | None = None, model_kwargs: Mapping[str, Any] | None = None) -> Captured:
+            model_class: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
+            frozen: Mapping[str, Sequence[float]] | None = None) -> Captured:
     """Read the model at ``path`` into ONNX.
 
     Args:
@@ -66,6 +67,10 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
         model_class: ``MODULE:NAME``, the class (or a function returning the module) a
             state_dict file is loaded into.
         model_kwargs: Keyword arguments of ``model_class``.
+        frozen: Parsed ``--freeze`` flags (:func:`compressor.inputs.parse_freeze`): a torch
+            file's example input for each of those arguments is its frozen value, so the
+            data may leave its column out (as for an ONNX model); the freezing itself is
+            :func:`compressor.flow.calib_eval.apply_freeze`'s.
 
     Raises:
         CaptureError: the file cannot be read or exported.
@@ -108,7 +113,8 @@ def capture(path: str | Path, *, trust_pickle: bool = False, input_overrides: Ov
             )
 
             captured = capture_torch_file(path, overrides, trust_pickle=trust_pickle, example_inputs=example_inputs,
-                                          imported=imported, model_class=model_class, model_kwargs=model_kwargs)
+                                          imported=imported, model_class=model_class, model_kwargs=model_kwargs,
+                                          frozen=frozen)
         else:
             raise CaptureError(f"{path}: unknown model format "
                                f"{repr(path.suffix) if path.suffix else '(no extension)'}; supported: {SUPPORTED_FORMATS}")

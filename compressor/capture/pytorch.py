@@ -15,7 +15,10 @@ Input shapes. TorchScript and modules record none: each forward argument's examp
 data (``example_inputs``, first axis = samples = the model's batch axis, which stays dynamic
 where the model allows: ``Dim.AUTO``; floating arrays take the dtype of the module's
 parameters). The first axis as the batch axis is an assumption: a model that takes
-unbatched tensors needs ``--input``.
+unbatched tensors needs ``--input``. An argument frozen by ``--freeze`` (and not named by
+``--input``) takes its frozen value as the example, whether or not the data has a column for
+it: a scalar for one value, 1-D for several, of the data column's dtype if there is one,
+else int64 for whole numbers and the parameters' float dtype otherwise; no axis of it is dynamic.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def _archive_kind(path: Path) -> str | None:
 def capture_torch_file(path: Path, overrides: Overrides, *, trust_pickle: bool = False,
                        example_inputs: Mapping[str, np.ndarray] | None = None,
                        imported: Sequence[types.ModuleType] = (), model_class: str | None = None,
-                       model_kwargs: Mapping[str, Any] | None = None) -> Captured:
+                       model_kwargs: Mapping[str, Any] | None = None,
+                       frozen: Mapping[str, Sequence[float]] | None = None) -> Captured:
     """Export the torch file at ``path`` to ONNX; call inside :func:`compressor.capture.torch_load.user_code`.
 
     Args:
@@ -87,6 +91,7 @@ def capture_torch_file(path: Path, overrides: Overrides, *, trust_pickle: bool =
         imported: The ``--import`` modules (where ``__main__`` classes are looked up).
         model_class: ``MODULE:NAME`` building the module a state_dict loads into.
         model_kwargs: Keyword arguments of ``NAME``.
+        frozen: Parsed ``--freeze`` flags: the example inputs of those arguments (module docstring).
 
     Raises:
         CaptureError: the file cannot be read, loaded or exported.
@@ -98,13 +103,13 @@ def capture_torch_file(path: Path, overrides: Overrides, *, trust_pickle: bool =
         raise UsageError(f"--model-class applies to a state_dict file; {path.name} is {what}, which holds its own "
                          "graph: leave --model-class out")
     if kind == "torchscript":
-        return _capture_torchscript(path, overrides, example_inputs)
+        return _capture_torchscript(path, overrides, example_inputs, frozen)
     if kind != "pt2" and path.suffix.lower() == ".pt2":
         raise CaptureError(f"{path}: not a torch.export program (the file is not a .pt2 archive; truncated, "
                            f"or not written by torch.export.save); {_SAVE_PT2}")
     if kind == "pt2":
         return _capture_pt2(path)
-    return _capture_saved(path, overrides, example_inputs, trust_pickle, imported, model_class, model_kwargs)
+    return _capture_saved(path, overrides, example_inputs, trust_pickle, imported, model_class, model_kwargs, frozen)
 
 
 def _capture_pt2(path: Path) -> Captured:
@@ -156,7 +161,8 @@ def _import_output_types(path: Path) -> None:
             importlib.import_module(module)
 
 
-def _capture_torchscript(path: Path, overrides: Overrides, data: Mapping[str, np.ndarray] | None) -> Captured:
+def _capture_torchscript(path: Path, overrides: Overrides, data: Mapping[str, np.ndarray] | None,
+                         frozen: Mapping[str, Sequence[float]] | None = None) -> Captured:
     import torch
 
     with _quiet():
@@ -169,7 +175,7 @@ def _capture_torchscript(path: Path, overrides: Overrides, data: Mapping[str, np
     arguments = module.eval().forward.schema.arguments[1:]  # [0] is self
     example, dynamic, from_data = _example_inputs(
         path, "TorchScript module", [a.name for a in arguments],
-        [a.name for a in arguments if not a.has_default_value()], overrides, data, _float_dtype(module))
+        [a.name for a in arguments if not a.has_default_value()], overrides, data, _float_dtype(module), frozen)
     buffer = io.BytesIO()
     with _quiet():
         try:
@@ -186,17 +192,18 @@ def _capture_torchscript(path: Path, overrides: Overrides, data: Mapping[str, np
     _name_outputs(model)
     return Captured(model, "torchscript", [
         "TorchScript exported with torch.onnx's TorchScript-based exporter (dynamo=False; the torch.export-based "
-        f"exporter refuses ScriptModules), opset {TORCHSCRIPT_OPSET}", _OPTIMIZED, *_data_notes(example, from_data)])
+        f"exporter refuses ScriptModules), opset {TORCHSCRIPT_OPSET}", _OPTIMIZED,
+        *_data_notes(example, from_data, _from_freeze(example, overrides, frozen))])
 
 
 def _capture_saved(path: Path, overrides: Overrides, data: Mapping[str, np.ndarray] | None, trust_pickle: bool,
                    imported: Sequence[types.ModuleType], model_class: str | None,
-                   model_kwargs: Mapping[str, Any] | None) -> Captured:
+                   model_kwargs: Mapping[str, Any] | None, frozen: Mapping[str, Sequence[float]] | None) -> Captured:
     """``torch.save`` output: a pickled module, or a state_dict loaded into ``model_class``."""
     module, source_format, notes = load_module(path, trust_pickle=trust_pickle, imported=imported,
                                                model_class=model_class, model_kwargs=model_kwargs)
     what = f"pickled {type(module).__name__}" if source_format == "pickle" else type(module).__name__
-    return _export_module(path, module, what, source_format, overrides, data, notes)
+    return _export_module(path, module, what, source_format, overrides, data, notes, frozen=frozen)
 
 
 # -- example inputs -------------------------------------------------------------------------------
@@ -207,8 +214,9 @@ def _float_dtype(module: Any) -> Any:
 
 
 def _export_module(path: Path, module: Any, what: str, source_format: str, overrides: Overrides,
-                   data: Mapping[str, np.ndarray] | None, notes: list[str]) -> Captured:
-    """Export an ``nn.Module`` with example inputs from ``--input`` or the data."""
+                   data: Mapping[str, np.ndarray] | None, notes: list[str], *,
+                   frozen: Mapping[str, Sequence[float]] | None = None) -> Captured:
+    """Export an ``nn.Module`` with example inputs from ``--input``, ``--freeze`` or the data."""
     import torch
 
     module = module.eval()
@@ -216,7 +224,7 @@ def _export_module(path: Path, module: Any, what: str, source_format: str, overr
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)]
     example, dynamic, from_data = _example_inputs(path, what, [p.name for p in params],
                                                   [p.name for p in params if p.default is p.empty], overrides, data,
-                                                  _float_dtype(module))
+                                                  _float_dtype(module), frozen)
     hint = {n: torch.export.Dim.AUTO if n in from_data else torch.export.Dim.DYNAMIC for n in example}
     dynamic_shapes = {n: ({a: hint[n] for a in dynamic[n]} or None) for n in example}
     try:
@@ -227,7 +235,8 @@ def _export_module(path: Path, module: Any, what: str, source_format: str, overr
         if value.name in from_data and value.shape is not None and isinstance(value.shape[0], int):
             logger.warning("%s: the model fixes the first axis of %r to %d (torch.export specialised it); pass "
                            "--input %s=... to choose its size", path, value.name, value.shape[0], value.name)
-    return Captured(model, source_format, [*notes, _OPTIMIZED, *_data_notes(example, from_data)])
+    return Captured(model, source_format, [*notes, _OPTIMIZED,
+                                           *_data_notes(example, from_data, _from_freeze(example, overrides, frozen))])
 
 
 def _data_shapes(example: Mapping[str, Any], from_data: set[str]) -> str:
@@ -235,11 +244,18 @@ def _data_shapes(example: Mapping[str, Any], from_data: set[str]) -> str:
                      for n in example if n in from_data)
 
 
-def _data_notes(example: Mapping[str, Any], from_data: set[str]) -> list[str]:
+def _from_freeze(example: Mapping[str, Any], overrides: Overrides, frozen: Mapping[str, Any] | None) -> set[str]:
+    """The arguments whose example is their ``--freeze`` value (:func:`_example_inputs`)."""
+    return {n for n in example if n in (frozen or {}) and n not in overrides}
+
+
+def _data_notes(example: Mapping[str, Any], from_data: set[str], from_freeze: set[str] = frozenset()) -> list[str]:
+    notes = [f"example input of {n}: its --freeze value {example[n].tolist()} "
+             f"({str(example[n].dtype).removeprefix('torch.')}), a constant of the model" for n in example if n in from_freeze]
     if not from_data:
-        return []
+        return notes
     return [f"input shapes from the first samples of the data ({_data_shapes(example, from_data)}), "
-            "the first axis dynamic"]
+            "the first axis dynamic", *notes]
 
 
 def _data_hint(example: Mapping[str, Any], from_data: set[str]) -> str:
@@ -251,21 +267,23 @@ def _data_hint(example: Mapping[str, Any], from_data: set[str]) -> str:
 
 
 def _example_inputs(path: Path, what: str, names: Sequence[str], required: Sequence[str], overrides: Overrides,
-                    data: Mapping[str, np.ndarray] | None, float_dtype: Any
+                    data: Mapping[str, np.ndarray] | None, float_dtype: Any,
+                    frozen: Mapping[str, Sequence[float]] | None = None
                     ) -> tuple[dict[str, Any], dict[str, list[int]], set[str]]:
     """Example tensors (forward order), their dynamic axes, and which came from the data.
 
-    An argument's ``--input`` wins; otherwise its first rows of ``data``.
+    An argument's ``--input`` wins; then its ``--freeze`` value (module docstring); otherwise
+    its first rows of ``data``.
     """
     import torch
 
-    data = dict(data or {})
+    data, frozen = dict(data or {}), dict(frozen or {})
     listed = ", ".join(names) or "(none)"
     for name in overrides:
         if name not in names:
             raise CaptureError(f"{path}: --input {name}: the {what} takes no argument {name!r}; "
                                f"its forward arguments are {listed}")
-    given = [n for n in names if n in overrides or n in data]
+    given = [n for n in names if n in overrides or n in frozen or n in data]
     unknown = [k for k in data if k not in names]
     if unknown and (not given or any(n not in overrides for n in given)):
         raise CaptureError(f"{path}: the data holds {unknown[0]!r}, but the {what} takes no argument {unknown[0]!r}; "
@@ -282,6 +300,9 @@ def _example_inputs(path: Path, what: str, names: Sequence[str], required: Seque
                            f"pass --input NAME=SHAPE or data for each of {listed}")
     generator, example, dynamic, from_data = torch.Generator().manual_seed(0), {}, {}, set()
     for name in given:
+        if name not in overrides and name in frozen:
+            example[name], dynamic[name] = _frozen_example(frozen[name], data.get(name), float_dtype), []
+            continue
         if name not in overrides:
             example[name], dynamic[name] = _rows(path, name, data[name], float_dtype), [0]
             from_data.add(name)
@@ -295,6 +316,21 @@ def _example_inputs(path: Path, what: str, names: Sequence[str], required: Seque
                          else torch.zeros(size, dtype=dtype))
         dynamic[name] = [axis for axis, d in enumerate(shape) if d is None]
     return example, dynamic, from_data
+
+
+def _frozen_example(values: Sequence[float], column: np.ndarray | None, float_dtype: Any) -> Any:
+    """The ``--freeze`` value of an argument as its example tensor (module docstring)."""
+    import torch
+
+    array = np.asarray(values[0] if len(values) == 1 else values)
+    if column is not None:
+        dtype = np.asarray(column).dtype
+    elif np.array_equal(array, np.round(array)):
+        dtype = np.dtype(np.int64)
+    else:
+        dtype = np.dtype(np.float32)
+    tensor = torch.as_tensor(array.astype(dtype))  # not ascontiguousarray: it makes a scalar 1-D
+    return tensor.to(float_dtype) if tensor.is_floating_point() and float_dtype is not None else tensor
 
 
 def _rows(path: Path, name: str, array: np.ndarray, float_dtype: Any) -> Any:

@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from compressor.data import Dataset, RawData, random_dataset
+from compressor.capture import Captured, capture
+from compressor.data import Dataset, RawData, example_inputs, random_dataset
 from compressor.errors import UnsupportedModel, UsageError
-from compressor.inputs import InputSpec, freeze_data, freeze_inputs
+from compressor.inputs import (
+    InputSpec,
+    check_tensor_io,
+    freeze_data,
+    freeze_inputs,
+    model_input_specs,
+)
 from compressor.recipe import Recipe
 
-__all__ = ["UNVERIFIED", "RANDOM_SAMPLES", "RunData", "apply_freeze", "check_data_needs", "pick_eval", "choose_sets"]
+__all__ = ["UNVERIFIED", "RANDOM_SAMPLES", "Prepared", "RunData", "apply_freeze", "capture_with_data",
+           "check_data_needs", "pick_eval", "choose_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +144,54 @@ def apply_freeze(model: ir.Model, frozen: dict[str, tuple[float, ...]], *raws: R
     if left:  # a runtime would be handed it (ONNX Runtime 1.32 crashed on silero-vad's): stop here
         raise UnsupportedModel("--freeze", left)
     return arrays, raws_left
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A captured model with its inputs frozen, and the data files validated against it.
+
+    Attributes:
+        captured: What capture returned; its model has the ``--input`` shapes, the frozen
+            inputs as constants and what they decided folded away.
+        frozen: The frozen inputs' arrays (``{}``: none).
+        specs: The model's inputs after freezing.
+        raw_calib, raw_eval: The data files without the frozen inputs' columns.
+        calib, eval: Those files validated against ``specs`` (``None`` where not given).
+    """
+
+    captured: Captured
+    frozen: dict[str, np.ndarray]
+    specs: list[InputSpec]
+    raw_calib: RawData | None
+    raw_eval: RawData | None
+    calib: Dataset | None
+    eval: Dataset | None
+
+    def frozen_json(self) -> dict[str, Any]:
+        """``frozen_inputs`` as manifests and result files record it: ``{name: value}``."""
+        return {name: value.tolist() for name, value in self.frozen.items()}
+
+
+def capture_with_data(model_path: str | Path, overrides: Mapping[str, Any], frozen: dict[str, tuple[float, ...]],
+                      raw_calib: RawData | None, raw_eval: RawData | None, load: Mapping[str, Any]) -> Prepared:
+    """Capture the model, freeze its ``--freeze`` inputs (:func:`apply_freeze`), validate the data:
+    what ``compress``, ``compress sweep`` and ``compress search`` do alike before their own work.
+
+    Args:
+        overrides: Parsed ``--input`` flags (:func:`~compressor.inputs.parse_input_overrides`).
+        frozen: Parsed ``--freeze`` flags (:func:`~compressor.inputs.parse_freeze`).
+        load: How a torch file is loaded: ``trust_pickle``, ``imports``, ``model_class``,
+            ``model_kwargs`` of :func:`compressor.capture.capture`.
+
+    Raises:
+        CompressorError: as :func:`~compressor.capture.capture`, :func:`apply_freeze`,
+            :func:`~compressor.inputs.check_tensor_io` and :meth:`RawData.validate`.
+    """
+    captured = capture(Path(model_path), input_overrides=overrides, example_inputs=example_inputs(raw_calib, raw_eval),
+                       frozen=frozen, **load)
+    arrays, (raw_calib, raw_eval) = apply_freeze(captured.model, frozen, raw_calib, raw_eval)
+    check_tensor_io(captured.model)
+    specs = model_input_specs(captured.model)
+    return Prepared(captured, arrays, specs, raw_calib, raw_eval,
+                    raw_calib.validate(specs) if raw_calib is not None else None,
+                    raw_eval.validate(specs) if raw_eval is not None else None)

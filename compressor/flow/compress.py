@@ -26,7 +26,6 @@ from typing import Any
 import onnx_ir as ir
 
 from compressor import __version__
-from compressor.capture import capture
 from compressor.data import RawData, example_inputs, read_npz
 from compressor.errors import (
     CompressorError,
@@ -44,16 +43,21 @@ from compressor.flow.accuracy import (
     ranking_fields,
 )
 from compressor.flow.artifact import ArtifactWriter, check_destination
-from compressor.flow.calib_eval import RunData, apply_freeze, check_data_needs, choose_sets
-from compressor.flow.evaluation import Evaluation, collect_outputs, compare
-from compressor.flow.manifest import build_manifest, gate_record, latency_record, package_versions
-from compressor.flow.precision_fallback import try_precision_fallback
-from compressor.inputs import (
-    check_tensor_io,
-    model_input_specs,
-    parse_freeze,
-    parse_input_overrides,
+from compressor.flow.calib_eval import (
+    RunData,
+    capture_with_data,
+    check_data_needs,
+    choose_sets,
 )
+from compressor.flow.evaluation import Evaluation, collect_outputs, compare
+from compressor.flow.manifest import (
+    build_manifest,
+    gate_record,
+    latency_record,
+    package_versions,
+)
+from compressor.flow.precision_fallback import try_precision_fallback
+from compressor.inputs import parse_freeze, parse_input_overrides
 from compressor.model_io import clone_model
 from compressor.pass_manager import PassManager, PassReport
 from compressor.pipeline import PassContext
@@ -203,17 +207,14 @@ def compress(
 
     t = time.perf_counter()
     with progress("capture", 1, "model") as bar:
-        captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides,
-                           example_inputs=example_inputs(raw_calib, raw_eval), imports=imports,
-                           model_class=model_class, model_kwargs=model_kwargs)
+        prepared = capture_with_data(model_path, overrides, checked.frozen, raw_calib, raw_eval,
+                                     {"trust_pickle": trust_pickle, "imports": imports, "model_class": model_class,
+                                      "model_kwargs": model_kwargs})
         bar.update(1)
     timings["capture_s"] = time.perf_counter() - t
+    captured, specs, calib_set, eval_set = prepared.captured, prepared.specs, prepared.calib, prepared.eval
+    raw_calib, raw_eval = prepared.raw_calib, prepared.raw_eval
     model = captured.model
-    frozen, (raw_calib, raw_eval) = apply_freeze(model, checked.frozen, raw_calib, raw_eval)
-    check_tensor_io(model)
-    specs = model_input_specs(model)
-    calib_set = raw_calib.validate(specs) if raw_calib is not None else None
-    eval_set = raw_eval.validate(specs) if raw_eval is not None else None
     if calib_set is not None and len(calib_set) > recipe_obj.calibration.samples:
         calib_set = calib_set.subset(0, recipe_obj.calibration.samples)
 
@@ -248,6 +249,7 @@ def compress(
         t = time.perf_counter()
         ref = _baseline_outputs(tgt, run_baseline, data, progress, batches)
         timings["baseline_s"] = time.perf_counter() - t
+        compare(ref, ref, eval_set, metric)  # what the metric refuses (top-1 on rows of calls): before the passes
 
         seen: dict[str, list[Any]] = {}  # the outputs last scored (accuracy control picks its ranking samples)
 
@@ -344,8 +346,8 @@ def compress(
             control=None if control is None else control[1].to_json(tgt.capabilities.fallback), gate=gate,
             precision_fallback=precision_fallback, recovery=None if recovery is None else recovery.record,
             latency=latency, timings=timings)
-        if frozen:
-            manifest["frozen_inputs"] = {name: value.tolist() for name, value in frozen.items()}
+        if prepared.frozen:
+            manifest["frozen_inputs"] = prepared.frozen_json()
         manifest.update(tgt.report(run_compressed, samples=eval_set.batches()))
         writer.commit(manifest)
     return CompressResult(outdir, manifest, evaluation, reports, gate_passed)

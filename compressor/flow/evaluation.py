@@ -5,7 +5,9 @@ Metrics:
 * ``top1``: accuracy of the first output's argmax against the eval file's ``labels``;
   drop = baseline top-1 − compressed top-1.
 * ``cosine``: fidelity to the baseline (the fp32 model run in the same backend); per
-  sample, all float outputs flattened into one vector; drop = 1 − mean cosine. When the
+  sample, all float outputs flattened into one vector; drop = 1 − mean cosine. Where the
+  outputs do not all have the samples first (a recurrent state ``[2, N, 128]`` beside
+  ``[N, 10]``), a row is one call instead (:func:`collect_outputs`). When the
   data has an ``attention_mask`` input (``N x S``), token outputs (``N x S x ...``) are
   compared on real tokens only: what a model writes at padding positions is never used. Reported
   with the minimum cosine, SQNR in dB (10·log10(‖ref‖² / ‖ref − out‖²) over all samples),
@@ -31,9 +33,8 @@ import numpy as np
 from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
-__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "row_cosines", "sample_errors",
-           "top1_accuracy", "compare", "evaluate",
-           "measure_latency"]
+__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "per_output", "row_cosines",
+           "sample_errors", "top1_accuracy", "compare", "evaluate", "measure_latency"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,24 +70,62 @@ class Evaluation:
 
 def collect_outputs(run: RunFn, data: Dataset, *, limit: int | None = None,
                     progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
-    """Run every batch and return, per output, one array whose first axis is the sample."""
-    per_output: list[list[np.ndarray]] = []
+    """Run every batch and return, per output, one array of rows that line up across outputs.
+
+    A row is one sample when every output of every call has the call's samples along its
+    first axis (the batch), or when each call is one sample (data of layout 2). Otherwise
+    (a recurrent state ``[2, N, 128]`` beside logits ``[N, 10]``, a scalar beside a batch)
+    which axis is the batch cannot be read from the shapes, and every output gives one row
+    per call (:func:`per_output`), so that all outputs have as many rows.
+    """
+    calls: list[list[np.ndarray]] = []
+    sizes: list[int] = []
     stacked = all(data.stacked.values())
+    batched = [name for name, whole in data.stacked.items() if not whole]
     for feed in data.batches(limit=limit):
-        outs = run(feed)
-        if not per_output:
-            per_output = [[] for _ in outs]
-        for acc, out in zip(per_output, outs):
-            out = np.asarray(out)
-            acc.append(out[None] if stacked or out.ndim == 0 else out)
+        calls.append([np.asarray(out) for out in run(feed)])
+        sizes.append(1 if stacked or not batched else len(feed[batched[0]]))
         if progress:
             progress(1)
-    return [np.concatenate(chunks, axis=0) for chunks in per_output]
+    if not calls:
+        return []
+    if stacked:
+        return [np.concatenate([call[i][None] for call in calls]) for i in range(len(calls[0]))]
+    if all(out.ndim >= 1 and len(out) == size for call, size in zip(calls, sizes) for out in call):
+        return [np.concatenate([call[i] for call in calls]) for i in range(len(calls[0]))]
+    logger.debug("outputs %s of a call of %d sample(s) do not all have the samples first: one row per call",
+                 ", ".join("x".join(map(str, out.shape)) or "scalar" for out in calls[0]), sizes[0])
+    return per_output(calls)
+
+
+def per_output(calls: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per output, one row per call (the call's result flattened), stacked.
+
+    A row per call, not per sample: which axis of an output is the batch cannot be read from
+    its shape (silero-vad's ``stateN`` is ``[2, batch, 128]`` beside ``output`` ``[batch, 1]``;
+    at batch 2 every first axis is 2), and every output must give as many rows for the
+    per-row metrics to line them up. A call shorter than the others (the last batch on a
+    dynamic batch axis) is zero-padded to their length: zeros at the same place in both
+    compared rows change no metric (cosine, SQNR, largest difference).
+    """
+    stacked = []
+    for i in range(len(calls[0])):
+        rows = [np.asarray(call[i]).reshape(-1) for call in calls]
+        width = max(len(row) for row in rows)
+        stacked.append(np.stack([np.pad(row, (0, width - len(row))) for row in rows]))
+    return stacked
 
 
 def _rows(outputs: Iterable[np.ndarray]) -> np.ndarray:
-    """Per-sample vectors: every output flattened past its first axis, concatenated."""
-    parts = [np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in outputs]
+    """One vector per row (:func:`collect_outputs`): every output flattened past its first axis, concatenated.
+
+    Outputs whose first axes differ (not collected by :func:`collect_outputs`) are one call's
+    results: they make one row (:func:`per_output`).
+    """
+    arrays = [np.asarray(o, dtype=np.float64) for o in outputs]
+    if len({len(a) if a.ndim else None for a in arrays}) > 1:
+        arrays = per_output([arrays])
+    parts = [a.reshape(len(a), -1) for a in arrays]
     return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))
 
 
@@ -177,10 +216,20 @@ def compare(ref: list[np.ndarray], out: list[np.ndarray], data: Dataset, metric:
         raise DataError(f"eval {data.source}: metric 'top1' needs a 'labels' array in the eval file")
     fid = fidelity(ref, out)
     n = len(ref[0]) if ref else 0
+    if metric == "top1" and data.specs and n != data.usable():
+        from compressor.errors import DataError
+
+        raise DataError(f"eval {data.source}: metric 'top1' needs one row of the first output per sample, but the "
+                        f"model's outputs do not all have the samples first, so each of the {n} rows is one call of "
+                        f"{data.batch_size()} samples ({data.usable()} in all); drop 'labels' from the eval file to "
+                        "measure fidelity, or give each sample as one whole input tensor (an array with one axis "
+                        "more than the input, fed one call per sample)")
+    samples = data.usable() if data.specs else n  # rows are calls where outputs are not batch-first
     if metric == "top1":
         base_acc, comp_acc = top1_accuracy(ref[0], data.labels), top1_accuracy(out[0], data.labels)
-        return Evaluation("top1", {"top1": base_acc}, {"top1": comp_acc, **fid}, base_acc - comp_acc, n, data.source)
-    return Evaluation("cosine", {"cosine_mean": 1.0}, fid, 1.0 - fid["cosine_mean"], n, data.source)
+        return Evaluation("top1", {"top1": base_acc}, {"top1": comp_acc, **fid}, base_acc - comp_acc, samples,
+                          data.source)
+    return Evaluation("cosine", {"cosine_mean": 1.0}, fid, 1.0 - fid["cosine_mean"], samples, data.source)
 
 
 def evaluate(baseline: RunFn, compressed: RunFn, data: Dataset, metric: str = "auto",

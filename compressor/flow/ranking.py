@@ -231,19 +231,17 @@ def whole_batches(eval_set: Dataset, count: int) -> int:
 
 
 def per_sample_errors(ref: list[np.ndarray], outputs: list[np.ndarray], eval_set: Dataset) -> np.ndarray:
-    """``1 − cosine`` per eval sample, also for outputs whose first axis is not the sample's.
+    """``1 − cosine`` per eval sample.
 
-    A model with a static batch of 1 may return more rows per call than samples (ddddocr's
-    recogniser returns ``[T, 1, C]``, time first): the rows of one call are then one sample's.
-    Otherwise, when the rows cannot be told apart by sample, every sample gets the same
-    error (the ranking subset is then the first samples), with a warning.
+    Where each call runs one sample (a static batch of 1, such as ddddocr's recogniser with
+    its time-first ``[T, 1, C]`` output), each row is one sample
+    (:func:`~compressor.flow.evaluation.collect_outputs`). Otherwise, when the rows are calls
+    of several samples (outputs that do not all have the samples first), every sample gets
+    the same error (the ranking subset is then the first samples), with a warning.
     """
     samples = eval_set.usable()
     if all(len(o) == samples for o in outputs):
         return sample_errors(ref, outputs, eval_set)
-    if eval_set.batch_size() == 1 and all(len(o) % samples == 0 for o in outputs):
-        return sample_errors([np.asarray(r).reshape(samples, -1) for r in ref],
-                             [np.asarray(o).reshape(samples, -1) for o in outputs], eval_set)
     logger.warning("accuracy control: the outputs' first axes (%s) are not one row per sample (%d samples): "
                    "ranking on the first samples, not the worst", ", ".join(str(len(o)) for o in outputs), samples)
     return np.zeros(samples)

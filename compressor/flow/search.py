@@ -119,6 +119,7 @@ class SearchResult:
     budget_minutes: float | None = None
     ran: int = 0
     not_run: int = 0
+    frozen_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # --freeze: {name: value}
 
 
 def _steps(options: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -285,10 +286,15 @@ def check_budget_minutes(minutes: float | None) -> float | None:
 def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, max_drop: float,
            outdir: str | Path, target: str = "onnx", grid: Mapping[str, Sequence[Any]] | None = None,
            latency_runs: int = 10, executor: Executor | None = None, progress: Progress | None = None,
-           budget_minutes: float | None = None, clock: Callable[[], float] = time.monotonic) -> SearchResult:
+           budget_minutes: float | None = None, clock: Callable[[], float] = time.monotonic,
+           inputs: Sequence[str] = (), freeze: Sequence[str] = ()) -> SearchResult:
     """Run every candidate of ``grid`` and keep the best within ``max_drop`` (module docstring).
 
     Args:
+        inputs, freeze: ``--input NAME=SHAPE`` and ``--freeze NAME=VALUE`` texts, as for
+            :func:`compressor.flow.compress.compress`: the model is captured and frozen once
+            as ``compress`` does it (:func:`~compressor.flow.calib_eval.capture_with_data`),
+            and the best candidate's artifact is written with them.
         executor: Where the prefixes and candidates run (default: in this process).
         progress: Factory of progress bars ``(desc, total, unit)``: one for the prefixes, one
             for the candidates.
@@ -300,11 +306,11 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     Raises:
         UsageError: a bad grid, budget, data or output folder (before any work).
     """
-    from compressor.capture import capture
-    from compressor.data import example_inputs, read_npz
+    from compressor.data import read_npz
     from compressor.flow.artifact import check_destination
+    from compressor.flow.calib_eval import capture_with_data
     from compressor.flow.compress import compress
-    from compressor.inputs import check_tensor_io, model_input_specs
+    from compressor.inputs import parse_freeze, parse_input_overrides
     from compressor.recipe import check_budget
     from compressor.targets import get_target
 
@@ -319,11 +325,10 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     tgt = get_target(target)
     recipes = [r.for_target(tgt) for r in recipes]  # the target's own passes after quantize (qnn-legalize)
     steps = [[(s.name, dict(s.options)) for s in r.passes] for r in recipes]
+    overrides, frozen = parse_input_overrides(inputs), parse_freeze(freeze)
     raw_calib, raw_eval = read_npz(calib, what="calib"), read_npz(eval_data, what="eval")
-    model = capture(Path(model_path), example_inputs=example_inputs(raw_calib, raw_eval)).model  # as compress
-    check_tensor_io(model)
-    specs = model_input_specs(model)
-    calib_set, eval_set = raw_calib.validate(specs), raw_eval.validate(specs)
+    prepared = capture_with_data(model_path, overrides, frozen, raw_calib, raw_eval, {})  # as compress
+    model, calib_set, eval_set = prepared.captured.model, prepared.calib, prepared.eval
     calib_set = calib_set.subset(0, min(len(calib_set), recipes[0].calibration.samples))
     executor = executor or InProcessExecutor()
     progress = progress or no_progress
@@ -385,10 +390,11 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
         logger.warning("search: the budget of %g min was spent: %d of %d candidates not run", budget_minutes, skipped,
                        len(candidates))
     result = SearchResult(base.metric, base_value, max_drop, candidates, best, {}, budget_minutes,
-                          len(candidates) - skipped, skipped)
+                          len(candidates) - skipped, skipped, prepared.frozen_json())
     result.files = write_search_files(result, outdir)
     if best is not None:
-        compress(model_path, recipe=recipes[best.index], outdir=outdir / "best", target=target, calib=calib,
-                 eval_data=eval_data, max_drop=max_drop, latency_runs=max(latency_runs, 1))
+        compress(model_path, recipe=recipes[best.index], outdir=outdir / "best", target=target, inputs=inputs,
+                 freeze=freeze, calib=calib, eval_data=eval_data, max_drop=max_drop,
+                 latency_runs=max(latency_runs, 1))
         result.files["best"] = outdir / "best"
     return result

@@ -61,6 +61,8 @@ def write_search_files(result: SearchResult, outdir: Path) -> dict[str, Path]:
                "budget_minutes": result.budget_minutes, "ran": result.ran, "not_run": result.not_run,
                "best": None if result.best is None else result.best.index,
                "candidates": [c.to_json() for c in result.candidates]}
+    if result.frozen_inputs:
+        summary["frozen_inputs"] = result.frozen_inputs
     return write_staged(outdir, {"search.csv": lambda path: _write_csv(result, path),
                                  "search.json": lambda path: write_json(path, summary),
                                  "search.png": lambda path: _plot(result, path)}, check_search_destination)

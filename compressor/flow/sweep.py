@@ -117,10 +117,13 @@ class SweepResult:
     files: dict[str, Path]
     recovered: list[SweepLevel] = dataclasses.field(default_factory=list)  # --recover: the same levels, recovered
     recovered_knee: SweepLevel | None = None
+    frozen_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # --freeze: {name: value}
 
     def to_json(self) -> dict[str, Any]:
         extra = {"recovered_knee": None if self.recovered_knee is None else self.recovered_knee.level,
                  "recovered": [lv.to_json() for lv in self.recovered]} if self.recovered else {}
+        if self.frozen_inputs:
+            extra["frozen_inputs"] = self.frozen_inputs
         return {**extra,
             "tool": TOOL, "model": self.model, "pass": self.pass_name, "target": self.target, "metric": self.metric,
             "baseline": self.baseline, "baseline_latency_ms": self.baseline_latency_ms, "max_drop": self.max_drop,
@@ -247,15 +250,9 @@ def sweep(
     Raises:
         UsageError: bad levels or options; CompressorError: as :func:`compressor.flow.compress.compress`.
     """
-    from compressor.capture import capture
     from compressor.data import example_inputs, read_npz
-    from compressor.flow.calib_eval import apply_freeze
-    from compressor.inputs import (
-        check_tensor_io,
-        model_input_specs,
-        parse_freeze,
-        parse_input_overrides,
-    )
+    from compressor.flow.calib_eval import capture_with_data
+    from compressor.inputs import parse_freeze, parse_input_overrides
     from compressor.pass_manager import PassManager
     from compressor.pipeline import PassContext, build_pass
     from compressor.recipe import check_budget
@@ -287,15 +284,11 @@ def sweep(
     if recover is not None and raw_train is None and raw_calib is None:
         raise UsageError("sweep --recover fine-tunes each level and needs samples: pass --train X.npz (or at least "
                          "--calib X.npz)")
-    captured = capture(Path(model_path), trust_pickle=trust_pickle, input_overrides=overrides,
-                       example_inputs=example_inputs(raw_calib, raw_eval), imports=imports, model_class=model_class,
-                       model_kwargs=model_kwargs)
-    model = captured.model
-    _, (raw_eval, raw_calib) = apply_freeze(model, frozen, raw_eval, raw_calib)
-    check_tensor_io(model)
-    specs = model_input_specs(model)
-    eval_set = raw_eval.validate(specs)
-    calib_set = raw_calib.validate(specs) if raw_calib is not None else None
+    prepared = capture_with_data(model_path, overrides, frozen, raw_calib, raw_eval,
+                                 {"trust_pickle": trust_pickle, "imports": imports, "model_class": model_class,
+                                  "model_kwargs": model_kwargs})
+    captured, raw_calib, raw_eval = prepared.captured, prepared.raw_calib, prepared.raw_eval
+    model, eval_set, calib_set = captured.model, prepared.eval, prepared.calib
     baseline = clone_model(model)
     ctx = PassContext(target=tgt, calibration=calib_set, properties={"captured"})
     head = [build_pass(name, {}) for name in HEAD]
@@ -350,6 +343,6 @@ def sweep(
                                                "model_class": model_class, "model_kwargs": model_kwargs},
                                          overrides=overrides, example_inputs=example_inputs(raw_calib, raw_eval))
     outcome = SweepResult(str(model_path), pass_name, tgt.name, base_ev.metric, base_value, base_latency, max_drop,
-                          results, _knee(results), {}, recovered, _knee(recovered))
+                          results, _knee(results), {}, recovered, _knee(recovered), prepared.frozen_json())
     outcome.files = _write(outcome, outdir)
     return outcome

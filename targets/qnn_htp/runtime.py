@@ -25,6 +25,9 @@ import onnxruntime as ort
 from compressor.targets.base import Runner
 
 from compressor.errors import CompressorError, UnsupportedByTarget, UsageError
+from compressor.flow.evaluation import (
+    per_output,  # the gap's rows: one per call, as the evaluation's
+)
 
 try:
     import onnxruntime_qnn
@@ -295,17 +298,6 @@ class QnnHtpRunner(Runner):
         if len(self.seen) < GAP_SAMPLES and not any(_same(feed, f) for f, _ in self.seen[-1:]):
             self.seen.append((feed, outs))
         return outs
-
-
-def per_output(calls: list[list[np.ndarray]]) -> list[np.ndarray]:
-    """Per output, one row per call (the call's result flattened), stacked.
-
-    A row per call, not per sample: which axis of an output is the batch cannot be read from
-    its shape (silero-vad's ``stateN`` is ``[2, batch, 128]`` beside ``output`` ``[batch, 1]``;
-    at batch 2 every first axis is 2), and every output must give as many rows for the
-    per-row metrics to line them up. HTP runs static shapes, in practice batch 1.
-    """
-    return [np.stack([np.asarray(call[i]).reshape(-1) for call in calls]) for i in range(len(calls[0]))]
 
 
 def _same(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:

@@ -1,0 +1,124 @@
+"""Fidelity metrics on outputs whose first axes are not all the batch (one row per call)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor.data import Dataset
+from compressor.errors import DataError
+from compressor.flow.evaluation import collect_outputs, compare, fidelity
+from compressor.inputs import InputSpec
+from tests.cliutil import error_line, run
+
+
+def _state_run(flip_short_call: bool):
+    """``x [n, 2] -> (logits [n, 10] all 2, state [2, n, 3] all 1)``, negated on a call of 4 samples if asked."""
+
+    def run(feed):
+        n = len(feed["x"])
+        outs = [np.full((n, 10), 2.0, np.float32), np.ones((2, n, 3), np.float32)]
+        return [-o for o in outs] if flip_short_call and n == 4 else outs
+
+    return run
+
+
+def _data(samples: int, labels: np.ndarray | None = None) -> Dataset:
+    spec = InputSpec("x", ("N", 2), "float32")
+    return Dataset({"x": np.ones((samples, 2), np.float32)}, [spec], {"x": False}, labels, "eval.npz", "0" * 64)
+
+
+def test_fidelity_of_outputs_with_different_first_axes_is_one_row():
+    # logits [2, 1] beside a state [1, 2, 1]: one call's results, one row [3, 0 | 0, 4].
+    ref = [np.array([[3.0], [0.0]]), np.array([[[0.0], [4.0]]])]
+    out = [np.array([[3.0], [0.0]]), np.array([[[0.0], [0.0]]])]
+    fid = fidelity(ref, out)
+    assert fid["cosine_mean"] == pytest.approx(9 / (5 * 3)) and fid["cosine_min"] == pytest.approx(0.6)
+    assert fid["sqnr_db"] == pytest.approx(10 * math.log10(25 / 16))
+    assert fid["max_abs_diff"] == 4.0 and fid["top1_agreement"] == 1.0
+
+
+def test_collect_outputs_gives_one_row_per_call_when_a_state_is_not_batch_first():
+    """20 samples in calls of 16 and 4 (the default batch on a dynamic axis): ``state [2, n, 3]``
+    is not batch-first, so every output gives one row per call, the short call zero-padded."""
+    data = _data(20)
+    ref = collect_outputs(_state_run(False), data)
+    out = collect_outputs(_state_run(True), data)
+    assert [a.shape for a in ref] == [(2, 160), (2, 96)]
+    assert not ref[0][1, 40:].any() and not ref[1][1, 24:].any()  # the call of 4: 40 and 24 values
+    fid = fidelity(ref, out)
+    # Call 1 equal (cosine 1), call 2 negated (cosine -1). |call 1|^2 = 160*4 + 96 = 736,
+    # |call 2|^2 = 40*4 + 24 = 184; noise = |2 * call 2|^2 = 736.
+    assert fid["cosine_mean"] == pytest.approx(0.0) and fid["cosine_min"] == pytest.approx(-1.0)
+    assert fid["sqnr_db"] == pytest.approx(10 * math.log10((736 + 184) / 736))
+    assert fid["max_abs_diff"] == 4.0
+    ev = compare(ref, out, data, "cosine")
+    assert ev.drop == pytest.approx(1.0) and ev.samples == 20
+
+
+def test_top1_refused_when_rows_are_calls_of_several_samples():
+    data = _data(20, labels=np.zeros(20, np.int64))
+    ref = collect_outputs(_state_run(False), data)
+    with pytest.raises(DataError) as err:
+        compare(ref, ref, data, "auto")
+    assert str(err.value) == (
+        "eval eval.npz: metric 'top1' needs one row of the first output per sample, but the model's outputs do not "
+        "all have the samples first, so each of the 2 rows is one call of 16 samples (20 in all); drop 'labels' "
+        "from the eval file to measure fidelity, or give each sample as one whole input tensor (an array with one "
+        "axis more than the input, fed one call per sample)")
+
+
+def test_batch_first_outputs_keep_one_row_per_sample():
+    data = _data(20)
+    ref = collect_outputs(lambda feed: [np.ones((len(feed["x"]), 10)), np.ones((len(feed["x"]), 2, 3))], data)
+    assert [a.shape for a in ref] == [(20, 10), (20, 2, 3)]
+
+
+def _recurrent_state_model(path) -> None:
+    """``logits = x @ w1`` ``[N, 10]`` and ``state = transpose(reshape(x @ w2, [N, 2, 128]))`` ``[2, N, 128]``."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 256)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([-1, 2, 128], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["logits"], name="fc1"),
+             helper.make_node("MatMul", ["x", "w2"], ["h"], name="fc2"),
+             helper.make_node("Reshape", ["h", "shape"], ["h3"]),
+             helper.make_node("Transpose", ["h3"], ["state"], perm=[1, 0, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
+                               helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 128])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+@pytest.mark.parametrize("samples", [20, 32])  # 20: a short last call (was exit 2), 32: two full calls (was exit 1)
+def test_compress_a_model_with_a_state_that_is_not_batch_first(samples, tmp_path, capsys):
+    _recurrent_state_model(tmp_path / "rnn.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 8)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((samples, 8)).astype(np.float32))
+    code, _, err = run([tmp_path / "rnn.onnx", "--target", "onnx", "--recipe", "int8", "--calib",
+                        tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["gate"]["passed"] and manifest["evaluation"]["samples"] == samples
+
+
+def test_compress_refuses_top1_on_rows_of_calls_before_the_passes(tmp_path, capsys):
+    _recurrent_state_model(tmp_path / "rnn.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 8)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((20, 8)).astype(np.float32), labels=np.zeros(20, np.int64))
+    code, _, err = run([tmp_path / "rnn.onnx", "--target", "onnx", "--recipe", "int8", "--calib",
+                        tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "-o", tmp_path / "out"], capsys)
+    assert code == 2, err
+    assert error_line(err) == (
+        f"error: eval {tmp_path / 'eval.npz'}: metric 'top1' needs one row of the first output per sample, but the "
+        "model's outputs do not all have the samples first, so each of the 2 rows is one call of 16 samples (20 in "
+        "all); drop 'labels' from the eval file to measure fidelity, or give each sample as one whole input tensor "
+        "(an array with one axis more than the input, fed one call per sample)")
+    assert "running quantize" not in err and not (tmp_path / "out").exists()
