@@ -54,6 +54,8 @@ class QnnLegalizeOptions:
         roots: Width of square roots and the powers they read (``qnn-quantize-tensors``'s).
         carried_states: Width of a state carried from one call to the next (``qnn-quantize-tensors``'s).
         norms: Width of a normalization and the residual sum it reads (``qnn-quantize-tensors``'s).
+        attention: Width of every node but the compute layers in a model with attention
+            blocks (``qnn-quantize-tensors``'s).
         weights: How a MatMul/Gemm weight ``quantize`` left float (an unrolled LSTM's) is
             stored, as ``quantize``'s option of that name (``qnn-quantize-tensors``' case 4).
     """
@@ -66,6 +68,7 @@ class QnnLegalizeOptions:
     roots: Literal["int16", "int8"] = "int16"
     carried_states: Literal["int16", "int8"] = "int16"
     norms: Literal["int16", "int8"] = "int16"
+    attention: Literal["int16", "int8"] = "int16"
     weights: Literal["int8-per-channel", "int8-per-tensor"] = "int8-per-channel"
 
     def __post_init__(self) -> None:
@@ -90,7 +93,7 @@ class QnnLegalize(Pass):
         return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(),
                 UnrollLstm(UnrollLstmOptions(opts.lstm_gates, opts.lstm_cell)),
                 QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator, opts.weights, opts.roots,
-                                                       opts.carried_states, opts.norms))]
+                                                       opts.carried_states, opts.norms, opts.attention))]
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         modified, stats = False, {}

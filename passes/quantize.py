@@ -34,7 +34,9 @@ For each compute layer the target quantizes (see :mod:`._placement`):
    attention-context]``, ``smoothquant: {alpha: 0.9}`` (with 8-bit activations; none with
    ``activations: int16``, where it only costs the weights), and residual joins float unless
    they are a convolution's (``eltwise``). On a target with no float path
-   (``Capabilities.fallback == "int16"``) those roles get 16-bit activations instead.
+   (``Capabilities.fallback == "int16"``) those roles get 16-bit activations instead, and
+   at 8-bit activations the scores ``Q·Kᵀ`` too (``qnn-htp``: with ``qnn-legalize``'s
+   attention rule, everything but the weight MatMuls' inputs runs at 16 bits there).
    A model without attention (a CNN) is quantized exactly as with ``attention: off``.
 
 7. a layer whose inputs are all activations (``Q·Kᵀ``) uses the target's
@@ -258,8 +260,11 @@ class Quantize(Pass):
         float_acts = float_activation_layers(graph, opts.float_activations)  # case 5
         wide: set[str] = set()
         if "float_activations" in preset and caps.fallback == "int16":
-            # No float path on the target: the preset's roles get 16-bit activations instead.
+            # No float path on the target: the preset's roles get 16-bit activations instead,
+            # and at 8-bit activations the attention scores Q·Kᵀ too (the softmax's input).
             wide, float_acts = set(float_acts), {}
+            if opts.activations == "int8":
+                wide |= set(float_activation_layers(graph, ("attention-scores",)))
         full = [la for la in layers if la.name not in float_acts]
         layer_nodes = {id(la.node) for la in full}
         outputs = [v.name for la in full if (v := output_tensor(la, layer_nodes)) is not None]  # case 8

@@ -7,7 +7,8 @@ measured on few sentences (``--eval``, default 16); the same QDQ model is also r
 Runtime CPU on more sentences (``--sim-eval``, default 64) for pooled-embedding fidelity.
 
 Rows:
-    w8a8         recipe w8a8-npu: uint8 activations everywhere
+    w8a8         recipe w8a8-npu: uint8 activations, but MiniLM's tensors between its weight
+                 MatMuls and its scores at 16 bits (qnn-legalize's attention rule)
     w8a16        recipe w8a16-npu: uint16 activations everywhere
     mixed        uint8 inputs to the weight MatMuls (the FLOPs), uint16 for every other
                  tensor (attention scores and probabilities, LayerNorm, GELU, residual

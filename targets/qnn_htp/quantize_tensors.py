@@ -26,6 +26,12 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
       elementwise and data-movement ops only; the input is encoded at 16 bits too), or
    f. it is a normalization (``LayerNormalization``) or the residual ``Add`` it reads: all
       three in :mod:`.widen`, with why and what they cost at 8 bits;
+   g. the model has attention blocks (:mod:`compressor.passes._attention`, found on the
+      float model): every node but the compute layers (the bias and residual adds, GELU,
+      the score scaling and mask, Softmax, LayerNorm, the head reshapes) runs at 16 bits,
+      so at W8A8 only the inputs of the weight MatMuls (the FLOPs) are 8-bit. MiniLM on
+      HTP: 8-bit glue cost 0.14 of token cosine (docs/design.md, "MiniLM on HTP");
+      option ``attention: int8`` turns it off;
    else at 8. An input of another width is requantized (``DQ_a -> Q_b -> DQ_b`` over the
    same real range, which QNN runs as a Convert);
 3. biases of Conv/ConvTranspose/Gemm (and LayerNormalization's beta) become int32:
@@ -76,6 +82,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._graph import label
 from compressor.passes._layers import output_channel_axis
+from compressor.passes._transformer_preset import attention_blocks
 from compressor.targets.base import on_cpu
 from compressor.targets.qnn_htp.qdq_graph import (
     QDQ_OPS,
@@ -125,6 +132,8 @@ class QuantizeTensorsOptions:
         roots: Width of square roots and the powers they read (case 2d; ``int8``: the recipe's).
         carried_states: Width of a state carried between calls (case 2e; ``int8``: the recipe's).
         norms: Width of a normalization and the residual sum it reads (case 2f; ``int8``: the recipe's).
+        attention: Width of every node but the compute layers in a model with attention
+            blocks (case 2g; ``int8``: the recipe's).
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -133,6 +142,7 @@ class QuantizeTensorsOptions:
     roots: Literal["int16", "int8"] = "int16"
     carried_states: Literal["int16", "int8"] = "int16"
     norms: Literal["int16", "int8"] = "int16"
+    attention: Literal["int16", "int8"] = "int16"
 
 
 def _channels_last(bias: np.ndarray, channels: int) -> np.ndarray:
@@ -184,6 +194,8 @@ class _Legalizer:
         self.wide_nodes = ({id(n) for chains in (self.roots, self.norms) for chain in chains.values() for n in chain}
                            | {i for ids in self.carried.values() for i in ids})
         self.wide_inputs = {id(x) for x, _ in self.carried}
+        # case 2g: decided by run() on the float model (the finder reads through no Q/DQ)
+        self.attention_glue = False
 
     def spec(self, bits: int) -> QuantSpec:
         dtype = self.rules.activation.dtype
@@ -326,7 +338,8 @@ class _Legalizer:
             wide = any(dtype_of(q).endswith("16") for out in node.outputs for q, _ in activation_q_readers(out))
             marked = node.metadata_props.get(ACTIVATION_BITS) == "16"
             self.counts["nodes_marked_16bit"] += marked
-            bits = 16 if self.default_bits == 16 or wide or marked or id(node) in self.wide_nodes else 8
+            bits = 16 if (self.default_bits == 16 or wide or marked or id(node) in self.wide_nodes
+                          or self.attention_glue) else 8
         first_input: Encoding | None = None
         params = self.rules.float_params.get(node.op_type, frozenset())
         for index, value in enumerate(node.inputs):
@@ -365,7 +378,8 @@ class _Legalizer:
         outputs = {id(v) for v in self.graph.outputs}
         for out in node.outputs:
             if is_float(out) and (id(out) in outputs or any(not on_cpu(user) for user, _ in out.uses())):
-                wide = self.default_bits == 16 or any(dtype_of(q).endswith("16") for q, _ in activation_q_readers(out))
+                wide = (self.default_bits == 16 or id(node) in self.wide_nodes or self.attention_glue
+                        or any(dtype_of(q).endswith("16") for q, _ in activation_q_readers(out)))
                 self.encode_output(out, node, 16 if wide else 8, None)
 
     def floor(self, node: ir.Node, value: ir.Value, enc: Encoding) -> None:
@@ -415,12 +429,17 @@ class QuantizeTensors(Pass):
         cache = {point.tensor: stats for point, stats in found.items()}
         squares = squares_as_mul(model.graph)
         run = _Legalizer(model.graph, rules, cache, opts, quantizable)
+        blocks = attention_blocks(float_model.graph) if opts.attention == "int16" and opts.activations == "int8" else 0
+        run.attention_glue = blocks > 0
         for value in list(model.graph.inputs):
             if is_float(value) and value.const_value is None and not _front_end_only(value, model.graph):
                 run.graph_input(value)
         for node in list(model.graph):
             if node.op_type not in QDQ_OPS and node.domain in ("", "ai.onnx"):
-                run.front_end(node) if on_cpu(node) else run.node(node)
+                if on_cpu(node):
+                    run.front_end(node)
+                else:
+                    run.node(node)
         run.writer.flush()
         _front_end_reads_float(model.graph)
         carried = describe(run.carried, model.graph)  # before outputs are renamed and the model converted
@@ -435,5 +454,6 @@ class QuantizeTensors(Pass):
                           {**run.counts, "squares_as_mul": squares, "roots_16bit": {root: [label(n) for n in chain]
                                                           for root, chain in sorted(run.roots.items())},
                            "carried_states_16bit": carried, "norms_16bit": len(run.norms),
+                           "attention_blocks_16bit_glue": blocks,
                            "kept_float": dict(sorted(run.kept.items())),
                            "rounded_to_floor": dict(sorted(run.floored.items()))})

@@ -2,9 +2,9 @@
 
 The graph is one attention block with a residual sum and a LayerNormalization, as a
 transformer layer has them: on a target without a float path the transformer preset gives
-the key projection and ``probs · V`` 16-bit activations (``quantize``), and ``qnn-legalize``
+the key projection, the scores ``Q·Kᵀ`` and ``probs · V`` 16-bit activations (``quantize``), and ``qnn-legalize``
 runs the residual ``Add`` and the LayerNormalization at 16 bits (its norms rule). Promoting
-the preset's two layers writes the pairs they read: the model stays what it was, so they
+the preset's three layers writes the pairs they read: the model stays what it was, so they
 are neither ranked nor tried. A layer next to a 16-bit tensor of the rule (``o_proj``
 writes the residual sum's input, ``head`` reads the normalization's output) still reads its
 own 8-bit pair, and promoting it does change the model.
@@ -39,7 +39,7 @@ from tests.ortutil import model_from_text
 HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 S, D = 6, 16
 LAYERS = ["q_proj", "k_proj", "v_proj", "scores", "context", "o_proj", "head"]
-PRESET_16 = ["k_proj", "context"]
+PRESET_16 = ["k_proj", "scores", "context"]
 
 
 def block() -> ir.Model:
@@ -101,7 +101,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def test_the_layers_a_promotion_leaves_as_they_are_are_the_preset_s(files):
     """By the record (``already_wide``) and by effect (the model after ``qnn-legalize``,
-    compared by :func:`model_digest`), layer by layer: the same two layers."""
+    compared by :func:`model_digest`), layer by layer: the same three layers."""
     model = block()
     ctx = PassContext(target=SimulatedHtp(), calibration=load_npz(files["calib"], model_input_specs(model)))
     model = build_pass("fold-constants", None).run(model, ctx).model  # with the shapes quantize reads
@@ -151,7 +151,7 @@ def _run(files, out: Path) -> dict:
 
 @pytest.mark.parametrize("kind", ["simulated", "qnn-htp"])
 def test_accuracy_control_never_tries_a_layer_already_at_16_bits(files, tmp_path, monkeypatch, kind):
-    """A zero budget makes accuracy control try every layer it may: the preset's two are not
+    """A zero budget makes accuracy control try every layer it may: the preset's three are not
     ranked, not lowered, not evaluated, and the run ends as one that tries them (each such
     try measures the drop it started from and is undone) does."""
     target_class = _target(kind, monkeypatch)
@@ -159,7 +159,7 @@ def test_accuracy_control_never_tries_a_layer_already_at_16_bits(files, tmp_path
     manifest = _run(files, tmp_path / "skip")
     control = manifest["accuracy_control"]
     assert control["action"] == "int16"
-    assert control["skipped_already_16bit"] == 2
+    assert control["skipped_already_16bit"] == len(PRESET_16)
     assert sorted(control["skipped_already_16bit_layers"]) == sorted(PRESET_16)
     tried = [s["layer"] for s in control["steps"][1:]]
     assert sorted(tried) == sorted(set(LAYERS) - set(PRESET_16)), "every other layer is tried once"

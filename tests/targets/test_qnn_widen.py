@@ -245,3 +245,40 @@ def test_a_normalization_and_the_residual_sum_it_reads_run_at_16_bits(tmp_path):
         out = np.stack([session.run(None, f)[0] for f in feeds])
         sqnr[key] = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2))
     assert sqnr["16"] >= sqnr["8"] + 6.0, sqnr
+
+
+def _first_pair(value: ir.Value) -> str:
+    """The zero point dtype of the first Q/DQ pair ``value`` is read through (its DQ's, or a Q reading it)."""
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return producer.inputs[2].const_value.numpy().dtype.name
+    return _encoding(value)
+
+
+def test_attention_glue_runs_at_16_bits_and_the_weight_matmuls_read_8(tmp_path):
+    """Case 2g: in a model with attention blocks at W8A8, every node but the compute layers
+    (the score scaling, Softmax, the residual Add, LayerNorm) runs at 16
+    bits, the scores Q·Kᵀ too (quantize's preset on a target without a float path); the
+    weight MatMuls Q, V, O and the head read 8-bit pairs. ``{attention: int8}`` turns the
+    glue back to 8 bits (the norms rule keeps the residual and LayerNorm at 16, and the
+    softmax is read by the 16-bit ``probs · V``)."""
+    from tests.targets.test_qnn_htp_accuracy_control import D, S, block
+
+    data = {"x": np.random.default_rng(3).standard_normal((16, 1, S, D)).astype(np.float32)}
+    typed = build_pass("fold-constants", None).run(block(), PassContext()).model  # the value types quantize reads
+    for options, glue in ((None, "uint16"), ({"attention": "int8"}, "uint8")):
+        legal = _legalize(ir.from_proto(ir.to_proto(typed)), data, tmp_path, **(options or {}))
+        nodes = {n.name: n for n in legal.graph if n.name}
+        outputs = {n.outputs[0].name: n for n in legal.graph}
+        assert _encoding(outputs["ss"].outputs[0]) == glue, options
+        assert _encoding(outputs["p"].outputs[0]) == "uint16"  # read by probs·V, a 16-bit layer (case 2b)
+        assert {_encoding(nodes[n].outputs[0]) for n in ("residual", "norm")} == {"uint16"}
+        for layer in ("q_proj", "v_proj", "o_proj", "head"):
+            assert _first_pair(nodes[layer].inputs[0]) == "uint8", (layer, options)
+        assert {_first_pair(v) for v in nodes["scores"].inputs} == {"uint16"}, options
+
+
+def test_a_model_without_attention_keeps_its_glue_at_8_bits(tmp_path):
+    legal = _legalize(_one_input("Add"), {"x": np.random.default_rng(4).standard_normal((16, 1, 4, 8, 8))
+                                          .astype(np.float32)}, tmp_path)
+    assert _encoding(next(n for n in legal.graph if n.name == "join").outputs[0]) == "uint8"
