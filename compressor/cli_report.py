@@ -92,8 +92,9 @@ def summary(manifest: dict[str, Any]) -> str:
           if (pf := manifest.get("precision_fallback")) else []),
         *([("cpu front end", f"{fe['nodes']} node(s) in float on the CPU ({fe['file']}), the rest on the device")]
           if (fe := (manifest.get("qnn_htp") or {}).get("cpu_front_end")) else []),
-        *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4])}"
-                          + (f"; {n} already 16-bit, not tried" if (n := ac.get("skipped_already_16bit")) else ""))]
+        *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4]) or 'none'}"
+                          + (f"; {n} not tried (promoting them changes nothing)"
+                             if (n := ac.get("skipped_already_16bit")) else ""))]
           if (ac := manifest.get("accuracy_control")) else []),
         *[("quantized", f"nothing was quantized: {r['stats']['nothing_quantized']}")
           for r in manifest["passes"] if r["stats"].get("nothing_quantized")],

@@ -117,3 +117,25 @@ def test_no_screen_when_there_are_no_more_layers_than_confirmed():
     ranking, calls = _staged(full, {"": 0.0, "a": 0.0, "b": 0.0}, confirm=2)
     assert [r["layer"] for r in ranking] == ["a", "b"] and {stage for stage, _ in calls} == {"all"}
     assert ranking_tasks(2, 2) == 3
+
+
+def test_a_try_that_changes_nothing_is_skipped_and_costs_no_step():
+    """``unchanged`` says giving back "a" leaves the model as it is (a 16-bit promotion of a layer
+    already at 16 bits): "a" is neither built nor evaluated, its reason is recorded, and with
+    one step allowed "b", ranked after it, is still tried."""
+    drops = {frozenset(): 0.30, frozenset({"b"}): 0.05}
+    built: list[frozenset[str]] = []
+
+    def build(given: frozenset[str]):
+        built.append(given)
+        return given
+
+    result = control_accuracy(
+        layers=["a", "b"], build=build, evaluate=lambda given: _evaluation(drops[given]),
+        first=_evaluation(0.30), budget=0.1, max_steps=1,
+        ranking=[{"layer": "a", "sensitivity": 0.3}, {"layer": "b", "sensitivity": 0.2}],
+        unchanged=lambda candidate, current: candidate - current == {"a"})
+    assert built == [frozenset({"b"})]
+    assert result.skipped == {"a": "promoting it leaves the model already evaluated as it is"}
+    assert result.steps == [{"layer": None, "drop": 0.30, "kept": True}, {"layer": "b", "drop": 0.05, "kept": True}]
+    assert result.given_back == ["b"] and result.met

@@ -200,8 +200,9 @@ def test_torchscript_takes_the_frozen_value_as_its_example_input(column, tmp_pat
     torch.manual_seed(0)
     net = _Gated().eval()
     torch.jit.script(net).save(str(tmp_path / "gated.pt"))
+    rng = np.random.default_rng(11)  # its own: the module's RNG depends on which tests ran before
     for split, n in (("calib", 16), ("eval", 8)):
-        arrays = {"x": RNG.standard_normal((n, 4)).astype(np.float32)}
+        arrays = {"x": rng.standard_normal((n, 4)).astype(np.float32)}
         if column:
             arrays["flag"] = np.ones(n, np.int64)
         np.savez(tmp_path / f"{split}.npz", **arrays)
@@ -216,8 +217,9 @@ def test_torchscript_takes_the_frozen_value_as_its_example_input(column, tmp_pat
     assert "example input of flag: its --freeze value 1 (int64), a constant of the model" in manifest["model"]["notes"]
     artifact = onnx.load(out / "model.onnx")
     assert [i.name for i in artifact.graph.input] == ["x"] and "If" not in {n.op_type for n in artifact.graph.node}
-    # The flag=1 branch, at int8 fidelity (SQNR above 20 dB; the other branch is -fc(x), at -6 dB).
-    x = RNG.standard_normal((5, 4)).astype(np.float32)
+    # The flag=1 branch, at int8 fidelity (SQNR above 20 dB; the other branch is -fc(x), at -6 dB),
+    # on eval samples (inside the calibrated range, as the gate measures).
+    x = np.load(tmp_path / "eval.npz")["x"][:5]
     got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     with torch.no_grad():
         want = net(torch.from_numpy(x), torch.tensor(1)).numpy()
@@ -273,3 +275,33 @@ def test_a_value_the_input_cannot_hold_is_refused(tmp_path, dtype, values, why):
     with pytest.raises(DataError) as err:
         freeze_inputs(load_onnx(_vector_model(tmp_path, dtype)), {"v": values})
     assert str(err.value).endswith(f"the input 'v' {why}")
+
+
+class _PerSample(torch.nn.Module):
+    """``fc(x) * m[:, None]``: ``m`` is indexed per sample, so a scalar example cannot export it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * m[:, None]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+def test_torchscript_falls_back_to_the_frozen_column_s_rows(tmp_path, capsys):
+    """With the frozen scalar as example the exporter fails on ``m[:, None]``; the data's
+    column is tried next, as capture did before the frozen value was an example at all."""
+    torch.manual_seed(0)
+    torch.jit.script(_PerSample().eval()).save(str(tmp_path / "per_sample.pt"))
+    for split, n in (("calib", 16), ("eval", 8)):
+        np.savez(tmp_path / f"{split}.npz", x=np.random.default_rng(12).standard_normal((n, 4)).astype(np.float32),
+                 m=np.ones(n, np.float32))
+    out = tmp_path / "out"
+    code, err, _ = _run([tmp_path / "per_sample.pt", "--recipe", "int8", "--freeze", "m=1", "--calib",
+                         tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "-o", out, "--latency-runs", "1",
+                         "-q"], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frozen_inputs"] == {"m": [1.0]} or manifest["frozen_inputs"] == {"m": 1.0}
+    assert not any("its --freeze value" in note for note in manifest["model"]["notes"])

@@ -173,27 +173,35 @@ def _capture_torchscript(path: Path, overrides: Overrides, data: Mapping[str, np
             raise CaptureError(f"{path}: not a readable TorchScript archive ({_summary(err)}); "
                                "check the file is complete and was written by torch.jit.save") from None
     arguments = module.eval().forward.schema.arguments[1:]  # [0] is self
-    example, dynamic, from_data = _example_inputs(
-        path, "TorchScript module", [a.name for a in arguments],
-        [a.name for a in arguments if not a.has_default_value()], overrides, data, _float_dtype(module), frozen)
-    buffer = io.BytesIO()
-    with _quiet():
-        try:
-            torch.onnx.export(module, tuple(example.values()), buffer, dynamo=False, verbose=False,
-                              input_names=list(example), opset_version=TORCHSCRIPT_OPSET, do_constant_folding=True,
-                              dynamic_axes={n: {a: f"{n}_dim{a}" for a in axes} for n, axes in dynamic.items() if axes})
-            model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
-        except Exception as err:
-            logger.debug("TorchScript export failed", exc_info=True)
-            raise CaptureError(f"{path}: the TorchScript exporter failed ({_summary(err)}); "
-                               f"check the input shapes match the module, or {_SAVE_PT2}"
-                               f"{_data_hint(example, from_data)}") from None
-        _optimize(model)
+    failure: CaptureError | None = None
+    for frozen_rows in _frozen_choices(frozen, data):
+        example, dynamic, from_data = _example_inputs(
+            path, "TorchScript module", [a.name for a in arguments],
+            [a.name for a in arguments if not a.has_default_value()], overrides, data, _float_dtype(module), frozen,
+            frozen_rows)
+        buffer = io.BytesIO()
+        with _quiet():
+            try:
+                torch.onnx.export(module, tuple(example.values()), buffer, dynamo=False, verbose=False,
+                                  input_names=list(example), opset_version=TORCHSCRIPT_OPSET, do_constant_folding=True,
+                                  dynamic_axes={n: {a: f"{n}_dim{a}" for a in axes}
+                                                for n, axes in dynamic.items() if axes})
+                model = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
+            except Exception as err:
+                logger.debug("TorchScript export failed", exc_info=True)
+                failure = failure or CaptureError(
+                    f"{path}: the TorchScript exporter failed ({_summary(err)}); check the input shapes match the "
+                    f"module, or {_SAVE_PT2}{_data_hint(example, from_data)}")
+                continue
+            _optimize(model)
+            break
+    else:
+        raise failure
     _name_outputs(model)
     return Captured(model, "torchscript", [
         "TorchScript exported with torch.onnx's TorchScript-based exporter (dynamo=False; the torch.export-based "
         f"exporter refuses ScriptModules), opset {TORCHSCRIPT_OPSET}", _OPTIMIZED,
-        *_data_notes(example, from_data, _from_freeze(example, overrides, frozen))])
+        *_data_notes(example, from_data, _from_freeze(example, overrides, frozen, from_data))])
 
 
 def _capture_saved(path: Path, overrides: Overrides, data: Mapping[str, np.ndarray] | None, trust_pickle: bool,
@@ -222,21 +230,26 @@ def _export_module(path: Path, module: Any, what: str, source_format: str, overr
     module = module.eval()
     params = [p for p in inspect.signature(module.forward).parameters.values()
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)]
-    example, dynamic, from_data = _example_inputs(path, what, [p.name for p in params],
-                                                  [p.name for p in params if p.default is p.empty], overrides, data,
-                                                  _float_dtype(module), frozen)
-    hint = {n: torch.export.Dim.AUTO if n in from_data else torch.export.Dim.DYNAMIC for n in example}
-    dynamic_shapes = {n: ({a: hint[n] for a in dynamic[n]} or None) for n in example}
-    try:
-        model = _export(path, module, kwargs=example, dynamic_shapes=dynamic_shapes)
-    except CaptureError as err:
-        raise CaptureError(f"{err}{_data_hint(example, from_data)}") from None
+    failure: CaptureError | None = None
+    for frozen_rows in _frozen_choices(frozen, data):
+        example, dynamic, from_data = _example_inputs(path, what, [p.name for p in params],
+                                                      [p.name for p in params if p.default is p.empty], overrides,
+                                                      data, _float_dtype(module), frozen, frozen_rows)
+        hint = {n: torch.export.Dim.AUTO if n in from_data else torch.export.Dim.DYNAMIC for n in example}
+        dynamic_shapes = {n: ({a: hint[n] for a in dynamic[n]} or None) for n in example}
+        try:
+            model = _export(path, module, kwargs=example, dynamic_shapes=dynamic_shapes)
+            break
+        except CaptureError as err:
+            failure = failure or CaptureError(f"{err}{_data_hint(example, from_data)}")
+    else:
+        raise failure
     for value in model.graph.inputs:
         if value.name in from_data and value.shape is not None and isinstance(value.shape[0], int):
             logger.warning("%s: the model fixes the first axis of %r to %d (torch.export specialised it); pass "
                            "--input %s=... to choose its size", path, value.name, value.shape[0], value.name)
-    return Captured(model, source_format, [*notes, _OPTIMIZED,
-                                           *_data_notes(example, from_data, _from_freeze(example, overrides, frozen))])
+    frozen_examples = _from_freeze(example, overrides, frozen, from_data)
+    return Captured(model, source_format, [*notes, _OPTIMIZED, *_data_notes(example, from_data, frozen_examples)])
 
 
 def _data_shapes(example: Mapping[str, Any], from_data: set[str]) -> str:
@@ -244,9 +257,10 @@ def _data_shapes(example: Mapping[str, Any], from_data: set[str]) -> str:
                      for n in example if n in from_data)
 
 
-def _from_freeze(example: Mapping[str, Any], overrides: Overrides, frozen: Mapping[str, Any] | None) -> set[str]:
+def _from_freeze(example: Mapping[str, Any], overrides: Overrides, frozen: Mapping[str, Any] | None,
+                 from_data: set[str]) -> set[str]:
     """The arguments whose example is their ``--freeze`` value (:func:`_example_inputs`)."""
-    return {n for n in example if n in (frozen or {}) and n not in overrides}
+    return {n for n in example if n in (frozen or {}) and n not in overrides and n not in from_data}
 
 
 def _data_notes(example: Mapping[str, Any], from_data: set[str], from_freeze: set[str] = frozenset()) -> list[str]:
@@ -266,14 +280,21 @@ def _data_hint(example: Mapping[str, Any], from_data: set[str]) -> str:
             "axis taken as the batch axis: if the model takes them otherwise, pass --input NAME=SHAPE")
 
 
+def _frozen_choices(frozen: Mapping[str, Any] | None, data: Mapping[str, np.ndarray] | None) -> list[bool]:
+    """Whether a frozen argument's example is its data rows, in the order the export tries them:
+    the frozen value first (a module that branches on the flag exports only so), then, when the
+    data holds a frozen column, its rows (a module that indexes the argument per sample)."""
+    return [False, True] if frozen and data and any(n in data for n in frozen) else [False]
+
+
 def _example_inputs(path: Path, what: str, names: Sequence[str], required: Sequence[str], overrides: Overrides,
                     data: Mapping[str, np.ndarray] | None, float_dtype: Any,
-                    frozen: Mapping[str, Sequence[float]] | None = None
+                    frozen: Mapping[str, Sequence[float]] | None = None, frozen_rows: bool = False
                     ) -> tuple[dict[str, Any], dict[str, list[int]], set[str]]:
     """Example tensors (forward order), their dynamic axes, and which came from the data.
 
-    An argument's ``--input`` wins; then its ``--freeze`` value (module docstring); otherwise
-    its first rows of ``data``.
+    An argument's ``--input`` wins; then its ``--freeze`` value (module docstring), or with
+    ``frozen_rows`` its data rows where the data has them; otherwise its first rows of ``data``.
     """
     import torch
 
@@ -300,7 +321,7 @@ def _example_inputs(path: Path, what: str, names: Sequence[str], required: Seque
                            f"pass --input NAME=SHAPE or data for each of {listed}")
     generator, example, dynamic, from_data = torch.Generator().manual_seed(0), {}, {}, set()
     for name in given:
-        if name not in overrides and name in frozen:
+        if name not in overrides and name in frozen and not (frozen_rows and name in data):
             example[name], dynamic[name] = _frozen_example(frozen[name], data.get(name), float_dtype), []
             continue
         if name not in overrides:

@@ -14,8 +14,8 @@ on targets with no float path), never by running the passes again.
    quantized: giving it back bought nothing). Every try (layer, drop, kept) is recorded.
 3. Skip what changes nothing (``fallback: int16``, where a layer is promoted to 16-bit
    activations): a layer whose activations ``quantize`` already put at 16 bits
-   (:func:`~compressor.quant.revert.already_wide`: the transformer preset's keys and
-   ``probs · V`` on ``qnn-htp``) is neither ranked nor tried; and before a try is lowered
+   (:func:`~compressor.quant.revert.already_wide`: the transformer preset's keys, scores
+   ``Q·Kᵀ`` and ``probs · V`` on ``qnn-htp``) is neither ranked nor tried; and before a try is lowered
    and evaluated, the candidate (after the passes that follow ``quantize``) is compared
    with the model already evaluated by :func:`~compressor.model_digest.model_digest`:
    equal, the try is skipped. Skipped layers are recorded (``skipped_already_16bit``) and

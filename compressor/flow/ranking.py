@@ -247,6 +247,12 @@ def per_sample_errors(ref: list[np.ndarray], outputs: list[np.ndarray], eval_set
     return np.zeros(samples)
 
 
+#: Bumped when what a ranking measures changes within one compressor version, so a cached
+#: ranking from before is not reused: 2, rows per call for outputs that are not batch-first
+#: and qnn-legalize's attention rule (2026-11-30).
+RANKING_FORMAT = 2
+
+
 def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, calib: Dataset | None,
                    eval_set: Dataset, version: str) -> dict[str, Any]:
     """What the ranking depends on (:mod:`compressor.flow.ranking_cache`): not the budget.
@@ -264,7 +270,7 @@ def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, cali
                             if k not in ("max_drop", "max_fallback")}
     return {"model": hashlib.sha256(model_bytes(baseline)).hexdigest(), "recipe": resolved,
             "calibration": None if calib is None else calib.sha256, "eval": eval_set.sha256,
-            "target": tgt.describe(), "compressor": version}
+            "target": tgt.describe(), "compressor": version, "format": RANKING_FORMAT}
 
 
 def run_ranking(shared: Mapping[str, Any], accuracy: Any, errors: np.ndarray, eval_set: Dataset,
