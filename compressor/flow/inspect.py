@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.capture import capture
+from compressor.errors import UsageError
 from compressor.inputs import InputSpec, model_input_specs
 from compressor.model_io import clone_model, default_opset
 from compressor.pipeline import PassContext, available_passes
@@ -66,6 +67,8 @@ def _would_change(model: ir.Model) -> dict[str, dict[str, Any]]:
             result = p.run(copy, ctx)
             detail = ", ".join(f"{k}={v}" for k, v in result.stats.items() if not isinstance(v, (dict, list)))
             out[name] = {"would_change": "yes" if result.modified else "no", "detail": detail}
+        except UsageError as err:  # the pass does not apply to this model (qnn-cpu-front-end without a Log)
+            out[name] = {"would_change": "no", "detail": f"not applicable: {err}"[:200]}
         except Exception as err:
             out[name] = {"would_change": "?", "detail": f"{type(err).__name__}: {err}"[:200]}
     return out

@@ -235,13 +235,14 @@ def test_preset_keeps_the_transformer_residual_float_and_the_conv_join_int8(tmp_
 
 
 def test_preset_widens_the_roles_on_a_target_without_a_float_path(tmp_path):
-    """qnn-htp has no float path (``fallback: int16``): keys and probs · V get 16-bit activations."""
+    """qnn-htp has no float path (``fallback: int16``): keys and probs · V get 16-bit activations,
+    and at 8-bit activations the scores Q·Kᵀ too."""
     model = attention(np.random.default_rng(0))
     calib = _dataset(model, tmp_path, _attention_feeds(1, 64))
     result = _quantize_for("qnn-htp", _clone(model), calib)
-    assert result.stats["layers_widened_by_preset"] == ["context", "k_proj"]
+    assert result.stats["layers_widened_by_preset"] == ["context", "k_proj", "scores"]
     assert result.stats["weight_only_layers"] == {}
-    for name, bits16 in (("k_proj", True), ("context", True), ("q_proj", False)):
+    for name, bits16 in (("k_proj", True), ("context", True), ("scores", True), ("q_proj", False)):
         dq = _node(result.model, name).inputs[0].producer()
         assert dq.op_type == "DequantizeLinear"
         assert (dq.inputs[2].const_value.numpy().dtype.itemsize == 2) == bits16, name
