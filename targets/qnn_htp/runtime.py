@@ -276,15 +276,14 @@ class QnnHtpRunner(Runner):
                 self.session = ort.InferenceSession(str(self.path), _session_options())
         except Exception as err:  # ONNX Runtime's own exception types
             raise _fail(str(self.path), err) from None
-        self.front_path, self.front, self.cut, self.front_nodes = front_end, None, [], 0
+        self.front_path, self.front, self.front_inputs, self.cut, self.front_nodes = front_end, None, [], [], 0
         self._htp_inputs = htp_inputs = [i.name for i in self.session.get_inputs()]
         if front_end is not None:
             self.front = ort.InferenceSession(str(front_end), providers=["CPUExecutionProvider"])
             self.front_inputs = [i.name for i in self.front.get_inputs()]
             self.cut = [o.name for o in self.front.get_outputs()]
             self.front_nodes = len(onnx.load(str(front_end), load_external_data=False).graph.node)
-        self.input_names = list(dict.fromkeys([*(self.front_inputs if self.front else []),
-                                               *(n for n in htp_inputs if n not in self.cut)]))
+        self.input_names = list(dict.fromkeys([*self.front_inputs, *(n for n in htp_inputs if n not in self.cut)]))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.seen: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
 
