@@ -15,9 +15,11 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.model_io import to_proto
 from compressor.targets import get_target
 from compressor.targets.base import Target
+from compressor.targets.onnx import OnnxTarget
+from compressor.targets.qnn_htp.rules import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
 
-__all__ = ["model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs", "onnx_specs_target",
-           "saturating_qdq_conv"]
+__all__ = ["SimulatedHtp", "model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs",
+           "onnx_specs_target", "saturating_qdq_conv"]
 
 
 def model_from_text(text: str, **initializers: np.ndarray) -> ir.Model:
@@ -115,3 +117,14 @@ def saturating_qdq_conv() -> tuple[ir.Model, np.ndarray, np.ndarray]:
     c = np.einsum("nchw,oc->nohw", xd, w[:, :, 0, 0].astype(np.float32) * w_scale)
     expected = np.round(c / y_scale).clip(0, 255) * y_scale
     return ir.serde.deserialize_model(proto), x, expected.astype(np.float32)
+
+
+class SimulatedHtp(OnnxTarget):
+    """qnn-htp's capabilities and Q/DQ rules (no float path: fallback int16), run by ONNX Runtime CPU."""
+
+    name = "qnn-htp-simulated"
+    qdq_rules = HTP_QDQ_RULES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capabilities = QNN_HTP_CAPABILITIES

@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from compressor.targets.onnx import OnnxTarget, SharedInitializers, ort_session
-from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
+from compressor.targets.qnn_htp import QNN_HTP_CAPABILITIES
 from onnx import TensorProto, helper, numpy_helper
 
 import compressor.flow.ranking as ranking_module
@@ -35,7 +35,7 @@ from compressor.pass_manager import PassReport
 from compressor.pipeline import PassContext, build_pass
 from compressor.quant.revert import give_back
 from compressor.targets import get_target
-from tests.ortutil import onnx_specs_target, saturating_qdq_conv
+from tests.ortutil import SimulatedHtp, onnx_specs_target, saturating_qdq_conv
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 
@@ -384,17 +384,6 @@ def test_ranking_a_time_major_model_whose_calls_return_several_rows_per_sample(t
     (entry,) = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "ranking").glob("*.json")]
     assert len(entry["ranking_samples"]) == 8 and max(entry["ranking_samples"]) < 20
     assert len(entry["screen_samples"]) == 4 and set(entry["screen_samples"]) <= set(entry["ranking_samples"])
-
-
-class SimulatedHtp(OnnxTarget):
-    """qnn-htp's capabilities and Q/DQ rules (no float path: fallback int16), run by ONNX Runtime CPU."""
-
-    name = "qnn-htp-simulated"
-    qdq_rules = HTP_QDQ_RULES
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.capabilities = QNN_HTP_CAPABILITIES
 
 
 @pytest.mark.parametrize("recipe", ["w8a8-npu", "int8"])

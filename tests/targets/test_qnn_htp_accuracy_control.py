@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from compressor.targets.onnx import OnnxTarget
-from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
 
 import compressor.flow.accuracy as accuracy_module
 import compressor.flow.compress as compress_module
@@ -34,7 +32,7 @@ from compressor.model_io import clone_model, save_model
 from compressor.pass_manager import PassManager
 from compressor.pipeline import PassContext, build_pass
 from compressor.quant.revert import already_wide, give_back
-from tests.ortutil import model_from_text
+from tests.ortutil import SimulatedHtp, model_from_text
 
 HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 S, D = 6, 16
@@ -66,17 +64,6 @@ def block() -> ir.Model:
     }}""", wq=w(D, D), wk=w(D, D), wv=w(D, D), wo=w(D, D), wh=w(D, D), scale=np.array(0.25, np.float32),
         gamma=(1 + 0.1 * rng.standard_normal(D)).astype(np.float32),
         beta=(0.1 * rng.standard_normal(D)).astype(np.float32))
-
-
-class SimulatedHtp(OnnxTarget):
-    """qnn-htp's capabilities and Q/DQ rules (no float path: fallback int16), run by ONNX Runtime CPU."""
-
-    name = "qnn-htp-simulated"
-    qdq_rules = HTP_QDQ_RULES
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.capabilities = QNN_HTP_CAPABILITIES
 
 
 @pytest.fixture(scope="module")
