@@ -40,7 +40,7 @@ from compressor.targets.base import RUNS_ON, on_cpu
 from compressor.errors import UsageError
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
 
-__all__ = ["FRONT_END", "CpuFrontEnd", "CpuFrontEndOptions", "cut_values", "split_front_end"]
+__all__ = ["FRONT_END", "CpuFrontEnd", "CpuFrontEndOptions", "cut_values", "handed_over", "split_front_end"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,14 @@ logger = logging.getLogger(__name__)
 FRONT_END = "cpu front end"
 
 
+def handed_over(value: ir.Value, graph: ir.Graph) -> bool:
+    """Whether ``value`` leaves the CPU front end: an unmarked node or the graph's outputs read it."""
+    return value in graph.outputs or any(not on_cpu(user) for user, _ in value.uses())
+
+
 def cut_values(graph: ir.Graph) -> list[ir.Value]:
-    """The tensors the CPU front end hands over: outputs of marked nodes read by an unmarked
-    node or by the graph's outputs, in graph order."""
-    outputs = {id(v) for v in graph.outputs}
-    cut = []
-    for node in graph:
-        if not on_cpu(node):
-            continue
-        for out in node.outputs:
-            if id(out) in outputs or any(not on_cpu(user) for user, _ in out.uses()):
-                cut.append(out)
-    return cut
+    """The tensors the CPU front end hands over (:func:`handed_over`), outputs of marked nodes in graph order."""
+    return [out for node in graph if on_cpu(node) for out in node.outputs if handed_over(out, graph)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,6 +96,7 @@ from compressor.targets.qnn_htp.qdq_graph import (
     runtime_floats,
     stripped_model,
 )
+from compressor.targets.qnn_htp.front_end import handed_over
 from compressor.targets.qnn_htp.rules import ACTIVATION_BITS, HTP_QDQ_RULES, QdqRules
 from compressor.targets.qnn_htp.underflow import floor_reason
 from compressor.targets.qnn_htp.widen import carried_states, describe, norm_chains, root_chains, squares_as_mul
@@ -155,8 +156,7 @@ def _channels_last(bias: np.ndarray, channels: int) -> np.ndarray:
 
 def _front_end_only(value: ir.Value, graph: ir.Graph) -> bool:
     """Whether only nodes of the CPU front end read ``value`` (case 7)."""
-    uses = list(value.uses())
-    return bool(uses) and all(on_cpu(user) for user, _ in uses) and value not in graph.outputs
+    return bool(list(value.uses())) and not handed_over(value, graph)
 
 
 def _front_end_reads_float(graph: ir.Graph) -> None:
@@ -375,9 +375,8 @@ class _Legalizer:
     def front_end(self, node: ir.Node) -> None:
         """Case 7: a node of the CPU front end stays float; each output it hands to HTP is encoded."""
         self.counts["cpu_nodes"] += 1
-        outputs = {id(v) for v in self.graph.outputs}
         for out in node.outputs:
-            if is_float(out) and (id(out) in outputs or any(not on_cpu(user) for user, _ in out.uses())):
+            if is_float(out) and handed_over(out, self.graph):
                 wide = (self.default_bits == 16 or id(node) in self.wide_nodes or self.attention_glue
                         or any(dtype_of(q).endswith("16") for q, _ in activation_q_readers(out)))
                 self.encode_output(out, node, 16 if wide else 8, None)
