@@ -162,7 +162,7 @@ def _cmd_search(argv: Sequence[str]) -> int:
         result = search(args.model, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
                         outdir=args.output, target=args.target, grid=grid, latency_runs=args.latency_runs,
                         executor=executor, progress=_bar, budget_minutes=args.budget_minutes, inputs=args.input,
-                        freeze=args.freeze)
+                        freeze=args.freeze, **model_source(args))
     print(search_text(result, args.max_drop))
     return EXIT_GATE_FAILED if result.best is None else EXIT_OK
 

@@ -242,6 +242,7 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS))
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
     p.add_argument("--freeze", action="append", default=[], metavar="NAME=VALUE", help=FREEZE_HELP)
+    _add_model_source(p)
     p.add_argument("--grid", default=None, metavar="YAML",
                    help="grid values, e.g. '{calibrator: [minmax, mse], alpha: [null], sparsity: [0, 0.2], "
                         "accuracy_control: [true]}' (accuracy_control: a candidate over --max-drop gives back its "

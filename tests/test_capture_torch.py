@@ -359,3 +359,19 @@ def test_inspect_and_sweep_take_the_model_source_flags(user_dir, state_dict_of, 
                           "--eval", "e.npz", "-o", "sweep", "--latency-runs", "0"], capsys)
     assert code == 0, err
     assert "0.5" in out
+
+
+def test_search_loads_a_state_dict_with_model_class(user_dir, state_dict_of, capsys):
+    """``compress search`` takes the model-source flags as ``compress`` does: the state_dict is
+    built with ``--model-class`` for the search and for the best artifact."""
+    torch.save(state_dict_of.state_dict(), user_dir / "weights.pt")
+    np.savez(user_dir / "e.npz", x=samples(16, seed=1))
+    code, _, err = run(["search", "weights.pt", "--model-class", "mynet:Net", "--model-kwargs", "{hidden: 8}",
+                        "--calib", "c.npz", "--eval", "e.npz", "--max-drop", "0.05", "--latency-runs", "1",
+                        "--grid", "{calibrator: [minmax], sparsity: [0], accuracy_control: [false]}", "-o", "se",
+                        "-q"], capsys)
+    assert code == 0, err
+    manifest = json.loads((user_dir / "se" / "best" / "manifest.json").read_text())
+    assert manifest["model"]["format"] == "state_dict"
+    assert "built mynet:Net(hidden=8) and loaded 4 tensors from the state_dict" in manifest["model"]["notes"]
+    assert json.loads((user_dir / "se" / "search.json").read_text())["best"] == 0

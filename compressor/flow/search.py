@@ -287,7 +287,9 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
            outdir: str | Path, target: str = "onnx", grid: Mapping[str, Sequence[Any]] | None = None,
            latency_runs: int = 10, executor: Executor | None = None, progress: Progress | None = None,
            budget_minutes: float | None = None, clock: Callable[[], float] = time.monotonic,
-           inputs: Sequence[str] = (), freeze: Sequence[str] = ()) -> SearchResult:
+           inputs: Sequence[str] = (), freeze: Sequence[str] = (), trust_pickle: bool = False,
+           imports: Sequence[str] = (), model_class: str | None = None,
+           model_kwargs: Mapping[str, Any] | None = None) -> SearchResult:
     """Run every candidate of ``grid`` and keep the best within ``max_drop`` (module docstring).
 
     Args:
@@ -295,6 +297,9 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
             :func:`compressor.flow.compress.compress`: the model is captured and frozen once
             as ``compress`` does it (:func:`~compressor.flow.calib_eval.capture_with_data`),
             and the best candidate's artifact is written with them.
+        trust_pickle, imports, model_class, model_kwargs: How a torch file is loaded, as
+            for :func:`compressor.flow.compress.compress` (the best artifact is written with
+            them too).
         executor: Where the prefixes and candidates run (default: in this process).
         progress: Factory of progress bars ``(desc, total, unit)``: one for the prefixes, one
             for the candidates.
@@ -327,7 +332,9 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     steps = [[(s.name, dict(s.options)) for s in r.passes] for r in recipes]
     overrides, frozen = parse_input_overrides(inputs), parse_freeze(freeze)
     raw_calib, raw_eval = read_npz(calib, what="calib"), read_npz(eval_data, what="eval")
-    prepared = capture_with_data(model_path, overrides, frozen, raw_calib, raw_eval, {})  # as compress
+    source = {"trust_pickle": trust_pickle, "imports": tuple(imports), "model_class": model_class,
+              "model_kwargs": model_kwargs}
+    prepared = capture_with_data(model_path, overrides, frozen, raw_calib, raw_eval, source)  # as compress
     model, calib_set, eval_set = prepared.captured.model, prepared.calib, prepared.eval
     calib_set = calib_set.subset(0, min(len(calib_set), recipes[0].calibration.samples))
     executor = executor or InProcessExecutor()
@@ -395,6 +402,6 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     if best is not None:
         compress(model_path, recipe=recipes[best.index], outdir=outdir / "best", target=target, inputs=inputs,
                  freeze=freeze, calib=calib, eval_data=eval_data, max_drop=max_drop,
-                 latency_runs=max(latency_runs, 1))
+                 latency_runs=max(latency_runs, 1), **source)
         result.files["best"] = outdir / "best"
     return result
