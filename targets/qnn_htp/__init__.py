@@ -187,7 +187,7 @@ class QnnHtpTarget(Target):
             raise CompressorError("qnn-htp: the model was given a CPU front end (qnn-cpu-front-end) but no node "
                                   "carries its mark any more: a pass dropped node metadata")
         if cut:
-            front, htp = split_front_end(qdq, cut, outdir)
+            front, htp = split_front_end(model, qdq, outdir)
             files = [qdq, front, htp, *compile_context(htp, outdir / "model_ctx.onnx")]
         else:
             files = [qdq, *compile_context(qdq, outdir / "model_ctx.onnx")]

@@ -132,29 +132,24 @@ class CpuFrontEnd(Pass):
         return roots, len(marked), cut
 
 
-def split_front_end(whole: Path, cut: list[str], outdir: Path) -> tuple[Path, Path]:
-    """Write the CPU front end and the HTP rest of the saved model ``whole``, split at ``cut``.
+def split_front_end(model: ir.Model, whole: Path, outdir: Path) -> tuple[Path, Path]:
+    """Write the CPU front end and the HTP rest of ``model`` (saved as ``whole``), split at :func:`cut_values`.
 
     Returns:
         ``(front_end.onnx, model_htp.onnx)`` in ``outdir``: the first maps the graph inputs
-        it reads to ``cut``; the second reads ``cut`` (and any graph input the front end
-        does not consume alone) and gives the graph outputs.
+        it reads to the cut; the second reads the cut (and any graph input an HTP node
+        reads) and gives the graph outputs.
     """
-    model = onnx.load(str(whole))
-    graph = model.graph
-    inputs = [i.name for i in graph.input]
-    readers: dict[str, set[bool]] = {}
-    for node in graph.node:
-        cpu = any(p.key == RUNS_ON and p.value == "cpu" for p in node.metadata_props)
-        for name in node.input:
-            readers.setdefault(name, set()).add(cpu)
-    front_inputs = [i for i in inputs if True in readers.get(i, set())]
-    back_inputs = [*cut, *(i for i in inputs if False in readers.get(i, set()))]
-    extractor = onnx.utils.Extractor(model)
-    front = extractor.extract_model(front_inputs, list(cut))
-    back = extractor.extract_model(back_inputs, [o.name for o in graph.output])
+    cut = [v.name for v in cut_values(model.graph)]
+    readers = {id(v): {on_cpu(user) for user, _ in v.uses()} for v in model.graph.inputs}
+    front_inputs = [v.name for v in model.graph.inputs if True in readers[id(v)]]
+    back_inputs = [*cut, *(v.name for v in model.graph.inputs if False in readers[id(v)])]
+    proto = onnx.load(str(whole))
+    extractor = onnx.utils.Extractor(proto)
+    front = extractor.extract_model(front_inputs, cut)
+    back = extractor.extract_model(back_inputs, [o.name for o in proto.graph.output])
     paths = outdir / "front_end.onnx", outdir / "model_htp.onnx"
     for part, path in zip((front, back), paths):
-        part.ir_version = model.ir_version
+        part.ir_version = proto.ir_version
         onnx.save(part, str(path))
     return paths

@@ -176,7 +176,7 @@ class _Legalizer:
     """One run of the pass over a graph: the writer, the encodings given so far, the counts."""
 
     def __init__(self, graph: ir.Graph, rules: QdqRules, stats: dict[str, TensorStats],
-                 opts: QuantizeTensorsOptions, quantizable: Mapping[str, QuantSpec | None]):
+                 opts: QuantizeTensorsOptions, quantizable: Mapping[str, QuantSpec | None], attention_glue: bool):
         self.graph, self.rules, self.stats, self.opts, self.quantizable = graph, rules, stats, opts, quantizable
         self.writer = QdqWriter(graph)
         self.default_bits = 16 if opts.activations == "int16" else 8
@@ -194,8 +194,7 @@ class _Legalizer:
         self.wide_nodes = ({id(n) for chains in (self.roots, self.norms) for chain in chains.values() for n in chain}
                            | {i for ids in self.carried.values() for i in ids})
         self.wide_inputs = {id(x) for x, _ in self.carried}
-        # case 2g: decided by run() on the float model (the finder reads through no Q/DQ)
-        self.attention_glue = False
+        self.attention_glue = attention_glue  # case 2g: found by run() on the float model
 
     def spec(self, bits: int) -> QuantSpec:
         dtype = self.rules.activation.dtype
@@ -427,9 +426,9 @@ class QuantizeTensors(Pass):
         found = gather(float_model, ctx.calibration, [StatPoint(n) for n in wanted], ctx.cache, bar=ctx.progress)
         cache = {point.tensor: stats for point, stats in found.items()}
         squares = squares_as_mul(model.graph)
-        run = _Legalizer(model.graph, rules, cache, opts, quantizable)
+        # case 2g on the float model: the attention finder reads through no Q/DQ
         blocks = attention_blocks(float_model.graph) if opts.attention == "int16" and opts.activations == "int8" else 0
-        run.attention_glue = blocks > 0
+        run = _Legalizer(model.graph, rules, cache, opts, quantizable, blocks > 0)
         for value in list(model.graph.inputs):
             if is_float(value) and value.const_value is None and not _front_end_only(value, model.graph):
                 run.graph_input(value)
