@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from compressor import strict_json
+from compressor.flow.artifact import deployable_bytes, deployable_entries
 
-__all__ = ["fmt", "gate_failure", "inspect_text", "recipes_table", "search_text", "summary", "sweep_text", "table",
-           "write_junit"]
+__all__ = ["fmt", "gate_failure", "inspect_text", "recipes_table", "search_text", "size_row", "summary", "sweep_text",
+           "table", "write_junit"]
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -45,6 +46,20 @@ def recipes_table(target: Any = None) -> str:
     return table(rows, ["recipe", f"passes on {target.name}", "description"])
 
 
+def size_row(manifest: dict[str, Any]) -> str:
+    """The summary's ``size``: the baseline's bytes against the artifact's deployed files
+    (:func:`~compressor.flow.artifact.deployable_bytes`), naming them when companions are left out."""
+    files = manifest["files"]
+    deployed = deployable_entries(files)
+    size_in, size_out = manifest["model"]["baseline_bytes"], deployable_bytes(files)
+    row = f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller"
+    if len(deployed) == len(files):
+        return row + ")"
+    left = len(files) - len(deployed)
+    return (row + f"; deployable files: {', '.join(e['path'] for e in deployed)}; "
+            f"{left} companion file{'s' if left > 1 else ''} not counted)")
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """The per-pass table and the summary table printed after a run, from its manifest.
 
@@ -59,7 +74,6 @@ def summary(manifest: dict[str, Any]) -> str:
                     ["pass", "changed", "stats", "s"])
     metric = manifest["evaluation"]["metric"]
     key = "top1" if metric == "top1" else "cosine_mean"
-    size_in, size_out = manifest["model"]["baseline_bytes"], sum(f["bytes"] for f in manifest["files"])
     lat = manifest["latency"]
     gate = manifest["gate"]
     if "reason" in gate:
@@ -70,7 +84,7 @@ def summary(manifest: dict[str, Any]) -> str:
         verdict = f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})"
     rows = [
         ("target", manifest["target"]["name"]),
-        ("size", f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller)"),
+        ("size", size_row(manifest)),
         ("latency", f"{lat['baseline_ms']:.2f} ms -> {lat['compressed_ms']:.2f} ms per batch of {lat['batch']} "
                     f"({lat['baseline_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
                     + (f"; fp32 in the device's default {lat['device_precision']}: {lat['baseline_device_ms']:.2f} ms "

@@ -182,6 +182,17 @@ class Target(abc.ABC):
     def runner(self, files: list[Path]) -> Runner:
         """A callable that runs the lowered files in the real backend."""
 
+    def deployable(self, files: list[Path]) -> list[Path]:
+        """The files among ``files`` (what :meth:`lower` wrote) that are deployed: what a device
+        or an application loads, as opposed to companions kept for inspection or for another
+        tool (a QDQ source, encodings, a build log).
+
+        The artifact's size (the summary's ``size`` row, the manifest's ``deploy`` flags, a
+        search candidate's bytes) counts these. Default: all of them; a target that writes
+        companions overrides it.
+        """
+        return list(files)
+
     def reference_runner(self, model: ir.Model, workdir: Path) -> Runner:
         """Runs the uncompressed model in this backend (the baseline of evaluation)."""
         workdir.mkdir(parents=True, exist_ok=True)

@@ -34,13 +34,15 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from compressor.errors import UsageError
 from compressor.strict_json import write_json
 
-__all__ = ["ArtifactWriter", "file_entries", "check_destination", "MANIFEST", "TOOL"]
+__all__ = ["ArtifactWriter", "file_entries", "deployable_entries", "deployable_bytes", "check_destination", "MANIFEST",
+           "TOOL"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,14 +169,41 @@ def check_destination(outdir: str | Path) -> None:
     _old_artifact(Path(outdir).resolve(), outdir)
 
 
-def file_entries(root: Path, files: list[Path]) -> list[dict[str, Any]]:
-    """``{path, bytes, sha256}`` per file, paths relative to ``root``, sorted."""
+def file_entries(root: Path, files: list[Path], deployable: Collection[Path] | None = None) -> list[dict[str, Any]]:
+    """``{path, bytes, sha256, deploy}`` per file, paths relative to ``root``, sorted.
+
+    Args:
+        root: The folder the paths are relative to.
+        files: The files the target lowered.
+        deployable: Those of ``files`` that are deployed (the target's
+            :meth:`~compressor.targets.base.Target.deployable`); ``None``: all of them.
+            ``deploy`` is false on the others (companions: a QDQ source, encodings, a log).
+    """
+    deployed = set(files if deployable is None else deployable)
     out = []
     for f in sorted(files):
         data = f.read_bytes()
         out.append({"path": f.relative_to(root).as_posix(), "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest()})
+                    "sha256": hashlib.sha256(data).hexdigest(), "deploy": f in deployed})
     return out
+
+
+def deployable_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of a manifest's ``files`` that are deployed (``deploy`` true).
+
+    An entry without ``deploy`` (a manifest written before the key existed) counts as
+    deployed, as those manifests' sizes did.
+    """
+    return [e for e in entries if e.get("deploy", True) is not False]
+
+
+def deployable_bytes(entries: list[dict[str, Any]]) -> int:
+    """The artifact's size: the bytes of its deployed files (:func:`deployable_entries`).
+
+    What every figure meaning "the artifact's size" reads (the summary's ``size`` row, a
+    search candidate's bytes, the benchmarks' rows), so companions are never counted.
+    """
+    return sum(e["bytes"] for e in deployable_entries(entries))
 
 
 def _files_under(root: Path) -> list[str]:

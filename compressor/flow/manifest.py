@@ -38,9 +38,12 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def baseline_bytes(folder: Path) -> int:
-    """Total size of the files the target wrote for the baseline (what the artifact's files compare to)."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+def baseline_bytes(folder: Path, tgt: Any) -> int:
+    """Size of the baseline as deployed: the files the target wrote for it in ``folder`` that
+    :meth:`~compressor.targets.base.Target.deployable` keeps (an fp32 engine, not the ONNX it
+    was built from), as the artifact's size counts its own."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in tgt.deployable(files))
 
 
 def latency_record(tgt: Any, baseline: Any, run_baseline: Any, run_compressed: Any, eval_set: Dataset,
@@ -104,11 +107,11 @@ def build_manifest(*, model_path: str | Path, captured: Any, baseline_dir: Path,
     return {
         "compressor": __version__,
         "model": {"source": str(model_path), "format": captured.source_format,
-                  "baseline_bytes": baseline_bytes(baseline_dir), **captured.describe()},
+                  "baseline_bytes": baseline_bytes(baseline_dir, tgt), **captured.describe()},
         "recipe": recipe.to_json(),
         "target": tgt.describe(),
         "input_spec": [s.to_json() for s in specs],
-        "files": file_entries(root, files),
+        "files": file_entries(root, files, tgt.deployable(files)),
         "passes": [r.to_json() for r in reports],
         "calibration": None if calib is None else
         {"source": calib.source, "sha256": calib.sha256, "samples": len(calib)},

@@ -60,6 +60,7 @@ from typing import Any
 
 from compressor.errors import UsageError
 from compressor.executor import Executor, InProcessExecutor
+from compressor.flow.artifact import deployable_bytes, file_entries
 from compressor.flow.evaluation import collect_outputs, compare, measure_latency
 from compressor.flow.search_output import check_search_destination, format_search_table, write_search_files
 from compressor.model_io import ir_bytes, ir_from_bytes
@@ -84,7 +85,9 @@ class Candidate:
     ``rejected``: why it stopped early, or was not run. ``given_back``: the layers accuracy
     control gave back (``None``: it did not run; ``[]``: it ran and gave none back), and
     ``control`` what it did: each try's ``steps`` (layer, drop, kept), ``budget_met``, and
-    ``ranking_cached`` (the ranking came from the ranking cache).
+    ``ranking_cached`` (the ranking came from the ranking cache). ``weight_bytes``: the
+    lowered artifact's deployed files, as the manifest's size counts them
+    (:func:`~compressor.flow.artifact.deployable_bytes`).
     """
 
     index: int
@@ -212,8 +215,9 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool, Any]
                 old.unlink()
             files = tgt.lower(final, lowered_dir)
         lowered = {str(f.relative_to(lowered_dir)): f.read_bytes() for f in files}
+        size = deployable_bytes(file_entries(lowered_dir, files, tgt.deployable(files)))  # as the manifest counts
     metric = ev.compressed["top1"] if ev.metric == "top1" else ev.compressed["cosine_mean"]
-    return {"metric": metric, "drop": ev.drop, "weight_bytes": sum(len(b) for b in lowered.values()),
+    return {"metric": metric, "drop": ev.drop, "weight_bytes": size,
             "files": lowered, "cache": computed, "cache_hits": hits, "given_back": given_back,
             "control": done_control}
 

@@ -118,6 +118,10 @@ logger = logging.getLogger(__name__)
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 #: Control flow that constant folding never removes (an ``If`` on a constant is inlined).
 _BODY_OPS = frozenset({"Loop", "Scan"})
+#: The lowered files the runner and :meth:`QnnHtpTarget.deployable` recognise by name: the
+#: EPContext model (its binary is named after it) and the CPU front end (:mod:`.front_end`).
+_CONTEXT_SUFFIX = "_ctx.onnx"
+_FRONT_END_FILE = "front_end.onnx"
 
 
 #: Calls of the final runner below which the simulation-vs-device gap is measured on
@@ -199,9 +203,23 @@ class QnnHtpTarget(Target):
                            len(floats), ", ".join(floats[:5]), " ..." if len(floats) > 5 else "")
         return files + [enc]
 
+    def deployable(self, files: list[Path]) -> list[Path]:
+        """The QNN context (``model_ctx.onnx`` and the binary it loads, ``model_ctx_qnn.bin``) and,
+        with a CPU front end, ``front_end.onnx`` (it runs on the application's CPU).
+
+        ``model.onnx`` (the QDQ model the encodings come from), ``model_htp.onnx`` (the QDQ
+        part the context was compiled from) and ``model.encodings`` are companions. Files
+        without a context (the fp32 baseline, which ONNX Runtime CPU runs) are all deployed.
+        """
+        ctx = [f for f in files if f.name.endswith(_CONTEXT_SUFFIX)]
+        if not ctx:
+            return list(files)
+        binaries = tuple(c.name[:-len(".onnx")] + "_" for c in ctx)  # model_ctx_qnn.bin beside model_ctx.onnx
+        return [f for f in files if f in ctx or f.name.startswith(binaries) or f.name == _FRONT_END_FILE]
+
     def runner(self, files: list[Path]) -> QnnHtpRunner:
-        ctx = [f for f in files if f.name.endswith("_ctx.onnx")]
-        front = [f for f in files if f.name == "front_end.onnx"]
+        ctx = [f for f in files if f.name.endswith(_CONTEXT_SUFFIX)]
+        front = [f for f in files if f.name == _FRONT_END_FILE]
         onnx_files = [f for f in files if f.suffix == ".onnx" and f not in ctx and f not in front]
         if not ctx and not onnx_files:
             raise CompressorError("qnn-htp: no .onnx file among the lowered files")

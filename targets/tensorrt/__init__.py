@@ -142,6 +142,15 @@ class TensorRtTarget(Target):
         write_json(build_log, log, indent=1, sort_keys=False)
         return files + [build_log]
 
+    def deployable(self, files: list[Path]) -> list[Path]:
+        """The engine (``model.engine``) where one was built, else the TensorRT-ready QDQ ONNX
+        (``model.onnx``, what a machine with a GPU builds its engine from).
+
+        ``build_log.json``, and ``model.onnx`` next to an engine, are companions.
+        """
+        engines = [f for f in files if f.suffix == ".engine"]
+        return engines or [f for f in files if f.suffix == ".onnx"]
+
     def runner(self, files: list[Path]) -> Runner:
         """The engine's runner, else the QDQ ONNX's; either carries the lowering's ``build_log.json``."""
         logs = [f for f in files if f.name == "build_log.json"]
