@@ -22,6 +22,7 @@ from compressor.flow.artifact import (
     MANIFEST,
     ArtifactWriter,
     check_destination,
+    deployable_bytes,
     file_entries,
 )
 from compressor.strict_json import dumps, jsonable
@@ -60,8 +61,9 @@ def user_files(folder: Path) -> None:
     (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
 
 
-def write_artifact(folder: Path, names=("model.onnx",), tool: bool = True) -> dict:
-    """An artifact as this tool writes it (``tool: False``: as versions before the marker wrote it)."""
+def write_artifact(folder: Path, names=("model.onnx",), tool: bool = True, deployable=None) -> dict:
+    """An artifact as this tool writes it (``tool: False``: as versions before the marker wrote it;
+    ``deployable``: the names deployed, the others companions; ``None``: all)."""
     with ArtifactWriter(folder) as writer:
         files = []
         for name in names:
@@ -69,7 +71,9 @@ def write_artifact(folder: Path, names=("model.onnx",), tool: bool = True) -> di
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(name.encode() * 10)
             files.append(path)
-        manifest = {"compressor": "0.1.0", "files": file_entries(writer.path, files), "versions": {"compressor": "0.1.0"}}
+        deployed = None if deployable is None else [f for f in files if f.name in deployable]
+        manifest = {"compressor": "0.1.0", "files": file_entries(writer.path, files, deployed),
+                    "versions": {"compressor": "0.1.0"}}
         writer.commit(manifest)
     if not tool:  # as written before the "tool" marker existed (and with a non-strict number)
         data = json.loads((folder / MANIFEST).read_text())
@@ -129,6 +133,32 @@ def test_artifact_we_wrote_is_replaced(tmp_path, capsys, tool):
     manifest = strict_loads((out / MANIFEST).read_text())
     assert manifest["tool"] == "compressor"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["manifest.json", "model.onnx"]
+    no_leftovers(tmp_path)
+
+
+def test_file_entries_flag_the_deployed_files_and_the_size_counts_only_those(tmp_path):
+    files = []
+    for name, size in (("build_log.json", 5), ("model.engine", 20), ("model.onnx", 10)):
+        (tmp_path / name).write_bytes(b"x" * size)
+        files.append(tmp_path / name)
+    entries = file_entries(tmp_path, files, [tmp_path / "model.engine"])
+    assert [(e["path"], e["bytes"], e["deploy"]) for e in entries] == [
+        ("build_log.json", 5, False), ("model.engine", 20, True), ("model.onnx", 10, False)]
+    assert deployable_bytes(entries) == 20
+    assert all(e["deploy"] for e in file_entries(tmp_path, files)) and deployable_bytes(file_entries(tmp_path, files)) == 35
+    # a manifest written before the flag existed: every file counts, as its size did then
+    assert deployable_bytes([{k: v for k, v in e.items() if k != "deploy"} for e in entries]) == 35
+
+
+@pytest.mark.parametrize("tool", [True, False], ids=["marked", "earlier-version"])
+def test_an_artifact_with_companion_files_is_ours_and_replaced_whole(tmp_path, tool):
+    out = tmp_path / "out"
+    write_artifact(out, names=("model.onnx", "model_ctx.onnx", "model_ctx_qnn.bin"), tool=tool,
+                   deployable={"model_ctx.onnx", "model_ctx_qnn.bin"})
+    assert [e["deploy"] for e in json.loads((out / MANIFEST).read_text())["files"]] == [False, True, True]
+    check_destination(out)  # the companion is listed, so not foreign
+    write_artifact(out, names=("model.xml", "model.bin"))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.bin", "model.xml"]
     no_leftovers(tmp_path)
 
 

@@ -1,0 +1,54 @@
+"""The summary's ``size`` row (``compressor/cli_report.py``): the deployable files, not their companions."""
+
+from __future__ import annotations
+
+from compressor.cli_report import size_row, summary
+
+
+def _entry(path: str, size: int, deploy: bool | None = None) -> dict:
+    entry = {"path": path, "bytes": size, "sha256": "0" * 64}
+    if deploy is not None:
+        entry["deploy"] = deploy
+    return entry
+
+
+#: A qnn-htp artifact as its lowering writes it: the context deployed, the QDQ model and
+#: the AIMET encodings beside it.
+HTP_FILES = [_entry("model.encodings", 6_000, False), _entry("model.onnx", 130_000, False),
+             _entry("model_ctx.onnx", 1_000, True), _entry("model_ctx_qnn.bin", 69_000, True)]
+
+
+def _manifest(files: list[dict], baseline: int = 206_000) -> dict:
+    """The keys :func:`summary` reads, for a run that changed nothing else."""
+    return {
+        "recipe": {"target_passes": []}, "target": {"name": "qnn-htp"}, "passes": [], "files": files,
+        "model": {"baseline_bytes": baseline},
+        "evaluation": {"metric": "top1", "samples": 8, "source": "--eval"},
+        "metrics": {"baseline": {"top1": 1.0}, "compressed": {"top1": 1.0}}, "accuracy_drop": 0.0,
+        "latency": {"baseline_ms": 1.0, "compressed_ms": 1.0, "batch": 1},
+        "gate": {"max_drop": 0.01, "passed": True},
+    }
+
+
+def test_size_counts_the_deployable_files_and_names_them():
+    row = size_row(_manifest(HTP_FILES))
+    assert row == ("0.206 MB -> 0.070 MB (2.94x smaller; deployable files: model_ctx.onnx, model_ctx_qnn.bin; "
+                   "2 companion files not counted)")
+    lines = summary(_manifest(HTP_FILES)).splitlines()
+    assert [line.split(None, 1)[1] for line in lines if line.startswith("size ")] == [row]
+
+
+def test_size_of_an_artifact_that_is_all_deployed_says_nothing_more():
+    files = [_entry("model.bin", 50_000, True), _entry("model.xml", 2_000, True)]
+    assert size_row(_manifest(files, baseline=208_000)) == "0.208 MB -> 0.052 MB (4.00x smaller)"
+
+
+def test_one_companion_is_named_in_the_singular():
+    files = [_entry("build_log.json", 3_000, False), _entry("model.onnx", 52_000, True)]
+    assert size_row(_manifest(files, baseline=208_000)).endswith(
+        "(4.00x smaller; deployable files: model.onnx; 1 companion file not counted)")
+
+
+def test_a_manifest_written_before_the_deploy_flag_counts_every_file():
+    files = [_entry(e["path"], e["bytes"]) for e in HTP_FILES]
+    assert size_row(_manifest(files)) == "0.206 MB -> 0.206 MB (1.00x smaller)"
