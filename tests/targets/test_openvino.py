@@ -126,6 +126,12 @@ def test_fp32_matches_onnxruntime(target, tmp_path):
     assert summary["int8"] == 0 and summary["float"] == 2
 
 
+def test_the_xml_and_bin_are_both_deployed(target, tmp_path):
+    """OpenVINO writes no companion: the IR's topology and its weights are what the CPU plugin loads."""
+    files = target.lower(conv(quantized=True), tmp_path)
+    assert [f.name for f in target.deployable(files)] == ["model.xml", "model.bin"]
+
+
 def test_the_target_pickles_for_ray_tasks(target, tmp_path):
     """Accuracy control ships the target to Ray workers inside the pass context: ``ov.Core``
     cannot be pickled (MiniLM's ranking on Ray failed with exit 1), so a copy opens its own."""

@@ -226,6 +226,9 @@ def test_split_artifact_runs_the_front_end_on_the_cpu_and_the_rest_wholly_on_htp
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert {f["path"] for f in manifest["files"]} >= {"front_end.onnx", "model_htp.onnx", "model_ctx.onnx",
                                                       "model.onnx", "model.encodings"}
+    deployed = [f["path"] for f in manifest["files"] if f["deploy"]]
+    assert deployed == ["front_end.onnx", "model_ctx.onnx", "model_ctx_qnn.bin"]
+    assert f"deployable files: {', '.join(deployed)}; 3 companion files not counted)" in out
     report = manifest["qnn_htp"]
     assert report["cpu_front_end"] == {"file": "front_end.onnx", "runs_on": "ONNX Runtime CPU, float32",
                                        "nodes": 4, "hands_to_htp": ["l"]}

@@ -719,6 +719,18 @@ def test_lower_runs_wholly_on_htp_from_the_context_binary(tmp_path, target):
 
 
 @needs_htp
+def test_the_context_is_deployed_and_the_qdq_model_and_encodings_are_companions(tmp_path, target):
+    files = target.lower(legalized(tmp_path, target=target), tmp_path / "out")
+    assert sorted(f.name for f in target.deployable(files)) == ["model_ctx.onnx", "model_ctx_qnn.bin"]
+    # With a CPU front end, the float part the CPU runs is deployed too; the QDQ part the
+    # context was compiled from is not. The fp32 baseline (no context) is deployed whole.
+    split = [tmp_path / n for n in ("model.onnx", "front_end.onnx", "model_htp.onnx", "model_ctx.onnx",
+                                    "model_ctx_qnn.bin", "model.encodings")]
+    assert [f.name for f in target.deployable(split)] == ["front_end.onnx", "model_ctx.onnx", "model_ctx_qnn.bin"]
+    assert target.deployable([tmp_path / "model.onnx"]) == [tmp_path / "model.onnx"]
+
+
+@needs_htp
 @pytest.mark.parametrize("activations", ["int8", "int16"])
 def test_per_channel_matmul_and_gemm_run_wholly_on_htp(tmp_path, target, activations):
     """Per-channel MatMul (a rank-3 input: QNN FullyConnected) and Gemm (transB 0 and 1) weights

@@ -224,6 +224,15 @@ def test_quantize_pass_writes_what_the_checker_accepts(tmp_path):
         assert log["engine"]["status"] == "not built" and log["sparse_2_4_layers"] == ["conv1"]
 
 
+def test_the_engine_is_deployed_else_the_tensorrt_ready_onnx(tmp_path):
+    """``build_log.json`` is a companion; so is ``model.onnx`` once an engine was built from it."""
+    target = TensorRtTarget()
+    files = target.lower(_residual_fp32(), tmp_path)
+    assert [f.name for f in target.deployable(files)] == ["model.engine" if HAVE_TRT else "model.onnx"]
+    built = [tmp_path / n for n in ("model.onnx", "model.engine", "build_log.json")]
+    assert target.deployable(built) == [tmp_path / "model.engine"]
+
+
 def test_report_comes_from_the_runners_own_lowering(tmp_path):
     """The target keeps no state between calls: a report is about the files its runner ran,
     even after another model was lowered with the same target (accuracy control does that)."""
@@ -307,6 +316,7 @@ def test_cli_int8_digits(tmp_path, capsys):
     assert check_qdq_placement(model) == []
     assert manifest["tensorrt"]["qdq_placement_findings"] == 0
     files = {f["path"] for f in manifest["files"]}
+    assert {f["path"] for f in manifest["files"] if f["deploy"]} == {"model.engine" if HAVE_TRT else "model.onnx"}
     if HAVE_TRT:
         assert manifest["engine"]["built"] is True and "model.engine" in files
         assert manifest["tensorrt"]["kernels"]["int8"] > 0
