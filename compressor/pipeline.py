@@ -120,6 +120,10 @@ class Pass(abc.ABC):
     #: that rewrites only some (``quantize``) names the others itself, with the reason,
     #: in ``stats["subgraphs_left_as_is"]``.
     walks_subgraphs: ClassVar[bool] = False
+    #: Whether the pass lowers the model and runs it on the target's device (a correction
+    #: measured there, ``device-bias-correction``). Accuracy control's ranking on ONNX
+    #: Runtime leaves such a pass out: what it measures is not what the ranking runs.
+    runs_on_target: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, *, where: str | None = None):
         where = where or f"pass {self.name!r}"

@@ -32,7 +32,7 @@ from compressor.flow.compress import compress
 from compressor.inputs import model_input_specs
 from compressor.model_io import clone_model, ir_bytes, model_bytes, save_model
 from compressor.pass_manager import PassReport
-from compressor.pipeline import PassContext, build_pass
+from compressor.pipeline import Pass, PassContext, PassResult, build_pass
 from compressor.quant.revert import give_back
 from compressor.targets import get_target
 from tests.ortutil import SimulatedHtp, onnx_specs_target, saturating_qdq_conv
@@ -336,6 +336,29 @@ def test_candidates_of_one_ranking_decode_the_quantized_model_once(files, monkey
     ranking_module.release_decoded()
     fresh = {**shared, "quantized": bytes(bytearray(shared["quantized"]))}  # equal bytes from elsewhere (a Ray task's copy)
     assert ranking_module.candidate_error(frozenset(["fc1"]), fresh) == errors[1] and len(decoded) == 2
+    ranking_module.release_decoded()
+
+
+class _OnDevice(Pass):
+    """A pass that would run on the device (``device-bias-correction``'s kind): counts its runs."""
+
+    name = "test-on-device"
+    runs_on_target = True
+    runs: list[int] = []
+
+    def run(self, model, ctx):
+        self.runs.append(1)
+        return PassResult(model, False, {})
+
+
+def test_a_pass_that_runs_on_the_device_is_left_out_of_the_onnxruntime_ranking(files):
+    quantized = _quantize(files)
+    shared = {"quantized": ir_bytes(quantized.model), "record": quantized.quantization, "mode": "float",
+              "post": [_OnDevice()], "context": PassContext(target=onnx_specs_target())}
+    ranking_module.build_candidate(frozenset(["fc1"]), {**shared, "runtime": "onnxruntime"})
+    assert _OnDevice.runs == []
+    ranking_module.build_candidate(frozenset(["fc1"]), {**shared, "runtime": "target"})
+    assert _OnDevice.runs == [1]
     ranking_module.release_decoded()
 
 

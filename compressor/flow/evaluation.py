@@ -33,7 +33,7 @@ import numpy as np
 from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
-__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "per_output", "row_cosines",
+__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "padding_keep", "per_output", "row_cosines",
            "sample_errors", "top1_accuracy", "compare", "evaluate", "measure_latency"]
 
 logger = logging.getLogger(__name__)
@@ -191,18 +191,20 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((pred == labels[: len(pred)]).mean())
 
 
-def mask_padding(outputs: list[np.ndarray], data: Dataset) -> list[np.ndarray]:
-    """Zero the padding positions of token outputs (see the module docstring)."""
+def padding_keep(out: np.ndarray, data: Dataset) -> np.ndarray | None:
+    """Which positions of a token output ``out`` (``N x S x ...``) are real tokens, broadcastable
+    to ``out``; ``None`` when ``data`` has no ``attention_mask`` or ``out`` is not a token output."""
     mask = data.arrays.get(MASK_INPUT)
     if mask is None or mask.ndim != 2 or data.stacked.get(MASK_INPUT):
-        return outputs
-    masked = []
-    for out in outputs:
-        if out.ndim >= 3 and out.shape[:2] == mask[: len(out)].shape and out.dtype.kind == "f":
-            keep = mask[: len(out)].astype(bool).reshape(out.shape[:2] + (1,) * (out.ndim - 2))
-            out = np.where(keep, out, 0)
-        masked.append(out)
-    return masked
+        return None
+    if out.ndim >= 3 and out.shape[:2] == mask[: len(out)].shape and out.dtype.kind == "f":
+        return mask[: len(out)].astype(bool).reshape(out.shape[:2] + (1,) * (out.ndim - 2))
+    return None
+
+
+def mask_padding(outputs: list[np.ndarray], data: Dataset) -> list[np.ndarray]:
+    """Zero the padding positions of token outputs (see the module docstring)."""
+    return [out if (keep := padding_keep(out, data)) is None else np.where(keep, out, 0) for out in outputs]
 
 
 def compare(ref: list[np.ndarray], out: list[np.ndarray], data: Dataset, metric: str = "auto") -> Evaluation:

@@ -120,13 +120,16 @@ def build_candidate(given: frozenset[str], shared: Mapping[str, Any]) -> ir.Mode
             ``record`` (its :class:`~compressor.quant.revert.QuantizationRecord`), ``mode``
             (``float`` or ``int16``: the target's ``Capabilities.fallback``), ``post`` (the
             passes after ``quantize``, e.g. ``qnn-legalize``; their statistics are in the
-            cache of ``context``) and ``context`` (the ``PassContext`` they run with).
+            cache of ``context``; one that ``runs_on_target`` only when ``runtime`` is
+            ``target``) and ``context`` (the ``PassContext`` they run with).
     """
     model = give_back(_quantized_copy(shared["quantized"]), shared["record"], sorted(given), shared["mode"])
-    if shared["post"]:
+    # A pass that measures on the device (Pass.runs_on_target) runs only where the candidate does.
+    post = [p for p in shared["post"] if shared.get("runtime") == "target" or not p.runs_on_target]
+    if post:
         base = shared["context"]
         ctx = dataclasses.replace(base, properties=set(base.properties))
-        model = PassManager(shared["post"], verify=False).run(model, ctx).model
+        model = PassManager(post, verify=False).run(model, ctx).model
     return model
 
 

@@ -1,0 +1,246 @@
+"""``device-bias-correction``: remove the device's constant error at the model's outputs.
+
+A backend that is not ONNX Runtime CPU computes the quantized graph with its own integer
+arithmetic: the HTP's 16-bit FullyConnected, Softmax and activation x activation MatMuls
+are a few of their 16-bit steps off the Q/DQ model as written (docs/design.md, "QNN HTP").
+Part of that error is the same on every input: a constant per output channel. On
+all-MiniLM-L6-v2 at W8A16 it is 48% of the HTP's output error energy, and taking it away
+lifts the token cosine to fp32 from 0.9987 to 0.9992 on held-out sentences.
+
+The pass measures it on the device and folds it into the parameter that adds one value per
+channel right before each graph output (AIMET's empirical bias correction, on the output
+layer, with the device as the measurement):
+
+1. lower the model for the context's target into a temporary folder and run the first
+   ``samples`` calibration samples there, and on ONNX Runtime CPU (Q/DQ as written where
+   the target says so: ``Capabilities.simulate_as_written``);
+2. per graph output, ``delta[c] = mean(device - simulation)`` over every position of
+   channel ``c`` (real tokens only when the data has an ``attention_mask``);
+3. subtract ``delta`` from the output's producer, found through the output's own Q/DQ pair:
+   a LayerNormalization's beta (normalized over the last axis), a Conv/ConvTranspose bias
+   (channel axis 1), a Gemm's ``C`` (divided by its ``beta``), or the constant operand of an
+   ``Add`` (one value per channel of the last axis). A parameter stored quantized (an int32
+   bias behind a DequantizeLinear) gets new codes, ``round(q - delta / scale)``, clipped to
+   its type; a float one a new value.
+
+The reference is the simulation, not the fp32 model: the pass removes what the device adds
+to the graph as written, so it needs nothing but the quantized model, and the model the
+artifact holds (``model.onnx``, the encodings) is what the device then runs. On MiniLM the
+fp32 reference gains the same to the fourth digit (docs/design.md). An output whose
+producer has no such parameter, or whose producer's output is read by other nodes too (a
+change there would move them as well), is left as it is and named in the stats with the
+reason; so is every output when the device computes the graph as written.
+
+The pass runs on the device, so it costs a lowering and ``samples`` device calls per run;
+accuracy control's ranking on ONNX Runtime leaves it out (``runs_on_target``), and each
+candidate accuracy control lowers gets its own correction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from compressor.passes._graph import NameAllocator, attr_float, attr_int, label
+from compressor.passes._sparsity import replace_constant
+
+from compressor.errors import CompressorError
+from compressor.flow.evaluation import collect_outputs, padding_keep
+from compressor.model_io import clone_model
+from compressor.pipeline import Pass, PassContext, PassResult, register_pass
+
+__all__ = ["DeviceBiasCorrection", "DeviceBiasCorrectionOptions", "output_site"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceBiasCorrectionOptions:
+    """Options of ``device-bias-correction``.
+
+    Attributes:
+        samples: Calibration samples run on the device and in the simulation.
+    """
+
+    samples: int = 16
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be at least 1, not {self.samples}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Where an output's per-channel constant goes: ``node``'s input ``index``, added ``scale`` times
+    (a Gemm's ``C`` is multiplied by its ``beta``), along the output's channel ``axis``."""
+
+    node: ir.Node
+    index: int
+    axis: int
+    scale: float = 1.0
+
+
+def output_site(output: ir.Value) -> Site | str:
+    """The parameter that adds one value per channel to ``output``, or why there is none."""
+    value = output
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear":  # the output's own Q/DQ pair
+        quant = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+        if quant is None or quant.op_type != "QuantizeLinear":
+            return f"{label(producer)} dequantizes a constant or an input"
+        value, producer = quant.inputs[0], quant.inputs[0].producer()
+        if len(list(value.uses())) != 1 or value.is_graph_output():
+            return f"{value.name} is read by other nodes too: a change there would move them as well"
+    if producer is None:
+        return "the output is a graph input or a constant"
+    op, rank = producer.op_type, len(output.shape) if output.shape is not None else None
+    if op == "LayerNormalization":
+        axis = attr_int(producer, "axis", -1)
+        if rank is None or axis not in (-1, rank - 1) or len(producer.inputs) < 3 or producer.inputs[2] is None:
+            return f"{label(producer)} normalizes more than the last axis, or has no beta"
+        return Site(producer, 2, -1)
+    if op in ("Conv", "ConvTranspose"):
+        if len(producer.inputs) < 3 or producer.inputs[2] is None:
+            return f"{label(producer)} has no bias"
+        return Site(producer, 2, 1)
+    if op == "Gemm":
+        beta = attr_float(producer, "beta", 1.0)
+        if len(producer.inputs) < 3 or producer.inputs[2] is None or beta == 0.0:
+            return f"{label(producer)} has no C"
+        return Site(producer, 2, -1, 1.0 / beta)
+    if op == "Add":
+        for index, operand in enumerate(producer.inputs[:2]):
+            if _stored(operand) is not None:
+                return Site(producer, index, -1)
+        return f"{label(producer)} adds no constant"
+    return f"{label(producer)} ({op}) has no per-channel bias"
+
+
+def _stored(value: ir.Value | None) -> tuple[ir.Node | None, np.ndarray] | None:
+    """``(DQ, codes)`` for a parameter stored quantized, ``(None, array)`` for a float constant."""
+    if value is None or value.is_graph_input():
+        return None
+    if value.const_value is not None:
+        return None, value.const_value.numpy()
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or len(list(value.uses())) != 1:
+        return None
+    codes = dq.inputs[0]
+    if codes is None or codes.const_value is None or codes.is_graph_input():
+        return None
+    return dq, codes.const_value.numpy()
+
+
+def _per_channel(shape: tuple[int, ...], channels: int) -> bool:
+    """Whether a constant of ``shape`` holds one value per channel of the last axis (or is 1-D)."""
+    return len(shape) >= 1 and shape[-1] == channels and all(d == 1 for d in shape[:-1])
+
+
+def apply_shift(graph: ir.Graph, site: Site, delta: np.ndarray, names: NameAllocator) -> str | None:
+    """Subtract ``delta`` (one value per channel) from the site's parameter; ``None`` when done, else why not."""
+    param = site.node.inputs[site.index]
+    stored = _stored(param)
+    shift = delta * site.scale
+    if stored is None:
+        return f"{param.name} is not a constant (or a quantized one read by this node alone)"
+    dq, array = stored
+    if not _per_channel(array.shape, delta.size):
+        return f"{param.name} has shape {list(array.shape)}, not one value per channel ({delta.size})"
+    if dq is None:
+        replace_constant(graph, site.node, site.index, array.astype(np.float64) - shift, names, like=array)
+        return None
+    scale = dq.inputs[1].const_value.numpy().astype(np.float64) if dq.inputs[1] is not None else None
+    if scale is None or not (scale.size == 1 or scale.size == delta.size):
+        return f"{param.name} is dequantized with scales of shape {list(np.shape(scale))}"
+    info = np.iinfo(array.dtype)
+    codes = np.clip(np.round(array.astype(np.float64) - shift.reshape(array.shape) / scale.reshape(-1)),
+                    info.min, info.max)
+    replace_constant(graph, dq, 0, codes, names, like=array)
+    return None
+
+
+def channel_means(diff: np.ndarray, keep: np.ndarray | None, axis: int) -> np.ndarray:
+    """Mean of ``diff`` per channel along ``axis``, over the positions ``keep`` marks (all when ``None``)."""
+    weight = np.ones(diff.shape, bool) if keep is None else np.broadcast_to(keep, diff.shape)
+    diff, weight = np.moveaxis(diff, axis, -1), np.moveaxis(weight, axis, -1)
+    count = weight.reshape(-1, diff.shape[-1]).sum(axis=0)
+    total = np.where(weight, diff, 0.0).reshape(-1, diff.shape[-1]).sum(axis=0)
+    return total / np.maximum(count, 1)
+
+
+@register_pass
+class DeviceBiasCorrection(Pass):
+    """Fold the device's per-channel constant output error into the output layer's bias (module docstring)."""
+
+    name = "device-bias-correction"
+    lossy = True
+    runs_on_target = True
+    needs_calibration = True
+    description = "measure the device's constant error per output channel and take it out of the output bias"
+    Options = DeviceBiasCorrectionOptions
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        if ctx.target is None:
+            raise CompressorError(f"{self.name} runs the model on the target's device: it needs a --target")
+        if ctx.calibration is None or len(ctx.calibration) == 0:
+            raise CompressorError(f"{self.name} needs calibration samples to run on the device: pass --calib")
+        from compressor.targets.onnx import OrtRunner  # the targets import the pass registry
+
+        sites: dict[str, Site] = {}
+        left: dict[str, str] = {}
+        for output in model.graph.outputs:
+            if output.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                continue
+            found = output_site(output)
+            if isinstance(found, str):
+                left[output.name] = found
+            else:
+                sites[output.name] = found
+        stats: dict[str, Any] = {"outputs_corrected": 0}
+        if not sites:
+            stats["left_as_is"] = left
+            return PassResult(model, False, stats)
+
+        data, n = ctx.calibration, min(self.options.samples, len(ctx.calibration))
+        logger.info("%s: running %d calibration sample(s) on %s and in the simulation", self.name, n, ctx.target.name)
+        with tempfile.TemporaryDirectory(prefix="compressor-device-bias-") as work:
+            run = ctx.target.runner(ctx.target.lower(clone_model(model), Path(work)))
+            device = collect_outputs(run, data, limit=n)
+            del run
+        sim = OrtRunner(model, as_written=ctx.target.capabilities.simulate_as_written)
+        simulated = collect_outputs(sim, data, limit=n)
+        names = NameAllocator(model.graph)
+        index = {o.name: i for i, o in enumerate(model.graph.outputs)}
+        corrected: dict[str, Any] = {}
+        for name, site in sites.items():
+            dev, ref = device[index[name]].astype(np.float64), simulated[index[name]].astype(np.float64)
+            keep = padding_keep(device[index[name]], data)
+            diff = dev - ref
+            delta = channel_means(diff, keep, site.axis)
+            if not np.any(delta):
+                left[name] = "the device computes it as written"
+                continue
+            why = apply_shift(model.graph, site, delta, names)
+            if why is not None:
+                left[name] = why
+                continue
+            full = np.where(keep, diff, 0.0) if keep is not None else diff
+            shape = [1] * diff.ndim
+            shape[site.axis] = delta.size
+            constant = np.broadcast_to(delta.reshape(shape), diff.shape)
+            constant = np.where(keep, constant, 0.0) if keep is not None else constant
+            corrected[name] = {"site": label(site.node), "parameter": site.node.inputs[site.index].name,
+                               "channels": int(delta.size), "mean_abs_shift": float(np.abs(delta).mean()),
+                               "constant_share": float((constant ** 2).sum() / max((full ** 2).sum(), 1e-300))}
+            logger.info("%s: output %s: %.0f%% of the device-vs-simulation error energy is a constant per channel; "
+                        "taken out of %s", self.name, name, 100 * corrected[name]["constant_share"],
+                        corrected[name]["parameter"])
+        stats.update(outputs_corrected=len(corrected), samples=n, corrected=corrected)
+        if left:
+            stats["left_as_is"] = left
+        return PassResult(model, bool(corrected), stats)
