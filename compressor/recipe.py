@@ -167,13 +167,14 @@ class Recipe:
 
     @property
     def target_steps(self) -> tuple[PassStep, ...]:
-        """The steps :meth:`for_target` appended (the last ``len(target_passes)`` of ``passes``)."""
-        return self.passes[len(self.passes) - len(self.target_passes):]
+        """The steps :meth:`for_target` added (named in ``target_passes``)."""
+        return tuple(s for s in self.passes if s.name in self.target_passes)
 
     def for_target(self, target: Target) -> Recipe:
         """The recipe completed with the passes ``target`` needs after quantization.
 
-        For each of ``target.capabilities.after_quantize``: appended at the end when a step
+        For each of ``target.capabilities.after_quantize``: appended at the end (before a pass
+        that ``runs_on_target``, ``device-bias-correction``) when a step
         of the recipe provides ``quantized`` and no step runs that pass or provides all it
         provides (``w8a8-npu`` lists ``qnn-legalize`` itself); its ``from_quantize`` options
         are the last quantizing step's, defaults filled in. A recipe that does not quantize
@@ -189,7 +190,9 @@ class Recipe:
             return self
         logger.debug("target %s completes recipe %r after %s: %s", target.name, self.name, quantizing[-1].name,
                      ", ".join(f"{s.name} {dict(s.options)}" for s in added))
-        return dataclasses.replace(self, passes=self.passes + tuple(added),
+        # before a pass that measures the model on the device: it must see the model as lowered
+        at = next((i for i, s in enumerate(self.passes) if get_pass(s.name).runs_on_target), len(self.passes))
+        return dataclasses.replace(self, passes=self.passes[:at] + tuple(added) + self.passes[at:],
                                    target_passes=self.target_passes + tuple(s.name for s in added))
 
     def to_json(self) -> dict[str, Any]:

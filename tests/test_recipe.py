@@ -118,6 +118,14 @@ def test_a_quantizing_recipe_gets_the_targets_pass_with_the_quantize_width(tmp_p
     assert resolved["passes"][-1]["qnn-legalize"]["activations"] == activations
 
 
+def test_the_targets_pass_goes_before_a_pass_that_measures_on_the_device(tmp_path):
+    """``device-bias-correction`` measures the model as lowered: ``qnn-legalize`` must run first."""
+    path = write(tmp_path, "name: mine\npasses:\n  - quantize\n  - device-bias-correction\n")
+    recipe = load_recipe(path).for_target(_HtpData())
+    assert _names(recipe) == ["quantize", "qnn-legalize", "device-bias-correction"]
+    assert [s.name for s in recipe.target_steps] == ["qnn-legalize"]
+
+
 def test_builtin_int8_on_qnn_htp_takes_the_default_width():
     recipe = load_recipe("int8").for_target(_HtpData())
     assert _names(recipe)[-2:] == ["quantize", "qnn-legalize"]

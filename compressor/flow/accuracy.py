@@ -48,7 +48,7 @@ from compressor.flow.ranking import (
 )
 from compressor.flow.ranking_cache import load_ranking, ranking_key, store_ranking
 from compressor.model_digest import model_digest
-from compressor.model_io import ir_bytes
+from compressor.model_io import clone_model, ir_bytes
 from compressor.pass_manager import PassManager, PassReport, PipelineResult
 from compressor.pipeline import PassContext
 from compressor.progress import Progress, no_progress
@@ -224,19 +224,32 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
     lowered: dict[frozenset[str], tuple[Path, list[Path]]] = {}
     last: dict[str, Any] = {}  # the last try's set and runner (the artifact's, when that try is kept)
 
-    def rebuild(given: frozenset[str]) -> PipelineResult:
-        edited = build_candidate(given, {**shared, "post": []})
-        return PassManager(post_passes, verify=False).run(edited, ctx) if post_passes else PipelineResult(edited, [])
+    # The passes after quantize in two parts: those on the host, then from the first that
+    # measures on the device (device-bias-correction) on, which run only for a try lowered.
+    split = next((i for i, p in enumerate(post_passes) if p.runs_on_target), len(post_passes))
+    host_passes, device_passes = post_passes[:split], post_passes[split:]
+    hosted: dict[frozenset[str], PipelineResult] = {}
+
+    def on_host(given: frozenset[str]) -> PipelineResult:
+        if given not in hosted:
+            edited = build_candidate(given, {**shared, "post": []})
+            hosted[given] = (PassManager(host_passes, verify=False).run(edited, ctx) if host_passes
+                             else PipelineResult(edited, []))
+        return hosted[given]
 
     def model_of(given: frozenset[str]) -> PipelineResult:
         if given not in built:
-            built[given] = rebuild(given)
+            first = on_host(given)
+            if device_passes:
+                rest = PassManager(device_passes, verify=False).run(clone_model(first.model), ctx)
+                first = PipelineResult(rest.model, first.reports + rest.reports)
+            built[given] = first
         return built[given]
 
     def unchanged(candidate: frozenset[str], current: frozenset[str]) -> bool:  # case 3, by effect
-        for which in (candidate, current):
+        for which in (candidate, current):  # on the host: a device pass changes nothing a promotion does
             if which not in digests:
-                digests[which] = model_digest(model_of(which).model)
+                digests[which] = model_digest(on_host(which).model)
         return digests[candidate] == digests[current]
 
     def build(given: frozenset[str]) -> Any:

@@ -8,8 +8,8 @@ Metrics:
   sample, all float outputs flattened into one vector; drop = 1 − mean cosine. Where the
   outputs do not all have the samples first (a recurrent state ``[2, N, 128]`` beside
   ``[N, 10]``), a row is one call instead (:func:`collect_outputs`). When the
-  data has an ``attention_mask`` input (``N x S``), token outputs (``N x S x ...``) are
-  compared on real tokens only: what a model writes at padding positions is never used. Reported
+  data has an ``attention_mask`` input (``N x S``; stacked, ``N x B x S``), token outputs
+  (``N x S x ...``; ``N x B x S x ...``) are compared on real tokens only: what a model writes at padding positions is never used. Reported
   with the minimum cosine, SQNR in dB (10·log10(‖ref‖² / ‖ref − out‖²) over all samples),
   the top-1 agreement of the first output's argmax, and the largest absolute difference.
 
@@ -33,8 +33,8 @@ import numpy as np
 from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
-__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "padding_keep", "per_output", "row_cosines",
-           "sample_errors", "top1_accuracy", "compare", "evaluate", "measure_latency"]
+__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "padding_keep", "per_output",
+           "row_cosines", "sample_errors", "top1_accuracy", "compare", "evaluate", "measure_latency"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,13 +192,19 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def padding_keep(out: np.ndarray, data: Dataset) -> np.ndarray | None:
-    """Which positions of a token output ``out`` (``N x S x ...``) are real tokens, broadcastable
-    to ``out``; ``None`` when ``data`` has no ``attention_mask`` or ``out`` is not a token output."""
+    """Which positions of a token output ``out`` are real tokens, broadcastable to ``out``.
+
+    ``out`` holds rows as :func:`collect_outputs` returns them: ``N x S x ...`` for an
+    ``attention_mask`` of ``N x S`` (layout 1), ``N x B x S x ...`` for a stacked one of
+    ``N x B x S`` (layout 2, each sample a whole ``B x S`` input). ``None`` when ``data`` has
+    no such mask or ``out`` does not start with the mask's shape (not a token output).
+    """
     mask = data.arrays.get(MASK_INPUT)
-    if mask is None or mask.ndim != 2 or data.stacked.get(MASK_INPUT):
+    if mask is None or mask.ndim != (3 if data.stacked.get(MASK_INPUT) else 2) or out.dtype.kind != "f":
         return None
-    if out.ndim >= 3 and out.shape[:2] == mask[: len(out)].shape and out.dtype.kind == "f":
-        return mask[: len(out)].astype(bool).reshape(out.shape[:2] + (1,) * (out.ndim - 2))
+    mask = mask[: len(out)]
+    if out.ndim > mask.ndim and out.shape[:mask.ndim] == mask.shape:
+        return mask.astype(bool).reshape(mask.shape + (1,) * (out.ndim - mask.ndim))
     return None
 
 

@@ -41,7 +41,7 @@ def _f(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def _block(tokens: int = 8, width: int = 32) -> ir.Model:
+def _block(tokens: int = 8, width: int = 32, batch: int = 1) -> ir.Model:
     """x[1,T,D] -> MatMul -> Add(b) -> Gelu-free residual Add -> LayerNormalization -> y."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w"),
@@ -52,7 +52,7 @@ def _block(tokens: int = 8, width: int = 32) -> ir.Model:
              helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
              helper.make_node("Add", ["hb", "x"], ["res"], name="residual"),
              helper.make_node("LayerNormalization", ["res", "gamma", "beta"], ["y"], name="norm", axis=-1)]
-    return _model(nodes, [_f("x", [1, tokens, width])], [_f("y", [1, tokens, width])], inits)
+    return _model(nodes, [_f("x", [batch, tokens, width])], [_f("y", [batch, tokens, width])], inits)
 
 
 def _qdq_output(op_nodes, inits, out_shape, in_shape) -> ir.Model:
@@ -79,7 +79,8 @@ def test_output_site_through_the_output_pair_per_op():
     conv = _qdq_output([helper.make_node("Conv", ["x", "w", "b"], ["z"], name="conv")], [w, b],
                        [1, 4, 5, 5], [1, 3, 5, 5])
     site = output_site(conv.graph.outputs[0])
-    assert isinstance(site, Site) and (site.node.name, site.index, site.axis, site.scale) == ("conv", 2, 1, 1.0)
+    # axis 1 of a rank-4 output, counted from the end: rows of stacked data gain a leading axis
+    assert isinstance(site, Site) and (site.node.name, site.index, site.axis, site.scale) == ("conv", 2, -3, 1.0)
 
     fc = [numpy_helper.from_array(np.ones((4, 6), np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "c")]
     gemm = _qdq_output([helper.make_node("Gemm", ["x", "w", "c"], ["z"], name="fc", transB=1, beta=2.0)], fc, [2, 4], [2, 6])
@@ -89,6 +90,13 @@ def test_output_site_through_the_output_pair_per_op():
     add = _qdq_output([helper.make_node("Add", ["b", "x"], ["z"], name="add")], [b], [2, 4], [2, 4])
     site = output_site(add.graph.outputs[0])
     assert (site.node.name, site.index, site.axis) == ("add", 0, -1)
+    scalar = numpy_helper.from_array(np.array(1.0, np.float32), "s")
+    add2 = _qdq_output([helper.make_node("Add", ["x", "s"], ["y0"], name="add_s"),
+                        helper.make_node("Add", ["s", "y0"], ["y1"], name="add_s2"),
+                        helper.make_node("Add", ["s", "b"], ["sb"], name="sb"),  # not folded: a computed value
+                        helper.make_node("Add", ["y1", "b"], ["z"], name="add_b")], [b, scalar], [2, 4], [2, 4])
+    site = output_site(add2.graph.outputs[0])  # the per-channel operand, wherever it is
+    assert (site.node.name, site.index) == ("add_b", 1)
 
     mm = _qdq_output([helper.make_node("MatMul", ["x", "w"], ["z"], name="mm")],
                      [numpy_helper.from_array(np.ones((6, 4), np.float32), "w")], [2, 4], [2, 6])
@@ -111,6 +119,21 @@ def test_an_output_read_by_other_nodes_is_left_as_it_is():
     assert output_site(model.graph.outputs[0]) == "z is read by other nodes too: a change there would move them as well"
 
 
+def test_an_output_another_output_is_computed_from_is_left_as_it_is():
+    """``hidden`` (a graph output, also read by the head): correcting it would move ``logits``
+    too, whose own correction was measured before that move."""
+    gamma = numpy_helper.from_array(np.ones(4, np.float32), "gamma")
+    beta = numpy_helper.from_array(np.zeros(4, np.float32), "beta")
+    w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    c = numpy_helper.from_array(np.zeros(3, np.float32), "c")
+    model = _model([helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["hidden"], name="norm"),
+                    helper.make_node("Gemm", ["hidden", "w", "c"], ["logits"], name="head", transB=1)],
+                   [_f("x", [2, 4])], [_f("hidden", [2, 4]), _f("logits", [2, 3])], [gamma, beta, w, c])
+    hidden, logits = model.graph.outputs
+    assert output_site(hidden) == "hidden is read by other nodes too: a change there would move them as well"
+    assert output_site(logits).node.name == "head"
+
+
 def test_apply_shift_moves_int32_codes_by_the_shift_in_steps_and_a_float_constant_exactly():
     scale = 1e-4
     values = np.array([0.1, -0.2, 0.3, 0.0])
@@ -120,24 +143,63 @@ def test_apply_shift_moves_int32_codes_by_the_shift_in_steps_and_a_float_constan
                         fc, [2, 4], [2, 6])
     site = output_site(model.graph.outputs[0])
     delta = np.array([0.01, -0.004, 0.0, 0.25])
-    assert apply_shift(model.graph, site, delta, NameAllocator(model.graph)) is None
+    applied, clipped = apply_shift(model.graph, site, delta, NameAllocator(model.graph))
     codes = model.graph.initializers["c_q"].const_value.numpy()
     # C is added beta (2) times: its codes move by delta / beta / scale, rounded
     np.testing.assert_array_equal(codes, np.round(values / scale) - np.round(delta / 2 / scale))
-    assert codes.dtype == np.int32
+    assert codes.dtype == np.int32 and clipped == 0
+    np.testing.assert_allclose(applied, delta, rtol=0, atol=scale)  # in output units, to a code step
 
     b = numpy_helper.from_array(np.array([1.0, 2.0, 3.0, 4.0], np.float32), "b")
     add = _qdq_output([helper.make_node("Add", ["x", "b"], ["z"], name="add")], [b], [2, 4], [2, 4])
-    assert apply_shift(add.graph, output_site(add.graph.outputs[0]), delta, NameAllocator(add.graph)) is None
+    applied, _ = apply_shift(add.graph, output_site(add.graph.outputs[0]), delta, NameAllocator(add.graph))
     np.testing.assert_allclose(add.graph.initializers["b"].const_value.numpy(), np.array([1, 2, 3, 4]) - delta,
-                               rtol=0, atol=1e-7)
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(applied, delta, rtol=0, atol=1e-6)
+
+
+def test_apply_shift_reports_what_went_in_when_narrow_codes_clip_or_round_it_away():
+    """A uint8 constant near its limit takes only part of the shift: the stats must say what went in."""
+    codes = np.array([0, 128, 250, 255], np.uint8)
+    inits = [numpy_helper.from_array(codes, "k_q"), numpy_helper.from_array(np.array(0.05, np.float32), "k_s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "k_z")]
+    dq = helper.make_node("DequantizeLinear", ["k_q", "k_s", "k_z"], ["k"], name="k_dq")
+    model = _qdq_output([dq, helper.make_node("Add", ["x", "k"], ["z"], name="add")], inits, [2, 4], [2, 4])
+    site = output_site(model.graph.outputs[0])
+    applied, clipped = apply_shift(model.graph, site, np.array([0.05, 0.0, -0.5, -0.2]), NameAllocator(model.graph))
+    np.testing.assert_array_equal(model.graph.initializers["k_q"].const_value.numpy(), [0, 128, 255, 255])
+    np.testing.assert_allclose(applied, [0.0, 0.0, -0.25, 0.0], atol=1e-7)  # clipped at 0 and at 255
+    assert clipped == 3  # channel 0 (0 - 1), 2 (250 + 10, partly in) and 3 (255 + 4)
+    why = apply_shift(model.graph, site, np.array([0.01, 0.0, 0.0, 0.0]), NameAllocator(model.graph))
+    assert why == "the shift is below half a code step of k, or its codes are at the limit of uint8"
 
 
 def test_apply_shift_refuses_a_constant_that_is_not_one_value_per_channel():
     b = numpy_helper.from_array(np.ones((2, 4), np.float32), "b")
     add = _qdq_output([helper.make_node("Add", ["x", "b"], ["z"], name="add")], [b], [2, 4], [2, 4])
-    why = apply_shift(add.graph, output_site(add.graph.outputs[0]), np.ones(4), NameAllocator(add.graph))
+    assert output_site(add.graph.outputs[0]) == "add adds no constant of one value per channel of the last axis"
+    add_node = add.graph.outputs[0].producer().inputs[0].producer().inputs[0].producer()
+    why = apply_shift(add.graph, Site(add_node, 1, -1), np.ones(4), NameAllocator(add.graph))
     assert why == "b has shape [2, 4], not one value per channel (4)"
+
+
+def test_padding_keep_reads_either_layout_of_the_mask(tmp_path):
+    from compressor.flow.evaluation import padding_keep
+    from compressor.inputs import InputSpec
+
+    mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
+    specs = [InputSpec("input_ids", (1, 3), "int64"), InputSpec("attention_mask", (1, 3), "int64")]
+    np.savez(tmp_path / "one.npz", input_ids=np.ones((2, 3), np.int64), attention_mask=mask)
+    np.savez(tmp_path / "two.npz", input_ids=np.ones((2, 1, 3), np.int64), attention_mask=mask[:, None])
+    layout1 = load_npz(tmp_path / "one.npz", specs)
+    layout2 = load_npz(tmp_path / "two.npz", specs)
+    assert not any(layout1.stacked.values()) and all(layout2.stacked.values())
+    keep1 = padding_keep(np.zeros((2, 3, 5), np.float32), layout1)
+    keep2 = padding_keep(np.zeros((2, 1, 3, 5), np.float32), layout2)  # rows of stacked samples: N x B x S x H
+    assert keep1.shape == (2, 3, 1) and keep2.shape == (2, 1, 3, 1)
+    np.testing.assert_array_equal(keep1[..., 0], mask.astype(bool))
+    np.testing.assert_array_equal(keep2[:, 0, :, 0], mask.astype(bool))
+    assert padding_keep(np.zeros((2, 5), np.float32), layout1) is None  # not a token output
 
 
 def test_channel_means_count_real_tokens_only():
@@ -153,6 +215,37 @@ def test_channel_means_count_real_tokens_only():
 def test_without_a_target_or_calibration_the_pass_says_what_it_needs():
     with pytest.raises(CompressorError, match="it needs a --target"):
         build_pass("device-bias-correction", {}).run(_block(), PassContext())
+
+
+def _static_batch_block(tmp_path: Path, batch: int, samples: int, seed: int = 3):
+    model = _block(batch=batch)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(seed).standard_normal((samples, 8, 32)).astype(np.float32))
+    return model, load_npz(tmp_path / "calib.npz", model_input_specs(model), what="calib")
+
+
+def test_fewer_samples_than_a_static_batch_run_one_whole_batch(tmp_path):
+    """``samples: 2`` on a batch fixed to 4 runs one batch of 4 (none would run at 2), on the
+    ``onnx`` target, which computes the model as the simulation does: nothing to correct."""
+    from compressor.targets import get_target
+
+    model, data = _static_batch_block(tmp_path, 4, 8)
+    result = build_pass("device-bias-correction", {"samples": 2}).run(
+        model, PassContext(target=get_target("onnx"), calibration=data))
+    assert not result.modified and result.stats["samples"] == 4
+    assert result.stats["left_as_is"] == {"y": "the device computes it as written"}
+
+
+def test_random_calibration_data_corrects_nothing(caplog):
+    from compressor.data import random_dataset
+    from compressor.targets import get_target
+
+    model = _block()
+    data = random_dataset(model_input_specs(model), 4, 0)
+    with caplog.at_level("WARNING"):
+        result = build_pass("device-bias-correction", {}).run(model, PassContext(target=get_target("onnx"),
+                                                                                calibration=data))
+    assert not result.modified and result.stats["left_as_is"] == {"y": "the calibration data is random (no --calib)"}
+    assert "no correction is measured on noise" in caplog.text
 
 
 # -- on the HTP emulator -------------------------------------------------------------------------------------
