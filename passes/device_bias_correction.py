@@ -170,7 +170,7 @@ def apply_shift(graph: ir.Graph, site: Site, delta: np.ndarray, names: NameAlloc
     stored = _stored(param)
     shift = delta * site.scale
     if stored is None:
-        return f"{param.name} is not a constant (or a quantized one read by this node alone)"
+        return f"{param.name} is neither a constant nor integer codes behind a DequantizeLinear only this node reads"
     dq, array = stored
     if not _per_channel(array.shape, delta.size):
         return f"{param.name} has shape {list(array.shape)}, not one value per channel ({delta.size})"
@@ -188,7 +188,8 @@ def apply_shift(graph: ir.Graph, site: Site, delta: np.ndarray, names: NameAlloc
     if scale.size not in (1, delta.size):
         return f"{param.name} is dequantized with scales of shape {list(scale_value.const_value.shape)}"
     info = np.iinfo(array.dtype)
-    wanted = np.round(array.astype(np.float64) - shift.reshape(array.shape) / scale.reshape(array.shape if scale.size > 1 else ()))
+    step = scale.reshape(array.shape if scale.size > 1 else ())
+    wanted = np.round(array.astype(np.float64) - shift.reshape(array.shape) / step)
     codes = np.clip(wanted, info.min, info.max)
     applied = ((array.astype(np.float64) - codes).reshape(-1) * scale)
     if not np.any(applied):
