@@ -95,6 +95,8 @@ def test_inspect(digits_onnx, capsys):
     assert set(report["passes"]) >= {"fold-constants", "fold-batchnorm"}
     assert report["passes"]["qnn-legalize"] == {
         "would_change": "?", "detail": "runs after quantize (which needs calibration data)"}
+    assert report["passes"]["device-bias-correction"] == {
+        "would_change": "?", "detail": "measures the model on a target's device (compress with --target and --calib)"}
     assert not [p for p, v in report["passes"].items() if "Error" in v["detail"]], report["passes"]
 
 

@@ -61,6 +61,10 @@ def _would_change(model: ir.Model) -> dict[str, dict[str, Any]]:
                 provider = next(c for c in passes.values() if prop in c.provides)
                 copy = provider().run(copy, ctx).model
                 ctx.properties |= provider.provides
+            if p.runs_on_target:
+                out[name] = {"would_change": "?", "detail": "measures the model on a target's device (compress with "
+                                                            "--target and --calib)"}
+                continue
             if getattr(p, "needs_calibration", False):
                 out[name] = {"would_change": "?", "detail": "needs calibration data"}
                 continue
