@@ -9,9 +9,10 @@ Metrics:
   outputs do not all have the samples first (a recurrent state ``[2, N, 128]`` beside
   ``[N, 10]``), a row is one call instead (:func:`collect_outputs`). When the
   data has an ``attention_mask`` input (``N x S``; stacked, ``N x B x S``), token outputs
-  (``N x S x ...``; ``N x B x S x ...``) are compared on real tokens only: what a model writes at padding positions is never used. Reported
-  with the minimum cosine, SQNR in dB (10·log10(‖ref‖² / ‖ref − out‖²) over all samples),
-  the top-1 agreement of the first output's argmax, and the largest absolute difference.
+  (``N x S x ...``; ``N x B x S x ...``) are compared on real tokens only: what a model
+  writes at padding positions is never used. Reported with the minimum cosine, SQNR in dB
+  (10·log10(‖ref‖² / ‖ref − out‖²) over all samples), the top-1 agreement of the first
+  output's argmax, and the largest absolute difference.
 
 SQNR is infinite when the outputs are identical to the baseline (no noise: exact rewrites
 such as folding) and ``-inf`` when the baseline's outputs are all zero; in memory it is
