@@ -182,3 +182,27 @@ def test_with_every_layer_at_16_bits_nothing_is_ranked_or_tried(files, tmp_path,
     assert control["ranking"] == [] and control["layers"] == [] and lowered == []
     assert result.gate_passed is False
     assert "every quantized layer already uses 16-bit activations" in caplog.text
+
+
+def test_a_device_pass_runs_only_for_the_tries_accuracy_control_lowers(files, tmp_path, monkeypatch):
+    """``device-bias-correction`` after ``qnn-legalize``: accuracy control's ranking (ONNX
+    Runtime) and its "does this promotion change anything" check leave it out; each try it
+    lowers gets its own run (and the final model, when no try is kept)."""
+    from compressor.passes.device_bias_correction import DeviceBiasCorrection
+
+    target_class = _target("simulated", monkeypatch)
+    lowered = _count_lowerings(monkeypatch, target_class)
+    runs: list[int] = []
+    real = DeviceBiasCorrection.run
+    monkeypatch.setattr(DeviceBiasCorrection, "run", lambda self, model, ctx: runs.append(1) or real(self, model, ctx))
+    recipe = tmp_path / "with-device-pass.yaml"
+    recipe.write_text(files["recipe"].read_text().replace(
+        "  - qnn-legalize: {activations: int8}\n", "  - qnn-legalize: {activations: int8}\n  - device-bias-correction\n"))
+    manifest = compress(files["model"], recipe=recipe, target="qnn-htp", outdir=tmp_path / "out", inputs=["x=1x6x16"],
+                        calib=files["calib"], eval_data=files["eval"], max_drop=0.0, latency_runs=1).manifest
+    control = manifest["accuracy_control"]
+    tried = [s["layer"] for s in control["steps"][1:]]
+    assert len(tried) == len(LAYERS) - len(PRESET_16) and len(lowered) == len(tried)
+    # the pipeline's own run, one per lowered try, and at most one for the final model
+    assert len(lowered) + 1 <= len(runs) <= len(lowered) + 2, (len(runs), len(lowered))
+    assert [p["name"] for p in manifest["passes"]][-2:] == ["qnn-legalize", "device-bias-correction"]
