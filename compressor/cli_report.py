@@ -86,7 +86,8 @@ def summary(manifest: dict[str, Any]) -> str:
         ("target", manifest["target"]["name"]),
         ("size", size_row(manifest)),
         ("latency", f"{lat['baseline_ms']:.2f} ms -> {lat['compressed_ms']:.2f} ms per batch of {lat['batch']} "
-                    f"({lat['baseline_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
+                    + (f"({lat['compressed_note']}; no ratio)" if lat.get("compressed_note") else
+                       f"({lat['baseline_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)")
                     + (f"; fp32 in the device's default {lat['device_precision']}: {lat['baseline_device_ms']:.2f} ms "
                        f"({lat['baseline_device_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
                        if lat.get("device_precision") not in (None, lat.get("baseline_precision")) else "")),

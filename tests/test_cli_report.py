@@ -52,3 +52,15 @@ def test_one_companion_is_named_in_the_singular():
 def test_a_manifest_written_before_the_deploy_flag_counts_every_file():
     files = [_entry(e["path"], e["bytes"]) for e in HTP_FILES]
     assert size_row(_manifest(files)) == "0.206 MB -> 0.206 MB (1.00x smaller)"
+
+
+def test_an_emulated_latency_gives_no_ratio():
+    """The x86 HTP emulator's time is not the device's: the row says so instead of a speed-up."""
+    manifest = _manifest(HTP_FILES)
+    manifest["latency"] = {"baseline_ms": 0.04, "compressed_ms": 7.95, "batch": 1,
+                           "compressed_note": "HTP emulated on this x86 CPU: not the device's latency"}
+    (row,) = [line.split(None, 1)[1] for line in summary(manifest).splitlines() if line.startswith("latency ")]
+    assert row == "0.04 ms -> 7.95 ms per batch of 1 (HTP emulated on this x86 CPU: not the device's latency; no ratio)"
+    manifest["latency"].pop("compressed_note")
+    (row,) = [line.split(None, 1)[1] for line in summary(manifest).splitlines() if line.startswith("latency ")]
+    assert row.endswith("(0.01x)")

@@ -65,6 +65,8 @@ def latency_record(tgt: Any, baseline: Any, run_baseline: Any, run_compressed: A
         "baseline_precision": getattr(run_baseline, "inference_precision", None),
         "device_precision": getattr(run_device or run_baseline, "inference_precision", None),
         "compressed_precision": getattr(run_compressed, "inference_precision", None),
+        # what the artifact's time is when it is not the device's (the x86 HTP emulator)
+        **({"compressed_note": note} if (note := getattr(run_compressed, "latency_note", None)) else {}),
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -254,6 +255,10 @@ def compile_here(model_path: Path, ctx_path: Path) -> None:
         raise _fail(str(model_path), err) from None
 
 
+#: The latency note of a runner on the x86 HTP emulator (``QnnHtpRunner.latency_note``).
+EMULATED = "HTP emulated on this x86 CPU: not the device's latency"
+
+
 class QnnHtpRunner(Runner):
     """Runs a lowered model on the QNN HTP backend, CPU fallback disabled.
 
@@ -286,6 +291,8 @@ class QnnHtpRunner(Runner):
         self.input_names = list(dict.fromkeys([*self.front_inputs, *(n for n in htp_inputs if n not in self.cut)]))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.seen: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
+        #: What its wall time is: on x86 the HTP backend library emulates the NPU on the CPU.
+        self.latency_note = EMULATED if platform.machine().lower() in ("x86_64", "amd64", "i686") else None
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         feed = {k: np.asarray(v, order="C") for k, v in feeds.items() if k in self.input_names}
