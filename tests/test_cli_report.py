@@ -64,3 +64,31 @@ def test_an_emulated_latency_gives_no_ratio():
     manifest["latency"].pop("compressed_note")
     (row,) = [line.split(None, 1)[1] for line in summary(manifest).splitlines() if line.startswith("latency ")]
     assert row.endswith("(0.01x)")
+
+
+class _Cpu:
+    """A target whose int8 runs on this host's CPU, with or without VNNI (``describe()``)."""
+
+    def __init__(self, vnni):
+        self.vnni = vnni
+
+    def describe(self):
+        return {"name": "openvino", "int8_vnni": self.vnni}
+
+
+def test_an_artifact_slower_than_the_baseline_is_warned_about(caplog):
+    from compressor.flow.manifest import warn_if_slower
+
+    slow = {"baseline_device_ms": 205.9, "compressed_ms": 276.0}
+    with caplog.at_level("WARNING", logger="compressor.flow.manifest"):
+        warn_if_slower(slow, _Cpu(False))
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("the compressed artifact runs slower than the fp32 model here: 276.00 ms vs 205.90 ms "
+                              "per batch (0.75x). This CPU has no VNNI")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="compressor.flow.manifest"):
+        warn_if_slower(slow, _Cpu(True))  # no reason to give
+        warn_if_slower({"baseline_device_ms": 205.9, "compressed_ms": 210.0}, _Cpu(False))  # within timing noise
+        warn_if_slower({**slow, "compressed_note": "HTP emulated on this x86 CPU: not the device's latency"}, _Cpu(None))
+    assert [r.getMessage() for r in caplog.records] == [
+        "the compressed artifact runs slower than the fp32 model here: 276.00 ms vs 205.90 ms per batch (0.75x)."]

@@ -6,7 +6,9 @@ writes the dict (strict JSON) and moves the folder into place.
 
 from __future__ import annotations
 
+import logging
 import platform
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,9 @@ from compressor.pass_manager import PassReport
 from compressor.recipe import Recipe
 
 __all__ = ["UNVERIFIED_GATE", "package_versions", "baseline_bytes", "latency_record", "gate_record",
-           "build_manifest"]
+           "build_manifest", "warn_if_slower"]
+
+logger = logging.getLogger(__name__)
 
 #: ``gate.reason`` then: the gate is not evaluated (recipe budget) or fails (explicit --max-drop).
 UNVERIFIED_GATE = "accuracy unverified: no --calib or --eval data (random inputs say nothing about accuracy)"
@@ -56,7 +60,7 @@ def latency_record(tgt: Any, baseline: Any, run_baseline: Any, run_compressed: A
     feed = next(eval_set.batches())
     run_device = tgt.device_reference_runner(baseline, work_dir / "baseline-device")
     baseline_ms = measure_latency(run_baseline, feed, repeats=repeats)
-    return {
+    record = {
         "baseline_ms": baseline_ms,
         "baseline_device_ms": baseline_ms if run_device is None else
         measure_latency(run_device, feed, repeats=repeats),
@@ -68,6 +72,30 @@ def latency_record(tgt: Any, baseline: Any, run_baseline: Any, run_compressed: A
         # what the artifact's time is when it is not the device's (the x86 HTP emulator)
         **({"compressed_note": note} if (note := getattr(run_compressed, "latency_note", None)) else {}),
     }
+    warn_if_slower(record, tgt)
+    return record
+
+
+#: How much slower than the baseline an artifact may time before the run warns (timing noise).
+SLOWER = 1.05
+
+
+def warn_if_slower(latency: Mapping[str, Any], tgt: Any) -> None:
+    """Warn when the artifact runs slower than the fp32 model as the device runs it by default.
+
+    Not for a time that is not the device's (``compressed_note``: the x86 HTP emulator). Where
+    the target runs int8 on this host's CPU and the CPU has no VNNI (``describe()["int8_vnni"]``
+    is ``False``), the warning says why that is expected for int8 matrix products.
+    """
+    base, ours = latency["baseline_device_ms"], latency["compressed_ms"]
+    if latency.get("compressed_note") or not base or ours <= base * SLOWER:
+        return
+    vnni = tgt.describe().get("int8_vnni")
+    why = (" This CPU has no VNNI: its int8 kernels sum u8 x s8 products through int16 (vpmaddubsw), which on "
+           "transformer MatMuls is slower than its float ones; on a VNNI CPU the same artifact is faster."
+           if vnni is False else "")
+    logger.warning("the compressed artifact runs slower than the fp32 model here: %.2f ms vs %.2f ms per batch "
+                   "(%.2fx).%s", ours, base, base / ours, why)
 
 
 def gate_record(budget: float | None, verified: bool, evaluation: Evaluation, cause: PassReport | None,
