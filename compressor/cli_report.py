@@ -90,7 +90,8 @@ def summary(manifest: dict[str, Any]) -> str:
                        f"({lat['baseline_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)")
                     + (f"; fp32 in the device's default {lat['device_precision']}: {lat['baseline_device_ms']:.2f} ms "
                        f"({lat['baseline_device_ms'] / max(lat['compressed_ms'], 1e-9):.2f}x)"
-                       if lat.get("device_precision") not in (None, lat.get("baseline_precision")) else "")),
+                       if lat.get("device_precision") not in (None, lat.get("baseline_precision"))
+                       and not lat.get("compressed_note") else "")),
         (f"{metric}", f"{fmt(manifest['metrics']['baseline'][key])} -> {fmt(manifest['metrics']['compressed'][key])} "
                       f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
         ("drop", fmt(manifest["accuracy_drop"])),

@@ -186,14 +186,18 @@ class Recipe:
             return self
         quantize = build_pass(quantizing[-1].name, quantizing[-1].options).options_dict()
         added = [_target_step(t, quantize, self.source) for t in wanted if not _runs(self.passes, t)]
+        last = max(i for i, s in enumerate(self.passes) if QUANTIZED in get_pass(s.name).provides)
+        # before a pass that measures the model on the device (after quantization): it must see
+        # the model as lowered
+        at = next((i for i, s in enumerate(self.passes) if i > last and get_pass(s.name).runs_on_target),
+                  len(self.passes))
+        passes = self.passes[:at] + tuple(added) + self.passes[at:]
+        _check_device_passes(passes, wanted, self.source, target.name)
         if not added:
             return self
         logger.debug("target %s completes recipe %r after %s: %s", target.name, self.name, quantizing[-1].name,
                      ", ".join(f"{s.name} {dict(s.options)}" for s in added))
-        # before a pass that measures the model on the device: it must see the model as lowered
-        at = next((i for i, s in enumerate(self.passes) if get_pass(s.name).runs_on_target), len(self.passes))
-        return dataclasses.replace(self, passes=self.passes[:at] + tuple(added) + self.passes[at:],
-                                   target_passes=self.target_passes + tuple(s.name for s in added))
+        return dataclasses.replace(self, passes=passes, target_passes=self.target_passes + tuple(s.name for s in added))
 
     def to_json(self) -> dict[str, Any]:
         """The resolved recipe: pass options with every default filled in."""
@@ -207,6 +211,24 @@ class Recipe:
             "accuracy": options_to_dict(self.accuracy),
             **({"recover": options_to_dict(self.recover)} if self.recover is not None else {}),
         }
+
+
+def _check_device_passes(steps: tuple[PassStep, ...], wanted: tuple[TargetPass, ...], source: str,
+                         target: str) -> None:
+    """Refuse a pass that measures on the device (``runs_on_target``) before quantization or
+    before one of the target's passes: it would measure a model the device never runs.
+
+    Raises:
+        RecipeError: names the pass and the one it must follow.
+    """
+    for i, step in enumerate(steps):
+        if not get_pass(step.name).runs_on_target:
+            continue
+        later = next((s.name for s in steps[i + 1:]
+                      if QUANTIZED in get_pass(s.name).provides or any(_runs((s,), t) for t in wanted)), None)
+        if later is not None:
+            raise RecipeError(f"{source}: pass {step.name!r} measures the model on {target}'s device and must come "
+                              f"after {later!r}: move it to the end of the passes")
 
 
 def _runs(steps: tuple[PassStep, ...], wanted: TargetPass) -> bool:

@@ -108,11 +108,15 @@ def output_site(output: ir.Value) -> Site | str:
         quant = producer.inputs[0].producer() if producer.inputs[0] is not None else None
         if quant is None or quant.op_type != "QuantizeLinear":
             return f"{label(producer)} dequantizes a constant or an input"
+        if len(list(quant.outputs[0].uses())) != 1 or quant.outputs[0].is_graph_output():
+            return f"{quant.outputs[0].name} is read by other nodes too: a change there would move them as well"
         value, producer = quant.inputs[0], quant.inputs[0].producer()
         if len(list(value.uses())) != 1 or value.is_graph_output():
             return f"{value.name} is read by other nodes too: a change there would move them as well"
     if producer is None:
         return "the output is a graph input or a constant"
+    if value is not producer.outputs[0]:
+        return f"{label(producer)}'s output {list(producer.outputs).index(value)} has no bias of its own"
     op, rank = producer.op_type, len(output.shape)
     if op == "LayerNormalization":
         axis = attr_int(producer, "axis", -1)
@@ -207,6 +211,15 @@ def channel_means(diff: np.ndarray, keep: np.ndarray | None, axis: int) -> np.nd
     return total / np.maximum(count, 1)
 
 
+def _rows_of(rows: tuple[int, ...], shape: list[Any]) -> bool:
+    """Whether ``rows`` (what :func:`collect_outputs` returned) holds the output's own axes: batch-first
+    rows (``N x shape[1:]``) or one whole output per sample (``N x shape``), not a flattened call."""
+    def fits(have: tuple[int, ...], want: list[Any]) -> bool:
+        return len(have) == len(want) and all(not isinstance(w, int) or h == w for h, w in zip(have, want))
+
+    return fits(rows[1:], shape[1:]) or fits(rows[1:], shape)
+
+
 @register_pass
 class DeviceBiasCorrection(Pass):
     """Fold the device's per-channel constant output error into the output layer's bias (module docstring)."""
@@ -228,6 +241,7 @@ class DeviceBiasCorrection(Pass):
         left: dict[str, str] = {}
         for output in model.graph.outputs:
             if output.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                left[output.name] = f"not a float32/float16 output ({output.dtype})"
                 continue
             found = output_site(output)
             if isinstance(found, str):
@@ -246,6 +260,7 @@ class DeviceBiasCorrection(Pass):
             stats["left_as_is"] = {**left, **dict.fromkeys(sites, "the calibration data is random (no --calib)")}
             return PassResult(model, False, stats)
         from compressor.flow.ranking import whole_batches
+        from compressor.flow.ranking_stage import THREADS
 
         n = whole_batches(data, self.options.samples)
         used = data.subset(0, n).usable()
@@ -255,15 +270,16 @@ class DeviceBiasCorrection(Pass):
             run = ctx.target.runner(ctx.target.lower(clone_model(model), Path(work)))
             device = collect_outputs(run, data, limit=n)
             del run
-        sim = OrtRunner(model, as_written=ctx.target.capabilities.simulate_as_written)
+        # one thread, as accuracy control's ranking: the same sums on every host
+        sim = OrtRunner(model, threads=THREADS, as_written=ctx.target.capabilities.simulate_as_written)
         simulated = collect_outputs(sim, data, limit=n)
         names = NameAllocator(model.graph)
         index = {o.name: i for i, o in enumerate(model.graph.outputs)}
         corrected: dict[str, Any] = {}
         for name, site in sites.items():
-            rank = len(model.graph.outputs[index[name]].shape)
+            shape = list(model.graph.outputs[index[name]].shape)
             rows = device[index[name]]
-            if rows.ndim not in (rank, rank + 1):  # per_output flattened each call's output into one row
+            if not _rows_of(rows.shape, shape):  # per_output flattened each call's output into one row
                 left[name] = "the outputs come one row per call (not batch-first): no channel axis to average over"
                 continue
             keep = padding_keep(rows, data)

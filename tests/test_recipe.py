@@ -126,6 +126,16 @@ def test_the_targets_pass_goes_before_a_pass_that_measures_on_the_device(tmp_pat
     assert [s.name for s in recipe.target_steps] == ["qnn-legalize"]
 
 
+@pytest.mark.parametrize("passes", [["device-bias-correction", "quantize"],
+                                    ["quantize", "device-bias-correction", "qnn-legalize"]])
+def test_a_pass_that_measures_on_the_device_before_the_model_is_lowered_is_refused(tmp_path, passes):
+    path = write(tmp_path, "name: mine\npasses:\n" + "".join(f"  - {p}\n" for p in passes))
+    later = "quantize" if passes[0] == "device-bias-correction" else "qnn-legalize"
+    with pytest.raises(RecipeError, match=f"pass 'device-bias-correction' measures the model on qnn-htp's device "
+                                          f"and must come after '{later}': move it to the end of the passes"):
+        load_recipe(path).for_target(_HtpData())
+
+
 def test_builtin_int8_on_qnn_htp_takes_the_default_width():
     recipe = load_recipe("int8").for_target(_HtpData())
     assert _names(recipe)[-2:] == ["quantize", "qnn-legalize"]

@@ -8,6 +8,7 @@ disabled), within the recipe's accuracy budget.
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,8 @@ def test_w8a16_npu_on_qnn_htp(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["gate"]["passed"] is True, manifest["gate"]
     assert manifest["qnn_htp"]["ran_wholly_on_htp"] is True and manifest["qnn_htp"]["float_nodes"] == []
-    assert manifest["latency"]["compressed_note"] == "HTP emulated on this x86 CPU: not the device's latency"
+    if platform.machine().lower() in ("x86_64", "amd64"):  # the HTP library emulates the NPU there
+        assert manifest["latency"]["compressed_note"] == "HTP emulated on this x86 CPU: not the device's latency"
     # The device's constant error per class went into the classifier's int32 bias (measured on HTP).
     (correction,) = [p for p in manifest["passes"] if p["name"] == "device-bias-correction"]
     assert correction["modified"] and correction["stats"]["outputs_corrected"] == 1, correction["stats"]

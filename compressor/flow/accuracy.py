@@ -243,6 +243,8 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
             if device_passes:
                 rest = PassManager(device_passes, verify=False).run(clone_model(first.model), ctx)
                 first = PipelineResult(rest.model, first.reports + rest.reports)
+                if given in digests:  # its digest is taken: the host model is not needed again
+                    hosted.pop(given)
             built[given] = first
         return built[given]
 
@@ -250,6 +252,8 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
         for which in (candidate, current):  # on the host: a device pass changes nothing a promotion does
             if which not in digests:
                 digests[which] = model_digest(on_host(which).model)
+                if device_passes and which in built:  # built already: the host model is not needed again
+                    hosted.pop(which)
         return digests[candidate] == digests[current]
 
     def build(given: frozenset[str]) -> Any:

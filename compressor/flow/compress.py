@@ -121,7 +121,7 @@ def _check_before_work(model_path: Path, outdir: Path, recipe: str | Path | Reci
     # legalization) are appended here, and the manifest's recipe names them.
     recipe_obj = recipe_obj.for_target(tgt)
     for step in recipe_obj.target_steps:
-        logger.info("target %s completes recipe %r: %s %s appended after quantization (recipe.target_passes in "
+        logger.info("target %s completes recipe %r: %s %s added after quantization (recipe.target_passes in "
                     "the manifest)", tgt.name, recipe_obj.name, step.name, dict(step.options))
     passes = recipe_obj.build_passes()
     overrides = parse_input_overrides(inputs)

@@ -134,6 +134,38 @@ def test_an_output_another_output_is_computed_from_is_left_as_it_is():
     assert output_site(logits).node.name == "head"
 
 
+def test_an_output_whose_quantized_value_another_dq_reads_is_left_as_it_is():
+    """``z -> Q -> zq`` read by the output's DQ and by a second DQ feeding another node."""
+    b = numpy_helper.from_array(np.zeros(4, np.float32), "b")
+    model = _model([helper.make_node("Add", ["x", "b"], ["z"], name="add"),
+                    helper.make_node("QuantizeLinear", ["z", "ys", "yz"], ["zq"], name="q"),
+                    helper.make_node("DequantizeLinear", ["zq", "ys", "yz"], ["y"], name="dq"),
+                    helper.make_node("DequantizeLinear", ["zq", "ys", "yz"], ["z2"], name="dq2"),
+                    helper.make_node("Relu", ["z2"], ["r"], name="relu")],
+                   [_f("x", [2, 4])], [_f("y", [2, 4]), _f("r", [2, 4])],
+                   [b, numpy_helper.from_array(np.array(0.01, np.float32), "ys"),
+                    numpy_helper.from_array(np.array(32768, np.uint16), "yz")])
+    assert output_site(model.graph.outputs[0]) == "zq is read by other nodes too: a change there would move them as well"
+
+
+def test_a_second_output_of_the_layer_has_no_bias_of_its_own():
+    gamma = numpy_helper.from_array(np.ones(4, np.float32), "gamma")
+    beta = numpy_helper.from_array(np.zeros(4, np.float32), "beta")
+    model = _model([helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["y", "mean"], name="norm")],
+                   [_f("x", [2, 4])], [_f("y", [2, 4]), _f("mean", [2, 1])], [gamma, beta])
+    assert output_site(model.graph.outputs[1]) == "norm's output 1 has no bias of its own"
+    assert output_site(model.graph.outputs[0]).node.name == "norm"
+
+
+def test_rows_a_call_flattened_are_not_taken_for_channels():
+    from compressor.passes.device_bias_correction import _rows_of
+
+    assert _rows_of((16, 128, 384), [1, 128, 384])  # batch-first rows (MiniLM, batch 1)
+    assert _rows_of((16, 128, 384), ["N", 128, 384])
+    assert _rows_of((6, 1, 128, 384), [1, 128, 384])  # one whole output per sample (stacked data)
+    assert not _rows_of((3, 8), [2, 4])  # logits [2, 4] beside a state: one flattened row per call
+
+
 def test_apply_shift_moves_int32_codes_by_the_shift_in_steps_and_a_float_constant_exactly():
     scale = 1e-4
     values = np.array([0.1, -0.2, 0.3, 0.0])
