@@ -966,7 +966,7 @@ def test_plain_int8_on_htp_is_completed_with_qnn_legalize(tmp_path, capsys):
     assert manifest["recipe"]["passes"][-1]["qnn-legalize"]["activations"] == "int8"
     assert manifest["qnn_htp"]["ran_wholly_on_htp"] and manifest["qnn_htp"]["float_nodes"] == []
     assert ("target qnn-htp completes recipe 'int8': qnn-legalize {'activations': 'int8', 'weights': "
-            "'int8-per-channel'} appended after quantization") in captured.err
+            "'int8-per-channel'} added after quantization") in captured.err
     assert "qnn-legalize (target qnn-htp)" in captured.out  # the summary's pass table
 
 
