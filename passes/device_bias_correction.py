@@ -59,7 +59,7 @@ import onnx_ir as ir
 from compressor.passes._graph import NameAllocator, attr_float, attr_int, label
 from compressor.passes._sparsity import replace_constant
 
-from compressor.errors import CompressorError
+from compressor.errors import UsageError
 from compressor.flow.evaluation import collect_outputs, padding_keep
 from compressor.model_io import clone_model
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
@@ -232,9 +232,9 @@ class DeviceBiasCorrection(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         if ctx.target is None:
-            raise CompressorError(f"{self.name} runs the model on the target's device: it needs a --target")
+            raise UsageError(f"{self.name} runs the model on the target's device: it needs a --target")
         if ctx.calibration is None or len(ctx.calibration) == 0:
-            raise CompressorError(f"{self.name} needs calibration samples to run on the device: pass --calib")
+            raise UsageError(f"{self.name} needs calibration samples to run on the device: pass --calib")
         from compressor.targets.onnx import OrtRunner  # the targets import the pass registry
 
         sites: dict[str, Site] = {}
