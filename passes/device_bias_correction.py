@@ -296,9 +296,9 @@ class DeviceBiasCorrection(Pass):
                 left[name] = done
                 continue
             applied, clipped = done
-            shape = [1] * diff.ndim
-            shape[site.axis] = applied.size
-            constant = np.broadcast_to(applied.reshape(shape), diff.shape)
+            along = [1] * diff.ndim
+            along[site.axis] = applied.size
+            constant = np.broadcast_to(applied.reshape(along), diff.shape)
             full, constant = (diff, constant) if keep is None else (np.where(keep, diff, 0.0), np.where(keep, constant, 0.0))
             corrected[name] = {"site": label(site.node), "parameter": site.node.inputs[site.index].name,
                                "channels": int(applied.size), "mean_abs_shift": float(np.abs(applied).mean()),
