@@ -91,9 +91,8 @@ def warn_if_slower(latency: Mapping[str, Any], tgt: Any) -> None:
     if latency.get("compressed_note") or not base or ours <= base * SLOWER:
         return
     vnni = tgt.describe().get("int8_vnni")
-    why = (" This CPU has no VNNI: its int8 kernels sum u8 x s8 products through int16 (vpmaddubsw), which on "
-           "transformer MatMuls is slower than its float ones; on a VNNI CPU the same artifact is faster."
-           if vnni is False else "")
+    why = (" This CPU has no VNNI: its int8 kernels sum u8 x s8 products through int16 (vpmaddubsw), which can be "
+           "slower than its float kernels (transformer MatMuls, layers of few channels)." if vnni is False else "")
     logger.warning("the compressed artifact runs slower than the fp32 model here: %.2f ms vs %.2f ms per batch "
                    "(%.2fx).%s", ours, base, base / ours, why)
 
