@@ -60,7 +60,6 @@ from typing import Any
 
 from compressor.errors import UsageError
 from compressor.executor import Executor, InProcessExecutor
-from compressor.flow.artifact import deployable_bytes, file_entries
 from compressor.flow.evaluation import collect_outputs, compare, measure_latency
 from compressor.flow.search_output import check_search_destination, format_search_table, write_search_files
 from compressor.model_io import ir_bytes, ir_from_bytes
@@ -215,7 +214,8 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool, Any]
                 old.unlink()
             files = tgt.lower(final, lowered_dir)
         lowered = {str(f.relative_to(lowered_dir)): f.read_bytes() for f in files}
-        size = deployable_bytes(file_entries(lowered_dir, files, tgt.deployable(files)))  # as the manifest counts
+        # the deployed files' bytes, as the manifest's size counts them (read once, above)
+        size = sum(len(lowered[str(f.relative_to(lowered_dir))]) for f in tgt.deployable(files))
     metric = ev.compressed["top1"] if ev.metric == "top1" else ev.compressed["cosine_mean"]
     return {"metric": metric, "drop": ev.drop, "weight_bytes": size,
             "files": lowered, "cache": computed, "cache_hits": hits, "given_back": given_back,
