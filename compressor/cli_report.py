@@ -197,6 +197,8 @@ def search_text(result: Any, max_drop: float) -> str:
     from compressor.flow.search import format_search_table
 
     lines = [format_search_table(result), ""]
+    if result.latency_note:
+        lines.append(f"latency: {result.latency_note}; the front and the best are ordered by these times")
     if result.budget_minutes is not None:
         lines.append(f"budget: {result.budget_minutes:g} min; {result.ran} of {len(result.candidates)} candidates "
                      f"ran, {result.not_run} not run")

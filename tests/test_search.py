@@ -258,3 +258,26 @@ def test_candidates_on_qnn_htp_are_completed_by_the_target(tmp_path):
     assert result.best is cand
     manifest = json.loads((tmp_path / "out" / "best" / "manifest.json").read_text())
     assert manifest["recipe"]["target_passes"] == ["qnn-legalize"]
+
+
+def test_a_search_on_the_htp_emulator_says_its_times_are_not_the_devices(tmp_path, capsys):
+    """On x86 the HTP library emulates the NPU: the front is ordered by emulated times, and says so."""
+    import platform
+
+    from compressor.targets import get_target
+
+    try:
+        get_target("qnn-htp")
+    except Exception as err:  # onnxruntime-qnn missing: the target says what to install
+        pytest.skip(str(err))
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the HTP library runs on a device here: its times are the device's")
+    out = tmp_path / "s"
+    code = main(["search", str(MODEL), "--target", "qnn-htp", "--input", "images=1x1x8x8", "--calib", str(CALIB),
+                 "--eval", str(EVAL), "--max-drop", "0.05", "--grid", "{calibrator: [minmax], sparsity: [0]}",
+                 "-o", str(out), "--latency-runs", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    note = "HTP emulated on this x86 CPU: not the device's latency"
+    assert json.loads((out / "search.json").read_text())["latency_note"] == note
+    assert f"latency: {note}; the front and the best are ordered by these times" in printed

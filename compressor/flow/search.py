@@ -122,6 +122,8 @@ class SearchResult:
     ran: int = 0
     not_run: int = 0
     frozen_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # --freeze: {name: value}
+    #: why the times are not the device's (the runner's ``latency_note``: the x86 HTP emulator)
+    latency_note: str | None = None
 
 
 def _steps(options: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -346,6 +348,7 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     feed = next(eval_set.batches())
     spent = None if budget_minutes is None else (lambda: clock() - started >= budget_minutes * 60)
     not_run = f"not run: budget of {budget_minutes:g} min spent" if budget_minutes is not None else ""
+    latency_note = None
     with tempfile.TemporaryDirectory(prefix="compressor-search-") as work:
         run_baseline = tgt.reference_runner(model, Path(work) / "baseline")
         ref = collect_outputs(run_baseline, eval_set)
@@ -388,7 +391,9 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
                     (folder / name).parent.mkdir(parents=True, exist_ok=True)
                     (folder / name).write_bytes(data)
                     files.append(folder / name)
-                cand.latency_ms = measure_latency(tgt.runner(files), feed, repeats=latency_runs)
+                runner = tgt.runner(files)
+                cand.latency_ms = measure_latency(runner, feed, repeats=latency_runs)
+                latency_note = latency_note or getattr(runner, "latency_note", None)
             candidates.append(cand)
             logger.info("candidate %d %s: %s", index, point, cand.rejected or f"drop {cand.drop:.4f}")
     for cand in pareto_front(candidates):
@@ -397,11 +402,13 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     best = min(within, key=lambda c: (_latency(c), -c.metric, c.index)) if within else None
     base_value = base.baseline["top1"] if base.metric == "top1" else 1.0
     skipped = sum(c.rejected == not_run for c in candidates) if budget_minutes is not None else 0
+    if latency_note:
+        logger.warning("search: candidate latencies are %s; the front and the best are ordered by them", latency_note)
     if skipped:
         logger.warning("search: the budget of %g min was spent: %d of %d candidates not run", budget_minutes, skipped,
                        len(candidates))
     result = SearchResult(base.metric, base_value, max_drop, candidates, best, {}, budget_minutes,
-                          len(candidates) - skipped, skipped, prepared.frozen_json())
+                          len(candidates) - skipped, skipped, prepared.frozen_json(), latency_note)
     result.files = write_search_files(result, outdir)
     if best is not None:
         compress(model_path, recipe=recipes[best.index], outdir=outdir / "best", target=target, inputs=inputs,

@@ -63,6 +63,8 @@ def write_search_files(result: SearchResult, outdir: Path) -> dict[str, Path]:
                "candidates": [c.to_json() for c in result.candidates]}
     if result.frozen_inputs:
         summary["frozen_inputs"] = result.frozen_inputs
+    if result.latency_note:
+        summary["latency_note"] = result.latency_note
     return write_staged(outdir, {"search.csv": lambda path: _write_csv(result, path),
                                  "search.json": lambda path: write_json(path, summary),
                                  "search.png": lambda path: _plot(result, path)}, check_search_destination)
@@ -107,7 +109,8 @@ def _plot(result: SearchResult, path: Path) -> Path | None:
                    label=f"best: candidate {result.best.index}")
     ax.axhline(result.baseline - result.max_drop, color="grey", linestyle="--", linewidth=1,
                label=f"baseline - max_drop ({result.max_drop:g})")
-    ax.set_xlabel("latency (ms)" if timed else "candidate (latency not timed)")
+    ax.set_xlabel((f"latency (ms; {result.latency_note})" if result.latency_note else "latency (ms)") if timed
+                  else "candidate (latency not timed)")
     ax.set_ylabel("top-1 accuracy" if result.metric == "top1" else "mean cosine to fp32")
     left = len(result.candidates) - len(measured)
     ax.set_title(f"search: {len(measured)} candidates measured" + (f", {left} rejected or not run" if left else ""))
