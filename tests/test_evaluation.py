@@ -122,3 +122,59 @@ def test_compress_refuses_top1_on_rows_of_calls_before_the_passes(tmp_path, caps
         "all); drop 'labels' from the eval file to measure fidelity, or give each sample as one whole input tensor "
         "(an array with one axis more than the input, fed one call per sample)")
     assert "running quantize" not in err and not (tmp_path / "out").exists()
+
+
+def test_fidelity_of_float64_outputs_past_the_square_range_is_not_nan():
+    """A sum of squares of values past ~1e154 overflows; cosine and SQNR are scale-free, so they are scaled first."""
+    ref = np.array([[1e200, -3e200, 2e200], [1.0, 2.0, 3.0]])
+    fid = fidelity([ref], [ref.copy()])
+    assert fid["cosine_mean"] == fid["cosine_min"] == 1.0 and fid["sqnr_db"] == math.inf
+    out = ref * np.array([1.0, 1.0, 1.1])  # 10% off in one value of each row
+    fid = fidelity([ref], [out])
+    small = fidelity([ref / np.array([[1e200], [1.0]])], [out / np.array([[1e200], [1.0]])])
+    assert fid["cosine_min"] == pytest.approx(small["cosine_min"], rel=1e-12)
+    assert math.isfinite(fid["sqnr_db"]) and fid["max_abs_diff"] == pytest.approx(0.2e200)
+
+
+def test_the_same_nan_or_inf_on_both_sides_counts_as_equal_and_on_one_side_does_not():
+    ref = np.array([[np.nan, 1.0, np.inf, 2.0], [3.0, -np.inf, 1.0, 1.0]])
+    same = ref.copy()
+    same[:, [1, 3]] *= 1.01  # finite positions a little off
+    fid = fidelity([ref], [same])
+    expect = fidelity([np.where(np.isfinite(ref), ref, 0.0)], [np.where(np.isfinite(ref), same, 0.0)])
+    assert fid["cosine_min"] == pytest.approx(expect["cosine_min"], rel=1e-12) and fid["cosine_min"] > 0.99
+    assert math.isfinite(fid["max_abs_diff"]) and math.isfinite(fid["sqnr_db"])
+    for wrong in (np.nan, -np.inf, 5.0):  # NaN where the reference has inf, the other inf, a number
+        out = same.copy()
+        out[0, 2] = wrong
+        assert math.isnan(fidelity([ref], [out])["cosine_min"]), wrong
+
+
+def test_compress_a_model_that_computes_nan_on_its_own_data(tmp_path, capsys):
+    """As ONNX's backend test `test_operator_sqrt`: Sqrt of negative inputs gives NaN on both sides; the gate passes."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Sqrt", ["z"], ["r"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
+
+    def data(n: int) -> dict[str, np.ndarray]:
+        return {"x": rng.standard_normal((n, 4)).astype(np.float32), "z": rng.standard_normal((n, 3)).astype(np.float32)}
+
+    np.savez(tmp_path / "calib.npz", **data(32))
+    np.savez(tmp_path / "eval.npz", **(eval_data := data(16)))
+    code, _, err = run([tmp_path / "m.onnx", "--target", "onnx", "--recipe", "int8", "--calib",
+                        tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--max-drop", "0.05",
+                        "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    negative = int((eval_data["z"] < 0).sum())
+    assert (f"the original model computes NaN or inf at {negative} of its 96 output values on the evaluation data "
+            f"(eval file: {tmp_path / 'eval.npz'})") in err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["gate"]["passed"] and math.isfinite(manifest["accuracy_drop"])
+    assert "RuntimeWarning" not in err

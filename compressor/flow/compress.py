@@ -49,7 +49,7 @@ from compressor.flow.calib_eval import (
     check_data_needs,
     choose_sets,
 )
-from compressor.flow.evaluation import Evaluation, collect_outputs, compare
+from compressor.flow.evaluation import Evaluation, collect_outputs, compare, nonfinite_share
 from compressor.flow.manifest import (
     build_manifest,
     gate_record,
@@ -149,7 +149,7 @@ def _baseline_outputs(tgt: Any, run_baseline: Any, data: RunData, progress: Prog
     """
     with progress("baseline", batches) as bar:
         try:
-            return collect_outputs(run_baseline, data.eval, progress=bar.update)
+            outputs = collect_outputs(run_baseline, data.eval, progress=bar.update)
         except CompressorError:
             raise
         except Exception as err:  # the backend's own error types; the original model, not a pass, failed
@@ -157,6 +157,12 @@ def _baseline_outputs(tgt: Any, run_baseline: Any, data: RunData, progress: Prog
                             f"({data.eval.source}): {first_line(err)}; check that the data is valid input "
                             "for the model (shapes, dtypes, value ranges) and that the model runs there "
                             "as it is") from None
+    bad, total = nonfinite_share(outputs)
+    if bad:
+        logger.warning("the original model computes NaN or inf at %d of its %d output values on the evaluation "
+                       "data (%s: %s): positions where the artifact computes the same value count as equal, any other "
+                       "makes the metrics NaN", bad, total, data.source, data.eval.source)
+    return outputs
 
 
 def compress(

@@ -18,6 +18,11 @@ SQNR is infinite when the outputs are identical to the baseline (no noise: exact
 such as folding) and ``-inf`` when the baseline's outputs are all zero; in memory it is
 that float, in every JSON file the tool writes (:mod:`compressor.strict_json`) it is
 ``null``. ``sqnr_db: null`` with ``max_abs_diff: 0`` means identical outputs.
+
+Outputs the baseline itself computes as NaN or inf (ONNX's backend tests: ``Sqrt`` of a
+negative input) are equal where the artifact computes the same value there and make the
+metrics NaN where it does not; the flow warns when the baseline has any. Cosine and SQNR
+scale rows of float64 values past ~1e150 down first, where a sum of squares would overflow.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import numpy as np
 from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
-__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "output_rows", "padding_keep", "per_output",
-           "row_cosines", "sample_errors", "top1_accuracy", "compare", "evaluate", "measure_latency"]
+__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "nonfinite_share", "output_rows", "padding_keep",
+           "per_output", "row_cosines", "sample_errors", "top1_accuracy", "compare", "evaluate", "measure_latency"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +135,49 @@ def _rows(outputs: Iterable[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))
 
 
+def _scaled(ref: np.ndarray, out: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``ref`` and ``out`` divided by their largest finite magnitude (per row for ``axis=1``, else overall).
+
+    Cosine and SQNR do not change under one positive scale of both operands, but a sum of
+    squares of float64 values beyond ~1e154 overflows to inf (ONNX's backend test data holds
+    such values: inf / inf made the cosine of two equal rows NaN). Only rows that need it are
+    scaled, so every other figure is computed exactly as before.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        big = np.maximum(np.abs(ref).max(axis=axis, keepdims=True, initial=0.0),
+                         np.abs(out).max(axis=axis, keepdims=True, initial=0.0))
+        scale = np.where(np.isfinite(big) & (big > 1e150), big, 1.0)
+    return ref / scale, out / scale
+
+
+def _same_nonfinite_zeroed(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``ref`` and ``out`` with 0 where both hold the same non-finite value (NaN and NaN, inf and inf).
+
+    A model may compute NaN or inf on its own data (ONNX's `Sqrt` of a negative input); where
+    the artifact computes the same there, the two agree, and that position does not make the
+    cosine NaN. A NaN or inf on one side only still does (the metrics then say NaN).
+    """
+    same = ~np.isfinite(ref) & ((ref == out) | (np.isnan(ref) & np.isnan(out)))
+    if not same.any():
+        return ref, out
+    return np.where(same, 0.0, ref), np.where(same, 0.0, out)
+
+
+def nonfinite_share(outputs: Iterable[np.ndarray]) -> tuple[int, int]:
+    """How many values of float ``outputs`` are NaN or inf, of how many."""
+    floats = [np.asarray(o) for o in outputs if np.asarray(o).dtype.kind == "f"]
+    return sum(int((~np.isfinite(o)).sum()) for o in floats), sum(o.size for o in floats)
+
+
 def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Per-sample cosine of two ``_rows`` matrices (1 where both rows are zero)."""
-    dot = (ref * out).sum(axis=1)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
-    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
-    return np.where(both_zero, 1.0, dot / np.where(norms == 0, 1.0, norms))
+    ref, out = _scaled(*_same_nonfinite_zeroed(ref, out), axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN or inf on one side: the cosine says NaN
+        dot = (ref * out).sum(axis=1)
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+        both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
+        # clipped: rounding can put two equal rows' cosine one ulp above 1 (a drop of -0.0000)
+        return np.where(both_zero, 1.0, np.clip(dot / np.where(norms == 0, 1.0, norms), -1.0, 1.0))
 
 
 def output_rows(outputs: Iterable[np.ndarray]) -> np.ndarray:
@@ -166,8 +208,10 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str
     ``sqnr_db`` is ``inf`` when ``outputs`` equal ``reference`` exactly and ``-inf`` when the
     reference is all zeros (written as ``null`` in JSON; see the module docstring).
     """
-    ref, out = _rows(reference), _rows(outputs)
+    ref, out = _same_nonfinite_zeroed(_rows(reference), _rows(outputs))
     cos = _cosines(ref, out)
+    diff = float(np.max(np.abs(ref - out))) if ref.size else 0.0
+    ref, out = _scaled(ref, out, axis=None)
     noise = float(((ref - out) ** 2).sum())
     signal = float((ref**2).sum())
     sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
@@ -176,7 +220,6 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str
         agree = float((first_ref.argmax(-1) == first_out.argmax(-1)).mean())
     else:
         agree = float(np.isclose(first_ref, first_out).mean())
-    diff = float(np.max(np.abs(ref - out))) if ref.size else 0.0
     return {
         "cosine_mean": float(cos.mean()) if cos.size else 1.0,
         "cosine_min": float(cos.min()) if cos.size else 1.0,
