@@ -28,7 +28,7 @@ try:
 except ImportError:  # optional backend: the openvino target refuses to start without it
     ov = None
 
-__all__ = ["convert", "conversion_offenders", "canonical_names", "onnx_names"]
+__all__ = ["convert", "conversion_offenders", "canonical_names", "keep_input_names", "onnx_names"]
 
 _NO_RULE = re.compile(r"No conversion rule found for operations: (.+)")
 _FAILED_FOR = re.compile(r"Conversion is failed for: (.+)")
@@ -115,6 +115,30 @@ def canonical_names(ov_model: Any, keep: Iterable[str]) -> int:
     return len(mapping)
 
 
+def keep_input_names(ov_model: Any, model: ir.Model) -> int:
+    """Give each OpenVINO input the name of the ONNX input it came from, where conversion dropped it.
+
+    The ONNX frontend merges tensor names: an input the graph hands on unchanged (ONNX's
+    ``test_sequence_model1``: a ``SequenceAt`` that picks input ``Y``) keeps only the output's
+    name (``out``), and the artifact would no longer take ``Y``. Inputs are matched in order
+    (the frontend keeps the graph's input order), and only when every named one agrees.
+    Returns how many names were added.
+    """
+    params = ov_model.get_parameters()
+    wanted = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    if len(params) != len(wanted):
+        return 0
+    port_names = [param.output(0).get_names() for param in params]
+    if any(names & set(wanted) and name not in names for names, name in zip(port_names, wanted)):
+        return 0  # not the same order: leave the names as OpenVINO wrote them
+    added = 0
+    for param, names, name in zip(params, port_names, wanted):
+        if name and name not in names:
+            param.output(0).get_tensor().add_names({name})
+            added += 1
+    return added
+
+
 def convert(model: ir.Model) -> Any:
     """``ov.Model`` of ``model`` (raises OpenVINO's error when conversion fails).
 
@@ -146,6 +170,7 @@ def convert(model: ir.Model) -> Any:
         compress_quantize_weights_transformation(ov_model)
         apply_moc_legacy_transformations(ov_model, [])
         apply_fused_names_cleanup(ov_model)
-        return ov_model
     except Exception:  # noqa: BLE001  (ovc's own path raises the error users and conversion_offenders read)
-        return ov.convert_model(io.BytesIO(data))
+        ov_model = ov.convert_model(io.BytesIO(data))
+    keep_input_names(ov_model, model)
+    return ov_model

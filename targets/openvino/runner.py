@@ -118,6 +118,9 @@ class OpenVinoRunner(Runner):
         self.compiled = self.core.compile_model(model, "CPU", self.config)
         del model
         self._request = self.compiled.create_infer_request()
+        # A port has every name of its tensor (an input handed on unchanged also carries the
+        # output's name, convert.keep_input_names): feeds are matched against all of them.
+        self._input_port_names = [port.get_names() for port in self.compiled.inputs]
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]
 
@@ -132,11 +135,11 @@ class OpenVinoRunner(Runner):
         return int(self.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        missing = [name for name in self.input_names if name not in feeds]
+        fed = [next((n for n in sorted(names) if n in feeds), None) for names in self._input_port_names]
+        missing = [name for name, found in zip(self.input_names, fed) if found is None]
         if missing:
             raise DataError(f"no data for model input(s) {', '.join(missing)}; inputs: {', '.join(self.input_names)}")
-        inputs = {name: np.asarray(feeds[name], order="C") for name in self.input_names}
-        results = self._request.infer(inputs)
+        results = self._request.infer([np.asarray(feeds[name], order="C") for name in fed])
         return [np.array(results[port], copy=True) for port in self.compiled.outputs]
 
     def layer_precisions(self) -> list[dict[str, Any]]:

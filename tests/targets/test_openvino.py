@@ -456,3 +456,24 @@ def test_convert_failure_is_ovcs_error(tmp_path):
                    extra_opsets=[helper.make_opsetid("com.example", 1)])
     with pytest.raises(Exception, match="No conversion rule found for operations: com.example.Foo"):
         convert(model)
+
+
+def test_an_input_the_graph_hands_on_keeps_its_name_in_the_ir(tmp_path):
+    """ONNX's ``test_sequence_model*``: OpenVINO resolves ``SequenceAt`` to input ``y`` and names that input
+    ``out``; the artifact must still take ``y`` (it was exit 2, "no data for model input(s) out")."""
+    seq = onnx.TypeProto()
+    seq.sequence_type.elem_type.CopyFrom(helper.make_tensor_type_proto(TensorProto.FLOAT, [2, 3]))
+    model = _model(
+        [helper.make_node("SequenceConstruct", ["x", "y"], ["s"]),
+         helper.make_node("SequenceAt", ["s", "one"], ["out"]),
+         helper.make_node("Relu", ["x"], ["r"])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("x", "y")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("out", "r")],
+        [numpy_helper.from_array(np.array(1, np.int64), "one")])
+    files = get_target("openvino").lower(model, tmp_path)
+    runner = OpenVinoRunner(next(f for f in files if f.suffix == ".xml"))
+    x, y = np.full((2, 3), -1.0, np.float32), np.arange(6, dtype=np.float32).reshape(2, 3)
+    out, r = runner({"x": x, "y": y})
+    np.testing.assert_array_equal(out, y)
+    np.testing.assert_array_equal(r, np.zeros_like(x))
+    assert any("y" in port.get_names() for port in runner.compiled.inputs)
