@@ -97,6 +97,7 @@ from compressor.targets.qnn_htp.qdq_graph import (
     stripped_model,
 )
 from compressor.targets.qnn_htp.front_end import handed_over
+from compressor.targets.qnn_htp.gemm import fold_gemm_coefficients
 from compressor.targets.qnn_htp.rules import ACTIVATION_BITS, HTP_QDQ_RULES, QdqRules
 from compressor.targets.qnn_htp.underflow import floor_reason
 from compressor.targets.qnn_htp.widen import carried_states, describe, norm_chains, root_chains, squares_as_mul
@@ -311,6 +312,10 @@ class _Legalizer:
             if scale.ndim == 1 and scale.size > 1:  # per output channel: the bias's last axis
                 array = _channels_last(array, scale.size)
                 return self.constant(value, array, self.rules.bias, axis=array.ndim - 1, scale=scale)
+            out_shape = node.outputs[0].shape
+            if node.op_type == "Gemm" and out_shape is not None and isinstance(out_shape[-1], int):
+                # per tensor (a B the Gemm computes, ONNX's test_operator_mm): C still [N] for the EP
+                array = _channels_last(array, out_shape[-1])
             return self.constant(value, array, self.rules.bias, scale=scale.reshape(()))
         if node.op_type in _NORMS and index == 1:
             return self.constant(value, array, self.rules.norm_weight)
@@ -426,6 +431,7 @@ class QuantizeTensors(Pass):
         found = gather(float_model, ctx.calibration, [StatPoint(n) for n in wanted], ctx.cache, bar=ctx.progress)
         cache = {point.tensor: stats for point, stats in found.items()}
         squares = squares_as_mul(model.graph)
+        gemms = fold_gemm_coefficients(model.graph)  # before C becomes an int32 bias on the folded weight's scale
         # case 2g on the float model: the attention finder reads through no Q/DQ
         blocks = attention_blocks(float_model.graph) if opts.attention == "int16" and opts.activations == "int8" else 0
         run = _Legalizer(model.graph, rules, cache, opts, quantizable, blocks > 0)
@@ -449,7 +455,7 @@ class QuantizeTensors(Pass):
             logger.warning("%s: %s: %s", self.name, where, why)
         changed = any(n for key, n in run.counts.items() if key != "params_kept_float")
         return PassResult(model, changed,
-                          {**run.counts, "squares_as_mul": squares, "roots_16bit": {root: [label(n) for n in chain]
+                          {**run.counts, "squares_as_mul": squares, "gemm_coefficients_folded": gemms, "roots_16bit": {root: [label(n) for n in chain]
                                                           for root, chain in sorted(run.roots.items())},
                            "carried_states_16bit": carried, "norms_16bit": len(run.norms),
                            "attention_blocks_16bit_glue": blocks,

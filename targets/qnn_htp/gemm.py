@@ -1,0 +1,100 @@
+"""A ``Gemm``'s ``alpha`` and ``beta`` folded into its constants, as QNN's FullyConnected needs.
+
+The QNN EP builds ``Gemm`` as HTP's FullyConnected, which has no coefficients: it refuses
+``alpha != 1`` ("QNN FullyConnected Op only support alpha=1.0") and fails to add a bias read
+with ``beta != 1`` ("Failed to add node"; measured with ``beta`` 0 and 0.5). Old exporters
+write both (PyTorch's ``mm`` as ``Gemm(A, B, C=0, beta=0)``: ONNX's ``test_operator_mm``).
+``Y = alpha·A·B + beta·C`` is the same with:
+
+* ``beta == 0``: ``C`` dropped;
+* ``beta != 1`` and ``C`` a constant: ``C`` replaced by ``beta·C``;
+* ``alpha != 1`` and ``B`` a float constant: ``B`` replaced by ``alpha·B``; ``B`` a
+  ``DequantizeLinear`` of a constant with a constant scale (``quantize``'s int8 weight): a
+  new ``DequantizeLinear`` with scale ``|alpha|·s``, exact, of the same integers (so the
+  zeros of a sparse weight stay) or, for ``alpha < 0``, of the negated ones where that is
+  exact (zero point 0, no code at the type's minimum).
+
+Anything else (an ``alpha`` with ``B`` computed by the graph, a ``beta`` with ``C`` computed)
+is left as it is, and the EP's refusal names the node. Run before the walk that makes ``C``
+an int32 bias (its scale is ``s_x·s_w``, of the folded weight).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.passes._graph import NameAllocator, add_initializer, drop_if_unused
+from compressor.targets.base import on_cpu
+
+__all__ = ["fold_gemm_coefficients"]
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def _scaled_weight(graph: ir.Graph, names: NameAllocator, weight: ir.Value, alpha: float) -> ir.Value | None:
+    """``alpha · weight`` as a new constant or a new DequantizeLinear (module docstring), else ``None``."""
+    array = _constant(weight)
+    if array is not None and array.dtype.kind == "f":
+        return add_initializer(graph, names(f"{weight.name}_alpha"), (array * np.asarray(alpha, array.dtype)))
+    dq = weight.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or alpha == 0:
+        return None
+    ints, scale = _constant(dq.inputs[0]), _constant(dq.inputs[1])
+    if ints is None or scale is None:
+        return None
+    codes = dq.inputs[0]
+    if alpha < 0:  # a scale stays positive: the codes are negated, where that is exact (symmetric, no -128)
+        zero = _constant(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros(1)
+        if zero is None or np.any(zero != 0) or ints.dtype.kind != "i" or ints.min() <= np.iinfo(ints.dtype).min:
+            return None
+        codes = add_initializer(graph, names(f"{codes.name}_negated"), -ints)
+    new_scale = add_initializer(graph, names(f"{dq.inputs[1].name}_alpha"),
+                                scale * np.asarray(abs(alpha), scale.dtype))
+    new = ir.node("DequantizeLinear", [codes, new_scale, *dq.inputs[2:]],
+                  attributes={k: v for k, v in dq.attributes.items()}, name=names(f"{dq.name or 'dq'}_alpha"))
+    new.outputs[0].name = names(f"{weight.name}_alpha")
+    new.outputs[0].type, new.outputs[0].shape = weight.type, weight.shape
+    graph.insert_after(dq, new)
+    return new.outputs[0]
+
+
+def fold_gemm_coefficients(graph: ir.Graph) -> int:
+    """Fold ``alpha``/``beta`` of every ``Gemm`` of ``graph`` where it can (module docstring); returns how many."""
+    names = NameAllocator(graph)
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or on_cpu(node):
+            continue
+        alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 1.0
+        beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
+        changed = False
+        has_c = len(node.inputs) > 2 and node.inputs[2] is not None
+        old = [node.inputs[1], node.inputs[2] if has_c else None]
+        if has_c and beta == 0.0:
+            node.resize_inputs(2)
+            changed = True
+        elif has_c and beta != 1.0 and (c := _constant(node.inputs[2])) is not None and c.dtype.kind == "f":
+            node.replace_input_with(2, add_initializer(graph, names(f"{node.inputs[2].name}_beta"),
+                                                        c * np.asarray(beta, c.dtype)))
+            changed = True
+        if changed or not has_c:
+            node.attributes.pop("beta", None)
+        if alpha != 1.0 and (scaled := _scaled_weight(graph, names, node.inputs[1], alpha)) is not None:
+            node.replace_input_with(1, scaled)
+            node.attributes.pop("alpha", None)
+            changed = True
+        for value in old:  # what the Gemm read before, when nothing else reads it
+            producer = value.producer() if value is not None else None
+            if producer is not None and producer.op_type == "DequantizeLinear" and not value.uses() \
+                    and not value.is_graph_output():
+                graph.remove(producer, safe=True)
+                drop_if_unused(graph, producer.inputs)
+            elif value is not None:
+                drop_if_unused(graph, [value])
+        count += changed
+    return count

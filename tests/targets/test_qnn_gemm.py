@@ -1,0 +1,97 @@
+"""``Gemm`` coefficients folded for QNN's FullyConnected (``targets/qnn_htp/gemm.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor.cli import main
+from compressor.model_io import model_bytes
+from compressor.targets.onnx import ort_session
+from compressor.targets.qnn_htp.gemm import fold_gemm_coefficients
+
+HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
+M, K, N = 2, 3, 4
+
+
+def _gemm(alpha: float, beta: float, c_shape: tuple[int, ...] | None, b_const: bool) -> ir.Model:
+    """``Y = alpha·A·B + beta·C``; a constant ``B`` as ``quantize`` leaves it: DQ(int8 codes, per-column scale)."""
+    rng = np.random.default_rng(0)
+    inits, nodes, ins = [], [], [helper.make_tensor_value_info("a", TensorProto.FLOAT, [M, K])]
+    if b_const:
+        codes = rng.integers(-127, 128, (K, N)).astype(np.int8)
+        codes[0, 0] = 0  # a pruned weight stays 0
+        inits += [numpy_helper.from_array(codes, "b_q"),
+                  numpy_helper.from_array(rng.uniform(0.01, 0.02, N).astype(np.float32), "b_scale"),
+                  numpy_helper.from_array(np.zeros(N, np.int8), "b_zp")]
+        nodes.append(helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["b"], axis=1))
+    else:
+        ins.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [K, N]))
+    gemm_in = ["a", "b"]
+    if c_shape is not None:
+        inits.append(numpy_helper.from_array(rng.standard_normal(c_shape).astype(np.float32), "c"))
+        gemm_in.append("c")
+    nodes.append(helper.make_node("Gemm", gemm_in, ["y"], alpha=alpha, beta=beta))
+    graph = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [M, N])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort_session(model_bytes(model), as_written=True).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("alpha, beta, c_shape", [
+    (1.0, 0.0, (1,)),      # PyTorch's mm as old exporters wrote it (ONNX's test_operator_mm): C dropped
+    (1.0, 0.5, (N,)),      # C scaled
+    (2.0, 1.0, (N,)),      # the weight's scale doubled, the codes unchanged
+    (-1.5, 0.25, (1, N)),  # codes negated, scale 1.5x, C scaled
+    (3.0, 1.0, None),
+])
+def test_alpha_and_beta_go_into_the_constants(alpha, beta, c_shape):
+    model = _gemm(alpha, beta, c_shape, b_const=True)
+    feeds = {"a": np.random.default_rng(1).standard_normal((M, K)).astype(np.float32)}
+    before = _run(model, feeds)
+    codes = model.graph.initializers["b_q"].const_value.numpy()
+    assert fold_gemm_coefficients(model.graph) == 1
+    (gemm,) = [n for n in model.graph if n.op_type == "Gemm"]
+    assert all(gemm.attributes[k].as_float() == 1.0 for k in ("alpha", "beta") if k in gemm.attributes)
+    assert len(gemm.inputs) == (2 if c_shape is None or beta == 0 else 3)
+    dq = gemm.inputs[1].producer()
+    assert dq.op_type == "DequantizeLinear"
+    np.testing.assert_array_equal(dq.inputs[0].const_value.numpy(), codes if alpha > 0 else -codes)
+    assert dq.inputs[0].const_value.numpy()[0, 0] == 0
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph) == 1, "the old DQ goes"
+    np.testing.assert_allclose(_run(model, feeds), before, rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_on_a_computed_b_is_left_for_the_ep_to_name():
+    model = _gemm(2.0, 1.0, None, b_const=False)
+    assert fold_gemm_coefficients(model.graph) == 0
+    (gemm,) = [n for n in model.graph if n.op_type == "Gemm"]
+    assert gemm.attributes["alpha"].as_float() == 2.0
+
+
+@pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
+def test_pytorch_mm_as_old_exporters_wrote_it_runs_wholly_on_htp(tmp_path, capsys):
+    """``Gemm(A, B, C=[0], beta=0)`` of two inputs was exit 4 ("c_DequantizeLinear: Failed to add node")."""
+    model = _gemm(1.0, 0.0, (1,), b_const=False)
+    (tmp_path / "mm.onnx").write_bytes(model_bytes(model))
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "d.npz", a=rng.standard_normal((8, M, K)).astype(np.float32),
+             b=rng.standard_normal((8, K, N)).astype(np.float32))
+    code = main([str(tmp_path / "mm.onnx"), "--recipe", "int8", "--target", "qnn-htp", "--calib",
+                 str(tmp_path / "d.npz"), "--eval", str(tmp_path / "d.npz"), "--latency-runs", "1",
+                 "-o", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["qnn_htp"]["ran_wholly_on_htp"] and manifest["gate"]["passed"]
+    (legalize,) = [p for p in manifest["passes"] if p["name"] == "qnn-legalize"]
+    assert legalize["stats"]["gemm_coefficients_folded"] == 1
