@@ -112,11 +112,23 @@ def summary(manifest: dict[str, Any]) -> str:
                           + (f"; {n} not tried (promoting them changes nothing)"
                              if (n := ac.get("skipped_already_16bit")) else ""))]
           if (ac := manifest.get("accuracy_control")) else []),
-        *[("quantized", f"nothing was quantized: {r['stats']['nothing_quantized']}")
+        *[("quantized", _nothing_quantized(r, manifest["passes"]))
           for r in manifest["passes"] if r["stats"].get("nothing_quantized")],
         ("gate", verdict),
     ]
     return passes + "\n\n" + table(rows, ["summary", ""])
+
+
+def _nothing_quantized(report: dict[str, Any], passes: list[dict[str, Any]]) -> str:
+    """The summary's row for a ``quantize`` that quantized no layer: a no-op, unless a target pass
+    after it (``qnn-legalize``: HTP has no float path) put Q/DQ on every tensor."""
+    why = report["stats"]["nothing_quantized"]
+    after = passes[passes.index(report) + 1:]
+    done = next((p for p in after if p["stats"].get("qdq_added")), None)
+    if done is None:
+        return f"nothing was quantized: {why}"
+    return (f"no layer by {report['name']} ({why}); {done['name']} quantized every tensor "
+            f"({done['stats']['qdq_added']} Q/DQ pairs)")
 
 
 def write_junit(path: Path, manifest: dict[str, Any] | None, error: str | None) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 
 import onnx_ir as ir
 from compressor.passes._graph import NameAllocator, every_graph
+from compressor.passes._quantize_selection import say_nothing_quantized
 from compressor.passes._transformer_preset import attention_blocks
 from compressor.targets.base import Capabilities
 
@@ -204,7 +205,8 @@ def quantize_bodies(model: ir.Model, ctx: PassContext, plan: BodyPlan, main: Pas
         _rename_clashes(model.graph)
         logger.info("quantize: %s", "; ".join(f"{label}: {n} layer(s) quantized" for label, n in quantized.items()))
     elif plan.taken and stats.get("nothing_quantized"):  # the main graph left saying so to us
-        logger.warning("quantize: nothing was quantized: %s", stats["nothing_quantized"])
+        say_nothing_quantized(stats["nothing_quantized"],
+                              ctx.target.capabilities if ctx.target is not None else Capabilities())
     if left:
         # the bodies of the main graph first; those nested in them are counted, not listed, in the log
         nested = {label: why for label, why in left.items() if why.startswith(_NESTED)}

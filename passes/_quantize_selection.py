@@ -17,6 +17,7 @@ says when nothing was quantized.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,10 @@ from compressor.errors import InvalidModel
 if TYPE_CHECKING:
     from compressor.passes.quantize import QuantizeOptions
 
-__all__ = ["half_precision", "mask_path_tensors", "nothing_quantized", "refuse_nonfinite_weights", "select_layers"]
+__all__ = ["half_precision", "mask_path_tensors", "nothing_quantized", "refuse_nonfinite_weights", "say_nothing_quantized",
+           "select_layers"]
+
+logger = logging.getLogger("compressor.passes.quantize")
 
 
 def select_layers(graph: ir.Graph, caps: Capabilities, opts: QuantizeOptions,
@@ -91,6 +95,17 @@ def mask_path_tensors(graph: ir.Graph, layers: list[Layer]) -> dict[str, str]:
                          f"({used_as_mask[value.name]})")
             for layer in layers for _, value in layer.activations
             if value.name in derived and value.name in used_as_mask}
+
+
+def say_nothing_quantized(reason: str, caps: Capabilities) -> None:
+    """Log that ``quantize`` quantized no layer, and why: a warning (the run is a no-op), except
+    on a target without a float path (``caps.fallback == "int16"``, QNN HTP), whose own passes
+    after ``quantize`` (``qnn-legalize``) quantize every tensor: there it is not a no-op."""
+    if caps.fallback == "int16":
+        logger.info("quantize: no layer quantized here (%s); the target's passes quantize every tensor after it "
+                    "(it has no float path)", reason)
+    else:
+        logger.warning("quantize: nothing was quantized: %s", reason)
 
 
 def nothing_quantized(model: ir.Model, skipped: dict[str, str], caps: Capabilities, shown: int = 3) -> str:

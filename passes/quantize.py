@@ -113,6 +113,7 @@ from compressor.passes._quantize_selection import (
     mask_path_tensors,
     nothing_quantized,
     refuse_nonfinite_weights,
+    say_nothing_quantized,
     select_layers,
 )
 from compressor.passes._smoothquant import SmoothQuantOptions, smooth_layers
@@ -326,7 +327,7 @@ class Quantize(Pass):
             logger.info("weight only: %s: %s", name, why)
         nothing = None if quantized or weight_only else nothing_quantized(model, skipped, caps)
         if nothing and alone:
-            logger.warning("quantize: nothing was quantized: %s", nothing)
+            say_nothing_quantized(nothing, caps)
         return PassResult(model, bool(quantized or weight_only) or smoothed > 0 or to_fp32 > 0, {
             **({"nothing_quantized": nothing} if nothing else {}),
             "layers_quantized": len(quantized),

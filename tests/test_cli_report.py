@@ -92,3 +92,22 @@ def test_an_artifact_slower_than_the_baseline_is_warned_about(caplog):
         warn_if_slower({**slow, "compressed_note": "HTP emulated on this x86 CPU: not the device's latency"}, _Cpu(None))
     assert [r.getMessage() for r in caplog.records] == [
         "the compressed artifact runs slower than the fp32 model here: 276.00 ms vs 205.90 ms per batch (0.75x)."]
+
+
+def test_a_quantize_with_no_layer_is_a_no_op_unless_a_target_pass_quantized_every_tensor():
+    """ONNX's ``test_operator_selu`` on qnn-htp: no layer ``quantize`` handles, but qnn-legalize puts Q/DQ on
+    every tensor (HTP has no float path), so the summary must not say nothing was quantized."""
+    why = "the model has no layer the target quantizes (Conv/ConvTranspose/Gemm/MatMul)"
+    manifest = _manifest(HTP_FILES)
+    quantize = {"name": "quantize", "modified": False, "seconds": 0.0,
+                "stats": {"nothing_quantized": why, "layers_quantized": 0}}
+    legalize = {"name": "qnn-legalize", "modified": True, "seconds": 0.0,
+                "stats": {"qdq_added": 3, "constants_quantized": 1}}
+
+    def row(passes: list[dict]) -> str:
+        manifest["passes"] = passes
+        (line,) = [ln.split(None, 1)[1] for ln in summary(manifest).splitlines() if ln.startswith("quantized ")]
+        return line
+
+    assert row([quantize]) == f"nothing was quantized: {why}"
+    assert row([quantize, legalize]) == f"no layer by quantize ({why}); qnn-legalize quantized every tensor (3 Q/DQ pairs)"

@@ -97,7 +97,7 @@ from compressor.targets.qnn_htp.qdq_graph import (
     stripped_model,
 )
 from compressor.targets.qnn_htp.front_end import handed_over
-from compressor.targets.qnn_htp.gemm import fold_gemm_coefficients
+from compressor.targets.qnn_htp.equivalents import fold_gemm_coefficients, selu_as_elu
 from compressor.targets.qnn_htp.rules import ACTIVATION_BITS, HTP_QDQ_RULES, QdqRules
 from compressor.targets.qnn_htp.underflow import floor_reason
 from compressor.targets.qnn_htp.widen import carried_states, describe, norm_chains, root_chains, squares_as_mul
@@ -424,6 +424,8 @@ class QuantizeTensors(Pass):
         quantizable = ({op: q.weights for op, q in ctx.target.capabilities.quantizable.items()}
                        if ctx.target is not None else {"Conv": None, "MatMul": None})
         ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        # before the calibration (a tensor a rewrite adds is calibrated) and the int32 biases
+        gemms, selus = fold_gemm_coefficients(model.graph), selu_as_elu(model.graph)
         # The ranges of the float model (activation Q/DQ bypassed): stable across accuracy
         # control's rebuilds, so they are calibrated once.
         float_model = stripped_model(model)
@@ -431,7 +433,6 @@ class QuantizeTensors(Pass):
         found = gather(float_model, ctx.calibration, [StatPoint(n) for n in wanted], ctx.cache, bar=ctx.progress)
         cache = {point.tensor: stats for point, stats in found.items()}
         squares = squares_as_mul(model.graph)
-        gemms = fold_gemm_coefficients(model.graph)  # before C becomes an int32 bias on the folded weight's scale
         # case 2g on the float model: the attention finder reads through no Q/DQ
         blocks = attention_blocks(float_model.graph) if opts.attention == "int16" and opts.activations == "int8" else 0
         run = _Legalizer(model.graph, rules, cache, opts, quantizable, blocks > 0)
@@ -455,7 +456,8 @@ class QuantizeTensors(Pass):
             logger.warning("%s: %s: %s", self.name, where, why)
         changed = any(n for key, n in run.counts.items() if key != "params_kept_float")
         return PassResult(model, changed,
-                          {**run.counts, "squares_as_mul": squares, "gemm_coefficients_folded": gemms, "roots_16bit": {root: [label(n) for n in chain]
+                          {**run.counts, "squares_as_mul": squares, "gemm_coefficients_folded": gemms,
+                           "selu_as_elu": selus, "roots_16bit": {root: [label(n) for n in chain]
                                                           for root, chain in sorted(run.roots.items())},
                            "carried_states_16bit": carried, "norms_16bit": len(run.norms),
                            "attention_blocks_16bit_glue": blocks,

@@ -431,6 +431,23 @@ def test_nothing_quantized_is_said_with_every_reason(tmp_path, caplog):
     assert warnings == [f"quantize: nothing was quantized: {why}"]
 
 
+def test_nothing_quantized_is_no_warning_where_the_target_quantizes_every_tensor_after(tmp_path, caplog):
+    """qnn-htp has no float path: its qnn-legalize quantizes every tensor after ``quantize``, so a model with
+    no layer for ``quantize`` (ONNX's ``test_operator_selu``) is not a no-op there."""
+    from compressor.targets import get_target
+
+    model, _ = mlp(np.random.default_rng(0))
+    ctx = PassContext(target=get_target("qnn-htp"), calibration=_dataset(model, tmp_path, {"x": _normal(1, 32, 64)}),
+                      properties={"constants-folded"})
+    with caplog.at_level("INFO", logger="compressor.passes.quantize"):
+        result = build_pass("quantize", {"ops": ["Conv"]}).run(model, ctx)
+    why = result.stats["nothing_quantized"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [r.getMessage() for r in caplog.records][-1] == (
+        f"quantize: no layer quantized here ({why}); the target's passes quantize every tensor after it (it has no "
+        "float path)")
+
+
 # ---------------------------------------------------------------------------- numerics
 
 

@@ -1,4 +1,4 @@
-"""``Gemm`` coefficients folded for QNN's FullyConnected (``targets/qnn_htp/gemm.py``)."""
+"""Exact equivalents of ops QNN HTP refuses (``targets/qnn_htp/equivalents.py``): Gemm coefficients, Selu."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.cli import main
 from compressor.model_io import model_bytes
 from compressor.targets.onnx import ort_session
-from compressor.targets.qnn_htp.gemm import fold_gemm_coefficients
+from compressor.targets.qnn_htp.equivalents import fold_gemm_coefficients, selu_as_elu
 
 HAVE_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 M, K, N = 2, 3, 4
@@ -95,3 +95,37 @@ def test_pytorch_mm_as_old_exporters_wrote_it_runs_wholly_on_htp(tmp_path, capsy
     assert manifest["qnn_htp"]["ran_wholly_on_htp"] and manifest["gate"]["passed"]
     (legalize,) = [p for p in manifest["passes"] if p["name"] == "qnn-legalize"]
     assert legalize["stats"]["gemm_coefficients_folded"] == 1
+
+
+def _selu() -> ir.Model:
+    graph = helper.make_graph([helper.make_node("Selu", ["x"], ["y"]), helper.make_node("Selu", ["y"], ["z"], alpha=2.0,
+                                                                                          gamma=0.5)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 3, 4])])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                                        ir_version=8))
+
+
+def test_selu_is_gamma_times_elu():
+    model = _selu()
+    feeds = {"x": np.random.default_rng(3).standard_normal((1, 2, 3, 4)).astype(np.float32) * 3}
+    before = _run(model, feeds)
+    assert selu_as_elu(model.graph) == 2
+    assert [n.op_type for n in model.graph] == ["Elu", "Mul", "Elu", "Mul"]
+    assert [v.name for v in model.graph.outputs] == ["z"]
+    np.testing.assert_allclose(_run(model, feeds), before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
+def test_selu_runs_wholly_on_htp(tmp_path, capsys):
+    """HTP failed to finalize a Selu (exit 4, bare QNN_COMMON_ERROR_MEM_ALLOC: ONNX's test_operator_selu)."""
+    (tmp_path / "selu.onnx").write_bytes(model_bytes(_selu()))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(4).standard_normal((8, 1, 2, 3, 4)).astype(np.float32))
+    code = main([str(tmp_path / "selu.onnx"), "--recipe", "int8", "--target", "qnn-htp", "--calib",
+                 str(tmp_path / "d.npz"), "--eval", str(tmp_path / "d.npz"), "--latency-runs", "1",
+                 "-o", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["qnn_htp"]["ran_wholly_on_htp"] and manifest["gate"]["passed"]
+    (legalize,) = [p for p in manifest["passes"] if p["name"] == "qnn-legalize"]
+    assert legalize["stats"]["selu_as_elu"] == 2

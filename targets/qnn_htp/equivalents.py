@@ -1,9 +1,14 @@
-"""A ``Gemm``'s ``alpha`` and ``beta`` folded into its constants, as QNN's FullyConnected needs.
+"""Ops the QNN EP refuses or HTP fails to finalize, rewritten as exact equivalents it runs.
 
-The QNN EP builds ``Gemm`` as HTP's FullyConnected, which has no coefficients: it refuses
-``alpha != 1`` ("QNN FullyConnected Op only support alpha=1.0") and fails to add a bias read
-with ``beta != 1`` ("Failed to add node"; measured with ``beta`` 0 and 0.5). Old exporters
-write both (PyTorch's ``mm`` as ``Gemm(A, B, C=0, beta=0)``: ONNX's ``test_operator_mm``).
+Both run first in ``qnn-quantize-tensors``, on the float layers ``quantize`` left, before
+the calibration of the tensors it adds Q/DQ to (so a tensor a rewrite adds is calibrated
+too) and before ``C`` becomes an int32 bias (its scale is ``s_x·s_w``, of the folded weight).
+
+**``Gemm`` coefficients** (:func:`fold_gemm_coefficients`). The QNN EP builds ``Gemm`` as
+HTP's FullyConnected, which has no coefficients: it refuses ``alpha != 1`` ("QNN
+FullyConnected Op only support alpha=1.0") and fails to add a bias read with ``beta != 1``
+("Failed to add node"; measured with ``beta`` 0 and 0.5). Old exporters write both
+(PyTorch's ``mm`` as ``Gemm(A, B, C=0, beta=0)``: ONNX's ``test_operator_mm``).
 ``Y = alpha·A·B + beta·C`` is the same with:
 
 * ``beta == 0``: ``C`` dropped;
@@ -15,8 +20,11 @@ write both (PyTorch's ``mm`` as ``Gemm(A, B, C=0, beta=0)``: ONNX's ``test_opera
   exact (zero point 0, no code at the type's minimum).
 
 Anything else (an ``alpha`` with ``B`` computed by the graph, a ``beta`` with ``C`` computed)
-is left as it is, and the EP's refusal names the node. Run before the walk that makes ``C``
-an int32 bias (its scale is ``s_x·s_w``, of the folded weight).
+is left as it is, and the EP's refusal names the node.
+
+**``Selu``** (:func:`selu_as_elu`): HTP fails to finalize it (``QNN_COMMON_ERROR_MEM_ALLOC``,
+ONNX's ``test_operator_selu``); ``Selu(x; alpha, gamma) = gamma · Elu(x; alpha)``, and HTP
+runs ``Elu`` and ``Mul``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import onnx_ir as ir
 from compressor.passes._graph import NameAllocator, add_initializer, drop_if_unused
 from compressor.targets.base import on_cpu
 
-__all__ = ["fold_gemm_coefficients"]
+__all__ = ["fold_gemm_coefficients", "selu_as_elu"]
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
@@ -97,4 +105,31 @@ def fold_gemm_coefficients(graph: ir.Graph) -> int:
             elif value is not None:
                 drop_if_unused(graph, [value])
         count += changed
+    return count
+
+
+def selu_as_elu(graph: ir.Graph) -> int:
+    """Every ``Selu`` of ``graph`` as ``Mul(Elu(x; alpha), gamma)`` (module docstring); returns how many."""
+    names = NameAllocator(graph)
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Selu" or node.domain not in ("", "ai.onnx") or on_cpu(node):
+            continue
+        alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 1.67326319217681884765625
+        gamma = node.attributes["gamma"].as_float() if "gamma" in node.attributes else 1.05070102214813232421875
+        base = node.name or "selu"
+        elu = ir.node("Elu", [node.inputs[0]], attributes={"alpha": alpha}, name=names(f"{base}_elu"))
+        out = node.outputs[0]
+        elu.outputs[0].name = names(f"{out.name}_elu")
+        elu.outputs[0].type, elu.outputs[0].shape = out.type, out.shape
+        scale = add_initializer(graph, names(f"{base}_gamma"), np.asarray(gamma, np.float32))
+        mul = ir.node("Mul", [elu.outputs[0], scale], name=names(f"{base}_gamma_mul"))
+        graph.insert_after(node, [elu, mul])
+        result = mul.outputs[0]
+        result.type, result.shape = out.type, out.shape
+        name = out.name
+        out.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        result.name = name
+        count += 1
     return count
