@@ -84,7 +84,10 @@ def _provider_options() -> dict[str, str]:
     }
 
 
-def _session_options(*, fallback: bool = False, record: bool = False, severity: int = 3) -> ort.SessionOptions:
+def _session_options(*, fallback: bool = False, record: bool = False, severity: int = 4) -> ort.SessionOptions:
+    """Options of an HTP session; ``severity`` 4 (fatal only) by default: a compile or session
+    that fails raises, and the exit 4 names the nodes from a recorded probe (:func:`_fail`),
+    so ONNX Runtime's own coloured ERROR lines would only repeat it on the user's terminal."""
     _register()
     ort.set_default_logger_severity(max(severity, 3))
     opts = ort.SessionOptions()
@@ -137,6 +140,9 @@ _REASON = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((\w+)\) 
 _NODE_LINE = re.compile(r"Operator type: (\w+) Node name: (\S*) Node index")
 
 
+_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
 def refused_nodes(source: str | bytes) -> list[tuple[str, str]]:
     """The nodes HTP refuses in a model, with the QNN EP's reason; ``[]`` when it takes all.
 
@@ -151,14 +157,14 @@ def refused_nodes(source: str | bytes) -> list[tuple[str, str]]:
     for unit, block, reason in _REASON.findall(text):
         for op, name in _NODE_LINE.findall(block):
             reasons.setdefault(name, f"{unit} node unit: {reason.strip()}")
-    out = []
-    for sub in session.get_provider_graph_assignment_info():
-        if sub.ep_name == EP_NAME:
-            continue
-        for node in sub.get_nodes():
-            out.append((node.name or node.op_type, reasons.get(node.name, f"op {node.op_type}: refused by the QNN EP "
-                                                                         "for HTP (no reason logged)")))
-    return out
+    refused = [(node.op_type, node.name or node.op_type, reasons.get(node.name))
+               for sub in session.get_provider_graph_assignment_info() if sub.ep_name != EP_NAME
+               for node in sub.get_nodes()]
+    # The Q/DQ nodes around a refused op are refused with its node unit: name the op, not them
+    # ("MaxPool: MaxPool node unit: QNN NPU does not support PoolMax3d!", not its input's Q and DQ).
+    explained = {why for op, _, why in refused if why and op not in _QDQ}
+    return [(name, why or f"op {op}: refused by the QNN EP for HTP (no reason logged)") for op, name, why in refused
+            if op not in _QDQ or not explained or (why is not None and why not in explained)]
 
 
 def _fail(source: str | bytes, err: Exception) -> CompressorError:

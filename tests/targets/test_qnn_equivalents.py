@@ -129,3 +129,25 @@ def test_selu_runs_wholly_on_htp(tmp_path, capsys):
     assert manifest["qnn_htp"]["ran_wholly_on_htp"] and manifest["gate"]["passed"]
     (legalize,) = [p for p in manifest["passes"] if p["name"] == "qnn-legalize"]
     assert legalize["stats"]["selu_as_elu"] == 2
+
+
+@pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
+def test_an_op_htp_refuses_is_named_without_its_qdq_or_onnx_runtimes_own_log(tmp_path, capfd):
+    """A 3-D MaxPool (ONNX's test_MaxPool3d): the exit 4 names the pool alone, not the Q and DQ of its node unit
+    ("0_QuantizeLinear: refused (no reason logged); 0_DequantizeLinear: ..."), and ONNX Runtime's coloured
+    ERROR lines do not reach the terminal."""
+    graph = helper.make_graph([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2, 2], name="pool")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "pool.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(5).standard_normal((4, 1, 2, 4, 4, 4)).astype(np.float32))
+    code = main([str(tmp_path / "pool.onnx"), "--recipe", "int8", "--target", "qnn-htp", "--calib",
+                 str(tmp_path / "d.npz"), "--eval", str(tmp_path / "d.npz"), "-o", str(tmp_path / "out")])
+    err = capfd.readouterr().err
+    assert code == 4, err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert line.startswith("error: target 'qnn-htp' cannot run this model: pool: MaxPool node unit: "), line
+    assert "QuantizeLinear" not in line and "DequantizeLinear" not in line and ";" not in line, line
+    assert "E:onnxruntime" not in err
+    assert not (tmp_path / "out").exists()
