@@ -110,6 +110,8 @@ class OpenVinoRunner(Runner):
         require_openvino()
         self.core = core or ov.Core()
         cpu_config(precision)  # an unknown precision is refused whatever the artifact pins
+        #: The artifact's ``.xml`` (its ``.bin`` beside it).
+        self.xml = Path(xml)
         model = self.core.read_model(str(xml))
         #: The precision pinned in the artifact (``None``: none).
         self.pinned: str | None = pinned_precision(model)
