@@ -198,9 +198,11 @@ class Target(abc.ABC):
         workdir.mkdir(parents=True, exist_ok=True)
         return self.runner(self.lower(model, workdir))
 
-    def device_reference_runner(self, model: ir.Model, workdir: Path) -> Runner | None:
+    def device_reference_runner(self, model: ir.Model, workdir: Path, baseline: Runner | None = None) -> Runner | None:
         """The uncompressed model in the device's default float precision where that differs
-        from the baseline's (bf16 on some CPUs); ``None`` where it is the same."""
+        from the baseline's (bf16 on some CPUs); ``None`` where it is the same. ``baseline``
+        is :meth:`reference_runner`'s runner of ``model``, whose lowered files a target may
+        run again rather than lower ``model`` a second time."""
         return None
 
     def precision_fallback(self) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,20 @@ def test_a_plain_int8_run_serialises_the_model_a_bounded_number_of_times(twice, 
 def test_openvino_converts_the_fp32_model_once(twice):
     counts, _, _ = twice("openvino")
     assert counts["convert"] == 2, f"fp32 once (check = baseline) + the int8 artifact once: {counts}"
+
+
+@pytest.mark.parametrize("device", ["f32", "bf16"])
+def test_openvino_converts_the_fp32_model_once_in_either_device_precision(capture_once, force_precision, tmp_path,
+                                                                          device):
+    """Where the device's default float precision is bf16 (AVX512-BF16, AMX) the run also times
+    the fp32 model in it (``latency.baseline_device_ms``): it compiles the baseline's IR again,
+    it does not convert and serialise the model again (it did: 3 conversions and 7
+    serialisations on an AVX-512 BF16 CPU)."""
+    force_precision(device)
+    counts = _counted_run(tmp_path / "out", "openvino")
+    assert counts["convert"] == 2 and counts["serialize_model"] <= MAX_SERIALISATIONS, counts
+    latency = json.loads((tmp_path / "out" / "manifest.json").read_text())["latency"]
+    assert latency["device_precision"] == device and latency["baseline_precision"] == "f32"
 
 
 @pytest.mark.parametrize("target", ["onnx", "openvino", "qnn-htp", "tensorrt"])

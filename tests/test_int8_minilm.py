@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_minilm_int8_openvino(tmp_path, capsys):
     from compressor.passes._attention import _is_linear, attention_projections
+    from compressor.targets.base import cpu_has_vnni
 
     from compressor.corpus import stdlib_sentences, tokenize_for
     from compressor.model_io import load_onnx
@@ -54,11 +55,19 @@ def test_minilm_int8_openvino(tmp_path, capsys):
     assert set(quant["stats"]["weight_only_layers"]) == keys
     assert set(quant["stats"]["layers"]) == (linears - keys) | scores
 
-    # What really ran in int8 on the CPU plugin: each quantized Q·Kᵀ as an int8 MatMul (signed
-    # symmetric operands), and as many int8 compute layers as quantized layers; the float ones
-    # are the weight-only key projections and probs·V.
+    # What really ran in int8 on the CPU plugin: each quantized Q·Kᵀ in int8 (signed symmetric
+    # operands), and as many int8 compute layers as quantized layers. Without VNNI Q·Kᵀ is an
+    # int8 MatMul and probs·V a float one; with VNNI (or AMX) the plugin fuses each block's
+    # Q·Kᵀ, Softmax and probs·V into one attention Subgraph on i8 inputs
+    # (OpenVinoRunner.layer_precisions), which takes Q·Kᵀ's place in the count. The other
+    # float layers are the weight-only key projections.
     layers = manifest["runtime_layers"]
-    assert sum(1 for layer in layers["layers"] if layer["type"] == "MatMul" and layer["int8"]) == len(scores)
+    matmuls = [layer["int8"] for layer in layers["layers"] if layer["type"] == "MatMul"]
+    fused = [layer["int8"] for layer in layers["layers"] if layer["type"] == "Subgraph"]
+    if cpu_has_vnni():
+        assert matmuls == [] and fused == [True] * len(scores), layers["layers"]
+    else:
+        assert sum(matmuls) == len(scores) and len(matmuls) == len(scores) + len(context), layers["layers"]
     assert layers["int8"] == len(quant["stats"]["layers"]), layers["float_layers"]
-    assert layers["float"] == len(keys) + len(context), layers["float_layers"]
+    assert layers["float"] == len(keys) + (0 if cpu_has_vnni() else len(context)), layers["float_layers"]
     assert sum(f["bytes"] for f in manifest["files"]) < 0.7 * manifest["model"]["baseline_bytes"]

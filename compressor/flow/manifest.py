@@ -58,7 +58,7 @@ def latency_record(tgt: Any, baseline: Any, run_baseline: Any, run_compressed: A
     user on a bf16 CPU sees); the same run where the device's default is f32.
     """
     feed = next(eval_set.batches())
-    run_device = tgt.device_reference_runner(baseline, work_dir / "baseline-device")
+    run_device = tgt.device_reference_runner(baseline, work_dir / "baseline-device", run_baseline)
     baseline_ms = measure_latency(run_baseline, feed, repeats=repeats)
     record = {
         "baseline_ms": baseline_ms,

@@ -45,6 +45,7 @@ import onnx_ir as ir
 from compressor.passes._graph import label
 from compressor.targets.base import (
     Capabilities,
+    Runner,
     Target,
     check_capabilities,
     cpu_has_vnni,
@@ -270,10 +271,18 @@ class OpenVinoTarget(Target):
         used = self.precision or self.device_precision()
         return None if used == "f32" else "f32"
 
-    def device_reference_runner(self, model: ir.Model, workdir: Path) -> OpenVinoRunner | None:
-        """The fp32 model in the device's default precision, where that is not f32 (else ``None``)."""
+    def device_reference_runner(self, model: ir.Model, workdir: Path,
+                                baseline: Runner | None = None) -> OpenVinoRunner | None:
+        """The fp32 model in the device's default precision, where that is not f32 (else ``None``).
+
+        ``baseline`` (:meth:`reference_runner`'s runner of ``model``) holds the fp32 IR, never
+        pinned, which is compiled again with no precision hint: the fp32 model is converted
+        once per run on a bf16 device too.
+        """
         if self.device_precision() == "f32":
             return None
+        if isinstance(baseline, OpenVinoRunner) and baseline.pinned is None:
+            return OpenVinoRunner(baseline.xml, core=self.core, precision=None)
         workdir.mkdir(parents=True, exist_ok=True)
         xml = [f for f in self.lower(model, workdir) if f.suffix == ".xml"]
         return OpenVinoRunner(xml[0], core=self.core, precision=None)

@@ -60,6 +60,8 @@ CPU_CONFIG: dict[str, str] = cpu_config("f32")
 #: Runtime ``layerType`` values of compute layers (the ones that can run int8).
 COMPUTE_LAYERS = frozenset({"Convolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm", "RNNSeq", "RNNCell"})
 _INT8 = frozenset({"u8", "i8"})
+#: IR op types a fused ``Subgraph`` computes with when it holds one (layer_precisions).
+_IR_MATMULS = frozenset({"MatMul", "ScaledDotProductAttention"})
 
 
 def require_openvino() -> None:
@@ -108,13 +110,16 @@ class OpenVinoRunner(Runner):
         require_openvino()
         self.core = core or ov.Core()
         cpu_config(precision)  # an unknown precision is refused whatever the artifact pins
+        #: The artifact's ``.xml`` (its ``.bin`` beside it).
+        self.xml = Path(xml)
         model = self.core.read_model(str(xml))
         #: The precision pinned in the artifact (``None``: none).
         self.pinned: str | None = pinned_precision(model)
         self.precision = self.pinned or precision
         self.config = {**cpu_config(self.precision), **(config or {})}
-        # IR MatMuls, to tell a fused Subgraph holding one (layer_precisions) from others
-        self._matmuls = frozenset(op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul")
+        # IR MatMuls (and attention ops, which hold two), to tell a fused Subgraph holding one
+        # (layer_precisions) from others
+        self._matmuls = frozenset(op.get_friendly_name() for op in model.get_ops() if op.get_type_name() in _IR_MATMULS)
         self.compiled = self.core.compile_model(model, "CPU", self.config)
         del model
         self._request = self.compiled.create_infer_request()
@@ -154,7 +159,12 @@ class OpenVinoRunner(Runner):
             ``int8`` needs an int8 kernel *and* an int8 activation: a FullyConnected with
             int8 (compressed) weights but an f32 input reports ``runtimePrecision`` i8 yet
             computes in f32 (weight-only). A fused ``Subgraph`` (the CPU plugin's snippets,
-            e.g. attention) counts as a compute layer when it holds an IR MatMul.
+            e.g. attention) counts as a compute layer when it holds an IR MatMul or an IR
+            ``ScaledDotProductAttention`` (what OpenVINO's conversion makes of a
+            MatMul-Softmax-MatMul attention block). Which attention the plugin fuses depends
+            on the CPU: an int8 Q·Kᵀ only where it has VNNI or AMX int8 kernels (its
+            ``transformation_pipeline.cpp``, ``is_supported_matmul``); without them that
+            product runs as its own int8 ``MatMul`` layer, beside a float ``probs · V`` one.
         """
         layers = []
         for op in self.compiled.get_runtime_model().get_ordered_ops():

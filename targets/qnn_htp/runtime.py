@@ -102,18 +102,24 @@ def _session_options(*, fallback: bool = False, record: bool = False, severity: 
 
 
 @contextlib.contextmanager
-def _native_stderr() -> Iterator[Path]:
-    """Capture what native code writes to fd 2 (ONNX Runtime's log) into a file."""
-    with tempfile.NamedTemporaryFile(prefix="qnn-log-", suffix=".txt", delete=False) as tmp:
-        path = Path(tmp.name)
+def _native_stderr() -> Iterator[list[str]]:
+    """Capture what native code writes to fd 2 (ONNX Runtime's log): the list it yields holds
+    the text once the block is left, also when the block raises.
+
+    The log goes to an unnamed temporary file, so nothing is left in the temporary folder
+    (a named one stayed there whenever the session in the block failed).
+    """
+    captured: list[str] = []
     saved = os.dup(2)
     try:
-        with open(path, "wb") as sink:
+        with tempfile.TemporaryFile() as sink:
             os.dup2(sink.fileno(), 2)
             try:
-                yield path
+                yield captured
             finally:
                 os.dup2(saved, 2)
+                sink.seek(0)
+                captured.append(sink.read().decode(errors="replace"))
     finally:
         os.close(saved)
 
@@ -151,8 +157,7 @@ def refused_nodes(source: str | bytes) -> list[tuple[str, str]]:
     """
     with _native_stderr() as log, _quiet_stdout():
         session = ort.InferenceSession(source, _session_options(fallback=True, record=True, severity=0))
-    text = log.read_text(errors="replace")
-    log.unlink(missing_ok=True)
+    text = log[0]
     reasons: dict[str, str] = {}
     for unit, block, reason in _REASON.findall(text):
         for op, name in _NODE_LINE.findall(block):

@@ -293,11 +293,18 @@ def bert_head(rng: np.random.Generator) -> ir.Model:
 
 def test_openvino_runs_the_scores_matmul_in_int8(tmp_path):
     """The runtime report, not an assumption: with zero points on Q·Kᵀ's operands the CPU
-    plugin folds it into its f32 attention Subgraph; signed symmetric, it runs an int8 MatMul."""
+    plugin folds it into its f32 attention Subgraph; signed symmetric, Q·Kᵀ runs int8.
+
+    Where, depends on the CPU (the plugin's ``is_supported_matmul``, transformation_pipeline.cpp):
+    without VNNI it leaves an int8 Q·Kᵀ out of its attention Subgraph, so Q·Kᵀ is an int8
+    ``MatMul`` beside a float ``probs · V`` one; with VNNI (or AMX) it fuses the whole
+    block, int8 Q·Kᵀ included, into one Subgraph that runs on i8 inputs (measured on an
+    AVX-512 VNNI/BF16 EPYC: ``jit_avx512_i8``, inputs i8, i8, f32, f32)."""
     import dataclasses
     import types
 
     ov = pytest.importorskip("openvino")
+    from compressor.targets import base as target_base
     from compressor.targets import get_target
     from compressor.targets.openvino import OpenVinoRunner
 
@@ -311,7 +318,7 @@ def test_openvino_runs_the_scores_matmul_in_int8(tmp_path):
     asymmetric = types.SimpleNamespace(name="openvino-asymmetric", capabilities=dataclasses.replace(
         target.capabilities, quantizable={**target.capabilities.quantizable, "MatMul": dataclasses.replace(
             target.capabilities.quantizable["MatMul"], activation_only=None)}))
-    ran = {}
+    matmuls, subgraphs = {}, {}
     for name, tgt in (("symmetric", target), ("asymmetric", asymmetric)):
         result = _quantize_for(tgt, _clone(model), calib)
         assert "scores" in result.stats["layers"]
@@ -319,6 +326,12 @@ def test_openvino_runs_the_scores_matmul_in_int8(tmp_path):
         ov.save_model(ov.convert_model(str(tmp_path / f"{name}.onnx")), str(tmp_path / f"{name}.xml"))
         runner = OpenVinoRunner(tmp_path / f"{name}.xml")
         runner({k: v[:2] for k, v in feeds.items()})
-        ran[name] = [layer["int8"] for layer in runner.layer_precisions() if layer["type"] == "MatMul"]
-    assert ran["symmetric"] == [True, False]  # Q·Kᵀ int8; probs · V float (attention: auto)
-    assert ran["asymmetric"] == []  # folded into the f32 Subgraph: the failure mode the spec avoids
+        layers = runner.layer_precisions()
+        matmuls[name] = [layer["int8"] for layer in layers if layer["type"] == "MatMul"]
+        subgraphs[name] = [layer["int8"] for layer in layers if layer["type"] == "Subgraph"]
+    if target_base.cpu_has_vnni():
+        assert (matmuls["symmetric"], subgraphs["symmetric"]) == ([], [True])  # int8 attention, fused
+    else:
+        assert matmuls["symmetric"] == [True, False]  # Q·Kᵀ int8; probs · V float (attention: auto)
+    # folded into the f32 Subgraph: the failure mode the spec avoids
+    assert matmuls["asymmetric"] == [] and not any(subgraphs["asymmetric"])

@@ -1011,3 +1011,19 @@ def test_the_context_does_not_depend_on_the_folder_or_on_what_the_process_compil
         built.append({f.name: f.read_bytes() for f in files})
     assert sorted(built[0]) == ["model_ctx.onnx", "model_ctx_qnn.bin"]
     assert built[0] == built[1]
+
+
+@needs_htp
+def test_reading_the_eps_log_leaves_no_file_behind(tmp_path, monkeypatch):
+    """``refused_nodes`` reads the QNN EP's log from a temporary file: none is left in the
+    temporary folder, also when the session fails (a ``qnn-log-*.txt`` stayed per failure)."""
+    import tempfile
+
+    from compressor.targets.qnn_htp.runtime import refused_nodes
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(Exception, match="INVALID_PROTOBUF"):
+        refused_nodes(b"not an onnx model")
+    model, _, _ = saturating_qdq_conv()
+    assert refused_nodes(model_bytes(model)) == []
+    assert list(tmp_path.iterdir()) == []
