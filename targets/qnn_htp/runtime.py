@@ -194,7 +194,7 @@ def _fail(source: str | bytes, err: Exception) -> CompressorError:
 #: What a fresh interpreter runs to compile one context (``compile_context``).
 _COMPILE_CHILD = ("import sys; from pathlib import Path; "
                   "from compressor.targets.qnn_htp.runtime import compile_here; "
-                  "compile_here(Path(sys.argv[1]), Path(sys.argv[2]))")
+                  "compile_here(Path(sys.argv[1]), Path(sys.argv[2]), severity=3)")
 
 
 def compile_context(model_path: Path, ctx_path: Path) -> list[Path]:
@@ -246,7 +246,7 @@ def _named_from_log(err: UnsupportedByTarget, log: str) -> UnsupportedByTarget:
     return UnsupportedByTarget("qnn-htp", offenders)
 
 
-def compile_here(model_path: Path, ctx_path: Path) -> None:
+def compile_here(model_path: Path, ctx_path: Path, severity: int = 4) -> None:
     """Compile ``model_path`` into ``ctx_path`` (+ its binary) in this process.
 
     The model is handed over as bytes (it is self-contained, :func:`~compressor.model_io.save_model`):
@@ -254,12 +254,15 @@ def compile_here(model_path: Path, ctx_path: Path) -> None:
     artifact is built in a temporary folder of random name, so two identical runs gave
     different ``*_ctx.onnx`` and binaries. From bytes the name hashes the graph's own names.
 
+    ``severity``: ONNX Runtime's log level; the fresh process of :func:`compile_context` logs
+    errors (3) to its captured stderr, which names a node HTP cannot compose.
+
     Raises:
         UnsupportedByTarget: HTP refuses part of the graph (each node named).
     """
     try:
         with _quiet_stdout():
-            compiler = ort.ModelCompiler(_session_options(), Path(model_path).read_bytes(),
+            compiler = ort.ModelCompiler(_session_options(severity=severity), Path(model_path).read_bytes(),
                                          embed_compiled_data_into_model=False)
             compiler.compile_to_file(str(ctx_path))
     except Exception as err:  # ONNX Runtime's own exception types
