@@ -49,15 +49,19 @@ def attention_blocks(graph: ir.Graph) -> int:
     return sum("attention-scores" in roles for roles in attention_projections(graph).values())
 
 
-def with_preset(opts: OptionsT, blocks: int) -> tuple[OptionsT, tuple[str, ...]]:
+def with_preset(opts: OptionsT, blocks: int, float_roles: tuple[str, ...] | None = None
+                ) -> tuple[OptionsT, tuple[str, ...]]:
     """``opts`` (``quantize``'s options) with the unset ones filled, and the names the preset set.
 
-    Without attention blocks the unset options take their plain defaults: no float
-    roles, no SmoothQuant, every join the target lists.
+    ``float_roles``: the target's own float roles for the preset (its capabilities'
+    ``preset_float_roles``; ``None``: the preset's). Without attention blocks the unset
+    options take their plain defaults: no float roles, no SmoothQuant, every join the
+    target lists.
     """
     preset: dict[str, object] = {}
     if blocks:
-        preset = {k: v for k, v in TRANSFORMER_PRESET.items() if getattr(opts, k) is None}
+        own = TRANSFORMER_PRESET if float_roles is None else {**TRANSFORMER_PRESET, "float_activations": float_roles}
+        preset = {k: v for k, v in own.items() if getattr(opts, k) is None}
         if getattr(opts, "activations", "int8") == "int16":  # (2): nothing to migrate at 16 bits
             preset.pop("smoothquant", None)
         if opts.eltwise is None:

@@ -237,7 +237,7 @@ class Quantize(Pass):
             raise CompressorError(f"target {getattr(ctx.target, 'name', None)!r} declares no quantizable ops")
         graph = model.graph
         blocks = attention_blocks(graph) if self.options.attention == "auto" else 0
-        opts, preset = with_preset(self.options, blocks)  # case 6
+        opts, preset = with_preset(self.options, blocks, caps.preset_float_roles)  # case 6
         if preset:
             logger.info("quantize: %d attention block(s) found by structure: transformer preset for %s",
                         blocks, ", ".join(preset))

@@ -77,6 +77,10 @@ class Capabilities:
         quantize_in_bodies: ``None`` when ``quantize`` may write Q/DQ inside the ``If``
             branches the calibration data takes; else why not (the backend runs them there
             slower than float), which the report names for each body left float.
+        preset_float_roles: The attention roles whose activations the transformer preset
+            keeps float on this target (``None``: the preset's own, the key projections' input
+            and ``probs · V``; :mod:`compressor.passes._transformer_preset`). OpenVINO on a CPU
+            with VNNI keeps ``probs · V`` only: its int8 key projections lose nothing there.
         simulate_as_written: Whether the CPU simulation of the Q/DQ model (accuracy
             control's ONNX Runtime ranking, a report's simulation-vs-device gap) must run it
             with ONNX Runtime's graph optimizations off: for a backend that is not ONNX
@@ -94,6 +98,7 @@ class Capabilities:
     after_quantize: tuple[TargetPass, ...] = ()
     input_pair_moves_through: frozenset[str] = frozenset()
     quantize_in_bodies: str | None = None
+    preset_float_roles: tuple[str, ...] | None = None
     simulate_as_written: bool = False
 
 

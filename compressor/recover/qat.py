@@ -116,7 +116,7 @@ def plan_layers(graph: ir.Graph, opts: Any, caps: Any, shapes: Mapping[str, tupl
     from compressor.quant.revert import widened
     from compressor.recover.smooth import smoothing_for
 
-    opts, preset = smoothing_for(opts, graph)
+    opts, preset = smoothing_for(opts, graph, caps)
     found, _ = find_layers(graph, caps, ops=opts.ops, scope=opts.scope, activation_matmuls=False, eltwise=False)
     float_acts = float_activation_layers(graph, opts.float_activations)
     wide = set(float_acts) if "float_activations" in preset and caps.fallback == "int16" else set()

@@ -116,10 +116,11 @@ def smooth_module(module: torch.nn.Module, dense: Any, opts: Any, preset: Any, c
     return {"smoothed": sorted(done), "not_smoothed": dict(sorted(left.items()))}
 
 
-def smoothing_for(step_options: Any, graph: Any) -> tuple[Any, Any]:
-    """``quantize``'s options with the attention preset ``graph`` gets, and the preset (as ``quantize``)."""
+def smoothing_for(step_options: Any, graph: Any, caps: Any) -> tuple[Any, Any]:
+    """``quantize``'s options with the attention preset ``graph`` gets on a target of ``caps``, and the
+    preset (as ``quantize``)."""
     from compressor.passes._transformer_preset import attention_blocks, with_preset
 
     blocks = attention_blocks(graph) if step_options.attention == "auto" else 0
-    return with_preset(step_options, blocks)
+    return with_preset(step_options, blocks, caps.preset_float_roles)
 

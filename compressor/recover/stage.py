@@ -295,7 +295,7 @@ def _attach_qat(student: Any, model_path: Path, dense: Captured, after: list[Any
         raise UsageError(f"recover: qat: none of the layers 'quantize' quantizes in {model_path.name} matches a "
                          "weight parameter of the module; drop 'qat'")
     smoothing = None
-    opts, preset = smoothing_for(step.options, dense.model.graph)
+    opts, preset = smoothing_for(step.options, dense.model.graph, caps)
     if opts.smoothquant is not None:  # smoothed before training, as quantize would after (compressor.recover.smooth)
         smoothing = smooth_module(student.module, dense.model, opts, preset, caps, calib)
     qat = QatModule(student, layers)

@@ -34,6 +34,7 @@ what really ran); :mod:`compressor.targets.openvino.precision` the float precisi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -200,9 +201,14 @@ class OpenVinoTarget(Target):
         #: :meth:`reference_runner` gets that same (unchanged) model: the fp32 model is
         #: converted once per run.
         self._checked: tuple[ir.Model, Any] | None = None
-        if cpu_has_vnni() is False:
+        vnni = cpu_has_vnni()
+        if vnni is False:
             # 7-bit Conv weights: exact on every x86 int8 kernel (see WEIGHT_QMAX_WITHOUT_VNNI).
             self.capabilities = narrow_weights(OPENVINO_CAPABILITIES, _SATURATING_OPS)
+        elif vnni:
+            # int8 key projections: as faithful as weight-only ones with VNNI kernels, and faster
+            # (docs/design.md, "One int8 recipe": MiniLM on an AVX-512 VNNI CPU)
+            self.capabilities = dataclasses.replace(OPENVINO_CAPABILITIES, preset_float_roles=("attention-context",))
 
 
     def __getstate__(self) -> dict[str, Any]:

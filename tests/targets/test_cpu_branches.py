@@ -61,3 +61,24 @@ def test_an_unidentified_cpu_keeps_the_full_grid(force_vnni):
     openvino = pytest.importorskip("compressor.targets.openvino")
     if openvino.ov is not None:
         assert set(_weight_bits(openvino.OpenVinoTarget()).values()) == {None}
+
+
+def test_openvino_keeps_the_key_projections_float_only_without_vnni(vnni, tmp_path):
+    """With VNNI the plugin's int8 key projections are as faithful as weight-only ones and faster
+    (MiniLM, docs/design.md "One int8 recipe"); without it the preset keeps their input float."""
+    openvino = pytest.importorskip("compressor.targets.openvino")
+    if openvino.ov is None:
+        pytest.skip("openvino is not installed")
+    import numpy as np
+
+    from tests.passes.test_attention_roles import _quantize_for
+    from tests.passes.test_quantize import _attention_feeds, _dataset, attention
+
+    target = openvino.OpenVinoTarget()
+    assert target.capabilities.preset_float_roles == (("attention-context",) if vnni else None)
+    model = attention(np.random.default_rng(0))
+    stats = _quantize_for(target, model, _dataset(model, tmp_path, _attention_feeds(1, 64))).stats
+    assert stats["weight_only_layers"] == ({} if vnni else {
+        "k_proj": "activation kept float (float_activations: attention-keys)"})
+    assert stats["skipped_layers"]["context"] == "activation kept float (float_activations: attention-context)"
+    assert ("k_proj" in stats["layers"]) is vnni
