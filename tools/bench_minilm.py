@@ -217,7 +217,8 @@ def device_columns(ms: dict[str, float], key: str, fp32: str) -> list[str]:
     device = device_precision()
     if device == "f32":
         return []
-    return [f"{ms[f'{key}@{device}']:.1f}", f"{ms[f'{fp32}@{device}'] / ms[f'{key}@{device}']:.2f}x"]
+    value = ms[f"{key}@{device}"]
+    return [f"{value:.1f}" if value >= 10 else f"{value:.3f}", f"{ms[f'{fp32}@{device}'] / value:.2f}x"]
 
 
 #: The CPU flags that decide int8 and bf16 speed (VNNI dot products, bf16 arithmetic, AMX tiles).
