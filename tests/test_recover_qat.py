@@ -304,9 +304,9 @@ def test_smoothing_the_module_is_exact_and_as_quantize_plans_it(ln_net):
 
     dense = capture(ln_net["model"]).model
     calib = load_npz(ln_net["train"], model_input_specs(dense))
-    opts, preset = smoothing_for(available_passes()["quantize"]({"calibrator": "minmax", "smoothquant": {"alpha": 0.5}}).options,
-                                 dense.graph)
     caps = get_target("onnx").capabilities
+    opts, preset = smoothing_for(available_passes()["quantize"]({"calibrator": "minmax", "smoothquant": {"alpha": 0.5}}).options,
+                                 dense.graph, caps)
     layers, _ = select_layers(dense.graph, caps, opts, preset)
     plan = {g.tensor: g.scale for g in plan_smoothing(dense, layers, calib, opts.smoothquant, skip=set())}
     program = torch.export.load(str(ln_net["model"]))
