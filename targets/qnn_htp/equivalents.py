@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from compressor.passes._graph import NameAllocator, add_initializer, drop_if_unused
+from compressor.passes._graph import NameAllocator, add_initializer, drop_if_unused, take_over
 from compressor.targets.base import on_cpu
 
 __all__ = ["fold_gemm_coefficients", "selu_as_elu"]
@@ -125,11 +125,6 @@ def selu_as_elu(graph: ir.Graph) -> int:
         scale = add_initializer(graph, names(f"{base}_gamma"), np.asarray(gamma, np.float32))
         mul = ir.node("Mul", [elu.outputs[0], scale], name=names(f"{base}_gamma_mul"))
         graph.insert_after(node, [elu, mul])
-        result = mul.outputs[0]
-        result.type, result.shape = out.type, out.shape
-        name = out.name
-        out.replace_all_uses_with(result, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        result.name = name
+        take_over(graph, out, mul.outputs[0])
         count += 1
     return count

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
-from compressor.passes._graph import NameAllocator, add_initializer
+from compressor.passes._graph import NameAllocator, add_initializer, take_over
 from compressor.targets.base import on_cpu
 
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
@@ -73,12 +73,8 @@ def gathernd_to_gather(graph: ir.Graph) -> int:
             new = [reshape, ir.node("Gather", [reshape.outputs[0], where], attributes={"axis": 0},
                                     name=names(f"{base}_as_gather"))]
         graph.insert_after(node, new)
-        result = new[-1].outputs[0]
-        result.type, result.shape = out.type, ir.Shape(out_shape)
-        name = out.name
-        out.replace_all_uses_with(result, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        result.name = name
+        new[-1].outputs[0].shape = ir.Shape(out_shape)
+        take_over(graph, out, new[-1].outputs[0])
         count += 1
     return count
 

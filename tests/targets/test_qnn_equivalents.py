@@ -82,19 +82,26 @@ def test_alpha_on_a_computed_b_is_left_for_the_ep_to_name():
 @pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
 def test_pytorch_mm_as_old_exporters_wrote_it_runs_wholly_on_htp(tmp_path, capsys):
     """``Gemm(A, B, C=[0], beta=0)`` of two inputs was exit 4 ("c_DequantizeLinear: Failed to add node")."""
-    model = _gemm(1.0, 0.0, (1,), b_const=False)
-    (tmp_path / "mm.onnx").write_bytes(model_bytes(model))
     rng = np.random.default_rng(2)
-    np.savez(tmp_path / "d.npz", a=rng.standard_normal((8, M, K)).astype(np.float32),
-             b=rng.standard_normal((8, K, N)).astype(np.float32))
-    code = main([str(tmp_path / "mm.onnx"), "--recipe", "int8", "--target", "qnn-htp", "--calib",
+    stats = _legalized_on_htp(tmp_path, capsys, _gemm(1.0, 0.0, (1,), b_const=False),
+                              a=rng.standard_normal((8, M, K)).astype(np.float32),
+                              b=rng.standard_normal((8, K, N)).astype(np.float32))
+    assert stats["gemm_coefficients_folded"] == 1
+
+
+def _legalized_on_htp(tmp_path, capsys, model: ir.Model, **data: np.ndarray) -> dict:
+    """``compress --recipe int8 --target qnn-htp`` of ``model`` (exit 0, wholly on HTP, gate passed):
+    qnn-legalize's stats."""
+    (tmp_path / "m.onnx").write_bytes(model_bytes(model))
+    np.savez(tmp_path / "d.npz", **data)
+    code = main([str(tmp_path / "m.onnx"), "--recipe", "int8", "--target", "qnn-htp", "--calib",
                  str(tmp_path / "d.npz"), "--eval", str(tmp_path / "d.npz"), "--latency-runs", "1",
                  "-o", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["qnn_htp"]["ran_wholly_on_htp"] and manifest["gate"]["passed"]
     (legalize,) = [p for p in manifest["passes"] if p["name"] == "qnn-legalize"]
-    assert legalize["stats"]["gemm_coefficients_folded"] == 1
+    return legalize["stats"]
 
 
 def _selu() -> ir.Model:
@@ -119,16 +126,9 @@ def test_selu_is_gamma_times_elu():
 @pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
 def test_selu_runs_wholly_on_htp(tmp_path, capsys):
     """HTP failed to finalize a Selu (exit 4, bare QNN_COMMON_ERROR_MEM_ALLOC: ONNX's test_operator_selu)."""
-    (tmp_path / "selu.onnx").write_bytes(model_bytes(_selu()))
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(4).standard_normal((8, 1, 2, 3, 4)).astype(np.float32))
-    code = main([str(tmp_path / "selu.onnx"), "--recipe", "int8", "--target", "qnn-htp", "--calib",
-                 str(tmp_path / "d.npz"), "--eval", str(tmp_path / "d.npz"), "--latency-runs", "1",
-                 "-o", str(tmp_path / "out")])
-    assert code == 0, capsys.readouterr().err
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["qnn_htp"]["ran_wholly_on_htp"] and manifest["gate"]["passed"]
-    (legalize,) = [p for p in manifest["passes"] if p["name"] == "qnn-legalize"]
-    assert legalize["stats"]["selu_as_elu"] == 2
+    stats = _legalized_on_htp(tmp_path, capsys, _selu(),
+                              x=np.random.default_rng(4).standard_normal((8, 1, 2, 3, 4)).astype(np.float32))
+    assert stats["selu_as_elu"] == 2
 
 
 @pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
