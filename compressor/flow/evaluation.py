@@ -219,7 +219,7 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str
     if first_ref.ndim >= 2 and first_ref.shape[-1] > 1:
         agree = float((first_ref.argmax(-1) == first_out.argmax(-1)).mean())
     else:
-        agree = float(np.isclose(first_ref, first_out).mean())
+        agree = float(np.isclose(first_ref, first_out, equal_nan=True).mean())
     return {
         "cosine_mean": float(cos.mean()) if cos.size else 1.0,
         "cosine_min": float(cos.min()) if cos.size else 1.0,

@@ -253,8 +253,10 @@ def per_sample_errors(ref: list[np.ndarray], outputs: list[np.ndarray], eval_set
 #: Bumped when what a ranking measures changes within one compressor version, so a cached
 #: ranking from before is not reused: 2, rows per call for outputs that are not batch-first
 #: and qnn-legalize's attention rule (2026-11-30); 3, padding masked for stacked
-#: ``N x B x S`` attention masks too (``evaluation.padding_keep``).
-RANKING_FORMAT = 3
+#: ``N x B x S`` attention masks too (``evaluation.padding_keep``); 4, NaN/inf computed alike
+#: on both sides count as equal and huge float64 rows are scaled (``evaluation._cosines``),
+#: OpenVINO's preset keeps the key projections int8 with VNNI (``preset_float_roles``).
+RANKING_FORMAT = 4
 
 
 def ranking_fields(recipe: Mapping[str, Any], tgt: Any, baseline: ir.Model, calib: Dataset | None,

@@ -100,8 +100,9 @@ def fold_gemm_coefficients(graph: ir.Graph) -> int:
             producer = value.producer() if value is not None else None
             if producer is not None and producer.op_type == "DequantizeLinear" and not value.uses() \
                     and not value.is_graph_output():
+                inputs = list(producer.inputs)  # remove() detaches them
                 graph.remove(producer, safe=True)
-                drop_if_unused(graph, producer.inputs)
+                drop_if_unused(graph, inputs)
             elif value is not None:
                 drop_if_unused(graph, [value])
         count += changed
@@ -122,7 +123,8 @@ def selu_as_elu(graph: ir.Graph) -> int:
         out = node.outputs[0]
         elu.outputs[0].name = names(f"{out.name}_elu")
         elu.outputs[0].type, elu.outputs[0].shape = out.type, out.shape
-        scale = add_initializer(graph, names(f"{base}_gamma"), np.asarray(gamma, np.float32))
+        dtype = out.dtype.numpy() if out.dtype is not None else np.dtype(np.float32)  # float16 Selu: float16 gamma
+        scale = add_initializer(graph, names(f"{base}_gamma"), np.asarray(gamma, dtype))
         mul = ir.node("Mul", [elu.outputs[0], scale], name=names(f"{base}_gamma_mul"))
         graph.insert_after(node, [elu, mul])
         take_over(graph, out, mul.outputs[0])

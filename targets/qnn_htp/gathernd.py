@@ -73,8 +73,9 @@ def gathernd_to_gather(graph: ir.Graph) -> int:
             new = [reshape, ir.node("Gather", [reshape.outputs[0], where], attributes={"axis": 0},
                                     name=names(f"{base}_as_gather"))]
         graph.insert_after(node, new)
-        new[-1].outputs[0].shape = ir.Shape(out_shape)
-        take_over(graph, out, new[-1].outputs[0])
+        result = new[-1].outputs[0]
+        take_over(graph, out, result)
+        result.shape = ir.Shape(out_shape)  # the computed shape, not the one declared (take_over copies that)
         count += 1
     return count
 

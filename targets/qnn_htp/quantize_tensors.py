@@ -268,7 +268,8 @@ class _Legalizer:
     def constant(self, value: ir.Value, array: np.ndarray, spec: QuantSpec, axis: int | None = None,
                  scale: np.ndarray | None = None) -> ir.Value:
         """``DQ(quantized constant)``; ``scale`` given: int32 with that scale and zero point 0 (case 3)."""
-        key = (id(value), f"{spec.dtype}:{spec.axis}:{axis}:{None if scale is None else scale.tobytes().hex()}")
+        key = (id(value), f"{spec.dtype}:{spec.axis}:{axis}:{None if scale is None else scale.tobytes().hex()}",
+               np.shape(array))  # a Gemm's scalar C is broadcast to each reader's own N
         if key in self.const_cache:
             return self.const_cache[key]
         array = np.asarray(array, np.float32)
@@ -314,7 +315,7 @@ class _Legalizer:
                 return self.constant(value, array, self.rules.bias, axis=array.ndim - 1, scale=scale)
             out_shape = node.outputs[0].shape
             if node.op_type == "Gemm" and out_shape is not None and isinstance(out_shape[-1], int):
-                # per tensor (a B the Gemm computes, ONNX's test_operator_mm): C still [N] for the EP
+                # per tensor (a B the Gemm computes, ONNX's test_operator_mm): C with N values on its last axis
                 array = _channels_last(array, out_shape[-1])
             return self.constant(value, array, self.rules.bias, scale=scale.reshape(()))
         if node.op_type in _NORMS and index == 1:

@@ -89,7 +89,7 @@ def _session_options(*, fallback: bool = False, record: bool = False, severity: 
     that fails raises, and the exit 4 names the nodes from a recorded probe (:func:`_fail`),
     so ONNX Runtime's own coloured ERROR lines would only repeat it on the user's terminal."""
     _register()
-    ort.set_default_logger_severity(max(severity, 3))
+    ort.set_default_logger_severity(3)  # process-wide: left as ONNX Runtime's other users expect it
     opts = ort.SessionOptions()
     opts.log_severity_level = severity
     if not fallback:

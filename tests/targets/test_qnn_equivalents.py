@@ -69,6 +69,7 @@ def test_alpha_and_beta_go_into_the_constants(alpha, beta, c_shape):
     np.testing.assert_array_equal(dq.inputs[0].const_value.numpy(), codes if alpha > 0 else -codes)
     assert dq.inputs[0].const_value.numpy()[0, 0] == 0
     assert sum(n.op_type == "DequantizeLinear" for n in model.graph) == 1, "the old DQ goes"
+    assert all(v.uses() for v in model.graph.initializers.values()), "and what only it read"
     np.testing.assert_allclose(_run(model, feeds), before, rtol=1e-5, atol=1e-6)
 
 
@@ -151,3 +152,16 @@ def test_an_op_htp_refuses_is_named_without_its_qdq_or_onnx_runtimes_own_log(tmp
     assert "QuantizeLinear" not in line and "DequantizeLinear" not in line and ";" not in line, line
     assert "E:onnxruntime" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_float16_selu_gets_a_float16_gamma():
+    """The review's case: a float32 gamma beside a float16 Elu made an invalid Mul (exit 1)."""
+    graph = helper.make_graph([helper.make_node("Selu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 3])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                                         ir_version=8))
+    x = {"x": np.linspace(-3, 3, 6, dtype=np.float16).reshape(2, 3)}
+    before = _run(model, x)
+    assert selu_as_elu(model.graph) == 1
+    np.testing.assert_allclose(_run(model, x).astype(np.float32), before.astype(np.float32), rtol=2e-3, atol=2e-3)
