@@ -158,8 +158,11 @@ def gate_failure(manifest: dict[str, Any]) -> str:
 
 def inspect_text(model: str, report: dict[str, Any]) -> str:
     """``compress inspect``'s tables: inputs and outputs, the op histogram, what each pass would change."""
+    in_nodes = report.get("parameters_in_constant_nodes", 0)
+    held = "" if not in_nodes else (" (all in Constant nodes)" if in_nodes == report["parameters"]
+                                    else f" ({in_nodes:,} in Constant nodes)")
     head = (f"model: {model} ({report['format']}, opset {report['opset']}, "
-            f"{report['parameters']:,} parameters, {report['nodes']} nodes)\n")
+            f"{report['parameters']:,} parameters{held}, {report['nodes']} nodes)\n")
     io = table([("input", v["name"], v["shape"], v["dtype"]) for v in report["inputs"]]
                + [("output", v["name"], v["shape"], v["dtype"]) for v in report["outputs"]],
                ["kind", "name", "shape", "dtype"])
