@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressor.data import Dataset
 from compressor.errors import DataError
-from compressor.flow.evaluation import collect_outputs, compare, fidelity
+from compressor.flow.evaluation import collect_outputs, compare, fidelity, weakest_channel
 from compressor.inputs import InputSpec
 from tests.cliutil import error_line, run
 
@@ -122,3 +122,63 @@ def test_compress_refuses_top1_on_rows_of_calls_before_the_passes(tmp_path, caps
         "all); drop 'labels' from the eval file to measure fidelity, or give each sample as one whole input tensor "
         "(an array with one axis more than the input, fed one call per sample)")
     assert "running quantize" not in err and not (tmp_path / "out").exists()
+
+
+# -- a channel the gate's cosine cannot see -----------------------------------------------------------
+
+def _detector_rows(score_noise: float, box_noise: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``[N, 6, 50]``: 4 box channels in pixels (0-320) beside 2 score channels (0-1), and a noisy copy."""
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.uniform(0, 320, (16, 4, 50)), rng.uniform(0, 1, (16, 2, 50))], axis=1)
+    noise = np.concatenate([rng.normal(0, box_noise, (16, 4, 50)), rng.normal(0, score_noise, (16, 2, 50))], axis=1)
+    return [ref], [ref + noise]
+
+
+def test_weakest_channel_names_score_channels_the_cosine_hides():
+    ref, out = _detector_rows(score_noise=0.3, box_noise=0.5)
+    drop = 1 - fidelity(ref, out)["cosine_mean"]
+    assert drop < 1e-4  # the per-sample cosine over the whole output sees nothing
+    worst = weakest_channel(ref, out, drop)
+    assert worst["output"] == 0 and worst["channel"] in (4, 5) and worst["hidden"]
+    assert worst["cosine"] < 0.95 and worst["energy_share"] < 1e-4
+
+
+def test_weakest_channel_is_not_hidden_when_the_error_is_even():
+    ref, out = _detector_rows(score_noise=0.0005, box_noise=0.5)  # the same relative error everywhere
+    worst = weakest_channel(ref, out, 1 - fidelity(ref, out)["cosine_mean"])
+    assert not worst["hidden"]
+    assert weakest_channel([ref[0][:, 0]], [out[0][:, 0]], 0.0) is None  # rank 2: no channel axis
+
+
+def _detector_model(path) -> None:
+    """``y = concat(300 * conv_box(x), sigmoid(conv_cls(x)))`` ``[N, 32, 50]``: boxes in pixels beside scores
+    (16 channels each). Large class logits: their int8 grid is coarse, the scores' error shows."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8, 1)).astype(np.float32), "w_box"),
+             numpy_helper.from_array(100 * rng.standard_normal((16, 8, 1)).astype(np.float32), "w_cls"),
+             numpy_helper.from_array(np.array(300.0, np.float32), "px")]
+    nodes = [helper.make_node("Conv", ["x", "w_box"], ["b0"], name="box"),
+             helper.make_node("Mul", ["b0", "px"], ["boxes"], name="to_pixels"),
+             helper.make_node("Conv", ["x", "w_cls"], ["c0"], name="cls"),
+             helper.make_node("Sigmoid", ["c0"], ["scores"], name="sigmoid"),
+             helper.make_node("Concat", ["boxes", "scores"], ["y"], name="head", axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 50])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 50])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_compress_says_when_the_gate_hides_a_channel(tmp_path, capsys):
+    _detector_model(tmp_path / "det.onnx")
+    rng = np.random.default_rng(1)
+    for split in ("calib", "eval"):
+        np.savez(tmp_path / f"{split}.npz", x=rng.standard_normal((16, 8, 50)).astype(np.float32))
+    # openvino: the onnx target keeps these convolutions float (their outputs feed float ops)
+    code, out, err = run([tmp_path / "det.onnx", "--target", "openvino", "--recipe", "int8", "--calib",
+                          tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    worst = manifest["evaluation"]["weakest_channel"]
+    assert worst["output"] == "y" and worst["channel"] >= 16 and worst["hidden"], worst
+    assert manifest["gate"]["passed"]
+    assert "the cosine metric hardly sees output 'y'" in err
+    assert "weakest channel" in out + err
