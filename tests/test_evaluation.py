@@ -150,6 +150,16 @@ def test_weakest_channel_is_not_hidden_when_the_error_is_even():
     assert weakest_channel([ref[0][:, 0]], [out[0][:, 0]], 0.0) is None  # rank 2: no channel axis
 
 
+def test_a_poor_channel_of_even_energy_is_not_hidden():
+    # a recogniser's [N, T, classes]: axis 1 is time; one step worse than the others is seen by the cosine
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0, 1, (16, 40, 30))
+    out = ref.copy()
+    out[:, 17] += rng.normal(0, 0.3, (16, 30))
+    worst = weakest_channel([ref], [out], 1 - fidelity([ref], [out])["cosine_mean"])
+    assert worst["channel"] == 17 and worst["cosine"] < 0.95 and not worst["hidden"]
+
+
 def _detector_model(path) -> None:
     """``y = concat(300 * conv_box(x), sigmoid(conv_cls(x)))`` ``[N, 32, 50]``: boxes in pixels beside scores
     (16 channels each). Large class logits: their int8 grid is coarse, the scores' error shows."""

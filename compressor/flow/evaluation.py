@@ -198,8 +198,11 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str
 
 #: The most channels along axis 1 :func:`weakest_channel` compares (more is a sequence or pixel axis).
 CHANNELS_MAX = 1024
-#: A channel whose cosine error is this many times the gate's drop (or more) is hidden from the gate.
+#: A channel whose cosine error is this many times the gate's drop (or more) is hidden from the gate...
 HIDDEN_RATIO = 10.0
+#: ... when its share of its output's energy is at most this fraction of an even share (a
+#: sequence's time step with an even share is not hidden, only worse than the others).
+SMALL_SHARE = 0.1
 
 
 def weakest_channel(reference: list[np.ndarray], outputs: list[np.ndarray], drop: float) -> dict[str, Any] | None:
@@ -208,7 +211,9 @@ def weakest_channel(reference: list[np.ndarray], outputs: list[np.ndarray], drop
     Returns ``{"output": index, "channel": c, "cosine": ..., "energy_share": ..., "hidden": ...}``:
     the cosine over every sample and position of that channel, its share of the reference
     outputs' energy (sum of squares), and ``hidden`` when ``1 - cosine`` is at least
-    :data:`HIDDEN_RATIO` times ``max(drop, 1e-4)``. ``None`` when no output has such an axis.
+    :data:`HIDDEN_RATIO` times ``max(drop, 1e-4)`` and the channel holds at most
+    :data:`SMALL_SHARE` of an even share of its output's energy. ``None`` when no output has
+    such an axis.
     """
     total = sum(float(np.square(np.asarray(r, dtype=np.float64)).sum()) for r in reference)
     worst: dict[str, Any] | None = None
@@ -220,10 +225,13 @@ def weakest_channel(reference: list[np.ndarray], outputs: list[np.ndarray], drop
         cos = _cosines(r, o)
         c = int(cos.argmin())
         if worst is None or cos[c] < worst["cosine"]:
+            energy = np.square(r).sum(axis=1)
             worst = {"output": index, "channel": c, "cosine": float(cos[c]),
-                     "energy_share": float(np.square(r[c]).sum() / total) if total else 0.0}
+                     "energy_share": float(energy[c] / total) if total else 0.0,
+                     "small": bool(energy[c] * len(energy) <= SMALL_SHARE * energy.sum())}
     if worst is not None:
-        worst["hidden"] = bool(1.0 - worst["cosine"] >= HIDDEN_RATIO * max(drop, 1e-4))
+        small = worst.pop("small")
+        worst["hidden"] = small and bool(1.0 - worst["cosine"] >= HIDDEN_RATIO * max(drop, 1e-4))
     return worst
 
 
