@@ -8,6 +8,7 @@ the target's backend (the fp32 reference), and a runner for every artifact. Used
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -191,8 +192,11 @@ def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, 
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             src, out = dest / "pre.onnx", dest / "model.onnx"
-            try:  # the pre-processing ONNX Runtime's docs ask for (shape inference, graph optimisation)
-                quant_pre_process(str(zm.path()), str(src))
+            try:  # the pre-processing ONNX Runtime's docs ask for (shape inference, graph optimisation);
+                # in dest: where its symbolic shape inference fails it leaves a temporary model in the cwd
+                absolute = src.resolve()
+                with contextlib.chdir(dest):
+                    quant_pre_process(str(zm.path()), str(absolute))
             except Exception as err:  # noqa: BLE001
                 logger.warning("ORT quant_pre_process failed (%s); quantizing the model as it is", err)
                 src = zm.path()
