@@ -75,8 +75,13 @@ def feeds(model_file: Path, folder: Path, split: str) -> list[dict[str, np.ndarr
 # --- the systems ---------------------------------------------------------------------------
 
 
-def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_dict: bool = False) -> dict[str, Any]:
-    """``compress`` in a subprocess; returns rc, reason, seconds and the artifact folder."""
+def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_dict: bool = False,
+                   max_drop: float | None = None) -> dict[str, Any]:
+    """``compress`` in a subprocess; returns rc, reason, seconds and the artifact folder.
+
+    ``max_drop`` replaces the recipe's budget (``--max-drop``; a large one measures the
+    recipe's artifact as it comes, without accuracy control).
+    """
     cmd = [sys.executable, "-c", "import sys; from compressor.cli import main; sys.exit(main())"]
     env = dict(os.environ)
     calib, evald = folder / "calib.npz", folder / "eval.npz"
@@ -101,6 +106,8 @@ def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_di
     recipe = zm.htp_recipe if target == "qnn-htp" and zm.htp_recipe else RECIPES[target]
     cmd += ["--recipe", recipe, "--target", target, "--calib", str(calib), "--eval", str(evald),
             "-o", str(dest), "-q"]
+    if max_drop is not None:
+        cmd += ["--max-drop", str(max_drop)]
     if dest.exists():
         shutil.rmtree(dest)
     start = time.perf_counter()
