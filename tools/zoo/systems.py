@@ -181,6 +181,14 @@ def _fix_shapes(src: Path, dest: Path, static: dict[str, list[int]]) -> Path:
 
     proto = onnx.load(str(src))
     for name, shape in static.items():
+        # a dim named "?" (paddle2onnx's H and W) is no symbol: ORT's tool would give every "?" in
+        # the graph the first such axis's size ("Can't replace existing fixed size of 48 with 192")
+        for value in proto.graph.input:
+            if value.name == name:
+                for dim, size in zip(value.type.tensor_type.shape.dim, shape):
+                    if dim.dim_param in ("?", "-1"):
+                        dim.Clear()
+                        dim.dim_value = size
         make_input_shape_fixed(proto.graph, name, shape)
     fix_output_shapes(proto)
     onnx.save(proto, str(dest))
