@@ -95,10 +95,10 @@ def summary(manifest: dict[str, Any]) -> str:
         (f"{metric}", f"{fmt(manifest['metrics']['baseline'][key])} -> {fmt(manifest['metrics']['compressed'][key])} "
                       f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
         ("drop", fmt(manifest["accuracy_drop"])),
-        *([("weakest channel", f"{wc['output']} channel {wc['channel']}: cosine {wc['cosine']:.4f} "
-                               f"({100 * wc['energy_share']:.2g}% of the outputs' energy; the {metric} above hardly "
-                               "sees it: check a task metric)")]
-          if (wc := manifest["evaluation"].get("weakest_channel")) and wc.get("hidden") else []),
+        *([("small channels", f"{sc['output']} channels {sc['channels']} ({sc['count']} of {sc['of']}, "
+                              f"{100 * sc['energy_share']:.2g}% of the outputs' energy): cosine {sc['cosine']:.4f} "
+                              f"together; the {metric} above hardly sees them: check a task metric")]
+          if (sc := manifest["evaluation"].get("small_channels")) and sc.get("hidden") else []),
         *([("drop by pass", ", ".join(f"{r['name']} {r['accuracy_drop']:.4f}" for r in measured))]
           if len(measured := [r for r in manifest["passes"] if r.get("accuracy_drop") is not None]) > 1 else []),
         *([("int8 layers", f"{rt['int8']} of {rt['int8'] + rt['float']} compute layers ran in int8"

@@ -98,18 +98,18 @@ def warn_if_slower(latency: Mapping[str, Any], tgt: Any) -> None:
 
 
 def channel_record(evaluation: Evaluation, model: Any) -> dict[str, Any] | None:
-    """``evaluation.weakest_channel`` with the output's name; warns when the gate's metric hides it."""
-    worst = evaluation.weakest_channel
-    if worst is None:
+    """``evaluation.small_channels`` with the output's name; warns when the gate's metric hides them."""
+    small = evaluation.small_channels
+    if small is None:
         return None
     outputs = list(getattr(getattr(model, "graph", None), "outputs", []))
-    record = {**worst, "output": outputs[worst["output"]].name if worst["output"] < len(outputs) else worst["output"]}
+    record = {**small, "output": outputs[small["output"]].name if small["output"] < len(outputs) else small["output"]}
     if record["hidden"]:
-        logger.warning("the %s metric hardly sees output %r's channel %d (%.2g%% of the outputs' energy): its cosine "
-                       "is %.4f. Small values beside large ones in one output (a detector's class scores beside box "
-                       "coordinates) lose precision unseen; check the artifact with a task metric.",
-                       evaluation.metric, record["output"], record["channel"], 100 * record["energy_share"],
-                       record["cosine"])
+        logger.warning("the %s metric hardly sees channels %s of output %r (%d of %d, %.2g%% of the outputs' energy): "
+                       "together their cosine is %.4f. Small values beside large ones in one output (a detector's "
+                       "class scores beside box coordinates) lose precision unseen; check the artifact with a task "
+                       "metric.", evaluation.metric, record["channels"], record["output"], record["count"],
+                       record["of"], 100 * record["energy_share"], record["cosine"])
     return record
 
 
@@ -163,7 +163,7 @@ def build_manifest(*, model_path: str | Path, captured: Any, baseline_dir: Path,
         "evaluation": {"source": data.source, "data": eval_set.source, "sha256": eval_set.sha256,
                        "samples": evaluation.samples, "metric": evaluation.metric,
                        "verified": data.verified,
-                       "weakest_channel": channel_record(evaluation, captured.model)},
+                       "small_channels": channel_record(evaluation, captured.model)},
         "metrics": {"baseline": evaluation.baseline, "compressed": evaluation.compressed},
         "accuracy_drop": evaluation.drop,
         "accuracy_control": control,
