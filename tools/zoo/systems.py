@@ -172,7 +172,7 @@ def _ov_model(zm: ZooModel, path: Path):
 
 
 def _fix_shapes(src: Path, dest: Path, static: dict[str, list[int]]) -> Path:
-    """A copy of the model with the given inputs' shapes fixed (ONNX Runtime's own tool)."""
+    """A copy of the model with the given inputs' shapes fixed (ONNX Runtime's own tool), for ORT's QNN flow."""
     import onnx
     from onnxruntime.tools.onnx_model_utils import (
         fix_output_shapes,
@@ -191,6 +191,10 @@ def _fix_shapes(src: Path, dest: Path, static: dict[str, list[int]]) -> Path:
                         dim.dim_value = size
         make_input_shape_fixed(proto.graph, name, shape)
     fix_output_shapes(proto)
+    # ORT 1.32's qnn_preprocess_model crashes on any metadata_props ("cannot convert dictionary
+    # update sequence element #0": it dict-updates from the repeated proto field); PP-OCR's
+    # recogniser carries its charset there, nudenet ultralytics' class names. Not computation.
+    del proto.metadata_props[:]
     onnx.save(proto, str(dest))
     return dest
 
