@@ -52,7 +52,9 @@ def size_row(manifest: dict[str, Any]) -> str:
     files = manifest["files"]
     deployed = deployable_entries(files)
     size_in, size_out = manifest["model"]["baseline_bytes"], deployable_bytes(files)
-    row = f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller"
+    ratio = size_in / max(size_out, 1)  # "0.52x smaller" read as smaller; a larger artifact says so
+    row = (f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB "
+           + (f"({ratio:.2f}x smaller" if ratio >= 1 or not size_out else f"({1 / ratio:.2f}x larger"))
     if len(deployed) == len(files):
         return row + ")"
     left = len(files) - len(deployed)
