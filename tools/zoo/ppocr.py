@@ -206,7 +206,9 @@ def db_boxes(prob: np.ndarray, thresh: float = 0.3, box_thresh: float = 0.5, unc
     from scipy import ndimage
 
     pred = np.asarray(prob, dtype=np.float64).reshape(np.asarray(prob).shape[-2:])
-    mask = ndimage.binary_dilation(pred > thresh, structure=np.ones((2, 2)))
+    # cv2.dilate with a 2x2 kernel (anchor at its centre, (1, 1)) grows a region by one pixel
+    # right and down; scipy's origin 0 would grow it left and up
+    mask = ndimage.binary_dilation(pred > thresh, structure=np.ones((2, 2)), origin=-1)
     labels, _ = ndimage.label(mask)
     h, w = pred.shape
     out = []
