@@ -52,7 +52,9 @@ def size_row(manifest: dict[str, Any]) -> str:
     files = manifest["files"]
     deployed = deployable_entries(files)
     size_in, size_out = manifest["model"]["baseline_bytes"], deployable_bytes(files)
-    row = f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB ({size_in / max(size_out, 1):.2f}x smaller"
+    ratio = size_in / max(size_out, 1)  # "0.52x smaller" read as smaller; a larger artifact says so
+    row = (f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB "
+           + (f"({ratio:.2f}x smaller" if ratio >= 1 or not size_out else f"({1 / ratio:.2f}x larger"))
     if len(deployed) == len(files):
         return row + ")"
     left = len(files) - len(deployed)
@@ -95,6 +97,10 @@ def summary(manifest: dict[str, Any]) -> str:
         (f"{metric}", f"{fmt(manifest['metrics']['baseline'][key])} -> {fmt(manifest['metrics']['compressed'][key])} "
                       f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
         ("drop", fmt(manifest["accuracy_drop"])),
+        *([("small channels", f"{sc['output']} channels {sc['channels']} ({sc['count']} of {sc['of']}, "
+                              f"{100 * sc['energy_share']:.2g}% of the outputs' energy): cosine {sc['cosine']:.4f} "
+                              f"together; the {metric} above hardly sees them: check a task metric")]
+          if (sc := manifest["evaluation"].get("small_channels")) and sc.get("hidden") else []),
         *([("drop by pass", ", ".join(f"{r['name']} {r['accuracy_drop']:.4f}" for r in measured))]
           if len(measured := [r for r in manifest["passes"] if r.get("accuracy_drop") is not None]) > 1 else []),
         *([("int8 layers", f"{rt['int8']} of {rt['int8'] + rt['float']} compute layers ran in int8"
@@ -170,8 +176,11 @@ def gate_failure(manifest: dict[str, Any]) -> str:
 
 def inspect_text(model: str, report: dict[str, Any]) -> str:
     """``compress inspect``'s tables: inputs and outputs, the op histogram, what each pass would change."""
+    in_nodes = report.get("parameters_in_constant_nodes", 0)
+    held = "" if not in_nodes else (" (all in Constant nodes)" if in_nodes == report["parameters"]
+                                    else f" ({in_nodes:,} in Constant nodes)")
     head = (f"model: {model} ({report['format']}, opset {report['opset']}, "
-            f"{report['parameters']:,} parameters, {report['nodes']} nodes)\n")
+            f"{report['parameters']:,} parameters{held}, {report['nodes']} nodes)\n")
     io = table([("input", v["name"], v["shape"], v["dtype"]) for v in report["inputs"]]
                + [("output", v["name"], v["shape"], v["dtype"]) for v in report["outputs"]],
                ["kind", "name", "shape", "dtype"])

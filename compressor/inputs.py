@@ -15,7 +15,9 @@ keep the input's column: every sample must hold the frozen value (:func:`freeze_
 Messages show a dynamic axis one readable way (:func:`dim_text`): the name its exporter
 or author gave it (``batch``, ``sequence``), or ``N`` on axis 0 and ``?`` elsewhere when the
 name is machine-made (tf2onnx's ``unk__12``, torch.export's ``s34``, the TorchScript
-exporter's ``AddstateN_dim_0``) or missing.
+exporter's ``AddstateN_dim_0``, paddle2onnx's ``p2o.DynamicDimension.0``), a formula
+(ultralytics writes output dims as ``floor(height/2 - 1/2)...`` expressions, hundreds of
+characters long) or missing.
 """
 
 from __future__ import annotations
@@ -36,15 +38,19 @@ __all__ = ["InputSpec", "dim_text", "shape_text", "override_text", "parse_input_
 Dim = int | str | None
 
 #: Dim names exporters make up: tf2onnx/onnx shape inference ``unk__12``, torch.export
-#: ``s34``/``u0``, torch.onnx (TorchScript) ``Add_dim_0``/``x_dim0``, ``DynamicDimension.0``.
-_MACHINE_DIM = re.compile(r"^(?:unk__\d+|[su]\d+|\w+_dim_?\d+|DynamicDimension\.\d+|\?|-?\d+)?$")
+#: ``s34``/``u0``, torch.onnx (TorchScript) ``Add_dim_0``/``x_dim0``, paddle2onnx
+#: ``p2o.DynamicDimension.0``.
+_MACHINE_DIM = re.compile(r"^(?:unk__\d+|[su]\d+|\w+_dim_?\d+|(?:\w+\.)*DynamicDimension\.\d+|\?|-?\d+)?$")
+#: A dim "name" that is a formula (ultralytics' exports: ``floor(height/2 - 1/2) + 1``...):
+#: anything but a word, dots and dashes. Shown as ``N``/``?``, not printed whole.
+_FORMULA_DIM = re.compile(r"[^\w.\-]")
 
 
 def dim_text(dim: Dim, axis: int) -> str:
     """One dimension as messages show it: ``3``, ``batch``, or ``N`` (axis 0) / ``?`` (other axes)."""
     if isinstance(dim, int) and dim >= 0:
         return str(dim)
-    if isinstance(dim, str) and not _MACHINE_DIM.match(dim):
+    if isinstance(dim, str) and not _MACHINE_DIM.match(dim) and not _FORMULA_DIM.search(dim):
         return dim
     return "N" if axis == 0 else "?"
 

@@ -58,6 +58,7 @@ class QnnLegalizeOptions:
             blocks (``qnn-quantize-tensors``'s).
         weights: How a MatMul/Gemm weight ``quantize`` left float (an unrolled LSTM's) is
             stored, as ``quantize``'s option of that name (``qnn-quantize-tensors``' case 4).
+        concats: Width of a Concat of ranges far apart (``qnn-quantize-tensors``').
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -70,6 +71,7 @@ class QnnLegalizeOptions:
     norms: Literal["int16", "int8"] = "int16"
     attention: Literal["int16", "int8"] = "int16"
     weights: Literal["int8-per-channel", "int8-per-tensor"] = "int8-per-channel"
+    concats: Literal["int16", "int8"] = "int16"
 
     def __post_init__(self) -> None:
         ClampSentinelsOptions(self.mask_value)  # one range check, the sub-pass's
@@ -93,7 +95,8 @@ class QnnLegalize(Pass):
         return [ClampSentinels(ClampSentinelsOptions(opts.mask_value)), GatherNdToGather(),
                 UnrollLstm(UnrollLstmOptions(opts.lstm_gates, opts.lstm_cell)),
                 QuantizeTensors(QuantizeTensorsOptions(opts.activations, opts.calibrator, opts.weights, opts.roots,
-                                                       opts.carried_states, opts.norms, opts.attention))]
+                                                       opts.carried_states, opts.norms, opts.attention,
+                                                       opts.concats))]
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         modified, stats = False, {}

@@ -49,6 +49,12 @@ def test_one_companion_is_named_in_the_singular():
         "(4.00x smaller; deployable files: model.onnx; 1 companion file not counted)")
 
 
+def test_an_artifact_larger_than_the_baseline_says_larger():
+    # PP-OCR's 0.586 MB classifier became a 1.135 MB HTP context: the row read "0.52x smaller"
+    files = [_entry("model_ctx.onnx", 1_000, True), _entry("model_ctx_qnn.bin", 1_134_000, True)]
+    assert size_row(_manifest(files, baseline=586_000)) == "0.586 MB -> 1.135 MB (1.94x larger)"
+
+
 def test_a_manifest_written_before_the_deploy_flag_counts_every_file():
     files = [_entry(e["path"], e["bytes"]) for e in HTP_FILES]
     assert size_row(_manifest(files)) == "0.206 MB -> 0.206 MB (1.00x smaller)"

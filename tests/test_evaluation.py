@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressor.data import Dataset
 from compressor.errors import DataError
-from compressor.flow.evaluation import collect_outputs, compare, fidelity
+from compressor.flow.evaluation import collect_outputs, compare, fidelity, small_channels
 from compressor.inputs import InputSpec
 from tests.cliutil import error_line, run
 
@@ -178,3 +178,77 @@ def test_compress_a_model_that_computes_nan_on_its_own_data(tmp_path, capsys):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["gate"]["passed"] and math.isfinite(manifest["accuracy_drop"])
     assert "RuntimeWarning" not in err
+
+
+# -- channels the gate's cosine cannot see ---------------------------------------------------------
+
+def _detector_rows(score_noise: float, box_noise: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``[N, 7, 50]``: 4 box channels in pixels (0-320), 2 score channels (0-1) and one class never seen
+    (scores near 0), and a noisy copy."""
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.uniform(0, 320, (16, 4, 50)), rng.uniform(0, 1, (16, 2, 50)),
+                          rng.uniform(0, 1e-4, (16, 1, 50))], axis=1)
+    noise = np.concatenate([rng.normal(0, box_noise, (16, 4, 50)), rng.normal(0, score_noise, (16, 2, 50)),
+                            rng.normal(0, 1e-4, (16, 1, 50))], axis=1)
+    return [ref], [ref + noise]
+
+
+def test_small_channels_the_cosine_hides_are_named():
+    ref, out = _detector_rows(score_noise=0.3, box_noise=0.5)
+    drop = 1 - fidelity(ref, out)["cosine_mean"]
+    assert drop < 1e-4  # the per-sample cosine over the whole output sees nothing
+    small = small_channels(ref, out, drop)
+    assert (small["output"], small["channels"], small["count"], small["of"]) == (0, "4-6", 3, 7)
+    assert small["hidden"] and small["energy_share"] < 1e-4
+    # together: the active scores' error (cosine ~0.89), not the unseen class's relative noise (~0.5)
+    assert 0.85 < small["cosine"] < 0.93
+
+
+def test_small_channels_are_not_hidden_when_the_error_is_even():
+    ref, out = _detector_rows(score_noise=0.0005, box_noise=0.5)  # the same relative error on boxes and scores
+    ref, out = [ref[0][:, :6]], [out[0][:, :6]]
+    assert not small_channels(ref, out, 1 - fidelity(ref, out)["cosine_mean"])["hidden"]
+    assert small_channels([ref[0][:, 0]], [out[0][:, 0]], 0.0) is None  # rank 2: no channel axis
+
+
+def test_a_poor_channel_of_even_energy_is_no_small_channel():
+    # a recogniser's [N, T, classes]: axis 1 is time; one step worse than the others is seen by the cosine
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0, 1, (16, 40, 30))
+    out = ref.copy()
+    out[:, 17] += rng.normal(0, 0.3, (16, 30))
+    assert small_channels([ref], [out], 1 - fidelity([ref], [out])["cosine_mean"]) is None
+
+
+def _detector_model(path) -> None:
+    """``y = concat(300 * conv_box(x), sigmoid(conv_cls(x)))`` ``[N, 32, 50]``: boxes in pixels beside scores
+    (16 channels each). Large class logits: their int8 grid is coarse, the scores' error shows."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8, 1)).astype(np.float32), "w_box"),
+             numpy_helper.from_array(100 * rng.standard_normal((16, 8, 1)).astype(np.float32), "w_cls"),
+             numpy_helper.from_array(np.array(300.0, np.float32), "px")]
+    nodes = [helper.make_node("Conv", ["x", "w_box"], ["b0"], name="box"),
+             helper.make_node("Mul", ["b0", "px"], ["boxes"], name="to_pixels"),
+             helper.make_node("Conv", ["x", "w_cls"], ["c0"], name="cls"),
+             helper.make_node("Sigmoid", ["c0"], ["scores"], name="sigmoid"),
+             helper.make_node("Concat", ["boxes", "scores"], ["y"], name="head", axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 50])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 50])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_compress_says_when_the_gate_hides_small_channels(tmp_path, capsys):
+    _detector_model(tmp_path / "det.onnx")
+    rng = np.random.default_rng(1)
+    for split in ("calib", "eval"):
+        np.savez(tmp_path / f"{split}.npz", x=rng.standard_normal((16, 8, 50)).astype(np.float32))
+    # openvino: the onnx target keeps these convolutions float (their outputs feed float ops)
+    code, out, err = run([tmp_path / "det.onnx", "--target", "openvino", "--recipe", "int8", "--calib",
+                          tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    small = manifest["evaluation"]["small_channels"]
+    assert (small["output"], small["channels"], small["hidden"]) == ("y", "16-31", True), small
+    assert manifest["gate"]["passed"]
+    assert "the cosine metric hardly sees channels 16-31 of output 'y' (16 of 32" in err
+    assert "small channels" in out + err

@@ -91,6 +91,37 @@ def test_shape_text_is_readable():
     assert shape_text(("unk__12", 3, None, "s34", "batch", "AddstateN_dim_0", "x_dim1")) == "Nx3x?x?xbatchx?x?"
     assert shape_text((None, "sequence")) == "Nxsequence"
     assert shape_text(()) == "scalar"
+    assert shape_text(("p2o.DynamicDimension.0", 3, "?", "p2o.DynamicDimension.1")) == "Nx3x?x?"  # paddle2onnx
+
+
+def test_inspect_shows_a_formula_dim_as_unnamed(tmp_path, capsys):
+    # ultralytics writes output dims as formulas of the input's, hundreds of characters long
+    formula = "(floor(floor(height/2 - 1/2)/2) + 1)*(floor(floor(width/2 - 1/2)/2) + 1)"
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "height", "width"])
+    path = _save(tmp_path, [helper.make_node("Reshape", ["images", "shape"], ["y"])], [x],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, formula])],
+                 [numpy_helper.from_array(np.array([0, 3, -1], np.int64), "shape")])
+    code = main(["inspect", str(path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["inputs"][0]["shape"] == "batchx3xheightxwidth"
+    assert report["outputs"][0]["shape"] == "batchx3x?"
+
+
+def test_inspect_counts_weights_held_in_constant_nodes(tmp_path, capsys):
+    # paddle2onnx writes every weight as a Constant node and no initializer ("0 parameters" before)
+    w = numpy_helper.from_array(RNG.standard_normal((4, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Constant", [], ["w"], value=w, name="w_const"),
+             helper.make_node("Constant", [], ["b"], value_floats=[0.1, 0.2, 0.3], name="b_const"),
+             helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="bias")]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["parameters"], report["parameters_in_constant_nodes"]) == (15, 15)
+    assert main(["inspect", str(path)]) == 0
+    assert "15 parameters (all in Constant nodes)" in capsys.readouterr().out
 
 
 def test_inspect_shows_readable_dims(tmp_path, capsys):

@@ -15,7 +15,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "zoo"))
 
 import audio  # noqa: E402
+import figures  # noqa: E402
 import ocr  # noqa: E402
+import ppocr  # noqa: E402
 from fetch import cache_dir  # noqa: E402
 
 
@@ -126,3 +128,45 @@ def test_charset_is_read_from_the_wheel_without_importing_it():
     charset = ocr.read_charset(path, "beta")
     assert len(charset) == 8210 and charset[0] == ""
     assert all(c in charset for c in ocr.ALPHABET)
+
+
+def test_db_boxes_find_each_text_region_and_unclip_it():
+    prob = np.zeros((1, 1, 64, 96), dtype=np.float32)
+    prob[0, 0, 10:20, 10:50] = 0.9  # a line 40 x 10
+    prob[0, 0, 40:44, 60:64] = 0.2  # under thresh 0.3: nothing
+    boxes = ppocr.db_boxes(prob)
+    assert boxes.shape == (1, 5) and boxes[0, 4] > 0.5
+    # the 2x2 dilation grows the region right and down to 41 x 11 (as cv2.dilate); unclip by
+    # area * 1.6 / perimeter = 6.9 px a side
+    d = 41 * 11 * 1.6 / (2 * (41 + 11))
+    np.testing.assert_allclose(boxes[0, :4], [10 - d, 10 - d, 51 + d, 21 + d], atol=1e-6)
+
+
+def test_rec_and_cls_images_have_the_model_shapes_and_normalisation():
+    rng = np.random.default_rng(0)
+    text = ppocr.phrase(rng, 12)
+    assert 0 < len(text) <= 12 and text[0] not in ppocr.PUNCT
+    x = ppocr.normalise(ppocr.line_image(rng, text), ppocr.REC_HEIGHT, ppocr.REC_WIDTH)
+    assert x.shape == (3, 48, 320) and x.min() >= -1 and x.max() <= 1
+    page, boxes = ppocr.page_with_lines(rng)
+    assert page.size == (ppocr.DET_SIZE, ppocr.DET_SIZE) and boxes.shape[1] == 4 and len(boxes) >= 1
+    assert ocr.char_accuracy(["Road 5"], ["road 5"], ignore_case=False) == 1 - 1 / 6
+    assert ocr.char_accuracy(["Road 5"], ["road 5"]) == 1.0
+
+
+def test_nudenet_decode_keeps_the_best_of_overlapping_boxes_and_their_class():
+    out = np.zeros((1, 22, 3), dtype=np.float32)
+    out[0, :4, 0] = [100, 100, 40, 40]  # cx, cy, w, h
+    out[0, :4, 1] = [102, 101, 40, 40]  # the same object, less sure
+    out[0, :4, 2] = [250, 250, 20, 20]
+    out[0, 4 + 1, 0], out[0, 4 + 1, 1], out[0, 4 + 7, 2] = 0.8, 0.6, 0.3
+    dets = figures.decode(out)
+    assert dets[:, 4].tolist() == pytest.approx([0.8, 0.3]) and dets[:, 5].tolist() == [1, 7]
+    np.testing.assert_allclose(dets[0, :4], [80, 80, 120, 120])
+    # class-aware AP50: the same box of another class does not match (the surer detection is a
+    # false positive, the other a true one: recall 0.5 at precision 0.5)
+    other = dets.copy()
+    other[:, 5] = [2, 7]
+    assert figures.score_parts(lambda f: [out], {}, {"dets": [other]}, images=np.zeros((1, 3, 4, 4)))[
+        "ap50_vs_fp32"] == pytest.approx(0.25)
+

@@ -86,7 +86,8 @@ def _metrics(scores: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
     return {k: float(scores[k]) for k in keys if k in scores}
 
 
-def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) -> list[dict[str, Any]]:
+def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool,
+               max_drop: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """All rows of one (model, target): compressor (and its state_dict route), the rival.
 
     Each artifact is scored on its own, then the fp32 model and every artifact that runs are
@@ -97,7 +98,8 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool) 
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     tag = " on bench-exported ONNX (fallback)" if zm.exported else ""
-    systems = [("compressor" + tag, lambda: run_compressor(zm, target, folder, work / "compressor"))]
+    budget = (max_drop or {}).get(target)
+    systems = [("compressor" + tag, lambda: run_compressor(zm, target, folder, work / "compressor", max_drop=budget))]
     if zm.state_dict:
         systems.append(("compressor, state_dict (--model-class)",
                         lambda: run_compressor(zm, target, folder, work / "compressor-sd", state_dict=True)))
@@ -184,6 +186,9 @@ def main() -> None:
     p.add_argument("--targets", default="onnx,openvino,qnn-htp")
     p.add_argument("--samples", type=int, default=32, help="calibration and eval samples per model")
     p.add_argument("--no-rivals", action="store_true", help="compressor rows only")
+    p.add_argument("--max-drop", action="append", default=[], metavar="TARGET=DROP",
+                   help="compress's --max-drop on one target (repeatable), e.g. qnn-htp=1 to measure the W8A8 "
+                        "artifact as the recipe makes it, without accuracy control (minutes per try on the emulator)")
     p.add_argument("--out", type=Path, default=Path("bench-out/zoo"))
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
@@ -194,6 +199,10 @@ def main() -> None:
     bad = sorted(set(keys) - set(MODELS)) + sorted(set(targets) - set(RECIPES))
     if bad:
         p.error(f"unknown model or target {', '.join(bad)}; models: {', '.join(MODELS)}; targets: {', '.join(RECIPES)}")
+    try:
+        max_drop = {t: float(v) for t, v in (spec.split("=", 1) for spec in args.max_drop)}
+    except ValueError:
+        p.error(f"--max-drop takes TARGET=DROP (e.g. qnn-htp=1), not {args.max_drop}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for key in keys:
@@ -205,11 +214,12 @@ def main() -> None:
             traceback.print_exc()
             continue
         for target in targets:
-            rows.extend(bench_pair(zm, target, folder, args.out, rival=not args.no_rivals))
+            rows.extend(bench_pair(zm, target, folder, args.out, rival=not args.no_rivals, max_drop=max_drop))
             (args.out / "results.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
     text = (f"{cpu_line()}\n{device_header()[0]}\n"
             f"Zoo: real models from other exporters, {args.samples} calibration samples "
-            f"(eval: {args.samples}; silero-vad: whole clips); compressor --recipe int8 (qnn-htp: w8a8-npu; basic_pitch: w8a8-npu-cpu-front-end)\n\n"
+            f"(eval: {args.samples}; silero-vad: whole clips); compressor --recipe int8 (qnn-htp: w8a8-npu; basic_pitch: w8a8-npu-cpu-front-end)"
+            + "".join(f"; --max-drop {d:g} on {t}" for t, d in max_drop.items()) + "\n\n"
             + render(rows))
     print(text)
     (args.out / "results.md").write_text(text + "\n", encoding="utf-8")

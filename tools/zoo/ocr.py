@@ -145,10 +145,12 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
-def char_accuracy(pred: Sequence[str], truth: Sequence[str]) -> float:
-    """1 - total edit distance / total characters, case-insensitive, floored at 0 per text."""
+def char_accuracy(pred: Sequence[str], truth: Sequence[str], ignore_case: bool = True) -> float:
+    """1 - total edit distance / total characters, floored at 0 per text; case-insensitive as captchas
+    are, unless ``ignore_case`` is False (printed text)."""
     total = sum(len(t) for t in truth)
-    errors = sum(min(edit_distance(p.lower(), t.lower()), len(t)) for p, t in zip(pred, truth))
+    fold = str.lower if ignore_case else str
+    errors = sum(min(edit_distance(fold(p), fold(t)), len(t)) for p, t in zip(pred, truth))
     return 1.0 - errors / max(total, 1)
 
 
@@ -288,3 +290,23 @@ def score_boxes(run: Run, input_names: Sequence[str], truth: Mapping[str, np.nda
     rendered = [truth["boxes"][truth["image"] == k] for k in range(len(images))]
     ref = [d[:, :4] for d in dets] if reference is None else [d[:, :4] for d in reference["dets"]]
     return {"ap50_vs_fp32": ap50(dets, ref), "ap50_vs_rendered": ap50(dets, rendered), "dets": dets}
+
+
+# --- printed text lines (PaddleOCR's models, ppocr.py) ------------------------------------
+
+
+def text_line(rng: np.random.Generator, text: str, height: int, font_file: str | None = None,
+              ink: tuple[int, int, int] | None = None) -> tuple[object, tuple[int, int, int, int]]:
+    """``text`` printed on one line, as an RGBA image just large enough, and its ink box (x1y1x2y2).
+
+    The font is ``font_file`` or one of :func:`fonts`, sized so that the line is about ``height``
+    pixels tall; the background is transparent, so the caller pastes it on any page.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(font_file or str(rng.choice(fonts())), max(8, int(height * 0.8)))
+    x1, y1, x2, y2 = font.getbbox(text)
+    img = Image.new("RGBA", (x2 - min(x1, 0) + 4, y2 - min(y1, 0) + 4), (0, 0, 0, 0))
+    colour = ink or tuple(int(v) for v in rng.integers(0, 90, 3))
+    ImageDraw.Draw(img).text((2 - min(x1, 0), 2 - min(y1, 0)), text, font=font, fill=colour + (255,))
+    return img, img.getbbox() or (0, 0, img.size[0], img.size[1])

@@ -8,6 +8,7 @@ the target's backend (the fp32 reference), and a runner for every artifact. Used
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -74,8 +75,13 @@ def feeds(model_file: Path, folder: Path, split: str) -> list[dict[str, np.ndarr
 # --- the systems ---------------------------------------------------------------------------
 
 
-def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_dict: bool = False) -> dict[str, Any]:
-    """``compress`` in a subprocess; returns rc, reason, seconds and the artifact folder."""
+def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_dict: bool = False,
+                   max_drop: float | None = None) -> dict[str, Any]:
+    """``compress`` in a subprocess; returns rc, reason, seconds and the artifact folder.
+
+    ``max_drop`` replaces the recipe's budget (``--max-drop``; a large one measures the
+    recipe's artifact as it comes, without accuracy control).
+    """
     cmd = [sys.executable, "-c", "import sys; from compressor.cli import main; sys.exit(main())"]
     env = dict(os.environ)
     calib, evald = folder / "calib.npz", folder / "eval.npz"
@@ -100,6 +106,8 @@ def run_compressor(zm: ZooModel, target: str, folder: Path, dest: Path, state_di
     recipe = zm.htp_recipe if target == "qnn-htp" and zm.htp_recipe else RECIPES[target]
     cmd += ["--recipe", recipe, "--target", target, "--calib", str(calib), "--eval", str(evald),
             "-o", str(dest), "-q"]
+    if max_drop is not None:
+        cmd += ["--max-drop", str(max_drop)]
     if dest.exists():
         shutil.rmtree(dest)
     start = time.perf_counter()
@@ -164,7 +172,7 @@ def _ov_model(zm: ZooModel, path: Path):
 
 
 def _fix_shapes(src: Path, dest: Path, static: dict[str, list[int]]) -> Path:
-    """A copy of the model with the given inputs' shapes fixed (ONNX Runtime's own tool)."""
+    """A copy of the model with the given inputs' shapes fixed (ONNX Runtime's own tool), for ORT's QNN flow."""
     import onnx
     from onnxruntime.tools.onnx_model_utils import (
         fix_output_shapes,
@@ -173,8 +181,20 @@ def _fix_shapes(src: Path, dest: Path, static: dict[str, list[int]]) -> Path:
 
     proto = onnx.load(str(src))
     for name, shape in static.items():
+        # a dim named "?" (paddle2onnx's H and W) is no symbol: ORT's tool would give every "?" in
+        # the graph the first such axis's size ("Can't replace existing fixed size of 48 with 192")
+        for value in proto.graph.input:
+            if value.name == name:
+                for dim, size in zip(value.type.tensor_type.shape.dim, shape):
+                    if dim.dim_param in ("?", "-1"):
+                        dim.Clear()
+                        dim.dim_value = size
         make_input_shape_fixed(proto.graph, name, shape)
     fix_output_shapes(proto)
+    # ORT 1.32's qnn_preprocess_model crashes on any metadata_props ("cannot convert dictionary
+    # update sequence element #0": it dict-updates from the repeated proto field); PP-OCR's
+    # recogniser carries its charset there, nudenet ultralytics' class names. Not computation.
+    del proto.metadata_props[:]
     onnx.save(proto, str(dest))
     return dest
 
@@ -191,8 +211,11 @@ def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, 
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             src, out = dest / "pre.onnx", dest / "model.onnx"
-            try:  # the pre-processing ONNX Runtime's docs ask for (shape inference, graph optimisation)
-                quant_pre_process(str(zm.path()), str(src))
+            try:  # the pre-processing ONNX Runtime's docs ask for (shape inference, graph optimisation);
+                # in dest: where its symbolic shape inference fails it leaves a temporary model in the cwd
+                absolute = src.resolve()
+                with contextlib.chdir(dest):
+                    quant_pre_process(str(zm.path()), str(absolute))
             except Exception as err:  # noqa: BLE001
                 logger.warning("ORT quant_pre_process failed (%s); quantizing the model as it is", err)
                 src = zm.path()
