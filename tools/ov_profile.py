@@ -1,6 +1,7 @@
 """Where OpenVINO's CPU plugin spends its time: several IRs side by side on the same input.
 
-For each ``.xml`` the model is compiled in f32 (``INFERENCE_PRECISION_HINT``) with
+For each ``.xml`` the model is compiled in f32 (``INFERENCE_PRECISION_HINT``; ``--precision
+device``: no hint, the device's default, bf16 on AVX512-BF16 CPUs) with
 ``PERF_COUNT`` on, called ``--rounds`` times round-robin with the others (so a load change on
 this shared machine hits every model alike), and the per-layer times of
 ``infer_request.get_profiling_info()`` are averaged and summed by (layer type, kernel):
@@ -9,7 +10,7 @@ this shared machine hits every model alike), and the per-layer times of
 ``--layers`` it also lists every layer of the first model with its time in each model
 (matched by name), which is how an f32 layer that costs more than its int8 twin is found.
 
-    python tools/ov_profile.py --npz eval.npz fp32.xml ours/model.xml nncf/model.xml [--threads 1]
+    python tools/ov_profile.py --npz eval.npz fp32.xml ours/model.xml nncf/model.xml [--threads 1] [--batch 8]
 
 The input is the first sample of ``--npz`` (keyed by input name, first axis = samples).
 Wall times are medians over the rounds, so on a loaded machine compare within one run only.
@@ -27,31 +28,38 @@ from pathlib import Path
 import numpy as np
 
 
-def _feed(compiled, npz: Path) -> dict:
-    """The first sample of ``npz`` for each input of ``compiled`` (matched by name, else in order)."""
+def _feed(compiled, npz: Path, batch: int = 1) -> dict:
+    """The first ``batch`` samples of ``npz`` for each input of ``compiled`` (matched by name, else in order)."""
     data = np.load(npz)
     feed = {}
     for i, port in enumerate(compiled.inputs):
         name = port.get_any_name()
         key = name if name in data.files else data.files[min(i, len(data.files) - 1)]
-        value = data[key][0:1]
+        value = data[key][0:batch]
         feed[port] = value if value.ndim == len(port.get_partial_shape()) else data[key][0]
     return feed
 
 
-def profile(xmls: list[Path], npz: Path, rounds: int, threads: int | None) -> list[dict]:
-    """Per model: median wall ms, mean µs per (type, kernel) and per layer, layer counts."""
+def profile(xmls: list[Path], npz: Path, rounds: int, threads: int | None, batch: int = 1,
+            precision: str = "f32") -> list[dict]:
+    """Per model: median wall ms, mean µs per (type, kernel) and per layer, layer counts.
+
+    ``precision``: the float precision hint (``f32``), or ``device`` for none (the device's
+    default: bf16 on AVX512-BF16 CPUs, which is what a plain compile runs).
+    """
     import openvino as ov
 
     core = ov.Core()
-    config = {"PERF_COUNT": True, "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1}
+    config = {"PERF_COUNT": True, "NUM_STREAMS": 1}
+    if precision != "device":
+        config["INFERENCE_PRECISION_HINT"] = precision
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     models = []
     for xml in xmls:
         compiled = core.compile_model(core.read_model(xml), "CPU", config)
         request = compiled.create_infer_request()
-        models.append({"xml": xml, "request": request, "feed": _feed(compiled, npz), "walls": [],
+        models.append({"xml": xml, "request": request, "feed": _feed(compiled, npz, batch), "walls": [],
                        "by_kind": collections.defaultdict(float), "by_layer": collections.defaultdict(float),
                        "count": collections.Counter()})
     for m in models:
@@ -102,9 +110,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--threads", type=int, help="INFERENCE_NUM_THREADS (default: the plugin's)")
     p.add_argument("--layers", action="store_true", help="also one row per layer of the first model")
+    p.add_argument("--batch", type=int, default=1, help="samples per call, the first of --npz")
+    p.add_argument("--precision", default="f32",
+                   help="float precision hint (f32, bf16, f16), or 'device' for none: the device's default")
     args = p.parse_args()
     load = os.getloadavg()
-    models = profile(args.xmls, args.npz, args.rounds, args.threads)
+    models = profile(args.xmls, args.npz, args.rounds, args.threads, args.batch, args.precision)
     print(render(models, args.layers))
     print(f"\nload average {load[0]:.2f} -> {os.getloadavg()[0]:.2f}")
 
