@@ -53,8 +53,13 @@ def size_row(manifest: dict[str, Any]) -> str:
     deployed = deployable_entries(files)
     size_in, size_out = manifest["model"]["baseline_bytes"], deployable_bytes(files)
     ratio = size_in / max(size_out, 1)  # "0.52x smaller" read as smaller; a larger artifact says so
-    row = (f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB "
-           + (f"({ratio:.2f}x smaller" if ratio >= 1 or not size_out else f"({1 / ratio:.2f}x larger"))
+    if not size_in or not size_out:
+        change = "(size not compared"  # an empty side: no ratio to print (nor to divide by)
+    elif f"{ratio:.2f}" == "1.00" or f"{1 / ratio:.2f}" == "1.00":
+        change = "(the same size"
+    else:
+        change = f"({ratio:.2f}x smaller" if ratio > 1 else f"({1 / ratio:.2f}x larger"
+    row = f"{size_in / 1e6:.3f} MB -> {size_out / 1e6:.3f} MB " + change
     if len(deployed) == len(files):
         return row + ")"
     left = len(files) - len(deployed)

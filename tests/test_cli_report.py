@@ -57,7 +57,7 @@ def test_an_artifact_larger_than_the_baseline_says_larger():
 
 def test_a_manifest_written_before_the_deploy_flag_counts_every_file():
     files = [_entry(e["path"], e["bytes"]) for e in HTP_FILES]
-    assert size_row(_manifest(files)) == "0.206 MB -> 0.206 MB (1.00x smaller)"
+    assert size_row(_manifest(files)) == "0.206 MB -> 0.206 MB (the same size)"
 
 
 def test_an_emulated_latency_gives_no_ratio():
@@ -117,3 +117,12 @@ def test_a_quantize_with_no_layer_is_a_no_op_unless_a_target_pass_quantized_ever
 
     assert row([quantize]) == f"nothing was quantized: {why}"
     assert row([quantize, legalize]) == f"no layer by quantize ({why}); qnn-legalize quantized every tensor (3 Q/DQ pairs)"
+
+
+def test_a_size_with_an_empty_side_or_no_change_prints_no_ratio():
+    """The review's cases: an empty baseline divided by zero (the summary crashed after the artifact was
+    written), and 999 -> 1000 bytes read "1.00x larger"."""
+    assert size_row(_manifest([_entry("model.onnx", 1000, True)], baseline=0)).endswith("(size not compared)")
+    assert size_row(_manifest([_entry("model.onnx", 1000, True)], baseline=999)).endswith("(the same size)")
+    assert size_row(_manifest([_entry("model.onnx", 500, True)], baseline=1000)).endswith("(2.00x smaller)")
+    assert size_row(_manifest([_entry("model.onnx", 2000, True)], baseline=1000)).endswith("(2.00x larger)")

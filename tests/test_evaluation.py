@@ -252,3 +252,18 @@ def test_compress_says_when_the_gate_hides_small_channels(tmp_path, capsys):
     assert manifest["gate"]["passed"]
     assert "the cosine metric hardly sees channels 16-31 of output 'y' (16 of 32" in err
     assert "small channels" in out + err
+
+
+def test_small_channels_of_outputs_with_nan_or_huge_values_stay_finite():
+    """The review's cases: a NaN both sides compute made the energy share NaN ("nan%" in the summary), and
+    float64 past 1e154 overflowed every channel's energy to inf (all 'small')."""
+    ref, out = _detector_rows(score_noise=0.3, box_noise=0.5)
+    want = small_channels(ref, out, 0.0)
+    nan_ref, nan_out = ref[0].copy(), out[0].copy()
+    nan_ref[0, 0, 0] = nan_out[0, 0, 0] = np.nan
+    got = small_channels([nan_ref], [nan_out], 0.0)
+    assert got["channels"] == want["channels"] and math.isfinite(got["energy_share"])
+    with np.errstate(all="raise"):
+        huge = small_channels([ref[0] * 1e200], [out[0] * 1e200], 0.0)
+    assert huge["channels"] == want["channels"] and huge["cosine"] == pytest.approx(want["cosine"], rel=1e-9)
+    assert huge["energy_share"] == pytest.approx(want["energy_share"], rel=1e-9)

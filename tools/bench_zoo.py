@@ -102,7 +102,8 @@ def bench_pair(zm: ZooModel, target: str, folder: Path, out: Path, rival: bool,
     systems = [("compressor" + tag, lambda: run_compressor(zm, target, folder, work / "compressor", max_drop=budget))]
     if zm.state_dict:
         systems.append(("compressor, state_dict (--model-class)",
-                        lambda: run_compressor(zm, target, folder, work / "compressor-sd", state_dict=True)))
+                        lambda: run_compressor(zm, target, folder, work / "compressor-sd", state_dict=True,
+                                               max_drop=budget)))
     if rival and not zm.expect_refusal:
         systems.append((RIVALS[target] + tag, lambda: run_rival(zm, target, folder, work / "rival")))
     fp32_error = None
@@ -203,6 +204,8 @@ def main() -> None:
         max_drop = {t: float(v) for t, v in (spec.split("=", 1) for spec in args.max_drop)}
     except ValueError:
         p.error(f"--max-drop takes TARGET=DROP (e.g. qnn-htp=1), not {args.max_drop}")
+    if unknown := sorted(set(max_drop) - set(RECIPES)):
+        p.error(f"--max-drop names unknown target(s) {', '.join(unknown)}; targets: {', '.join(RECIPES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for key in keys:

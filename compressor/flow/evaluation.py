@@ -254,6 +254,22 @@ def _span(channels: list[int]) -> str:
     return ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
 
 
+def _finite_scaled(ref: np.ndarray, out: np.ndarray) -> tuple[tuple[np.ndarray, float], tuple[np.ndarray, float]]:
+    """``ref`` and ``out`` (float64) with 0 where either is not finite, both divided by ``ref``'s peak:
+    ``((ref', peak), (out', peak))``; energies and cosines of the result do not overflow."""
+    ref, out = np.asarray(ref, dtype=np.float64), np.asarray(out, dtype=np.float64)
+    keep = np.isfinite(ref) & np.isfinite(out)
+    ref, out = np.where(keep, ref, 0.0), np.where(keep, out, 0.0)
+    peak = float(np.abs(ref).max(initial=0.0)) or 1.0
+    return (ref / peak, peak), (out / peak, peak)
+
+
+def _log_energy(scaled: np.ndarray, peak: float) -> float:
+    """log of the sum of squares of ``scaled * peak`` (``-inf`` when all zero)."""
+    energy = float(np.square(scaled).sum())
+    return float(np.log(energy)) + 2.0 * float(np.log(peak)) if energy > 0 else float("-inf")
+
+
 def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop: float) -> dict[str, Any] | None:
     """The channels of small values beside large ones in one output, and how well ``outputs`` reproduce them.
 
@@ -262,7 +278,11 @@ def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop:
     most :data:`SMALL_SHARE` of an even share of the output's: a detector's class scores
     (0-1) beside box coordinates (0-320). Their cosine is taken over all of them together
     (every sample and position), so the active ones count and the ones that stay near 0
-    (a class never seen) do not dominate.
+    (a class never seen) do not dominate. Values that are not finite on either side are
+    left out, and each output is scaled by its peak first, so neither NaN nor float64 past
+    1e154 spoil the energies. Magnitudes alone cannot tell scores that matter from the
+    probabilities of classes the data never shows: those round to 0 at 8 bits and are
+    reported too (a warning, never the gate).
 
     Returns:
         For the output whose small channels are reproduced worst: ``{"output": index,
@@ -270,22 +290,35 @@ def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop:
         "hidden"}``, ``hidden`` when ``1 - cosine`` is at least :data:`HIDDEN_RATIO` times
         ``max(drop, 1e-4)``; ``None`` when no output has small channels.
     """
-    total = sum(float(np.square(np.asarray(r, dtype=np.float64)).sum()) for r in reference)
-    worst: dict[str, Any] | None = None
+    log_energy: list[float] = []  # log of each output's energy, for its share of all (no overflow)
+    found: list[tuple[float, dict[str, Any]]] = []
     for index, (ref, out) in enumerate(zip(reference, outputs)):
-        if ref.dtype.kind != "f" or ref.ndim < 3 or ref.shape != out.shape or not 1 < ref.shape[1] <= CHANNELS_MAX:
+        ref, out = np.asarray(ref), np.asarray(out)
+        if ref.dtype.kind != "f":
+            continue
+        whole, _ = _finite_scaled(ref, ref)
+        log_energy.append(_log_energy(whole[0], whole[1]))
+        if ref.ndim < 3 or ref.shape != out.shape or not 1 < ref.shape[1] <= CHANNELS_MAX:
             continue
         r = np.moveaxis(np.asarray(ref, dtype=np.float64), 1, 0).reshape(ref.shape[1], -1)
         o = np.moveaxis(np.asarray(out, dtype=np.float64), 1, 0).reshape(ref.shape[1], -1)
+        (r, _), (o, _) = _finite_scaled(r, o)
         energy = np.square(r).sum(axis=1)
         small = np.flatnonzero(energy * len(energy) <= SMALL_SHARE * energy.sum())
         if not small.size or energy[small].sum() == 0:
             continue
         cos = float(_cosines(r[small].reshape(1, -1), o[small].reshape(1, -1))[0])
-        if worst is None or cos < worst["cosine"]:
-            worst = {"output": index, "channels": _span(small.tolist()), "count": int(small.size),
-                     "of": int(len(energy)), "cosine": cos,
-                     "energy_share": float(energy[small].sum() / total) if total else 0.0}
+        found.append((log_energy[-1], {"output": index, "channels": _span(small.tolist()), "count": int(small.size),
+                                       "of": int(len(energy)), "cosine": cos,
+                                       "energy_share": float(energy[small].sum() / energy.sum())}))
+    worst = None
+    if found:  # then some output's energy is finite and above 0
+        top = max(log_energy)
+        log_total = top + float(np.log(sum(np.exp(e - top) for e in log_energy if e > float("-inf"))))
+    for log_out, record in found:
+        record["energy_share"] *= float(np.exp(log_out - log_total))
+        if worst is None or record["cosine"] < worst["cosine"]:
+            worst = record
     if worst is not None:
         worst["hidden"] = bool(1.0 - worst["cosine"] >= HIDDEN_RATIO * max(drop, 1e-4))
     return worst

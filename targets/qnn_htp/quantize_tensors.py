@@ -206,7 +206,7 @@ class _Legalizer:
         self.carried = carried_states(graph, rules) if opts.carried_states == "int16" else {}
         self.wide_nodes = ({id(n) for chains in (self.roots, self.norms) for chain in chains.values() for n in chain}
                            | {i for ids in self.carried.values() for i in ids}
-                           | {id(n) for n in graph if n.op_type == "Concat" and n.name in concats})  # case 2h
+                           | {id(n) for n in graph if n.op_type == "Concat" and n.outputs[0].name in concats})  # 2h
         self.wide_inputs = {id(x) for x, _ in self.carried}
         self.attention_glue = attention_glue  # case 2g: found by run() on the float model
 
@@ -449,8 +449,10 @@ class QuantizeTensors(Pass):
         squares = squares_as_mul(model.graph)
         # case 2g on the float model: the attention finder reads through no Q/DQ
         blocks = attention_blocks(float_model.graph) if opts.attention == "int16" and opts.activations == "int8" else 0
+        # (already 16 bits everywhere at W8A16 or with the attention glue: nothing to widen)
         concats = mixed_concats(float_model.graph, {name: (st.min, st.max) for name, st in cache.items()
-                                                    if not st.problem()}) if opts.concats == "int16" else {}
+                                                    if not st.problem()}, rules.same_encoding) \
+            if opts.concats == "int16" and opts.activations == "int8" and not blocks else {}
         for name, why in concats.items():
             logger.info("%s: %s at 16 bits: %s", self.name, name, why)
         run = _Legalizer(model.graph, rules, cache, opts, quantizable, blocks > 0, concats)

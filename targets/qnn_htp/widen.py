@@ -209,10 +209,18 @@ def describe(states: dict[tuple[ir.Value, ir.Value], set[int]], graph: ir.Graph)
             for (x, y), ids in states.items()}
 
 
-def mixed_concats(graph: ir.Graph, ranges: Mapping[str, tuple[float, float]]) -> dict[str, str]:
-    """``{Concat name: why}`` for the Concats with an input spanning under :data:`CONCAT_RANGE_RATIO`
-    of their output's range (case 4), from the calibrated ``ranges`` (``(min, max)`` by tensor name,
-    of the model without activation Q/DQ); both spans include 0, as an encoding's range does."""
+def mixed_concats(graph: ir.Graph, ranges: Mapping[str, tuple[float, float]],
+                  moves: frozenset[str] = frozenset()) -> dict[str, str]:
+    """``{Concat output name: why}`` for the Concats with an input spanning under
+    :data:`CONCAT_RANGE_RATIO` of their output's range (case 4), from the calibrated ``ranges``
+    (``(min, max)`` by tensor name, of the model without activation Q/DQ); both spans include 0,
+    as an encoding's range does.
+
+    Only a Concat whose output reaches a graph output through ops in ``moves`` (that carry
+    the encoding on: reshapes, transposes, slices) is widened: a compute layer reading it
+    requantizes it to its own 8 bits over the whole range, so widening the Concat there would
+    only add Converts. Keyed by output name (unique, and a node may have no name).
+    """
     def span(name: str) -> float | None:
         if name not in ranges:
             return None
@@ -220,16 +228,17 @@ def mixed_concats(graph: ir.Graph, ranges: Mapping[str, tuple[float, float]]) ->
         return max(hi, 0.0) - min(lo, 0.0)
 
     found: dict[str, str] = {}
+    outputs = {id(v) for v in graph.outputs}
     for node in graph:
-        if node.op_type != "Concat" or not _standard(node) or not node.name:
+        if node.op_type != "Concat" or not _standard(node):
             continue
         whole = span(node.outputs[0].name)
-        if not whole:
+        if not whole or not outputs & _reach([node.outputs[0]], moves | _STACKS, forward=True)[1]:
             continue
         for value in node.inputs:
             part = span(value.name) if value is not None else None
             if part is not None and part < CONCAT_RANGE_RATIO * whole:
-                found[node.name] = (f"input {value.name!r} spans {part:.3g} of the output's {whole:.3g}: "
+                found[node.outputs[0].name] = (f"input {value.name!r} spans {part:.3g} of the output's {whole:.3g}: "
                                     f"{max(0.0, 8 + np.log2(max(part, 1e-30) / whole)):.1f} of 8 bits")
                 break
     return found

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from compressor.targets.onnx import ort_session
 from compressor.targets.qnn_htp import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
 from compressor.targets.qnn_htp.widen import carried_states
@@ -314,3 +315,33 @@ def test_a_concat_of_scores_beside_pixels_runs_at_16_bits(tmp_path):
         errors[key] = float(np.abs(np.stack([session.run(None, feed)[0] for feed in feeds])[:, :, 4:] - ref).max())
     step_b = (data["b"].max() - min(data["b"].min(), 0)) / 255
     assert errors["16"] < 300 / 65535 + 1 / 512 + step_b / 2 / 4 and errors["8"] > 0.3, errors
+
+
+def _concat_then(reader: str | None, name: str = "head") -> ir.Model:
+    """:func:`_boxes_and_scores`, its Concat named ``name``, then a reader of the Concat: ``None`` (the Concat is
+    the output), ``Transpose`` (data movement to the output) or ``Conv`` (a compute layer)."""
+    model = _boxes_and_scores()
+    proto = ir.serde.serialize_model(model)
+    proto.graph.node[-1].name = name
+    if reader is not None:
+        proto.graph.node[-1].output[0] = "cat"
+        if reader == "Transpose":
+            proto.graph.node.append(helper.make_node("Transpose", ["cat"], ["y"], perm=[0, 2, 1], name="to_rows"))
+            proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 50
+            proto.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 8
+        else:  # Conv1d 8 -> 8, kernel 1
+            w = np.random.default_rng(1).standard_normal((8, 8, 1)).astype(np.float32)
+            proto.graph.initializer.append(numpy_helper.from_array(w, "w"))
+            proto.graph.node.append(helper.make_node("Conv", ["cat", "w"], ["y"], name="mix"))
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+
+
+@pytest.mark.parametrize("reader, wide", [(None, True), ("Transpose", True), ("Conv", False)])
+def test_a_concat_is_widened_only_on_its_way_to_an_output(tmp_path, reader, wide):
+    """The review's case: a Conv reading the Concat requantizes it to its own 8 bits over the whole range, so a
+    16-bit Concat there would only add Converts. An unnamed Concat is found too (by its output)."""
+    rng = np.random.default_rng(0)
+    data = {k: rng.normal(0, 2, (32, 1, 4, 50)).astype(np.float32) for k in ("a", "b")}
+    legal = _legalize(_concat_then(reader, name=""), data, tmp_path)
+    (concat,) = [n for n in legal.graph if n.op_type == "Concat"]
+    assert (_encoding(concat.outputs[0]) == "uint16") is wide

@@ -213,9 +213,9 @@ def run_rival(zm: ZooModel, target: str, folder: Path, dest: Path) -> dict[str, 
             src, out = dest / "pre.onnx", dest / "model.onnx"
             try:  # the pre-processing ONNX Runtime's docs ask for (shape inference, graph optimisation);
                 # in dest: where its symbolic shape inference fails it leaves a temporary model in the cwd
-                absolute = src.resolve()
+                absolute, model = src.resolve(), zm.path().resolve()  # before the chdir: a relative cache
                 with contextlib.chdir(dest):
-                    quant_pre_process(str(zm.path()), str(absolute))
+                    quant_pre_process(str(model), str(absolute))
             except Exception as err:  # noqa: BLE001
                 logger.warning("ORT quant_pre_process failed (%s); quantizing the model as it is", err)
                 src = zm.path()
