@@ -95,6 +95,7 @@ def test_an_artifact_slower_than_the_baseline_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="compressor.flow.manifest"):
         warn_if_slower(slow, _Cpu(True))  # no reason to give
         warn_if_slower({"baseline_device_ms": 205.9, "compressed_ms": 210.0}, _Cpu(False))  # within timing noise
+        warn_if_slower({"baseline_device_ms": 0.05, "compressed_ms": 0.06}, _Cpu(False))  # 10 µs: a tiny model's noise
         warn_if_slower({**slow, "compressed_note": "HTP emulated on this x86 CPU: not the device's latency"}, _Cpu(None))
     assert [r.getMessage() for r in caplog.records] == [
         "the compressed artifact runs slower than the fp32 model here: 276.00 ms vs 205.90 ms per batch (0.75x)."]
