@@ -254,20 +254,36 @@ def _span(channels: list[int]) -> str:
     return ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
 
 
-def _finite_scaled(ref: np.ndarray, out: np.ndarray) -> tuple[tuple[np.ndarray, float], tuple[np.ndarray, float]]:
-    """``ref`` and ``out`` (float64) with 0 where either is not finite, both divided by ``ref``'s peak:
-    ``((ref', peak), (out', peak))``; energies and cosines of the result do not overflow."""
+def _comparable_rows(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``ref`` and ``out`` as they are when finite and of moderate size (no copy); else with 0
+    where either is not finite and both divided by ``ref``'s peak, so energies do not overflow."""
+    peak = float(np.abs(ref).max(initial=0.0)) if np.isfinite(ref).all() and np.isfinite(out).all() else None
+    if peak is not None and peak < 1e100:  # squares summed over ~1e9 values stay finite
+        return ref, out
     ref, out = np.asarray(ref, dtype=np.float64), np.asarray(out, dtype=np.float64)
     keep = np.isfinite(ref) & np.isfinite(out)
     ref, out = np.where(keep, ref, 0.0), np.where(keep, out, 0.0)
-    peak = float(np.abs(ref).max(initial=0.0)) or 1.0
-    return (ref / peak, peak), (out / peak, peak)
+    scale = float(np.abs(ref).max(initial=0.0)) or 1.0
+    return ref / scale, out / scale
 
 
-def _log_energy(scaled: np.ndarray, peak: float) -> float:
-    """log of the sum of squares of ``scaled * peak`` (``-inf`` when all zero)."""
-    energy = float(np.square(scaled).sum())
-    return float(np.log(energy)) + 2.0 * float(np.log(peak)) if energy > 0 else float("-inf")
+def _channel_energy(x: np.ndarray) -> np.ndarray:
+    """The sum of squares of ``x`` per index of its axis 1, in float64 without a float64 copy of ``x``."""
+    v = x.reshape(x.shape[0], x.shape[1], -1)
+    return np.einsum("ncp,ncp->c", v, v, dtype=np.float64)
+
+
+def _log_energy(x: np.ndarray) -> float:
+    """log of the sum of squares of ``x``'s finite values (``-inf`` when none is above 0)."""
+    flat = x.reshape(-1)
+    if not np.isfinite(flat).all():
+        flat = np.where(np.isfinite(flat), flat, 0.0)
+    peak = float(np.abs(flat).max(initial=0.0))
+    if peak == 0:
+        return float("-inf")
+    scaled = flat / peak if peak >= 1e100 or peak <= 1e-100 else flat
+    energy = float(np.einsum("i,i->", scaled, scaled, dtype=np.float64))
+    return float(np.log(energy)) + (2.0 * float(np.log(peak)) if scaled is not flat else 0.0)
 
 
 def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop: float) -> dict[str, Any] | None:
@@ -290,35 +306,30 @@ def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop:
         "hidden"}``, ``hidden`` when ``1 - cosine`` is at least :data:`HIDDEN_RATIO` times
         ``max(drop, 1e-4)``; ``None`` when no output has small channels.
     """
-    log_energy: list[float] = []  # log of each output's energy, for its share of all (no overflow)
-    found: list[tuple[float, dict[str, Any]]] = []
+    found: list[tuple[int, dict[str, Any]]] = []
     for index, (ref, out) in enumerate(zip(reference, outputs)):
         ref, out = np.asarray(ref), np.asarray(out)
-        if ref.dtype.kind != "f":
+        if ref.dtype.kind != "f" or ref.ndim < 3 or ref.shape != out.shape or not 1 < ref.shape[1] <= CHANNELS_MAX:
             continue
-        whole, _ = _finite_scaled(ref, ref)
-        log_energy.append(_log_energy(whole[0], whole[1]))
-        if ref.ndim < 3 or ref.shape != out.shape or not 1 < ref.shape[1] <= CHANNELS_MAX:
-            continue
-        r = np.moveaxis(np.asarray(ref, dtype=np.float64), 1, 0).reshape(ref.shape[1], -1)
-        o = np.moveaxis(np.asarray(out, dtype=np.float64), 1, 0).reshape(ref.shape[1], -1)
-        (r, _), (o, _) = _finite_scaled(r, o)
-        energy = np.square(r).sum(axis=1)
+        ref, out = _comparable_rows(ref, out)
+        energy = _channel_energy(ref)
         small = np.flatnonzero(energy * len(energy) <= SMALL_SHARE * energy.sum())
         if not small.size or energy[small].sum() == 0:
             continue
-        cos = float(_cosines(r[small].reshape(1, -1), o[small].reshape(1, -1))[0])
-        found.append((log_energy[-1], {"output": index, "channels": _span(small.tolist()), "count": int(small.size),
-                                       "of": int(len(energy)), "cosine": cos,
-                                       "energy_share": float(energy[small].sum() / energy.sum())}))
+        cos = float(_cosines(ref[:, small].astype(np.float64).reshape(1, -1),
+                             out[:, small].astype(np.float64).reshape(1, -1))[0])
+        found.append((index, {"output": index, "channels": _span(small.tolist()), "count": int(small.size),
+                              "of": int(len(energy)), "cosine": cos,
+                              "energy_share": float(energy[small].sum() / energy.sum())}))
     worst = None
-    if found:  # then some output's energy is finite and above 0
-        top = max(log_energy)
-        log_total = top + float(np.log(sum(np.exp(e - top) for e in log_energy if e > float("-inf"))))
-    for log_out, record in found:
-        record["energy_share"] *= float(np.exp(log_out - log_total))
-        if worst is None or record["cosine"] < worst["cosine"]:
-            worst = record
+    if found:  # each output's share of all outputs' energy, on logs (no overflow)
+        logs = [_log_energy(np.asarray(r)) for r in reference if np.asarray(r).dtype.kind == "f"]
+        top = max(logs)
+        log_total = top + float(np.log(sum(np.exp(e - top) for e in logs if e > float("-inf"))))
+        for index, record in found:
+            record["energy_share"] *= float(np.exp(_log_energy(np.asarray(reference[index])) - log_total))
+            if worst is None or record["cosine"] < worst["cosine"]:
+                worst = record
     if worst is not None:
         worst["hidden"] = bool(1.0 - worst["cosine"] >= HIDDEN_RATIO * max(drop, 1e-4))
     return worst
