@@ -116,6 +116,10 @@ logger = logging.getLogger(__name__)
 
 #: Ops whose inputs the shape of a static tensor decides (folded away when shapes are static).
 _SHAPE_OPS = frozenset({"Shape", "Size"})
+#: Inputs that decide an op's output shape: HTP compiles static shapes only, so they must be
+#: constants once folded (ONNX's ``test_expand_shape_model*``: "QNN doesn't support dynamic shape").
+_SHAPE_OPERANDS: dict[str, tuple[int, ...]] = {"Expand": (1,), "Reshape": (1,), "Tile": (1,),
+                                               "ConstantOfShape": (0,)}
 #: Control flow that constant folding never removes (an ``If`` on a constant is inlined).
 _BODY_OPS = frozenset({"Loop", "Scan"})
 #: The lowered files the runner and :meth:`QnnHtpTarget.deployable` recognise by name: the
@@ -319,6 +323,15 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
                                      "folds the If away"))
             continue
         domain = "" if node.domain == "ai.onnx" else node.domain
+        frozen_shape = [node.inputs[i] for i in _SHAPE_OPERANDS.get(node.op_type, ()) if domain == ""
+                        and i < len(node.inputs) and node.inputs[i] is not None
+                        and _constant_if_frozen(node.inputs[i], small, folded, if_frozen)]
+        if frozen_shape:
+            names = sorted({n for v in frozen_shape for n in _inputs_deciding_value(v, small)})
+            offenders.append((where, f"op {node.op_type} takes its shape from input {', '.join(map(repr, names))}: "
+                                     "HTP compiles static shapes only; "
+                                     f"{' '.join(f'--freeze {n}=VALUE' for n in names)} makes it a constant"))
+            continue
         known = ops if domain == "" else QNN_HTP_CONTRIB_OPS if domain == "com.microsoft" else frozenset()
         body = owners.get(id(node.graph))
         if node.op_type not in known:
@@ -348,6 +361,23 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
                                          "the most HTP handles"))
                 break
     return offenders
+
+
+def _constant_if_frozen(value: ir.Value, small: Mapping[int, ir.Value], folded: set[int],
+                        if_frozen: set[int]) -> bool:
+    """Whether ``value`` is no constant now but would be were the small graph inputs frozen."""
+    producer = value.producer()
+    if value.const_value is not None or (producer is not None and id(producer) in folded):
+        return False
+    return id(value) in small or (producer is not None and id(producer) in if_frozen)
+
+
+def _inputs_deciding_value(value: ir.Value, inputs: Mapping[int, ir.Value]) -> list[str]:
+    """The names of the graph ``inputs`` that ``value`` is computed from."""
+    producer = value.producer()
+    if producer is None:
+        return [value.name] if id(value) in inputs else []
+    return _inputs_deciding(producer, inputs)
 
 
 def _inputs_deciding(node: ir.Node, inputs: Mapping[int, ir.Value]) -> list[str]:

@@ -165,3 +165,35 @@ def test_a_float16_selu_gets_a_float16_gamma():
     before = _run(model, x)
     assert selu_as_elu(model.graph) == 1
     np.testing.assert_allclose(_run(model, x).astype(np.float32), before.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def _expand_to_input_shape() -> ir.Model:
+    """ONNX's ``test_expand_shape_model*``: ``Y = Expand(X, shape)``, the shape a graph input."""
+    graph = helper.make_graph([helper.make_node("Expand", ["x", "shape"], ["y"], name="grow")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1]),
+                               helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                                        ir_version=8))
+
+
+def test_a_shape_taken_from_an_input_names_the_freeze_that_fixes_it():
+    from compressor.targets.qnn_htp import lint
+
+    assert lint(_expand_to_input_shape()) == [
+        ("grow", "op Expand takes its shape from input 'shape': HTP compiles static shapes only; "
+                 "--freeze shape=VALUE makes it a constant")]
+
+
+@pytest.mark.skipif(not HAVE_QNN, reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
+def test_the_named_freeze_makes_it_run_on_htp(tmp_path, capsys):
+    """Was exit 4 with the EP's "QNN doesn't support dynamic shape"; the freeze folds the Expand's shape."""
+    (tmp_path / "m.onnx").write_bytes(model_bytes(_expand_to_input_shape()))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(6).standard_normal((8, 3, 1)).astype(np.float32),
+             shape=np.tile(np.array([3, 4], np.int64), (8, 1)))
+    argv = [str(tmp_path / "m.onnx"), "--recipe", "int8", "--target", "qnn-htp", "--calib", str(tmp_path / "d.npz"),
+            "--eval", str(tmp_path / "d.npz"), "--latency-runs", "1", "-o", str(tmp_path / "out")]
+    assert main(argv) == 4 and "--freeze shape=VALUE" in capsys.readouterr().err
+    assert main([*argv, "--freeze", "shape=3,4"]) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["qnn_htp"]["ran_wholly_on_htp"] and manifest["frozen_inputs"] == {"shape": [3, 4]}
