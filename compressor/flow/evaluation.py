@@ -254,17 +254,18 @@ def _span(channels: list[int]) -> str:
     return ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
 
 
-def _comparable_rows(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``ref`` and ``out`` as they are when finite and of moderate size (no copy); else with 0
-    where either is not finite and both divided by ``ref``'s peak, so energies do not overflow."""
+def _comparable_rows(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(ref, out, 1.0)`` as they are when finite and of moderate size (no copy); else with 0
+    where either is not finite and both divided by ``ref``'s peak, returned third, so energies
+    do not overflow."""
     peak = float(np.abs(ref).max(initial=0.0)) if np.isfinite(ref).all() and np.isfinite(out).all() else None
     if peak is not None and peak < 1e100:  # squares summed over ~1e9 values stay finite
-        return ref, out
+        return ref, out, 1.0
     ref, out = np.asarray(ref, dtype=np.float64), np.asarray(out, dtype=np.float64)
     keep = np.isfinite(ref) & np.isfinite(out)
     ref, out = np.where(keep, ref, 0.0), np.where(keep, out, 0.0)
     scale = float(np.abs(ref).max(initial=0.0)) or 1.0
-    return ref / scale, out / scale
+    return ref / scale, out / scale, scale
 
 
 def _channel_energy(x: np.ndarray) -> np.ndarray:
@@ -275,15 +276,9 @@ def _channel_energy(x: np.ndarray) -> np.ndarray:
 
 def _log_energy(x: np.ndarray) -> float:
     """log of the sum of squares of ``x``'s finite values (``-inf`` when none is above 0)."""
-    flat = x.reshape(-1)
-    if not np.isfinite(flat).all():
-        flat = np.where(np.isfinite(flat), flat, 0.0)
-    peak = float(np.abs(flat).max(initial=0.0))
-    if peak == 0:
-        return float("-inf")
-    scaled = flat / peak if peak >= 1e100 or peak <= 1e-100 else flat
-    energy = float(np.einsum("i,i->", scaled, scaled, dtype=np.float64))
-    return float(np.log(energy)) + (2.0 * float(np.log(peak)) if scaled is not flat else 0.0)
+    flat, _, scale = _comparable_rows(x.reshape(-1), x.reshape(-1))
+    energy = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    return float(np.log(energy)) + 2.0 * float(np.log(scale)) if energy > 0 else float("-inf")
 
 
 def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop: float) -> dict[str, Any] | None:
@@ -311,7 +306,7 @@ def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop:
         ref, out = np.asarray(ref), np.asarray(out)
         if ref.dtype.kind != "f" or ref.ndim < 3 or ref.shape != out.shape or not 1 < ref.shape[1] <= CHANNELS_MAX:
             continue
-        ref, out = _comparable_rows(ref, out)
+        ref, out, _ = _comparable_rows(ref, out)
         energy = _channel_energy(ref)
         small = np.flatnonzero(energy * len(energy) <= SMALL_SHARE * energy.sum())
         if not small.size or energy[small].sum() == 0:

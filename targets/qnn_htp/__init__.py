@@ -327,7 +327,7 @@ def lint(model: ir.Model, caps: Capabilities = QNN_HTP_CAPABILITIES) -> list[tup
                         and i < len(node.inputs) and node.inputs[i] is not None
                         and _constant_if_frozen(node.inputs[i], small, folded, if_frozen)]
         if frozen_shape:
-            names = sorted({n for v in frozen_shape for n in _inputs_deciding_value(v, small)})
+            names = _inputs_of(frozen_shape, small)
             offenders.append((where, f"op {node.op_type} takes its shape from input {', '.join(map(repr, names))}: "
                                      "HTP compiles static shapes only; "
                                      f"{' '.join(f'--freeze {n}=VALUE' for n in names)} makes it a constant"))
@@ -372,17 +372,14 @@ def _constant_if_frozen(value: ir.Value, small: Mapping[int, ir.Value], folded: 
     return id(value) in small or (producer is not None and id(producer) in if_frozen)
 
 
-def _inputs_deciding_value(value: ir.Value, inputs: Mapping[int, ir.Value]) -> list[str]:
-    """The names of the graph ``inputs`` that ``value`` is computed from."""
-    producer = value.producer()
-    if producer is None:
-        return [value.name] if id(value) in inputs else []
-    return _inputs_deciding(producer, inputs)
-
-
 def _inputs_deciding(node: ir.Node, inputs: Mapping[int, ir.Value]) -> list[str]:
     """The names of the graph ``inputs`` that ``node``'s outer reads are computed from."""
-    names, seen, stack = [], set(), list(outer_reads(node))
+    return _inputs_of(outer_reads(node), inputs)
+
+
+def _inputs_of(values: Iterable[ir.Value], inputs: Mapping[int, ir.Value]) -> list[str]:
+    """The names of the graph ``inputs`` that ``values`` are (or are computed from)."""
+    names, seen, stack = [], set(), list(values)
     while stack:
         value = stack.pop()
         if id(value) in seen:

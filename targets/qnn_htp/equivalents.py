@@ -32,39 +32,34 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from compressor.passes._graph import NameAllocator, add_initializer, drop_if_unused, take_over
+from compressor.passes._graph import NameAllocator, add_initializer, attr_float, drop_if_unused, take_over
 from compressor.targets.base import on_cpu
+from compressor.targets.qnn_htp.qdq_graph import const_array
 
 __all__ = ["fold_gemm_coefficients", "selu_as_elu"]
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
 def _scaled_weight(graph: ir.Graph, names: NameAllocator, weight: ir.Value, alpha: float) -> ir.Value | None:
     """``alpha · weight`` as a new constant or a new DequantizeLinear (module docstring), else ``None``."""
-    array = _constant(weight)
+    array = const_array(weight)
     if array is not None and array.dtype.kind == "f":
         return add_initializer(graph, names(f"{weight.name}_alpha"), (array * np.asarray(alpha, array.dtype)))
     dq = weight.producer()
     if dq is None or dq.op_type != "DequantizeLinear" or alpha == 0:
         return None
-    ints, scale = _constant(dq.inputs[0]), _constant(dq.inputs[1])
+    ints, scale = const_array(dq.inputs[0]), const_array(dq.inputs[1])
     if ints is None or scale is None:
         return None
     codes = dq.inputs[0]
     if alpha < 0:  # a scale stays positive: the codes are negated, where that is exact (symmetric, no -128)
-        zero = _constant(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros(1)
+        zero = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros(1)
         if zero is None or np.any(zero != 0) or ints.dtype.kind != "i" or ints.min() <= np.iinfo(ints.dtype).min:
             return None
         codes = add_initializer(graph, names(f"{codes.name}_negated"), -ints)
     new_scale = add_initializer(graph, names(f"{dq.inputs[1].name}_alpha"),
                                 scale * np.asarray(abs(alpha), scale.dtype))
     new = ir.node("DequantizeLinear", [codes, new_scale, *dq.inputs[2:]],
-                  attributes={k: v for k, v in dq.attributes.items()}, name=names(f"{dq.name or 'dq'}_alpha"))
+                  attributes=dict(dq.attributes), name=names(f"{dq.name or 'dq'}_alpha"))
     new.outputs[0].name = names(f"{weight.name}_alpha")
     new.outputs[0].type, new.outputs[0].shape = weight.type, weight.shape
     graph.insert_after(dq, new)
@@ -78,15 +73,14 @@ def fold_gemm_coefficients(graph: ir.Graph) -> int:
     for node in list(graph):
         if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or on_cpu(node):
             continue
-        alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 1.0
-        beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
+        alpha, beta = attr_float(node, "alpha", 1.0), attr_float(node, "beta", 1.0)
         changed = False
         has_c = len(node.inputs) > 2 and node.inputs[2] is not None
         old = [node.inputs[1], node.inputs[2] if has_c else None]
         if has_c and beta == 0.0:
             node.resize_inputs(2)
             changed = True
-        elif has_c and beta != 1.0 and (c := _constant(node.inputs[2])) is not None and c.dtype.kind == "f":
+        elif has_c and beta != 1.0 and (c := const_array(node.inputs[2])) is not None and c.dtype.kind == "f":
             node.replace_input_with(2, add_initializer(graph, names(f"{node.inputs[2].name}_beta"),
                                                         c * np.asarray(beta, c.dtype)))
             changed = True
@@ -116,8 +110,8 @@ def selu_as_elu(graph: ir.Graph) -> int:
     for node in list(graph):
         if node.op_type != "Selu" or node.domain not in ("", "ai.onnx") or on_cpu(node):
             continue
-        alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 1.67326319217681884765625
-        gamma = node.attributes["gamma"].as_float() if "gamma" in node.attributes else 1.05070102214813232421875
+        alpha = attr_float(node, "alpha", 1.67326319217681884765625)
+        gamma = attr_float(node, "gamma", 1.05070102214813232421875)
         base = node.name or "selu"
         elu = ir.node("Elu", [node.inputs[0]], attributes={"alpha": alpha}, name=names(f"{base}_elu"))
         out = node.outputs[0]
