@@ -176,8 +176,9 @@ class OpenVinoRunner(Runner):
             inputs = []
             for port in op.inputs():
                 source = port.get_source_output()
+                # one entry per output, or one for all (a Split's: "u8")
                 outs = _rt(source.get_node().get_rt_info(), "outputPrecisions").split(",")
-                inputs.append(outs[source.get_index()] if source.get_index() < len(outs) else "")
+                inputs.append(outs[min(source.get_index(), len(outs) - 1)])
             precision = _rt(info, "runtimePrecision")
             layers.append({
                 "name": op.get_friendly_name(),
