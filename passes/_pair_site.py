@@ -31,6 +31,18 @@ residual ``Add``), where a backend that fuses quantization into the producer (Op
 CPU plugin folds a FakeQuantize into the convolution's post-ops) writes ``u`` as uint8 and
 runs the data movement on uint8, as NNCF's quantizer propagation places it.
 
+5. A ``Split`` (several outputs) is crossed for a group of layers together: when every
+   reader of every output of the split reads it through a pair of the same spec (its own
+   input, or a ``Concat`` on its way to one), one pair on the split's input serves them
+   all, on one range that covers every member's (the layers' input ranges are widened to
+   it; a split's output range lies inside its input's, so nothing is clipped that was not
+   before). This is how NNCF places one FakeQuantize before a YOLOv8 C2f block's split,
+   which OpenVINO then runs on u8 with the residual ``Add`` reading both halves.
+6. Pairs of several layers that land on one tensor with the same spec (a block's output
+   read by the next block's convolution and, through a ``Concat``, by another; two
+   ``Slice``s of one tensor) share one range, the union of theirs, so one pair is written
+   where two would each cost the backend a float requantization (NNCF's unified scales).
+
 The move stops at a tensor that is a graph output, that a node outside the region reads
 (``Shape``/``Size`` read only the shape and do not count), or whose producer is not
 crossable. One exception: the layer's own input may be read by other layers quantizing
@@ -131,19 +143,93 @@ def pair_site(node: ir.Node, index: int, spec: QuantSpec, zero_point: int, throu
 
 
 def pair_sites(layers: Iterable[Layer], spec_of: Callable[[Layer], QuantSpec],
-               ranges: Mapping[str, tuple[float, float]], through: Collection[str]) -> Sites:
+               ranges: dict[str, tuple[float, float]], through: Collection[str]) -> Sites:
     """Where the pair of each activation input of ``layers`` (the layers quantized in this run,
     their inputs' calibrated ``ranges``) goes.
 
     Found before any rewiring, so that layers sharing a pair find the same float tensor.
+    A group of layers whose pairs meet (cases 5, 6) gets one range: ``ranges`` is widened
+    in place for their inputs.
     """
     layers = list(layers)
     claims = {(id(la.node), i): spec_of(la) for la in layers for i, _ in la.activations}
+    inputs = {(id(la.node), i): (la.node, v.name) for la in layers for i, v in la.activations}
     sites: Sites = {}
     for layer in layers:
         for index, value in layer.activations:
-            spec = claims[(id(layer.node), index)]
-            zero_point = int(np.ravel(quant_params(*ranges[value.name], spec)[1])[0])
-            edges = pair_site(layer.node, index, spec, zero_point, through, claims)
-            sites[(id(layer.node), index)] = [(node, at, node.inputs[at]) for node, at in edges]
+            sites[(id(layer.node), index)] = _edges(layer.node, index, claims, ranges[value.name], through)
+    import os
+    if not os.environ.get("NOSHARE"): _share_ranges(sites, claims, inputs, ranges, through)
     return sites
+
+
+def _edges(node: ir.Node, index: int, claims: Mapping[tuple[int, int], QuantSpec], rng: tuple[float, float],
+           through: Collection[str]) -> list[tuple[ir.Node, int, ir.Value]]:
+    spec = claims[(id(node), index)]
+    zero_point = int(np.ravel(quant_params(*rng, spec)[1])[0])
+    return [(n, at, n.inputs[at]) for n, at in pair_site(node, index, spec, zero_point, through, claims)]
+
+
+def _share_ranges(sites: Sites, claims: Mapping[tuple[int, int], QuantSpec],
+                  inputs: Mapping[tuple[int, int], tuple[ir.Node, str]], ranges: dict[str, tuple[float, float]],
+                  through: Collection[str]) -> None:
+    """Cases 5 and 6: one range for every group of layers whose pairs meet.
+
+    Layers are grouped when their pairs land on the same float tensor with the same spec
+    (case 6), or when they read a ``Split`` only through pairs of one spec (case 5: their
+    pairs then move onto the split's input). Each group's inputs get the union of their
+    ranges, so one pair serves them all. A group whose union would change where a member's
+    pair goes (a ``Pad`` crossed only on a zero point of 0) stays as it was.
+    """
+    parent = {key: key for key in sites}
+
+    def root(key: tuple[int, int]) -> tuple[int, int]:
+        while parent[key] != key:
+            parent[key] = key = parent[parent[key]]
+        return key
+
+    def join(keys: Iterable[tuple[int, int]]) -> None:
+        first, *rest = keys
+        for key in rest:
+            parent[root(key)] = root(first)
+
+    readers: dict[int, tuple[ir.Node, set[tuple[int, int]]]] = {}
+    on_value: dict[tuple[int, QuantSpec], list[tuple[int, int]]] = {}
+    for key, edges in sites.items():
+        for _, _, value in edges:
+            on_value.setdefault((id(value), claims[key]), []).append(key)
+            split = value.producer() if value is not None else None
+            if split is not None and split.op_type == "Split" and split.domain in ("", "ai.onnx"):
+                readers.setdefault(id(split), (split, set()))[1].add(key)
+    for keys in on_value.values():
+        join(keys)
+    moves: list[tuple[ir.Node, set[tuple[int, int]]]] = []
+    for split, keys in readers.values() if "Split" in through else ():
+        source = split.inputs[0] if split.inputs else None
+        if source is None or is_constant(source) or any(v.is_graph_output() or v.dtype != source.dtype
+                                                         for v in split.outputs):
+            continue
+        uses = {(id(r), j) for v in split.outputs for r, j in v.uses() if r.op_type not in _SHAPE_ONLY}
+        covered = {(id(n), at) for key in keys for n, at, v in sites[key] if v in split.outputs}
+        if uses == covered and len({claims[key] for key in keys}) == 1:
+            join(keys)
+            moves.append((split, keys))
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for key in sites:
+        groups.setdefault(root(key), []).append(key)
+    kept: set[tuple[int, int]] = set()
+    for keys in groups.values():
+        names = {inputs[key][1] for key in keys}
+        if len(names) == 1:  # one range already
+            kept.update(keys)
+            continue
+        lo, hi = min(ranges[n][0] for n in names), max(ranges[n][1] for n in names)
+        if any(_edges(inputs[key][0], key[1], claims, (lo, hi), through) != sites[key]
+                                 for key in keys):
+            continue
+        kept.update(keys)
+        ranges.update(dict.fromkeys(names, (lo, hi)))
+    for split, keys in moves:
+        if keys <= kept:
+            for key in keys:
+                sites[key] = [*(e for e in sites[key] if e[2] not in split.outputs), (split, 0, split.inputs[0])]

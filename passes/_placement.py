@@ -31,8 +31,8 @@ from compressor.targets.base import Capabilities
 
 from compressor.scope import Scope
 
-__all__ = ["FEW_CHANNELS", "cover_state_ranges", "find_layers", "float_weight", "integer_derived", "is_constant",
-           "mask_uses", "pad_adds_only_zeros"]
+__all__ = ["FEW_CHANNELS", "computed_by", "cover_state_ranges", "find_layers", "float_weight",
+           "integer_derived", "is_constant", "mask_uses", "pad_adds_only_zeros"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,41 @@ FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16
 #: Ops whose weights multiply input 0 only: a convolution's or Gemm's bias, a recurrent op's
 #: ``sequence_lens``, initial states and peepholes are not activations to quantize.
 _ONE_DATA_INPUT = frozenset({"Conv", "ConvTranspose", "Gemm", "LSTM", "GRU", "RNN"})
+#: Elementwise activations a backend fuses into the op before them (a convolution's
+#: post-ops): an ``Add`` reading ``Relu(Conv(x))`` or ``SiLU(Conv(x))`` joins that convolution.
+_ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+                          "Elu", "Selu", "Celu", "Gelu", "Mish", "Softplus"})
+
+
+def computed_by(value: ir.Value, ops: frozenset[str]) -> bool:
+    """Whether ``value`` comes from one of ``ops``, straight or through elementwise activations
+    (``Mul(x, Sigmoid(x))``, the SiLU exporters write, counts as one)."""
+    for _ in range(8):  # Conv -> Sigmoid -> Mul is two steps; a longer chain is not an activation
+        producer = value.producer()
+        if producer is None:
+            return False
+        if producer.op_type in ops:
+            return True
+        import os
+        if os.environ.get("NOACT"): return producer.op_type in ops
+        if producer.op_type in _ACTIVATIONS and producer.inputs and producer.inputs[0] is not None:
+            value = producer.inputs[0]
+        elif producer.op_type == "Mul" and (x := _silu_input(producer)) is not None:
+            value = x
+        else:
+            return False
+    return False
+
+
+def _silu_input(mul: ir.Node) -> ir.Value | None:
+    """``x`` when ``mul`` is ``x * Sigmoid(x)``, else ``None``."""
+    if len(mul.inputs) != 2 or None in mul.inputs:
+        return None
+    for x, s in (mul.inputs, reversed(mul.inputs)):
+        p = s.producer()
+        if p is not None and p.op_type == "Sigmoid" and p.inputs and p.inputs[0] is x:
+            return x
+    return None
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -209,10 +244,11 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
         eltwise: Also quantize the joins the target lists without a weight (``Add``/``Sum``
             of activations only: residual adds; ``OpQuant.joins_after`` may require an
-            input straight from, e.g., a convolution). An ``Add`` with a constant
-            operand (a bias, a scale) is not a join and never a layer. Ops without a
-            weight that take one activation (``OpQuant.min_activations``: a ``Sigmoid``)
-            are not joins and are found either way.
+            input from, e.g., a convolution, straight or through its activation). An
+            ``Add`` with a constant operand (a bias, a scale) is not a join and never a
+            layer. Ops without a weight that take one activation
+            (``OpQuant.min_activations``: a ``Sigmoid``) are not joins and are found
+            either way.
     """
     wanted = set(ops) or set(caps.quantizable)
     layers: list[Layer] = []
@@ -226,8 +262,7 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
             data = [v for v in node.inputs if v is not None]
             if len(data) < quant.min_activations or not all(_is_float(v) and not is_constant(v) for v in data):
                 continue
-            if quant.joins_after and not any((p := v.producer()) is not None and p.op_type in quant.joins_after
-                                             for v in data):
+            if quant.joins_after and not any(computed_by(v, quant.joins_after) for v in data):
                 continue
             if not eltwise and len(data) >= 2:
                 skipped[layer.name] = "join of activations (eltwise is off)"

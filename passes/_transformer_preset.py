@@ -14,9 +14,9 @@ options the recipe leaves unset take it. Each setting was measured on all-MiniLM
    int16`` (W8A16) an outlier channel costs the activations little, and smoothing only
    makes the int8 weights harder (MiniLM on QNN HTP, as-written simulation: pooled cosine
    0.9986 with it, 0.9996 without);
-3. residual joins stay float unless one input comes straight from a convolution (a
-   convolution's join keeps the residual path in int8; a transformer's residual add
-   carries the outliers): :func:`is_transformer_residual`.
+3. residual joins stay float unless one input comes from a convolution, straight or
+   through its activation (a convolution's join keeps the residual path in int8; a
+   transformer's residual add carries the outliers): :func:`is_transformer_residual`.
 
 A model without attention blocks is quantized exactly as with ``attention: off``.
 """
@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import onnx_ir as ir
 from compressor.passes._attention import attention_projections
 from compressor.passes._layers import Layer
+from compressor.passes._placement import computed_by
 from compressor.passes._smoothquant import SmoothQuantOptions
 
 __all__ = ["TRANSFORMER_PRESET", "attention_blocks", "float_activation_layers", "is_transformer_residual",
@@ -72,10 +73,11 @@ def with_preset(opts: OptionsT, blocks: int, float_roles: tuple[str, ...] | None
 
 
 def is_transformer_residual(layer: Layer) -> bool:
-    """A join of activations (no weight) with no input straight from a convolution (3)."""
+    """A join of activations (no weight) with no input from a convolution, straight or through
+    its activation (3)."""
     if layer.weight is not None or layer.quant.weights is not None:
         return False
-    return not any((p := v.producer()) is not None and p.op_type in _CONVS for _, v in layer.activations)
+    return not any(computed_by(v, _CONVS) for _, v in layer.activations)
 
 
 def float_activation_layers(graph: ir.Graph, roles: tuple[str, ...]) -> dict[str, str]:

@@ -153,8 +153,8 @@ class QuantizeOptions:
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
         eltwise: Also quantize the inputs of joins of activations the target runs in int8
             (residual ``Add``/``Sum``: OpenVINO then keeps the residual path in uint8).
-            Unset: yes, except, in a model with attention, joins with no input straight
-            from a convolution (a transformer's residual adds).
+            Unset: yes, except, in a model with attention, joins with no input from a
+            convolution, straight or through its activation (a transformer's residual adds).
         smoothquant: Migrate activation outliers into weights before quantizing. Unset:
             none, or the preset's in a model with attention.
         bias_correction: Remove the output mean shift that weight rounding causes.

@@ -122,9 +122,9 @@ OPENVINO_CAPABILITIES = Capabilities(
         # Reshape/Transpose, made no difference: docs/design.md).
         "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1),
                           activation_only=QuantSpec("int8", symmetric=True)),
-        # Residual joins of convolutions (both inputs activations, one straight from a
-        # Conv; passes/_placement): with both inputs quantized the CPU plugin fuses the
-        # Add into that convolution and keeps the residual path in uint8, as NNCF's CPU
+        # Residual joins of convolutions (both inputs activations, one from a Conv,
+        # straight or through its activation: passes/_placement): with both inputs
+        # quantized the CPU plugin fuses the Add into that convolution and keeps the residual path in uint8, as NNCF's CPU
         # preset does for CNNs (ResNet-50 here: 37.3 -> 29.0 ms, level with NNCF). A
         # transformer's residual adds (after MatMul + bias) stay float: quantizing them
         # took MiniLM's pooled cosine from 0.9915 to 0.9327 under the `int8` recipe.
@@ -144,7 +144,7 @@ OPENVINO_CAPABILITIES = Capabilities(
     # passes/_pair_site), where the CPU plugin folds the FakeQuantize into that op (a
     # convolution's post-ops) and runs the data movement on u8, as NNCF's propagation does.
     input_pair_moves_through=frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity",
-                                        "Pad", "Slice", "MaxPool", "Concat", "Resize"}),
+                                        "Pad", "Slice", "MaxPool", "Concat", "Resize", "Split"}),
     nm_patterns=(),  # the CPU plugin has no structured-sparsity kernels
     static_shapes=False,
 )

@@ -134,25 +134,99 @@ def spp_block(rng: np.random.Generator):
         starts=np.array([0], np.int64), ends=np.array([C // 2], np.int64), axes=np.array([1], np.int64))
 
 
-def test_a_pyramid_join_gets_one_pair_on_its_source_and_a_slice_its_own(tmp_path):
+def _requantized(layers):
+    """Float Subgraphs other than the graph input's quantization (``x``): a tensor dequantized
+    and quantized again because two pairs of different ranges read it."""
+    return [v for v in layers.values() if v[0] == "Subgraph" and not v[2].startswith("x_")]
+
+
+def _scale_of(value):
+    return float(value.producer().inputs[1].const_value.numpy())
+
+
+def test_a_pyramid_join_and_a_slice_of_its_source_share_one_pair(tmp_path):
+    """conv2's pair moves onto r through the pyramid (case 4); conv3's pair moves onto r through
+    its Slice; the two land on one tensor, so they share one pair over the union of their
+    ranges (case 6) instead of two FakeQuantizes on r."""
     model = spp_block(np.random.default_rng(4))
     calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
     moved = _quantize(_clone(model), calib).model
-    # conv2's pair: on r, shared by pool1 and the Concat (case 4); m1 feeds pool2 and the Concat
-    pool1, concat = _node(moved, "pool1"), _node(moved, "concat")
+    pool1, concat, slice_in = _node(moved, "pool1"), _node(moved, "concat"), _node(moved, "slice").inputs[0]
     assert _activation_source(pool1.inputs[0]).name == "r"
     assert concat.inputs[0] is pool1.inputs[0] and concat.inputs[1].name == "m1" and concat.inputs[2].name == "m2"
-    # conv3's pair sits before its Slice, on r too, but on the slice's own range: a second pair
-    slice_in = _node(moved, "slice").inputs[0]
-    assert _activation_source(slice_in).name == "r" and slice_in is not pool1.inputs[0]
-    x = _normal(7, 1, C, 8, 8)
+    assert slice_in is pool1.inputs[0]  # one pair on r
+    # its step is the coarser of the two the pairs at the layers' inputs had: the union of the ranges
     at_input = _quantize(_clone(model), calib, through=False).model
-    for got, want in zip(run_ort(moved, {"x": x}), run_ort(at_input, {"x": x})):
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    own = [_scale_of(_node(at_input, name).inputs[0]) for name in ("conv2", "conv3")]
+    assert _scale_of(slice_in) == pytest.approx(max(own), rel=1e-6)
     runner, layers = _runtime(moved, tmp_path / "ov")
     pools = [v for v in layers.values() if v[0] in ("Pooling", "Concatenation")]
     assert pools and all(precision == "u8" for _, precision, _ in pools), pools
     assert all(layer["int8"] for layer in runner.layer_precisions()), runner.layer_precisions()
+    assert _requantized(layers) == [], layers  # no float requantization of r
+    x = _normal(7, 1, C, 8, 8)
+    for got, want in zip(runner({"x": x}), run_ort(model, {"x": x})):
+        assert np.abs(got - want).max() < 8 * float(np.abs(want).max()) / 127
+
+
+def c2f_block(rng: np.random.Generator, spy: bool = False):
+    """YOLOv8's C2f: Conv -> SiLU -> Split -> (y0, y1); y1 -> Conv -> SiLU -> Conv -> SiLU -> Add(y1, .) = m;
+    Concat(y0, y1, m) -> Conv. With ``spy`` a float op also reads y0 (a graph output)."""
+    h = C // 2
+    silu = lambda x, out: f"[{out}_s] {out}_g = Sigmoid({x})\n      [{out}] {out} = Mul({x}, {out}_g)"  # noqa: E731
+    return model_from_text(f"""{HEADER}
+    g (float[1,{C},8,8] x) => (float[1,{C},8,8] y{", float[1,%d,8,8] e" % h if spy else ""}) {{
+      [cv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+      {silu("c1", "a")}
+      [split] y0, y1 = Split <axis = 1> (a, halves)
+      [m_cv1] d1 = Conv <pads = [1, 1, 1, 1]> (y1, w2, b2)
+      {silu("d1", "e1")}
+      [m_cv2] d2 = Conv <pads = [1, 1, 1, 1]> (e1, w3, b3)
+      {silu("d2", "e2")}
+      [add] m = Add(y1, e2)
+      [concat] k = Concat <axis = 1> (y0, y1, m)
+      [cv2] y = Conv (k, w4, b4)
+      {"[spy] e = Sigmoid(y0)" if spy else ""}
+    }}""", w1=_w(rng, C, C, 3, 3, fan_in=9 * C), b1=_w(rng, C) * 0.1, halves=np.array([h, h], np.int64),
+        w2=_w(rng, h, h, 3, 3, fan_in=9 * h), b2=_w(rng, h) * 0.1, w3=_w(rng, h, h, 3, 3, fan_in=9 * h),
+        b3=_w(rng, h) * 0.1, w4=_w(rng, C, 3 * h, 1, 1, fan_in=3 * h), b4=_w(rng, C) * 0.1)
+
+
+def test_a_c2f_block_gets_one_pair_before_its_split_and_runs_wholly_int8(tmp_path):
+    """Every reader of the Split's outputs reads them through a pair of one spec (the residual
+    Add, which joins a convolution through its SiLU, among them): one pair on the Split's input
+    (case 5), as NNCF places it, and OpenVINO runs the split, the Add and the Concat on u8."""
+    model = c2f_block(np.random.default_rng(5))
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    result = _quantize(_clone(model), calib)
+    q = result.model
+    assert "add" in result.stats["layers"]  # Add(y1, SiLU(Conv)) joins a convolution
+    split = _node(q, "split")
+    assert _activation_source(split.inputs[0]).name == "a"
+    assert _node(q, "m_cv1").inputs[0].name == "y1" and _node(q, "add").inputs[0].name == "y1"
+    concat = _node(q, "concat")
+    assert [v.name for v in concat.inputs[:2]] == ["y0", "y1"] and _activation_source(concat.inputs[2]).name == "m"
+    # one range for the group: the Concat's (it covers y0, y1 and m), also on the Add's own input
+    assert _scale_of(split.inputs[0]) == pytest.approx(_scale_of(concat.inputs[2]), rel=1e-6)
+    runner, layers = _runtime(q, tmp_path / "ov")
+    assert all(layer["int8"] for layer in runner.layer_precisions()), runner.layer_precisions()
+    moving = [v for v in layers.values() if v[0] in ("Split", "Concatenation", "Eltwise")]
+    assert moving and all(precision == "u8" for _, precision, _ in moving), moving
+    assert _requantized(layers) == [], layers
+    x = _normal(7, 1, C, 8, 8)
+    want = run_ort(model, {"x": x})[0]
+    assert np.abs(runner({"x": x})[0] - want).max() < 8 * float(np.abs(want).max()) / 127
+
+
+def test_a_split_an_unquantized_op_reads_keeps_its_pairs_after_it(tmp_path):
+    """A float Sigmoid also reads y0: a pair above the Split would round what it reads, so the
+    pairs stay on the Split's outputs."""
+    model = c2f_block(np.random.default_rng(5), spy=True)
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    q = _quantize(_clone(model), calib).model
+    assert _node(q, "split").inputs[0].name == "a"
+    assert _node(q, "spy").inputs[0].name == "y0"
+    assert _activation_source(_node(q, "m_cv1").inputs[0]).name == "y1"
 
 
 def test_a_single_channel_filter_keeps_its_weight_float_and_its_input_pair(tmp_path):
