@@ -21,6 +21,7 @@ stay float are never given Q/DQ:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 
@@ -31,7 +32,7 @@ from compressor.targets.base import Capabilities
 
 from compressor.scope import Scope
 
-__all__ = ["FEW_CHANNELS", "computed_by", "cover_state_ranges", "find_layers", "float_weight",
+__all__ = ["FEW_CHANNELS", "computed_by", "cover_state_ranges", "find_layers", "first_layers", "float_weight",
            "integer_derived", "is_constant", "mask_uses", "pad_adds_only_zeros"]
 
 logger = logging.getLogger(__name__)
@@ -312,7 +313,35 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
                                        "int8 kernel is slower than float there)")
                 continue
         layers.append(layer)
+    if caps.narrow_first_layers:
+        first = first_layers(graph, caps)
+        for layer in layers:
+            spec = layer.quant.weights
+            if id(layer.node) in first and layer.op in caps.narrow_first_layers and spec is not None and not spec.bits:
+                layer.quant = dataclasses.replace(layer.quant, weights=dataclasses.replace(spec, bits=7))
     return layers, skipped
+
+
+def first_layers(graph: ir.Graph, caps: Capabilities) -> set[int]:
+    """``id`` of the nodes with a weight that the graph's inputs reach without passing another one
+    (NNCF's "first layer": an image's ``Div``/``Sub``/``Slice``/``Concat`` before it do not count)."""
+    first: set[int] = set()
+    seen: set[int] = set()
+    todo = [v for v in graph.inputs]
+    while todo:
+        value = todo.pop()
+        for node, _ in value.uses():
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            quant = caps.quantizable.get(node.op_type)
+            w = node.inputs[quant.weight_input] if quant is not None and quant.weights is not None \
+                and len(node.inputs) > quant.weight_input else None
+            if w is not None and is_constant(w):
+                first.add(id(node))
+            else:
+                todo.extend(node.outputs)
+    return first
 
 
 def cover_state_ranges(layers: Iterable[Layer], ranges: dict[str, tuple[float, float]]) -> int:

@@ -87,6 +87,12 @@ class Capabilities:
             Runtime CPU's own integer kernels (``qnn-htp``: on a host without VNNI those
             saturate where HTP does not; ddddocr's recogniser scored cosine 0.77 fused
             against 0.991 on HTP and 0.99 as written).
+        narrow_first_layers: Op types whose weights are 7-bit (``|q| <= 63``) in the graph's
+            first layers (:func:`compressor.passes._placement.first_layers`) even where the
+            others are 8-bit: NNCF's and POT's default ``overflow_fix: first_layer_only``.
+            A first layer reads the raw input (an image in 0..255, on the full uint8 grid),
+            where u8*s8 pairs saturate on CPUs without VNNI; so an artifact built on a VNNI
+            host stays exact there on the most exposed layer (docs/design.md).
     """
 
     quantizable: Mapping[str, OpQuant] = dataclasses.field(default_factory=dict)
@@ -100,6 +106,7 @@ class Capabilities:
     quantize_in_bodies: str | None = None
     preset_float_roles: tuple[str, ...] | None = None
     simulate_as_written: bool = False
+    narrow_first_layers: frozenset[str] = frozenset()
 
 
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})

@@ -82,3 +82,43 @@ def test_openvino_keeps_the_key_projections_float_only_without_vnni(vnni, tmp_pa
         "k_proj": "activation kept float (float_activations: attention-keys)"})
     assert stats["skipped_layers"]["context"] == "activation kept float (float_activations: attention-context)"
     assert ("k_proj" in stats["layers"]) is vnni
+
+
+def test_openvino_gives_the_first_convolutions_7_bit_weights_on_every_cpu(vnni, tmp_path):
+    """NNCF's and POT's default ``overflow_fix: first_layer_only``: the convolutions the graph's
+    input reaches without passing another weighted layer (through a ``Div`` and a Focus-style
+    ``Slice``/``Concat`` here) get ``|q| <= 63`` on every CPU, so an artifact built on a VNNI
+    host is exact on that layer on an AVX2 one; the others keep the grid of the host's branch."""
+    openvino = pytest.importorskip("compressor.targets.openvino")
+    if openvino.ov is None:
+        pytest.skip("openvino is not installed")
+    import numpy as np
+
+    from tests.ortutil import model_from_text
+    from tests.passes.test_pair_site import _quantize
+    from tests.passes.test_quantize import HEADER, _dataset, _node, _w
+
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[1,3,8,8] x) => (float[1,8,4,4] y, float[1,8,8,8] z) {{
+      [scale] s = Div(x, k255)
+      [even] e = Slice(s, starts0, ends, axes, steps)
+      [odd] o = Slice(s, starts1, ends, axes, steps)
+      [focus] f = Concat <axis = 1> (e, o)
+      [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (f, w1, b1)
+      [act] a = Relu(c1)
+      [conv2] y = Conv <pads = [1, 1, 1, 1]> (a, w2, b2)
+      [conv3] z = Conv <pads = [1, 1, 1, 1]> (x, w3, b3)
+    }}""", k255=np.array(255.0, np.float32), starts0=np.array([0, 0], np.int64), starts1=np.array([1, 1], np.int64),
+        ends=np.array([8, 8], np.int64), axes=np.array([2, 3], np.int64), steps=np.array([2, 2], np.int64),
+        w1=_w(rng, 8, 6, 3, 3, fan_in=54), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 8, 3, 3, fan_in=72), b2=_w(rng, 8) * 0.1,
+        w3=_w(rng, 8, 3, 3, 3, fan_in=27), b3=_w(rng, 8) * 0.1)
+    x = np.random.default_rng(1).integers(0, 256, (16, 1, 3, 8, 8)).astype(np.float32)
+    q = _quantize(model, _dataset(model, tmp_path, {"x": x})).model
+
+    def largest(name: str) -> int:
+        weight = _node(q, name).inputs[1].producer().inputs[0].const_value.numpy()
+        return int(np.abs(weight.astype(np.int16)).max())
+
+    assert largest("conv1") <= 63 and largest("conv3") <= 63
+    assert largest("conv2") == (127 if vnni else 63)
