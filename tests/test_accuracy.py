@@ -139,3 +139,21 @@ def test_a_try_that_changes_nothing_is_skipped_and_costs_no_step():
     assert result.skipped == {"a": "promoting it leaves the model already evaluated as it is"}
     assert result.steps == [{"layer": None, "drop": 0.30, "kept": True}, {"layer": "b", "drop": 0.05, "kept": True}]
     assert result.given_back == ["b"] and result.met
+
+
+def test_a_nan_drop_is_worse_than_any_number_so_the_give_back_that_ends_it_is_kept():
+    """With the fully quantized model's drop NaN, ``trial.drop < evaluation.drop`` was never
+    true: no give-back was kept. Only "b" ends the NaN; the ranking (a NaN cosine counting as
+    -1) puts it first."""
+    def rank_build(given: frozenset[str]):
+        value = 1.0 if "b" in given else np.nan
+        return lambda feed: [np.array([[1.0, value]], np.float32).repeat(len(feed["x"]), 0)]
+
+    nan = float("nan")
+    drops = {frozenset(): nan, frozenset({"b"}): 0.0, frozenset({"a"}): nan, frozenset({"a", "b"}): 0.0}
+    ref = [np.array([[1.0, 1.0]], np.float32).repeat(4, 0)]
+    result = control_accuracy(layers=["a", "b"], build=lambda given: given,
+                              evaluate=lambda given: _evaluation(drops[given]), first=_evaluation(nan), budget=0.01,
+                              ranking_data=_data(), ranking_ref=ref, rank_build=rank_build)
+    assert result.ranking[0]["layer"] == "b" and result.ranking[0]["sensitivity"] > 0
+    assert result.given_back == ["b"] and result.met and result.evaluation.drop == 0.0

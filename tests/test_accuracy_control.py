@@ -35,7 +35,7 @@ from compressor.pass_manager import PassReport
 from compressor.pipeline import Pass, PassContext, PassResult, build_pass
 from compressor.quant.revert import give_back
 from compressor.targets import get_target
-from tests.ortutil import SimulatedHtp, onnx_specs_target, saturating_qdq_conv
+from tests.ortutil import SimulatedHtp, model_from_text, onnx_specs_target, saturating_qdq_conv
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 
@@ -549,3 +549,31 @@ def test_the_kept_tries_runner_still_reads_its_files_once_the_artifact_holds_the
     files, runner = result.artifact(None, None, outdir, None, [first], None)
     assert runner is run and [f.parent for f in files] == [outdir, outdir]
     assert [f.read_bytes() for f in files] == runner() == [b"model.onnx", b"model_ctx.onnx"]
+
+
+def test_a_nan_drop_gets_accuracy_control_not_a_straight_fail(tmp_path, monkeypatch):
+    """``Sqrt(x·W + c)``, with ``c`` putting the float model's smallest value just above 0 on
+    the data: the int8 MatMul's rounding takes some below 0, the artifact computes NaN where
+    fp32 does not, and the drop is NaN. ``NaN > budget`` is false, so this went straight to a
+    failed gate (exit 3) with nothing tried; NaN now counts as over the budget and as the
+    worst cosine in the ranking, and giving the MatMul back meets the budget."""
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 16)) / 4).astype(np.float32)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    model = model_from_text("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,16] x) => (float[N,16] z) {
+      [mm] y = MatMul(x, w)
+      [shift] s = Add(y, c)
+      [root] z = Sqrt(s)
+    }""", w=w, c=(1e-3 - (x @ w).min(0)).astype(np.float32))
+    save_model(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x)
+    recipe = _recipe(tmp_path, "max_drop: 0.01, max_fallback: 1.0")
+    result = compress(tmp_path / "m.onnx", recipe=recipe, outdir=tmp_path / "out", calib=tmp_path / "d.npz",
+                      eval_data=tmp_path / "d.npz", latency_runs=1)
+    control = result.manifest["accuracy_control"]
+    first_drop = control["steps"][0]["drop"]
+    assert first_drop is None or np.isnan(first_drop)  # NaN, or null in strict JSON
+    assert control["layers"] == ["mm"] and result.gate_passed is True
+    assert result.evaluation.drop == 0.0

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressor.data import Dataset
 from compressor.errors import DataError
-from compressor.flow.evaluation import collect_outputs, compare, fidelity, small_channels
+from compressor.flow.evaluation import collect_outputs, compare, cosine_error, drop_order, fidelity, small_channels
 from compressor.inputs import InputSpec
 from tests.cliutil import error_line, run
 
@@ -267,3 +267,11 @@ def test_small_channels_of_outputs_with_nan_or_huge_values_stay_finite():
         huge = small_channels([ref[0] * 1e200], [out[0] * 1e200], 0.0)
     assert huge["channels"] == want["channels"] and huge["cosine"] == pytest.approx(want["cosine"], rel=1e-9)
     assert huge["energy_share"] == pytest.approx(want["energy_share"], rel=1e-9)
+
+
+def test_cosine_error_counts_a_nan_row_as_the_worst_cosine_and_drop_order_puts_nan_last():
+    assert cosine_error(np.array([1.0, 0.5])) == pytest.approx(0.25)
+    assert cosine_error(np.array([1.0, np.nan])) == pytest.approx(1.0)  # (1 + -1) / 2 -> 1 - 0
+    assert cosine_error(np.array([np.nan, np.nan])) == pytest.approx(2.0)
+    assert cosine_error(np.array([])) == 0.0
+    assert drop_order(float("nan")) > 1e300 and drop_order(0.25) == 0.25

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from compressor.data import Dataset
 from compressor.executor import Executor
-from compressor.flow.evaluation import Evaluation
+from compressor.flow.evaluation import Evaluation, drop_order
 from compressor.flow.ranking import (
     build_candidate,
     output_error,
@@ -173,7 +173,7 @@ def control_accuracy(*, layers: Sequence[str], build: Callable[[frozenset[str]],
                         "skipped, not tried", entry["layer"])
             continue
         trial = evaluate(build(candidate))
-        kept = trial.drop < evaluation.drop
+        kept = drop_order(trial.drop) < drop_order(evaluation.drop)
         steps.append({"layer": entry["layer"], "drop": trial.drop, "kept": kept})
         logger.info("accuracy control: giving back %s -> drop %.6f (budget %.6f)%s", entry["layer"], trial.drop,
                     budget, "" if kept else f": no better than {evaluation.drop:.6f}, undone")

@@ -49,7 +49,7 @@ from compressor.flow.calib_eval import (
     check_data_needs,
     choose_sets,
 )
-from compressor.flow.evaluation import Evaluation, collect_outputs, compare, nonfinite_share
+from compressor.flow.evaluation import Evaluation, collect_outputs, compare, drop_order, nonfinite_share
 from compressor.flow.manifest import (
     build_manifest,
     gate_record,
@@ -88,7 +88,7 @@ def _drop_source(reports: list[PassReport], budget: float, last: PassReport | No
     Giving the last pass's (quantization's) layers back cannot undo what an earlier pass lost.
     """
     return next((r for r in reports if r is not last and r.accuracy_drop is not None
-                 and r.accuracy_drop > budget + 1e-12), None)
+                 and drop_order(r.accuracy_drop) > budget + 1e-12), None)
 
 
 @dataclasses.dataclass
@@ -322,7 +322,7 @@ def compress(
                            "failed" if max_drop is not None else "not evaluated")
         control: tuple[Any, ControlResult] | None = None
         cause: PassReport | None = None
-        over = verified and budget is not None and evaluation.drop > budget
+        over = verified and budget is not None and drop_order(evaluation.drop) > budget  # NaN too
         if over:  # only a pass before the quantizing one can be the cause (qnn-legalize completes quantize)
             cause = _drop_source(reports[:quantized.index] if quantized is not None else reports, budget, last_lossy)
         if over and cause is not None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -47,7 +48,7 @@ import numpy as np
 from compressor.data import MASK_INPUT, Dataset
 from compressor.strict_json import jsonable
 
-__all__ = ["Evaluation", "collect_outputs", "cosine_mean", "fidelity", "nonfinite_share", "output_rows", "padding_keep",
+__all__ = ["Evaluation", "collect_outputs", "cosine_error", "cosine_mean", "drop_order", "fidelity", "nonfinite_share", "output_rows", "padding_keep",
            "per_output", "row_cosines", "sample_errors", "top1_accuracy", "small_channels", "compare", "evaluate",
            "measure_latency"]
 
@@ -205,6 +206,22 @@ def cosine_mean(reference_rows: np.ndarray, outputs: list[np.ndarray]) -> float:
     """:func:`fidelity`'s ``cosine_mean`` of ``outputs`` alone, against rows made once by :func:`output_rows`."""
     cos = row_cosines(reference_rows, outputs)
     return float(cos.mean()) if cos.size else 1.0
+
+
+def cosine_error(cosines: np.ndarray) -> float:
+    """``1 − mean`` of row ``cosines``, for comparing candidates (accuracy control's ranking):
+    a row whose cosine is NaN (NaN or inf on one side only) counts as −1, the worst a cosine
+    can be, so a candidate with fewer such rows ranks better instead of every error being NaN
+    (the gate's own figures keep the NaN)."""
+    if not cosines.size:
+        return 0.0
+    return float(1.0 - np.where(np.isnan(cosines), -1.0, cosines).mean())
+
+
+def drop_order(drop: float) -> float:
+    """``drop`` for ordering and budget checks: NaN (a NaN or inf on the artifact's side) as the
+    largest drop, ``inf``, where ``NaN > budget`` would read as within it."""
+    return math.inf if math.isnan(drop) else drop
 
 
 def sample_errors(reference: list[np.ndarray], outputs: list[np.ndarray], data: Dataset) -> np.ndarray:

@@ -43,7 +43,7 @@ import onnx_ir as ir
 from compressor.data import Dataset
 from compressor.errors import first_line
 from compressor.executor import Executor, InProcessExecutor
-from compressor.flow.evaluation import collect_outputs, fidelity, mask_padding, sample_errors
+from compressor.flow.evaluation import collect_outputs, cosine_error, mask_padding, output_rows, row_cosines, sample_errors
 from compressor.flow.ranking_stage import (
     THREADS,
     SampleCosines,
@@ -67,8 +67,9 @@ RunFn = Callable[[Any], list[np.ndarray]]
 
 
 def output_error(ref: list[np.ndarray], run: RunFn, data: Dataset) -> float:
-    """``1 − mean cosine`` of ``run``'s outputs on ``data`` against ``ref`` (padding masked)."""
-    return 1.0 - fidelity(mask_padding(ref, data), mask_padding(collect_outputs(run, data), data))["cosine_mean"]
+    """``1 − mean cosine`` of ``run``'s outputs on ``data`` against ``ref`` (padding masked; a NaN
+    cosine counts as −1: :func:`~compressor.flow.evaluation.cosine_error`)."""
+    return cosine_error(row_cosines(output_rows(mask_padding(ref, data)), mask_padding(collect_outputs(run, data), data)))
 
 
 def worst_samples(errors: np.ndarray, count: int) -> list[int]:

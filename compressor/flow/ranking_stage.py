@@ -44,7 +44,7 @@ from compressor.targets.onnx import SharedInitializers
 
 from compressor.data import Dataset
 from compressor.executor import usable_cpus
-from compressor.flow.evaluation import collect_outputs, cosine_mean, mask_padding, output_rows, row_cosines
+from compressor.flow.evaluation import collect_outputs, cosine_error, mask_padding, output_rows, row_cosines
 from compressor.flow.side_by_side import UNMERGED, side_by_side
 
 __all__ = ["SESSION_BYTES", "THREADS", "SampleCosines", "joined", "one_sample_per_call", "outputs_by_sample",
@@ -108,9 +108,8 @@ class SampleCosines:
         return tuple(i for i in indices if (key, i) not in self.cosines)
 
     def error(self, key: Hashable, indices: Sequence[int]) -> float:
-        """``1 − mean`` of the candidate's row cosines on ``indices``, in that order."""
-        rows = np.concatenate([self.cosines[key, i] for i in indices])
-        return 1.0 - float(rows.mean()) if rows.size else 0.0
+        """:func:`cosine_error` of the candidate's row cosines on ``indices``, in that order."""
+        return cosine_error(np.concatenate([self.cosines[key, i] for i in indices]))
 
 
 def _runner(models: Sequence[ir.Model], initializers: SharedInitializers) -> Any:
@@ -166,7 +165,7 @@ def stage_errors(models: Sequence[ir.Model], keys: Sequence[Hashable], initializ
         ref_rows = output_rows(mask_padding(ref, data))  # once, not per candidate
         outputs = _in_groups(list(range(len(models))), sizes, cpus,
                              lambda run, group: _per_model(run, data, len(group)), models, initializers)
-        return [1.0 - cosine_mean(ref_rows, mask_padding(out, data)) for out in outputs]
+        return [cosine_error(row_cosines(ref_rows, mask_padding(out, data))) for out in outputs]
     todo: dict[tuple[int, ...], list[int]] = {}
     for k, key in enumerate(keys):
         todo.setdefault(samples.missing(key, indices), []).append(k)
