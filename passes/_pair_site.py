@@ -158,8 +158,7 @@ def pair_sites(layers: Iterable[Layer], spec_of: Callable[[Layer], QuantSpec],
     for layer in layers:
         for index, value in layer.activations:
             sites[(id(layer.node), index)] = _edges(layer.node, index, claims, ranges[value.name], through)
-    import os
-    if not os.environ.get("NOSHARE"): _share_ranges(sites, claims, inputs, ranges, through)
+    _share_ranges(sites, claims, inputs, ranges, through)
     return sites
 
 

@@ -60,8 +60,6 @@ def computed_by(value: ir.Value, ops: frozenset[str]) -> bool:
             return False
         if producer.op_type in ops:
             return True
-        import os
-        if os.environ.get("NOACT"): return producer.op_type in ops
         if producer.op_type in _ACTIVATIONS and producer.inputs and producer.inputs[0] is not None:
             value = producer.inputs[0]
         elif producer.op_type == "Mul" and (x := _silu_input(producer)) is not None:
