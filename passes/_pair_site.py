@@ -47,7 +47,9 @@ The move stops at a tensor that is a graph output, that a node outside the regio
 (``Shape``/``Size`` read only the shape and do not count), or whose producer is not
 crossable. One exception: the layer's own input may be read by other layers quantizing
 it with the same spec (one tensor, one range): the pair moved above it is then theirs
-together, so giving one of them back (accuracy control) gives back that shared input.
+together. A pair that several layers read (this case, 4, 5 and 6) stays while any of them
+is quantized: giving one back (accuracy control, :mod:`compressor.quant.revert`) makes its
+weight float, and the shared input goes float with the last of them.
 """
 
 from __future__ import annotations

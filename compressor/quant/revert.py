@@ -18,7 +18,12 @@ Two edits use that record (:func:`give_back`), chosen by ``Capabilities.fallback
    read the float output again. The layer computes exactly what
    it computes when it was never quantized (the tensors other layers read, and the Q/DQ
    pairs they share, are untouched); Q/DQ nodes and quantized initializers nothing reads
-   any more are removed.
+   any more are removed. An edge whose pair is also recorded by a layer that stays
+   quantized is left on its pair: a pair moved above data movement for a group of layers
+   (:mod:`compressor.passes._pair_site`, cases 4-6: the pair on a ``Split``'s input that a
+   YOLOv8 block's convolutions, its residual ``Add`` and its ``Concat`` read) serves the
+   others too, which would otherwise read float and run float. That edge goes float with
+   the last of its layers given back.
 2. ``int16``: on a target with no float path the activation inputs read a 16-bit pair
    over the same range instead, ``s16 = (hi − lo) / (2^16 − 1)`` (what ``quantize`` writes
    for a layer whose activations are 16-bit), written by the one Q/DQ writer
@@ -198,11 +203,15 @@ def give_back(model: ir.Model, record: QuantizationRecord, layers: Iterable[str]
     writer = QdqWriter(graph)  # case 2: the one Q/DQ writer, which converts to opset 21 in finish
     body_writers: dict[int, QdqWriter] = {}
     restored: dict[str, ir.Value] = {}
+    given = {layer.name for layer in chosen}
+    kept = {(act.node, act.index) for layer in record.layers if layer.name not in given
+            for act in (*layer.activations, *layer.outputs)}
     for layer in chosen:
         for act in (*layer.activations, *layer.outputs):
             node, source = nodes[act.node], values[act.value]
             if mode == "float":  # case 1
-                node.replace_input_with(act.index, source)
+                if (act.node, act.index) not in kept:  # a pair a quantized layer also reads stays
+                    node.replace_input_with(act.index, source)
                 continue
             into = writer if node.graph is graph else body_writers.setdefault(
                 id(node.graph), QdqWriter(node.graph, writer.node_names))

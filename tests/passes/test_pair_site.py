@@ -253,3 +253,24 @@ def test_a_single_channel_filter_keeps_its_weight_float_and_its_input_pair(tmp_p
     runner, _ = _runtime(q, tmp_path / "ov")
     floats = [la["original_layers"] for la in runner.layer_precisions() if not la["int8"]]
     assert len(floats) == 1 and "filter" in ",".join(floats[0]), runner.layer_precisions()  # conv0, conv2 int8
+
+
+def test_giving_back_one_layer_of_a_split_group_keeps_the_pair_the_others_read(tmp_path):
+    """The pair on the Split's input serves m_cv1, the Add and cv2: giving m_cv1 back makes its
+    weight float and leaves that pair (the others would otherwise read float and run float);
+    the input goes float with the last of the three."""
+    from compressor.model_io import clone_model
+    from compressor.quant.revert import give_back
+
+    model = c2f_block(np.random.default_rng(5))
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    result = _quantize(_clone(model), calib)
+    record = result.quantization
+    one = give_back(clone_model(result.model), record, ["m_cv1"])
+    assert _activation_source(_node(one, "split").inputs[0]).name == "a"
+    assert _node(one, "m_cv1").inputs[1].producer() is None  # its float weight
+    assert _node(one, "cv2").inputs[1].producer().op_type == "DequantizeLinear"
+    _, layers = _runtime(one, tmp_path / "ov")
+    assert [v for v in layers.values() if v[0] == "Split"][0][1] == "u8"
+    every = give_back(clone_model(result.model), record, ["m_cv1", "add", "cv2"])
+    assert _node(every, "split").inputs[0].name == "a"  # float again
