@@ -102,6 +102,10 @@ def test_pareto_front():
     assert [c.index for c in pareto_front(points)] == [0, 1, 3]
     untimed = [Candidate(0, {}, metric=0.90, drop=0.0), Candidate(1, {}, metric=0.95, drop=0.0)]
     assert [c.index for c in pareto_front(untimed)] == [1]  # latency_runs=0: the metric decides
+    # a NaN metric (the candidate computes NaN where fp32 does not) is never on the front; every
+    # comparison with it being false, the fastest one sat there
+    nan = [cand(0, 1.0, 0.90), cand(1, 0.5, float("nan"))]
+    assert [c.index for c in pareto_front(nan)] == [0]
 
 
 def test_search_asks_for_a_bar_per_phase(tmp_path):

@@ -60,7 +60,7 @@ from typing import Any
 
 from compressor.errors import UsageError
 from compressor.executor import Executor, InProcessExecutor
-from compressor.flow.evaluation import collect_outputs, compare, measure_latency
+from compressor.flow.evaluation import collect_outputs, compare, drop_order, measure_latency
 from compressor.flow.search_output import check_search_destination, format_search_table, write_search_files
 from compressor.model_io import ir_bytes, ir_from_bytes
 from compressor.progress import Progress, no_progress
@@ -195,7 +195,7 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool, Any]
             if not evaluate and step.lossy:  # early rejection: the drop so far, on the target's float path
                 run = tgt.reference_runner(ir_from_bytes(model_data), Path(work) / f"after-{i}")
                 drop = compare(shared["ref"], collect_outputs(run, data), data, shared["metric"]).drop
-                if drop > budget + 1e-12:
+                if drop_order(drop) > budget + 1e-12:
                     return {"rejected": f"drop {drop:.4f} after {name}", "cache": computed, "cache_hits": hits}
         if not evaluate:
             return {"rejected": None, "cache": computed, "cache_hits": hits}
@@ -206,7 +206,7 @@ def _run_candidate(item: tuple[int, list[tuple[str, dict[str, Any]]], bool, Any]
         ev = compare(shared["ref"], outputs, data, shared["metric"])
         del run
         given_back = done_control = None
-        if control is not None and ev.drop > budget + 1e-12 and quantized is not None and quantized[2].layers:
+        if control is not None and drop_order(ev.drop) > budget + 1e-12 and quantized is not None and quantized[2].layers:
             q, q_data, q_record = quantized  # the passes after it (a target's, e.g. qnn-legalize) re-run
             post = [build_pass(n, o) for n, o in steps[q + 1:]]
             final, outcome = _control(control, q, q_data, q_record, post, ctx, ev, outputs, shared, Path(work))
@@ -255,8 +255,12 @@ def _latency(c: Candidate) -> float:
 
 
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Measured candidates no other one beats on both latency (lower) and metric (higher)."""
-    measured = [c for c in candidates if c.rejected is None and c.metric is not None]
+    """Measured candidates no other one beats on both latency (lower) and metric (higher).
+
+    A NaN metric (the candidate computes NaN or inf where the baseline does not) is not a
+    measurement to trade off: such a candidate is never on the front (every comparison with
+    NaN being false, a fast one used to sit there)."""
+    measured = [c for c in candidates if c.rejected is None and c.metric is not None and not math.isnan(c.metric)]
     return [c for c in measured
             if not any(_latency(o) <= _latency(c) and o.metric >= c.metric
                        and (_latency(o) < _latency(c) or o.metric > c.metric) for o in measured)]
