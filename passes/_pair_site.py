@@ -145,13 +145,14 @@ def pair_site(node: ir.Node, index: int, spec: QuantSpec, zero_point: int, throu
 
 
 def pair_sites(layers: Iterable[Layer], spec_of: Callable[[Layer], QuantSpec],
-               ranges: dict[str, tuple[float, float]], through: Collection[str]) -> Sites:
+               ranges: dict[str, tuple[float, float]], through: Collection[str], fixed: Collection[str] = ()) -> Sites:
     """Where the pair of each activation input of ``layers`` (the layers quantized in this run,
     their inputs' calibrated ``ranges``) goes.
 
     Found before any rewiring, so that layers sharing a pair find the same float tensor.
     A group of layers whose pairs meet (cases 5, 6) gets one range: ``ranges`` is widened
-    in place for their inputs.
+    in place for their inputs, unless that changes one of the ``fixed`` ranges (learned in
+    training: ``recover: {qat: true}``).
     """
     layers = list(layers)
     claims = {(id(la.node), i): spec_of(la) for la in layers for i, _ in la.activations}
@@ -160,7 +161,9 @@ def pair_sites(layers: Iterable[Layer], spec_of: Callable[[Layer], QuantSpec],
     for layer in layers:
         for index, value in layer.activations:
             sites[(id(layer.node), index)] = _edges(layer.node, index, claims, ranges[value.name], through)
-    _share_ranges(sites, claims, inputs, ranges, through)
+    found = dict(sites)  # each layer's own region, before any group moved it
+    if _share_ranges(sites, found, claims, inputs, ranges, through, fixed):
+        _share_ranges(sites, found, claims, inputs, ranges, through, fixed)  # a moved pair may meet another
     return sites
 
 
@@ -171,16 +174,18 @@ def _edges(node: ir.Node, index: int, claims: Mapping[tuple[int, int], QuantSpec
     return [(n, at, n.inputs[at]) for n, at in pair_site(node, index, spec, zero_point, through, claims)]
 
 
-def _share_ranges(sites: Sites, claims: Mapping[tuple[int, int], QuantSpec],
+def _share_ranges(sites: Sites, found: Sites, claims: Mapping[tuple[int, int], QuantSpec],
                   inputs: Mapping[tuple[int, int], tuple[ir.Node, str]], ranges: dict[str, tuple[float, float]],
-                  through: Collection[str]) -> None:
-    """Cases 5 and 6: one range for every group of layers whose pairs meet.
+                  through: Collection[str], fixed: Collection[str] = ()) -> bool:
+    """Cases 5 and 6: one range for every group of layers whose pairs meet; whether a pair moved.
 
     Layers are grouped when their pairs land on the same float tensor with the same spec
-    (case 6), or when they read a ``Split`` only through pairs of one spec (case 5: their
-    pairs then move onto the split's input). Each group's inputs get the union of their
-    ranges, so one pair serves them all. A group whose union would change where a member's
-    pair goes (a ``Pad`` crossed only on a zero point of 0) stays as it was.
+    (case 6), when they read one tensor (ranges are per tensor), or when they read a
+    ``Split`` only through pairs of one spec (case 5: their pairs then move onto the split's
+    input). Each group's inputs get the union of their ranges, so one pair serves them all.
+    A group stays as it was where the union would change where a member's pair goes (its
+    region in ``found``: a ``Pad`` crossed only on a zero point of 0) or a range in
+    ``fixed`` (learned in training).
     """
     parent = {key: key for key in sites}
 
@@ -195,14 +200,15 @@ def _share_ranges(sites: Sites, claims: Mapping[tuple[int, int], QuantSpec],
             parent[root(key)] = root(first)
 
     readers: dict[int, tuple[ir.Node, set[tuple[int, int]]]] = {}
-    on_value: dict[tuple[int, QuantSpec], list[tuple[int, int]]] = {}
+    meeting: dict[object, list[tuple[int, int]]] = {}
     for key, edges in sites.items():
+        meeting.setdefault(inputs[key][1], []).append(key)
         for _, _, value in edges:
-            on_value.setdefault((id(value), claims[key]), []).append(key)
+            meeting.setdefault((id(value), claims[key]), []).append(key)
             split = value.producer() if value is not None else None
             if split is not None and split.op_type == "Split" and split.domain in ("", "ai.onnx"):
                 readers.setdefault(id(split), (split, set()))[1].add(key)
-    for keys in on_value.values():
+    for keys in meeting.values():
         join(keys)
     moves: list[tuple[ir.Node, set[tuple[int, int]]]] = []
     for split, keys in readers.values() if "Split" in through else ():
@@ -221,16 +227,16 @@ def _share_ranges(sites: Sites, claims: Mapping[tuple[int, int], QuantSpec],
     kept: set[tuple[int, int]] = set()
     for keys in groups.values():
         names = {inputs[key][1] for key in keys}
-        if len(names) == 1:  # one range already
-            kept.update(keys)
-            continue
         lo, hi = min(ranges[n][0] for n in names), max(ranges[n][1] for n in names)
-        if any(_edges(inputs[key][0], key[1], claims, (lo, hi), through) != sites[key]
-                                 for key in keys):
+        if len(names) > 1 and (any(ranges[n] != (lo, hi) for n in names if n in fixed) or any(
+                _edges(inputs[key][0], key[1], claims, (lo, hi), through) != found[key] for key in keys)):
             continue
         kept.update(keys)
         ranges.update(dict.fromkeys(names, (lo, hi)))
+    moved = False
     for split, keys in moves:
         if keys <= kept:
+            moved = True
             for key in keys:
                 sites[key] = [*(e for e in sites[key] if e[2] not in split.outputs), (split, 0, split.inputs[0])]
+    return moved

@@ -288,7 +288,7 @@ class Quantize(Pass):
         sites = pair_sites([la for la in layers if la.name not in float_acts  # case 9, before any rewiring
                             and all(v.name in calibration.ranges for _, v in la.activations)],
                            lambda la: _input_spec(la, bits_of[la.name]), calibration.ranges,
-                           caps.input_pair_moves_through)
+                           caps.input_pair_moves_through, fixed=learned)
         writer = QdqWriter(graph)
         record: list[QuantizedLayer] = []
         corrected = 0

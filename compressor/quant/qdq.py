@@ -136,8 +136,9 @@ class QdqWriter:
 
     def activation(self, value: ir.Value, spec: QuantSpec, lo: float, hi: float) -> ir.Value:
         """The pair (case 1) reading ``value`` on the ``spec`` grid over ``[lo, hi]``, written once per
-        (value, spec, range): a tensor read on the grids of two ranges (a pair moved up a
-        ``Slice`` covers only the slice's values, :mod:`compressor.passes._pair_site`) gets two pairs."""
+        (value, spec, range): a tensor read on the grids of two ranges gets two pairs (a target
+        whose pairs stay at the layers' inputs; OpenVINO's moved pairs that meet share one
+        range, :mod:`compressor.passes._pair_site` case 6)."""
         key = (id(value), spec, float(lo), float(hi))
         if key not in self._activations:
             self._activations[key] = self.pair(value, *quant_params(lo, hi, spec))

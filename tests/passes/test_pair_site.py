@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from compressor.targets import get_target
 
@@ -134,6 +135,23 @@ def spp_block(rng: np.random.Generator):
         starts=np.array([0], np.int64), ends=np.array([C // 2], np.int64), axes=np.array([1], np.int64))
 
 
+def _at_inputs_with_the_same_ranges(model, calib, monkeypatch):
+    """``model`` quantized with every pair at its layer's own input, on the ranges the moved
+    pairs got (the groups' unions): the moves themselves must then change nothing."""
+    import compressor.passes.quantize as quantize_module
+
+    found = quantize_module.pair_sites
+
+    def at_inputs(layers, spec_of, ranges, through, fixed=()):
+        layers = list(layers)
+        found(layers, spec_of, ranges, through, fixed)  # widens the groups' ranges in place
+        return {(id(la.node), i): [(la.node, i, v)] for la in layers for i, v in la.activations}
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quantize_module, "pair_sites", at_inputs)
+        return _quantize(_clone(model), calib).model
+
+
 def _requantized(layers):
     """Float Subgraphs other than the graph input's quantization (``x``): a tensor dequantized
     and quantized again because two pairs of different ranges read it."""
@@ -144,7 +162,7 @@ def _scale_of(value):
     return float(value.producer().inputs[1].const_value.numpy())
 
 
-def test_a_pyramid_join_and_a_slice_of_its_source_share_one_pair(tmp_path):
+def test_a_pyramid_join_and_a_slice_of_its_source_share_one_pair(tmp_path, monkeypatch):
     """conv2's pair moves onto r through the pyramid (case 4); conv3's pair moves onto r through
     its Slice; the two land on one tensor, so they share one pair over the union of their
     ranges (case 6) instead of two FakeQuantizes on r."""
@@ -165,8 +183,9 @@ def test_a_pyramid_join_and_a_slice_of_its_source_share_one_pair(tmp_path):
     assert all(layer["int8"] for layer in runner.layer_precisions()), runner.layer_precisions()
     assert _requantized(layers) == [], layers  # no float requantization of r
     x = _normal(7, 1, C, 8, 8)
-    for got, want in zip(runner({"x": x}), run_ort(model, {"x": x})):
-        assert np.abs(got - want).max() < 8 * float(np.abs(want).max()) / 127
+    for got, want in zip(run_ort(moved, {"x": x}), run_ort(_at_inputs_with_the_same_ranges(model, calib, monkeypatch),
+                                                          {"x": x})):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # exact: cases 1, 4 and 6
 
 
 def c2f_block(rng: np.random.Generator, spy: bool = False):
@@ -192,7 +211,7 @@ def c2f_block(rng: np.random.Generator, spy: bool = False):
         b3=_w(rng, h) * 0.1, w4=_w(rng, C, 3 * h, 1, 1, fan_in=3 * h), b4=_w(rng, C) * 0.1)
 
 
-def test_a_c2f_block_gets_one_pair_before_its_split_and_runs_wholly_int8(tmp_path):
+def test_a_c2f_block_gets_one_pair_before_its_split_and_runs_wholly_int8(tmp_path, monkeypatch):
     """Every reader of the Split's outputs reads them through a pair of one spec (the residual
     Add, which joins a convolution through its SiLU, among them): one pair on the Split's input
     (case 5), as NNCF places it, and OpenVINO runs the split, the Add and the Concat on u8."""
@@ -214,8 +233,8 @@ def test_a_c2f_block_gets_one_pair_before_its_split_and_runs_wholly_int8(tmp_pat
     assert moving and all(precision == "u8" for _, precision, _ in moving), moving
     assert _requantized(layers) == [], layers
     x = _normal(7, 1, C, 8, 8)
-    want = run_ort(model, {"x": x})[0]
-    assert np.abs(runner({"x": x})[0] - want).max() < 8 * float(np.abs(want).max()) / 127
+    np.testing.assert_allclose(run_ort(q, {"x": x})[0], run_ort(_at_inputs_with_the_same_ranges(model, calib, monkeypatch),
+                                                              {"x": x})[0], rtol=0, atol=1e-5)  # exact: case 5
 
 
 def test_a_split_an_unquantized_op_reads_keeps_its_pairs_after_it(tmp_path):
@@ -274,3 +293,54 @@ def test_giving_back_one_layer_of_a_split_group_keeps_the_pair_the_others_read(t
     assert [v for v in layers.values() if v[0] == "Split"][0][1] == "u8"
     every = give_back(clone_model(result.model), record, ["m_cv1", "add", "cv2"])
     assert _node(every, "split").inputs[0].name == "a"  # float again
+
+
+def test_a_convolution_reading_the_split_input_shares_the_pair_moved_there(tmp_path):
+    """Another convolution reads the C2f's split input ``a`` directly: the group's pair, moved
+    onto ``a``, and that convolution's own pair meet there and become one (case 6 after 5)."""
+    h = C // 2
+    model = c2f_block(np.random.default_rng(5))
+    graph = model.graph
+    other = ir.node("Conv", [_node(model, "split").inputs[0], ir.Value(name="wo"), ir.Value(name="bo")], name="other")
+    rng = np.random.default_rng(6)
+    for name, array in (("wo", _w(rng, h, C, 1, 1, fan_in=C)), ("bo", _w(rng, h) * 0.1)):
+        value = other.inputs[1] if name == "wo" else other.inputs[2]
+        value.const_value = ir.tensor(array, name=name)
+        graph.register_initializer(value)
+    graph.append(other)
+    other.outputs[0].name = "o"
+    other.outputs[0].dtype = ir.DataType.FLOAT
+    graph.outputs.append(other.outputs[0])
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    q = _quantize(_clone(model), calib).model
+    assert _node(q, "other").inputs[0] is _node(q, "split").inputs[0]  # one pair on a
+    assert _activation_source(_node(q, "other").inputs[0]).name == "a"
+
+
+def test_every_pair_of_one_tensor_reads_one_range_whatever_group_it_is_in(tmp_path):
+    """Ranges are per tensor: ``t`` is read by Q·Kᵀ-style ``MatMul(t, Transpose(t))`` (int8
+    symmetric, through the Transpose), by ``conv_a`` and, through a Concat with a wider tensor,
+    by ``conv_e`` (uint8). Widening ``t`` for the Concat's group once gave the MatMul's two
+    operands different ranges; now every reader of ``t`` is in one group: one range."""
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[1,{C},8,8] x) => (float[1,{C},8,8] b, float[1,{C},8,8] ya, float[1,{C},8,8] ye) {{
+      [conv0] c = Conv <pads = [1, 1, 1, 1]> (x, w0, b0)
+      [relu] t = Relu(c)
+      [tr] t2 = Transpose <perm = [0, 1, 3, 2]> (t)
+      [mm] b = MatMul(t, t2)
+      [conv_a] ya = Conv <pads = [1, 1, 1, 1]> (t, wa, ba)
+      [conv_z] z = Conv <pads = [1, 1, 1, 1]> (x, wz, bz)
+      [cat] k = Concat <axis = 1> (t, z)
+      [conv_e] ye = Conv <pads = [1, 1, 1, 1]> (k, we, be)
+    }}""", w0=_w(rng, C, C, 3, 3, fan_in=9 * C), b0=_w(rng, C) * 0.1, wa=_w(rng, C, C, 3, 3, fan_in=9 * C),
+        ba=_w(rng, C) * 0.1, wz=_w(rng, C, C, 3, 3, fan_in=9 * C) * 4, bz=_w(rng, C) * 0.1,
+        we=_w(rng, C, 2 * C, 3, 3, fan_in=18 * C), be=_w(rng, C) * 0.1)
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    result = _quantize(_clone(model), calib)
+    ranges = {(a.value, a.spec.dtype): (a.lo, a.hi) for la in result.quantization.layers for a in la.activations
+              if a.value == "t"}
+    on_t = [(a.lo, a.hi) for la in result.quantization.layers for a in la.activations if a.value == "t"]
+    assert len(set(on_t)) == 1, ranges
+    mm, tr = _node(result.model, "mm"), _node(result.model, "tr")  # the right operand's pair sits before tr
+    assert _scale_of(mm.inputs[0]) == pytest.approx(_scale_of(tr.inputs[0]), rel=1e-7)
