@@ -322,7 +322,11 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
 
 def first_layers(graph: ir.Graph, caps: Capabilities) -> set[int]:
     """``id`` of the nodes with a weight that the graph's inputs reach without passing another one
-    (NNCF's "first layer": an image's ``Div``/``Sub``/``Slice``/``Concat`` before it do not count)."""
+    (NNCF's "first layer": an image's ``Div``/``Sub``/``Slice``/``Concat`` before it do not count).
+
+    Only float values are followed past a node (an integer input's ``Cast`` to float is): a
+    ``Shape`` of the input that sizes a deep ``Resize`` does not make the convolution after it
+    a first layer."""
     first: set[int] = set()
     seen: set[int] = set()
     todo = [v for v in graph.inputs]
@@ -338,7 +342,7 @@ def first_layers(graph: ir.Graph, caps: Capabilities) -> set[int]:
             if w is not None and is_constant(w):
                 first.add(id(node))
             else:
-                todo.extend(node.outputs)
+                todo.extend(v for v in node.outputs if _is_float(v))
     return first
 
 

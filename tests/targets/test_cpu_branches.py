@@ -122,3 +122,40 @@ def test_openvino_gives_the_first_convolutions_7_bit_weights_on_every_cpu(vnni, 
 
     assert largest("conv1") <= 63 and largest("conv3") <= 63
     assert largest("conv2") == (127 if vnni else 63)
+
+
+def test_a_shape_of_the_input_does_not_make_a_deep_convolution_a_first_layer(force_vnni, tmp_path):
+    """U-Net/FPN upsampling to the input's size: ``Resize(sizes=Concat(nc, Shape(x)[2:]))`` before
+    conv3. Only float values are followed from the inputs, so conv3 (behind conv1 and conv2)
+    keeps the host's grid."""
+    openvino = pytest.importorskip("compressor.targets.openvino")
+    if openvino.ov is None:
+        pytest.skip("openvino is not installed")
+    import numpy as np
+
+    from tests.ortutil import model_from_text
+    from tests.passes.test_pair_site import _quantize
+    from tests.passes.test_quantize import HEADER, _dataset, _node, _w
+
+    force_vnni(True)
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[1,4,H,W] x) => (float[1,4,H,W] y) {{
+      [conv1] c1 = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, w1, b1)
+      [conv2] c2 = Conv <pads = [1, 1, 1, 1]> (c1, w2, b2)
+      [shape] s = Shape(x)
+      [hw] hw = Slice(s, two, four)
+      [sizes] z = Concat <axis = 0> (nc, hw)
+      [up] u = Resize <mode = "nearest"> (c2, , , z)
+      [conv3] y = Conv <pads = [1, 1, 1, 1]> (u, w3, b3)
+    }}""", w1=_w(rng, 4, 4, 3, 3, fan_in=36), b1=_w(rng, 4), w2=_w(rng, 4, 4, 3, 3, fan_in=36), b2=_w(rng, 4),
+        w3=_w(rng, 4, 4, 3, 3, fan_in=36), b3=_w(rng, 4), two=np.array([2], np.int64),
+        four=np.array([4], np.int64), nc=np.array([1, 4], np.int64))
+    x = np.random.default_rng(1).standard_normal((16, 1, 4, 8, 8)).astype(np.float32)
+    q = _quantize(model, _dataset(model, tmp_path, {"x": x})).model
+
+    def largest(name: str) -> int:
+        weight = _node(q, name).inputs[1].producer().inputs[0].const_value.numpy()
+        return int(np.abs(weight.astype(np.int16)).max())
+
+    assert (largest("conv1"), largest("conv2"), largest("conv3")) == (63, 127, 127)
