@@ -178,7 +178,8 @@ class OpenVinoRunner(Runner):
                 source = port.get_source_output()
                 # one entry per output, or one for all (a Split's: "u8")
                 outs = _rt(source.get_node().get_rt_info(), "outputPrecisions").split(",")
-                inputs.append(outs[min(source.get_index(), len(outs) - 1)])
+                index = 0 if len(outs) == 1 else source.get_index()
+                inputs.append(outs[index] if index < len(outs) else "")
             precision = _rt(info, "runtimePrecision")
             layers.append({
                 "name": op.get_friendly_name(),
