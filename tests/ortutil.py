@@ -70,7 +70,7 @@ def assert_same_outputs(
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"output {i}")
 
 
-def onnx_specs_target() -> Target:
+def onnx_specs_target(target_cpu: str = "host") -> Target:
     """The ``onnx`` target with its quantization specs but without its speed rules.
 
     ``OpQuant.output_required`` and ``min_output_channels`` keep float, on ONNX Runtime, a
@@ -79,7 +79,7 @@ def onnx_specs_target() -> Target:
     would lose those layers. The rules themselves are tested in
     ``tests/passes/test_onnx_node_units.py``.
     """
-    target = get_target("onnx")
+    target = get_target("onnx", target_cpu)
     caps = target.capabilities
     target.capabilities = dataclasses.replace(caps, quantizable={
         op: dataclasses.replace(q, output_required=False, min_output_channels=0) for op, q in caps.quantizable.items()})

@@ -218,6 +218,7 @@ def sweep(
     outdir: str | Path,
     calib: str | Path | None = None,
     target: str = "onnx",
+    target_cpu: str = "host",
     max_drop: float | None = None,
     options: Mapping[str, Any] | None = None,
     inputs: Sequence[str] = (),
@@ -237,6 +238,7 @@ def sweep(
     """Run ``pass_name`` at each of ``levels`` and measure each (see the module docstring).
 
     Args:
+        target_cpu: The x86 CPU the levels are built for, as for :func:`compressor.flow.compress.compress`.
         options: Further options of the pass, the same at every level (``{mask: wanda}``).
         trust_pickle, imports, model_class, model_kwargs: How a torch file is loaded
             (:func:`compressor.capture.capture`).
@@ -267,7 +269,7 @@ def sweep(
     steps = [build_pass(pass_name, {**extra, **opts}, where=f"sweep level {text!r}") for text, opts in parsed]
     if max_drop is not None:
         check_budget(max_drop)
-    tgt = get_target(target)
+    tgt = get_target(target, target_cpu)
     outdir = Path(outdir)
     check_sweep_destination(outdir)
     overrides = parse_input_overrides(inputs)
