@@ -18,7 +18,7 @@ from compressor.targets.base import Target
 from compressor.targets.onnx import OnnxTarget
 from compressor.targets.qnn_htp.rules import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
 
-__all__ = ["SimulatedHtp", "model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs",
+__all__ = ["SimulatedHtp", "int8_weight_extremes", "model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs",
            "onnx_specs_target", "saturating_qdq_conv"]
 
 
@@ -68,6 +68,14 @@ def assert_same_outputs(
     for i, (want, got) in enumerate(zip(before, after)):
         assert want.shape == got.shape, f"output {i}: shape {got.shape} != {want.shape}"
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"output {i}")
+
+
+def int8_weight_extremes(path) -> list[int]:
+    """The largest ``|q|`` of each int8 constant a DequantizeLinear reads in the ONNX file ``path``."""
+    model = onnx.load(path)
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [int(np.abs(weights[n.input[0]].astype(np.int16)).max()) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in weights and weights[n.input[0]].dtype == np.int8]
 
 
 def onnx_specs_target(target_cpu: str = "host") -> Target:

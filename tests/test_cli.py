@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import pytest
 import torch
 
 from compressor.cli import main
 from compressor.errors import AccuracyGateFailed, CompressorError, UnsupportedByTarget
 from tests.cliutil import error_line, raise_on_constant, run
+from tests.ortutil import int8_weight_extremes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -494,10 +494,7 @@ def test_target_cpu_end_to_end(target_cpu, force_vnni, tmp_path, capsys):
     code, stdout, err = run([MODEL, "--recipe", "int8", "--target-cpu", target_cpu, "--calib", CALIB, "--eval", EVAL,
                              "-o", out, "--latency-runs", "1"], capsys)
     assert code == 0, err
-    model = onnx.load(out / "model.onnx")
-    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    largest = [int(np.abs(weights[n.input[0]].astype(np.int16)).max()) for n in model.graph.node
-               if n.op_type == "DequantizeLinear" and weights.get(n.input[0], np.zeros(0)).dtype == np.int8]
+    largest = int8_weight_extremes(out / "model.onnx")
     assert len(largest) == 5 and set(largest) == {127 if target_cpu == "vnni" else 63}
     target = json.loads((out / "manifest.json").read_text())["target"]
     assert (target["deployment_cpu"], target["int8_vnni"]) == (target_cpu, target_cpu == "avx2")
