@@ -172,9 +172,6 @@ class OpenVinoTarget(Target):
     """OpenVINO CPU: QDQ ONNX -> OpenVINO IR, int8 Convolution / FullyConnected kernels.
 
     Args:
-        target_cpu: The CPU the artifact will run on (:data:`~compressor.targets.TARGET_CPUS`):
-            without VNNI (``avx2``) Conv/ConvTranspose get 7-bit weights; with it (``vnni``) the
-            transformer preset's key projections are int8; ``host``: as this CPU.
         precision: Float precision the artifact is evaluated in (see :func:`cpu_config`):
             ``None`` (the default) for the device's default, which is what a model compiled
             with no config gets, or ``f32``, ``bf16``, ``f16``. The baseline
@@ -182,6 +179,9 @@ class OpenVinoTarget(Target):
             breaks the accuracy budget the flow lowers the artifact with f32 pinned in it
             (:meth:`lower_pinned`, :mod:`compressor.targets.openvino.precision`); the pin
             is on the artifact, and :meth:`runner` reads it from there.
+        target_cpu: The CPU the artifact will run on (:data:`~compressor.targets.TARGET_CPUS`):
+            without VNNI (``avx2``) Conv/ConvTranspose get 7-bit weights; with it (``vnni``) the
+            transformer preset's key projections are int8; ``host``: as this CPU.
 
     Raises:
         UsageError: the ``openvino`` package is not installed, or an unknown ``precision``.

@@ -223,3 +223,12 @@ def test_vnni_artifact_measured_without_vnni_is_warned_about_once(name, force_vn
             assert messages == [PESSIMISTIC.format(name=name, layer=layer)]
         else:
             assert not [m for m in messages if "pessimistic" in m], messages
+
+
+def test_an_unknown_target_cpu_is_refused():
+    """The Python API's spelling check (the CLI's ``choices`` refuse it before)."""
+    from compressor.errors import UsageError
+    from compressor.targets import get_target
+
+    with pytest.raises(UsageError, match=r"^unknown --target-cpu 'avx512'; valid: host, avx2, vnni$"):
+        get_target("onnx", "avx512")
