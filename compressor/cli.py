@@ -1,6 +1,7 @@
 """The ``compress`` command line.
 
-    compress MODEL --recipe NAME|PATH [--target onnx|openvino|qnn-htp|tensorrt] [--input NAME=SHAPE ...]
+    compress MODEL --recipe NAME|PATH [--target onnx|openvino|qnn-htp|tensorrt] [--target-cpu host|avx2|vnni]
+             [--input NAME=SHAPE ...]
              [--calib X.npz] [--eval X.npz] [--train X.npz] [--max-drop D] [-o OUTDIR]
     compress recipes
     compress inspect MODEL [--input NAME=SHAPE ...]
@@ -86,6 +87,7 @@ def _cmd_compress(argv: Sequence[str]) -> int:
     try:
         with make_executor(args.ray) as executor:
             result = compress(args.model, recipe=args.recipe, outdir=args.output, target=args.target,
+                              target_cpu=args.target_cpu,
                               inputs=args.input, freeze=args.freeze, calib=args.calib, eval_data=args.eval_data,
                               max_drop=args.max_drop,
                               train=args.train,
@@ -142,6 +144,7 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     with make_executor(args.ray) as executor:
         result = sweep(args.model, pass_name=args.pass_name, levels=args.levels, eval_data=args.eval_data,
                        outdir=args.output, calib=args.calib, target=args.target, max_drop=args.max_drop,
+                       target_cpu=args.target_cpu,
                        options=options, inputs=args.input, freeze=args.freeze, metric=args.metric,
                        **model_source(args),
                        latency_runs=args.latency_runs, progress=_bar, executor=executor, recover=recover,
@@ -160,7 +163,8 @@ def _cmd_search(argv: Sequence[str]) -> int:
     grid = yaml_mapping("--grid", args.grid, "{sparsity: [0, 0.5]}") if args.grid else None
     with make_executor(args.ray) as executor:
         result = search(args.model, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
-                        outdir=args.output, target=args.target, grid=grid, latency_runs=args.latency_runs,
+                        outdir=args.output, target=args.target, target_cpu=args.target_cpu, grid=grid,
+                        latency_runs=args.latency_runs,
                         executor=executor, progress=_bar, budget_minutes=args.budget_minutes, inputs=args.input,
                         freeze=args.freeze, **model_source(args))
     print(search_text(result, args.max_drop))

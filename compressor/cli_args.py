@@ -118,6 +118,15 @@ def _add_ray(p: argparse.ArgumentParser, what: str) -> None:
                         "without a value, $RAY_ADDRESS or local (needs: pip install 'compressor[ray]')")
 
 
+def _add_target_cpu(p: argparse.ArgumentParser) -> None:
+    from compressor.targets import CPU_TARGETS, TARGET_CPUS
+
+    p.add_argument("--target-cpu", default="host", choices=TARGET_CPUS,
+                   help=f"the x86 CPU the artifact will run on ({', '.join(CPU_TARGETS)} targets), which picks "
+                        "the int8 weight grid: avx2 (no VNNI: 7-bit weights where its int8 kernels saturate), "
+                        "vnni (AVX-512 VNNI, AVX-VNNI or AMX: 8-bit), host (default: this machine's CPU)")
+
+
 def _add_verbosity(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="debug logging, and the traceback of an internal error (exit 1); a bad input is still "
@@ -149,6 +158,7 @@ def compress_parser() -> argparse.ArgumentParser:
                                  "or a Hugging Face model folder")
     p.add_argument("--recipe", required=True, help="built-in recipe name (see 'compress recipes') or a .yaml path")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="backend to lower for (default: onnx)")
+    _add_target_cpu(p)
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
     p.add_argument("--freeze", action="append", default=[], metavar="NAME=VALUE", help=FREEZE_HELP)
     p.add_argument("--calib", type=Path, help=".npz of calibration samples, one array per input")
@@ -207,6 +217,7 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help=".npz of evaluation samples (+ optional 'labels')")
     p.add_argument("--calib", type=Path, help=".npz of calibration samples (Wanda/SparseGPT masks, bias correction)")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="backend to evaluate in (default: onnx)")
+    _add_target_cpu(p)
     p.add_argument("--max-drop", type=float, help="accuracy budget: the knee is the largest level within it")
     p.add_argument("--options", default=None, metavar="YAML",
                    help="more options of the pass, the same at every level, e.g. '{mask: wanda}'")
@@ -240,6 +251,7 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=Path, dest="eval_data", required=True, help=".npz of evaluation samples")
     p.add_argument("--max-drop", type=float, required=True, help="accuracy budget")
     p.add_argument("--target", default="onnx", choices=sorted(TARGETS))
+    _add_target_cpu(p)
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE", help=INPUT_HELP)
     p.add_argument("--freeze", action="append", default=[], metavar="NAME=VALUE", help=FREEZE_HELP)
     _add_model_source(p)

@@ -10,7 +10,12 @@ import importlib
 
 from compressor.errors import UsageError
 
-__all__ = ["TARGETS", "get_target"]
+__all__ = ["TARGETS", "CPU_TARGETS", "TARGET_CPUS", "get_target"]
+
+#: ``--target-cpu``: the x86 CPU a CPU target's artifact will run on. ``host``: this one
+#: (:func:`compressor.targets.base.cpu_has_vnni`); ``avx2``: one without VNNI (7-bit weights
+#: where its int8 kernels saturate); ``vnni``: AVX-512 VNNI, AVX-VNNI or AMX (the full 8-bit grid).
+TARGET_CPUS = ("host", "avx2", "vnni")
 
 #: CLI name -> "module:class"
 TARGETS: dict[str, str] = {
@@ -20,14 +25,26 @@ TARGETS: dict[str, str] = {
     "tensorrt": "compressor.targets.tensorrt:TensorRtTarget",
 }
 
+#: The targets whose artifact runs int8 on an x86 CPU, so whose scheme depends on the CPU it
+#: runs on (``--target-cpu``); qnn-htp and tensorrt run on their own devices.
+CPU_TARGETS = ("onnx", "openvino")
 
-def get_target(name: str):
-    """The target registered as ``name``.
+
+def get_target(name: str, target_cpu: str = "host"):
+    """The target registered as ``name``, building for the CPU ``target_cpu`` names (:data:`TARGET_CPUS`;
+    ``host``: this one).
 
     Raises:
-        UsageError: unknown name (lists the valid ones).
+        UsageError: unknown name (lists the valid ones), unknown ``target_cpu``, or a
+            ``target_cpu`` other than ``host`` for a target that is not a CPU one.
     """
     if name not in TARGETS:
         raise UsageError(f"unknown target {name!r}; valid targets: {', '.join(TARGETS)}")
+    if target_cpu not in TARGET_CPUS:
+        raise UsageError(f"unknown --target-cpu {target_cpu!r}; valid: {', '.join(TARGET_CPUS)}")
+    if target_cpu != "host" and name not in CPU_TARGETS:
+        raise UsageError(f"--target-cpu {target_cpu} names the x86 CPU an artifact runs on and applies to the "
+                         f"targets {' and '.join(CPU_TARGETS)}; {name} runs on its own device: leave --target-cpu out")
     module, cls = TARGETS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    target = getattr(importlib.import_module(module), cls)
+    return target(target_cpu=target_cpu) if name in CPU_TARGETS else target()

@@ -21,7 +21,8 @@ from compressor.passes._graph import label
 from compressor.quant.spec import OpQuant
 
 __all__ = ["Capabilities", "Runner", "Target", "TargetPass", "check_capabilities", "cpu_has_vnni",
-           "narrow_weights", "RUNS_ON", "on_cpu"]
+           "narrow_weights", "RUNS_ON", "on_cpu",
+           "deployment_vnni", "weights_beyond", "warn_pessimistic_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,49 @@ def cpu_has_vnni() -> bool | None:
     return None if flags is None else bool(_VNNI_FLAGS.intersection(flags))
 
 
+def deployment_vnni(target_cpu: str, host_vnni: bool | None) -> bool | None:
+    """Whether the CPU named by ``target_cpu`` (``--target-cpu``, :data:`compressor.targets.TARGET_CPUS`)
+    has VNNI: ``avx2`` none, ``vnni`` (AVX-512 VNNI, AVX-VNNI or AMX) yes, ``host`` ``host_vnni``
+    (:func:`cpu_has_vnni` as the target's module sees it)."""
+    return host_vnni if target_cpu == "host" else target_cpu == "vnni"
+
+
+def weights_beyond(model: ir.Model, ops: frozenset[str] | set[str], qmax: int) -> list[str]:
+    """The ``ops`` nodes whose weight (input 1) is an int8 constant through a DequantizeLinear with
+    a value beyond ``+-qmax``: where a CPU without VNNI saturates (``qmax`` 63, :func:`cpu_has_vnni`)."""
+    found = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type not in ops or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        dq = node.inputs[1].producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
+            continue
+        weight = dq.inputs[0].const_value
+        if weight is not None and weight.dtype == ir.DataType.INT8:
+            if np.abs(weight.numpy().astype(np.int16)).max(initial=0) > qmax:
+                found.append(label(node))
+    return found
+
+
+def warn_pessimistic_once(target: Target, host_vnni: bool | None, model: ir.Model, ops: frozenset[str] | set[str],
+                          qmax: int = 63) -> bool:
+    """Whether ``target`` builds for a VNNI CPU (``--target-cpu vnni``) on this host without VNNI
+    (``host_vnni`` False), where its int8 kernels saturate on the ``ops`` whose weights pass
+    ``+-qmax`` (:func:`weights_beyond`). Then warns, once per target, that the accuracy
+    measured here is pessimistic for the named CPU.
+    """
+    if target.target_cpu != "vnni" or host_vnni is not False:
+        return False
+    if not getattr(target, "_warned_pessimistic", False) and (saturating := weights_beyond(model, ops, qmax)):
+        target._warned_pessimistic = True  # type: ignore[attr-defined]
+        logger.warning(
+            "%s: the artifact is built for a CPU with VNNI (--target-cpu vnni) but measured on this CPU, which has "
+            "none: its int8 kernels sum u8*s8 pairs in int16 and saturate on %d layer(s) with weights beyond +-%d "
+            "(%s), so the accuracy drop measured here is pessimistic for the named CPU; measure on a VNNI CPU for "
+            "its own figure", target.name, len(saturating), qmax, ", ".join(saturating[:5]))
+    return True
+
+
 def cpu_flags() -> frozenset[str] | None:
     """The first CPU's feature flags from ``/proc/cpuinfo`` (``None``: not Linux x86)."""
     try:
@@ -177,10 +221,15 @@ def check_capabilities(model: ir.Model, caps: Capabilities) -> list[tuple[str, s
 
 
 class Target(abc.ABC):
-    """A backend: capabilities, constraint check, lowering and a runner."""
+    """A backend: capabilities, constraint check, lowering and a runner.
+
+    ``target_cpu``: the CPU the artifact will run on (:data:`compressor.targets.TARGET_CPUS`), for the targets
+    that run int8 on an x86 CPU (:data:`compressor.targets.CPU_TARGETS`); ``host`` for the others.
+    """
 
     name: str
     capabilities: Capabilities = Capabilities()
+    target_cpu: str = "host"
 
     def check(self, model: ir.Model) -> list[tuple[str, str]]:
         """Constraint lint before any work: ``(node, reason)`` per offending node."""

@@ -30,7 +30,9 @@ from compressor.targets.base import (
     Target,
     check_capabilities,
     cpu_has_vnni,
+    deployment_vnni,
     narrow_weights,
+    warn_pessimistic_once,
 )
 
 from compressor.model_io import clone_model, model_bytes, save_model
@@ -307,21 +309,28 @@ def bias_apart(model: ir.Model) -> int:
 
 
 class OnnxTarget(Target):
-    """ONNX Runtime CPU: the portable reference target."""
+    """ONNX Runtime CPU: the portable reference target.
+
+    Args:
+        target_cpu: The CPU the artifact will run on (:data:`~compressor.targets.TARGET_CPUS`):
+            without VNNI (``avx2``) every weighted op gets 7-bit weights; ``host``: as this CPU.
+    """
 
     name = "onnx"
     capabilities = ONNX_CAPABILITIES
 
-    def __init__(self) -> None:
+    def __init__(self, target_cpu: str = "host") -> None:
         #: ``(model, bytes)`` of the last :meth:`check`, written as is when the next
         #: :meth:`reference_runner` gets that same (unchanged) model: the baseline is
         #: serialised once per run.
         self._checked: tuple[ir.Model, bytes] | None = None
-        if cpu_has_vnni() is False:  # MLAS's AVX2 u8s8 kernels saturate: 7-bit weights (reduce_range)
-            self.capabilities = narrow_weights(ONNX_CAPABILITIES, set(ONNX_CAPABILITIES.quantizable))
+        self.target_cpu = target_cpu
+        if deployment_vnni(target_cpu, cpu_has_vnni()) is False:  # MLAS's AVX2 u8s8 kernels saturate: 7-bit
+            self.capabilities = narrow_weights(ONNX_CAPABILITIES, set(ONNX_CAPABILITIES.quantizable))  # reduce_range
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "onnxruntime_version": ort.__version__, "int8_vnni": cpu_has_vnni()}
+        return {"name": self.name, "onnxruntime_version": ort.__version__, "int8_vnni": cpu_has_vnni(),
+                "deployment_cpu": self.target_cpu}
 
     def check(self, model: ir.Model) -> list[tuple[str, str]]:
         offenders = check_capabilities(model, self.capabilities)
@@ -338,6 +347,7 @@ class OnnxTarget(Target):
 
     def lower(self, model: ir.Model, outdir: Path) -> list[Path]:
         outdir.mkdir(parents=True, exist_ok=True)
+        warn_pessimistic_once(self, cpu_has_vnni(), model, set(ONNX_CAPABILITIES.quantizable))
         moved = bias_apart(model := clone_model(model))
         if moved:
             logger.info("onnx: %d Gemm bias(es) added after the int8 Gemm (QGemm with a float output)", moved)

@@ -18,7 +18,7 @@ from compressor.targets.base import Target
 from compressor.targets.onnx import OnnxTarget
 from compressor.targets.qnn_htp.rules import HTP_QDQ_RULES, QNN_HTP_CAPABILITIES
 
-__all__ = ["SimulatedHtp", "model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs",
+__all__ = ["SimulatedHtp", "int8_weight_extremes", "model_from_text", "run_ort", "random_feeds", "op_counts", "assert_same_outputs",
            "onnx_specs_target", "saturating_qdq_conv"]
 
 
@@ -70,7 +70,15 @@ def assert_same_outputs(
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"output {i}")
 
 
-def onnx_specs_target() -> Target:
+def int8_weight_extremes(path) -> list[int]:
+    """The largest ``|q|`` of each int8 constant a DequantizeLinear reads in the ONNX file ``path``."""
+    model = onnx.load(path)
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [int(np.abs(weights[n.input[0]].astype(np.int16)).max()) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in weights and weights[n.input[0]].dtype == np.int8]
+
+
+def onnx_specs_target(target_cpu: str = "host") -> Target:
     """The ``onnx`` target with its quantization specs but without its speed rules.
 
     ``OpQuant.output_required`` and ``min_output_channels`` keep float, on ONNX Runtime, a
@@ -79,7 +87,7 @@ def onnx_specs_target() -> Target:
     would lose those layers. The rules themselves are tested in
     ``tests/passes/test_onnx_node_units.py``.
     """
-    target = get_target("onnx")
+    target = get_target("onnx", target_cpu)
     caps = target.capabilities
     target.capabilities = dataclasses.replace(caps, quantizable={
         op: dataclasses.replace(q, output_required=False, min_output_channels=0) for op, q in caps.quantizable.items()})

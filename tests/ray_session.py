@@ -12,6 +12,8 @@ seconds; the results go to ``OUTDIR/result.json`` for the tests to judge:
 * an error a task raises (``UsageError``) coming back as that error, at once (the other
   task, which would sleep two minutes, is cancelled);
 * ``int8`` with ``--max-drop 0`` on cosine fidelity: accuracy control's ranking on Ray;
+* the ``onnx`` and ``openvino`` targets built for ``--target-cpu avx2``, sent to a task: what
+  the worker's copies say (their deployment CPU and weight grid);
 * ``compress search`` on a small grid (``OUTDIR/search/search.json``), and again with a
   wall-clock budget read from a clock that ticks a minute per read
   (``OUTDIR/search-budget/search.json``: which candidates ran, as in process), and once
@@ -76,6 +78,13 @@ def raise_usage(item: Any, shared: Mapping[str, Any]) -> None:
     raise UsageError(f"bad item {item}")
 
 
+def target_in_worker(item: Any, shared: Mapping[str, Any]) -> dict[str, Any]:
+    """The deployment CPU and weight bits of the target ``shared[item]``, as the worker's copy has them."""
+    target = shared[item]
+    return {"deployment_cpu": target.describe()["deployment_cpu"],
+            "bits": {op: q.weights.bits for op, q in target.capabilities.quantizable.items() if q.weights is not None}}
+
+
 def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) -> None:
     import ray
 
@@ -118,6 +127,11 @@ def main(out: Path, model: str, eval_data: str, calib: str, cosine_eval: str) ->
         except UsageError as err:
             result["task_error"] = [type(err).__name__, str(err)]
         result["task_error_seconds"] = time.perf_counter() - started
+
+        from compressor.targets import get_target
+
+        result["target_in_worker"] = executor.map(target_in_worker, ["onnx", "openvino"], shared={
+            name: get_target(name, "avx2") for name in ("onnx", "openvino")})
 
         control = compress(model, recipe="int8", outdir=out / "int8", calib=calib, eval_data=cosine_eval,
                            max_drop=0.0, latency_runs=1, executor=executor)

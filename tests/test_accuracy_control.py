@@ -75,7 +75,8 @@ def _onnx_specs(monkeypatch):
     ``min_output_channels`` would keep this net's 8-channel convolutions float
     (:func:`~tests.ortutil.onnx_specs_target`). A test that sets its own target overrides it."""
     real = compress_module.get_target
-    monkeypatch.setattr(compress_module, "get_target", lambda name: onnx_specs_target() if name == "onnx" else real(name))
+    monkeypatch.setattr(compress_module, "get_target", lambda name, target_cpu="host": onnx_specs_target(target_cpu)
+                        if name == "onnx" else real(name, target_cpu))
 
 
 def write_files(tmp: Path) -> dict[str, Path]:
@@ -264,6 +265,20 @@ def test_the_ranking_is_cached_and_a_new_budget_only_evaluates(files, tmp_path, 
     assert third["accuracy_control"]["ranking"] == control["ranking"] and third["gate"]["passed"] is True
 
 
+def test_a_ranking_cached_for_one_cpu_is_not_reused_for_the_other(files, tmp_path, caplog, monkeypatch):
+    """``--target-cpu`` changes the grid, so the ranking: the cache key (the target's description)
+    tells the CPUs apart, and each CPU's ranking is found again for that CPU."""
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    tasks = {}
+    for run, target_cpu in enumerate(("avx2", "vnni", "avx2", "vnni")):
+        executor = CountingExecutor()
+        compress(files["model"], recipe="int8", outdir=tmp_path / f"out{run}", calib=files["calib"],
+                 eval_data=files["eval"], max_drop=0.0, latency_runs=1, executor=executor, target_cpu=target_cpu)
+        tasks[run] = executor.tasks
+    assert tasks == {0: len(LAYERS) + 1, 1: len(LAYERS) + 1, 2: 0, 3: 0}
+    assert len(list((tmp_path / "cache" / "ranking").glob("*.json"))) == 2
+
+
 def test_ranking_uses_the_samples_with_the_largest_error(files, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
     recipe = _recipe(tmp_path, "max_drop: 0.01, ranking_samples: 5")
@@ -412,7 +427,7 @@ def test_ranking_a_time_major_model_whose_calls_return_several_rows_per_sample(t
 @pytest.mark.parametrize("recipe", ["w8a8-npu", "int8"])
 def test_accuracy_control_promotes_to_16_bits_on_a_target_without_a_float_path(files, tmp_path, monkeypatch, recipe):
     """Also with plain ``int8``, which the target completes with ``qnn-legalize`` (re-run after each promotion)."""
-    monkeypatch.setattr(compress_module, "get_target", lambda name: SimulatedHtp())
+    monkeypatch.setattr(compress_module, "get_target", lambda name, target_cpu="host": SimulatedHtp())
     executor = CountingExecutor()
     result = compress(files["model"], recipe=recipe, target="qnn-htp", outdir=tmp_path / "out",
                       inputs=["x=4x4x6x6"], calib=files["calib"], eval_data=files["eval"], max_drop=0.0,

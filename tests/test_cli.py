@@ -20,6 +20,7 @@ import torch
 from compressor.cli import main
 from compressor.errors import AccuracyGateFailed, CompressorError, UnsupportedByTarget
 from tests.cliutil import error_line, raise_on_constant, run
+from tests.ortutil import int8_weight_extremes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -466,3 +467,38 @@ def test_verbose_internal_error_shows_the_traceback(error, flag, tmp_path, capsy
     assert "Traceback (most recent call last)" in err and "failing" in err
     code, _, err = run([MODEL, "--recipe", "fold", "-o", tmp_path / "out"], capsys)
     assert code == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------- --target-cpu: the CPU the artifact runs on
+
+
+@pytest.mark.parametrize("command", ["compress", "search", "sweep"])
+@pytest.mark.parametrize("target", ["tensorrt", "qnn-htp"])
+def test_target_cpu_is_for_the_cpu_targets_only(command, target, tmp_path, capsys, no_capture):
+    out = tmp_path / "out"
+    argv = {"compress": [MODEL, "--recipe", "int8", "--calib", CALIB],
+            "search": ["search", MODEL, "--calib", CALIB, "--eval", EVAL, "--max-drop", "0.01"],
+            "sweep": ["sweep", MODEL, "--pass", "prune-magnitude", "--levels", "0.5", "--eval", EVAL]}[command]
+    line = fail([*argv, "--target", target, "--target-cpu", "avx2", "-o", out], capsys, 2, "", out)
+    assert line == (f"error: --target-cpu avx2 names the x86 CPU an artifact runs on and applies to the targets onnx "
+                    f"and openvino; {target} runs on its own device: leave --target-cpu out")
+
+
+@pytest.mark.parametrize("target_cpu", ["avx2", "vnni"])
+def test_target_cpu_end_to_end(target_cpu, force_vnni, tmp_path, capsys):
+    """The README's model for the CPU named, built on a host of the other kind (forced): its int8
+    weights have that CPU's grid, the manifest and the summary say which CPU, and a ``vnni``
+    artifact measured on a host without VNNI says that the drop is pessimistic."""
+    force_vnni(target_cpu == "avx2")
+    out = tmp_path / "out"
+    code, stdout, err = run([MODEL, "--recipe", "int8", "--target-cpu", target_cpu, "--calib", CALIB, "--eval", EVAL,
+                             "-o", out, "--latency-runs", "1"], capsys)
+    assert code == 0, err
+    largest = int8_weight_extremes(out / "model.onnx")
+    assert len(largest) == 5 and set(largest) == {127 if target_cpu == "vnni" else 63}
+    target = json.loads((out / "manifest.json").read_text())["target"]
+    assert (target["deployment_cpu"], target["int8_vnni"]) == (target_cpu, target_cpu == "avx2")
+    row = next(line for line in stdout.splitlines() if line.startswith("target "))
+    assert row.split(None, 1)[1] == (f"onnx, for a CPU {'with' if target_cpu == 'vnni' else 'without'} VNNI "
+                                     f"(--target-cpu {target_cpu})")
+    assert ("pessimistic for the named CPU" in err) is (target_cpu == "vnni")

@@ -170,6 +170,16 @@ def test_a_task_error_comes_back_as_itself(ray_session):
 
 
 @pytest.mark.slow
+def test_a_target_keeps_its_deployment_cpu_in_a_ray_worker(ray_session):
+    """``--target-cpu`` travels with the pickled target (its capabilities are fixed when it is built),
+    so a worker on any CPU quantizes for the CPU named, not for its own."""
+    onnx, openvino = ray_session[1]["target_in_worker"]
+    assert onnx == {"deployment_cpu": "avx2", "bits": dict.fromkeys(("Conv", "ConvTranspose", "Gemm", "MatMul"), 7)}
+    assert openvino == {"deployment_cpu": "avx2", "bits": {"Conv": 7, "ConvTranspose": 7, "Gemm": None,
+                                                          "MatMul": None, "LSTM": None}}
+
+
+@pytest.mark.slow
 def test_accuracy_control_ranks_the_same_on_ray(ray_session, data, tmp_path):
     _, result = ray_session
     serial = compress(data["model"], recipe="int8", outdir=tmp_path / "int8", calib=CALIB,

@@ -278,7 +278,7 @@ def test_float16_model_is_quantized_in_float32_keeping_its_interface(tmp_path, c
     from tests.ortutil import onnx_specs_target
 
     # The onnx target's specs without its speed rules: its one 2-channel Conv would stay float.
-    monkeypatch.setattr(compress_module, "get_target", lambda name: onnx_specs_target())
+    monkeypatch.setattr(compress_module, "get_target", lambda name, target_cpu="host": onnx_specs_target())
     xs = RNG.standard_normal((4, 1, 3, 4, 4)).astype(np.float16)
     np.savez(tmp_path / "calib.npz", x=xs)
     path = _fp16_conv(tmp_path)

@@ -15,6 +15,7 @@ import pytest
 from compressor.cli import main
 from compressor.flow.search import Candidate, pareto_front, search
 from compressor.flow.search_output import check_search_destination
+from tests.ortutil import int8_weight_extremes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -285,3 +286,14 @@ def test_a_search_on_the_htp_emulator_says_its_times_are_not_the_devices(tmp_pat
     note = "HTP emulated on this x86 CPU: not the device's latency"
     assert json.loads((out / "search.json").read_text())["latency_note"] == note
     assert f"latency: {note}; the front and the best are ordered by these times" in printed
+
+
+def test_the_candidates_and_the_best_are_built_for_the_target_cpu(tmp_path):
+    """``target_cpu`` reaches the candidates' target and the best artifact's ``compress``."""
+    result = search(MODEL, calib=CALIB, eval_data=EVAL, max_drop=0.05, outdir=tmp_path, latency_runs=1,
+                    grid={"calibrator": ["minmax"], "sparsity": [0]}, target_cpu="avx2")
+    assert result.best is not None
+    manifest = json.loads((tmp_path / "best" / "manifest.json").read_text())
+    assert manifest["target"]["deployment_cpu"] == "avx2"
+    largest = int8_weight_extremes(tmp_path / "best" / "model.onnx")
+    assert len(largest) == 5 and set(largest) == {63}

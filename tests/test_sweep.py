@@ -181,3 +181,12 @@ def test_sweep_refuses_sweep_files_it_did_not_write(tmp_path, capsys, files):
     line = next(line for line in err.splitlines() if line.startswith("error: "))
     assert "refusing to overwrite" in line and all(name in line for name in files)
     assert {p.name: p.read_text() for p in out.iterdir()} == {"notes.txt": "mine", **files}
+
+
+def test_sweep_json_names_the_target_cpu(digits_onnx, tmp_path):
+    result = sweep(digits_onnx, pass_name="sparsify-nm", levels="2:4", eval_data=EVAL, outdir=tmp_path,
+                   latency_runs=0, target_cpu="avx2")
+    assert json.loads((tmp_path / "sweep.json").read_text())["deployment_cpu"] == "avx2"
+    assert "deployment_cpu" not in sweep(digits_onnx, pass_name="sparsify-nm", levels="2:4", eval_data=EVAL,
+                                         outdir=tmp_path, latency_runs=0).to_json()
+    assert result.target == "onnx"

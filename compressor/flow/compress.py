@@ -107,7 +107,8 @@ class _Checked:
 
 def _check_before_work(model_path: Path, outdir: Path, recipe: str | Path | Recipe, target: str,
                        inputs: Sequence[str], calib: str | Path | None, eval_data: str | Path | None,
-                       max_drop: float | None, train: str | Path | None, freeze: Sequence[str] = ()) -> _Checked:
+                       max_drop: float | None, train: str | Path | None, freeze: Sequence[str] = (),
+                       target_cpu: str = "host") -> _Checked:
     """Everything that can be checked without the model: the output folder, the recipe, the budget, the data files.
 
     Raises:
@@ -116,7 +117,7 @@ def _check_before_work(model_path: Path, outdir: Path, recipe: str | Path | Reci
     check_destination(outdir)
     recipe_obj = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     recipe_obj = recipe_obj.with_overrides(max_drop=max_drop)
-    tgt = get_target(target)
+    tgt = get_target(target, target_cpu)
     # One recipe on every target: the target's own passes after quantization (qnn-htp's
     # legalization) are appended here, and the manifest's recipe names them.
     recipe_obj = recipe_obj.for_target(tgt)
@@ -171,6 +172,7 @@ def compress(
     recipe: str | Path | Recipe,
     outdir: str | Path,
     target: str = "onnx",
+    target_cpu: str = "host",
     inputs: Sequence[str] = (),
     freeze: Sequence[str] = (),
     calib: str | Path | None = None,
@@ -189,6 +191,9 @@ def compress(
 ) -> CompressResult:
     """Compress one model into an artifact folder; see the module docstring.
 
+    ``target_cpu`` names the x86 CPU the artifact will run on (``host``, ``avx2``, ``vnni``:
+    :data:`compressor.targets.TARGET_CPUS`; only for the CPU targets ``onnx`` and ``openvino``),
+    which picks their int8 weight grid in place of this host's.
     ``executor`` runs accuracy control's ranking candidates (default: in this process).
     ``train`` is the recovery stage's data (a recipe with ``recover:``; else ignored with a warning).
     ``freeze`` (``NAME=VALUE`` texts) makes inputs constants of the model (:mod:`compressor.inputs`).
@@ -207,7 +212,7 @@ def compress(
     timings: dict[str, float] = {}
     outdir = Path(outdir)
     checked = _check_before_work(Path(model_path), outdir, recipe, target, inputs, calib, eval_data, max_drop, train,
-                                 freeze)
+                                 freeze, target_cpu)
     recipe_obj, tgt, passes, overrides = checked.recipe, checked.tgt, checked.passes, checked.overrides
     raw_calib, raw_eval = checked.raw_calib, checked.raw_eval
 

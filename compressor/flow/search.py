@@ -294,8 +294,9 @@ def check_budget_minutes(minutes: float | None) -> float | None:
 
 
 def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, max_drop: float,
-           outdir: str | Path, target: str = "onnx", grid: Mapping[str, Sequence[Any]] | None = None,
-           latency_runs: int = 10, executor: Executor | None = None, progress: Progress | None = None,
+           outdir: str | Path, target: str = "onnx", target_cpu: str = "host",
+           grid: Mapping[str, Sequence[Any]] | None = None, latency_runs: int = 10,
+           executor: Executor | None = None, progress: Progress | None = None,
            budget_minutes: float | None = None, clock: Callable[[], float] = time.monotonic,
            inputs: Sequence[str] = (), freeze: Sequence[str] = (), trust_pickle: bool = False,
            imports: Sequence[str] = (), model_class: str | None = None,
@@ -303,6 +304,8 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     """Run every candidate of ``grid`` and keep the best within ``max_drop`` (module docstring).
 
     Args:
+        target_cpu: The x86 CPU the artifacts will run on, as for :func:`compressor.flow.compress.compress`
+            (the candidates are built and the best artifact written for it).
         inputs, freeze: ``--input NAME=SHAPE`` and ``--freeze NAME=VALUE`` texts, as for
             :func:`compressor.flow.compress.compress`: the model is captured and frozen once
             as ``compress`` does it (:func:`~compressor.flow.calib_eval.capture_with_data`),
@@ -337,7 +340,7 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
     outdir = Path(outdir)
     check_search_destination(outdir)
     check_destination(outdir / "best")
-    tgt = get_target(target)
+    tgt = get_target(target, target_cpu)
     recipes = [r.for_target(tgt) for r in recipes]  # the target's own passes after quantize (qnn-legalize)
     steps = [[(s.name, dict(s.options)) for s in r.passes] for r in recipes]
     overrides, frozen = parse_input_overrides(inputs), parse_freeze(freeze)
@@ -415,8 +418,8 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
                           len(candidates) - skipped, skipped, prepared.frozen_json(), latency_note)
     result.files = write_search_files(result, outdir)
     if best is not None:
-        compress(model_path, recipe=recipes[best.index], outdir=outdir / "best", target=target, inputs=inputs,
-                 freeze=freeze, calib=calib, eval_data=eval_data, max_drop=max_drop,
-                 latency_runs=max(latency_runs, 1), **source)
+        compress(model_path, recipe=recipes[best.index], outdir=outdir / "best", target=target,
+                 target_cpu=target_cpu, inputs=inputs, freeze=freeze, calib=calib, eval_data=eval_data,
+                 max_drop=max_drop, latency_runs=max(latency_runs, 1), **source)
         result.files["best"] = outdir / "best"
     return result

@@ -118,12 +118,15 @@ class SweepResult:
     recovered: list[SweepLevel] = dataclasses.field(default_factory=list)  # --recover: the same levels, recovered
     recovered_knee: SweepLevel | None = None
     frozen_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # --freeze: {name: value}
+    deployment_cpu: str = "host"  # --target-cpu
 
     def to_json(self) -> dict[str, Any]:
         extra = {"recovered_knee": None if self.recovered_knee is None else self.recovered_knee.level,
                  "recovered": [lv.to_json() for lv in self.recovered]} if self.recovered else {}
         if self.frozen_inputs:
             extra["frozen_inputs"] = self.frozen_inputs
+        if self.deployment_cpu != "host":
+            extra["deployment_cpu"] = self.deployment_cpu
         return {**extra,
             "tool": TOOL, "model": self.model, "pass": self.pass_name, "target": self.target, "metric": self.metric,
             "baseline": self.baseline, "baseline_latency_ms": self.baseline_latency_ms, "max_drop": self.max_drop,
@@ -218,6 +221,7 @@ def sweep(
     outdir: str | Path,
     calib: str | Path | None = None,
     target: str = "onnx",
+    target_cpu: str = "host",
     max_drop: float | None = None,
     options: Mapping[str, Any] | None = None,
     inputs: Sequence[str] = (),
@@ -237,6 +241,7 @@ def sweep(
     """Run ``pass_name`` at each of ``levels`` and measure each (see the module docstring).
 
     Args:
+        target_cpu: The x86 CPU the levels are built for, as for :func:`compressor.flow.compress.compress`.
         options: Further options of the pass, the same at every level (``{mask: wanda}``).
         trust_pickle, imports, model_class, model_kwargs: How a torch file is loaded
             (:func:`compressor.capture.capture`).
@@ -267,7 +272,7 @@ def sweep(
     steps = [build_pass(pass_name, {**extra, **opts}, where=f"sweep level {text!r}") for text, opts in parsed]
     if max_drop is not None:
         check_budget(max_drop)
-    tgt = get_target(target)
+    tgt = get_target(target, target_cpu)
     outdir = Path(outdir)
     check_sweep_destination(outdir)
     overrides = parse_input_overrides(inputs)
@@ -343,6 +348,7 @@ def sweep(
                                                "model_class": model_class, "model_kwargs": model_kwargs},
                                          overrides=overrides, example_inputs=example_inputs(raw_calib, raw_eval))
     outcome = SweepResult(str(model_path), pass_name, tgt.name, base_ev.metric, base_value, base_latency, max_drop,
-                          results, _knee(results), {}, recovered, _knee(recovered), prepared.frozen_json())
+                          results, _knee(results), {}, recovered, _knee(recovered), prepared.frozen_json(),
+                          target_cpu)
     outcome.files = _write(outcome, outdir)
     return outcome

@@ -43,14 +43,16 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from compressor.passes._graph import label
 from compressor.targets.base import (
     Capabilities,
     Runner,
     Target,
     check_capabilities,
     cpu_has_vnni,
+    deployment_vnni,
     narrow_weights,
+    warn_pessimistic_once,
+    weights_beyond,
 )
 from compressor.targets.openvino.precision import device_precision, pin_in_rt_info, pin_report
 from compressor.targets.openvino.runner import (
@@ -163,18 +165,7 @@ _SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})
 
 def saturating_weight_layers(model: ir.Model) -> list[str]:
     """Conv/ConvTranspose nodes whose int8 weights exceed :data:`WEIGHT_QMAX_WITHOUT_VNNI`."""
-    found = []
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type not in _SATURATING_OPS or len(node.inputs) < 2 or node.inputs[1] is None:
-            continue
-        dq = node.inputs[1].producer()
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
-            continue
-        weight = dq.inputs[0].const_value
-        if weight is not None and weight.dtype == ir.DataType.INT8:
-            if np.abs(weight.numpy().astype(np.int16)).max(initial=0) > WEIGHT_QMAX_WITHOUT_VNNI:
-                found.append(label(node))
-    return found
+    return weights_beyond(model, _SATURATING_OPS, WEIGHT_QMAX_WITHOUT_VNNI)
 
 
 class OpenVinoTarget(Target):
@@ -188,6 +179,9 @@ class OpenVinoTarget(Target):
             breaks the accuracy budget the flow lowers the artifact with f32 pinned in it
             (:meth:`lower_pinned`, :mod:`compressor.targets.openvino.precision`); the pin
             is on the artifact, and :meth:`runner` reads it from there.
+        target_cpu: The CPU the artifact will run on (:data:`~compressor.targets.TARGET_CPUS`):
+            without VNNI (``avx2``) Conv/ConvTranspose get 7-bit weights; with it (``vnni``) the
+            transformer preset's key projections are int8; ``host``: as this CPU.
 
     Raises:
         UsageError: the ``openvino`` package is not installed, or an unknown ``precision``.
@@ -196,16 +190,17 @@ class OpenVinoTarget(Target):
     name = "openvino"
     capabilities = OPENVINO_CAPABILITIES
 
-    def __init__(self, precision: str | None = None) -> None:
+    def __init__(self, precision: str | None = None, target_cpu: str = "host") -> None:
         require_openvino()
         cpu_config(precision)  # refuse an unknown precision now, not at the first compile
         self.precision = precision
+        self.target_cpu = target_cpu
         self.core = ov.Core()
         #: ``(model, ov.Model)`` of the last :meth:`check`, saved as is when the next
         #: :meth:`reference_runner` gets that same (unchanged) model: the fp32 model is
         #: converted once per run.
         self._checked: tuple[ir.Model, Any] | None = None
-        vnni = cpu_has_vnni()
+        vnni = deployment_vnni(target_cpu, cpu_has_vnni())
         if vnni is False:
             # 7-bit Conv weights: exact on every x86 int8 kernel (see WEIGHT_QMAX_WITHOUT_VNNI).
             self.capabilities = narrow_weights(OPENVINO_CAPABILITIES, _SATURATING_OPS)
@@ -254,7 +249,10 @@ class OpenVinoTarget(Target):
         """Write ``ov_model`` (converted from ``model``) as ``model.xml``/``.bin`` with canonical names,
         ``pin`` (a float precision) in its ``rt_info`` when given."""
         outdir.mkdir(parents=True, exist_ok=True)
-        if cpu_has_vnni() is False and (saturating := saturating_weight_layers(model)):
+        host_vnni = cpu_has_vnni()  # this host runs the artifact (the evaluation), whatever CPU it is for
+        if (host_vnni is False and not warn_pessimistic_once(self, host_vnni, model, _SATURATING_OPS,
+                                                             WEIGHT_QMAX_WITHOUT_VNNI)
+                and (saturating := saturating_weight_layers(model))):
             logger.warning(
                 "openvino: this CPU has no VNNI, so int8 Conv sums u8*s8 pairs in int16 and saturates: %d "
                 "layer(s) have int8 weights beyond +-%d (%s); quantize their weights to 7 bits",
@@ -331,6 +329,7 @@ class OpenVinoTarget(Target):
             "device": "CPU",
             "device_name": self.core.get_property("CPU", "FULL_DEVICE_NAME"),
             "int8_vnni": cpu_has_vnni(),
+            "deployment_cpu": self.target_cpu,
             "cpu_bf16": cpu_supports_bf16(self.core),
             "precision": self.precision,
             "device_precision": self.device_precision(),

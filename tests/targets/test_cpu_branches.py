@@ -124,6 +124,116 @@ def test_openvino_gives_the_first_convolutions_7_bit_weights_on_every_cpu(vnni, 
     assert largest("conv2") == (127 if vnni else 63)
 
 
+CPU_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@pytest.mark.parametrize("target_cpu", ["avx2", "vnni"])
+def test_target_cpu_names_the_grid_whatever_the_host(vnni, target_cpu):
+    """``--target-cpu``: the grid and the preset's float roles follow the CPU named, on either
+    host branch (forced); the target's description (the manifest's) records both CPUs, and a
+    pickled copy (a Ray task's) keeps the choice."""
+    import pickle
+
+    from compressor.targets import get_target
+
+    named = target_cpu == "vnni"
+    onnx = get_target("onnx", target_cpu)
+    assert _weight_bits(onnx) == dict.fromkeys(CPU_OPS, None if named else 7)
+    assert {k: onnx.describe()[k] for k in ("int8_vnni", "deployment_cpu")} == {"int8_vnni": vnni,
+                                                                              "deployment_cpu": target_cpu}
+    copy = pickle.loads(pickle.dumps(onnx))
+    assert copy.capabilities == onnx.capabilities and copy.describe()["deployment_cpu"] == target_cpu
+    openvino = pytest.importorskip("compressor.targets.openvino")
+    if openvino.ov is None:
+        pytest.skip("openvino is not installed")
+    target = get_target("openvino", target_cpu)
+    assert _weight_bits(target) == {"Conv": None if named else 7, "ConvTranspose": None if named else 7,
+                                    "Gemm": None, "MatMul": None, "LSTM": None}
+    assert target.capabilities.preset_float_roles == (("attention-context",) if named else None)
+    assert target.capabilities.narrow_first_layers == {"Conv", "ConvTranspose"}  # 7-bit first layers either way
+    assert {k: target.describe()[k] for k in ("int8_vnni", "deployment_cpu")} == {"int8_vnni": vnni,
+                                                                                "deployment_cpu": target_cpu}
+    copy = pickle.loads(pickle.dumps(target))
+    assert copy.capabilities == target.capabilities and copy.describe()["deployment_cpu"] == target_cpu
+
+
+@pytest.mark.parametrize("target_cpu", ["avx2", "vnni"])
+def test_openvino_weights_follow_the_named_cpu_past_the_first_layer(target_cpu, force_vnni, tmp_path):
+    """Built on a host of the other kind (forced), the quantized model has the named CPU's grid:
+    7-bit Conv weights for ``avx2``, 8-bit for ``vnni`` except on the first convolutions."""
+    openvino = pytest.importorskip("compressor.targets.openvino")
+    if openvino.ov is None:
+        pytest.skip("openvino is not installed")
+    import numpy as np
+
+    from tests.ortutil import model_from_text
+    from tests.passes.test_attention_roles import _quantize_for
+    from tests.passes.test_quantize import HEADER, _dataset, _node, _w
+
+    force_vnni(target_cpu != "vnni")
+    rng = np.random.default_rng(0)
+    model = model_from_text(f"""{HEADER}
+    g (float[1,3,8,8] x) => (float[1,8,8,8] y) {{
+      [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+      [act] a = Relu(c1)
+      [conv2] y = Conv <pads = [1, 1, 1, 1]> (a, w2, b2)
+    }}""", w1=_w(rng, 8, 3, 3, 3, fan_in=27), b1=_w(rng, 8) * 0.1, w2=_w(rng, 8, 8, 3, 3, fan_in=72),
+        b2=_w(rng, 8) * 0.1)
+    x = np.random.default_rng(1).integers(0, 256, (16, 1, 3, 8, 8)).astype(np.float32)
+    target = openvino.OpenVinoTarget(target_cpu=target_cpu)
+    q = _quantize_for(target, model, _dataset(model, tmp_path, {"x": x})).model
+
+    def largest(name: str) -> int:
+        weight = _node(q, name).inputs[1].producer().inputs[0].const_value.numpy()
+        return int(np.abs(weight.astype(np.int16)).max())
+
+    assert largest("conv1") == 63
+    assert largest("conv2") == (127 if target_cpu == "vnni" else 63)
+
+
+PESSIMISTIC = ("{name}: the artifact is built for a CPU with VNNI (--target-cpu vnni) but measured on this CPU, which "
+               "has none: its int8 kernels sum u8*s8 pairs in int16 and saturate on 1 layer(s) with weights beyond "
+               "+-63 ({layer}), so the accuracy drop measured here is pessimistic for the named CPU; measure on a "
+               "VNNI CPU for its own figure")
+
+
+@pytest.mark.parametrize("name", ["onnx", "openvino"])
+def test_vnni_artifact_measured_without_vnni_is_warned_about_once(name, force_vnni, tmp_path, caplog):
+    """``--target-cpu vnni`` on a host without VNNI (forced): the host's kernels saturate on the
+    8-bit weights, so the drop measured here is pessimistic; said once however often the
+    target lowers (accuracy control's tries), and not at all on a VNNI host or for ``avx2``."""
+    from compressor.targets import get_target
+    from tests.ortutil import saturating_qdq_conv
+
+    if name == "openvino":
+        openvino = pytest.importorskip("compressor.targets.openvino")
+        if openvino.ov is None:
+            pytest.skip("openvino is not installed")
+    model = saturating_qdq_conv()[0]
+    layer = next(n.name for n in model.graph if n.op_type == "Conv")
+    for host, target_cpu, warned in ((False, "vnni", True), (True, "vnni", False), (False, "avx2", False)):
+        force_vnni(host)
+        target = get_target(name, target_cpu)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="compressor.targets"):
+            for i in range(3):
+                target.lower(model, tmp_path / f"{host}-{target_cpu}-{i}")
+        messages = [r.getMessage() for r in caplog.records]
+        if warned:
+            assert messages == [PESSIMISTIC.format(name=name, layer=layer)]
+        else:
+            assert not [m for m in messages if "pessimistic" in m], messages
+
+
+def test_an_unknown_target_cpu_is_refused():
+    """The Python API's spelling check (the CLI's ``choices`` refuse it before)."""
+    from compressor.errors import UsageError
+    from compressor.targets import get_target
+
+    with pytest.raises(UsageError, match=r"^unknown --target-cpu 'avx512'; valid: host, avx2, vnni$"):
+        get_target("onnx", "avx512")
+
+
 def test_a_shape_of_the_input_does_not_make_a_deep_convolution_a_first_layer(force_vnni, tmp_path):
     """U-Net/FPN upsampling to the input's size: ``Resize(sizes=Concat(nc, Shape(x)[2:]))`` before
     conv3. Only float values are followed from the inputs, so conv3 (behind conv1 and conv2)

@@ -122,7 +122,7 @@ def _count_lowerings(monkeypatch, target_class) -> list[Path]:
 
 def _target(kind: str, monkeypatch) -> type:
     if kind == "simulated":
-        monkeypatch.setattr(compress_module, "get_target", lambda name: SimulatedHtp())
+        monkeypatch.setattr(compress_module, "get_target", lambda name, target_cpu="host": SimulatedHtp())
         return SimulatedHtp
     if not HAVE_QNN:
         pytest.skip("onnxruntime-qnn cannot be imported: no QNN HTP backend here")
