@@ -80,6 +80,9 @@ def _cmd_compress(argv: Sequence[str]) -> int:
     writable(args.dump_passes, "--dump-passes", folder=True)
     from compressor.executor import make_executor
     from compressor.flow.compress import compress
+    from compressor.targets import check_target_cpu
+
+    check_target_cpu(args.target, args.target_cpu)  # before Ray starts
 
     def on_pass(index: int, p: Any) -> None:
         logger.info("[%d] running %s", index + 1, p.name)
@@ -134,6 +137,9 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     setup_logging(args.verbose, args.quiet)
     from compressor.executor import make_executor
     from compressor.flow.sweep import sweep
+    from compressor.targets import check_target_cpu
+
+    check_target_cpu(args.target, args.target_cpu)  # before Ray starts
 
     options = yaml_mapping("--options", args.options, "{mask: wanda}") if args.options else {}
     recover = None
@@ -159,7 +165,9 @@ def _cmd_search(argv: Sequence[str]) -> int:
     setup_logging(args.verbose, args.quiet)
     from compressor.executor import make_executor
     from compressor.flow.search import search
+    from compressor.targets import check_target_cpu
 
+    check_target_cpu(args.target, args.target_cpu)  # before Ray starts
     grid = yaml_mapping("--grid", args.grid, "{sparsity: [0, 0.5]}") if args.grid else None
     with make_executor(args.ray) as executor:
         result = search(args.model, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,

@@ -324,9 +324,9 @@ def first_layers(graph: ir.Graph, caps: Capabilities) -> set[int]:
     """``id`` of the nodes with a weight that the graph's inputs reach without passing another one
     (NNCF's "first layer": an image's ``Div``/``Sub``/``Slice``/``Concat`` before it do not count).
 
-    Only float values are followed past a node (an integer input's ``Cast`` to float is): a
-    ``Shape`` of the input that sizes a deep ``Resize`` does not make the convolution after it
-    a first layer."""
+    Only float values (or untyped ones) are followed past a node, never a ``Shape``/``Size``
+    (an integer input's ``Cast`` to float is followed): a ``Shape`` of the input that sizes a
+    deep ``Resize`` does not make the convolution after it a first layer."""
     first: set[int] = set()
     seen: set[int] = set()
     todo = [v for v in graph.inputs]
@@ -342,7 +342,8 @@ def first_layers(graph: ir.Graph, caps: Capabilities) -> set[int]:
             if w is not None and is_constant(w):
                 first.add(id(node))
             else:
-                todo.extend(v for v in node.outputs if _is_float(v))
+                todo.extend(v for v in node.outputs if node.op_type not in ("Shape", "Size")
+                            and (v.dtype is None or v.dtype in FLOATS))
     return first
 
 

@@ -10,7 +10,7 @@ import importlib
 
 from compressor.errors import UsageError
 
-__all__ = ["TARGETS", "CPU_TARGETS", "TARGET_CPUS", "get_target"]
+__all__ = ["TARGETS", "CPU_TARGETS", "TARGET_CPUS", "check_target_cpu", "get_target"]
 
 #: ``--target-cpu``: the x86 CPU a CPU target's artifact will run on. ``host``: this one
 #: (:func:`compressor.targets.base.cpu_has_vnni`); ``avx2``: one without VNNI (7-bit weights
@@ -30,13 +30,12 @@ TARGETS: dict[str, str] = {
 CPU_TARGETS = ("onnx", "openvino")
 
 
-def get_target(name: str, target_cpu: str = "host"):
-    """The target registered as ``name``, building for the CPU ``target_cpu`` names (:data:`TARGET_CPUS`;
-    ``host``: this one).
+def check_target_cpu(name: str, target_cpu: str = "host") -> None:
+    """Refuse an unknown target, an unknown ``target_cpu``, or one other than ``host`` for a target
+    that is not a CPU one (before any work: the CLI checks it before starting Ray).
 
     Raises:
-        UsageError: unknown name (lists the valid ones), unknown ``target_cpu``, or a
-            ``target_cpu`` other than ``host`` for a target that is not a CPU one.
+        UsageError: which, and what to do.
     """
     if name not in TARGETS:
         raise UsageError(f"unknown target {name!r}; valid targets: {', '.join(TARGETS)}")
@@ -45,6 +44,17 @@ def get_target(name: str, target_cpu: str = "host"):
     if target_cpu != "host" and name not in CPU_TARGETS:
         raise UsageError(f"--target-cpu {target_cpu} names the x86 CPU an artifact runs on and applies to the "
                          f"targets {' and '.join(CPU_TARGETS)}; {name} runs on its own device: leave --target-cpu out")
+
+
+def get_target(name: str, target_cpu: str = "host"):
+    """The target registered as ``name``, building for the CPU ``target_cpu`` names (:data:`TARGET_CPUS`;
+    ``host``: this one).
+
+    Raises:
+        UsageError: unknown name (lists the valid ones), unknown ``target_cpu``, or a
+            ``target_cpu`` other than ``host`` for a target that is not a CPU one.
+    """
+    check_target_cpu(name, target_cpu)
     module, cls = TARGETS[name].split(":")
     target = getattr(importlib.import_module(module), cls)
     return target(target_cpu=target_cpu) if name in CPU_TARGETS else target()

@@ -134,10 +134,15 @@ def deployment_vnni(target_cpu: str, host_vnni: bool | None) -> bool | None:
 
 def weights_beyond(model: ir.Model, ops: frozenset[str] | set[str], qmax: int) -> list[str]:
     """The ``ops`` nodes whose weight (input 1) is an int8 constant through a DequantizeLinear with
-    a value beyond ``+-qmax``: where a CPU without VNNI saturates (``qmax`` 63, :func:`cpu_has_vnni`)."""
+    a value beyond ``+-qmax`` and whose input 0 is quantized too (an integer kernel runs: a
+    weight-only layer computes in float): where a CPU without VNNI saturates (``qmax`` 63,
+    :func:`cpu_has_vnni`)."""
     found = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type not in ops or len(node.inputs) < 2 or node.inputs[1] is None:
+        if node.op_type not in ops or len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[0] is None:
+            continue
+        x = node.inputs[0].producer()
+        if x is None or x.op_type != "DequantizeLinear":
             continue
         dq = node.inputs[1].producer()
         if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:

@@ -250,12 +250,13 @@ class OpenVinoTarget(Target):
         ``pin`` (a float precision) in its ``rt_info`` when given."""
         outdir.mkdir(parents=True, exist_ok=True)
         host_vnni = cpu_has_vnni()  # this host runs the artifact (the evaluation), whatever CPU it is for
-        if (host_vnni is False and not warn_pessimistic_once(self, host_vnni, model, _SATURATING_OPS,
-                                                             WEIGHT_QMAX_WITHOUT_VNNI)
-                and (saturating := saturating_weight_layers(model))):
+        runs_on = deployment_vnni(self.target_cpu, host_vnni)  # the CPU the artifact is for
+        pessimistic = warn_pessimistic_once(self, host_vnni, model, _SATURATING_OPS, WEIGHT_QMAX_WITHOUT_VNNI)
+        if runs_on is False and not pessimistic and (saturating := saturating_weight_layers(model)):
             logger.warning(
-                "openvino: this CPU has no VNNI, so int8 Conv sums u8*s8 pairs in int16 and saturates: %d "
+                "openvino: %s has no VNNI, so int8 Conv sums u8*s8 pairs in int16 and saturates: %d "
                 "layer(s) have int8 weights beyond +-%d (%s); quantize their weights to 7 bits",
+                "this CPU" if self.target_cpu == "host" else f"the CPU named (--target-cpu {self.target_cpu})",
                 len(saturating), WEIGHT_QMAX_WITHOUT_VNNI, ", ".join(saturating[:5]))
         renamed = canonical_names(ov_model, onnx_names(model))
         logger.debug("openvino: renumbered %d auto-generated node names", renamed)

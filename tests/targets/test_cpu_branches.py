@@ -269,3 +269,71 @@ def test_a_shape_of_the_input_does_not_make_a_deep_convolution_a_first_layer(for
         return int(np.abs(weight.astype(np.int16)).max())
 
     assert (largest("conv1"), largest("conv2"), largest("conv3")) == (63, 127, 127)
+
+
+def test_the_saturation_warning_follows_the_cpu_the_artifact_is_for(force_vnni, tmp_path, caplog):
+    """An artifact for ``--target-cpu avx2`` with 8-bit Conv weights (a model quantized
+    elsewhere) saturates on the CPU it names, whatever this host has: warned on a VNNI host
+    too; with ``host`` on a VNNI host, not."""
+    openvino = pytest.importorskip("compressor.targets.openvino")
+    if openvino.ov is None:
+        pytest.skip("openvino is not installed")
+    from compressor.targets import get_target
+    from tests.ortutil import saturating_qdq_conv
+
+    model = saturating_qdq_conv()[0]
+    force_vnni(True)
+    for target_cpu, warned in (("avx2", True), ("host", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="compressor.targets"):
+            get_target("openvino", target_cpu).lower(model, tmp_path / target_cpu)
+        said = [r.getMessage() for r in caplog.records if "saturates" in r.getMessage()]
+        assert said == ([("openvino: the CPU named (--target-cpu avx2) has no VNNI, so int8 Conv sums u8*s8 pairs "
+                          "in int16 and saturates: 1 layer(s) have int8 weights beyond +-63 (conv); quantize their "
+                          "weights to 7 bits")] if warned else []), said
+
+
+def test_a_weight_only_layer_never_saturates():
+    """``weights_beyond`` counts integer kernels only: a MatMul reading a float input and a
+    DQ(int8) weight (the transformer preset's key projections) computes in float."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from compressor.targets.base import weights_beyond
+    from tests.ortutil import model_from_text
+
+    model = model_from_text("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4] x) => (float[1,4] y, float[1,4] z) {
+      [wd] w = DequantizeLinear(wq, ws)
+      [k_proj] y = MatMul(x, w)
+      [xq] q = QuantizeLinear(x, xs, xz)
+      [xd] d = DequantizeLinear(q, xs, xz)
+      [q_proj] z = MatMul(d, w)
+    }""", wq=np.full((4, 4), 127, np.int8), ws=np.array(0.01, np.float32), xs=np.array(0.02, np.float32),
+        xz=np.array(128, np.uint8))
+    assert isinstance(model, ir.Model)
+    assert weights_beyond(model, {"MatMul"}, 63) == ["q_proj"]
+
+
+def test_an_untyped_value_on_the_way_to_the_first_convolution_is_followed():
+    """A value shape inference left untyped (a custom op's output) is followed, where only
+    typed float values were: the convolution after it is still a first layer."""
+    openvino = pytest.importorskip("compressor.targets.openvino")
+    if openvino.ov is None:
+        pytest.skip("openvino is not installed")
+    import numpy as np
+
+    from compressor.passes._placement import first_layers
+    from tests.ortutil import model_from_text
+    from tests.passes.test_quantize import HEADER, _w
+
+    model = model_from_text(f"""{HEADER}
+    g (float[1,3,8,8] x) => (float[1,4,8,8] y) {{
+      [scale] d = Div(x, k)
+      [conv] y = Conv <pads = [1, 1, 1, 1]> (d, w, b)
+    }}""", k=np.array(255.0, np.float32), w=_w(np.random.default_rng(0), 4, 3, 3, 3, fan_in=27),
+        b=np.zeros(4, np.float32))
+    (div,) = [n for n in model.graph if n.op_type == "Div"]
+    assert div.outputs[0].dtype is None  # as written: no value_info
+    (conv,) = [n for n in model.graph if n.op_type == "Conv"]
+    assert first_layers(model.graph, openvino.OpenVinoTarget().capabilities) == {id(conv)}
