@@ -104,7 +104,8 @@ def summary(manifest: dict[str, Any]) -> str:
         (f"{metric}", f"{fmt(manifest['metrics']['baseline'][key])} -> {fmt(manifest['metrics']['compressed'][key])} "
                       f"on {manifest['evaluation']['samples']} samples ({manifest['evaluation']['source']})"),
         ("drop", fmt(manifest["accuracy_drop"])),
-        *([("small channels", f"{sc['output']} channels {sc['channels']} ({sc['count']} of {sc['of']}, "
+        *([("small channels", f"{sc['output']} channels {sc['channels']}"
+                              f"{'' if sc.get('axis', 1) == 1 else ' (last axis)'} ({sc['count']} of {sc['of']}, "
                               f"{100 * sc['energy_share']:.2g}% of the outputs' energy): cosine {sc['cosine']:.4f} "
                               f"together; the {metric} above hardly sees them: check a task metric")]
           if (sc := manifest["evaluation"].get("small_channels")) and sc.get("hidden") else []),

@@ -198,9 +198,20 @@ def test_small_channels_the_cosine_hides_are_named():
     drop = 1 - fidelity(ref, out)["cosine_mean"]
     assert drop < 1e-4  # the per-sample cosine over the whole output sees nothing
     small = small_channels(ref, out, drop)
-    assert (small["output"], small["channels"], small["count"], small["of"]) == (0, "4-6", 3, 7)
+    assert (small["output"], small["axis"], small["channels"], small["count"], small["of"]) == (0, 1, "4-6", 3, 7)
     assert small["hidden"] and small["energy_share"] < 1e-4
     # together: the active scores' error (cosine ~0.89), not the unseen class's relative noise (~0.5)
+    assert 0.85 < small["cosine"] < 0.93
+
+
+def test_small_channels_of_a_channels_last_detector_are_found_on_its_last_axis():
+    """YOLOv5's ``[N, anchors, 4 + 1 + classes]`` (ddddocr's detector: 3549 anchors): axis 1 has
+    too many entries to be channels, the last axis holds them."""
+    ref, out = _detector_rows(score_noise=0.3, box_noise=0.5)
+    ref, out = [np.repeat(ref[0], 30, axis=2).transpose(0, 2, 1)], [np.repeat(out[0], 30, axis=2).transpose(0, 2, 1)]
+    assert ref[0].shape == (16, 1500, 7)
+    small = small_channels(ref, out, 1 - fidelity(ref, out)["cosine_mean"])
+    assert (small["axis"], small["channels"], small["count"], small["of"]) == (2, "4-6", 3, 7) and small["hidden"]
     assert 0.85 < small["cosine"] < 0.93
 
 

@@ -301,7 +301,8 @@ def _log_energy(x: np.ndarray) -> float:
 def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop: float) -> dict[str, Any] | None:
     """The channels of small values beside large ones in one output, and how well ``outputs`` reproduce them.
 
-    Along axis 1 of each float output of rank >= 3 (at most :data:`CHANNELS_MAX` channels),
+    Along axis 1 of each float output of rank >= 3 (at most :data:`CHANNELS_MAX` channels; else
+    along its last axis, for a channels-last output such as YOLOv5's ``[N, anchors, 4 + 1 + classes]``),
     a channel is small when its energy (sum of squares over samples and positions) is at
     most :data:`SMALL_SHARE` of an even share of the output's: a detector's class scores
     (0-1) beside box coordinates (0-320). Their cosine is taken over all of them together
@@ -313,7 +314,7 @@ def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop:
     reported too (a warning, never the gate).
 
     Returns:
-        For the output whose small channels are reproduced worst: ``{"output": index,
+        For the output whose small channels are reproduced worst: ``{"output": index, "axis",
         "channels": "4-21", "count", "of", "cosine", "energy_share" (of all outputs),
         "hidden"}``, ``hidden`` when ``1 - cosine`` is at least :data:`HIDDEN_RATIO` times
         ``max(drop, 1e-4)``; ``None`` when no output has small channels.
@@ -321,8 +322,12 @@ def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop:
     found: list[tuple[int, dict[str, Any]]] = []
     for index, (ref, out) in enumerate(zip(reference, outputs)):
         ref, out = np.asarray(ref), np.asarray(out)
-        if ref.dtype.kind != "f" or ref.ndim < 3 or ref.shape != out.shape or not 1 < ref.shape[1] <= CHANNELS_MAX:
+        if ref.dtype.kind != "f" or ref.ndim < 3 or ref.shape != out.shape:
             continue
+        axis = next((a for a in (1, ref.ndim - 1) if 1 < ref.shape[a] <= CHANNELS_MAX), None)
+        if axis is None:
+            continue
+        ref, out = np.moveaxis(ref, axis, 1), np.moveaxis(out, axis, 1)  # views: channels last ([N, anchors, 6])
         ref, out, _ = _comparable_rows(ref, out)
         energy = _channel_energy(ref)
         small = np.flatnonzero(energy * len(energy) <= SMALL_SHARE * energy.sum())
@@ -330,7 +335,7 @@ def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop:
             continue
         cos = float(_cosines(ref[:, small].astype(np.float64).reshape(1, -1),
                              out[:, small].astype(np.float64).reshape(1, -1))[0])
-        found.append((index, {"output": index, "channels": _span(small.tolist()), "count": int(small.size),
+        found.append((index, {"output": index, "axis": axis, "channels": _span(small.tolist()), "count": int(small.size),
                               "of": int(len(energy)), "cosine": cos,
                               "energy_share": float(energy[small].sum() / energy.sum())}))
     worst = None

@@ -108,10 +108,11 @@ def channel_record(evaluation: Evaluation, model: Any) -> dict[str, Any] | None:
     outputs = list(getattr(getattr(model, "graph", None), "outputs", []))
     record = {**small, "output": outputs[small["output"]].name if small["output"] < len(outputs) else small["output"]}
     if record["hidden"]:
-        logger.warning("the %s metric hardly sees channels %s of output %r (%d of %d, %.2g%% of the outputs' energy): "
+        logger.warning("the %s metric hardly sees channels %s%s of output %r (%d of %d, %.2g%% of the outputs' energy): "
                        "together their cosine is %.4f. Small values beside large ones in one output (a detector's "
                        "class scores beside box coordinates) lose precision unseen; check the artifact with a task "
-                       "metric.", evaluation.metric, record["channels"], record["output"], record["count"],
+                       "metric.", evaluation.metric, record["channels"],
+                       "" if record.get("axis", 1) == 1 else " (its last axis)", record["output"], record["count"],
                        record["of"], 100 * record["energy_share"], record["cosine"])
     return record
 
