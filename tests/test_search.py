@@ -297,3 +297,5 @@ def test_the_candidates_and_the_best_are_built_for_the_target_cpu(tmp_path):
     assert manifest["target"]["deployment_cpu"] == "avx2"
     largest = int8_weight_extremes(tmp_path / "best" / "model.onnx")
     assert len(largest) == 5 and set(largest) == {63}
+    target = json.loads((tmp_path / "search.json").read_text())["target"]  # the candidates' too
+    assert (target["name"], target["deployment_cpu"]) == ("onnx", "avx2")

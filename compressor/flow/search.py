@@ -124,6 +124,9 @@ class SearchResult:
     frozen_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # --freeze: {name: value}
     #: why the times are not the device's (the runner's ``latency_note``: the x86 HTP emulator)
     latency_note: str | None = None
+    #: the target the candidates were built and measured for (its ``describe()``: name, versions,
+    #: ``deployment_cpu`` for a CPU target), recorded even when no candidate fits the budget
+    target: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _steps(options: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -415,7 +418,7 @@ def search(model_path: str | Path, *, calib: str | Path, eval_data: str | Path, 
         logger.warning("search: the budget of %g min was spent: %d of %d candidates not run", budget_minutes, skipped,
                        len(candidates))
     result = SearchResult(base.metric, base_value, max_drop, candidates, best, {}, budget_minutes,
-                          len(candidates) - skipped, skipped, prepared.frozen_json(), latency_note)
+                          len(candidates) - skipped, skipped, prepared.frozen_json(), latency_note, tgt.describe())
     result.files = write_search_files(result, outdir)
     if best is not None:
         compress(model_path, recipe=recipes[best.index], outdir=outdir / "best", target=target,

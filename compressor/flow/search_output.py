@@ -57,7 +57,7 @@ def check_search_destination(outdir: Path) -> list[str]:
 def write_search_files(result: SearchResult, outdir: Path) -> dict[str, Path]:
     """``search.csv``, ``search.json`` and (with matplotlib) ``search.png`` in ``outdir`` (module docstring)."""
     check_search_destination(outdir)
-    summary = {"tool": TOOL, "metric": result.metric, "baseline": result.baseline, "max_drop": result.max_drop,
+    summary = {"tool": TOOL, "target": result.target, "metric": result.metric, "baseline": result.baseline, "max_drop": result.max_drop,
                "budget_minutes": result.budget_minutes, "ran": result.ran, "not_run": result.not_run,
                "best": None if result.best is None else result.best.index,
                "candidates": [c.to_json() for c in result.candidates]}
