@@ -27,6 +27,21 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 
+@pytest.fixture(autouse=True)
+def cli_logging():
+    """Undo what a CLI test's ``setup_logging`` did: its handler writes to the ``sys.stderr`` of
+    that test (pytest's capture, closed afterwards), and later tests' log records then printed
+    "--- Logging error --- ValueError: I/O operation on closed file" into the suite's output."""
+    import logging
+
+    root, ours = logging.getLogger(), logging.getLogger("compressor")
+    handlers, level, our_level = root.handlers[:], root.level, ours.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    ours.setLevel(our_level)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def ranking_cache(tmp_path_factory: pytest.TempPathFactory):
     """Accuracy control caches its rankings in a folder of this test session, never in ``~/.cache``."""
