@@ -168,8 +168,8 @@ def warn_pessimistic_once(target: Target, host_vnni: bool | None, model: ir.Mode
         logger.warning(
             "%s: the artifact is built for a CPU with VNNI (--target-cpu vnni) but measured on this CPU, which has "
             "none: its int8 kernels sum u8*s8 pairs in int16 and saturate on %d layer(s) with weights beyond +-%d "
-            "(%s), so the accuracy drop measured here is pessimistic for the named CPU; measure on a VNNI CPU for "
-            "its own figure", target.name, len(saturating), qmax, ", ".join(saturating[:5]))
+            "(%s), so the accuracy drop measured here is pessimistic for the named CPU, and accuracy control may give "
+            "back more layers than it needs; measure on a VNNI CPU for its own figure", target.name, len(saturating), qmax, ", ".join(saturating[:5]))
     return True
 
 
