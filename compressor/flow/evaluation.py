@@ -285,8 +285,12 @@ def _comparable_rows(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.n
     return ref / scale, out / scale, scale
 
 
-def _channel_energy(x: np.ndarray) -> np.ndarray:
-    """The sum of squares of ``x`` per index of its axis 1, in float64 without a float64 copy of ``x``."""
+def _channel_energy(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    """The sum of squares of ``x`` per index of its ``axis`` (1 or the last), in float64 without a
+    float64 copy of ``x`` (nor any copy: no transpose)."""
+    if axis == x.ndim - 1:
+        v = x.reshape(-1, x.shape[-1])  # a view of a contiguous array
+        return np.einsum("pc,pc->c", v, v, dtype=np.float64)
     v = x.reshape(x.shape[0], x.shape[1], -1)
     return np.einsum("ncp,ncp->c", v, v, dtype=np.float64)
 
@@ -327,14 +331,13 @@ def small_channels(reference: list[np.ndarray], outputs: list[np.ndarray], drop:
         axis = next((a for a in (1, ref.ndim - 1) if 1 < ref.shape[a] <= CHANNELS_MAX), None)
         if axis is None:
             continue
-        ref, out = np.moveaxis(ref, axis, 1), np.moveaxis(out, axis, 1)  # views: channels last ([N, anchors, 6])
         ref, out, _ = _comparable_rows(ref, out)
-        energy = _channel_energy(ref)
+        energy = _channel_energy(ref, axis)  # channels last ([N, anchors, 6]): read in place, no copy
         small = np.flatnonzero(energy * len(energy) <= SMALL_SHARE * energy.sum())
         if not small.size or energy[small].sum() == 0:
             continue
-        cos = float(_cosines(ref[:, small].astype(np.float64).reshape(1, -1),
-                             out[:, small].astype(np.float64).reshape(1, -1))[0])
+        cos = float(_cosines(np.take(ref, small, axis=axis).astype(np.float64).reshape(1, -1),
+                             np.take(out, small, axis=axis).astype(np.float64).reshape(1, -1))[0])
         found.append((index, {"output": index, "axis": axis, "channels": _span(small.tolist()), "count": int(small.size),
                               "of": int(len(energy)), "cosine": cos,
                               "energy_share": float(energy[small].sum() / energy.sum())}))
