@@ -51,21 +51,40 @@ _ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Hard
                           "Elu", "Selu", "Celu", "Gelu", "Mish", "Softplus"})
 
 
-def computed_by(value: ir.Value, ops: frozenset[str]) -> bool:
-    """Whether ``value`` comes from one of ``ops``, straight or through elementwise activations
-    (``Mul(x, Sigmoid(x))``, the SiLU exporters write, counts as one)."""
-    for _ in range(8):  # Conv -> Sigmoid -> Mul is two steps; a longer chain is not an activation
-        producer = value.producer()
-        if producer is None:
-            return False
-        if producer.op_type in ops:
-            return True
-        if producer.op_type in _ACTIVATIONS and producer.inputs and producer.inputs[0] is not None:
-            value = producer.inputs[0]
-        elif producer.op_type == "Mul" and (x := _silu_input(producer)) is not None:
-            value = x
-        else:
-            return False
+#: Ops that move a feature map's values without changing what they are: a value read through
+#: them is still what its producer computed. Reshape/Transpose/Slice/Split are left out: a
+#: detection head's box decoding slices and reshapes a convolution's output into
+#: coordinates, and its ``Add`` of anchors is no join.
+_MOVES = frozenset({"Resize", "Upsample", "MaxPool", "Pad", "DepthToSpace", "SpaceToDepth", "Identity", "Concat"})
+_JOINS = frozenset({"Add", "Sum"})
+
+
+def computed_by(value: ir.Value, ops: frozenset[str], depth: int = 8) -> bool:
+    """Whether ``value`` comes from one of ``ops``: straight, through elementwise activations
+    (``Mul(x, Sigmoid(x))``, the SiLU exporters write, counts as one), through a feature map's
+    data movement (a ``Resize``, ``MaxPool``, ``Concat``: any input), or through a join of activations
+    (an ``Add`` of no constant) with such an input. A feature pyramid's top-down
+    ``Add(lateral, Resize(Add(Conv, ...)))`` is then a convolution's join; an ``Add`` with
+    a constant operand (a bias, a position embedding) stops the walk, so a transformer's
+    residual (``MatMul`` + bias) never is one."""
+    if depth <= 0:  # a longer chain is not what one op computed
+        return False
+    producer = value.producer()
+    if producer is None:
+        return False
+    if producer.op_type in ops:
+        return True
+    if producer.op_type in _ACTIVATIONS and producer.inputs and producer.inputs[0] is not None:
+        return computed_by(producer.inputs[0], ops, depth - 1)
+    if producer.op_type == "Mul" and (x := _silu_input(producer)) is not None:
+        return computed_by(x, ops, depth - 1)
+    if producer.op_type in _MOVES:
+        data = producer.inputs if producer.op_type == "Concat" else producer.inputs[:1]
+        return any(v is not None and computed_by(v, ops, depth - 1) for v in data)
+    if producer.op_type in _JOINS:
+        data = [v for v in producer.inputs if v is not None]
+        return (len(data) >= 2 and not any(is_constant(v) for v in data)
+                and any(computed_by(v, ops, depth - 1) for v in data))
     return False
 
 

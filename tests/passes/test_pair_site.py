@@ -344,3 +344,46 @@ def test_every_pair_of_one_tensor_reads_one_range_whatever_group_it_is_in(tmp_pa
     assert len(set(on_t)) == 1, ranges
     mm, tr = _node(result.model, "mm"), _node(result.model, "tr")  # the right operand's pair sits before tr
     assert _scale_of(mm.inputs[0]) == pytest.approx(_scale_of(tr.inputs[0]), rel=1e-7)
+
+
+def fpn_top_down(rng: np.random.Generator):
+    """A feature pyramid's top-down path (PP-OCR's detector neck): two residual joins of
+    convolutions, the coarse one upsampled (nearest) and added to the fine one, and a
+    transformer-style ``Add`` of a MatMul + bias and a graph input beside it."""
+    join = lambda x, out: (f"[{out}_a] {out}_ca = Conv <pads = [1, 1, 1, 1]> ({x}, w, b)\n"  # noqa: E731
+                           f"      [{out}_b] {out}_cb = Conv <pads = [1, 1, 1, 1]> ({x}, w, b)\n"
+                           f"      [{out}_r] {out}_rb = Relu({out}_cb)\n"
+                           f"      [{out}] {out} = Add({out}_ca, {out}_rb)")
+    return model_from_text(f"""{HEADER}
+    g (float[1,{C},8,8] x, float[1,{C},4,{C}] z) => (float[1,{C},8,8] y, float[1,{C},4,{C}] v) {{
+      [down] d = Conv <strides = [2, 2]> (x, w2, b)
+      {join("x", "fine")}
+      {join("d", "coarse")}
+      [up] u = Resize <mode = "nearest"> (coarse, roi, scales)
+      [fpn] f = Add(fine, u)
+      [head] y = Conv <pads = [1, 1, 1, 1]> (f, w, b)
+      [mm] m = MatMul(d, wm)
+      [bias] mb = Add(m, bm)
+      [residual] v = Add(mb, z)
+    }}""", w=_w(rng, C, C, 3, 3, fan_in=9 * C), w2=_w(rng, C, C, 2, 2, fan_in=4 * C), b=_w(rng, C) * 0.1,
+        roi=np.zeros(0, np.float32), scales=np.array([1, 1, 2, 2], np.float32), wm=_w(rng, 4, C, fan_in=4),
+        bm=_w(rng, C) * 0.1)
+
+
+def test_a_pyramid_add_of_joins_is_a_convolutions_join_and_its_upsampling_runs_int8(tmp_path):
+    """``Add(fine, Resize(coarse))``, both inputs joins of convolutions: a join too (through the
+    Resize and the joins: _placement.computed_by), as NNCF quantizes it; the coarse input's pair
+    moves up through the nearest Resize, which OpenVINO then runs on u8. The MatMul + bias
+    residual stays float."""
+    model = fpn_top_down(np.random.default_rng(6))
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8), "z": _normal(2, 16, C, 4, C)})
+    result = _quantize(_clone(model), calib)
+    assert {"fine", "coarse", "fpn"} <= set(result.stats["layers"]), result.stats["layers"]
+    assert "residual" not in result.stats["layers"]
+    q = result.model
+    assert _activation_source(_node(q, "up").inputs[0]).name == "coarse"  # the pair moved before the Resize
+    runner, layers = _runtime(q, tmp_path / "ov")
+    resizes = [v for v in layers.values() if v[0] == "Interpolate"]
+    assert resizes and all(precision in ("u8", "i8") for _, precision, _ in resizes), resizes
+    fpn = [v for v in layers.values() if "fpn" in v[2].split(",")]
+    assert fpn and all(precision in ("u8", "i8") for _, precision, _ in fpn), fpn  # the Add on u8, not f32
