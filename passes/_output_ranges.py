@@ -19,7 +19,8 @@ from compressor.passes._placement import is_constant, pad_adds_only_zeros
 
 from compressor.quant.math import dtype_bounds
 
-__all__ = ["SELECTING", "carry_ranges", "floor_silu_inputs", "selects", "share_concat_ranges"]
+__all__ = ["SELECTING", "carry_ranges", "floor_silu_inputs", "selects", "share_concat_ranges", "silu_floor",
+           "silu_output"]
 
 
 #: Ops whose output holds values of their first input only (picked, moved or reshaped;
@@ -89,6 +90,29 @@ def _silu_floor(step: float) -> float:
     return hi
 
 
+def silu_output(x: ir.Value) -> ir.Value | None:
+    """The output of the SiLU ``Mul(x, Sigmoid(x))`` when those two nodes are all that reads
+    ``x`` (and ``x`` is no graph output), else ``None``."""
+    if x.is_graph_output():
+        return None
+    readers = [node for node, _ in x.uses()]
+    sigmoid = next((n for n in readers if n.op_type == "Sigmoid"), None)
+    mul = next((n for n in readers if n.op_type == "Mul"), None)
+    if len({id(n) for n in readers}) != 2 or sigmoid is None or mul is None:
+        return None
+    if {id(v) for v in mul.inputs} != {id(x), id(sigmoid.outputs[0])}:
+        return None
+    return mul.outputs[0]
+
+
+def silu_floor(out_range: tuple[float, float], levels: int) -> float:
+    """The lowest input a SiLU's input grid needs: below it ``|SiLU|`` is under half a step
+    of an output grid of ``levels`` steps over ``out_range`` (which holds 0), so a value
+    clamped up to it changes the output by less than that grid's rounding (case 9)."""
+    lo_out, hi_out = out_range
+    return _silu_floor((hi_out - min(lo_out, 0.0)) / levels)
+
+
 def floor_silu_inputs(layers: list[Layer], ranges: dict[str, tuple[float, float]]) -> int:
     """Raise the lower bound of each quantized SiLU's input range to its floor (case 9).
 
@@ -105,18 +129,13 @@ def floor_silu_inputs(layers: list[Layer], ranges: dict[str, tuple[float, float]
     for layer in layers:
         if layer.op != "Sigmoid" or not layer.activations:
             continue
-        x, s = layer.activations[0][1], layer.node.outputs[0]
-        readers = {id(node) for node, _ in x.uses()}
-        mul = next((muls[id(node)] for node, _ in s.uses() if id(node) in muls), None)
-        if mul is None or readers != {id(layer.node), id(mul.node)} or {v.name for _, v in mul.activations} != \
-                {x.name, s.name} or x.is_graph_output():
-            continue
-        out = mul.node.outputs[0].name
-        if x.name not in ranges or out not in ranges:
+        x = layer.activations[0][1]
+        out = silu_output(x)
+        mul = muls.get(id(out.producer())) if out is not None else None
+        if mul is None or x.name not in ranges or out.name not in ranges:
             continue
         qmin, qmax = dtype_bounds(mul.quant.activations.dtype)
-        lo_out, hi_out = ranges[out]
-        floor = _silu_floor((hi_out - min(lo_out, 0.0)) / (qmax - qmin))
+        floor = silu_floor(ranges[out.name], qmax - qmin)
         lo, hi = ranges[x.name]
         if lo < floor < hi:
             ranges[x.name] = (floor, hi)

@@ -14,6 +14,14 @@ them must be quantized too. Run after ``quantize``; the target's :class:`QdqRule
    c. the encoding ``quantize`` already gave ``t`` for a compute layer, when of the same width;
    d. else the calibrated range ``[lo, hi]`` of ``t`` (on the model without activation
       Q/DQ): ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)`` (unsigned, asymmetric);
+   e. where ``t`` is a SiLU's input (``Sigmoid(t)`` and ``Mul(t, Sigmoid(t))`` its only
+      readers), with ``lo`` raised to where SiLU is within half a step of 0 on its output's
+      grid (:func:`~compressor.passes._output_ranges.silu_floor`): a convolution's output
+      spans far below that (YOLOv8's: -18), values that all come out as ~0;
+   f. for a Concat feeding another Concat through data movement only (a detector's levels),
+      one encoding for the whole tree over the union of their ranges, 16 bits when a leaf
+      input spans under 1/16 of it (case 2h judged on the tree), its data movement at the
+      tree's width (:mod:`.concat_trees`: HTP mishandled inner Concats of their own grid);
 2. each node runs at one width ``b``: a compute layer keeps the width ``quantize`` gave it
    (accuracy control widens one to 16 bits); any other node runs at 16 bits when
    a. the recipe asks for 16-bit activations,
@@ -84,6 +92,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._graph import label
 from compressor.passes._layers import output_channel_axis
+from compressor.passes._output_ranges import silu_floor, silu_output
 from compressor.passes._transformer_preset import attention_blocks
 from compressor.targets.base import on_cpu
 from compressor.targets.qnn_htp.qdq_graph import (
@@ -98,6 +107,7 @@ from compressor.targets.qnn_htp.qdq_graph import (
     runtime_floats,
     stripped_model,
 )
+from compressor.targets.qnn_htp.concat_trees import ConcatTree, concat_trees
 from compressor.targets.qnn_htp.front_end import handed_over
 from compressor.targets.qnn_htp.equivalents import fold_gemm_coefficients, selu_as_elu
 from compressor.targets.qnn_htp.rules import ACTIVATION_BITS, HTP_QDQ_RULES, QdqRules
@@ -106,6 +116,7 @@ from compressor.targets.qnn_htp.widen import (
     carried_states,
     describe,
     mixed_concats,
+    reaches_output,
     norm_chains,
     root_chains,
     squares_as_mul,
@@ -189,7 +200,7 @@ class _Legalizer:
 
     def __init__(self, graph: ir.Graph, rules: QdqRules, stats: dict[str, TensorStats],
                  opts: QuantizeTensorsOptions, quantizable: Mapping[str, QuantSpec | None], attention_glue: bool,
-                 concats: Collection[str] = ()):
+                 concats: Collection[str] = (), trees: Collection[ConcatTree] = ()):
         self.graph, self.rules, self.stats, self.opts, self.quantizable = graph, rules, stats, opts, quantizable
         self.writer = QdqWriter(graph)
         self.default_bits = 16 if opts.activations == "int16" else 8
@@ -200,15 +211,16 @@ class _Legalizer:
         self.floored: dict[str, str] = {}
         self.counts = {"qdq_added": 0, "requantized": 0, "constants_quantized": 0, "biases_int32": 0,
                        "fixed_encodings": 0, "shared_encodings": 0, "reused_encodings": 0, "params_kept_float": 0,
-                       "nodes_marked_16bit": 0, "cpu_nodes": 0}
+                       "nodes_marked_16bit": 0, "cpu_nodes": 0, "silu_floors": 0}
         self.roots = root_chains(graph, rules) if opts.roots == "int16" else {}
         self.norms = norm_chains(graph, rules) if opts.norms == "int16" else {}
         self.carried = carried_states(graph, rules) if opts.carried_states == "int16" else {}
         self.wide_nodes = ({id(n) for chains in (self.roots, self.norms) for chain in chains.values() for n in chain}
                            | {i for ids in self.carried.values() for i in ids}
-                           | {id(n) for n in graph if n.op_type == "Concat" and n.outputs[0].name in concats})  # 2h
+                           | {id(n) for n in graph if n.outputs and n.outputs[0].name in concats})  # 2h, 1f
         self.wide_inputs = {id(x) for x, _ in self.carried}
         self.attention_glue = attention_glue  # case 2g: found by run() on the float model
+        self.tree_of = {name: tree.names for tree in trees for name in tree.names}  # case 1f
 
     def spec(self, bits: int) -> QuantSpec:
         dtype = self.rules.activation.dtype
@@ -230,7 +242,20 @@ class _Legalizer:
             return None
         kwargs = {"num_bits": bits} if self.opts.calibrator == "mse" else {}
         spec = self.spec(bits)
-        return self.pair(value, spec.dtype, *quant_params(*stats.range(self.opts.calibrator, **kwargs), spec))
+        lo, hi = stats.range(self.opts.calibrator, **kwargs)
+        for name in self.tree_of.get(value.name, ()):  # case 1f: the union of the tree's ranges
+            other = self.stats.get(name)
+            if other is not None and not other.problem():
+                lo, hi = min(lo, other.range(self.opts.calibrator, **kwargs)[0]), \
+                    max(hi, other.range(self.opts.calibrator, **kwargs)[1])
+        silu = silu_output(value)  # case 1e: a SiLU's input grid starts where SiLU is ~0
+        out_stats = self.stats.get(silu.name) if silu is not None else None
+        if out_stats is not None and not out_stats.problem():
+            floor = silu_floor(out_stats.range(self.opts.calibrator, **kwargs), 2 ** bits - 1)
+            if lo < floor < hi:
+                lo = floor
+                self.counts["silu_floors"] += 1
+        return self.pair(value, spec.dtype, *quant_params(lo, hi, spec))
 
     def encode_output(self, value: ir.Value, node: ir.Node | None, bits: int, first_input: Encoding | None) -> None:
         """Give ``value`` its encoding (case 1) and route ``quantize``'s Q readers to it."""
@@ -245,6 +270,8 @@ class _Legalizer:
                 and first_input.bits == bits:  # case 1b
             chosen = self.pair(value, first_input.dtype, first_input.scale, first_input.zero_point)
             self.counts["shared_encodings"] += 1
+        elif value.name in self.tree_of:  # case 1f: one encoding for a tree of Concats
+            chosen = self.calibrated(value, bits)
         else:
             for q, dq in readers:  # case 1c
                 params = qdq_params(q)
@@ -453,9 +480,17 @@ class QuantizeTensors(Pass):
         concats = mixed_concats(float_model.graph, {name: (st.min, st.max) for name, st in cache.items()
                                                     if not st.problem()}, rules.same_encoding) \
             if opts.concats == "int16" and opts.activations == "int8" and not blocks else {}
+        trees, moves = concat_trees(float_model.graph, rules.same_encoding), set()
+        if opts.concats == "int16" and opts.activations == "int8" and not blocks:  # case 2h judged per tree
+            ranges = {name: (st.min, st.max) for name, st in cache.items() if not st.problem()}
+            for tree in trees:
+                if reaches_output(float_model.graph, tree.root.outputs[0], rules.same_encoding) \
+                        and (why := tree.mixed(ranges, rules.same_encoding)) is not None:
+                    concats.update({name: why for name in tree.names})
+                    moves.update(n.outputs[0].name for n in tree.between)
         for name, why in concats.items():
             logger.info("%s: %s at 16 bits: %s", self.name, name, why)
-        run = _Legalizer(model.graph, rules, cache, opts, quantizable, blocks > 0, concats)
+        run = _Legalizer(model.graph, rules, cache, opts, quantizable, blocks > 0, {*concats, *moves}, trees)
         for value in list(model.graph.inputs):
             if is_float(value) and value.const_value is None and not _front_end_only(value, model.graph):
                 run.graph_input(value)

@@ -60,7 +60,8 @@ from compressor.targets.base import on_cpu
 from compressor.targets.qnn_htp.qdq_graph import QDQ_OPS, const_array
 from compressor.targets.qnn_htp.rules import QdqRules
 
-__all__ = ["carried_states", "describe", "mixed_concats", "norm_chains", "root_chains", "squares_as_mul"]
+__all__ = ["carried_states", "describe", "mixed_concats", "norm_chains", "reaches_output", "root_chains",
+           "squares_as_mul"]
 
 #: Ops through which a root's input is a sum of squares (case 1): sums pass on, squares end the chain.
 _SUMS = frozenset({"Add", "Sum", "ReduceSum", "ReduceMean"})
@@ -209,6 +210,11 @@ def describe(states: dict[tuple[ir.Value, ir.Value], set[int]], graph: ir.Graph)
             for (x, y), ids in states.items()}
 
 
+def reaches_output(graph: ir.Graph, value: ir.Value, moves: frozenset[str]) -> bool:
+    """Whether ``value`` reaches a graph output through ``moves``, Concats and Splits only."""
+    return bool({id(v) for v in graph.outputs} & _reach([value], moves | _STACKS, forward=True)[1])
+
+
 def mixed_concats(graph: ir.Graph, ranges: Mapping[str, tuple[float, float]],
                   moves: frozenset[str] = frozenset()) -> dict[str, str]:
     """``{Concat output name: why}`` for the Concats with an input spanning under
@@ -228,12 +234,11 @@ def mixed_concats(graph: ir.Graph, ranges: Mapping[str, tuple[float, float]],
         return max(hi, 0.0) - min(lo, 0.0)
 
     found: dict[str, str] = {}
-    outputs = {id(v) for v in graph.outputs}
     for node in graph:
         if node.op_type != "Concat" or not _standard(node):
             continue
         whole = span(node.outputs[0].name)
-        if not whole or not outputs & _reach([node.outputs[0]], moves | _STACKS, forward=True)[1]:
+        if not whole or not reaches_output(graph, node.outputs[0], moves):
             continue
         for value in node.inputs:
             part = span(value.name) if value is not None else None
