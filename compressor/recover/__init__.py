@@ -7,5 +7,6 @@
 * :mod:`.schedule`: masks held during training, the PGF gradient schedule;
 * :mod:`.distill`: the losses against the dense teacher;
 * :mod:`.train`: the loop;
+* :mod:`.blockwise`: ``block_steps``, each repeated block trained alone before the loop;
 * :mod:`.qat`: ``qat: true``, fake quantization in training for the int8 step after it.
 """

@@ -2,7 +2,8 @@
 
 ```yaml
 recover: {steps: 300, lr: 1.0e-4, batch: 16, seed: 0, schedule: pgf, pgf_decay: 0.25,
-          loss: auto, hidden_weight: 1.0, patience: 3, qat: false, teacher_cache_mb: 1024}
+          loss: auto, hidden_weight: 1.0, patience: 3, qat: false, teacher_cache_mb: 1024,
+          block_steps: 0, block_lr: 1.0e-3}
 ```
 
 Plain, frozen data validated by :func:`compressor.options.parse_options` (an unknown key
@@ -22,7 +23,8 @@ class RecoverConfig:
     """``recover:`` section.
 
     Attributes:
-        steps: Optimizer steps at most (early stopping may end sooner).
+        steps: Optimizer steps of the global loop at most (early stopping may end sooner); 0
+            with ``block_steps``: the block phase alone (the held-out drop still measured).
         lr: AdamW learning rate.
         batch: Samples per step.
         seed: Seed of the data order and of torch; same seed, same artifact.
@@ -52,6 +54,13 @@ class RecoverConfig:
         teacher_cache_mb: Memory for the teacher's outputs per training sample, computed once
             and reused on later passes over the data (:mod:`compressor.recover.teacher_cache`);
             0: the teacher runs on every step.
+        block_steps: Block-wise reconstruction before the global loop
+            (:mod:`compressor.recover.blockwise`): each repeated block of the module (a
+            transformer's layers) trained alone for this many steps to give the teacher's
+            output of that block from the student's own input of it, one block after the
+            other; 0: none (the global loop alone). Needs a module built of a chain of
+            repeated blocks (an ``nn.ModuleList``, as in Hugging Face encoders).
+        block_lr: AdamW learning rate of the block phase (linear decay to 0 in each block).
     """
 
     steps: int = 200
@@ -70,13 +79,18 @@ class RecoverConfig:
     qat: bool = False
     train_embeddings: bool = False
     teacher_cache_mb: int = 1024
+    block_steps: int = 0
+    block_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch", "eval_every"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) < 1 and not (key == "steps" and self.steps == 0 and self.block_steps > 0):
                 raise ValueError(f"option {key!r} must be >= 1, got {getattr(self, key)}")
-        if not 0.0 < self.lr < 1.0:
-            raise ValueError(f"option 'lr' must be in (0, 1), got {self.lr}")
+        for key in ("lr", "block_lr"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ValueError(f"option {key!r} must be in (0, 1), got {getattr(self, key)}")
+        if self.block_steps < 0:
+            raise ValueError(f"option 'block_steps' must be >= 0, got {self.block_steps}")
         if not 0.0 < self.pgf_decay <= 1.0:
             raise ValueError(f"option 'pgf_decay' must be in (0, 1], got {self.pgf_decay}")
         if not 0.0 <= self.holdout < 1.0:

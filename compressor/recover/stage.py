@@ -166,6 +166,10 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
     teacher = load_trainable(model_path, **load)
     for p in teacher.module.parameters():
         p.requires_grad_(False)
+    if cfg.block_steps:  # refused before the one-shot passes: no chain of blocks to reconstruct
+        from compressor.recover.blockwise import find_blocks
+
+        find_blocks(student.module, model_path.name)
 
     # one-shot: the recipe's passes up to its last sparsity pass, on the dense graph
     passes = recipe.build_passes()
@@ -214,6 +218,12 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
     fit = train.subset(0, len(train) - n_hold) if holdout is not None else train
     logger.info("recover: %d masked weights, %d trainable tensors, %d training samples, %d held out; %d steps of %d",
                 len(held), len(trainable), len(fit), 0 if holdout is None else len(holdout), cfg.steps, cfg.batch)
+    blocks = None
+    if cfg.block_steps:
+        from compressor.recover.blockwise import reconstruct_blocks
+
+        blocks = reconstruct_blocks(student, teacher, student.module, teacher.module, held, fit, cfg,
+                                    model_path.name, progress, on_step)
     result = fine_tune(student, teacher, trainable, masks, fit, holdout, cfg, recipe.accuracy.metric, progress, on_step)
     learned = None
     if qat is not None:
@@ -225,7 +235,8 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
 
     t = time.perf_counter()
     captured = recapture(student, model_path, work, capture, overrides, example_inputs)
-    captured.notes.append(f"recovered: {len(held)} masked weights fine-tuned for {result.steps} steps "
+    phase = "" if blocks is None else f"block by block ({blocks.steps} steps per block of {blocks.blocks}), then "
+    captured.notes.append(f"recovered: {len(held)} masked weights fine-tuned {phase}for {result.steps} steps "
                           f"({cfg.schedule} schedule) by distillation from the dense model")
     record = {
         "steps": result.steps,
@@ -243,6 +254,7 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
         "seconds": round(time.perf_counter() - started, 3),
         "recapture_s": round(time.perf_counter() - t, 3),
         **({"qat": qat_record} if qat is not None else {}),
+        **({"blockwise": blocks.record()} if blocks is not None else {}),
     }
     return Recovery(captured, _post_recipe(recipe), record, learned)
 

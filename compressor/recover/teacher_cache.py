@@ -25,7 +25,7 @@ import numpy as np
 from compressor.data import MASK_INPUT
 from compressor.recover.distill import TeacherOutput, hidden_states, main_output
 
-__all__ = ["TeacherCache"]
+__all__ = ["TeacherCache", "pad_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +78,14 @@ class TeacherCache:
                     self.used += size
         per_row = [fresh[r] if r in fresh else self._store[int(i)] for r, i in enumerate(idx.tolist())]
         width = None if mask is None else mask.shape[1]
-        batch = [self._pad([p[k] for p in per_row], width) if token else torch.stack([p[k] for p in per_row])
+        batch = [pad_rows([p[k] for p in per_row], width) if token else torch.stack([p[k] for p in per_row])
                  for k, token in enumerate(self._token)]
         return TeacherOutput(batch[0], tuple(batch[1:]))
 
-    @staticmethod
-    def _pad(parts: list[Any], width: int) -> Any:
-        """Token rows of different lengths as one ``(rows, width, ...)`` tensor, zeros after each row's end."""
-        out = parts[0].new_zeros((len(parts), width, *parts[0].shape[1:]))
-        for r, p in enumerate(parts):
-            out[r, :p.shape[0]] = p
-        return out
+
+def pad_rows(parts: list[Any], width: int) -> Any:
+    """Token rows of different lengths as one ``(rows, width, ...)`` tensor, zeros after each row's end."""
+    out = parts[0].new_zeros((len(parts), width, *parts[0].shape[1:]))
+    for r, p in enumerate(parts):
+        out[r, :p.shape[0]] = p
+    return out

@@ -123,7 +123,7 @@ def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[
     batch = min(cfg.batch, len(train))
     with deterministic(cfg.seed):
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / cfg.steps))
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / max(1, cfg.steps)))
         reference = outputs_on(teacher, holdout, batch) if holdout is not None else None
 
         def drop() -> float:

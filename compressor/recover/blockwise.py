@@ -1,0 +1,260 @@
+"""Block-wise reconstruction: each repeated block of the student fitted alone to the teacher's.
+
+For a module built of a chain of repeated blocks (a transformer's layers: an
+``nn.ModuleList`` of one class, each block's output the next one's input), block ``j`` of
+the student is trained on its own for ``block_steps`` optimizer steps, before the global
+loop (:mod:`.train`):
+
+    min  mean_P [ (1 - cos(B_j(X_j), Y_j)) + |B_j(X_j) - Y_j|² / mean_P |Y_j|² ]
+
+``Y_j``: the teacher's output of block ``j`` (stored per sample by :class:`.TeacherCache`);
+``X_j``: the student's input of block ``j``, i.e. the output of its blocks ``0..j-1`` already
+reconstructed (sequential, so a block also learns to undo what the earlier ones still
+miss), kept per sample at its real positions; ``X_0`` is what the student's own layers
+before the blocks give. ``P``: real positions (``attention_mask``). The loss is
+:func:`.distill.output_loss`'s ``cosine+mse``: the global loop's two terms, applied to one
+block. The other arguments a block takes (the attention mask in the model's own format)
+are the ones block 0 gets on the same batch, read by a pre-hook on a forward that stops
+there (the embedding layers only); every block must get the same ones.
+
+A step runs one block forward and backward (about a sixth of a MiniLM step, and no
+teacher forward once a sample's states are stored); masks are held by the same
+:class:`.MaskedParams` as the global loop (every group of M holds at most N non-zeros after
+every step). Deterministic for a seed as the global loop is (data order from the seed,
+``torch.manual_seed``, deterministic algorithms). Design notes and measurements:
+``docs/design.md``, "Recovery stage".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from compressor.data import MASK_INPUT, Dataset
+from compressor.errors import UsageError
+from compressor.progress import Progress, no_progress
+from compressor.recover.config import RecoverConfig
+from compressor.recover.distill import TeacherOutput, output_loss
+from compressor.recover.schedule import MaskedParam, MaskedParams
+from compressor.recover.teacher_cache import TeacherCache, pad_rows
+from compressor.recover.train import _order, _tensors, deterministic
+
+__all__ = ["BlockResult", "find_blocks", "reconstruct_blocks"]
+
+logger = logging.getLogger(__name__)
+
+BLOCK_LOSS = "cosine+mse"
+
+
+@dataclasses.dataclass
+class BlockResult:
+    """What the block phase did (the manifest's ``recovery.blockwise``)."""
+
+    blocks: str
+    steps: int  # per block
+    losses: list[tuple[float, float]]  # per block: mean loss of its first and last 5 steps
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "count": len(self.losses), "steps_per_block": self.steps,
+                "loss_first_last": [[round(a, 6), round(b, 6)] for a, b in self.losses],
+                "seconds": round(self.seconds, 3)}
+
+
+def find_blocks(module: Any, what: str) -> tuple[str, Any]:
+    """The longest ``nn.ModuleList`` of ``module`` whose entries (two or more) are one class with parameters.
+
+    Raises:
+        UsageError: none (``what`` names the model in the message).
+    """
+    import torch
+
+    best: tuple[str, Any] | None = None
+    for name, child in module.named_modules():
+        if not isinstance(child, torch.nn.ModuleList) or len(child) < 2:
+            continue
+        if len({type(b) for b in child}) == 1 and any(True for _ in child[0].parameters()):
+            if best is None or len(child) > len(best[1]):
+                best = (name, child)
+    if best is None:
+        raise UsageError(f"recover: block_steps: {what} has no stack of repeated blocks to reconstruct one by one "
+                         "(an nn.ModuleList of layers of one class, each feeding the next, as in a Hugging Face "
+                         "encoder); set block_steps: 0 (the global loop alone)")
+    return best
+
+
+class _Stop(Exception):
+    """Raised by the pre-hook on block 0: the rest of the forward is not needed."""
+
+
+def _block_call(student: Callable[[Mapping[str, Any]], Any], first: Any, feed: Mapping[str, Any]
+                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of block 0 on ``feed`` (``args[0]``: the student's input of block 0)."""
+    import torch
+
+    got: dict[str, Any] = {}
+
+    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        got["args"], got["kwargs"] = args, kwargs
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            student(feed)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "args" not in got or not got["args"] or not torch.is_tensor(got["args"][0]):
+        raise UsageError("recover: block_steps: the model's first block is not called with its hidden state as the "
+                         "first argument; set block_steps: 0 (the global loop alone)")
+    return got["args"], got["kwargs"]
+
+
+def _run(block: Any, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    out = block(x, *args[1:], **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _boundaries(teacher: Callable[[Mapping[str, Any]], Any], blocks: Any) -> Callable[[Mapping[str, Any]], Any]:
+    """Calls the teacher and returns its blocks' outputs as a :class:`.TeacherOutput` (``hidden_states[j]``: block j)."""
+    def call(feed: Mapping[str, Any]) -> TeacherOutput:
+        outs: list[Any] = []
+        handles = [b.register_forward_hook(lambda _m, _a, out: outs.append(out[0] if isinstance(out, (tuple, list))
+                                                                          else out)) for b in blocks]
+        try:
+            teacher(feed)
+        finally:
+            for h in handles:
+                h.remove()
+        return TeacherOutput(outs[-1], tuple(outs))
+    return call
+
+
+def _check_chain(student: Any, name: str, blocks: Any, feed: Mapping[str, Any], what: str) -> None:
+    """Refuse blocks that are not a chain (each block's output the next one's input, same other arguments)."""
+    import torch
+
+    seen: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
+    handles = [b.register_forward_hook(lambda _m, a, k, out: seen.append((a, k, out)), with_kwargs=True)
+               for b in blocks]
+    try:
+        with torch.no_grad():
+            student(feed)
+    finally:
+        for h in handles:
+            h.remove()
+    ok = len(seen) == len(blocks)
+    for (_, k0, out), (args, kwargs, _) in zip(seen, seen[1:]):
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        ok = ok and args[0] is first and len(args) == len(seen[0][0]) and kwargs.keys() == k0.keys()
+    if not ok:
+        raise UsageError(f"recover: block_steps: the blocks of {what} ({name}) do not form a chain (each "
+                         "called once per forward, on the previous block's output); set block_steps: 0 (the global "
+                         "loop alone)")
+
+
+def reconstruct_blocks(student: Callable[[Mapping[str, Any]], Any], teacher: Callable[[Mapping[str, Any]], Any],
+                       student_module: Any, teacher_module: Any, held: list[MaskedParam], train: Dataset,
+                       cfg: RecoverConfig, what: str, progress: Progress = no_progress,
+                       on_step: Callable[[int, MaskedParams], None] | None = None) -> BlockResult:
+    """Train each block of ``student_module`` alone towards the teacher's (module docstring).
+
+    Args:
+        student: Calls the student on a feed of tensors.
+        teacher: Calls the frozen teacher.
+        student_module: The student's ``nn.Module`` (its blocks are found and trained).
+        teacher_module: The teacher's (the same blocks, frozen).
+        held: Every masked parameter (those of each block are held while it trains).
+        train: Training samples.
+        cfg: The recipe's ``recover:`` section (``block_steps``, ``block_lr``, ``batch``, ``seed``).
+        what: The model's name, for messages.
+        progress: Progress-bar factory.
+        on_step: Called after every optimizer step with ``(step, masks of the block)``.
+
+    Raises:
+        UsageError: no chain of repeated blocks (exit 2).
+    """
+    import torch
+
+    started = time.perf_counter()
+    name, blocks = find_blocks(student_module, what)
+    teacher_blocks = dict(teacher_module.named_modules())[name]
+    batch = min(cfg.batch, len(train))
+    first_feed = _tensors(train, np.arange(batch), trim=True)
+    _check_chain(student, name, blocks, first_feed, what)
+    teacher_on = TeacherCache(_boundaries(teacher, teacher_blocks), cfg.teacher_cache_mb << 20)
+    inputs: dict[int, Any] = {}  # sample -> the student's input of the current block, real positions only
+    losses: list[tuple[float, float]] = []
+    total = len(blocks) * cfg.block_steps
+    logger.info("recover: block-wise reconstruction of %d blocks (%s), %d steps of %d each, lr %g", len(blocks), name,
+                cfg.block_steps, batch, cfg.block_lr)
+    with deterministic(cfg.seed), progress("recover blocks", total, "step") as bar:
+        for j, block in enumerate(blocks):
+            mine = {id(p) for p in block.parameters()}
+            params = [p for p in block.parameters() if p.requires_grad]
+            masks = MaskedParams([mp for mp in held if id(mp.param) in mine], cfg.block_steps, cfg.schedule,
+                                 cfg.pgf_decay)
+            optimizer = torch.optim.AdamW(params, lr=cfg.block_lr, weight_decay=0.0)
+            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / cfg.block_steps))
+            order = _order(len(train), batch, cfg.seed + j)
+            block_losses: list[float] = []
+            for step in range(cfg.block_steps):
+                idx = next(order)
+                feed = _tensors(train, idx, trim=True)
+                mask = feed.get(MASK_INPUT)
+                args, kwargs = _block_call(student, blocks[0], feed)
+                x = args[0] if j == 0 else _assemble(inputs, idx, mask)
+                with torch.no_grad():
+                    target = teacher_on(feed, idx).hidden_states[j]
+                loss = output_loss(_run(block, x, args, kwargs), target, BLOCK_LOSS, cfg.temperature, mask)
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                scale = masks.before_step(step)
+                optimizer.step()
+                masks.after_step(scale)
+                decay.step()
+                block_losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(step, masks)
+                bar.update(1)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(block=j, loss=f"{block_losses[-1]:.4g}", refresh=False)
+            losses.append((float(np.mean(block_losses[:5])), float(np.mean(block_losses[-5:]))))
+            logger.info("recover: block %d: loss %.5g -> %.5g", j, *losses[-1])
+            if j + 1 < len(blocks):
+                _propagate(student, blocks, j, inputs, train, batch)
+    logger.info("recover: block phase: teacher states reused for %d of %d samples (%.0f MB stored)", teacher_on.hits,
+                teacher_on.hits + teacher_on.misses, teacher_on.used / 2**20)
+    return BlockResult(name, cfg.block_steps, losses, time.perf_counter() - started)
+
+
+def _assemble(inputs: dict[int, Any], idx: np.ndarray, mask: Any | None) -> Any:
+    import torch
+
+    rows = [inputs[int(i)] for i in idx]
+    return pad_rows(rows, mask.shape[1]) if mask is not None else torch.stack(rows)
+
+
+def _propagate(student: Callable[[Mapping[str, Any]], Any], blocks: Any, j: int, inputs: dict[int, Any],
+               train: Dataset, batch: int) -> None:
+    """Every sample's input of block ``j + 1``: block ``j`` (just trained) on its input of block ``j``."""
+    import torch
+
+    with torch.no_grad():
+        for start in range(0, len(train), batch):
+            idx = np.arange(start, min(start + batch, len(train)))
+            feed = _tensors(train, idx, trim=True)
+            mask = feed.get(MASK_INPUT)
+            args, kwargs = _block_call(student, blocks[0], feed)
+            x = args[0] if j == 0 else _assemble(inputs, idx, mask)
+            out = _run(blocks[j], x, args, kwargs)
+            for r, i in enumerate(idx.tolist()):
+                length = None if mask is None else int(mask[r].sum())  # padding is on the right
+                inputs[i] = (out[r, :length] if mask is not None else out[r]).clone()

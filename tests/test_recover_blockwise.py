@@ -1,0 +1,205 @@
+"""Block-wise reconstruction before the global loop (``recover: {block_steps: ...}``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compressor.data import Dataset
+from compressor.inputs import InputSpec
+from compressor.recover.blockwise import reconstruct_blocks
+from compressor.recover.config import RecoverConfig
+from compressor.recover.schedule import MaskedParam, MaskedParams, nm_mask
+from tests.cliutil import error_line, run
+
+transformers = pytest.importorskip("transformers")
+
+N, M = 2, 4
+
+
+def _bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, initializer_range=0.2)
+    return transformers.BertModel(config).eval()  # weights large enough that 2:4 pruning changes the output
+
+
+def _call(module):
+    return lambda feed: module(**feed, output_hidden_states=True, return_dict=True)
+
+
+def _data(count: int = 48, width: int = 12) -> Dataset:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, width + 1, count)
+    mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int64)  # padding on the right
+    arrays = {"input_ids": rng.integers(1, 60, (count, width)) * mask, "attention_mask": mask,
+              "token_type_ids": np.zeros_like(mask)}
+    specs = [InputSpec(k, ("N", "S"), "int64") for k in arrays]
+    return Dataset(arrays, specs, {k: False for k in arrays}, None, "mem", "")
+
+
+def _pruned_student(teacher: torch.nn.Module) -> tuple[torch.nn.Module, list[MaskedParam]]:
+    """The teacher's copy with every encoder Linear 2:4 by magnitude (the one-shot start)."""
+    student = _bert()
+    student.load_state_dict(teacher.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    held = []
+    for name, module in student.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("encoder."):
+            w = module.weight
+            held.append(MaskedParam(f"{name}.weight", w, nm_mask(w, N, M), w.detach().clone(), ("nm", N, M)))
+    return student, held
+
+
+def _blocks(seed: int = 0, steps: int = 12):
+    teacher = _bert()
+    student, held = _pruned_student(teacher)
+    MaskedParams(held, steps)  # the module now holds dense * mask
+    data = _data()
+    feed = {k: torch.from_numpy(v) for k, v in data.arrays.items()}
+    with torch.no_grad():
+        before = student(**feed).last_hidden_state
+    holes = []
+    cfg = RecoverConfig(steps=1, batch=8, seed=seed, block_steps=steps, block_lr=1e-2)
+    result = reconstruct_blocks(_call(student), _call(teacher), student, teacher, held, data, cfg, "bert",
+                                on_step=lambda step, ms: holes.append(ms.check()))
+    with torch.no_grad():
+        after, target = student(**feed).last_hidden_state, teacher(**feed).last_hidden_state
+    real = feed["attention_mask"].bool()
+
+    def error(x):
+        return float(((x - target)[real] ** 2).mean())
+
+    return result, student, holes, error(before), error(after)
+
+
+def test_each_block_is_trained_with_nm_held_after_every_step_and_gets_closer():
+    result, student, holes, before, after = _blocks()
+    assert result.blocks == "encoder.layer" and len(result.losses) == 2 and result.steps == 12
+    assert len(holes) == 2 * 12 and all(h == [] for h in holes)  # every group of 4 holds at most 2 after every step
+    assert all(last < first for first, last in result.losses)
+    assert after < 0.5 * before, (before, after)  # the model's output, not only each block's, moved to the teacher's
+    for name, p in student.named_parameters():
+        if name.startswith("encoder.") and name.endswith(".weight") and p.dim() == 2:
+            assert int((p != 0).sum()) * 2 <= p.numel(), name
+
+
+def test_block_phase_is_deterministic_for_a_seed():
+    first, student, _, _, _ = _blocks()
+    again, student_again, _, _, _ = _blocks()
+    assert first.losses == again.losses
+    for a, b in zip(student.parameters(), student_again.parameters()):
+        assert torch.equal(a, b)
+    other, _, _, _, _ = _blocks(seed=1)
+    assert other.losses != first.losses
+
+
+def test_teacher_states_are_the_teachers_block_outputs():
+    from compressor.recover.blockwise import _boundaries
+
+    teacher = _bert()
+    feed = {k: torch.from_numpy(v[:5]) for k, v in _data().arrays.items()}
+    with torch.no_grad():
+        states = _boundaries(_call(teacher), teacher.encoder.layer)(feed)
+        hf = _call(teacher)(feed).hidden_states  # (embeddings, block 0, block 1)
+    assert len(states.hidden_states) == 2
+    for mine, theirs in zip(states.hidden_states, hf[1:]):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_block_steps_must_not_be_negative_and_only_they_allow_no_global_steps():
+    with pytest.raises(ValueError, match=r"option 'block_steps' must be >= 0, got -1"):
+        RecoverConfig(block_steps=-1)
+    with pytest.raises(ValueError, match=r"option 'steps' must be >= 1, got 0"):
+        RecoverConfig(steps=0)
+    assert RecoverConfig(steps=0, block_steps=5).steps == 0
+
+
+class Parallel(torch.nn.Module):
+    """Repeated blocks that each read the input (a sum of branches, not a chain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(b(x) for b in self.blocks)
+
+
+def test_blocks_that_are_not_a_chain_are_refused():
+    from compressor.errors import UsageError
+
+    student, teacher = Parallel(), Parallel()
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    data = Dataset({"x": x}, [InputSpec("x", ("N", 8), "float32")], {"x": False}, None, "mem", "")
+    with pytest.raises(UsageError) as err:
+        reconstruct_blocks(lambda f: student(f["x"]), lambda f: teacher(f["x"]), student, teacher, [], data,
+                           RecoverConfig(block_steps=2, batch=8), "net.pt2")
+    assert err.value.exit_code == 2
+    assert str(err.value) == ("recover: block_steps: the blocks of net.pt2 (blocks) do not form a chain (each called "
+                              "once per forward, on the previous block's output); set block_steps: 0 (the global "
+                              "loop alone)")
+
+
+# -- through the command line ----------------------------------------------------------------------
+
+class MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc1(x)))
+
+
+def _recipe(folder, recover: str):
+    path = folder / "r.yaml"
+    path.write_text("name: r\npasses:\n  - fold-constants\n  - sparsify-nm: {n: 2, m: 4}\n"
+                    f"recover: {recover}\n")
+    return path
+
+
+def test_a_module_without_repeated_blocks_is_refused(tmp_path, capsys):
+    torch.manual_seed(0)
+    program = torch.export.export(MLP().eval(), (torch.zeros(2, 16),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "mlp.pt2"))
+    np.savez(tmp_path / "train.npz", x=np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32))
+    code, _, err = run([tmp_path / "mlp.pt2", "--recipe", _recipe(tmp_path, "{steps: 5, block_steps: 5}"), "--train",
+                        tmp_path / "train.npz", "-o", tmp_path / "o"], capsys)
+    assert code == 2
+    assert error_line(err) == (
+        "error: recover: block_steps: mlp.pt2 has no stack of repeated blocks to reconstruct one by one (an "
+        "nn.ModuleList of layers of one class, each feeding the next, as in a Hugging Face encoder); set "
+        "block_steps: 0 (the global loop alone)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_hf_encoder_recovers_block_wise_then_globally(tmp_path, capsys):
+    model = _bert()
+    model.save_pretrained(tmp_path / "bert")
+    data = _data(64).arrays
+    np.savez(tmp_path / "train.npz", **data)
+    np.savez(tmp_path / "calib.npz", **{k: v[:16] for k, v in data.items()})
+    records, files = {}, {}
+    for block_steps in (0, 8, "8 again"):
+        recipe = _recipe(tmp_path, f"{{steps: 4, batch: 8, block_steps: {str(block_steps)[0]}, block_lr: 1.0e-2, "
+                                   "holdout: 0.25, eval_every: 2}")
+        out = tmp_path / f"o{block_steps}".replace(" ", "-")
+        code, _, err = run([tmp_path / "bert", "--recipe", recipe, "--train", tmp_path / "train.npz", "--calib",
+                            tmp_path / "calib.npz", "--eval", tmp_path / "calib.npz", "--latency-runs", "1",
+                            "--max-drop", "1", "-o", out], capsys)
+        assert code == 0, err
+        manifest = json.loads((out / "manifest.json").read_text())
+        records[block_steps], files[block_steps] = manifest["recovery"], [f["sha256"] for f in manifest["files"]]
+    assert "blockwise" not in records[0]
+    blocks = records[8]["blockwise"]
+    assert blocks["blocks"] == "encoder.layer" and blocks["count"] == 2 and blocks["steps_per_block"] == 8
+    assert records[8]["steps"] == 4
+    # the global loop starts from the block-wise weights: its held-out drop before its first step is lower
+    assert records[8]["holdout_drop"][0][1] < records[0]["holdout_drop"][0][1], records
+    assert files[8] == files["8 again"]  # same seed, byte-identical artifact
