@@ -91,7 +91,6 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is not imported by onnx_ir itself)
 from compressor.passes._graph import label
-from compressor.passes._layers import output_channel_axis
 from compressor.passes._output_ranges import silu_floor, silu_output
 from compressor.passes._transformer_preset import attention_blocks
 from compressor.targets.base import on_cpu
@@ -108,6 +107,7 @@ from compressor.targets.qnn_htp.qdq_graph import (
     stripped_model,
 )
 from compressor.targets.qnn_htp.concat_trees import ConcatTree, concat_trees
+from compressor.targets.qnn_htp.constants import ConstantEncoder
 from compressor.targets.qnn_htp.front_end import handed_over
 from compressor.targets.qnn_htp.equivalents import fold_gemm_coefficients, selu_as_elu
 from compressor.targets.qnn_htp.rules import ACTIVATION_BITS, HTP_QDQ_RULES, QdqRules
@@ -124,7 +124,7 @@ from compressor.targets.qnn_htp.widen import (
 
 from compressor.errors import CompressorError
 from compressor.pipeline import Pass, PassContext, PassResult, register_pass
-from compressor.quant.math import quant_params, quantize_array, weight_quant_params
+from compressor.quant.math import quant_params
 from compressor.quant.qdq import QdqWriter
 from compressor.quant.spec import QuantSpec
 from compressor.quant.statistics import TensorStats
@@ -134,10 +134,6 @@ __all__ = ["QuantizeTensors", "QuantizeTensorsOptions"]
 
 logger = logging.getLogger(__name__)
 
-_BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
-#: Ops whose input 1, a constant, is a weight quantized with the target's spec (case 4).
-_LAYER_WEIGHTS = frozenset({"MatMul", "Gemm"})
-_NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "BatchNormalization", "GroupNormalization"})
 _WIDE = {"uint8": "uint16", "int8": "int16"}
 
 
@@ -169,14 +165,6 @@ class QuantizeTensorsOptions:
     concats: Literal["int16", "int8"] = "int16"
 
 
-def _channels_last(bias: np.ndarray, channels: int) -> np.ndarray:
-    """``bias`` with ``channels`` entries on its last axis (case 3): broadcast there if it
-    had one, leading axes of size 1 dropped (a Gemm's ``[1, N]`` or scalar ``C`` becomes ``[N]``)."""
-    if bias.ndim == 0 or bias.shape[-1] != channels:
-        bias = np.broadcast_to(bias, (*bias.shape[:-1], channels))
-    return bias.reshape(channels) if bias.size == channels else np.ascontiguousarray(bias)
-
-
 def _front_end_only(value: ir.Value, graph: ir.Graph) -> bool:
     """Whether only nodes of the CPU front end read ``value`` (case 7)."""
     return bool(list(value.uses())) and not handed_over(value, graph)
@@ -195,7 +183,7 @@ def _front_end_reads_float(graph: ir.Graph) -> None:
                 node.replace_input_with(index, q.inputs[0])
 
 
-class _Legalizer:
+class _Legalizer(ConstantEncoder):
     """One run of the pass over a graph: the writer, the encodings given so far, the counts."""
 
     def __init__(self, graph: ir.Graph, rules: QdqRules, stats: dict[str, TensorStats],
@@ -304,68 +292,6 @@ class _Legalizer:
             self.converts[key] = self.pair(have.value, spec.dtype, *quant_params(*have.range(), spec))
             self.counts["requantized"] += 1
         return self.converts[key]
-
-    def constant(self, value: ir.Value, array: np.ndarray, spec: QuantSpec, axis: int | None = None,
-                 scale: np.ndarray | None = None) -> ir.Value:
-        """``DQ(quantized constant)``; ``scale`` given: int32 with that scale and zero point 0 (case 3)."""
-        key = (id(value), f"{spec.dtype}:{spec.axis}:{axis}:{None if scale is None else scale.tobytes().hex()}",
-               np.shape(array))  # a Gemm's scalar C is broadcast to each reader's own N
-        if key in self.const_cache:
-            return self.const_cache[key]
-        array = np.asarray(array, np.float32)
-        if scale is not None:
-            scale = np.asarray(scale, np.float32)
-            limit = np.iinfo(np.int32).max
-            per = scale if axis is None else scale.reshape([-1 if a == axis else 1 for a in range(array.ndim)])
-            q = np.clip(np.rint(array.astype(np.float64) / per), -limit, limit).astype(np.int32)
-            zp = np.zeros(scale.shape, np.int32)
-            self.counts["biases_int32"] += 1
-        elif spec.axis is not None:  # case 4: a layer's weight per output channel
-            scale, zp = weight_quant_params(array, spec)
-            q = quantize_array(array, scale, zp, spec)
-            axis = spec.axis
-            self.counts["constants_quantized"] += 1
-        else:  # case 4
-            flat = array.reshape(-1)
-            lo, hi = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
-            if lo == hi == 0.0:  # an all-zero constant: any scale is exact; keep it a sane one
-                hi = 1.0
-            scale, zp = quant_params(lo, hi, spec)
-            q = quantize_array(array, scale, zp, spec)
-            self.counts["constants_quantized"] += 1
-        channel_axis = axis if axis is not None and np.asarray(scale).ndim == 1 else None
-        out = self.writer.constant(value.name or "const", q, scale, zp, channel_axis,
-                                   ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape))
-        self.const_cache[key] = out
-        return out
-
-    def constant_input(self, node: ir.Node, index: int, value: ir.Value, array: np.ndarray,
-                       act: QuantSpec) -> ir.Value:
-        """The DQ a node reads instead of float constant input ``index`` (cases 3 and 4)."""
-        if node.op_type in _BIAS_OPS and index == 2 or node.op_type in _NORMS and index == 2:
-            x = dq_encoding(node.inputs[0]) if node.inputs[0] is not None else None
-            w = node.inputs[1]
-            w_dq = w.producer() if w is not None else None
-            if x is None or w_dq is None or w_dq.op_type != "DequantizeLinear":
-                return self.constant(value, array, act)
-            s_w = w_dq.inputs[1].const_value.numpy().astype(np.float64)
-            scale = (float(x.scale) * s_w).astype(np.float32)
-            if scale.ndim == 1 and scale.size > 1:  # per output channel: the bias's last axis
-                array = _channels_last(array, scale.size)
-                return self.constant(value, array, self.rules.bias, axis=array.ndim - 1, scale=scale)
-            out_shape = node.outputs[0].shape
-            if node.op_type == "Gemm" and out_shape is not None and isinstance(out_shape[-1], int):
-                # per tensor (a B the Gemm computes, ONNX's test_operator_mm): C with N values on its last axis
-                array = _channels_last(array, out_shape[-1])
-            return self.constant(value, array, self.rules.bias, scale=scale.reshape(()))
-        if node.op_type in _NORMS and index == 1:
-            return self.constant(value, array, self.rules.norm_weight)
-        weights = self.quantizable.get(node.op_type)
-        if index == 1 and node.op_type in _LAYER_WEIGHTS and weights is not None:  # case 4: a layer's weight spec
-            per_channel = self.opts.weights == "int8-per-channel" and weights.axis is not None and array.ndim >= 2
-            axis = output_channel_axis(node, array.ndim) if per_channel else None
-            return self.constant(value, array, dataclasses.replace(weights, axis=axis))
-        return self.constant(value, array, act)
 
     def graph_input(self, value: ir.Value) -> None:
         """Case 1 for a float graph input, at 16 bits when a 16-bit layer reads it or it carries a state (case 2e)."""
