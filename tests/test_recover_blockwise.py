@@ -141,8 +141,54 @@ def test_blocks_that_are_not_a_chain_are_refused():
                            RecoverConfig(block_steps=2, batch=8), "net.pt2")
     assert err.value.exit_code == 2
     assert str(err.value) == ("recover: block_steps: the blocks of net.pt2 (blocks) do not form a chain (each called "
-                              "once per forward, on the previous block's output); set block_steps: 0 (the global "
-                              "loop alone)")
+                              "once per forward, on the previous block's output, with the same other arguments); set "
+                              "block_steps: 0 (the global loop alone)")
+
+
+class Biased(torch.nn.Module):
+    """A chain whose blocks get different side arguments (T5: block 0 makes the position bias the
+    others read; Swin: each stage its own resolution), or only keyword arguments."""
+
+    def __init__(self, keywords: bool = False) -> None:
+        super().__init__()
+        self.keywords = keywords
+        self.blocks = torch.nn.ModuleList([Shifted(), Shifted(), Shifted()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, block in enumerate(self.blocks):
+            x = block(x=x, shift=0.0) if self.keywords else block(x, float(k))
+        return x
+
+
+class Shifted(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, shift: float) -> torch.Tensor:
+        return self.fc(x) + shift
+
+
+@pytest.mark.parametrize("keywords", [False, True])
+def test_blocks_with_their_own_side_arguments_or_keyword_calls_train_globally(keywords, caplog):
+    """The block phase gives every block block 0's other arguments: blocks that get others would be
+    trained towards a function they never compute (T5), or fail (Swin). Such a module, or one whose
+    blocks take their hidden state by keyword, trains with the global loop alone; with ``steps: 0``
+    it is exit 2."""
+    from compressor.errors import UsageError
+    from compressor.recover.blockwise import usable_blocks
+
+    student = Biased(keywords)
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    data = Dataset({"x": x}, [InputSpec("x", ("N", 8), "float32")], {"x": False}, None, "mem", "")
+    call = lambda f: student(f["x"])  # noqa: E731
+    with caplog.at_level("WARNING", logger="compressor.recover.blockwise"):
+        assert usable_blocks(call, student, data, 8, "net.pt2", required=False) is False
+    assert "do not form a chain" in caplog.text and "the global loop alone" in caplog.text
+    with pytest.raises(UsageError) as err:
+        usable_blocks(call, student, data, 8, "net.pt2", required=True)
+    assert str(err.value).endswith("with the same other arguments), and steps: 0 leaves nothing else to train; set "
+                                   "steps above 0 (the global loop)")
 
 
 # -- through the command line ----------------------------------------------------------------------
@@ -163,20 +209,29 @@ def _recipe(folder, recover: str):
     return path
 
 
-def test_a_module_without_repeated_blocks_is_refused(tmp_path, capsys):
+def test_a_module_without_repeated_blocks_trains_globally_and_is_refused_with_no_global_steps(tmp_path, capsys):
+    """``block_steps`` is a phase for modules built of a stack of blocks (a transformer); a recipe
+    carrying it (``int8-nm-recover``) still serves a module without one through the global loop.
+    With ``steps: 0`` nothing would train: exit 2 before anything is written."""
     torch.manual_seed(0)
     program = torch.export.export(MLP().eval(), (torch.zeros(2, 16),),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(tmp_path / "mlp.pt2"))
     np.savez(tmp_path / "train.npz", x=np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32))
-    code, _, err = run([tmp_path / "mlp.pt2", "--recipe", _recipe(tmp_path, "{steps: 5, block_steps: 5}"), "--train",
+    code, _, err = run([tmp_path / "mlp.pt2", "--recipe", _recipe(tmp_path, "{steps: 0, block_steps: 5}"), "--train",
                         tmp_path / "train.npz", "-o", tmp_path / "o"], capsys)
     assert code == 2
     assert error_line(err) == (
         "error: recover: block_steps: mlp.pt2 has no stack of repeated blocks to reconstruct one by one (an "
-        "nn.ModuleList of layers of one class, each feeding the next, as in a Hugging Face encoder); set "
-        "block_steps: 0 (the global loop alone)")
+        "nn.ModuleList of layers of one class, each feeding the next, as in a Hugging Face encoder) and steps: 0 "
+        "leaves nothing else to train; set steps above 0 (the global loop)")
     assert not (tmp_path / "o").exists()
+    code, _, err = run([tmp_path / "mlp.pt2", "--recipe", _recipe(tmp_path, "{steps: 5, block_steps: 5}"), "--train",
+                        tmp_path / "train.npz", "--eval", tmp_path / "train.npz", "--latency-runs", "1", "--max-drop",
+                        "1", "-o", tmp_path / "g"], capsys)
+    assert code == 0, err
+    recovery = json.loads((tmp_path / "g" / "manifest.json").read_text())["recovery"]
+    assert recovery["steps"] == 5 and "blockwise" not in recovery
 
 
 def test_hf_encoder_recovers_block_wise_then_globally(tmp_path, capsys):

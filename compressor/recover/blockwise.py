@@ -66,11 +66,14 @@ class BlockResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def find_blocks(module: Any, what: str) -> tuple[str, Any]:
+def find_blocks(module: Any, what: str, required: bool = True) -> tuple[str, Any] | None:
     """The longest ``nn.ModuleList`` of ``module`` whose entries (two or more) are one class with parameters.
 
+    Returns:
+        ``(name, list)``, or ``None`` when there is none and the block phase is not ``required``.
+
     Raises:
-        UsageError: none (``what`` names the model in the message).
+        UsageError: none and ``required`` (``what`` names the model in the message).
     """
     import torch
 
@@ -81,10 +84,12 @@ def find_blocks(module: Any, what: str) -> tuple[str, Any]:
         if len({type(b) for b in child}) == 1 and any(True for _ in child[0].parameters()):
             if best is None or len(child) > len(best[1]):
                 best = (name, child)
+    if best is None and not required:
+        return None
     if best is None:
         raise UsageError(f"recover: block_steps: {what} has no stack of repeated blocks to reconstruct one by one "
                          "(an nn.ModuleList of layers of one class, each feeding the next, as in a Hugging Face "
-                         "encoder); set block_steps: 0 (the global loop alone)")
+                         "encoder) and steps: 0 leaves nothing else to train; set steps above 0 (the global loop)")
     return best
 
 
@@ -137,8 +142,26 @@ def _boundaries(teacher: Callable[[Mapping[str, Any]], Any], blocks: Any) -> Cal
     return call
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two call arguments of two blocks are the same (one object, or equal tensors / values)."""
+    import torch
+
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # an argument type without a usable ==: not provably the same
+        return False
+
+
 def _check_chain(student: Any, name: str, blocks: Any, feed: Mapping[str, Any], what: str) -> None:
-    """Refuse blocks that are not a chain (each block's output the next one's input, same other arguments)."""
+    """Refuse blocks that are not a chain: each called once per forward, with its hidden state first,
+    on the previous block's output, and with block 0's other arguments (the block phase gives every
+    block block 0's: a T5 layer's relative position bias or a Swin stage's resolution differ)."""
     import torch
 
     seen: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
@@ -150,14 +173,41 @@ def _check_chain(student: Any, name: str, blocks: Any, feed: Mapping[str, Any], 
     finally:
         for h in handles:
             h.remove()
-    ok = len(seen) == len(blocks)
-    for (_, k0, out), (args, kwargs, _) in zip(seen, seen[1:]):
+    ok = len(seen) == len(blocks) and all(args and torch.is_tensor(args[0]) for args, _, _ in seen)
+    for (_, _, out), (args, kwargs, _) in zip(seen, seen[1:]) if ok else ():
         first = out[0] if isinstance(out, (tuple, list)) else out
-        ok = ok and args[0] is first and len(args) == len(seen[0][0]) and kwargs.keys() == k0.keys()
+        args0, kwargs0 = seen[0][0], seen[0][1]
+        ok = ok and args[0] is first and len(args) == len(args0) and kwargs.keys() == kwargs0.keys() \
+            and all(_same(a, b) for a, b in zip(args[1:], args0[1:])) \
+            and all(_same(kwargs[k], kwargs0[k]) for k in kwargs)
     if not ok:
         raise UsageError(f"recover: block_steps: the blocks of {what} ({name}) do not form a chain (each "
-                         "called once per forward, on the previous block's output); set block_steps: 0 (the global "
-                         "loop alone)")
+                         "called once per forward, on the previous block's output, with the same other arguments); "
+                         "set block_steps: 0 (the global loop alone)")
+
+
+def usable_blocks(student: Callable[[Mapping[str, Any]], Any], module: Any, train: Dataset, batch: int, what: str,
+                  required: bool) -> bool:
+    """Whether the block phase can run on ``module`` (a chain of repeated blocks, :func:`_check_chain`).
+
+    Raises:
+        UsageError: it cannot and it is ``required`` (``steps: 0``: nothing else would train).
+    """
+    found = find_blocks(module, what, required)
+    if found is None:
+        logger.info("recover: block_steps: %s has no stack of repeated blocks; the global loop alone", what)
+        return False
+    feed = _tensors(train, np.arange(min(batch, len(train))), trim=True)
+    try:
+        _check_chain(student, found[0], found[1], feed, what)
+    except UsageError as err:
+        why = str(err).rsplit("; set block_steps", 1)[0]
+        if required:
+            raise UsageError(f"{why}, and steps: 0 leaves nothing else to train; set steps above 0 (the global "
+                             "loop)") from None
+        logger.warning("%s; the global loop alone", why)
+        return False
+    return True
 
 
 def reconstruct_blocks(student: Callable[[Mapping[str, Any]], Any], teacher: Callable[[Mapping[str, Any]], Any],

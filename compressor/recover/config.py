@@ -58,8 +58,9 @@ class RecoverConfig:
             (:mod:`compressor.recover.blockwise`): each repeated block of the module (a
             transformer's layers) trained alone for this many steps to give the teacher's
             output of that block from the student's own input of it, one block after the
-            other; 0: none (the global loop alone). Needs a module built of a chain of
-            repeated blocks (an ``nn.ModuleList``, as in Hugging Face encoders).
+            other; 0: none (the global loop alone). Applies to a module built of a chain of
+            repeated blocks (an ``nn.ModuleList``, as in Hugging Face encoders); any other
+            module trains with the global loop alone (``steps: 0`` then refused, exit 2).
         block_lr: AdamW learning rate of the block phase (linear decay to 0 in each block).
     """
 

@@ -166,10 +166,11 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
     teacher = load_trainable(model_path, **load)
     for p in teacher.module.parameters():
         p.requires_grad_(False)
-    if cfg.block_steps:  # refused before the one-shot passes: no chain of blocks to reconstruct
-        from compressor.recover.blockwise import find_blocks
+    by_blocks = False
+    if cfg.block_steps:  # before the one-shot passes: with steps: 0 and no chain of blocks nothing would train
+        from compressor.recover.blockwise import usable_blocks
 
-        find_blocks(student.module, model_path.name)
+        by_blocks = usable_blocks(student, student.module, train, cfg.batch, model_path.name, cfg.steps == 0)
 
     # one-shot: the recipe's passes up to its last sparsity pass, on the dense graph
     passes = recipe.build_passes()
@@ -219,7 +220,7 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
     logger.info("recover: %d masked weights, %d trainable tensors, %d training samples, %d held out; %d steps of %d",
                 len(held), len(trainable), len(fit), 0 if holdout is None else len(holdout), cfg.steps, cfg.batch)
     blocks = None
-    if cfg.block_steps:
+    if by_blocks:
         from compressor.recover.blockwise import reconstruct_blocks
 
         blocks = reconstruct_blocks(student, teacher, student.module, teacher.module, held, fit, cfg,
