@@ -92,10 +92,10 @@ def _silu_floor(step: float) -> float:
 
 def silu_output(x: ir.Value) -> ir.Value | None:
     """The output of the SiLU ``Mul(x, Sigmoid(x))`` when those two nodes are all that reads
-    ``x`` (and ``x`` is no graph output), else ``None``."""
+    ``x`` (the ``QuantizeLinear`` of an encoding of ``x`` aside; ``x`` no graph output), else ``None``."""
     if x.is_graph_output():
         return None
-    readers = [node for node, _ in x.uses()]
+    readers = [node for node, _ in x.uses() if node.op_type != "QuantizeLinear"]
     sigmoid = next((n for n in readers if n.op_type == "Sigmoid"), None)
     mul = next((n for n in readers if n.op_type == "Mul"), None)
     if len({id(n) for n in readers}) != 2 or sigmoid is None or mul is None:

@@ -262,7 +262,7 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
         activation_matmuls: Also quantize MatMuls whose two inputs are activations.
         eltwise: Also quantize the joins the target lists without a weight (``Add``/``Sum``
             of activations only: residual adds; ``OpQuant.joins_after`` may require an
-            input from, e.g., a convolution, straight or through its activation). An
+            input from, e.g., a convolution: :func:`computed_by`). An
             ``Add`` with a constant operand (a bias, a scale) is not a join and never a
             layer. Ops without a weight that take one activation
             (``OpQuant.min_activations``: a ``Sigmoid``) are not joins and are found

@@ -14,9 +14,10 @@ options the recipe leaves unset take it. Each setting was measured on all-MiniLM
    int16`` (W8A16) an outlier channel costs the activations little, and smoothing only
    makes the int8 weights harder (MiniLM on QNN HTP, as-written simulation: pooled cosine
    0.9986 with it, 0.9996 without);
-3. residual joins stay float unless one input comes from a convolution, straight or
-   through its activation (a convolution's join keeps the residual path in int8; a
-   transformer's residual add carries the outliers): :func:`is_transformer_residual`.
+3. residual joins stay float unless one input comes from a convolution (straight, through
+   its activation or a feature map's data movement: ``computed_by``; a convolution's join
+   keeps the residual path in int8; a transformer's residual add carries the outliers):
+   :func:`is_transformer_residual`.
 
 A model without attention blocks is quantized exactly as with ``attention: off``.
 """
@@ -73,8 +74,7 @@ def with_preset(opts: OptionsT, blocks: int, float_roles: tuple[str, ...] | None
 
 
 def is_transformer_residual(layer: Layer) -> bool:
-    """A join of activations (no weight) with no input from a convolution, straight or through
-    its activation (3)."""
+    """A join of activations (no weight) with no input from a convolution (:func:`computed_by`, (3))."""
     if layer.weight is not None or layer.quant.weights is not None:
         return False
     return not any(computed_by(v, _CONVS) for _, v in layer.activations)

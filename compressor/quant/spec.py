@@ -42,8 +42,9 @@ class OpQuant:
         activations: Spec of the activation inputs.
         weight_input: Index of the weight input.
         joins_after: For an op without weights (a residual ``Add``): quantize a node only
-            when one of its inputs comes from one of these ops, straight or through an
-            elementwise activation (``Relu``, SiLU...; empty: any op).
+            when one of its inputs comes from one of these ops, straight or through
+            elementwise activations (``Relu``, SiLU...), a feature map's data movement or
+            another such join (``passes._placement.computed_by``; empty: any op).
         min_activations: For an op without weights: the fewest inputs a node needs, all of
             them activations, to be quantized (2: a join of activations; 1: also a unary
             op such as ``Sigmoid`` or a ``Concat`` of any arity).

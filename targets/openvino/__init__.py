@@ -124,12 +124,13 @@ OPENVINO_CAPABILITIES = Capabilities(
         # Reshape/Transpose, made no difference: docs/design.md).
         "MatMul": OpQuant(activations=_ACT, weights=QuantSpec("int8", True, axis=1),
                           activation_only=QuantSpec("int8", symmetric=True)),
-        # Residual joins of convolutions (both inputs activations, one from a Conv,
-        # straight or through its activation: passes/_placement): with both inputs
-        # quantized the CPU plugin fuses the Add into that convolution and keeps the residual path in uint8, as NNCF's CPU
-        # preset does for CNNs (ResNet-50 here: 37.3 -> 29.0 ms, level with NNCF). A
-        # transformer's residual adds (after MatMul + bias) stay float: quantizing them
-        # took MiniLM's pooled cosine from 0.9915 to 0.9327 under the `int8` recipe.
+        # Residual joins of convolutions (both inputs activations, one from a Conv, straight,
+        # through its activation, a Resize or another such join: _placement.computed_by): with
+        # both inputs quantized the CPU plugin fuses the Add into that convolution and keeps the
+        # residual path in uint8, as NNCF's CPU preset does for CNNs (ResNet-50 here:
+        # 37.3 -> 29.0 ms, level with NNCF). A transformer's residual adds (after MatMul +
+        # bias) stay float: quantizing them took MiniLM's pooled cosine from 0.9915 to 0.9327
+        # under the `int8` recipe.
         "Add": OpQuant(activations=_ACT, joins_after=_CONVS),
         "Sum": OpQuant(activations=_ACT, joins_after=_CONVS),
         # LSTM: X u8, W and R i8 per gate row (W [dirs, 4H, I], R [dirs, 4H, H]: axis 1) run

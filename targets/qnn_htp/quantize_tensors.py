@@ -236,14 +236,20 @@ class _Legalizer(ConstantEncoder):
             if other is not None and not other.problem():
                 lo, hi = min(lo, other.range(self.opts.calibrator, **kwargs)[0]), \
                     max(hi, other.range(self.opts.calibrator, **kwargs)[1])
-        silu = silu_output(value)  # case 1e: a SiLU's input grid starts where SiLU is ~0
-        out_stats = self.stats.get(silu.name) if silu is not None else None
-        if out_stats is not None and not out_stats.problem():
-            floor = silu_floor(out_stats.range(self.opts.calibrator, **kwargs), 2 ** bits - 1)
-            if lo < floor < hi:
-                lo = floor
-                self.counts["silu_floors"] += 1
-        return self.pair(value, spec.dtype, *quant_params(lo, hi, spec))
+        floored = self.silu_floored(value, lo, hi, bits)
+        self.counts["silu_floors"] += floored > lo
+        return self.pair(value, spec.dtype, *quant_params(floored, hi, spec))
+
+    def silu_floored(self, value: ir.Value, lo: float, hi: float, bits: int) -> float:
+        """Case 1e: ``lo`` raised to where SiLU is within half a step of 0 on a ``bits`` grid of its
+        output, when ``value`` is a SiLU's input (not a Concat tree's member: its grid is the tree's)."""
+        silu = silu_output(value) if value.name not in self.tree_of else None
+        stats = self.stats.get(silu.name) if silu is not None else None
+        if stats is None or stats.problem():
+            return lo
+        kwargs = {"num_bits": bits} if self.opts.calibrator == "mse" else {}
+        floor = silu_floor(stats.range(self.opts.calibrator, **kwargs), 2 ** bits - 1)
+        return floor if lo < floor < hi else lo
 
     def encode_output(self, value: ir.Value, node: ir.Node | None, bits: int, first_input: Encoding | None) -> None:
         """Give ``value`` its encoding (case 1) and route ``quantize``'s Q readers to it."""
@@ -289,7 +295,10 @@ class _Legalizer(ConstantEncoder):
         key = (id(have.value), bits)
         if key not in self.converts:  # DQ_a -> Q_b -> DQ_b over the same real range
             spec = self.spec(bits)
-            self.converts[key] = self.pair(have.value, spec.dtype, *quant_params(*have.range(), spec))
+            lo, hi = have.range()
+            if bits < have.bits:  # a SiLU reading its 16-bit input (a layer given back) at 8: floored for 8 bits
+                lo = self.silu_floored(value, lo, hi, bits)
+            self.converts[key] = self.pair(have.value, spec.dtype, *quant_params(lo, hi, spec))
             self.counts["requantized"] += 1
         return self.converts[key]
 

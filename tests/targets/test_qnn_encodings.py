@@ -19,6 +19,7 @@ from compressor.model_io import save_model
 import compressor.targets.qnn_htp.quantize_tensors as legalizer
 from compressor.passes._output_ranges import silu_floor
 from compressor.pipeline import PassContext, build_pass
+from compressor.quant.revert import give_back
 
 needs_htp = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_qnn") is None,
                                reason="onnxruntime-qnn cannot be imported: no QNN HTP backend here")
@@ -113,6 +114,26 @@ def test_a_silu_input_grid_starts_where_silu_is_zero(tmp_path, monkeypatch):
     assert error <= s_out + 1.1 * s_in / 2 + peak / 512 + 1e-6 and error < error0, (error, error0)
 
 
+def test_a_silu_input_given_back_at_16_bits_is_read_at_8_on_the_floored_grid(tmp_path):
+    """Accuracy control gives the convolution back at 16 bits: its output is encoded at 16 bits
+    (floored for 16), and the 8-bit Sigmoid and Mul read it through a conversion to 8 bits that
+    starts at the 8-bit floor, not at the 16-bit one (-11.9 here), which would coarsen the step."""
+    data = {"x": np.random.default_rng(1).standard_normal((16, 1, 4, 6, 6)).astype(np.float32) * 2}
+    path = tmp_path / "calib.npz"
+    np.savez(path, **data)
+    model = _silu_net()
+    ctx = PassContext(target=_Stub(), calibration=load_npz(path, model_input_specs(model), what="calib"),
+                      properties={"constants-folded"})
+    quantized = build_pass("quantize", {"calibrator": "minmax"}).run(model, ctx)
+    edited = give_back(quantized.model, quantized.quantization, ["conv1"], "int16")
+    legal = build_pass("qnn-legalize", None).run(edited, ctx).model
+    plain = _legalize(_silu_net(), data, tmp_path)
+    read, read_plain = (_read(next(n for n in m.graph if n.name == "sig").inputs[0]) for m in (legal, plain))
+    assert read[2] == "uint8" and _pair(next(n for n in legal.graph if n.name == "conv1").outputs[0])[2] == "uint16"
+    assert -read[1] * read[0] == pytest.approx(-read_plain[1] * read_plain[0], abs=2 * read_plain[0])
+    assert read[0] < 1.05 * read_plain[0], (read, read_plain)
+
+
 def test_a_silu_input_another_op_reads_keeps_its_calibrated_grid(tmp_path):
     data = {"x": np.random.default_rng(1).standard_normal((16, 1, 4, 6, 6)).astype(np.float32) * 2}
     legal = _legalize(_silu_net(spy=True), data, tmp_path)
@@ -121,9 +142,10 @@ def test_a_silu_input_another_op_reads_keeps_its_calibrated_grid(tmp_path):
     assert -z_in * s_in < -8  # the graph output needs the values below the floor
 
 
-def _levels() -> ir.Model:
+def _levels(silu: bool = False) -> ir.Model:
     """A YOLOX-style head: per level ``Concat(regression, Sigmoid(objectness))``, flattened, then
-    one ``Concat`` of the levels; each level's regression has its own range."""
+    one ``Concat`` of the levels; each level's regression has its own range. With ``silu`` the
+    levels' Concat is a SiLU's input."""
     rng = np.random.default_rng(2)
     nodes, inits, inputs = [], [], []
     for k, (side, gain) in enumerate(((8, 3.0), (4, 1.5))):
@@ -136,7 +158,10 @@ def _levels() -> ir.Model:
                   helper.make_node("Sigmoid", [f"obj{k}"], [f"p{k}"], name=f"p{k}"),
                   helper.make_node("Concat", [f"reg{k}", f"p{k}"], [f"cat{k}"], axis=1, name=f"cat{k}"),
                   helper.make_node("Reshape", [f"cat{k}", f"shape{k}"], [f"flat{k}"], name=f"flat{k}")]
-    nodes.append(helper.make_node("Concat", ["flat0", "flat1"], ["y"], axis=2, name="levels"))
+    nodes.append(helper.make_node("Concat", ["flat0", "flat1"], ["cat" if silu else "y"], axis=2, name="levels"))
+    if silu:
+        nodes += [helper.make_node("Sigmoid", ["cat"], ["gate"], name="gate"),
+                  helper.make_node("Mul", ["cat", "gate"], ["y"], name="silu")]
     return _model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 80])], inits)
 
 
@@ -146,10 +171,17 @@ def _levels_data(n: int) -> dict[str, np.ndarray]:
             "f1": rng.standard_normal((n, 1, 4, 4, 4)).astype(np.float32)}
 
 
-def test_a_tree_of_concats_shares_one_encoding_at_16_bits(tmp_path):
+@pytest.mark.parametrize("silu", [False, True], ids=["output", "silu-input"])
+def test_a_tree_of_concats_shares_one_encoding_at_16_bits(tmp_path, silu):
     """The levels' scores (0-1) span under 1/16 of the tree's range (the first level's regression,
     about +-20): the whole tree runs at 16 bits, on one encoding, the Reshapes between too, so
-    nothing is requantized between the Concats."""
+    nothing is requantized between the Concats. A root that is a SiLU's input keeps the tree's
+    grid (no SiLU floor on it alone)."""
+    if silu:
+        legal = _legalize(_levels(silu=True), _levels_data(16), tmp_path)
+        nodes = {n.name: n for n in legal.graph}
+        assert len({_pair(nodes[name].outputs[0]) for name in ("cat0", "cat1", "levels")}) == 1
+        return
     legal = _legalize(_levels(), _levels_data(16), tmp_path)
     nodes = {n.name: n for n in legal.graph}
     shared = _pair(nodes["levels"].outputs[0])
