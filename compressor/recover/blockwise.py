@@ -42,7 +42,7 @@ from compressor.recover.config import RecoverConfig
 from compressor.recover.distill import TeacherOutput, output_loss
 from compressor.recover.schedule import MaskedParam, MaskedParams
 from compressor.recover.teacher_cache import TeacherCache, pad_rows
-from compressor.recover.train import _order, _tensors, deterministic
+from compressor.recover.train import _order, _tensors, deterministic, masked_step
 
 __all__ = ["BlockResult", "find_blocks", "reconstruct_blocks"]
 
@@ -264,15 +264,7 @@ def reconstruct_blocks(student: Callable[[Mapping[str, Any]], Any], teacher: Cal
                 with torch.no_grad():
                     target = teacher_on(feed, idx).hidden_states[j]
                 loss = output_loss(_run(block, x, args, kwargs), target, BLOCK_LOSS, cfg.temperature, mask)
-                optimizer.zero_grad(set_to_none=False)
-                loss.backward()
-                scale = masks.before_step(step)
-                optimizer.step()
-                masks.after_step(scale)
-                decay.step()
-                block_losses.append(float(loss.detach()))
-                if on_step is not None:
-                    on_step(step, masks)
+                block_losses.append(masked_step(loss, optimizer, decay, masks, step, on_step))
                 bar.update(1)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(block=j, loss=f"{block_losses[-1]:.4g}", refresh=False)

@@ -27,7 +27,7 @@ from compressor.recover.distill import distill_loss, main_output
 from compressor.recover.schedule import MaskedParams
 from compressor.recover.teacher_cache import TeacherCache
 
-__all__ = ["TrainResult", "fine_tune", "outputs_on"]
+__all__ = ["TrainResult", "fine_tune", "masked_step", "outputs_on"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,21 @@ def outputs_on(call: Callable[[dict[str, Any]], Any], data: Dataset, batch: int)
     return [np.concatenate(parts)]
 
 
+def masked_step(loss: Any, optimizer: Any, decay: Any, masks: MaskedParams, step: int,
+                on_step: Callable[[int, MaskedParams], None] | None) -> float:
+    """One optimizer step with the masks held: backward, the schedule's gradient scale, the
+    step, the masks applied again, the LR decay; returns the loss."""
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    scale = masks.before_step(step)
+    optimizer.step()
+    masks.after_step(scale)
+    decay.step()
+    if on_step is not None:
+        on_step(step, masks)
+    return float(loss.detach())
+
+
 def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[str, Any]], Any], params: list[Any],
               masks: MaskedParams, train: Dataset, holdout: Dataset | None, cfg: RecoverConfig, metric: str,
               progress: Progress = no_progress, on_step: Callable[[int, MaskedParams], None] | None = None
@@ -148,15 +163,7 @@ def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[
                 loss = distill_loss(student(feed), target, kind=cfg.loss, temperature=cfg.temperature,
                                     hidden_weight=cfg.hidden_weight, label_weight=cfg.label_weight,
                                     labels=None if labels is None else labels[idx], mask=mask)
-                optimizer.zero_grad(set_to_none=False)
-                loss.backward()
-                scale = masks.before_step(step)
-                optimizer.step()
-                masks.after_step(scale)
-                decay.step()
-                losses.append(float(loss.detach()))
-                if on_step is not None:
-                    on_step(step, masks)
+                losses.append(masked_step(loss, optimizer, decay, masks, step, on_step))
                 bar.update(1)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
