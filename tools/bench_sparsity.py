@@ -359,7 +359,8 @@ def main() -> None:
     p.add_argument("--holdout", type=float, default=None, help="--recover early-stopping fraction of --train")
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--block-steps", type=int, default=None,
-                   help="--recover: block-wise reconstruction steps per transformer layer before the global loop")
+                   help="--recover: block-wise reconstruction steps per transformer layer before the global loop "
+                        "(default: the recipe's, 400; 0: the global loop alone)")
     p.add_argument("--block-lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 is several times faster than 2 on 2 cores that other jobs load)")

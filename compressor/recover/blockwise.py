@@ -44,7 +44,7 @@ from compressor.recover.schedule import MaskedParam, MaskedParams
 from compressor.recover.teacher_cache import TeacherCache, pad_rows
 from compressor.recover.train import _order, _tensors, deterministic, masked_step
 
-__all__ = ["BlockResult", "find_blocks", "reconstruct_blocks"]
+__all__ = ["BlockResult", "find_blocks", "reconstruct_blocks", "usable_blocks"]
 
 logger = logging.getLogger(__name__)
 
