@@ -241,8 +241,9 @@ def test_hf_encoder_recovers_block_wise_then_globally(tmp_path, capsys):
     np.savez(tmp_path / "train.npz", **data)
     np.savez(tmp_path / "calib.npz", **{k: v[:16] for k, v in data.items()})
     records, files = {}, {}
-    for block_steps in (0, 8, "8 again"):
-        recipe = _recipe(tmp_path, f"{{steps: 4, batch: 8, block_steps: {str(block_steps)[0]}, block_lr: 1.0e-2, "
+    for block_steps in (0, 8, "8 again", "8 harmful"):
+        lr = "0.9" if "harmful" in str(block_steps) else "1.0e-2"  # a rate that wrecks the blocks
+        recipe = _recipe(tmp_path, f"{{steps: 4, batch: 8, block_steps: {str(block_steps)[0]}, block_lr: {lr}, "
                                    "holdout: 0.25, eval_every: 2}")
         out = tmp_path / f"o{block_steps}".replace(" ", "-")
         code, _, err = run([tmp_path / "bert", "--recipe", recipe, "--train", tmp_path / "train.npz", "--calib",
@@ -258,3 +259,9 @@ def test_hf_encoder_recovers_block_wise_then_globally(tmp_path, capsys):
     # the global loop starts from the block-wise weights: its held-out drop before its first step is lower
     assert records[8]["holdout_drop"][0][1] < records[0]["holdout_drop"][0][1], records
     assert files[8] == files["8 again"]  # same seed, byte-identical artifact
+    assert blocks["kept"] and blocks["holdout_drop_before_after"][1] < blocks["holdout_drop_before_after"][0]
+    # a block phase that raises the held-out drop is undone: weights, masks and their shadows
+    # go back, so the global loop gives what it gives without the phase, byte for byte
+    harmful = records["8 harmful"]["blockwise"]
+    assert not harmful["kept"] and harmful["holdout_drop_before_after"][1] > harmful["holdout_drop_before_after"][0]
+    assert files["8 harmful"] == files[0]

@@ -37,6 +37,7 @@ import numpy as np
 
 from compressor.data import MASK_INPUT, Dataset
 from compressor.errors import UsageError
+from compressor.flow.evaluation import compare
 from compressor.progress import Progress, no_progress
 from compressor.recover.config import RecoverConfig
 from compressor.recover.distill import TeacherOutput, output_loss
@@ -44,7 +45,7 @@ from compressor.recover.schedule import MaskedParam, MaskedParams
 from compressor.recover.teacher_cache import TeacherCache, pad_rows
 from compressor.recover.train import _order, _tensors, deterministic, masked_step
 
-__all__ = ["BlockResult", "find_blocks", "reconstruct_blocks", "usable_blocks"]
+__all__ = ["BlockResult", "find_blocks", "keep_if_better", "reconstruct_blocks", "usable_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +60,50 @@ class BlockResult:
     steps: int  # per block
     losses: list[tuple[float, float]]  # per block: mean loss of its first and last 5 steps
     seconds: float
+    holdout_drop: tuple[float, float] | None = None  # before and after the phase (keep_if_better)
+    kept: bool = True
 
     def record(self) -> dict[str, Any]:
         return {"blocks": self.blocks, "count": len(self.losses), "steps_per_block": self.steps,
                 "loss_first_last": [[round(a, 6), round(b, 6)] for a, b in self.losses],
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "kept": self.kept,
+                **({"holdout_drop_before_after": [round(d, 6) for d in self.holdout_drop]}
+                   if self.holdout_drop is not None else {})}
+
+
+def keep_if_better(student: Callable[[Mapping[str, Any]], Any], teacher: Callable[[Mapping[str, Any]], Any],
+                   module: Any, held: list[MaskedParam], holdout: Dataset, batch: int, metric: str,
+                   phase: Callable[[], BlockResult]) -> BlockResult:
+    """Run the block phase and keep its weights only if the held-out drop fell; else the module,
+    its masks and their shadows go back to what they were before it (the global loop's best-step
+    snapshot starts after the phase, so nothing else would undo a phase that made things worse)."""
+    from compressor.recover.train import outputs_on
+
+    reference = outputs_on(teacher, holdout, batch)
+
+    def drop() -> float:
+        return compare(reference, outputs_on(student, holdout, batch), holdout, metric).drop
+
+    before = drop()
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    shadows = [(mp.dense.detach().clone(), mp.mask.detach().clone()) for mp in held]
+    result = phase()
+    after = drop()
+    result.holdout_drop = (before, after)
+    if after > before:
+        import torch
+
+        module.load_state_dict(state)
+        with torch.no_grad():
+            for mp, (dense, mask) in zip(held, shadows):
+                mp.dense.copy_(dense)
+                mp.mask = mask
+        result.kept = False
+        logger.warning("recover: the block phase raised the held-out drop from %.6f to %.6f; its weights are not "
+                       "kept (the global loop starts from the one-shot weights)", before, after)
+    else:
+        logger.info("recover: block phase: held-out drop %.6f -> %.6f", before, after)
+    return result
 
 
 def find_blocks(module: Any, what: str, required: bool = True) -> tuple[str, Any] | None:

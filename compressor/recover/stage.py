@@ -221,10 +221,13 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
                 len(held), len(trainable), len(fit), 0 if holdout is None else len(holdout), cfg.steps, cfg.batch)
     blocks = None
     if by_blocks:
-        from compressor.recover.blockwise import reconstruct_blocks
+        from compressor.recover.blockwise import keep_if_better, reconstruct_blocks
 
-        blocks = reconstruct_blocks(student, teacher, student.module, teacher.module, held, fit, cfg,
-                                    model_path.name, progress, on_step)
+        def block_phase() -> Any:
+            return reconstruct_blocks(student, teacher, student.module, teacher.module, held, fit, cfg,
+                                      model_path.name, progress, on_step)
+        blocks = block_phase() if holdout is None else keep_if_better(
+            student, teacher, student.module, held, holdout, cfg.batch, recipe.accuracy.metric, block_phase)
     result = fine_tune(student, teacher, trainable, masks, fit, holdout, cfg, recipe.accuracy.metric, progress, on_step)
     learned = None
     if qat is not None:
@@ -236,7 +239,8 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
 
     t = time.perf_counter()
     captured = recapture(student, model_path, work, capture, overrides, example_inputs)
-    phase = "" if blocks is None else f"block by block ({blocks.steps} steps per block of {blocks.blocks}), then "
+    phase = "" if blocks is None or not blocks.kept else \
+        f"block by block ({blocks.steps} steps per block of {blocks.blocks}), then "
     captured.notes.append(f"recovered: {len(held)} masked weights fine-tuned {phase}for {result.steps} steps "
                           f"({cfg.schedule} schedule) by distillation from the dense model")
     record = {
