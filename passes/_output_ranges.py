@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from compressor.passes._layers import Layer
-from compressor.passes._placement import is_constant, pad_adds_only_zeros
+from compressor.passes._placement import is_constant, pad_adds_only_zeros, silu_input
 
 from compressor.quant.math import dtype_bounds
 
@@ -95,14 +95,10 @@ def silu_output(x: ir.Value) -> ir.Value | None:
     ``x`` (the ``QuantizeLinear`` of an encoding of ``x`` aside; ``x`` no graph output), else ``None``."""
     if x.is_graph_output():
         return None
-    readers = [node for node, _ in x.uses() if node.op_type != "QuantizeLinear"]
-    sigmoid = next((n for n in readers if n.op_type == "Sigmoid"), None)
-    mul = next((n for n in readers if n.op_type == "Mul"), None)
-    if len({id(n) for n in readers}) != 2 or sigmoid is None or mul is None:
-        return None
-    if {id(v) for v in mul.inputs} != {id(x), id(sigmoid.outputs[0])}:
-        return None
-    return mul.outputs[0]
+    readers = {id(node): node for node, _ in x.uses() if node.op_type != "QuantizeLinear"}
+    mul = next((n for n in readers.values() if n.op_type == "Mul" and silu_input(n) is x), None)
+    # the Sigmoid silu_input found reads x: with the Mul, x's only two readers
+    return mul.outputs[0] if mul is not None and len(readers) == 2 else None
 
 
 def silu_floor(out_range: tuple[float, float], levels: int) -> float:

@@ -33,7 +33,7 @@ from compressor.targets.base import Capabilities
 from compressor.scope import Scope
 
 __all__ = ["FEW_CHANNELS", "computed_by", "cover_state_ranges", "find_layers", "first_layers", "float_weight",
-           "integer_derived", "is_constant", "mask_uses", "pad_adds_only_zeros"]
+           "integer_derived", "is_constant", "mask_uses", "pad_adds_only_zeros", "silu_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def computed_by(value: ir.Value, ops: frozenset[str], depth: int = 8) -> bool:
         return True
     if producer.op_type in _ACTIVATIONS and producer.inputs and producer.inputs[0] is not None:
         return computed_by(producer.inputs[0], ops, depth - 1)
-    if producer.op_type == "Mul" and (x := _silu_input(producer)) is not None:
+    if producer.op_type == "Mul" and (x := silu_input(producer)) is not None:
         return computed_by(x, ops, depth - 1)
     if producer.op_type in _MOVES:
         data = producer.inputs if producer.op_type == "Concat" else producer.inputs[:1]
@@ -88,7 +88,7 @@ def computed_by(value: ir.Value, ops: frozenset[str], depth: int = 8) -> bool:
     return False
 
 
-def _silu_input(mul: ir.Node) -> ir.Value | None:
+def silu_input(mul: ir.Node) -> ir.Value | None:
     """``x`` when ``mul`` is ``x * Sigmoid(x)``, else ``None``."""
     if len(mul.inputs) != 2 or None in mul.inputs:
         return None

@@ -13,8 +13,8 @@ as for a single Concat, which HTP gets right.
 
 The tree's range is the union of its Concats' calibrated ranges (the root's holds the
 others' values anyway); its width is 16 bits where a leaf input spans under
-:data:`~.widen.CONCAT_RANGE_RATIO` of that range (case 2h judged on the tree, not on each
-Concat's own range), and so is the data movement between its Concats (a Reshape at 8
+:data:`~.widen.CONCAT_RANGE_RATIO` of that range (case 2h, :func:`~.widen.mixed_concats`,
+judged on the tree, not on each Concat's own range), and so is the data movement between its Concats (a Reshape at 8
 bits between two 16-bit Concats would round the tree to 8 bits on the way).
 """
 
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import onnx_ir as ir
-from compressor.targets.qnn_htp.widen import CONCAT_RANGE_RATIO
 
 __all__ = ["ConcatTree", "concat_trees"]
 
@@ -62,22 +60,6 @@ class ConcatTree:
                     found.append(value)
         return found
 
-    def mixed(self, ranges: Mapping[str, tuple[float, float]], moves: frozenset[str]) -> str | None:
-        """Why the tree runs at 16 bits (a leaf spanning under the ratio of its range), or ``None``."""
-        whole = self.range(ranges)
-        if whole is None:
-            return None
-        span = max(whole[1], 0.0) - min(whole[0], 0.0)
-        for leaf in self.leaves(moves):
-            if leaf.name not in ranges or not span:
-                continue
-            lo, hi = ranges[leaf.name]
-            part = max(hi, 0.0) - min(lo, 0.0)
-            if part < CONCAT_RANGE_RATIO * span:
-                return (f"input {leaf.name!r} of the Concat tree spans {part:.3g} of its {span:.3g}: "
-                        f"{max(0.0, 8 + np.log2(max(part, 1e-30) / span)):.1f} of 8 bits")
-        return None
-
 
 def _parent(node: ir.Node, moves: frozenset[str]) -> tuple[ir.Node, list[ir.Node]] | None:
     """The Concat ``node``'s output flows into alone, through single-reader ``moves`` ops, and those ops."""
@@ -96,12 +78,17 @@ def _parent(node: ir.Node, moves: frozenset[str]) -> tuple[ir.Node, list[ir.Node
     return None
 
 
-def concat_trees(graph: ir.Graph, moves: frozenset[str]) -> list[ConcatTree]:
-    """Every tree of two Concats or more (a Concat feeding another, through data movement only)."""
-    parent = {id(n): p for n in graph if n.op_type == "Concat" and (p := _parent(n, moves)) is not None}
+def _concat(node: ir.Node) -> bool:
+    return node.op_type == "Concat" and node.domain in ("", "ai.onnx")
+
+
+def concat_trees(graph: ir.Graph, moves: frozenset[str], singletons: bool = False) -> list[ConcatTree]:
+    """Every tree of two Concats or more (a Concat feeding another, through data movement only);
+    with ``singletons``, each other Concat as a tree of one too."""
+    parent = {id(n): p for n in graph if _concat(n) and (p := _parent(n, moves)) is not None}
     trees: dict[int, ConcatTree] = {}
     for node in graph:
-        if node.op_type != "Concat" or id(node) not in parent:
+        if not _concat(node) or id(node) not in parent:
             continue
         root = node
         while id(root) in parent:
@@ -109,4 +96,8 @@ def concat_trees(graph: ir.Graph, moves: frozenset[str]) -> list[ConcatTree]:
         tree = trees.setdefault(id(root), ConcatTree(root))
         tree.members.append(node)
         tree.between += parent[id(node)][1]
+    if singletons:
+        for node in graph:
+            if _concat(node) and id(node) not in parent and id(node) not in trees:
+                trees[id(node)] = ConcatTree(node)
     return list(trees.values())

@@ -116,7 +116,6 @@ from compressor.targets.qnn_htp.widen import (
     carried_states,
     describe,
     mixed_concats,
-    reaches_output,
     norm_chains,
     root_chains,
     squares_as_mul,
@@ -415,14 +414,8 @@ class QuantizeTensors(Pass):
         concats = mixed_concats(float_model.graph, {name: (st.min, st.max) for name, st in cache.items()
                                                     if not st.problem()}, rules.same_encoding) \
             if opts.concats == "int16" and opts.activations == "int8" and not blocks else {}
-        trees, moves = concat_trees(float_model.graph, rules.same_encoding), set()
-        if opts.concats == "int16" and opts.activations == "int8" and not blocks:  # case 2h judged per tree
-            ranges = {name: (st.min, st.max) for name, st in cache.items() if not st.problem()}
-            for tree in trees:
-                if reaches_output(float_model.graph, tree.root.outputs[0], rules.same_encoding) \
-                        and (why := tree.mixed(ranges, rules.same_encoding)) is not None:
-                    concats.update({name: why for name in tree.names})
-                    moves.update(n.outputs[0].name for n in tree.between)
+        trees = concat_trees(float_model.graph, rules.same_encoding)  # case 1f; 2h judged per tree
+        moves = {n.outputs[0].name for tree in trees if tree.root.outputs[0].name in concats for n in tree.between}
         for name, why in concats.items():
             logger.info("%s: %s at 16 bits: %s", self.name, name, why)
         run = _Legalizer(model.graph, rules, cache, opts, quantizable, blocks > 0, {*concats, *moves}, trees)

@@ -57,6 +57,7 @@ import numpy as np
 import onnx_ir as ir
 from compressor.passes._graph import label
 from compressor.targets.base import on_cpu
+from compressor.targets.qnn_htp.concat_trees import concat_trees
 from compressor.targets.qnn_htp.qdq_graph import QDQ_OPS, const_array
 from compressor.targets.qnn_htp.rules import QdqRules
 
@@ -220,30 +221,28 @@ def mixed_concats(graph: ir.Graph, ranges: Mapping[str, tuple[float, float]],
     """``{Concat output name: why}`` for the Concats with an input spanning under
     :data:`CONCAT_RANGE_RATIO` of their output's range (case 4), from the calibrated ``ranges``
     (``(min, max)`` by tensor name, of the model without activation Q/DQ); both spans include 0,
-    as an encoding's range does.
+    as an encoding's range does. A tree of Concats (:mod:`.concat_trees`) shares one encoding,
+    so its leaf inputs are judged against the tree's range and all its Concats are named; a
+    lone Concat is a tree of one.
 
     Only a Concat whose output reaches a graph output through ops in ``moves`` (that carry
     the encoding on: reshapes, transposes, slices) is widened: a compute layer reading it
     requantizes it to its own 8 bits over the whole range, so widening the Concat there would
     only add Converts. Keyed by output name (unique, and a node may have no name).
     """
-    def span(name: str) -> float | None:
-        if name not in ranges:
-            return None
-        lo, hi = ranges[name]
-        return max(hi, 0.0) - min(lo, 0.0)
+    def span(r: tuple[float, float]) -> float:
+        return max(r[1], 0.0) - min(r[0], 0.0)
 
     found: dict[str, str] = {}
-    for node in graph:
-        if node.op_type != "Concat" or not _standard(node):
+    for tree in concat_trees(graph, moves, singletons=True):
+        whole = tree.range(ranges)
+        if whole is None or not span(whole) or not reaches_output(graph, tree.root.outputs[0], moves):
             continue
-        whole = span(node.outputs[0].name)
-        if not whole or not reaches_output(graph, node.outputs[0], moves):
-            continue
-        for value in node.inputs:
-            part = span(value.name) if value is not None else None
-            if part is not None and part < CONCAT_RANGE_RATIO * whole:
-                found[node.outputs[0].name] = (f"input {value.name!r} spans {part:.3g} of the output's {whole:.3g}: "
-                                    f"{max(0.0, 8 + np.log2(max(part, 1e-30) / whole)):.1f} of 8 bits")
+        for leaf in tree.leaves(moves):
+            part = span(ranges[leaf.name]) if leaf.name in ranges else None
+            if part is not None and part < CONCAT_RANGE_RATIO * span(whole):
+                why = (f"input {leaf.name!r} spans {part:.3g} of the output's {span(whole):.3g}: "
+                       f"{max(0.0, 8 + np.log2(max(part, 1e-30) / span(whole))):.1f} of 8 bits")
+                found.update({name: why for name in tree.names})
                 break
     return found
