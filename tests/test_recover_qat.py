@@ -256,6 +256,16 @@ def test_qat_without_a_quantize_step_is_refused(tiny, capsys):
     assert not (tiny["dir"] / "o").exists()
 
 
+def test_qat_without_global_steps_is_refused(tiny, capsys):
+    recipe = _recipe(tiny["dir"], "noglobal", "{steps: 0, block_steps: 5, qat: true}")
+    code, _, err = run([tiny["model"], "--recipe", recipe, "--train", tiny["train"], "-o", tiny["dir"] / "o"], capsys)
+    assert code == 2
+    assert error_line(err) == (f"error: {recipe}: recover: qat: true learns the activation scales in the global loop, "
+                               "and steps: 0 has none (the block phase trains the weights only), so the int8 step "
+                               "would get the untrained initial scales; set steps above 0, or drop 'qat'")
+    assert not (tiny["dir"] / "o").exists()
+
+
 class _LnNet(torch.nn.Module):
     """LayerNorm -> two Linears reading it (a transformer block's Q/K/V shape), with outlier channels."""
 

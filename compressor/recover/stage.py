@@ -90,6 +90,10 @@ def check_recover_inputs(recipe: Any, model_path: Path, train: RawData | None, c
         raise RecipeError(f"{recipe.source}: recover: qat: true fake-quantizes the module for the int8 step that "
                           "follows it, and the recipe has no 'quantize' pass after its sparsity pass; add one, or "
                           "drop 'qat'")
+    if recipe.recover.qat and recipe.recover.steps == 0:
+        raise RecipeError(f"{recipe.source}: recover: qat: true learns the activation scales in the global loop, and "
+                          "steps: 0 has none (the block phase trains the weights only), so the int8 step would get "
+                          "the untrained initial scales; set steps above 0, or drop 'qat'")
     if model_path.suffix.lower() == ".onnx":
         from compressor.recover.module import PASS_INSTEAD
 
