@@ -98,17 +98,40 @@ def test_block_phase_is_deterministic_for_a_seed():
     assert other.losses != first.losses
 
 
-def test_teacher_states_are_the_teachers_block_outputs():
-    from compressor.recover.blockwise import _boundaries
+def test_teacher_states_chained_block_by_block_are_the_teachers_hidden_states():
+    from compressor.recover.blockwise import _outputs
 
     teacher = _bert()
-    feed = {k: torch.from_numpy(v[:5]) for k, v in _data().arrays.items()}
+    data = _data()
     with torch.no_grad():
-        states = _boundaries(_call(teacher), teacher.encoder.layer)(feed)
-        hf = _call(teacher)(feed).hidden_states  # (embeddings, block 0, block 1)
-    assert len(states.hidden_states) == 2
-    for mine, theirs in zip(states.hidden_states, hf[1:]):
-        torch.testing.assert_close(mine, theirs)
+        hf = _call(teacher)({k: torch.from_numpy(v) for k, v in data.arrays.items()}).hidden_states
+    states = None
+    for j in range(2):  # block j from the stored output of block j - 1, as the phase computes its targets
+        states = _outputs(_call(teacher), teacher.encoder.layer, j, states, data, 8)
+        assert sorted(states) == list(range(len(data)))
+        for i, row in states.items():
+            length = int(data.arrays["attention_mask"][i].sum())
+            assert row.shape == (length, 16)  # real positions only
+            torch.testing.assert_close(row, hf[j + 1][i, :length])
+
+
+def test_block_phase_over_the_memory_budget_trains_on_the_samples_that_fit(caplog):
+    teacher = _bert()
+    student, held = _pruned_student(teacher)
+    MaskedParams(held, 2)
+    data = _data()
+    tokens = data.arrays["attention_mask"].sum(1)
+    cfg = RecoverConfig(steps=1, batch=8, block_steps=2, teacher_cache_mb=0)
+    with caplog.at_level("WARNING"):
+        result = reconstruct_blocks(_call(student), _call(teacher), student, teacher, held, data, cfg, "bert")
+    assert result.samples == 8 and result.record()["samples"] == 8  # one batch at least
+    assert "8 of the 48 samples fit in teacher_cache_mb (0 MB)" in caplog.text
+    from compressor.recover.blockwise import _fitting
+
+    rows = {i: torch.zeros(int(t), 16) for i, t in enumerate(tokens)}
+    per_sample = [2 * int(t) * 16 * 4 for t in tokens]
+    assert _fitting(rows, data, sum(per_sample[:20]), 8) == 20
+    assert _fitting(rows, data, sum(per_sample), 8) == len(data)
 
 
 def test_block_steps_must_not_be_negative_and_only_they_allow_no_global_steps():

@@ -22,7 +22,7 @@
                                    [--masks magnitude,wanda,sparsegpt,sparsegpt:0.01] [--skip-curve] [--skip-cnn]
                                    (sparsegpt:dense / sparsegpt:sequential: SparseGPT's statistics from the
                                     dense model / stage by stage on the pruned one; plain sparsegpt: the default)
-                                   [--recover [--train 2000] [--steps 300] [--batch 16] [--train-seq 64]
+                                   [--recover [--train 10000] [--steps 300] [--batch 16] [--train-seq 64]
                                               [--schedule fixed|pgf] [--pgf-decay 0.25] [--threads 1]
                                               [--sequential on|off] [--block-steps 0] [--block-lr 1e-3]]
 
@@ -347,7 +347,7 @@ def main() -> None:
     p.add_argument("--skip-curve", action="store_true", help="no essential-sparsity curve")
     p.add_argument("--skip-cnn", action="store_true", help="no channel-pruning latency (digits CNN, ResNet-50)")
     p.add_argument("--recover", action="store_true", help="only the int8-nm-recover rows (recovery stage)")
-    p.add_argument("--train", type=int, default=2000, help="training passages for --recover")
+    p.add_argument("--train", type=int, default=10000, help="training passages for --recover")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=None, help="--recover learning rate (default: the recipe's)")
     p.add_argument("--batch", type=int, default=16)

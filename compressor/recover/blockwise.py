@@ -7,18 +7,20 @@ loop (:mod:`.train`):
 
     min  mean_P [ (1 - cos(B_j(X_j), Y_j)) + |B_j(X_j) - Y_j|² / mean_P |Y_j|² ]
 
-``Y_j``: the teacher's output of block ``j`` (stored per sample by :class:`.TeacherCache`);
-``X_j``: the student's input of block ``j``, i.e. the output of its blocks ``0..j-1`` already
-reconstructed (sequential, so a block also learns to undo what the earlier ones still
-miss), kept per sample at its real positions; ``X_0`` is what the student's own layers
-before the blocks give. ``P``: real positions (``attention_mask``). The loss is
+``Y_j``: the teacher's output of block ``j``, computed once per block (the teacher's block
+``j`` over the data, from its stored ``Y_{j-1}``); ``X_j``: the student's input of block
+``j``, i.e. the output of its blocks ``0..j-1`` already reconstructed (sequential, so a block
+also learns to undo what the earlier ones still miss); ``X_0`` is what the student's own
+layers before the blocks give. Both are kept per sample at its real positions, two states
+per sample whatever the depth, within ``teacher_cache_mb`` (the samples beyond it, in
+order, are left out of the phase with a warning). ``P``: real positions (``attention_mask``). The loss is
 :func:`.distill.output_loss`'s ``cosine+mse``: the global loop's two terms, applied to one
 block. The other arguments a block takes (the attention mask in the model's own format)
 are the ones block 0 gets on the same batch, read by a pre-hook on a forward that stops
 there (the embedding layers only); every block must get the same ones.
 
 A step runs one block forward and backward (about a sixth of a MiniLM step, and no
-teacher forward once a sample's states are stored); masks are held by the same
+teacher forward); masks are held by the same
 :class:`.MaskedParams` as the global loop (every group of M holds at most N non-zeros after
 every step). Deterministic for a seed as the global loop is (data order from the seed,
 ``torch.manual_seed``, deterministic algorithms). Design notes and measurements:
@@ -40,9 +42,9 @@ from compressor.errors import UsageError
 from compressor.flow.evaluation import compare
 from compressor.progress import Progress, no_progress
 from compressor.recover.config import RecoverConfig
-from compressor.recover.distill import TeacherOutput, output_loss
+from compressor.recover.distill import output_loss
 from compressor.recover.schedule import MaskedParam, MaskedParams
-from compressor.recover.teacher_cache import TeacherCache, pad_rows
+from compressor.recover.teacher_cache import pad_rows
 from compressor.recover.train import _order, _tensors, deterministic, masked_step
 
 __all__ = ["BlockResult", "find_blocks", "keep_if_better", "reconstruct_blocks", "usable_blocks"]
@@ -62,11 +64,12 @@ class BlockResult:
     seconds: float
     holdout_drop: tuple[float, float] | None = None  # before and after the phase (keep_if_better)
     kept: bool = True
+    samples: int | None = None  # training samples the phase used (fewer than given when over teacher_cache_mb)
 
     def record(self) -> dict[str, Any]:
         return {"blocks": self.blocks, "count": len(self.losses), "steps_per_block": self.steps,
                 "loss_first_last": [[round(a, 6), round(b, 6)] for a, b in self.losses],
-                "seconds": round(self.seconds, 3), "kept": self.kept,
+                "seconds": round(self.seconds, 3), "kept": self.kept, "samples": self.samples,
                 **({"holdout_drop_before_after": [round(d, 6) for d in self.holdout_drop]}
                    if self.holdout_drop is not None else {})}
 
@@ -167,21 +170,6 @@ def _run(block: Any, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _boundaries(teacher: Callable[[Mapping[str, Any]], Any], blocks: Any) -> Callable[[Mapping[str, Any]], Any]:
-    """Calls the teacher and returns its blocks' outputs as a :class:`.TeacherOutput` (``hidden_states[j]``: block j)."""
-    def call(feed: Mapping[str, Any]) -> TeacherOutput:
-        outs: list[Any] = []
-        handles = [b.register_forward_hook(lambda _m, _a, out: outs.append(out[0] if isinstance(out, (tuple, list))
-                                                                          else out)) for b in blocks]
-        try:
-            teacher(feed)
-        finally:
-            for h in handles:
-                h.remove()
-        return TeacherOutput(outs[-1], tuple(outs))
-    return call
-
-
 def _same(a: Any, b: Any) -> bool:
     """Whether two call arguments of two blocks are the same (one object, or equal tensors / values)."""
     import torch
@@ -279,14 +267,25 @@ def reconstruct_blocks(student: Callable[[Mapping[str, Any]], Any], teacher: Cal
     batch = min(cfg.batch, len(train))
     first_feed = _tensors(train, np.arange(batch), trim=True)
     _check_chain(student, name, blocks, first_feed, what)
-    teacher_on = TeacherCache(_boundaries(teacher, teacher_blocks), cfg.teacher_cache_mb << 20)
+    targets = _outputs(teacher, teacher_blocks, 0, None, train, batch)  # the teacher's output of block 0
+    used = _fitting(targets, train, cfg.teacher_cache_mb << 20, batch)
+    if used < len(train):
+        logger.warning("recover: block_steps: the block phase keeps two states per training sample (the student's "
+                       "input of a block and the teacher's output of it); %d of the %d samples fit in "
+                       "teacher_cache_mb (%d MB) and train the blocks; raise it to use them all", used, len(train),
+                       cfg.teacher_cache_mb)
+        train = train.subset(0, used)
+        targets = {i: t for i, t in targets.items() if i < used}
+    batch = min(batch, len(train))
     inputs: dict[int, Any] = {}  # sample -> the student's input of the current block, real positions only
     losses: list[tuple[float, float]] = []
     total = len(blocks) * cfg.block_steps
-    logger.info("recover: block-wise reconstruction of %d blocks (%s), %d steps of %d each, lr %g", len(blocks), name,
-                cfg.block_steps, batch, cfg.block_lr)
+    logger.info("recover: block-wise reconstruction of %d blocks (%s) on %d samples, %d steps of %d each, lr %g",
+                len(blocks), name, len(train), cfg.block_steps, batch, cfg.block_lr)
     with deterministic(cfg.seed), progress("recover blocks", total, "step") as bar:
         for j, block in enumerate(blocks):
+            if j:
+                targets = _outputs(teacher, teacher_blocks, j, targets, train, batch)
             mine = {id(p) for p in block.parameters()}
             params = [p for p in block.parameters() if p.requires_grad]
             masks = MaskedParams([mp for mp in held if id(mp.param) in mine], cfg.block_steps, cfg.schedule,
@@ -301,9 +300,8 @@ def reconstruct_blocks(student: Callable[[Mapping[str, Any]], Any], teacher: Cal
                 mask = feed.get(MASK_INPUT)
                 args, kwargs = _block_call(student, blocks[0], feed)
                 x = args[0] if j == 0 else _assemble(inputs, idx, mask)
-                with torch.no_grad():
-                    target = teacher_on(feed, idx).hidden_states[j]
-                loss = output_loss(_run(block, x, args, kwargs), target, BLOCK_LOSS, cfg.temperature, mask)
+                loss = output_loss(_run(block, x, args, kwargs), _assemble(targets, idx, mask), BLOCK_LOSS,
+                                   cfg.temperature, mask)
                 block_losses.append(masked_step(loss, optimizer, decay, masks, step, on_step))
                 bar.update(1)
                 if hasattr(bar, "set_postfix"):
@@ -311,10 +309,8 @@ def reconstruct_blocks(student: Callable[[Mapping[str, Any]], Any], teacher: Cal
             losses.append((float(np.mean(block_losses[:5])), float(np.mean(block_losses[-5:]))))
             logger.info("recover: block %d: loss %.5g -> %.5g", j, *losses[-1])
             if j + 1 < len(blocks):
-                _propagate(student, blocks, j, inputs, train, batch)
-    logger.info("recover: block phase: teacher states reused for %d of %d samples (%.0f MB stored)", teacher_on.hits,
-                teacher_on.hits + teacher_on.misses, teacher_on.used / 2**20)
-    return BlockResult(name, cfg.block_steps, losses, time.perf_counter() - started)
+                inputs = _outputs(student, blocks, j, inputs if j else None, train, batch)
+    return BlockResult(name, cfg.block_steps, losses, time.perf_counter() - started, samples=len(train))
 
 
 def _assemble(inputs: dict[int, Any], idx: np.ndarray, mask: Any | None) -> Any:
@@ -324,19 +320,37 @@ def _assemble(inputs: dict[int, Any], idx: np.ndarray, mask: Any | None) -> Any:
     return pad_rows(rows, mask.shape[1]) if mask is not None else torch.stack(rows)
 
 
-def _propagate(student: Callable[[Mapping[str, Any]], Any], blocks: Any, j: int, inputs: dict[int, Any],
-               train: Dataset, batch: int) -> None:
-    """Every sample's input of block ``j + 1``: block ``j`` (just trained) on its input of block ``j``."""
+def _outputs(call: Callable[[Mapping[str, Any]], Any], blocks: Any, j: int, inputs: dict[int, Any] | None,
+             train: Dataset, batch: int) -> dict[int, Any]:
+    """Block ``j`` of a model (student or teacher) on every sample, per sample at its real positions.
+
+    ``inputs``: each sample's input of block ``j`` (the model's output of block ``j - 1``); ``None``
+    for block 0, whose input is what the model's own layers before the blocks give.
+    """
     import torch
 
+    out_rows: dict[int, Any] = {}
     with torch.no_grad():
         for start in range(0, len(train), batch):
             idx = np.arange(start, min(start + batch, len(train)))
             feed = _tensors(train, idx, trim=True)
             mask = feed.get(MASK_INPUT)
-            args, kwargs = _block_call(student, blocks[0], feed)
-            x = args[0] if j == 0 else _assemble(inputs, idx, mask)
+            args, kwargs = _block_call(call, blocks[0], feed)
+            x = args[0] if inputs is None else _assemble(inputs, idx, mask)
             out = _run(blocks[j], x, args, kwargs)
             for r, i in enumerate(idx.tolist()):
                 length = None if mask is None else int(mask[r].sum())  # padding is on the right
-                inputs[i] = (out[r, :length] if mask is not None else out[r]).clone()
+                out_rows[i] = (out[r, :length] if mask is not None else out[r]).clone()
+    return out_rows
+
+
+def _fitting(states: dict[int, Any], train: Dataset, budget: int, least: int) -> int:
+    """How many samples, in order, fit in ``budget`` bytes at two states each (the student's input
+    of a block and the teacher's output of it, each the size of ``states``' row of that sample);
+    never fewer than ``least`` (one batch)."""
+    used = 0
+    for i in range(len(train)):
+        used += 2 * states[i].numel() * states[i].element_size()
+        if used > budget:
+            return max(least, i)
+    return len(train)

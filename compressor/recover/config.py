@@ -53,7 +53,9 @@ class RecoverConfig:
             row, and on MiniLM the word table is half the parameters (half the optimizer's time).
         teacher_cache_mb: Memory for the teacher's outputs per training sample, computed once
             and reused on later passes over the data (:mod:`compressor.recover.teacher_cache`);
-            0: the teacher runs on every step.
+            0: the teacher runs on every step. It also bounds the block phase's two states per
+            sample (the student's input of a block, the teacher's output of it): the samples
+            beyond it, in order, are left out of that phase with a warning (one batch at least).
         block_steps: Block-wise reconstruction before the global loop
             (:mod:`compressor.recover.blockwise`): each repeated block of the module (a
             transformer's layers) trained alone for this many steps to give the teacher's
