@@ -119,19 +119,30 @@ def test_block_phase_over_the_memory_budget_trains_on_the_samples_that_fit(caplo
     teacher = _bert()
     student, held = _pruned_student(teacher)
     MaskedParams(held, 2)
-    data = _data()
-    tokens = data.arrays["attention_mask"].sum(1)
-    cfg = RecoverConfig(steps=1, batch=8, block_steps=2, teacher_cache_mb=0)
+    data = _data(count=1400)
+    per_sample = 2 * data.arrays["attention_mask"].sum(1) * 16 * 4  # two fp32 states of 16 per real token
+    fit = int((np.cumsum(per_sample) <= 1 << 20).sum())
+    assert 8 < fit < 1400
+    cfg = RecoverConfig(steps=1, batch=8, block_steps=2, teacher_cache_mb=1)
     with caplog.at_level("WARNING"):
         result = reconstruct_blocks(_call(student), _call(teacher), student, teacher, held, data, cfg, "bert")
-    assert result.samples == 8 and result.record()["samples"] == 8  # one batch at least
-    assert "8 of the 48 samples fit in teacher_cache_mb (0 MB)" in caplog.text
-    from compressor.recover.blockwise import _fitting
+    assert result.samples == fit and result.record()["samples"] == fit
+    assert f"the first {fit} of the 1400 samples fit in teacher_cache_mb (1 MB)" in caplog.text
 
-    rows = {i: torch.zeros(int(t), 16) for i, t in enumerate(tokens)}
-    per_sample = [2 * int(t) * 16 * 4 for t in tokens]
-    assert _fitting(rows, data, sum(per_sample[:20]), 8) == 20
-    assert _fitting(rows, data, sum(per_sample), 8) == len(data)
+
+def test_block_outputs_stop_at_the_budget_and_consume_their_inputs():
+    from compressor.recover.blockwise import _outputs
+
+    teacher = _bert()
+    data = _data()
+    per_sample = 2 * data.arrays["attention_mask"].sum(1) * 16 * 4
+    first = _outputs(_call(teacher), teacher.encoder.layer, 0, None, data, 8, budget=int(per_sample[:20].sum()),
+                     least=8)
+    assert sorted(first) == list(range(20))
+    assert len(_outputs(_call(teacher), teacher.encoder.layer, 0, None, data, 8, budget=0, least=8)) == 8
+    everything = _outputs(_call(teacher), teacher.encoder.layer, 0, None, data, 8)
+    _outputs(_call(teacher), teacher.encoder.layer, 1, everything, data, 8)
+    assert everything == {}  # each row dropped once read: the two states per sample are the peak
 
 
 def test_block_steps_must_not_be_negative_and_only_they_allow_no_global_steps():
@@ -140,6 +151,10 @@ def test_block_steps_must_not_be_negative_and_only_they_allow_no_global_steps():
     with pytest.raises(ValueError, match=r"option 'steps' must be >= 1, got 0"):
         RecoverConfig(steps=0)
     assert RecoverConfig(steps=0, block_steps=5).steps == 0
+    with pytest.raises(ValueError, match=r"option 'teacher_cache_mb' must be > 0 with block_steps \(the block phase "
+                                         r"keeps its per-sample states there\), got 0"):
+        RecoverConfig(block_steps=5, teacher_cache_mb=0)
+    assert RecoverConfig(teacher_cache_mb=0).teacher_cache_mb == 0
 
 
 class Parallel(torch.nn.Module):

@@ -267,21 +267,23 @@ def reconstruct_blocks(student: Callable[[Mapping[str, Any]], Any], teacher: Cal
     batch = min(cfg.batch, len(train))
     first_feed = _tensors(train, np.arange(batch), trim=True)
     _check_chain(student, name, blocks, first_feed, what)
-    targets = _outputs(teacher, teacher_blocks, 0, None, train, batch)  # the teacher's output of block 0
-    used = _fitting(targets, train, cfg.teacher_cache_mb << 20, batch)
-    if used < len(train):
+    budget = cfg.teacher_cache_mb << 20
+    with deterministic(cfg.seed):  # the teacher's output of block 0, for the samples whose two states fit
+        targets = _outputs(teacher, teacher_blocks, 0, None, train, batch, budget=budget, least=batch)
+    if len(targets) < len(train):
         logger.warning("recover: block_steps: the block phase keeps two states per training sample (the student's "
-                       "input of a block and the teacher's output of it); %d of the %d samples fit in "
-                       "teacher_cache_mb (%d MB) and train the blocks; raise it to use them all", used, len(train),
-                       cfg.teacher_cache_mb)
-        train = train.subset(0, used)
-        targets = {i: t for i, t in targets.items() if i < used}
+                       "input of a block and the teacher's output of it); the first %d of the %d samples fit in "
+                       "teacher_cache_mb (%d MB) and train the blocks; raise it to use them all", len(targets),
+                       len(train), cfg.teacher_cache_mb)
+        train = train.subset(0, len(targets))
+    stored = 2 * sum(t.numel() * t.element_size() for t in targets.values())
     batch = min(batch, len(train))
     inputs: dict[int, Any] = {}  # sample -> the student's input of the current block, real positions only
     losses: list[tuple[float, float]] = []
     total = len(blocks) * cfg.block_steps
-    logger.info("recover: block-wise reconstruction of %d blocks (%s) on %d samples, %d steps of %d each, lr %g",
-                len(blocks), name, len(train), cfg.block_steps, batch, cfg.block_lr)
+    logger.info("recover: block-wise reconstruction of %d blocks (%s) on %d samples (%.0f MB of states), %d steps "
+                "of %d each, lr %g", len(blocks), name, len(train), stored / 2**20, cfg.block_steps, batch,
+                cfg.block_lr)
     with deterministic(cfg.seed), progress("recover blocks", total, "step") as bar:
         for j, block in enumerate(blocks):
             if j:
@@ -321,15 +323,19 @@ def _assemble(inputs: dict[int, Any], idx: np.ndarray, mask: Any | None) -> Any:
 
 
 def _outputs(call: Callable[[Mapping[str, Any]], Any], blocks: Any, j: int, inputs: dict[int, Any] | None,
-             train: Dataset, batch: int) -> dict[int, Any]:
+             train: Dataset, batch: int, budget: int | None = None, least: int = 0) -> dict[int, Any]:
     """Block ``j`` of a model (student or teacher) on every sample, per sample at its real positions.
 
-    ``inputs``: each sample's input of block ``j`` (the model's output of block ``j - 1``); ``None``
-    for block 0, whose input is what the model's own layers before the blocks give.
+    ``inputs``: each sample's input of block ``j`` (the model's output of block ``j - 1``),
+    consumed (a row is dropped once used, so the two dicts never both hold every sample);
+    ``None`` for block 0, whose input is what the model's own layers before the blocks give.
+    ``budget``: stop after the samples, in order, whose two states (this output and the other
+    model's of the same size) fit in that many bytes, ``least`` of them at any rate.
     """
     import torch
 
     out_rows: dict[int, Any] = {}
+    used = 0
     with torch.no_grad():
         for start in range(0, len(train), batch):
             idx = np.arange(start, min(start + batch, len(train)))
@@ -337,20 +343,16 @@ def _outputs(call: Callable[[Mapping[str, Any]], Any], blocks: Any, j: int, inpu
             mask = feed.get(MASK_INPUT)
             args, kwargs = _block_call(call, blocks[0], feed)
             x = args[0] if inputs is None else _assemble(inputs, idx, mask)
+            if inputs is not None:
+                for i in idx.tolist():
+                    del inputs[i]
             out = _run(blocks[j], x, args, kwargs)
             for r, i in enumerate(idx.tolist()):
                 length = None if mask is None else int(mask[r].sum())  # padding is on the right
-                out_rows[i] = (out[r, :length] if mask is not None else out[r]).clone()
+                row = (out[r, :length] if mask is not None else out[r]).clone()
+                if budget is not None:
+                    used += 2 * row.numel() * row.element_size()
+                    if used > budget and i >= least:
+                        return out_rows
+                out_rows[i] = row
     return out_rows
-
-
-def _fitting(states: dict[int, Any], train: Dataset, budget: int, least: int) -> int:
-    """How many samples, in order, fit in ``budget`` bytes at two states each (the student's input
-    of a block and the teacher's output of it, each the size of ``states``' row of that sample);
-    never fewer than ``least`` (one batch)."""
-    used = 0
-    for i in range(len(train)):
-        used += 2 * states[i].numel() * states[i].element_size()
-        if used > budget:
-            return max(least, i)
-    return len(train)

@@ -55,7 +55,8 @@ class RecoverConfig:
             and reused on later passes over the data (:mod:`compressor.recover.teacher_cache`);
             0: the teacher runs on every step. It also bounds the block phase's two states per
             sample (the student's input of a block, the teacher's output of it): the samples
-            beyond it, in order, are left out of that phase with a warning (one batch at least).
+            beyond it, in file order, are left out of that phase with a warning; with
+            ``block_steps`` it must be above 0.
         block_steps: Block-wise reconstruction before the global loop
             (:mod:`compressor.recover.blockwise`): each repeated block of the module (a
             transformer's layers) trained alone for this many steps to give the teacher's
@@ -106,5 +107,8 @@ class RecoverConfig:
                 raise ValueError(f"option {key!r} must be >= 0, got {getattr(self, key)}")
         if self.teacher_cache_mb < 0:
             raise ValueError(f"option 'teacher_cache_mb' must be >= 0, got {self.teacher_cache_mb}")
+        if self.teacher_cache_mb == 0 and self.block_steps > 0:
+            raise ValueError("option 'teacher_cache_mb' must be > 0 with block_steps (the block phase keeps its "
+                             "per-sample states there), got 0")
         if self.patience < 0:
             raise ValueError(f"option 'patience' must be >= 0, got {self.patience}")

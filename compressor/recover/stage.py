@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: Passes whose masks the stage holds during training.
 PRUNING_PASSES = ("sparsify-nm", "prune-magnitude")
 _SHAPE_CHANGING = ("prune-channels",)
+QAT_WITHOUT_STEPS = ("recover: qat: true learns the activation scales in the global loop, and steps: 0 has none "
+                     "(the block phase trains the weights only), so the int8 step would get the untrained initial "
+                     "scales; set steps above 0, or drop 'qat'")
 
 
 @dataclasses.dataclass
@@ -74,7 +77,7 @@ def check_recover_inputs(recipe: Any, model_path: Path, train: RawData | None, c
 
     Raises:
         RecipeError: no sparsity pass to hold, or one that changes shapes; ``qat: true``
-            without a ``quantize`` step after the sparsity pass.
+            without a ``quantize`` step after the sparsity pass, or with ``steps: 0``.
         UsageError: no training or calibration data.
     """
     steps = [s.name for s in recipe.passes]
@@ -91,9 +94,7 @@ def check_recover_inputs(recipe: Any, model_path: Path, train: RawData | None, c
                           "follows it, and the recipe has no 'quantize' pass after its sparsity pass; add one, or "
                           "drop 'qat'")
     if recipe.recover.qat and recipe.recover.steps == 0:
-        raise RecipeError(f"{recipe.source}: recover: qat: true learns the activation scales in the global loop, and "
-                          "steps: 0 has none (the block phase trains the weights only), so the int8 step would get "
-                          "the untrained initial scales; set steps above 0, or drop 'qat'")
+        raise RecipeError(f"{recipe.source}: {QAT_WITHOUT_STEPS}")
     if model_path.suffix.lower() == ".onnx":
         from compressor.recover.module import PASS_INSTEAD
 
@@ -291,7 +292,7 @@ def _attach_qat(student: Any, model_path: Path, dense: Captured, after: list[Any
     """Fake quantization for the ``quantize`` step in ``after`` (:mod:`compressor.recover.qat`), initialised.
 
     Raises:
-        RecipeError: no ``quantize`` step in ``after``.
+        RecipeError: no ``quantize`` step in ``after``, or ``steps: 0`` (nothing would learn the scales).
         UsageError: a TorchScript module (its compiled code cannot be fake-quantized), or
             no layer the step quantizes matches a parameter of the module.
     """
@@ -303,6 +304,8 @@ def _attach_qat(student: Any, model_path: Path, dense: Captured, after: list[Any
     if student.kind == "torchscript":
         raise UsageError(f"recover: qat: {model_path.name} is TorchScript, whose compiled code cannot be "
                          f"fake-quantized; {PASS_INSTEAD}, or drop 'qat'")
+    if cfg.steps == 0:  # as the missing quantize step below: refused before capture too
+        raise RecipeError(QAT_WITHOUT_STEPS)
     step = next((p for p in after if p.name == "quantize"), None)
     if step is None:  # check_recover_inputs refuses it before capture; a direct call gets the same reason
         raise RecipeError("recover: qat: true fake-quantizes the module for the int8 step that follows it, and the "
