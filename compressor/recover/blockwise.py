@@ -9,21 +9,22 @@ loop (:mod:`.train`):
 
 ``Y_j``: the teacher's output of block ``j``, computed once per block (the teacher's block
 ``j`` over the data, from its stored ``Y_{j-1}``); ``X_j``: the student's input of block
-``j``, i.e. the output of its blocks ``0..j-1`` already reconstructed (sequential, so a block
-also learns to undo what the earlier ones still miss); ``X_0`` is what the student's own
-layers before the blocks give. Both are kept per sample at its real positions, two states
-per sample whatever the depth, within ``teacher_cache_mb`` (the samples beyond it, in file
-order, are left out of the phase with a warning). ``P``: real positions
-(``attention_mask``). The loss is :func:`.distill.output_loss`'s ``cosine+mse``: the global
-loop's two terms, applied to one block. The other arguments a block takes (the attention mask in the model's own format)
-are the ones block 0 gets on the same batch, read by a pre-hook on a forward that stops
-there (the embedding layers only); every block must get the same ones.
+``j``, i.e. the output of its blocks ``0..j-1`` already reconstructed (sequential, so a
+block also learns to undo what the earlier ones still miss); ``X_0`` is what the student's
+own layers before the blocks give. Both are kept per sample at its real positions, two
+states per sample whatever the depth, within ``teacher_cache_mb`` (the samples beyond it,
+in file order, are left out of the phase with a warning). ``P``: real positions
+(``attention_mask``). The loss is :func:`.distill.output_loss`'s ``cosine+mse``: the
+global loop's two terms, applied to one block. The other arguments a block takes (the
+attention mask in the model's own format) are the ones block 0 gets on the same batch,
+read by a pre-hook on a forward that stops there (the embedding layers only); every block
+must get the same ones.
 
-A step runs one block forward and backward (about a sixth of a MiniLM step, and no
-teacher forward); masks are held by the same :class:`.MaskedParams` as the global loop (every group of M holds at most N non-zeros after
-every step). Deterministic for a seed as the global loop is (data order from the seed,
-``torch.manual_seed``, deterministic algorithms). Design notes and measurements:
-``docs/design.md``, "Recovery stage".
+A step runs one block forward and backward (about a sixth of a MiniLM step, and no teacher
+forward); masks are held by the same :class:`.MaskedParams` as the global loop (every
+group of M holds at most N non-zeros after every step). Deterministic for a seed as the
+global loop is (data order from the seed, ``torch.manual_seed``, deterministic
+algorithms). Design notes and measurements: ``docs/design.md``, "Recovery stage".
 """
 
 from __future__ import annotations
