@@ -272,14 +272,21 @@ def test_a_module_without_repeated_blocks_trains_globally_and_is_refused_with_no
     assert recovery["steps"] == 5 and "blockwise" not in recovery
 
 
-def test_hf_encoder_recovers_block_wise_then_globally(tmp_path, capsys):
+def test_hf_encoder_recovers_block_wise_then_globally(tmp_path, capsys, monkeypatch):
+    import compressor.recover.train as train_mod
+
+    passes = []  # every pass of a model (teacher or student) over the held-out samples
+    real = train_mod.outputs_on
+    monkeypatch.setattr(train_mod, "outputs_on", lambda *a: passes.append(1) or real(*a))
     model = _bert()
     model.save_pretrained(tmp_path / "bert")
     data = _data(64).arrays
     np.savez(tmp_path / "train.npz", **data)
     np.savez(tmp_path / "calib.npz", **{k: v[:16] for k, v in data.items()})
     records, files = {}, {}
+    counts = {}
     for block_steps in (0, 8, "8 again", "8 harmful"):
+        passes.clear()
         lr = "0.9" if "harmful" in str(block_steps) else "1.0e-2"  # a rate that wrecks the blocks
         recipe = _recipe(tmp_path, f"{{steps: 4, batch: 8, block_steps: {str(block_steps)[0]}, block_lr: {lr}, "
                                    "holdout: 0.25, eval_every: 2}")
@@ -290,6 +297,7 @@ def test_hf_encoder_recovers_block_wise_then_globally(tmp_path, capsys):
         assert code == 0, err
         manifest = json.loads((out / "manifest.json").read_text())
         records[block_steps], files[block_steps] = manifest["recovery"], [f["sha256"] for f in manifest["files"]]
+        counts[block_steps] = len(passes)
     assert "blockwise" not in records[0]
     blocks = records[8]["blockwise"]
     assert blocks["blocks"] == "encoder.layer" and blocks["count"] == 2 and blocks["steps_per_block"] == 8
@@ -303,3 +311,8 @@ def test_hf_encoder_recovers_block_wise_then_globally(tmp_path, capsys):
     harmful = records["8 harmful"]["blockwise"]
     assert not harmful["kept"] and harmful["holdout_drop_before_after"][1] > harmful["holdout_drop_before_after"][0]
     assert files["8 harmful"] == files[0]
+    # the teacher's held-out outputs are computed once, and the global loop starts from the
+    # drop the phase measured last: teacher 1 + student before and after the phase + 2 evaluations
+    assert counts == {0: 4, 8: 5, "8 again": 5, "8 harmful": 5}, counts
+    assert records[8]["holdout_drop"][0][1] == blocks["holdout_drop_before_after"][1]
+    assert records["8 harmful"]["holdout_drop"][0][1] == harmful["holdout_drop_before_after"][0]

@@ -74,15 +74,14 @@ class BlockResult:
                    if self.holdout_drop is not None else {})}
 
 
-def keep_if_better(student: Callable[[Mapping[str, Any]], Any], teacher: Callable[[Mapping[str, Any]], Any],
-                   module: Any, held: list[MaskedParam], holdout: Dataset, batch: int, metric: str,
+def keep_if_better(student: Callable[[Mapping[str, Any]], Any], reference: list[np.ndarray], module: Any,
+                   held: list[MaskedParam], holdout: Dataset, batch: int, metric: str,
                    phase: Callable[[], BlockResult]) -> BlockResult:
     """Run the block phase and keep its weights only if the held-out drop fell; else the module,
     its masks and their shadows go back to what they were before it (the global loop's best-step
-    snapshot starts after the phase, so nothing else would undo a phase that made things worse)."""
+    snapshot starts after the phase, so nothing else would undo a phase that made things worse).
+    ``reference``: the teacher's outputs on ``holdout``."""
     from compressor.recover.train import outputs_on
-
-    reference = outputs_on(teacher, holdout, batch)
 
     def drop() -> float:
         return compare(reference, outputs_on(student, holdout, batch), holdout, metric).drop

@@ -160,7 +160,7 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
     from compressor.recover.masks import map_pruned_weights
     from compressor.recover.module import load_trainable, recapture
     from compressor.recover.schedule import MaskedParam, MaskedParams
-    from compressor.recover.train import fine_tune
+    from compressor.recover.train import fine_tune, outputs_on
 
     cfg: RecoverConfig = recipe.recover
     started = time.perf_counter()
@@ -225,6 +225,8 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
     logger.info("recover: %d masked weights, %d trainable tensors, %d training samples, %d held out; %d steps of %d",
                 len(held), len(trainable), len(fit), 0 if holdout is None else len(holdout), cfg.steps, cfg.batch)
     blocks = None
+    # the teacher's held-out outputs, once for the block phase's check and the global loop's evaluations
+    reference = outputs_on(teacher, holdout, min(cfg.batch, len(fit))) if holdout is not None else None
     if by_blocks:
         from compressor.recover.blockwise import keep_if_better, reconstruct_blocks
 
@@ -232,8 +234,11 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
             return reconstruct_blocks(student, teacher, student.module, teacher.module, held, fit, cfg,
                                       model_path.name, progress, on_step)
         blocks = block_phase() if holdout is None else keep_if_better(
-            student, teacher, student.module, held, holdout, cfg.batch, recipe.accuracy.metric, block_phase)
-    result = fine_tune(student, teacher, trainable, masks, fit, holdout, cfg, recipe.accuracy.metric, progress, on_step)
+            student, reference, student.module, held, holdout, cfg.batch, recipe.accuracy.metric, block_phase)
+    start = None if blocks is None or blocks.holdout_drop is None else \
+        blocks.holdout_drop[1 if blocks.kept else 0]  # the student's drop as the phase left it
+    result = fine_tune(student, teacher, trainable, masks, fit, holdout, cfg, recipe.accuracy.metric, progress, on_step,
+                       reference, start)
     learned = None
     if qat is not None:
         learned, qat_record = qat.learned_ranges(), qat.record()

@@ -116,8 +116,8 @@ def masked_step(loss: Any, optimizer: Any, decay: Any, masks: MaskedParams, step
 
 def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[str, Any]], Any], params: list[Any],
               masks: MaskedParams, train: Dataset, holdout: Dataset | None, cfg: RecoverConfig, metric: str,
-              progress: Progress = no_progress, on_step: Callable[[int, MaskedParams], None] | None = None
-              ) -> TrainResult:
+              progress: Progress = no_progress, on_step: Callable[[int, MaskedParams], None] | None = None,
+              reference: list[np.ndarray] | None = None, start_drop: float | None = None) -> TrainResult:
     """Fine-tune ``params`` of ``student`` towards ``teacher`` on ``train`` (see the module docstring).
 
     Args:
@@ -131,6 +131,8 @@ def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[
         metric: The recipe's accuracy metric (``auto``, ``top1``, ``cosine``).
         progress: Progress-bar factory; the bar shows the loss.
         on_step: Called after every optimizer step (tests check the masks there).
+        reference: The teacher's outputs on ``holdout`` when already computed (the block phase did).
+        start_drop: The student's held-out drop as it is now, when already measured.
     """
     import torch
 
@@ -139,12 +141,13 @@ def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[
     with deterministic(cfg.seed):
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / max(1, cfg.steps)))
-        reference = outputs_on(teacher, holdout, batch) if holdout is not None else None
+        if reference is None and holdout is not None:
+            reference = outputs_on(teacher, holdout, batch)
 
         def drop() -> float:
             return compare(reference, outputs_on(student, holdout, batch), holdout, metric).drop
 
-        evaluations = [(0, drop())] if holdout is not None else []
+        evaluations = [(0, drop() if start_drop is None else start_drop)] if holdout is not None else []
         best = (evaluations[0][1], 0, [p.detach().clone() for p in params]) if evaluations else None
         losses: list[float] = []
         stale, stopped = 0, False
