@@ -314,5 +314,30 @@ def test_hf_encoder_recovers_block_wise_then_globally(tmp_path, capsys, monkeypa
     # the teacher's held-out outputs are computed once, and the global loop starts from the
     # drop the phase measured last: teacher 1 + student before and after the phase + 2 evaluations
     assert counts == {0: 4, 8: 5, "8 again": 5, "8 harmful": 5}, counts
-    assert records[8]["holdout_drop"][0][1] == blocks["holdout_drop_before_after"][1]
-    assert records["8 harmful"]["holdout_drop"][0][1] == harmful["holdout_drop_before_after"][0]
+    # undone, it starts where the run without blocks starts (that run measured it itself)
+    assert records["8 harmful"]["holdout_drop"][0][1] == records[0]["holdout_drop"][0][1]
+
+
+def test_a_block_phase_that_leaves_nan_outputs_is_undone():
+    """A NaN held-out drop is the worst drop (``drop_order``), not one that ``after > before`` lets pass."""
+    from compressor.recover.blockwise import BlockResult, keep_if_better
+    from compressor.recover.train import outputs_on
+
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    data = Dataset({"x": np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)},
+                   [InputSpec("x", ("N", 8), "float32")], {"x": False}, None, "mem", "")
+    held = [MaskedParam("weight", student.weight, nm_mask(student.weight, N, M), student.weight.detach().clone(),
+                        ("nm", N, M))]
+    start = student.weight.detach().clone()
+
+    def phase() -> BlockResult:
+        with torch.no_grad():
+            student.weight.fill_(float("nan"))
+        return BlockResult("layers", 1, [(1.0, 1.0)], 0.0)
+
+    call = lambda f: student(f["x"])  # noqa: E731
+    result = keep_if_better(call, outputs_on(lambda f: teacher(f["x"]), data, 8), student, held, data, 8, "cosine",
+                            phase)
+    assert not result.kept and np.isnan(result.holdout_drop[1])
+    assert torch.equal(student.weight, start)

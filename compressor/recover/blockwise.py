@@ -39,7 +39,7 @@ import numpy as np
 
 from compressor.data import MASK_INPUT, Dataset
 from compressor.errors import UsageError
-from compressor.flow.evaluation import compare
+from compressor.flow.evaluation import compare, drop_order
 from compressor.progress import Progress, no_progress
 from compressor.recover.config import RecoverConfig
 from compressor.recover.distill import output_loss
@@ -92,7 +92,7 @@ def keep_if_better(student: Callable[[Mapping[str, Any]], Any], reference: list[
     result = phase()
     after = drop()
     result.holdout_drop = (before, after)
-    if after > before:
+    if drop_order(after) > drop_order(before):  # a NaN drop (NaN or inf outputs) is the worst
         import torch
 
         module.load_state_dict(state)

@@ -226,7 +226,8 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
                 len(held), len(trainable), len(fit), 0 if holdout is None else len(holdout), cfg.steps, cfg.batch)
     blocks = None
     # the teacher's held-out outputs, once for the block phase's check and the global loop's evaluations
-    reference = outputs_on(teacher, holdout, min(cfg.batch, len(fit))) if holdout is not None else None
+    eval_batch = min(cfg.batch, len(fit))  # the global loop's evaluations run in batches of this size too
+    reference = outputs_on(teacher, holdout, eval_batch) if holdout is not None else None
     if by_blocks:
         from compressor.recover.blockwise import keep_if_better, reconstruct_blocks
 
@@ -234,7 +235,7 @@ def recover(model_path: Path, recipe: Any, dense: Captured, train_raw: RawData, 
             return reconstruct_blocks(student, teacher, student.module, teacher.module, held, fit, cfg,
                                       model_path.name, progress, on_step)
         blocks = block_phase() if holdout is None else keep_if_better(
-            student, reference, student.module, held, holdout, cfg.batch, recipe.accuracy.metric, block_phase)
+            student, reference, student.module, held, holdout, eval_batch, recipe.accuracy.metric, block_phase)
     start = None if blocks is None or blocks.holdout_drop is None else \
         blocks.holdout_drop[1 if blocks.kept else 0]  # the student's drop as the phase left it
     result = fine_tune(student, teacher, trainable, masks, fit, holdout, cfg, recipe.accuracy.metric, progress, on_step,

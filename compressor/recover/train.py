@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from compressor.data import MASK_INPUT, Dataset
-from compressor.flow.evaluation import compare
+from compressor.flow.evaluation import compare, drop_order
 from compressor.progress import Progress, no_progress
 from compressor.recover.config import RecoverConfig
 from compressor.recover.distill import distill_loss, main_output
@@ -174,7 +174,7 @@ def fine_tune(student: Callable[[dict[str, Any]], Any], teacher: Callable[[dict[
                     continue
                 evaluations.append((step + 1, drop()))
                 logger.info("recover: step %d, loss %.5g, held-out drop %.6f", step + 1, losses[-1], evaluations[-1][1])
-                if evaluations[-1][1] < best[0]:
+                if drop_order(evaluations[-1][1]) < drop_order(best[0]):
                     best, stale = (evaluations[-1][1], step + 1, [p.detach().clone() for p in params]), 0
                 else:
                     stale += 1
