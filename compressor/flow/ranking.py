@@ -255,7 +255,7 @@ def per_sample_errors(ref: list[np.ndarray], outputs: list[np.ndarray], eval_set
 #: ranking from before is not reused: 2, rows per call for outputs that are not batch-first
 #: and qnn-legalize's attention rule (2026-11-30); 3, padding masked for stacked
 #: ``N x B x S`` attention masks too (``evaluation.padding_keep``); 4, NaN/inf computed alike
-#: on both sides count as equal and huge float64 rows are scaled (``evaluation._cosines``),
+#: on both sides count as equal and huge float64 rows are scaled (``cosine.cosines``),
 #: OpenVINO's preset keeps the key projections int8 with VNNI (``preset_float_roles``).
 RANKING_FORMAT = 4
 
