@@ -22,7 +22,7 @@
                                    [--masks magnitude,wanda,sparsegpt,sparsegpt:0.01] [--skip-curve] [--skip-cnn]
                                    (sparsegpt:dense / sparsegpt:sequential: SparseGPT's statistics from the
                                     dense model / stage by stage on the pruned one; plain sparsegpt: the default)
-                                   [--recover [--train 10000] [--steps 300] [--batch 16] [--train-seq 32]
+                                   [--recover [--train 10000] [--steps N] [--batch 16] [--train-seq 32]
                                               [--schedule fixed|pgf] [--pgf-decay 0.25] [--threads 1]
                                               [--sequential on|off] [--block-steps 0] [--block-lr 1e-3]]
 
@@ -170,7 +170,7 @@ def train_sentences(count: int, exclude: set[str]) -> list[str]:
     return out[:count]
 
 
-def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int, batch: int, train_seq: int,
+def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int | None, batch: int, train_seq: int,
                   lr: float | None = None, sequential: bool | None = None, **recover: object) -> dict:
     """MiniLM with ``int8-nm-recover`` on the ``onnx`` target: recovered fp32 and int8 rows (one training run).
 
@@ -218,6 +218,7 @@ def bench_recover(out: Path, n_calib: int, n_eval: int, n_train: int, steps: int
         recipe = dataclasses.replace(recipe, passes=tuple(
             dataclasses.replace(step, options={**step.options, "sequential": sequential})
             if step.name == "sparsify-nm" else step for step in recipe.passes))
+    steps = recipe.recover.steps if steps is None else steps
     recipe = dataclasses.replace(recipe, recover=dataclasses.replace(recipe.recover, steps=steps, batch=batch,
                                                                       lr=lr or recipe.recover.lr, **recover))
     target = get_target("onnx")
@@ -348,7 +349,7 @@ def main() -> None:
     p.add_argument("--skip-cnn", action="store_true", help="no channel-pruning latency (digits CNN, ResNet-50)")
     p.add_argument("--recover", action="store_true", help="only the int8-nm-recover rows (recovery stage)")
     p.add_argument("--train", type=int, default=10000, help="training passages for --recover")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=None, help="--recover global steps at most (default: the recipe's)")
     p.add_argument("--lr", type=float, default=None, help="--recover learning rate (default: the recipe's)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--train-seq", type=int, default=32,
