@@ -282,6 +282,8 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
                 continue
             if quant.joins_after and not any(computed_by(v, quant.joins_after) for v in data):
                 continue
+            if quant.sole_reader and any(v.is_graph_output() or len(v.uses()) > 1 for v in data):
+                continue
             if not eltwise and len(data) >= 2:
                 skipped[layer.name] = "join of activations (eltwise is off)"
                 continue

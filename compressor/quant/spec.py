@@ -48,6 +48,11 @@ class OpQuant:
         min_activations: For an op without weights: the fewest inputs a node needs, all of
             them activations, to be quantized (2: a join of activations; 1: also a unary
             op such as ``Sigmoid`` or a ``Concat`` of any arity).
+        sole_reader: For an op without weights: quantize a node only where it is the one
+            reader of its inputs, so that the backend folds the input pair into the op that
+            wrote them (OpenVINO: a FakeQuantize as the convolution's post-op, u8 output);
+            with another, float reader the pair is a FakeQuantize of its own (a
+            squeeze-excite block's pool beside its ``Mul``) that only adds work.
         activation_only: The spec of the inputs of a node whose inputs are all
             activations (``Q·Kᵀ``) when it differs from ``activations`` (``None``: the
             same). OpenVINO runs such a MatMul in int8 only with symmetric operands; a zero
@@ -101,6 +106,7 @@ class OpQuant:
     weight_input: int = 1
     joins_after: frozenset[str] = frozenset()
     min_activations: int = 2
+    sole_reader: bool = False
     output_required: bool = False
     min_output_channels: int = 0
     float_weight_below: int = 0

@@ -133,6 +133,14 @@ OPENVINO_CAPABILITIES = Capabilities(
         # under the `int8` recipe.
         "Add": OpQuant(activations=_ACT, joins_after=_CONVS),
         "Sum": OpQuant(activations=_ACT, joins_after=_CONVS),
+        # An average pool, the one reader of a convolution's output (a ResNet's global pool
+        # after its last residual block): with its input quantized, the plugin writes that
+        # block's output as u8 (the FakeQuantize folds into the convolution's post-ops) and
+        # pools on u8, as NNCF places a FakeQuantize before AvgPool; without it the last
+        # block wrote f32 and the pool ran f32 (ResNet-50 on an AMX Xeon, float layers in
+        # f32: docs/design.md). A squeeze-excite pool, beside a float Mul, is left alone.
+        "GlobalAveragePool": OpQuant(activations=_ACT, joins_after=_CONVS, min_activations=1, sole_reader=True),
+        "AveragePool": OpQuant(activations=_ACT, joins_after=_CONVS, min_activations=1, sole_reader=True),
         # LSTM: X u8, W and R i8 per gate row (W [dirs, 4H, I], R [dirs, 4H, H]: axis 1) run
         # as the CPU plugin's int8 RNNSeq. Its kernel reads *one* scale per gate row for W
         # and R, so R shares W's scales (separate ones, as NNCF writes, dequantize one of the
