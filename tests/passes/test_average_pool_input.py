@@ -82,3 +82,30 @@ def test_a_squeeze_excite_pool_beside_a_float_reader_gets_no_pair_of_its_own(tmp
     quantized = _quantize(_clone(model), calib).model
     assert _node(quantized, "pool").inputs[0].name == "a"
     assert _activation_source(_node(quantized, "squeeze").inputs[0]).name == "p"  # the 1x1 Conv's own pair
+
+
+@pytest.mark.parametrize("include", [1, 0])
+def test_an_average_pool_that_counts_padding_gets_no_pair_of_its_own(tmp_path, include):
+    """A signed input (no Relu: the u8 zero point is not 0) and pads counted in the means: the
+    plugin would pad the integers with 0, not the zero point, and move every border mean.
+    Without ``count_include_pad`` the pads are not in the means and the pair is fine."""
+    rng = np.random.default_rng(3)
+    model = model_from_text(f"""{HEADER}
+    g (float[1,{C},8,8] x) => (float[1,{C},8,8] y) {{
+      [conv] c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+      [pool] p = AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1], count_include_pad = {include}> (c)
+      [conv2] y = Conv <pads = [1, 1, 1, 1]> (p, w2, b2)
+    }}""", w1=_w(rng, C, C, 3, 3, fan_in=9 * C), b1=_w(rng, C) * 0.1, w2=_w(rng, C, C, 3, 3, fan_in=9 * C),
+        b2=_w(rng, C) * 0.1)
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 16, C, 8, 8)})
+    quantized = _quantize(_clone(model), calib).model
+    if include:
+        assert _node(quantized, "pool").inputs[0].name == "c"
+    else:
+        assert _activation_source(_node(quantized, "pool").inputs[0]).name == "c"
+    runner, _ = _runtime(quantized, tmp_path / "ov")
+    x = _normal(7, 1, C, 8, 8)
+    reference = run_ort(model, {"x": x})[0]
+    step = float(np.abs(reference).max()) / 127
+    assert np.abs(runner({"x": x})[0] - reference).max() < 8 * step
+
