@@ -33,8 +33,12 @@ ROLES = ("attention-queries", "attention-keys", "attention-values", "attention-s
 # Ops an operand may pass through between its projection and the attention MatMul.
 _PASS_THROUGH = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast",
                            "Split", "Slice", "Add", "Sub", "Mul", "Div"})
-# Ops between the scores MatMul and the Softmax (scaling, masking).
-_SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Reshape", "Identity"})
+# Ops between the scores MatMul and the Softmax (scaling, masking; a Flatten that ONNX's
+# version converter writes before a Softmax of opset < 13 whose input rank it cannot see).
+_SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Reshape", "Flatten", "Identity"})
+# Ops between the Softmax and the context MatMul: casts, dropout, and the Reshape back to the
+# scores' shape that the version converter writes after such a Softmax.
+_PROBS_OPS = frozenset({"Cast", "Dropout", "Identity", "Reshape"})
 # Of these, only the data input is followed (the others are shapes, indices, axes).
 _DATA_ONLY = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Split", "Slice", "Flatten"})
 _DEPTH = 8
@@ -88,9 +92,9 @@ def _scores(value: ir.Value, depth: int = _DEPTH) -> ir.Node | None:
 
 
 def _readers(value: ir.Value, depth: int = 3) -> Iterable[tuple[ir.Node, int]]:
-    """``(node, input index)`` reading ``value``, looking through casts and dropout."""
+    """``(node, input index)`` reading ``value``, looking through casts, dropout and reshapes."""
     for node, index in value.uses():
-        if node.op_type in ("Cast", "Dropout", "Identity") and depth > 0:
+        if node.op_type in _PROBS_OPS and index == 0 and depth > 0:
             yield from _readers(node.outputs[0], depth - 1)
         else:
             yield node, index

@@ -129,7 +129,11 @@ def plan_smoothing(model: ir.Model, layers: list[Layer], data: Dataset, options:
     groups = []
     for name, group in by_tensor.items():
         value = group[0].activations[0][1]
-        if value.shape is None or len(value.shape) < 2 or not isinstance(value.shape[-1], int):
+        # Its channels are the readers' weight rows (a MatMul's or a Gemm's input: the last
+        # axis), so an unknown shape is no reason to skip it: shape inference stops at a
+        # Reshape to a computed shape (PP-OCRv4's neck with its batch left dynamic: 9
+        # tensors were left unsmoothed). A known rank under 2 is a vector: nothing to smooth.
+        if value.shape is not None and len(value.shape) < 2:
             continue
         ln = value.producer()
         readers = {id(u.node) for u in value.uses()}

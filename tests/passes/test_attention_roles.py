@@ -7,6 +7,7 @@ import onnx_ir as ir
 import pytest
 from compressor.passes._attention import attention_projections
 
+from compressor.model_io import upgrade_opset
 from compressor.options import OptionsError
 from compressor.pipeline import build_pass
 from tests.ortutil import model_from_text, run_ort
@@ -28,11 +29,12 @@ from tests.passes.test_quantize import (
 H, S, D = 2, 6, 16
 
 
-def multihead(rng: np.random.Generator, *, residual_on_k: bool = False) -> ir.Model:
+def multihead(rng: np.random.Generator, *, residual_on_k: bool = False, header: str = HEADER,
+              softmax_axis: int = -1) -> ir.Model:
     """Two heads the way exporters write them: bias Add, Reshape by a computed shape,
     Transpose, keys pre-scaled by a constant; optionally a residual Add on the key branch."""
     k_src = "kr = Add(kb, x)\n      kh = Reshape(kr, shp)" if residual_on_k else "kh = Reshape(kb, shp)"
-    return model_from_text(f"""{HEADER}
+    return model_from_text(f"""{header}
     g (float[N,{S},{D}] x) => (float[N,{H},{S},8] y) {{
       s0 = Shape(x)
       n = Slice(s0, zero, one)
@@ -50,7 +52,7 @@ def multihead(rng: np.random.Generator, *, residual_on_k: bool = False) -> ir.Mo
       vh = Reshape(v0, shp)
       vt = Transpose <perm = [0, 2, 1, 3]> (vh)
       [scores] s = MatMul(qt, ks)
-      p = Softmax <axis = -1> (s)
+      p = Softmax <axis = {softmax_axis}> (s)
       [context] y = MatMul(p, vt)
     }}""", wq=_w(rng, D, D), bq=_w(rng, D), wk=_w(rng, D, D), bk=_w(rng, D), wv=_w(rng, D, D),
         zero=np.array([0], np.int64), one=np.array([1], np.int64), tail=np.array([S, H, 8], np.int64),
@@ -79,6 +81,21 @@ def test_roles_through_reshape_transpose_bias_and_scale():
     roles = attention_projections(multihead(np.random.default_rng(0)).graph)
     assert roles == {"q_proj": {"attention-queries"}, "k_proj": {"attention-keys"}, "v_proj": {"attention-values"},
                      "scores": {"attention-scores"}, "context": {"attention-context"}}
+
+
+def test_roles_survive_the_upgrade_of_an_old_softmax():
+    """An opset-12 graph (paddle2onnx's PP-OCRv4 recogniser, batch left dynamic): ``quantize``
+    upgrades it to opset 13, and ONNX's version converter, which cannot see the scores' rank,
+    writes the Softmax as ``Flatten -> Softmax -> Reshape``. Before, that hid both attention
+    blocks of PP-OCRv4's neck and it was quantized as a CNN."""
+    old = multihead(np.random.default_rng(0), header=HEADER.replace(": 17]", ": 12]"), softmax_axis=3)
+    upgraded = upgrade_opset(old, 13)
+    softmax = next(node for node in upgraded.graph if node.op_type == "Softmax")
+    assert softmax.inputs[0].producer().op_type == "Flatten"  # what the converter wrote
+    assert [reader.op_type for reader, _ in softmax.outputs[0].uses()] == ["Reshape"]
+    assert attention_projections(upgraded.graph) == {
+        "q_proj": {"attention-queries"}, "k_proj": {"attention-keys"}, "v_proj": {"attention-values"},
+        "scores": {"attention-scores"}, "context": {"attention-context"}}
 
 
 def test_a_residual_add_is_not_a_bias():

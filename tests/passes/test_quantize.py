@@ -773,6 +773,27 @@ def test_smoothquant_option_keeps_outputs_close(tmp_path):
     assert _sqnr_db(ref, out_smooth) > _sqnr_db(ref, out_plain) + 6
 
 
+def test_smoothquant_smooths_activations_of_unknown_shape(tmp_path):
+    """Shape inference stops at a Reshape to a computed shape (PP-OCRv4's neck with its batch
+    left dynamic): the activations then have no shape, and their channels are still the
+    readers' weight rows. The same groups and the same model as with shapes."""
+    model = layernorm_block(np.random.default_rng(0))
+    calib = _dataset(model, tmp_path, {"x": _normal(1, 64, 8, 32)})
+
+    ctx = PassContext(target=onnx_specs_target(), calibration=calib)
+    folded = build_pass("fold-constants", None).run(model, ctx).model  # infers types and shapes
+    ctx.properties.add("constants-folded")
+    shaped = build_pass("quantize", {"smoothquant": {"alpha": 0.5}}).run(_clone(folded), ctx)
+    shapeless = _clone(folded)
+    for node in shapeless.graph:
+        for value in node.outputs:
+            value.shape = None  # the types stay
+    unshaped = build_pass("quantize", {"smoothquant": {"alpha": 0.5}}).run(shapeless, ctx)
+    assert shaped.stats["smoothquant_groups"] == unshaped.stats["smoothquant_groups"] == 2
+    feeds = {"x": _normal(2, 8, 8, 32)}
+    assert_same_outputs(run_ort(shaped.model, feeds), run_ort(unshaped.model, feeds), rtol=0, atol=0)
+
+
 def test_smoothquant_on_conv_net(tmp_path):
     model, _ = conv_relu_conv(np.random.default_rng(0))
     feeds = {"x": _normal(2, 16, 3, 16, 16)}
