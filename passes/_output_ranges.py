@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from compressor.passes._layers import Layer
-from compressor.passes._placement import is_constant, pad_adds_only_zeros, silu_input
+from compressor.passes._padding import pad_adds_only_zeros
+from compressor.passes._placement import is_constant, silu_input
 
 from compressor.quant.math import dtype_bounds
 

@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from compressor.passes._placement import is_constant, pad_adds_only_zeros
+from compressor.passes._padding import pad_adds_only_zeros
+from compressor.passes._placement import is_constant
 
 from compressor.quant.math import quant_params
 from compressor.quant.spec import QuantSpec

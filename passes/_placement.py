@@ -25,15 +25,15 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 
-import numpy as np
 import onnx_ir as ir
 from compressor.passes._layers import Layer
+from compressor.passes._padding import averages_padding
 from compressor.targets.base import Capabilities
 
 from compressor.scope import Scope
 
 __all__ = ["FEW_CHANNELS", "computed_by", "cover_state_ranges", "find_layers", "first_layers", "float_weight",
-           "integer_derived", "is_constant", "mask_uses", "pad_adds_only_zeros", "silu_input"]
+           "integer_derived", "is_constant", "mask_uses", "silu_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,41 +108,6 @@ def is_constant(value: ir.Value) -> bool:
         return True
     producer = value.producer()
     return producer is not None and producer.op_type == "Constant"
-
-
-def pad_adds_only_zeros(node: ir.Node) -> bool:
-    """Whether a ``Pad`` adds nothing but its input's values and zeros.
-
-    True for ``edge``/``reflect``/``wrap`` (they repeat input values) and for ``constant``
-    mode with no value or a zero value (an initializer or a ``Constant`` node); zero is on
-    every grid whose range holds 0.
-    """
-    mode = node.attributes.get("mode")
-    if mode is not None and mode.as_string() != "constant":
-        return True
-    fill = node.inputs[2] if len(node.inputs) > 2 else None
-    if fill is None:
-        return True
-    const = fill.const_value
-    if const is None and (p := fill.producer()) is not None and p.op_type == "Constant":
-        attr = p.attributes.get("value")
-        const = attr.as_tensor() if attr is not None else None
-    return const is not None and not np.any(const.numpy())
-
-
-def _averages_padding(node: ir.Node) -> bool:
-    """Whether an ``AveragePool`` counts padded positions in its means (``count_include_pad``
-    with pads or ``auto_pad=SAME_*``). OpenVINO pads a u8 input with the integer 0, not the
-    zero point, so on a grid whose zero point is not 0 its border means are wrong (68 output
-    steps off where the Q/DQ model on ONNX Runtime is 1.4 off, measured in review)."""
-    include = node.attributes.get("count_include_pad")
-    if include is None or include.as_int() == 0:
-        return False
-    auto = node.attributes.get("auto_pad")
-    if auto is not None and auto.as_string().startswith("SAME"):
-        return True
-    pads = node.attributes.get("pads")
-    return pads is not None and any(pads.as_ints())
 
 
 def _derived_origin(graph: ir.Graph) -> dict[int, str]:
@@ -299,7 +264,7 @@ def find_layers(graph: ir.Graph, caps: Capabilities, *, ops: Iterable[str] = (),
                 continue
             if quant.sole_reader and any(v.is_graph_output() or len(v.uses()) > 1 for v in data):
                 continue
-            if node.op_type == "AveragePool" and _averages_padding(node):
+            if node.op_type == "AveragePool" and averages_padding(node):
                 continue
             if not eltwise and len(data) >= 2:
                 skipped[layer.name] = "join of activations (eltwise is off)"

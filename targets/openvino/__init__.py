@@ -140,7 +140,7 @@ OPENVINO_CAPABILITIES = Capabilities(
         # block wrote f32 and the pool ran f32 (ResNet-50 on an AMX Xeon, float layers in
         # f32: docs/design.md). A squeeze-excite pool, beside a float Mul, is left alone, and
         # so is an AveragePool that counts padding in its means (the plugin pads u8 with 0,
-        # not the zero point: passes/_placement._averages_padding).
+        # not the zero point: passes/_padding.averages_padding).
         "GlobalAveragePool": OpQuant(activations=_ACT, joins_after=_CONVS, min_activations=1, sole_reader=True),
         "AveragePool": OpQuant(activations=_ACT, joins_after=_CONVS, min_activations=1, sole_reader=True),
         # LSTM: X u8, W and R i8 per gate row (W [dirs, 4H, I], R [dirs, 4H, H]: axis 1) run
