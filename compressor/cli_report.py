@@ -117,6 +117,8 @@ def summary(manifest: dict[str, Any]) -> str:
         *([("precision", (f"drop {pf['drop']:.6f} in the device's default {pf['evaluated_in']}, "
                           f"{pf['fallback_drop']:.6f} in {pf['fallback']}: "
                           + (f"{pf['fallback']} pinned in the artifact" if pf["pinned"] else "not pinned")
+                          + (f" after accuracy control ({len(pf['requantized'])} given-back layer(s) quantized "
+                             "again)" if pf.get("after_accuracy_control") and pf["pinned"] else "")
                           + (f"; {pin['note']}" if pf["pinned"] and (pin := (
                               manifest.get("inference_precision") or {}).get("pinned") or {}).get("note") else "")))]
           if (pf := manifest.get("precision_fallback")) else []),

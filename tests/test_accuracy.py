@@ -157,3 +157,38 @@ def test_a_nan_drop_is_worse_than_any_number_so_the_give_back_that_ends_it_is_ke
                               ranking_data=_data(), ranking_ref=ref, rank_build=rank_build)
     assert result.ranking[0]["layer"] == "b" and result.ranking[0]["sensitivity"] > 0
     assert result.given_back == ["b"] and result.met and result.evaluation.drop == 0.0
+
+
+def _pinned(drops: dict[tuple[frozenset[str], str], float], given: list[str], drop: float, budget: float):
+    from compressor.flow.precision_fallback import pin_after_control
+
+    tried = []
+
+    def evaluate(candidate: frozenset[str], precision: str) -> Evaluation:
+        tried.append((candidate, precision))
+        return _evaluation(drops[candidate, precision])
+
+    return (*pin_after_control(given, _evaluation(drop), budget, "f32", "bf16", evaluate), tried)
+
+
+def test_a_pin_that_holds_after_control_quantizes_given_back_layers_again_while_it_holds():
+    """Control gave back a then b then c and ended over budget in bf16; f32 holds it, and
+    with f32 pinned c and a are not needed: quantized again, last given back first."""
+    abc, f32 = frozenset("abc"), "f32"
+    drops = {(abc, f32): 0.05, (frozenset("ab"), f32): 0.06, (frozenset("a"), f32): 0.12, (frozenset("b"), f32): 0.08}
+    given, evaluation, record, tried = _pinned(drops, ["a", "b", "c"], 0.11, budget=0.1)
+    assert [t[0] for t in tried] == [abc, frozenset("ab"), frozenset("a"), frozenset("b")], "c, then b, then a"
+    assert given == ["b"] and evaluation.drop == 0.08
+    assert record["pinned"] and record["budget_holds"] and record["requantized"] == ["c", "a"]
+    assert record["drop"] == 0.11 and record["fallback_drop"] == 0.08 and record["after_accuracy_control"]
+    assert [(t["layer"], t["kept"]) for t in record["requantize_tries"]] == [("c", True), ("b", False), ("a", True)]
+
+
+def test_a_pin_that_lowers_the_drop_but_not_enough_is_kept_and_a_worse_one_is_not():
+    ab = frozenset("ab")
+    given, evaluation, record, tried = _pinned({(ab, "f32"): 0.15}, ["a", "b"], 0.2, budget=0.1)
+    assert given == ["a", "b"] and evaluation.drop == 0.15 and len(tried) == 1, "over budget: nothing quantized again"
+    assert record["pinned"] and not record["budget_holds"] and record["requantized"] == []
+    given, evaluation, record, tried = _pinned({(ab, "f32"): 0.25}, ["a", "b"], 0.2, budget=0.1)
+    assert given == ["a", "b"] and evaluation.drop == 0.2 and not record["pinned"]
+    assert record["fallback_drop"] == 0.25

@@ -37,6 +37,7 @@ import onnx_ir as ir
 from compressor.data import Dataset
 from compressor.executor import Executor
 from compressor.flow.evaluation import Evaluation, drop_order
+from compressor.flow.precision_fallback import pin_after_control
 from compressor.flow.ranking import (
     build_candidate,
     output_error,
@@ -82,6 +83,9 @@ class ControlResult:
     #: The final model's lowered files, from the give-back try that built it, and that
     #: try's runner when it was the last one (:meth:`artifact`).
     lowered: tuple[Path, list[Path], Any] | None = None
+    #: The float precision pinned after control (:func:`pin_after_control`), and what was tried.
+    pin: str | None = None
+    pin_record: dict[str, Any] | None = None
 
     def artifact(self, tgt: Any, model: ir.Model, outdir: Path, pin: str | None, files: list[Path],
                  run: Any) -> tuple[list[Path], Any]:
@@ -221,8 +225,8 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
                               "pin": pin}
     built: dict[frozenset[str], Any] = {}
     digests: dict[frozenset[str], str] = {}
-    lowered: dict[frozenset[str], tuple[Path, list[Path]]] = {}
-    last: dict[str, Any] = {}  # the last try's set and runner (the artifact's, when that try is kept)
+    lowered: dict[tuple[frozenset[str], str | None], tuple[Path, list[Path]]] = {}
+    last: dict[str, Any] = {}  # the last try's set, pin and runner (the artifact's, when that try is kept)
 
     # The passes after quantize in two parts: those on the host, then from the first that
     # measures on the device (device-bias-correction) on, which run only for a try lowered.
@@ -256,11 +260,11 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
                     hosted.pop(which)
         return digests[candidate] == digests[current]
 
-    def build(given: frozenset[str]) -> Any:
+    def build(given: frozenset[str], precision: str | None = pin) -> Any:
         folder = work_dir / f"control-{len(lowered)}"
-        lowered[given] = (folder, tgt.lower_pinned(model_of(given).model, folder, pin))
+        lowered[given, precision] = (folder, tgt.lower_pinned(model_of(given).model, folder, precision))
         last.clear()
-        last.update(given=given, run=tgt.runner(lowered[given][1]))
+        last.update(key=(given, precision), run=tgt.runner(lowered[given, precision][1]))
         return last["run"]
 
     # The share is of every quantized layer; only real tries count against it (case 3).
@@ -293,6 +297,14 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
         outcome = control_accuracy(layers=layers, build=build, evaluate=score, first=first,
                                    budget=accuracy.max_drop, max_steps=max_steps, ranking=ranking,
                                    unchanged=unchanged if mode == "int16" else None)
+        fallback = tgt.precision_fallback() if pin is None else None
+        if not outcome.met and outcome.given_back and fallback is not None:
+            outcome.given_back, outcome.evaluation, outcome.pin_record = pin_after_control(
+                outcome.given_back, outcome.evaluation, accuracy.max_drop, fallback,
+                getattr(last.get("run"), "inference_precision", None), lambda given, p: score(build(given, p)))
+            if outcome.pin_record["pinned"]:
+                pin = outcome.pin = fallback
+                outcome.met = outcome.pin_record["budget_holds"]
         final = model_of(frozenset(outcome.given_back))
     finally:
         release_decoded()
@@ -301,9 +313,9 @@ def control_on_target(tgt: Any, quantized: QuantizedSnapshot, post_passes: list[
     if outcome.skipped:
         logger.info("accuracy control: %d layer(s) not tried, promoting them changes nothing: %s",
                     len(outcome.skipped), ", ".join(f"{name} ({why})" for name, why in outcome.skipped.items()))
-    final_set = frozenset(outcome.given_back)
-    if final_set in lowered:
-        outcome.lowered = (*lowered[final_set], last.get("run") if last.get("given") == final_set else None)
+    final_key = (frozenset(outcome.given_back), pin)
+    if final_key in lowered:
+        outcome.lowered = (*lowered[final_key], last.get("run") if last.get("key") == final_key else None)
     return final, outcome
 
 

@@ -345,6 +345,9 @@ def compress(
                               "int16" if tgt.capabilities.fallback == "int16" else "float")
             reports = reports[:quantized.index + 1] + result.reports
             evaluation = control[1].evaluation
+            if control[1].pin_record is not None:  # judged again after control (precision_fallback's docstring)
+                precision_fallback = {**control[1].pin_record, "before_accuracy_control": precision_fallback}
+                pin = control[1].pin or pin
             timings["accuracy_control_s"] = time.perf_counter() - t
             files, run_compressed = control[1].artifact(tgt, result.model, writer.path, pin, files, run_compressed)
         latency = latency_record(tgt, baseline, run_baseline, run_compressed, eval_set, work_dir, latency_runs)

@@ -170,3 +170,32 @@ def test_accuracy_control_lowers_its_candidates_with_the_pin(tmp_path, force_pre
     assert len(pins) == 1 + len(m["accuracy_control"]["steps"]) - 1 and set(pins) == {"f32"}
     assert _rt_precision(tmp_path / "out" / "model.xml") == "f32"
     assert m["inference_precision"]["pinned"]["precision"] == "f32" and m["latency"]["compressed_precision"] == "f32"
+
+
+def test_a_pin_after_accuracy_control_when_the_pin_before_it_did_not_pay(tmp_path, force_precision, monkeypatch):
+    """The flow's first judgement found f32 no better (stood in for here: on PP-OCRv4's
+    recogniser f32 gave 0.0161 against bf16's 0.0157), so control gives layers back in bf16
+    and ends over budget: the bf16 rounding of the float layers is what is left. f32 pinned
+    after control holds the budget; every layer given back is tried quantized again, which
+    breaks the f32 budget, so all stay float. The artifact is the pinned one."""
+    import compressor.flow.compress as flow
+
+    force_precision("bf16")
+    monkeypatch.setattr(flow, "try_precision_fallback",
+                        lambda tgt, model, outdir, files, run, score, first, budget: (files, run, first, None, None))
+    model = _linear(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\npasses: [fold-constants, quantize]\naccuracy: {max_fallback: 1.0}\n")
+    result = compress(model, recipe=recipe, target="openvino", calib=tmp_path / "calib.npz",
+                      eval_data=tmp_path / "eval.npz", outdir=tmp_path / "out", max_drop=F32_BUDGET, latency_runs=1)
+    m = result.manifest
+    control, pf = m["accuracy_control"], m["precision_fallback"]
+    assert sorted(control["layers"]) == ["fc1", "fc2"] and control["budget_met"] is True
+    assert pf["after_accuracy_control"] and pf["pinned"] and pf["budget_holds"] and pf["before_accuracy_control"] is None
+    assert pf["evaluated_in"] == "bf16" and pf["drop"] > F32_BUDGET >= pf["fallback_drop"]
+    assert sorted(t["layer"] for t in pf["requantize_tries"]) == ["fc1", "fc2"] and pf["requantized"] == []
+    assert all(t["drop"] > F32_BUDGET for t in pf["requantize_tries"])
+    assert m["gate"]["passed"] is True and m["accuracy_drop"] == pf["fallback_drop"]
+    assert _rt_precision(tmp_path / "out" / "model.xml") == "f32"
+    assert m["inference_precision"]["pinned"]["precision"] == "f32"
+    assert "f32 pinned in the artifact after accuracy control (0 given-back layer(s) quantized again)" in _summary(m)
