@@ -123,8 +123,9 @@ def _add_target_cpu(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--target-cpu", default="host", choices=TARGET_CPUS,
                    help=f"the x86 CPU the artifact will run on ({', '.join(CPU_TARGETS)} targets), which picks "
-                        "the int8 weight grid: avx2 (no VNNI: 7-bit weights where its int8 kernels saturate), "
-                        "vnni (AVX-512 VNNI, AVX-VNNI or AMX: 8-bit), host (default: this machine's CPU)")
+                        "the int8 grid: avx2 (no VNNI: 7-bit weights where its int8 kernels saturate), "
+                        "vnni (AVX-512 VNNI or AVX-VNNI: 8-bit), amx (AMX int8 tiles: 8-bit, and openvino's "
+                        "activations signed, without zero points), host (default: this machine's CPU)")
 
 
 def _add_verbosity(p: argparse.ArgumentParser) -> None:

@@ -122,6 +122,9 @@ def summary(manifest: dict[str, Any]) -> str:
                           + (f"; {pin['note']}" if pf["pinned"] and (pin := (
                               manifest.get("inference_precision") or {}).get("pinned") or {}).get("note") else "")))]
           if (pf := manifest.get("precision_fallback")) else []),
+        *([("activations", f"{sf['scheme']}: drop {sf['drop']:.6f}; {sf['fallback']}: {sf['fallback_drop']:.6f}, "
+                           + ("kept" if sf["kept"] else "not kept"))]
+          if (sf := manifest.get("scheme_fallback")) else []),
         *([("cpu front end", f"{fe['nodes']} node(s) in float on the CPU ({fe['file']}), the rest on the device")]
           if (fe := (manifest.get("qnn_htp") or {}).get("cpu_front_end")) else []),
         *([("given back", f"{len(ac['layers'])} layer(s) ({ac['action']}): {', '.join(ac['layers'][:4]) or 'none'}"

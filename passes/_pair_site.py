@@ -171,7 +171,7 @@ def pair_sites(layers: Iterable[Layer], spec_of: Callable[[Layer], QuantSpec],
 def _edges(node: ir.Node, index: int, claims: Mapping[tuple[int, int], QuantSpec], rng: tuple[float, float],
            through: Collection[str]) -> list[tuple[ir.Node, int, ir.Value]]:
     spec = claims[(id(node), index)]
-    zero_point = int(np.ravel(quant_params(*rng, spec)[1])[0])
+    zero_point = int(np.ravel(quant_params(*rng, spec.for_range(*rng))[1])[0])
     return [(n, at, n.inputs[at]) for n, at in pair_site(node, index, spec, zero_point, through, claims)]
 
 

@@ -14,8 +14,10 @@ __all__ = ["TARGETS", "CPU_TARGETS", "TARGET_CPUS", "check_target_cpu", "get_tar
 
 #: ``--target-cpu``: the x86 CPU a CPU target's artifact will run on. ``host``: this one
 #: (:func:`compressor.targets.base.cpu_has_vnni`); ``avx2``: one without VNNI (7-bit weights
-#: where its int8 kernels saturate); ``vnni``: AVX-512 VNNI, AVX-VNNI or AMX (the full 8-bit grid).
-TARGET_CPUS = ("host", "avx2", "vnni")
+#: where its int8 kernels saturate); ``vnni``: AVX-512 VNNI or AVX-VNNI (the full 8-bit grid);
+#: ``amx``: AMX int8 tiles too (Sapphire Rapids on; OpenVINO's activations then go signed:
+#: :class:`~compressor.targets.openvino.OpenVinoTarget`).
+TARGET_CPUS = ("host", "avx2", "vnni", "amx")
 
 #: CLI name -> "module:class"
 TARGETS: dict[str, str] = {

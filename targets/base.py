@@ -125,11 +125,23 @@ def cpu_has_vnni() -> bool | None:
     return None if flags is None else bool(_VNNI_FLAGS.intersection(flags))
 
 
+def cpu_has_amx() -> bool | None:
+    """Whether this x86 CPU has AMX int8 tiles (``amx_int8``; ``None``: unknown, not Linux x86)."""
+    flags = cpu_flags()
+    return None if flags is None else "amx_int8" in flags
+
+
 def deployment_vnni(target_cpu: str, host_vnni: bool | None) -> bool | None:
     """Whether the CPU named by ``target_cpu`` (``--target-cpu``, :data:`compressor.targets.TARGET_CPUS`)
-    has VNNI: ``avx2`` none, ``vnni`` (AVX-512 VNNI, AVX-VNNI or AMX) yes, ``host`` ``host_vnni``
-    (:func:`cpu_has_vnni` as the target's module sees it)."""
-    return host_vnni if target_cpu == "host" else target_cpu == "vnni"
+    has VNNI: ``avx2`` none, ``vnni`` (AVX-512 VNNI, AVX-VNNI or AMX) and ``amx`` yes, ``host``
+    ``host_vnni`` (:func:`cpu_has_vnni` as the target's module sees it)."""
+    return host_vnni if target_cpu == "host" else target_cpu in ("vnni", "amx")
+
+
+def deployment_amx(target_cpu: str, host_amx: bool | None) -> bool | None:
+    """Whether the CPU named by ``target_cpu`` has AMX int8 tiles: ``amx`` yes, ``avx2`` and
+    ``vnni`` no, ``host`` ``host_amx`` (:func:`cpu_has_amx`)."""
+    return host_amx if target_cpu == "host" else target_cpu == "amx"
 
 
 def weights_beyond(model: ir.Model, ops: frozenset[str] | set[str], qmax: int) -> list[str]:
@@ -269,6 +281,11 @@ class Target(abc.ABC):
         from the baseline's (bf16 on some CPUs); ``None`` where it is the same. ``baseline``
         is :meth:`reference_runner`'s runner of ``model``, whose lowered files a target may
         run again rather than lower ``model`` a second time."""
+        return None
+
+    def scheme_fallback(self) -> Target | None:
+        """The same target with a finer (slower) activation scheme, tried where this one's
+        artifact breaks the accuracy budget (``None``: nothing to try)."""
         return None
 
     def precision_fallback(self) -> str | None:

@@ -342,7 +342,7 @@ class OnnxTarget(Target):
 
     def _as_written(self) -> bool:
         """Built for a VNNI CPU (``--target-cpu vnni``) on a host whose int8 kernels saturate."""
-        return self.target_cpu == "vnni" and cpu_has_vnni() is False
+        return self.target_cpu in ("vnni", "amx") and cpu_has_vnni() is False
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "onnxruntime_version": ort.__version__, "int8_vnni": cpu_has_vnni(),

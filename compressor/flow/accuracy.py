@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import onnx_ir as ir
 
 from compressor.data import Dataset
 from compressor.executor import Executor
+from compressor.flow.artifact import copy_lowered
 from compressor.flow.evaluation import Evaluation, drop_order
 from compressor.flow.precision_fallback import pin_after_control
 from compressor.flow.ranking import (
@@ -107,12 +107,7 @@ class ControlResult:
             files = tgt.lower_pinned(model, outdir, pin)
             return files, tgt.runner(files)
         folder, tried, runner = self.lowered
-        moved = []
-        for path in tried:
-            target = outdir / path.relative_to(folder)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-            moved.append(target)
+        moved = copy_lowered(tried, folder, outdir)
         return moved, runner if runner is not None else tgt.runner(moved)
 
     def to_json(self, action: str) -> dict[str, Any]:

@@ -160,6 +160,19 @@ def _old_artifact(outdir: Path, shown: str | Path) -> list[str]:
     return ours
 
 
+def copy_lowered(files: list[Path], folder: Path, outdir: Path) -> list[Path]:
+    """``files``, lowered into ``folder`` (a try in the run's work folder), copied to the same
+    places under ``outdir``; returns the copies. Copied, not moved: a runner of the try may
+    read its own files again."""
+    copies = []
+    for path in files:
+        target = outdir / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+        copies.append(target)
+    return copies
+
+
 def check_destination(outdir: str | Path) -> None:
     """Refuse a destination that :class:`ArtifactWriter` may not write (see the module docstring).
 

@@ -9,7 +9,8 @@ result = compress("model.pt2", recipe="int8", target="openvino", calib="c.npz",
 This module runs the stages in order; the pieces it calls own their concern:
 :mod:`compressor.flow.calib_eval` (which samples calibrate and which evaluate),
 :mod:`compressor.flow.precision_fallback` (the float precision pinned when the device's
-default breaks the budget), :mod:`compressor.flow.accuracy` (giving layers back) and
+default breaks the budget), :mod:`compressor.flow.scheme_fallback` (a finer activation
+scheme where the target's first one breaks it), :mod:`compressor.flow.accuracy` (giving layers back) and
 :mod:`compressor.flow.manifest` (latency, the gate and the record ``manifest.json`` holds).
 """
 
@@ -42,7 +43,7 @@ from compressor.flow.accuracy import (
     given_back_stats,
     ranking_fields,
 )
-from compressor.flow.artifact import ArtifactWriter, check_destination
+from compressor.flow.artifact import ArtifactWriter, check_destination, copy_lowered
 from compressor.flow.calib_eval import (
     RunData,
     capture_with_data,
@@ -57,6 +58,7 @@ from compressor.flow.manifest import (
     package_versions,
 )
 from compressor.flow.precision_fallback import try_precision_fallback
+from compressor.flow.scheme_fallback import try_scheme_fallback
 from compressor.inputs import parse_freeze, parse_input_overrides
 from compressor.model_io import clone_model
 from compressor.pass_manager import PassManager, PassReport
@@ -298,6 +300,9 @@ def compress(
             if report.quantization is not None and report.quantization.layers and verified and budget is not None:
                 quantized = QuantizedSnapshot(index, clone_model(current), report.quantization)
 
+        # A target with a finer activation scheme to fall back on runs the passes again from
+        # the same model where its first artifact breaks the budget (try_scheme_fallback).
+        pristine = clone_model(model) if tgt.scheme_fallback() is not None and verified and budget is not None else None
         t = time.perf_counter()
         result = PassManager(passes, dump_dir=dump_passes, on_pass=on_pass, after_pass=after_pass).run(model, ctx)
         reports = result.reports
@@ -320,6 +325,32 @@ def compress(
                 tgt, result.model, writer.path, files, run_compressed, score, evaluation, budget)
             if last_lossy is not None and last_lossy.modified:
                 last_lossy.accuracy_drop = evaluation.drop
+        scheme_fallback: dict[str, Any] | None = None
+        if pristine is not None and quantized is not None:
+            t = time.perf_counter()
+            first_quantized, quantized = quantized, None  # the fallback's run records its own
+
+            def run_passes(alt: Any) -> Any:
+                return PassManager(passes, on_pass=on_pass, after_pass=after_pass).run(
+                    pristine, dataclasses.replace(ctx, target=alt))
+
+            tried = try_scheme_fallback(tgt, evaluation, budget, run_passes, score, lambda: seen["outputs"],
+                                        work_dir / "scheme-fallback")
+            if tried is not None and tried.kept:
+                for old in files:
+                    old.unlink()
+                files = copy_lowered(tried.files, tried.folder, writer.path)
+                tgt, result, reports, evaluation = tried.target, tried.result, tried.result.reports, tried.evaluation
+                run_compressed, first_outputs = tgt.runner(files), tried.outputs
+                precision_fallback, pin = tried.precision_fallback, tried.pin
+                last_lossy = reports[lossy[-1]] if lossy else None
+                if last_lossy is not None and last_lossy.modified:
+                    last_lossy.accuracy_drop = evaluation.drop
+            else:
+                quantized = first_quantized
+            if tried is not None:
+                scheme_fallback = tried.record
+                timings["scheme_fallback_s"] = time.perf_counter() - t
         if not verified and budget is not None:
             # Random data says nothing about accuracy: no layer is given back for it, and an
             # explicit --max-drop fails rather than passing on noise.
@@ -362,6 +393,8 @@ def compress(
             latency=latency, timings=timings)
         if prepared.frozen:
             manifest["frozen_inputs"] = prepared.frozen_json()
+        if scheme_fallback is not None:
+            manifest["scheme_fallback"] = scheme_fallback
         manifest.update(tgt.report(run_compressed, samples=eval_set.batches()))
         writer.commit(manifest)
     return CompressResult(outdir, manifest, evaluation, reports, gate_passed)

@@ -90,7 +90,8 @@ class LearnedRanges:
             if value is None or value.name != entry.tensor:
                 unused[entry.weight] = (f"its input is now {getattr(value, 'name', None)!r}, not {entry.tensor!r} "
                                         "(a pass rewrote it)")
-            elif (spec.dtype, spec.symmetric) != (entry.spec.dtype, entry.spec.symmetric):
+            elif ((spec := spec.for_range(entry.lo, entry.hi)).dtype, spec.symmetric) != (entry.spec.dtype,
+                                                                                      entry.spec.symmetric):
                 unused[entry.weight] = f"quantize uses {spec.dtype} for it, training {entry.spec.dtype}"
             elif found.get(entry.tensor, (entry.lo, entry.hi)) != (entry.lo, entry.hi):
                 unused[entry.weight] = f"another learned range of {entry.tensor!r} came first"

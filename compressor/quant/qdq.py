@@ -139,6 +139,7 @@ class QdqWriter:
         (value, spec, range): a tensor read on the grids of two ranges gets two pairs (a target
         whose pairs stay at the layers' inputs; OpenVINO's moved pairs that meet share one
         range, :mod:`compressor.passes._pair_site` case 6)."""
+        spec = spec.for_range(lo, hi)
         key = (id(value), spec, float(lo), float(hi))
         if key not in self._activations:
             self._activations[key] = self.pair(value, *quant_params(lo, hi, spec))

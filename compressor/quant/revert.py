@@ -69,7 +69,7 @@ _WIDE = {"int8": "int16", "uint8": "uint16"}
 
 def widened(spec: QuantSpec) -> QuantSpec:
     """An 8-bit activation spec at 16 bits (same signedness and symmetry)."""
-    return dataclasses.replace(spec, dtype=_WIDE.get(spec.dtype, spec.dtype))
+    return dataclasses.replace(spec, dtype=_WIDE.get(spec.dtype, spec.dtype), signed_by_range=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,12 +22,24 @@ class QuantSpec:
         axis: Per-channel axis of the tensor, or ``None`` for per-tensor.
         bits: Narrower symmetric range than the dtype holds (7: ``|q| <= 63``, for int8
             kernels that would overflow with full-range weights), or ``None``.
+        signed_by_range: An 8-bit activation whose dtype follows its range
+            (:meth:`for_range`): ``int8`` symmetric when the range holds negative values,
+            ``uint8`` from 0 (zero point 0) when it does not; no zero point either way (NNCF's
+            "performance" activations; OpenVINO on AMX: docs/design.md).
     """
 
     dtype: str = "int8"
     symmetric: bool = True
     axis: int | None = None
     bits: int | None = None
+    signed_by_range: bool = False
+
+    def for_range(self, lo: float, hi: float) -> QuantSpec:
+        """The spec a tensor of range ``[lo, hi]`` is stored with: itself, or for
+        :attr:`signed_by_range` ``int8`` symmetric (``lo < 0``) or ``uint8`` from 0."""
+        if not self.signed_by_range:
+            return self
+        return QuantSpec("int8", symmetric=True) if lo < 0 else QuantSpec("uint8", symmetric=False)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -208,6 +208,8 @@ class ActivationFakeQuant(torch.nn.Module):
 
     def start(self, lo: float, hi: float) -> None:
         """Initialise ``s, z`` as ``quant_params`` would for ``[lo, hi]``, and start quantizing."""
+        self.spec = self.spec.for_range(lo, hi)  # a dtype that follows the range (OpenVINO on AMX)
+        self.qmin, self.qmax = dtype_bounds(self.spec.dtype)
         s, z = quant_params(lo, hi, self.spec)
         self.initial = float(s)
         with torch.no_grad():

@@ -48,7 +48,9 @@ from compressor.targets.base import (
     Runner,
     Target,
     check_capabilities,
+    cpu_has_amx,
     cpu_has_vnni,
+    deployment_amx,
     deployment_vnni,
     narrow_weights,
     warn_pessimistic_once,
@@ -105,6 +107,13 @@ logger = logging.getLogger(__name__)
 # non-negative range (after ReLU) gives, is the cheapest. NNCF's CPU presets: weights
 # int8 symmetric per-channel; activations symmetric ("performance") or asymmetric ("mixed").
 _ACT = QuantSpec("uint8", symmetric=False)
+# With AMX int8 tiles (s8 and u8 sources alike) the zero point is what costs: every u8 kernel
+# with one ran 10-40% slower than the i8 kernel of NNCF's symmetric activations, a 3x3
+# convolution up to 2x (YOLOv8n 4.78 vs 3.67 ms, crepe full 8.69 vs 6.23; docs/design.md,
+# "Activations on AMX"): there activations are int8 symmetric, uint8 from 0 where the range
+# is non-negative (QuantSpec.signed_by_range), and the flow falls back to _ACT where that
+# breaks the accuracy budget and _ACT does better (OpenVinoTarget.scheme_fallback).
+_SIGNED_ACT = QuantSpec("int8", symmetric=True, signed_by_range=True)
 _CONVS = frozenset({"Conv", "ConvTranspose"})
 
 #: Ops OpenVINO's CPU plugin runs in int8 from QDQ, with the weight's output-channel axis.
@@ -174,6 +183,14 @@ WEIGHT_QMAX_WITHOUT_VNNI = 63
 _SATURATING_OPS = frozenset({"Conv", "ConvTranspose"})
 
 
+def signed(capabilities: Capabilities) -> Capabilities:
+    """``capabilities`` with every uint8 activation spec (:data:`_ACT`) made :data:`_SIGNED_ACT`, but
+    the LSTM's (the CPU plugin's int8 RNNSeq reads its input and state as u8: unmeasured with i8)."""
+    quantizable = {op: dataclasses.replace(q, activations=_SIGNED_ACT) if q.activations == _ACT and op != "LSTM"
+                   else q for op, q in capabilities.quantizable.items()}
+    return dataclasses.replace(capabilities, quantizable=quantizable)
+
+
 def saturating_weight_layers(model: ir.Model) -> list[str]:
     """Conv/ConvTranspose nodes whose int8 weights exceed :data:`WEIGHT_QMAX_WITHOUT_VNNI`."""
     return weights_beyond(model, _SATURATING_OPS, WEIGHT_QMAX_WITHOUT_VNNI)
@@ -192,7 +209,10 @@ class OpenVinoTarget(Target):
             is on the artifact, and :meth:`runner` reads it from there.
         target_cpu: The CPU the artifact will run on (:data:`~compressor.targets.TARGET_CPUS`):
             without VNNI (``avx2``) Conv/ConvTranspose get 7-bit weights; with it (``vnni``) the
-            transformer preset's key projections are int8; ``host``: as this CPU.
+            transformer preset's key projections are int8; with AMX (``amx``) activations are
+            signed, without zero points too (``signed_activations``); ``host``: as this CPU.
+        signed_activations: Activations int8 symmetric (uint8 from 0 where the range is
+            non-negative) instead of uint8 with a zero point; ``None``: where the CPU has AMX.
 
     Raises:
         UsageError: the ``openvino`` package is not installed, or an unknown ``precision``.
@@ -201,7 +221,8 @@ class OpenVinoTarget(Target):
     name = "openvino"
     capabilities = OPENVINO_CAPABILITIES
 
-    def __init__(self, precision: str | None = None, target_cpu: str = "host") -> None:
+    def __init__(self, precision: str | None = None, target_cpu: str = "host",
+                 signed_activations: bool | None = None) -> None:
         require_openvino()
         cpu_config(precision)  # refuse an unknown precision now, not at the first compile
         self.precision = precision
@@ -219,6 +240,12 @@ class OpenVinoTarget(Target):
             # int8 key projections: as faithful as weight-only ones with VNNI kernels, and faster
             # (docs/design.md, "One int8 recipe": MiniLM on an AVX-512 VNNI CPU)
             self.capabilities = dataclasses.replace(OPENVINO_CAPABILITIES, preset_float_roles=("attention-context",))
+        if signed_activations is None:
+            signed_activations = bool(deployment_amx(target_cpu, cpu_has_amx()))
+        #: Whether activations are signed, without zero points (the ``__init__`` argument).
+        self.signed_activations = signed_activations
+        if signed_activations:
+            self.capabilities = signed(self.capabilities)
 
 
     def __getstate__(self) -> dict[str, Any]:
@@ -286,6 +313,15 @@ class OpenVinoTarget(Target):
         """The float precision the CPU plugin runs a model compiled with no config in, here."""
         return device_precision(self.core)
 
+    def scheme_fallback(self) -> OpenVinoTarget | None:
+        """The same target with uint8 activations and their zero points, where this one's are
+        signed (AMX): finer grids on skewed ranges (a SiLU's, a hardswish's), for a model
+        whose signed artifact breaks the budget (PP-OCRv4's recogniser: drop 0.0243 against
+        0.0157); ``None`` where they are uint8 already."""
+        if not self.signed_activations:
+            return None
+        return OpenVinoTarget(precision=self.precision, target_cpu=self.target_cpu, signed_activations=False)
+
     def precision_fallback(self) -> str | None:
         """``f32`` where the artifact is evaluated in a lower float precision (the device's bf16, say)."""
         used = self.precision or self.device_precision()
@@ -342,6 +378,7 @@ class OpenVinoTarget(Target):
             "device_name": self.core.get_property("CPU", "FULL_DEVICE_NAME"),
             "int8_vnni": cpu_has_vnni(),
             "deployment_cpu": self.target_cpu,
+            "activations": "int8 symmetric, uint8 from 0" if self.signed_activations else "uint8 asymmetric",
             "cpu_bf16": cpu_supports_bf16(self.core),
             "precision": self.precision,
             "device_precision": self.device_precision(),
