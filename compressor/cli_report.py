@@ -91,7 +91,7 @@ def summary(manifest: dict[str, Any]) -> str:
         verdict = f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})"
     rows = [
         ("target", manifest["target"]["name"] + (
-            f", for a CPU {'with' if cpu == 'vnni' else 'without'} VNNI (--target-cpu {cpu})"
+            f", for a CPU {'with' if cpu in ('vnni', 'amx') else 'without'} VNNI (--target-cpu {cpu})"
             if (cpu := manifest["target"].get("deployment_cpu", "host")) != "host" else "")),
         ("size", size_row(manifest)),
         ("latency", f"{lat['baseline_ms']:.2f} ms -> {lat['compressed_ms']:.2f} ms per batch of {lat['batch']} "

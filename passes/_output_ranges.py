@@ -102,12 +102,14 @@ def silu_output(x: ir.Value) -> ir.Value | None:
     return mul.outputs[0] if mul is not None and len(readers) == 2 else None
 
 
-def silu_floor(out_range: tuple[float, float], levels: int) -> float:
+def silu_floor(out_range: tuple[float, float], levels: int, symmetric: bool = False) -> float:
     """The lowest input a SiLU's input grid needs: below it ``|SiLU|`` is under half a step
     of an output grid of ``levels`` steps over ``out_range`` (which holds 0), so a value
-    clamped up to it changes the output by less than that grid's rounding (case 9)."""
+    clamped up to it changes the output by less than that grid's rounding (case 9);
+    ``symmetric``: a grid of ``levels`` steps over ``[-a, a]``, ``a`` the range's largest magnitude."""
     lo_out, hi_out = out_range
-    return _silu_floor((hi_out - min(lo_out, 0.0)) / levels)
+    span = 2 * max(abs(lo_out), abs(hi_out)) if symmetric else hi_out - min(lo_out, 0.0)
+    return _silu_floor(span / levels)
 
 
 def floor_silu_inputs(layers: list[Layer], ranges: dict[str, tuple[float, float]]) -> int:
@@ -131,8 +133,9 @@ def floor_silu_inputs(layers: list[Layer], ranges: dict[str, tuple[float, float]
         mul = muls.get(id(out.producer())) if out is not None else None
         if mul is None or x.name not in ranges or out.name not in ranges:
             continue
-        qmin, qmax = dtype_bounds(mul.quant.activations.dtype)
-        floor = silu_floor(ranges[out.name], qmax - qmin)
+        spec = mul.quant.activations.for_range(*ranges[out.name])  # a signed grid has twice the step
+        qmin, qmax = dtype_bounds(spec.dtype)
+        floor = silu_floor(ranges[out.name], qmax - qmin, symmetric=spec.symmetric)
         lo, hi = ranges[x.name]
         if lo < floor < hi:
             ranges[x.name] = (floor, hi)

@@ -168,20 +168,21 @@ def weights_beyond(model: ir.Model, ops: frozenset[str] | set[str], qmax: int) -
 
 def warn_pessimistic_once(target: Target, host_vnni: bool | None, model: ir.Model, ops: frozenset[str] | set[str],
                           qmax: int = 63) -> bool:
-    """Whether ``target`` builds for a VNNI CPU (``--target-cpu vnni``) on this host without VNNI
+    """Whether ``target`` builds for a VNNI CPU (``--target-cpu vnni`` or ``amx``) on this host without VNNI
     (``host_vnni`` False), where its int8 kernels saturate on the ``ops`` whose weights pass
     ``+-qmax`` (:func:`weights_beyond`). Then warns, once per target, that the accuracy
     measured here is pessimistic for the named CPU.
     """
-    if target.target_cpu != "vnni" or host_vnni is not False:
+    if target.target_cpu not in ("vnni", "amx") or host_vnni is not False:
         return False
     if not getattr(target, "_warned_pessimistic", False) and (saturating := weights_beyond(model, ops, qmax)):
         target._warned_pessimistic = True  # type: ignore[attr-defined]
         logger.warning(
-            "%s: the artifact is built for a CPU with VNNI (--target-cpu vnni) but measured on this CPU, which has "
+            "%s: the artifact is built for a CPU with VNNI (--target-cpu %s) but measured on this CPU, which has "
             "none: its int8 kernels sum u8*s8 pairs in int16 and saturate on %d layer(s) with weights beyond +-%d "
             "(%s), so the accuracy drop measured here is pessimistic for the named CPU, and accuracy control may give "
-            "back more layers than it needs; measure on a VNNI CPU for its own figure", target.name, len(saturating), qmax, ", ".join(saturating[:5]))
+            "back more layers than it needs; measure on a VNNI CPU for its own figure", target.name, target.target_cpu,
+            len(saturating), qmax, ", ".join(saturating[:5]))
     return True
 
 

@@ -192,3 +192,26 @@ def test_a_pin_that_lowers_the_drop_but_not_enough_is_kept_and_a_worse_one_is_no
     given, evaluation, record, tried = _pinned({(ab, "f32"): 0.25}, ["a", "b"], 0.2, budget=0.1)
     assert given == ["a", "b"] and evaluation.drop == 0.2 and not record["pinned"]
     assert record["fallback_drop"] == 0.25
+
+
+def test_an_artifact_pinned_after_control_with_every_layer_quantized_again_is_the_pinned_one(tmp_path):
+    """Nothing given back in the end, but f32 pinned after control: the artifact is the
+    pinned try's files, not the unpinned ones first lowered (review of pin_after_control)."""
+    from compressor.flow.accuracy import ControlResult
+
+    first = tmp_path / "out" / "model.xml"
+    first.parent.mkdir()
+    first.write_text("unpinned")
+    tried = tmp_path / "control-3" / "model.xml"
+    tried.parent.mkdir()
+    tried.write_text("pinned")
+
+    class Target:
+        def runner(self, files):
+            return ("runner of", tuple(files))
+
+    result = ControlResult([], [], [], _evaluation(0.0), True, pin="f32", lowered=(tried.parent, [tried], None))
+    files, run = result.artifact(Target(), None, first.parent, "f32", [first], "first runner")
+    assert files == [first] and first.read_text() == "pinned" and run == ("runner of", (first,))
+    unpinned = ControlResult([], [], [], _evaluation(0.0), True)
+    assert unpinned.artifact(Target(), None, first.parent, None, [first], "first runner") == ([first], "first runner")

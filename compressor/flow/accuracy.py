@@ -91,7 +91,8 @@ class ControlResult:
                  run: Any) -> tuple[list[Path], Any]:
         """The artifact's files in ``outdir`` and their runner, after accuracy control.
 
-        Nothing given back: ``files`` and ``run`` (the artifact as first lowered) stay. Else
+        Nothing given back and nothing pinned after control: ``files`` and ``run`` (the
+        artifact as first lowered) stay. Else
         the final try's files are copied into ``outdir`` in place of ``files`` (lowered from
         the same model with the same ``pin``: what lowering it again would write) and its
         runner is reused; ``model`` is lowered again only when no try lowered it. Copied, not
@@ -99,7 +100,7 @@ class ControlResult:
         QDQ model it was lowered with on the CPU for the simulation gap); the try's folder
         lives in the run's work folder until the run ends.
         """
-        if not self.given_back:
+        if not self.given_back and self.pin is None:
             return files, run
         for old in files:
             old.unlink()

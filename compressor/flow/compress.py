@@ -301,8 +301,15 @@ def compress(
                 quantized = QuantizedSnapshot(index, clone_model(current), report.quantization)
 
         # A target with a finer activation scheme to fall back on runs the passes again from
-        # the same model where its first artifact breaks the budget (try_scheme_fallback).
-        pristine = clone_model(model) if tgt.scheme_fallback() is not None and verified and budget is not None else None
+        # the same model where its first artifact breaks the budget (try_scheme_fallback):
+        # the baseline, or a copy of the recovered model. Not after QAT, whose scales were
+        # learned for the first scheme.
+        alt = tgt.scheme_fallback() if verified and budget is not None else None
+        if alt is not None and recovery is not None and recovery.learned_ranges is not None:
+            logger.info("activation scheme fallback (%s) skipped: the recovery stage learned its scales for %s",
+                        alt.describe().get("activations"), tgt.describe().get("activations"))
+            alt = None
+        pristine = clone_model(model) if alt is not None and recovery is not None else None
         t = time.perf_counter()
         result = PassManager(passes, dump_dir=dump_passes, on_pass=on_pass, after_pass=after_pass).run(model, ctx)
         reports = result.reports
@@ -326,31 +333,31 @@ def compress(
             if last_lossy is not None and last_lossy.modified:
                 last_lossy.accuracy_drop = evaluation.drop
         scheme_fallback: dict[str, Any] | None = None
-        if pristine is not None and quantized is not None:
+        if alt is not None and quantized is not None and drop_order(evaluation.drop) > budget:
             t = time.perf_counter()
             first_quantized, quantized = quantized, None  # the fallback's run records its own
+            alt_ctx = dataclasses.replace(ctx, target=alt, properties={"captured"})
 
-            def run_passes(alt: Any) -> Any:
-                return PassManager(passes, on_pass=on_pass, after_pass=after_pass).run(
-                    pristine, dataclasses.replace(ctx, target=alt))
+            def run_passes() -> Any:
+                start = pristine if pristine is not None else clone_model(baseline)
+                return PassManager(passes, on_pass=on_pass, after_pass=after_pass).run(start, alt_ctx)
 
-            tried = try_scheme_fallback(tgt, evaluation, budget, run_passes, score, lambda: seen["outputs"],
-                                        work_dir / "scheme-fallback")
-            if tried is not None and tried.kept:
+            tried = try_scheme_fallback(tgt, alt, evaluation, pin, budget, run_passes, score,
+                                        lambda: seen["outputs"], work_dir / "scheme-fallback")
+            if tried.kept:
                 for old in files:
                     old.unlink()
                 files = copy_lowered(tried.files, tried.folder, writer.path)
                 tgt, result, reports, evaluation = tried.target, tried.result, tried.result.reports, tried.evaluation
-                run_compressed, first_outputs = tgt.runner(files), tried.outputs
+                run_compressed, first_outputs, ctx = tgt.runner(files), tried.outputs, alt_ctx
                 precision_fallback, pin = tried.precision_fallback, tried.pin
                 last_lossy = reports[lossy[-1]] if lossy else None
                 if last_lossy is not None and last_lossy.modified:
                     last_lossy.accuracy_drop = evaluation.drop
             else:
                 quantized = first_quantized
-            if tried is not None:
-                scheme_fallback = tried.record
-                timings["scheme_fallback_s"] = time.perf_counter() - t
+            scheme_fallback = tried.record
+            timings["scheme_fallback_s"] = time.perf_counter() - t
         if not verified and budget is not None:
             # Random data says nothing about accuracy: no layer is given back for it, and an
             # explicit --max-drop fails rather than passing on noise.

@@ -55,7 +55,7 @@ def try_precision_fallback(tgt: Any, model: ir.Model, outdir: Path, files: list[
     files = tgt.lower_pinned(model, outdir, fallback)
     pinned_run = tgt.runner(files)
     pinned = score(pinned_run, f"evaluate ({fallback})")
-    kept = pinned.drop < first.drop
+    kept = drop_order(pinned.drop) < drop_order(first.drop)  # a NaN drop (an overflow in bf16/f16) is the worst
     record = {"evaluated_in": evaluated_in, "drop": first.drop, "fallback": fallback, "fallback_drop": pinned.drop,
               "pinned": kept, "budget_holds": bool(pinned.drop <= budget + 1e-12)}
     if kept:

@@ -48,28 +48,24 @@ class SchemeTry:
         return bool(self.record["kept"])
 
 
-def try_scheme_fallback(tgt: Any, first: Evaluation, budget: float, run_passes: Callable[[Any], PipelineResult],
-                        score: Callable[..., Evaluation], last_outputs: Callable[[], list[Any]],
-                        folder: Path) -> SchemeTry | None:
-    """The passes again for ``tgt.scheme_fallback()``, lowered into ``folder`` and judged (module docstring).
+def try_scheme_fallback(tgt: Any, alt: Any, first: Evaluation, first_pin: str | None, budget: float,
+                        run_passes: Callable[[], PipelineResult], score: Callable[..., Evaluation],
+                        last_outputs: Callable[[], list[Any]], folder: Path) -> SchemeTry:
+    """The passes again for ``alt`` (``tgt.scheme_fallback()``), lowered into ``folder`` and judged
+    (module docstring); called where ``first`` broke the budget.
 
     Args:
         tgt: The target of the first artifact.
-        first: That artifact's evaluation (after its precision fallback).
+        alt: The same target with the finer scheme.
+        first: The first artifact's evaluation (after its precision fallback).
+        first_pin: The float precision pinned in the first artifact (``None``: none).
         budget: The largest drop allowed.
-        run_passes: Runs the recipe's passes, from the model the first run started from,
-            for the target given.
+        run_passes: Runs the recipe's passes for ``alt``, from the model the first run started from.
         score: Evaluates a runner (``score(run, desc)``).
         last_outputs: The outputs of the last evaluation ``score`` made.
         folder: Where the fallback's artifact is lowered (in the run's work folder).
-
-    Returns:
-        ``None`` where the target has no other scheme or the first holds the budget; else the try.
     """
-    alt = tgt.scheme_fallback()
-    if alt is None or drop_order(first.drop) <= budget:
-        return None
-    result = run_passes(alt)
+    result = run_passes()
     files = alt.lower(result.model, folder)
     run = alt.runner(files)
     evaluation = score(run, "evaluate (scheme fallback)")
@@ -77,8 +73,8 @@ def try_scheme_fallback(tgt: Any, first: Evaluation, budget: float, run_passes: 
     files, run, evaluation, precision, pin = try_precision_fallback(alt, result.model, folder, files, run, score,
                                                                     evaluation, budget)
     kept = drop_order(evaluation.drop) < drop_order(first.drop)
-    record = {"scheme": tgt.describe().get("activations"), "drop": first.drop,
-              "fallback": alt.describe().get("activations"), "fallback_drop": evaluation.drop,
+    record = {"scheme": tgt.describe().get("activations"), "drop": first.drop, "pinned": first_pin,
+              "fallback": alt.describe().get("activations"), "fallback_drop": evaluation.drop, "fallback_pinned": pin,
               "kept": kept, "budget_holds": bool(evaluation.drop <= budget)}
     logger.warning("accuracy drop %.6f > max_drop %g with activations %s; with %s: %.6f%s", first.drop, budget,
                    record["scheme"], record["fallback"], evaluation.drop, ": kept" if kept else ": not kept")

@@ -21,8 +21,11 @@ pytest.importorskip("openvino", reason="the openvino package is not installed")
 
 import onnx
 import onnx_ir as ir
+from compressor.targets import base as target_base
+from compressor.targets.onnx import OnnxTarget
 from compressor.targets.openvino import OpenVinoTarget
 
+from compressor.cli_report import summary
 from compressor.flow.compress import compress
 from compressor.quant.math import quant_params
 from compressor.quant.revert import widened
@@ -60,6 +63,17 @@ def test_the_amx_branch_signs_every_activation_but_the_lstms():
     assert OpenVinoTarget(target_cpu="avx2").scheme_fallback() is None
 
 
+def test_host_means_signed_on_a_cpu_with_amx_and_amx_is_a_vnni_cpu(monkeypatch):
+    import compressor.targets.openvino as openvino
+
+    monkeypatch.setattr(openvino, "cpu_has_amx", lambda: True)
+    assert OpenVinoTarget().signed_activations and not OpenVinoTarget(target_cpu="vnni").signed_activations
+    monkeypatch.setattr(openvino, "cpu_has_amx", lambda: False)
+    assert not OpenVinoTarget().signed_activations
+    assert OpenVinoTarget(target_cpu="amx").signed_activations, "a named CPU does not depend on this one"
+    assert target_base.deployment_vnni("amx", False) is True and target_base.deployment_amx("vnni", True) is False
+    assert OnnxTarget(target_cpu="amx").capabilities == OnnxTarget(target_cpu="vnni").capabilities
+
 def _conv_relu_conv(path: Path, low: float) -> Path:
     """x -> Conv(3x3) -> Relu -> Conv(1x1) -> y; ``x`` is uniform in [low, 0.1] but for one value of 1
     per sample: a skewed range, whose rounding outweighs the weights'."""
@@ -84,6 +98,18 @@ def _run(tmp_path: Path, out: str, target_cpu: str, max_drop: float, low: float 
     model = _conv_relu_conv(tmp_path, low)
     return compress(model, recipe="int8", target="openvino", target_cpu=target_cpu, calib=tmp_path / "calib.npz",
                     eval_data=tmp_path / "eval.npz", outdir=tmp_path / out, max_drop=max_drop, latency_runs=1)
+
+
+def _input_grid(xml: Path) -> tuple[float, float]:
+    """``(input_low, input_high)`` of the FakeQuantize the artifact applies to its input ``x``."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    for op in model.get_ops():
+        if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() == "Parameter":
+            low, high = (float(np.ravel(op.input_value(i).get_node().get_data())[0]) for i in (1, 2))
+            return low, high
+    raise AssertionError("no FakeQuantize on the input")
 
 
 def _pairs(xml_dir: Path) -> dict[str, tuple[str, int]]:
@@ -117,6 +143,13 @@ def test_on_amx_a_signed_input_is_int8_and_a_relu_output_uint8_both_without_zero
     m = result.manifest
     assert m["target"]["activations"] == "int8 symmetric, uint8 from 0" and "scheme_fallback" not in m
     assert m["runtime_layers"]["int8"] == 2 and m["runtime_layers"]["float"] == 0
+    low, high = _input_grid(tmp_path / "amx" / "model.xml")
+    assert low == pytest.approx(-high * 128 / 127, rel=1e-6), "the input grid is int8's, zero point 0"
+    if target_base.cpu_has_amx():  # elsewhere the plugin shifts an i8 input into u8 (it has no i8 conv kernel)
+        conv1 = next(la for la in m["runtime_layers"]["layers"] if "conv1" in la["name"] or "conv1" in
+                     ",".join(la["original_layers"]))
+        assert conv1["input_precisions"][0] == "i8", conv1
+    assert "for a CPU with VNNI (--target-cpu amx)" in summary(m)
     # int8 symmetric on [-0.05, 1]: a step of 1/127 on the input, uniform rounding noise of
     # variance step²/12 per value against a signal of mean square ~0.003: a relative noise
     # power ~2e-3, so a cosine drop of that order at most (measured ~1e-3); a broken grid
@@ -141,6 +174,34 @@ def test_where_signed_activations_break_the_budget_uint8_is_tried_and_kept(tmp_p
     assert m["accuracy_drop"] == fallback["fallback_drop"] and m["gate"]["passed"] is True
     assert m["target"]["activations"] == "uint8 asymmetric" and m["accuracy_control"] is None
     assert sorted(p.name for p in (tmp_path / "gated").iterdir()) == ["manifest.json", "model.bin", "model.xml"]
+    low, high = _input_grid(tmp_path / "gated" / "model.xml")
+    assert low > -high / 2, "the artifact on disk is the uint8 one: its input grid is the skewed range's"
+    assert _input_grid(tmp_path / "gated" / "model.xml") == _input_grid(tmp_path / "plain" / "model.xml")
+    assert "activations" in dict(line.split(None, 1) for line in summary(m).splitlines()
+                                 if line.startswith("activations"))
+
+
+def test_a_fallback_that_misses_the_budget_too_is_kept_where_better_and_control_goes_on_from_it(tmp_path):
+    plain = _run(tmp_path, "plain", "vnni", 1.0).manifest
+    m = _run(tmp_path, "tight", "amx", plain["accuracy_drop"] / 100).manifest
+    fallback = m["scheme_fallback"]
+    assert not fallback["budget_holds"] and fallback["drop"] > fallback["fallback_drop"] and fallback["kept"]
+    assert m["target"]["activations"] == "uint8 asymmetric" and m["accuracy_control"]["steps"]
+    assert m["accuracy_control"]["steps"][0]["drop"] == fallback["fallback_drop"], "control started from uint8"
+
+
+def test_a_fallback_no_better_is_not_kept_and_control_goes_on_from_the_signed_artifact(tmp_path, monkeypatch):
+    """A fallback that cannot do better (stood in for by the signed scheme itself: the same
+    drop, not lower) is recorded and dropped: the artifact, and accuracy control's start,
+    stay the signed run's."""
+    monkeypatch.setattr(OpenVinoTarget, "scheme_fallback", lambda self: OpenVinoTarget(
+        target_cpu=self.target_cpu, signed_activations=True) if self.signed_activations else None)
+    signed = _run(tmp_path, "signed", "amx", 1.0).manifest
+    m = _run(tmp_path, "tight", "amx", signed["accuracy_drop"] / 100).manifest
+    fallback = m["scheme_fallback"]
+    assert fallback["drop"] == fallback["fallback_drop"] and not fallback["kept"]
+    assert m["target"]["activations"] == "int8 symmetric, uint8 from 0"
+    assert m["accuracy_control"]["steps"][0]["drop"] == fallback["drop"], "control started from the signed run"
 
 
 def test_no_fallback_where_the_signed_artifact_holds_the_budget_or_on_a_cpu_without_amx(tmp_path):
