@@ -323,15 +323,10 @@ def compress(
         evaluation = score(run_compressed)
         first_outputs = seen["outputs"]
         timings["evaluate_s"] = time.perf_counter() - t
-        last_lossy = reports[lossy[-1]] if lossy else None
-        if last_lossy is not None and verified and last_lossy.modified:
-            last_lossy.accuracy_drop = evaluation.drop
         precision_fallback, pin = None, None
         if verified and budget is not None:
             files, run_compressed, evaluation, precision_fallback, pin = try_precision_fallback(
                 tgt, result.model, writer.path, files, run_compressed, score, evaluation, budget)
-            if last_lossy is not None and last_lossy.modified:
-                last_lossy.accuracy_drop = evaluation.drop
         scheme_fallback: dict[str, Any] | None = None
         if alt is not None and quantized is not None and drop_order(evaluation.drop) > budget:
             t = time.perf_counter()
@@ -351,13 +346,13 @@ def compress(
                 tgt, result, reports, evaluation = tried.target, tried.result, tried.result.reports, tried.evaluation
                 run_compressed, first_outputs, ctx = tgt.runner(files), tried.outputs, alt_ctx
                 precision_fallback, pin = tried.precision_fallback, tried.pin
-                last_lossy = reports[lossy[-1]] if lossy else None
-                if last_lossy is not None and last_lossy.modified:
-                    last_lossy.accuracy_drop = evaluation.drop
             else:
                 quantized = first_quantized
             scheme_fallback = tried.record
             timings["scheme_fallback_s"] = time.perf_counter() - t
+        last_lossy = reports[lossy[-1]] if lossy else None  # the artifact's drop is the last lossy pass's
+        if last_lossy is not None and verified and last_lossy.modified:
+            last_lossy.accuracy_drop = evaluation.drop
         if not verified and budget is not None:
             # Random data says nothing about accuracy: no layer is given back for it, and an
             # explicit --max-drop fails rather than passing on noise.
