@@ -10,6 +10,7 @@ from typing import Any
 
 from compressor import strict_json
 from compressor.flow.artifact import deployable_bytes, deployable_entries
+from compressor.targets.base import VNNI_CPUS
 
 __all__ = ["fmt", "gate_failure", "inspect_text", "recipes_table", "search_text", "size_row", "summary", "sweep_text",
            "table", "write_junit"]
@@ -91,7 +92,7 @@ def summary(manifest: dict[str, Any]) -> str:
         verdict = f"{'PASS' if gate['passed'] else 'FAIL'} (max drop {gate['max_drop']})"
     rows = [
         ("target", manifest["target"]["name"] + (
-            f", for a CPU {'with' if cpu in ('vnni', 'amx') else 'without'} VNNI (--target-cpu {cpu})"
+            f", for a CPU {'with' if cpu in VNNI_CPUS else 'without'} VNNI (--target-cpu {cpu})"
             if (cpu := manifest["target"].get("deployment_cpu", "host")) != "host" else "")),
         ("size", size_row(manifest)),
         ("latency", f"{lat['baseline_ms']:.2f} ms -> {lat['compressed_ms']:.2f} ms per batch of {lat['batch']} "

@@ -125,6 +125,10 @@ def cpu_has_vnni() -> bool | None:
     return None if flags is None else bool(_VNNI_FLAGS.intersection(flags))
 
 
+#: The ``--target-cpu`` names of CPUs with VNNI (an AMX CPU has it too).
+VNNI_CPUS = frozenset({"vnni", "amx"})
+
+
 def cpu_has_amx() -> bool | None:
     """Whether this x86 CPU has AMX int8 tiles (``amx_int8``; ``None``: unknown, not Linux x86)."""
     flags = cpu_flags()
@@ -135,7 +139,7 @@ def deployment_vnni(target_cpu: str, host_vnni: bool | None) -> bool | None:
     """Whether the CPU named by ``target_cpu`` (``--target-cpu``, :data:`compressor.targets.TARGET_CPUS`)
     has VNNI: ``avx2`` none, ``vnni`` (AVX-512 VNNI, AVX-VNNI or AMX) and ``amx`` yes, ``host``
     ``host_vnni`` (:func:`cpu_has_vnni` as the target's module sees it)."""
-    return host_vnni if target_cpu == "host" else target_cpu in ("vnni", "amx")
+    return host_vnni if target_cpu == "host" else target_cpu in VNNI_CPUS
 
 
 def deployment_amx(target_cpu: str, host_amx: bool | None) -> bool | None:
@@ -173,7 +177,7 @@ def warn_pessimistic_once(target: Target, host_vnni: bool | None, model: ir.Mode
     ``+-qmax`` (:func:`weights_beyond`). Then warns, once per target, that the accuracy
     measured here is pessimistic for the named CPU.
     """
-    if target.target_cpu not in ("vnni", "amx") or host_vnni is not False:
+    if target.target_cpu not in VNNI_CPUS or host_vnni is not False:
         return False
     if not getattr(target, "_warned_pessimistic", False) and (saturating := weights_beyond(model, ops, qmax)):
         target._warned_pessimistic = True  # type: ignore[attr-defined]

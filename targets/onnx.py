@@ -27,6 +27,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from compressor.passes._graph import label
 from compressor.targets.base import (
+    VNNI_CPUS,
     Capabilities,
     Runner,
     Target,
@@ -342,7 +343,7 @@ class OnnxTarget(Target):
 
     def _as_written(self) -> bool:
         """Built for a VNNI CPU (``--target-cpu vnni``) on a host whose int8 kernels saturate."""
-        return self.target_cpu in ("vnni", "amx") and cpu_has_vnni() is False
+        return self.target_cpu in VNNI_CPUS and cpu_has_vnni() is False
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "onnxruntime_version": ort.__version__, "int8_vnni": cpu_has_vnni(),
