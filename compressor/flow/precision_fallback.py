@@ -35,6 +35,15 @@ __all__ = ["pin_after_control", "try_precision_fallback"]
 logger = logging.getLogger(__name__)
 
 
+def _judged(evaluated_in: str | None, first: Evaluation, fallback: str, pinned: Evaluation,
+            budget: float) -> dict[str, Any]:
+    """The manifest's record of one judgement: both drops, whether the pin is kept (it lowers
+    the drop; a NaN drop, an overflow in bf16/f16, is the worst) and whether the budget holds."""
+    return {"evaluated_in": evaluated_in, "drop": first.drop, "fallback": fallback, "fallback_drop": pinned.drop,
+            "pinned": drop_order(pinned.drop) < drop_order(first.drop),
+            "budget_holds": bool(pinned.drop <= budget + 1e-12)}
+
+
 def try_precision_fallback(tgt: Any, model: ir.Model, outdir: Path, files: list[Path], run: Any,
                            score: Callable[..., Evaluation], first: Evaluation,
                            budget: float) -> tuple[list[Path], Any, Evaluation, dict[str, Any] | None, str | None]:
@@ -55,9 +64,8 @@ def try_precision_fallback(tgt: Any, model: ir.Model, outdir: Path, files: list[
     files = tgt.lower_pinned(model, outdir, fallback)
     pinned_run = tgt.runner(files)
     pinned = score(pinned_run, f"evaluate ({fallback})")
-    kept = drop_order(pinned.drop) < drop_order(first.drop)  # a NaN drop (an overflow in bf16/f16) is the worst
-    record = {"evaluated_in": evaluated_in, "drop": first.drop, "fallback": fallback, "fallback_drop": pinned.drop,
-              "pinned": kept, "budget_holds": bool(pinned.drop <= budget + 1e-12)}
+    record = _judged(evaluated_in, first, fallback, pinned, budget)
+    kept = record["pinned"]
     if kept:
         logger.warning("accuracy drop %.6f in the device's default float precision (%s) > max_drop %g; %s holds "
                        "%.6f%s: pinned %s in the artifact", first.drop, evaluated_in, budget, fallback, pinned.drop,
@@ -84,12 +92,9 @@ def pin_after_control(given: list[str], evaluation: Evaluation, budget: float, f
         ``precision_fallback`` record; ``pinned``: whether the artifact keeps the pin).
     """
     pinned = evaluate(frozenset(given), fallback)
-    kept = drop_order(pinned.drop) < drop_order(evaluation.drop)
-    record: dict[str, Any] = {"evaluated_in": evaluated_in, "drop": evaluation.drop, "fallback": fallback,
-                              "fallback_drop": pinned.drop, "pinned": kept,
-                              "budget_holds": bool(pinned.drop <= budget + 1e-12), "after_accuracy_control": True,
-                              "requantized": [], "requantize_tries": []}
-    if not kept:
+    record = {**_judged(evaluated_in, evaluation, fallback, pinned, budget), "after_accuracy_control": True,
+              "requantized": [], "requantize_tries": []}
+    if not record["pinned"]:
         logger.warning("accuracy control ended at drop %.6f in %s, %.6f with %s pinned: not pinned", evaluation.drop,
                        evaluated_in, pinned.drop, fallback)
         return given, evaluation, record
